@@ -34,9 +34,18 @@ class ModelConfig(_Strict):
     revision: str | None = None
 
 
+FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text", "pretokenized")
+
+
 class SourceConfig(_Strict):
+    # A local JSONL/JSON/Parquet/CSV file or directory, a `datasets.save_to_disk` directory, or a hub dataset name.
     path: str
-    format: Literal["auto", "messages", "prompt_completion"] = "auto"
+    format: Literal[FORMATS] = "auto"  # type: ignore[valid-type]
+    # Mixing: a float <= 1.0 takes that fraction of the source, an integer > 1 that many examples
+    # (repeating the source when it is smaller). None takes the source once.
+    weight: float | int | None = Field(None, gt=0)
+    split: str = "train"  # for hub datasets and DatasetDict directories
+    subset: str | None = None  # hub dataset configuration name
 
 
 class DataConfig(_Strict):
@@ -46,9 +55,16 @@ class DataConfig(_Strict):
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     max_seq_length: int = Field(2048, gt=0)
     on_overlength: Literal["drop", "truncate", "error"] = "drop"
-    # Which tokens carry loss: every assistant turn (+ its end-of-turn token), only the last one, or all.
-    loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
-    chat_template: str | None = None  # None: the tokenizer's own; else a path to a .jinja file
+    # Which tokens carry loss: every assistant turn (+ its end-of-turn token), only the last one,
+    # the completion of prompt/completion rows, or every token.
+    loss_on: Literal["assistant", "last_assistant", "completion", "all"] = "assistant"
+    # None: the tokenizer's own; a built-in name (chatml, llama3, tulu, zephyr, alpaca); or a .jinja file.
+    chat_template: str | None = None
+    add_chatml_tokens: bool = False  # add <|im_start|>/<|im_end|> as special tokens and resize embeddings
+    packing: Literal["none", "wrapped", "bfd"] = "none"
+    num_proc: int = Field(1, gt=0)  # tokenization worker processes
+    cache: bool = True  # cache tokenized/packed data on disk, keyed by content + tokenizer + config
+    cache_dir: str | None = None  # default: $SFTLAB_CACHE/data (~/.cache/sftlab/data)
     on_bad_record: Literal["skip", "error"] = "skip"
     max_bad_fraction: float = Field(0.5, ge=0.0, le=1.0)  # skip mode still fails above this fraction
 
@@ -75,6 +91,16 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(None, gt=0)  # steps; None: only at the end (when there is eval data)
     deterministic: bool = False  # torch.use_deterministic_algorithms
     gradient_checkpointing: bool = False
+    # "auto": continue from the latest complete checkpoint in output_dir, else start fresh;
+    # a path: continue from that checkpoint; None: always start fresh.
+    resume: str | None = None
+    on_nan: Literal["stop", "skip_step"] = "stop"  # non-finite loss or gradient
+
+
+class CheckpointConfig(_Strict):
+    every_steps: int | None = Field(None, gt=0)
+    every_epoch: bool = False
+    keep_last: int | None = Field(None, gt=0)  # rotation; never deletes the newest complete checkpoint
 
 
 class MatchEvalConfig(_Strict):
@@ -91,6 +117,7 @@ class SFTConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     match_eval: MatchEvalConfig | None = None  # run before and after training when set
 
     @model_validator(mode="after")

@@ -1,0 +1,46 @@
+"""End-to-end on the real default model (SmolLM2-135M-Instruct from the embedded GGUF).
+
+Marked `e2e` (about a minute on a 2-core CPU): skip locally with `-m "not e2e"`; CI runs it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sftlab.cli import main
+from sftlab.config import ModelConfig
+from sftlab.model.loading import default_gguf_path, load_model, resolve_model_path
+
+pytestmark = pytest.mark.e2e
+
+
+def test_gguf_conversion_is_a_plain_float_checkpoint():
+    path = resolve_model_path(ModelConfig())
+    assert path == resolve_model_path(ModelConfig(name_or_path=str(default_gguf_path())))  # cached by hash
+    cfg = json.loads(open(f"{path}/config.json").read())
+    assert "quantization_config" not in cfg
+    model = load_model(ModelConfig())
+    assert getattr(model, "hf_quantizer", None) is None and model.dtype == torch.float32
+    assert sum(p.numel() for p in model.parameters()) > 100_000_000
+
+
+def test_demo_config_trains_saves_and_reloads(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "train.max_steps=2", "train.micro_batch_size=4", "train.grad_accum_steps=1",
+               f"train.output_dir={out}", "match_eval.max_examples=4", "data.eval_fraction=0.02"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "exact match before training" in text and "exact match after training" in text
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["loss"] > 0 for m in metrics)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    msgs = [{"role": "system", "content": "Convert the date to YYYY-MM-DD format."},
+            {"role": "user", "content": "March 5, 2021"}]
+    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    gen = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    assert tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
