@@ -127,11 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from sftlab.data.dataset import DataError
     from sftlab.model.loading import ModelLoadError
-    from sftlab.train.loop import RunError
+    from sftlab.train.checkpoint import CheckpointError
+    from sftlab.train.loop import Interrupted, RunError
 
     try:
         return ns.func(ns)
-    except (ConfigError, DataError, ModelLoadError, RunError) as e:
+    except Interrupted as e:
+        console.print(f"[bold yellow]interrupted[/bold yellow]: {e}", highlight=False)
+        return e.exit_code
+    except KeyboardInterrupt:
+        console.print("[bold yellow]interrupted[/bold yellow]: second Ctrl-C, exiting without a checkpoint")
+        return 130
+    except (ConfigError, DataError, ModelLoadError, RunError, CheckpointError) as e:
         console.print(f"[bold red]error[/bold red]: {e}", highlight=False)
         return 2
 

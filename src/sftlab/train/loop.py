@@ -9,12 +9,18 @@ back-propagated -> gradients are clipped -> AdamW and the LR schedule step.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import os
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -28,6 +34,8 @@ from sftlab.data.masking import TokenizedExample
 from sftlab.model.generate import MatchResult, exact_match
 from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path
 from sftlab.model.loss import count_targets, summed_nll
+from sftlab.train.checkpoint import (COMPLETE, latest_checkpoint, load_checkpoint, read_state,
+                                     save_checkpoint)
 from sftlab.train.metrics import MetricsLog
 from sftlab.train.optim import build_optimizer, build_scheduler
 
@@ -110,6 +118,95 @@ def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accel
     return total_nll, global_targets, input_tokens
 
 
+class StopRequest:
+    """SIGINT/SIGTERM: finish the current optimizer step, checkpoint, exit. A second Ctrl-C exits at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on a signal after saving a checkpoint; `exit_code` is 128 + signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def data_fingerprint(examples: list[TokenizedExample]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(ex.labels, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:32]
+
+
+# Config keys that may change between a checkpoint and its resumption; everything else must match.
+RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.resume", "train.output_dir", "checkpoint.",
+                    "match_eval", "data.num_proc", "data.cache", "data.cache_dir", "data.on_bad_record",
+                    "data.max_bad_fraction", "train.on_nan")
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], tree
+
+
+def check_resume_compatible(saved: dict, cfg: SFTConfig, ckpt: Path) -> None:
+    old, new = dict(_flatten(saved)), dict(_flatten(cfg.model_dump(mode="json")))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and not k.startswith(RESUME_SAFE_KEYS))
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        raise RunError(f"cannot resume from {ckpt}: the config changed in ways that break the run ({details}). "
+                       "Only logging, evaluation and checkpoint settings may change; start a new output_dir instead.")
+
+
+def find_resume_checkpoint(cfg: SFTConfig) -> Path | None:
+    spec = cfg.train.resume
+    if spec is None:
+        return None
+    if spec == "auto":
+        return latest_checkpoint(Path(cfg.train.output_dir))
+    path = Path(spec)
+    if (path / COMPLETE).is_file():
+        return path
+    found = latest_checkpoint(path)  # an output_dir was given
+    if found is None:
+        raise RunError(f"train.resume: {spec} is not a complete checkpoint nor an output_dir holding one")
+    return found
+
+
+def check_disk_space(out: Path, model, cfg: SFTConfig) -> None:
+    if cfg.checkpoint.every_steps is None and not cfg.checkpoint.every_epoch:
+        return
+    need = sum(p.numel() * p.element_size() for p in model.parameters()) * 3  # weights + 2 Adam moments
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise RunError(f"output_dir {out}: {free / 2**20:.0f} MiB free, one checkpoint needs about "
+                       f"{need / 2**20:.0f} MiB; free space or set checkpoint.every_steps/every_epoch off")
+
+
 def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
     console = console or Console()
     out = Path(cfg.train.output_dir)
@@ -117,6 +214,9 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
     main = accelerator.is_main_process
     if main:
         check_output_dir(out)
+    resume_from = find_resume_checkpoint(cfg)
+    if resume_from is not None:
+        check_resume_compatible(read_state(resume_from)["config"], cfg, resume_from)
     set_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -126,6 +226,7 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model, model_path)
     template = load_template(cfg.data)
     train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cfg.train.seed)
+    fingerprint = data_fingerprint(train_set)
     if main:
         console.print(f"[bold]data[/bold]: {report.summary()}; train {len(train_set)}, eval {len(eval_set)}")
         for line in report.bad_examples:
@@ -134,6 +235,8 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    if main:
+        check_disk_space(out, model, cfg)
 
     world = accelerator.num_processes
     stream = MicroBatchStream(len(train_set), cfg.train.micro_batch_size * world, cfg.train.seed)
@@ -143,25 +246,43 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     result = TrainResult(output_dir=out, steps=total_steps, final_loss=None)
-    if cfg.match_eval is not None and main:
+    start_step, consumed = 0, 0
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from, scheduler)
+        if state["data_fingerprint"] != fingerprint:
+            raise RunError(f"cannot resume from {resume_from}: the training data changed since it was written "
+                           "(different tokenized examples); start a new output_dir instead")
+        start_step, consumed = state["step"], state["consumed_micro_batches"]
+        stream.epoch, stream.index = state["data"]["epoch"], state["data"]["index"]
+        result.history = state["metrics"]
+        if main:
+            console.print(f"[bold]resumed[/bold] from {resume_from} at step {start_step}")
+
+    if cfg.match_eval is not None and main and resume_from is None:
         result.match_before = run_match_eval(accelerator.unwrap_model(model), tokenizer, cfg, template, console, "before")
 
     metrics = MetricsLog(out / "metrics.jsonl", console, enabled=main)
     if main:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        metrics.rewrite([r for r in result.history if r.get("logged")])
         (out / "config.yaml").write_text(dump_config(cfg))
         console.print(f"[bold]train[/bold]: {total_steps} optimizer steps x {cfg.train.grad_accum_steps} micro-batches "
                       f"of {cfg.train.micro_batch_size} (x{world} processes); {stream.batches_per_epoch} micro-batches/epoch")
 
+    def checkpoint(step: int) -> Path:
+        state = {"step": step, "consumed_micro_batches": consumed, "data": stream.state(),
+                 "data_fingerprint": fingerprint, "metrics": result.history, "config": cfg.model_dump(mode="json")}
+        return save_checkpoint(accelerator, out, step, state, scheduler, cfg.checkpoint.keep_last)
+
     pad_id = tokenizer.pad_token_id
     batches_iter = iter(stream)
-    consumed = 0
     progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not main or not console.is_terminal)
-    with progress:
-        task = progress.add_task("training", total=total_steps)
-        for step in range(1, total_steps + 1):
+    with progress, StopRequest() as stop:
+        task = progress.add_task("training", total=total_steps, completed=start_step)
+        for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
+            epoch_before = stream.epoch
+            position = stream.state()
             n_micro = min(cfg.train.grad_accum_steps, total_micro - consumed)
             batches = []
             for _ in range(n_micro):
@@ -173,7 +294,15 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm)) if targets else 0.0
             lr = scheduler.get_last_lr()[0]
-            if targets:
+            finite = math.isfinite(nll) and math.isfinite(grad_norm)
+            if not finite and cfg.train.on_nan == "stop":
+                last = latest_checkpoint(out)
+                raise RunError(f"non-finite {'loss' if not math.isfinite(nll) else 'gradient norm'} at step {step} "
+                               f"(epoch {position['epoch']}, micro-batches {position['index']}..{position['index'] + n_micro - 1} "
+                               f"of that epoch's order, seed {position['seed']}); stopped without updating the weights. "
+                               + (f"Last good checkpoint: {last}" if last else "No checkpoint was saved yet")
+                               + " (train.on_nan=skip_step skips such steps)")
+            if targets and finite:
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -182,16 +311,32 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
                       "loss": nll / targets if targets else float("nan"), "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": in_tokens * world / elapsed, "target_tokens": targets,
                       "step_time_s": round(elapsed, 4)}
+            if not finite:
+                record["skipped"] = "non-finite loss or gradient"
             if cfg.train.eval_every and eval_set and step % cfg.train.eval_every == 0 and step != total_steps:
                 record["eval_loss"] = evaluate_loss(model, eval_set, cfg.train.micro_batch_size, pad_id, accelerator)
             if step == total_steps and eval_set:
                 record["eval_loss"] = result.eval_loss = evaluate_loss(model, eval_set, cfg.train.micro_batch_size, pad_id, accelerator)
+            record["logged"] = step % cfg.train.log_every == 0 or step == total_steps or "eval_loss" in record or not finite
             result.history.append(record)
             result.final_loss = record["loss"]
-            if step % cfg.train.log_every == 0 or step == total_steps or "eval_loss" in record:
+            if record["logged"]:
                 metrics.write(record)
                 metrics.show(record, total_steps)
             progress.advance(task)
+
+            every = cfg.checkpoint.every_steps
+            if (every and step % every == 0) or (cfg.checkpoint.every_epoch and stream.epoch > epoch_before) \
+                    or (stop.signum is not None):
+                path = checkpoint(step)
+                if main:
+                    console.print(f"[dim]checkpoint {path}[/dim]")
+            _test_hooks(step)
+            if stop.signum is not None:
+                name = signal.Signals(stop.signum).name
+                raise Interrupted(f"{name}: stopped after step {step}/{total_steps} and saved {path}; "
+                                  f"resume with: sftlab train <config> train.resume=auto train.output_dir={out}",
+                                  128 + stop.signum)
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
@@ -203,6 +348,13 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
         summary = {"before": _acc(result.match_before), "after": _acc(result.match_after)}
         (out / "match_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return result
+
+
+def _test_hooks(step: int) -> None:
+    """SFTLAB_TEST_KILL_AFTER_STEP=k: SIGKILL this process after step k (resume tests kill a real run)."""
+    kill_at = os.environ.get("SFTLAB_TEST_KILL_AFTER_STEP")
+    if kill_at and int(kill_at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _acc(r: MatchResult | None) -> dict | None:

@@ -17,11 +17,19 @@ class MetricsLog:
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
 
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Start the file afresh (new run) or from a checkpoint's records (resumed run)."""
+        if not self.enabled:
+            return
+        with open(self.path, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(_public(r)) + "\n")
+
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(_public(record)) + "\n")
 
     def show(self, record: dict[str, Any], total_steps: int) -> None:
         if not self.enabled:
@@ -32,3 +40,7 @@ class MetricsLog:
             if key in record and record[key] is not None and not (isinstance(record[key], float) and math.isnan(record[key])):
                 parts.append(f"{key} {record[key]:{fmt}}")
         self.console.print("  ".join(parts), highlight=False)
+
+
+def _public(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "logged"}

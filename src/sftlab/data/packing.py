@@ -1,0 +1,206 @@
+"""Packing: put several tokenized examples into one row so that no document attends to another.
+
+Its one job is to turn a list of `TokenizedExample`s into `PackedRow`s and padding-free batches whose
+`position_ids` restart at 0 at every document. Strategies (`data.packing`):
+
+- `none`: one example per row.
+- `bfd`: best-fit-decreasing bins of whole documents; a row never exceeds the capacity and a
+  document is never split (documents longer than the capacity must be handled upstream by the
+  length policy; here they are an error).
+- `wrapped`: the examples are concatenated in order and cut into rows of exactly `seq_length`
+  tokens (the last row may be shorter). A document may be split: its continuation in the next row
+  is treated as a *new document* there (positions restart at 0, it cannot attend to its own head
+  in the previous row, and its first token is not a target). Each split therefore costs one
+  target token and some context.
+
+Document isolation. `packed_collate` returns `input_ids`, `labels`, `position_ids` and no
+`attention_mask`. Given no 2D attention mask and no KV cache (`use_cache=False`), transformers
+(5.x `masking_utils._preprocess_mask_arguments` -> `find_packed_sequence_indices`) starts a new
+sequence wherever consecutive position_ids do not increase by exactly 1, and builds a
+block-diagonal causal mask for the `sdpa` and `eager` paths (flash-attention derives varlen
+`cu_seqlens` from the same position_ids). With a KV cache (e.g. `use_cache=None` on a config whose
+`use_cache` is True) that detection is skipped and documents DO attend to each other; for such
+callers `block_causal_mask` builds the 4D mask explicitly (tested).
+
+Labels: the loss shifts labels left by one (logits at t predict labels[t + 1]), so the label at a
+document's first position would be predicted from the previous document's last token. It is set
+to IGNORE_INDEX in every packed row, at every document start (including the row's first position,
+which matters once rows are concatenated into one padding-free sequence).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import accumulate, chain
+
+import torch
+
+from sftlab.data.masking import IGNORE_INDEX, TokenizedExample
+
+
+@dataclass
+class PackedRow:
+    """Several documents laid end to end; `labels` already carry IGNORE_INDEX at each document start."""
+
+    input_ids: list[int]
+    labels: list[int]
+    doc_lengths: list[int]  # per document, in order; sums to len(input_ids)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def cu_seqlens(self) -> list[int]:
+        """Document boundaries [0, l0, l0 + l1, ..., len(row)] (the varlen-attention convention)."""
+        return [0, *accumulate(self.doc_lengths)]
+
+    @property
+    def position_ids(self) -> list[int]:
+        """0, 1, ... restarting at every document."""
+        return [p for n in self.doc_lengths for p in range(n)]
+
+    @classmethod
+    def from_docs(cls, docs: Iterable[tuple[Sequence[int], Sequence[int]]]) -> PackedRow:
+        """Lay out (input_ids, labels) pairs; the first label of each is replaced by IGNORE_INDEX."""
+        ids: list[int] = []
+        labels: list[int] = []
+        lengths: list[int] = []
+        for doc_ids, doc_labels in docs:
+            if not doc_ids or len(doc_ids) != len(doc_labels):
+                raise ValueError("a packed document needs as many labels as input_ids, and at least one token")
+            ids.extend(doc_ids)
+            labels.append(IGNORE_INDEX)
+            labels.extend(doc_labels[1:])
+            lengths.append(len(doc_ids))
+        return cls(ids, labels, lengths)
+
+
+def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bins of document indices; each bin's total length is <= capacity.
+
+    Documents are placed longest first (equal lengths in index order), each into the open bin with
+    the least room that still fits it (among equals, the earliest-opened bin), else into a new bin.
+    Bins are returned in opening order, each listing its indices in ascending order. The open
+    bins are indexed by remaining room: a sorted list of the distinct room values (at most
+    `capacity` of them) searched with bisect, and per room value a heap of bin numbers, so a
+    placement costs O(log n) plus a short list shift.
+    """
+    if capacity < 1:
+        raise ValueError(f"capacity must be positive, got {capacity}")
+    for i, n in enumerate(lengths):
+        if n > capacity:
+            raise ValueError(f"document {i} has {n} tokens, more than the packing capacity {capacity}; "
+                             "the length policy (data.on_overlength) should have dropped or truncated it")
+        if n < 1:
+            raise ValueError(f"document {i} is empty")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep index order
+    bins: list[list[int]] = []
+    rooms: list[int] = []  # sorted distinct remaining room (> 0) of open bins
+    bins_by_room: dict[int, list[int]] = {}  # room -> heap of bin numbers with exactly that room
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(rooms, n)
+        if k == len(rooms):  # no open bin fits: open one
+            b, room = len(bins), capacity
+            bins.append([])
+        else:
+            room = rooms[k]
+            heap = bins_by_room[room]
+            b = heapq.heappop(heap)
+            if not heap:
+                del bins_by_room[room]
+                rooms.pop(k)
+        bins[b].append(i)
+        left = room - n
+        if left > 0:
+            if left not in bins_by_room:
+                bins_by_room[left] = []
+                bisect.insort(rooms, left)
+            heapq.heappush(bins_by_room[left], b)
+    return [sorted(b) for b in bins]
+
+
+def pack_wrapped(examples: Sequence[TokenizedExample], seq_length: int) -> list[PackedRow]:
+    """Concatenate the examples in order and cut every `seq_length` tokens (the last row may be shorter).
+
+    A document cut at a row end continues in the next row as a new document: position_ids restart
+    there, it does not attend to its earlier part, and its first token there is not a target.
+    """
+    if seq_length < 1:
+        raise ValueError(f"seq_length must be positive, got {seq_length}")
+    rows: list[PackedRow] = []
+    pieces: list[tuple[list[int], list[int]]] = []
+    used = 0
+    for ex in examples:
+        start = 0
+        while start < len(ex.input_ids):
+            take = min(seq_length - used, len(ex.input_ids) - start)
+            pieces.append((ex.input_ids[start:start + take], ex.labels[start:start + take]))
+            start += take
+            used += take
+            if used == seq_length:
+                rows.append(PackedRow.from_docs(pieces))
+                pieces, used = [], 0
+    if pieces:
+        rows.append(PackedRow.from_docs(pieces))
+    return rows
+
+
+def pack_examples(examples: Sequence[TokenizedExample], packing: str, seq_length: int) -> list[PackedRow]:
+    """Rows for `data.packing`: `none` (one example per row), `bfd` or `wrapped`."""
+    if packing == "none":
+        return [PackedRow.from_docs([(ex.input_ids, ex.labels)]) for ex in examples]
+    if packing == "bfd":
+        bins = pack_bfd([len(ex.input_ids) for ex in examples], seq_length)
+        return [PackedRow.from_docs((examples[i].input_ids, examples[i].labels) for i in b) for b in bins]
+    if packing == "wrapped":
+        return pack_wrapped(examples, seq_length)
+    raise ValueError(f"unknown packing {packing!r}; expected none, wrapped or bfd")
+
+
+def packed_collate(rows: Sequence[PackedRow], pad_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Model inputs for packed rows: `input_ids`, `labels`, `position_ids`; deliberately no `attention_mask`.
+
+    With `pad_id=None` (default) the rows are concatenated into a single padding-free sequence of
+    shape (1, total tokens). With a `pad_id`, each row becomes one batch row of shape
+    (len(rows), longest row); a shorter row is filled with one padding block whose positions also
+    restart at 0 (so it is a separate sequence nobody attends to) and whose labels are IGNORE_INDEX.
+    Call the model with `use_cache=False` and no attention mask.
+    """
+    if not rows:
+        raise ValueError("packed_collate needs at least one row")
+    if pad_id is None:
+        seqs = [(list(chain.from_iterable(r.input_ids for r in rows)),
+                 list(chain.from_iterable(r.labels for r in rows)),
+                 list(chain.from_iterable(r.position_ids for r in rows)))]
+    else:
+        width = max(len(r) for r in rows)
+        seqs = [(r.input_ids + [pad_id] * (width - len(r)), r.labels + [IGNORE_INDEX] * (width - len(r)),
+                 r.position_ids + list(range(width - len(r)))) for r in rows]
+    ids, labels, pos = (torch.tensor(list(col), dtype=torch.long) for col in zip(*seqs))
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An explicit (batch, 1, T, T) additive mask: causal within each document, blocked across them.
+
+    Documents are found as transformers does: a new one starts wherever the position does not
+    increase by exactly 1. Only needed where transformers would not derive the mask itself (a KV
+    cache is present); pass it as `attention_mask` (works for `sdpa` and `eager`).
+    """
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    doc = (step != 1).cumsum(-1)  # (B, T) document number
+    t = torch.arange(position_ids.size(-1), device=position_ids.device)
+    allowed = (doc[:, :, None] == doc[:, None, :]) & (t[None, :, None] >= t[None, None, :])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def packing_efficiency(rows: Sequence[PackedRow], capacity: int) -> float:
+    """Real tokens / (rows * capacity): the fraction of a fixed-size batch that is not padding."""
+    if not rows:
+        return 0.0
+    return sum(len(r) for r in rows) / (len(rows) * capacity)

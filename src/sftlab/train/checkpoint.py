@@ -1,0 +1,208 @@
+"""Checkpoints: atomic save, rotation, discovery of the latest complete one, and exact restore.
+
+Layout under `output_dir/checkpoints/`:
+
+    step-00000012/            one complete checkpoint
+        model.safetensors     (Accelerate's save_state: model weights as safetensors,
+        optimizer.bin          optimizer state loaded back with torch.load(weights_only=True))
+        trainer_state.json    step, data position, counters, metrics so far, resolved config
+        scheduler.json        LR-scheduler state (plain JSON, no pickle)
+        rng.json, rng_torch.safetensors   python/numpy/torch(/cuda) RNG states
+        COMPLETE              written last, inside the temporary directory
+    latest                    name of the newest complete checkpoint (atomically replaced)
+
+A checkpoint is written into `.tmp-step-N`, every file fsync'ed, then renamed into place; only
+then is `latest` replaced. A process killed at any moment leaves the previous complete
+checkpoint usable: incomplete `.tmp-*` directories are ignored and removed on the next save.
+Nothing is ever unpickled without `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or restored; the message says which and why."""
+
+
+def checkpoint_root(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------------------- RNG states
+
+def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    py = random.getstate()
+    npy = np.random.get_state()
+    meta = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    return meta, tensors
+
+
+def restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------------------- save
+
+def _test_pause(stage: str) -> None:
+    """Test hook: SFTLAB_TEST_PAUSE_IN_SAVE=<seconds> sleeps mid-save so a test can kill the process there."""
+    delay = os.environ.get("SFTLAB_TEST_PAUSE_IN_SAVE")
+    if delay and stage == "mid-save":
+        time.sleep(float(delay))
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, Any], scheduler,
+                    keep_last: int | None) -> Path:
+    """Write a complete checkpoint for `step` atomically, then rotate. Returns its directory."""
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    main = accelerator.is_main_process
+    try:
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)  # model (safetensors), optimizer, RNG
+        if main:
+            _test_pause("mid-save")
+            meta, tensors = capture_rng()
+            (tmp / "rng.json").write_text(json.dumps(meta))
+            save_file(tensors, str(tmp / "rng_torch.safetensors"))
+            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=_jsonable))
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+            (tmp / COMPLETE).write_text(f"step {step}\n")
+            _fsync_tree(tmp)
+            if final.exists():  # a re-save of the same step (e.g. after a resumed crash): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            _atomic_write_text(root / LATEST, final.name + "\n")
+            rotate(root, keep_last)
+        accelerator.wait_for_everyone()
+    except OSError as e:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest_checkpoint(output_dir)
+        raise CheckpointError(
+            f"saving the checkpoint of step {step} failed: {e.strerror or e} ({e.filename or root}); "
+            + (f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists")
+        ) from e
+    return final
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return None  # callables (LambdaLR's lr_lambdas) are rebuilt from the config, not stored
+
+
+def rotate(root: Path, keep_last: int | None) -> None:
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep_last is None:
+        return
+    complete = complete_checkpoints(root)
+    for old in complete[:-keep_last] if len(complete) > keep_last else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- find / load
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and (p / COMPLETE).is_file() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    root = checkpoint_root(output_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        cand = root / pointer.read_text().strip()
+        if (cand / COMPLETE).is_file():
+            return cand
+    complete = complete_checkpoints(root)  # pointer missing or stale: fall back to a scan
+    return complete[-1] if complete else None
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} is unreadable: {e}") from None
+
+
+def load_checkpoint(accelerator, ckpt: Path, scheduler) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG from `ckpt`; return its trainer state."""
+    if not (ckpt / COMPLETE).is_file():
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
+    state = read_state(ckpt)
+    try:
+        # Accelerate loads the optimizer with torch.load(weights_only=True): a pickle payload is refused.
+        accelerator.load_state(str(ckpt), load_kwargs={"weights_only": True})
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {ckpt}: a file holds a pickle that is not plain tensors/containers "
+                              f"({str(e).splitlines()[0]})") from None
+    sched = json.loads((ckpt / "scheduler.json").read_text())
+    sched.pop("lr_lambdas", None)
+    scheduler.load_state_dict({**scheduler.state_dict(), **sched})
+    restore_rng(json.loads((ckpt / "rng.json").read_text()), load_file(str(ckpt / "rng_torch.safetensors")))
+    return state
