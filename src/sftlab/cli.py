@@ -18,7 +18,7 @@ from rich.console import Console
 
 from sftlab.config import ConfigError, dump_config, load_config
 
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:

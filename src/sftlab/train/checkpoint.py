@@ -98,11 +98,11 @@ def restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
 
 # ---------------------------------------------------------------------------- save
 
-def _test_pause(stage: str) -> None:
-    """Test hook: SFTLAB_TEST_PAUSE_IN_SAVE=<seconds> sleeps mid-save so a test can kill the process there."""
-    delay = os.environ.get("SFTLAB_TEST_PAUSE_IN_SAVE")
-    if delay and stage == "mid-save":
-        time.sleep(float(delay))
+def _test_pause(step: int) -> None:
+    """Test hook: SFTLAB_TEST_PAUSE_IN_SAVE=<step>:<seconds> sleeps mid-save so a test can kill the process there."""
+    spec = os.environ.get("SFTLAB_TEST_PAUSE_IN_SAVE")
+    if spec and int(spec.split(":")[0]) == step:
+        time.sleep(float(spec.split(":")[1]))
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, Any], scheduler,
@@ -120,7 +120,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, A
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)  # model (safetensors), optimizer, RNG
         if main:
-            _test_pause("mid-save")
+            _test_pause(step)
             meta, tensors = capture_rng()
             (tmp / "rng.json").write_text(json.dumps(meta))
             save_file(tensors, str(tmp / "rng_torch.safetensors"))

@@ -208,7 +208,7 @@ def check_disk_space(out: Path, model, cfg: SFTConfig) -> None:
 
 
 def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     out = Path(cfg.train.output_dir)
     accelerator = Accelerator()
     main = accelerator.is_main_process

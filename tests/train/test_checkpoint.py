@@ -1,0 +1,205 @@
+"""Checkpoints and resume: a killed run loses nothing, and a resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sftlab.config import SFTConfig
+from sftlab.train import loop as loop_mod
+from sftlab.train.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
+from sftlab.train.loop import RunError, run_training
+
+STEPS = 7
+
+
+def cfg_tree(model_dir, data, out, **train) -> dict:
+    return {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": [{"path": str(data)}], "max_seq_length": 256},
+        "optim": {"lr": 3e-3, "warmup_steps": 2, "scheduler": "cosine", "weight_decay": 0.1},
+        "train": {"output_dir": str(out), "micro_batch_size": 3, "grad_accum_steps": 2, "max_steps": STEPS,
+                  "deterministic": True, **train},
+        "checkpoint": {"every_steps": 2},
+    }
+
+
+def run_cli(tree: dict, tmp_path: Path, env_extra: dict | None = None, wait: bool = True):
+    cfg = tmp_path / f"cfg-{time.monotonic_ns()}.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "sftlab.cli", "train", str(cfg)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=300)
+        return proc.returncode, out
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+EXACT = ("step", "loss", "grad_norm", "lr", "target_tokens", "epoch")
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tiny_model_dir, chat_file, tmp_path):
+    ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
+    rc, log = run_cli(cfg_tree(tiny_model_dir, chat_file, ref_out), tmp_path)
+    assert rc == 0, log
+
+    rc, log = run_cli(cfg_tree(tiny_model_dir, chat_file, cut_out), tmp_path, {"SFTLAB_TEST_KILL_AFTER_STEP": "5"})
+    assert rc == -signal.SIGKILL, log
+    assert latest_checkpoint(cut_out).name == "step-00000004"  # step 5 ran but was never saved
+    assert not (cut_out / "model.safetensors").exists()
+
+    rc, log = run_cli(cfg_tree(tiny_model_dir, chat_file, cut_out, resume="auto"), tmp_path)
+    assert rc == 0, log
+    assert "resumed" in log and "step-00000004" in log
+    ref, got = metrics(ref_out), metrics(cut_out)
+    assert [{k: r[k] for k in EXACT} for r in got] == [{k: r[k] for k in EXACT} for r in ref]  # bitwise floats
+    wa, wb = load_file(ref_out / "model.safetensors"), load_file(cut_out / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "run"
+    tree = cfg_tree(tiny_model_dir, chat_file, out)
+    proc = run_cli(tree, tmp_path, {"SFTLAB_TEST_PAUSE_IN_SAVE": "4:60"}, wait=False)
+    partial = out / "checkpoints" / ".tmp-step-00000004"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (partial / "model.safetensors").exists():
+            time.sleep(0.05)
+        assert (partial / "model.safetensors").exists(), "the save of step 4 never started"
+    finally:
+        proc.kill()  # SIGKILL in the middle of writing step 4
+        proc.communicate()
+    assert partial.exists() and not (partial / "COMPLETE").exists()
+    assert latest_checkpoint(out).name == "step-00000002"
+
+    tree["train"]["resume"] = "auto"
+    rc, log = run_cli(tree, tmp_path)
+    assert rc == 0, log
+    assert "resumed" in log and "step-00000002" in log
+    assert not partial.exists()  # debris of the killed save is cleaned up
+    assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
+
+
+def test_rotation_keeps_exactly_k(tiny_model_dir, chat_file, tmp_path):
+    tree = cfg_tree(tiny_model_dir, chat_file, tmp_path / "run")
+    tree["checkpoint"] = {"every_steps": 1, "keep_last": 2}
+    run_training(SFTConfig.model_validate(tree))
+    names = [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert names == ["step-00000006", "step-00000007"]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-00000007"
+
+
+def test_sigterm_checkpoints_and_exits_143(tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "run"
+    tree = cfg_tree(tiny_model_dir, chat_file, out, max_steps=400)
+    tree["checkpoint"] = {"every_steps": 1000}
+    proc = run_cli(tree, tmp_path, wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, log
+    assert "SIGTERM" in log and "train.resume=auto" in log
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == metrics(out)[-1]["step"]
+
+
+def _nan_on_call(n: int, monkeypatch):
+    real = loop_mod.summed_nll
+    calls = {"n": 0}
+
+    def fake(logits, labels):
+        calls["n"] += 1
+        out = real(logits, labels)
+        return out * float("nan") if calls["n"] == n else out
+
+    monkeypatch.setattr(loop_mod, "summed_nll", fake)
+
+
+def test_nan_stop_keeps_last_good_checkpoint(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    _nan_on_call(9, monkeypatch)  # micro-batch 9 = step 5 (2 micro-batches a step)
+    with pytest.raises(RunError, match=r"non-finite loss at step 5 .*Last good checkpoint: .*step-00000004"):
+        run_training(SFTConfig.model_validate(cfg_tree(tiny_model_dir, chat_file, tmp_path / "run")))
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000004"
+
+
+def test_nan_skip_step_leaves_weights_unchanged(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    _nan_on_call(9, monkeypatch)
+    tree = cfg_tree(tiny_model_dir, chat_file, tmp_path / "run", on_nan="skip_step")
+    tree["checkpoint"] = {"every_steps": 1}
+    res = run_training(SFTConfig.model_validate(tree))
+    assert [r["step"] for r in res.history if "skipped" in r] == [5]
+    ck = tmp_path / "run" / "checkpoints"
+    w4, w5 = load_file(ck / "step-00000004" / "model.safetensors"), load_file(ck / "step-00000005" / "model.safetensors")
+    w6 = load_file(ck / "step-00000006" / "model.safetensors")
+    assert all(torch.equal(w4[k], w5[k]) for k in w4)
+    assert not all(torch.equal(w5[k], w6[k]) for k in w5)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/sftlab-pwned",))
+
+
+def test_tampered_pickle_is_refused(tiny_model_dir, chat_file, tmp_path):
+    tree = cfg_tree(tiny_model_dir, chat_file, tmp_path / "run", max_steps=2)
+    run_training(SFTConfig.model_validate(tree))
+    ckpt = latest_checkpoint(tmp_path / "run")
+    torch.save({"state": Evil()}, ckpt / "optimizer.bin")
+    tree["train"]["resume"] = "auto"
+    tree["train"]["max_steps"] = 2
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        run_training(SFTConfig.model_validate(tree))
+    assert not Path("/tmp/sftlab-pwned").exists()
+
+
+def test_resume_refuses_breaking_config_changes(tiny_model_dir, chat_file, tmp_path):
+    tree = cfg_tree(tiny_model_dir, chat_file, tmp_path / "run", max_steps=2)
+    run_training(SFTConfig.model_validate(tree))
+    bad = json.loads(json.dumps(tree))
+    bad["train"].update(resume="auto", micro_batch_size=4)
+    with pytest.raises(RunError, match=r"train.micro_batch_size: 3 -> 4"):
+        run_training(SFTConfig.model_validate(bad))
+    ok = json.loads(json.dumps(tree))
+    ok["train"].update(resume="auto", log_every=5, eval_every=3)
+    res = run_training(SFTConfig.model_validate(ok))  # safe changes: logging / eval interval
+    assert res.history[-1]["step"] == 2
+
+
+def test_disk_full_during_save_keeps_previous(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    import errno
+
+    from sftlab.train import checkpoint as ck
+
+    real = ck.save_file
+    calls = {"n": 0}
+
+    def full(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(a[1]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(CheckpointError, match=r"step 4 failed: No space left on device.*step-00000002 is intact"):
+        run_training(SFTConfig.model_validate(cfg_tree(tiny_model_dir, chat_file, tmp_path / "run")))
+    assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000002"]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
