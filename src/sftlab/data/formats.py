@@ -1,8 +1,21 @@
-"""Read training rows from disk and normalise each one into a conversation.
+"""Normalise one raw row (a dict read from any source) into a record the tokenizer can take.
 
-Every supported row format becomes a `Conversation` (a list of role/content messages).
-Each bad row raises `BadRecord` naming the file, line and field; callers decide whether to
-skip it (and count it) or stop.
+Row formats, detected per row (`format: auto`) or forced per source (`format: <name>`):
+
+- `messages`: OpenAI-style `[{"role", "content"}]`, roles system/user/assistant/tool, optional
+  `tool_calls` on assistant turns and an optional `tools` column handed to the chat template.
+- `prompt_completion`: `prompt` and `completion`, each a string or a list of messages.
+- `alpaca`: `instruction`, optional `input`, `output` (optional `system`); the user turn is
+  `instruction + "\\n\\n" + input` when `input` is non-empty, else `instruction`.
+- `sharegpt`: `conversations: [{"from", "value"}]`; `from` is human/gpt/system (also user,
+  assistant, tool, observation -> tool, function_call -> assistant); optional `system`, `tools`.
+- `text`: plain text, no chat template, optional `loss_masking_spans`: inclusive character
+  spans `[start, end]` whose tokens get no loss; every other token is a target.
+- `pretokenized`: `input_ids` (and optional `labels`, -100 = no loss; default: every token).
+
+The first four become a `Conversation`, `text` a `TextRecord`, `pretokenized` a `TokenRecord`.
+Every unusable row raises `BadRecord` naming the source, line (JSONL) or row index (others),
+the field and the reason.
 """
 
 from __future__ import annotations
@@ -11,18 +24,35 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "function_call": "assistant",
+    "system": "system",
+    "tool": "tool", "observation": "tool", "function_response": "tool",
+}
+IGNORE_INDEX = -100  # same value as sftlab.data.masking.IGNORE_INDEX
+
+
+class DataError(ValueError):
+    """The data cannot be used; the message names the source and what is wrong."""
 
 
 class BadRecord(ValueError):
-    """One unusable row: where it is, which field, and why."""
+    """One unusable row: where it is (file:line, or 'source row N'), which field, and why."""
 
-    def __init__(self, source: str, line: int, field_name: str | None, reason: str):
-        self.source, self.line, self.field_name, self.reason = source, line, field_name, reason
-        where = f"{source}:{line}" + (f" field '{field_name}'" if field_name else "")
-        super().__init__(f"{where}: {reason}")
+    def __init__(self, source: str, line: int, field_name: str | None, reason: str, unit: str = "line"):
+        self.source, self.line, self.field_name, self.reason, self.unit = source, line, field_name, reason, unit
+        super().__init__(f"{self.where}" + (f" field '{field_name}'" if field_name else "") + f": {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across tokenization worker processes
+        return BadRecord, (self.source, self.line, self.field_name, self.reason, self.unit)
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}" if self.unit == "line" else f"{self.source} row {self.line}"
 
 
 @dataclass
@@ -32,15 +62,41 @@ class Conversation:
     line: int = 0
     tools: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    unit: str = "line"
+
+
+@dataclass
+class TextRecord:
+    """Plain text; characters inside `spans` (inclusive [start, end]) carry no loss."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    source: str = ""
+    line: int = 0
+    unit: str = "line"
+
+
+@dataclass
+class TokenRecord:
+    """Already tokenized ids with aligned labels (IGNORE_INDEX where no loss)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str = ""
+    line: int = 0
+    unit: str = "line"
+
+
+Record = Union[Conversation, TextRecord, TokenRecord]
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed object) for each non-blank line; bad lines raise BadRecord."""
+    """Yield (line number, parsed object) for each non-blank line; bad lines are yielded as BadRecord."""
     path = Path(path)
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
             except UnicodeDecodeError as e:
                 yield lineno, BadRecord(str(path), lineno, None, f"not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
@@ -52,65 +108,221 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
                 yield lineno, BadRecord(str(path), lineno, None, f"invalid JSON: {e.msg} (column {e.colno})")
 
 
+def _has(row: dict[str, Any], key: str) -> bool:
+    return row.get(key) is not None  # columnar sources fill absent fields with None
+
+
 def detect_format(row: dict[str, Any]) -> str:
-    if "messages" in row:
+    """The format of one row from its keys; KeyError when none fits."""
+    if _has(row, "messages"):
         return "messages"
-    if "prompt" in row and "completion" in row:
+    if _has(row, "conversations"):
+        return "sharegpt"
+    if _has(row, "prompt") and _has(row, "completion"):
         return "prompt_completion"
-    raise KeyError(f"cannot detect the row format from its keys {sorted(row)[:8]}; expected 'messages' or 'prompt'+'completion'")
+    if _has(row, "instruction") and _has(row, "output"):
+        return "alpaca"
+    if _has(row, "input_ids"):
+        return "pretokenized"
+    if _has(row, "text"):
+        return "text"
+    keys = sorted(k for k in row if row[k] is not None)[:8]
+    raise KeyError(f"cannot detect the row format from its keys {keys}; expected 'messages', 'conversations', "
+                   "'prompt'+'completion', 'instruction'+'output', 'text' or 'input_ids'")
 
 
-def _check_messages(messages: Any, source: str, line: int, field_name: str) -> list[dict[str, Any]]:
+class _Row:
+    """One row plus where it came from, so every check can raise a precise BadRecord."""
+
+    def __init__(self, row: dict[str, Any], source: str, line: int, unit: str):
+        self.row, self.source, self.line, self.unit = row, source, line, unit
+
+    def bad(self, field_name: str | None, reason: str) -> BadRecord:
+        return BadRecord(self.source, self.line, field_name, reason, self.unit)
+
+    def get(self, key: str, kind: type | tuple[type, ...] | None = None, required: bool = True) -> Any:
+        value = self.row.get(key)
+        if value is None:
+            if required:
+                raise self.bad(key, "missing")
+            return None
+        if kind is not None and not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.bad(key, f"must be {names}, got {type(value).__name__}")
+        return value
+
+
+def _check_messages(r: _Row, messages: Any, field_name: str) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
-        raise BadRecord(source, line, field_name, "must be a non-empty list of messages")
+        raise r.bad(field_name, "must be a non-empty list of messages")
     out = []
     for i, m in enumerate(messages):
         where = f"{field_name}[{i}]"
         if not isinstance(m, dict):
-            raise BadRecord(source, line, where, f"must be an object with 'role' and 'content', got {type(m).__name__}")
+            raise r.bad(where, f"must be an object with 'role' and 'content', got {type(m).__name__}")
         role = m.get("role")
         if role is None:
-            raise BadRecord(source, line, f"{where}.role", "missing")
+            raise r.bad(f"{where}.role", "missing")
         if role not in ROLES:
-            raise BadRecord(source, line, f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise r.bad(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
         content = m.get("content")
         if content is None and not m.get("tool_calls"):
-            raise BadRecord(source, line, f"{where}.content", "missing")
+            raise r.bad(f"{where}.content", "missing")
         if content is not None and not isinstance(content, str):
-            raise BadRecord(source, line, f"{where}.content", f"must be a string, got {type(content).__name__}")
-        if role == "assistant" and not (content or "").strip() and not m.get("tool_calls"):
-            raise BadRecord(source, line, f"{where}.content", "empty assistant message")
-        out.append(dict(m))
+            raise r.bad(f"{where}.content", f"must be a string, got {type(content).__name__}")
+        if role in ("user", "assistant") and not (content or "").strip() and not m.get("tool_calls"):
+            raise r.bad(f"{where}.content", f"empty {role} message")
+        out.append({k: v for k, v in m.items() if v is not None})  # columnar sources pad with None
     return out
 
 
-def to_conversation(row: Any, fmt: str, source: str, line: int) -> Conversation:
-    """Normalise one parsed row into a Conversation, or raise BadRecord."""
+def _sharegpt_messages(r: _Row) -> list[dict[str, Any]]:
+    turns = r.get("conversations", list)
+    messages = []
+    system = r.get("system", str, required=False)
+    if system and system.strip():
+        messages.append({"role": "system", "content": system})
+    for i, t in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(t, dict):
+            raise r.bad(where, f"must be an object with 'from' and 'value', got {type(t).__name__}")
+        sender = t.get("from") if t.get("from") is not None else t.get("role")
+        if sender is None:
+            raise r.bad(f"{where}.from", "missing")
+        role = SHAREGPT_ROLES.get(sender)
+        if role is None:
+            raise r.bad(f"{where}.from", f"unknown role {sender!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
+        value = t.get("value") if t.get("value") is not None else t.get("content")
+        if value is None:
+            raise r.bad(f"{where}.value", "missing")
+        if not isinstance(value, str):
+            raise r.bad(f"{where}.value", f"must be a string, got {type(value).__name__}")
+        messages.append({"role": role, "content": value})
+    return _check_messages(r, messages, "conversations")
+
+
+def _alpaca_messages(r: _Row) -> list[dict[str, Any]]:
+    instruction = r.get("instruction", str)
+    extra = r.get("input", str, required=False) or ""
+    output = r.get("output", str)
+    if not instruction.strip():
+        raise r.bad("instruction", "empty")
+    if not output.strip():
+        raise r.bad("output", "empty")
+    system = r.get("system", str, required=False)
+    user = instruction + "\n\n" + extra if extra.strip() else instruction
+    head = [{"role": "system", "content": system}] if system and system.strip() else []
+    return head + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _prompt_completion_messages(r: _Row) -> tuple[list[dict[str, Any]], int]:
+    messages: list[dict[str, Any]] = []
+    prompt_len = 0
+    for key, role in (("prompt", "user"), ("completion", "assistant")):
+        value = r.get(key, (str, list))
+        if isinstance(value, str):
+            if not value.strip():
+                raise r.bad(key, f"empty {key}")
+            messages.append({"role": role, "content": value})
+        else:
+            messages.extend(_check_messages(r, value, key))
+        if key == "prompt":
+            prompt_len = len(messages)
+    return messages, prompt_len
+
+
+def _tools(r: _Row) -> list[dict[str, Any]] | None:
+    tools = r.get("tools", (list, str), required=False)
+    if isinstance(tools, str):  # ShareGPT exports often store the tool list as a JSON string
+        if not tools.strip():
+            return None
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise r.bad("tools", f"invalid JSON string: {e.msg}") from None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise r.bad("tools", "must be a list of tool objects")
+    return tools or None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _text_record(r: _Row) -> TextRecord:
+    text = r.get("text", str)
+    if not text:
+        raise r.bad("text", "empty")
+    raw = r.get("loss_masking_spans", list, required=False) or []
+    spans = []
+    for i, span in enumerate(raw):
+        where = f"loss_masking_spans[{i}]"
+        if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(_is_int(x) for x in span)):
+            raise r.bad(where, f"must be a pair of integers [start, end], got {span!r}")
+        start, end = span
+        if not 0 <= start <= end < len(text):
+            raise r.bad(where, f"span [{start}, {end}] is out of range for a text of {len(text)} characters "
+                               "(inclusive spans need 0 <= start <= end < length)")
+        spans.append((start, end))
+    return TextRecord(text, sorted(spans), r.source, r.line, r.unit)
+
+
+def _token_record(r: _Row, vocab_size: int | None) -> TokenRecord:
+    ids = r.get("input_ids", list)
+    if not ids:
+        raise r.bad("input_ids", "empty")
+    labels = r.get("labels", list, required=False)
+    if labels is not None and len(labels) != len(ids):
+        raise r.bad("labels", f"has {len(labels)} entries but input_ids has {len(ids)}")
+    for name, values, allowed in (("input_ids", ids, ()), ("labels", labels or [], (IGNORE_INDEX,))):
+        for i, x in enumerate(values):
+            if not _is_int(x):
+                raise r.bad(f"{name}[{i}]", f"must be an integer, got {type(x).__name__}")
+            if x in allowed:
+                continue
+            if x < 0 or (vocab_size is not None and x >= vocab_size):
+                raise r.bad(f"{name}[{i}]", f"token id {x} is outside the vocabulary (size {vocab_size})")
+    return TokenRecord(list(ids), list(labels) if labels is not None else list(ids), r.source, r.line, r.unit)
+
+
+def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
+              vocab_size: int | None = None) -> Record:
+    """Normalise one parsed row into a Conversation, TextRecord or TokenRecord, or raise BadRecord.
+
+    `unit` is "line" (JSONL line number, 1-based) or "row" (row index, 0-based) for messages;
+    `vocab_size` bounds the ids of pretokenized rows.
+    """
     if not isinstance(row, dict):
-        raise BadRecord(source, line, None, f"row must be a JSON object, got {type(row).__name__}")
+        raise BadRecord(source, line, None, f"row must be a JSON object, got {type(row).__name__}", unit)
+    r = _Row(row, source, line, unit)
     if fmt == "auto":
         try:
             fmt = detect_format(row)
         except KeyError as e:
-            raise BadRecord(source, line, None, str(e.args[0])) from None
+            raise r.bad(None, str(e.args[0])) from None
+    if fmt == "text":
+        return _text_record(r)
+    if fmt == "pretokenized":
+        return _token_record(r, vocab_size)
+    extra: dict[str, Any] = {}
     if fmt == "messages":
-        if "messages" not in row:
-            raise BadRecord(source, line, "messages", "missing")
-        messages = _check_messages(row["messages"], source, line, "messages")
+        messages = _check_messages(r, r.get("messages"), "messages")
     elif fmt == "prompt_completion":
-        messages = []
-        for key, role in (("prompt", "user"), ("completion", "assistant")):
-            value = row.get(key)
-            if value is None:
-                raise BadRecord(source, line, key, "missing")
-            if isinstance(value, str):
-                if role == "assistant" and not value.strip():
-                    raise BadRecord(source, line, key, "empty completion")
-                messages.append({"role": role, "content": value})
-            else:
-                messages.extend(_check_messages(value, source, line, key))
+        messages, extra["prompt_len"] = _prompt_completion_messages(r)
+    elif fmt == "alpaca":
+        messages = _alpaca_messages(r)
+    elif fmt == "sharegpt":
+        messages = _sharegpt_messages(r)
     else:
-        raise BadRecord(source, line, None, f"unknown format {fmt!r}")
+        raise r.bad(None, f"unknown format {fmt!r}")
     if not any(m["role"] == "assistant" for m in messages):
-        raise BadRecord(source, line, "messages", "no assistant turn to learn from")
-    return Conversation(messages=messages, source=source, line=line, tools=row.get("tools"))
+        raise r.bad("conversations" if fmt == "sharegpt" else "messages", "no assistant turn to learn from")
+    return Conversation(messages=messages, source=source, line=line, tools=_tools(r), extra=extra, unit=unit)
+
+
+def to_conversation(row: Any, fmt: str, source: str, line: int) -> Conversation:
+    """Normalise one row of a chat format into a Conversation, or raise BadRecord."""
+    rec = to_record(row, fmt, source, line)
+    if not isinstance(rec, Conversation):
+        raise BadRecord(source, line, None, "expected a conversation, got a text or pretokenized row")
+    return rec

@@ -9,6 +9,7 @@ back-propagated -> gradients are clipped -> AdamW and the LR schedule step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -31,6 +32,7 @@ from sftlab.config import SFTConfig, dump_config
 from sftlab.data.collate import MicroBatchStream, pad_collate
 from sftlab.data.dataset import build_datasets, load_template
 from sftlab.data.masking import TokenizedExample
+from sftlab.data.packing import pack_examples, packed_collate, packing_efficiency
 from sftlab.model.generate import MatchResult, exact_match
 from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path
 from sftlab.model.loss import count_targets, summed_nll
@@ -83,18 +85,24 @@ def evaluate_loss(model, examples: list[TokenizedExample], batch_size: int, pad_
     rank, world = accelerator.process_index, accelerator.num_processes
     for start in range(rank * batch_size, len(examples), batch_size * world):
         batch = {k: v.to(accelerator.device) for k, v in pad_collate(examples[start:start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        nll += summed_nll(logits, batch["labels"]).double().cpu()
+        nll += summed_nll(forward_logits(model, batch), batch["labels"]).double().cpu()
         count += count_targets(batch["labels"])
     totals = accelerator.reduce(torch.tensor([nll.item(), float(count)], device=accelerator.device), "sum")
     model.train(was_training)
     return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
 
 
-def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> tuple[float, int, int]:
+def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Padded batches carry an attention mask; packed ones carry restarting position_ids and no mask
+    (transformers then builds a block-diagonal mask: no document attends to another)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                 position_ids=batch.get("position_ids"), use_cache=False).logits
+
+
+def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> tuple[float, int]:
     """Forward/backward over the micro-batches of one optimizer step.
 
-    Returns (summed NLL over all ranks, global target tokens, local input tokens).
+    Returns (summed NLL over all ranks, global target tokens).
     The loss each micro-batch back-propagates is its NLL sum / global target count, times the
     world size because DDP averages gradients over ranks: the step's gradient is then exactly
     the gradient of (sum of all token NLLs of the step) / (all target tokens of the step).
@@ -102,20 +110,17 @@ def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accel
     local_targets = sum(count_targets(b["labels"]) for b in batches)
     global_targets = int(accelerator.reduce(torch.tensor(local_targets, device=accelerator.device), "sum"))
     if global_targets == 0:
-        return 0.0, 0, 0
+        return 0.0, 0
     scale = accelerator.num_processes / global_targets
     step_nll = torch.zeros((), dtype=torch.float64)
-    input_tokens = 0
     for k, batch in enumerate(batches):
         sync = k == len(batches) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            nll = summed_nll(logits, batch["labels"])
+            nll = summed_nll(forward_logits(model, batch), batch["labels"])
             accelerator.backward(nll * scale)
         step_nll += nll.detach().double().cpu()
-        input_tokens += int(batch["attention_mask"].sum())
     total_nll = float(accelerator.reduce(step_nll.to(accelerator.device), "sum"))
-    return total_nll, global_targets, input_tokens
+    return total_nll, global_targets
 
 
 class StopRequest:
@@ -226,9 +231,19 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model, model_path)
     template = load_template(cfg.data)
     train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cfg.train.seed)
-    fingerprint = data_fingerprint(train_set)
+    pad_id = tokenizer.pad_token_id
+    if cfg.data.packing == "none":
+        units: list = train_set
+        collate = functools.partial(pad_collate, pad_id=pad_id)
+        packing_note = ""
+    else:  # micro_batch_size then counts packed rows of max_seq_length tokens
+        units = pack_examples(train_set, cfg.data.packing, cfg.data.max_seq_length)
+        collate = functools.partial(packed_collate, pad_id=pad_id)
+        packing_note = (f"; packed ({cfg.data.packing}) into {len(units)} rows of <= {cfg.data.max_seq_length} tokens, "
+                        f"efficiency {packing_efficiency(units, cfg.data.max_seq_length):.1%}")
+    fingerprint = data_fingerprint(units)
     if main:
-        console.print(f"[bold]data[/bold]: {report.summary()}; train {len(train_set)}, eval {len(eval_set)}")
+        console.print(f"[bold]data[/bold]: {report.summary()}; train {len(train_set)}, eval {len(eval_set)}{packing_note}")
         for line in report.bad_examples:
             console.print(f"  [yellow]skipped[/yellow] {line}", highlight=False)
     model = load_model(cfg.model, model_path)
@@ -239,7 +254,7 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
         check_disk_space(out, model, cfg)
 
     world = accelerator.num_processes
-    stream = MicroBatchStream(len(train_set), cfg.train.micro_batch_size * world, cfg.train.seed)
+    stream = MicroBatchStream(len(units), cfg.train.micro_batch_size * world, cfg.train.seed)
     total_steps, total_micro = plan_micro_batches(cfg, stream.batches_per_epoch)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
@@ -273,7 +288,6 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
                  "data_fingerprint": fingerprint, "metrics": result.history, "config": cfg.model_dump(mode="json")}
         return save_checkpoint(accelerator, out, step, state, scheduler, cfg.checkpoint.keep_last)
 
-    pad_id = tokenizer.pad_token_id
     batches_iter = iter(stream)
     progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not main or not console.is_terminal)
@@ -284,13 +298,13 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
             epoch_before = stream.epoch
             position = stream.state()
             n_micro = min(cfg.train.grad_accum_steps, total_micro - consumed)
-            batches = []
+            batches, in_tokens = [], 0
             for _ in range(n_micro):
                 idx = next(batches_iter)[accelerator.process_index::world]
-                batch = pad_collate([train_set[i] for i in idx], pad_id)
-                batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
+                batches.append({k: v.to(accelerator.device) for k, v in collate([units[i] for i in idx]).items()})
+                in_tokens += sum(len(units[i].input_ids) for i in idx)
             consumed += n_micro
-            nll, targets, in_tokens = train_step(model, batches, accelerator)
+            nll, targets = train_step(model, batches, accelerator)
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm)) if targets else 0.0
             lr = scheduler.get_last_lr()[0]

@@ -1,0 +1,215 @@
+"""Open a data source and yield its raw rows, each with where it came from.
+
+A source is one of:
+
+- a local file: `.jsonl` (JSON lines), `.json` (an array of objects, or JSON lines), `.parquet`, `.csv`
+  (every column read as a string);
+- a local directory: a `datasets` `save_to_disk` directory (a `Dataset`, or a `DatasetDict`
+  whose `split` is taken), else every supported file directly inside it, in sorted name order;
+- a `datasets` hub name (`owner/name`, with `subset` and `split`), loaded with `datasets.load_dataset`;
+- through the Python API, a `datasets.Dataset` object, bare or wrapped in `DatasetSource` to give it
+  a name, a format or a mixing weight.
+
+Rows are located by file and line (JSONL, 1-based) or by row index (every other kind, 0-based), so
+a bad row can be named precisely. `Source.fingerprint()` identifies the content for the cache: a
+sha256 of the files' bytes, or the dataset fingerprint for hub and in-memory datasets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import datasets
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from sftlab.config import SourceConfig
+from sftlab.data.formats import BadRecord, DataError, iter_jsonl
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+BATCH = 1024
+
+
+@dataclass
+class DatasetSource:
+    """A `datasets.Dataset` passed through the Python API, with the options a SourceConfig has."""
+
+    dataset: datasets.Dataset
+    name: str | None = None
+    format: str = "auto"
+    weight: float | int | None = None
+
+
+SourceSpec = Union[SourceConfig, DatasetSource, datasets.Dataset]
+
+
+@dataclass
+class RawRow:
+    """One row as read, or the BadRecord that reading it produced; `unit` is "line" or "row"."""
+
+    source: str
+    line: int
+    unit: str
+    row: Any
+
+
+@dataclass
+class Source:
+    """An opened source: its display name, options, and either its files or a loaded Dataset."""
+
+    name: str
+    kind: str  # "files" | "disk" | "hub" | "dataset"
+    format: str = "auto"
+    weight: float | int | None = None
+    files: list[Path] = field(default_factory=list)
+    dataset: datasets.Dataset | None = None
+
+    def fingerprint(self) -> str:
+        """A content hash: the files' bytes (and paths) or the dataset's fingerprint."""
+        h = hashlib.sha256(f"{self.kind}\0{self.name}\0".encode())
+        if self.kind == "hub" or self.kind == "dataset":
+            h.update(str(self.dataset._fingerprint).encode())  # noqa: SLF001 - datasets' content id
+        for path in self._content_files():
+            h.update(f"{path.resolve()}\0{path.stat().st_size}\0".encode())
+            with open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+        return h.hexdigest()
+
+    def _content_files(self) -> list[Path]:
+        if self.kind == "files":
+            return self.files
+        if self.kind == "disk":
+            root = Path(self.name)
+            return sorted(p for p in root.rglob("*") if p.is_file())
+        return []
+
+    def rows(self) -> Iterator[RawRow]:
+        """Every row in order; unreadable rows come as RawRow(row=BadRecord)."""
+        if self.dataset is not None:
+            yield from _dataset_rows(self.dataset, self.name)
+            return
+        for path in self.files:
+            yield from _file_rows(path)
+
+
+def _dataset_rows(ds: datasets.Dataset, name: str) -> Iterator[RawRow]:
+    index = 0
+    for batch in ds.iter(batch_size=BATCH):
+        keys = list(batch)
+        for values in zip(*(batch[k] for k in keys)):
+            yield RawRow(name, index, "row", dict(zip(keys, values)))
+            index += 1
+
+
+def _table_rows(table: pa.Table, name: str) -> Iterator[RawRow]:
+    index = 0
+    for batch in table.to_batches(max_chunksize=BATCH):
+        for row in batch.to_pylist():
+            yield RawRow(name, index, "row", row)
+            index += 1
+
+
+def _read_table(path: Path) -> pa.Table:
+    try:
+        if path.suffix == ".parquet":
+            return pq.read_table(path)
+        table = pa_csv.read_csv(path)
+        return table.cast(pa.schema([pa.field(f.name, pa.string()) for f in table.schema]))
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"data source {path}: cannot read it as {path.suffix[1:].upper()}: {e}") from None
+
+
+def _file_rows(path: Path) -> Iterator[RawRow]:
+    name = str(path)
+    if path.suffix in (".parquet", ".csv"):
+        yield from _table_rows(_read_table(path), name)
+        return
+    if path.suffix == ".json" and _starts_with(path, b"["):
+        try:
+            rows = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"data source {path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"data source {path}: invalid JSON array: {e.msg} (line {e.lineno}, column {e.colno})") from None
+        for i, row in enumerate(rows):
+            yield RawRow(name, i, "row", row)
+        return
+    for lineno, row in iter_jsonl(path):  # .jsonl, and .json files holding JSON lines
+        yield RawRow(name, lineno, "line", row)
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"\xef\xbb\xbf" + prefix) or head.startswith(prefix)
+
+
+def _load_from_disk(path: Path, split: str) -> datasets.Dataset:
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; re-raised with the source named
+        raise DataError(f"data source {path}: cannot load the saved dataset: {type(e).__name__}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"data source {path}: no split {split!r} (has {', '.join(ds)}); set its `split`")
+        ds = ds[split]
+    return ds
+
+
+def _load_hub(spec: SourceConfig) -> datasets.Dataset:
+    try:
+        ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split)
+    except Exception as e:  # noqa: BLE001 - network, auth, missing split... re-raised with the source named
+        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        hint = (" Offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): only datasets already in the "
+                "local `datasets` cache can be loaded." if offline else "")
+        raise DataError(f"data source {spec.path!r}: not a local file or directory, and loading it as a hub "
+                        f"dataset (subset={spec.subset!r}, split={spec.split!r}) failed: "
+                        f"{type(e).__name__}: {e}.{hint}") from None
+    if not isinstance(ds, datasets.Dataset):
+        raise DataError(f"data source {spec.path!r}: split {spec.split!r} is not a single dataset ({type(ds).__name__})")
+    return ds
+
+
+def _looks_local(path_str: str) -> bool:
+    return (path_str.startswith(("/", ".", "~")) or Path(path_str).suffix in SUPPORTED_SUFFIXES
+            or "\\" in path_str or path_str.count("/") > 1)
+
+
+def open_source(spec: SourceSpec, index: int = 0) -> Source:
+    """Resolve a source spec to an opened Source, or raise DataError naming it."""
+    if isinstance(spec, datasets.Dataset):
+        spec = DatasetSource(spec)
+    if isinstance(spec, DatasetSource):
+        if not isinstance(spec.dataset, datasets.Dataset):
+            raise DataError(f"DatasetSource {spec.name or index}: expected a datasets.Dataset, "
+                            f"got {type(spec.dataset).__name__}")
+        name = spec.name or f"<Dataset {index} {spec.dataset._fingerprint}>"  # noqa: SLF001
+        return Source(name, "dataset", spec.format, spec.weight, dataset=spec.dataset)
+    path = Path(spec.path).expanduser()
+    if path.is_file():
+        if path.suffix not in SUPPORTED_SUFFIXES:
+            raise DataError(f"data source {path}: unsupported file type (expected {', '.join(SUPPORTED_SUFFIXES)})")
+        return Source(str(path), "files", spec.format, spec.weight, files=[path])
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return Source(str(path), "disk", spec.format, spec.weight, dataset=_load_from_disk(path, spec.split))
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SUPPORTED_SUFFIXES
+                       and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"data source {path}: directory has no {', '.join(SUPPORTED_SUFFIXES)} files "
+                            "and is not a `save_to_disk` dataset")
+        return Source(str(path), "files", spec.format, spec.weight, files=files)
+    if _looks_local(spec.path):
+        raise DataError(f"data source not found: {path}")
+    name = spec.path + (f":{spec.subset}" if spec.subset else "") + f"[{spec.split}]"
+    return Source(name, "hub", spec.format, spec.weight, dataset=_load_hub(spec))
