@@ -28,8 +28,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# TRL is the benchmark's baseline only (never a project dependency); pinned, and installing it
+# changes nothing else in the venv (torch stays 2.13.0+cpu). BENCH_ARGS e.g. --quick, --procs 1,2 --profile.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) benchmarks/bench_data.py
+	$(PY) -m pip install --quiet trl==1.16.0
+	$(PY) benchmarks/bench_data.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

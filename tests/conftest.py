@@ -54,6 +54,15 @@ def build_model(vocab_size: int, seed: int = 0, layers: int = 2) -> LlamaForCaus
     return LlamaForCausalLM(cfg).float()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_data_cache(tmp_path_factory):
+    """Tests never read or write the user's data cache (the converted GGUF model cache stays shared)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SFTLAB_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()

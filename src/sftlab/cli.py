@@ -1,6 +1,7 @@
-"""Command line: `sftlab train|config show|generate|chat`.
+"""Command line: `sftlab train|prepare|config show|generate|chat`.
 
     sftlab train [CONFIG.yaml] [key.path=value ...]   fine-tune (no CONFIG: the embedded demo)
+    sftlab prepare [CONFIG.yaml] [overrides ...]      tokenize and cache the data, print the data report
     sftlab config show [CONFIG.yaml] [overrides ...]  print the resolved config
     sftlab generate MODEL_DIR --prompt "..."          one greedy reply
     sftlab chat MODEL_DIR                             interactive chat
@@ -40,6 +41,33 @@ def cmd_train(ns: argparse.Namespace) -> int:
         console.print("[bold]sftlab[/bold]: no config given, running the embedded demo "
                       "(SmolLM2-135M-Instruct learns date conversion); `sftlab config show` prints it")
     run_training(cfg, console)
+    return 0
+
+
+def cmd_prepare(ns: argparse.Namespace) -> int:
+    """Validate, tokenize and cache the training/eval data ahead of training; print the data report."""
+    import time
+
+    from rich.markup import escape
+
+    from sftlab.data.cache import default_cache_dir
+    from sftlab.data.dataset import build_datasets
+    from sftlab.data.templates import add_chatml_tokens
+    from sftlab.model.loading import load_tokenizer, resolve_model_path
+
+    cfg = _load(ns.args)
+    tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
+    if cfg.data.add_chatml_tokens:  # as training does, so that the cache keys match
+        add_chatml_tokens(tokenizer)
+    start = time.perf_counter()
+    train, evals, report = build_datasets(cfg.data, tokenizer, cfg.train.seed)
+    took = time.perf_counter() - start
+    console.print(f"[bold]data[/bold]: {escape(report.summary())}", highlight=False)
+    for line in report.bad_examples:
+        console.print(f"  [yellow]skipped[/yellow] {escape(line)}", highlight=False)
+    where = (cfg.data.cache_dir or default_cache_dir()) if cfg.data.cache else "off (data.cache=false)"
+    console.print(f"train {len(train)} examples ({sum(len(e.input_ids) for e in train)} tokens), eval {len(evals)}; "
+                  f"prepared in {took:.1f}s; cache: {where}", highlight=False)
     return 0
 
 
@@ -102,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune a model (no config: the embedded demo)")
     t.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
     t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("prepare", help="tokenize and cache the data ahead of training; print the data report")
+    pr.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    pr.set_defaults(func=cmd_prepare)
 
     c = sub.add_parser("config", help="config utilities")
     csub = c.add_subparsers(dest="config_command", required=True)

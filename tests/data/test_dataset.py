@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import write_jsonl
+from conftest import build_tokenizer, write_jsonl
 
 from sftlab.config import DataConfig, SourceConfig
 from sftlab.data.dataset import DataError, build_datasets
@@ -12,8 +12,18 @@ from sftlab.data.masking import IGNORE_INDEX
 GOOD = {"messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hello! How can I help you today?"}]}
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.delenv("SFTLAB_DATA_CACHE", raising=False)
+    monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path / "cache"))
+
+
 def cfg_for(path, **kw) -> DataConfig:
     return DataConfig(train=[SourceConfig(path=str(path))], **kw)
+
+
+def targets(tokenizer, ex) -> str:
+    return tokenizer.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX])
 
 
 def test_bad_rows_are_skipped_counted_and_located(tmp_path, tokenizer):
@@ -86,3 +96,90 @@ def test_eval_fraction_is_seeded_and_disjoint(tmp_path, tokenizer):
     assert len(a_eval) == 5 and len(a_train) == 15
     assert [e.input_ids for e in a_eval] == [e.input_ids for e in b_eval]
     assert not {tuple(e.input_ids) for e in a_eval} & {tuple(e.input_ids) for e in a_train}
+
+
+def test_alpaca_and_sharegpt_rows_train_on_the_answer(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": "Convert the date.", "input": "March 5, 2021", "output": "2021-03-05"},
+        {"conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "How can I help?"}]},
+    ])
+    (alpaca, sharegpt), _, _ = build_datasets(cfg_for(path), tokenizer, seed=0)
+    assert targets(tokenizer, alpaca) == "2021-03-05<|im_end|>"
+    assert "Convert the date.\n\nMarch 5, 2021" in tokenizer.decode(alpaca.input_ids)
+    assert targets(tokenizer, sharegpt) == "How can I help?<|im_end|>"
+
+
+def test_text_rows_mask_spans_and_end_with_eos(tmp_path, tokenizer):
+    text = "the quick brown fox"
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"text": text, "loss_masking_spans": [[4, 8]]},  # "quick", inclusive
+        {"text": text + "<|im_end|>"},  # already ends with EOS: not doubled
+        {"text": text, "loss_masking_spans": [[4, 19]]},  # end == len(text): out of range
+    ])
+    (masked, plain), _, report = build_datasets(cfg_for(path), tokenizer, seed=0)
+    assert "quick" not in targets(tokenizer, masked) and targets(tokenizer, masked).endswith("fox<|im_end|>")
+    assert masked.input_ids[-1] == tokenizer.eos_token_id and plain.input_ids.count(tokenizer.eos_token_id) == 1
+    assert plain.labels[1:] == plain.input_ids[1:]
+    assert f"{path}:3 field 'loss_masking_spans[0]': span [4, 19] is out of range" in report.bad_examples[0]
+
+
+def test_pretokenized_rows_are_checked_against_the_vocabulary(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"input_ids": [5, 6, 7], "labels": [-100, -100, 7]},
+        {"input_ids": [5, len(tokenizer)]},
+        {"input_ids": [5, 6], "labels": [-100, -100]},
+    ])
+    (ex,), _, report = build_datasets(cfg_for(path, max_bad_fraction=0.7), tokenizer, seed=0)
+    assert ex.input_ids == [5, 6, 7] and ex.labels == [-100, -100, 7]
+    assert f"{path}:2 field 'input_ids[1]': token id {len(tokenizer)} is outside the vocabulary" in report.bad_examples[0]
+    assert f"{path}:3: no target tokens" in report.bad_examples[1]
+
+
+def test_summary_names_sources_bad_rows_and_length_policy(tmp_path, tokenizer):
+    long = {"messages": [{"role": "user", "content": "one two three " * 40}, {"role": "assistant", "content": "four"}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, long, "{"])
+    _, _, report = build_datasets(cfg_for(path, max_seq_length=128), tokenizer, seed=0)
+    first, source = report.summary().splitlines()
+    assert first.startswith("2 examples kept of 4 rows (train 2, eval 0")
+    assert "1 bad rows skipped" in first and "1 over max_seq_length dropped" in first
+    assert source == f"  train[0] {path}: 4 rows, 1 bad, 3 examples, 1 over length dropped -> 2 train"
+
+
+def test_cli_prepare_builds_the_cache_then_reuses_it(tmp_path, tiny_model_dir, capsys):
+    from sftlab.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{train: [{{path: {data}}}]}}\n")
+    assert main(["prepare", str(cfg)]) == 0
+    first = capsys.readouterr().out
+    assert "3 examples kept of 3 rows" in first and "(cached)" not in first
+    assert main(["prepare", str(cfg), "data.max_seq_length=512"]) == 0
+    assert "(cached)" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache" / "data").iterdir())) == 1
+
+
+def test_text_rows_need_no_chat_template_but_chat_rows_do(tmp_path):
+    plain = build_tokenizer(template=None)
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "the quick brown fox"}])
+    (ex,), _, _ = build_datasets(cfg_for(text), plain, seed=0)
+    assert ex.input_ids[-1] == plain.eos_token_id
+    chat = write_jsonl(tmp_path / "c.jsonl", [GOOD])
+    with pytest.raises(DataError, match="c.jsonl: chat rows need a chat template"):
+        build_datasets(cfg_for(chat), plain, seed=0)
+    with pytest.raises(DataError, match="data.chat_template: unknown chat template 'nope'"):
+        build_datasets(cfg_for(chat, chat_template="nope"), plain, seed=0)
+    (ex,), _, _ = build_datasets(cfg_for(chat, chat_template="chatml"), plain, seed=0)
+    assert ex.num_targets > 0
+
+
+def test_rows_the_template_refuses_are_bad_records(tmp_path, tokenizer):
+    tpl = tmp_path / "no_tools.jinja"
+    tpl.write_text("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}"
+                   "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tool = {"messages": [GOOD["messages"][0], {"role": "tool", "content": "42"}, GOOD["messages"][1]]}
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, tool, GOOD])
+    train, _, report = build_datasets(cfg_for(path, chat_template=str(tpl)), tokenizer, seed=0)
+    assert len(train) == 2 and report.bad == 1
+    assert report.bad_examples[0].startswith(f"{path}:2 field 'messages': the chat template cannot render")

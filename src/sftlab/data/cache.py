@@ -64,10 +64,10 @@ class SourceExamples:
 
 
 def default_cache_dir() -> Path:
-    """$SFTLAB_CACHE/data, default ~/.cache/sftlab/data."""
+    """$SFTLAB_DATA_CACHE, else $SFTLAB_CACHE/data (default ~/.cache/sftlab/data)."""
     from sftlab.model.loading import cache_root
 
-    return cache_root() / "data"
+    return Path(os.environ["SFTLAB_DATA_CACHE"]) if os.environ.get("SFTLAB_DATA_CACHE") else cache_root() / "data"
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -215,9 +215,8 @@ def _alpaca_messages(r: _Row) -> list[dict[str, Any]]:
     return head + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def _prompt_completion_messages(r: _Row) -> tuple[list[dict[str, Any]], int]:
+def _prompt_completion_messages(r: _Row) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
-    prompt_len = 0
     for key, role in (("prompt", "user"), ("completion", "assistant")):
         value = r.get(key, (str, list))
         if isinstance(value, str):
@@ -226,9 +225,7 @@ def _prompt_completion_messages(r: _Row) -> tuple[list[dict[str, Any]], int]:
             messages.append({"role": role, "content": value})
         else:
             messages.extend(_check_messages(r, value, key))
-        if key == "prompt":
-            prompt_len = len(messages)
-    return messages, prompt_len
+    return messages
 
 
 def _tools(r: _Row) -> list[dict[str, Any]] | None:
@@ -304,11 +301,10 @@ def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
         return _text_record(r)
     if fmt == "pretokenized":
         return _token_record(r, vocab_size)
-    extra: dict[str, Any] = {}
     if fmt == "messages":
         messages = _check_messages(r, r.get("messages"), "messages")
     elif fmt == "prompt_completion":
-        messages, extra["prompt_len"] = _prompt_completion_messages(r)
+        messages = _prompt_completion_messages(r)
     elif fmt == "alpaca":
         messages = _alpaca_messages(r)
     elif fmt == "sharegpt":
@@ -317,7 +313,7 @@ def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
         raise r.bad(None, f"unknown format {fmt!r}")
     if not any(m["role"] == "assistant" for m in messages):
         raise r.bad("conversations" if fmt == "sharegpt" else "messages", "no assistant turn to learn from")
-    return Conversation(messages=messages, source=source, line=line, tools=_tools(r), extra=extra, unit=unit)
+    return Conversation(messages=messages, source=source, line=line, tools=_tools(r), unit=unit)
 
 
 def to_conversation(row: Any, fmt: str, source: str, line: int) -> Conversation:

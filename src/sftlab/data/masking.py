@@ -1,25 +1,54 @@
 """Chat-template rendering and loss masks for any Jinja chat template.
 
-A conversation is rendered once with the template. The character span of every assistant
-message (its content plus the end-of-turn marker that closes it, e.g. `<|im_end|>`) is found by
-rendering prefixes of the conversation: the text added by message i is
-render(messages[:i+1]) minus render(messages[:i], add_generation_prompt=True). Where a template
-re-renders history differently (e.g. drops earlier reasoning), the span is located in the full
-render by searching for that text instead. Character spans become token labels through the fast
-tokenizer's offset mapping: a token is a target when it overlaps a span (the same rule as
-transformers' `return_assistant_tokens_mask` for `{% generation %}` templates). Masks are by
-position, never by token id (pad == eos on many models).
+A conversation is rendered once with the template. The character span of every assistant turn
+(its text plus the end-of-turn marker that closes it, e.g. `<|im_end|>`) is found by rendering
+prefixes of the conversation with the template itself: the turn is
+render(messages[:i+1]) minus render(messages[:i], add_generation_prompt=True), right-stripped.
+Templates that render history differently from the latest turn are handled exactly where the
+difference is of a known kind, and refused (`TemplateError`) otherwise, never guessed:
+
+- the generation prompt is not a prefix of the rendered turn (it opens a reasoning block that
+  history lacks, or the template adds a default system prompt before the first message): the
+  turn starts after the part of the generation prompt that the rendered turn shares;
+- a turn is rendered without a leading part once later messages follow (Qwen3 drops the
+  `<think>` reasoning of turns before the last user query): the span is the part history keeps,
+  which must still hold the turn's answer and tool-call names;
+- text before a turn renders differently (an earlier turn was rewritten): the turn is anchored
+  on the end of the previous assistant turn, or found where its exact text occurs exactly once.
+
+Templates with `{% generation %}` tags mark assistant text themselves; their marks are used as
+they are, so masks equal transformers' `return_assistant_tokens_mask`. Character spans become
+token labels through the fast tokenizer's offsets: a token is a target when it overlaps a span.
+Masks are by position, never by token id (pad == eos on many models).
+
+`loss_on`: `assistant` (every assistant turn), `last_assistant` (the last one), `completion`
+(prompt/completion rows `[user..., assistant]`: the final assistant message, which must end the
+conversation; the same span as `last_assistant`), `all` (every token).
+
+Speed: templates are compiled once (transformers' cached sandboxed compiler, so the text is
+exactly what `apply_chat_template` renders) and rendered directly; `tokenize_conversations`
+calls the fast tokenizer once for a whole batch.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
-from transformers.utils.chat_template_utils import render_jinja_template
+from transformers.utils.chat_template_utils import _compile_jinja_template, _render_with_assistant_indices
 
 IGNORE_INDEX = -100
+LOSS_ON = ("assistant", "last_assistant", "completion", "all")
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # the test transformers uses
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+Span = tuple[int, int]
+Tools = list[dict[str, Any]] | None
 
 
 @dataclass
@@ -30,105 +59,285 @@ class TokenizedExample:
     @property
     def num_targets(self) -> int:
         # the first position is never predicted, so it never counts
-        return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
+        return max(0, len(self.labels) - 1 - self.labels[1:].count(IGNORE_INDEX))
 
 
 class TemplateError(ValueError):
     """The chat template cannot render this conversation in a way we can mask exactly."""
 
 
+# --- rendering -----------------------------------------------------------------------------
+
+def _prepare(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What `apply_chat_template` hands the template: keys with None values dropped, reasoning aliased."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in _REASONING_KEYS if k in m), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(template: str) -> tuple[jinja2.Template, dict[str, Any]]:
+    """The template compiled as transformers compiles it, and its globals as one plain dict."""
+    try:
+        compiled = _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise TemplateError(f"the chat template is not valid Jinja (line {e.lineno}): {e.message}") from None
+    return compiled, dict(compiled.globals)
+
+
+def check_template(template: str) -> None:
+    """Raise TemplateError when the template does not compile."""
+    _compiled(template)
+
+
+class _Renderer:
+    """Renders prefixes of one conversation with a compiled template.
+
+    Equivalent to `Template.render`, without re-merging the template globals on every call.
+    """
+
+    def __init__(self, template: str, messages: list[dict[str, Any]], tools: Tools, kwargs: dict[str, Any]):
+        self.compiled, template_globals = _compiled(template)
+        self.messages, self.tools, self.kwargs = _prepare(messages), tools, kwargs
+        self.variables = {**template_globals, **kwargs, "tools": tools, "documents": None}
+
+    def __call__(self, n: int, generation_prompt: bool = False) -> str:
+        """The first `n` messages, rendered."""
+        variables = {**self.variables, "messages": self.messages[:n], "add_generation_prompt": generation_prompt}
+        try:
+            return "".join(self.compiled.root_render_func(self.compiled.new_context(variables, shared=True)))
+        except (jinja2.TemplateError, TypeError) as e:
+            raise TemplateError(f"the chat template cannot render this conversation: {e}") from None
+
+    def with_generation_marks(self) -> tuple[str, list[Span]]:
+        """The whole conversation and the spans its `{% generation %}` blocks cover."""
+        try:
+            text, marks = _render_with_assistant_indices(self.compiled, self.messages, self.tools, None, False,
+                                                         **self.kwargs)
+        except (jinja2.TemplateError, TypeError) as e:
+            raise TemplateError(f"the chat template cannot render this conversation: {e}") from None
+        return text, [(s, e) for s, e in marks if e > s]
+
+
 def render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-           tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
-    rendered, _ = render_jinja_template(
-        conversations=[messages], tools=tools, chat_template=template,
-        add_generation_prompt=add_generation_prompt, **kwargs,
-    )
-    return rendered[0]
+           tools: Tools = None, **kwargs: Any) -> str:
+    """Render a conversation as `apply_chat_template(..., tokenize=False)` does (pass special tokens in kwargs)."""
+    return _Renderer(template, messages, tools, kwargs)(len(messages), add_generation_prompt)
 
 
-def assistant_spans(template: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                    template_kwargs: dict[str, Any] | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """Render the conversation; return the text and the [start, end) character span of each assistant turn."""
-    kw = template_kwargs or {}
-    full = render(template, messages, tools=tools, **kw)
-    spans: list[tuple[int, int]] = []
-    cursor = 0
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        prefix = render(template, messages[:i], add_generation_prompt=True, tools=tools, **kw) if i else ""
-        upto = render(template, messages[: i + 1], tools=tools, **kw)
-        if upto.startswith(prefix) and full.startswith(upto) and len(prefix) >= cursor:
-            chunk = upto[len(prefix):].rstrip()
-            start = len(prefix)
-        else:
-            # The template renders the turn differently in history than as the latest turn, or the
-            # generation prompt is not a prefix of the rendered turn: locate the turn's text instead.
-            start, chunk = _locate(full, upto, prefix, msg, cursor)
-        if not chunk:
-            continue
-        spans.append((start, start + len(chunk)))
-        cursor = start + len(chunk)
-    return full, spans
+# --- locating assistant turns ---------------------------------------------------------------
 
-
-def _locate(full: str, upto: str, prefix: str, msg: dict[str, Any], cursor: int) -> tuple[int, str]:
-    """Find the assistant turn's text in `full` at or after `cursor` (fallback path)."""
-    # Longest common prefix of `upto` and `prefix` is where the turn starts in `upto`.
+def _common_prefix(a: str, b: str) -> int:
     n = 0
-    for a, b in zip(upto, prefix):
-        if a != b:
+    for x, y in zip(a, b):
+        if x != y:
             break
         n += 1
-    chunk = upto[n:].rstrip()
-    content = (msg.get("content") or "").strip()
-    if content and content in chunk:
-        chunk = chunk[chunk.index(content):]  # drop header text that the generation prompt did not share
-    pos = full.find(chunk, cursor)
-    if pos >= 0:
-        return pos, chunk
-    if content:
-        pos = full.find(content, cursor)
-        if pos >= 0:
-            # extend over the end-of-turn marker as it follows the content in `upto`
-            tail = upto[upto.rfind(content) + len(content):].rstrip()
-            end = pos + len(content)
-            if tail and full.startswith(tail, end):
-                end += len(tail)
-            return pos, full[pos:end]
-    raise TemplateError(
-        "cannot locate an assistant turn in the rendered conversation "
-        f"(content starts {content[:40]!r}); the template may rewrite message contents"
-    )
+    return n
 
 
-def labels_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+def _turn_start(r: _Renderer, i: int, prompt: str, turn: str) -> int:
+    """Where assistant message i's own text starts in `turn` (= the first i+1 messages rendered)."""
+    if turn.startswith(prompt):
+        return len(prompt)
+    # The generation prompt is not a prefix of the rendered turn: it opens a block history lacks
+    # (e.g. "<think>\n"), or the template renders text before the first message that an empty
+    # prompt lacks (a default system prompt, bos). The turn starts after the opener, or after the
+    # part of it that the turn shares (what the model is given when it generates this turn).
+    before = r(i)
+    if not (prompt.startswith(before) and turn.startswith(before)):
+        raise TemplateError(f"assistant message {i}: the generation prompt does not match the rendered history")
+    opener = prompt[len(before):]
+    at = turn.find(opener, len(before)) if opener else -1
+    if at >= 0:
+        return at + len(opener)
+    shared = _common_prefix(opener, turn[len(before):])
+    if not shared:
+        raise TemplateError(f"assistant message {i}: the rendered turn does not start with the generation prompt")
+    return len(before) + shared
+
+
+def _visible_parts(msg: dict[str, Any]) -> list[str]:
+    """Texts of an assistant message that any rendering of it must show: the answer and tool-call names."""
+    content = msg.get("content")
+    parts = [content.split("</think>")[-1].strip()] if isinstance(content, str) else []
+    for call in msg.get("tool_calls") or []:
+        fn = call.get("function", call) if isinstance(call, dict) else {}
+        parts.append(str(fn.get("name") or ""))
+    return [p for p in parts if p]
+
+
+def _kept_length(full: str, start: int, piece: str, msg: dict[str, Any], i: int) -> int:
+    """How much of the turn `piece` the full rendering keeps at `start`: all of it, or a suffix."""
+    if full.startswith(piece, start):
+        return len(piece)
+    # History renders the turn without a leading part (e.g. its <think> block): the longest suffix
+    # of the turn found at `start` is what the model sees there.
+    j = piece.find(full[start:start + 1], 1) if start < len(full) else -1
+    while j > 0 and not full.startswith(piece[j:], start):
+        j = piece.find(full[start], j + 1)
+    kept = piece[j:] if j > 0 else ""
+    if not kept or any(p not in kept for p in _visible_parts(msg)):
+        raise TemplateError(f"assistant message {i}: the template renders it differently once later messages "
+                            "follow, in a way that cannot be masked exactly (only a dropped leading part, such "
+                            "as earlier reasoning, is supported)")
+    return len(kept)
+
+
+def _start_in_full(full: str, before: str, cursor: int, previous: str | None, piece: str, i: int) -> int:
+    """Start of turn i in `full` when the text before it renders differently there."""
+    if previous is not None:
+        # anchor on the end of the previous assistant turn: what follows it up to this turn is the same
+        at = before.rfind(previous)
+        if at >= 0:
+            gap = before[at + len(previous):]
+            if full.startswith(gap, cursor):
+                return cursor + len(gap)
+    if full.count(piece, cursor) == 1:  # the turn's exact text, found once after the previous turn
+        return full.index(piece, cursor)
+    raise TemplateError(f"assistant message {i}: cannot locate it in the rendered conversation (the template "
+                        "renders earlier messages differently once later ones follow)")
+
+
+def _locate(r: _Renderer, full: str, i: int, cursor: int, previous: str | None) -> Span:
+    """The [start, end) span of assistant message i in the full rendering."""
+    last = i == len(r.messages) - 1
+    prompt = r(i, True)
+    turn = full if last else r(i + 1)
+    head = _turn_start(r, i, prompt, turn)
+    piece = turn[head:].rstrip()
+    if not piece:
+        raise TemplateError(f"assistant message {i} renders as nothing")
+    if turn is full or full.startswith(turn):
+        start, end = head, head + len(piece)
+    else:
+        start = head if full.startswith(turn[:head]) else _start_in_full(full, turn[:head], cursor, previous, piece, i)
+        end = start + _kept_length(full, start, piece, r.messages[i], i)
+    if start < cursor:
+        raise TemplateError(f"assistant message {i}: its rendered text overlaps the previous assistant turn")
+    return start, end
+
+
+def assistant_spans(template: str, messages: list[dict[str, Any]], tools: Tools = None,
+                    template_kwargs: dict[str, Any] | None = None,
+                    last_only: bool = False) -> tuple[str, list[Span]]:
+    """Render the conversation; return the text and the [start, end) character span of each assistant turn
+    (only the last one with `last_only`). `template_kwargs` should hold the tokenizer's special tokens."""
+    r = _Renderer(template, messages, tools, template_kwargs or {})
+    turns = [i for i, m in enumerate(r.messages) if m.get("role") == "assistant"]
+    if not turns:
+        raise TemplateError("the conversation has no assistant message")
+    if _GENERATION_TAG.search(template):
+        full, spans = r.with_generation_marks()
+        if last_only:  # the marks after everything before the last assistant message
+            before = r(turns[-1])
+            if not full.startswith(before):
+                raise TemplateError("cannot tell the last assistant turn's marks from earlier ones")
+            spans = [s for s in spans if s[0] >= len(before)]
+        return full, spans
+    full = r(len(r.messages))
+    if last_only:
+        try:
+            return full, [_locate(r, full, turns[-1], 0, None)]
+        except TemplateError:
+            pass  # the last turn needs its predecessors as anchors: locate them all
+    spans: list[Span] = []
+    cursor, previous = 0, None
+    for i in turns:
+        start, end = _locate(r, full, i, cursor, previous)
+        spans.append((start, end))
+        cursor, previous = end, full[start:end]
+    return full, spans[-1:] if last_only else spans
+
+
+# --- from character spans to token labels ------------------------------------------------------
+
+def _token_ranges(offsets: list[tuple[int, int]], spans: list[Span]) -> list[tuple[int, int]]:
+    """[first, last+1) token indices overlapping each span; a zero-width token counts as one character wide.
+
+    Offsets of one sequence are sorted, so each span is two binary searches.
+    """
+    out = []
+    for s, e in spans:
+        first = bisect_left(offsets, (s, -1))  # the first token starting at or after s ...
+        while first and offsets[first - 1][1] > s:  # ... or straddling s
+            first -= 1
+        stop = bisect_left(offsets, (e, -1), first)  # the first token starting at or after e
+        if first < stop:
+            out.append((first, stop))
+    return out
+
+
+def labels_from_spans(offsets: list[tuple[int, int]], spans: list[Span]) -> list[bool]:
     """Mark every token whose character range overlaps one of the spans (spans sorted, disjoint)."""
     mask = [False] * len(offsets)
-    j = 0
-    for t, (s, e) in enumerate(offsets):
-        if e <= s:  # zero-width tokens (e.g. some added special tokens) take the next char's verdict
-            e = s + 1
-        while j < len(spans) and spans[j][1] <= s:
-            j += 1
-        if j < len(spans) and spans[j][0] < e and s < spans[j][1]:
-            mask[t] = True
+    for a, b in _token_ranges(offsets, spans):
+        mask[a:b] = [True] * (b - a)
     return mask
 
 
-def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
-                          loss_on: str = "assistant", template: str | None = None,
-                          tools: list[dict[str, Any]] | None = None) -> TokenizedExample:
-    """Render, tokenize and label one conversation."""
-    template = template or tokenizer.chat_template
-    if not template:
-        raise TemplateError("the tokenizer has no chat template; set data.chat_template")
-    text, spans = assistant_spans(template, messages, tools=tools)
-    if loss_on == "last_assistant":
-        spans = spans[-1:]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]) -> list[int]:
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in _token_ranges(offsets, spans):
+        labels[a:b] = ids[a:b]
+    return labels
+
+
+def _text_and_spans(messages: list[dict[str, Any]], loss_on: str, template: str, tools: Tools,
+                    kwargs: dict[str, Any]) -> tuple[str, list[Span]]:
     if loss_on == "all":
-        return TokenizedExample(ids, list(ids))
-    mask = labels_from_spans(enc["offset_mapping"], spans)
-    return TokenizedExample(ids, [i if m else IGNORE_INDEX for i, m in zip(ids, mask)])
+        return _Renderer(template, messages, tools, kwargs)(len(messages)), []
+    if loss_on == "completion" and (not messages or messages[-1].get("role") != "assistant"):
+        raise TemplateError("loss_on=completion needs a conversation that ends with the assistant's completion")
+    return assistant_spans(template, messages, tools, kwargs, last_only=loss_on != "assistant")
+
+
+def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, Any]]],
+                           loss_on: str = "assistant", template: str | None = None,
+                           tools: list[Tools] | None = None, template_kwargs: dict[str, Any] | None = None,
+                           on_error: Literal["raise", "return"] = "raise") -> list[Any]:
+    """Render, tokenize (one fast-tokenizer call for the batch) and label many conversations.
+
+    `tools` holds one tool list (or None) per conversation. With `on_error="return"`, a conversation
+    that cannot be masked comes back as its TemplateError instead of a TokenizedExample.
+    """
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+    if loss_on != "all" and not tokenizer.is_fast:
+        raise ValueError("loss masks need a fast tokenizer (character offsets)")
+    if template is None:
+        from sftlab.data.templates import resolve_template
+
+        template = resolve_template(None, tokenizer)
+    kwargs = {**tokenizer.special_tokens_map, **(template_kwargs or {})}
+    tools = tools if tools is not None else [None] * len(conversations)
+    results: list[Any] = []
+    for messages, conv_tools in zip(conversations, tools, strict=True):
+        try:
+            results.append(_text_and_spans(messages, loss_on, template, conv_tools, kwargs))
+        except TemplateError as e:
+            if on_error == "raise":
+                raise
+            results.append(e)
+    ok = [k for k, res in enumerate(results) if not isinstance(res, TemplateError)]
+    if not ok:
+        return results
+    enc = tokenizer([results[k][0] for k in ok], add_special_tokens=False,
+                    return_attention_mask=False, return_token_type_ids=False)
+    for j, k in enumerate(ok):
+        ids: list[int] = enc["input_ids"][j]
+        labels = list(ids) if loss_on == "all" else _labels(ids, enc.encodings[j].offsets, results[k][1])
+        results[k] = TokenizedExample(ids, labels)
+    return results
+
+
+def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
+                          loss_on: str = "assistant", template: str | None = None, tools: Tools = None,
+                          template_kwargs: dict[str, Any] | None = None) -> TokenizedExample:
+    """Render, tokenize and label one conversation (`template` None: the tokenizer's own)."""
+    return tokenize_conversations(tokenizer, [messages], loss_on, template, [tools], template_kwargs)[0]

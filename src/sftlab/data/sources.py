@@ -31,7 +31,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from sftlab.config import SourceConfig
-from sftlab.data.formats import BadRecord, DataError, iter_jsonl
+from sftlab.data.formats import DataError, iter_jsonl
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 BATCH = 1024
@@ -138,7 +138,8 @@ def _file_rows(path: Path) -> Iterator[RawRow]:
         except UnicodeDecodeError as e:
             raise DataError(f"data source {path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"data source {path}: invalid JSON array: {e.msg} (line {e.lineno}, column {e.colno})") from None
+            raise DataError(f"data source {path}: invalid JSON array: {e.msg} "
+                            f"(line {e.lineno}, column {e.colno})") from None
         for i, row in enumerate(rows):
             yield RawRow(name, i, "row", row)
         return
@@ -176,7 +177,8 @@ def _load_hub(spec: SourceConfig) -> datasets.Dataset:
                         f"dataset (subset={spec.subset!r}, split={spec.split!r}) failed: "
                         f"{type(e).__name__}: {e}.{hint}") from None
     if not isinstance(ds, datasets.Dataset):
-        raise DataError(f"data source {spec.path!r}: split {spec.split!r} is not a single dataset ({type(ds).__name__})")
+        raise DataError(f"data source {spec.path!r}: split {spec.split!r} is not a single dataset "
+                        f"({type(ds).__name__})")
     return ds
 
 
@@ -211,5 +213,5 @@ def open_source(spec: SourceSpec, index: int = 0) -> Source:
         return Source(str(path), "files", spec.format, spec.weight, files=files)
     if _looks_local(spec.path):
         raise DataError(f"data source not found: {path}")
-    name = spec.path + (f":{spec.subset}" if spec.subset else "") + f"[{spec.split}]"
+    name = spec.path + (f" subset={spec.subset}" if spec.subset else "") + f" split={spec.split}"
     return Source(name, "hub", spec.format, spec.weight, dataset=_load_hub(spec))

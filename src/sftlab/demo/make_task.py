@@ -17,6 +17,9 @@ Why this task
   so its exact-match accuracy is ~0%.  A dozen or so optimizer steps of full
   fine-tuning are enough to teach the mapping (month name -> number, zero
   padding, field order), so the demo shows a large, real gain on CPU.
+  Measured (greedy decoding, 100 eval rows): base 1/100; after 12 AdamW steps
+  of 48 examples (~2.6k tokens/step, lr 1e-4, 1 warmup step, linear decay,
+  clip 1.0, full fine-tuning in float32) 100/100.
 
 No leakage
 ----------

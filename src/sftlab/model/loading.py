@@ -158,3 +158,4 @@ def _hub_hint(path: str, err: Exception) -> str:
         f"cannot load '{path}' from the Hugging Face Hub ({type(err).__name__}: {str(err).splitlines()[0]}). "
         "If this machine is offline, download the model elsewhere and point model.name_or_path at the local directory."
     )
+

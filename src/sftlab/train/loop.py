@@ -26,12 +26,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sftlab.config import SFTConfig, dump_config
 from sftlab.data.collate import MicroBatchStream, pad_collate
 from sftlab.data.dataset import build_datasets, load_template
 from sftlab.data.masking import TokenizedExample
+from sftlab.data.templates import add_chatml_tokens, resize_for_new_tokens
 from sftlab.data.packing import pack_examples, packed_collate, packing_efficiency
 from sftlab.model.generate import MatchResult, exact_match
 from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path
@@ -229,7 +231,10 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
     # --- model path and tokenizer first (cheap), then data (fails fast on bad rows), then weights
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.model, model_path)
-    template = load_template(cfg.data)
+    vocab_before = len(tokenizer)
+    if cfg.data.add_chatml_tokens:
+        add_chatml_tokens(tokenizer)
+    template = load_template(cfg.data, tokenizer)
     train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cfg.train.seed)
     pad_id = tokenizer.pad_token_id
     if cfg.data.packing == "none":
@@ -243,10 +248,12 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
                         f"efficiency {packing_efficiency(units, cfg.data.max_seq_length):.1%}")
     fingerprint = data_fingerprint(units)
     if main:
-        console.print(f"[bold]data[/bold]: {report.summary()}; train {len(train_set)}, eval {len(eval_set)}{packing_note}")
+        console.print(f"[bold]data[/bold]: {escape(report.summary())}{packing_note}", highlight=False)
         for line in report.bad_examples:
-            console.print(f"  [yellow]skipped[/yellow] {line}", highlight=False)
+            console.print(f"  [yellow]skipped[/yellow] {escape(line)}", highlight=False)
     model = load_model(cfg.model, model_path)
+    if len(tokenizer) > vocab_before:
+        resize_for_new_tokens(model, tokenizer, vocab_before)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -1,0 +1,154 @@
+"""Choosing the chat template: built-in templates, resolving `data.chat_template`, and ChatML tokens.
+
+`resolve_template(spec, tokenizer)` turns the config value into template text: None (the
+tokenizer's own), a built-in name (`BUILTIN_TEMPLATES`), or a path to a `.jinja` file.
+`add_chatml_tokens` prepares a tokenizer without chat tokens for the `chatml` template, and
+`resize_for_new_tokens` sizes the model to match (mean-initialised rows).
+
+The built-ins render the reference layout of each family:
+
+- `chatml`:  `<|im_start|>{role}\\n{content}<|im_end|>\\n`, prompt `<|im_start|>assistant\\n`
+- `llama3`:  bos, then `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content, trimmed}<|eot_id|>`
+- `tulu`:    `<|{role}|>\\n{content}\\n`; assistant `<|assistant|>\\n{content}{eos}` (+ `\\n` unless last)
+- `zephyr`:  `<|{role}|>\\n{content}{eos}\\n`, prompt `<|assistant|>\\n`
+- `alpaca`:  for base models: the Alpaca preamble (or the system message), `### Instruction:` and
+  `### Response:` sections, each response closed by eos
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken
+from transformers import PreTrainedTokenizerBase
+
+from sftlab.data.masking import TemplateError, check_template
+
+log = logging.getLogger(__name__)
+
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.")
+
+BUILTIN_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+    ),
+    "llama3": (
+        "{{- bos_token }}"
+        "{%- for message in messages %}"
+        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+        " + '<|eot_id|>' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+    ),
+    "tulu": (
+        "{%- for message in messages %}"
+        "{%- if message['role'] == 'assistant' %}"
+        "{{- '<|assistant|>\n' + message['content'] + eos_token + ('' if loop.last else '\n') }}"
+        "{%- else %}{{- '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- endif %}"
+    ),
+    "zephyr": (
+        "{%- for message in messages %}"
+        "{{- '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- endif %}"
+    ),
+    "alpaca": (
+        "{%- if messages and messages[0]['role'] == 'system' %}"
+        "{%- set preamble = messages[0]['content'] %}{%- set turns = messages[1:] %}"
+        "{%- else %}{%- set preamble = '" + ALPACA_PREAMBLE + "' %}{%- set turns = messages %}{%- endif %}"
+        "{{- preamble }}"
+        "{%- for message in turns %}"
+        "{%- if message['role'] == 'user' %}{{- '\n\n### Instruction:\n' + message['content'] }}"
+        "{%- elif message['role'] == 'assistant' %}{{- '\n\n### Response:\n' + message['content'] + eos_token }}"
+        "{%- else %}{{- raise_exception('the alpaca template has no ' + message['role'] + ' role') }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '\n\n### Response:\n' }}{%- endif %}"
+    ),
+}
+
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def resolve_template(spec: str | None, tokenizer: PreTrainedTokenizerBase | None) -> str:
+    """The template text for `data.chat_template`: None (the tokenizer's own), a built-in name, or a .jinja path."""
+    names = ", ".join(BUILTIN_TEMPLATES)
+    if spec is None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError("the tokenizer has no chat template; set data.chat_template to a built-in "
+                                f"(e.g. data.chat_template: chatml, with data.add_chatml_tokens: true; "
+                                f"built-ins: {names}) or to a .jinja file")
+        try:
+            text = tokenizer.get_chat_template()  # a named-template dict resolves to its default
+        except ValueError as e:
+            raise TemplateError(str(e)) from None
+        where = "the tokenizer's chat template"
+    elif spec in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[spec]
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            if path.suffix == ".jinja" or "/" in spec:
+                raise TemplateError(f"chat template file not found: {path}")
+            raise TemplateError(f"unknown chat template {spec!r}: expected a built-in ({names}) "
+                                "or a path to a .jinja file")
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    try:
+        check_template(text)
+    except TemplateError as e:
+        raise TemplateError(f"{where}: {e}") from None
+    return text
+
+
+def resize_for_new_tokens(model: Any, tokenizer: PreTrainedTokenizerBase, vocab_before: int) -> None:
+    """Size the model to a tokenizer that grew from `vocab_before` tokens, and use its eos.
+
+    Embedding rows are added when the model has fewer than `len(tokenizer)`; the rows of the new token
+    ids (new or untrained padding rows) start at the mean of the trained rows, in the embeddings and
+    in an untied LM head.
+    """
+    rows_before = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows_before:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    new_rows = list(range(vocab_before, len(tokenizer)))
+    trained = min(vocab_before, rows_before)
+    if new_rows:
+        emb = model.get_input_embeddings().weight
+        head = model.get_output_embeddings()
+        with torch.no_grad():
+            for weight in [emb] + ([head.weight] if head is not None and head.weight is not emb else []):
+                weight[new_rows] = weight[:trained].float().mean(dim=0, keepdim=True).to(weight.dtype)
+    if tokenizer.eos_token_id is not None:
+        model.config.eos_token_id = tokenizer.eos_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def add_chatml_tokens(tokenizer: PreTrainedTokenizerBase, model: Any = None) -> int:
+    """Make `<|im_start|>`/`<|im_end|>` special tokens (when missing) and eos `<|im_end|>`.
+
+    With `model`, also resizes it (`resize_for_new_tokens`); else call that once the model is loaded.
+    Returns the number of tokens added to the vocabulary.
+    """
+    missing = [t for t in CHATML_TOKENS if t not in tokenizer.get_added_vocab()]
+    before = len(tokenizer)
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    tokenizer.eos_token = CHATML_TOKENS[1]
+    added = len(tokenizer) - before
+    if model is not None:
+        resize_for_new_tokens(model, tokenizer, before)
+    if added:
+        log.warning("added %d ChatML tokens (%s) to the vocabulary; the model's embeddings grow to match, and "
+                    "with LoRA the embeddings and LM head must be trainable too (peft modules_to_save="
+                    "['embed_tokens', 'lm_head'])", added, ", ".join(missing))
+    return added

@@ -1,0 +1,144 @@
+"""The tokenized-data cache: hits skip tokenization, keys follow content/tokenizer/template/config, safe files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import CONVERSATIONS, build_tokenizer, write_jsonl
+
+from sftlab.config import DataConfig, SourceConfig
+from sftlab.data import cache, dataset
+from sftlab.data.dataset import DataError, build_datasets
+
+ROWS = [{"messages": c} for c in CONVERSATIONS] * 3 + [
+    {"text": "the quick brown fox", "loss_masking_spans": [[4, 8]]},
+    {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+    {"messages": [{"role": "user", "content": "no answer"}]},  # bad: no assistant turn
+]
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    return write_jsonl(tmp_path / "d.jsonl", ROWS)
+
+
+@pytest.fixture()
+def cache_dir(tmp_path):
+    return tmp_path / "cache"
+
+
+@pytest.fixture()
+def calls(monkeypatch):
+    """Count calls of the tokenization step."""
+    count = {"n": 0}
+    real = dataset.tokenize_records
+
+    def counting(*args, **kwargs):
+        count["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "tokenize_records", counting)
+    return count
+
+
+def cfg_for(path, cache_dir, **kw) -> DataConfig:
+    return DataConfig(train=[SourceConfig(path=str(path))], cache_dir=str(cache_dir), **kw)
+
+
+def ids(examples):
+    return [(e.input_ids, e.labels) for e in examples]
+
+
+def test_second_run_skips_tokenization(data_file, cache_dir, calls, tokenizer):
+    first, _, r1 = build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)
+    assert calls["n"] == 1 and not r1.sources[0].cached
+    second, _, r2 = build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)
+    assert calls["n"] == 1 and r2.sources[0].cached and "(cached)" in r2.summary()
+    assert ids(second) == ids(first)
+    assert (r2.rows, r2.bad, r2.bad_examples) == (r1.rows, r1.bad, r1.bad_examples) == (12, 1, r1.bad_examples)
+    assert "d.jsonl:12 field 'messages': no assistant turn" in r2.bad_examples[0]
+    # what is applied after the cache does not invalidate it, and cached examples keep their line numbers
+    build_datasets(cfg_for(data_file, cache_dir, max_seq_length=64, eval_fraction=0.2), tokenizer, seed=5)
+    with pytest.raises(DataError, match=r"d.jsonl:1: \d+ tokens exceed data.max_seq_length=8"):
+        build_datasets(cfg_for(data_file, cache_dir, max_seq_length=8, on_overlength="error"), tokenizer, seed=0)
+    assert calls["n"] == 1
+
+
+@pytest.mark.parametrize("change", ["content", "loss_on", "template", "tokenizer", "format"])
+def test_key_follows_what_changes_tokens(change, data_file, cache_dir, calls, tokenizer, tmp_path):
+    build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)
+    cfg, tok = cfg_for(data_file, cache_dir), tokenizer
+    if change == "content":
+        write_jsonl(data_file, ROWS[:-1])
+    elif change == "loss_on":
+        cfg = cfg_for(data_file, cache_dir, loss_on="last_assistant")
+    elif change == "template":
+        tpl = tmp_path / "t.jinja"
+        tpl.write_text(tokenizer.chat_template.replace("helpful", "useful"))
+        cfg = cfg_for(data_file, cache_dir, chat_template=str(tpl))
+    elif change == "tokenizer":
+        tok = build_tokenizer()
+        tok.add_tokens(["<extra>"])
+    else:
+        cfg = DataConfig(train=[SourceConfig(path=str(data_file), format="messages")], cache_dir=str(cache_dir))
+    build_datasets(cfg, tok, seed=0)
+    assert calls["n"] == 2
+
+
+def test_cache_files_are_safe_and_complete(data_file, cache_dir, tokenizer):
+    train, _, _ = build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)
+    (entry,) = [p for p in cache_dir.iterdir()]
+    assert not entry.name.startswith(".tmp")
+    assert sorted(p.name for p in entry.iterdir()) == ["files.npy", "input_ids.npy", "labels.npy", "lines.npy",
+                                                        "meta.json", "offsets.npy"]
+    flat = np.load(entry / "input_ids.npy", allow_pickle=False)
+    offsets = np.load(entry / "offsets.npy", allow_pickle=False)
+    assert flat.dtype == np.int32 and offsets[-1] == len(flat) == sum(len(e.input_ids) for e in train)
+    meta = json.loads((entry / "meta.json").read_text())
+    assert meta["rows"] == 12 and meta["bad"] == 1 and meta["key"]["loss_on"] == "assistant"
+
+
+def test_interrupted_write_leaves_nothing_and_corrupt_entries_are_rebuilt(data_file, cache_dir, calls, tokenizer,
+                                                                         monkeypatch):
+    real_save = np.save
+    state = {"n": 0}
+
+    def failing_save(*args, **kwargs):
+        state["n"] += 1
+        if state["n"] == 3:
+            raise OSError("disk full")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(cache.np, "save", failing_save)
+    good, _, _ = build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)  # a failed write is not fatal
+    assert list(cache_dir.iterdir()) == []  # no entry, no temporary directory
+    monkeypatch.setattr(cache.np, "save", real_save)
+    assert ids(build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)[0]) == ids(good)
+    (entry,) = list(cache_dir.iterdir())
+    (entry / "labels.npy").write_bytes(b"garbage")
+    again, _, report = build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)
+    assert calls["n"] == 3 and ids(again) == ids(good) and not report.sources[0].cached
+
+
+def test_cache_off_and_default_location(data_file, tmp_path, calls, tokenizer, monkeypatch):
+    monkeypatch.delenv("SFTLAB_DATA_CACHE", raising=False)
+    monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path / "env-cache"))
+    build_datasets(DataConfig(train=[SourceConfig(path=str(data_file))], cache=False), tokenizer, seed=0)
+    assert not (tmp_path / "env-cache").exists()
+    build_datasets(DataConfig(train=[SourceConfig(path=str(data_file))]), tokenizer, seed=0)
+    assert len(list((tmp_path / "env-cache" / "data").iterdir())) == 1 and calls["n"] == 2
+
+
+def test_error_mode_still_fails_on_a_cached_bad_row(data_file, cache_dir, tokenizer):
+    build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)
+    with pytest.raises(DataError, match=r"d.jsonl:12 field 'messages': no assistant turn"):
+        build_datasets(cfg_for(data_file, cache_dir, on_bad_record="error"), tokenizer, seed=0)
+
+
+def test_worker_processes_give_the_same_examples(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "many.jsonl", ROWS * 20)
+    one, _, r1 = build_datasets(cfg_for(path, tmp_path / "c1", num_proc=1, cache=False), tokenizer, seed=0)
+    two, _, r2 = build_datasets(cfg_for(path, tmp_path / "c2", num_proc=2, cache=False), tokenizer, seed=0)
+    assert ids(one) == ids(two) and r1.bad_examples == r2.bad_examples and r2.bad == 20

@@ -1,0 +1,130 @@
+"""Row formats: detection, normalisation, and precise BadRecords (source, line/row, field, reason)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from sftlab.data.formats import BadRecord, Conversation, TextRecord, TokenRecord, detect_format, to_record
+
+U = {"role": "user", "content": "Hello!"}
+A = {"role": "assistant", "content": "Hi."}
+
+
+def rec(row, fmt="auto", **kw):
+    return to_record(row, fmt, "src.jsonl", 3, **kw)
+
+
+def bad(row, fmt="auto", **kw) -> BadRecord:
+    with pytest.raises(BadRecord) as e:
+        rec(row, fmt, **kw)
+    return e.value
+
+
+@pytest.mark.parametrize("row,fmt", [
+    ({"messages": [U, A]}, "messages"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}, "sharegpt"),
+    ({"prompt": "x", "completion": "y"}, "prompt_completion"),
+    ({"instruction": "x", "input": "", "output": "y"}, "alpaca"),
+    ({"input_ids": [1, 2]}, "pretokenized"),
+    ({"text": "abc"}, "text"),
+    ({"messages": None, "text": "abc"}, "text"),  # columnar sources pad absent fields with None
+])
+def test_detect_format(row, fmt):
+    assert detect_format(row) == fmt
+
+
+def test_messages_multi_turn_with_tools_and_tool_role():
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    msgs = [{"role": "system", "content": "s"}, U,
+            {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
+            {"role": "tool", "content": "42"}, A]
+    c = rec({"messages": msgs, "tools": tools})
+    assert isinstance(c, Conversation) and [m["role"] for m in c.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert c.tools == tools and "content" not in c.messages[2]
+
+
+def test_prompt_completion_strings_and_message_lists():
+    c = rec({"prompt": "Q", "completion": "A"})
+    assert c.messages == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    c = rec({"prompt": [{"role": "system", "content": "s"}, U], "completion": [A]})
+    assert [m["role"] for m in c.messages] == ["system", "user", "assistant"]
+
+
+def test_alpaca_joins_instruction_and_input():
+    c = rec({"instruction": "Translate.", "input": "Bonjour", "output": "Hello"})
+    assert c.messages == [{"role": "user", "content": "Translate.\n\nBonjour"}, {"role": "assistant", "content": "Hello"}]
+    c = rec({"instruction": "Say hi.", "input": "", "output": "Hi", "system": "Be brief."})
+    assert c.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."},
+                          {"role": "assistant", "content": "Hi"}]
+    assert rec({"instruction": "Say hi.", "output": "Hi"}).messages[0]["content"] == "Say hi."
+
+
+def test_sharegpt_roles():
+    row = {"system": "sys", "tools": '[{"name": "f"}]', "conversations": [
+        {"from": "human", "value": "q"}, {"from": "function_call", "value": '{"name": "f"}'},
+        {"from": "observation", "value": "42"}, {"from": "gpt", "value": "a"},
+        {"from": "user", "value": "q2"}, {"from": "assistant", "value": "a2"}]}
+    c = rec(row)
+    assert [m["role"] for m in c.messages] == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
+    assert c.tools == [{"name": "f"}]
+    e = bad({"conversations": [{"from": "alien", "value": "q"}, {"from": "gpt", "value": "a"}]})
+    assert e.field_name == "conversations[0].from" and "unknown role 'alien'" in e.reason
+    e = bad({"conversations": [{"from": "human", "value": "q"}]})
+    assert e.field_name == "conversations" and "no assistant turn" in e.reason
+
+
+def test_text_with_spans():
+    t = rec({"text": "abcdef", "loss_masking_spans": [[3, 5], [0, 1]]})
+    assert isinstance(t, TextRecord) and t.spans == [(0, 1), (3, 5)]
+
+
+@pytest.mark.parametrize("spans,why", [
+    ([[0, 6]], "out of range"), ([[4, 2]], "out of range"), ([[-1, 2]], "out of range"),
+    ([[1]], "pair of integers"), ([["a", 2]], "pair of integers"), ([[True, 2]], "pair of integers"),
+])
+def test_bad_spans_name_the_field(spans, why):
+    e = bad({"text": "abcdef", "loss_masking_spans": spans})
+    assert e.field_name == "loss_masking_spans[0]" and why in e.reason
+    assert str(e).startswith("src.jsonl:3 field 'loss_masking_spans[0]'")
+
+
+def test_pretokenized_validation():
+    t = rec({"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, vocab_size=10)
+    assert isinstance(t, TokenRecord) and t.labels == [-100, 2, 3]
+    assert rec({"input_ids": [1, 2]}).labels == [1, 2]
+    assert bad({"input_ids": [1, 2, 30]}, vocab_size=10).field_name == "input_ids[2]"
+    assert "outside the vocabulary" in bad({"input_ids": [1, -5]}, vocab_size=10).reason
+    assert bad({"input_ids": [1, "2"]}).field_name == "input_ids[1]"
+    assert bad({"input_ids": [1, 2], "labels": [1]}).field_name == "labels"
+    assert bad({"input_ids": [1, 2], "labels": [1, 99]}, vocab_size=10).field_name == "labels[1]"
+    assert bad({"input_ids": []}).reason == "empty"
+
+
+@pytest.mark.parametrize("row,field,reason", [
+    ({"messages": [{"content": "x"}, A]}, "messages[0].role", "missing"),
+    ({"messages": [{"role": "user", "content": ""}, A]}, "messages[0].content", "empty user message"),
+    ({"messages": [U, {"role": "assistant", "content": " "}]}, "messages[1].content", "empty assistant message"),
+    ({"messages": [U, {"role": "assistant", "content": ["x"]}]}, "messages[1].content", "must be a string"),
+    ({"messages": "hi"}, "messages", "non-empty list"),
+    ({"prompt": 5, "completion": "y"}, "prompt", "must be str or list"),
+    ({"instruction": "x", "output": ""}, "output", "empty"),
+    ({"instruction": "x", "input": 3, "output": "y"}, "input", "must be str"),
+    ({"text": 5}, "text", "must be str"),
+    ({"foo": 1}, None, "cannot detect the row format"),
+])
+def test_bad_rows(row, field, reason):
+    e = bad(row)
+    assert e.field_name == field and reason in e.reason
+
+
+def test_explicit_format_overrides_detection():
+    assert bad({"text": "abc"}, "messages").field_name == "messages"
+    assert isinstance(rec({"messages": [U, A], "text": "abc"}, "text"), TextRecord)
+
+
+def test_row_unit_and_pickling():
+    e = BadRecord("d.parquet", 7, "text", "empty", unit="row")
+    assert str(e) == "d.parquet row 7 field 'text': empty"
+    assert str(pickle.loads(pickle.dumps(e))) == str(e)

@@ -1,0 +1,140 @@
+"""Sources: local files and directories, save_to_disk dirs, hub names, Dataset objects; rows are located."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_jsonl
+
+from sftlab.config import DataConfig, SourceConfig
+from sftlab.data import sources
+from sftlab.data.dataset import DataError, DatasetSource, build_datasets
+from sftlab.data.masking import IGNORE_INDEX
+from sftlab.data.sources import open_source
+
+PC = [{"prompt": f"Numbers: {i}", "completion": f"{i + 1}"} for i in range(4)]
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path / "cache"))
+
+
+def rows_of(spec) -> list:
+    return [(r.source, r.line, r.unit, r.row) for r in open_source(spec).rows()]
+
+
+def build(tokenizer, *specs, **kw):
+    return build_datasets(DataConfig(train=[SourceConfig(path=str(s)) if not isinstance(s, SourceConfig) else s
+                                            for s in specs], **kw), tokenizer, seed=0)
+
+
+def test_jsonl_json_array_and_json_lines(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", PC)
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(PC, indent=2))
+    c = write_jsonl(tmp_path / "c.json", PC)
+    assert [(r[1], r[2]) for r in rows_of(SourceConfig(path=str(a)))] == [(1, "line"), (2, "line"), (3, "line"), (4, "line")]
+    assert [(r[1], r[2]) for r in rows_of(SourceConfig(path=str(b)))] == [(0, "row"), (1, "row"), (2, "row"), (3, "row")]
+    assert [r[3] for r in rows_of(SourceConfig(path=str(c)))] == PC
+
+
+def test_parquet_and_csv(tmp_path, tokenizer):
+    pq.write_table(pa.Table.from_pylist(PC), tmp_path / "d.parquet")
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["instruction", "input", "output"])
+        w.writeheader()
+        w.writerow({"instruction": "Add one.", "input": "41", "output": "42"})  # numbers stay strings
+        w.writerow({"instruction": "Say hi.", "input": "", "output": "Hi"})
+    assert [r[3] for r in rows_of(SourceConfig(path=str(tmp_path / "d.parquet")))] == PC
+    train, _, report = build(tokenizer, tmp_path / "d.csv")
+    assert len(train) == 2 and report.bad == 0
+
+
+def test_directory_reads_supported_files_sorted(tmp_path, tokenizer):
+    d = tmp_path / "dir"
+    d.mkdir()
+    write_jsonl(d / "b.jsonl", PC[2:])
+    write_jsonl(d / "a.jsonl", PC[:2])
+    (d / "notes.txt").write_text("ignored")
+    pq.write_table(pa.Table.from_pylist(PC), d / "c.parquet")
+    got = rows_of(SourceConfig(path=str(d)))
+    assert [os.path.basename(r[0]) for r in got] == ["a.jsonl"] * 2 + ["b.jsonl"] * 2 + ["c.parquet"] * 4
+    train, _, report = build(tokenizer, d)
+    assert len(train) == 8 and report.rows == 8
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="directory has no .jsonl"):
+        open_source(SourceConfig(path=str(empty)))
+
+
+def test_bad_rows_in_columnar_sources_name_the_row(tmp_path, tokenizer):
+    rows = PC[:3] + [{"prompt": "Numbers: x", "completion": ""}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    train, _, report = build(tokenizer, tmp_path / "d.parquet")
+    assert len(train) == 3 and report.bad_examples == [f"{tmp_path / 'd.parquet'} row 3 field 'completion': empty completion"]
+
+
+def test_save_to_disk_dataset_and_dataset_dict(tmp_path, tokenizer):
+    datasets.Dataset.from_list(PC).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(PC), "test": datasets.Dataset.from_list(PC[:1])}
+                         ).save_to_disk(str(tmp_path / "dd"))
+    assert len(build(tokenizer, tmp_path / "ds")[0]) == 4
+    assert len(build(tokenizer, SourceConfig(path=str(tmp_path / "dd"), split="test"))[0]) == 1
+    with pytest.raises(DataError, match=r"no split 'validation' \(has train, test\)"):
+        build(tokenizer, SourceConfig(path=str(tmp_path / "dd"), split="validation"))
+
+
+def test_dataset_objects_through_the_python_api(tokenizer):
+    ds = datasets.Dataset.from_list([{"text": "the quick brown fox", "loss_masking_spans": [[0, 3]]}] * 3)
+    named = DatasetSource(datasets.Dataset.from_list(PC), name="numbers", weight=8)
+    train, _, report = build_datasets(DataConfig(), tokenizer, seed=0, train_sources=[ds, named])
+    assert len(train) == 3 + 8
+    assert "train[1] numbers: 4 rows, 0 bad, 4 examples -> 8 train (weight 8)" in report.summary()
+    first = train[0]
+    assert first.labels[0] == IGNORE_INDEX and first.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_hub_name_goes_through_load_dataset(monkeypatch, tokenizer):
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(PC)
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", fake_load_dataset)
+    train, _, report = build(tokenizer, SourceConfig(path="someone/numbers", subset="small", split="validation"))
+    assert calls == [("someone/numbers", "small", "validation")] and len(train) == 4
+    assert "someone/numbers subset=small split=validation" in report.summary()
+
+
+def test_hub_name_offline_fails_fast_and_names_the_source(tmp_path):
+    code = ("from sftlab.config import SourceConfig\nfrom sftlab.data.sources import open_source\n"
+            "open_source(SourceConfig(path='nobody/no-such-dataset'))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "DataError: data source 'nobody/no-such-dataset'" in proc.stderr and "Offline mode is on" in proc.stderr
+    assert took < 60
+
+
+def test_missing_and_unsupported_paths(tmp_path):
+    with pytest.raises(DataError, match="data source not found"):
+        open_source(SourceConfig(path=str(tmp_path / "missing.parquet")))
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DataError, match="unsupported file type"):
+        open_source(SourceConfig(path=str(tmp_path / "x.txt")))
+    (tmp_path / "broken.json").write_text("[{\"a\": 1},")
+    with pytest.raises(DataError, match="broken.json: invalid JSON array"):
+        list(open_source(SourceConfig(path=str(tmp_path / "broken.json"))).rows())

@@ -1,0 +1,202 @@
+"""Built-in chat templates render each family's reference layout; resolving data.chat_template; ChatML tokens."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import CORPUS, build_model, build_tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from sftlab.data.masking import IGNORE_INDEX, TemplateError, render, tokenize_conversation
+from sftlab.data.templates import ALPACA_PREAMBLE, BUILTIN_TEMPLATES, add_chatml_tokens, resolve_template
+
+EOS, BOS = "</s>", "<s>"
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hello!"},
+    {"role": "assistant", "content": "Hello! How can I help you today?"},
+    {"role": "user", "content": "Tell me a joke."},
+    {"role": "assistant", "content": "Why did the chicken cross the road?"},
+]
+
+
+# Reference layouts, written out per family.
+def ref_chatml(conv, gen):
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conv) + \
+        ("<|im_start|>assistant\n" if gen else "")
+
+
+def ref_llama3(conv, gen):
+    return BOS + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                         for m in conv) + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if gen else "")
+
+
+def ref_tulu(conv, gen):
+    out = ""
+    for i, m in enumerate(conv):
+        if m["role"] == "assistant":
+            out += f"<|assistant|>\n{m['content']}{EOS}" + ("" if i == len(conv) - 1 else "\n")
+        else:
+            out += f"<|{m['role']}|>\n{m['content']}\n"
+    return out + ("<|assistant|>\n" if gen else "")
+
+
+def ref_zephyr(conv, gen):
+    return "".join(f"<|{m['role']}|>\n{m['content']}{EOS}\n" for m in conv) + ("<|assistant|>\n" if gen else "")
+
+
+def ref_alpaca(conv, gen):
+    out = conv[0]["content"] if conv[0]["role"] == "system" else ALPACA_PREAMBLE
+    for m in conv[1:] if conv[0]["role"] == "system" else conv:
+        if m["role"] == "user":
+            out += f"\n\n### Instruction:\n{m['content']}"
+        else:
+            out += f"\n\n### Response:\n{m['content']}{EOS}"
+    return out + ("\n\n### Response:\n" if gen else "")
+
+
+REFERENCES = {"chatml": ref_chatml, "llama3": ref_llama3, "tulu": ref_tulu, "zephyr": ref_zephyr, "alpaca": ref_alpaca}
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "tulu": EOS, "zephyr": EOS, "alpaca": EOS}
+
+
+def test_every_builtin_has_a_reference():
+    assert set(BUILTIN_TEMPLATES) == set(REFERENCES)
+
+
+@pytest.mark.parametrize("gen", [False, True], ids=["conversation", "generation-prompt"])
+@pytest.mark.parametrize("conv", [CHAT, CHAT[1:], CHAT[1:3]], ids=["system", "no-system", "single-turn"])
+@pytest.mark.parametrize("name", list(BUILTIN_TEMPLATES))
+def test_builtin_renders_the_reference_layout(name, conv, gen):
+    if gen:
+        conv = conv[:-1]
+    text = render(BUILTIN_TEMPLATES[name], conv, add_generation_prompt=gen, bos_token=BOS, eos_token=EOS)
+    assert text == REFERENCES[name](conv, gen)
+
+
+def test_alpaca_is_the_stanford_prompt():
+    conv = [{"role": "user", "content": "Convert the date."}, {"role": "assistant", "content": "2021-03-05"}]
+    assert render(BUILTIN_TEMPLATES["alpaca"], conv, eos_token=EOS) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nConvert the date.\n\n### Response:\n2021-03-05" + EOS)
+    with pytest.raises(TemplateError, match="no tool role"):
+        render(BUILTIN_TEMPLATES["alpaca"], [{"role": "tool", "content": "x"}], eos_token=EOS)
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_TEMPLATES))
+def test_builtin_masks_are_the_assistant_turns(name):
+    tok = build_tokenizer(BUILTIN_TEMPLATES[name])
+    tok.add_special_tokens({"bos_token": BOS, "eos_token": EOS})
+    tok.add_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True)
+    ex = tokenize_conversation(tok, CHAT, "assistant", template=BUILTIN_TEMPLATES[name])
+    runs = [tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX])]
+    assert runs == ["".join(m["content"] + END_OF_TURN[name] for m in CHAT if m["role"] == "assistant")]
+    assert ex.input_ids == tok.apply_chat_template(CHAT, chat_template=BUILTIN_TEMPLATES[name], tokenize=True,
+                                                   return_dict=True)["input_ids"]
+
+
+# --- resolve_template ------------------------------------------------------------------------
+
+def test_resolve_none_is_the_tokenizers_own(tokenizer):
+    assert resolve_template(None, tokenizer) == tokenizer.chat_template
+
+
+def test_resolve_none_without_a_template_suggests_chatml():
+    tok = build_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(TemplateError, match="data.chat_template: chatml"):
+        resolve_template(None, tok)
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_TEMPLATES))
+def test_resolve_builtin(name):
+    assert resolve_template(name, None) == BUILTIN_TEMPLATES[name]
+
+
+def test_resolve_jinja_file(tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text(BUILTIN_TEMPLATES["zephyr"], encoding="utf-8")
+    assert resolve_template(str(path), None) == BUILTIN_TEMPLATES["zephyr"]
+
+
+def test_resolve_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.jinja"
+    with pytest.raises(TemplateError, match=f"not found: {missing}"):
+        resolve_template(str(missing), None)
+
+
+def test_resolve_unknown_name_lists_builtins():
+    with pytest.raises(TemplateError, match="unknown chat template 'chatlm'.*chatml, llama3"):
+        resolve_template("chatlm", None)
+
+
+# --- add_chatml_tokens -----------------------------------------------------------------------
+
+def plain_tokenizer() -> PreTrainedTokenizerFast:
+    """A base-model tokenizer without ChatML tokens."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def test_add_chatml_tokens_resizes_with_mean_rows(caplog):
+    tok = plain_tokenizer()
+    n = len(tok)
+    model = build_model(n)
+    old_mean = model.get_input_embeddings().weight.detach().mean(0).clone()
+    with caplog.at_level(logging.WARNING):
+        assert add_chatml_tokens(tok, model) == 2
+    assert "modules_to_save" in caplog.text
+    assert len(tok) == n + 2 and tok.eos_token == "<|im_end|>"
+    ids = tok("<|im_start|>user\nHello!<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids[-1] == tok.eos_token_id
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == n + 2 and model.config.eos_token_id == tok.eos_token_id
+    assert torch.allclose(emb[n], old_mean) and torch.allclose(emb[n + 1], old_mean)
+    assert model.get_output_embeddings().weight.shape[0] == n + 2
+    # the chatml built-in now tokenizes and masks on this base tokenizer
+    ex = tokenize_conversation(tok, CHAT[1:3], "assistant", template=resolve_template("chatml", tok))
+    assert tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX]) == \
+        "Hello! How can I help you today?<|im_end|>"
+
+
+def test_add_chatml_tokens_is_idempotent():
+    tok = plain_tokenizer()
+    add_chatml_tokens(tok)
+    n = len(tok)
+    assert add_chatml_tokens(tok) == 0 and len(tok) == n
+    # a tokenizer that already has them (SmolLM2-like): nothing added, eos set
+    assert add_chatml_tokens(build_tokenizer()) == 0
+
+
+def test_resolve_invalid_jinja_names_the_file(tmp_path):
+    path = tmp_path / "broken.jinja"
+    path.write_text("{% for message in messages %}{{ message['content'] }}", encoding="utf-8")
+    with pytest.raises(TemplateError, match=f"{path}: the chat template is not valid Jinja"):
+        resolve_template(str(path), None)
+
+
+def test_resize_after_loading_the_model_like_training_does():
+    """Training adds the tokens before the weights are loaded, then resizes."""
+    from sftlab.data.templates import resize_for_new_tokens
+
+    tok = plain_tokenizer()
+    n = len(tok)
+    add_chatml_tokens(tok)
+    model = build_model(n)
+    untied = model.get_output_embeddings().weight
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(untied.detach().clone() + 1.0)
+    emb_mean = model.get_input_embeddings().weight.detach().mean(0).clone()
+    head_mean = model.lm_head.weight.detach().mean(0).clone()
+    resize_for_new_tokens(model, tok, n)
+    assert model.get_input_embeddings().weight.shape[0] == n + 2 and model.lm_head.weight.shape[0] == n + 2
+    assert torch.allclose(model.get_input_embeddings().weight[n:], emb_mean.expand(2, -1))
+    assert torch.allclose(model.lm_head.weight[n:], head_mean.expand(2, -1))
+    assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
