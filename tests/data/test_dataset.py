@@ -183,3 +183,16 @@ def test_rows_the_template_refuses_are_bad_records(tmp_path, tokenizer):
     train, _, report = build_datasets(cfg_for(path, chat_template=str(tpl)), tokenizer, seed=0)
     assert len(train) == 2 and report.bad == 1
     assert report.bad_examples[0].startswith(f"{path}:2 field 'messages': the chat template cannot render")
+
+
+def test_truncation_inside_an_assistant_turn_is_reported(tmp_path, tokenizer):
+    long_answer = {"messages": [{"role": "user", "content": "Hello!"},
+                                {"role": "assistant", "content": "one two three " * 40}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, long_answer])
+    train, _, report = build_datasets(cfg_for(path, max_seq_length=128, on_overlength="truncate"), tokenizer, seed=0)
+    cut = max(train, key=lambda e: len(e.input_ids))
+    assert len(cut.input_ids) == 128 and cut.labels[-1] != IGNORE_INDEX  # keeps the start of the answer
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") not in [t for t, lab in zip(cut.input_ids, cut.labels)
+                                                                  if lab != IGNORE_INDEX]
+    assert report.overlength_truncated == 1 and report.truncated_inside_turn == 1
+    assert "1 cut inside a trained turn" in report.summary()

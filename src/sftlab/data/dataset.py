@@ -76,6 +76,7 @@ class DataReport:
     bad_examples: list[str] = field(default_factory=list)
     overlength_dropped: int = 0
     overlength_truncated: int = 0
+    truncated_inside_turn: int = 0  # of the truncated: the cut fell inside a labelled turn (its end-of-turn token lost)
     no_target_after_truncation: int = 0
     sources: list[SourceStats] = field(default_factory=list)
     train_examples: int = 0
@@ -96,7 +97,9 @@ class DataReport:
         if self.overlength_dropped:
             parts.append(f"{self.overlength_dropped} over max_seq_length dropped")
         if self.overlength_truncated:
-            parts.append(f"{self.overlength_truncated} truncated to max_seq_length")
+            parts.append(f"{self.overlength_truncated} truncated to max_seq_length"
+                         + (f" ({self.truncated_inside_turn} cut inside a trained turn: that turn keeps its start "
+                            "but loses its end-of-turn token)" if self.truncated_inside_turn else ""))
         if self.no_target_after_truncation:
             parts.append(f"{self.no_target_after_truncation} dropped: no target token left after truncation")
         lines = ["; ".join(parts)]
@@ -283,6 +286,9 @@ def apply_length_policy(ex: TokenizedExample, cfg: DataConfig, report: DataRepor
         return None
     report.overlength_truncated += 1
     stats.truncated += 1
+    m = cfg.max_seq_length
+    if ex.labels[m - 1] != IGNORE_INDEX and ex.labels[m] != IGNORE_INDEX:
+        report.truncated_inside_turn += 1  # the labelled run (a turn and its end-of-turn token) continues past the cut
     return cut
 
 
