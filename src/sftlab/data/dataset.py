@@ -16,6 +16,7 @@ they are. Any example left without a target token is a bad record.
 from __future__ import annotations
 
 import logging
+import os
 import math
 import multiprocessing
 from collections import Counter
@@ -193,6 +194,7 @@ def tokenize_records(records: list[Record], tokenizer: PreTrainedTokenizerBase, 
         # fork where available: no re-import of the caller's __main__ and no start-up cost; the workers
         # only render templates and run the tokenizer (tokenizers turns its own threads off after a fork)
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers, not tokenizer threads, share the cores
         with ProcessPoolExecutor(min(num_proc, len(chunks)), mp_context=multiprocessing.get_context(method),
                                  initializer=_init_worker, initargs=(tokenizer, loss_on, template)) as pool:
             parts = list(pool.map(_worker_chunk, chunks))
