@@ -76,17 +76,13 @@ def cmd_config_show(ns: argparse.Namespace) -> int:
 
 
 def _load_for_inference(model_dir: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sftlab.config import ModelConfig
+    from sftlab.model.loading import load_model, load_tokenizer
 
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
+    if not (Path(model_dir) / "config.json").is_file():
         raise ConfigError(f"{model_dir} is not a saved model directory (no config.json)")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+    cfg = ModelConfig(name_or_path=model_dir)
+    return load_model(cfg, model_dir), load_tokenizer(cfg, model_dir)
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:

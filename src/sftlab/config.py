@@ -194,7 +194,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
-    """Make data paths written in a config file relative to that file, like `include` would."""
+    """Paths written in a config file (data sources, .jinja template, model dir, match_eval file) that
+    exist relative to that file are taken relative to it; others stay relative to the working directory
+    (output_dir and cache_dir always are)."""
     data = tree.get("data")
     if isinstance(data, dict):
         for key in ("train", "eval"):
@@ -203,6 +205,15 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
                     p = Path(src["path"]).expanduser()
                     if not p.is_absolute() and (base / p).exists():
                         src["path"] = str(base / p)
+    if isinstance(data, dict) and isinstance(data.get("chat_template"), str):
+        p = Path(data["chat_template"]).expanduser()
+        if p.suffix == ".jinja" and not p.is_absolute() and (base / p).exists():
+            data["chat_template"] = str(base / p)
+    model = tree.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+        p = Path(model["name_or_path"]).expanduser()
+        if model["name_or_path"] != "default" and not p.is_absolute() and (base / p).exists():
+            model["name_or_path"] = str(base / p)
     me = tree.get("match_eval")
     if isinstance(me, dict) and isinstance(me.get("path"), str):
         p = Path(me["path"]).expanduser()

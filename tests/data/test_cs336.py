@@ -131,3 +131,14 @@ def test_iterate_batches_shuffle_is_a_permutation_of_chunks(data_file, tokenizer
     ordered = torch.stack([ds[i]["input_ids"] for i in range(len(ds))])
     assert shuffled.shape == ordered.shape and not torch.equal(shuffled, ordered)
     assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, ordered.tolist()))
+
+
+def test_bad_rows_name_file_line_and_field(tmp_path, tokenizer):
+    from sftlab.data import PackedSFTDataset
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2 field 'response'"):
+        PackedSFTDataset(tokenizer, p, 4, False)
+    p.write_text('{"prompt": "a", "response": "b"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: invalid JSON"):
+        PackedSFTDataset(tokenizer, p, 4, False)

@@ -193,7 +193,7 @@ def test_packed_documents_match_documents_run_alone(attn, layout):
     alone = run_alone(model, docs)
     doc_of = [tuple(ex.input_ids) for ex in docs]
     # walk the rows' documents in collate order and compare each with the same document alone
-    offset, checked, total = 0, 0, torch.zeros(())
+    offset, checked = 0, 0
     for r, row in enumerate(rows):
         b = 0 if layout == "flat" else r
         base = offset if layout == "flat" else 0

@@ -203,3 +203,14 @@ def test_disk_full_during_save_keeps_previous(tiny_model_dir, chat_file, tmp_pat
         run_training(SFTConfig.model_validate(cfg_tree(tiny_model_dir, chat_file, tmp_path / "run")))
     assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000002"]
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+
+
+def test_every_epoch_checkpoints_at_the_epoch_boundary(tiny_model_dir, chat_file, tmp_path):
+    # 16 examples, micro-batches of 3 -> 6 micro-batches an epoch; 2 per step -> an epoch ends every 3 steps
+    tree = cfg_tree(tiny_model_dir, chat_file, tmp_path / "run", max_steps=6)
+    tree["checkpoint"] = {"every_epoch": True}
+    run_training(SFTConfig.model_validate(tree))
+    ckpts = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-00000003", "step-00000006"]
+    state = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert state["data"]["epoch"] == 1 and state["data"]["index"] == 0

@@ -109,3 +109,24 @@ def test_bfd_packing_keeps_the_loss_of_unpacked_training(tiny_model_dir, chat_fi
         losses[packing] = (res.history[0]["loss"], res.history[0]["target_tokens"])
     assert losses["bfd"][1] == losses["none"][1]
     assert losses["bfd"][0] == pytest.approx(losses["none"][0], rel=1e-5)
+
+
+def test_bad_match_eval_file_fails_before_training(tiny_model_dir, chat_file, tmp_path):
+    from conftest import write_jsonl
+
+    from sftlab.data.dataset import DataError
+    bad = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "Hello!", "completion": "Hi"}, "{broken"])
+    cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / "run")
+    cfg.match_eval = {"path": str(bad)}
+    with pytest.raises(DataError, match=r"eval.jsonl:2: invalid JSON"):
+        run_training(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_match_eval_before_and_after(tiny_model_dir, chat_file, tmp_path):
+    cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / "run", max_steps=2)
+    cfg.match_eval = {"path": str(chat_file), "max_examples": 3, "max_new_tokens": 4}
+    res = run_training(cfg)
+    assert res.match_before.total == res.match_after.total == 3
+    summary = json.loads((tmp_path / "run" / "match_eval.json").read_text())
+    assert summary["after"]["total"] == 3 and 0 <= summary["after"]["accuracy"] <= 1

@@ -54,10 +54,13 @@ class MicroBatchStream:
         return self.epoch + self.index / self.batches_per_epoch
 
     def __iter__(self) -> Iterator[list[int]]:
+        order, order_epoch = [], None
         while True:
-            order = epoch_order(self.num_examples, self.seed, self.epoch, self.shuffle)
-            while self.index < self.batches_per_epoch:
-                start = self.index * self.batch_size
-                self.index += 1
-                yield order[start:start + self.batch_size]
-            self.epoch, self.index = self.epoch + 1, 0
+            if order_epoch != self.epoch:
+                order, order_epoch = epoch_order(self.num_examples, self.seed, self.epoch, self.shuffle), self.epoch
+            start = self.index * self.batch_size
+            batch = order[start:start + self.batch_size]
+            self.index += 1
+            if self.index == self.batches_per_epoch:  # the epoch ends with this batch: position = next epoch
+                self.epoch, self.index = self.epoch + 1, 0
+            yield batch

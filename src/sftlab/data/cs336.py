@@ -40,10 +40,17 @@ class PackedSFTDataset(Dataset):
             raise ValueError("the tokenizer has no EOS token to delimit documents")
         texts = []
         with open(Path(dataset_path), encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
                     row = json.loads(line)
-                    texts.append(ALPACA_TEMPLATE.format(prompt=row["prompt"], response=row["response"]))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{dataset_path}:{lineno}: invalid JSON: {e.msg}") from None
+                for key in ("prompt", "response"):
+                    if not isinstance(row, dict) or not isinstance(row.get(key), str):
+                        raise ValueError(f"{dataset_path}:{lineno} field '{key}': missing or not a string")
+                texts.append(ALPACA_TEMPLATE.format(prompt=row["prompt"], response=row["response"]))
         if shuffle:
             (random.Random(seed) if seed is not None else random).shuffle(texts)
         docs = tokenizer(texts)["input_ids"] if texts else []  # default special tokens, like encode()

@@ -83,12 +83,6 @@ class DataReport:
     train_examples: int = 0
     eval_examples: int = 0
 
-    def add_bad(self, err: BadRecord | TemplateError | DataError, max_examples: int = 5) -> None:
-        self.bad += 1
-        self.bad_reasons[getattr(err, "reason", str(err))] += 1
-        if len(self.bad_examples) < max_examples:
-            self.bad_examples.append(str(err))
-
     def summary(self) -> str:
         """Totals on the first line, then one line per source."""
         parts = [f"{self.kept} examples kept of {self.rows} rows (train {self.train_examples}, "

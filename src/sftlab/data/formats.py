@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
+from sftlab.data.masking import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -33,7 +34,6 @@ SHAREGPT_ROLES = {
     "system": "system",
     "tool": "tool", "observation": "tool", "function_response": "tool",
 }
-IGNORE_INDEX = -100  # same value as sftlab.data.masking.IGNORE_INDEX
 
 
 class DataError(ValueError):
@@ -61,7 +61,6 @@ class Conversation:
     source: str = ""
     line: int = 0
     tools: list[dict[str, Any]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     unit: str = "line"
 
 
@@ -315,10 +314,3 @@ def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
         raise r.bad("conversations" if fmt == "sharegpt" else "messages", "no assistant turn to learn from")
     return Conversation(messages=messages, source=source, line=line, tools=_tools(r), unit=unit)
 
-
-def to_conversation(row: Any, fmt: str, source: str, line: int) -> Conversation:
-    """Normalise one row of a chat format into a Conversation, or raise BadRecord."""
-    rec = to_record(row, fmt, source, line)
-    if not isinstance(rec, Conversation):
-        raise BadRecord(source, line, None, "expected a conversation, got a text or pretokenized row")
-    return rec

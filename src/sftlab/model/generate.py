@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sftlab.config import MatchEvalConfig
-from sftlab.data.formats import BadRecord, iter_jsonl, to_conversation
+from sftlab.data.formats import BadRecord, Conversation, DataError, iter_jsonl, to_record
 
 
 @torch.no_grad()
@@ -52,24 +52,37 @@ class MatchResult:
 
 
 def load_match_examples(cfg: MatchEvalConfig) -> list[tuple[list[dict[str, Any]], str]]:
-    """(prompt messages, reference answer) pairs: the reference is the last assistant message."""
+    """(prompt messages, reference answer) pairs, validated before training starts: the reference is
+    the last assistant message's text. A bad row is a DataError naming file:line and field."""
     examples = []
-    for lineno, row in iter_jsonl(cfg.path):
-        if isinstance(row, BadRecord):
-            raise row
-        conv = to_conversation(row, "auto", cfg.path, lineno)
-        last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
-        examples.append((conv.messages[:last], conv.messages[last]["content"]))
-        if cfg.max_examples and len(examples) >= cfg.max_examples:
-            break
+    try:
+        for lineno, row in iter_jsonl(cfg.path):
+            if isinstance(row, BadRecord):
+                raise row
+            conv = to_record(row, "auto", cfg.path, lineno)
+            if not isinstance(conv, Conversation):
+                raise BadRecord(cfg.path, lineno, None, "match_eval rows must be conversations or prompt/completion")
+            last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
+            reference = conv.messages[last].get("content")
+            if not isinstance(reference, str) or not reference.strip():
+                raise BadRecord(cfg.path, lineno, f"messages[{last}].content", "the reference answer must be text")
+            examples.append((conv.messages[:last], reference))
+            if cfg.max_examples and len(examples) >= cfg.max_examples:
+                break
+    except BadRecord as e:
+        raise DataError(f"match_eval: {e}") from None
+    except OSError as e:
+        raise DataError(f"match_eval.path: cannot read {cfg.path}: {e.strerror or e}") from None
+    if not examples:
+        raise DataError(f"match_eval.path: {cfg.path} has no examples")
     return examples
 
 
-def exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: MatchEvalConfig,
+def exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                examples: list[tuple[list[dict[str, Any]], str]], cfg: MatchEvalConfig,
                 template: str | None = None) -> MatchResult:
-    examples = load_match_examples(cfg)
     preds = generate_replies(model, tokenizer, [p for p, _ in examples], cfg.max_new_tokens,
                              cfg.batch_size, template)
     correct = sum(pred.strip() == ref.strip() for (_, ref), pred in zip(examples, preds))
-    samples = [(p[-1]["content"], ref, pred) for (p, ref), pred in zip(examples, preds)]
+    samples = [(p[-1].get("content") or "" if p else "", ref, pred) for (p, ref), pred in zip(examples, preds)]
     return MatchResult(correct, len(examples), samples)

@@ -32,10 +32,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sftlab.config import SFTConfig, dump_config
 from sftlab.data.collate import MicroBatchStream, pad_collate
 from sftlab.data.dataset import build_datasets, load_template
-from sftlab.data.masking import TokenizedExample
+from sftlab.data.masking import IGNORE_INDEX, TokenizedExample
 from sftlab.data.templates import add_chatml_tokens, resize_for_new_tokens
 from sftlab.data.packing import pack_examples, packed_collate, packing_efficiency
-from sftlab.model.generate import MatchResult, exact_match
+from sftlab.model.generate import MatchResult, exact_match, load_match_examples
 from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path
 from sftlab.model.loss import count_targets, summed_nll
 from sftlab.train.checkpoint import (COMPLETE, latest_checkpoint, load_checkpoint, read_state,
@@ -81,6 +81,7 @@ def plan_micro_batches(cfg: SFTConfig, batches_per_epoch: int) -> tuple[int, int
 @torch.no_grad()
 def evaluate_loss(model, examples: list[TokenizedExample], batch_size: int, pad_id: int,
                   accelerator: Accelerator) -> float:
+    model = accelerator.unwrap_model(model)  # plain forward: ranks may run different numbers of batches
     was_training = model.training
     model.eval()
     nll, count = torch.zeros((), dtype=torch.float64), 0
@@ -228,14 +229,17 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
 
-    # --- model path and tokenizer first (cheap), then data (fails fast on bad rows), then weights
-    model_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, model_path)
-    vocab_before = len(tokenizer)
-    if cfg.data.add_chatml_tokens:
-        add_chatml_tokens(tokenizer)
-    template = load_template(cfg.data, tokenizer)
-    train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cfg.train.seed)
+    # --- model path and tokenizer first (cheap), then data (fails fast on bad rows), then weights.
+    # The main process converts/caches first; the other ranks then read its caches.
+    with accelerator.main_process_first():
+        model_path = resolve_model_path(cfg.model)
+        tokenizer = load_tokenizer(cfg.model, model_path)
+        vocab_before = len(tokenizer)
+        if cfg.data.add_chatml_tokens:
+            add_chatml_tokens(tokenizer)
+        template = load_template(cfg.data, tokenizer)
+        train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cfg.train.seed)
+        match_examples = load_match_examples(cfg.match_eval) if cfg.match_eval is not None else []
     pad_id = tokenizer.pad_token_id
     if cfg.data.packing == "none":
         units: list = train_set
@@ -246,13 +250,14 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
         collate = functools.partial(packed_collate, pad_id=pad_id)
         packing_note = (f"; packed ({cfg.data.packing}) into {len(units)} rows of <= {cfg.data.max_seq_length} tokens, "
                         f"efficiency {packing_efficiency(units, cfg.data.max_seq_length):.1%}")
-    fingerprint = data_fingerprint(units)
+    checkpointing = cfg.checkpoint.every_steps is not None or cfg.checkpoint.every_epoch
+    fingerprint = data_fingerprint(units) if (checkpointing or resume_from is not None) else None
     if main:
         console.print(f"[bold]data[/bold]: {escape(report.summary())}{packing_note}", highlight=False)
         for line in report.bad_examples:
             console.print(f"  [yellow]skipped[/yellow] {escape(line)}", highlight=False)
     model = load_model(cfg.model, model_path)
-    if len(tokenizer) > vocab_before:
+    if cfg.data.add_chatml_tokens:  # new rows (if any) and the model's eos follow the tokenizer
         resize_for_new_tokens(model, tokenizer, vocab_before)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -271,17 +276,22 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
     start_step, consumed = 0, 0
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from, scheduler)
+        if state.get("num_processes", 1) != world:
+            raise RunError(f"cannot resume from {resume_from}: it was written by {state.get('num_processes', 1)} "
+                           f"process(es), this run has {world}; the data order and batch geometry would change")
         if state["data_fingerprint"] != fingerprint:
             raise RunError(f"cannot resume from {resume_from}: the training data changed since it was written "
                            "(different tokenized examples); start a new output_dir instead")
         start_step, consumed = state["step"], state["consumed_micro_batches"]
         stream.epoch, stream.index = state["data"]["epoch"], state["data"]["index"]
         result.history = state["metrics"]
+        result.match_before = _match_from_state(state.get("match_before"))
         if main:
             console.print(f"[bold]resumed[/bold] from {resume_from} at step {start_step}")
 
     if cfg.match_eval is not None and main and resume_from is None:
-        result.match_before = run_match_eval(accelerator.unwrap_model(model), tokenizer, cfg, template, console, "before")
+        result.match_before = run_match_eval(accelerator.unwrap_model(model), tokenizer, match_examples, cfg, template,
+                                             console, "before")
 
     metrics = MetricsLog(out / "metrics.jsonl", console, enabled=main)
     if main:
@@ -291,8 +301,9 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
                       f"of {cfg.train.micro_batch_size} (x{world} processes); {stream.batches_per_epoch} micro-batches/epoch")
 
     def checkpoint(step: int) -> Path:
-        state = {"step": step, "consumed_micro_batches": consumed, "data": stream.state(),
-                 "data_fingerprint": fingerprint, "metrics": result.history, "config": cfg.model_dump(mode="json")}
+        state = {"step": step, "consumed_micro_batches": consumed, "data": stream.state(), "num_processes": world,
+                 "data_fingerprint": fingerprint or data_fingerprint(units), "metrics": result.history,
+                 "match_before": _acc(result.match_before), "config": cfg.model_dump(mode="json")}
         return save_checkpoint(accelerator, out, step, state, scheduler, cfg.checkpoint.keep_last)
 
     batches_iter = iter(stream)
@@ -308,8 +319,13 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
             batches, in_tokens = [], 0
             for _ in range(n_micro):
                 idx = next(batches_iter)[accelerator.process_index::world]
-                batches.append({k: v.to(accelerator.device) for k, v in collate([units[i] for i in idx]).items()})
-                in_tokens += sum(len(units[i].input_ids) for i in idx)
+                if idx:
+                    batch = collate([units[i] for i in idx])
+                    in_tokens += sum(len(units[i].input_ids) for i in idx)
+                else:  # a short last batch left this rank nothing: run one unit with no targets, so DDP stays in step
+                    batch = collate([units[0]])
+                    batch["labels"].fill_(IGNORE_INDEX)
+                batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
             consumed += n_micro
             nll, targets = train_step(model, batches, accelerator)
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
@@ -365,7 +381,7 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
         save_model(unwrapped, tokenizer, out, template)
         console.print(f"[bold green]saved[/bold green] model + tokenizer to {out}")
     if cfg.match_eval is not None and main:
-        result.match_after = run_match_eval(unwrapped, tokenizer, cfg, template, console, "after")
+        result.match_after = run_match_eval(unwrapped, tokenizer, match_examples, cfg, template, console, "after")
         summary = {"before": _acc(result.match_before), "after": _acc(result.match_after)}
         (out / "match_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return result
@@ -382,9 +398,13 @@ def _acc(r: MatchResult | None) -> dict | None:
     return None if r is None else {"correct": r.correct, "total": r.total, "accuracy": r.accuracy}
 
 
-def run_match_eval(model, tokenizer, cfg: SFTConfig, template, console: Console, when: str) -> MatchResult:
+def _match_from_state(saved: dict | None) -> MatchResult | None:
+    return None if saved is None else MatchResult(saved["correct"], saved["total"], [])
+
+
+def run_match_eval(model, tokenizer, examples, cfg: SFTConfig, template, console: Console, when: str) -> MatchResult:
     t0 = time.perf_counter()
-    res = exact_match(model, tokenizer, cfg.match_eval, template)
+    res = exact_match(model, tokenizer, examples, cfg.match_eval, template)
     console.print(f"[bold]exact match {when} training[/bold]: {res.correct}/{res.total} = {res.accuracy:.1%} "
                   f"({time.perf_counter() - t0:.0f}s)")
     for prompt, ref, pred in res.samples[:3]:
