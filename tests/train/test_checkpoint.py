@@ -214,3 +214,23 @@ def test_every_epoch_checkpoints_at_the_epoch_boundary(tiny_model_dir, chat_file
     assert [p.name for p in ckpts] == ["step-00000003", "step-00000006"]
     state = json.loads((ckpts[0] / "trainer_state.json").read_text())
     assert state["data"]["epoch"] == 1 and state["data"]["index"] == 0
+
+
+def test_second_ctrl_c_exits_at_once(tiny_model_dir, chat_file, tmp_path):
+    """First SIGINT: finish the step and save; a second one during that save exits now (130), and no
+    incomplete checkpoint is ever taken for a complete one."""
+    out = tmp_path / "run"
+    tree = cfg_tree(tiny_model_dir, chat_file, out, max_steps=400)
+    tree["checkpoint"] = {"every_steps": 1000}
+    proc = run_cli(tree, tmp_path, {"SFTLAB_TEST_PAUSE_IN_SAVE": "*:60"}, wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    while time.time() < deadline and not list((out / "checkpoints").glob(".tmp-step-*/model.safetensors")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # while the save sleeps in the test hook
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, log
+    assert "second Ctrl-C" in log
+    assert latest_checkpoint(out) is None

@@ -99,10 +99,12 @@ def restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------------------- save
 
 def _test_pause(step: int) -> None:
-    """Test hook: SFTLAB_TEST_PAUSE_IN_SAVE=<step>:<seconds> sleeps mid-save so a test can kill the process there."""
+    """Test hook: SFTLAB_TEST_PAUSE_IN_SAVE=<step or *>:<seconds> sleeps mid-save so a test can kill the process there."""
     spec = os.environ.get("SFTLAB_TEST_PAUSE_IN_SAVE")
-    if spec and int(spec.split(":")[0]) == step:
-        time.sleep(float(spec.split(":")[1]))
+    if spec:
+        at, seconds = spec.split(":")
+        if at == "*" or int(at) == step:
+            time.sleep(float(seconds))
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, Any], scheduler,
