@@ -1,0 +1,1 @@
+"""Model side: loading (local dir, hub id, GGUF), loss, generation."""

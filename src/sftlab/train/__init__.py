@@ -1,0 +1,1 @@
+"""Training side: the loop, optimizer and schedule, checkpoints, metrics."""
