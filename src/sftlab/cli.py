@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sftlab").setLevel(logging.DEBUG if ns.verbose else logging.INFO)
+    if not ns.verbose:  # our own progress and summaries say what happens; library bars are noise
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     from sftlab.data.dataset import DataError
     from sftlab.model.loading import ModelLoadError
     from sftlab.train.checkpoint import CheckpointError
