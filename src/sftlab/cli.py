@@ -49,7 +49,7 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
 
     from rich.markup import escape
 
-    from sftlab.data.cache import default_cache_dir
+    from sftlab.data.cache import cache_dir
     from sftlab.data.dataset import build_datasets
     from sftlab.data.templates import add_chatml_tokens
     from sftlab.model.loading import load_tokenizer, resolve_model_path
@@ -64,7 +64,7 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     console.print(f"[bold]data[/bold]: {escape(report.summary())}", highlight=False)
     for line in report.bad_examples:
         console.print(f"  [yellow]skipped[/yellow] {escape(line)}", highlight=False)
-    where = (cfg.data.cache_dir or default_cache_dir()) if cfg.data.cache else "off (data.cache=false)"
+    where = cache_dir(cfg.data.cache_dir) if cfg.data.cache else "off (data.cache=false)"
     console.print(f"train {len(train)} examples ({sum(len(e.input_ids) for e in train)} tokens), eval {len(evals)}; "
                   f"prepared in {took:.1f}s; cache: {where}", highlight=False)
     return 0

@@ -70,6 +70,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ["SFTLAB_DATA_CACHE"]) if os.environ.get("SFTLAB_DATA_CACHE") else cache_root() / "data"
 
 
+def cache_dir(cfg_cache_dir: str | None) -> Path:
+    """Where the data cache lives: `data.cache_dir` when set, else `default_cache_dir()`."""
+    return Path(cfg_cache_dir).expanduser() if cfg_cache_dir else default_cache_dir()
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 of everything in the tokenizer that changes token ids."""
     h = hashlib.sha256(type(tokenizer).__name__.encode())

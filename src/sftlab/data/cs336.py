@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-ALPACA_TEMPLATE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{prompt}\n\n### Response:\n{response}"
-)
+from sftlab.data.templates import ALPACA_PREAMBLE
+
+ALPACA_TEMPLATE = ALPACA_PREAMBLE + "\n\n### Instruction:\n{prompt}\n\n### Response:\n{response}"
 
 
 class PackedSFTDataset(Dataset):

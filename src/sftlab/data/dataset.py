@@ -23,7 +23,6 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -246,7 +245,7 @@ def prepare_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: Data
              "template": template or tokenizer.chat_template, "format": source.format, "loss_on": cfg.loss_on,
              "code": cache.code_fingerprint()}
     key = cache.cache_key(parts)
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache.default_cache_dir()
+    root = cache.cache_dir(cfg.cache_dir)
     data = cache.load(root, key)
     if data is not None:
         if cfg.on_bad_record == "error" and data.bad:
