@@ -47,26 +47,16 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     """Validate, tokenize and cache the training/eval data ahead of training; print the data report."""
     import time
 
-    from rich.markup import escape
-
     from sftlab.data.cache import cache_dir
-    from sftlab.data.dataset import build_datasets
-    from sftlab.data.templates import add_chatml_tokens
-    from sftlab.model.loading import load_tokenizer, resolve_model_path
+    from sftlab.train.data import prepare_run_data
 
     cfg = _load(ns.args)
-    tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
-    if cfg.data.add_chatml_tokens:  # as training does, so that the cache keys match
-        add_chatml_tokens(tokenizer)
     start = time.perf_counter()
-    train, evals, report = build_datasets(cfg.data, tokenizer, cfg.train.seed)
+    data = prepare_run_data(cfg, console)  # exactly what `sftlab train` does, so the cache keys match
     took = time.perf_counter() - start
-    console.print(f"[bold]data[/bold]: {escape(report.summary())}", highlight=False)
-    for line in report.bad_examples:
-        console.print(f"  [yellow]skipped[/yellow] {escape(line)}", highlight=False)
     where = cache_dir(cfg.data.cache_dir) if cfg.data.cache else "off (data.cache=false)"
-    console.print(f"train {len(train)} examples ({sum(len(e.input_ids) for e in train)} tokens), eval {len(evals)}; "
-                  f"prepared in {took:.1f}s; cache: {where}", highlight=False)
+    console.print(f"train {len(data.train)} examples ({sum(len(e.input_ids) for e in data.train)} tokens), "
+                  f"eval {len(data.eval)}; prepared in {took:.1f}s; cache: {where}", highlight=False)
     return 0
 
 
@@ -156,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from sftlab.data.dataset import DataError
+    from sftlab.data.types import DataError
     from sftlab.model.loading import ModelLoadError
     from sftlab.train.checkpoint import CheckpointError
     from sftlab.train.loop import Interrupted, RunError

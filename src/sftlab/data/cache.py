@@ -34,14 +34,15 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from sftlab.data.masking import IGNORE_INDEX, TokenizedExample
+from sftlab.data.types import IGNORE_INDEX, TokenizedExample
+from sftlab.paths import cache_root
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 MAX_BAD_EXAMPLES = 5
 # The modules whose code decides what a row tokenizes to: editing them invalidates the cache.
-_CODE_FILES = ("formats.py", "masking.py", "templates.py", "sources.py", "dataset.py", "cache.py")
+_CODE_FILES = ("types.py", "formats.py", "masking.py", "templates.py", "sources.py", "dataset.py", "cache.py")
 
 
 @dataclass
@@ -65,8 +66,6 @@ class SourceExamples:
 
 def default_cache_dir() -> Path:
     """$SFTLAB_DATA_CACHE, else $SFTLAB_CACHE/data (default ~/.cache/sftlab/data)."""
-    from sftlab.model.loading import cache_root
-
     return Path(os.environ["SFTLAB_DATA_CACHE"]) if os.environ.get("SFTLAB_DATA_CACHE") else cache_root() / "data"
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from sftlab.data.masking import IGNORE_INDEX, TokenizedExample
+from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 
 
 def pad_collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:

@@ -29,16 +29,17 @@ from transformers import PreTrainedTokenizerBase
 
 from sftlab.config import DataConfig, SourceConfig
 from sftlab.data import cache, masking
-from sftlab.data.formats import BadRecord, Conversation, DataError, Record, TextRecord, to_record
-from sftlab.data.masking import IGNORE_INDEX, TemplateError, TokenizedExample
+from sftlab.data.formats import Conversation, Record, TextRecord, to_record
+from sftlab.data.templates import load_template
+from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError, TemplateError, TokenizedExample
 from sftlab.data.mixing import check_weight, hold_out, mix
 from sftlab.data.sources import DatasetSource, Source, SourceSpec, open_source
-from sftlab.data.templates import resolve_template
 
 __all__ = ["DataError", "DataReport", "DatasetSource", "SourceStats", "build_datasets", "load_template"]
 
 log = logging.getLogger(__name__)
 CHUNK = 256  # records per tokenization task
+FROM_CONFIG = object()  # build_datasets resolves the template from the config
 
 
 @dataclass
@@ -287,17 +288,6 @@ def apply_length_policy(ex: TokenizedExample, cfg: DataConfig, report: DataRepor
     return cut
 
 
-def load_template(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> str | None:
-    """The chat template text for `data.chat_template` (templates.resolve_template); None when it is
-    unset and the tokenizer has none (fine for text and pretokenized rows; chat rows then fail)."""
-    if cfg.chat_template is None and not getattr(tokenizer, "chat_template", None):
-        return None
-    try:
-        return resolve_template(cfg.chat_template, tokenizer)
-    except TemplateError as e:
-        raise DataError(f"data.chat_template: {e}") from None
-
-
 def _weight_of(spec: SourceSpec) -> tuple[float | int | None, str]:
     if isinstance(spec, SourceConfig):
         return spec.weight, spec.path
@@ -334,15 +324,18 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
 def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
                    train_sources: Sequence[SourceSpec] | None = None,
                    eval_sources: Sequence[SourceSpec] | None = None,
+                   template: str | None | object = FROM_CONFIG,
                    ) -> tuple[list[TokenizedExample], list[TokenizedExample], DataReport]:
     """Return (train, eval, report).
 
     `train_sources` / `eval_sources` add sources after the configured `cfg.train` / `cfg.eval`:
     SourceConfig objects, `datasets.Dataset` objects, or `DatasetSource(dataset, name, format, weight)`.
     Eval comes from the eval sources, else a seeded `eval_fraction` of the mixed training examples.
+    `template`: the chat template text when the caller resolved it already (`load_template`).
     """
     report = DataReport()
-    template = load_template(cfg, tokenizer)
+    if template is FROM_CONFIG:
+        template = load_template(cfg, tokenizer)
     train_specs = [*cfg.train, *(train_sources or [])]
     eval_specs = [*cfg.eval, *(eval_sources or [])]
     train_parts = _prepare_split(train_specs, "train", tokenizer, cfg, template, report)

@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
-from sftlab.data.masking import IGNORE_INDEX
+
+from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -34,25 +35,6 @@ SHAREGPT_ROLES = {
     "system": "system",
     "tool": "tool", "observation": "tool", "function_response": "tool",
 }
-
-
-class DataError(ValueError):
-    """The data cannot be used; the message names the source and what is wrong."""
-
-
-class BadRecord(ValueError):
-    """One unusable row: where it is (file:line, or 'source row N'), which field, and why."""
-
-    def __init__(self, source: str, line: int, field_name: str | None, reason: str, unit: str = "line"):
-        self.source, self.line, self.field_name, self.reason, self.unit = source, line, field_name, reason, unit
-        super().__init__(f"{self.where}" + (f" field '{field_name}'" if field_name else "") + f": {reason}")
-
-    def __reduce__(self) -> tuple[Any, ...]:  # picklable across tokenization worker processes
-        return BadRecord, (self.source, self.line, self.field_name, self.reason, self.unit)
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.line}" if self.unit == "line" else f"{self.source} row {self.line}"
 
 
 @dataclass

@@ -32,38 +32,23 @@ calls the fast tokenizer once for a whole batch.
 
 from __future__ import annotations
 
-import functools
 import re
 from bisect import bisect_left
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import jinja2
 from transformers import PreTrainedTokenizerBase
-from transformers.utils.chat_template_utils import _compile_jinja_template, _render_with_assistant_indices
+from transformers.utils.chat_template_utils import _render_with_assistant_indices
 
-IGNORE_INDEX = -100
+from sftlab.data.templates import compiled_template, resolve_template
+from sftlab.data.types import IGNORE_INDEX, TemplateError, TokenizedExample
+
 LOSS_ON = ("assistant", "last_assistant", "completion", "all")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # the test transformers uses
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 Span = tuple[int, int]
 Tools = list[dict[str, Any]] | None
-
-
-@dataclass
-class TokenizedExample:
-    input_ids: list[int]
-    labels: list[int]  # aligned with input_ids; IGNORE_INDEX where no loss
-
-    @property
-    def num_targets(self) -> int:
-        # the first position is never predicted, so it never counts
-        return max(0, len(self.labels) - 1 - self.labels[1:].count(IGNORE_INDEX))
-
-
-class TemplateError(ValueError):
-    """The chat template cannot render this conversation in a way we can mask exactly."""
 
 
 # --- rendering -----------------------------------------------------------------------------
@@ -80,21 +65,6 @@ def _prepare(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(template: str) -> tuple[jinja2.Template, dict[str, Any]]:
-    """The template compiled as transformers compiles it, and its globals as one plain dict."""
-    try:
-        compiled = _compile_jinja_template(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise TemplateError(f"the chat template is not valid Jinja (line {e.lineno}): {e.message}") from None
-    return compiled, dict(compiled.globals)
-
-
-def check_template(template: str) -> None:
-    """Raise TemplateError when the template does not compile."""
-    _compiled(template)
-
-
 class _Renderer:
     """Renders prefixes of one conversation with a compiled template.
 
@@ -102,7 +72,7 @@ class _Renderer:
     """
 
     def __init__(self, template: str, messages: list[dict[str, Any]], tools: Tools, kwargs: dict[str, Any]):
-        self.compiled, template_globals = _compiled(template)
+        self.compiled, template_globals = compiled_template(template)
         self.messages, self.tools, self.kwargs = _prepare(messages), tools, kwargs
         self.variables = {**template_globals, **kwargs, "tools": tools, "documents": None}
 
@@ -311,8 +281,6 @@ def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, conversations: li
     if loss_on != "all" and not tokenizer.is_fast:
         raise ValueError("loss masks need a fast tokenizer (character offsets)")
     if template is None:
-        from sftlab.data.templates import resolve_template
-
         template = resolve_template(None, tokenizer)
     kwargs = {**tokenizer.special_tokens_map, **(template_kwargs or {})}
     tools = tools if tools is not None else [None] * len(conversations)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from sftlab.data.formats import DataError
+from sftlab.data.types import DataError
 
 Selection = list[list[int]]  # per source, indices of its examples (with repeats)
 

@@ -38,7 +38,7 @@ from itertools import accumulate, chain
 
 import torch
 
-from sftlab.data.masking import IGNORE_INDEX, TokenizedExample
+from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 
 
 @dataclass

@@ -31,7 +31,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from sftlab.config import SourceConfig
-from sftlab.data.formats import DataError, iter_jsonl
+from sftlab.data.formats import iter_jsonl
+from sftlab.data.types import DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 BATCH = 1024

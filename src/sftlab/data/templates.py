@@ -2,8 +2,10 @@
 
 `resolve_template(spec, tokenizer)` turns the config value into template text: None (the
 tokenizer's own), a built-in name (`BUILTIN_TEMPLATES`), or a path to a `.jinja` file.
-`add_chatml_tokens` prepares a tokenizer without chat tokens for the `chatml` template, and
-`resize_for_new_tokens` sizes the model to match (mean-initialised rows).
+`load_template(data_cfg, tokenizer)` does the same for a run config (resolved once per run).
+`compiled_template` compiles template text as transformers does (cached); `add_chatml_tokens`
+prepares a tokenizer without chat tokens for the `chatml` template (the model is resized to match
+by `sftlab.model.vocab`).
 
 The built-ins render the reference layout of each family:
 
@@ -17,15 +19,18 @@ The built-ins render the reference layout of each family:
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
 
-import torch
+import jinja2
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import _compile_jinja_template
 
-from sftlab.data.masking import TemplateError, check_template
+from sftlab.config import DataConfig
+from sftlab.data.types import DataError, TemplateError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,21 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     ),
 }
 
+@functools.lru_cache(maxsize=64)
+def compiled_template(template: str) -> tuple[jinja2.Template, dict[str, Any]]:
+    """The template compiled as transformers compiles it, and its globals as one plain dict."""
+    try:
+        compiled = _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise TemplateError(f"the chat template is not valid Jinja (line {e.lineno}): {e.message}") from None
+    return compiled, dict(compiled.globals)
+
+
+def check_template(template: str) -> None:
+    """Raise TemplateError when the template does not compile."""
+    compiled_template(template)
+
+
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
@@ -109,35 +129,22 @@ def resolve_template(spec: str | None, tokenizer: PreTrainedTokenizerBase | None
     return text
 
 
-def resize_for_new_tokens(model: Any, tokenizer: PreTrainedTokenizerBase, vocab_before: int) -> None:
-    """Size the model to a tokenizer that grew from `vocab_before` tokens, and use its eos.
-
-    Embedding rows are added when the model has fewer than `len(tokenizer)`; the rows of the new token
-    ids (new or untrained padding rows) start at the mean of the trained rows, in the embeddings and
-    in an untied LM head.
-    """
-    rows_before = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows_before:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    new_rows = list(range(vocab_before, len(tokenizer)))
-    trained = min(vocab_before, rows_before)
-    if new_rows:
-        emb = model.get_input_embeddings().weight
-        head = model.get_output_embeddings()
-        with torch.no_grad():
-            for weight in [emb] + ([head.weight] if head is not None and head.weight is not emb else []):
-                weight[new_rows] = weight[:trained].float().mean(dim=0, keepdim=True).to(weight.dtype)
-    if tokenizer.eos_token_id is not None:
-        model.config.eos_token_id = tokenizer.eos_token_id
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.eos_token_id = tokenizer.eos_token_id
+def load_template(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> str | None:
+    """The chat template text for `data.chat_template` (templates.resolve_template); None when it is
+    unset and the tokenizer has none (fine for text and pretokenized rows; chat rows then fail)."""
+    if cfg.chat_template is None and not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return resolve_template(cfg.chat_template, tokenizer)
+    except TemplateError as e:
+        raise DataError(f"data.chat_template: {e}") from None
 
 
-def add_chatml_tokens(tokenizer: PreTrainedTokenizerBase, model: Any = None) -> int:
+def add_chatml_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     """Make `<|im_start|>`/`<|im_end|>` special tokens (when missing) and eos `<|im_end|>`.
 
-    With `model`, also resizes it (`resize_for_new_tokens`); else call that once the model is loaded.
-    Returns the number of tokens added to the vocabulary.
+    Returns the number of tokens added to the vocabulary; the model is sized to match once it is
+    loaded (`sftlab.model.vocab.resize_for_new_tokens`).
     """
     missing = [t for t in CHATML_TOKENS if t not in tokenizer.get_added_vocab()]
     before = len(tokenizer)
@@ -145,8 +152,6 @@ def add_chatml_tokens(tokenizer: PreTrainedTokenizerBase, model: Any = None) -> 
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     tokenizer.eos_token = CHATML_TOKENS[1]
     added = len(tokenizer) - before
-    if model is not None:
-        resize_for_new_tokens(model, tokenizer, before)
     if added:
         log.warning("added %d ChatML tokens (%s) to the vocabulary; the model's embeddings grow to match, and "
                     "with LoRA the embeddings and LM head must be trainable too (peft modules_to_save="

@@ -9,7 +9,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sftlab.config import MatchEvalConfig
-from sftlab.data.formats import BadRecord, Conversation, DataError, iter_jsonl, to_record
+from sftlab.data.formats import Conversation, iter_jsonl, to_record
+from sftlab.data.types import BadRecord, DataError
 
 
 @torch.no_grad()

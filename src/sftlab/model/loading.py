@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sftlab.config import ModelConfig
+from sftlab.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 class ModelLoadError(RuntimeError):
     """The model or tokenizer could not be found or loaded; the message says why."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SFTLAB_CACHE", Path.home() / ".cache" / "sftlab"))
 
 
 def default_gguf_path() -> Path:

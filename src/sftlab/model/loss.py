@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sftlab.data.masking import IGNORE_INDEX
+from sftlab.data.types import IGNORE_INDEX
 
 
 def count_targets(labels: torch.Tensor) -> int:

@@ -1,15 +1,21 @@
 """The training loop: one file, top to bottom, from config to saved model.
 
-Follow one optimizer step: `MicroBatchStream` picks example indices -> `pad_collate` builds
-tensors -> the model returns logits -> `summed_nll` sums the token losses -> the sum is divided by
-the number of target tokens of the WHOLE optimizer step (all micro-batches, all ranks) and
-back-propagated -> gradients are clipped -> AdamW and the LR schedule step.
+`run_training` is the recipe, a table of contents of its phases:
+  setup_run -> setup_data (train/data.py) -> setup_model_and_optimizer -> resume_or_start -> fit -> finish.
+`fit` runs the optimizer steps; each is `optimizer_step` (micro-batches, forward/backward, clipping,
+NaN policy, AdamW and the LR schedule) then `add_eval_and_log` and, when `checkpoint_due`,
+`save_run_checkpoint`.
+
+Follow one optimizer step: `MicroBatchStream` picks example indices -> `pad_collate` (or
+`packed_collate`) builds tensors -> the model returns logits -> `summed_nll` (model/loss.py) sums
+the token losses -> the sum is divided by the number of target tokens of the WHOLE optimizer step
+(all micro-batches, all ranks) and back-propagated (`train_step`) -> gradients are clipped ->
+AdamW and the LR schedule step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -20,24 +26,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sftlab.config import SFTConfig, dump_config
 from sftlab.data.collate import MicroBatchStream, pad_collate
-from sftlab.data.dataset import build_datasets, load_template
-from sftlab.data.masking import IGNORE_INDEX, TokenizedExample
-from sftlab.data.templates import add_chatml_tokens, resize_for_new_tokens
-from sftlab.data.packing import pack_examples, packed_collate, packing_efficiency
+from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 from sftlab.model.generate import MatchResult, exact_match, load_match_examples
-from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path
+from sftlab.model.loading import load_model
+from sftlab.model.vocab import resize_for_new_tokens
 from sftlab.model.loss import count_targets, summed_nll
+from sftlab.train.data import RunData, prepare_run_data
 from sftlab.train.checkpoint import (COMPLETE, latest_checkpoint, load_checkpoint, read_state,
                                      save_checkpoint)
 from sftlab.train.metrics import MetricsLog
@@ -215,12 +220,56 @@ def check_disk_space(out: Path, model, cfg: SFTConfig) -> None:
                        f"{need / 2**20:.0f} MiB; free space or set checkpoint.every_steps/every_epoch off")
 
 
+@dataclass
+class Run:
+    """What one run holds; each phase below fills in its part."""
+
+    cfg: SFTConfig
+    console: Console
+    accelerator: Accelerator
+    out: Path
+    resume_from: Path | None
+    result: TrainResult
+    data: RunData | None = None
+    match_examples: list = field(default_factory=list)
+    model: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    stream: MicroBatchStream | None = None
+    total_steps: int = 0
+    total_micro: int = 0
+    start_step: int = 0
+    consumed: int = 0  # micro-batches taken from the stream so far
+    fingerprint: str | None = None
+    logged_steps: list[int] = field(default_factory=list)  # steps written to metrics.jsonl
+    metrics: MetricsLog | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
 def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
-    console = console or Console(soft_wrap=True)
-    out = Path(cfg.train.output_dir)
+    """The recipe: set up -> data -> model and optimizer -> resume or start -> fit -> finish."""
+    run = setup_run(cfg, console or Console(soft_wrap=True))
+    setup_data(run)
+    setup_model_and_optimizer(run)
+    resume_or_start(run)
+    fit(run)
+    finish(run)
+    return run.result
+
+
+# --- phase 1: the run, its output directory and its resume point ------------------------------
+
+def setup_run(cfg: SFTConfig, console: Console) -> Run:
     accelerator = Accelerator()
-    main = accelerator.is_main_process
-    if main:
+    out = Path(cfg.train.output_dir)
+    if accelerator.is_main_process:
         check_output_dir(out)
     resume_from = find_resume_checkpoint(cfg)
     if resume_from is not None:
@@ -228,163 +277,207 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
     set_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
+    return Run(cfg, console, accelerator, out, resume_from, TrainResult(output_dir=out, steps=0, final_loss=None))
 
-    # --- model path and tokenizer first (cheap), then data (fails fast on bad rows), then weights.
-    # The main process converts/caches first; the other ranks then read its caches.
-    with accelerator.main_process_first():
-        model_path = resolve_model_path(cfg.model)
-        tokenizer = load_tokenizer(cfg.model, model_path)
-        vocab_before = len(tokenizer)
-        if cfg.data.add_chatml_tokens:
-            add_chatml_tokens(tokenizer)
-        template = load_template(cfg.data, tokenizer)
-        train_set, eval_set, report = build_datasets(cfg.data, tokenizer, cfg.train.seed)
-        match_examples = load_match_examples(cfg.match_eval) if cfg.match_eval is not None else []
-    pad_id = tokenizer.pad_token_id
-    if cfg.data.packing == "none":
-        units: list = train_set
-        collate = functools.partial(pad_collate, pad_id=pad_id)
-        packing_note = ""
-    else:  # micro_batch_size then counts packed rows of max_seq_length tokens
-        units = pack_examples(train_set, cfg.data.packing, cfg.data.max_seq_length)
-        collate = functools.partial(packed_collate, pad_id=pad_id)
-        packing_note = (f"; packed ({cfg.data.packing}) into {len(units)} rows of <= {cfg.data.max_seq_length} tokens, "
-                        f"efficiency {packing_efficiency(units, cfg.data.max_seq_length):.1%}")
+
+# --- phase 2: data (fails fast on bad rows, before any weights are loaded) ---------------------
+
+def setup_data(run: Run) -> None:
+    """Tokenizer, template, datasets, packing (train/data.py). The main process converts and caches
+    first; the other ranks then read its caches."""
+    cfg = run.cfg
+    with run.accelerator.main_process_first():
+        run.data = prepare_run_data(cfg, run.console if run.main else None)
+        run.match_examples = load_match_examples(cfg.match_eval) if cfg.match_eval is not None else []
     checkpointing = cfg.checkpoint.every_steps is not None or cfg.checkpoint.every_epoch
-    fingerprint = data_fingerprint(units) if (checkpointing or resume_from is not None) else None
-    if main:
-        console.print(f"[bold]data[/bold]: {escape(report.summary())}{packing_note}", highlight=False)
-        for line in report.bad_examples:
-            console.print(f"  [yellow]skipped[/yellow] {escape(line)}", highlight=False)
-    model = load_model(cfg.model, model_path)
+    if checkpointing or run.resume_from is not None:
+        run.fingerprint = data_fingerprint(run.data.units)
+
+
+# --- phase 3: model, optimizer, schedule -------------------------------------------------------
+
+def setup_model_and_optimizer(run: Run) -> None:
+    cfg, data = run.cfg, run.data
+    model = load_model(cfg.model, data.model_path)
     if cfg.data.add_chatml_tokens:  # new rows (if any) and the model's eos follow the tokenizer
-        resize_for_new_tokens(model, tokenizer, vocab_before)
+        resize_for_new_tokens(model, data.tokenizer, data.vocab_before)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    if main:
-        check_disk_space(out, model, cfg)
-
-    world = accelerator.num_processes
-    stream = MicroBatchStream(len(units), cfg.train.micro_batch_size * world, cfg.train.seed)
-    total_steps, total_micro = plan_micro_batches(cfg, stream.batches_per_epoch)
+    if run.main:
+        check_disk_space(run.out, model, cfg)
+    run.stream = MicroBatchStream(len(data.units), cfg.train.micro_batch_size * run.world, cfg.train.seed)
+    run.total_steps, run.total_micro = plan_micro_batches(cfg, run.stream.batches_per_epoch)
+    run.result.steps = run.total_steps
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    run.scheduler = build_scheduler(optimizer, cfg.optim, run.total_steps)
+    run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
 
-    result = TrainResult(output_dir=out, steps=total_steps, final_loss=None)
-    start_step, consumed = 0, 0
-    if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, scheduler)
-        if state.get("num_processes", 1) != world:
-            raise RunError(f"cannot resume from {resume_from}: it was written by {state.get('num_processes', 1)} "
-                           f"process(es), this run has {world}; the data order and batch geometry would change")
-        if state["data_fingerprint"] != fingerprint:
-            raise RunError(f"cannot resume from {resume_from}: the training data changed since it was written "
-                           "(different tokenized examples); start a new output_dir instead")
-        start_step, consumed = state["step"], state["consumed_micro_batches"]
-        stream.epoch, stream.index = state["data"]["epoch"], state["data"]["index"]
-        result.history = state["metrics"]
-        result.match_before = _match_from_state(state.get("match_before"))
-        if main:
-            console.print(f"[bold]resumed[/bold] from {resume_from} at step {start_step}")
 
-    if cfg.match_eval is not None and main and resume_from is None:
-        result.match_before = run_match_eval(accelerator.unwrap_model(model), tokenizer, match_examples, cfg, template,
-                                             console, "before")
+# --- phase 4: continue from a checkpoint, or start (match evaluation before training) ----------
 
-    metrics = MetricsLog(out / "metrics.jsonl", console, enabled=main)
+def resume_or_start(run: Run) -> None:
+    cfg, main = run.cfg, run.main
+    if run.resume_from is not None:
+        restore_checkpoint(run)
+    elif cfg.match_eval is not None and main:
+        run.result.match_before = run_match_eval(run.accelerator.unwrap_model(run.model), run, "before")
+    run.metrics = MetricsLog(run.out / "metrics.jsonl", run.console, enabled=main)
     if main:
-        metrics.rewrite([r for r in result.history if r.get("logged")])
-        (out / "config.yaml").write_text(dump_config(cfg))
-        console.print(f"[bold]train[/bold]: {total_steps} optimizer steps x {cfg.train.grad_accum_steps} micro-batches "
-                      f"of {cfg.train.micro_batch_size} (x{world} processes); {stream.batches_per_epoch} micro-batches/epoch")
+        logged = set(run.logged_steps)
+        run.metrics.rewrite([r for r in run.result.history if r["step"] in logged])
+        (run.out / "config.yaml").write_text(dump_config(cfg))
+        run.console.print(f"[bold]train[/bold]: {run.total_steps} optimizer steps x {cfg.train.grad_accum_steps} "
+                          f"micro-batches of {cfg.train.micro_batch_size} (x{run.world} processes); "
+                          f"{run.stream.batches_per_epoch} micro-batches/epoch")
 
-    def checkpoint(step: int) -> Path:
-        state = {"step": step, "consumed_micro_batches": consumed, "data": stream.state(), "num_processes": world,
-                 "data_fingerprint": fingerprint or data_fingerprint(units), "metrics": result.history,
-                 "match_before": _acc(result.match_before), "config": cfg.model_dump(mode="json")}
-        return save_checkpoint(accelerator, out, step, state, scheduler, cfg.checkpoint.keep_last)
 
-    batches_iter = iter(stream)
+def restore_checkpoint(run: Run) -> None:
+    ckpt = run.resume_from
+    state = load_checkpoint(run.accelerator, ckpt, run.scheduler)
+    if state.get("num_processes", 1) != run.world:
+        raise RunError(f"cannot resume from {ckpt}: it was written by {state.get('num_processes', 1)} "
+                       f"process(es), this run has {run.world}; the data order and batch geometry would change")
+    if state["data_fingerprint"] != run.fingerprint:
+        raise RunError(f"cannot resume from {ckpt}: the training data changed since it was written "
+                       "(different tokenized examples); start a new output_dir instead")
+    run.start_step, run.consumed = state["step"], state["consumed_micro_batches"]
+    run.stream.epoch, run.stream.index = state["data"]["epoch"], state["data"]["index"]
+    history = state["metrics"]
+    # checkpoints written before `logged_steps` existed carried a per-record "logged" flag
+    run.logged_steps = state.get("logged_steps", [r["step"] for r in history if r.get("logged")])
+    run.result.history = [{k: v for k, v in r.items() if k != "logged"} for r in history]
+    run.result.match_before = _match_from_state(state.get("match_before"))
+    if run.main:
+        run.console.print(f"[bold]resumed[/bold] from {ckpt} at step {run.start_step}")
+
+
+# --- phase 5: the optimizer steps --------------------------------------------------------------
+
+def fit(run: Run) -> None:
+    """Optimizer steps from the resume point to the end; on SIGINT/SIGTERM: checkpoint, then stop."""
+    batches_iter = iter(run.stream)
     progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not main or not console.is_terminal)
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=run.console,
+                        disable=not run.main or not run.console.is_terminal)
     with progress, StopRequest() as stop:
-        task = progress.add_task("training", total=total_steps, completed=start_step)
-        for step in range(start_step + 1, total_steps + 1):
-            t0 = time.perf_counter()
-            epoch_before = stream.epoch
-            position = stream.state()
-            n_micro = min(cfg.train.grad_accum_steps, total_micro - consumed)
-            batches, in_tokens = [], 0
-            for _ in range(n_micro):
-                idx = next(batches_iter)[accelerator.process_index::world]
-                if idx:
-                    batch = collate([units[i] for i in idx])
-                    in_tokens += sum(len(units[i].input_ids) for i in idx)
-                else:  # a short last batch left this rank nothing: run one unit with no targets, so DDP stays in step
-                    batch = collate([units[0]])
-                    batch["labels"].fill_(IGNORE_INDEX)
-                batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
-            consumed += n_micro
-            nll, targets = train_step(model, batches, accelerator)
-            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm)) if targets else 0.0
-            lr = scheduler.get_last_lr()[0]
-            finite = math.isfinite(nll) and math.isfinite(grad_norm)
-            if not finite and cfg.train.on_nan == "stop":
-                last = latest_checkpoint(out)
-                raise RunError(f"non-finite {'loss' if not math.isfinite(nll) else 'gradient norm'} at step {step} "
-                               f"(epoch {position['epoch']}, micro-batches {position['index']}..{position['index'] + n_micro - 1} "
-                               f"of that epoch's order, seed {position['seed']}); stopped without updating the weights. "
-                               + (f"Last good checkpoint: {last}" if last else "No checkpoint was saved yet")
-                               + " (train.on_nan=skip_step skips such steps)")
-            if targets and finite:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - t0
-            record = {"step": step, "epoch": round(stream.epoch_progress, 4),
-                      "loss": nll / targets if targets else float("nan"), "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": in_tokens * world / elapsed, "target_tokens": targets,
-                      "step_time_s": round(elapsed, 4)}
-            if not finite:
-                record["skipped"] = "non-finite loss or gradient"
-            if cfg.train.eval_every and eval_set and step % cfg.train.eval_every == 0 and step != total_steps:
-                record["eval_loss"] = evaluate_loss(model, eval_set, cfg.train.micro_batch_size, pad_id, accelerator)
-            if step == total_steps and eval_set:
-                record["eval_loss"] = result.eval_loss = evaluate_loss(model, eval_set, cfg.train.micro_batch_size, pad_id, accelerator)
-            record["logged"] = step % cfg.train.log_every == 0 or step == total_steps or "eval_loss" in record or not finite
-            result.history.append(record)
-            result.final_loss = record["loss"]
-            if record["logged"]:
-                metrics.write(record)
-                metrics.show(record, total_steps)
+        task = progress.add_task("training", total=run.total_steps, completed=run.start_step)
+        for step in range(run.start_step + 1, run.total_steps + 1):
+            epoch_before = run.stream.epoch
+            record = optimizer_step(run, step, batches_iter)
+            add_eval_and_log(run, record)
             progress.advance(task)
-
-            every = cfg.checkpoint.every_steps
-            if (every and step % every == 0) or (cfg.checkpoint.every_epoch and stream.epoch > epoch_before) \
-                    or (stop.signum is not None):
-                path = checkpoint(step)
-                if main:
-                    console.print(f"[dim]checkpoint {path}[/dim]")
+            path = None
+            if checkpoint_due(run, step, epoch_before, stop):
+                path = save_run_checkpoint(run, step)
             _test_hooks(step)
             if stop.signum is not None:
                 name = signal.Signals(stop.signum).name
-                raise Interrupted(f"{name}: stopped after step {step}/{total_steps} and saved {path}; "
-                                  f"resume with: sftlab train <config> train.resume=auto train.output_dir={out}",
+                raise Interrupted(f"{name}: stopped after step {step}/{run.total_steps} and saved {path}; "
+                                  f"resume with: sftlab train <config> train.resume=auto train.output_dir={run.out}",
                                   128 + stop.signum)
 
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    if main:
-        save_model(unwrapped, tokenizer, out, template)
-        console.print(f"[bold green]saved[/bold green] model + tokenizer to {out}")
-    if cfg.match_eval is not None and main:
-        result.match_after = run_match_eval(unwrapped, tokenizer, match_examples, cfg, template, console, "after")
-        summary = {"before": _acc(result.match_before), "after": _acc(result.match_after)}
-        (out / "match_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return result
+
+def next_micro_batches(run: Run, batches_iter) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """This rank's micro-batches of one optimizer step, on the device, and their input tokens."""
+    data, world, rank = run.data, run.world, run.accelerator.process_index
+    n_micro = min(run.cfg.train.grad_accum_steps, run.total_micro - run.consumed)
+    batches, in_tokens = [], 0
+    for _ in range(n_micro):
+        idx = next(batches_iter)[rank::world]
+        if idx:
+            batch = data.collate([data.units[i] for i in idx])
+            in_tokens += sum(len(data.units[i].input_ids) for i in idx)
+        else:  # a short last batch left this rank nothing: run one unit with no targets, so DDP stays in step
+            batch = data.collate([data.units[0]])
+            batch["labels"].fill_(IGNORE_INDEX)
+        batches.append({k: v.to(run.accelerator.device) for k, v in batch.items()})
+    run.consumed += n_micro
+    return batches, in_tokens
+
+
+def optimizer_step(run: Run, step: int, batches_iter) -> dict[str, Any]:
+    """One optimizer step with its NaN policy; returns the step's record."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    position = run.stream.state()
+    batches, in_tokens = next_micro_batches(run, batches_iter)
+    nll, targets = train_step(run.model, batches, run.accelerator)
+    max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
+    grad_norm = float(run.accelerator.clip_grad_norm_(run.model.parameters(), max_norm)) if targets else 0.0
+    lr = run.scheduler.get_last_lr()[0]
+    finite = math.isfinite(nll) and math.isfinite(grad_norm)
+    if not finite and cfg.train.on_nan == "stop":
+        last = latest_checkpoint(run.out)
+        raise RunError(f"non-finite {'loss' if not math.isfinite(nll) else 'gradient norm'} at step {step} "
+                       f"(epoch {position['epoch']}, micro-batches {position['index']}..{position['index'] + len(batches) - 1} "
+                       f"of that epoch's order, seed {position['seed']}); stopped without updating the weights. "
+                       + (f"Last good checkpoint: {last}" if last else "No checkpoint was saved yet")
+                       + " (train.on_nan=skip_step skips such steps)")
+    if targets and finite:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    elapsed = time.perf_counter() - t0
+    record = {"step": step, "epoch": round(run.stream.epoch_progress, 4),
+              "loss": nll / targets if targets else float("nan"), "lr": lr, "grad_norm": grad_norm,
+              "tokens_per_s": in_tokens * run.world / elapsed, "target_tokens": targets,
+              "step_time_s": round(elapsed, 4)}
+    if not finite:
+        record["skipped"] = "non-finite loss or gradient"
+    return record
+
+
+# --- phase 5b: evaluation, the step record, checkpoints ----------------------------------------
+
+def add_eval_and_log(run: Run, record: dict[str, Any]) -> None:
+    """Validation loss when due (every eval_every steps, and at the last step), then the record is
+    kept in the history and, when due, written to metrics.jsonl and the console."""
+    cfg, step, last = run.cfg, record["step"], record["step"] == run.total_steps
+    eval_due = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
+    if run.data.eval and (eval_due or last):
+        record["eval_loss"] = evaluate_loss(run.model, run.data.eval, cfg.train.micro_batch_size, run.data.pad_id,
+                                            run.accelerator)
+        if last:
+            run.result.eval_loss = record["eval_loss"]
+    run.result.history.append(record)
+    run.result.final_loss = record["loss"]
+    if step % cfg.train.log_every == 0 or last or "eval_loss" in record or "skipped" in record:
+        run.logged_steps.append(step)
+        run.metrics.write(record)
+        run.metrics.show(record, run.total_steps)
+
+
+def checkpoint_due(run: Run, step: int, epoch_before: int, stop: "StopRequest") -> bool:
+    every = run.cfg.checkpoint.every_steps
+    return bool(every and step % every == 0) or (run.cfg.checkpoint.every_epoch and run.stream.epoch > epoch_before) \
+        or stop.signum is not None
+
+
+def save_run_checkpoint(run: Run, step: int) -> Path:
+    state = {"step": step, "consumed_micro_batches": run.consumed, "data": run.stream.state(),
+             "num_processes": run.world, "data_fingerprint": run.fingerprint or data_fingerprint(run.data.units),
+             "metrics": run.result.history, "logged_steps": run.logged_steps,
+             "match_before": _acc(run.result.match_before), "config": run.cfg.model_dump(mode="json")}
+    path = save_checkpoint(run.accelerator, run.out, step, state, run.scheduler, run.cfg.checkpoint.keep_last)
+    if run.main:
+        run.console.print(f"[dim]checkpoint {path}[/dim]")
+    return path
+
+
+# --- phase 6: save the model, match evaluation after training ----------------------------------
+
+def finish(run: Run) -> None:
+    run.accelerator.wait_for_everyone()
+    if not run.main:
+        return
+    unwrapped = run.accelerator.unwrap_model(run.model)
+    save_model(unwrapped, run.data.tokenizer, run.out, run.data.template)
+    run.console.print(f"[bold green]saved[/bold green] model + tokenizer to {run.out}")
+    if run.cfg.match_eval is not None:
+        run.result.match_after = run_match_eval(unwrapped, run, "after")
+        summary = {"before": _acc(run.result.match_before), "after": _acc(run.result.match_after)}
+        (run.out / "match_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def _test_hooks(step: int) -> None:
@@ -402,13 +495,13 @@ def _match_from_state(saved: dict | None) -> MatchResult | None:
     return None if saved is None else MatchResult(saved["correct"], saved["total"], [])
 
 
-def run_match_eval(model, tokenizer, examples, cfg: SFTConfig, template, console: Console, when: str) -> MatchResult:
+def run_match_eval(model, run: Run, when: str) -> MatchResult:
     t0 = time.perf_counter()
-    res = exact_match(model, tokenizer, examples, cfg.match_eval, template)
-    console.print(f"[bold]exact match {when} training[/bold]: {res.correct}/{res.total} = {res.accuracy:.1%} "
-                  f"({time.perf_counter() - t0:.0f}s)")
+    res = exact_match(model, run.data.tokenizer, run.match_examples, run.cfg.match_eval, run.data.template)
+    run.console.print(f"[bold]exact match {when} training[/bold]: {res.correct}/{res.total} = {res.accuracy:.1%} "
+                      f"({time.perf_counter() - t0:.0f}s)")
     for prompt, ref, pred in res.samples[:3]:
-        console.print(f"  {prompt[:60]!r} -> {pred.strip()[:60]!r} (reference {ref[:60]!r})", highlight=False)
+        run.console.print(f"  {prompt[:60]!r} -> {pred.strip()[:60]!r} (reference {ref[:60]!r})", highlight=False)
     return res
 
 

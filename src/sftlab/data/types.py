@@ -1,0 +1,50 @@
+"""Shared data types and constants of the data pipeline (a leaf module: it imports nothing of sftlab).
+
+- `IGNORE_INDEX`: the label of a position that carries no loss (PyTorch's cross-entropy default).
+- `TokenizedExample`: token ids and labels ALIGNED with them (label i is the target of position i;
+  `model/loss.py` does the next-token shift). The CS336 interface (`data/cs336.py`) is the one place
+  that hands out labels already shifted, as that assignment specifies.
+- The errors: `DataError` (the data cannot be used), `BadRecord` (one unusable row, with its place),
+  `TemplateError` (a chat template cannot render/mask a conversation exactly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # aligned with input_ids; IGNORE_INDEX where no loss
+
+    @property
+    def num_targets(self) -> int:
+        # the first position is never predicted, so it never counts
+        return max(0, len(self.labels) - 1 - self.labels[1:].count(IGNORE_INDEX))
+
+
+class DataError(ValueError):
+    """The data cannot be used; the message names the source and what is wrong."""
+
+
+class TemplateError(ValueError):
+    """The chat template cannot render this conversation in a way we can mask exactly."""
+
+
+class BadRecord(ValueError):
+    """One unusable row: where it is (file:line, or 'source row N'), which field, and why."""
+
+    def __init__(self, source: str, line: int, field_name: str | None, reason: str, unit: str = "line"):
+        self.source, self.line, self.field_name, self.reason, self.unit = source, line, field_name, reason, unit
+        super().__init__(f"{self.where}" + (f" field '{field_name}'" if field_name else "") + f": {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across tokenization worker processes
+        return BadRecord, (self.source, self.line, self.field_name, self.reason, self.unit)
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}" if self.unit == "line" else f"{self.source} row {self.line}"
