@@ -28,6 +28,8 @@ class ModelConfig(_Strict):
     # "default" is the embedded SmolLM2-135M-Instruct GGUF; else a local HF dir, a .gguf file, or a hub id.
     name_or_path: str = "default"
     gguf_file: str | None = None  # file name inside name_or_path when it is a directory holding GGUFs
+    # The dtype the weights are stored (and saved) in. bfloat16: the optimizer keeps fp32 master weights,
+    # so small updates are not lost to bf16 rounding (train/precision.py).
     dtype: Literal["float32", "bfloat16"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     trust_remote_code: bool = False
@@ -83,6 +85,9 @@ class OptimConfig(_Strict):
 class TrainConfig(_Strict):
     output_dir: str = "runs/sft"
     micro_batch_size: int = Field(8, gt=0)
+    # A token budget per micro-batch instead of a row count: packed rows, or length-grouped padded
+    # examples, fill each micro-batch up to this many tokens (padding included). Overrides micro_batch_size.
+    micro_batch_tokens: int | None = Field(None, gt=0)
     grad_accum_steps: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0)  # overrides num_epochs when set
     num_epochs: float = Field(1.0, gt=0)
@@ -91,6 +96,16 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(None, gt=0)  # steps; None: only at the end (when there is eval data)
     deterministic: bool = False  # torch.use_deterministic_algorithms
     gradient_checkpointing: bool = False
+    # auto: bf16 where the device runs it fast (CUDA with bf16; a CPU with AMX or AVX512-BF16), else fp32.
+    # bf16/fp16: low-precision compute with fp32 master weights and optimizer state (through Accelerate).
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # target: the output projection and cross-entropy only at positions whose next token is a target,
+    # in chunks of loss_chunk_tokens (no [tokens x vocab] logits); full: the model's own logits everywhere.
+    loss_head: Literal["target", "full"] = "target"
+    loss_chunk_tokens: int = Field(4096, gt=0)
+    compile: bool = False  # torch.compile the model
+    liger: bool = False  # Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); CUDA + liger-kernel
+    peak_flops: float | None = Field(None, gt=0)  # for MFU; None: measured at start by a short matmul probe
     # "auto": continue from the latest complete checkpoint in output_dir, else start fresh;
     # a path: continue from that checkpoint; None: always start fresh.
     resume: str | None = None
@@ -121,9 +136,13 @@ class SFTConfig(_Strict):
     match_eval: MatchEvalConfig | None = None  # run before and after training when set
 
     @model_validator(mode="after")
-    def _needs_training_data(self) -> "SFTConfig":
+    def _check_across_sections(self) -> "SFTConfig":
         if not self.data.train:
             raise ValueError("data.train: at least one training source is required")
+        budget = self.train.micro_batch_tokens
+        if budget is not None and budget < self.data.max_seq_length:
+            raise ValueError(f"train.micro_batch_tokens ({budget}) must be at least data.max_seq_length "
+                             f"({self.data.max_seq_length}): a micro-batch must hold the longest row")
         return self
 
 

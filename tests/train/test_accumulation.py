@@ -75,3 +75,25 @@ def test_summed_nll_matches_transformers_loss(tiny_model):
     out = tiny_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
     n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
     torch.testing.assert_close(summed_nll(out.logits, b["labels"]) / n, out.loss, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [60, 100, 1000])
+def test_token_budget_micro_batches_give_the_same_gradient(budget):
+    """Token-budget micro-batches (length-grouped, padding included in the budget), with the
+    target-only loss head, give the gradient of one batch of all the examples."""
+    from sftlab.data.collate import token_budget_batches
+    from sftlab.model.loss import TargetLossHead
+
+    examples = make_examples(64)
+    ref, ref_loss = grads_after_step(examples, 8)
+    lengths = [len(e.input_ids) for e in examples]
+    groups = token_budget_batches(list(range(len(examples))), lengths, budget, window=4)
+    assert sorted(i for g in groups for i in g) == list(range(len(examples)))
+    assert all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= budget for g in groups)
+    model = build_model(vocab_size=64, seed=3)
+    batches = [pad_collate([examples[i] for i in g], pad_id=2) for g in groups]
+    nll, targets = train_step(model, batches, Accelerator(cpu=True), TargetLossHead.for_model(model, 5))
+    assert nll / targets == pytest.approx(ref_loss, rel=1e-6)
+    for name, p in model.named_parameters():
+        rel = (p.grad - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)
+        assert rel <= 1e-5, f"{name}: relative gradient difference {rel:.2e} with a {budget}-token budget"

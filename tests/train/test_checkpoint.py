@@ -123,15 +123,20 @@ def test_sigterm_checkpoints_and_exits_143(tiny_model_dir, chat_file, tmp_path):
 
 
 def _nan_on_call(n: int, monkeypatch):
-    real = loop_mod.summed_nll
+    """The run's micro-batch loss turns NaN on its n-th call."""
+    real_build = loop_mod.build_loss_fn
     calls = {"n": 0}
 
-    def fake(logits, labels):
-        calls["n"] += 1
-        out = real(logits, labels)
-        return out * float("nan") if calls["n"] == n else out
+    def build(*args, **kwargs):
+        real = real_build(*args, **kwargs)
 
-    monkeypatch.setattr(loop_mod, "summed_nll", fake)
+        def fake(model, batch):
+            calls["n"] += 1
+            out = real(model, batch)
+            return out * float("nan") if calls["n"] == n else out
+        return fake
+
+    monkeypatch.setattr(loop_mod, "build_loss_fn", build)
 
 
 def test_nan_stop_keeps_last_good_checkpoint(tiny_model_dir, chat_file, tmp_path, monkeypatch):

@@ -29,7 +29,8 @@ def test_two_processes_match_one(tiny_model_dir, chat_file, tmp_path):
         tree = {"model": {"name_or_path": str(tiny_model_dir)},
                 "data": {"train": [{"path": str(chat_file)}], "max_seq_length": 256},
                 "optim": {"lr": 3e-3, "warmup_steps": 0},
-                "train": {"output_dir": str(out), "micro_batch_size": micro, "grad_accum_steps": 2, "max_steps": 3}}
+                "train": {"output_dir": str(out), "micro_batch_size": micro, "grad_accum_steps": 2, "max_steps": 3,
+                              "mixed_precision": "no"}}  # exact fp32 math: 1e-5 agreement
         path = tmp_path / f"{out.name}.yaml"
         path.write_text(yaml.safe_dump(tree))
         return str(path)

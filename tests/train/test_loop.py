@@ -130,3 +130,65 @@ def test_match_eval_before_and_after(tiny_model_dir, chat_file, tmp_path):
     assert res.match_before.total == res.match_after.total == 3
     summary = json.loads((tmp_path / "run" / "match_eval.json").read_text())
     assert summary["after"]["total"] == 3 and 0 <= summary["after"]["accuracy"] <= 1
+
+
+def _saved_weights(out):
+    from safetensors.torch import load_file
+    return load_file(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("dtype,mixed,saved", [("float32", "bf16", torch.float32), ("bfloat16", "no", torch.bfloat16),
+                                               ("bfloat16", "bf16", torch.bfloat16)])
+def test_bf16_modes_learn_and_save_the_dtype_asked_for(tiny_model_dir, chat_file, tmp_path, dtype, mixed, saved):
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_model_dir, chat_file, out, max_steps=6, mixed_precision=mixed)
+    cfg.model.dtype = dtype
+    res = run_training(cfg)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["mixed_precision"] == mixed and info["weights_dtype"] == dtype
+    assert info["master_weights_fp32"] is (mixed == "bf16" or dtype == "bfloat16")
+    assert {w.dtype for w in _saved_weights(out).values()} == {saved}
+
+
+def test_mixed_bf16_saves_the_fp32_master_weights(tiny_model_dir, chat_file, tmp_path):
+    """bf16 compute copies are rounded from fp32 masters: the saved fp32 weights are NOT bf16-representable
+    (small updates were kept), and they equal what a resumed run would continue from."""
+    out = tmp_path / "run"
+    res = run_training(make_cfg(tiny_model_dir, chat_file, out, max_steps=3, mixed_precision="bf16"))
+    assert res.history[-1]["step"] == 3
+    w = _saved_weights(out)
+    off_grid = sum(int((t != t.bfloat16().float()).sum()) for t in w.values())
+    assert off_grid > 0.5 * sum(t.numel() for t in w.values())
+
+
+def test_target_head_and_full_logits_train_the_same(tiny_model_dir, chat_file, tmp_path):
+    runs = {}
+    for head in ("target", "full"):
+        cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / head, max_steps=3, mixed_precision="no", loss_head=head,
+                       loss_chunk_tokens=7)
+        runs[head] = run_training(cfg)
+        assert json.loads((tmp_path / head / "run.json").read_text())["loss_head"] == head
+    for a, b in zip(runs["target"].history, runs["full"].history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["eval_loss" if "eval_loss" in a else "loss"] == pytest.approx(b["eval_loss" if "eval_loss" in b
+                                                                                 else "loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("packing", ["none", "bfd"])
+def test_token_budget_micro_batches_run(tiny_model_dir, chat_file, tmp_path, packing):
+    cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / "run", max_steps=4, micro_batch_tokens=256)
+    cfg.data.packing = packing
+    cfg.data.max_seq_length = 128
+    res = run_training(cfg)
+    for r in res.history:
+        assert r["target_tokens"] > 0 and 0 <= r["padding"] < 1 and 0 < r["mfu"] < 1
+        assert r["tokens_per_s"] >= r["target_tokens_per_s"] > 0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"mfu", "target_tokens_per_s", "padding"} <= lines[0].keys()
+
+
+def test_micro_batch_tokens_below_max_seq_length_is_refused(tiny_model_dir, chat_file, tmp_path):
+    from sftlab.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="micro_batch_tokens"):
+        load_config(None, ["train.micro_batch_tokens=100", "data.max_seq_length=256"])

@@ -1,8 +1,9 @@
 """Turn tokenized examples into model-ready tensors, and order them into micro-batches.
 
 `pad_collate` right-pads a micro-batch and returns an attention mask. `MicroBatchStream` yields
-micro-batches forever, one seeded permutation per epoch, and knows its position (epoch, batch
-index within the epoch) so a run can be resumed exactly.
+micro-batches forever, one seeded permutation per epoch (fixed row counts, or token budgets with
+length grouping), and knows its position (epoch, batch index within the epoch) so a run can be
+resumed exactly.
 """
 
 from __future__ import annotations
@@ -34,17 +35,66 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int
     return torch.randperm(n, generator=g).tolist()
 
 
+def token_budget_batches(order: Sequence[int], lengths: Sequence[int], max_tokens: int,
+                         window: int = 512) -> list[list[int]]:
+    """Cut `order` into micro-batches whose padded size (rows x longest row) stays within `max_tokens`.
+
+    Length grouping: each window of `window` consecutive units of the (shuffled) order is sorted by
+    length, longest first, then filled greedily, so rows of similar length share a micro-batch and
+    little padding is added; which units meet stays random across windows and epochs. A unit longer
+    than the budget gets a micro-batch of its own.
+    """
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])  # stable: ties keep their order
+        batch: list[int] = []
+        for i in chunk:
+            if batch and (len(batch) + 1) * lengths[batch[0]] > max_tokens:
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            batches.append(batch)
+    return batches
+
+
 class MicroBatchStream:
-    """Endless micro-batches of example indices: epoch after epoch, each in its own seeded order."""
+    """Endless micro-batches of example indices: epoch after epoch, each in its own seeded order.
+
+    Fixed-size micro-batches of `batch_size` units, or, with `max_tokens` (and the units' `lengths`),
+    token-budget micro-batches (`token_budget_batches`) in a seeded order. Either way the position
+    (epoch, micro-batches taken in it) identifies the next micro-batch exactly, for resume.
+    """
 
     def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool = True,
-                 epoch: int = 0, index: int = 0):
+                 epoch: int = 0, index: int = 0, lengths: Sequence[int] | None = None,
+                 max_tokens: int | None = None):
+        if max_tokens is not None and (lengths is None or len(lengths) != num_examples):
+            raise ValueError("token-budget micro-batches need the length of every unit")
         self.num_examples, self.batch_size, self.seed, self.shuffle = num_examples, batch_size, seed, shuffle
+        self.lengths, self.max_tokens = lengths, max_tokens
         self.epoch, self.index = epoch, index  # index = micro-batches already taken in this epoch
+        self._cached: tuple[int, list[list[int]]] | None = None
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The micro-batches of `epoch`, in order."""
+        if self._cached is None or self._cached[0] != epoch:
+            order = epoch_order(self.num_examples, self.seed, epoch, self.shuffle)
+            if self.max_tokens is None:
+                batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            else:
+                batches = token_budget_batches(order, self.lengths, self.max_tokens)
+                if self.shuffle:  # the sorted windows must not put long batches first every epoch
+                    g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7_919)
+                    batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+            self._cached = (epoch, batches)
+        return self._cached[1]
 
     @property
     def batches_per_epoch(self) -> int:
-        return -(-self.num_examples // self.batch_size)
+        if self.max_tokens is None:
+            return -(-self.num_examples // self.batch_size)
+        return len(self.batches(self.epoch))
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
@@ -54,13 +104,10 @@ class MicroBatchStream:
         return self.epoch + self.index / self.batches_per_epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        order, order_epoch = [], None
         while True:
-            if order_epoch != self.epoch:
-                order, order_epoch = epoch_order(self.num_examples, self.seed, self.epoch, self.shuffle), self.epoch
-            start = self.index * self.batch_size
-            batch = order[start:start + self.batch_size]
+            batches = self.batches(self.epoch)
+            batch = batches[self.index]
             self.index += 1
-            if self.index == self.batches_per_epoch:  # the epoch ends with this batch: position = next epoch
+            if self.index == len(batches):  # the epoch ends with this batch: position = next epoch
                 self.epoch, self.index = self.epoch + 1, 0
             yield batch

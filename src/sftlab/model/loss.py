@@ -1,17 +1,40 @@
 """Token-level causal-LM loss, summed, so callers can normalise over a whole optimizer step.
 
 `labels` are aligned with `input_ids` (IGNORE_INDEX = -100 where no loss); the shift happens
-here. Returning the sum (not the mean) lets gradient accumulation divide by the number of target
+here: position t predicts token t + 1, so the label at t + 1 is the target of position t.
+Returning the sum (not the mean) lets gradient accumulation divide by the number of target
 tokens of the entire optimizer step, across micro-batches and ranks, instead of averaging
 per-micro-batch means (which over-weights short micro-batches).
+
+Two ways to get that sum from a model and a batch:
+
+- `full_nll`: the reference. The model's own forward gives [B, T, V] logits for every position
+  (prompt and padding included); `summed_nll` upcasts them to float32 and sums the cross-entropy.
+- `TargetLossHead`: the same number without the [T x V] logits. It runs the model with its output
+  projection shadowed by identity (so `model(...).logits` is the final hidden state, and the
+  forward still goes through any DDP/accelerate wrapper), keeps only the N positions whose next
+  token is a target, and applies projection + cross-entropy in chunks of rows inside one autograd
+  Function that computes the gradients during the forward (softmax - onehot), so no [N x V] tensor
+  exists for the whole batch nor is saved for backward. Logit post-processing the model does in its
+  own forward (Cohere's logit_scale, Granite's logits_scaling, Gemma-2/3's final softcapping) is
+  switched off for the call and applied here. `for_model` checks the path numerically against the
+  model's own logits once and falls back to `full_nll` (with the reason logged) when it is not
+  supported or does not match.
 """
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from sftlab.data.types import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -23,3 +46,191 @@ def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[..., :-1, :].reshape(-1, logits.size(-1)).float()
     shift_labels = labels[..., 1:].reshape(-1)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def model_forward(model, batch: dict[str, torch.Tensor]):
+    """The one forward call: padded batches carry attention_mask, packed ones restarting position_ids."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                 position_ids=batch.get("position_ids"), use_cache=False)
+
+
+def full_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Reference path: full logits for every position, then `summed_nll`."""
+    return summed_nll(model_forward(model, batch).logits, batch["labels"])
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sum_i CE(post(h_i @ W.T + b), y_i), chunk by chunk; the gradients are computed in the forward.
+
+    post(z) = softcap * tanh(z * scale / softcap) (or z * scale without softcap). Matmuls run in
+    `compute_dtype`, the CE math in float32; grads come back in the dtypes of h, weight and bias.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, compute_dtype, scale, softcap, chunk, want_grad):
+        need_h, need_w, need_b = (want_grad and n for n in ctx.needs_input_grad[:3])
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            b = None if bias is None else bias.to(compute_dtype)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            gh = torch.empty_like(h) if need_h else None
+            gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+            gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+            for s in range(0, h.size(0), chunk):
+                hc, yc = h[s:s + chunk].to(compute_dtype), targets[s:s + chunk]
+                z = F.linear(hc, w, b).float()
+                if scale != 1.0:
+                    z = z * scale
+                if softcap is not None:
+                    t = torch.tanh(z / softcap)
+                    z = t * softcap
+                lse = torch.logsumexp(z, dim=-1)
+                total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
+                if not (need_h or need_w or need_b):
+                    continue
+                g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(yc), device=g.device), yc] -= 1.0  # d CE / d post(z)
+                if softcap is not None:
+                    g.mul_(1.0 - t * t)
+                if scale != 1.0:
+                    g.mul_(scale)
+                if gb is not None:
+                    gb += g.sum(0)
+                g = g.to(compute_dtype)
+                if gh is not None:
+                    gh[s:s + chunk] = g @ w
+                if gw is not None:
+                    gw += g.t() @ hc
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gh, gw, gb = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (None if gh is None else gh * grad_out.to(gh.dtype),
+                None if gw is None else (gw * grad_out).to(w_dtype),
+                None if gb is None else (gb * grad_out).to(b_dtype),
+                None, None, None, None, None, None)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class TargetLossHead:
+    """Summed next-token NLL computed only at target positions; build once per run with `for_model`.
+
+    `head(model, batch)` takes the model as the training loop calls it (possibly a DDP/accelerate
+    wrapper of the model given to `for_model`). `mode` is "target" (the chunked path) or "full"
+    (`full_nll`, with `reason` saying why).
+    """
+
+    def __init__(self, unwrapped: nn.Module, chunk_tokens: int = 4096, mode: str = "target", reason: str = ""):
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self.chunk_tokens = chunk_tokens
+        self.mode, self.reason = mode, reason
+        self._out = unwrapped.get_output_embeddings() if mode == "target" else None
+        # (object, attribute, neutral value) switched off during the call; their effect is applied here
+        self._neutral: list[tuple[Any, str, Any]] = []
+        self.scale, self.softcap = 1.0, None
+        cfg = getattr(unwrapped, "config", None)
+        if mode == "target":
+            if getattr(cfg, "final_logit_softcapping", None) is not None:  # Gemma-2/3
+                self.softcap = float(cfg.final_logit_softcapping)
+                self._neutral.append((cfg, "final_logit_softcapping", None))
+            if _number(getattr(unwrapped, "logit_scale", None)):  # Cohere: logits * self.logit_scale
+                self.scale *= float(unwrapped.logit_scale)
+                self._neutral.append((unwrapped, "logit_scale", 1.0))
+            if _number(getattr(cfg, "logits_scaling", None)) and cfg.logits_scaling != 1:  # Granite: logits / it; MiniCPM3: hidden / it (no bias: same)
+                self.scale /= float(cfg.logits_scaling)
+                self._neutral.append((cfg, "logits_scaling", 1.0))
+
+    @classmethod
+    def for_model(cls, model: nn.Module, chunk_tokens: int = 4096) -> "TargetLossHead":
+        """`model`: the unwrapped HF causal LM. Falls back to mode "full" when unsupported."""
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if type(out) is not nn.Linear or not out.weight.is_floating_point() or out.weight.is_meta:
+            reason = f"output embedding is {type(out).__name__}, not a plain floating-point nn.Linear"
+        else:
+            head = cls(model, chunk_tokens)
+            reason = head._self_check(model)
+            if not reason:
+                log.info("loss head: target-only (chunks of %d rows, scale %g, softcap %s)",
+                         chunk_tokens, head.scale, head.softcap)
+                return head
+        log.warning("loss head: full logits (%s)", reason)
+        return cls(model, chunk_tokens, mode="full", reason=reason)
+
+    @contextmanager
+    def _hidden_states_as_logits(self):
+        """Within: `model(...).logits` is the final hidden state (output projection = identity)."""
+        mod = self._out
+        shadowed = mod.__dict__.get("forward")  # e.g. an accelerate hook's forward, put back after
+        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in self._neutral]
+        try:
+            mod.forward = _identity
+            for obj, name, value in self._neutral:
+                setattr(obj, name, value)
+            yield
+        finally:
+            for obj, name, value in saved:
+                setattr(obj, name, value)
+            if shadowed is None:
+                del mod.forward
+            else:
+                mod.forward = shadowed
+
+    def _compute_dtype(self, hidden: torch.Tensor) -> torch.dtype:
+        dev = hidden.device.type
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return torch.promote_types(hidden.dtype, self._out.weight.dtype)
+
+    def _post(self, z: torch.Tensor) -> torch.Tensor:
+        """The model's logit post-processing, in float32 (self-check only)."""
+        z = z.float() * self.scale
+        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
+
+    def _self_check(self, model: nn.Module) -> str:
+        """Compare hidden-path logits with the model's own on a tiny input; '' if they match."""
+        w = self._out.weight
+        ids = (torch.arange(16, device=w.device).view(2, 8) * 37 + 5) % w.size(0)
+        modes = {m: m.training for m in model.modules()}
+        try:
+            model.eval()
+            with torch.no_grad():
+                ref = model(input_ids=ids, use_cache=False).logits.float()
+                with self._hidden_states_as_logits():
+                    hidden = model(input_ids=ids, use_cache=False).logits
+                if hidden.shape != (2, 8, w.size(1)):
+                    return f"hidden-state path gave shape {tuple(hidden.shape)}, expected (2, 8, {w.size(1)})"
+                ours = self._post(F.linear(hidden.to(w.dtype), w, self._out.bias))
+        except Exception as e:  # unknown architecture: the reference path still works
+            return f"self-check failed: {type(e).__name__}: {e}"
+        finally:
+            for m, training in modes.items():
+                m.train(training)
+        tol = 1e-4 if w.dtype == torch.float32 else 2e-2
+        err = (ours - ref).abs().max().item()
+        if ref.shape != ours.shape or not err <= tol * max(1.0, ref.abs().max().item()):
+            return f"self-check mismatch: max |diff| {err:.3g} vs the model's own logits"
+        return ""
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.mode != "target":
+            return full_nll(model, batch)
+        with self._hidden_states_as_logits():
+            hidden = model_forward(model, batch).logits  # [B, T, H]
+        labels = batch["labels"]
+        mask = labels[:, 1:] != IGNORE_INDEX
+        h, y = hidden[:, :-1][mask], labels[:, 1:][mask]  # [N, H], [N]
+        out = self._out
+        return _ChunkedLinearCE.apply(h, out.weight, out.bias, y, self._compute_dtype(hidden),
+                                      self.scale, self.softcap, self.chunk_tokens, torch.is_grad_enabled())

@@ -24,6 +24,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import parse_flag_from_env, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -41,12 +43,17 @@ from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 from sftlab.model.generate import MatchResult, exact_match, load_match_examples
 from sftlab.model.loading import load_model
 from sftlab.model.vocab import resize_for_new_tokens
-from sftlab.model.loss import count_targets, summed_nll
+from sftlab.model.loss import TargetLossHead, count_targets, full_nll
 from sftlab.train.data import RunData, prepare_run_data
 from sftlab.train.checkpoint import (COMPLETE, latest_checkpoint, load_checkpoint, read_state,
                                      save_checkpoint)
 from sftlab.train.metrics import MetricsLog
 from sftlab.train.optim import build_optimizer, build_scheduler
+from sftlab.train.precision import master_weight_optimizer, resolve_mixed_precision
+from sftlab.train.throughput import FlopCounter, measure_peak_flops
+
+
+LossFn = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]  # (model, micro-batch) -> summed NLL
 
 
 class RunError(RuntimeError):
@@ -85,7 +92,9 @@ def plan_micro_batches(cfg: SFTConfig, batches_per_epoch: int) -> tuple[int, int
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[TokenizedExample], batch_size: int, pad_id: int,
-                  accelerator: Accelerator) -> float:
+                  accelerator: Accelerator, loss_fn: LossFn | None = None) -> float:
+    """Mean NLL over the target tokens of `examples` (padded micro-batches, shared over ranks)."""
+    loss_fn = loss_fn or full_nll
     model = accelerator.unwrap_model(model)  # plain forward: ranks may run different numbers of batches
     was_training = model.training
     model.eval()
@@ -93,22 +102,19 @@ def evaluate_loss(model, examples: list[TokenizedExample], batch_size: int, pad_
     rank, world = accelerator.process_index, accelerator.num_processes
     for start in range(rank * batch_size, len(examples), batch_size * world):
         batch = {k: v.to(accelerator.device) for k, v in pad_collate(examples[start:start + batch_size], pad_id).items()}
-        nll += summed_nll(forward_logits(model, batch), batch["labels"]).double().cpu()
+        nll += loss_fn(model, batch).double().cpu()
         count += count_targets(batch["labels"])
     totals = accelerator.reduce(torch.tensor([nll.item(), float(count)], device=accelerator.device), "sum")
     model.train(was_training)
     return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
 
 
-def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Padded batches carry an attention mask; packed ones carry restarting position_ids and no mask
-    (transformers then builds a block-diagonal mask: no document attends to another)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                 position_ids=batch.get("position_ids"), use_cache=False).logits
-
-
-def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> tuple[float, int]:
+def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator,
+               loss_fn: LossFn | None = None) -> tuple[float, int]:
     """Forward/backward over the micro-batches of one optimizer step.
+
+    `loss_fn(model, batch)` gives a micro-batch's summed NLL: `full_nll` (the model's logits) by
+    default, or the run's `TargetLossHead` (the same sum without logits for non-target positions).
 
     Returns (summed NLL over all ranks, global target tokens).
     The loss each micro-batch back-propagates is its NLL sum / global target count, times the
@@ -120,11 +126,12 @@ def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accel
     if global_targets == 0:
         return 0.0, 0
     scale = accelerator.num_processes / global_targets
+    loss_fn = loss_fn or full_nll
     step_nll = torch.zeros((), dtype=torch.float64)
     for k, batch in enumerate(batches):
         sync = k == len(batches) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            nll = summed_nll(forward_logits(model, batch), batch["labels"])
+            nll = loss_fn(model, batch)
             accelerator.backward(nll * scale)
         step_nll += nll.detach().double().cpu()
     total_nll = float(accelerator.reduce(step_nll.to(accelerator.device), "sum"))
@@ -243,6 +250,10 @@ class Run:
     fingerprint: str | None = None
     logged_steps: list[int] = field(default_factory=list)  # steps written to metrics.jsonl
     metrics: MetricsLog | None = None
+    mixed_precision: str = "no"  # what Accelerate runs: no | bf16 | fp16
+    loss_fn: LossFn | None = None
+    flops: FlopCounter | None = None
+    peak_flops: float | None = None
 
     @property
     def main(self) -> bool:
@@ -266,8 +277,24 @@ def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
 
 # --- phase 1: the run, its output directory and its resume point ------------------------------
 
+def run_device_type() -> str:
+    """The device Accelerate will pick (asked before it is built: mixed precision is fixed then)."""
+    return "cuda" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu"
+
+
 def setup_run(cfg: SFTConfig, console: Console) -> Run:
-    accelerator = Accelerator()
+    try:
+        mixed, why = resolve_mixed_precision(cfg.train.mixed_precision, run_device_type())
+    except ValueError as e:
+        raise RunError(f"train.mixed_precision: {e}") from None
+    # Accelerate keeps one process-wide state: a later run in the same process (tests, notebooks) may
+    # choose another mixed precision, so it starts from a clean one (the process group is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision=mixed)
+    if accelerator.is_main_process:
+        console.print(f"[bold]precision[/bold]: weights {cfg.model.dtype}, compute "
+                      f"{'bf16' if mixed == 'bf16' else mixed if mixed == 'fp16' else cfg.model.dtype} ({why})",
+                      highlight=False)
     out = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         check_output_dir(out)
@@ -277,7 +304,8 @@ def setup_run(cfg: SFTConfig, console: Console) -> Run:
     set_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    return Run(cfg, console, accelerator, out, resume_from, TrainResult(output_dir=out, steps=0, final_loss=None))
+    return Run(cfg, console, accelerator, out, resume_from, TrainResult(output_dir=out, steps=0, final_loss=None),
+               mixed_precision=mixed)
 
 
 # --- phase 2: data (fails fast on bad rows, before any weights are loaded) ---------------------
@@ -306,12 +334,41 @@ def setup_model_and_optimizer(run: Run) -> None:
     model.train()
     if run.main:
         check_disk_space(run.out, model, cfg)
-    run.stream = MicroBatchStream(len(data.units), cfg.train.micro_batch_size * run.world, cfg.train.seed)
+    run.flops = FlopCounter(model)
+    if run.mixed_precision == "bf16":
+        # bf16 copies of the weights do the compute, refreshed from the optimizer's fp32 master weights
+        # once per optimizer step (MasterWeightAdamW): no per-op re-cast of fp32 weights under autocast.
+        model.to(torch.bfloat16)
+    run.loss_fn = build_loss_fn(cfg, model, run.console if run.main else None)
+    run.stream = build_stream(cfg, data.units, run.world)
     run.total_steps, run.total_micro = plan_micro_batches(cfg, run.stream.batches_per_epoch)
     run.result.steps = run.total_steps
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim)  # fp32 master weights for any low-precision parameter
     run.scheduler = build_scheduler(optimizer, cfg.optim, run.total_steps)
+    if cfg.train.compile:
+        model = torch.compile(model)
     run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
+    run.peak_flops = cfg.train.peak_flops or measure_peak_flops(
+        run.accelerator.device, torch.bfloat16 if run.mixed_precision == "bf16" else next(model.parameters()).dtype)
+
+
+def build_stream(cfg: SFTConfig, units, world: int) -> MicroBatchStream:
+    """Fixed-size micro-batches (micro_batch_size units per rank) or token budgets (micro_batch_tokens)."""
+    if cfg.train.micro_batch_tokens is None:
+        return MicroBatchStream(len(units), cfg.train.micro_batch_size * world, cfg.train.seed)
+    lengths = [len(u.input_ids) for u in units]
+    return MicroBatchStream(len(units), 0, cfg.train.seed, lengths=lengths,
+                            max_tokens=cfg.train.micro_batch_tokens * world)
+
+
+def build_loss_fn(cfg: SFTConfig, model, console: Console | None) -> LossFn:
+    """The micro-batch loss: the target-only chunked head, or the model's full logits."""
+    if cfg.train.loss_head == "full":
+        return full_nll
+    head = TargetLossHead.for_model(model, cfg.train.loss_chunk_tokens)
+    if head.mode != "target" and console is not None:
+        console.print(f"[yellow]loss head[/yellow]: full logits ({head.reason})", highlight=False)
+    return head if head.mode == "target" else full_nll
 
 
 # --- phase 4: continue from a checkpoint, or start (match evaluation before training) ----------
@@ -327,9 +384,20 @@ def resume_or_start(run: Run) -> None:
         logged = set(run.logged_steps)
         run.metrics.rewrite([r for r in run.result.history if r["step"] in logged])
         (run.out / "config.yaml").write_text(dump_config(cfg))
+        (run.out / "run.json").write_text(json.dumps(run_info(run), indent=1) + "\n")
         run.console.print(f"[bold]train[/bold]: {run.total_steps} optimizer steps x {cfg.train.grad_accum_steps} "
                           f"micro-batches of {cfg.train.micro_batch_size} (x{run.world} processes); "
                           f"{run.stream.batches_per_epoch} micro-batches/epoch")
+
+
+def run_info(run: Run) -> dict[str, Any]:
+    """What `auto` settings resolved to on this machine (also printed at start)."""
+    head = run.loss_fn
+    return {"mixed_precision": run.mixed_precision, "weights_dtype": run.cfg.model.dtype,
+            "compute_dtype": "bfloat16" if run.mixed_precision == "bf16" else run.cfg.model.dtype,
+            "master_weights_fp32": master_weight_optimizer(run.optimizer) is not None,
+            "loss_head": getattr(head, "mode", "full"), "loss_head_reason": getattr(head, "reason", ""),
+            "device": str(run.accelerator.device), "num_processes": run.world, "peak_flops": run.peak_flops}
 
 
 def restore_checkpoint(run: Run) -> None:
@@ -378,22 +446,26 @@ def fit(run: Run) -> None:
                                   128 + stop.signum)
 
 
-def next_micro_batches(run: Run, batches_iter) -> tuple[list[dict[str, torch.Tensor]], int]:
-    """This rank's micro-batches of one optimizer step, on the device, and their input tokens."""
+def next_micro_batches(run: Run, batches_iter) -> tuple[list[dict[str, torch.Tensor]], dict[str, int]]:
+    """This rank's micro-batches of one optimizer step, on the device, and what they hold: input
+    tokens, padded positions, and the sum of squared document lengths (for attention FLOPs)."""
     data, world, rank = run.data, run.world, run.accelerator.process_index
     n_micro = min(run.cfg.train.grad_accum_steps, run.total_micro - run.consumed)
-    batches, in_tokens = [], 0
+    batches, sizes = [], {"tokens": 0, "padded": 0, "sum_sq_docs": 0}
     for _ in range(n_micro):
         idx = next(batches_iter)[rank::world]
         if idx:
-            batch = data.collate([data.units[i] for i in idx])
-            in_tokens += sum(len(data.units[i].input_ids) for i in idx)
+            units = [data.units[i] for i in idx]
+            batch = data.collate(units)
+            sizes["tokens"] += sum(len(u.input_ids) for u in units)
+            sizes["padded"] += batch["input_ids"].numel()
+            sizes["sum_sq_docs"] += sum(n * n for u in units for n in getattr(u, "doc_lengths", [len(u.input_ids)]))
         else:  # a short last batch left this rank nothing: run one unit with no targets, so DDP stays in step
             batch = data.collate([data.units[0]])
             batch["labels"].fill_(IGNORE_INDEX)
         batches.append({k: v.to(run.accelerator.device) for k, v in batch.items()})
     run.consumed += n_micro
-    return batches, in_tokens
+    return batches, sizes
 
 
 def optimizer_step(run: Run, step: int, batches_iter) -> dict[str, Any]:
@@ -401,10 +473,9 @@ def optimizer_step(run: Run, step: int, batches_iter) -> dict[str, Any]:
     cfg = run.cfg
     t0 = time.perf_counter()
     position = run.stream.state()
-    batches, in_tokens = next_micro_batches(run, batches_iter)
-    nll, targets = train_step(run.model, batches, run.accelerator)
-    max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
-    grad_norm = float(run.accelerator.clip_grad_norm_(run.model.parameters(), max_norm)) if targets else 0.0
+    batches, sizes = next_micro_batches(run, batches_iter)
+    nll, targets = train_step(run.model, batches, run.accelerator, run.loss_fn)
+    grad_norm = clip_gradients(run) if targets else 0.0
     lr = run.scheduler.get_last_lr()[0]
     finite = math.isfinite(nll) and math.isfinite(grad_norm)
     if not finite and cfg.train.on_nan == "stop":
@@ -421,11 +492,30 @@ def optimizer_step(run: Run, step: int, batches_iter) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     record = {"step": step, "epoch": round(run.stream.epoch_progress, 4),
               "loss": nll / targets if targets else float("nan"), "lr": lr, "grad_norm": grad_norm,
-              "tokens_per_s": in_tokens * run.world / elapsed, "target_tokens": targets,
+              **throughput(run, sizes, targets, elapsed), "target_tokens": targets,
               "step_time_s": round(elapsed, 4)}
     if not finite:
         record["skipped"] = "non-finite loss or gradient"
     return record
+
+
+def clip_gradients(run: Run) -> float:
+    """Clip to optim.max_grad_norm (None: only measure); returns the total norm before clipping.
+    With fp32 master weights the norm is taken (and clipped) on the fp32 master gradients."""
+    max_norm = run.cfg.optim.max_grad_norm if run.cfg.optim.max_grad_norm is not None else float("inf")
+    master = master_weight_optimizer(run.optimizer)
+    if master is not None and run.mixed_precision != "fp16":
+        return float(master.clip_grad_norm_(max_norm))
+    return float(run.accelerator.clip_grad_norm_(run.model.parameters(), max_norm))
+
+
+def throughput(run: Run, sizes: dict[str, int], targets: int, elapsed: float) -> dict[str, float]:
+    """tokens/s (input tokens, padding excluded), target tokens/s, padding share and MFU, all ranks."""
+    tokens, padded = sizes["tokens"] * run.world, sizes["padded"] * run.world
+    flops = run.flops.step_flops(sizes["tokens"], sizes["sum_sq_docs"]) * run.world
+    return {"tokens_per_s": tokens / elapsed, "target_tokens_per_s": targets / elapsed,
+            "padding": round(1 - tokens / padded, 4) if padded else 0.0,
+            "mfu": round(flops / elapsed / (run.peak_flops * run.world), 4)}
 
 
 # --- phase 5b: evaluation, the step record, checkpoints ----------------------------------------
@@ -437,7 +527,7 @@ def add_eval_and_log(run: Run, record: dict[str, Any]) -> None:
     eval_due = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
     if run.data.eval and (eval_due or last):
         record["eval_loss"] = evaluate_loss(run.model, run.data.eval, cfg.train.micro_batch_size, run.data.pad_id,
-                                            run.accelerator)
+                                            run.accelerator, run.loss_fn)
         if last:
             run.result.eval_loss = record["eval_loss"]
     run.result.history.append(record)
@@ -472,12 +562,27 @@ def finish(run: Run) -> None:
     if not run.main:
         return
     unwrapped = run.accelerator.unwrap_model(run.model)
+    unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile'd
+    master = master_weight_optimizer(run.optimizer)
+    if master is not None and run.cfg.model.dtype == "float32":
+        load_fp32_masters(unwrapped, master)  # bf16 compute copies -> the fp32 weights asked for
     save_model(unwrapped, run.data.tokenizer, run.out, run.data.template)
     run.console.print(f"[bold green]saved[/bold green] model + tokenizer to {run.out}")
     if run.cfg.match_eval is not None:
         run.result.match_after = run_match_eval(unwrapped, run, "after")
         summary = {"before": _acc(run.result.match_before), "after": _acc(run.result.match_after)}
         (run.out / "match_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+@torch.no_grad()
+def load_fp32_masters(model, master) -> None:
+    """Turn the bf16 compute copies back into fp32 parameters holding the exact master weights."""
+    model.to(torch.float32)
+    for p in model.parameters():
+        try:
+            p.copy_(master.master_of(p))
+        except KeyError:  # not optimized (frozen): its fp32 value is the bf16 one
+            pass
 
 
 def _test_hooks(step: int) -> None:

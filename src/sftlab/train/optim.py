@@ -1,4 +1,9 @@
-"""AdamW with decoupled weight decay (none on biases and norms) and the LR schedule with warmup."""
+"""AdamW with decoupled weight decay (none on biases and norms) and the LR schedule with warmup.
+
+A model with bf16/fp16 parameters gets `MasterWeightAdamW` (train/precision.py): the same AdamW on
+fp32 master copies, so updates smaller than a bf16 ulp are not lost. On CUDA the fused AdamW kernel
+is used (on CPU the default foreach implementation measured faster, see the notes in README).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch
 from transformers import get_scheduler
 
 from sftlab.config import OptimConfig
+from sftlab.train.precision import MasterWeightAdamW, needs_master_weights
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -18,7 +24,12 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    kwargs = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
+    if any(p.is_cuda for p in decay + no_decay):
+        kwargs["fused"] = True
+    if needs_master_weights(model):
+        return MasterWeightAdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

@@ -1,0 +1,328 @@
+"""Numeric precision of training: which mixed-precision mode to run, and fp32 master weights for bf16 models.
+
+Two separate problems live here.
+
+1. *Which autocast mode.* `resolve_mixed_precision(setting, device)` turns the config value
+   (`auto|no|bf16|fp16`) into what `Accelerator(mixed_precision=...)` takes, with a one-line reason for
+   the log: bf16 where the hardware runs it fast (a CUDA GPU with bf16, a CPU with AMX-BF16 or
+   AVX512-BF16, see `cpu_has_fast_bf16`), fp32 otherwise. fp16 is refused on CPU (it needs loss scaling
+   and has no fast CPU kernels).
+
+2. *Updates that vanish in bf16 weights.* With `model.dtype: bfloat16` the weights themselves are bf16:
+   8 significant bits, so a weight w only changes if its update exceeds half a unit in the last place,
+   |w| * 2**-9 to |w| * 2**-8. An AdamW step moves each weight by about lr (2e-5), while a typical weight of 0.02
+   needs 6e-5 and a norm weight of 1.0 needs 4e-3: nearly every update rounds away and the model barely
+   learns. `MasterWeightAdamW` is the usual fix: the optimizer keeps fp32 "master" copies of the
+   low-precision parameters (and fp32 Adam moments); each step reads the model's gradients into the
+   masters, runs AdamW there, and writes the masters back into the model rounded to nearest. Small
+   updates accumulate in fp32 until they change the bf16 value. The model (forward/backward, saved
+   weights) stays bf16. Parameter memory is 2 (bf16 weight) + 4 (master) + 8 (fp32 moments) bytes, plus the
+   gradient (2 in bf16 during backward, 4 on the master at step time): no less than fp32 AdamW (16); what
+   bf16 saves is activation memory and matmul time. Checkpoints hold 12 bytes per parameter of optimizer state.
+
+Design choices of `MasterWeightAdamW` (the loop adapts to them):
+
+* It IS a `torch.optim.AdamW` whose `param_groups` hold the masters, built inside the constructor from
+  the model parameters it is given (tensors or param groups, exactly like AdamW): Accelerate's wrapper,
+  LR schedulers (they write `group["lr"]`) and `state_dict()` all work unchanged. fp32 (or fp64)
+  parameters are their own masters, so a mixed model pays nothing for them.
+* Gradients live on the model's bf16 `.grad` during backward, including accumulation across
+  micro-batches: each micro-batch's gradient is added to the bf16 sum (a relative rounding of 2**-9 per
+  addition, far below the noise of a mini-batch gradient, and Adam divides it out by sqrt(v) anyway).
+  fp32 accumulation through `register_post_accumulate_grad_hook` was rejected: it has to move the
+  gradient out of `.grad` after every backward, which breaks DDP (under `no_sync` the reducer all-reduces
+  the gradient accumulated in `.grad` on the last micro-batch, so it would reduce only that one), and the
+  optimizer is built before `accelerator.prepare` decides whether the model is wrapped in DDP.
+* The gradients are moved to the masters (as fp32, model `.grad` then set to None) by `step()`, or
+  earlier by `clip_grad_norm_(max_norm)`, which then clips on the fp32 master gradients and returns the
+  fp32 total norm. That is the recommended clipping call (reach it through Accelerate's wrapper with
+  `master_weight_optimizer(optimizer)`). Clipping the model parameters instead
+  (`accelerator.clip_grad_norm_(model.parameters(), ...)`) is also valid before `step()`, since `step()`
+  reads whatever is in the model `.grad`; it only computes the norm and the scaled gradients in bf16.
+* `state_dict()` is AdamW's plus a `"master_weights"` entry {flat parameter index: fp32 tensor} for
+  the low-precision parameters (tensors, ints, floats only: loadable with `torch.load(weights_only=True)`).
+  `load_state_dict` restores the masters bitwise and writes them back into the model, so a resumed run
+  continues exactly. A state dict without that entry (from a plain AdamW) takes the masters from the
+  current model weights.
+* Masters follow their model parameter's device: if the model is moved after the optimizer was built
+  (`accelerator.prepare` moves the model to the GPU), the masters and their state move on next use.
+  Not supported: FSDP/DeepSpeed (they shard or replace parameters; use their own mixed precision), sparse
+  gradients, and a GradScaler (Accelerate's fp16 mixed precision: it unscales the optimizer's param
+  grads, which are the masters' and still empty at that point). fp16 weights are accepted but get no loss
+  scaling, so their small gradients underflow: use bf16.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+MIXED_PRECISION_SETTINGS = ("auto", "no", "bf16", "fp16")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+MASTER_KEY = "master_weights"
+
+
+# ---------------------------------------------------------------------------- hardware and autocast mode
+
+def _torch_cpu_probe(name: str) -> bool | None:
+    """torch's own CPU feature probe `name` (torch.cpu.* in recent versions, torch._C._cpu.* before), or None."""
+    for mod in (getattr(torch, "cpu", None), getattr(torch._C, "_cpu", None)):
+        fn = getattr(mod, name, None)
+        if callable(fn):
+            try:
+                return bool(fn())
+            except Exception:  # a probe that fails says nothing
+                return None
+    return None
+
+
+def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware: AMX-BF16 (Sapphire Rapids+) or AVX512-BF16.
+
+    Asks torch's probes first (AMX tiles: every CPU with AMX has AMX-BF16), then /proc/cpuinfo flags.
+    """
+    probes = [_torch_cpu_probe("_is_amx_tile_supported"), _torch_cpu_probe("_is_avx512_bf16_supported")]
+    if any(probes):
+        return True
+    if all(p is not None for p in probes):
+        return False
+    return bool(_cpuinfo_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def _cuda_bf16_supported() -> bool:
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # older torch: no including_emulation argument
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def resolve_mixed_precision(setting: str, device: torch.device | str) -> tuple[str, str]:
+    """(mode for `Accelerator(mixed_precision=...)`: "no" | "bf16" | "fp16", one-line reason for the log).
+
+    auto: bf16 on a CUDA device that supports it and on a CPU with AMX-BF16/AVX512-BF16, else no.
+    Explicit values are honoured where they can work: fp16 on CPU and bf16 on a CUDA device without bf16
+    raise ValueError; bf16 on a CPU without fast bf16 runs (correctly, but likely slower than fp32).
+    """
+    if setting not in MIXED_PRECISION_SETTINGS:
+        raise ValueError(f"mixed precision {setting!r}: expected one of {', '.join(MIXED_PRECISION_SETTINGS)}")
+    dev = torch.device(device)
+    if setting == "no":
+        return "no", "mixed precision off as configured (no autocast: compute in the model's dtype)"
+    if dev.type == "cpu":
+        fast = cpu_has_fast_bf16()
+        if setting == "fp16":
+            raise ValueError("mixed precision fp16 is not supported on CPU (it needs gradient scaling and CPUs "
+                             "have no fast fp16 kernels); use bf16 or no")
+        if setting == "auto":
+            return ("bf16", "auto: CPU has AMX-BF16/AVX512-BF16, bf16 autocast is fast") if fast else \
+                ("no", "auto: CPU has no AMX-BF16/AVX512-BF16, bf16 would be slower than fp32")
+        return "bf16", ("bf16 as configured; CPU has AMX-BF16/AVX512-BF16" if fast else
+                        "bf16 as configured; this CPU has no AMX-BF16/AVX512-BF16, so bf16 math is emulated "
+                        "and will likely be slower than fp32")
+    if dev.type == "cuda":
+        bf16 = _cuda_bf16_supported()
+        if setting == "auto":
+            return ("bf16", "auto: CUDA device supports bf16") if bf16 else \
+                ("no", "auto: CUDA device has no bf16; fp16 (with loss scaling) only if set explicitly")
+        if setting == "bf16":
+            if not bf16:
+                raise ValueError("mixed precision bf16: this CUDA device does not support bf16; use fp16 or no")
+            return "bf16", "bf16 as configured; CUDA device supports bf16"
+        return "fp16", "fp16 as configured (Accelerate scales the loss to avoid gradient underflow)"
+    if setting == "auto":
+        return "no", f"auto: no fast bf16 known for device type {dev.type!r}"
+    return setting, f"{setting} as configured on device type {dev.type!r}"
+
+
+# ---------------------------------------------------------------------------- fp32 master weights
+
+def needs_master_weights(model: torch.nn.Module) -> bool:
+    """True when some trainable parameter is bf16/fp16: plain AdamW would lose small updates there."""
+    return any(p.requires_grad and p.dtype in LOW_PRECISION for p in model.parameters())
+
+
+def master_weight_optimizer(optimizer) -> MasterWeightAdamW | None:
+    """The MasterWeightAdamW inside `optimizer` (possibly wrapped by Accelerate's AcceleratedOptimizer), else None."""
+    seen = 0
+    while optimizer is not None and seen < 4:
+        if isinstance(optimizer, MasterWeightAdamW):
+            return optimizer
+        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
+    return None
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW on fp32 master copies of low-precision (bf16/fp16) model parameters; see the module docstring.
+
+    Build it exactly like `torch.optim.AdamW`, passing the MODEL's parameters or param groups (with their
+    own hyperparameters): `MasterWeightAdamW(groups, lr=2e-5, betas=(0.9, 0.999), eps=1e-8)`. The
+    optimizer's `param_groups` then hold the masters (same structure and hyperparameters); fp32 parameters
+    are their own masters. A training step is the usual
+
+        loss.backward()                      # grads in the model's (bf16) .grad, accumulating across micro-batches
+        opt.clip_grad_norm_(max_norm)        # optional: moves grads to the fp32 masters, clips there
+        opt.step()                           # AdamW on the masters, then model params = round(masters)
+        opt.zero_grad(set_to_none=True)      # clears model and master grads
+    """
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, **adamw_kwargs) -> None:
+        # Set before AdamW.__init__, which calls our add_param_group for each group.
+        self._model_param: dict[torch.Tensor, torch.Tensor] = {}  # master -> low-precision model param
+        self._master_of: dict[int, torch.Tensor] = {}  # id(model param) -> its master (itself if fp32)
+        self._grads_on_masters = False  # model grads were moved to the masters since the last zero_grad
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **adamw_kwargs)
+
+    # --- construction
+
+    def add_param_group(self, param_group: dict) -> None:
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        masters = []
+        for item in params:
+            name, p = item if isinstance(item, tuple) else (None, item)
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"MasterWeightAdamW optimizes tensors, got {type(p).__name__}")
+            if id(p) in self._master_of:
+                raise ValueError("some parameters appear in more than one parameter group")
+            if p.dtype in LOW_PRECISION:
+                m = p.detach().to(torch.float32, copy=True)  # a leaf that never enters autograd
+                self._model_param[m] = p
+            elif p.is_floating_point():
+                m = p
+            else:
+                raise TypeError(f"MasterWeightAdamW can only optimize floating point tensors, got {p.dtype}")
+            self._master_of[id(p)] = m
+            masters.append(m if name is None else (name, m))
+        group["params"] = masters
+        super().add_param_group(group)
+
+    # --- access
+
+    def master_of(self, param: torch.Tensor) -> torch.Tensor:
+        """The fp32 master of a model parameter (the parameter itself when it is fp32)."""
+        return self._master_of[id(param)]
+
+    def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(model param, master) for the low-precision parameters, in param_groups order."""
+        return [(self._model_param[m], m) for g in self.param_groups for m in g["params"] if m in self._model_param]
+
+    def _follow_devices(self) -> None:
+        """Move masters (and their state) to their model parameter's device if the model moved."""
+        for p, m in self._pairs():
+            if m.device != p.device:
+                m.data = m.data.to(p.device)
+                if m.grad is not None:
+                    m.grad = m.grad.to(p.device)
+                st = self.state.get(m)
+                if st:
+                    for k, v in st.items():
+                        if isinstance(v, torch.Tensor) and not (k == "step" and v.device.type == "cpu"):
+                            st[k] = v.to(p.device)
+
+    @torch.no_grad()
+    def _grads_to_masters(self) -> None:
+        """Model grads -> fp32 master grads (added if some were moved already since zero_grad); model grads -> None."""
+        self._follow_devices()
+        for p, m in self._pairs():
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError("MasterWeightAdamW does not support sparse gradients")
+            if m.grad is None:
+                m.grad = g.to(torch.float32)
+            elif self._grads_on_masters:
+                m.grad.add_(g)
+            else:  # zero_grad(set_to_none=False) left a buffer to reuse
+                m.grad.copy_(g)
+            p.grad = None
+        self._grads_on_masters = True
+
+    @torch.no_grad()
+    def _masters_to_model(self) -> None:
+        for p, m in self._pairs():
+            p.copy_(m)  # fp32 -> bf16/fp16: round to nearest even
+
+    # --- the optimizer API
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None) -> torch.Tensor:
+        """Move the gradients to the fp32 masters and clip them there; returns the total norm (fp32).
+
+        Same contract as `torch.nn.utils.clip_grad_norm_` over every parameter of this optimizer.
+        """
+        self._grads_to_masters()
+        grads_of = [m for g in self.param_groups for m in g["params"] if m.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(grads_of, max_norm, norm_type=norm_type,
+                                              error_if_nonfinite=error_if_nonfinite, foreach=foreach)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._grads_to_masters()
+        super().step()
+        self._masters_to_model()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)  # master grads (fp32 params: the model grads themselves)
+        for p, _ in self._pairs():
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+        self._grads_on_masters = False
+
+    def state_dict(self) -> dict:
+        """AdamW's state dict plus {"master_weights": {flat param index: fp32 master}} (references, like AdamW's state)."""
+        sd = super().state_dict()
+        flat = [m for g in self.param_groups for m in g["params"]]
+        sd[MASTER_KEY] = {i: m for i, m in enumerate(flat) if m in self._model_param}
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore AdamW's state and the masters (bitwise), then set the model params to round(masters).
+
+        Without a "master_weights" entry (a plain AdamW state dict) the masters are taken from the
+        current model weights.
+        """
+        state_dict = dict(state_dict)
+        saved = state_dict.pop(MASTER_KEY, None)
+        flat = [m for g in self.param_groups for m in g["params"]]
+        expected = {i for i, m in enumerate(flat) if m in self._model_param}
+        if saved is not None and set(saved) != expected:
+            raise ValueError("optimizer state dict: its master weights do not match this optimizer's low-precision "
+                             f"parameters (saved for indices {sorted(saved)[:8]}..., expected {sorted(expected)[:8]}...); "
+                             "was it saved for a model of another dtype?")
+        super().load_state_dict(state_dict)
+        self._follow_devices()
+        for i in sorted(expected):
+            m = flat[i]
+            p = self._model_param[m]
+            if saved is None:
+                m.copy_(p)
+            else:
+                if saved[i].shape != m.shape:
+                    raise ValueError(f"optimizer state dict: master weight {i} has shape {tuple(saved[i].shape)}, "
+                                     f"the parameter has {tuple(m.shape)}")
+                m.copy_(saved[i])
+                p.copy_(m)

@@ -1,0 +1,77 @@
+"""Throughput accounting: model FLOPs per token, the device's peak, and MFU.
+
+Model FLOPs (what the model needs, whatever tricks the implementation uses):
+- dense: 6 x (parameters of every matmul, the output head included; embedding lookups excluded)
+  per token (2 for the forward, 4 for the backward);
+- attention: the causal QK^T and AV products. In a document of n tokens, token i attends to i
+  tokens: each product costs 2 x i x d FLOPs for it, so about n^2 x d per product and layer in the
+  forward, 2 n^2 d for both, x3 with the backward: 6 x L x d x n^2 per document (d = heads x
+  head_dim). Packing keeps documents apart, so a packed row costs the sum of its documents' squares,
+  not the square of its length.
+MFU = achieved model FLOP/s / peak FLOP/s. The peak is `train.peak_flops` when set, else measured
+once at start by a short square matmul probe in the compute dtype (so it is the machine's achievable
+peak, not a datasheet number).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def dense_params(model: torch.nn.Module) -> int:
+    """Parameters taking part in matmuls: every >= 2-D weight except input embeddings (a lookup);
+    a tied output head counts once as the head."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb_w = emb.weight if emb is not None else None
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or p.ndim < 2:
+            continue
+        seen.add(id(p))
+        if p is emb_w and not (head is not None and head.weight is emb_w):
+            continue
+        total += p.numel()
+    return total
+
+
+def attention_width(model: torch.nn.Module) -> tuple[int, int]:
+    """(layers, attention width = heads x head_dim) from the model config."""
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)
+    return layers, heads * int(head_dim)
+
+
+class FlopCounter:
+    """Model FLOPs of training steps, from the documents' lengths."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.dense = 6 * dense_params(model)
+        self.layers, self.width = attention_width(model)
+
+    def step_flops(self, tokens: int, sum_sq_doc_lengths: int) -> float:
+        return float(self.dense) * tokens + 6.0 * self.layers * self.width * sum_sq_doc_lengths
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """Achievable matmul FLOP/s of `device` in `dtype` (a square-matmul probe of about `seconds`)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.matmul(a, b)  # warm-up
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        torch.matmul(a, b)
+        reps += 1
+        if reps % 4 == 0:
+            sync()
+            if time.perf_counter() - t0 >= seconds:
+                break
+    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
