@@ -31,9 +31,13 @@ test: $(STAMP)
 # TRL is the benchmark's baseline only (never a project dependency); pinned, and installing it
 # changes nothing else in the venv (torch stays 2.13.0+cpu). BENCH_ARGS e.g. --quick, --procs 1,2 --profile.
 BENCH_ARGS ?=
+# TRAIN_BENCH_ARGS for bench_train.py (training tokens/s vs TRL), e.g. --steps 4 --cases 1 --repeats 2;
+# by default it takes --quick from BENCH_ARGS.
+TRAIN_BENCH_ARGS ?= $(filter --quick,$(BENCH_ARGS))
 bench: $(STAMP)
 	$(PY) -m pip install --quiet trl==1.16.0
 	$(PY) benchmarks/bench_data.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_train.py $(TRAIN_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"
 
@@ -99,10 +99,15 @@ class TrainConfig(_Strict):
     # auto: bf16 where the device runs it fast (CUDA with bf16; a CPU with AMX or AVX512-BF16), else fp32.
     # bf16/fp16: low-precision compute with fp32 master weights and optimizer state (through Accelerate).
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, v: Any) -> Any:
+        return "no" if v is False else v  # YAML reads a bare `no` as false
     # target: the output projection and cross-entropy only at positions whose next token is a target,
     # in chunks of loss_chunk_tokens (no [tokens x vocab] logits); full: the model's own logits everywhere.
     loss_head: Literal["target", "full"] = "target"
-    loss_chunk_tokens: int = Field(4096, gt=0)
+    loss_chunk_tokens: int = Field(1024, gt=0)
     compile: bool = False  # torch.compile the model
     liger: bool = False  # Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); CUDA + liger-kernel
     peak_flops: float | None = Field(None, gt=0)  # for MFU; None: measured at start by a short matmul probe

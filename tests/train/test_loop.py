@@ -148,6 +148,7 @@ def test_bf16_modes_learn_and_save_the_dtype_asked_for(tiny_model_dir, chat_file
     info = json.loads((out / "run.json").read_text())
     assert info["mixed_precision"] == mixed and info["weights_dtype"] == dtype
     assert info["master_weights_fp32"] is (mixed == "bf16" or dtype == "bfloat16")
+    assert info["loss_head"] == "target", info["loss_head_reason"]
     assert {w.dtype for w in _saved_weights(out).values()} == {saved}
 
 

@@ -140,6 +140,9 @@ class TargetLossHead:
         # (object, attribute, neutral value) switched off during the call; their effect is applied here
         self._neutral: list[tuple[Any, str, Any]] = []
         self.scale, self.softcap = 1.0, None
+        # optional fused kernel (weight, hidden [N, H], targets [N], bias) -> summed NLL, e.g. Liger's
+        # fused linear cross-entropy (model/kernels.py); used when it can apply the same head (scale 1)
+        self.fused_ce: Any = None
         cfg = getattr(unwrapped, "config", None)
         if mode == "target":
             if getattr(cfg, "final_logit_softcapping", None) is not None:  # Gemma-2/3
@@ -232,5 +235,7 @@ class TargetLossHead:
         mask = labels[:, 1:] != IGNORE_INDEX
         h, y = hidden[:, :-1][mask], labels[:, 1:][mask]  # [N, H], [N]
         out = self._out
+        if self.fused_ce is not None and self.scale == 1.0:
+            return self.fused_ce(out.weight, h, y, out.bias)
         return _ChunkedLinearCE.apply(h, out.weight, out.bias, y, self._compute_dtype(hidden),
                                       self.scale, self.softcap, self.chunk_tokens, torch.is_grad_enabled())

@@ -41,7 +41,8 @@ from sftlab.config import SFTConfig, dump_config
 from sftlab.data.collate import MicroBatchStream, pad_collate
 from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 from sftlab.model.generate import MatchResult, exact_match, load_match_examples
-from sftlab.model.loading import load_model
+from sftlab.model.kernels import KernelError, apply_liger
+from sftlab.model.loading import DTYPES, load_model
 from sftlab.model.vocab import resize_for_new_tokens
 from sftlab.model.loss import TargetLossHead, count_targets, full_nll
 from sftlab.train.data import RunData, prepare_run_data
@@ -49,7 +50,8 @@ from sftlab.train.checkpoint import (COMPLETE, latest_checkpoint, load_checkpoin
                                      save_checkpoint)
 from sftlab.train.metrics import MetricsLog
 from sftlab.train.optim import build_optimizer, build_scheduler
-from sftlab.train.precision import master_weight_optimizer, resolve_mixed_precision
+from sftlab.train.precision import (master_weight_optimizer, resolve_mixed_precision, seed_master_weights,
+                                    use_bf16_weights)
 from sftlab.train.throughput import FlopCounter, measure_peak_flops
 
 
@@ -220,7 +222,8 @@ def find_resume_checkpoint(cfg: SFTConfig) -> Path | None:
 def check_disk_space(out: Path, model, cfg: SFTConfig) -> None:
     if cfg.checkpoint.every_steps is None and not cfg.checkpoint.every_epoch:
         return
-    need = sum(p.numel() * p.element_size() for p in model.parameters()) * 3  # weights + 2 Adam moments
+    # weights + 2 fp32 Adam moments (+ an fp32 master copy of each bf16 weight)
+    need = sum(p.numel() * (p.element_size() + 8 + (4 if p.element_size() < 4 else 0)) for p in model.parameters())
     free = shutil.disk_usage(out).free
     if free < need:
         raise RunError(f"output_dir {out}: {free / 2**20:.0f} MiB free, one checkpoint needs about "
@@ -287,13 +290,17 @@ def setup_run(cfg: SFTConfig, console: Console) -> Run:
         mixed, why = resolve_mixed_precision(cfg.train.mixed_precision, run_device_type())
     except ValueError as e:
         raise RunError(f"train.mixed_precision: {e}") from None
+    if cfg.train.mixed_precision == "auto" and cfg.model.dtype == "bfloat16":
+        mixed, why = "bf16", "auto: the weights are bfloat16 (model.dtype), so the compute is bf16"
     # Accelerate keeps one process-wide state: a later run in the same process (tests, notebooks) may
     # choose another mixed precision, so it starts from a clean one (the process group is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=mixed)
     if accelerator.is_main_process:
-        console.print(f"[bold]precision[/bold]: weights {cfg.model.dtype}, compute "
-                      f"{'bf16' if mixed == 'bf16' else mixed if mixed == 'fp16' else cfg.model.dtype} ({why})",
+        compute = {"bf16": "bf16 autocast, matmul weights as bf16 copies of fp32 masters",
+                   "fp16": "fp16 autocast with loss scaling"}.get(mixed, cfg.model.dtype)
+        masters = "; fp32 master weights in the optimizer" if mixed == "bf16" or cfg.model.dtype == "bfloat16" else ""
+        console.print(f"[bold]precision[/bold]: {compute} ({why}){masters}; saved as {cfg.model.dtype}",
                       highlight=False)
     out = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
@@ -326,24 +333,37 @@ def setup_data(run: Run) -> None:
 
 def setup_model_and_optimizer(run: Run) -> None:
     cfg, data = run.cfg, run.data
-    model = load_model(cfg.model, data.model_path)
+    # loaded in fp32 whatever model.dtype says: the fp32 master weights start from the stored values
+    model = load_model(cfg.model.model_copy(update={"dtype": "float32"}), data.model_path)
     if cfg.data.add_chatml_tokens:  # new rows (if any) and the model's eos follow the tokenizer
         resize_for_new_tokens(model, data.tokenizer, data.vocab_before)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    if run.main:
-        check_disk_space(run.out, model, cfg)
     run.flops = FlopCounter(model)
-    if run.mixed_precision == "bf16":
-        # bf16 copies of the weights do the compute, refreshed from the optimizer's fp32 master weights
-        # once per optimizer step (MasterWeightAdamW): no per-op re-cast of fp32 weights under autocast.
-        model.to(torch.bfloat16)
-    run.loss_fn = build_loss_fn(cfg, model, run.console if run.main else None)
+    originals = []
+    if run.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16":
+        # bf16 copies of the matmul weights (of every weight: pure bf16 without autocast) do the compute,
+        # refreshed from the optimizer's fp32 master weights once per optimizer step (MasterWeightAdamW).
+        originals = use_bf16_weights(model, matmul_only=run.mixed_precision == "bf16")
+    model.to(run.accelerator.device)
+    with run.accelerator.autocast():  # the head checks itself on the device and in the precision it trains in
+        run.loss_fn = build_loss_fn(cfg, model, run.console if run.main else None)
+    if cfg.train.liger:
+        try:
+            fused = apply_liger(model, run.accelerator.device.type, getattr(run.loss_fn, "softcap", None))
+        except KernelError as e:
+            raise RunError(str(e)) from None
+        if isinstance(run.loss_fn, TargetLossHead):
+            run.loss_fn.fused_ce = fused
     run.stream = build_stream(cfg, data.units, run.world)
     run.total_steps, run.total_micro = plan_micro_batches(cfg, run.stream.batches_per_epoch)
     run.result.steps = run.total_steps
+    if run.main:
+        check_disk_space(run.out, model, cfg)
     optimizer = build_optimizer(model, cfg.optim)  # fp32 master weights for any low-precision parameter
+    seed_master_weights(optimizer, originals)
+    del originals
     run.scheduler = build_scheduler(optimizer, cfg.optim, run.total_steps)
     if cfg.train.compile:
         model = torch.compile(model)
@@ -564,8 +584,9 @@ def finish(run: Run) -> None:
     unwrapped = run.accelerator.unwrap_model(run.model)
     unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile'd
     master = master_weight_optimizer(run.optimizer)
-    if master is not None and run.cfg.model.dtype == "float32":
-        load_fp32_masters(unwrapped, master)  # bf16 compute copies -> the fp32 weights asked for
+    if master is not None:
+        load_fp32_masters(unwrapped, master)  # bf16 compute copies -> fp32 weights, the exact masters
+    unwrapped.to(DTYPES[run.cfg.model.dtype])  # saved in the dtype asked for (model.dtype)
     save_model(unwrapped, run.data.tokenizer, run.out, run.data.template)
     run.console.print(f"[bold green]saved[/bold green] model + tokenizer to {run.out}")
     if run.cfg.match_eval is not None:

@@ -326,3 +326,53 @@ class MasterWeightAdamW(torch.optim.AdamW):
                                      f"the parameter has {tuple(m.shape)}")
                 m.copy_(saved[i])
                 p.copy_(m)
+
+
+# ---------------------------------------------------------------------------- bf16 compute copies
+
+Originals = list[tuple[torch.nn.Parameter, torch.Tensor]]
+
+
+@torch.no_grad()
+def use_bf16_weights(model: torch.nn.Module, matmul_only: bool = True) -> Originals:
+    """Store weights in bf16 for compute; returns (parameter, its fp32 value before the cast) for
+    every parameter cast, to seed the fp32 master weights with (`seed_master_weights`).
+
+    `matmul_only=True` (bf16 mixed precision): only the matmul weights (every `nn.Linear` but a head
+    tied to the input embedding) become bf16; embeddings and norms stay fp32. Under bf16 autocast
+    this computes what autocast computes from fp32 weights (autocast rounds each Linear weight to
+    bf16 at every op; here it is rounded once per optimizer step, when `MasterWeightAdamW` writes the
+    fp32 master back), without the per-op re-cast in forward and backward. Norm and embedding
+    weights stay fp32 as under autocast. `matmul_only=False`: every floating parameter (pure bf16).
+
+    The masters must start from the fp32 values, not from their bf16 rounding: off-grid fp32 weights
+    let an update below half a bf16 ulp still move the rounded copy of some weights (as autocast
+    does), while masters seeded on the grid hold every copy still until updates add up to half an
+    ulp, and early training is measurably slower (0.56 vs 0.23 loss after one step at lr 2e-5 on the
+    demo).
+    """
+    model.float()
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb_weight = emb.weight if emb is not None else None
+    originals: Originals = []
+    for module in model.modules():
+        if matmul_only and not (isinstance(module, torch.nn.Linear) and module.weight is not emb_weight):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.bfloat16:
+                originals.append((p, p.detach().clone()))
+                p.data = p.data.to(torch.bfloat16)
+    return originals
+
+
+@torch.no_grad()
+def seed_master_weights(optimizer, originals: Originals) -> None:
+    """Give the fp32 masters the exact fp32 values the bf16 weights were rounded from."""
+    master = master_weight_optimizer(optimizer)
+    if master is None:
+        return
+    for p, value in originals:
+        try:
+            master.master_of(p).copy_(value)
+        except KeyError:  # frozen, not optimized
+            pass

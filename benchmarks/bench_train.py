@@ -1,0 +1,482 @@
+"""Training throughput: sftlab vs TRL 1.16 `SFTTrainer`, same model, same rows, same steps, in the same run.
+
+Both sides fine-tune the embedded SmolLM2-135M-Instruct (the local safetensors directory that
+`resolve_model_path(ModelConfig())` gives) on the benchmark's seeded multi-turn conversations
+(benchmarks/make_conversations.py, a few hundred, written to a temporary `messages` JSONL), packed
+with best-fit decreasing into rows of <= 1024 tokens, loss on the assistant turns only:
+
+- case 1: micro-batch of 1 packed row (<= 1024 tokens per optimizer step);
+- case 4: micro-batch of 4 packed rows (<= 4 x 1024 tokens per step, for memory);
+
+gradient accumulation 1, lr 2e-5, N optimizer steps (default 8). Each side runs in its own fresh
+process (`bench_train.py --worker trl|sftlab`), alternating TRL, sftlab, TRL, sftlab, ... for
+`--repeats`; the table reports the median over repeats.
+
+- sftlab: `.venv/bin/sftlab train cfg.yaml [--sftlab-override ...]` as a subprocess of the worker,
+  at its defaults except what the comparison needs (the data source, `data.packing: bfd`,
+  `data.max_seq_length: 1024`, `data.loss_on`, `train.micro_batch_size`, `train.max_steps`,
+  `optim.lr`, a temporary `train.output_dir`; checkpoints and match_eval are off by default;
+  `data.cache: false` so every run masks the rows afresh). Tokens/s from its metrics.jsonl
+  (`tokens_per_s * step_time_s` = the step's tokens).
+- TRL 1.16 at its best CPU configuration: `SFTConfig(bf16=True, use_cpu=True, packing=True,
+  packing_strategy="bfd", padding_free=True, max_length=1024, activation_checkpointing=False,
+  assistant_only_loss=True, dataloader_num_workers=0, logging_steps=1, no eval, no saving,
+  report_to="none")`; the model is loaded in float32 with sdpa attention as sftlab loads it, and
+  `bf16=True` is autocast mixed precision over float32 weights. (TRL's SFTConfig defaults to
+  `gradient_checkpointing=True` (`activation_checkpointing` in transformers 5), which only costs time
+  here: it is turned off, as in sftlab by default.)
+  A `TrainerCallback` times every optimizer step, from the batch fetch (hooked in
+  `get_batch_samples`) to `on_step_end`, the same span sftlab's `step_time_s` covers (collate,
+  forward, backward, clip, optimizer and LR step; not logging).
+
+tokens/s = tokens of steps 2..N / their summed step times (step 1 warms up allocators and kernels);
+every side counts the real tokens of its packed rows (no padding). Peak RSS is each training
+process's own `ru_maxrss`: the TRL worker reports `RUSAGE_SELF`, the sftlab worker `RUSAGE_CHILDREN`
+after its one child (`sftlab train`) exits; each measurement is a fresh process.
+
+**Fair comparison: the same rows in the same order, the same loss.**
+
+- Masking. TRL's `assistant_only_loss=True` needs `{% generation %}` tags; SmolLM2's ChatML template
+  has none and TRL 1.16 only patches templates it knows (SFTTrainer raises "The chat template is not
+  training-compatible ... patching is not supported for this template"). So TRL gets SmolLM2's own
+  template with each assistant message's `content + '<|im_end|>'` wrapped in
+  `{% generation %}...{% endgeneration %}` (the newline after `<|im_end|>` outside): it renders
+  byte-identical text (checked on every row in the TRL worker) and gives exactly sftlab's
+  `loss_on: assistant` convention (assistant content plus the end-of-turn token that closes it).
+  With `--loss-on all` TRL trains on every token (`assistant_only_loss=False`) and sftlab uses
+  `data.loss_on: all`. TRL's padding-free collator also drops the label at every document start;
+  sftlab never has a target there either (a document starts with `<|im_start|>`).
+- Order. Both BFD packers give the same rows from these conversations, but sftlab shuffles them
+  with `train.seed` and TRL with its own sampler, so first-step losses would be on different rows
+  (row-to-row loss varies by ~5 %). The parent process therefore builds sftlab's packed rows and its
+  micro-batch order with sftlab's own functions (`build_datasets`, `pack_examples`,
+  `MicroBatchStream`, on the same config) and hands TRL its packed dataset reordered to that order,
+  read sequentially (`train_sampling_strategy="sequential"`). Checked after the runs: both sides
+  saw the same tokens and the same target tokens at every step, and the first-step losses
+  (before any update) agree within 2 % (precision and kernels are what may differ);
+  the bench exits 1 when they do not.
+- Schedule. TRL gets sftlab's linear schedule with sftlab's warmup steps (`ceil(0.03 * N)`, HF
+  convention), AdamW, weight decay 0, max grad norm 1.0, seed 42.
+- Geometry. Same rows per micro-batch. TRL's padding-free collator concatenates the micro-batch's
+  rows into one (1, <= 4096) sequence with restarting position_ids (transformers then builds a
+  block-diagonal mask over 4096 positions); sftlab passes (4, <= 1024) rows, each padded to the
+  longest with restarting positions. Both keep documents from attending to each other.
+- Precision: TRL at bf16 autocast over float32 weights (its default, and its best on a CPU with
+  AMX/AVX512-BF16); sftlab at its own default precision (the bench prints the `precision:` line of
+  its log when it writes one), or whatever `--sftlab-override` sets (e.g. `train.mixed_precision=no`).
+  `--trl-fp32` runs TRL with `bf16=False` for reference.
+
+    python benchmarks/bench_train.py                       # cases 1 and 4, 8 steps, 1 repeat
+    python benchmarks/bench_train.py --quick               # case 1 only, 4 steps
+    python benchmarks/bench_train.py --cases 4 --steps 4 --repeats 2 --json /tmp/train.json
+    python benchmarks/bench_train.py --sftlab-override train.mixed_precision=bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+CAPACITY = 1024
+TRL_VERSION = "1.16.0"
+LR = 2e-5
+SEED = 42  # sftlab's default train.seed; TRL gets the same
+LOSS_TOLERANCE = 0.02
+
+# SmolLM2's ChatML message line, and the same text with the assistant's content + end-of-turn token
+# inside {% generation %} tags (the trailing newline stays outside, as sftlab's masks leave it out).
+CHATML_LINE = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+CHATML_LINE_TAGGED = ("{% if message['role'] == 'assistant' %}{{'<|im_start|>assistant\n'}}{% generation %}"
+                      "{{message['content'] + '<|im_end|>'}}{% endgeneration %}{{'\n'}}{% else %}"
+                      + CHATML_LINE + "{% endif %}")
+
+
+def row_key(input_ids, doc_lengths) -> str:
+    """A packed row's identity: its documents' token ids, order-free (the two packers may order them differently)."""
+    docs, start = [], 0
+    for n in doc_lengths:
+        docs.append(hashlib.sha1(json.dumps(list(input_ids[start:start + n])).encode()).hexdigest())
+        start += n
+    return hashlib.sha1("".join(sorted(docs)).encode()).hexdigest()
+
+
+def peak_rss_mb(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
+
+
+def throughput(steps: list[dict]) -> float:
+    """Tokens of steps 2..N over their summed step times (all steps when there is only one)."""
+    timed = steps[1:] or steps
+    return sum(s["tokens"] for s in timed) / sum(s["time_s"] for s in timed)
+
+
+# --- workers (each in its own process) -----------------------------------------------------------
+
+def worker_trl(spec: dict) -> dict:
+    import datasets
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    import trl
+    from trl import SFTConfig, SFTTrainer
+
+    datasets.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    t_setup = time.perf_counter()
+    path, mbs, steps = spec["model_path"], spec["micro_batch_size"], spec["steps"]
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = datasets.load_dataset("json", data_files=spec["data"], split="train")
+    assistant_only = spec["loss_on"] == "assistant"
+    if assistant_only:
+        template = tok.chat_template
+        if CHATML_LINE not in template:
+            raise SystemExit("the tokenizer's chat template is not SmolLM2's ChatML: cannot add {% generation %} tags")
+        tagged = template.replace(CHATML_LINE, CHATML_LINE_TAGGED)
+        for r in rows:  # the tagged template must render exactly the same text
+            if tok.apply_chat_template(r["messages"], tokenize=False, chat_template=tagged) != \
+                    tok.apply_chat_template(r["messages"], tokenize=False):
+                raise SystemExit("the tagged template renders differently from SmolLM2's own")
+        tok.chat_template = tagged
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    order = spec.get("order")  # packed-row keys, in the order sftlab consumes them
+    args = SFTConfig(
+        output_dir=spec["output_dir"], bf16=spec["trl_bf16"], use_cpu=True,
+        packing=True, packing_strategy="bfd", padding_free=True, max_length=CAPACITY,
+        assistant_only_loss=assistant_only, completion_only_loss=False, activation_checkpointing=False,
+        per_device_train_batch_size=mbs, gradient_accumulation_steps=1, max_steps=steps,
+        learning_rate=LR, lr_scheduler_type="linear", warmup_steps=spec["warmup_steps"],
+        weight_decay=0.0, max_grad_norm=1.0, seed=SEED,
+        train_sampling_strategy="sequential" if order else "random",
+        logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none",
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    timings: list[dict] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            t = trainer._bench
+            timings.append({"step": state.global_step, "time_s": time.perf_counter() - t["t0"],
+                            "tokens": t["tokens"], "targets": t["targets"]})
+
+    class TimedSFTTrainer(SFTTrainer):
+        """Stamps the start of each optimizer step at its batch fetch, and counts its tokens."""
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            t0 = time.perf_counter()
+            batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            self._bench = {"t0": t0,
+                           "tokens": sum(int(b["input_ids"].numel()) for b in batches),  # padding-free: no pads
+                           "targets": sum(int((b["labels"][..., 1:] != -100).sum()) for b in batches)}
+            return batches, n_items
+
+    trainer = TimedSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok,
+                              callbacks=[StepTimer()])
+    packed = trainer.train_dataset
+    ordered = False
+    if order:
+        where: dict[str, list[int]] = {}
+        for i, r in enumerate(packed):
+            where.setdefault(row_key(r["input_ids"], r["seq_lengths"]), []).append(i)
+        if all(k in where for k in order):
+            trainer.train_dataset = packed.select([where[k][0] for k in order])
+            ordered = True
+        else:
+            print(f"warning: {sum(k not in where for k in order)} of sftlab's packed rows are not among TRL's; "
+                  "TRL keeps its own shuffled order", file=sys.stderr)
+            trainer.args.train_sampling_strategy = "random"
+    setup_s = time.perf_counter() - t_setup
+    trainer.train()
+    logs = {h["step"]: h for h in trainer.state.log_history if "loss" in h and "step" in h}
+    for t in timings:
+        t["loss"] = logs.get(t["step"], {}).get("loss")
+        t["grad_norm"] = logs.get(t["step"], {}).get("grad_norm")
+    return {"side": "trl", "version": trl.__version__, "steps": timings, "setup_s": setup_s,
+            "packed_rows": len(packed), "same_order_as_sftlab": ordered, "bf16": spec["trl_bf16"],
+            "activation_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
+            "peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF)}
+
+
+def worker_sftlab(spec: dict) -> dict:
+    out = Path(spec["output_dir"])
+    exe = Path(sys.executable).parent / "sftlab"
+    cmd = [str(exe) if exe.exists() else "sftlab", "train", spec["config"], *spec["overrides"]]
+    log_path = out.parent / f"{out.name}.log"
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - t0
+    rss = peak_rss_mb(resource.RUSAGE_CHILDREN)  # this fresh worker's only child: sftlab train
+    if rc != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"sftlab train exited {rc}: {' '.join(cmd)}\n{tail}")
+    steps = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "step_time_s" not in r:
+            continue
+        steps.append({"step": r["step"], "time_s": r["step_time_s"], "loss": r["loss"], "grad_norm": r.get("grad_norm"),
+                      "tokens": round(r["tokens_per_s"] * r["step_time_s"]), "targets": r["target_tokens"]})
+    # what sftlab says about its precision, if it says anything (e.g. "precision: weights float32, compute bf16")
+    notes = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.startswith("precision")]
+    return {"side": "sftlab", "steps": steps, "wall_s": wall, "command": " ".join(cmd), "peak_rss_mb": rss,
+            "precision": notes[0] if notes else None}
+
+
+def worker_main(side: str, spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    result = worker_trl(spec) if side == "trl" else worker_sftlab(spec)
+    Path(out_path).write_text(json.dumps(result))
+
+
+# --- parent ---------------------------------------------------------------------------------------
+
+def write_sftlab_config(path: Path, data: Path, out: Path, mbs: int, steps: int, loss_on: str) -> None:
+    import yaml
+    cfg = {
+        "data": {"train": [{"path": str(data), "format": "messages"}], "max_seq_length": CAPACITY,
+                 "packing": "bfd", "loss_on": loss_on, "cache": False},
+        "optim": {"lr": LR},
+        "train": {"output_dir": str(out), "micro_batch_size": mbs, "grad_accum_steps": 1, "max_steps": steps},
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def sftlab_plan(config: Path, overrides: list[str], steps: int, model_path: str):
+    """sftlab's packed rows and micro-batch order for this config, built with its own functions as
+    `sftlab train` does: (row keys in consumption order, #packed rows, warmup steps, all batches full)."""
+    from sftlab.config import load_config
+    from sftlab.data.collate import MicroBatchStream
+    from sftlab.data.dataset import build_datasets
+    from sftlab.data.packing import pack_examples
+    from sftlab.model.loading import load_tokenizer
+    try:
+        from sftlab.train.optim import warmup_steps
+    except ImportError:  # the HF convention sftlab follows
+        def warmup_steps(o, total):
+            return min(o.warmup_steps, total) if o.warmup_steps is not None else math.ceil(o.warmup_ratio * total)
+
+    cfg = load_config(config, overrides)
+    tok = load_tokenizer(cfg.model, model_path)
+    train, _, _ = build_datasets(cfg.data, tok, cfg.train.seed)
+    units = pack_examples(train, cfg.data.packing, cfg.data.max_seq_length)
+    stream = iter(MicroBatchStream(len(units), cfg.train.micro_batch_size, cfg.train.seed))
+    batches = [next(stream) for _ in range(steps)]
+    keys = [row_key(units[i].input_ids, units[i].doc_lengths) for b in batches for i in b]
+    full = all(len(b) == cfg.train.micro_batch_size for b in batches)
+    return keys, len(units), warmup_steps(cfg.optim, steps), full
+
+
+def run_worker(side: str, spec: dict, work: Path, tag: str) -> dict:
+    spec_path, out_path, log_path = work / f"{tag}.spec.json", work / f"{tag}.result.json", work / f"{tag}.worker.log"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1", TQDM_DISABLE="1")
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", side,
+                             "--spec", str(spec_path), "--out", str(out_path)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0:
+        print(log_path.read_text(errors="replace")[-4000:])
+        raise SystemExit(f"{side} worker failed (exit {rc}); log: {log_path}")
+    res = json.loads(out_path.read_text())
+    res["worker_wall_s"] = time.perf_counter() - t0
+    res["tokens_per_s"] = throughput(res["steps"])
+    res["first_loss"] = res["steps"][0]["loss"]
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="sftlab vs TRL training throughput")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 8; --quick 4)")
+    ap.add_argument("--cases", default=None, help="micro-batch sizes in packed rows, e.g. 1,4 (default 1,4; --quick 1)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per side and case, alternating trl, sftlab")
+    ap.add_argument("--quick", action="store_true", help="case 1 only, 4 steps: a smoke run")
+    ap.add_argument("--loss-on", choices=["assistant", "all"], default="assistant",
+                    help="assistant: sftlab data.loss_on=assistant, TRL assistant_only_loss with tagged template; "
+                         "all: every token on both sides")
+    ap.add_argument("--sftlab-override", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra `sftlab train` override (repeatable), e.g. model.dtype=bfloat16")
+    ap.add_argument("--trl-fp32", action="store_true", help="TRL with bf16=False (float32), for reference")
+    ap.add_argument("--no-trl", action="store_true", help="run sftlab only")
+    ap.add_argument("--conversations", type=int, default=None,
+                    help="rows of make_conversations.py (default: enough packed rows for every step, >= 300)")
+    ap.add_argument("--seed", type=int, default=0, help="make_conversations seed")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs, metrics)")
+    ap.add_argument("--worker", choices=["trl", "sftlab"], help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker, args.spec, args.out)
+        return 0
+
+    steps = args.steps or (4 if args.quick else 8)
+    cases = [int(c) for c in (args.cases or ("1" if args.quick else "1,4")).split(",")]
+    if steps < 2:
+        ap.error("--steps must be >= 2 (step 1 is the warm-up, excluded from tokens/s)")
+
+    import torch
+    import transformers
+    from make_conversations import make_conversations
+    from sftlab.config import ModelConfig
+    from sftlab.model.loading import resolve_model_path
+
+    trl_ok = not args.no_trl
+    trl_version = None
+    if trl_ok:
+        try:
+            import trl
+            trl_version = trl.__version__
+            if trl_version != TRL_VERSION:
+                print(f"warning: TRL {trl_version} installed, the baseline is {TRL_VERSION}")
+        except ImportError:
+            print(f"TRL is not installed (pip install trl=={TRL_VERSION}, or `make bench`); timing sftlab only")
+            trl_ok = False
+
+    model_path = resolve_model_path(ModelConfig())
+    print(f"# sftlab training benchmark: SmolLM2-135M-Instruct ({model_path}), bfd-packed rows of {CAPACITY}, "
+          f"micro-batch {cases} rows, {steps} steps, lr {LR}, loss on {args.loss_on}, {args.repeats} repeat(s)")
+    print(f"# {platform.platform()}, python {platform.python_version()}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, trl {trl_version}, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(f"# command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    if args.sftlab_override:
+        print(f"# sftlab overrides: {args.sftlab_override}")
+
+    work = Path(tempfile.mkdtemp(prefix="sftlab-bench-train-"))
+    results: dict[tuple[str, int], list[dict]] = {}
+    plans: dict[int, dict] = {}
+    failed_checks: list[str] = []
+    try:
+        data = work / "conversations.jsonl"
+        # ~4.5 conversations per packed row: enough rows that no step crosses an epoch end
+        n = args.conversations or max(300, math.ceil(steps * max(cases) * 4.5 * 1.25))
+        for attempt in range(4):
+            with data.open("w", encoding="utf-8") as f:
+                for row in make_conversations(n, args.seed):
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            t0 = time.perf_counter()
+            for mbs in cases:
+                cfg = work / f"sftlab-mb{mbs}.yaml"
+                write_sftlab_config(cfg, data, work / "placeholder", mbs, steps, args.loss_on)
+                try:
+                    keys, n_rows, warmup, full = sftlab_plan(cfg, args.sftlab_override, steps, model_path)
+                except ValueError as e:  # sftlab's ConfigError: a bad --sftlab-override
+                    print(f"error: sftlab rejects this config: {e}")
+                    return 2
+                plans[mbs] = {"keys": keys, "rows": n_rows, "warmup": warmup, "full": full}
+            if all(p["full"] for p in plans.values()) or args.conversations:
+                break
+            n *= 2
+        print(f"data: {n} conversations (seed {args.seed}) -> {plans[cases[0]]['rows']} packed rows; "
+              f"sftlab's order planned in {time.perf_counter() - t0:.1f}s (not timed)")
+
+        for rep in range(args.repeats):
+            for mbs in cases:
+                for side in (["trl"] if trl_ok else []) + ["sftlab"]:
+                    tag = f"{side}-mb{mbs}-r{rep}"
+                    out = work / tag
+                    if side == "sftlab":
+                        cfg = work / f"{tag}.yaml"
+                        write_sftlab_config(cfg, data, out, mbs, steps, args.loss_on)
+                        spec = {"config": str(cfg), "overrides": args.sftlab_override, "output_dir": str(out)}
+                    else:
+                        plan = plans[mbs]
+                        spec = {"model_path": model_path, "data": str(data), "micro_batch_size": mbs, "steps": steps,
+                                "loss_on": args.loss_on, "output_dir": str(out), "warmup_steps": plan["warmup"],
+                                "trl_bf16": not args.trl_fp32, "order": plan["keys"] if plan["full"] else None}
+                    res = run_worker(side, spec, work, tag)
+                    results.setdefault((side, mbs), []).append(res)
+                    print(f"  repeat {rep + 1}: {side:6s} micro-batch {mbs}: {res['tokens_per_s']:8.1f} tokens/s, "
+                          f"peak RSS {res['peak_rss_mb']:6.0f} MB, first-step loss {res['first_loss']:.4f}, "
+                          f"step times {[round(s['time_s'], 2) for s in res['steps']]} "
+                          f"(worker {res['worker_wall_s']:.0f}s)", flush=True)
+                    if side == "sftlab" and rep == 0 and mbs == cases[0]:
+                        print(f"    sftlab command: {res['command']}"
+                              + (f"\n    sftlab {res['precision']}" if res.get("precision") else ""))
+
+        # --- table ---
+        names = {"trl": f"TRL {trl_version} ({'fp32' if args.trl_fp32 else 'bf16 autocast'})",
+                 "sftlab": "sftlab " + (f"({' '.join(args.sftlab_override)})" if args.sftlab_override else "(defaults)")}
+        w = max(len(v) for v in names.values())
+        print()
+        print(f"{'side':{w}s} {'case':>11s} {'tokens/s':>9s} {'peak RSS MB':>12s} {'first-step loss':>16s} "
+              f"{'tokens/step':>12s}")
+        summary: dict[tuple[str, int], dict] = {}
+        for (side, mbs), runs in results.items():
+            s = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+                 "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+                 "first_loss": runs[0]["first_loss"],
+                 "tokens_per_step": statistics.mean(st["tokens"] for st in runs[0]["steps"])}
+            summary[(side, mbs)] = s
+            print(f"{names[side]:{w}s} {f'mb {mbs}x{CAPACITY}':>11s} {s['tokens_per_s']:9.1f} {s['peak_rss_mb']:12.0f} "
+                  f"{s['first_loss']:16.4f} {s['tokens_per_step']:12.0f}")
+        for mbs in cases:
+            if ("trl", mbs) not in summary:
+                continue
+            t, s = summary[("trl", mbs)], summary[("sftlab", mbs)]
+            rel = abs(s["first_loss"] - t["first_loss"]) / abs(t["first_loss"])
+            print(f"micro-batch {mbs}: sftlab/TRL tokens/s {s['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
+                  f"peak RSS {s['peak_rss_mb'] / t['peak_rss_mb']:.2f}x, first-step loss rel. diff {rel:.2%} "
+                  f"({'within' if rel <= LOSS_TOLERANCE else 'OVER'} {LOSS_TOLERANCE:.0%})")
+            if rel > LOSS_TOLERANCE:
+                failed_checks.append(f"micro-batch {mbs}: first-step losses differ by {rel:.2%}")
+            for tr, sl in zip(results[("trl", mbs)], results[("sftlab", mbs)]):
+                # sftlab's tokens come from tokens_per_s * step_time_s (rounded): equal within 0.1 %
+                same_tok = len(tr["steps"]) == len(sl["steps"]) and all(
+                    abs(a["tokens"] - b["tokens"]) <= 1 + 1e-3 * a["tokens"] for a, b in zip(tr["steps"], sl["steps"]))
+                same_tgt = [a["targets"] for a in tr["steps"]] == [b["targets"] for b in sl["steps"]]
+                if not (tr.get("same_order_as_sftlab") and same_tok and same_tgt):
+                    failed_checks.append(
+                        f"micro-batch {mbs}: the sides saw different data (same order {tr.get('same_order_as_sftlab')}, "
+                        f"tokens/step equal {same_tok}, target tokens/step equal {same_tgt})")
+            tr0, sl0 = results[("trl", mbs)][0]["steps"], results[("sftlab", mbs)][0]["steps"]
+            later = max((abs(b["loss"] - a["loss"]) / abs(a["loss"]) for a, b in zip(tr0[1:], sl0[1:])), default=0.0)
+            fmt = lambda xs, k: [None if x.get(k) is None else round(x[k], 4) for x in xs]  # noqa: E731
+            print(f"  per-step loss      TRL    {fmt(tr0, 'loss')}\n"
+                  f"  per-step loss      sftlab {fmt(sl0, 'loss')}  (steps 2..N: max rel. diff {later:.2%}; "
+                  f"these follow the updates, so precision and optimizer details show here)\n"
+                  f"  per-step grad norm TRL    {fmt(tr0, 'grad_norm')}\n"
+                  f"  per-step grad norm sftlab {fmt(sl0, 'grad_norm')}")
+        if trl_ok:
+            print("checks: " + ("; ".join(failed_checks) if failed_checks else
+                                "same packed rows in the same order, equal tokens and target tokens at every step, "
+                                f"first-step losses within {LOSS_TOLERANCE:.0%}"))
+
+        if args.json:
+            args.json.write_text(json.dumps({
+                "steps": steps, "cases": cases, "repeats": args.repeats, "loss_on": args.loss_on,
+                "sftlab_overrides": args.sftlab_override, "trl_version": trl_version, "trl_bf16": not args.trl_fp32,
+                "torch": torch.__version__, "transformers": transformers.__version__, "cpus": os.cpu_count(),
+                "summary": [{"side": k[0], "micro_batch_size": k[1], **v} for k, v in summary.items()],
+                "runs": [{"side": k[0], "micro_batch_size": k[1], **r} for k, rs in results.items() for r in rs],
+                "failed_checks": failed_checks,
+            }, indent=2))
+            print(f"wrote {args.json}")
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed_checks else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
