@@ -97,3 +97,24 @@ def test_token_budget_micro_batches_give_the_same_gradient(budget):
     for name, p in model.named_parameters():
         rel = (p.grad - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)
         assert rel <= 1e-5, f"{name}: relative gradient difference {rel:.2e} with a {budget}-token budget"
+
+
+@pytest.mark.parametrize("head", ["full", "target"])
+def test_gradient_checkpointing_gives_the_same_gradient(head):
+    """Activation recomputation (non-reentrant, as the loop enables it) changes memory, not the gradient."""
+    from sftlab.model.loss import TargetLossHead, full_nll
+
+    examples = make_examples(64)
+    batch = pad_collate(examples, pad_id=2)
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model(vocab_size=64, seed=3)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        loss_fn = full_nll if head == "full" else TargetLossHead.for_model(model, 16)
+        loss_fn(model, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        rel = (grads[1][name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert rel <= 1e-5, f"{name}: relative gradient difference {rel:.2e} with gradient checkpointing"
