@@ -31,7 +31,9 @@ class ModelConfig(_Strict):
     # The dtype the weights are stored (and saved) in. bfloat16: the optimizer keeps fp32 master weights,
     # so small updates are not lost to bf16 rounding (train/precision.py).
     dtype: Literal["float32", "bfloat16"] = "float32"
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # flash_attention_2: CUDA with the flash-attn package; packed rows then run as varlen attention
+    # (transformers derives the document boundaries from the restarting position_ids)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
     revision: str | None = None
 

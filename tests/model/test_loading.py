@@ -41,3 +41,15 @@ def test_hub_id_offline_fails_with_a_clear_message(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
     assert out.startswith("ERR cannot load 'sftlab-test/no-such-model' from the Hugging Face Hub")
     assert "offline" in out
+
+
+def test_flash_attention_without_cuda_or_package_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    import torch
+
+    from sftlab.model.loading import load_model
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is usable here")
+    with pytest.raises(ModelLoadError, match="flash_attention_2 needs a CUDA device and the flash-attn"):
+        load_model(ModelConfig(name_or_path=str(tmp_path), attn_implementation="flash_attention_2"))

@@ -128,6 +128,10 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedToken
 
 
 def load_model(cfg: ModelConfig, path: str | None = None) -> PreTrainedModel:
+    if cfg.attn_implementation == "flash_attention_2" and (
+            importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available()):
+        raise ModelLoadError("model.attn_implementation=flash_attention_2 needs a CUDA device and the flash-attn "
+                             "package (pip install flash-attn); use sdpa (the default) otherwise")
     path = path or resolve_model_path(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
