@@ -1,7 +1,8 @@
 """The training loop: one file, top to bottom, from config to saved model.
 
 `run_training` is the recipe, a table of contents of its phases:
-  setup_run -> setup_data (train/data.py) -> setup_model_and_optimizer -> resume_or_start -> fit -> finish.
+  setup_run -> setup_data (train/data.py) -> setup_model_and_optimizer -> resume_or_start
+  -> open_run_log -> fit -> finish (from open_run_log on, SIGINT/SIGTERM mean: finish the step, checkpoint, stop).
 `fit` runs the optimizer steps; each is `optimizer_step` (micro-batches, forward/backward, clipping,
 NaN policy, AdamW and the LR schedule) then `add_eval_and_log` and, when `checkpoint_due`,
 `save_run_checkpoint`.
@@ -253,6 +254,7 @@ class Run:
     fingerprint: str | None = None
     logged_steps: list[int] = field(default_factory=list)  # steps written to metrics.jsonl
     metrics: MetricsLog | None = None
+    stop: StopRequest | None = None
     mixed_precision: str = "no"  # what Accelerate runs: no | bf16 | fp16
     loss_fn: LossFn | None = None
     flops: FlopCounter | None = None
@@ -268,12 +270,14 @@ class Run:
 
 
 def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
-    """The recipe: set up -> data -> model and optimizer -> resume or start -> fit -> finish."""
+    """The recipe: set up -> data -> model and optimizer -> resume or start -> log -> fit -> finish."""
     run = setup_run(cfg, console or Console(soft_wrap=True))
     setup_data(run)
     setup_model_and_optimizer(run)
     resume_or_start(run)
-    fit(run)
+    with StopRequest() as run.stop:  # from the first output on: SIGINT/SIGTERM = finish the step, checkpoint, stop
+        open_run_log(run)
+        fit(run)
     finish(run)
     return run.result
 
@@ -399,6 +403,11 @@ def resume_or_start(run: Run) -> None:
         restore_checkpoint(run)
     elif cfg.match_eval is not None and main:
         run.result.match_before = run_match_eval(run.accelerator.unwrap_model(run.model), run, "before")
+
+
+def open_run_log(run: Run) -> None:
+    """metrics.jsonl (rewritten from the checkpoint's records when resuming), config.yaml, run.json."""
+    cfg, main = run.cfg, run.main
     run.metrics = MetricsLog(run.out / "metrics.jsonl", run.console, enabled=main)
     if main:
         logged = set(run.logged_steps)
@@ -448,7 +457,8 @@ def fit(run: Run) -> None:
     progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=run.console,
                         disable=not run.main or not run.console.is_terminal)
-    with progress, StopRequest() as stop:
+    stop = run.stop
+    with progress:
         task = progress.add_task("training", total=run.total_steps, completed=run.start_step)
         for step in range(run.start_step + 1, run.total_steps + 1):
             epoch_before = run.stream.epoch
