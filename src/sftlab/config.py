@@ -97,7 +97,9 @@ class TrainConfig(_Strict):
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)  # steps; None: only at the end (when there is eval data)
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    gradient_checkpointing: bool = False
+    # Recompute activations in the backward (non-reentrant): measured free on a 2-core AMX CPU at half the
+    # peak memory (benchmarks/bench_train.py); on GPUs it typically costs ~20-30% of the step time.
+    gradient_checkpointing: bool = True
     # auto: bf16 where the device runs it fast (CUDA with bf16; a CPU with AMX or AVX512-BF16), else fp32.
     # bf16/fp16: low-precision compute with fp32 master weights and optimizer state (through Accelerate).
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"

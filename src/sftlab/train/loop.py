@@ -342,7 +342,7 @@ def setup_model_and_optimizer(run: Run) -> None:
     if cfg.data.add_chatml_tokens:  # new rows (if any) and the model's eos follow the tokenizer
         resize_for_new_tokens(model, data.tokenizer, data.vocab_before)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     run.flops = FlopCounter(model)
     originals = []
@@ -374,6 +374,14 @@ def setup_model_and_optimizer(run: Run) -> None:
     run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
     run.peak_flops = cfg.train.peak_flops or measure_peak_flops(
         run.accelerator.device, torch.bfloat16 if run.mixed_precision == "bf16" else next(model.parameters()).dtype)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation recomputation per decoder layer (transformers' API; renamed in 5.x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_stream(cfg: SFTConfig, units, world: int) -> MicroBatchStream:
