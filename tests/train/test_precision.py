@@ -121,6 +121,12 @@ def random_grads(params, step: int) -> list[torch.Tensor | None]:
     return grads
 
 
+def with_fp32_reference(params, **adamw):
+    """(MasterWeightAdamW over `params`, fp32 copies of them, plain AdamW over the copies)."""
+    ref_params = [p.detach().float().clone().requires_grad_() for p in params]
+    return MasterWeightAdamW(params, **adamw), ref_params, torch.optim.AdamW(ref_params, **adamw)
+
+
 def test_step_is_fp32_adamw_on_the_masters_bitwise():
     params = mixed_params()
     groups = [{"params": [params[0], params[2]], "weight_decay": 0.1}, {"params": [params[1], params[3]], "lr": 1e-3}]
@@ -157,9 +163,7 @@ def test_step_is_fp32_adamw_on_the_masters_bitwise():
 
 def test_clip_grad_norm_clips_the_fp32_master_grads():
     params = mixed_params()
-    opt = MasterWeightAdamW(params, lr=1e-3, weight_decay=0.0)
-    ref_params = [p.detach().float().clone().requires_grad_() for p in params]
-    ref = torch.optim.AdamW(ref_params, lr=1e-3, weight_decay=0.0)
+    opt, ref_params, ref = with_fp32_reference(params, lr=1e-3, weight_decay=0.0)
     for p, rp, g in zip(params, ref_params, random_grads(params, 0)):
         p.grad, rp.grad = g, g.float().clone()
     norm = opt.clip_grad_norm_(0.5)
@@ -177,9 +181,7 @@ def test_clip_grad_norm_clips_the_fp32_master_grads():
 def test_clipping_the_model_grads_before_step_is_also_valid():
     """accelerator.clip_grad_norm_(model.parameters()) clips the bf16 grads in place; step uses them."""
     params = mixed_params()
-    opt = MasterWeightAdamW(params, lr=1e-3, weight_decay=0.0)
-    ref_params = [p.detach().float().clone().requires_grad_() for p in params]
-    ref = torch.optim.AdamW(ref_params, lr=1e-3, weight_decay=0.0)
+    opt, ref_params, ref = with_fp32_reference(params, lr=1e-3, weight_decay=0.0)
     for p, g in zip(params, random_grads(params, 0)):
         p.grad = g
     torch.nn.utils.clip_grad_norm_(params, 0.5)
@@ -227,9 +229,7 @@ def test_skipped_step_and_zero_grad_leave_no_gradients():
 
 def test_lr_scheduler_sets_the_lr_the_masters_are_updated_with():
     params = mixed_params()
-    opt = MasterWeightAdamW(params, lr=1e-3, weight_decay=0.0)
-    ref_params = [p.detach().float().clone().requires_grad_() for p in params]
-    ref = torch.optim.AdamW(ref_params, lr=1e-3, weight_decay=0.0)
+    opt, ref_params, ref = with_fp32_reference(params, lr=1e-3, weight_decay=0.0)
     sched = get_scheduler("linear", opt, num_warmup_steps=2, num_training_steps=6)
     ref_sched = get_scheduler("linear", ref, num_warmup_steps=2, num_training_steps=6)
     lrs = []
@@ -395,6 +395,15 @@ def test_resolve_on_cpu(cpu_bf16):
         resolve_mixed_precision("fp16", cpu)
     with pytest.raises(ValueError, match="expected one of"):
         resolve_mixed_precision("fp32", cpu)
+
+
+def test_resolve_with_bf16_weights(cpu_bf16):
+    """bf16 weights compute in bf16 anyway: auto picks bf16 even where bf16 is slow; explicit no stays no."""
+    cpu_bf16(False)
+    mode, reason = resolve_mixed_precision("auto", "cpu", weights_dtype="bfloat16")
+    assert mode == "bf16" and "model.dtype" in reason
+    assert resolve_mixed_precision("no", "cpu", weights_dtype="bfloat16")[0] == "no"
+    assert resolve_mixed_precision("auto", "cpu", weights_dtype="float32")[0] == "no"
 
 
 def test_resolve_on_cuda(monkeypatch):

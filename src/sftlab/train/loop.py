@@ -51,8 +51,8 @@ from sftlab.train.checkpoint import (COMPLETE, latest_checkpoint, load_checkpoin
                                      save_checkpoint)
 from sftlab.train.metrics import MetricsLog
 from sftlab.train.optim import build_optimizer, build_scheduler
-from sftlab.train.precision import (master_weight_optimizer, resolve_mixed_precision, seed_master_weights,
-                                    use_bf16_weights)
+from sftlab.train.precision import (load_master_weights, master_weight_optimizer, resolve_mixed_precision,
+                                    seed_master_weights, use_bf16_weights)
 from sftlab.train.throughput import FlopCounter, measure_peak_flops
 
 
@@ -291,11 +291,9 @@ def run_device_type() -> str:
 
 def setup_run(cfg: SFTConfig, console: Console) -> Run:
     try:
-        mixed, why = resolve_mixed_precision(cfg.train.mixed_precision, run_device_type())
+        mixed, why = resolve_mixed_precision(cfg.train.mixed_precision, run_device_type(), cfg.model.dtype)
     except ValueError as e:
         raise RunError(f"train.mixed_precision: {e}") from None
-    if cfg.train.mixed_precision == "auto" and cfg.model.dtype == "bfloat16":
-        mixed, why = "bf16", "auto: the weights are bfloat16 (model.dtype), so the compute is bf16"
     # Accelerate keeps one process-wide state: a later run in the same process (tests, notebooks) may
     # choose another mixed precision, so it starts from a clean one (the process group is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -601,9 +599,7 @@ def finish(run: Run) -> None:
         return
     unwrapped = run.accelerator.unwrap_model(run.model)
     unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile'd
-    master = master_weight_optimizer(run.optimizer)
-    if master is not None:
-        load_fp32_masters(unwrapped, master)  # bf16 compute copies -> fp32 weights, the exact masters
+    load_master_weights(unwrapped, run.optimizer)  # bf16 compute copies -> fp32 weights, the exact masters
     unwrapped.to(DTYPES[run.cfg.model.dtype])  # saved in the dtype asked for (model.dtype)
     save_model(unwrapped, run.data.tokenizer, run.out, run.data.template)
     run.console.print(f"[bold green]saved[/bold green] model + tokenizer to {run.out}")
@@ -611,17 +607,6 @@ def finish(run: Run) -> None:
         run.result.match_after = run_match_eval(unwrapped, run, "after")
         summary = {"before": _acc(run.result.match_before), "after": _acc(run.result.match_after)}
         (run.out / "match_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-
-@torch.no_grad()
-def load_fp32_masters(model, master) -> None:
-    """Turn the bf16 compute copies back into fp32 parameters holding the exact master weights."""
-    model.to(torch.float32)
-    for p in model.parameters():
-        try:
-            p.copy_(master.master_of(p))
-        except KeyError:  # not optimized (frozen): its fp32 value is the bf16 one
-            pass
 
 
 def _test_hooks(step: int) -> None:

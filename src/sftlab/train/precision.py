@@ -108,16 +108,21 @@ def _cuda_bf16_supported() -> bool:
         return bool(torch.cuda.is_bf16_supported())
 
 
-def resolve_mixed_precision(setting: str, device: torch.device | str) -> tuple[str, str]:
+def resolve_mixed_precision(setting: str, device: torch.device | str,
+                            weights_dtype: str = "float32") -> tuple[str, str]:
     """(mode for `Accelerator(mixed_precision=...)`: "no" | "bf16" | "fp16", one-line reason for the log).
 
-    auto: bf16 on a CUDA device that supports it and on a CPU with AMX-BF16/AVX512-BF16, else no.
+    auto: bf16 on a CUDA device that supports it and on a CPU with AMX-BF16/AVX512-BF16, else no;
+    with bfloat16 weights (`model.dtype`) the compute is bf16 anyway, so auto picks bf16 wherever
+    bf16 runs at all.
     Explicit values are honoured where they can work: fp16 on CPU and bf16 on a CUDA device without bf16
     raise ValueError; bf16 on a CPU without fast bf16 runs (correctly, but likely slower than fp32).
     """
     if setting not in MIXED_PRECISION_SETTINGS:
         raise ValueError(f"mixed precision {setting!r}: expected one of {', '.join(MIXED_PRECISION_SETTINGS)}")
     dev = torch.device(device)
+    if setting == "auto" and weights_dtype == "bfloat16" and not (dev.type == "cuda" and not _cuda_bf16_supported()):
+        return "bf16", "auto: the weights are bfloat16 (model.dtype), so the compute is bf16"
     if setting == "no":
         return "no", "mixed precision off as configured (no autocast: compute in the model's dtype)"
     if dev.type == "cpu":
@@ -374,5 +379,20 @@ def seed_master_weights(optimizer, originals: Originals) -> None:
     for p, value in originals:
         try:
             master.master_of(p).copy_(value)
+        except KeyError:  # frozen, not optimized
+            pass
+
+
+@torch.no_grad()
+def load_master_weights(model: torch.nn.Module, optimizer) -> None:
+    """The inverse of `use_bf16_weights`: every parameter fp32 again, holding its exact fp32 master
+    (frozen parameters, which have none, keep their value)."""
+    master = master_weight_optimizer(optimizer)
+    if master is None:
+        return
+    model.float()
+    for p in model.parameters():
+        try:
+            p.copy_(master.master_of(p))
         except KeyError:  # frozen, not optimized
             pass
