@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 
 import pytest
-import torch
-from conftest import CORPUS, build_model, build_tokenizer
+from conftest import CORPUS, build_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 

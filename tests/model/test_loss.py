@@ -172,6 +172,15 @@ def test_through_ddp(tmp_path):
         assert_rel_close(grads["module." + k], ref_grads[k], 1e-5)
 
 
+def assert_close_to_full(loss, ref_loss, grads, ref_grads, grad_dtype):
+    """Low-precision agreement: loss within 2e-2, finite grads in `grad_dtype`, cosine > 0.98 per parameter."""
+    assert loss.dtype == torch.float32
+    assert_rel_close(loss, ref_loss, 2e-2)
+    for k, g in grads.items():
+        assert g.dtype == grad_dtype and torch.isfinite(g).all()
+        assert torch.cosine_similarity(g.float().flatten(), ref_grads[k].float().flatten(), dim=0) > 0.98, k
+
+
 @pytest.mark.parametrize("batch_kind", BATCHES)
 def test_bf16_autocast_close_to_full(batch_kind):
     model = make_model("gemma2-softcap")
@@ -180,11 +189,7 @@ def test_bf16_autocast_close_to_full(batch_kind):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_loss, ref_grads = loss_and_grads(full_nll, model, batch)
         loss, grads = loss_and_grads(head, model, batch)
-    assert loss.dtype == torch.float32
-    assert_rel_close(loss, ref_loss, 2e-2)
-    for k, g in grads.items():
-        assert g.dtype == torch.float32 and torch.isfinite(g).all()
-        assert torch.cosine_similarity(g.flatten(), ref_grads[k].flatten(), dim=0) > 0.98, k
+    assert_close_to_full(loss, ref_loss, grads, ref_grads, torch.float32)
 
 
 @pytest.mark.parametrize("name", ["llama-tied", "qwen2"])
@@ -195,11 +200,7 @@ def test_bf16_model_close_to_full(name):
     assert head.mode == "target", head.reason
     ref_loss, ref_grads = loss_and_grads(full_nll, model, batch)
     loss, grads = loss_and_grads(head, model, batch)
-    assert loss.dtype == torch.float32
-    assert_rel_close(loss, ref_loss, 2e-2)
-    for k, g in grads.items():
-        assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
-        assert torch.cosine_similarity(g.float().flatten(), ref_grads[k].float().flatten(), dim=0) > 0.98, k
+    assert_close_to_full(loss, ref_loss, grads, ref_grads, torch.bfloat16)
 
 
 def test_head_leaves_the_model_unchanged():

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError
+from sftlab.data.types import IGNORE_INDEX, BadRecord
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
