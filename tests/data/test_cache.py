@@ -9,7 +9,8 @@ import pytest
 from conftest import CONVERSATIONS, build_tokenizer, write_jsonl
 
 from sftlab.config import DataConfig, SourceConfig
-from sftlab.data import cache, dataset
+from sftlab.data import dataset
+from sftlab.data.arrays import ArrayWriter
 from sftlab.data.dataset import DataError, build_datasets
 
 ROWS = [{"messages": c} for c in CONVERSATIONS] * 3 + [
@@ -31,15 +32,15 @@ def cache_dir(tmp_path):
 
 @pytest.fixture()
 def calls(monkeypatch):
-    """Count calls of the tokenization step."""
+    """Count how often a source is read and tokenized."""
     count = {"n": 0}
-    real = dataset.tokenize_records
+    real = dataset.read_source
 
     def counting(*args, **kwargs):
         count["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dataset, "tokenize_records", counting)
+    monkeypatch.setattr(dataset, "read_source", counting)
     return count
 
 
@@ -91,35 +92,56 @@ def test_cache_files_are_safe_and_complete(data_file, cache_dir, tokenizer):
     train, _, _ = build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)
     (entry,) = [p for p in cache_dir.iterdir()]
     assert not entry.name.startswith(".tmp")
-    assert sorted(p.name for p in entry.iterdir()) == ["files.npy", "input_ids.npy", "labels.npy", "lines.npy",
-                                                        "meta.json", "offsets.npy"]
-    flat = np.load(entry / "input_ids.npy", allow_pickle=False)
-    offsets = np.load(entry / "offsets.npy", allow_pickle=False)
-    assert flat.dtype == np.int32 and offsets[-1] == len(flat) == sum(len(e.input_ids) for e in train)
+    assert sorted(p.name for p in entry.iterdir()) == sorted(
+        ["arrays.json", "meta.json", "ids.bin", "targets.bin", "offsets.bin", "lines.bin", "files.bin",
+         "fix_pos.bin", "fix_val.bin"])
+    flat = np.fromfile(entry / "ids.bin", dtype=np.uint16)  # the tiny vocabulary fits 16 bits
+    offsets = np.fromfile(entry / "offsets.bin", dtype=np.int64)
+    assert offsets[-1] == len(flat) == sum(len(e.input_ids) for e in train)
+    assert (entry / "targets.bin").stat().st_size == len(flat)  # one byte per token, not a second id copy
     meta = json.loads((entry / "meta.json").read_text())
     assert meta["rows"] == 12 and meta["bad"] == 1 and meta["key"]["loss_on"] == "assistant"
 
 
-def test_interrupted_write_leaves_nothing_and_corrupt_entries_are_rebuilt(data_file, cache_dir, calls, tokenizer,
-                                                                         monkeypatch):
-    real_save = np.save
+def test_interrupted_write_leaves_nothing(data_file, cache_dir, calls, tokenizer, monkeypatch):
+    real_append = ArrayWriter.append
     state = {"n": 0}
 
-    def failing_save(*args, **kwargs):
+    def failing_append(self, *args, **kwargs):
         state["n"] += 1
         if state["n"] == 3:
             raise OSError("disk full")
-        return real_save(*args, **kwargs)
+        return real_append(self, *args, **kwargs)
 
-    monkeypatch.setattr(cache.np, "save", failing_save)
+    monkeypatch.setattr(ArrayWriter, "append", failing_append)
     good, _, _ = build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)  # a failed write is not fatal
     assert list(cache_dir.iterdir()) == []  # no entry, no temporary directory
-    monkeypatch.setattr(cache.np, "save", real_save)
+    monkeypatch.setattr(ArrayWriter, "append", real_append)
     assert ids(build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)[0]) == ids(good)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "extend", "meta"])
+def test_corrupted_entries_are_detected_and_rebuilt(damage, data_file, cache_dir, calls, tokenizer, caplog):
+    good = ids(build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)[0])  # read before the damage
     (entry,) = list(cache_dir.iterdir())
-    (entry / "labels.npy").write_bytes(b"garbage")
-    again, _, report = build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)
-    assert calls["n"] == 3 and ids(again) == ids(good) and not report.sources[0].cached
+    ids_file = entry / "ids.bin"
+    data = bytearray(ids_file.read_bytes())
+    if damage == "truncate":
+        ids_file.write_bytes(bytes(data[:-2]))
+    elif damage == "flip":  # same size, one bit of one token changed
+        data[len(data) // 2] ^= 0x01
+        ids_file.write_bytes(bytes(data))
+    elif damage == "extend":
+        ids_file.write_bytes(bytes(data) + b"\0\0")
+    else:
+        (entry / "arrays.json").write_text("{not json")
+    with caplog.at_level("WARNING"):
+        again, _, report = build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)
+    assert calls["n"] == 2 and not report.sources[0].cached
+    assert ids(again) == good
+    assert any("rebuilding" in r.message for r in caplog.records)
+    _, _, third = build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)  # the rebuilt entry is good
+    assert third.sources[0].cached and calls["n"] == 2
 
 
 def test_cache_off_and_default_location(data_file, tmp_path, calls, tokenizer, monkeypatch):

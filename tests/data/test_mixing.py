@@ -18,23 +18,27 @@ def _cache_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path / "cache"))
 
 
+def L(selection):  # noqa: N802 - selections as plain lists, for comparisons
+    return [a.tolist() for a in selection]
+
+
 def test_select_rules():
     rng = random.Random(0)
-    assert select(10, None, rng) == list(range(10)) == select(10, 1, rng) == select(10, 1.0, rng)
+    assert select(10, None, rng).tolist() == list(range(10)) == select(10, 1, rng).tolist() == select(10, 1.0, rng).tolist()
     frac = select(10, 0.3, rng)
     assert len(frac) == 3 and len(set(frac)) == 3
     assert len(select(10, 0.01, rng)) == 1  # a fraction never empties a source
-    many = Counter(select(4, 10, rng))
+    many = Counter(select(4, 10, rng).tolist())
     assert sum(many.values()) == 10 and set(many) == {0, 1, 2, 3} and sorted(many.values()) == [2, 2, 3, 3]
     small = select(10, 3, rng)
     assert len(small) == 3 and len(set(small)) == 3
-    assert select(0, 5, rng) == []
+    assert select(0, 5, rng).tolist() == []
 
 
 def test_mix_is_seeded_and_sources_are_independent():
-    assert mix([10, 20], [0.5, 7], seed=1) == mix([10, 20], [0.5, 7], seed=1)
-    assert mix([10, 20], [0.5, 7], seed=1) != mix([10, 20], [0.5, 7], seed=2)
-    assert mix([10, 20, 5], [0.5, 7, None], seed=1)[:2] == mix([10, 20], [0.5, 7], seed=1)
+    assert L(mix([10, 20], [0.5, 7], seed=1)) == L(mix([10, 20], [0.5, 7], seed=1))
+    assert L(mix([10, 20], [0.5, 7], seed=1)) != L(mix([10, 20], [0.5, 7], seed=2))
+    assert L(mix([10, 20, 5], [0.5, 7, None], seed=1))[:2] == L(mix([10, 20], [0.5, 7], seed=1))
 
 
 def test_weight_validation():
@@ -50,8 +54,10 @@ def test_hold_out_is_disjoint_even_with_repeats():
     train, evals = hold_out(sel, 0.25, seed=0)
     assert sum(map(len, evals)) == 2  # 25% of 8 distinct examples
     for s in range(2):
-        assert not set(train[s]) & set(evals[s])
-    assert hold_out(sel, 0.25, seed=0) == (train, evals)
+        assert not set(train[s].tolist()) & set(evals[s].tolist())
+        assert set(train[s].tolist()) | set(evals[s].tolist()) == set(sel[s].tolist())
+    again = hold_out(sel, 0.25, seed=0)
+    assert (L(again[0]), L(again[1])) == (L(train), L(evals))
 
 
 def rows(prefix: str, n: int) -> list[dict]:
@@ -65,7 +71,7 @@ def test_build_mixes_and_reports_per_source(tmp_path, tokenizer):
     cfg = DataConfig(train=[SourceConfig(path=str(a), weight=0.5), SourceConfig(path=str(b), weight=10),
                             SourceConfig(path=str(c))])
     train, evals, report = build_datasets(cfg, tokenizer, seed=3)
-    assert len(train) == 5 + 10 + 6 and evals == []
+    assert len(train) == 5 + 10 + 6 and len(evals) == 0
     assert [s.used for s in report.sources] == [5, 10, 6]
     summary = report.summary()
     assert f"train[0] {a}: 10 rows, 0 bad, 10 examples -> 5 train (weight 0.5)" in summary

@@ -6,16 +6,12 @@ the chat template text, the source format, `loss_on`, and the code that turns ro
 examples. `max_seq_length`, weights, the seed and the eval split are applied after loading, so
 changing them reuses the entry.
 
-An entry is a directory `<cache_dir>/<key>/` of flat numpy arrays (`np.save`, loaded with
-`allow_pickle=False`) and a JSON file; no pickle anywhere:
-
-    input_ids.npy  int32 [total tokens]     labels.npy  int32 [total tokens] (-100 = no loss)
-    offsets.npy    int64 [examples + 1]     lines.npy   int64 [examples]  (line or row of each)
-    files.npy      int32 [examples]         (index into meta.json "files")
-    meta.json      format version, key parts, row and bad-row counts, first bad rows, files
-
-It is written into a temporary directory beside it and renamed into place, so readers never see
-a half-written entry and concurrent writers (one per rank) are harmless.
+An entry is a directory `<cache_dir>/<key>/` holding the flat token arrays of `data/arrays.py`
+(ids, target flags, offsets, locations; each chunk checksummed) and `meta.json` (format version,
+key parts, row and bad-row counts, the first bad rows, the files). It is written into a temporary
+directory beside it and renamed into place, so readers never see a half-written entry and
+concurrent writers (one per rank) are harmless. Opening an entry re-checks every checksum; a
+truncated or corrupted entry is reported, removed and rebuilt, never trained on.
 """
 
 from __future__ import annotations
@@ -31,37 +27,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from sftlab.data.types import IGNORE_INDEX, TokenizedExample
+from sftlab.data.arrays import CorruptEntry, TokenArrays
 from sftlab.paths import cache_root
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 MAX_BAD_EXAMPLES = 5
 # The modules whose code decides what a row tokenizes to: editing them invalidates the cache.
-_CODE_FILES = ("types.py", "formats.py", "masking.py", "templates.py", "sources.py", "dataset.py", "cache.py")
+_CODE_FILES = ("types.py", "formats.py", "masking.py", "templates.py", "sources.py", "tokenize.py", "arrays.py",
+               "fast_chatml.py", "cache.py")
 
 
 @dataclass
-class SourceExamples:
-    """What one source yields: its examples with their locations, and its bad rows."""
+class SourceData:
+    """One source's examples (memory-mapped arrays) and what reading it found: rows, bad rows, files."""
 
-    examples: list[TokenizedExample] = field(default_factory=list)
+    arrays: TokenArrays | None = None
     files: list[tuple[str, str]] = field(default_factory=list)  # (file or source name, "line" | "row")
-    locations: list[tuple[int, int]] = field(default_factory=list)  # (index into files, line/row)
     rows: int = 0
     bad: int = 0
     bad_reasons: Counter = field(default_factory=Counter)
     bad_examples: list[str] = field(default_factory=list)  # the first few, in row order
     cached: bool = False
+    notes: list[str] = field(default_factory=list)  # e.g. which tokenization path was used
+
+    def __len__(self) -> int:
+        return len(self.arrays) if self.arrays is not None else 0
 
     def where(self, i: int) -> str:
-        f, line = self.locations[i]
-        name, unit = self.files[f]
+        assert self.arrays is not None
+        name, unit = self.files[int(self.arrays.files[i])]
+        line = int(self.arrays.lines[i])
         return f"{name}:{line}" if unit == "line" else f"{name} row {line}"
+
+    def meta(self, key_parts: dict[str, Any] | None) -> dict[str, Any]:
+        return {"format": CACHE_FORMAT, "key": key_parts, "rows": self.rows, "bad": self.bad,
+                "bad_reasons": dict(self.bad_reasons), "bad_examples": self.bad_examples,
+                "files": [list(f) for f in self.files], "notes": self.notes}
 
 
 def default_cache_dir() -> Path:
@@ -102,8 +107,8 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def load(root: Path, key: str) -> SourceExamples | None:
-    """The entry for `key`, or None when absent or unreadable (then it is rebuilt)."""
+def load(root: Path, key: str) -> SourceData | None:
+    """The entry for `key`, verified; None when absent, outdated or corrupted (then it is rebuilt)."""
     entry = root / key
     if not (entry / "meta.json").is_file():
         return None
@@ -111,46 +116,33 @@ def load(root: Path, key: str) -> SourceExamples | None:
         meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
         if meta.get("format") != CACHE_FORMAT:
             return None
-        arr = {n: np.load(entry / f"{n}.npy", allow_pickle=False)
-               for n in ("input_ids", "labels", "offsets", "lines", "files")}
-    except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable data cache entry %s: %s", entry, e)
+        arrays = TokenArrays(entry)
+    except (OSError, ValueError) as e:  # CorruptEntry is a ValueError
+        why = f"corrupted ({e})" if isinstance(e, CorruptEntry) else f"unreadable ({e})"
+        log.warning("data cache entry %s is %s: removing it and rebuilding it", entry, why)
+        shutil.rmtree(entry, ignore_errors=True)
         return None
-    ids, labels, offsets = arr["input_ids"].tolist(), arr["labels"].tolist(), arr["offsets"].tolist()
-    examples = [TokenizedExample(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-    return SourceExamples(
-        examples=examples,
-        files=[(name, unit) for name, unit in meta["files"]],
-        locations=list(zip(arr["files"].tolist(), arr["lines"].tolist())),
-        rows=meta["rows"], bad=meta["bad"], bad_reasons=Counter(meta["bad_reasons"]),
-        bad_examples=meta["bad_examples"], cached=True,
-    )
+    return SourceData(arrays, files=[(name, unit) for name, unit in meta["files"]], rows=meta["rows"],
+                      bad=meta["bad"], bad_reasons=Counter(meta["bad_reasons"]), bad_examples=meta["bad_examples"],
+                      cached=True, notes=meta.get("notes", []))
 
 
-def save(root: Path, key: str, data: SourceExamples, key_parts: dict[str, Any]) -> None:
-    """Write the entry atomically: a temporary directory renamed into place."""
+def new_entry_dir(root: Path, key: str) -> Path:
+    """A fresh temporary directory beside the entry, to write it into."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:8]}-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{key[:8]}-", dir=root))
+
+
+def commit(tmp: Path, root: Path, key: str, data: SourceData, key_parts: dict[str, Any]) -> Path:
+    """Write meta.json and rename the finished directory into place; returns the entry's path."""
+    (tmp / "meta.json").write_text(json.dumps(data.meta(key_parts), indent=1), encoding="utf-8")
+    final = root / key
+    if final.exists():  # unreadable or outdated entry: replace it
+        shutil.rmtree(final, ignore_errors=True)
     try:
-        lengths = [len(ex.input_ids) for ex in data.examples]
-        flat_ids = [t for ex in data.examples for t in ex.input_ids]
-        flat_labels = [t for ex in data.examples for t in ex.labels]
-        np.save(tmp / "input_ids.npy", np.asarray(flat_ids, dtype=np.int32))
-        np.save(tmp / "labels.npy", np.asarray(flat_labels, dtype=np.int32))
-        np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64))
-        np.save(tmp / "lines.npy", np.asarray([line for _, line in data.locations], dtype=np.int64))
-        np.save(tmp / "files.npy", np.asarray([f for f, _ in data.locations], dtype=np.int32))
-        meta = {"format": CACHE_FORMAT, "key": key_parts, "rows": data.rows, "bad": data.bad,
-                "bad_reasons": dict(data.bad_reasons), "bad_examples": data.bad_examples,
-                "files": [list(f) for f in data.files], "ignore_index": IGNORE_INDEX}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        final = root / key
-        if final.exists():  # unreadable or outdated entry: replace it
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():  # not a concurrent writer finishing first
-                raise
-    finally:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "meta.json").is_file():  # not a concurrent writer finishing first
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,44 +1,45 @@
 """Build tokenized, masked train/validation sets from the configured sources.
 
-`build_datasets(cfg, tokenizer, seed)` is the entry point. For every source (sources.py) it reads
-the rows, normalises them (formats.py), tokenizes and labels them in `num_proc` worker processes,
-and caches the result (cache.py); then it applies the length policy, mixes the sources by weight
-and splits off validation (mixing.py). Every decision is counted in `DataReport`, per source, and
-all validation happens here, before training starts.
-
-Text rows (`format: text`) are tokenized without a chat template, with the tokenizer's own special
-tokens (e.g. a BOS). A token that overlaps a character of a `loss_masking_spans` span carries no
-loss; every other token is a target. The EOS token is appended, as a target, unless the text
-already ends with it, so the model learns where a document stops. Pretokenized rows are used as
-they are. Any example left without a target token is a bad record.
+`build_datasets(cfg, tokenizer, seed)` is the entry point. For every source (sources.py) it streams
+the rows in chunks; each chunk is normalised, rendered, tokenized and labelled (tokenize.py), here
+or in `num_proc` worker processes, and appended to flat token arrays on disk (arrays.py): the
+cache entry (cache.py), or a temporary directory when the cache is off. Peak memory does not grow
+with the data set: only a few chunks are in flight. Then it applies the length policy, mixes the
+sources by weight and splits off validation (mixing.py), all on index arrays (`Examples`); the
+tokens stay memory-mapped. Every decision is counted in `DataReport`, per source, and all
+validation happens here, before training starts.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import math
 import multiprocessing
-from collections import Counter
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.config import DataConfig, SourceConfig
-from sftlab.data import cache, masking
-from sftlab.data.formats import Conversation, Record, TextRecord, to_record
-from sftlab.data.templates import load_template
-from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError, TemplateError, TokenizedExample
+from sftlab.data import cache
+from sftlab.data.arrays import TOKEN_ARRAYS, ArrayWriter, TokenArrays, id_dtype
+from sftlab.data.examples import Examples
 from sftlab.data.mixing import check_weight, hold_out, mix
 from sftlab.data.sources import DatasetSource, Source, SourceSpec, open_source
+from sftlab.data.templates import load_template
+from sftlab.data.tokenize import ChunkContext, ChunkResult, RawChunk, encode_chunk, init_worker, worker_chunk
+from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError
 
 __all__ = ["DataError", "DataReport", "DatasetSource", "SourceStats", "build_datasets", "load_template"]
 
 log = logging.getLogger(__name__)
-CHUNK = 256  # records per tokenization task
+ROWS_PER_CHUNK = 512  # rows per unit of work (fixed: the arrays' chunk checksums do not depend on num_proc)
 FROM_CONFIG = object()  # build_datasets resolves the template from the config
 
 
@@ -103,101 +104,49 @@ class DataReport:
         return "\n".join(lines)
 
 
-# --- tokenization (runs in worker processes when num_proc > 1) -------------------------------
+# --- one source: read in chunks, encode (in worker processes), append to flat arrays ----------
 
-def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Inclusive [start, end] spans -> sorted, disjoint half-open [start, end + 1) spans."""
-    out: list[tuple[int, int]] = []
-    for s, e in sorted(spans):
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], e + 1))
-        else:
-            out.append((s, e + 1))
-    return out
-
-
-def _tokenize_texts(tokenizer: PreTrainedTokenizerBase, recs: list[TextRecord]) -> list[TokenizedExample]:
-    """Text rows: every token a target except those overlapping a loss-masking span; EOS appended."""
-    if not tokenizer.is_fast and any(r.spans for r in recs):
-        raise DataError("text rows with loss_masking_spans need a fast tokenizer (character offsets)")
-    enc = tokenizer([r.text for r in recs], add_special_tokens=True, return_offsets_mapping=tokenizer.is_fast)
-    eos = tokenizer.eos_token_id
-    out = []
-    for k, r in enumerate(recs):
-        ids = list(enc["input_ids"][k])
-        masked = masking.labels_from_spans(enc["offset_mapping"][k], _merge(r.spans)) if r.spans else [False] * len(ids)
-        labels = [IGNORE_INDEX if m else t for t, m in zip(ids, masked)]
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-            labels.append(eos)
-        out.append(TokenizedExample(ids, labels))
-    return out
+def _raw_chunks(source: Source, data: cache.SourceData, rows_per_chunk: int) -> Iterator[RawChunk]:
+    """The source's rows in chunks, each row tagged with its file's index in `data.files`."""
+    file_index: dict[str, int] = {}
+    chunk: RawChunk = []
+    for raw in source.rows():
+        if raw.source not in file_index:
+            file_index[raw.source] = len(data.files)
+            data.files.append((raw.source, raw.unit))
+        chunk.append((file_index[raw.source], raw.line, raw.unit, raw.row))
+        if len(chunk) == rows_per_chunk:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
-def _tokenize_conversations(tokenizer: PreTrainedTokenizerBase, convs: list[Conversation], loss_on: str,
-                            template: str | None) -> list[TokenizedExample | BadRecord]:
-    """One batched masking call; a conversation the template cannot mask becomes a BadRecord."""
-    results = masking.tokenize_conversations(tokenizer, [c.messages for c in convs], loss_on, template,
-                                             [c.tools for c in convs], on_error="return")
-    return [BadRecord(c.source, c.line, "messages", str(res), c.unit) if isinstance(res, TemplateError) else res
-            for c, res in zip(convs, results)]
+def _encoded_chunks(chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.SourceData, num_proc: int,
+                    directory: Path) -> Iterator[ChunkResult]:
+    """Encoded chunks in order: here, or in `num_proc` worker processes with at most 2 chunks each in flight."""
+    names = lambda: [name for name, _ in data.files]  # noqa: E731 - grows while the source is read
+    if num_proc <= 1:
+        for chunk in chunks:
+            ctx.files = names()
+            yield encode_chunk(chunk, ctx)
+        return
+    # fork where available: no re-import of the caller's __main__ and no start-up cost; the workers
+    # only render templates and run the tokenizer (tokenizers turns its own threads off after a fork)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers, not tokenizer threads, share the cores
+    with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(method),
+                             initializer=init_worker, initargs=(ctx, str(directory))) as pool:
+        pending: deque = deque()
+        for number, chunk in enumerate(chunks):
+            pending.append(pool.submit(worker_chunk, number, chunk, names()))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
-def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, loss_on: str,
-                   template: str | None) -> list[TokenizedExample | BadRecord]:
-    """Tokenize and label records of any kind, in order; unusable ones come back as BadRecord."""
-    out: list[Any] = [None] * len(records)
-    by_kind: dict[type, list[int]] = {}
-    for i, r in enumerate(records):
-        by_kind.setdefault(type(r), []).append(i)
-    for kind, idx in by_kind.items():
-        group = [records[i] for i in idx]
-        if kind is Conversation:
-            results: list[Any] = _tokenize_conversations(tokenizer, group, loss_on, template)
-        elif kind is TextRecord:
-            results = _tokenize_texts(tokenizer, group)
-        else:
-            results = [TokenizedExample(list(r.input_ids), list(r.labels)) for r in group]
-        for i, res in zip(idx, results):
-            out[i] = res
-    for i, (r, res) in enumerate(zip(records, out)):
-        if isinstance(res, TokenizedExample) and res.num_targets == 0:
-            out[i] = BadRecord(r.source, r.line, None, "no target tokens: every label is masked", r.unit)
-    return out
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(tokenizer: PreTrainedTokenizerBase, loss_on: str, template: str | None) -> None:
-    _WORKER.update(tokenizer=tokenizer, loss_on=loss_on, template=template)
-
-
-def _worker_chunk(records: list[Record]) -> list[TokenizedExample | BadRecord]:
-    return tokenize_chunk(records, _WORKER["tokenizer"], _WORKER["loss_on"], _WORKER["template"])
-
-
-def tokenize_records(records: list[Record], tokenizer: PreTrainedTokenizerBase, loss_on: str,
-                     template: str | None, num_proc: int = 1) -> list[TokenizedExample | BadRecord]:
-    """Tokenize in chunks of at most CHUNK records, over `num_proc` worker processes; order is preserved."""
-    size = max(1, min(CHUNK, math.ceil(len(records) / max(1, num_proc))))
-    chunks = [records[i:i + size] for i in range(0, len(records), size)]
-    if num_proc <= 1 or len(chunks) <= 1:
-        parts = [tokenize_chunk(c, tokenizer, loss_on, template) for c in chunks]
-    else:
-        # fork where available: no re-import of the caller's __main__ and no start-up cost; the workers
-        # only render templates and run the tokenizer (tokenizers turns its own threads off after a fork)
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers, not tokenizer threads, share the cores
-        with ProcessPoolExecutor(min(num_proc, len(chunks)), mp_context=multiprocessing.get_context(method),
-                                 initializer=_init_worker, initargs=(tokenizer, loss_on, template)) as pool:
-            parts = list(pool.map(_worker_chunk, chunks))
-    return [x for part in parts for x in part]
-
-
-# --- one source: read, normalise, tokenize, cache -------------------------------------------
-
-def _note_bad(data: cache.SourceExamples, err: BadRecord, strict: bool) -> None:
+def _note_bad(data: cache.SourceData, err: BadRecord, strict: bool) -> None:
     if strict:
         raise DataError(str(err))
     data.bad += 1
@@ -206,42 +155,50 @@ def _note_bad(data: cache.SourceExamples, err: BadRecord, strict: bool) -> None:
         data.bad_examples.append(str(err))
 
 
-def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, template: str | None
-                ) -> cache.SourceExamples:
-    """Read, normalise and tokenize one source (no cache). Raises on the first bad row when strict."""
+def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, template: str | None,
+                directory: Path) -> cache.SourceData:
+    """Read, normalise, tokenize and label one source into flat arrays in `directory`, chunk by chunk.
+
+    Memory stays bounded: a few chunks are in flight at a time. Raises on the first bad row when strict.
+    """
     strict = cfg.on_bad_record == "error"
-    data = cache.SourceExamples()
-    file_index: dict[str, int] = {}
-    records: list[Record] = []
-    for raw in source.rows():
-        data.rows += 1
-        if raw.source not in file_index:
-            file_index[raw.source] = len(data.files)
-            data.files.append((raw.source, raw.unit))
-        try:
-            if isinstance(raw.row, BadRecord):
-                raise raw.row
-            records.append(to_record(raw.row, source.format, raw.source, raw.line, unit=raw.unit,
-                                     vocab_size=len(tokenizer)))
-        except BadRecord as e:
-            _note_bad(data, e, strict)
-    if any(isinstance(r, Conversation) for r in records) and not (template or tokenizer.chat_template):
-        raise DataError(f"data source {source.name}: chat rows need a chat template, and the tokenizer has "
-                        "none; set data.chat_template")
-    for rec, res in zip(records, tokenize_records(records, tokenizer, cfg.loss_on, template, cfg.num_proc)):
-        if isinstance(res, BadRecord):
-            _note_bad(data, res, strict)
-            continue
-        data.examples.append(res)
-        data.locations.append((file_index[rec.source], rec.line))
+    data = cache.SourceData()
+    ctx = ChunkContext(tokenizer, source.name, [], source.format, cfg.loss_on, template, id_dtype(len(tokenizer)))
+    writer = ArrayWriter(directory, ctx.ids_dtype)
+    try:
+        for res in _encoded_chunks(_raw_chunks(source, data, ROWS_PER_CHUNK), ctx, data, cfg.num_proc, directory):
+            data.rows += res.rows
+            for err in res.bad:
+                _note_bad(data, err, strict)
+            for name in TOKEN_ARRAYS:
+                part = res.tokens[name]
+                writer.append_file(name, *part) if isinstance(part, tuple) else writer.append(name, part)
+            writer.add_examples(res.lengths, res.lines, res.files, res.fix_pos, res.fix_val)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    data.arrays = TokenArrays(directory, verify=False)
     return data
 
 
+def _read_uncached(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
+                   template: str | None) -> cache.SourceData:
+    """Build the arrays in a temporary directory that is removed at once: the open memory maps keep
+    the files readable until the run ends (POSIX), and nothing is left behind."""
+    tmp = Path(tempfile.mkdtemp(prefix="sftlab-data-"))
+    try:
+        return read_source(source, tokenizer, cfg, template, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def prepare_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                   template: str | None) -> cache.SourceExamples:
-    """The source's examples, from the cache when its key matches, else built (and then cached)."""
+                   template: str | None) -> cache.SourceData:
+    """The source's examples, from the cache when its key matches (and its checksums hold), else built
+    (and then cached)."""
     if not cfg.cache:
-        return read_source(source, tokenizer, cfg, template)
+        return _read_uncached(source, tokenizer, cfg, template)
     parts = {"source": source.fingerprint(), "tokenizer": cache.tokenizer_fingerprint(tokenizer),
              "template": template or tokenizer.chat_template, "format": source.format, "loss_on": cfg.loss_on,
              "code": cache.code_fingerprint()}
@@ -252,40 +209,55 @@ def prepare_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: Data
         if cfg.on_bad_record == "error" and data.bad:
             raise DataError(data.bad_examples[0])
         return data
-    data = read_source(source, tokenizer, cfg, template)
+    tmp = None
     try:
+        tmp = cache.new_entry_dir(root, key)
+        data = read_source(source, tokenizer, cfg, template, tmp)
         readable = {**parts, "name": source.name, "template": cache.cache_key({"t": parts["template"]})}
-        cache.save(root, key, data, readable)
+        data.arrays = TokenArrays(cache.commit(tmp, root, key, data, readable), verify=False)
+        return data
     except OSError as e:  # an unwritable cache costs the next run time, never this run
         log.warning("could not write the data cache entry for %s in %s: %s", source.name, root, e)
-    return data
+        return _read_uncached(source, tokenizer, cfg, template)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def apply_length_policy(ex: TokenizedExample, cfg: DataConfig, report: DataReport, where: str,
-                        stats: SourceStats | None = None) -> TokenizedExample | None:
-    """Keep, drop, truncate or refuse an example longer than max_seq_length; count what was done."""
+def apply_length_policy(data: cache.SourceData, cfg: DataConfig, report: DataReport,
+                        stats: SourceStats | None = None) -> Examples:
+    """The source's usable examples: those longer than max_seq_length kept, dropped, truncated or
+    refused; what was done is counted."""
     stats = stats or SourceStats("", "")
-    n = len(ex.input_ids)
-    if n <= cfg.max_seq_length:
-        return ex
-    if cfg.on_overlength == "error":
-        raise DataError(f"{where}: {n} tokens exceed data.max_seq_length={cfg.max_seq_length} "
-                        "(set data.on_overlength to drop or truncate)")
-    if cfg.on_overlength == "drop":
-        report.overlength_dropped += 1
-        stats.dropped += 1
-        return None
-    cut = TokenizedExample(ex.input_ids[: cfg.max_seq_length], ex.labels[: cfg.max_seq_length])
-    if cut.num_targets == 0:
-        report.no_target_after_truncation += 1
-        stats.no_target += 1
-        return None
-    report.overlength_truncated += 1
-    stats.truncated += 1
+    examples = Examples.whole(data.arrays) if data.arrays is not None else Examples.empty()
     m = cfg.max_seq_length
-    if ex.labels[m - 1] != IGNORE_INDEX and ex.labels[m] != IGNORE_INDEX:
-        report.truncated_inside_turn += 1  # the labelled run (a turn and its end-of-turn token) continues past the cut
-    return cut
+    over = np.flatnonzero(examples.length > m)
+    if not len(over):
+        return examples
+    if cfg.on_overlength == "error":
+        i = int(over[0])
+        raise DataError(f"{data.where(i)}: {int(examples.length[i])} tokens exceed data.max_seq_length={m} "
+                        "(set data.on_overlength to drop or truncate)")
+    keep = np.ones(len(examples), dtype=bool)
+    keep[over] = False
+    if cfg.on_overlength == "drop":
+        report.overlength_dropped += len(over)
+        stats.dropped += len(over)
+        return examples.select(np.flatnonzero(keep))
+    store = data.arrays
+    for i in over:
+        start = int(examples.start[i])
+        if store.count_targets(start, start + m) == 0:
+            report.no_target_after_truncation += 1
+            stats.no_target += 1
+            continue
+        keep[i] = True
+        report.overlength_truncated += 1
+        stats.truncated += 1
+        if np.all(store.tokens(start + m - 1, start + m + 1)[1] != IGNORE_INDEX):
+            report.truncated_inside_turn += 1  # the labelled run (a turn and its end-of-turn token) continues past the cut
+    examples.length[over] = m
+    return examples.select(np.flatnonzero(keep))
 
 
 def _weight_of(spec: SourceSpec) -> tuple[float | int | None, str]:
@@ -297,7 +269,7 @@ def _weight_of(spec: SourceSpec) -> tuple[float | int | None, str]:
 
 
 def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                   template: str | None, report: DataReport) -> list[list[TokenizedExample]]:
+                   template: str | None, report: DataReport) -> list[Examples]:
     """Usable examples per source (after the length policy); stats land in `report.sources`."""
     for spec in specs:
         check_weight(*_weight_of(spec))
@@ -306,18 +278,13 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
         source = open_source(spec, i)
         data = prepare_source(source, tokenizer, cfg, template)
         stats = SourceStats(f"{split}[{i}] {source.name}", split, source.weight, rows=data.rows, bad=data.bad,
-                            examples=len(data.examples), cached=data.cached)
+                            examples=len(data), cached=data.cached)
         report.sources.append(stats)
         report.rows += data.rows
         report.bad += data.bad
         report.bad_reasons.update(data.bad_reasons)
         report.bad_examples.extend(data.bad_examples[: max(0, 5 - len(report.bad_examples))])
-        usable = []
-        for k, ex in enumerate(data.examples):
-            kept = apply_length_policy(ex, cfg, report, data.where(k), stats)
-            if kept is not None:
-                usable.append(kept)
-        out.append(usable)
+        out.append(apply_length_policy(data, cfg, report, stats))
     return out
 
 
@@ -325,8 +292,8 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
                    train_sources: Sequence[SourceSpec] | None = None,
                    eval_sources: Sequence[SourceSpec] | None = None,
                    template: str | None | object = FROM_CONFIG,
-                   ) -> tuple[list[TokenizedExample], list[TokenizedExample], DataReport]:
-    """Return (train, eval, report).
+                   ) -> tuple[Examples, Examples, DataReport]:
+    """Return (train, eval, report); train and eval are `Examples` over memory-mapped token arrays.
 
     `train_sources` / `eval_sources` add sources after the configured `cfg.train` / `cfg.eval`:
     SourceConfig objects, `datasets.Dataset` objects, or `DatasetSource(dataset, name, format, weight)`.
@@ -348,12 +315,12 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
     train_stats, eval_stats = report.sources[: len(train_parts)], report.sources[len(train_parts):]
     train_sel = mix([len(p) for p in train_parts], [s.weight for s in train_stats], seed)
     eval_sel = mix([len(p) for p in eval_parts], [s.weight for s in eval_stats], seed)
-    held: list[list[int]] = [[] for _ in train_parts]
+    held = [np.zeros(0, dtype=np.int64) for _ in train_parts]
     if not eval_parts and cfg.eval_fraction > 0:
         train_sel, held = hold_out(train_sel, cfg.eval_fraction, seed)
-    train = [train_parts[s][i] for s, picks in enumerate(train_sel) for i in picks]
-    evals = [eval_parts[s][i] for s, picks in enumerate(eval_sel) for i in picks]
-    evals += [train_parts[s][i] for s, picks in enumerate(held) for i in picks]
+    train = Examples.concat([part.select(picks) for part, picks in zip(train_parts, train_sel)])
+    evals = Examples.concat([part.select(picks) for part, picks in zip(eval_parts, eval_sel)]
+                            + [part.select(picks) for part, picks in zip(train_parts, held)])
     for stats, picks, h in zip(train_stats, train_sel, held):
         stats.used, stats.held_out = len(picks), len(h)
     for stats, picks in zip(eval_stats, eval_sel):

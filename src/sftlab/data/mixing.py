@@ -7,17 +7,20 @@ Weights (per source, applied to its usable examples):
 - an integer > 1 (or an integral float such as 3.0): exactly that many examples, the whole source
   repeated as often as it fits and the rest sampled without replacement.
 
-A selection is a list of example indices per source (repeats allowed). Every source draws from its
-own generator seeded by (seed, source position), so adding a source does not change the others.
+A selection is an int64 array of example indices per source (repeats allowed). Every source draws
+from its own generator seeded by (seed, source position), so adding a source does not change the
+others. Everything works on index arrays: a million examples cost a few megabytes here.
 """
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
+
 from sftlab.data.types import DataError
 
-Selection = list[list[int]]  # per source, indices of its examples (with repeats)
+Selection = list[np.ndarray]  # per source, indices of its examples (with repeats)
 
 
 def check_weight(weight: float | int | None, name: str) -> None:
@@ -31,15 +34,16 @@ def check_weight(weight: float | int | None, name: str) -> None:
                         "number of examples")
 
 
-def select(n: int, weight: float | int | None, rng: random.Random) -> list[int]:
+def select(n: int, weight: float | int | None, rng: random.Random) -> np.ndarray:
     """Indices of the examples a source contributes (see the module docstring for the rules)."""
     if weight is None or n == 0 or weight == 1:
-        return list(range(n))
+        return np.arange(n, dtype=np.int64)
     if weight < 1:
-        return sorted(rng.sample(range(n), max(1, round(n * weight))))
+        return np.sort(np.asarray(rng.sample(range(n), max(1, round(n * weight))), dtype=np.int64))
     count = int(weight)
     full, rest = divmod(count, n)
-    return list(range(n)) * full + sorted(rng.sample(range(n), rest))
+    return np.concatenate([np.tile(np.arange(n, dtype=np.int64), full),
+                           np.sort(np.asarray(rng.sample(range(n), rest), dtype=np.int64))])
 
 
 def mix(sizes: list[int], weights: list[float | int | None], seed: int) -> Selection:
@@ -51,13 +55,21 @@ def hold_out(selection: Selection, fraction: float, seed: int) -> tuple[Selectio
     """Split a selection into (train, eval): `fraction` of its distinct examples go to eval.
 
     Held-out examples leave the training side with all their repeats, so the two never share an
-    example. Eval takes each held-out example once; at least one when `fraction` > 0.
+    example. Eval takes each held-out example once, in index order; at least one when `fraction` > 0.
+    The distinct examples are ordered by (source, index) and sampled by position.
     """
-    distinct = sorted({(s, i) for s, picks in enumerate(selection) for i in picks})
-    if fraction <= 0 or not distinct:
-        return selection, [[] for _ in selection]
+    distinct = [np.unique(picks) for picks in selection]
+    total = sum(len(d) for d in distinct)
+    if fraction <= 0 or not total:
+        return selection, [np.zeros(0, dtype=np.int64) for _ in selection]
     rng = random.Random(f"eval:{seed}")
-    held = set(rng.sample(distinct, max(1, round(len(distinct) * fraction))))
-    train = [[i for i in picks if (s, i) not in held] for s, picks in enumerate(selection)]
-    evals = [sorted({i for i in picks if (s, i) in held}) for s, picks in enumerate(selection)]
+    held_pos = np.zeros(total, dtype=bool)
+    held_pos[rng.sample(range(total), max(1, round(total * fraction)))] = True
+    train, evals, base = [], [], 0
+    for picks, d in zip(selection, distinct):
+        is_held = np.zeros(int(d[-1]) + 1 if len(d) else 0, dtype=bool)
+        is_held[d] = held_pos[base:base + len(d)]
+        base += len(d)
+        train.append(picks[~is_held[picks]] if len(picks) else picks)
+        evals.append(d[is_held[d]] if len(d) else d)
     return train, evals

@@ -1,7 +1,9 @@
 """Packing: put several tokenized examples into one row so that no document attends to another.
 
-Its one job is to turn a list of `TokenizedExample`s into `PackedRow`s and padding-free batches whose
-`position_ids` restart at 0 at every document. Strategies (`data.packing`):
+Its one job is to turn examples into `PackedRow`s and padding-free batches whose `position_ids`
+restart at 0 at every document. Packing is planned on the examples' lengths alone (`PackedRows`
+holds index arrays); a row's tokens are laid out when it is indexed, i.e. when its micro-batch is
+built. Strategies (`data.packing`):
 
 - `none`: one example per row.
 - `bfd`: best-fit-decreasing bins of whole documents; a row never exceeds the capacity and a
@@ -31,11 +33,13 @@ which matters once rows are concatenated into one padding-free sequence).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, chain
 
+import numpy as np
 import torch
 
 from sftlab.data.types import IGNORE_INDEX, TokenizedExample
@@ -123,7 +127,57 @@ def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def pack_wrapped(examples: Sequence[TokenizedExample], seq_length: int) -> list[PackedRow]:
+class PackedRows(Sequence[PackedRow]):
+    """Packed rows as pieces of examples, built into `PackedRow`s only when indexed (micro-batch time).
+
+    Row r is the pieces `row_offsets[r]:row_offsets[r + 1]`; piece p is tokens
+    [piece_start[p], piece_stop[p]) of example `piece_example[p]`. With `Examples` over memory-mapped
+    arrays, a million documents cost a few index arrays here.
+    """
+
+    def __init__(self, examples: Sequence[TokenizedExample], piece_example: np.ndarray, piece_start: np.ndarray,
+                 piece_stop: np.ndarray, row_offsets: np.ndarray):
+        self.examples = examples
+        self.piece_example = np.asarray(piece_example, dtype=np.int64)
+        self.piece_start = np.asarray(piece_start, dtype=np.int64)
+        self.piece_stop = np.asarray(piece_stop, dtype=np.int64)
+        self.row_offsets = np.asarray(row_offsets, dtype=np.int64)
+        sizes = np.concatenate([[0], np.cumsum(self.piece_stop - self.piece_start)])
+        self.lengths = sizes[self.row_offsets[1:]] - sizes[self.row_offsets[:-1]]
+
+    def __len__(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def _doc(self, p: int) -> tuple[list[int], list[int]]:
+        i, a, b = int(self.piece_example[p]), int(self.piece_start[p]), int(self.piece_stop[p])
+        if hasattr(self.examples, "arrays"):
+            ids, labels = self.examples.arrays(i)
+            return ids[a:b].tolist(), labels[a:b].tolist()
+        ex = self.examples[i]
+        return ex.input_ids[a:b], ex.labels[a:b]
+
+    def __getitem__(self, r):
+        if isinstance(r, slice):
+            return [self[k] for k in range(*r.indices(len(self)))]
+        if not -len(self) <= r < len(self):
+            raise IndexError(f"row {r} out of range for {len(self)} rows")
+        r %= len(self)
+        return PackedRow.from_docs(self._doc(p) for p in range(self.row_offsets[r], self.row_offsets[r + 1]))
+
+    def fingerprint(self) -> str:
+        """Identifies exactly these rows: the examples' fingerprint and the piece arrays."""
+        h = hashlib.sha256(self.examples.fingerprint().encode() if hasattr(self.examples, "fingerprint") else b"")
+        for arr in (self.piece_example, self.piece_start, self.piece_stop, self.row_offsets):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()[:32]
+
+
+def _lengths(examples: Sequence[TokenizedExample]) -> np.ndarray:
+    lengths = getattr(examples, "lengths", None)
+    return np.asarray(lengths if lengths is not None else [len(ex.input_ids) for ex in examples], dtype=np.int64)
+
+
+def pack_wrapped(examples: Sequence[TokenizedExample], seq_length: int) -> PackedRows:
     """Concatenate the examples in order and cut every `seq_length` tokens (the last row may be shorter).
 
     A document cut at a row end continues in the next row as a new document: position_ids restart
@@ -131,31 +185,37 @@ def pack_wrapped(examples: Sequence[TokenizedExample], seq_length: int) -> list[
     """
     if seq_length < 1:
         raise ValueError(f"seq_length must be positive, got {seq_length}")
-    rows: list[PackedRow] = []
-    pieces: list[tuple[list[int], list[int]]] = []
+    pieces: list[tuple[int, int, int]] = []
+    row_offsets = [0]
     used = 0
-    for ex in examples:
+    for i, n in enumerate(_lengths(examples).tolist()):
         start = 0
-        while start < len(ex.input_ids):
-            take = min(seq_length - used, len(ex.input_ids) - start)
-            pieces.append((ex.input_ids[start:start + take], ex.labels[start:start + take]))
+        while start < n:
+            take = min(seq_length - used, n - start)
+            pieces.append((i, start, start + take))
             start += take
             used += take
             if used == seq_length:
-                rows.append(PackedRow.from_docs(pieces))
-                pieces, used = [], 0
-    if pieces:
-        rows.append(PackedRow.from_docs(pieces))
-    return rows
+                row_offsets.append(len(pieces))
+                used = 0
+    if used:
+        row_offsets.append(len(pieces))
+    cols = np.asarray(pieces, dtype=np.int64).reshape(-1, 3)
+    return PackedRows(examples, cols[:, 0], cols[:, 1], cols[:, 2], np.asarray(row_offsets))
 
 
-def pack_examples(examples: Sequence[TokenizedExample], packing: str, seq_length: int) -> list[PackedRow]:
-    """Rows for `data.packing`: `none` (one example per row), `bfd` or `wrapped`."""
+def pack_examples(examples: Sequence[TokenizedExample], packing: str, seq_length: int) -> PackedRows:
+    """Rows for `data.packing`: `none` (one example per row), `bfd` or `wrapped`; planned on the
+    examples' lengths alone, assembled when indexed."""
+    lengths = _lengths(examples)
     if packing == "none":
-        return [PackedRow.from_docs([(ex.input_ids, ex.labels)]) for ex in examples]
+        order = np.arange(len(lengths))
+        return PackedRows(examples, order, np.zeros_like(order), lengths, np.arange(len(lengths) + 1))
     if packing == "bfd":
-        bins = pack_bfd([len(ex.input_ids) for ex in examples], seq_length)
-        return [PackedRow.from_docs((examples[i].input_ids, examples[i].labels) for i in b) for b in bins]
+        bins = pack_bfd(lengths.tolist(), seq_length)
+        order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(lengths))
+        row_offsets = np.concatenate([[0], np.cumsum([len(b) for b in bins], dtype=np.int64)])
+        return PackedRows(examples, order, np.zeros_like(order), lengths[order], row_offsets)
     if packing == "wrapped":
         return pack_wrapped(examples, seq_length)
     raise ValueError(f"unknown packing {packing!r}; expected none, wrapped or bfd")
@@ -201,6 +261,8 @@ def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.flo
 
 def packing_efficiency(rows: Sequence[PackedRow], capacity: int) -> float:
     """Real tokens / (rows * capacity): the fraction of a fixed-size batch that is not padding."""
-    if not rows:
+    if not len(rows):
         return 0.0
-    return sum(len(r) for r in rows) / (len(rows) * capacity)
+    lengths = getattr(rows, "lengths", None)
+    total = int(np.sum(lengths)) if lengths is not None else sum(len(r) for r in rows)
+    return total / (len(rows) * capacity)

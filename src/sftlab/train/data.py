@@ -24,7 +24,7 @@ from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import DataReport, build_datasets
 from sftlab.data.packing import pack_examples, packed_collate, packing_efficiency
 from sftlab.data.templates import add_chatml_tokens, load_template
-from sftlab.data.types import TokenizedExample
+from sftlab.data.examples import Examples
 from sftlab.model.loading import load_tokenizer, resolve_model_path
 
 
@@ -34,10 +34,10 @@ class RunData:
     tokenizer: PreTrainedTokenizerBase
     vocab_before: int  # len(tokenizer) before ChatML tokens were added: the model is resized to match
     template: str | None  # the chat template text (None: no chat rows, no template)
-    train: list[TokenizedExample]
-    eval: list[TokenizedExample]
+    train: Examples  # memory-mapped token arrays, indexed
+    eval: Examples
     report: DataReport
-    units: Sequence[Any]  # what a micro-batch is made of: examples, or packed rows
+    units: Sequence[Any]  # what a micro-batch is made of: examples, or packed rows (built when indexed)
     collate: Callable[[list[Any]], dict]
     packing_note: str = ""
 

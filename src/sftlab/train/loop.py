@@ -172,7 +172,11 @@ class Interrupted(RuntimeError):
         self.exit_code = exit_code
 
 
-def data_fingerprint(examples: list[TokenizedExample]) -> str:
+def data_fingerprint(examples) -> str:
+    """Identifies the training units exactly: from their index arrays and the token arrays' checksums
+    when they have a `fingerprint()` (memory-mapped data), else by hashing every token."""
+    if hasattr(examples, "fingerprint"):
+        return examples.fingerprint()
     h = hashlib.sha256()
     for ex in examples:
         h.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
@@ -386,7 +390,7 @@ def build_stream(cfg: SFTConfig, units, world: int) -> MicroBatchStream:
     """Fixed-size micro-batches (micro_batch_size units per rank) or token budgets (micro_batch_tokens)."""
     if cfg.train.micro_batch_tokens is None:
         return MicroBatchStream(len(units), cfg.train.micro_batch_size * world, cfg.train.seed)
-    lengths = [len(u.input_ids) for u in units]
+    lengths = units.lengths.tolist() if hasattr(units, "lengths") else [len(u.input_ids) for u in units]
     return MicroBatchStream(len(units), 0, cfg.train.seed, lengths=lengths,
                             max_tokens=cfg.train.micro_batch_tokens * world)
 

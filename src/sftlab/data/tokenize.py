@@ -1,0 +1,170 @@
+"""One chunk of raw rows -> compact token arrays: normalise, render, tokenize, label.
+
+`encode_chunk(rows, ctx)` is the unit of work of data preparation, run in the main process or in
+`num_proc` worker processes (`worker_chunk`, which writes the chunk's token arrays to files of its
+own). It returns the chunk's tokens as flat arrays (ids, target flags), per-example lengths and
+locations, and its bad rows in order; nothing of a chunk outlives its appending to the entry.
+
+Text rows (`format: text`) are tokenized without a chat template, with the tokenizer's own special
+tokens (e.g. a BOS). A token that overlaps a character of a `loss_masking_spans` span carries no
+loss; every other token is a target. The EOS token is appended, as a target, unless the text
+already ends with it, so the model learns where a document stops. Pretokenized rows are used as
+they are. Any example left without a target token is a bad record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from sftlab.data import masking
+from sftlab.data.arrays import example_arrays, write_chunk_files
+from sftlab.data.formats import Conversation, Record, TextRecord, to_record
+from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError, TemplateError, TokenizedExample
+
+RawChunk = list[tuple[int, int, str, Any]]  # (file index, line or row, unit, parsed row or BadRecord)
+
+
+@dataclass
+class ChunkContext:
+    """What every chunk of one source is encoded with."""
+
+    tokenizer: PreTrainedTokenizerBase
+    source: str  # display name, for errors
+    files: list[str]  # file index -> name (grows as the source is read; workers get it with the chunk)
+    format: str
+    loss_on: str
+    template: str | None
+    ids_dtype: str
+
+
+@dataclass
+class ChunkResult:
+    rows: int
+    tokens: dict[str, Any]  # "ids", "targets": arrays, or (path, bytes, sha256) written by a worker
+    lengths: np.ndarray
+    lines: np.ndarray
+    files: np.ndarray
+    fix_pos: np.ndarray  # chunk-local token positions of labels that are neither -100 nor the id
+    fix_val: np.ndarray
+    bad: list[BadRecord] = field(default_factory=list)
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Inclusive [start, end] spans -> sorted, disjoint half-open [start, end + 1) spans."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e + 1))
+        else:
+            out.append((s, e + 1))
+    return out
+
+
+def _tokenize_texts(tokenizer: PreTrainedTokenizerBase, recs: list[TextRecord]) -> list[TokenizedExample]:
+    """Text rows: every token a target except those overlapping a loss-masking span; EOS appended."""
+    if not tokenizer.is_fast and any(r.spans for r in recs):
+        raise DataError("text rows with loss_masking_spans need a fast tokenizer (character offsets)")
+    enc = tokenizer([r.text for r in recs], add_special_tokens=True, return_offsets_mapping=tokenizer.is_fast)
+    eos = tokenizer.eos_token_id
+    out = []
+    for k, r in enumerate(recs):
+        ids = list(enc["input_ids"][k])
+        masked = masking.labels_from_spans(enc["offset_mapping"][k], _merge(r.spans)) if r.spans else [False] * len(ids)
+        labels = [IGNORE_INDEX if m else t for t, m in zip(ids, masked)]
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+            labels.append(eos)
+        out.append(TokenizedExample(ids, labels))
+    return out
+
+
+def _tokenize_conversations(tokenizer: PreTrainedTokenizerBase, convs: list[Conversation], loss_on: str,
+                            template: str | None) -> list[TokenizedExample | BadRecord]:
+    """One batched masking call; a conversation the template cannot mask becomes a BadRecord."""
+    results = masking.tokenize_conversations(tokenizer, [c.messages for c in convs], loss_on, template,
+                                             [c.tools for c in convs], on_error="return")
+    return [BadRecord(c.source, c.line, "messages", str(res), c.unit) if isinstance(res, TemplateError) else res
+            for c, res in zip(convs, results)]
+
+
+def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, loss_on: str,
+                   template: str | None, source: str = "") -> list[TokenizedExample | BadRecord]:
+    """Tokenize and label records of any kind, in order; unusable ones come back as BadRecord."""
+    out: list[Any] = [None] * len(records)
+    by_kind: dict[type, list[int]] = {}
+    for i, r in enumerate(records):
+        by_kind.setdefault(type(r), []).append(i)
+    if Conversation in by_kind and not (template or tokenizer.chat_template):
+        raise DataError(f"data source {source}: chat rows need a chat template, and the tokenizer has none; "
+                        "set data.chat_template")
+    for kind, idx in by_kind.items():
+        group = [records[i] for i in idx]
+        if kind is Conversation:
+            results: list[Any] = _tokenize_conversations(tokenizer, group, loss_on, template)
+        elif kind is TextRecord:
+            results = _tokenize_texts(tokenizer, group)
+        else:
+            results = [TokenizedExample(list(r.input_ids), list(r.labels)) for r in group]
+        for i, res in zip(idx, results):
+            out[i] = res
+    for i, (r, res) in enumerate(zip(records, out)):
+        if isinstance(res, TokenizedExample) and res.num_targets == 0:
+            out[i] = BadRecord(r.source, r.line, None, "no target tokens: every label is masked", r.unit)
+    return out
+
+
+def encode_chunk(rows: RawChunk, ctx: ChunkContext) -> ChunkResult:
+    """Normalise, tokenize and label one chunk of rows into flat arrays; bad rows listed in order."""
+    records: list[Record] = []
+    places: list[tuple[int, int]] = []
+    bad: list[tuple[int, BadRecord]] = []
+    vocab = len(ctx.tokenizer)
+    for k, (f, line, unit, row) in enumerate(rows):
+        try:
+            if isinstance(row, BadRecord):
+                raise row
+            records.append(to_record(row, ctx.format, ctx.files[f], line, unit=unit, vocab_size=vocab))
+            places.append((k, f))
+        except BadRecord as e:
+            bad.append((k, e))
+    ids, targets, lengths, lines, files, fix_pos, fix_val = [], [], [], [], [], [], []
+    base = 0
+    for (k, f), rec, res in zip(places, records, tokenize_chunk(records, ctx.tokenizer, ctx.loss_on, ctx.template,
+                                                                 ctx.source)):
+        if isinstance(res, BadRecord):
+            bad.append((k, res))
+            continue
+        i, t, fp, fv = example_arrays(res.input_ids, res.labels)
+        ids.append(i)
+        targets.append(t)
+        fix_pos.append(fp + base)
+        fix_val.append(fv)
+        lengths.append(len(i))
+        lines.append(rec.line)
+        files.append(f)
+        base += len(i)
+    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+    return ChunkResult(len(rows), {"ids": cat(ids, ctx.ids_dtype), "targets": cat(targets, np.uint8)},
+                       np.asarray(lengths, np.int64), np.asarray(lines, np.int64), np.asarray(files, np.int32),
+                       cat(fix_pos, np.int64), cat(fix_val, np.int32), [e for _, e in sorted(bad, key=lambda x: x[0])])
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def init_worker(ctx: ChunkContext, directory: str) -> None:
+    _WORKER.update(ctx=ctx, directory=Path(directory))
+
+
+def worker_chunk(number: int, rows: RawChunk, files: list[str]) -> ChunkResult:
+    """`encode_chunk` in a worker process; the token arrays go to files, not back through the pipe."""
+    ctx: ChunkContext = _WORKER["ctx"]
+    ctx.files = files
+    result = encode_chunk(rows, ctx)
+    result.tokens = write_chunk_files(_WORKER["directory"], f".chunk-{number:08d}", result.tokens)
+    return result
