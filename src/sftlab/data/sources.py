@@ -10,6 +10,8 @@ A source is one of:
 - through the Python API, a `datasets.Dataset` object, bare or wrapped in `DatasetSource` to give it
   a name, a format or a mixing weight.
 
+Rows are streamed: JSONL line by line, Parquet and CSV in record batches, `datasets` objects in
+batches of their Arrow table; only a `.json` array is parsed whole (use JSON lines for big data).
 Rows are located by file and line (JSONL, 1-based) or by row index (every other kind, 0-based), so
 a bad row can be named precisely. `Source.fingerprint()` identifies the content for the cache: a
 sha256 of the files' bytes, or the dataset fingerprint for hub and in-memory datasets.
@@ -110,28 +112,37 @@ def _dataset_rows(ds: datasets.Dataset, name: str) -> Iterator[RawRow]:
             index += 1
 
 
-def _table_rows(table: pa.Table, name: str) -> Iterator[RawRow]:
-    index = 0
-    for batch in table.to_batches(max_chunksize=BATCH):
+def _batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """A Parquet or CSV file's record batches, streamed (CSV columns all read as strings)."""
+    if path.suffix == ".parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH)
+        return
+    with pa_csv.open_csv(path) as probe:  # the column names, to read every column as a string
+        names = probe.schema.names
+    convert = pa_csv.ConvertOptions(column_types={n: pa.string() for n in names})
+    yield from pa_csv.open_csv(path, convert_options=convert)
+
+
+def _table_rows(path: Path) -> Iterator[RawRow]:
+    name, index = str(path), 0
+    batches = _batches(path)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:
+            where = f" (after row {index - 1})" if index else ""
+            raise DataError(f"data source {path}: cannot read it as {path.suffix[1:].upper()}{where}: {e}") from None
         for row in batch.to_pylist():
             yield RawRow(name, index, "row", row)
             index += 1
 
 
-def _read_table(path: Path) -> pa.Table:
-    try:
-        if path.suffix == ".parquet":
-            return pq.read_table(path)
-        table = pa_csv.read_csv(path)
-        return table.cast(pa.schema([pa.field(f.name, pa.string()) for f in table.schema]))
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"data source {path}: cannot read it as {path.suffix[1:].upper()}: {e}") from None
-
-
 def _file_rows(path: Path) -> Iterator[RawRow]:
     name = str(path)
     if path.suffix in (".parquet", ".csv"):
-        yield from _table_rows(_read_table(path), name)
+        yield from _table_rows(path)
         return
     if path.suffix == ".json" and _starts_with(path, b"["):
         try:
