@@ -27,6 +27,15 @@ rendering, tokenizing, masking and packing.
     python benchmarks/bench_data.py            # 50k rows, 2 repeats, num_proc 1
     python benchmarks/bench_data.py --quick    # 5k rows, a smoke run
     python benchmarks/bench_data.py --procs 1,2 --repeat 3 --profile
+    python benchmarks/bench_data.py --rows 1000000 --procs 1,2   # + the scale case (scale_case.py)
+
+With `--rows` above 100k the comparison with TRL runs on the first `--compare-rows` (50k) rows,
+and the scale case (benchmarks/scale_case.py) prepares all `--rows` from a JSONL file written
+streaming, with num_proc 1 and 2, measuring peak RSS, then starts training on the result and on
+1k rows, comparing RssAnon.
+
+The timed sftlab path ends with token arrays on disk (memory-mapped) and a packing plan; packed rows
+are laid out when their micro-batch is built, as in training (TRL's packed Dataset is complete).
 """
 
 from __future__ import annotations
@@ -93,7 +102,7 @@ def check_sftlab(run: Run, train, rows, report) -> None:
     assert run.targets > 0, "sftlab produced no target tokens"
     assert run.targets < run.tokens, "assistant-only loss should leave prompt tokens unmasked... masked"
     assert all(len(r) <= CAPACITY for r in rows), "a packed row exceeds the capacity"
-    assert sum(len(r) for r in rows) == sum(len(ex.input_ids) for ex in train), "packing lost or added tokens"
+    assert sum(len(r) for r in rows) == train.num_tokens, "packing lost or added tokens"
     assert sum(len(r.doc_lengths) for r in rows) == len(train), "packing lost or duplicated documents"
     assert report.bad == 0, f"sftlab skipped bad rows: {report.summary()}"
 
@@ -104,10 +113,10 @@ def time_sftlab(ds, tok, procs: int, run: Run) -> None:
     run.times.append(time.perf_counter() - t0)
     run.examples = len(train)
     run.tokens = sum(len(r) for r in rows)
-    run.targets = sum(1 for r in rows for x in r.labels if x != IGNORE_INDEX)
+    run.targets = sum(1 for r in rows for x in r.labels if x != IGNORE_INDEX)  # builds every row (not timed)
     run.packed_rows = len(rows)
     run.efficiency = packing_efficiency(rows, CAPACITY)
-    run.doc_lengths = [len(ex.input_ids) for ex in train]
+    run.doc_lengths = train.lengths.tolist()
     check_sftlab(run, train, rows, report)
 
 
@@ -264,6 +273,9 @@ def profile_sftlab(tok, ds: datasets.Dataset, n: int) -> list[tuple[str, float]]
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="sftlab vs TRL data-preparation throughput")
     ap.add_argument("--rows", type=int, default=50_000)
+    ap.add_argument("--compare-rows", type=int, default=50_000,
+                    help="rows of the TRL comparison when --rows is larger (then the scale case runs on --rows)")
+    ap.add_argument("--scale-dir", default=None, help="work directory of the scale case (default: a temp dir)")
     ap.add_argument("--quick", action="store_true", help="5000 rows, 1 repeat: a smoke run")
     ap.add_argument("--repeat", type=int, default=None, help="timed repeats per implementation (default 2; quick 1)")
     ap.add_argument("--procs", default="1", help="comma-separated worker counts, e.g. 1,2")
@@ -274,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pack-lengths", type=int, default=50_000)
     args = ap.parse_args(argv)
     n = 5000 if args.quick and args.rows == 50_000 else args.rows
+    scale_rows = n if n > 100_000 else 0
+    n = min(n, args.compare_rows) if scale_rows else n
     repeat = args.repeat or (1 if args.quick else 2)
     procs = [int(p) for p in args.procs.split(",")]
 
@@ -360,6 +374,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n## where sftlab's time goes: {m} rows, 1 process")
         for name, sec in profile_sftlab(tok, ds, m):
             print(f"{name:66s} {sec:7.2f}s  {m / sec:9.0f} rows/s")
+
+    if scale_rows:
+        from scale_case import run_scale_case
+        del ds, rows, runs
+        if args.scale_dir:
+            run_scale_case(scale_rows, args.seed, Path(args.scale_dir))
+        else:
+            with tempfile.TemporaryDirectory(prefix="sftlab-scale-") as work:
+                run_scale_case(scale_rows, args.seed, Path(work))
 
 
 if __name__ == "__main__":

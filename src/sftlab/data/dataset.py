@@ -30,6 +30,8 @@ from sftlab.config import DataConfig, SourceConfig
 from sftlab.data import cache
 from sftlab.data.arrays import TOKEN_ARRAYS, ArrayWriter, TokenArrays, id_dtype
 from sftlab.data.examples import Examples
+from sftlab.data.fast_chatml import FastPathMismatch
+from sftlab.data.masking import detect_chatml
 from sftlab.data.mixing import check_weight, hold_out, mix
 from sftlab.data.sources import DatasetSource, Source, SourceSpec, open_source
 from sftlab.data.templates import load_template
@@ -127,9 +129,9 @@ def _encoded_chunks(chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.S
     """Encoded chunks in order: here, or in `num_proc` worker processes with at most 2 chunks each in flight."""
     names = lambda: [name for name, _ in data.files]  # noqa: E731 - grows while the source is read
     if num_proc <= 1:
-        for chunk in chunks:
+        for number, chunk in enumerate(chunks):
             ctx.files = names()
-            yield encode_chunk(chunk, ctx)
+            yield encode_chunk(chunk, ctx, number)
         return
     # fork where available: no re-import of the caller's __main__ and no start-up cost; the workers
     # only render templates and run the tokenizer (tokenizers turns its own threads off after a fork)
@@ -160,10 +162,25 @@ def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataCon
     """Read, normalise, tokenize and label one source into flat arrays in `directory`, chunk by chunk.
 
     Memory stays bounded: a few chunks are in flight at a time. Raises on the first bad row when strict.
+    For a ChatML-family template the direct renderer is used where it is checked identical; if a
+    sampled conversation disagrees, the source is read again from the start through the template.
     """
+    ctx = ChunkContext(tokenizer, source.name, [], source.format, cfg.loss_on, template, id_dtype(len(tokenizer)))
+    ctx.fast = detect_chatml(template or tokenizer.chat_template, dict(tokenizer.special_tokens_map))
+    if ctx.fast is not None:
+        try:
+            data = _read_chunks(source, ctx, cfg, directory)
+            data.notes.append("rendered by the direct ChatML renderer (checked against the template on a sample)")
+            return data
+        except FastPathMismatch as e:
+            log.warning("data source %s: %s; preparing it again through the chat template", source.name, e)
+            ctx.fast = None
+    return _read_chunks(source, ctx, cfg, directory)
+
+
+def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: Path) -> cache.SourceData:
     strict = cfg.on_bad_record == "error"
     data = cache.SourceData()
-    ctx = ChunkContext(tokenizer, source.name, [], source.format, cfg.loss_on, template, id_dtype(len(tokenizer)))
     writer = ArrayWriter(directory, ctx.ids_dtype)
     try:
         for res in _encoded_chunks(_raw_chunks(source, data, ROWS_PER_CHUNK), ctx, data, cfg.num_proc, directory):

@@ -27,7 +27,8 @@ conversation; the same span as `last_assistant`), `all` (every token).
 
 Speed: templates are compiled once (transformers' cached sandboxed compiler, so the text is
 exactly what `apply_chat_template` renders) and rendered directly; `tokenize_conversations`
-calls the fast tokenizer once for a whole batch.
+calls the fast tokenizer once for a whole batch. For ChatML-family templates a direct renderer
+(fast_chatml.py) replaces the template where it is checked to give the same text and spans.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import jinja2
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import _render_with_assistant_indices
 
+from sftlab.data.fast_chatml import END, GENERATION_PROMPT, START, ChatMLRenderer, FastPathMismatch, probes
 from sftlab.data.templates import compiled_template, resolve_template
 from sftlab.data.types import IGNORE_INDEX, TemplateError, TokenizedExample
 
@@ -52,6 +54,10 @@ Tools = list[dict[str, Any]] | None
 
 
 # --- rendering -----------------------------------------------------------------------------
+
+def has_generation_tags(template: str) -> bool:
+    return bool(_GENERATION_TAG.search(template))
+
 
 def _prepare(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What `apply_chat_template` hands the template: keys with None values dropped, reasoning aliased."""
@@ -202,7 +208,7 @@ def assistant_spans(template: str, messages: list[dict[str, Any]], tools: Tools 
     turns = [i for i, m in enumerate(r.messages) if m.get("role") == "assistant"]
     if not turns:
         raise TemplateError("the conversation has no assistant message")
-    if _GENERATION_TAG.search(template):
+    if has_generation_tags(template):
         full, spans = r.with_generation_marks()
         if last_only:  # the marks after everything before the last assistant message
             before = r(turns[-1])
@@ -267,14 +273,76 @@ def _text_and_spans(messages: list[dict[str, Any]], loss_on: str, template: str,
     return assistant_spans(template, messages, tools, kwargs, last_only=loss_on != "assistant")
 
 
+def _fast_or_template(messages: list[dict[str, Any]], loss_on: str, template: str, tools: Tools,
+                      kwargs: dict[str, Any], fast: ChatMLRenderer | None, verify: bool) -> tuple[str, list[Span]]:
+    """Text and spans from the direct renderer where it applies (checked against the template when
+    `verify`), else from the template."""
+    got = fast.text_and_spans(messages, loss_on) if fast is not None and tools is None else None
+    if got is None:
+        return _text_and_spans(messages, loss_on, template, tools, kwargs)
+    if verify:
+        try:
+            want: Any = _text_and_spans(messages, loss_on, template, tools, kwargs)
+        except TemplateError as e:
+            want = e
+        if want != got:
+            raise FastPathMismatch("the direct ChatML renderer and the chat template disagree on a conversation")
+    return got
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text without added special tokens, in one batched call.
+
+    Calls the Rust tokenizer's `encode_batch` directly, which is what the transformers wrapper does
+    after setting no truncation and no padding; used only when the backend is in exactly that state
+    (else through the wrapper), so the ids are the same.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    direct = (backend is not None and backend.truncation is None and backend.padding is None
+              and getattr(backend, "encode_special_tokens", False) == getattr(tokenizer, "split_special_tokens", False))
+    if direct:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
+    return [(enc["input_ids"][j], enc.encodings[j].offsets) for j in range(len(texts))]
+
+
+def detect_chatml(template: str | None, kwargs: dict[str, Any]) -> ChatMLRenderer | None:
+    """The direct renderer (fast_chatml.py) when `template` renders every probe exactly as it does:
+    text, generation prompt and assistant spans; None otherwise (and for `{% generation %}` templates)."""
+    if not template or START not in template or END not in template or has_generation_tags(template):
+        return None
+    try:
+        alone = render(template, [{"role": "user", "content": "x"}], **kwargs)
+        own = f"{START}user\nx{END}\n"
+        if not alone.endswith(own):
+            return None
+        default = alone[: -len(own)]
+        if default and not (default.startswith(f"{START}system\n") and default.endswith(f"{END}\n")
+                            and default.count(START) == 1 and default.count(END) == 1):
+            return None
+        fast = ChatMLRenderer(default)
+        for probe in probes():
+            text, spans = fast.render(probe)
+            if (render(template, probe, **kwargs) != text
+                    or render(template, probe, add_generation_prompt=True, **kwargs) != text + GENERATION_PROMPT
+                    or assistant_spans(template, probe, None, kwargs) != (text, spans)):
+                return None
+    except TemplateError:
+        return None
+    return fast
+
+
 def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, Any]]],
                            loss_on: str = "assistant", template: str | None = None,
                            tools: list[Tools] | None = None, template_kwargs: dict[str, Any] | None = None,
-                           on_error: Literal["raise", "return"] = "raise") -> list[Any]:
+                           on_error: Literal["raise", "return"] = "raise", fast: ChatMLRenderer | None = None,
+                           verify: list[bool] | None = None) -> list[Any]:
     """Render, tokenize (one fast-tokenizer call for the batch) and label many conversations.
 
     `tools` holds one tool list (or None) per conversation. With `on_error="return"`, a conversation
-    that cannot be masked comes back as its TemplateError instead of a TokenizedExample.
+    that cannot be masked comes back as its TemplateError instead of a TokenizedExample. `fast`: a
+    direct renderer (fast_chatml.py) for plain conversations; those with `verify[k]` are rendered
+    through the template too and must agree (else FastPathMismatch).
     """
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
@@ -284,10 +352,11 @@ def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, conversations: li
         template = resolve_template(None, tokenizer)
     kwargs = {**tokenizer.special_tokens_map, **(template_kwargs or {})}
     tools = tools if tools is not None else [None] * len(conversations)
+    verify = verify if verify is not None else [False] * len(conversations)
     results: list[Any] = []
-    for messages, conv_tools in zip(conversations, tools, strict=True):
+    for messages, conv_tools, check in zip(conversations, tools, verify, strict=True):
         try:
-            results.append(_text_and_spans(messages, loss_on, template, conv_tools, kwargs))
+            results.append(_fast_or_template(messages, loss_on, template, conv_tools, kwargs, fast, check))
         except TemplateError as e:
             if on_error == "raise":
                 raise
@@ -295,11 +364,8 @@ def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, conversations: li
     ok = [k for k, res in enumerate(results) if not isinstance(res, TemplateError)]
     if not ok:
         return results
-    enc = tokenizer([results[k][0] for k in ok], add_special_tokens=False,
-                    return_attention_mask=False, return_token_type_ids=False)
-    for j, k in enumerate(ok):
-        ids: list[int] = enc["input_ids"][j]
-        labels = list(ids) if loss_on == "all" else _labels(ids, enc.encodings[j].offsets, results[k][1])
+    for (ids, offsets), k in zip(encode_texts(tokenizer, [results[k][0] for k in ok]), ok):
+        labels = list(ids) if loss_on == "all" else _labels(ids, offsets, results[k][1])
         results[k] = TokenizedExample(ids, labels)
     return results
 

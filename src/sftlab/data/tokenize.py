@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sftlab.data import masking
 from sftlab.data.arrays import example_arrays, write_chunk_files
+from sftlab.data.fast_chatml import VERIFY_EVERY, ChatMLRenderer
 from sftlab.data.formats import Conversation, Record, TextRecord, to_record
 from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError, TemplateError, TokenizedExample
 
@@ -40,6 +41,7 @@ class ChunkContext:
     loss_on: str
     template: str | None
     ids_dtype: str
+    fast: ChatMLRenderer | None = None  # the direct renderer, where the template is ChatML (fast_chatml.py)
 
 
 @dataclass
@@ -84,17 +86,22 @@ def _tokenize_texts(tokenizer: PreTrainedTokenizerBase, recs: list[TextRecord]) 
 
 
 def _tokenize_conversations(tokenizer: PreTrainedTokenizerBase, convs: list[Conversation], loss_on: str,
-                            template: str | None) -> list[TokenizedExample | BadRecord]:
+                            template: str | None, fast: ChatMLRenderer | None = None,
+                            verify: list[bool] | None = None) -> list[TokenizedExample | BadRecord]:
     """One batched masking call; a conversation the template cannot mask becomes a BadRecord."""
     results = masking.tokenize_conversations(tokenizer, [c.messages for c in convs], loss_on, template,
-                                             [c.tools for c in convs], on_error="return")
+                                             [c.tools for c in convs], on_error="return", fast=fast, verify=verify)
     return [BadRecord(c.source, c.line, "messages", str(res), c.unit) if isinstance(res, TemplateError) else res
             for c, res in zip(convs, results)]
 
 
 def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, loss_on: str,
-                   template: str | None, source: str = "") -> list[TokenizedExample | BadRecord]:
-    """Tokenize and label records of any kind, in order; unusable ones come back as BadRecord."""
+                   template: str | None, source: str = "", fast: ChatMLRenderer | None = None,
+                   verify_all: bool = False) -> list[TokenizedExample | BadRecord]:
+    """Tokenize and label records of any kind, in order; unusable ones come back as BadRecord.
+
+    With a direct renderer `fast`, conversations at positions divisible by VERIFY_EVERY (all of them
+    with `verify_all`) are checked against the template."""
     out: list[Any] = [None] * len(records)
     by_kind: dict[type, list[int]] = {}
     for i, r in enumerate(records):
@@ -105,7 +112,8 @@ def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, lo
     for kind, idx in by_kind.items():
         group = [records[i] for i in idx]
         if kind is Conversation:
-            results: list[Any] = _tokenize_conversations(tokenizer, group, loss_on, template)
+            verify = [verify_all or i % VERIFY_EVERY == 0 for i in idx]
+            results: list[Any] = _tokenize_conversations(tokenizer, group, loss_on, template, fast, verify)
         elif kind is TextRecord:
             results = _tokenize_texts(tokenizer, group)
         else:
@@ -118,8 +126,9 @@ def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, lo
     return out
 
 
-def encode_chunk(rows: RawChunk, ctx: ChunkContext) -> ChunkResult:
-    """Normalise, tokenize and label one chunk of rows into flat arrays; bad rows listed in order."""
+def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkResult:
+    """Normalise, tokenize and label chunk `number` of a source into flat arrays; bad rows listed in
+    order. The direct renderer (if any) is checked on every conversation of chunk 0 and on a sample after."""
     records: list[Record] = []
     places: list[tuple[int, int]] = []
     bad: list[tuple[int, BadRecord]] = []
@@ -134,8 +143,8 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext) -> ChunkResult:
             bad.append((k, e))
     ids, targets, lengths, lines, files, fix_pos, fix_val = [], [], [], [], [], [], []
     base = 0
-    for (k, f), rec, res in zip(places, records, tokenize_chunk(records, ctx.tokenizer, ctx.loss_on, ctx.template,
-                                                                 ctx.source)):
+    results = tokenize_chunk(records, ctx.tokenizer, ctx.loss_on, ctx.template, ctx.source, ctx.fast, number == 0)
+    for (k, f), rec, res in zip(places, records, results):
         if isinstance(res, BadRecord):
             bad.append((k, res))
             continue
@@ -165,6 +174,6 @@ def worker_chunk(number: int, rows: RawChunk, files: list[str]) -> ChunkResult:
     """`encode_chunk` in a worker process; the token arrays go to files, not back through the pipe."""
     ctx: ChunkContext = _WORKER["ctx"]
     ctx.files = files
-    result = encode_chunk(rows, ctx)
+    result = encode_chunk(rows, ctx, number)
     result.tokens = write_chunk_files(_WORKER["directory"], f".chunk-{number:08d}", result.tokens)
     return result
