@@ -98,7 +98,7 @@ def test_a_difference_on_the_data_rebuilds_the_source_through_the_template(posit
     monkeypatch.setattr("sftlab.data.tokenize.VERIFY_EVERY", 4)
     cfg = DataConfig(train=[SourceConfig(path=str(path))], cache=False, eval_fraction=0.0)
     with caplog.at_level("WARNING"):
-        train, _, report = build_datasets(cfg, tok, seed=0)
+        train, _, _ = build_datasets(cfg, tok, seed=0)
     assert any("disagree" in r.message for r in caplog.records)
     monkeypatch.setattr(dataset, "detect_chatml", lambda *a: None)
     reference, _, _ = build_datasets(cfg, tok, seed=0)

@@ -35,7 +35,14 @@ from sftlab.data.masking import detect_chatml
 from sftlab.data.mixing import check_weight, hold_out, mix
 from sftlab.data.sources import DatasetSource, Source, SourceSpec, open_source
 from sftlab.data.templates import load_template
-from sftlab.data.tokenize import ChunkContext, ChunkResult, RawChunk, encode_chunk, init_worker, worker_chunk
+from sftlab.data.tokenize import (
+    ChunkContext,
+    ChunkResult,
+    RawChunk,
+    encode_chunk,
+    init_worker,
+    worker_chunk,
+)
 from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError
 
 __all__ = ["DataError", "DataReport", "DatasetSource", "SourceStats", "build_datasets", "load_template"]
@@ -127,7 +134,7 @@ def _raw_chunks(source: Source, data: cache.SourceData, rows_per_chunk: int) -> 
 def _encoded_chunks(chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.SourceData, num_proc: int,
                     directory: Path) -> Iterator[ChunkResult]:
     """Encoded chunks in order: here, or in `num_proc` worker processes with at most 2 chunks each in flight."""
-    names = lambda: [name for name, _ in data.files]  # noqa: E731 - grows while the source is read
+    names = lambda: [name for name, _ in data.files]
     if num_proc <= 1:
         for number, chunk in enumerate(chunks):
             ctx.files = names()

@@ -41,7 +41,14 @@ import jinja2
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import _render_with_assistant_indices
 
-from sftlab.data.fast_chatml import END, GENERATION_PROMPT, START, ChatMLRenderer, FastPathMismatch, probes
+from sftlab.data.fast_chatml import (
+    END,
+    GENERATION_PROMPT,
+    START,
+    ChatMLRenderer,
+    FastPathMismatch,
+    probes,
+)
 from sftlab.data.templates import compiled_template, resolve_template
 from sftlab.data.types import IGNORE_INDEX, TemplateError, TokenizedExample
 

@@ -78,7 +78,7 @@ class Source:
         """A content hash: the files' bytes (and paths) or the dataset's fingerprint."""
         h = hashlib.sha256(f"{self.kind}\0{self.name}\0".encode())
         if self.kind == "hub" or self.kind == "dataset":
-            h.update(str(self.dataset._fingerprint).encode())  # noqa: SLF001 - datasets' content id
+            h.update(str(self.dataset._fingerprint).encode())
         for path in self._content_files():
             h.update(f"{path.resolve()}\0{path.stat().st_size}\0".encode())
             with open(path, "rb") as f:
@@ -168,7 +168,7 @@ def _starts_with(path: Path, prefix: bytes) -> bool:
 def _load_from_disk(path: Path, split: str) -> datasets.Dataset:
     try:
         ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; re-raised with the source named
+    except Exception as e:
         raise DataError(f"data source {path}: cannot load the saved dataset: {type(e).__name__}: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
@@ -180,7 +180,7 @@ def _load_from_disk(path: Path, split: str) -> datasets.Dataset:
 def _load_hub(spec: SourceConfig) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split)
-    except Exception as e:  # noqa: BLE001 - network, auth, missing split... re-raised with the source named
+    except Exception as e:
         offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
                       for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
         hint = (" Offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): only datasets already in the "
@@ -207,7 +207,7 @@ def open_source(spec: SourceSpec, index: int = 0) -> Source:
         if not isinstance(spec.dataset, datasets.Dataset):
             raise DataError(f"DatasetSource {spec.name or index}: expected a datasets.Dataset, "
                             f"got {type(spec.dataset).__name__}")
-        name = spec.name or f"<Dataset {index} {spec.dataset._fingerprint}>"  # noqa: SLF001
+        name = spec.name or f"<Dataset {index} {spec.dataset._fingerprint}>"
         return Source(name, "dataset", spec.format, spec.weight, dataset=spec.dataset)
     path = Path(spec.path).expanduser()
     if path.is_file():

@@ -25,7 +25,13 @@ from sftlab.data import masking
 from sftlab.data.arrays import example_arrays, write_chunk_files
 from sftlab.data.fast_chatml import VERIFY_EVERY, ChatMLRenderer
 from sftlab.data.formats import Conversation, Record, TextRecord, to_record
-from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError, TemplateError, TokenizedExample
+from sftlab.data.types import (
+    IGNORE_INDEX,
+    BadRecord,
+    DataError,
+    TemplateError,
+    TokenizedExample,
+)
 
 RawChunk = list[tuple[int, int, str, Any]]  # (file index, line or row, unit, parsed row or BadRecord)
 
