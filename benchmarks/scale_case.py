@@ -4,7 +4,7 @@ training on the result, each in its own process, measuring peak memory.
 1. The seeded conversations of make_conversations.py are written to a JSONL file one at a time
    (the generator never holds them all).
 2. `sftlab prepare` runs on it with num_proc 1, then 2 (each into its own empty cache directory),
-   in a child process whose memory is sampled every 50 ms from /proc: the peak of RSS and RssAnon
+   in a child process whose memory is sampled every 200 ms from /proc: the peak of RSS and RssAnon
    of the main process, and the peak PSS of main + workers together (proportional set size: pages
    the forked workers share with the main process are not counted twice). Examples/s = rows / wall time of the child.
 3. `sftlab train` starts on the prepared cache (the embedded SmolLM2-135M model, packing bfd at
@@ -78,7 +78,7 @@ class Measured:
 
 
 def measure(cmd: list[str], log: Path) -> Measured:
-    """Run `cmd`, sampling its memory (and its children's) every 50 ms."""
+    """Run `cmd`, sampling its memory (and its children's) every 200 ms."""
     t0 = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -93,7 +93,7 @@ def measure(cmd: list[str], log: Path) -> Measured:
                 m.main_anon = max(m.main_anon, main.get("RssAnon", 0))
                 m.tree_rss = max(m.tree_rss, sum(s.get("Pss", 0) for s in tree))
                 m.tree_anon = max(m.tree_anon, sum(s.get("Pss_Anon", 0) for s in tree))
-                time.sleep(0.05)
+                time.sleep(0.2)
 
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()

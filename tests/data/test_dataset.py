@@ -142,7 +142,8 @@ def test_summary_names_sources_bad_rows_and_length_policy(tmp_path, tokenizer):
     first, source = report.summary().splitlines()
     assert first.startswith("2 examples kept of 4 rows (train 2, eval 0")
     assert "1 bad rows skipped" in first and "1 over max_seq_length dropped" in first
-    assert source == f"  train[0] {path}: 4 rows, 1 bad, 3 examples, 1 over length dropped -> 2 train"
+    assert source == (f"  train[0] {path}: 4 rows, 1 bad, 3 examples, 1 over length dropped -> 2 train"
+                      " (direct ChatML rendering, checked against the template)")
 
 
 def test_cli_prepare_builds_the_cache_then_reuses_it(tmp_path, tiny_model_dir, capsys):

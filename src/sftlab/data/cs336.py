@@ -15,6 +15,7 @@ import random
 from os import PathLike
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -53,8 +54,9 @@ class PackedSFTDataset(Dataset):
         if shuffle:
             (random.Random(seed) if seed is not None else random).shuffle(texts)
         docs = tokenizer(texts)["input_ids"] if texts else []  # default special tokens, like encode()
-        stream = [t for doc in docs for t in (*doc, tokenizer.eos_token_id)]
-        self.tokens = torch.tensor(stream, dtype=torch.long)
+        eos = np.asarray([tokenizer.eos_token_id], dtype=np.int64)
+        stream = np.concatenate([part for doc in docs for part in (np.asarray(doc, dtype=np.int64), eos)] or [eos[:0]])
+        self.tokens = torch.from_numpy(stream)  # one flat int64 array, no per-token Python objects
         self.seq_length = seq_length
 
     def __len__(self) -> int:

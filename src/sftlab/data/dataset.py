@@ -50,6 +50,7 @@ __all__ = ["DataError", "DataReport", "DatasetSource", "SourceStats", "build_dat
 log = logging.getLogger(__name__)
 ROWS_PER_CHUNK = 512  # rows per unit of work (fixed: the arrays' chunk checksums do not depend on num_proc)
 FROM_CONFIG = object()  # build_datasets resolves the template from the config
+FAST_RENDER_NOTE = "rendered by the direct ChatML renderer (checked against the template on a sample)"
 
 
 @dataclass
@@ -68,6 +69,7 @@ class SourceStats:
     used: int = 0  # examples in its split after mixing (repeats counted)
     held_out: int = 0  # moved to eval by eval_fraction
     cached: bool = False
+    fast_render: bool = False  # rendered by the direct ChatML renderer (checked against the template)
 
     def line(self) -> str:
         parts = [f"{self.rows} rows", f"{self.bad} bad", f"{self.examples} examples"]
@@ -75,7 +77,9 @@ class SourceStats:
                                                   (self.no_target, "no target after truncation")) if n]
         used = f"{self.used} {self.split}" + (f" (weight {self.weight})" if self.weight is not None else "")
         held = f", {self.held_out} eval" if self.held_out else ""
-        return f"{self.name}: {', '.join(parts)} -> {used}{held}" + (" (cached)" if self.cached else "")
+        how = " (cached)" if self.cached else ""
+        how += " (direct ChatML rendering, checked against the template)" if self.fast_render else ""
+        return f"{self.name}: {', '.join(parts)} -> {used}{held}{how}"
 
 
 @dataclass
@@ -177,7 +181,7 @@ def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataCon
     if ctx.fast is not None:
         try:
             data = _read_chunks(source, ctx, cfg, directory)
-            data.notes.append("rendered by the direct ChatML renderer (checked against the template on a sample)")
+            data.notes.append(FAST_RENDER_NOTE)
             return data
         except FastPathMismatch as e:
             log.warning("data source %s: %s; preparing it again through the chat template", source.name, e)
@@ -302,7 +306,7 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
         source = open_source(spec, i)
         data = prepare_source(source, tokenizer, cfg, template)
         stats = SourceStats(f"{split}[{i}] {source.name}", split, source.weight, rows=data.rows, bad=data.bad,
-                            examples=len(data), cached=data.cached)
+                            examples=len(data), cached=data.cached, fast_render=FAST_RENDER_NOTE in data.notes)
         report.sources.append(stats)
         report.rows += data.rows
         report.bad += data.bad
