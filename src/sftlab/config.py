@@ -119,6 +119,25 @@ class TrainConfig(_Strict):
     # a path: continue from that checkpoint; None: always start fresh.
     resume: str | None = None
     on_nan: Literal["stop", "skip_step"] = "stop"  # non-finite loss or gradient
+    # NEFTune: uniform noise of scale alpha / sqrt(sequence length x hidden size) added to the input
+    # embeddings in training forwards only (never in evaluation or generation). Typical: 5.
+    neftune_alpha: float | None = Field(None, gt=0)
+
+
+class PeftSettings(_Strict):
+    """LoRA / DoRA adapters through peft (model/adapters.py); the `peft:` section, absent = full fine-tuning."""
+
+    method: Literal["lora", "dora"] = "lora"
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # "all-linear": every linear layer but the output head; else module names (e.g. [q_proj, v_proj]).
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # Modules trained in full beside the adapters; the embeddings and head are added automatically
+    # when data.add_chatml_tokens grows the vocabulary.
+    modules_to_save: list[str] | None = None
+    quantize: Literal["nf4", "int8"] | None = None  # QLoRA: base weights quantized through bitsandbytes
+    merge_on_save: bool = False  # also save the merged plain model under output_dir/merged
 
 
 class CheckpointConfig(_Strict):
@@ -142,6 +161,7 @@ class SFTConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    peft: PeftSettings | None = None  # LoRA/DoRA/QLoRA; None: full fine-tuning
     match_eval: MatchEvalConfig | None = None  # run before and after training when set
 
     @model_validator(mode="after")

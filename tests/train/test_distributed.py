@@ -24,13 +24,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tiny_model_dir, chat_file, tmp_path):
+@pytest.mark.parametrize("peft", [None, {"r": 4, "alpha": 8, "dropout": 0.0}], ids=["full", "lora"])
+def test_two_processes_match_one(peft, tiny_model_dir, chat_file, tmp_path):
     def cfg(out, micro):
         tree = {"model": {"name_or_path": str(tiny_model_dir)},
                 "data": {"train": [{"path": str(chat_file)}], "max_seq_length": 256},
                 "optim": {"lr": 3e-3, "warmup_steps": 0},
                 "train": {"output_dir": str(out), "micro_batch_size": micro, "grad_accum_steps": 2, "max_steps": 3,
-                              "mixed_precision": "no"}}  # exact fp32 math: 1e-5 agreement
+                              "mixed_precision": "no"},  # exact fp32 math: 1e-5 agreement
+                "peft": peft}
         path = tmp_path / f"{out.name}.yaml"
         path.write_text(yaml.safe_dump(tree))
         return str(path)
@@ -52,7 +54,8 @@ def test_two_processes_match_one(tiny_model_dir, chat_file, tmp_path):
     for a, b in zip(m1, m2):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
-    w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    weights = "adapter_model.safetensors" if peft else "model.safetensors"
+    w1, w2 = load_file(one / weights), load_file(two / weights)
     # Adam turns float-reduction-order noise in near-zero gradient entries into lr-sized steps,
     # so the weights are compared as whole tensors (relative norm), not element by element.
     for k in w1:

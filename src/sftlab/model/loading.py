@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -127,7 +128,8 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedToken
     return tok
 
 
-def load_model(cfg: ModelConfig, path: str | None = None) -> PreTrainedModel:
+def load_model(cfg: ModelConfig, path: str | None = None, quantization: Any = None) -> PreTrainedModel:
+    """The causal LM in `cfg.dtype` (`quantization`: a transformers quantization config, e.g. QLoRA's)."""
     if cfg.attn_implementation == "flash_attention_2" and (
             importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available()):
         raise ModelLoadError("model.attn_implementation=flash_attention_2 needs a CUDA device and the flash-attn "
@@ -140,6 +142,7 @@ def load_model(cfg: ModelConfig, path: str | None = None) -> PreTrainedModel:
             attn_implementation=cfg.attn_implementation,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
+            **({"quantization_config": quantization} if quantization is not None else {}),
         )
     except OSError as e:
         raise ModelLoadError(_hub_hint(path, e)) from e

@@ -3,7 +3,8 @@
 Layout under `output_dir/checkpoints/`:
 
     step-00000012/            one complete checkpoint
-        model.safetensors     (Accelerate's save_state: model weights as safetensors,
+        model.safetensors     (Accelerate's save_state: model weights as safetensors -- with adapters
+                               only the trainable ones --,
         optimizer.bin          optimizer state loaded back with torch.load(weights_only=True))
         trainer_state.json    step, data position, counters, metrics so far, resolved config
         scheduler.json        LR-scheduler state (plain JSON, no pickle)
@@ -107,9 +108,34 @@ def _test_pause(step: int) -> None:
             time.sleep(float(seconds))
 
 
+def _keep_trainable(models, weights, output_dir) -> None:
+    """Accelerate save hook: keep only the trainable tensors of each model's state dict (adapters)."""
+    for model, state_dict in zip(models, weights):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        for key in [k for k in state_dict if k not in trainable]:
+            del state_dict[key]
+
+
+def _check_trainable_file(accelerator, ckpt: Path) -> None:
+    """Before a non-strict load of a trainable-only checkpoint: it must hold exactly the trainable tensors."""
+    from safetensors import safe_open
+
+    for i, model in enumerate(accelerator._models):  # noqa: SLF001 - the prepared models, in save order
+        path = ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        with safe_open(str(path), "pt") as f:
+            saved = set(f.keys())
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        if saved != trainable:
+            raise CheckpointError(f"{path} does not hold this run's trainable parameters ({len(saved)} saved, "
+                                  f"{len(trainable)} trainable, {len(saved ^ trainable)} differ)")
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, Any], scheduler,
-                    keep_last: int | None) -> Path:
-    """Write a complete checkpoint for `step` atomically, then rotate. Returns its directory."""
+                    keep_last: int | None, trainable_only: bool = False) -> Path:
+    """Write a complete checkpoint for `step` atomically, then rotate. Returns its directory.
+
+    `trainable_only` (adapters): the model file holds only the trainable parameters; the frozen base
+    is reloaded from the model itself on resume."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -120,7 +146,12 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, A
             if tmp.exists():
                 shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)  # model (safetensors), optimizer, RNG
+        hook = accelerator.register_save_state_pre_hook(_keep_trainable) if trainable_only else None
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)  # model (safetensors), optimizer, RNG
+        finally:
+            if hook is not None:
+                hook.remove()
         if main:
             _test_pause(step)
             meta, tensors = capture_rng()
@@ -192,14 +223,17 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {ckpt} is unreadable: {e}") from None
 
 
-def load_checkpoint(accelerator, ckpt: Path, scheduler) -> dict[str, Any]:
+def load_checkpoint(accelerator, ckpt: Path, scheduler, trainable_only: bool = False) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG from `ckpt`; return its trainer state."""
     if not (ckpt / COMPLETE).is_file():
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
     state = read_state(ckpt)
+    if trainable_only:
+        _check_trainable_file(accelerator, ckpt)
     try:
         # Accelerate loads the optimizer with torch.load(weights_only=True): a pickle payload is refused.
-        accelerator.load_state(str(ckpt), load_kwargs={"weights_only": True})
+        accelerator.load_state(str(ckpt), load_kwargs={"weights_only": True},
+                               **({"strict": False} if trainable_only else {}))
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"refusing to load {ckpt}: a file holds a pickle that is not plain tensors/containers "
                               f"({str(e).splitlines()[0]})") from None

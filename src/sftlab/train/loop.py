@@ -35,6 +35,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import parse_flag_from_env, set_seed
+from transformers.integrations.neftune import activate_neftune
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -43,6 +44,7 @@ from sftlab.data.collate import MicroBatchStream, pad_collate
 from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 from sftlab.model.generate import MatchResult, exact_match, load_match_examples
 from sftlab.model.kernels import KernelError, apply_liger
+from sftlab.model import adapters
 from sftlab.model.loading import DTYPES, load_model
 from sftlab.model.vocab import resize_for_new_tokens
 from sftlab.model.loss import TargetLossHead, count_targets, full_nll
@@ -188,7 +190,7 @@ def data_fingerprint(examples) -> str:
 # Config keys that may change between a checkpoint and its resumption; everything else must match.
 RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.resume", "train.output_dir", "checkpoint.",
                     "match_eval", "data.num_proc", "data.cache", "data.cache_dir", "data.on_bad_record",
-                    "data.max_bad_fraction", "train.on_nan")
+                    "data.max_bad_fraction", "train.on_nan", "peft.merge_on_save")
 
 
 def _flatten(tree, prefix=""):
@@ -337,22 +339,39 @@ def setup_data(run: Run) -> None:
 
 # --- phase 3: model, optimizer, schedule -------------------------------------------------------
 
-def setup_model_and_optimizer(run: Run) -> None:
+def load_run_model(run: Run):
+    """The model as it trains: fp32 (or QLoRA-quantized) weights, resized for new tokens, with
+    adapters (peft), activation checkpointing and NEFTune as configured."""
     cfg, data = run.cfg, run.data
+    quantization = adapters.quantization_config(cfg.peft) if cfg.peft and cfg.peft.quantize else None
     # loaded in fp32 whatever model.dtype says: the fp32 master weights start from the stored values
-    model = load_model(cfg.model.model_copy(update={"dtype": "float32"}), data.model_path)
+    model = load_model(cfg.model.model_copy(update={"dtype": "float32"}), data.model_path, quantization)
     if cfg.data.add_chatml_tokens:  # new rows (if any) and the model's eos follow the tokenizer
         resize_for_new_tokens(model, data.tokenizer, data.vocab_before)
+    if cfg.peft is not None:
+        model, line = adapters.wrap(model, cfg.peft, vocab_grew=len(data.tokenizer) > data.vocab_before)
+        if run.main:
+            run.console.print(f"[bold]peft[/bold]: {line}", highlight=False)
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if cfg.train.neftune_alpha is not None:  # transformers' hook: noise in training forwards only
+        activate_neftune(model, cfg.train.neftune_alpha)
+    return model
+
+
+def setup_model_and_optimizer(run: Run) -> None:
+    cfg, data = run.cfg, run.data
+    model = load_run_model(run)
     model.train()
     run.flops = FlopCounter(model)
     originals = []
-    if run.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16":
+    quantized = cfg.peft is not None and cfg.peft.quantize is not None
+    if (run.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16") and not quantized:
         # bf16 copies of the matmul weights (of every weight: pure bf16 without autocast) do the compute,
         # refreshed from the optimizer's fp32 master weights once per optimizer step (MasterWeightAdamW).
         originals = use_bf16_weights(model, matmul_only=run.mixed_precision == "bf16")
-    model.to(run.accelerator.device)
+    if not quantized:  # bitsandbytes places quantized weights itself
+        model.to(run.accelerator.device)
     with run.accelerator.autocast():  # the head checks itself on the device and in the precision it trains in
         run.loss_fn = build_loss_fn(cfg, model, run.console if run.main else None)
     if cfg.train.liger:
@@ -441,7 +460,7 @@ def run_info(run: Run) -> dict[str, Any]:
 
 def restore_checkpoint(run: Run) -> None:
     ckpt = run.resume_from
-    state = load_checkpoint(run.accelerator, ckpt, run.scheduler)
+    state = load_checkpoint(run.accelerator, ckpt, run.scheduler, trainable_only=run.cfg.peft is not None)
     if state.get("num_processes", 1) != run.world:
         raise RunError(f"cannot resume from {ckpt}: it was written by {state.get('num_processes', 1)} "
                        f"process(es), this run has {run.world}; the data order and batch geometry would change")
@@ -589,7 +608,8 @@ def save_run_checkpoint(run: Run, step: int) -> Path:
              "num_processes": run.world, "data_fingerprint": run.fingerprint or data_fingerprint(run.data.units),
              "metrics": run.result.history, "logged_steps": run.logged_steps,
              "match_before": _acc(run.result.match_before), "config": run.cfg.model_dump(mode="json")}
-    path = save_checkpoint(run.accelerator, run.out, step, state, run.scheduler, run.cfg.checkpoint.keep_last)
+    path = save_checkpoint(run.accelerator, run.out, step, state, run.scheduler, run.cfg.checkpoint.keep_last,
+                           trainable_only=run.cfg.peft is not None)
     if run.main:
         run.console.print(f"[dim]checkpoint {path}[/dim]")
     return path
@@ -603,14 +623,42 @@ def finish(run: Run) -> None:
         return
     unwrapped = run.accelerator.unwrap_model(run.model)
     unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile'd
-    load_master_weights(unwrapped, run.optimizer)  # bf16 compute copies -> fp32 weights, the exact masters
-    unwrapped.to(DTYPES[run.cfg.model.dtype])  # saved in the dtype asked for (model.dtype)
-    save_model(unwrapped, run.data.tokenizer, run.out, run.data.template)
-    run.console.print(f"[bold green]saved[/bold green] model + tokenizer to {run.out}")
+    if run.cfg.peft is not None:
+        # the adapter; the model users get is the fp32 base with it merged (loaded back from the saved files)
+        unwrapped = save_adapter_run(run, unwrapped)
+    else:
+        load_master_weights(unwrapped, run.optimizer)  # bf16 compute copies -> fp32 weights, the exact masters
+        unwrapped.to(DTYPES[run.cfg.model.dtype])  # saved in the dtype asked for (model.dtype)
+        save_model(unwrapped, run.data.tokenizer, run.out, run.data.template)
+        run.console.print(f"[bold green]saved[/bold green] model + tokenizer to {run.out}")
     if run.cfg.match_eval is not None:
         run.result.match_after = run_match_eval(unwrapped, run, "after")
         summary = {"before": _acc(run.result.match_before), "after": _acc(run.result.match_after)}
         (run.out / "match_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def save_adapter_run(run: Run, model):
+    """Save the adapter (fp32 masters of the trainable weights) and the tokenizer; with
+    peft.merge_on_save also the merged plain model under output_dir/merged (a fresh fp32 base and the
+    saved adapter). Returns that merged model when the match evaluation needs it, else None."""
+    master = master_weight_optimizer(run.optimizer)
+    if master is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = master.master_of(p).detach().clone()
+    if run.data.template is not None:
+        run.data.tokenizer.chat_template = run.data.template
+    adapters.save_adapter(model, run.out, run.cfg.model)
+    run.data.tokenizer.save_pretrained(run.out)
+    run.console.print(f"[bold green]saved[/bold green] adapter + tokenizer to {run.out}")
+    if not (run.cfg.peft.merge_on_save or run.cfg.match_eval is not None):
+        return None
+    merged, tokenizer = adapters.load_for_inference(run.out)
+    if run.cfg.peft.merge_on_save:
+        save_model(merged.to(DTYPES[run.cfg.model.dtype]), tokenizer, run.out / "merged", run.data.template)
+        run.console.print(f"[bold green]saved[/bold green] merged model to {run.out / 'merged'}")
+    return merged.float()
 
 
 def _test_hooks(step: int) -> None:

@@ -1,0 +1,163 @@
+"""LoRA, DoRA and QLoRA through peft: wrap a loaded model, save the adapter, merge it, load it back.
+
+Everything here is peft's own machinery (`LoraConfig`, `get_peft_model`, `PeftModel`,
+`merge_and_unload`) and transformers' bitsandbytes integration; sftlab only chooses the settings,
+checks them before training, and records what a later `sftlab generate`/`export` needs:
+
+- `wrap(model, settings, vocab_grew)`: `target_modules` are checked against the model's linear
+  layers (an unknown name fails with the list of names there are); when the tokenizer grew
+  (`data.add_chatml_tokens`), the input embeddings and the output head are added to
+  `modules_to_save`, since the new rows must train. Returns the PeftModel and a line saying how
+  many parameters train.
+- `quantization_config(settings)`: QLoRA's `BitsAndBytesConfig` (nf4 or int8 base weights), or an
+  `AdapterError` naming what is missing.
+- `save_adapter(model, out, base)`: `adapter_model.safetensors` + `adapter_config.json` (peft's
+  format; `base_model_name_or_path` is the local path the base was loaded from) and
+  `sftlab_base.json`, the base model as configured (e.g. `default`), resolved again on load.
+- `load_for_inference(adapter_dir)`: base + adapter, merged into a plain model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from sftlab.config import ModelConfig, PeftSettings
+
+BASE_FILE = "sftlab_base.json"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class AdapterError(RuntimeError):
+    """A PEFT setting cannot be applied; the message names the setting and what to do."""
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of the linear layers LoRA can target (the output head excluded, as peft's all-linear does)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and m is not head}
+    return sorted(names)
+
+
+def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    for name, m in model.named_modules():
+        if m is module:
+            return name.rsplit(".", 1)[-1]
+    return None
+
+
+def _check_targets(model: nn.Module, targets: list[str] | str) -> None:
+    if targets == "all-linear":
+        return
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise AdapterError(f"peft.target_modules: no module named {', '.join(map(repr, missing))} in this model; "
+                           f"its linear layers are: {', '.join(linear_module_names(model))} (or use all-linear)")
+
+
+def modules_to_save(model: nn.Module, settings: PeftSettings, vocab_grew: bool) -> tuple[list[str] | None, str]:
+    """The configured modules_to_save, plus the embeddings and head when the vocabulary grew."""
+    names = list(settings.modules_to_save or [])
+    note = ""
+    if vocab_grew:
+        added = [n for n in (_module_name(model, model.get_input_embeddings()),
+                             _module_name(model, model.get_output_embeddings())) if n and n not in names]
+        names += added
+        if added:
+            note = (f"; {', '.join(added)} added to modules_to_save (data.add_chatml_tokens grew the vocabulary: "
+                    "the new rows must train)")
+    return names or None, note
+
+
+def wrap(model: PreTrainedModel, settings: PeftSettings, vocab_grew: bool = False) -> tuple[nn.Module, str]:
+    """The model with LoRA/DoRA adapters (peft), and a line saying what trains."""
+    try:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    except ImportError as e:
+        raise AdapterError(f"the peft section needs the peft package: pip install 'sftlab[lora]' ({e})") from None
+
+    _check_targets(model, settings.target_modules)
+    save, note = modules_to_save(model, settings, vocab_grew)
+    if settings.quantize is not None:
+        # casts norms/embeddings to fp32; activation checkpointing is the run's own choice
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(task_type="CAUSAL_LM", r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=settings.target_modules, modules_to_save=save,
+                        use_dora=settings.method == "dora")
+    wrapped = get_peft_model(model, config)
+    trainable, total = wrapped.get_nb_trainable_parameters()
+    line = (f"{settings.method} r={settings.r} alpha={settings.alpha:g} on {settings.target_modules}"
+            + (f", base quantized {settings.quantize}" if settings.quantize else "")
+            + f": {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%}){note}")
+    return wrapped, line
+
+
+def quantization_config(settings: PeftSettings) -> Any:
+    """transformers' BitsAndBytesConfig for peft.quantize (QLoRA)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise AdapterError(f"peft.quantize={settings.quantize} needs bitsandbytes: pip install 'sftlab[qlora]' "
+                           f"(or set peft.quantize: null for LoRA on unquantized weights) ({e})") from None
+    from transformers import BitsAndBytesConfig
+
+    if settings.quantize == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def save_adapter(model: nn.Module, out: Path, base: ModelConfig) -> None:
+    """peft's adapter files, plus the base model as configured (so `default` resolves on any machine)."""
+    model.save_pretrained(out, safe_serialization=True)
+    (Path(out) / BASE_FILE).write_text(json.dumps(base.model_dump(mode="json"), indent=1) + "\n")
+
+
+def base_config(adapter_dir: str | Path) -> ModelConfig:
+    """The base model of an adapter directory: as sftlab recorded it, else as peft recorded it."""
+    path = Path(adapter_dir)
+    if (path / BASE_FILE).is_file():
+        return ModelConfig(**json.loads((path / BASE_FILE).read_text()))
+    recorded = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not recorded:
+        raise AdapterError(f"{path}: the adapter does not record its base model")
+    return ModelConfig(name_or_path=recorded)
+
+
+def merge(base: PreTrainedModel, adapter_dir: str | Path) -> PreTrainedModel:
+    """A plain transformers model: the adapter's weights merged into `base` (fp32 recommended)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def load_base(base_path: str, cfg: ModelConfig, vocab_size: int | None) -> PreTrainedModel:
+    """The base model in fp32, grown to `vocab_size` rows when the run's tokenizer grew (the adapter's
+    saved embedding and head rows then replace them)."""
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, revision=cfg.revision,
+                                                 trust_remote_code=cfg.trust_remote_code)
+    if vocab_size is not None and vocab_size > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return model
+
+
+def load_for_inference(adapter_dir: str | Path) -> tuple[PreTrainedModel, Any]:
+    """(merged fp32 model, tokenizer) of a run directory holding an adapter and its tokenizer."""
+    from sftlab.model.loading import load_tokenizer, resolve_model_path
+
+    base = base_config(adapter_dir)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir)), str(adapter_dir))
+    model = merge(load_base(resolve_model_path(base), base, len(tokenizer)), adapter_dir)
+    model.config.use_cache = True
+    return model, tokenizer
