@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("sftlab").setLevel(logging.DEBUG if ns.verbose else logging.INFO)
+    # bitsandbytes (imported by peft when installed) warns about optional CPU kernels at import
+    logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if ns.verbose else logging.ERROR)
     if not ns.verbose:  # our own progress and summaries say what happens; library bars are noise
         from transformers.utils import logging as hf_logging
 

@@ -44,3 +44,19 @@ def test_demo_config_trains_saves_and_reloads(tmp_path, capsys):
     enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     gen = model.generate(**enc, max_new_tokens=8, do_sample=False)
     assert tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_lora_demo_reaches_95_and_its_adapter_loads_by_name(tmp_path, capsys):
+    """The documented LoRA demo (src/sftlab/demo/demo_lora.yaml), whole: >= 95/100 held-out exact match."""
+    from importlib.resources import files
+
+    out = tmp_path / "lora"
+    config = str(files("sftlab") / "demo" / "demo_lora.yaml")
+    assert main(["train", config, f"train.output_dir={out}"]) == 0
+    match = json.loads((out / "match_eval.json").read_text())
+    assert match["after"]["correct"] >= 95, match
+    assert json.loads((out / "sftlab_base.json").read_text())["name_or_path"] == "default"
+    capsys.readouterr()
+    assert main(["generate", str(out), "--system", "Rewrite the date as YYYY-MM-DD. Reply with the date only.",
+                 "--prompt", "5 March 2021", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.strip() == "2021-03-05"

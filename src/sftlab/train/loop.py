@@ -678,7 +678,8 @@ def _match_from_state(saved: dict | None) -> MatchResult | None:
 
 def run_match_eval(model, run: Run, when: str) -> MatchResult:
     t0 = time.perf_counter()
-    res = exact_match(model, run.data.tokenizer, run.match_examples, run.cfg.match_eval, run.data.template)
+    with run.accelerator.autocast():  # in the precision the run trains in (bf16 weights need it)
+        res = exact_match(model, run.data.tokenizer, run.match_examples, run.cfg.match_eval, run.data.template)
     run.console.print(f"[bold]exact match {when} training[/bold]: {res.correct}/{res.total} = {res.accuracy:.1%} "
                       f"({time.perf_counter() - t0:.0f}s)")
     for prompt, ref, pred in res.samples[:3]:
