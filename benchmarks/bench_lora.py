@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_case import gib, measure, sftlab  # noqa: E402
+from scale_case import gib, measure, sftlab
 
 DEMO = Path(__file__).resolve().parent.parent / "src" / "sftlab" / "demo"
 

@@ -102,7 +102,7 @@ def test_bad_target_module_fails_before_training_with_the_names(tiny_model_dir, 
 
 
 def test_sigkill_then_resume_with_lora_is_bitwise(tiny_model_dir, chat_file, tmp_path):
-    tree = lambda out, **kw: {**cfg_tree(tiny_model_dir, chat_file, out, **kw),  # noqa: E731
+    tree = lambda out, **kw: {**cfg_tree(tiny_model_dir, chat_file, out, **kw),
                               "peft": {"r": 4, "alpha": 8, "dropout": 0.1}}
     rc, log = run_cli(tree(tmp_path / "ref"), tmp_path)
     assert rc == 0, log
@@ -195,3 +195,27 @@ def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_model_dir, chat_file, 
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     with pytest.raises(adapters.AdapterError, match=r"peft.quantize=nf4 needs bitsandbytes"):
         run_training(lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", peft={"quantize": "nf4"}))
+
+
+def test_lora_composes_with_packing_bf16_and_the_target_loss_head(tiny_model_dir, chat_file, tmp_path, capsys):
+    cfg = lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", mixed_precision="bf16", gradient_checkpointing=True)
+    cfg.data.packing = "bfd"
+    res = run_training(cfg)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["mixed_precision"] == "bf16" and info["loss_head"] == "target" and info["master_weights_fp32"]
+    saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in saved.values())  # the fp32 masters, not the bf16 copies
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (sftlab[qlora])")
+def test_qlora_int8_trains(tokenizer, chat_file, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    res = run_training(lora_cfg(tmp_path / "m", chat_file, tmp_path / "run", peft={"quantize": "int8"}))
+    assert res.history[-1]["loss"] < res.history[0]["loss"]

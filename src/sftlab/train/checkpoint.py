@@ -120,7 +120,7 @@ def _check_trainable_file(accelerator, ckpt: Path) -> None:
     """Before a non-strict load of a trainable-only checkpoint: it must hold exactly the trainable tensors."""
     from safetensors import safe_open
 
-    for i, model in enumerate(accelerator._models):  # noqa: SLF001 - the prepared models, in save order
+    for i, model in enumerate(accelerator._models):
         path = ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
         with safe_open(str(path), "pt") as f:
             saved = set(f.keys())

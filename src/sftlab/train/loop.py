@@ -35,28 +35,44 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import parse_flag_from_env, set_seed
-from transformers.integrations.neftune import activate_neftune
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers.integrations.neftune import activate_neftune
 
 from sftlab.config import SFTConfig, dump_config
 from sftlab.data.collate import MicroBatchStream, pad_collate
 from sftlab.data.types import IGNORE_INDEX, TokenizedExample
+from sftlab.model import adapters
 from sftlab.model.generate import MatchResult, exact_match, load_match_examples
 from sftlab.model.kernels import KernelError, apply_liger
-from sftlab.model import adapters
 from sftlab.model.loading import DTYPES, load_model
-from sftlab.model.vocab import resize_for_new_tokens
 from sftlab.model.loss import TargetLossHead, count_targets, full_nll
+from sftlab.model.vocab import resize_for_new_tokens
+from sftlab.train.checkpoint import (
+    COMPLETE,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from sftlab.train.data import RunData, prepare_run_data
-from sftlab.train.checkpoint import (COMPLETE, latest_checkpoint, load_checkpoint, read_state,
-                                     save_checkpoint)
 from sftlab.train.metrics import MetricsLog
 from sftlab.train.optim import build_optimizer, build_scheduler
-from sftlab.train.precision import (load_master_weights, master_weight_optimizer, resolve_mixed_precision,
-                                    seed_master_weights, use_bf16_weights)
+from sftlab.train.precision import (
+    load_master_weights,
+    master_weight_optimizer,
+    resolve_mixed_precision,
+    seed_master_weights,
+    use_bf16_weights,
+)
 from sftlab.train.throughput import FlopCounter, measure_peak_flops
-
 
 LossFn = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]  # (model, micro-batch) -> summed NLL
 
