@@ -82,3 +82,53 @@ def test_missing_or_invalid_yaml(tmp_path):
     bad.write_text("data: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(bad))
+
+
+# --- config help: suggestions, descriptions, the committed reference --------------------------
+
+@pytest.mark.parametrize("override, hint", [
+    ("optim.learning_rate=1e-5", "optim.learning_rate: unknown key; did you mean optim.lr?"),
+    ("train.learning_rate=1e-5", "did you mean optim.lr?"),
+    ("train.gradient_accumulation_steps=2", "did you mean train.grad_accum_steps?"),
+    ("train.mixed_precison=bf16", "did you mean train.mixed_precision?"),
+    ("data.train.0.fromat=messages", "did you mean data.train.0.format?"),
+    ("peft.lora_r=8", "did you mean peft.r?"),
+    ("optim.scheduler=cosin", "did you mean 'cosine'?"),
+    ("data.packing=bdf", "did you mean 'bfd'?"),
+])
+def test_unknown_keys_and_values_get_a_suggestion(override, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert hint in str(e.value)
+
+
+def test_no_suggestion_when_nothing_is_close():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.zzzqqq=1"])
+    assert "train.zzzqqq: unknown key" in str(e.value) and "did you mean" not in str(e.value)
+
+
+def test_every_field_has_a_description():
+    from pydantic import BaseModel
+
+    from sftlab.config import SFTConfig, _model_of
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            inner = _model_of(field.annotation)
+            if inner is not None:
+                yield from walk(inner, f"{prefix}{name}.")
+            yield f"{prefix}{name}"
+
+    assert len(list(walk(SFTConfig, ""))) > 60
+
+
+def test_committed_reference_is_current():
+    from pathlib import Path
+
+    from sftlab.config import config_reference
+
+    committed = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+    assert committed.read_text(encoding="utf-8") == config_reference() + "\n", (
+        "docs/config.md is stale: regenerate it with `sftlab config reference > docs/config.md`")

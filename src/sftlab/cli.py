@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sftlab.config import ConfigError, dump_config, load_config
+from sftlab.config import ConfigError, config_reference, dump_config, load_config
 
 console = Console(soft_wrap=True)
 
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     cs = csub.add_parser("show", help="print the resolved config")
     cs.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
     cs.set_defaults(func=cmd_config_show)
+    cr = csub.add_parser("reference", help="print every config key with type, default and description (Markdown)")
+    cr.set_defaults(func=lambda ns: print(config_reference()) or 0)
 
     e = sub.add_parser("export", help="merge a LoRA run's adapter into its base model (a plain transformers model)")
     e.add_argument("run_dir")

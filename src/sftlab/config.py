@@ -7,11 +7,20 @@ are rejected with their dotted path. With no path, the packaged demo config is u
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"
 
@@ -25,144 +34,172 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    # "default" is the embedded SmolLM2-135M-Instruct GGUF; else a local HF dir, a .gguf file, or a hub id.
-    name_or_path: str = "default"
-    gguf_file: str | None = None  # file name inside name_or_path when it is a directory holding GGUFs
-    # The dtype the weights are stored (and saved) in. bfloat16: the optimizer keeps fp32 master weights,
-    # so small updates are not lost to bf16 rounding (train/precision.py).
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    # flash_attention_2: CUDA with the flash-attn package; packed rows then run as varlen attention
-    # (transformers derives the document boundaries from the restarting position_ids)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    trust_remote_code: bool = False
-    revision: str | None = None
+    """The model to fine-tune and how it is loaded."""
+
+    name_or_path: str = Field("default", description=(
+        "`default` (the embedded SmolLM2-135M-Instruct GGUF), a local Hugging Face model directory, a .gguf "
+        "file, or a hub id"))
+    gguf_file: str | None = Field(None, description="file name inside name_or_path when it is a directory holding GGUFs")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
+        "the dtype the weights are stored and saved in; bfloat16 keeps fp32 master weights in the optimizer, "
+        "so small updates are not lost to bf16 rounding"))
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description=(
+        "attention kernel; flash_attention_2 needs CUDA and flash-attn (packed rows then run as varlen attention)"))
+    trust_remote_code: bool = Field(False, description="run model code shipped with a hub model (off unless you trust it)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
 
 
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text", "pretokenized")
 
 
 class SourceConfig(_Strict):
-    # A local JSONL/JSON/Parquet/CSV file or directory, a `datasets.save_to_disk` directory, or a hub dataset name.
-    path: str
-    format: Literal[FORMATS] = "auto"  # type: ignore[valid-type]
-    # Mixing: a float <= 1.0 takes that fraction of the source, an integer > 1 that many examples
-    # (repeating the source when it is smaller). None takes the source once.
-    weight: float | int | None = Field(None, gt=0)
-    split: str = "train"  # for hub datasets and DatasetDict directories
-    subset: str | None = None  # hub dataset configuration name
+    """One data source."""
+
+    path: str = Field(description=(
+        "a local JSONL/JSON/Parquet/CSV file or directory, a `datasets.save_to_disk` directory, or a hub dataset "
+        "name"))
+    format: Literal[FORMATS] = Field("auto", description=(  # type: ignore[valid-type]
+        "row format; auto detects it per row from the keys"))
+    weight: float | int | None = Field(None, gt=0, description=(
+        "mixing: a float <= 1.0 takes that fraction of the source, an integer > 1 that many examples (repeating "
+        "the source when it is smaller); null takes the source once"))
+    split: str = Field("train", description="split of a hub dataset or DatasetDict directory")
+    subset: str | None = Field(None, description="hub dataset configuration name")
 
 
 class DataConfig(_Strict):
-    train: list[SourceConfig] = Field(default_factory=list)
-    # Validation: separate sources, or a fraction held out from the training rows.
-    eval: list[SourceConfig] = Field(default_factory=list)
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    max_seq_length: int = Field(2048, gt=0)
-    on_overlength: Literal["drop", "truncate", "error"] = "drop"
-    # Which tokens carry loss: every assistant turn (+ its end-of-turn token), only the last one,
-    # the completion of prompt/completion rows, or every token.
-    loss_on: Literal["assistant", "last_assistant", "completion", "all"] = "assistant"
-    # None: the tokenizer's own; a built-in name (chatml, llama3, tulu, zephyr, alpaca); or a .jinja file.
-    chat_template: str | None = None
-    add_chatml_tokens: bool = False  # add <|im_start|>/<|im_end|> as special tokens and resize embeddings
-    packing: Literal["none", "wrapped", "bfd"] = "none"
-    num_proc: int = Field(1, gt=0)  # tokenization worker processes
-    cache: bool = True  # cache tokenized/packed data on disk, keyed by content + tokenizer + config
-    cache_dir: str | None = None  # default: $SFTLAB_CACHE/data (~/.cache/sftlab/data)
-    on_bad_record: Literal["skip", "error"] = "skip"
-    max_bad_fraction: float = Field(0.5, ge=0.0, le=1.0)  # skip mode still fails above this fraction
+    """Training and validation data: sources, template, masks, lengths, packing, preparation."""
+
+    train: list[SourceConfig] = Field(default_factory=list, description="training sources (at least one)")
+    eval: list[SourceConfig] = Field(default_factory=list, description=(
+        "validation sources; when empty, eval_fraction of the mixed training examples is held out"))
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of training examples held out for validation")
+    max_seq_length: int = Field(2048, gt=0, description="longest example (and packed row) in tokens")
+    on_overlength: Literal["drop", "truncate", "error"] = Field("drop", description=(
+        "what happens to an example longer than max_seq_length (every case is counted in the data report)"))
+    loss_on: Literal["assistant", "last_assistant", "completion", "all"] = Field("assistant", description=(
+        "which tokens carry loss: every assistant turn (content + its end-of-turn token), only the last one, the "
+        "completion of prompt/completion rows, or every token"))
+    chat_template: str | None = Field(None, description=(
+        "null: the tokenizer's own; a built-in name (chatml, llama3, tulu, zephyr, alpaca); or a .jinja file"))
+    add_chatml_tokens: bool = Field(False, description=(
+        "add <|im_start|>/<|im_end|> as special tokens and grow the embeddings (for the chatml template on a base "
+        "model)"))
+    packing: Literal["none", "wrapped", "bfd"] = Field("none", description=(
+        "none: one example per row; bfd: whole documents packed best-fit-decreasing into rows of max_seq_length; "
+        "wrapped: concatenated and cut (documents may split). Packed documents never attend to each other"))
+    num_proc: int = Field(1, gt=0, description="tokenization worker processes")
+    cache: bool = Field(True, description=(
+        "keep tokenized data on disk (memory-mapped arrays), keyed by content + tokenizer + template + code"))
+    cache_dir: str | None = Field(None, description="where the data cache lives (default $SFTLAB_CACHE/data, ~/.cache/sftlab/data)")
+    on_bad_record: Literal["skip", "error"] = Field("skip", description=(
+        "skip: report bad rows (file:line, field, reason) and go on; error: stop at the first"))
+    max_bad_fraction: float = Field(0.5, ge=0.0, le=1.0, description="skip mode still fails when more rows than this are bad")
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(2e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0  # None disables clipping (the norm is still logged)
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
-    warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_ratio when set
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = Field(2e-5, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (never on biases and norms)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    eps: float = Field(1e-8, description="AdamW epsilon")
+    max_grad_norm: float | None = Field(1.0, description="gradient clipping norm; null disables clipping (the norm is still logged)")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup")
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description="warmup as a fraction of the optimizer steps")
+    warmup_steps: int | None = Field(None, ge=0, description="warmup in optimizer steps; overrides warmup_ratio when set")
 
 
 class TrainConfig(_Strict):
-    output_dir: str = "runs/sft"
-    micro_batch_size: int = Field(8, gt=0)
-    # A token budget per micro-batch instead of a row count: packed rows, or length-grouped padded
-    # examples, fill each micro-batch up to this many tokens (padding included). Overrides micro_batch_size.
-    micro_batch_tokens: int | None = Field(None, gt=0)
-    grad_accum_steps: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)  # overrides num_epochs when set
-    num_epochs: float = Field(1.0, gt=0)
-    seed: int = 42
-    log_every: int = Field(1, gt=0)
-    eval_every: int | None = Field(None, gt=0)  # steps; None: only at the end (when there is eval data)
-    deterministic: bool = False  # torch.use_deterministic_algorithms
-    # Recompute activations in the backward (non-reentrant): measured free on a 2-core AMX CPU at half the
-    # peak memory (benchmarks/bench_train.py); on GPUs it typically costs ~20-30% of the step time.
-    gradient_checkpointing: bool = True
-    # auto: bf16 where the device runs it fast (CUDA with bf16; a CPU with AMX or AVX512-BF16), else fp32.
-    # bf16/fp16: low-precision compute with fp32 master weights and optimizer state (through Accelerate).
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """The training loop: batch geometry, length, precision, speed, resume, logging."""
+
+    output_dir: str = Field("runs/sft", description="where the model, metrics, report and checkpoints go")
+    micro_batch_size: int = Field(8, gt=0, description="examples (or packed rows) per micro-batch per process")
+    micro_batch_tokens: int | None = Field(None, gt=0, description=(
+        "a token budget per micro-batch instead of a row count (padding included); overrides micro_batch_size"))
+    grad_accum_steps: int = Field(1, gt=0, description=(
+        "micro-batches per optimizer step; the loss is normalised over all target tokens of the step"))
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides num_epochs when set")
+    num_epochs: float = Field(1.0, gt=0, description="passes over the training data")
+    seed: int = Field(42, description="seed of data order, mixing, eval split and initialisation")
+    log_every: int = Field(1, gt=0, description="log a metrics line every N optimizer steps")
+    eval_every: int | None = Field(None, gt=0, description="validation loss every N steps; null: only at the end")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms")
+    gradient_checkpointing: bool = Field(True, description=(
+        "recompute activations in the backward: half the memory, measured free on a 2-core AMX CPU; on GPUs "
+        "typically 20-30% slower"))
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description=(
+        "auto: bf16 where the device runs it fast (CUDA with bf16; a CPU with AMX or AVX512-BF16), else fp32; "
+        "bf16/fp16 keep fp32 master weights"))
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no_is_false(cls, v: Any) -> Any:
         return "no" if v is False else v  # YAML reads a bare `no` as false
-    # target: the output projection and cross-entropy only at positions whose next token is a target,
-    # in chunks of loss_chunk_tokens (no [tokens x vocab] logits); full: the model's own logits everywhere.
-    loss_head: Literal["target", "full"] = "target"
-    loss_chunk_tokens: int = Field(1024, gt=0)
-    compile: bool = False  # torch.compile the model
-    liger: bool = False  # Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); CUDA + liger-kernel
-    peak_flops: float | None = Field(None, gt=0)  # for MFU; None: measured at start by a short matmul probe
-    # "auto": continue from the latest complete checkpoint in output_dir, else start fresh;
-    # a path: continue from that checkpoint; None: always start fresh.
-    resume: str | None = None
-    on_nan: Literal["stop", "skip_step"] = "stop"  # non-finite loss or gradient
-    # NEFTune: uniform noise of scale alpha / sqrt(sequence length x hidden size) added to the input
-    # embeddings in training forwards only (never in evaluation or generation). Typical: 5.
-    neftune_alpha: float | None = Field(None, gt=0)
+
+    loss_head: Literal["target", "full"] = Field("target", description=(
+        "target: output projection and cross-entropy only where the next token is a target, in chunks (no full "
+        "logits tensor); full: the model's own logits everywhere"))
+    loss_chunk_tokens: int = Field(1024, gt=0, description="rows per chunk of the target-only loss head")
+    compile: bool = Field(False, description="torch.compile the model")
+    liger: bool = Field(False, description="Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); CUDA + liger-kernel")
+    peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s for MFU; null: measured at start")
+    resume: str | None = Field(None, description=(
+        "auto: continue from the latest complete checkpoint in output_dir (else start fresh); a path: that "
+        "checkpoint; null: start fresh"))
+    on_nan: Literal["stop", "skip_step"] = Field("stop", description="what a non-finite loss or gradient does")
+    neftune_alpha: float | None = Field(None, gt=0, description=(
+        "NEFTune: uniform noise of scale alpha / sqrt(length x hidden) on the input embeddings, training forwards "
+        "only (typical: 5)"))
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=list, description=(
+        "experiment trackers besides metrics.jsonl (offline: tensorboard event files, wandb offline mode without "
+        "an API key, trackio local)"))
 
 
 class PeftSettings(_Strict):
-    """LoRA / DoRA adapters through peft (model/adapters.py); the `peft:` section, absent = full fine-tuning."""
+    """LoRA / DoRA adapters through peft; the whole section absent (null) = full fine-tuning."""
 
-    method: Literal["lora", "dora"] = "lora"
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    # "all-linear": every linear layer but the output head; else module names (e.g. [q_proj, v_proj]).
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    # Modules trained in full beside the adapters; the embeddings and head are added automatically
-    # when data.add_chatml_tokens grows the vocabulary.
-    modules_to_save: list[str] | None = None
-    quantize: Literal["nf4", "int8"] | None = None  # QLoRA: base weights quantized through bitsandbytes
-    merge_on_save: bool = False  # also save the merged plain model under output_dir/merged
+    method: Literal["lora", "dora"] = Field("lora", description="adapter kind")
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator (the update is scaled by alpha / r)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description=(
+        "all-linear: every linear layer but the output head; else module names, e.g. [q_proj, v_proj]"))
+    modules_to_save: list[str] | None = Field(None, description=(
+        "modules trained in full beside the adapters; embeddings and head are added when add_chatml_tokens grows "
+        "the vocabulary"))
+    quantize: Literal["nf4", "int8"] | None = Field(None, description=(
+        "QLoRA: base weights quantized through bitsandbytes (pip install 'sftlab[qlora]')"))
+    merge_on_save: bool = Field(False, description="also save the merged plain model under output_dir/merged")
 
 
 class CheckpointConfig(_Strict):
-    every_steps: int | None = Field(None, gt=0)
-    every_epoch: bool = False
-    keep_last: int | None = Field(None, gt=0)  # rotation; never deletes the newest complete checkpoint
+    """Periodic checkpoints for exact resume."""
+
+    every_steps: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps")
+    every_epoch: bool = Field(False, description="checkpoint at every epoch boundary")
+    keep_last: int | None = Field(None, gt=0, description="rotation: keep this many; the newest complete one is never deleted")
 
 
 class MatchEvalConfig(_Strict):
     """Exact-match accuracy of greedy generations against the reference last assistant turn."""
 
-    path: str
-    max_examples: int | None = Field(None, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
-    batch_size: int = Field(32, gt=0)
+    path: str = Field(description="conversations whose last message is the reference assistant reply")
+    max_examples: int | None = Field(None, gt=0, description="evaluate only the first N")
+    max_new_tokens: int = Field(32, gt=0, description="generation budget per reply")
+    batch_size: int = Field(32, gt=0, description="generation batch size")
 
 
 class SFTConfig(_Strict):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    peft: PeftSettings | None = None  # LoRA/DoRA/QLoRA; None: full fine-tuning
-    match_eval: MatchEvalConfig | None = None  # run before and after training when set
+    """A run: one YAML file, one section per class."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model")
+    data: DataConfig = Field(default_factory=DataConfig, description="the data")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="the optimizer")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
+    peft: PeftSettings | None = Field(None, description="LoRA/DoRA/QLoRA adapters; null: full fine-tuning")
+    match_eval: MatchEvalConfig | None = Field(None, description="exact-match evaluation before and after training")
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> "SFTConfig":
@@ -217,13 +254,94 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
+# Names other tools use for our keys (TRL/transformers, axolotl, torchtune): suggested for an unknown key.
+ALIASES = {
+    "learning_rate": "lr", "lr_scheduler_type": "scheduler", "lr_scheduler": "scheduler",
+    "per_device_train_batch_size": "micro_batch_size", "batch_size": "micro_batch_size",
+    "micro_batch": "micro_batch_size", "gradient_accumulation_steps": "grad_accum_steps",
+    "gradient_accumulation": "grad_accum_steps", "num_train_epochs": "num_epochs", "epochs": "num_epochs",
+    "max_length": "max_seq_length", "max_seq_len": "max_seq_length", "sequence_len": "max_seq_length",
+    "seq_len": "max_seq_length", "warmup": "warmup_ratio", "lora_r": "r", "lora_alpha": "alpha",
+    "lora_dropout": "dropout", "lora_target_modules": "target_modules", "bf16": "mixed_precision",
+    "fp16": "mixed_precision", "precision": "mixed_precision", "max_grad_norm_clip": "max_grad_norm",
+    "gradient_clipping": "max_grad_norm", "save_steps": "every_steps", "save_total_limit": "keep_last",
+    "eval_steps": "eval_every", "logging_steps": "log_every", "dataset": "train", "datasets": "train",
+    "val_set_size": "eval_fraction", "sample_packing": "packing", "model_name_or_path": "name_or_path",
+    "base_model": "name_or_path", "output": "output_dir", "neftune_noise_alpha": "neftune_alpha",
+    "resume_from_checkpoint": "resume", "dataset_num_proc": "num_proc", "torch_dtype": "dtype",
+}
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The config class inside an annotation (X, X | None, list[X]), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The config class that holds the key at `loc` (list indices skipped)."""
+    model: type[BaseModel] | None = SFTConfig
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        model = _model_of(field.annotation) if field is not None else None
+    return model
+
+
+def config_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:  # type: ignore[assignment]
+    """Every dotted key of the config (lists of sources as `data.train.N.path`)."""
+    model = model or SFTConfig
+    keys = []
+    for name, field in model.model_fields.items():
+        inner = _model_of(field.annotation)
+        is_list = getattr(field.annotation, "__origin__", None) is list
+        sub = f"{prefix}{name}." + ("N." if is_list else "")
+        keys += config_keys(inner, sub) if inner is not None else [f"{prefix}{name}"]
+    return keys
+
+
+def suggest_key(loc: tuple) -> str | None:
+    """A did-you-mean for the unknown key at `loc`: a close name in the same section, else a known
+    alias (e.g. learning_rate -> optim.lr), anywhere in the config."""
+    name = str(loc[-1])
+    holder = _model_at(loc[:-1])
+    prefix = ".".join(str(p) for p in loc[:-1])
+    here = list(holder.model_fields) if holder is not None else []
+    target = ALIASES.get(name.lower())
+    if target in here:
+        return f"{prefix}.{target}" if prefix else target
+    close = difflib.get_close_matches(name, here, n=1, cutoff=0.6)
+    if close:
+        return f"{prefix}.{close[0]}" if prefix else close[0]
+    wanted = target or name
+    anywhere = [k for k in config_keys() if k.rsplit(".", 1)[-1] == wanted]
+    if not anywhere:
+        anywhere = difflib.get_close_matches(name, config_keys(), n=1, cutoff=0.75)
+    return anywhere[0] if anywhere else None
+
+
+def _suggest_value(e: dict) -> str:
+    expected = re.findall(r"'([^']*)'", str((e.get("ctx") or {}).get("expected", "")))
+    close = difflib.get_close_matches(str(e.get("input")), expected, n=1, cutoff=0.4)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
-        lines.append(f"  {loc}: {msg}{got}")
+        if e["type"] == "extra_forbidden":
+            hint = suggest_key(e["loc"])
+            lines.append(f"  {loc}: unknown key" + (f"; did you mean {hint}?" if hint else ""))
+            continue
+        hint = _suggest_value(e) if e["type"] == "literal_error" else ""
+        lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r}){hint}")
     return "\n".join(lines)
 
 
@@ -279,6 +397,62 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return SFTConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, str(cfg_path))) from None
+
+
+def _type_name(annotation: Any) -> str:
+    args = getattr(annotation, "__args__", None)
+    origin = getattr(annotation, "__origin__", None)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is tuple:
+        return f"[{', '.join(_type_name(a) for a in args)}]"
+    if args:  # a union
+        return " \\| ".join("`null`" if a is type(None) else _type_name(a) for a in args)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    return f"`{getattr(annotation, '__name__', annotation)}`"
+
+
+def _default(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "(section)"
+    return f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
+
+
+def config_reference() -> str:
+    """Every config key with its type, default and description, as Markdown (docs/config.md)."""
+    out = ["# Configuration reference", "",
+           "Generated by `sftlab config reference` from the typed config (src/sftlab/config.py); a test",
+           "fails when this file is stale. One YAML file maps onto these sections; any key can be overridden",
+           "on the command line as `section.key=value` (e.g. `optim.lr=1e-5`, `data.train.0.path=x.jsonl`).", ""]
+    sections = [(name, _model_of(f.annotation), f) for name, f in SFTConfig.model_fields.items()]
+    for name, model, field in sections:
+        optional = " Optional: absent or `null` turns it off." if not field.is_required() and field.default is None else ""
+        out += [f"## `{name}`", "", f"{model.__doc__ or field.description}{optional}", ""]
+        out += _reference_table(model, name)
+        if model is DataConfig:
+            out += ["### `data.train.N` / `data.eval.N` (each source)", "", SourceConfig.__doc__ or "", ""]
+            out += _reference_table(SourceConfig, "data.train.N")
+    return "\n".join(out)
+
+
+def _cell(text: str | None) -> str:
+    return (text or "").replace("|", "\\|")
+
+
+def _reference_table(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        if _model_of(field.annotation) is SourceConfig:
+            rows.append(f"| `{prefix}.{name}` | list of sources | `[]` | {_cell(field.description)} (see below) |")
+            continue
+        rows.append(f"| `{prefix}.{name}` | {_type_name(field.annotation)} | {_default(field)} | {_cell(field.description)} |")
+    return rows + [""]
 
 
 def dump_config(cfg: SFTConfig) -> str:
