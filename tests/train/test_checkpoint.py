@@ -120,6 +120,9 @@ def test_sigterm_checkpoints_and_exits_143(tiny_model_dir, chat_file, tmp_path):
     ckpt = latest_checkpoint(out)
     assert ckpt is not None
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == metrics(out)[-1]["step"]
+    report = (out / "report.md").read_text()  # the report of an interrupted run, with its checkpoint
+    assert "Status: interrupted by SIGTERM after step" in report and ckpt.name in report
+    assert (out / "loss.png").is_file()
 
 
 def _nan_on_call(n: int, monkeypatch):

@@ -82,3 +82,11 @@ def print_data_report(data: RunData, console: Console) -> None:
     console.print(f"[bold]data[/bold]: {escape(data.report.summary())}{data.packing_note}", highlight=False)
     for line in data.report.bad_examples:
         console.print(f"  [yellow]skipped[/yellow] {escape(line)}", highlight=False)
+
+
+def data_report_json(data: RunData) -> dict:
+    """What the data phase found, for the run report (train/report.py)."""
+    r = data.report
+    return {"summary": r.summary() + data.packing_note, "rows": r.rows, "kept": r.kept, "bad": r.bad,
+            "bad_reasons": dict(r.bad_reasons.most_common()), "bad_examples": r.bad_examples,
+            "train_examples": r.train_examples, "eval_examples": r.eval_examples}

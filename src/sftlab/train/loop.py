@@ -62,8 +62,10 @@ from sftlab.train.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from sftlab.train.data import RunData, prepare_run_data
+from sftlab.train.data import RunData, data_report_json, prepare_run_data
+from sftlab.train import tracking
 from sftlab.train.metrics import MetricsLog
+from sftlab.train.report import DATA_REPORT, PLOT, write_report
 from sftlab.train.optim import build_optimizer, build_scheduler
 from sftlab.train.precision import (
     load_master_weights,
@@ -319,14 +321,21 @@ def setup_run(cfg: SFTConfig, console: Console) -> Run:
     # Accelerate keeps one process-wide state: a later run in the same process (tests, notebooks) may
     # choose another mixed precision, so it starts from a clean one (the process group is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=mixed)
+    out = Path(cfg.train.output_dir)
+    trackers = cfg.train.report_to
+    try:
+        tracking.check_trackers(trackers)
+    except tracking.TrackerError as e:
+        raise RunError(str(e)) from None
+    tracking.prepare_offline(trackers, out)
+    accelerator = Accelerator(mixed_precision=mixed, log_with=trackers or None,
+                              project_dir=str(out / "tensorboard") if "tensorboard" in trackers else None)
     if accelerator.is_main_process:
         compute = {"bf16": "bf16 autocast, matmul weights as bf16 copies of fp32 masters",
                    "fp16": "fp16 autocast with loss scaling"}.get(mixed, cfg.model.dtype)
         masters = "; fp32 master weights in the optimizer" if mixed == "bf16" or cfg.model.dtype == "bfloat16" else ""
         console.print(f"[bold]precision[/bold]: {compute} ({why}){masters}; saved as {cfg.model.dtype}",
                       highlight=False)
-    out = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         check_output_dir(out)
     resume_from = find_resume_checkpoint(cfg)
@@ -459,9 +468,11 @@ def open_run_log(run: Run) -> None:
         run.metrics.rewrite([r for r in run.result.history if r["step"] in logged])
         (run.out / "config.yaml").write_text(dump_config(cfg))
         (run.out / "run.json").write_text(json.dumps(run_info(run), indent=1) + "\n")
+        (run.out / DATA_REPORT).write_text(json.dumps(data_report_json(run.data), indent=1) + "\n")
         run.console.print(f"[bold]train[/bold]: {run.total_steps} optimizer steps x {cfg.train.grad_accum_steps} "
                           f"micro-batches of {cfg.train.micro_batch_size} (x{run.world} processes); "
                           f"{run.stream.batches_per_epoch} micro-batches/epoch")
+    tracking.start(run.accelerator, cfg.train.report_to, run.out.name or "sftlab", cfg.model_dump(mode="json"))
 
 
 def run_info(run: Run) -> dict[str, Any]:
@@ -471,7 +482,8 @@ def run_info(run: Run) -> dict[str, Any]:
             "compute_dtype": "bfloat16" if run.mixed_precision == "bf16" else run.cfg.model.dtype,
             "master_weights_fp32": master_weight_optimizer(run.optimizer) is not None,
             "loss_head": getattr(head, "mode", "full"), "loss_head_reason": getattr(head, "reason", ""),
-            "device": str(run.accelerator.device), "num_processes": run.world, "peak_flops": run.peak_flops}
+            "device": str(run.accelerator.device), "num_processes": run.world, "peak_flops": run.peak_flops,
+            "total_steps": run.total_steps}
 
 
 def restore_checkpoint(run: Run) -> None:
@@ -516,6 +528,8 @@ def fit(run: Run) -> None:
             _test_hooks(step)
             if stop.signum is not None:
                 name = signal.Signals(stop.signum).name
+                if run.main:
+                    write_report(run.out, f"interrupted by {name} after step {step} of {run.total_steps}")
                 raise Interrupted(f"{name}: stopped after step {step}/{run.total_steps} and saved {path}; "
                                   f"resume with: sftlab train <config> train.resume=auto train.output_dir={run.out}",
                                   128 + stop.signum)
@@ -611,6 +625,7 @@ def add_eval_and_log(run: Run, record: dict[str, Any]) -> None:
         run.logged_steps.append(step)
         run.metrics.write(record)
         run.metrics.show(record, run.total_steps)
+        tracking.log(run.accelerator, cfg.train.report_to, record)
 
 
 def checkpoint_due(run: Run, step: int, epoch_before: int, stop: "StopRequest") -> bool:
@@ -649,8 +664,11 @@ def finish(run: Run) -> None:
         run.console.print(f"[bold green]saved[/bold green] model + tokenizer to {run.out}")
     if run.cfg.match_eval is not None:
         run.result.match_after = run_match_eval(unwrapped, run, "after")
-        summary = {"before": _acc(run.result.match_before), "after": _acc(run.result.match_after)}
+        summary = {"before": _acc(run.result.match_before), "after": _acc(run.result.match_after),
+                   "samples_after": [list(s) for s in run.result.match_after.samples[:5]]}
         (run.out / "match_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    tracking.finish(run.accelerator, run.cfg.train.report_to)
+    run.console.print(f"[bold]report[/bold]: {write_report(run.out, 'finished')} (+ {PLOT})")
 
 
 def save_adapter_run(run: Run, model):

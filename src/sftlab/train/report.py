@@ -1,0 +1,139 @@
+"""The run report: `report.md` + `loss.png` in the output directory, written from the run's own files.
+
+Everything comes from what a run leaves behind, so `sftlab report RUN_DIR` regenerates the same
+report later (also for a run that was interrupted, from its metrics so far):
+
+- metrics.jsonl (one line per logged step), run.json (what `auto` resolved to), config.yaml,
+- data_report.json (per-source counts and skipped rows, written when the run starts),
+- match_eval.json (exact match before/after, with a few samples), when the run had a match evaluation,
+- checkpoints/latest, when the run checkpointed.
+
+loss.png has four panels against the optimizer step: training loss (and validation loss where
+evaluated), learning rate, tokens/s, and target tokens per step.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+REPORT, PLOT, DATA_REPORT = "report.md", "loss.png", "data_report.json"
+
+
+class ReportError(RuntimeError):
+    """The directory is not a run directory (no metrics.jsonl)."""
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ReportError(f"{run_dir} is not a run directory (no metrics.jsonl)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot(metrics: list[dict[str, Any]], out: Path) -> None:
+    """Training/validation loss, learning rate, tokens/s and target tokens against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), constrained_layout=True)
+    ax = axes[0][0]
+    ax.plot(steps, [m.get("loss") for m in metrics], label="training loss", marker="." if len(steps) < 40 else None)
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
+    if evals:
+        ax.plot(*zip(*evals), label="validation loss", marker="o")
+    ax.set_yscale("log" if all((m.get("loss") or 0) > 0 for m in metrics) else "linear")
+    ax.legend()
+    for ax, key, title in ((axes[0][1], "lr", "learning rate"), (axes[1][0], "tokens_per_s", "tokens/s"),
+                           (axes[1][1], "target_tokens", "target tokens per step")):
+        ax.plot(steps, [m.get(key) for m in metrics], marker="." if len(steps) < 40 else None)
+        ax.set_title(title)
+    axes[0][0].set_title("loss")
+    for ax in axes.flat:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def _summary(metrics: list[dict[str, Any]], info: dict[str, Any] | None, total: int | None) -> list[str]:
+    last = metrics[-1] if metrics else {}
+    evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
+    rows = [("optimizer steps", f"{last.get('step', 0)}" + (f" of {total}" if total else "")),
+            ("epochs", f"{last.get('epoch', 0):.2f}"),
+            ("first / last training loss", f"{metrics[0]['loss']:.4f} / {last['loss']:.4f}" if metrics else "-"),
+            ("last / best validation loss", f"{evals[-1]:.4f} / {min(evals):.4f}" if evals else "-"),
+            ("target tokens trained", f"{sum(m.get('target_tokens', 0) for m in metrics):,}")]
+    for key, name in (("tokens_per_s", "tokens/s (median step)"), ("target_tokens_per_s", "target tokens/s"),
+                      ("mfu", "MFU"), ("padding", "padding share")):
+        values = [m[key] for m in metrics if m.get(key) is not None]
+        if values:
+            v = statistics.median(values)
+            rows.append((name, f"{v:.1%}" if key in ("mfu", "padding") else f"{v:,.0f}"))
+    if info:
+        rows += [("precision", f"{info.get('mixed_precision')} (weights {info.get('weights_dtype')})"),
+                 ("loss head", str(info.get("loss_head"))), ("device", f"{info.get('device')} x{info.get('num_processes')}")]
+    return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+
+
+def _data_section(data: dict[str, Any] | None) -> list[str]:
+    if not data:
+        return ["(no data report recorded)"]
+    out = ["```", data["summary"], "```"]
+    if data.get("bad_reasons"):
+        out += ["", "Skipped rows by reason:", ""] + [f"- {n} x {r}" for r, n in data["bad_reasons"].items()]
+    if data.get("bad_examples"):
+        out += ["", "First skipped rows:", ""] + [f"- `{e}`" for e in data["bad_examples"]]
+    return out
+
+
+def _match_section(match: dict[str, Any] | None) -> list[str]:
+    if not match:
+        return ["(no match evaluation configured: `match_eval.path`)"]
+    def acc(r):  # noqa: E306
+        return "-" if not r else f"{r['correct']}/{r['total']} = {r['accuracy']:.1%}"
+    out = [f"Exact match of greedy replies: before training {acc(match.get('before'))}, "
+           f"after {acc(match.get('after'))}."]
+    samples = match.get("samples_after") or []
+    if samples:
+        out += ["", "| prompt | reference | reply |", "|---|---|---|"]
+        out += [f"| {_cell(p)} | {_cell(r)} | {_cell(g)} |" for p, r, g in samples]
+    return out
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")[:120]
+
+
+def write_report(run_dir: str | Path, status: str | None = None) -> Path:
+    """Write report.md and loss.png into `run_dir` from its files; returns the report's path."""
+    run_dir = Path(run_dir)
+    metrics = _metrics(run_dir)
+    info = _read_json(run_dir / "run.json")
+    config = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else ""
+    total = (info or {}).get("total_steps")
+    if status is None:
+        done = (run_dir / "model.safetensors").is_file() or (run_dir / "adapter_model.safetensors").is_file()
+        status = "finished" if done else "not finished (interrupted or running)"
+    latest = run_dir / "checkpoints" / "latest"
+    lines = [f"# sftlab run report: {run_dir.name}", "", f"Status: {status}."
+             + (f" Latest checkpoint: `checkpoints/{latest.read_text().strip()}`." if latest.is_file() else ""), ""]
+    if metrics:
+        plot(metrics, run_dir / PLOT)
+        lines += [f"![loss, learning rate, throughput]({PLOT})", ""]
+    lines += ["## Summary", "", *_summary(metrics, info, total), "",
+              "## Data", "", *_data_section(_read_json(run_dir / DATA_REPORT)), "",
+              "## Exact-match evaluation", "", *_match_section(_read_json(run_dir / "match_eval.json")), "",
+              "## Configuration (resolved)", "", "```yaml", config.rstrip(), "```", ""]
+    path = run_dir / REPORT
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
