@@ -1,8 +1,11 @@
-"""Command line: `sftlab train|prepare|config show|generate|chat`.
+"""Command line: `sftlab train|prepare|eval|report|export|config|generate|chat`.
 
     sftlab train [CONFIG.yaml] [key.path=value ...]   fine-tune (no CONFIG: the embedded demo)
     sftlab prepare [CONFIG.yaml] [overrides ...]      tokenize and cache the data, print the data report
-    sftlab config show [CONFIG.yaml] [overrides ...]  print the resolved config
+    sftlab eval MODEL_OR_RUN_DIR --data FILE [--match] [--json]   loss, perplexity (exact match) on a file
+    sftlab report RUN_DIR                             regenerate report.md + loss.png
+    sftlab export RUN_DIR --merge --out DIR           merge a LoRA adapter into a plain model
+    sftlab config show|reference [CONFIG.yaml] [overrides ...]   resolved config / every key documented
     sftlab generate MODEL_DIR --prompt "..."          one greedy reply
     sftlab chat MODEL_DIR                             interactive chat
 """
@@ -75,6 +78,29 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(ns: argparse.Namespace) -> int:
+    """Loss / perplexity over target tokens (and exact match) of a model on a data file."""
+    import json
+
+    from sftlab.train.evaluate import evaluate
+
+    res = evaluate(ns.model_dir, ns.data, match=ns.match, batch_size=ns.batch_size,
+                   max_new_tokens=ns.max_new_tokens, max_examples=ns.max_examples)
+    if ns.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    console.print(f"[bold]{res['model']}[/bold] on {res['data']}: {res['examples']} examples "
+                  f"({res['target_tokens']} target tokens, loss on {res['loss_on']}; {res['bad_rows']} bad rows, "
+                  f"{res['over_length_dropped']} over length dropped)", highlight=False)
+    console.print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}", highlight=False)
+    if "exact_match" in res:
+        em = res["exact_match"]
+        console.print(f"exact match {em['correct']}/{em['total']} = {em['accuracy']:.1%}", highlight=False)
+        for prompt, ref, pred in em["samples"][:3]:
+            console.print(f"  {prompt[:60]!r} -> {pred.strip()[:60]!r} (reference {ref[:60]!r})", highlight=False)
+    return 0
+
+
 def cmd_report(ns: argparse.Namespace) -> int:
     """Regenerate report.md + loss.png of a run directory."""
     from sftlab.train.report import PLOT, ReportError, write_report
@@ -93,16 +119,9 @@ def cmd_config_show(ns: argparse.Namespace) -> int:
 
 
 def _load_for_inference(model_dir: str):
-    from sftlab.config import ModelConfig
-    from sftlab.model.adapters import is_adapter_dir, load_for_inference
-    from sftlab.model.loading import load_model, load_tokenizer
+    from sftlab.train.evaluate import load_model_dir
 
-    if is_adapter_dir(model_dir):  # a LoRA run: its base model with the adapter merged in
-        return load_for_inference(model_dir)
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ConfigError(f"{model_dir} is not a saved model directory (no config.json nor adapter_config.json)")
-    cfg = ModelConfig(name_or_path=model_dir)
-    return load_model(cfg, model_dir), load_tokenizer(cfg, model_dir)
+    return load_model_dir(model_dir)  # a LoRA run: its base model with the adapter merged in
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -157,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     cs.set_defaults(func=cmd_config_show)
     cr = csub.add_parser("reference", help="print every config key with type, default and description (Markdown)")
     cr.set_defaults(func=lambda ns: print(config_reference()) or 0)
+
+    ev = sub.add_parser("eval", help="loss / perplexity (and exact match) of a model or run dir on a data file")
+    ev.add_argument("model_dir", help="a saved model directory or a run directory (LoRA adapters are merged)")
+    ev.add_argument("--data", required=True, help="a data file in any supported format")
+    ev.add_argument("--match", action="store_true", help="also exact match of greedy replies (JSONL conversations)")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--max-examples", type=int, default=None)
+    ev.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="regenerate a run's report.md + loss.png")
     r.add_argument("run_dir")

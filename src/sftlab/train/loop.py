@@ -55,6 +55,7 @@ from sftlab.model.kernels import KernelError, apply_liger
 from sftlab.model.loading import DTYPES, load_model
 from sftlab.model.loss import TargetLossHead, count_targets, full_nll
 from sftlab.model.vocab import resize_for_new_tokens
+from sftlab.train import tracking
 from sftlab.train.checkpoint import (
     COMPLETE,
     latest_checkpoint,
@@ -63,9 +64,7 @@ from sftlab.train.checkpoint import (
     save_checkpoint,
 )
 from sftlab.train.data import RunData, data_report_json, prepare_run_data
-from sftlab.train import tracking
 from sftlab.train.metrics import MetricsLog
-from sftlab.train.report import DATA_REPORT, PLOT, write_report
 from sftlab.train.optim import build_optimizer, build_scheduler
 from sftlab.train.precision import (
     load_master_weights,
@@ -74,6 +73,7 @@ from sftlab.train.precision import (
     seed_master_weights,
     use_bf16_weights,
 )
+from sftlab.train.report import DATA_REPORT, PLOT, write_report
 from sftlab.train.throughput import FlopCounter, measure_peak_flops
 
 LossFn = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]  # (model, micro-batch) -> summed NLL

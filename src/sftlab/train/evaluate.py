@@ -1,0 +1,92 @@
+"""`sftlab eval`: score a saved model (or a LoRA run directory) on a data file.
+
+The file goes through the same pipeline as training data (any supported format, the model
+directory's own chat template, the same assistant masks), so the loss is exactly the training
+objective on new data: the mean NLL over target tokens, and its perplexity exp(loss). With
+`match`, greedy replies to every conversation (all but its last assistant message) are compared
+with that message (exact match after stripping whitespace), as the run's match evaluation does.
+
+When the directory is a run directory (it holds the run's config.yaml), the run's data settings
+are used: `loss_on`, `max_seq_length`, `on_overlength`. Otherwise the defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftlab.config import (
+    ConfigError,
+    DataConfig,
+    MatchEvalConfig,
+    SourceConfig,
+    load_config,
+)
+from sftlab.data.collate import pad_collate
+from sftlab.data.dataset import build_datasets
+from sftlab.model.adapters import is_adapter_dir, load_for_inference
+from sftlab.model.generate import exact_match, load_match_examples
+from sftlab.model.loading import load_model, load_tokenizer
+from sftlab.model.loss import count_targets, full_nll
+
+
+def load_model_dir(model_dir: str | Path):
+    """(model, tokenizer) of a saved model directory, or of a run directory holding an adapter (merged)."""
+    from sftlab.config import ModelConfig
+
+    if is_adapter_dir(model_dir):
+        return load_for_inference(model_dir)
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ConfigError(f"{model_dir} is not a saved model directory (no config.json nor adapter_config.json)")
+    cfg = ModelConfig(name_or_path=str(model_dir))
+    model = load_model(cfg, str(model_dir))
+    model.config.use_cache = True
+    return model, load_tokenizer(cfg, str(model_dir))
+
+
+def _data_config(model_dir: Path, data: str) -> DataConfig:
+    source = [SourceConfig(path=data)]
+    if (model_dir / "config.yaml").is_file():
+        run = load_config(model_dir / "config.yaml").data
+        return DataConfig(train=source, loss_on=run.loss_on, max_seq_length=run.max_seq_length,
+                          on_overlength=run.on_overlength, cache=False)
+    return DataConfig(train=source, cache=False)
+
+
+@torch.no_grad()
+def target_loss(model, examples, pad_id: int, batch_size: int) -> tuple[float, int]:
+    """(summed NLL, target tokens) over `examples` in padded batches."""
+    model.eval()
+    nll, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = pad_collate(examples[start:start + batch_size], pad_id)
+        nll += float(full_nll(model, batch).double())
+        count += count_targets(batch["labels"])
+    return nll, count
+
+
+def evaluate(model_dir: str | Path, data: str, match: bool = False, batch_size: int = 8,
+             max_new_tokens: int = 64, max_examples: int | None = None) -> dict[str, Any]:
+    """Loss, perplexity (and exact match) of the model in `model_dir` on the file `data`."""
+    model_dir = Path(model_dir)
+    model, tokenizer = load_model_dir(model_dir)
+    data_cfg = _data_config(model_dir, data)
+    examples, _, report = build_datasets(data_cfg, tokenizer, seed=0, template=None)
+    if max_examples is not None:
+        examples = examples.select(range(min(max_examples, len(examples))))
+    nll, count = target_loss(model, examples, tokenizer.pad_token_id, batch_size)
+    loss = nll / count if count else float("nan")
+    result: dict[str, Any] = {
+        "model": str(model_dir), "data": data, "examples": len(examples), "target_tokens": count,
+        "loss": loss, "perplexity": math.exp(loss) if count else float("nan"),
+        "rows": report.rows, "bad_rows": report.bad, "over_length_dropped": report.overlength_dropped,
+        "loss_on": data_cfg.loss_on}
+    if match:
+        cfg = MatchEvalConfig(path=data, max_examples=max_examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        res = exact_match(model, tokenizer, load_match_examples(cfg), cfg, None)
+        result["exact_match"] = {"correct": res.correct, "total": res.total, "accuracy": res.accuracy,
+                                 "samples": [list(s) for s in res.samples[:5]]}
+    return result

@@ -1,0 +1,51 @@
+"""`sftlab eval`: loss and perplexity over target tokens equal the training objective; exact match; JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from conftest import write_jsonl
+from test_loop import make_cfg
+
+from sftlab.cli import main as cli_main
+from sftlab.config import DataConfig, SourceConfig
+from sftlab.data.collate import pad_collate
+from sftlab.data.dataset import build_datasets
+from sftlab.train.evaluate import evaluate, load_model_dir
+from sftlab.train.loop import run_training
+
+
+def test_eval_loss_is_the_mean_target_nll(tiny_model_dir, chat_file, tmp_path):
+    res = evaluate(tiny_model_dir, str(chat_file))
+    model, tok = load_model_dir(tiny_model_dir)
+    examples, _, _ = build_datasets(DataConfig(train=[SourceConfig(path=str(chat_file))], cache=False), tok, seed=0)
+    total, count = 0.0, 0
+    with torch.no_grad():  # reference: one example at a time, mean over its shifted target positions
+        for ex in examples:
+            batch = pad_collate([ex], tok.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0, :-1]
+            labels = batch["labels"][0, 1:]
+            keep = labels != -100
+            total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+            count += int(keep.sum())
+    assert res["target_tokens"] == count and res["examples"] == len(examples) == 16
+    assert math.isclose(res["loss"], total / count, rel_tol=1e-5)
+    assert math.isclose(res["perplexity"], math.exp(total / count), rel_tol=1e-5)
+
+
+def test_eval_cli_on_a_run_dir_with_match_and_json(tiny_model_dir, chat_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_training(make_cfg(tiny_model_dir, chat_file, out))
+    data = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi", "input": "", "output": "hi"},
+                                                   {"instruction": "Add", "input": "2 and 3", "output": "5"}])
+    capsys.readouterr()
+    assert cli_main(["eval", str(out), "--data", str(data), "--match", "--json", "--max-new-tokens", "4"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["examples"] == 2 and res["target_tokens"] > 0 and res["loss"] > 0 and res["loss_on"] == "assistant"
+    assert res["exact_match"]["total"] == 2 and 0 <= res["exact_match"]["accuracy"] <= 1
+    assert cli_main(["eval", str(out), "--data", str(data)]) == 0
+    text = capsys.readouterr().out
+    assert "loss " in text and "perplexity" in text and "2 examples" in text
+    assert cli_main(["eval", str(tmp_path), "--data", str(data)]) == 2  # not a model directory
