@@ -197,3 +197,19 @@ def test_truncation_inside_an_assistant_turn_is_reported(tmp_path, tokenizer):
                                                                   if lab != IGNORE_INDEX]
     assert report.overlength_truncated == 1 and report.truncated_inside_turn == 1
     assert "1 cut inside a trained turn" in report.summary()
+
+
+@pytest.mark.parametrize("name", ["phi3", "phi3_5", "gpt_oss"])
+def test_multi_turn_rows_of_phi3_and_gpt_oss_are_kept_and_masked_as_the_tagged_twin(tmp_path, name):
+    """Phi-3 writes eos after the final message only; gpt-oss closes the final turn differently: once refused."""
+    from test_masking import GPT_OSS_CHATS, PHI3_CHATS, family, twin_reference
+
+    tok, text = family(name)
+    chats = [c for c in (GPT_OSS_CHATS if name == "gpt_oss" else PHI3_CHATS).values() if c[0]["role"] != "developer"]
+    tpl = tmp_path / f"{name}.jinja"
+    tpl.write_text(text, encoding="utf-8")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": c} for c in chats])
+    train, _, report = build_datasets(cfg_for(path, chat_template=str(tpl)), tok, seed=0)
+    assert report.bad == 0 and len(train) == len(chats)
+    got = sorted((list(e.input_ids), [int(lab != IGNORE_INDEX) for lab in e.labels]) for e in train)
+    assert got == sorted(twin_reference(name, c) for c in chats)

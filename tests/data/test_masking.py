@@ -17,6 +17,7 @@ from sftlab.data.masking import (
     IGNORE_INDEX,
     TemplateError,
     TokenizedExample,
+    appends_generation_prompt,
     assistant_spans,
     labels_from_spans,
     render,
@@ -136,7 +137,13 @@ def family(name: str):
         "qwen3": dict(added=("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
                              "</tool_response>"), eos="<|im_end|>"),
         "chatml_tools_generation": dict(added=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")),
+        "phi3": dict(special=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"),
+                     eos="<|endoftext|>"),
+        "gpt_oss": dict(special=("<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>"), eos="<|return|>"),
     }
+    specs["phi3_5"] = specs["phi3"]
+    for base in ("phi3", "phi3_5", "gpt_oss"):  # their {% generation %}-tagged twins: the same tokens
+        specs[f"{base}_generation"] = specs[base]
     text = template(name)
     return family_tokenizer(text, **specs[name]), text
 
@@ -420,3 +427,198 @@ def test_masks_with_a_sentencepiece_style_tokenizer():
     assert {t for t, lab in enumerate(ex.labels) if lab != IGNORE_INDEX} == overlapping
     assert tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX]).endswith("café é</s>")
     assert sum(tok.convert_ids_to_tokens(t).startswith("<0x") for t in ex.input_ids) >= 2  # é went through bytes
+
+
+# --- text after the final message only (Phi-3), a final turn closed differently (gpt-oss) -------------------
+
+PHI3_CHATS = {
+    "system-2-turns": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hello! How can I help you today?"},
+        {"role": "user", "content": "Tell me a joke."},
+        {"role": "assistant", "content": "Why did the chicken cross the road?"},
+    ],
+    "system-3-turns-untrimmed": [
+        {"role": "system", "content": "You are a helpful AI assistant named SmolLM"},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris.\n"},
+        {"role": "user", "content": "Convert the date to YYYY-MM-DD format: March 5, 2021"},
+        {"role": "assistant", "content": "  2021-03-05"},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "Sure, that's great!"},
+    ],
+    "empty-system-4-turns": [
+        {"role": "system", "content": ""},  # rendered by Phi-3, dropped by Phi-3.5
+        {"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "three"}, {"role": "assistant", "content": "four"},
+        {"role": "user", "content": "five"}, {"role": "assistant", "content": "six"},
+        {"role": "user", "content": "seven"}, {"role": "assistant", "content": "eight nine ten"},
+    ],
+    "system-ends-with-user": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "Why did the chicken?"},
+        {"role": "user", "content": "Thanks"},
+    ],
+    "system-1-turn": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Numbers: one two"}, {"role": "assistant", "content": "three four"},
+    ],
+}
+GPT_OSS_CHATS = {
+    "system-2-turns-reasoning": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "thinking": "Greet back.", "content": "Hello! How can I help you today?"},
+        {"role": "user", "content": "Tell me a joke."},
+        {"role": "assistant", "thinking": "A classic.", "content": "Why did the chicken cross the road?"},
+    ],
+    "system-3-turns-reasoning-content": [
+        {"role": "system", "content": "You are a helpful AI assistant named SmolLM"},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "reasoning_content": "Easy.", "content": "The capital of France is Paris."},
+        {"role": "user", "content": "Convert the date to YYYY-MM-DD format: March 5, 2021"},
+        {"role": "assistant", "content": "2021-03-05"},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "reasoning_content": "Be polite.\n", "content": "Sure, that's great!"},
+    ],
+    "system-4-turns-no-reasoning": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "three"}, {"role": "assistant", "content": "four"},
+        {"role": "user", "content": "five"}, {"role": "assistant", "content": "six"},
+        {"role": "user", "content": "seven"}, {"role": "assistant", "content": "eight nine ten"},
+    ],
+    "developer-ends-with-user": [
+        {"role": "developer", "content": "You are terse."},
+        {"role": "user", "content": "Hello!"}, {"role": "assistant", "thinking": "Hm.", "content": "Hello!"},
+        {"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "Why did the chicken?"},
+        {"role": "user", "content": "Thanks"},
+    ],
+    "no-system-2-turns": [
+        {"role": "user", "content": "Hello!"}, {"role": "assistant", "thinking": "Hm.", "content": "Hello!"},
+        {"role": "user", "content": "Tell me a joke."},
+        {"role": "assistant", "thinking": "A classic.", "content": "Why did the chicken cross the road?"},
+    ],
+}
+TWIN_CASES = [(name, shape) for name in ("phi3", "phi3_5") for shape in PHI3_CHATS] + \
+             [("gpt_oss", shape) for shape in GPT_OSS_CHATS]
+
+
+def twin_reference(name: str, conv: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, assistant mask) transformers gives for the `{% generation %}`-tagged twin of a family."""
+    tok, tagged = family(f"{name}_generation")
+    ref = tok.apply_chat_template(conv, chat_template=tagged, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    return list(ref["input_ids"]), list(ref["assistant_masks"])
+
+
+def last_run(mask: list[int]) -> list[int]:
+    """The mask with only its last run of ones kept."""
+    end = len(mask) - mask[::-1].index(1)
+    start = end
+    while start and mask[start - 1]:
+        start -= 1
+    return [int(start <= k < end) for k in range(len(mask))]
+
+
+@pytest.mark.parametrize("name,shape", TWIN_CASES, ids=[f"{n}-{s}" for n, s in TWIN_CASES])
+def test_multi_turn_masks_equal_the_tagged_twin(name, shape):
+    """Phi-3 writes eos after the final message only; gpt-oss closes the final turn with <|return|> and drops
+    earlier reasoning: every turn is still exactly its content and end-of-turn marker, as the twin marks it."""
+    conv = (PHI3_CHATS if name.startswith("phi3") else GPT_OSS_CHATS)[shape]
+    tok, tmpl = family(name)
+    ids, mask = twin_reference(name, conv)
+    assert reference_ids(tok, conv, tmpl) == ids  # the twin renders the same text
+    ex = tokenize_conversation(tok, conv, "assistant", template=tmpl)
+    assert ex.input_ids == ids
+    assert [int(lab != IGNORE_INDEX) for lab in ex.labels] == mask
+    last = tokenize_conversation(tok, conv, "last_assistant", template=tmpl)
+    assert last.input_ids == ids and [int(lab != IGNORE_INDEX) for lab in last.labels] == last_run(mask)
+    twin = tokenize_conversation(tok, conv, "last_assistant", template=family(f"{name}_generation")[1])
+    assert twin.labels == last.labels
+
+
+def test_phi3_eos_after_the_final_message_is_not_a_target():
+    tok, tmpl = family("phi3")
+    conv = PHI3_CHATS["system-2-turns"]
+    ex = tokenize_conversation(tok, conv, "assistant", template=tmpl)
+    assert labelled_runs(tok, ex) == ["Hello! How can I help you today?<|end|>",
+                                      "Why did the chicken cross the road?<|end|>"]
+    assert tok.decode(ex.input_ids[-1:]) == "<|endoftext|>" and ex.labels[-2:] == [IGNORE_INDEX] * 2  # "\n", eos
+    for mode in ("last_assistant", "completion"):
+        only = tokenize_conversation(tok, conv, mode, template=tmpl)
+        assert labelled_runs(tok, only) == ["Why did the chicken cross the road?<|end|>"]
+
+
+def test_gpt_oss_final_turn_keeps_its_reasoning_and_return():
+    tok, tmpl = family("gpt_oss")
+    conv = GPT_OSS_CHATS["system-2-turns-reasoning"]
+    ex = tokenize_conversation(tok, conv, "assistant", template=tmpl)
+    assert labelled_runs(tok, ex) == [
+        "<|channel|>final<|message|>Hello! How can I help you today?<|end|>",
+        ("<|channel|>analysis<|message|>A classic.<|end|><|start|>assistant<|channel|>final<|message|>"
+         "Why did the chicken cross the road?<|return|>"),
+    ]
+    assert "Greet back." not in tok.decode(ex.input_ids)  # earlier reasoning is dropped from history
+    assert "<|start|>developer<|message|># Instructions\n\nYou are terse." in tok.decode(ex.input_ids)
+
+
+def test_final_suffix_needs_the_tokenizers_atoms_to_be_exact():
+    """`<|endoftext|>` and `<|assistant|>\\n` both begin with `<|`: only the tokenizer's added tokens tell that
+    the text after the final message begins before those characters."""
+    tok, tmpl = family("phi3")
+    conv = PHI3_CHATS["system-2-turns"]
+    with pytest.raises(TemplateError, match="cannot be told exactly"):
+        assistant_spans(tmpl, conv, template_kwargs=tok.special_tokens_map)
+    text, spans = assistant_spans(tmpl, conv, template_kwargs=tok.special_tokens_map, atoms=list(tok.get_added_vocab()))
+    assert [text[s:e] for s, e in spans] == ["Hello! How can I help you today?<|end|>",
+                                             "Why did the chicken cross the road?<|end|>"]
+
+
+# A Phi-3 layout in plain text: the final-only "### End" and the prompt "### Assistant:" begin alike, in no atom.
+PLAIN_FINAL_SUFFIX = (
+    "{% for m in messages %}{{ '### ' + m['role'] | capitalize + ':\n' + m['content'] + '\n\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% else %}{{ '### End' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("loss_on", ["assistant", "last_assistant"])
+def test_final_suffix_that_cannot_be_told_from_the_prompt_is_refused(tokenizer, loss_on):
+    with pytest.raises(TemplateError, match="cannot be told exactly"):
+        tokenize_conversation(tokenizer, CONVERSATIONS[2], loss_on, template=PLAIN_FINAL_SUFFIX)
+
+
+APPENDED = ("chatml", "qwen3", "llama3", "mistral", "gemma", "chatml_tools_generation")
+
+
+@pytest.mark.parametrize("name", [*APPENDED, "phi3", "phi3_5", "gpt_oss", "phi3_generation", "gpt_oss_generation"])
+def test_templates_that_only_append_the_generation_prompt_are_told_from_their_syntax(name):
+    """Where the syntax tree shows the prompt is only appended, the renderings that look for final-only text are
+    skipped: the renderings must agree (checked on every test conversation the template can render)."""
+    tok, tmpl = family(name)
+    assert appends_generation_prompt(tmpl) == (name in APPENDED)
+    convs = [SYSTEM_CHAT, SYSTEM_CHAT[1:], *CONVERSATIONS, *PHI3_CHATS.values(), *GPT_OSS_CHATS.values()]
+    for conv in convs if name in APPENDED else []:
+        for n in range(1, len(conv) + 1):
+            try:
+                plain = render(tmpl, conv[:n], **tok.special_tokens_map)
+            except TemplateError:
+                continue
+            assert render(tmpl, conv[:n], add_generation_prompt=True, **tok.special_tokens_map).startswith(plain)
+
+
+@pytest.mark.parametrize("tmpl,appended", [
+    ("{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}A{% endif %}", True),
+    ("{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt and m %}A{% endif %}", True),
+    ("{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}A{% else %}E{% endif %}", False),
+    ("{% for m in messages %}{{ m.content }}{% endfor %}{% if not add_generation_prompt %}E{% endif %}", False),
+    ("{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt or m %}A{% endif %}", False),
+    ("{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}A{% endif %}E", False),
+    ("{% for m in messages %}{{ m.content if add_generation_prompt else 'x' }}{% endfor %}", False),
+    (("{% set add_generation_prompt = true %}{% for m in messages %}{{ m.content }}{% endfor %}"
+      "{% if add_generation_prompt %}A{% endif %}"), False),
+])
+def test_appends_generation_prompt_is_conservative(tmpl, appended):
+    assert appends_generation_prompt(tmpl) == appended

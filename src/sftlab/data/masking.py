@@ -7,6 +7,16 @@ render(messages[:i+1]) minus render(messages[:i], add_generation_prompt=True), r
 Templates that render history differently from the latest turn are handled exactly where the
 difference is of a known kind, and refused (`TemplateError`) otherwise, never guessed:
 
+- text written after the final message only, where the generation prompt would go (Phi-3 writes
+  eos when add_generation_prompt is false): it is part of no turn. A turn then ends where its
+  *history form* ends: render(messages[:i+1], add_generation_prompt=True) minus the generation
+  prompt (render(messages[:i], True) past where it parts from render(messages[:i])). Where the
+  final-only text and the prompt begin alike (`<|` of `<|endoftext|>` and `<|assistant|>`), the
+  point where they part moves back to the start of the tokenizer's added token it falls in (the
+  `atoms`); where they share text that is no added token, it cannot be told and is refused;
+- the final turn is closed differently from the same turn in history (gpt-oss ends it with
+  `<|return|>`, not `<|end|>`, and keeps its reasoning only there): earlier turns are located in
+  their history form, the final one runs to the end of the rendering;
 - the generation prompt is not a prefix of the rendered turn (it opens a reasoning block that
   history lacks, or the template adds a default system prompt before the first message): the
   turn starts after the part of the generation prompt that the rendered turn shares;
@@ -15,6 +25,10 @@ difference is of a known kind, and refused (`TemplateError`) otherwise, never gu
   which must still hold the turn's answer and tool-call names;
 - text before a turn renders differently (an earlier turn was rewritten): the turn is anchored
   on the end of the previous assistant turn, or found where its exact text occurs exactly once.
+
+A template that reads add_generation_prompt only in trailing `{% if add_generation_prompt %}`
+blocks without an else (`appends_generation_prompt`, from its syntax tree) cannot write final-only
+text, and the renderings that look for it are skipped.
 
 Templates with `{% generation %}` tags mark assistant text themselves; their marks are used as
 they are, so masks equal transformers' `return_assistant_tokens_mask`. Character spans become
@@ -33,11 +47,14 @@ calls the fast tokenizer once for a whole batch. For ChatML-family templates a d
 
 from __future__ import annotations
 
+import functools
 import re
 from bisect import bisect_left
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import jinja2
+from jinja2 import nodes
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import _render_with_assistant_indices
 
@@ -55,9 +72,11 @@ from sftlab.data.types import IGNORE_INDEX, TemplateError, TokenizedExample
 LOSS_ON = ("assistant", "last_assistant", "completion", "all")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # the test transformers uses
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+_PROMPT_FLAG = "add_generation_prompt"
 
 Span = tuple[int, int]
 Tools = list[dict[str, Any]] | None
+Atoms = Sequence[str]  # texts the tokenizer never splits (its added tokens): `<|end|>`, `<|assistant|>`
 
 
 # --- rendering -----------------------------------------------------------------------------
@@ -78,24 +97,67 @@ def _prepare(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-class _Renderer:
-    """Renders prefixes of one conversation with a compiled template.
+def _needs_prompt_flag(test: nodes.Node) -> bool:
+    """Whether an `{% if %}` test is false whenever `add_generation_prompt` is: the flag, or the flag `and` more."""
+    if isinstance(test, nodes.Name):
+        return test.name == _PROMPT_FLAG
+    return isinstance(test, nodes.And) and (_needs_prompt_flag(test.left) or _needs_prompt_flag(test.right))
 
-    Equivalent to `Template.render`, without re-merging the template globals on every call.
+
+def _prompt_block(node: nodes.Node) -> bool:
+    """Whether `node` is an `{% if add_generation_prompt [and ...] %}` block without elif or else."""
+    return isinstance(node, nodes.If) and not node.elif_ and not node.else_ and _needs_prompt_flag(node.test)
+
+
+def _flag_reads(node: nodes.Node) -> int:
+    """How many times `node` and what it holds name `add_generation_prompt`."""
+    names = [node, *node.find_all(nodes.Name)] if isinstance(node, nodes.Name) else node.find_all(nodes.Name)
+    return sum(1 for name in names if name.name == _PROMPT_FLAG)
+
+
+@functools.lru_cache(maxsize=64)
+def appends_generation_prompt(template: str) -> bool:
+    """Whether the template provably renders the generation prompt by appending it and by nothing else:
+    it reads `add_generation_prompt` only in the tests of trailing `{% if add_generation_prompt [and ...] %}`
+    blocks without an else. Then text written after the final message only cannot exist, and the
+    renderings that would show it are skipped (read from the template's syntax tree, once per template)."""
+    compiled, _ = compiled_template(template)
+    try:
+        body = compiled.environment.parse(template).body
+    except jinja2.TemplateError:
+        return False
+    tail = len(body)
+    while tail and _prompt_block(body[tail - 1]):
+        tail -= 1
+    return sum(map(_flag_reads, body)) == sum(_flag_reads(node.test) for node in body[tail:])
+
+
+class _Renderer:
+    """Renders prefixes of one conversation with a compiled template (each prefix once).
+
+    Equivalent to `Template.render`, without re-merging the template globals on every call. `atoms`:
+    the tokenizer's added tokens, where a boundary between renderings must fall between tokens.
     """
 
-    def __init__(self, template: str, messages: list[dict[str, Any]], tools: Tools, kwargs: dict[str, Any]):
+    def __init__(self, template: str, messages: list[dict[str, Any]], tools: Tools, kwargs: dict[str, Any],
+                 atoms: Atoms = ()):
         self.compiled, template_globals = compiled_template(template)
-        self.messages, self.tools, self.kwargs = _prepare(messages), tools, kwargs
+        self.messages, self.tools, self.kwargs, self.atoms = _prepare(messages), tools, kwargs, atoms
         self.variables = {**template_globals, **kwargs, "tools": tools, "documents": None}
+        self.rendered: dict[tuple[int, bool], str] = {}
+        self.prompt_appended = appends_generation_prompt(template)
 
     def __call__(self, n: int, generation_prompt: bool = False) -> str:
         """The first `n` messages, rendered."""
-        variables = {**self.variables, "messages": self.messages[:n], "add_generation_prompt": generation_prompt}
-        try:
-            return "".join(self.compiled.root_render_func(self.compiled.new_context(variables, shared=True)))
-        except (jinja2.TemplateError, TypeError) as e:
-            raise TemplateError(f"the chat template cannot render this conversation: {e}") from None
+        key = (n, generation_prompt)
+        if key not in self.rendered:
+            variables = {**self.variables, "messages": self.messages[:n], "add_generation_prompt": generation_prompt}
+            try:
+                self.rendered[key] = "".join(self.compiled.root_render_func(
+                    self.compiled.new_context(variables, shared=True)))
+            except (jinja2.TemplateError, TypeError) as e:
+                raise TemplateError(f"the chat template cannot render this conversation: {e}") from None
+        return self.rendered[key]
 
     def with_generation_marks(self) -> tuple[str, list[Span]]:
         """The whole conversation and the spans its `{% generation %}` blocks cover."""
@@ -116,12 +178,97 @@ def render(template: str, messages: list[dict[str, Any]], add_generation_prompt:
 # --- locating assistant turns ---------------------------------------------------------------
 
 def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    """Length of the longest common prefix of a and b (compares slices, so the work is done in C)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _atom_start(text: str, at: int, atoms: Atoms) -> int:
+    """`at`, or the start of the earliest atom occurrence in `text` that straddles it."""
+    start = at
+    for atom in atoms:
+        j = text.find(atom, max(0, at - len(atom) + 1), at + len(atom) - 1)
+        if 0 <= j < start:
+            start = j
+    return start
+
+
+def _opens_with_atom(text: str, at: int, atoms: Atoms) -> bool:
+    """Whether `text` from `at` opens (after blanks) with an atom."""
+    return text[at:].lstrip().startswith(tuple(atoms))
+
+
+def _divergence(a: str, b: str, atoms: Atoms) -> int | None:
+    """Where two renderings of the same messages part, or None where that point cannot be told exactly.
+
+    The end of their common prefix when one is a prefix of the other. Otherwise both go on with text
+    of their own (say an eos token, and a generation prompt), and the characters those texts begin
+    with alike (`<|` of `<|endoftext|>` and `<|assistant|>`) look shared: the point moves back to the
+    start of an atom that straddles it, and holds only where both texts then open with an atom.
+    """
+    n = _common_prefix(a, b)
+    if n in (len(a), len(b)):
+        return n
+    while (back := min(_atom_start(a, n, atoms), _atom_start(b, n, atoms))) < n:
+        n = back
+    if not a[n:].strip() or not b[n:].strip():  # what only one of them writes is blank: it is not part of a turn
+        return n
+    return n if _opens_with_atom(a, n, atoms) and _opens_with_atom(b, n, atoms) else None
+
+
+def _history_end(r: _Renderer, k: int) -> int | None:
+    """Length of the first k messages' rendering without what the template writes after the final
+    message only (an eos token, written where a generation prompt would go); None: cannot tell."""
+    return len(r(k)) if r.prompt_appended else _divergence(r(k), r(k, True), r.atoms)
+
+
+def _as_history(r: _Renderer, i: int) -> str | None:
+    """Messages 0..i rendered as the history of a longer conversation; None where the template gives no
+    such rendering (TemplateError where it does, but its end cannot be told exactly).
+
+    That is the rendering followed by the generation prompt (the one of assistant message i), with the
+    prompt cut off again: without any text written after the final message only, and with message i
+    closed as a turn in history is (`<|end|>` where the final turn ends `<|return|>`).
+    """
+    try:
+        end = _history_end(r, i)
+    except TemplateError:  # e.g. a template that cannot render an empty conversation
+        return None
+    if end is None:
+        raise TemplateError(f"assistant message {i}: the template writes text after the final message only, "
+                            "and where it begins cannot be told exactly (it begins like the generation prompt, "
+                            "and not with one of the tokenizer's added tokens)")
+    prompt, continued = r(i, True)[end:], r(i + 1, True)
+    return continued[:len(continued) - len(prompt)] if continued.endswith(prompt) else None
+
+
+def _rendered_turn(r: _Renderer, full: str, i: int) -> str:
+    """Messages 0..i rendered as the full text holds them, ending where assistant message i ends."""
+    if i < len(r.messages) - 1:
+        turn = r(i + 1)
+        if full.startswith(turn) or r.prompt_appended:
+            return turn
+        # the rendering may end differently once later messages follow: its history form, where known
+        history = _as_history(r, i)
+        return turn if history is None else history
+    if r.prompt_appended or r(i + 1, True).startswith(full):
+        return full  # nothing is written after the final message only
+    history = _as_history(r, i)
+    if history is None:
+        raise TemplateError(f"assistant message {i}: the template renders the final message differently with "
+                            "a generation prompt after it, and gives no history form to compare with")
+    # the full text is the history form plus a suffix written after the final message only (an eos);
+    # or else the final turn is closed differently (`<|return|>` for `<|end|>`), and runs to the end
+    return history if full.startswith(history) else full
 
 
 def _turn_start(r: _Renderer, i: int, prompt: str, turn: str) -> int:
@@ -187,16 +334,14 @@ def _start_in_full(full: str, before: str, cursor: int, previous: str | None, pi
                         "renders earlier messages differently once later ones follow)")
 
 
-def _locate(r: _Renderer, full: str, i: int, cursor: int, previous: str | None) -> Span:
-    """The [start, end) span of assistant message i in the full rendering."""
-    last = i == len(r.messages) - 1
-    prompt = r(i, True)
-    turn = full if last else r(i + 1)
-    head = _turn_start(r, i, prompt, turn)
+def _span_in(r: _Renderer, full: str, i: int, turn: str, cursor: int, previous: str | None) -> Span:
+    """The [start, end) span of assistant message i in the full rendering, from `turn`: messages 0..i
+    rendered, ending where message i ends."""
+    head = _turn_start(r, i, r(i, True), turn)
     piece = turn[head:].rstrip()
     if not piece:
         raise TemplateError(f"assistant message {i} renders as nothing")
-    if turn is full or full.startswith(turn):
+    if full.startswith(turn):
         start, end = head, head + len(piece)
     else:
         start = head if full.startswith(turn[:head]) else _start_in_full(full, turn[:head], cursor, previous, piece, i)
@@ -206,23 +351,32 @@ def _locate(r: _Renderer, full: str, i: int, cursor: int, previous: str | None) 
     return start, end
 
 
+def _locate(r: _Renderer, full: str, i: int, cursor: int, previous: str | None) -> Span:
+    """The [start, end) span of assistant message i in the full rendering."""
+    return _span_in(r, full, i, _rendered_turn(r, full, i), cursor, previous)
+
+
+def _last_marks(r: _Renderer, full: str, spans: list[Span], last: int) -> list[Span]:
+    """The `{% generation %}` marks of assistant message `last`: those after everything before it."""
+    end = _history_end(r, last)
+    if end is None or not full.startswith(r(last)[:end]) or any(s < end < e for s, e in spans):
+        raise TemplateError("cannot tell the last assistant turn's marks from earlier ones")
+    return [s for s in spans if s[0] >= end]
+
+
 def assistant_spans(template: str, messages: list[dict[str, Any]], tools: Tools = None,
                     template_kwargs: dict[str, Any] | None = None,
-                    last_only: bool = False) -> tuple[str, list[Span]]:
+                    last_only: bool = False, atoms: Atoms = ()) -> tuple[str, list[Span]]:
     """Render the conversation; return the text and the [start, end) character span of each assistant turn
-    (only the last one with `last_only`). `template_kwargs` should hold the tokenizer's special tokens."""
-    r = _Renderer(template, messages, tools, template_kwargs or {})
+    (only the last one with `last_only`). `template_kwargs` should hold the tokenizer's special tokens,
+    `atoms` its added tokens (needed where a template writes text after the final message only)."""
+    r = _Renderer(template, messages, tools, template_kwargs or {}, atoms)
     turns = [i for i, m in enumerate(r.messages) if m.get("role") == "assistant"]
     if not turns:
         raise TemplateError("the conversation has no assistant message")
     if has_generation_tags(template):
         full, spans = r.with_generation_marks()
-        if last_only:  # the marks after everything before the last assistant message
-            before = r(turns[-1])
-            if not full.startswith(before):
-                raise TemplateError("cannot tell the last assistant turn's marks from earlier ones")
-            spans = [s for s in spans if s[0] >= len(before)]
-        return full, spans
+        return full, _last_marks(r, full, spans, turns[-1]) if last_only else spans
     full = r(len(r.messages))
     if last_only:
         try:
@@ -272,24 +426,25 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]) -
 
 
 def _text_and_spans(messages: list[dict[str, Any]], loss_on: str, template: str, tools: Tools,
-                    kwargs: dict[str, Any]) -> tuple[str, list[Span]]:
+                    kwargs: dict[str, Any], atoms: Atoms = ()) -> tuple[str, list[Span]]:
     if loss_on == "all":
         return _Renderer(template, messages, tools, kwargs)(len(messages)), []
     if loss_on == "completion" and (not messages or messages[-1].get("role") != "assistant"):
         raise TemplateError("loss_on=completion needs a conversation that ends with the assistant's completion")
-    return assistant_spans(template, messages, tools, kwargs, last_only=loss_on != "assistant")
+    return assistant_spans(template, messages, tools, kwargs, last_only=loss_on != "assistant", atoms=atoms)
 
 
 def _fast_or_template(messages: list[dict[str, Any]], loss_on: str, template: str, tools: Tools,
-                      kwargs: dict[str, Any], fast: ChatMLRenderer | None, verify: bool) -> tuple[str, list[Span]]:
+                      kwargs: dict[str, Any], fast: ChatMLRenderer | None, verify: bool,
+                      atoms: Atoms = ()) -> tuple[str, list[Span]]:
     """Text and spans from the direct renderer where it applies (checked against the template when
     `verify`), else from the template."""
     got = fast.text_and_spans(messages, loss_on) if fast is not None and tools is None else None
     if got is None:
-        return _text_and_spans(messages, loss_on, template, tools, kwargs)
+        return _text_and_spans(messages, loss_on, template, tools, kwargs, atoms)
     if verify:
         try:
-            want: Any = _text_and_spans(messages, loss_on, template, tools, kwargs)
+            want: Any = _text_and_spans(messages, loss_on, template, tools, kwargs, atoms)
         except TemplateError as e:
             want = e
         if want != got:
@@ -358,12 +513,13 @@ def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, conversations: li
     if template is None:
         template = resolve_template(None, tokenizer)
     kwargs = {**tokenizer.special_tokens_map, **(template_kwargs or {})}
+    atoms = tuple(getattr(tokenizer, "added_tokens_encoder", ()))
     tools = tools if tools is not None else [None] * len(conversations)
     verify = verify if verify is not None else [False] * len(conversations)
     results: list[Any] = []
     for messages, conv_tools, check in zip(conversations, tools, verify, strict=True):
         try:
-            results.append(_fast_or_template(messages, loss_on, template, conv_tools, kwargs, fast, check))
+            results.append(_fast_or_template(messages, loss_on, template, conv_tools, kwargs, fast, check, atoms))
         except TemplateError as e:
             if on_error == "raise":
                 raise
