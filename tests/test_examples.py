@@ -66,7 +66,7 @@ def test_example_config_loads_with_its_files(config):
         assert Path(cfg.data.chat_template).is_file()
     if cfg.match_eval is not None:
         assert Path(cfg.match_eval.path).is_file()
-    assert cfg.train.max_steps is not None and cfg.train.max_steps <= 12, "examples are short runs"
+    assert cfg.train.max_steps is not None and cfg.train.max_steps <= 20, "examples are short runs"
 
 
 def test_every_format_and_feature_has_an_example():
