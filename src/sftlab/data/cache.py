@@ -53,6 +53,7 @@ class SourceData:
     bad_examples: list[str] = field(default_factory=list)  # the first few, in row order
     cached: bool = False
     notes: list[str] = field(default_factory=list)  # e.g. which tokenization path was used
+    conversations: int = 0  # chat rows read (the rest: text or pretokenized)
 
     def __len__(self) -> int:
         return len(self.arrays) if self.arrays is not None else 0

@@ -181,7 +181,8 @@ def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataCon
     if ctx.fast is not None:
         try:
             data = _read_chunks(source, ctx, cfg, directory)
-            data.notes.append(FAST_RENDER_NOTE)
+            if data.conversations:
+                data.notes.append(FAST_RENDER_NOTE)
             return data
         except FastPathMismatch as e:
             log.warning("data source %s: %s; preparing it again through the chat template", source.name, e)
@@ -196,6 +197,7 @@ def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: 
     try:
         for res in _encoded_chunks(_raw_chunks(source, data, ROWS_PER_CHUNK), ctx, data, cfg.num_proc, directory):
             data.rows += res.rows
+            data.conversations += res.conversations
             for err in res.bad:
                 _note_bad(data, err, strict)
             for name in TOKEN_ARRAYS:

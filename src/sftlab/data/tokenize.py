@@ -60,6 +60,7 @@ class ChunkResult:
     fix_pos: np.ndarray  # chunk-local token positions of labels that are neither -100 nor the id
     fix_val: np.ndarray
     bad: list[BadRecord] = field(default_factory=list)
+    conversations: int = 0  # chat rows among them (rendered by a template or the direct renderer)
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -166,7 +167,8 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
     cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
     return ChunkResult(len(rows), {"ids": cat(ids, ctx.ids_dtype), "targets": cat(targets, np.uint8)},
                        np.asarray(lengths, np.int64), np.asarray(lines, np.int64), np.asarray(files, np.int32),
-                       cat(fix_pos, np.int64), cat(fix_val, np.int32), [e for _, e in sorted(bad, key=lambda x: x[0])])
+                       cat(fix_pos, np.int64), cat(fix_val, np.int32), [e for _, e in sorted(bad, key=lambda x: x[0])],
+                       sum(isinstance(r, Conversation) for r in records))
 
 
 _WORKER: dict[str, Any] = {}
