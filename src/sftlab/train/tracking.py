@@ -68,3 +68,7 @@ def log(accelerator, names: list[str], record: dict[str, Any]) -> None:
 def finish(accelerator, names: list[str]) -> None:
     if names:
         accelerator.end_training()
+    if "trackio" in names:  # Accelerate finishes the run but leaves it current: trackio would finish it again at exit
+        from trackio import context_vars
+
+        context_vars.current_run.set(None)
