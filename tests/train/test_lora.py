@@ -169,7 +169,8 @@ def test_neftune_run_trains_and_evaluates_clean(tiny_model_dir, chat_file, tmp_p
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (sftlab[qlora])")
-def test_qlora_nf4_trains(tokenizer, chat_file, tmp_path):
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_qlora_trains(quantize, tokenizer, chat_file, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)  # bitsandbytes' CPU kernels need layer widths of at least one 64-value block
@@ -177,7 +178,7 @@ def test_qlora_nf4_trains(tokenizer, chat_file, tmp_path):
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                  tie_word_embeddings=True)).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    res = run_training(lora_cfg(tmp_path / "m", chat_file, tmp_path / "run", peft={"quantize": "nf4"}))
+    res = run_training(lora_cfg(tmp_path / "m", chat_file, tmp_path / "run", peft={"quantize": quantize}))
     assert res.history[-1]["loss"] < res.history[0]["loss"]
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
 
@@ -206,16 +207,3 @@ def test_lora_composes_with_packing_bf16_and_the_target_loss_head(tiny_model_dir
     assert info["mixed_precision"] == "bf16" and info["loss_head"] == "target" and info["master_weights_fp32"]
     saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert all(t.dtype == torch.float32 for t in saved.values())  # the fp32 masters, not the bf16 copies
-
-
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (sftlab[qlora])")
-def test_qlora_int8_trains(tokenizer, chat_file, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
-    res = run_training(lora_cfg(tmp_path / "m", chat_file, tmp_path / "run", peft={"quantize": "int8"}))
-    assert res.history[-1]["loss"] < res.history[0]["loss"]

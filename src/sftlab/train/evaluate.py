@@ -57,15 +57,20 @@ def _data_config(model_dir: Path, data: str) -> DataConfig:
 
 
 @torch.no_grad()
-def target_loss(model, examples, pad_id: int, batch_size: int) -> tuple[float, int]:
-    """(summed NLL, target tokens) over `examples` in padded batches."""
+def target_loss(model, examples, pad_id: int, batch_size: int, loss_fn=full_nll, device: Any = None,
+                rank: int = 0, world: int = 1) -> tuple[float, int]:
+    """(summed NLL, target tokens) over this rank's share of `examples` in padded batches (eval mode,
+    the model's mode restored after). Batch k of `batch_size` goes to rank k % world."""
+    was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = pad_collate(examples[start:start + batch_size], pad_id)
-        nll += float(full_nll(model, batch).double())
+    nll, count = torch.zeros((), dtype=torch.float64), 0
+    for start in range(rank * batch_size, len(examples), batch_size * world):
+        batch = {k: v.to(device) if device is not None else v
+                 for k, v in pad_collate(examples[start:start + batch_size], pad_id).items()}
+        nll += loss_fn(model, batch).double().cpu()
         count += count_targets(batch["labels"])
-    return nll, count
+    model.train(was_training)
+    return nll.item(), count
 
 
 def evaluate(model_dir: str | Path, data: str, match: bool = False, batch_size: int = 8,

@@ -47,7 +47,7 @@ from rich.progress import (
 from transformers.integrations.neftune import activate_neftune
 
 from sftlab.config import SFTConfig, dump_config
-from sftlab.data.collate import MicroBatchStream, pad_collate
+from sftlab.data.collate import MicroBatchStream
 from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 from sftlab.model import adapters
 from sftlab.model.generate import MatchResult, exact_match, load_match_examples
@@ -64,6 +64,7 @@ from sftlab.train.checkpoint import (
     save_checkpoint,
 )
 from sftlab.train.data import RunData, data_report_json, prepare_run_data
+from sftlab.train.evaluate import target_loss
 from sftlab.train.metrics import MetricsLog
 from sftlab.train.optim import build_optimizer, build_scheduler
 from sftlab.train.precision import (
@@ -117,18 +118,10 @@ def plan_micro_batches(cfg: SFTConfig, batches_per_epoch: int) -> tuple[int, int
 def evaluate_loss(model, examples: list[TokenizedExample], batch_size: int, pad_id: int,
                   accelerator: Accelerator, loss_fn: LossFn | None = None) -> float:
     """Mean NLL over the target tokens of `examples` (padded micro-batches, shared over ranks)."""
-    loss_fn = loss_fn or full_nll
     model = accelerator.unwrap_model(model)  # plain forward: ranks may run different numbers of batches
-    was_training = model.training
-    model.eval()
-    nll, count = torch.zeros((), dtype=torch.float64), 0
-    rank, world = accelerator.process_index, accelerator.num_processes
-    for start in range(rank * batch_size, len(examples), batch_size * world):
-        batch = {k: v.to(accelerator.device) for k, v in pad_collate(examples[start:start + batch_size], pad_id).items()}
-        nll += loss_fn(model, batch).double().cpu()
-        count += count_targets(batch["labels"])
-    totals = accelerator.reduce(torch.tensor([nll.item(), float(count)], device=accelerator.device), "sum")
-    model.train(was_training)
+    nll, count = target_loss(model, examples, pad_id, batch_size, loss_fn or full_nll, accelerator.device,
+                             accelerator.process_index, accelerator.num_processes)
+    totals = accelerator.reduce(torch.tensor([nll, float(count)], device=accelerator.device), "sum")
     return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
 
 
@@ -675,12 +668,7 @@ def save_adapter_run(run: Run, model):
     """Save the adapter (fp32 masters of the trainable weights) and the tokenizer; with
     peft.merge_on_save also the merged plain model under output_dir/merged (a fresh fp32 base and the
     saved adapter). Returns that merged model when the match evaluation needs it, else None."""
-    master = master_weight_optimizer(run.optimizer)
-    if master is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.data = master.master_of(p).detach().clone()
+    load_master_weights(model, run.optimizer)  # the adapter is saved from its exact fp32 masters
     if run.data.template is not None:
         run.data.tokenizer.chat_template = run.data.template
     adapters.save_adapter(model, run.out, run.cfg.model)
