@@ -27,6 +27,7 @@ from sftlab.config import (
 )
 from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import build_datasets
+from sftlab.data.types import IGNORE_INDEX
 from sftlab.model.adapters import is_adapter_dir, load_for_inference
 from sftlab.model.generate import exact_match, load_match_examples
 from sftlab.model.loading import load_model, load_tokenizer
@@ -58,15 +59,20 @@ def _data_config(model_dir: Path, data: str) -> DataConfig:
 
 @torch.no_grad()
 def target_loss(model, examples, pad_id: int, batch_size: int, loss_fn=full_nll, device: Any = None,
-                rank: int = 0, world: int = 1) -> tuple[float, int]:
+                rank: int = 0, world: int = 1, lockstep: bool = False) -> tuple[float, int]:
     """(summed NLL, target tokens) over this rank's share of `examples` in padded batches (eval mode,
-    the model's mode restored after). Batch k of `batch_size` goes to rank k % world."""
+    the model's mode restored after). Batch k of `batch_size` goes to rank k % world. `lockstep`
+    (sharded models, whose forward is collective): every rank runs the same number of forwards; a
+    rank past the end runs one example with no targets."""
     was_training = model.training
     model.eval()
     nll, count = torch.zeros((), dtype=torch.float64), 0
-    for start in range(rank * batch_size, len(examples), batch_size * world):
-        batch = {k: v.to(device) if device is not None else v
-                 for k, v in pad_collate(examples[start:start + batch_size], pad_id).items()}
+    end = math.ceil(len(examples) / (batch_size * world)) * batch_size * world if lockstep else len(examples)
+    for start in range(rank * batch_size, end, batch_size * world):
+        batch = pad_collate(examples[start:start + batch_size] if start < len(examples) else examples[:1], pad_id)
+        if start >= len(examples):
+            batch["labels"].fill_(IGNORE_INDEX)
+        batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
         nll += loss_fn(model, batch).double().cpu()
         count += count_targets(batch["labels"])
     model.train(was_training)

@@ -55,7 +55,7 @@ from sftlab.model.kernels import KernelError, apply_liger
 from sftlab.model.loading import DTYPES, load_model
 from sftlab.model.loss import TargetLossHead, count_targets, full_nll
 from sftlab.model.vocab import resize_for_new_tokens
-from sftlab.train import tracking
+from sftlab.train import distributed, tracking
 from sftlab.train.checkpoint import (
     COMPLETE,
     latest_checkpoint,
@@ -64,7 +64,7 @@ from sftlab.train.checkpoint import (
     save_checkpoint,
 )
 from sftlab.train.data import RunData, data_report_json, prepare_run_data
-from sftlab.train.evaluate import target_loss
+from sftlab.train.evaluate import load_model_dir, target_loss
 from sftlab.train.metrics import MetricsLog
 from sftlab.train.optim import build_optimizer, build_scheduler
 from sftlab.train.precision import (
@@ -118,9 +118,11 @@ def plan_micro_batches(cfg: SFTConfig, batches_per_epoch: int) -> tuple[int, int
 def evaluate_loss(model, examples: list[TokenizedExample], batch_size: int, pad_id: int,
                   accelerator: Accelerator, loss_fn: LossFn | None = None) -> float:
     """Mean NLL over the target tokens of `examples` (padded micro-batches, shared over ranks)."""
-    model = accelerator.unwrap_model(model)  # plain forward: ranks may run different numbers of batches
+    lockstep = distributed.sharded(accelerator)  # sharded forwards are collective: same batch count on every rank
+    if not lockstep:
+        model = accelerator.unwrap_model(model)  # plain forward: ranks may run different numbers of batches
     nll, count = target_loss(model, examples, pad_id, batch_size, loss_fn or full_nll, accelerator.device,
-                             accelerator.process_index, accelerator.num_processes)
+                             accelerator.process_index, accelerator.num_processes, lockstep=lockstep)
     totals = accelerator.reduce(torch.tensor([nll, float(count)], device=accelerator.device), "sum")
     return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
 
@@ -134,8 +136,9 @@ def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accel
 
     Returns (summed NLL over all ranks, global target tokens).
     The loss each micro-batch back-propagates is its NLL sum / global target count, times the
-    world size because DDP averages gradients over ranks: the step's gradient is then exactly
-    the gradient of (sum of all token NLLs of the step) / (all target tokens of the step).
+    world size because every engine (DDP, FSDP, DeepSpeed ZeRO) averages gradients over ranks: the
+    step's gradient is then exactly the gradient of (sum of all token NLLs of the step) / (all
+    target tokens of the step).
     """
     local_targets = sum(count_targets(b["labels"]) for b in batches)
     global_targets = int(accelerator.reduce(torch.tensor(local_targets, device=accelerator.device), "sum"))
@@ -144,11 +147,12 @@ def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accel
     scale = accelerator.num_processes / global_targets
     loss_fn = loss_fn or full_nll
     step_nll = torch.zeros((), dtype=torch.float64)
+    deepspeed = distributed.engine_of(accelerator) == distributed.DEEPSPEED
     for k, batch in enumerate(batches):
         sync = k == len(batches) - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        with contextlib.nullcontext() if sync or deepspeed else accelerator.no_sync(model):
             nll = loss_fn(model, batch)
-            accelerator.backward(nll * scale)
+            distributed.backward(accelerator, model, nll * scale, boundary=sync)
         step_nll += nll.detach().double().cpu()
     total_nll = float(accelerator.reduce(step_nll.to(accelerator.device), "sum"))
     return total_nll, global_targets
@@ -321,8 +325,13 @@ def setup_run(cfg: SFTConfig, console: Console) -> Run:
     except tracking.TrackerError as e:
         raise RunError(str(e)) from None
     tracking.prepare_offline(trackers, out)
-    accelerator = Accelerator(mixed_precision=mixed, log_with=trackers or None,
-                              project_dir=str(out / "tensorboard") if "tensorboard" in trackers else None)
+    accelerator = distributed.build_accelerator(
+        mixed, cpu=run_device_type() == "cpu", log_with=trackers or None,
+        project_dir=str(out / "tensorboard") if "tensorboard" in trackers else None)
+    try:
+        distributed.check_run_settings(accelerator, cfg)
+    except distributed.EngineError as e:
+        raise RunError(str(e)) from None
     if accelerator.is_main_process:
         compute = {"bf16": "bf16 autocast, matmul weights as bf16 copies of fp32 masters",
                    "fp16": "fp16 autocast with loss scaling"}.get(mixed, cfg.model.dtype)
@@ -379,19 +388,22 @@ def load_run_model(run: Run):
 
 def setup_model_and_optimizer(run: Run) -> None:
     cfg, data = run.cfg, run.data
-    model = load_run_model(run)
+    with distributed.unpartitioned_loading(run.accelerator):
+        model = load_run_model(run)
     model.train()
     run.flops = FlopCounter(model)
     originals = []
     quantized = cfg.peft is not None and cfg.peft.quantize is not None
-    if (run.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16") and not quantized:
+    sharded = distributed.sharded(run.accelerator)  # FSDP/DeepSpeed keep fp32 masters and cast themselves
+    if (run.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16") and not quantized and not sharded:
         # bf16 copies of the matmul weights (of every weight: pure bf16 without autocast) do the compute,
         # refreshed from the optimizer's fp32 master weights once per optimizer step (MasterWeightAdamW).
         originals = use_bf16_weights(model, matmul_only=run.mixed_precision == "bf16")
     if not quantized:  # bitsandbytes places quantized weights itself
         model.to(run.accelerator.device)
     with run.accelerator.autocast():  # the head checks itself on the device and in the precision it trains in
-        run.loss_fn = build_loss_fn(cfg, model, run.console if run.main else None)
+        run.loss_fn = build_loss_fn(cfg, model, run.console if run.main else None,
+                                    distributed.target_loss_head_supported(run.accelerator))
     if cfg.train.liger:
         try:
             fused = apply_liger(model, run.accelerator.device.type, getattr(run.loss_fn, "softcap", None))
@@ -410,6 +422,7 @@ def setup_model_and_optimizer(run: Run) -> None:
     run.scheduler = build_scheduler(optimizer, cfg.optim, run.total_steps)
     if cfg.train.compile:
         model = torch.compile(model)
+    distributed.configure_deepspeed(run.accelerator, cfg.train.micro_batch_size, cfg.optim.max_grad_norm)
     run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
     run.peak_flops = cfg.train.peak_flops or measure_peak_flops(
         run.accelerator.device, torch.bfloat16 if run.mixed_precision == "bf16" else next(model.parameters()).dtype)
@@ -432,9 +445,14 @@ def build_stream(cfg: SFTConfig, units, world: int) -> MicroBatchStream:
                             max_tokens=cfg.train.micro_batch_tokens * world)
 
 
-def build_loss_fn(cfg: SFTConfig, model, console: Console | None) -> LossFn:
+def build_loss_fn(cfg: SFTConfig, model, console: Console | None,
+                  engine_allows: tuple[bool, str] = (True, "")) -> LossFn:
     """The micro-batch loss: the target-only chunked head, or the model's full logits."""
     if cfg.train.loss_head == "full":
+        return full_nll
+    if not engine_allows[0]:
+        if console is not None:
+            console.print(f"[yellow]loss head[/yellow]: full logits ({engine_allows[1]})", highlight=False)
         return full_nll
     head = TargetLossHead.for_model(model, cfg.train.loss_chunk_tokens)
     if head.mode != "target" and console is not None:
@@ -448,6 +466,10 @@ def resume_or_start(run: Run) -> None:
     cfg, main = run.cfg, run.main
     if run.resume_from is not None:
         restore_checkpoint(run)
+    elif cfg.match_eval is not None and distributed.sharded(run.accelerator):
+        if main:  # generation on one rank would need the other ranks' shards
+            run.console.print("[yellow]match_eval[/yellow]: not run before training under a sharded engine "
+                              "(FSDP/DeepSpeed); it runs on the saved model after training")
     elif cfg.match_eval is not None and main:
         run.result.match_before = run_match_eval(run.accelerator.unwrap_model(run.model), run, "before")
 
@@ -463,7 +485,8 @@ def open_run_log(run: Run) -> None:
         (run.out / "run.json").write_text(json.dumps(run_info(run), indent=1) + "\n")
         (run.out / DATA_REPORT).write_text(json.dumps(data_report_json(run.data), indent=1) + "\n")
         run.console.print(f"[bold]train[/bold]: {run.total_steps} optimizer steps x {cfg.train.grad_accum_steps} "
-                          f"micro-batches of {cfg.train.micro_batch_size} (x{run.world} processes); "
+                          f"micro-batches of {cfg.train.micro_batch_size} (x{run.world} processes, "
+                          f"{distributed.engine_of(run.accelerator)}); "
                           f"{run.stream.batches_per_epoch} micro-batches/epoch")
     tracking.start(run.accelerator, cfg.train.report_to, run.out.name or "sftlab", cfg.model_dump(mode="json"))
 
@@ -475,16 +498,24 @@ def run_info(run: Run) -> dict[str, Any]:
             "compute_dtype": "bfloat16" if run.mixed_precision == "bf16" else run.cfg.model.dtype,
             "master_weights_fp32": master_weight_optimizer(run.optimizer) is not None,
             "loss_head": getattr(head, "mode", "full"), "loss_head_reason": getattr(head, "reason", ""),
-            "device": str(run.accelerator.device), "num_processes": run.world, "peak_flops": run.peak_flops,
+            "device": str(run.accelerator.device), "num_processes": run.world,
+            "engine": distributed.engine_of(run.accelerator), "peak_flops": run.peak_flops,
             "total_steps": run.total_steps}
 
 
 def restore_checkpoint(run: Run) -> None:
     ckpt = run.resume_from
-    state = load_checkpoint(run.accelerator, ckpt, run.scheduler, trainable_only=run.cfg.peft is not None)
-    if state.get("num_processes", 1) != run.world:
-        raise RunError(f"cannot resume from {ckpt}: it was written by {state.get('num_processes', 1)} "
-                       f"process(es), this run has {run.world}; the data order and batch geometry would change")
+    saved = read_state(ckpt)
+    if saved.get("num_processes", 1) != run.world:
+        raise RunError(f"cannot resume from {ckpt}: it was written by {saved.get('num_processes', 1)} "
+                       f"process(es), this run has {run.world}; the data order, the batch geometry (and the "
+                       f"shards of a sharded checkpoint) would change. Launch it with "
+                       f"{saved.get('num_processes', 1)} processes, or start a new output_dir")
+    saved_engine = saved.get("engine", distributed.DDP if saved.get("num_processes", 1) > 1 else distributed.SINGLE)
+    if saved_engine != distributed.engine_of(run.accelerator):
+        raise RunError(f"cannot resume from {ckpt}: it was written under {saved_engine}, this run uses "
+                       f"{distributed.engine_of(run.accelerator)}; launch it with the same accelerate config")
+    state = load_checkpoint(run.accelerator, ckpt, run.scheduler, trainable_only=trainable_only_checkpoints(run))
     if state["data_fingerprint"] != run.fingerprint:
         raise RunError(f"cannot resume from {ckpt}: the training data changed since it was written "
                        "(different tokenized examples); start a new output_dir instead")
@@ -557,8 +588,12 @@ def optimizer_step(run: Run, step: int, batches_iter) -> dict[str, Any]:
     position = run.stream.state()
     batches, sizes = next_micro_batches(run, batches_iter)
     nll, targets = train_step(run.model, batches, run.accelerator, run.loss_fn)
-    grad_norm = clip_gradients(run) if targets else 0.0
     lr = run.scheduler.get_last_lr()[0]
+    deepspeed = distributed.engine_of(run.accelerator) == distributed.DEEPSPEED
+    if deepspeed and math.isfinite(nll):  # DeepSpeed clips and steps in its engine, then gives the norm
+        grad_norm = distributed.deepspeed_step(run.model)
+    else:
+        grad_norm = clip_gradients(run) if targets and not deepspeed else 0.0
     finite = math.isfinite(nll) and math.isfinite(grad_norm)
     if not finite and cfg.train.on_nan == "stop":
         last = latest_checkpoint(run.out)
@@ -567,7 +602,7 @@ def optimizer_step(run: Run, step: int, batches_iter) -> dict[str, Any]:
                        f"of that epoch's order, seed {position['seed']}); stopped without updating the weights. "
                        + (f"Last good checkpoint: {last}" if last else "No checkpoint was saved yet")
                        + " (train.on_nan=skip_step skips such steps)")
-    if targets and finite:
+    if targets and finite and not deepspeed:
         run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -627,13 +662,19 @@ def checkpoint_due(run: Run, step: int, epoch_before: int, stop: "StopRequest") 
         or stop.signum is not None
 
 
+def trainable_only_checkpoints(run: Run) -> bool:
+    """Adapters keep only their trainable tensors in a checkpoint; sharded engines save whole shards."""
+    return run.cfg.peft is not None and not distributed.sharded(run.accelerator)
+
+
 def save_run_checkpoint(run: Run, step: int) -> Path:
     state = {"step": step, "consumed_micro_batches": run.consumed, "data": run.stream.state(),
-             "num_processes": run.world, "data_fingerprint": run.fingerprint or data_fingerprint(run.data.units),
+             "num_processes": run.world, "engine": distributed.engine_of(run.accelerator),
+             "data_fingerprint": run.fingerprint or data_fingerprint(run.data.units),
              "metrics": run.result.history, "logged_steps": run.logged_steps,
              "match_before": _acc(run.result.match_before), "config": run.cfg.model_dump(mode="json")}
     path = save_checkpoint(run.accelerator, run.out, step, state, run.scheduler, run.cfg.checkpoint.keep_last,
-                           trainable_only=run.cfg.peft is not None)
+                           trainable_only=trainable_only_checkpoints(run))
     if run.main:
         run.console.print(f"[dim]checkpoint {path}[/dim]")
     return path
@@ -643,13 +684,21 @@ def save_run_checkpoint(run: Run, step: int) -> Path:
 
 def finish(run: Run) -> None:
     run.accelerator.wait_for_everyone()
+    # sharded engines: every rank takes part in gathering the whole model; the main process saves it
+    gathered = distributed.full_state_dict(run.accelerator, run.model) if distributed.sharded(run.accelerator) else None
     if not run.main:
         return
     unwrapped = run.accelerator.unwrap_model(run.model)
     unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile'd
     if run.cfg.peft is not None:
         # the adapter; the model users get is the fp32 base with it merged (loaded back from the saved files)
-        unwrapped = save_adapter_run(run, unwrapped)
+        unwrapped = save_adapter_run(run, unwrapped, gathered)
+    elif gathered is not None:
+        dtype = DTYPES[run.cfg.model.dtype]
+        save_model(unwrapped, run.data.tokenizer, run.out, run.data.template,
+                   state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in gathered.items()})
+        run.console.print(f"[bold green]saved[/bold green] model (gathered from the shards) + tokenizer to {run.out}")
+        unwrapped = load_model_dir(run.out)[0] if run.cfg.match_eval is not None else None
     else:
         load_master_weights(unwrapped, run.optimizer)  # bf16 compute copies -> fp32 weights, the exact masters
         unwrapped.to(DTYPES[run.cfg.model.dtype])  # saved in the dtype asked for (model.dtype)
@@ -664,14 +713,16 @@ def finish(run: Run) -> None:
     run.console.print(f"[bold]report[/bold]: {write_report(run.out, 'finished')} (+ {PLOT})")
 
 
-def save_adapter_run(run: Run, model):
-    """Save the adapter (fp32 masters of the trainable weights) and the tokenizer; with
-    peft.merge_on_save also the merged plain model under output_dir/merged (a fresh fp32 base and the
-    saved adapter). Returns that merged model when the match evaluation needs it, else None."""
-    load_master_weights(model, run.optimizer)  # the adapter is saved from its exact fp32 masters
+def save_adapter_run(run: Run, model, gathered: dict | None = None):
+    """Save the adapter (fp32 masters of the trainable weights, or their tensors `gathered` from a
+    sharded engine) and the tokenizer; with peft.merge_on_save also the merged plain model under
+    output_dir/merged (a fresh fp32 base and the saved adapter). Returns that merged model when the
+    match evaluation needs it, else None."""
+    if gathered is None:
+        load_master_weights(model, run.optimizer)  # the adapter is saved from its exact fp32 masters
     if run.data.template is not None:
         run.data.tokenizer.chat_template = run.data.template
-    adapters.save_adapter(model, run.out, run.cfg.model)
+    adapters.save_adapter(model, run.out, run.cfg.model, state_dict=gathered)
     run.data.tokenizer.save_pretrained(run.out)
     run.console.print(f"[bold green]saved[/bold green] adapter + tokenizer to {run.out}")
     if not (run.cfg.peft.merge_on_save or run.cfg.match_eval is not None):
@@ -709,11 +760,12 @@ def run_match_eval(model, run: Run, when: str) -> MatchResult:
     return res
 
 
-def save_model(model, tokenizer, out: Path, template: str | None) -> None:
-    """Save weights (safetensors), config, tokenizer and chat template for plain transformers."""
+def save_model(model, tokenizer, out: Path, template: str | None, state_dict: dict | None = None) -> None:
+    """Save weights (safetensors), config, tokenizer and chat template for plain transformers.
+    `state_dict`: the tensors to write instead of the model's own (gathered from a sharded engine)."""
     model.config.use_cache = True  # inference default for whoever loads it
     if template is not None:
         tokenizer.chat_template = template
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(out)
     model.config.use_cache = False
