@@ -22,8 +22,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # DeepSpeed drops empty groups
     kwargs = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
     if all(p.device.type in ("cpu", "cuda") for p in decay + no_decay):
         kwargs["fused"] = True  # one kernel for all parameters: ~3x faster than foreach on this CPU
