@@ -27,8 +27,8 @@ from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.config import SFTConfig
-from sftlab.data.collate import pad_collate
 from sftlab.data import preview
+from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import DataReport, build_datasets, length_stats
 from sftlab.data.packing import pack_examples, packed_collate, packing_efficiency
 from sftlab.data.templates import add_chatml_tokens, load_template

@@ -95,8 +95,9 @@ def _data_section(data: dict[str, Any] | None) -> list[str]:
     if data.get("bad_examples"):
         out += ["", "First skipped rows:", ""] + [f"- `{e}`" for e in data["bad_examples"]]
     if data.get("unknown_fields"):
-        out += ["", "Fields no reader of the row format uses (ignored; map them with the source's `columns` "
-                    "if they hold data, docs/data.md):", ""]
+        note = ("Fields no reader of the row format uses (ignored; map them with the source's `columns` if they "
+                "hold data, docs/data.md):")
+        out += ["", note, ""]
         out += [f"- {source}: " + ", ".join(f"`{k}` ({n} rows)" for k, n in fields.items())
                 for source, fields in data["unknown_fields"].items()]
     return out
