@@ -59,8 +59,9 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     data = prepare_run_data(cfg, console)  # exactly what `sftlab train` does, so the cache keys match
     took = time.perf_counter() - start
     where = cache_dir(cfg.data.cache_dir) if cfg.data.cache else "off (data.cache=false)"
-    console.print(f"train {len(data.train)} examples ({data.train.num_tokens} tokens), "
-                  f"eval {len(data.eval)}; prepared in {took:.1f}s; cache: {where}", highlight=False)
+    console.print(f"train {len(data.train)} examples ({data.train.num_tokens} tokens) -> {len(data.units)} rows "
+                  f"(packing: {cfg.data.packing}), eval {len(data.eval)}; prepared in {took:.1f}s; cache: {where}",
+                  highlight=False)
     if ns.show:
         print_preview(data, cfg, console, ns.show)
     return 0

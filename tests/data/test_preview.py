@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
@@ -13,7 +14,7 @@ from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.data.preview import histogram, mark_plain, parse_marked, sample
 from sftlab.data.types import IGNORE_INDEX
-from sftlab.train.data import prepare_run_data
+from sftlab.train.data import prepare_run_data, print_preview
 
 HEADER = re.compile(r"^-- example (\d+)/(\d+): (.+):(\d+) \((\d+) tokens, (\d+) targets\)$")
 
@@ -136,3 +137,19 @@ def test_show_marks_exactly_the_label_positions(show_config, capsys):
     assert re.search(r"lengths: min \d+, median \d+, p95 \d+, max \d+ tokens", out)
     assert "packing: packed (bfd) into" in out and "length histogram" in out
     assert "warning: fields no reader of the format uses, ignored: id (6 rows)" in out
+    assert "train 11 examples" in out and "rows (packing: bfd)" in out
+
+
+def test_show_colours_targets_on_a_terminal(show_config):
+    from rich.console import Console
+
+    from sftlab.data.preview import RICH_LEGEND, TARGET_STYLE, styled
+
+    text = styled([("ctx ", False), ("answer", True), (" more", False)])
+    assert [(text.plain[s.start:s.end], str(s.style)) for s in text.spans if s.style == TARGET_STYLE] == [
+        ("answer", TARGET_STYLE)]
+    data = prepare_run_data(load_config(show_config))
+    console = Console(file=io.StringIO(), force_terminal=True, color_system="standard", soft_wrap=True)
+    print_preview(data, load_config(show_config), console, 1)
+    out = console.file.getvalue()
+    assert RICH_LEGEND in out and "\x1b[1;32m" in out and "[[" not in out.split("text.jsonl")[0]
