@@ -1,7 +1,8 @@
 """Command line: `sftlab train|prepare|eval|report|export|config|generate|chat`.
 
     sftlab train [CONFIG.yaml] [key.path=value ...]   fine-tune (no CONFIG: the embedded demo)
-    sftlab prepare [CONFIG.yaml] [overrides ...]      tokenize and cache the data, print the data report
+    sftlab prepare [CONFIG.yaml] [overrides ...] [--show N]   tokenize and cache the data, print the data
+                                                      report (--show: N examples per source, targets marked)
     sftlab eval MODEL_OR_RUN_DIR --data FILE [--match] [--json]   loss, perplexity (exact match) on a file
     sftlab report RUN_DIR                             regenerate report.md + loss.png
     sftlab export RUN_DIR --merge --out DIR           merge a LoRA adapter into a plain model
@@ -51,15 +52,18 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     import time
 
     from sftlab.data.cache import cache_dir
-    from sftlab.train.data import prepare_run_data
+    from sftlab.train.data import prepare_run_data, print_preview
 
     cfg = _load(ns.args)
     start = time.perf_counter()
     data = prepare_run_data(cfg, console)  # exactly what `sftlab train` does, so the cache keys match
     took = time.perf_counter() - start
     where = cache_dir(cfg.data.cache_dir) if cfg.data.cache else "off (data.cache=false)"
-    console.print(f"train {len(data.train)} examples ({data.train.num_tokens} tokens), "
-                  f"eval {len(data.eval)}; prepared in {took:.1f}s; cache: {where}", highlight=False)
+    console.print(f"train {len(data.train)} examples ({data.train.num_tokens} tokens) -> {len(data.units)} rows "
+                  f"(packing: {cfg.data.packing}), eval {len(data.eval)}; prepared in {took:.1f}s; cache: {where}",
+                  highlight=False)
+    if ns.show:
+        print_preview(data, cfg, console, ns.show)
     return 0
 
 
@@ -156,6 +160,19 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         console.print(f"[bold green]model>[/bold green] {reply}", highlight=False)
 
 
+PREPARE_HELP = """\
+Read, validate, tokenize and mask the configured data exactly as `sftlab train` does, cache it, and
+print the data report: per source the rows, bad rows (file:line, field, reason), the format each row
+was read as, fields that no reader of that format uses (ignored: map them with the source's
+`columns`), the share of tokens that are targets, lengths and the length policy's counts.
+
+--show N prints N sampled examples per source as they will be trained. On a terminal the target
+tokens (those with a label, trained on) are bold green and the rest is dimmed. Otherwise (piped,
+redirected, NO_COLOR) targets are wrapped in [[ and ]]; a literal [, ] or \\ that stands next to
+another of these characters or to a mark is escaped with a backslash. --show reads only what was
+prepared: the cache and training are unchanged. Row schemas: docs/data.md."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning of causal language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -165,8 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
     t.set_defaults(func=cmd_train)
 
-    pr = sub.add_parser("prepare", help="tokenize and cache the data ahead of training; print the data report")
+    pr = sub.add_parser("prepare", help="tokenize and cache the data ahead of training; print the data report",
+                        description=PREPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     pr.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    pr.add_argument("--show", type=int, default=0, metavar="N", help=(
+        "also show what will be trained: N sampled examples per source (seeded by train.seed) with their target "
+        "tokens marked, each source's format, target-token share and lengths, the packing and a length histogram"))
     pr.set_defaults(func=cmd_prepare)
 
     c = sub.add_parser("config", help="config utilities")

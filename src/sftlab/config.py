@@ -50,6 +50,28 @@ class ModelConfig(_Strict):
 
 
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text", "pretokenized")
+# The fields each row format reads (data/formats.py; docs/data.md), the first ones required; a source's
+# `columns` renames its own fields onto these names.
+ROW_FIELDS = {
+    "messages": ("messages", "tools"),
+    "sharegpt": ("conversations", "system", "tools"),
+    "prompt_completion": ("prompt", "completion", "tools"),
+    "alpaca": ("instruction", "output", "input", "system", "tools"),
+    "text": ("text", "loss_masking_spans"),
+    "pretokenized": ("input_ids", "labels"),
+}
+REQUIRED_FIELDS = {"messages": 1, "sharegpt": 1, "prompt_completion": 2, "alpaca": 2, "text": 1, "pretokenized": 1}
+MESSAGE_KEYS = ("role", "content")  # the keys of one message in `messages` (and in `prompt` / `completion` lists)
+TURN_KEYS = ("from", "value")  # the keys of one ShareGPT turn in `conversations`
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _column_names(fmt: str) -> tuple[str, ...]:
+    """The names `columns` may map for a source of format `fmt`."""
+    if fmt == "auto":
+        return tuple(dict.fromkeys(f for fields in ROW_FIELDS.values() for f in fields)) + MESSAGE_KEYS + TURN_KEYS
+    inner = {"messages": MESSAGE_KEYS, "prompt_completion": MESSAGE_KEYS, "sharegpt": TURN_KEYS}.get(fmt, ())
+    return ROW_FIELDS[fmt] + inner
 
 
 class SourceConfig(_Strict):
@@ -65,6 +87,32 @@ class SourceConfig(_Strict):
         "the source when it is smaller); null takes the source once"))
     split: str = Field("train", description="split of a hub dataset or DatasetDict directory")
     subset: str | None = Field(None, description="hub dataset configuration name")
+    columns: dict[str, str] = Field(default_factory=dict, description=(
+        "rename the source's own fields onto the format's, `{format_field: your_field}`: e.g. `{prompt: question, "
+        "completion: answer}`; inside message lists `role`/`content` (messages, prompt/completion lists) and "
+        "`from`/`value` (ShareGPT turns) are mapped the same way (docs/data.md)"))
+    roles: dict[str, Literal[ROLES]] = Field(default_factory=dict, description=(  # type: ignore[valid-type]
+        "rename role names of messages (`role`) and ShareGPT turns (`from`), `{your_role: role}`: e.g. "
+        "`{human: user, bot: assistant}`; roles are system, user, assistant, tool"))
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, columns: dict[str, str], info: Any) -> dict[str, str]:
+        fmt = info.data.get("format", "auto")
+        allowed = _column_names(fmt)
+        for name, theirs in columns.items():
+            if name not in allowed:
+                close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                of = "any format" if fmt == "auto" else f"format {fmt}"
+                raise ValueError(f"columns.{name}: not a field of {of} (those are: {', '.join(allowed)}){hint}")
+            if not theirs:
+                raise ValueError(f"columns.{name}: empty field name")
+        for theirs in set(columns.values()):
+            twice = [k for k, v in columns.items() if v == theirs]
+            if len(twice) > 1 and not set(twice) <= set(MESSAGE_KEYS + TURN_KEYS):
+                raise ValueError(f"columns: {theirs!r} is mapped to {' and '.join(twice)}; a field can be renamed once")
+        return columns
 
 
 class DataConfig(_Strict):
@@ -78,8 +126,10 @@ class DataConfig(_Strict):
     on_overlength: Literal["drop", "truncate", "error"] = Field("drop", description=(
         "what happens to an example longer than max_seq_length (every case is counted in the data report)"))
     loss_on: Literal["assistant", "last_assistant", "completion", "all"] = Field("assistant", description=(
-        "which tokens carry loss: every assistant turn (content + its end-of-turn token), only the last one, the "
-        "completion of prompt/completion rows, or every token"))
+        "which tokens of chat rows carry loss: assistant: every assistant turn (content + its end-of-turn token); "
+        "last_assistant: only the last assistant turn; completion: the same as last_assistant, but a row that does "
+        "not end with an assistant message is bad (for prompt/completion rows: the final assistant message of the "
+        "completion); all: every token. Text and pretokenized rows keep their own masks (docs/data.md)"))
     chat_template: str | None = Field(None, description=(
         "null: the tokenizer's own; a built-in name (chatml, llama3, tulu, zephyr, alpaca); or a .jinja file"))
     add_chatml_tokens: bool = Field(False, description=(
@@ -406,6 +456,8 @@ def _type_name(annotation: Any) -> str:
         return " \\| ".join(f"`{a}`" for a in args)
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
     if origin is tuple:
         return f"[{', '.join(_type_name(a) for a in args)}]"
     if args:  # a union

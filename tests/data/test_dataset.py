@@ -138,12 +138,16 @@ def test_pretokenized_rows_are_checked_against_the_vocabulary(tmp_path, tokenize
 def test_summary_names_sources_bad_rows_and_length_policy(tmp_path, tokenizer):
     long = {"messages": [{"role": "user", "content": "one two three " * 40}, {"role": "assistant", "content": "four"}]}
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, long, "{"])
-    _, _, report = build_datasets(cfg_for(path, max_seq_length=128), tokenizer, seed=0)
-    first, source = report.summary().splitlines()
+    train, _, report = build_datasets(cfg_for(path, max_seq_length=128), tokenizer, seed=0)
+    first, source, details = report.summary().splitlines()
     assert first.startswith("2 examples kept of 4 rows (train 2, eval 0")
     assert "1 bad rows skipped" in first and "1 over max_seq_length dropped" in first
     assert source == (f"  train[0] {path}: 4 rows, 1 bad, 3 examples, 1 over length dropped -> 2 train"
                       " (direct ChatML rendering, checked against the template)")
+    n = len(train[0].input_ids)  # the two kept examples are the same row
+    targets = sum(label != IGNORE_INDEX for label in train[0].labels)
+    assert details == (f"    format: messages (3 rows); targets: {targets / n:.1%} of {2 * n} tokens; "
+                       f"lengths: min {n}, median {n}, p95 {n}, max {n} tokens")
 
 
 def test_cli_prepare_builds_the_cache_then_reuses_it(tmp_path, tiny_model_dir, capsys):

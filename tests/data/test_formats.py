@@ -6,7 +6,15 @@ import pickle
 
 import pytest
 
-from sftlab.data.formats import BadRecord, Conversation, TextRecord, TokenRecord, detect_format, to_record
+from sftlab.data.formats import (
+    BadRecord,
+    ColumnMap,
+    Conversation,
+    TextRecord,
+    TokenRecord,
+    detect_format,
+    to_record,
+)
 
 U = {"role": "user", "content": "Hello!"}
 A = {"role": "assistant", "content": "Hi."}
@@ -128,3 +136,32 @@ def test_row_unit_and_pickling():
     e = BadRecord("d.parquet", 7, "text", "empty", unit="row")
     assert str(e) == "d.parquet row 7 field 'text': empty"
     assert str(pickle.loads(pickle.dumps(e))) == str(e)
+
+
+@pytest.mark.parametrize("row,says", [
+    ({"instruction": "x", "context": "c", "response": "y"}, "closest format: alpaca, which also needs 'output'"),
+    ({"prompt": "x", "answer": "y"}, "closest format: prompt_completion, which also needs 'completion'"),
+    ({"question": "x", "answer": "y"}, "map them in the source's `columns`"),
+])
+def test_a_row_fitting_no_format_names_the_closest_one_and_what_it_lacks(row, says):
+    err = bad(row)
+    assert says in err.reason and "cannot detect the row format from its keys" in err.reason
+
+
+def test_records_carry_their_format_and_the_fields_no_reader_uses():
+    r = rec({"text": "abc", "spans": [[0, 1]], "id": None})  # null fields are absent, not unknown
+    assert (r.format, r.unknown, r.spans) == ("text", ("spans",), [])
+    r = rec({"messages": [U, A], "id": 3, "tools": None})
+    assert (r.format, r.unknown) == ("messages", ("id",))
+
+
+def test_mapped_fields_are_renamed_and_named_as_the_source_names_them():
+    cm = ColumnMap({"messages": "chat", "role": "speaker", "content": "text"}, {"bot": "assistant"})
+    r = rec({"chat": [{"speaker": "user", "text": "Hello!"}, {"speaker": "bot", "text": "Hi."}]}, columns=cm)
+    assert r.messages == [U, A] and r.format == "messages" and r.unknown == ()
+    err = bad({"chat": [{"speaker": "wizard", "text": "x"}, {"speaker": "bot", "text": "y"}]}, columns=cm)
+    assert err.field_name == "chat[0].speaker" and "roles: {wizard: assistant}" in err.reason
+    err = bad({"instruction": "x", "response": " "}, "alpaca", columns=ColumnMap({"output": "response"}))
+    assert (err.field_name, err.reason) == ("response", "empty")
+    r = rec({"instruction": "x", "output": "old", "response": "new"}, columns=ColumnMap({"output": "response"}))
+    assert r.messages[-1]["content"] == "new" and r.unknown == ("output",)  # the mapped field wins

@@ -2,13 +2,14 @@
 
 An entry is keyed by a sha256 over: the source's content fingerprint (its files' bytes, or the
 dataset fingerprint), the tokenizer's serialized state (vocab, merges, added and special tokens),
-the chat template text, the source format, `loss_on`, and the code that turns rows into
-examples. `max_seq_length`, weights, the seed and the eval split are applied after loading, so
+the chat template text, the source format, its `columns` / `roles` renaming, `loss_on`, and the
+code that turns rows into examples. `max_seq_length`, weights, the seed and the eval split are applied after loading, so
 changing them reuses the entry.
 
 An entry is a directory `<cache_dir>/<key>/` holding the flat token arrays of `data/arrays.py`
 (ids, target flags, offsets, locations; each chunk checksummed) and `meta.json` (format version,
-key parts, row and bad-row counts, the first bad rows, the files). It is written into a temporary
+key parts, row and bad-row counts, the first bad rows, the files, the rows read as each format
+and the unknown fields seen). It is written into a temporary
 directory beside it and renamed into place, so readers never see a half-written entry and
 concurrent writers (one per rank) are harmless. Opening an entry re-checks every checksum; a
 truncated or corrupted entry is reported, removed and rebuilt, never trained on.
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.arrays import CorruptEntry, TokenArrays
@@ -54,6 +56,8 @@ class SourceData:
     cached: bool = False
     notes: list[str] = field(default_factory=list)  # e.g. which tokenization path was used
     conversations: int = 0  # chat rows read (the rest: text or pretokenized)
+    formats: Counter = field(default_factory=Counter)  # format -> rows read as it
+    unknown: Counter = field(default_factory=Counter)  # field no reader of its format reads -> rows holding it
 
     def __len__(self) -> int:
         return len(self.arrays) if self.arrays is not None else 0
@@ -64,10 +68,16 @@ class SourceData:
         line = int(self.arrays.lines[i])
         return f"{name}:{line}" if unit == "line" else f"{name} row {line}"
 
+    def where_token(self, start: int) -> str:
+        """Where the example whose tokens begin at token `start` of the arrays came from."""
+        assert self.arrays is not None
+        return self.where(int(np.searchsorted(self.arrays.offsets, start, side="right")) - 1)
+
     def meta(self, key_parts: dict[str, Any] | None) -> dict[str, Any]:
         return {"format": CACHE_FORMAT, "key": key_parts, "rows": self.rows, "bad": self.bad,
                 "bad_reasons": dict(self.bad_reasons), "bad_examples": self.bad_examples,
-                "files": [list(f) for f in self.files], "notes": self.notes}
+                "files": [list(f) for f in self.files], "notes": self.notes, "formats": dict(self.formats),
+                "unknown": dict(self.unknown)}
 
 
 def default_cache_dir() -> Path:
@@ -125,7 +135,8 @@ def load(root: Path, key: str) -> SourceData | None:
         return None
     return SourceData(arrays, files=[(name, unit) for name, unit in meta["files"]], rows=meta["rows"],
                       bad=meta["bad"], bad_reasons=Counter(meta["bad_reasons"]), bad_examples=meta["bad_examples"],
-                      cached=True, notes=meta.get("notes", []))
+                      cached=True, notes=meta.get("notes", []), formats=Counter(meta.get("formats", {})),
+                      unknown=Counter(meta.get("unknown", {})))
 
 
 def new_entry_dir(root: Path, key: str) -> Path:

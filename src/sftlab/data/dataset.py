@@ -6,12 +6,14 @@ or in `num_proc` worker processes, and appended to flat token arrays on disk (ar
 cache entry (cache.py), or a temporary directory when the cache is off. Peak memory does not grow
 with the data set: only a few chunks are in flight. Then it applies the length policy, mixes the
 sources by weight and splits off validation (mixing.py), all on index arrays (`Examples`); the
-tokens stay memory-mapped. Every decision is counted in `DataReport`, per source, and all
+tokens stay memory-mapped. Every decision is counted in `DataReport`, per source (with the format
+each row was read as, the fields no reader used, the target-token share and the lengths), and all
 validation happens here, before training starts.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import multiprocessing
 import os
@@ -20,13 +22,13 @@ import tempfile
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config import ROW_FIELDS, DataConfig, SourceConfig
 from sftlab.data import cache
 from sftlab.data.arrays import TOKEN_ARRAYS, ArrayWriter, TokenArrays, id_dtype
 from sftlab.data.examples import Examples
@@ -70,6 +72,11 @@ class SourceStats:
     held_out: int = 0  # moved to eval by eval_fraction
     cached: bool = False
     fast_render: bool = False  # rendered by the direct ChatML renderer (checked against the template)
+    formats: dict[str, int] = field(default_factory=dict)  # format -> rows read as it
+    unknown_fields: dict[str, int] = field(default_factory=dict)  # field no reader used -> rows holding it
+    tokens: int = 0  # of its usable examples (after the length policy, before mixing)
+    targets: int = 0  # of those tokens, the ones with a label (not -100)
+    lengths: dict[str, int] = field(default_factory=dict)  # min, median, p95, max tokens of its usable examples
 
     def line(self) -> str:
         parts = [f"{self.rows} rows", f"{self.bad} bad", f"{self.examples} examples"]
@@ -80,6 +87,30 @@ class SourceStats:
         how = " (cached)" if self.cached else ""
         how += " (direct ChatML rendering, checked against the template)" if self.fast_render else ""
         return f"{self.name}: {', '.join(parts)} -> {used}{held}{how}"
+
+    def details(self) -> list[str]:
+        """Format(s) read, target share and lengths; a warning line for fields that no reader used."""
+        formats = ", ".join(f"{fmt} ({n} rows)" for fmt, n in sorted(self.formats.items(), key=lambda x: -x[1]))
+        parts = [f"format: {formats or '-'}"]
+        if self.tokens:
+            parts.append(f"targets: {self.targets / self.tokens:.1%} of {self.tokens:,} tokens")
+        if self.lengths:
+            parts.append("lengths: " + ", ".join(f"{k} {v}" for k, v in self.lengths.items()) + " tokens")
+        lines = ["; ".join(parts)]
+        if self.unknown_fields:
+            fields = ", ".join(f"{k} ({n} rows{_field_hint(k, self.formats)})"
+                               for k, n in sorted(self.unknown_fields.items(), key=lambda x: -x[1]))
+            lines.append(f"warning: fields no reader of the format uses, ignored: {fields} "
+                         "(map them with the source's `columns` if they hold data; docs/data.md)")
+        return lines
+
+
+def _field_hint(name: str, formats: dict[str, int]) -> str:
+    """'; did you mean X?' when an unknown field looks like a field of a format the source was read as."""
+    fields = [f for fmt in formats for f in ROW_FIELDS.get(fmt, ())]
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    close = close or [f for f in fields if len(name) > 3 and name in f]  # spans -> loss_masking_spans
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 @dataclass
@@ -96,6 +127,17 @@ class DataReport:
     sources: list[SourceStats] = field(default_factory=list)
     train_examples: int = 0
     eval_examples: int = 0
+    # per source, in `sources` order: what it read and its usable examples (for `sftlab prepare --show`)
+    source_data: list[cache.SourceData] = field(default_factory=list, repr=False, compare=False)
+    source_examples: list[Examples] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def unknown_fields(self) -> dict[str, dict[str, int]]:
+        """Source name -> its unknown fields and the rows holding each (sources with any)."""
+        return {s.name: s.unknown_fields for s in self.sources if s.unknown_fields}
+
+    def sources_json(self) -> list[dict]:
+        return [asdict(s) for s in self.sources]
 
     def summary(self) -> str:
         """Totals on the first line, then one line per source."""
@@ -114,6 +156,7 @@ class DataReport:
         lines = ["; ".join(parts)]
         for s in self.sources:
             lines.append("  " + s.line())
+            lines += ["    " + d for d in s.details()]
         return "\n".join(lines)
 
 
@@ -177,6 +220,7 @@ def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataCon
     sampled conversation disagrees, the source is read again from the start through the template.
     """
     ctx = ChunkContext(tokenizer, source.name, [], source.format, cfg.loss_on, template, id_dtype(len(tokenizer)))
+    ctx.columns = source.columns
     ctx.fast = detect_chatml(template or tokenizer.chat_template, dict(tokenizer.special_tokens_map))
     if ctx.fast is not None:
         try:
@@ -198,6 +242,8 @@ def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: 
         for res in _encoded_chunks(_raw_chunks(source, data, ROWS_PER_CHUNK), ctx, data, cfg.num_proc, directory):
             data.rows += res.rows
             data.conversations += res.conversations
+            data.formats.update(res.formats)
+            data.unknown.update(res.unknown)
             for err in res.bad:
                 _note_bad(data, err, strict)
             for name in TOKEN_ARRAYS:
@@ -231,7 +277,7 @@ def prepare_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: Data
         return _read_uncached(source, tokenizer, cfg, template)
     parts = {"source": source.fingerprint(), "tokenizer": cache.tokenizer_fingerprint(tokenizer),
              "template": template or tokenizer.chat_template, "format": source.format, "loss_on": cfg.loss_on,
-             "code": cache.code_fingerprint()}
+             "columns": source.columns.columns, "roles": source.columns.roles, "code": cache.code_fingerprint()}
     key = cache.cache_key(parts)
     root = cache.cache_dir(cfg.cache_dir)
     data = cache.load(root, key)
@@ -308,14 +354,44 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
         source = open_source(spec, i)
         data = prepare_source(source, tokenizer, cfg, template)
         stats = SourceStats(f"{split}[{i}] {source.name}", split, source.weight, rows=data.rows, bad=data.bad,
-                            examples=len(data), cached=data.cached, fast_render=FAST_RENDER_NOTE in data.notes)
+                            examples=len(data), cached=data.cached, fast_render=FAST_RENDER_NOTE in data.notes,
+                            formats=dict(data.formats), unknown_fields=dict(data.unknown))
         report.sources.append(stats)
         report.rows += data.rows
         report.bad += data.bad
         report.bad_reasons.update(data.bad_reasons)
         report.bad_examples.extend(data.bad_examples[: max(0, 5 - len(report.bad_examples))])
-        out.append(apply_length_policy(data, cfg, report, stats))
+        examples = apply_length_policy(data, cfg, report, stats)
+        stats.tokens, stats.targets = examples.num_tokens, count_targets(data, examples)
+        stats.lengths = length_stats(examples.lengths)
+        report.source_data.append(data)
+        report.source_examples.append(examples)
+        out.append(examples)
     return out
+
+
+def length_stats(lengths: np.ndarray) -> dict[str, int]:
+    """min, median, p95 and max of example lengths in tokens ({} for none)."""
+    if not len(lengths):
+        return {}
+    q = np.percentile(lengths, [50, 95], method="nearest")
+    return {"min": int(lengths.min()), "median": int(q[0]), "p95": int(q[1]), "max": int(lengths.max())}
+
+
+def count_targets(data: cache.SourceData, examples: Examples) -> int:
+    """Tokens with a label (not -100) in `examples` (all from `data.arrays`, truncation included)."""
+    store = data.arrays
+    if store is None or not len(examples):
+        return 0
+    starts = store.offsets[:-1]
+    per = np.add.reduceat(store.targets, starts, dtype=np.int64)
+    per += np.diff(np.searchsorted(store.fix_pos, store.offsets))  # labels other than the id are targets too
+    idx = np.searchsorted(store.offsets, examples.start, side="right") - 1
+    whole = examples.length == store.lengths[idx]
+    cut = np.flatnonzero(~whole)
+    return int(per[idx[whole]].sum()) + sum(
+        int(np.count_nonzero(store.tokens(int(examples.start[k]), int(examples.start[k] + examples.length[k]))[1]
+                             != IGNORE_INDEX)) for k in cut)
 
 
 def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,

@@ -15,20 +15,26 @@ Row formats, detected per row (`format: auto`) or forced per source (`format: <n
 
 The first four become a `Conversation`, `text` a `TextRecord`, `pretokenized` a `TokenRecord`.
 Every unusable row raises `BadRecord` naming the source, line (JSONL) or row index (others),
-the field and the reason.
+the field and the reason; a row that fits no format names the closest one and what it lacks.
+
+A source's `ColumnMap` (its `columns` and `roles` settings) first renames the row's own fields
+onto these names (`question` -> `prompt`), the keys inside its message lists (`from` -> `role`)
+and its role names (`human` -> `user`). Every record carries the format it was read as and the
+row's `unknown` fields: those no reader of that format looks at (reported, never an error).
+The row schema is documented in docs/data.md.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from sftlab.config import MESSAGE_KEYS, REQUIRED_FIELDS, ROLES, ROW_FIELDS, TURN_KEYS
 from sftlab.data.types import IGNORE_INDEX, BadRecord
 
-ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "human": "user", "user": "user",
     "gpt": "assistant", "assistant": "assistant", "function_call": "assistant",
@@ -44,6 +50,8 @@ class Conversation:
     line: int = 0
     tools: list[dict[str, Any]] | None = None
     unit: str = "line"
+    format: str = "messages"  # the row format it was read as
+    unknown: tuple[str, ...] = ()  # the row's fields that the format does not read (ignored)
 
 
 @dataclass
@@ -55,6 +63,8 @@ class TextRecord:
     source: str = ""
     line: int = 0
     unit: str = "line"
+    format: str = "text"
+    unknown: tuple[str, ...] = ()
 
 
 @dataclass
@@ -66,6 +76,8 @@ class TokenRecord:
     source: str = ""
     line: int = 0
     unit: str = "line"
+    format: str = "pretokenized"
+    unknown: tuple[str, ...] = ()
 
 
 Record = Union[Conversation, TextRecord, TokenRecord]
@@ -89,12 +101,67 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
                 yield lineno, BadRecord(str(path), lineno, None, f"invalid JSON: {e.msg} (column {e.colno})")
 
 
+def _rename(d: dict[str, Any], ours_to_theirs: dict[str, str]) -> dict[str, Any]:
+    """`d` with each field `theirs` moved to `ours`; a field already named `ours` but mapped from
+    elsewhere is dropped (the mapped one wins)."""
+    theirs_to_ours = {t: o for o, t in ours_to_theirs.items()}
+    out = {k: v for k, v in d.items() if k not in theirs_to_ours and k not in ours_to_theirs}
+    out.update((o, d[t]) for t, o in theirs_to_ours.items() if t in d)
+    return out
+
+
+@dataclass
+class ColumnMap:
+    """A source's `columns` (format field -> the source's own field, also `role`/`content` inside
+    messages and `from`/`value` inside ShareGPT turns) and `roles` (its role name -> role)."""
+
+    columns: dict[str, str] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.columns or self.roles)
+
+    def theirs(self, name: str) -> str:
+        """What the source calls the format field `name`."""
+        return self.columns.get(name, name)
+
+    def apply(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row under the format's field names, message keys and role names."""
+        if not self:
+            return row
+        inner = set(MESSAGE_KEYS + TURN_KEYS)
+        out = _rename(row, {o: t for o, t in self.columns.items() if o not in inner})
+        for key in ("messages", "prompt", "completion"):
+            if isinstance(out.get(key), list):
+                out[key] = self._turns(out[key], MESSAGE_KEYS)
+        if isinstance(out.get("conversations"), list):
+            out["conversations"] = self._turns(out["conversations"], TURN_KEYS)
+        return out
+
+    def _turns(self, turns: list[Any], keys: tuple[str, str]) -> list[Any]:
+        mapping = {k: self.columns[k] for k in keys if k in self.columns}
+        if not mapping and not self.roles:
+            return turns
+        out = []
+        for t in turns:
+            if isinstance(t, dict):
+                t = _rename(t, mapping) if mapping else dict(t)
+                for key in (keys[0], "role"):
+                    if isinstance(t.get(key), str) and t[key] in self.roles:
+                        t[key] = self.roles[t[key]]
+            out.append(t)
+        return out
+
+
+NO_COLUMNS = ColumnMap()
+
+
 def _has(row: dict[str, Any], key: str) -> bool:
     return row.get(key) is not None  # columnar sources fill absent fields with None
 
 
 def detect_format(row: dict[str, Any]) -> str:
-    """The format of one row from its keys; KeyError when none fits."""
+    """The format of one row from its keys; KeyError (naming the closest format) when none fits."""
     if _has(row, "messages"):
         return "messages"
     if _has(row, "conversations"):
@@ -107,18 +174,54 @@ def detect_format(row: dict[str, Any]) -> str:
         return "pretokenized"
     if _has(row, "text"):
         return "text"
-    keys = sorted(k for k in row if row[k] is not None)[:8]
-    raise KeyError(f"cannot detect the row format from its keys {keys}; expected 'messages', 'conversations', "
-                   "'prompt'+'completion', 'instruction'+'output', 'text' or 'input_ids'")
+    raise KeyError(no_format_message(row))
+
+
+def no_format_message(row: dict[str, Any], cmap: ColumnMap = NO_COLUMNS) -> str:
+    """Why a row fits no format: its keys, the closest format (most of its fields present) and what
+    that one lacks, and how to map the source's own field names."""
+    present = {k for k in row if row[k] is not None}
+    keys = sorted(present)[:8]
+    expected = ("expected 'messages', 'conversations', 'prompt'+'completion', 'instruction'+'output', 'text' "
+                "or 'input_ids'")
+    score = {fmt: len(present & set(fields)) for fmt, fields in ROW_FIELDS.items()}
+    best = max(score, key=lambda f: score[f])  # ties: the first in ROW_FIELDS order
+    if not score[best]:
+        return (f"cannot detect the row format from its keys {keys}; {expected}; to train on other field names, "
+                "map them in the source's `columns`, e.g. columns: {prompt: question, completion: answer} (docs/data.md)")
+    missing = [f for f in ROW_FIELDS[best][: REQUIRED_FIELDS[best]] if f not in present]
+    lacks = ", ".join(f"'{cmap.theirs(f)}'" for f in missing)
+    example = ", ".join(f"{f}: <your field>" for f in missing)
+    return (f"cannot detect the row format from its keys {keys}; closest format: {best}, which also needs {lacks} "
+            f"(or map your own field names in the source's `columns`, e.g. columns: {{{example}}}; docs/data.md)")
+
+
+def unknown_fields(row: dict[str, Any], fmt: str, cmap: ColumnMap = NO_COLUMNS) -> tuple[str, ...]:
+    """The row's fields (as the source names them) that format `fmt` does not read; ShareGPT turn keys
+    other than from/value (or role/content) as `conversations[].<key>`."""
+    known = {cmap.theirs(f) for f in ROW_FIELDS[fmt]}
+    out = [k for k, v in row.items() if v is not None and k not in known]
+    turns = row.get(cmap.theirs("conversations")) if fmt == "sharegpt" else None
+    if isinstance(turns, list):
+        seen = {cmap.theirs(k) for k in TURN_KEYS} | {"role", "content"}
+        extra = {k for t in turns if isinstance(t, dict) for k, v in t.items() if v is not None and k not in seen}
+        out += [f"{cmap.theirs('conversations')}[].{k}" for k in sorted(extra)]
+    return tuple(out)
 
 
 class _Row:
-    """One row plus where it came from, so every check can raise a precise BadRecord."""
+    """One row (under the format's field names) plus where it came from and how its fields were
+    renamed, so every check can raise a precise BadRecord naming the field as the source does."""
 
-    def __init__(self, row: dict[str, Any], source: str, line: int, unit: str):
-        self.row, self.source, self.line, self.unit = row, source, line, unit
+    def __init__(self, row: dict[str, Any], source: str, line: int, unit: str, cmap: ColumnMap = NO_COLUMNS):
+        self.row, self.source, self.line, self.unit, self.cmap = row, source, line, unit, cmap
 
     def bad(self, field_name: str | None, reason: str) -> BadRecord:
+        if field_name and self.cmap.columns:  # `messages[0].role` as the source names it: `conversations[0].from`
+            head, bracket, rest = field_name.partition("[")
+            parts = (self.cmap.theirs(head) + bracket + rest).split(".")
+            inner = TURN_KEYS if head == "conversations" else MESSAGE_KEYS
+            field_name = ".".join(parts[:1] + [self.cmap.theirs(p) if p in inner else p for p in parts[1:]])
         return BadRecord(self.source, self.line, field_name, reason, self.unit)
 
     def get(self, key: str, kind: type | tuple[type, ...] | None = None, required: bool = True) -> Any:
@@ -145,7 +248,8 @@ def _check_messages(r: _Row, messages: Any, field_name: str) -> list[dict[str, A
         if role is None:
             raise r.bad(f"{where}.role", "missing")
         if role not in ROLES:
-            raise r.bad(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise r.bad(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)}; "
+                                         f"map other names in the source's `roles`, e.g. roles: {{{role}: assistant}})")
         content = m.get("content")
         if content is None and not m.get("tool_calls"):
             raise r.bad(f"{where}.content", "missing")
@@ -172,7 +276,8 @@ def _sharegpt_messages(r: _Row) -> list[dict[str, Any]]:
             raise r.bad(f"{where}.from", "missing")
         role = SHAREGPT_ROLES.get(sender)
         if role is None:
-            raise r.bad(f"{where}.from", f"unknown role {sender!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
+            raise r.bad(f"{where}.from", f"unknown role {sender!r} (expected one of {', '.join(SHAREGPT_ROLES)}; "
+                                         f"map other names in the source's `roles`, e.g. roles: {{{sender}: assistant}})")
         value = t.get("value") if t.get("value") is not None else t.get("content")
         if value is None:
             raise r.bad(f"{where}.value", "missing")
@@ -264,20 +369,27 @@ def _token_record(r: _Row, vocab_size: int | None) -> TokenRecord:
 
 
 def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
-              vocab_size: int | None = None) -> Record:
+              vocab_size: int | None = None, columns: ColumnMap | None = None) -> Record:
     """Normalise one parsed row into a Conversation, TextRecord or TokenRecord, or raise BadRecord.
 
     `unit` is "line" (JSONL line number, 1-based) or "row" (row index, 0-based) for messages;
-    `vocab_size` bounds the ids of pretokenized rows.
+    `vocab_size` bounds the ids of pretokenized rows; `columns` renames the row's fields first.
     """
     if not isinstance(row, dict):
         raise BadRecord(source, line, None, f"row must be a JSON object, got {type(row).__name__}", unit)
-    r = _Row(row, source, line, unit)
+    cmap = columns or NO_COLUMNS
+    r = _Row(cmap.apply(row), source, line, unit, cmap)
     if fmt == "auto":
         try:
-            fmt = detect_format(row)
-        except KeyError as e:
-            raise r.bad(None, str(e.args[0])) from None
+            fmt = detect_format(r.row)
+        except KeyError:
+            raise r.bad(None, no_format_message(r.row, cmap)) from None
+    record = _record(r, fmt, vocab_size)
+    record.format, record.unknown = fmt, unknown_fields(row, fmt, cmap)
+    return record
+
+
+def _record(r: _Row, fmt: str, vocab_size: int | None) -> Record:
     if fmt == "text":
         return _text_record(r)
     if fmt == "pretokenized":
@@ -294,5 +406,5 @@ def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
         raise r.bad(None, f"unknown format {fmt!r}")
     if not any(m["role"] == "assistant" for m in messages):
         raise r.bad("conversations" if fmt == "sharegpt" else "messages", "no assistant turn to learn from")
-    return Conversation(messages=messages, source=source, line=line, tools=_tools(r), unit=unit)
+    return Conversation(messages=messages, source=r.source, line=r.line, tools=_tools(r), unit=r.unit)
 

@@ -33,7 +33,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from sftlab.config import SourceConfig
-from sftlab.data.formats import iter_jsonl
+from sftlab.data.formats import ColumnMap, iter_jsonl
 from sftlab.data.types import DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -48,6 +48,8 @@ class DatasetSource:
     name: str | None = None
     format: str = "auto"
     weight: float | int | None = None
+    columns: dict[str, str] = field(default_factory=dict)  # as SourceConfig.columns
+    roles: dict[str, str] = field(default_factory=dict)  # as SourceConfig.roles
 
 
 SourceSpec = Union[SourceConfig, DatasetSource, datasets.Dataset]
@@ -73,6 +75,7 @@ class Source:
     weight: float | int | None = None
     files: list[Path] = field(default_factory=list)
     dataset: datasets.Dataset | None = None
+    columns: ColumnMap = field(default_factory=ColumnMap)  # its `columns` / `roles` renaming
 
     def fingerprint(self) -> str:
         """A content hash: the files' bytes (and paths) or the dataset's fingerprint."""
@@ -203,6 +206,12 @@ def open_source(spec: SourceSpec, index: int = 0) -> Source:
     """Resolve a source spec to an opened Source, or raise DataError naming it."""
     if isinstance(spec, datasets.Dataset):
         spec = DatasetSource(spec)
+    source = _open_spec(spec, index)
+    source.columns = ColumnMap(dict(spec.columns), dict(spec.roles))
+    return source
+
+
+def _open_spec(spec: SourceConfig | DatasetSource, index: int) -> Source:
     if isinstance(spec, DatasetSource):
         if not isinstance(spec.dataset, datasets.Dataset):
             raise DataError(f"DatasetSource {spec.name or index}: expected a datasets.Dataset, "

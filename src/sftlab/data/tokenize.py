@@ -3,7 +3,9 @@
 `encode_chunk(rows, ctx)` is the unit of work of data preparation, run in the main process or in
 `num_proc` worker processes (`worker_chunk`, which writes the chunk's token arrays to files of its
 own). It returns the chunk's tokens as flat arrays (ids, target flags), per-example lengths and
-locations, and its bad rows in order; nothing of a chunk outlives its appending to the entry.
+locations, its bad rows in order, and per chunk the rows read as each format and the rows holding
+each unknown field (summed over chunks by the caller); nothing of a chunk outlives its appending
+to the entry.
 
 Text rows (`format: text`) are tokenized without a chat template, with the tokenizer's own special
 tokens (e.g. a BOS). A token that overlaps a character of a `loss_masking_spans` span carries no
@@ -14,6 +16,7 @@ they are. Any example left without a target token is a bad record.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from sftlab.data import masking
 from sftlab.data.arrays import example_arrays, write_chunk_files
 from sftlab.data.fast_chatml import VERIFY_EVERY, ChatMLRenderer
-from sftlab.data.formats import Conversation, Record, TextRecord, to_record
+from sftlab.data.formats import ColumnMap, Conversation, Record, TextRecord, to_record
 from sftlab.data.types import (
     IGNORE_INDEX,
     BadRecord,
@@ -48,6 +51,7 @@ class ChunkContext:
     template: str | None
     ids_dtype: str
     fast: ChatMLRenderer | None = None  # the direct renderer, where the template is ChatML (fast_chatml.py)
+    columns: ColumnMap = field(default_factory=ColumnMap)  # the source's `columns` / `roles`
 
 
 @dataclass
@@ -61,6 +65,8 @@ class ChunkResult:
     fix_val: np.ndarray
     bad: list[BadRecord] = field(default_factory=list)
     conversations: int = 0  # chat rows among them (rendered by a template or the direct renderer)
+    formats: Counter = field(default_factory=Counter)  # format -> rows read as it (bad rows after reading included)
+    unknown: Counter = field(default_factory=Counter)  # unknown field -> rows holding it
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -144,7 +150,8 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
         try:
             if isinstance(row, BadRecord):
                 raise row
-            records.append(to_record(row, ctx.format, ctx.files[f], line, unit=unit, vocab_size=vocab))
+            records.append(to_record(row, ctx.format, ctx.files[f], line, unit=unit, vocab_size=vocab,
+                                     columns=ctx.columns))
             places.append((k, f))
         except BadRecord as e:
             bad.append((k, e))
@@ -168,7 +175,8 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
     return ChunkResult(len(rows), {"ids": cat(ids, ctx.ids_dtype), "targets": cat(targets, np.uint8)},
                        np.asarray(lengths, np.int64), np.asarray(lines, np.int64), np.asarray(files, np.int32),
                        cat(fix_pos, np.int64), cat(fix_val, np.int32), [e for _, e in sorted(bad, key=lambda x: x[0])],
-                       sum(isinstance(r, Conversation) for r in records))
+                       sum(isinstance(r, Conversation) for r in records), Counter(r.format for r in records),
+                       Counter(k for r in records for k in r.unknown))
 
 
 _WORKER: dict[str, Any] = {}

@@ -6,6 +6,11 @@ read, normalise, tokenize, mask, cache, length policy, mix, eval split), pack th
 `data.packing` is set, and print the data report. What training needs next (the model path, the
 tokenizer's size before new tokens, the units a micro-batch is made of and how to collate them)
 travels in `RunData`.
+
+`print_preview(data, cfg, console, n)` (`sftlab prepare --show N`) shows what will be trained:
+per source its format(s), target-token share and lengths, N seeded sample examples with their
+target tokens marked (data/preview.py), then the packing and a length histogram of the training
+set. It only reads what was prepared: the cache and the training run are unchanged.
 """
 
 from __future__ import annotations
@@ -15,15 +20,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.config import SFTConfig
+from sftlab.data import preview
 from sftlab.data.collate import pad_collate
-from sftlab.data.dataset import DataReport, build_datasets
+from sftlab.data.dataset import DataReport, build_datasets, length_stats
 from sftlab.data.packing import pack_examples, packed_collate, packing_efficiency
 from sftlab.data.templates import add_chatml_tokens, load_template
+from sftlab.data.types import IGNORE_INDEX
 from sftlab.data.examples import Examples
 from sftlab.model.loading import load_tokenizer, resolve_model_path
 
@@ -79,7 +88,11 @@ def prepare_run_data(cfg: SFTConfig, console: Console | None = None) -> RunData:
 
 
 def print_data_report(data: RunData, console: Console) -> None:
-    console.print(f"[bold]data[/bold]: {escape(data.report.summary())}{data.packing_note}", highlight=False)
+    first, *rest = data.report.summary().splitlines()
+    console.print(f"[bold]data[/bold]: {escape(first)}{escape(data.packing_note)}", highlight=False)
+    for line in rest:
+        warn = line.lstrip().startswith("warning:")
+        console.print(f"[yellow]{escape(line)}[/yellow]" if warn else escape(line), highlight=False)
     for line in data.report.bad_examples:
         console.print(f"  [yellow]skipped[/yellow] {escape(line)}", highlight=False)
 
@@ -89,4 +102,45 @@ def data_report_json(data: RunData) -> dict:
     r = data.report
     return {"summary": r.summary() + data.packing_note, "rows": r.rows, "kept": r.kept, "bad": r.bad,
             "bad_reasons": dict(r.bad_reasons.most_common()), "bad_examples": r.bad_examples,
-            "train_examples": r.train_examples, "eval_examples": r.eval_examples}
+            "train_examples": r.train_examples, "eval_examples": r.eval_examples,
+            "unknown_fields": r.unknown_fields, "sources": r.sources_json()}
+
+
+def packing_summary(data: RunData, cfg: SFTConfig) -> str:
+    if cfg.data.packing == "none":
+        return ("packing: none: each example is one row, padded to the longest row of its micro-batch "
+                "(data.packing: bfd packs whole examples into rows of max_seq_length)")
+    return f"packing: {data.packing_note.lstrip('; ')}"
+
+
+def print_preview(data: RunData, cfg: SFTConfig, console: Console, n: int, plain: bool | None = None) -> None:
+    """Per source: format(s), target share, lengths and `n` seeded sample examples with their targets
+    marked (coloured on a terminal, else [[ ]]); then packing and the training set's length histogram."""
+    if plain is None:  # colours only where they show: a terminal, colours not turned off (NO_COLOR)
+        plain = not console.is_terminal or console.color_system is None
+    r = data.report
+    console.print(Text(preview.PLAIN_LEGEND if plain else preview.RICH_LEGEND, style="italic"))
+    for k, (stats, source, examples) in enumerate(zip(r.sources, r.source_data, r.source_examples)):
+        console.print(Text(f"\n== {stats.name}: {'; '.join(stats.details()[:1])}", style="bold"))
+        for line in stats.details()[1:]:
+            console.print(Text(f"   {line}", style="yellow"))
+        picks = preview.sample(len(examples), n, cfg.train.seed + k)
+        for j, i in enumerate(picks):
+            ids, labels = examples.arrays(int(i))
+            targets = int(np.count_nonzero(labels != IGNORE_INDEX))
+            where = source.where_token(int(examples.start[i]))
+            console.print(Text(f"-- example {j + 1}/{len(picks)}: {where} ({len(ids)} tokens, {targets} targets)",
+                               style="cyan"))
+            runs = preview.decoded_runs(data.tokenizer, ids.tolist(), labels.tolist())
+            if plain:  # written as is: rich would expand tabs and drop control characters
+                console.file.write(preview.mark_plain(runs) + "\n")
+            else:
+                console.print(preview.styled(runs))
+    lengths = data.train.lengths
+    stats = ", ".join(f"{k} {v}" for k, v in length_stats(lengths).items())
+    console.print(Text(f"\n== train: {len(data.train)} examples, {data.train.num_tokens:,} tokens; "
+                       f"lengths: {stats} tokens", style="bold"))
+    console.print(Text(packing_summary(data, cfg)))
+    console.print(Text("length histogram (tokens per example -> examples):"))
+    for line in preview.histogram(lengths):
+        console.print(Text("  " + line))

@@ -4,7 +4,8 @@ Everything comes from what a run leaves behind, so `sftlab report RUN_DIR` regen
 report later (also for a run that was interrupted, from its metrics so far):
 
 - metrics.jsonl (one line per logged step), run.json (what `auto` resolved to), config.yaml,
-- data_report.json (per-source counts and skipped rows, written when the run starts),
+- data_report.json (per-source counts, formats, unknown fields, target share and lengths, and
+  skipped rows, written when the run starts),
 - match_eval.json (exact match before/after, with a few samples), when the run had a match evaluation,
 - checkpoints/latest, when the run checkpointed.
 
@@ -93,6 +94,12 @@ def _data_section(data: dict[str, Any] | None) -> list[str]:
         out += ["", "Skipped rows by reason:", ""] + [f"- {n} x {r}" for r, n in data["bad_reasons"].items()]
     if data.get("bad_examples"):
         out += ["", "First skipped rows:", ""] + [f"- `{e}`" for e in data["bad_examples"]]
+    if data.get("unknown_fields"):
+        note = ("Fields no reader of the row format uses (ignored; map them with the source's `columns` if they "
+                "hold data, docs/data.md):")
+        out += ["", note, ""]
+        out += [f"- {source}: " + ", ".join(f"`{k}` ({n} rows)" for k, n in fields.items())
+                for source, fields in data["unknown_fields"].items()]
     return out
 
 
