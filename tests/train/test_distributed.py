@@ -17,6 +17,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.multiprocess
+
 
 def free_port() -> int:
     with socket.socket() as s:

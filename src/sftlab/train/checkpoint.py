@@ -12,6 +12,11 @@ Layout under `output_dir/checkpoints/`:
         COMPLETE              written last, inside the temporary directory
     latest                    name of the newest complete checkpoint (atomically replaced)
 
+Under FSDP the model and optimizer are torch distributed checkpoint shards, one file per rank
+(`pytorch_model_fsdp_0/`, `optimizer_0/`); under DeepSpeed its ZeRO files (`pytorch_model/`); every
+rank writes its own part into the same temporary directory (a filesystem all ranks see), and with
+adapters the shards hold the whole model (`trainable_only` applies to unsharded engines).
+
 A checkpoint is written into `.tmp-step-N`, every file fsync'ed, then renamed into place; only
 then is `latest` replaced. A process killed at any moment leaves the previous complete
 checkpoint usable: incomplete `.tmp-*` directories are ignored and removed on the next save.

@@ -56,18 +56,19 @@ def sharded(accelerator: Accelerator) -> bool:
 def build_accelerator(mixed_precision: str, cpu: bool, **kwargs: Any) -> Accelerator:
     """The run's Accelerator, for whatever `accelerate launch` (or torchrun + env) asked for."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu_fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP") and cpu and world > 1
-    if cpu_fsdp:
-        os.environ["ACCELERATE_USE_CPU"] = "true"  # gloo processes, whatever the launcher assumed
-    elif parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and not torch.cuda.is_available() and world > 1:
+    fsdp, deepspeed = parse_flag_from_env("ACCELERATE_USE_FSDP"), parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    if cpu and world > 1 and not deepspeed:
+        # gloo processes: without this Accelerate finds no GPU and runs each rank as a lone process
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    elif deepspeed and cpu and world > 1:
         # DeepSpeed's CPU accelerator; without a backend Accelerate would count one process
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+    if fsdp:
         # torch warns for every FSDP unit whose forward returns a view (embedding, norm, the loss head's
         # identity projection): the loop does no in-place op on them; tests compare gradients with one process
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     accelerator = Accelerator(mixed_precision=mixed_precision, **kwargs)
-    if cpu_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+    if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
         _enable_cpu_fsdp(accelerator, mixed_precision)
     return accelerator
 

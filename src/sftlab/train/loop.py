@@ -11,7 +11,8 @@ Follow one optimizer step: `MicroBatchStream` picks example indices -> `pad_coll
 `packed_collate`) builds tensors -> the model returns logits -> `summed_nll` (model/loss.py) sums
 the token losses -> the sum is divided by the number of target tokens of the WHOLE optimizer step
 (all micro-batches, all ranks) and back-propagated (`train_step`) -> gradients are clipped ->
-AdamW and the LR schedule step.
+AdamW and the LR schedule step. Over several processes the engine `accelerate launch` chose (DDP,
+FSDP2, DeepSpeed ZeRO) wraps the model; what the loop must know of it is in train/distributed.py.
 """
 
 from __future__ import annotations
@@ -336,6 +337,10 @@ def setup_run(cfg: SFTConfig, console: Console) -> Run:
         compute = {"bf16": "bf16 autocast, matmul weights as bf16 copies of fp32 masters",
                    "fp16": "fp16 autocast with loss scaling"}.get(mixed, cfg.model.dtype)
         masters = "; fp32 master weights in the optimizer" if mixed == "bf16" or cfg.model.dtype == "bfloat16" else ""
+        if distributed.sharded(accelerator):  # the engine casts; the weights it shards stay fp32
+            compute = f"{mixed} compute by {distributed.engine_of(accelerator)}'s mixed precision" \
+                if mixed != "no" else "float32"
+            masters = "; fp32 sharded master weights" if mixed != "no" else ""
         console.print(f"[bold]precision[/bold]: {compute} ({why}){masters}; saved as {cfg.model.dtype}",
                       highlight=False)
     if accelerator.is_main_process:
