@@ -65,13 +65,16 @@ class Lab:
         rows = [{"messages": c} for c in CONVERSATIONS] * 4
         rows += [{"prompt": "Numbers: one two", "completion": "three four five"}] * 4
         self.data = write_jsonl(root / "chat.jsonl", rows)
+        # 5 eval examples over 2 ranks x 2 per batch: rank 1 runs an empty batch in the second round
+        self.eval_data = write_jsonl(root / "eval.jsonl", rows[:5])
         self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.env.pop("ACCELERATE_USE_CPU", None)  # the recipes must work without it
         self.runs: dict[str, Path] = {}
 
     def config(self, name: str, micro: int, peft: dict | None = None) -> Path:
         tree = {"model": {"name_or_path": str(self.model_dir)},
-                "data": {"train": [{"path": str(self.data)}], "max_seq_length": 256},
+                "data": {"train": [{"path": str(self.data)}], "eval": [{"path": str(self.eval_data)}],
+                         "max_seq_length": 256},
                 "optim": {"lr": 3e-3, "warmup_steps": 0},
                 "train": {"output_dir": str(self.root / name), "micro_batch_size": micro, "grad_accum_steps": 2,
                           "max_steps": 3, "mixed_precision": "no"},
@@ -136,6 +139,8 @@ def test_engine_matches_one_process(engine, lab):
     for a, b in zip(m1, m2):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    # validation runs the same number of (collective) forwards on every rank and counts every example once
+    assert m2[-1]["eval_loss"] == pytest.approx(m1[-1]["eval_loss"], rel=1e-5)
     info = json.loads((two / "run.json").read_text())
     assert (info["engine"], info["num_processes"]) == (ENGINE_NAMES[engine], 2)
     # the final model: one plain safetensors file, gathered on the main process
@@ -177,7 +182,7 @@ def test_sigkill_and_resume_reproduce_the_sharded_run(engine, lab):
 @pytest.mark.parametrize("engine", [pytest.param("fsdp", marks=needs("fsdp"))])
 def test_sharded_checkpoint_refuses_another_world_size(engine, lab):
     full = lab.run(engine, engine)
-    config = lab.config("one-process-resume", 4)
+    config = lab.config("one-process-resume", 2)  # the same config, one process
     r = lab.launch(None, config, f"train.resume={full / 'checkpoints' / 'step-00000002'}", check=False)
     assert r.returncode != 0
     out = " ".join((r.stdout + r.stderr).split())
