@@ -77,9 +77,9 @@ def test_base_weights_are_bitwise_untouched_in_training(tiny_model_dir, chat_fil
     seen = {}
     real = loop_mod.save_adapter_run
 
-    def spy(run, model):
+    def spy(run, model, gathered=None):
         seen["model"] = model
-        return real(run, model)
+        return real(run, model, gathered)
 
     monkeypatch.setattr(loop_mod, "save_adapter_run", spy)
     run_training(lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", peft={"dropout": 0.1}))
