@@ -157,6 +157,7 @@ def test_packing_example_checkpoints_and_resumes(tiny_model_dir, tmp_path):
     overrides = tiny_overrides(config, tiny_model_dir, tmp_path / "run") + ["checkpoint.every_steps=1"]
     run_training(load_config(config, overrides))
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == ["step-00000001"]
+    (tmp_path / "run" / "FINISHED").unlink()  # as if killed after its checkpoint (a finished run has nothing to resume)
     printed = io.StringIO()
     again = run_training(load_config(config, overrides + ["train.resume=auto"]), Console(file=printed, width=400))
     assert "resumed from" in printed.getvalue() and "step-00000001 at step 1" in printed.getvalue()
