@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 
+import pytest
 import yaml
 
 from sftlab.cli import main
@@ -85,3 +86,17 @@ def test_data_train_shorthand_without_a_config_starts_from_the_defaults(capsys):
     assert tree["train"]["output_dir"] == "runs/sft" and tree["match_eval"] is None  # not the demo's
     assert main(["config", "show", "optim.lr=1e-4"]) == 0  # no training data given: still the demo
     assert yaml.safe_load(capsys.readouterr().out)["train"]["output_dir"] == "runs/demo"
+
+
+def test_a_mistyped_data_file_fails_at_once_with_a_suggestion(tmp_path, monkeypatch, capsys):
+    from conftest import write_jsonl
+
+    from sftlab.data import sources
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "gsm8k_pc.jsonl", [{"prompt": "1+1", "completion": "2"}])
+    monkeypatch.setattr(sources.datasets, "load_dataset", lambda *a, **k: pytest.fail("tried the hub"))
+    assert main(["train", "--data", "data/gsm8k_pc.jsnol"]) == 2
+    assert "did you mean data/gsm8k_pc.jsonl?" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()

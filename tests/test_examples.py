@@ -41,6 +41,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tokenizer) -> Path:
+    """conftest's tiny model, with positions for 4x the examples' max_seq_length (see the module docstring)."""
+    from conftest import build_model
+
+    d = tmp_path / "tiny-model"
+    build_model(len(tokenizer), positions=4096).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
 def tiny_overrides(config: Path, model_dir: Path, out: Path) -> list[str]:
     """One optimizer step of 2 rows on the tiny model, no exact-match evaluation, 4x the sequence length."""
     max_len = load_config(config).data.max_seq_length

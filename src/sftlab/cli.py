@@ -59,10 +59,17 @@ def _resume_command(argv: list[str]) -> str:
     return shlex.join(["sftlab", *kept, "train.resume=auto"])
 
 
-def cmd_train(ns: argparse.Namespace) -> int:
-    from sftlab.train.loop import run_training
+def _load_checked(ns: argparse.Namespace):
+    """The config, with its local data paths checked before the heavy imports (a typo fails at once)."""
+    from sftlab.data.locate import check_local_paths
 
     cfg = _load(ns)
+    check_local_paths(cfg.data.train + cfg.data.eval)
+    return cfg
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    cfg = _load_checked(ns)
     path, overrides = _split_config_args(ns.args)
     overrides += _quick_overrides(ns)
     if path is None and gives_training_data(overrides):
@@ -74,6 +81,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
                       "(SmolLM2-135M-Instruct learns date conversion)" + (" with your overrides" if overrides else "")
                       + "; `sftlab config show` prints it; `sftlab train --data FILE` starts from the library "
                       "defaults instead", highlight=False)
+    from sftlab.train.loop import run_training
+
     run_training(cfg, console, resume_command=_resume_command(ns.argv))
     return 0
 
@@ -85,7 +94,7 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     from sftlab.data.cache import cache_dir
     from sftlab.train.data import prepare_run_data
 
-    cfg = _load(ns)
+    cfg = _load_checked(ns)
     start = time.perf_counter()
     data = prepare_run_data(cfg, console)  # exactly what `sftlab train` does, so the cache keys match
     took = time.perf_counter() - start
@@ -298,23 +307,35 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from sftlab.data.types import DataError
-    from sftlab.model.adapters import AdapterError
-    from sftlab.model.loading import ModelLoadError
-    from sftlab.train.checkpoint import CheckpointError
-    from sftlab.train.loop import Interrupted, RunError
-
     try:
         return ns.func(ns)
-    except Interrupted as e:
-        console.print(f"[bold yellow]interrupted[/bold yellow]: {e}", highlight=False)
-        return e.exit_code
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted[/bold yellow]: second Ctrl-C, exiting without a checkpoint")
         return 130
-    except (ConfigError, DataError, ModelLoadError, AdapterError, RunError, CheckpointError) as e:
+    except Exception as e:
+        interrupted, user_errors = _error_classes()
+        if isinstance(e, interrupted):
+            console.print(f"[bold yellow]interrupted[/bold yellow]: {e}", highlight=False)
+            return e.exit_code
+        if not isinstance(e, user_errors):
+            raise
         console.print(f"[bold red]error[/bold red]: {e}", highlight=False)
         return 2
+
+
+# module -> the errors it raises that are the user's to fix (printed in one line, exit code 2)
+USER_ERRORS = {"sftlab.config": ("ConfigError",), "sftlab.data.types": ("DataError",),
+               "sftlab.model.loading": ("ModelLoadError",), "sftlab.model.adapters": ("AdapterError",),
+               "sftlab.train.rundir": ("RunError",), "sftlab.train.checkpoint": ("CheckpointError",)}
+
+
+def _error_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(Interrupted, the user errors) among the modules already imported: an error can only come from a
+    module that is loaded, and importing the training loop just to name its classes takes seconds."""
+    loaded = {name: sys.modules[name] for name in [*USER_ERRORS, "sftlab.train.loop"] if name in sys.modules}
+    user = tuple(getattr(loaded[m], c) for m, classes in USER_ERRORS.items() if m in loaded for c in classes)
+    loop = loaded.get("sftlab.train.loop")
+    return ((loop.Interrupted,) if loop else ()), user
 
 
 if __name__ == "__main__":

@@ -119,3 +119,17 @@ def test_interrupt_prints_the_command_line_that_resumes(tiny_model_dir, chat_fil
     assert main(["train", str(cfg), "optim.lr=1e-3", "train.resume=null"]) == 130
     printed = capsys.readouterr().out
     assert f"resume with: sftlab train '{cfg}' optim.lr=1e-3 train.resume=auto" in printed
+
+
+def test_a_mistyped_data_path_fails_before_an_overwrite_clears_anything(tiny_model_dir, chat_file, tmp_path,
+                                                                       monkeypatch):
+    from sftlab.data import sources
+    from sftlab.data.types import DataError
+
+    out = tmp_path / "run"
+    train(tree(tiny_model_dir, chat_file, out))
+    monkeypatch.setattr(sources.datasets, "load_dataset", lambda *a, **k: pytest.fail("tried the hub"))
+    typo = str(chat_file).replace(".jsonl", ".jsnol")
+    with pytest.raises(DataError, match=r"data source not found: .*chat.jsnol; did you mean .*chat.jsonl\?"):
+        train(tree(tiny_model_dir, typo, out, overwrite=True))
+    assert (out / FINISHED).is_file() and (out / "model.safetensors").is_file()

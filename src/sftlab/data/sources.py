@@ -9,7 +9,7 @@ A source is one of:
 - a `datasets` hub name (`owner/name`, with `subset` and `split`), loaded with `datasets.load_dataset`;
   a path that looks local (a file extension such as `.jsnol`, a leading `.`, `/` or `~`, more than one
   `/`, or a first component that is a local directory) is never tried on the Hub: when it does not exist
-  it fails at once, with the closest file name in its directory as a suggestion;
+  it fails at once, with the closest file name in its directory as a suggestion (data/locate.py);
 - through the Python API, a `datasets.Dataset` object, bare or wrapped in `DatasetSource` to give it
   a name, a format or a mixing weight.
 
@@ -23,13 +23,10 @@ sha256 of the files' bytes, or the dataset fingerprint for hub and in-memory dat
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
-import itertools
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +39,7 @@ import pyarrow.parquet as pq
 
 from sftlab.config import SourceConfig
 from sftlab.data.formats import iter_jsonl
+from sftlab.data.locate import looks_local, not_found
 from sftlab.data.types import DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -218,30 +216,6 @@ def _load_hub(spec: SourceConfig) -> datasets.Dataset:
     return ds
 
 
-# A file extension: letters only (`.jsnol`, `.parquet`), so hub names such as `teknium/OpenHermes-2.5` are not.
-_EXTENSION = re.compile(r"\.[A-Za-z]{1,10}$")
-
-
-def looks_local(path_str: str) -> bool:
-    """A path that is never tried as a hub dataset name (hub names are `name` or `owner/name`)."""
-    head = path_str.split("/", 1)[0]
-    return (path_str.startswith(("/", ".", "~")) or bool(_EXTENSION.search(path_str))
-            or "\\" in path_str or path_str.count("/") > 1
-            or ("/" in path_str and Path(head).is_dir()))
-
-
-def _not_found(path: Path) -> DataError:
-    """The error for a missing local source: its absolute path and the closest name next to it."""
-    where = path if path.is_absolute() else f"{path} (from {Path.cwd()})"
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        return DataError(f"data source not found: {where}; its directory {parent} does not exist either")
-    names = [p.name for p in itertools.islice(parent.iterdir(), 10_000) if not p.name.startswith(".")]
-    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
-    hint = f"; did you mean {parent / close[0]}?" if close else ""
-    return DataError(f"data source not found: {where}{hint}")
-
-
 def open_source(spec: SourceSpec, index: int = 0) -> Source:
     """Resolve a source spec to an opened Source, or raise DataError naming it."""
     if isinstance(spec, datasets.Dataset):
@@ -267,6 +241,6 @@ def open_source(spec: SourceSpec, index: int = 0) -> Source:
                             "and is not a `save_to_disk` dataset")
         return Source(str(path), "files", spec.format, spec.weight, files=files)
     if looks_local(spec.path):
-        raise _not_found(path)
+        raise not_found(path)
     name = spec.path + (f" subset={spec.subset}" if spec.subset else "") + f" split={spec.split}"
     return Source(name, "hub", spec.format, spec.weight, dataset=_load_hub(spec))

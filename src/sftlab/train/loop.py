@@ -49,6 +49,7 @@ from transformers.integrations.neftune import activate_neftune
 
 from sftlab.config import SFTConfig, dump_config
 from sftlab.data.collate import MicroBatchStream
+from sftlab.data.locate import check_local_paths
 from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 from sftlab.model import adapters
 from sftlab.model.generate import MatchResult, exact_match, load_match_examples
@@ -315,7 +316,7 @@ def run_device_type() -> str:
 def claim_output_dir(cfg: SFTConfig, console: Console) -> str:
     """May this run write into train.output_dir? Decided on the main process before any data is read and
     shared with the other ranks: "start", "complete" (train.resume=auto on a finished run), or a RunError."""
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # what Accelerator() will initialise
     verdict: tuple[str, str] | None = None
     if state.is_main_process:
         try:
@@ -371,6 +372,7 @@ def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = Non
         tracking.check_trackers(trackers)
     except tracking.TrackerError as e:
         raise RunError(str(e)) from None
+    check_local_paths(cfg.data.train + cfg.data.eval)  # a mistyped data path fails before anything is touched
     if claim_output_dir(cfg, console) == "complete":
         return None
     tracking.prepare_offline(trackers, out)
