@@ -25,7 +25,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sftlab.config import ConfigError, config_reference, dump_config, gives_training_data, load_config
+from sftlab.config import (
+    ConfigError,
+    config_reference,
+    dump_config,
+    gives_training_data,
+    load_config,
+)
 
 console = Console(soft_wrap=True)
 

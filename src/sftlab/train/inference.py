@@ -28,7 +28,13 @@ from sftlab.data.templates import load_template
 from sftlab.model import adapters
 from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path
 from sftlab.model.vocab import resize_for_new_tokens
-from sftlab.train.checkpoint import COMPLETE, STATE_FILE, CheckpointError, latest_checkpoint, read_state
+from sftlab.train.checkpoint import (
+    COMPLETE,
+    STATE_FILE,
+    CheckpointError,
+    latest_checkpoint,
+    read_state,
+)
 from sftlab.train.data import load_run_tokenizer
 from sftlab.train.optim import decay_groups
 from sftlab.train.precision import MASTER_KEY
@@ -42,6 +48,8 @@ def is_checkpoint_dir(path: str | Path) -> bool:
 
 def load_model_dir(spec: str | Path) -> tuple[Any, Any]:
     """(model, tokenizer) of `default`, a hub id, a model/run/checkpoint directory or a .gguf file."""
+    if str(spec) == "default":  # the embedded model, even where a directory of that name exists
+        return _load_plain(ModelConfig())
     path = Path(spec).expanduser()
     if adapters.is_adapter_dir(path):
         model, tokenizer = adapters.load_for_inference(path)
@@ -55,7 +63,11 @@ def load_model_dir(spec: str | Path) -> tuple[Any, Any]:
                               f"run), {STATE_FILE} (a checkpoint) nor a complete checkpoint under checkpoints/")
         log.info("%s has no saved model (the run did not finish): loading its latest checkpoint %s", path, ckpt.name)
         return load_checkpoint_model(ckpt)
-    cfg = ModelConfig(name_or_path=str(spec))
+    return _load_plain(ModelConfig(name_or_path=str(spec)))
+
+
+def _load_plain(cfg: ModelConfig) -> tuple[Any, Any]:
+    """A model as training loads it (model/loading.py): `default`, a hub id, a HF directory, a .gguf file."""
     resolved = resolve_model_path(cfg)
     model = load_model(cfg, resolved)
     model.config.use_cache = True

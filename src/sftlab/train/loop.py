@@ -1,9 +1,11 @@
 """The training loop: one file, top to bottom, from config to saved model.
 
 `run_training` is the recipe, a table of contents of its phases:
-  setup_run (claim_output_dir: refuse a non-empty output_dir unless resuming or overwriting; stop at once
-  when train.resume=auto finds the run finished) -> setup_data (train/data.py) -> setup_model_and_optimizer -> resume_or_start
+  setup_run -> setup_data (train/data.py) -> setup_model_and_optimizer -> resume_or_start
   -> open_run_log -> fit -> finish (from open_run_log on, SIGINT/SIGTERM mean: finish the step, checkpoint, stop).
+`setup_run` first claims the output directory (`claim_output_dir`, train/rundir.py): a non-empty one is
+refused unless resuming or overwriting, and train.resume=auto on a finished run stops there (nothing to do);
+`finish` writes the FINISHED marker last.
 `fit` runs the optimizer steps; each is `optimizer_step` (micro-batches, forward/backward, clipping,
 NaN policy, AdamW and the LR schedule) then `add_eval_and_log` and, when `checkpoint_due`,
 `save_run_checkpoint`.

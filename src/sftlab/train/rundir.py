@@ -4,8 +4,8 @@
 
 - `empty`: missing, empty, or only hidden files: any run may start;
 - `finished`: a run ended there and wrote `FINISHED` last (JSON: steps, final loss, time);
-- `unfinished`: a run's files (`config.yaml`, `metrics.jsonl`, `checkpoints/`) without the marker:
-  interrupted, killed or failed;
+- `unfinished`: a run's files (`config.yaml`, `metrics.jsonl`, `checkpoints/`, a tracker's directory)
+  without the marker: interrupted, killed or failed;
 - `foreign`: other files.
 
 A new run into a non-empty directory is refused (`refusal` says why and how to proceed) unless it
@@ -27,7 +27,7 @@ import yaml
 from sftlab.train.checkpoint import latest_checkpoint
 
 FINISHED = "FINISHED"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "run.json", "checkpoints")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "run.json", "checkpoints", "tensorboard", "wandb", "trackio")
 # a previous run's outputs that a new run does not necessarily rewrite (full vs LoRA, fewer steps, no merge)
 STALE = (FINISHED, "checkpoints", "merged", "model.safetensors", "model.safetensors.index.json", "config.json",
          "generation_config.json", "adapter_model.safetensors", "adapter_config.json", "sftlab_base.json",
