@@ -55,8 +55,9 @@ after its one child (`sftlab train`) exits; each measurement is a fresh process.
   saw the same tokens and the same target tokens at every step, and the first-step losses
   (before any update) agree within 2 % (precision and kernels are what may differ);
   the bench exits 1 when they do not.
-- Schedule. TRL gets sftlab's linear schedule with sftlab's warmup steps (`ceil(0.03 * N)`, HF
-  convention), AdamW, weight decay 0, max grad norm 1.0, seed 42.
+- Schedule. Both sides: linear decay from the peak lr with no warmup (`optim.warmup_steps: 0`; sftlab's
+  warmup runs no step at lr 0, transformers' runs its first warmup step at lr 0, so with warmup the two
+  schedules differ by one step), AdamW, weight decay 0, max grad norm 1.0, seed 42.
 - Geometry. Same rows per micro-batch. TRL's padding-free collator concatenates the micro-batch's
   rows into one (1, <= 4096) sequence with restarting position_ids (transformers then builds a
   block-diagonal mask over 4096 positions); sftlab passes (4, <= 1024) rows, each padded to the
@@ -251,7 +252,7 @@ def write_sftlab_config(path: Path, data: Path, out: Path, mbs: int, steps: int,
     cfg = {
         "data": {"train": [{"path": str(data), "format": "messages"}], "max_seq_length": CAPACITY,
                  "packing": "bfd", "loss_on": loss_on, "cache": False},
-        "optim": {"lr": LR},
+        "optim": {"lr": LR, "warmup_steps": 0},  # the same schedule on both sides (see Schedule above)
         "train": {"output_dir": str(out), "micro_batch_size": mbs, "grad_accum_steps": 1, "max_steps": steps},
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -46,10 +46,10 @@ def build_tokenizer(template: str = CHATML_TEMPLATE) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_model(vocab_size: int, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+def build_model(vocab_size: int, seed: int = 0, layers: int = 2, positions: int = 512) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     return LlamaForCausalLM(cfg).float()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 
+import pytest
 import yaml
 
 from sftlab.cli import main
@@ -34,4 +35,68 @@ def test_generate_and_chat_on_a_saved_model(tiny_model_dir, capsys, monkeypatch)
     capsys.readouterr()
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\n/reset\nTell me a joke.\n/exit\n"))
     assert main(["chat", str(tiny_model_dir), "--max-new-tokens", "3"]) == 0
-    assert capsys.readouterr().out.count("model>") == 2
+    out = capsys.readouterr().out
+    assert out.count("model>") == 2
+    assert "you>" not in out and "/reset clears" not in out  # piped input: no prompt, no banner
+
+
+def test_sampling_is_seeded_and_checked(tiny_model_dir, capsys):
+    args = ["generate", str(tiny_model_dir), "--prompt", "Hello!", "--max-new-tokens", "8", "--temperature", "1.5",
+            "--top-p", "0.95"]
+    replies = []
+    for _ in range(2):
+        assert main(args + ["--seed", "3"]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and replies[0].strip()
+    assert main(args[:-4] + ["--temperature", "-1"]) == 2
+    assert "--temperature must be >= 0" in capsys.readouterr().out
+
+
+def test_generate_default_uses_the_embedded_model(tiny_model_dir, capsys, monkeypatch):
+    """`default` resolves as in training (model/loading.py; here the GGUF conversion is replaced by the tiny model)."""
+    from sftlab.model import loading
+
+    asked = []
+    monkeypatch.setattr(loading, "default_gguf_path", lambda: tiny_model_dir / "SmolLM2.gguf")
+    monkeypatch.setattr(loading, "convert_gguf", lambda path: asked.append(path.name) or tiny_model_dir)
+    assert main(["generate", "default", "--prompt", "Hello!", "--max-new-tokens", "2"]) == 0
+    assert asked and set(asked) == {"SmolLM2.gguf"}
+
+
+def test_train_data_flag_builds_the_config_from_library_defaults(tiny_model_dir, chat_file, tmp_path, capsys):
+    from sftlab.config import SFTConfig, load_config
+
+    out = tmp_path / "quick"
+    assert main(["train", "--data", str(chat_file), "--model", str(tiny_model_dir), "--out", str(out),
+                 "data.max_seq_length=256", "train.max_steps=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "no config file: the library defaults" in printed and f"output_dir: {out}" in printed
+    expected = SFTConfig.model_validate({"model": {"name_or_path": str(tiny_model_dir)},
+                                         "data": {"train": str(chat_file), "max_seq_length": 256},
+                                         "train": {"output_dir": str(out), "max_steps": 2}})
+    assert load_config(out / "config.yaml") == expected  # every other key: the typed default, none from the demo
+    assert expected.match_eval is None and expected.optim.lr == 2e-5 and expected.train.micro_batch_size == 8
+
+
+def test_data_train_shorthand_without_a_config_starts_from_the_defaults(capsys):
+    assert main(["config", "show", "data.train=x.jsonl"]) == 0
+    tree = yaml.safe_load(capsys.readouterr().out)
+    assert tree["data"]["train"] == [{"path": "x.jsonl", "format": "auto", "weight": None, "split": "train",
+                                      "subset": None}]
+    assert tree["train"]["output_dir"] == "runs/sft" and tree["match_eval"] is None  # not the demo's
+    assert main(["config", "show", "optim.lr=1e-4"]) == 0  # no training data given: still the demo
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["output_dir"] == "runs/demo"
+
+
+def test_a_mistyped_data_file_fails_at_once_with_a_suggestion(tmp_path, monkeypatch, capsys):
+    from conftest import write_jsonl
+
+    from sftlab.data import sources
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "gsm8k_pc.jsonl", [{"prompt": "1+1", "completion": "2"}])
+    monkeypatch.setattr(sources.datasets, "load_dataset", lambda *a, **k: pytest.fail("tried the hub"))
+    assert main(["train", "--data", "data/gsm8k_pc.jsnol"]) == 2
+    assert "did you mean data/gsm8k_pc.jsonl?" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()

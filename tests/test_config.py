@@ -132,3 +132,52 @@ def test_committed_reference_is_current():
     committed = Path(__file__).resolve().parent.parent / "docs" / "config.md"
     assert committed.read_text(encoding="utf-8") == config_reference() + "\n", (
         "docs/config.md is stale: regenerate it with `sftlab config reference > docs/config.md`")
+
+
+def _readme_yaml_blocks() -> list[dict]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    return [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)]
+
+
+def _assert_defaults(values: dict, model, where: str) -> list[str]:
+    """Every value in `values` equals the typed default of `model` (required keys such as paths excepted)."""
+    from pydantic import TypeAdapter
+
+    from sftlab.config import SourceConfig, _model_of
+
+    checked = []
+    for key, value in values.items():
+        assert key in model.model_fields, f"README: {where}{key} is not a config key"
+        field = model.model_fields[key]
+        inner = _model_of(field.annotation)
+        if field.is_required():
+            continue
+        if inner is SourceConfig:
+            for i, src in enumerate(value):
+                checked += _assert_defaults(src, SourceConfig, f"{where}{key}.{i}.")
+        elif inner is not None and isinstance(value, dict):
+            checked += _assert_defaults(value, inner, f"{where}{key}.")
+        else:
+            default = field.get_default(call_default_factory=True)
+            assert TypeAdapter(field.annotation).validate_python(value) == default, \
+                f"README shows {where}{key}: {value!r}, the default is {default!r}"
+            checked.append(f"{where}{key}")
+    return checked
+
+
+def test_readme_example_configs_are_the_defaults():
+    """The README's config example and its LoRA block show the real defaults (data paths excepted)."""
+    from sftlab.config import _model_of
+
+    blocks = [b for b in _readme_yaml_blocks() if isinstance(b, dict) and ({"model", "optim"} <= b.keys() or "peft" in b)]
+    assert len(blocks) == 2, "the README's main config example and its peft block"
+    checked = []
+    for block in blocks:
+        SFTConfig.model_validate({"data": {"train": "x.jsonl"}, **block})  # each block is a valid config
+        for section, values in block.items():
+            checked += _assert_defaults(values, _model_of(SFTConfig.model_fields[section].annotation), f"{section}.")
+    assert {"data.eval_fraction", "optim.warmup_ratio", "train.overwrite", "peft.r", "data.train.0.format"} <= set(checked)
+    assert len(checked) > 50

@@ -41,6 +41,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tokenizer) -> Path:
+    """conftest's tiny model, with positions for 4x the examples' max_seq_length (see the module docstring)."""
+    from conftest import build_model
+
+    d = tmp_path / "tiny-model"
+    build_model(len(tokenizer), positions=4096).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
 def tiny_overrides(config: Path, model_dir: Path, out: Path) -> list[str]:
     """One optimizer step of 2 rows on the tiny model, no exact-match evaluation, 4x the sequence length."""
     max_len = load_config(config).data.max_seq_length
@@ -157,6 +168,7 @@ def test_packing_example_checkpoints_and_resumes(tiny_model_dir, tmp_path):
     overrides = tiny_overrides(config, tiny_model_dir, tmp_path / "run") + ["checkpoint.every_steps=1"]
     run_training(load_config(config, overrides))
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == ["step-00000001"]
+    (tmp_path / "run" / "FINISHED").unlink()  # as if killed after its checkpoint (a finished run has nothing to resume)
     printed = io.StringIO()
     again = run_training(load_config(config, overrides + ["train.resume=auto"]), Console(file=printed, width=400))
     assert "resumed from" in printed.getvalue() and "step-00000001 at step 1" in printed.getvalue()

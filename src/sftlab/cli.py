@@ -1,26 +1,38 @@
 """Command line: `sftlab train|prepare|eval|report|export|config|generate|chat`.
 
     sftlab train [CONFIG.yaml] [key.path=value ...]   fine-tune (no CONFIG: the embedded demo)
+    sftlab train --data FILE [--model M] [--out DIR]  quick start: the library defaults (printed first)
     sftlab prepare [CONFIG.yaml] [overrides ...] [--show N]   tokenize and cache the data, print the data
                                                       report (--show: N examples per source, targets marked)
     sftlab eval MODEL_OR_RUN_DIR --data FILE [--match] [--json]   loss, perplexity (exact match) on a file
     sftlab report RUN_DIR                             regenerate report.md + loss.png
     sftlab export RUN_DIR --merge --out DIR           merge a LoRA adapter into a plain model
     sftlab config show|reference [CONFIG.yaml] [overrides ...]   resolved config / every key documented
-    sftlab generate MODEL_DIR --prompt "..."          one greedy reply
-    sftlab chat MODEL_DIR                             interactive chat
+    sftlab generate MODEL --prompt "..."              one reply (greedy; --temperature/--top-p sample)
+    sftlab chat MODEL                                 interactive chat (piped stdin: one reply per line)
+
+MODEL for generate/chat/eval: `default`, a run directory, a checkpoint directory
+(RUN/checkpoints/step-N), a Hugging Face model directory, a .gguf file or a hub id.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
-from sftlab.config import ConfigError, config_reference, dump_config, load_config
+from sftlab.config import (
+    ConfigError,
+    config_reference,
+    dump_config,
+    gives_training_data,
+    load_config,
+)
 
 console = Console(soft_wrap=True)
 
@@ -31,19 +43,54 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
-def _load(args: list[str]):
-    path, overrides = _split_config_args(args)
-    return load_config(path, overrides)
+def _quick_overrides(ns: argparse.Namespace) -> list[str]:
+    """--data/--model/--out as overrides (values JSON-quoted, so any path survives YAML parsing)."""
+    out = []
+    if getattr(ns, "data", None):
+        out.append("data.train=" + json.dumps(ns.data))
+    if getattr(ns, "model", None):
+        out.append("model.name_or_path=" + json.dumps(ns.model))
+    if getattr(ns, "out", None):
+        out.append("train.output_dir=" + json.dumps(ns.out))
+    return out
+
+
+def _load(ns: argparse.Namespace):
+    path, overrides = _split_config_args(ns.args)
+    return load_config(path, overrides + _quick_overrides(ns))
+
+
+def _resume_command(argv: list[str]) -> str:
+    """This very command line with train.resume=auto (instead of any train.resume given)."""
+    kept = [a for a in argv if not a.startswith("train.resume=")]
+    return shlex.join(["sftlab", *kept, "train.resume=auto"])
+
+
+def _load_checked(ns: argparse.Namespace):
+    """The config, with its local data paths checked before the heavy imports (a typo fails at once)."""
+    from sftlab.data.locate import check_local_paths
+
+    cfg = _load(ns)
+    check_local_paths(cfg.data.train + cfg.data.eval)
+    return cfg
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    cfg = _load_checked(ns)
+    path, overrides = _split_config_args(ns.args)
+    overrides += _quick_overrides(ns)
+    if path is None and gives_training_data(overrides):
+        console.print("[bold]sftlab[/bold]: no config file: the library defaults with your settings (save this as "
+                      "a YAML file to change more; `sftlab config reference` documents every key):", highlight=False)
+        console.print(dump_config(cfg), markup=False, highlight=False, end="")
+    elif path is None:
+        console.print("[bold]sftlab[/bold]: no config given, running the embedded demo "
+                      "(SmolLM2-135M-Instruct learns date conversion)" + (" with your overrides" if overrides else "")
+                      + "; `sftlab config show` prints it; `sftlab train --data FILE` starts from the library "
+                      "defaults instead", highlight=False)
     from sftlab.train.loop import run_training
 
-    cfg = _load(ns.args)
-    if not ns.args:
-        console.print("[bold]sftlab[/bold]: no config given, running the embedded demo "
-                      "(SmolLM2-135M-Instruct learns date conversion); `sftlab config show` prints it")
-    run_training(cfg, console)
+    run_training(cfg, console, resume_command=_resume_command(ns.argv))
     return 0
 
 
@@ -54,7 +101,7 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     from sftlab.data.cache import cache_dir
     from sftlab.train.data import prepare_run_data, print_preview
 
-    cfg = _load(ns.args)
+    cfg = _load_checked(ns)
     start = time.perf_counter()
     data = prepare_run_data(cfg, console)  # exactly what `sftlab train` does, so the cache keys match
     took = time.perf_counter() - start
@@ -118,36 +165,59 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_config_show(ns: argparse.Namespace) -> int:
-    print(dump_config(_load(ns.args)), end="")
+    print(dump_config(_load(ns)), end="")
     return 0
 
 
-def _load_for_inference(model_dir: str):
-    from sftlab.train.evaluate import load_model_dir
+def _load_for_inference(ns: argparse.Namespace):
+    """The model and a reply function with the command's sampling settings."""
+    import functools
 
-    return load_model_dir(model_dir)  # a LoRA run: its base model with the adapter merged in
+    import torch
+
+    from sftlab.model.generate import generate_replies
+    from sftlab.train.inference import load_model_dir
+
+    if ns.temperature < 0 or not 0 < ns.top_p <= 1:
+        raise ConfigError(f"--temperature must be >= 0 (0: greedy) and --top-p in (0, 1]; got {ns.temperature}, "
+                          f"{ns.top_p}")
+    if ns.seed is not None:
+        torch.manual_seed(ns.seed)
+    model, tok = load_model_dir(ns.model_dir)
+    reply = functools.partial(generate_replies, model, tok, max_new_tokens=ns.max_new_tokens,
+                              temperature=ns.temperature, top_p=ns.top_p)
+    return lambda history: reply([history])[0].strip()
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from sftlab.model.generate import generate_replies
-
-    model, tok = _load_for_inference(ns.model_dir)
+    reply = _load_for_inference(ns)
     messages = ([{"role": "system", "content": ns.system}] if ns.system else []) + [{"role": "user", "content": ns.prompt}]
-    print(generate_replies(model, tok, [messages], ns.max_new_tokens)[0].strip())
+    print(reply(messages))
     return 0
 
 
-def cmd_chat(ns: argparse.Namespace) -> int:
-    from sftlab.model.generate import generate_replies
+def _next_line(interactive: bool) -> str | None:
+    """The user's next line (None at end of input); the `you>` prompt only on a terminal."""
+    try:
+        if interactive:
+            return console.input("[bold cyan]you>[/bold cyan] ")
+        line = sys.stdin.readline()
+        return line.rstrip("\n") if line else None
+    except (EOFError, KeyboardInterrupt):
+        return None
 
-    model, tok = _load_for_inference(ns.model_dir)
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    reply = _load_for_inference(ns)
     history = [{"role": "system", "content": ns.system}] if ns.system else []
-    console.print("[dim]chat with the model; /reset clears history, /exit or Ctrl-D quits[/dim]")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        console.print("[dim]chat with the model; /reset clears history, /exit or Ctrl-D quits[/dim]")
     while True:
-        try:
-            text = console.input("[bold cyan]you>[/bold cyan] ")
-        except (EOFError, KeyboardInterrupt):
-            console.print()
+        text = _next_line(interactive)
+        if text is None:
+            if interactive:
+                console.print()
             return 0
         if text.strip() in ("/exit", "/quit"):
             return 0
@@ -155,9 +225,9 @@ def cmd_chat(ns: argparse.Namespace) -> int:
             history = history[:1] if ns.system else []
             continue
         history.append({"role": "user", "content": text})
-        reply = generate_replies(model, tok, [history], ns.max_new_tokens)[0].strip()
-        history.append({"role": "assistant", "content": reply})
-        console.print(f"[bold green]model>[/bold green] {reply}", highlight=False)
+        answer = reply(history)
+        history.append({"role": "assistant", "content": answer})
+        console.print(f"[bold green]model>[/bold green] {answer}", highlight=False)
 
 
 PREPARE_HELP = """\
@@ -178,13 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="fine-tune a model (no config: the embedded demo)")
-    t.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    t = sub.add_parser("train", help="fine-tune a model (no config: the embedded demo; --data: the library defaults)")
+    _config_args(t)
     t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("prepare", help="tokenize and cache the data ahead of training; print the data report",
                         description=PREPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    pr.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    _config_args(pr)
     pr.add_argument("--show", type=int, default=0, metavar="N", help=(
         "also show what will be trained: N sampled examples per source (seeded by train.seed) with their target "
         "tokens marked, each source's format, target-token share and lengths, the packing and a length histogram"))
@@ -193,13 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="config utilities")
     csub = c.add_subparsers(dest="config_command", required=True)
     cs = csub.add_parser("show", help="print the resolved config")
-    cs.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    _config_args(cs)
     cs.set_defaults(func=cmd_config_show)
     cr = csub.add_parser("reference", help="print every config key with type, default and description (Markdown)")
     cr.set_defaults(func=lambda ns: print(config_reference()) or 0)
 
     ev = sub.add_parser("eval", help="loss / perplexity (and exact match) of a model or run dir on a data file")
-    ev.add_argument("model_dir", help="a saved model directory or a run directory (LoRA adapters are merged)")
+    ev.add_argument("model_dir", help=MODEL_HELP)
     ev.add_argument("--data", required=True, help="a data file in any supported format")
     ev.add_argument("--match", action="store_true", help="also exact match of greedy replies (JSONL conversations)")
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -218,20 +288,44 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="directory for the merged model")
     e.set_defaults(func=cmd_export)
 
-    for name, func, helptext in (("generate", cmd_generate, "one greedy reply to a prompt"),
-                                 ("chat", cmd_chat, "interactive chat with a saved model")):
+    for name, func, helptext in (("generate", cmd_generate, "one reply to a prompt (greedy unless --temperature)"),
+                                 ("chat", cmd_chat, "chat with a model (interactive; piped stdin: a reply per line)")):
         g = sub.add_parser(name, help=helptext)
-        g.add_argument("model_dir")
+        g.add_argument("model_dir", metavar="MODEL", help=MODEL_HELP)
         if name == "generate":
             g.add_argument("--prompt", required=True)
         g.add_argument("--system", default=None, help="system message")
         g.add_argument("--max-new-tokens", type=int, default=256)
+        g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
+        g.add_argument("--top-p", type=float, default=1.0, help="sampling: the nucleus probability mass (default 1)")
+        g.add_argument("--seed", type=int, default=None, help="sampling: torch seed, for repeatable replies")
         g.set_defaults(func=func)
     return p
 
 
+MODEL_HELP = ("`default` (the embedded SmolLM2-135M-Instruct), a run directory (LoRA adapters merged; an unfinished "
+              "run: its latest checkpoint), a checkpoint directory (RUN/checkpoints/step-N), a Hugging Face model "
+              "directory, a .gguf file or a hub id")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    p.add_argument("--data", action="append", metavar="FILE", help=(
+        "training data (repeat for a mix), as data.train=FILE; without a CONFIG the config starts from the library "
+        "defaults, not the demo"))
+    p.add_argument("--model", metavar="PATH", help="model.name_or_path (default: `default`, the embedded model)")
+    p.add_argument("--out", metavar="DIR", help="train.output_dir")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(ns, "args") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # key=value overrides after an option (`--data x.jsonl optim.lr=1e-4`)
+        ns.args += extra
+    ns.argv = argv
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("sftlab").setLevel(logging.DEBUG if ns.verbose else logging.INFO)
     # bitsandbytes (imported by peft when installed) warns about optional CPU kernels at import
@@ -240,23 +334,35 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from sftlab.data.types import DataError
-    from sftlab.model.adapters import AdapterError
-    from sftlab.model.loading import ModelLoadError
-    from sftlab.train.checkpoint import CheckpointError
-    from sftlab.train.loop import Interrupted, RunError
-
     try:
         return ns.func(ns)
-    except Interrupted as e:
-        console.print(f"[bold yellow]interrupted[/bold yellow]: {e}", highlight=False)
-        return e.exit_code
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted[/bold yellow]: second Ctrl-C, exiting without a checkpoint")
         return 130
-    except (ConfigError, DataError, ModelLoadError, AdapterError, RunError, CheckpointError) as e:
+    except Exception as e:
+        interrupted, user_errors = _error_classes()
+        if isinstance(e, interrupted):
+            console.print(f"[bold yellow]interrupted[/bold yellow]: {e}", highlight=False)
+            return e.exit_code
+        if not isinstance(e, user_errors):
+            raise
         console.print(f"[bold red]error[/bold red]: {e}", highlight=False)
         return 2
+
+
+# module -> the errors it raises that are the user's to fix (printed in one line, exit code 2)
+USER_ERRORS = {"sftlab.config": ("ConfigError",), "sftlab.data.types": ("DataError",),
+               "sftlab.model.loading": ("ModelLoadError",), "sftlab.model.adapters": ("AdapterError",),
+               "sftlab.train.rundir": ("RunError",), "sftlab.train.checkpoint": ("CheckpointError",)}
+
+
+def _error_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(Interrupted, the user errors) among the modules already imported: an error can only come from a
+    module that is loaded, and importing the training loop just to name its classes takes seconds."""
+    loaded = {name: sys.modules[name] for name in [*USER_ERRORS, "sftlab.train.loop"] if name in sys.modules}
+    user = tuple(getattr(loaded[m], c) for m, classes in USER_ERRORS.items() if m in loaded for c in classes)
+    loop = loaded.get("sftlab.train.loop")
+    return ((loop.Interrupted,) if loop else ()), user
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 `load_config(path, overrides)` reads the YAML, applies dotted CLI overrides
 (`optim.lr=1e-5`, `data.train.0.path=x.jsonl`), and validates. Unknown or mistyped keys
-are rejected with their dotted path. With no path, the packaged demo config is used.
+are rejected with their dotted path. With no path, the packaged demo config is used, unless the
+overrides give the training data (`data.train=FILE`): then the library defaults are (the quick start).
+A source may be written as its path alone: `data.train: x.jsonl` (or a list of paths) is
+`data.train: [{path: x.jsonl}]`.
 """
 
 from __future__ import annotations
@@ -115,13 +118,30 @@ class SourceConfig(_Strict):
         return columns
 
 
+def sources_shorthand(value: Any) -> Any:
+    """`x.jsonl` -> `[{path: x.jsonl}]`; a list's bare paths -> `{path: ...}` (anything else unchanged)."""
+    if isinstance(value, str):
+        return [{"path": value}]
+    if isinstance(value, list):
+        return [{"path": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
 class DataConfig(_Strict):
     """Training and validation data: sources, template, masks, lengths, packing, preparation."""
 
-    train: list[SourceConfig] = Field(default_factory=list, description="training sources (at least one)")
+    train: list[SourceConfig] = Field(default_factory=list, description=(
+        "training sources (at least one); a bare path (or list of paths) is a source with every default"))
     eval: list[SourceConfig] = Field(default_factory=list, description=(
         "validation sources; when empty, eval_fraction of the mixed training examples is held out"))
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of training examples held out for validation")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _path_shorthand(cls, v: Any) -> Any:
+        return sources_shorthand(v)
+
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "fraction of training examples held out for validation (0 with no eval sources: no validation loss)"))
     max_seq_length: int = Field(2048, gt=0, description="longest example (and packed row) in tokens")
     on_overlength: Literal["drop", "truncate", "error"] = Field("drop", description=(
         "what happens to an example longer than max_seq_length (every case is counted in the data report)"))
@@ -156,14 +176,22 @@ class OptimConfig(_Strict):
     eps: float = Field(1e-8, description="AdamW epsilon")
     max_grad_norm: float | None = Field(1.0, description="gradient clipping norm; null disables clipping (the norm is still logged)")
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup")
-    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description="warmup as a fraction of the optimizer steps")
-    warmup_steps: int | None = Field(None, ge=0, description="warmup in optimizer steps; overrides warmup_ratio when set")
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description=(
+        "warmup as a fraction of the optimizer steps (rounded up); see warmup_steps"))
+    warmup_steps: int | None = Field(None, ge=0, description=(
+        "warmup in optimizer steps, overrides warmup_ratio: W warmup steps run at lr*1/(W+1) .. lr*W/(W+1) (no step "
+        "at lr 0), step W+1 at the peak lr, then the decay; the last step's lr is above 0 (linear: lr/(steps-W))"))
 
 
 class TrainConfig(_Strict):
     """The training loop: batch geometry, length, precision, speed, resume, logging."""
 
-    output_dir: str = Field("runs/sft", description="where the model, metrics, report and checkpoints go")
+    output_dir: str = Field("runs/sft", description=(
+        "where the model, metrics, report and checkpoints go; a non-empty one is refused unless resuming or "
+        "overwrite is set"))
+    overwrite: bool = Field(False, description=(
+        "allow an output_dir that already holds a run (its model, checkpoints and marker are removed first) or "
+        "other files; train.resume takes precedence"))
     micro_batch_size: int = Field(8, gt=0, description="examples (or packed rows) per micro-batch per process")
     micro_batch_tokens: int | None = Field(None, gt=0, description=(
         "a token budget per micro-batch instead of a row count (padding included); overrides micro_batch_size"))
@@ -301,7 +329,22 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             except ValueError:
                 pass
         _set_dotted(tree, key.strip(), value)
+        _normalise_sources(tree)
     return tree
+
+
+def _normalise_sources(tree: dict[str, Any]) -> None:
+    """Sources given as bare paths become `{path: ...}` mappings (so paths resolve and `.0.x` overrides apply)."""
+    data = tree.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "eval"):
+            if key in data:
+                data[key] = sources_shorthand(data[key])
+
+
+def gives_training_data(overrides: list[str] | None) -> bool:
+    """Whether the overrides set the whole training data (`data.train=...`), not a key inside it."""
+    return any(item.partition("=")[0].strip() == "data.train" for item in overrides or [])
 
 
 # Names other tools use for our keys (TRL/transformers, axolotl, torchtune): suggested for an unknown key.
@@ -438,15 +481,22 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SFTConfig:
-    """Read a YAML config (the packaged demo when `path` is None), apply overrides, validate."""
-    cfg_path = Path(path) if path is not None else DEMO_CONFIG
-    tree = _read_yaml(cfg_path)
-    _resolve_paths(tree, cfg_path.resolve().parent)
+    """Read a YAML config, apply overrides, validate. With no `path`: the packaged demo config, or the
+    library defaults when the overrides give the training data (`data.train=FILE`)."""
+    if path is None and gives_training_data(overrides):
+        tree: dict[str, Any] = {}
+        source = "the library defaults + overrides"
+    else:
+        cfg_path = Path(path) if path is not None else DEMO_CONFIG
+        tree = _read_yaml(cfg_path)
+        _normalise_sources(tree)
+        _resolve_paths(tree, cfg_path.resolve().parent)
+        source = str(cfg_path)
     apply_overrides(tree, overrides or [])
     try:
         return SFTConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, str(cfg_path))) from None
+        raise ConfigError(_format_validation_error(e, source)) from None
 
 
 def _type_name(annotation: Any) -> str:

@@ -155,7 +155,8 @@ def test_cli_prepare_builds_the_cache_then_reuses_it(tmp_path, tiny_model_dir, c
 
     data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{train: [{{path: {data}}}]}}\n")
+    cfg.write_text(f"model: {{name_or_path: {tiny_model_dir}}}\n"  # max_seq_length within its 512 positions
+                   f"data: {{train: [{{path: {data}}}], max_seq_length: 256}}\n")
     assert main(["prepare", str(cfg)]) == 0
     first = capsys.readouterr().out
     assert "3 examples kept of 3 rows" in first and "(cached)" not in first

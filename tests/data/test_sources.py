@@ -138,3 +138,44 @@ def test_missing_and_unsupported_paths(tmp_path):
     (tmp_path / "broken.json").write_text("[{\"a\": 1},")
     with pytest.raises(DataError, match="broken.json: invalid JSON array"):
         list(open_source(SourceConfig(path=str(tmp_path / "broken.json"))).rows())
+
+
+def _no_hub(monkeypatch):
+    def hub(*args, **kwargs):
+        raise AssertionError(f"tried the hub with {args}")
+    monkeypatch.setattr(sources.datasets, "load_dataset", hub)
+
+
+@pytest.mark.parametrize("path", ["data/gsm8k_pc.jsnol", "./data/gsm8k.jsonl", "data/gsm8k_pc", "~/no/such.jsonl",
+                                  "a/b/c"])
+def test_a_local_looking_path_never_goes_to_the_hub(tmp_path, monkeypatch, path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "gsm8k_pc.jsonl", PC)
+    _no_hub(monkeypatch)
+    with pytest.raises(DataError, match="data source not found") as e:
+        open_source(SourceConfig(path=path))
+    if path == "data/gsm8k_pc.jsnol":  # the typo of the issue: the file next to it is suggested
+        assert str(e.value).endswith("did you mean data/gsm8k_pc.jsonl?") and str(tmp_path) in str(e.value)
+
+
+def test_hub_names_still_go_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(sources.datasets, "load_dataset",
+                        lambda path, name=None, split=None: asked.append(path) or datasets.Dataset.from_list(PC))
+    for name in ("teknium/OpenHermes-2.5", "HuggingFaceH4/ultrachat_200k", "gsm8k"):
+        open_source(SourceConfig(path=name))
+    assert asked == ["teknium/OpenHermes-2.5", "HuggingFaceH4/ultrachat_200k", "gsm8k"]
+
+
+def test_a_hub_failure_is_one_error_without_retry_warnings(monkeypatch, caplog):
+    def failing(path, name=None, split=None):
+        import logging
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", failing)
+    with pytest.raises(DataError, match=r"data source 'nobody/nothing': not a local file or directory, and loading"):
+        open_source(SourceConfig(path="nobody/nothing"))
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]

@@ -60,3 +60,10 @@ def test_lora_demo_reaches_95_and_its_adapter_loads_by_name(tmp_path, capsys):
     assert main(["generate", str(out), "--system", "Rewrite the date as YYYY-MM-DD. Reply with the date only.",
                  "--prompt", "5 March 2021", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.strip() == "2021-03-05"
+
+
+def test_generate_default_answers_with_the_base_model(capsys):
+    """`sftlab generate default` (to compare a run with the model it started from)."""
+    assert main(["generate", "default", "--system", "Rewrite the date as YYYY-MM-DD. Reply with the date only.",
+                 "--prompt", "5 March 2021", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.strip()

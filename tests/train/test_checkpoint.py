@@ -116,7 +116,7 @@ def test_sigterm_checkpoints_and_exits_143(tiny_model_dir, chat_file, tmp_path):
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, log
-    assert "SIGTERM" in log and "train.resume=auto" in log
+    assert "SIGTERM" in log and "resume with: sftlab train " in log and ".yaml train.resume=auto" in log
     ckpt = latest_checkpoint(out)
     assert ckpt is not None
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == metrics(out)[-1]["step"]
@@ -172,6 +172,7 @@ def test_tampered_pickle_is_refused(tiny_model_dir, chat_file, tmp_path):
     run_training(SFTConfig.model_validate(tree))
     ckpt = latest_checkpoint(tmp_path / "run")
     torch.save({"state": Evil()}, ckpt / "optimizer.bin")
+    (tmp_path / "run" / "FINISHED").unlink()  # as if killed after that checkpoint: resume=auto loads it
     tree["train"]["resume"] = "auto"
     tree["train"]["max_steps"] = 2
     with pytest.raises(CheckpointError, match="refusing to load"):

@@ -58,7 +58,84 @@ def test_lr_schedule_logged_per_step(tiny_model_dir, chat_file, tmp_path):
     res = run_training(cfg)
     lrs = [r["lr"] for r in res.history]
     peak = cfg.optim.lr
-    assert lrs == pytest.approx([0.0, peak / 2, peak, peak * 2 / 3, peak / 3])
+    # 2 warmup steps below the peak (none at lr 0), the peak at step 3, then linear decay ending above 0
+    assert lrs == pytest.approx([peak / 3, peak * 2 / 3, peak, peak * 2 / 3, peak / 3])
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("warmup,total", [(0, 1), (1, 1), (0, 5), (2, 5), (9, 4)])
+def test_no_step_runs_at_lr_zero(kind, warmup, total):
+    from sftlab.config import OptimConfig
+    from sftlab.train.optim import build_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = build_scheduler(opt, OptimConfig(lr=1.0, warmup_steps=warmup, scheduler=kind), total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert all(0 < lr <= 1 for lr in lrs), lrs
+    if warmup < total:
+        assert lrs[warmup] == 1.0 and lrs.count(1.0) == (total - warmup if kind == "constant" else 1)
+
+
+def test_default_first_step_trains_and_a_one_step_run_warns(tiny_model_dir, chat_file, tmp_path):
+    """The defaults (warmup_ratio 0.03) with max_steps=1: the one step runs at lr > 0, so the saved model
+    is not the base model, and the run says it is a single step."""
+    import io
+
+    from rich.console import Console
+    from safetensors.torch import load_file
+
+    cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / "run", max_steps=1)
+    cfg.optim = {}  # every optimizer default
+    printed = io.StringIO()
+    res = run_training(cfg, Console(file=printed, width=300))
+    assert res.history[0]["lr"] > 0
+    assert "warning: this run ends after 1 optimizer step" in printed.getvalue()
+    base, tuned = load_file(tiny_model_dir / "model.safetensors"), _saved_weights(tmp_path / "run")
+    assert any(not torch.equal(base[k], tuned[k]) for k in tuned)
+
+
+def test_two_step_run_does_not_warn(tiny_model_dir, chat_file, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    printed = io.StringIO()
+    run_training(make_cfg(tiny_model_dir, chat_file, tmp_path / "run", max_steps=2), Console(file=printed, width=300))
+    assert "warning" not in printed.getvalue()
+
+
+def test_max_seq_length_above_the_models_positions_fails_before_training(tiny_model_dir, chat_file, tmp_path):
+    from sftlab.config import ConfigError
+
+    cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / "run")
+    cfg.data.max_seq_length = 1024  # the tiny model has 512 positions
+    with pytest.raises(ConfigError, match=r"data.max_seq_length \(1024\) is above the model's "
+                                          r"max_position_embeddings \(512"):
+        run_training(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_max_seq_length_above_positions_with_rope_scaling_warns(tiny_model_dir, chat_file, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from sftlab.train.data import prepare_run_data
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    (tiny_model_dir / "config.json").write_text(json.dumps(config))
+    cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / "run")
+    cfg.data.max_seq_length = 1024
+    printed = io.StringIO()
+    prepare_run_data(cfg, Console(file=printed, width=300))
+    assert "warning: data.max_seq_length (1024) is above the model's max_position_embeddings (512); its rope " \
+           "scaling (linear) must cover it" in printed.getvalue()
 
 
 def test_unwritable_output_dir_fails_before_work(tiny_model_dir, chat_file, tmp_path):

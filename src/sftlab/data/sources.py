@@ -7,6 +7,9 @@ A source is one of:
 - a local directory: a `datasets` `save_to_disk` directory (a `Dataset`, or a `DatasetDict`
   whose `split` is taken), else every supported file directly inside it, in sorted name order;
 - a `datasets` hub name (`owner/name`, with `subset` and `split`), loaded with `datasets.load_dataset`;
+  a path that looks local (a file extension such as `.jsnol`, a leading `.`, `/` or `~`, more than one
+  `/`, or a first component that is a local directory) is never tried on the Hub: when it does not exist
+  it fails at once, with the closest file name in its directory as a suggestion (data/locate.py);
 - through the Python API, a `datasets.Dataset` object, bare or wrapped in `DatasetSource` to give it
   a name, a format or a mixing weight.
 
@@ -19,8 +22,10 @@ sha256 of the files' bytes, or the dataset fingerprint for hub and in-memory dat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,9 +39,11 @@ import pyarrow.parquet as pq
 
 from sftlab.config import SourceConfig
 from sftlab.data.formats import ColumnMap, iter_jsonl
+from sftlab.data.locate import looks_local, not_found
 from sftlab.data.types import DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+log = logging.getLogger(__name__)
 BATCH = 1024
 
 
@@ -180,9 +187,24 @@ def _load_from_disk(path: Path, split: str) -> datasets.Dataset:
     return ds
 
 
-def _load_hub(spec: SourceConfig) -> datasets.Dataset:
+@contextlib.contextmanager
+def _quiet_hub_retries():
+    """huggingface_hub logs each retry of a failed request (twice under a root handler); the failure
+    itself becomes one DataError, so those warnings are muted while a hub dataset loads."""
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
     try:
-        ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split)
+        yield
+    finally:
+        hub_log.setLevel(level)
+
+
+def _load_hub(spec: SourceConfig) -> datasets.Dataset:
+    log.info("data source %r is not a local path: loading it from the Hugging Face Hub", spec.path)
+    try:
+        with _quiet_hub_retries():
+            ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split)
     except Exception as e:
         offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
                       for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
@@ -195,11 +217,6 @@ def _load_hub(spec: SourceConfig) -> datasets.Dataset:
         raise DataError(f"data source {spec.path!r}: split {spec.split!r} is not a single dataset "
                         f"({type(ds).__name__})")
     return ds
-
-
-def _looks_local(path_str: str) -> bool:
-    return (path_str.startswith(("/", ".", "~")) or Path(path_str).suffix in SUPPORTED_SUFFIXES
-            or "\\" in path_str or path_str.count("/") > 1)
 
 
 def open_source(spec: SourceSpec, index: int = 0) -> Source:
@@ -232,7 +249,7 @@ def _open_spec(spec: SourceConfig | DatasetSource, index: int) -> Source:
             raise DataError(f"data source {path}: directory has no {', '.join(SUPPORTED_SUFFIXES)} files "
                             "and is not a `save_to_disk` dataset")
         return Source(str(path), "files", spec.format, spec.weight, files=files)
-    if _looks_local(spec.path):
-        raise DataError(f"data source not found: {path}")
+    if looks_local(spec.path):
+        raise not_found(path)
     name = spec.path + (f" subset={spec.subset}" if spec.subset else "") + f" split={spec.split}"
     return Source(name, "hub", spec.format, spec.weight, dataset=_load_hub(spec))

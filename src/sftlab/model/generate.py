@@ -1,4 +1,5 @@
-"""Greedy chat generation, and exact-match accuracy against reference assistant answers."""
+"""Chat generation (greedy, or sampled with a temperature and top-p), and exact-match accuracy against
+reference assistant answers (greedy)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ from sftlab.data.types import BadRecord, DataError
 @torch.no_grad()
 def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      conversations: list[list[dict[str, Any]]], max_new_tokens: int = 128,
-                     batch_size: int = 16, template: str | None = None) -> list[str]:
-    """Greedy-decode the assistant's next reply for each conversation (batched, left-padded)."""
+                     batch_size: int = 16, template: str | None = None, temperature: float = 0.0,
+                     top_p: float = 1.0) -> list[str]:
+    """The assistant's next reply for each conversation (batched, left-padded): greedy when
+    `temperature` is 0, else sampled at that temperature from the top-p nucleus (no top-k cut)."""
+    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0
+                else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -30,9 +35,8 @@ def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                        for c in conversations[i:i + batch_size]]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 temperature=None, top_p=None, top_k=None)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, **sampling,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new = out[:, enc["input_ids"].shape[1]:]
             replies.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:

@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from sftlab.config import ModelConfig
 from sftlab.paths import cache_root
@@ -113,6 +119,21 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
         raise ModelLoadError(f"model path not found: {name}")
     return name  # a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'
+
+
+def position_limit(cfg: ModelConfig, path: str) -> tuple[int | None, str | None]:
+    """(max_position_embeddings, the rope scaling type when one is configured) of the model at `path`;
+    None for what its config does not say (or when it cannot be read: loading reports that)."""
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - the model load that follows names the problem
+        return None, None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    groups = ([v for v in rope.values() if isinstance(v, dict)] or [rope]) if isinstance(rope, dict) else []
+    kinds = {g.get("rope_type") or g.get("type") for g in groups} - {None, "default"}
+    return (limit if isinstance(limit, int) else None), (", ".join(sorted(kinds)) or None)
 
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedTokenizerBase:

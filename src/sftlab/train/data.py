@@ -3,7 +3,8 @@
 `prepare_run_data(cfg, console)`: resolve the model path, load the tokenizer (with ChatML tokens
 when asked), resolve the chat template ONCE, build the train/eval sets (`data.build_datasets`:
 read, normalise, tokenize, mask, cache, length policy, mix, eval split), pack them when
-`data.packing` is set, and print the data report. What training needs next (the model path, the
+`data.packing` is set, and print the data report. `data.max_seq_length` above the model's
+`max_position_embeddings` fails first (a warning when the model configures rope scaling). What training needs next (the model path, the
 tokenizer's size before new tokens, the units a micro-batch is made of and how to collate them)
 travels in `RunData`.
 
@@ -26,7 +27,7 @@ from rich.markup import escape
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
-from sftlab.config import SFTConfig
+from sftlab.config import ConfigError, SFTConfig
 from sftlab.data import preview
 from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import DataReport, build_datasets, length_stats
@@ -34,7 +35,7 @@ from sftlab.data.packing import pack_examples, packed_collate, packing_efficienc
 from sftlab.data.templates import add_chatml_tokens, load_template
 from sftlab.data.types import IGNORE_INDEX
 from sftlab.data.examples import Examples
-from sftlab.model.loading import load_tokenizer, resolve_model_path
+from sftlab.model.loading import load_tokenizer, position_limit, resolve_model_path
 
 
 @dataclass
@@ -65,10 +66,26 @@ def load_run_tokenizer(cfg: SFTConfig) -> tuple[str, PreTrainedTokenizerBase, in
     return model_path, tokenizer, vocab_before
 
 
+def check_sequence_length(cfg: SFTConfig, model_path: str, console: Console | None) -> None:
+    """max_seq_length must fit the model's positions (beyond them it was never trained), unless rope
+    scaling is configured, which extends them: then a warning."""
+    limit, scaling = position_limit(cfg.model, model_path)
+    length = cfg.data.max_seq_length
+    if limit is None or length <= limit:
+        return
+    if scaling is None:
+        raise ConfigError(f"data.max_seq_length ({length}) is above the model's max_position_embeddings ({limit}, "
+                          f"{model_path}): set data.max_seq_length to {limit} or less")
+    if console is not None:
+        console.print(f"[bold yellow]warning[/bold yellow]: data.max_seq_length ({length}) is above the model's "
+                      f"max_position_embeddings ({limit}); its rope scaling ({scaling}) must cover it", highlight=False)
+
+
 def prepare_run_data(cfg: SFTConfig, console: Console | None = None) -> RunData:
     """Tokenizer, template, datasets and micro-batch units of a run; prints the data report when
     `console` is given (the main process)."""
     model_path, tokenizer, vocab_before = load_run_tokenizer(cfg)
+    check_sequence_length(cfg, model_path, console)
     template = load_template(cfg.data, tokenizer)
     train, evals, report = build_datasets(cfg.data, tokenizer, cfg.train.seed, template=template)
     pad_id = tokenizer.pad_token_id

@@ -6,8 +6,10 @@ objective on new data: the mean NLL over target tokens, and its perplexity exp(l
 `match`, greedy replies to every conversation (all but its last assistant message) are compared
 with that message (exact match after stripping whitespace), as the run's match evaluation does.
 
-When the directory is a run directory (it holds the run's config.yaml), the run's data settings
-are used: `loss_on`, `max_seq_length`, `on_overlength`. Otherwise the defaults.
+The model is anything `sftlab generate` takes (train/inference.py): `default`, a hub id, a model,
+run or checkpoint directory. For a run directory (its config.yaml) or a checkpoint (the config in its
+trainer_state.json) the run's data settings are used: `loss_on`, `max_seq_length`, `on_overlength`.
+Otherwise the defaults.
 """
 
 from __future__ import annotations
@@ -18,40 +20,22 @@ from typing import Any
 
 import torch
 
-from sftlab.config import (
-    ConfigError,
-    DataConfig,
-    MatchEvalConfig,
-    SourceConfig,
-    load_config,
-)
+from sftlab.config import DataConfig, MatchEvalConfig, SourceConfig
 from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import build_datasets
 from sftlab.data.types import IGNORE_INDEX
-from sftlab.model.adapters import is_adapter_dir, load_for_inference
 from sftlab.model.generate import exact_match, load_match_examples
-from sftlab.model.loading import load_model, load_tokenizer
 from sftlab.model.loss import count_targets, full_nll
+from sftlab.train.inference import load_model_dir, run_config
 
-
-def load_model_dir(model_dir: str | Path):
-    """(model, tokenizer) of a saved model directory, or of a run directory holding an adapter (merged)."""
-    from sftlab.config import ModelConfig
-
-    if is_adapter_dir(model_dir):
-        return load_for_inference(model_dir)
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ConfigError(f"{model_dir} is not a saved model directory (no config.json nor adapter_config.json)")
-    cfg = ModelConfig(name_or_path=str(model_dir))
-    model = load_model(cfg, str(model_dir))
-    model.config.use_cache = True
-    return model, load_tokenizer(cfg, str(model_dir))
+__all__ = ["evaluate", "load_model_dir", "target_loss"]
 
 
 def _data_config(model_dir: Path, data: str) -> DataConfig:
     source = [SourceConfig(path=data)]
-    if (model_dir / "config.yaml").is_file():
-        run = load_config(model_dir / "config.yaml").data
+    cfg = run_config(model_dir)
+    if cfg is not None:
+        run = cfg.data
         return DataConfig(train=source, loss_on=run.loss_on, max_seq_length=run.max_seq_length,
                           on_overlength=run.on_overlength, cache=False)
     return DataConfig(train=source, cache=False)

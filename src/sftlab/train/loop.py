@@ -3,6 +3,9 @@
 `run_training` is the recipe, a table of contents of its phases:
   setup_run -> setup_data (train/data.py) -> setup_model_and_optimizer -> resume_or_start
   -> open_run_log -> fit -> finish (from open_run_log on, SIGINT/SIGTERM mean: finish the step, checkpoint, stop).
+`setup_run` first claims the output directory (`claim_output_dir`, train/rundir.py): a non-empty one is
+refused unless resuming or overwriting, and train.resume=auto on a finished run stops there (nothing to do);
+`finish` writes the FINISHED marker last.
 `fit` runs the optimizer steps; each is `optimizer_step` (micro-batches, forward/backward, clipping,
 NaN policy, AdamW and the LR schedule) then `add_eval_and_log` and, when `checkpoint_due`,
 `save_run_checkpoint`.
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import parse_flag_from_env, set_seed
+from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -49,6 +52,7 @@ from transformers.integrations.neftune import activate_neftune
 
 from sftlab.config import SFTConfig, dump_config
 from sftlab.data.collate import MicroBatchStream
+from sftlab.data.locate import check_local_paths
 from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 from sftlab.model import adapters
 from sftlab.model.generate import MatchResult, exact_match, load_match_examples
@@ -56,7 +60,7 @@ from sftlab.model.kernels import KernelError, apply_liger
 from sftlab.model.loading import DTYPES, load_model
 from sftlab.model.loss import TargetLossHead, count_targets, full_nll
 from sftlab.model.vocab import resize_for_new_tokens
-from sftlab.train import distributed, tracking
+from sftlab.train import distributed, rundir, tracking
 from sftlab.train.checkpoint import (
     COMPLETE,
     latest_checkpoint,
@@ -66,7 +70,7 @@ from sftlab.train.checkpoint import (
 )
 from sftlab.train.data import RunData, data_report_json, prepare_run_data
 from sftlab.train.evaluate import load_model_dir, target_loss
-from sftlab.train.metrics import MetricsLog
+from sftlab.train.metrics import MetricsLog, read_metrics
 from sftlab.train.optim import build_optimizer, build_scheduler
 from sftlab.train.precision import (
     load_master_weights,
@@ -76,13 +80,10 @@ from sftlab.train.precision import (
     use_bf16_weights,
 )
 from sftlab.train.report import DATA_REPORT, PLOT, write_report
+from sftlab.train.rundir import RunError
 from sftlab.train.throughput import FlopCounter, measure_peak_flops
 
 LossFn = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]  # (model, micro-batch) -> summed NLL
-
-
-class RunError(RuntimeError):
-    """The run cannot start or continue; the message says why."""
 
 
 @dataclass
@@ -94,16 +95,16 @@ class TrainResult:
     match_before: MatchResult | None = None
     match_after: MatchResult | None = None
     history: list[dict] = field(default_factory=list)
+    completed_before: bool = False  # train.resume=auto found the run finished: nothing was trained
 
 
-def check_output_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"output_dir {path} is not writable: {e.strerror or e}") from None
+def finished_result(out: Path) -> TrainResult:
+    """What the finished run in `out` reports (its FINISHED marker and metrics.jsonl)."""
+    info = rundir.read_finished(out) or {}
+    history = read_metrics(out / "metrics.jsonl")
+    evals = [r["eval_loss"] for r in history if "eval_loss" in r]
+    return TrainResult(output_dir=out, steps=info.get("steps", len(history)), final_loss=info.get("final_loss"),
+                       eval_loss=evals[-1] if evals else None, history=history, completed_before=True)
 
 
 def plan_micro_batches(cfg: SFTConfig, batches_per_epoch: int) -> tuple[int, int]:
@@ -204,7 +205,8 @@ def data_fingerprint(examples) -> str:
 
 
 # Config keys that may change between a checkpoint and its resumption; everything else must match.
-RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.resume", "train.output_dir", "checkpoint.",
+RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.resume", "train.output_dir", "train.overwrite",
+                    "checkpoint.",
                     "match_eval", "data.num_proc", "data.cache", "data.cache_dir", "data.on_bad_record",
                     "data.max_bad_fraction", "train.on_nan", "peft.merge_on_save")
 
@@ -218,6 +220,7 @@ def _flatten(tree, prefix=""):
 
 
 def check_resume_compatible(saved: dict, cfg: SFTConfig, ckpt: Path) -> None:
+    """`saved`: the config tree of a checkpoint (or of a finished run's config.yaml)."""
     old, new = dict(_flatten(saved)), dict(_flatten(cfg.model_dump(mode="json")))
     changed = sorted(k for k in old.keys() | new.keys()
                      if old.get(k) != new.get(k) and not k.startswith(RESUME_SAFE_KEYS))
@@ -281,6 +284,7 @@ class Run:
     loss_fn: LossFn | None = None
     flops: FlopCounter | None = None
     peak_flops: float | None = None
+    resume_command: str = ""  # printed when a signal stops the run
 
     @property
     def main(self) -> bool:
@@ -291,9 +295,14 @@ class Run:
         return self.accelerator.num_processes
 
 
-def run_training(cfg: SFTConfig, console: Console | None = None) -> TrainResult:
-    """The recipe: set up -> data -> model and optimizer -> resume or start -> log -> fit -> finish."""
-    run = setup_run(cfg, console or Console(soft_wrap=True))
+def run_training(cfg: SFTConfig, console: Console | None = None, resume_command: str | None = None) -> TrainResult:
+    """The recipe: set up -> data -> model and optimizer -> resume or start -> log -> fit -> finish.
+
+    `resume_command`: the command line that resumes this run, printed when a signal stops it (the CLI
+    passes its own argv + train.resume=auto)."""
+    run = setup_run(cfg, console or Console(soft_wrap=True), resume_command)
+    if run is None:  # train.resume=auto on a finished run: nothing to train
+        return finished_result(Path(cfg.train.output_dir))
     setup_data(run)
     setup_model_and_optimizer(run)
     resume_or_start(run)
@@ -311,7 +320,52 @@ def run_device_type() -> str:
     return "cuda" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu"
 
 
-def setup_run(cfg: SFTConfig, console: Console) -> Run:
+def claim_output_dir(cfg: SFTConfig, console: Console, accelerator: Accelerator) -> str:
+    """May this run write into train.output_dir? Decided on the main process before any data is read and
+    shared with the other ranks: "start", "complete" (train.resume=auto on a finished run), or a RunError."""
+    state = accelerator.state
+    verdict: tuple[str, str] | None = None
+    if state.is_main_process:
+        try:
+            verdict = ("ok", _claim_on_main(cfg, console))
+        except RunError as e:
+            verdict = ("error", str(e))
+    if state.num_processes > 1:
+        verdict = broadcast_object_list([verdict])[0]
+    if verdict[0] == "error":
+        raise RunError(verdict[1])
+    return verdict[1]
+
+
+def _claim_on_main(cfg: SFTConfig, console: Console) -> str:
+    out, train = Path(cfg.train.output_dir), cfg.train
+    kind = rundir.kind_of(out)
+    if kind == "finished" and train.resume == "auto":
+        saved = rundir.saved_config(out)
+        if saved is not None:
+            check_resume_compatible(saved, cfg, out)
+        console.print(f"[bold green]complete[/bold green]: {out} holds {rundir.describe_finished(out)}; nothing to "
+                      "resume (to train it again: train.overwrite=true without train.resume)", highlight=False)
+        return "complete"
+    resuming = train.resume is not None and (kind != "foreign" or find_resume_checkpoint(cfg) is not None)
+    if kind != "empty" and not resuming:
+        if not train.overwrite:
+            raise RunError(rundir.refusal(out, kind))
+        if kind == "foreign":
+            console.print(f"[yellow]output_dir[/yellow] {out} is not empty: writing into it (train.overwrite)",
+                          highlight=False)
+        else:
+            removed = rundir.clear_run(out)
+            console.print(f"[yellow]overwriting[/yellow] the previous run in {out} (train.overwrite): removed "
+                          f"{', '.join(removed) or 'nothing'}", highlight=False)
+    rundir.check_writable(out)
+    rundir.unmark(out)  # a resumed run is finished again only when it writes the marker
+    return "start"
+
+
+def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = None) -> Run | None:
+    """Accelerate, mixed precision, the output directory and the resume point; None when
+    train.resume=auto finds the run already finished."""
     try:
         mixed, why = resolve_mixed_precision(cfg.train.mixed_precision, run_device_type(), cfg.model.dtype)
     except ValueError as e:
@@ -325,7 +379,8 @@ def setup_run(cfg: SFTConfig, console: Console) -> Run:
         tracking.check_trackers(trackers)
     except tracking.TrackerError as e:
         raise RunError(str(e)) from None
-    tracking.prepare_offline(trackers, out)
+    check_local_paths(cfg.data.train + cfg.data.eval)  # a mistyped data path fails before anything is touched
+    # the processes and their engine (nothing is written yet): the output_dir verdict is shared over them
     accelerator = distributed.build_accelerator(
         mixed, cpu=run_device_type() == "cpu", log_with=trackers or None,
         project_dir=str(out / "tensorboard") if "tensorboard" in trackers else None)
@@ -333,6 +388,9 @@ def setup_run(cfg: SFTConfig, console: Console) -> Run:
         distributed.check_run_settings(accelerator, cfg)
     except distributed.EngineError as e:
         raise RunError(str(e)) from None
+    if claim_output_dir(cfg, console, accelerator) == "complete":
+        return None
+    tracking.prepare_offline(trackers, out)
     if accelerator.is_main_process:
         compute = {"bf16": "bf16 autocast, matmul weights as bf16 copies of fp32 masters",
                    "fp16": "fp16 autocast with loss scaling"}.get(mixed, cfg.model.dtype)
@@ -343,8 +401,6 @@ def setup_run(cfg: SFTConfig, console: Console) -> Run:
             masters = "; fp32 sharded master weights" if mixed != "no" else ""
         console.print(f"[bold]precision[/bold]: {compute} ({why}){masters}; saved as {cfg.model.dtype}",
                       highlight=False)
-    if accelerator.is_main_process:
-        check_output_dir(out)
     resume_from = find_resume_checkpoint(cfg)
     if resume_from is not None:
         check_resume_compatible(read_state(resume_from)["config"], cfg, resume_from)
@@ -352,7 +408,8 @@ def setup_run(cfg: SFTConfig, console: Console) -> Run:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     return Run(cfg, console, accelerator, out, resume_from, TrainResult(output_dir=out, steps=0, final_loss=None),
-               mixed_precision=mixed)
+               mixed_precision=mixed, resume_command=resume_command
+               or f"sftlab train <config> train.resume=auto train.output_dir={out}")
 
 
 # --- phase 2: data (fails fast on bad rows, before any weights are loaded) ---------------------
@@ -493,6 +550,10 @@ def open_run_log(run: Run) -> None:
                           f"micro-batches of {cfg.train.micro_batch_size} (x{run.world} processes, "
                           f"{distributed.engine_of(run.accelerator)}); "
                           f"{run.stream.batches_per_epoch} micro-batches/epoch")
+        if run.total_steps < 2:
+            run.console.print(f"[bold yellow]warning[/bold yellow]: this run ends after {run.total_steps} optimizer "
+                              "step: the saved model has taken a single update (set train.max_steps or "
+                              "train.num_epochs for more)", highlight=False)
     tracking.start(run.accelerator, cfg.train.report_to, run.out.name or "sftlab", cfg.model_dump(mode="json"))
 
 
@@ -560,8 +621,7 @@ def fit(run: Run) -> None:
                 if run.main:
                     write_report(run.out, f"interrupted by {name} after step {step} of {run.total_steps}")
                 raise Interrupted(f"{name}: stopped after step {step}/{run.total_steps} and saved {path}; "
-                                  f"resume with: sftlab train <config> train.resume=auto train.output_dir={run.out}",
-                                  128 + stop.signum)
+                                  f"resume with: {run.resume_command}", 128 + stop.signum)
 
 
 def next_micro_batches(run: Run, batches_iter) -> tuple[list[dict[str, torch.Tensor]], dict[str, int]]:
@@ -716,6 +776,8 @@ def finish(run: Run) -> None:
         (run.out / "match_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     tracking.finish(run.accelerator, run.cfg.train.report_to)
     run.console.print(f"[bold]report[/bold]: {write_report(run.out, 'finished')} (+ {PLOT})")
+    rundir.mark_finished(run.out, {"steps": run.total_steps, "final_loss": run.result.final_loss,
+                                   "eval_loss": run.result.eval_loss})
 
 
 def save_adapter_run(run: Run, model, gathered: dict | None = None):

@@ -1,5 +1,15 @@
 """AdamW with decoupled weight decay (none on biases and norms) and the LR schedule with warmup.
 
+The schedule never runs an optimizer step at lr 0 (a wasted step; with one step, the base model saved
+as "fine-tuned"). With W warmup steps of T, step k (1-based) runs at
+
+    k <= W:   lr * k / (W + 1)                                   (warmup: W rising steps below the peak)
+    k >  W:   lr * f(p),  p = (k - 1 - W) / (T - W)  in [0, 1)   (step W+1 at the peak)
+
+with f = 1 - p (linear), (1 + cos(pi p)) / 2 (cosine) or 1 (constant): the decay is transformers'
+(`get_linear_schedule_with_warmup`, ...), whose last step is above 0 (linear: lr / (T - W)); only the
+warmup differs, by one step (transformers' first warmup step runs at lr 0).
+
 A model with bf16/fp16 parameters gets `MasterWeightAdamW` (train/precision.py): the same AdamW on
 fp32 master copies, so updates smaller than a bf16 ulp are not lost. The fused AdamW kernel is used on
 CPU and CUDA (measured ~3x faster than the default foreach implementation for the step on a 2-core CPU).
@@ -7,21 +17,30 @@ CPU and CUDA (measured ~3x faster than the default foreach implementation for th
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-from transformers import get_scheduler
+from torch.optim.lr_scheduler import LambdaLR
 
 from sftlab.config import OptimConfig
 from sftlab.train.precision import MasterWeightAdamW, needs_master_weights
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def decay_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the trainable parameters with and without weight decay, in the optimizer's order
+    (its flat parameter index counts through the first list, then the second)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(name)
+    return decay, no_decay
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    params = dict(model.named_parameters())
+    decay, no_decay = ([params[n] for n in names] for names in decay_groups(model))
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # DeepSpeed drops empty groups
     kwargs = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
@@ -38,7 +57,19 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
     return math.ceil(cfg.warmup_ratio * total_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
-                         num_training_steps=total_steps)
+def lr_factor(done: int, warmup: int, total: int, kind: str) -> float:
+    """The multiple of the peak lr for the optimizer step after `done` completed steps (module docstring)."""
+    if done < warmup:
+        return (done + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (done - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
+    factor = functools.partial(lr_factor, warmup=warmup_steps(cfg, total_steps), total=total_steps,
+                               kind=cfg.scheduler)
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,149 @@
+"""Load any model for inference (`sftlab generate`, `chat`, `eval`): (model, tokenizer), fp32, KV cache on.
+
+What `load_model_dir(spec)` takes:
+
+- `default` (the embedded SmolLM2-135M-Instruct), a hub id, a Hugging Face model directory or a
+  .gguf file: through `model/loading.py`, as training loads them;
+- a run directory: its saved model, or a LoRA run's adapter merged into its base; a run that never
+  finished (no saved model): its latest complete checkpoint;
+- a checkpoint directory (`output_dir/checkpoints/step-N`, train/checkpoint.py): the model is rebuilt
+  from the resolved config stored in its `trainer_state.json` (base model, ChatML tokens, chat template,
+  LoRA wrapping) and the weights of its `model.safetensors` are loaded into it: every weight for full
+  fine-tuning, only the trainable adapter tensors with LoRA (merged into the base afterwards). When bf16
+  compute copies were saved, the exact fp32 master weights are taken from `optimizer.bin`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from sftlab.config import ConfigError, ModelConfig, SFTConfig, load_config
+from sftlab.data.templates import load_template
+from sftlab.model import adapters
+from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path
+from sftlab.model.vocab import resize_for_new_tokens
+from sftlab.train.checkpoint import (
+    COMPLETE,
+    STATE_FILE,
+    CheckpointError,
+    latest_checkpoint,
+    read_state,
+)
+from sftlab.train.data import load_run_tokenizer
+from sftlab.train.optim import decay_groups
+from sftlab.train.precision import MASTER_KEY
+
+log = logging.getLogger(__name__)
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    return (Path(path) / STATE_FILE).is_file()
+
+
+def load_model_dir(spec: str | Path) -> tuple[Any, Any]:
+    """(model, tokenizer) of `default`, a hub id, a model/run/checkpoint directory or a .gguf file."""
+    if str(spec) == "default":  # the embedded model, even where a directory of that name exists
+        return _load_plain(ModelConfig())
+    path = Path(spec).expanduser()
+    if adapters.is_adapter_dir(path):
+        model, tokenizer = adapters.load_for_inference(path)
+        return model.eval(), tokenizer
+    if is_checkpoint_dir(path):
+        return load_checkpoint_model(path)
+    if path.is_dir() and not (path / "config.json").is_file() and not list(path.glob("*.gguf")):
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise ConfigError(f"{path} holds no model: no config.json (a saved model), adapter_config.json (a LoRA "
+                              f"run), {STATE_FILE} (a checkpoint) nor a complete checkpoint under checkpoints/")
+        log.info("%s has no saved model (the run did not finish): loading its latest checkpoint %s", path, ckpt.name)
+        return load_checkpoint_model(ckpt)
+    return _load_plain(ModelConfig(name_or_path=str(spec)))
+
+
+def _load_plain(cfg: ModelConfig) -> tuple[Any, Any]:
+    """A model as training loads it (model/loading.py): `default`, a hub id, a HF directory, a .gguf file."""
+    resolved = resolve_model_path(cfg)
+    model = load_model(cfg, resolved)
+    model.config.use_cache = True
+    return model.eval(), load_tokenizer(cfg, resolved)
+
+
+def run_config(spec: str | Path) -> SFTConfig | None:
+    """The resolved config of a run directory (config.yaml) or a checkpoint (trainer_state.json), else None."""
+    path = Path(spec)
+    if (path / "config.yaml").is_file():
+        return load_config(path / "config.yaml")
+    if is_checkpoint_dir(path):
+        return _checkpoint_config(path)
+    return None
+
+
+def _checkpoint_config(ckpt: Path) -> SFTConfig:
+    try:
+        return SFTConfig.model_validate(read_state(ckpt)["config"])
+    except (KeyError, ValidationError) as e:
+        raise CheckpointError(f"{ckpt / STATE_FILE} holds no usable run config: {e}") from None
+
+
+def load_checkpoint_model(ckpt: Path) -> tuple[Any, Any]:
+    """The model of a checkpoint, rebuilt from its stored config, with its weights (module docstring)."""
+    if not (ckpt / COMPLETE).is_file():
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
+    cfg = _checkpoint_config(ckpt)
+    model_path, tokenizer, vocab_before = load_run_tokenizer(cfg)
+    template = load_template(cfg.data, tokenizer)
+    if template is not None:
+        tokenizer.chat_template = template
+    model = load_model(cfg.model.model_copy(update={"dtype": "float32"}), model_path)
+    if cfg.data.add_chatml_tokens:
+        resize_for_new_tokens(model, tokenizer, vocab_before)
+    if cfg.peft is not None:  # the same adapter layout as in training (unquantized base for inference)
+        settings = cfg.peft.model_copy(update={"quantize": None})
+        model, _ = adapters.wrap(model, settings, vocab_grew=len(tokenizer) > vocab_before)
+    load_checkpoint_weights(model, ckpt)
+    if cfg.peft is not None:
+        model = model.merge_and_unload()
+    model.float()
+    model.config.use_cache = True
+    return model.eval(), tokenizer
+
+
+def load_checkpoint_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Load the checkpoint's model.safetensors into `model`: it must hold exactly the trainable
+    parameters (all of them for full fine-tuning); a tied head saved once is fine."""
+    weights = {k.removeprefix("_orig_mod."): v for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+    if any(t.dtype != torch.float32 for t in weights.values()):
+        weights.update(_master_weights(model, ckpt))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    state = model.state_dict(keep_vars=True)
+    aliases: dict[int, set[str]] = {}  # tied weights: one tensor, several names (saved under one of them)
+    for name, tensor in state.items():
+        aliases.setdefault(tensor.data_ptr(), set()).add(name)
+    covered = set().union(*(aliases[state[n].data_ptr()] for n in weights if n in state))
+    unknown, missing = sorted(set(weights) - (trainable | covered)), sorted(trainable - covered)
+    if unknown or missing:
+        raise CheckpointError(f"{ckpt / 'model.safetensors'} does not match the model rebuilt from its config: "
+                              f"{len(unknown)} unexpected tensors ({', '.join(unknown[:3])}), {len(missing)} "
+                              f"missing ({', '.join(missing[:3])})")
+    model.load_state_dict(weights, strict=False)
+
+
+def _master_weights(model: torch.nn.Module, ckpt: Path) -> dict[str, torch.Tensor]:
+    """The fp32 master weights that MasterWeightAdamW keeps in optimizer.bin, by parameter name (the
+    optimizer's flat parameter index follows train/optim.py's `decay_groups`)."""
+    path = ckpt / "optimizer.bin"
+    if not path.is_file():
+        return {}
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    masters = state.get(MASTER_KEY) or {}
+    names = [n for group in decay_groups(model) for n in group]
+    indices = [i for g in state.get("param_groups", []) for i in g["params"]]
+    if masters and len(indices) != len(names):
+        raise CheckpointError(f"{path}: {len(indices)} optimized parameters, the rebuilt model has {len(names)}")
+    return {names[int(i)]: t.float() for i, t in masters.items()}
