@@ -213,3 +213,14 @@ def test_recipes_are_valid_accelerate_configs(recipe):
         assert fsdp["fsdp_reshard_after_forward"] is True and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     if recipe.startswith("deepspeed"):
         assert cfg.deepspeed_config["zero_stage"] == int(recipe[-6])
+
+
+@pytest.mark.parametrize("engine", [pytest.param(e, marks=needs(e)) for e in ("fsdp", "zero3")])
+def test_a_sharded_checkpoint_loads_in_one_process(engine, lab):
+    """generate/chat/eval from RUN/checkpoints/step-N: the shards read back into one whole model."""
+    from sftlab.train.inference import load_model_dir
+
+    run = lab.run(engine, engine)
+    model, _ = load_model_dir(run / "checkpoints" / "step-00000003")  # the last step: the saved model's weights
+    state, final = model.state_dict(), load_file(run / "model.safetensors")
+    assert all(torch.equal(state[k], v) for k, v in final.items())

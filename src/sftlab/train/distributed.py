@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -165,3 +166,23 @@ def full_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor]:
         names.setdefault(id(param), []).append(name)
     tied = {n for group in names.values() for n in group[1:]}
     return {k: v.detach().to("cpu") for k, v in state.items() if k not in tied}
+
+
+def sharded_checkpoint_weights(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights from a sharded checkpoint, read in one process (for generate/chat/eval
+    from a checkpoint directory); None when `ckpt` is not sharded. FSDP: the torch distributed checkpoint
+    files, resharded into `model`'s full tensors. DeepSpeed: its fp32 master weights (`zero_to_fp32`)."""
+    fsdp_dir, zero_dir = ckpt / "pytorch_model_fsdp_0", ckpt / "pytorch_model"
+    if fsdp_dir.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        dcp.load(state, checkpoint_id=str(fsdp_dir))  # no process group: read the shards into whole tensors
+        return state["model"]
+    if zero_dir.is_dir():
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError:
+            raise EngineError(f"{ckpt} is a DeepSpeed checkpoint: reading it needs `pip install deepspeed`") from None
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=zero_dir.name))
+    return None

@@ -28,6 +28,7 @@ from sftlab.data.templates import load_template
 from sftlab.model import adapters
 from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path
 from sftlab.model.vocab import resize_for_new_tokens
+from sftlab.train import distributed
 from sftlab.train.checkpoint import (
     COMPLETE,
     STATE_FILE,
@@ -117,6 +118,14 @@ def load_checkpoint_model(ckpt: Path) -> tuple[Any, Any]:
 def load_checkpoint_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Load the checkpoint's model.safetensors into `model`: it must hold exactly the trainable
     parameters (all of them for full fine-tuning); a tied head saved once is fine."""
+    sharded = distributed.sharded_checkpoint_weights(ckpt, model)  # FSDP / DeepSpeed: the whole model, fp32
+    if sharded is not None:
+        result = model.load_state_dict(sharded, strict=False)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        if result.unexpected_keys or trainable & set(result.missing_keys):  # frozen weights: the base's own
+            raise CheckpointError(f"{ckpt} does not match the model rebuilt from its config: unexpected "
+                                  f"{result.unexpected_keys[:3]}, missing {sorted(trainable & set(result.missing_keys))[:3]}")
+        return
     weights = {k.removeprefix("_orig_mod."): v for k, v in load_file(str(ckpt / "model.safetensors")).items()}
     if any(t.dtype != torch.float32 for t in weights.values()):
         weights.update(_master_weights(model, ckpt))
