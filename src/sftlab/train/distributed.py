@@ -57,6 +57,7 @@ def sharded(accelerator: Accelerator) -> bool:
 def build_accelerator(mixed_precision: str, cpu: bool, **kwargs: Any) -> Accelerator:
     """The run's Accelerator, for whatever `accelerate launch` (or torchrun + env) asked for."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    _quiet_deepspeed_on_cpu()
     fsdp, deepspeed = parse_flag_from_env("ACCELERATE_USE_FSDP"), parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     if cpu and world > 1 and not deepspeed:
         # gloo processes: without this Accelerate finds no GPU and runs each rank as a lone process
@@ -72,6 +73,14 @@ def build_accelerator(mixed_precision: str, cpu: bool, **kwargs: Any) -> Acceler
     if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
         _enable_cpu_fsdp(accelerator, mixed_precision)
     return accelerator
+
+
+def _quiet_deepspeed_on_cpu() -> None:
+    """Accelerate imports DeepSpeed, when installed, even in single-process runs (`unwrap_model`); on a
+    machine without CUDA its accelerator detection then warns on every run. Naming the CPU accelerator
+    (unless the user chose one) is the same choice without the warning."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _enable_cpu_fsdp(accelerator: Accelerator, mixed_precision: str) -> None:
@@ -180,6 +189,7 @@ def sharded_checkpoint_weights(ckpt: Path, model: torch.nn.Module) -> dict[str, 
         dcp.load(state, checkpoint_id=str(fsdp_dir))  # no process group: read the shards into whole tensors
         return state["model"]
     if zero_dir.is_dir():
+        _quiet_deepspeed_on_cpu()
         try:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         except ImportError:
