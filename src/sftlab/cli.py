@@ -129,6 +129,17 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(text: str | None, flag: str) -> dict[str, str] | None:
+    """`a=b,c=d` -> {"a": "b", "c": "d"} (None when the flag was not given)."""
+    if text is None:
+        return None
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise SystemExit(f"error: {flag} takes name=value pairs separated by commas, e.g. "
+                         f"{'prompt=question,completion=answer' if flag == '--columns' else 'human=user,gpt=assistant'}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def cmd_eval(ns: argparse.Namespace) -> int:
     """Loss / perplexity over target tokens (and exact match) of a model on a data file."""
     import json
@@ -136,13 +147,17 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from sftlab.train.evaluate import evaluate
 
     res = evaluate(ns.model_dir, ns.data, match=ns.match, batch_size=ns.batch_size,
-                   max_new_tokens=ns.max_new_tokens, max_examples=ns.max_examples)
+                   max_new_tokens=ns.max_new_tokens, max_examples=ns.max_examples,
+                   columns=_pairs(ns.columns, "--columns"), roles=_pairs(ns.roles, "--roles"))
     if ns.json:
         print(json.dumps(res, indent=1))
         return 0
     console.print(f"[bold]{res['model']}[/bold] on {res['data']}: {res['examples']} examples "
                   f"({res['target_tokens']} target tokens, loss on {res['loss_on']}; {res['bad_rows']} bad rows, "
                   f"{res['over_length_dropped']} over length dropped)", highlight=False)
+    if res["mapping"]["from"] != "none":
+        console.print(f"fields mapped ({res['mapping']['from']}): columns {res['mapping']['columns']}, "
+                      f"roles {res['mapping']['roles']}", highlight=False)
     console.print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}", highlight=False)
     if "exact_match" in res:
         em = res["exact_match"]
@@ -268,15 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     cr = csub.add_parser("reference", help="print every config key with type, default and description (Markdown)")
     cr.set_defaults(func=lambda ns: print(config_reference()) or 0)
 
-    ev = sub.add_parser("eval", help="loss / perplexity (and exact match) of a model or run dir on a data file")
-    ev.add_argument("model_dir", help=MODEL_HELP)
-    ev.add_argument("--data", required=True, help="a data file in any supported format")
-    ev.add_argument("--match", action="store_true", help="also exact match of greedy replies (JSONL conversations)")
-    ev.add_argument("--json", action="store_true", help="print the results as JSON")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--max-examples", type=int, default=None)
-    ev.set_defaults(func=cmd_eval)
+    _eval_parser(sub)
 
     r = sub.add_parser("report", help="regenerate a run's report.md + loss.png")
     r.add_argument("run_dir")
@@ -306,6 +313,22 @@ def build_parser() -> argparse.ArgumentParser:
 MODEL_HELP = ("`default` (the embedded SmolLM2-135M-Instruct), a run directory (LoRA adapters merged; an unfinished "
               "run: its latest checkpoint), a checkpoint directory (RUN/checkpoints/step-N), a Hugging Face model "
               "directory, a .gguf file or a hub id")
+
+
+def _eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="loss / perplexity (and exact match) of a model or run dir on a data file")
+    ev.add_argument("model_dir", help=MODEL_HELP)
+    ev.add_argument("--data", required=True, help="a data file in any supported format")
+    ev.add_argument("--match", action="store_true", help="also exact match of greedy replies (JSONL conversations)")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--max-examples", type=int, default=None)
+    ev.add_argument("--columns", metavar="FIELD=YOURS,...", help=(
+        "rename the file's fields onto the format's, e.g. prompt=question,completion=answer (default: the run's "
+        "own mapping when all its training sources share one; docs/data.md)"))
+    ev.add_argument("--roles", metavar="YOURS=ROLE,...", help="rename role names, e.g. human=user,gpt=assistant")
+    ev.set_defaults(func=cmd_eval)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

@@ -101,21 +101,25 @@ class SourceConfig(_Strict):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, columns: dict[str, str], info: Any) -> dict[str, str]:
-        fmt = info.data.get("format", "auto")
-        allowed = _column_names(fmt)
-        for name, theirs in columns.items():
-            if name not in allowed:
-                close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
-                hint = f"; did you mean {close[0]}?" if close else ""
-                of = "any format" if fmt == "auto" else f"format {fmt}"
-                raise ValueError(f"columns.{name}: not a field of {of} (those are: {', '.join(allowed)}){hint}")
-            if not theirs:
-                raise ValueError(f"columns.{name}: empty field name")
-        for theirs in set(columns.values()):
-            twice = [k for k, v in columns.items() if v == theirs]
-            if len(twice) > 1 and not set(twice) <= set(MESSAGE_KEYS + TURN_KEYS):
-                raise ValueError(f"columns: {theirs!r} is mapped to {' and '.join(twice)}; a field can be renamed once")
-        return columns
+        return check_columns(columns, info.data.get("format", "auto"))
+
+
+def check_columns(columns: dict[str, str], fmt: str = "auto") -> dict[str, str]:
+    """A `columns` mapping names fields of the format (or of any format for auto), each renamed once."""
+    allowed = _column_names(fmt)
+    for name, theirs in columns.items():
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            of = "any format" if fmt == "auto" else f"format {fmt}"
+            raise ValueError(f"columns.{name}: not a field of {of} (those are: {', '.join(allowed)}){hint}")
+        if not theirs:
+            raise ValueError(f"columns.{name}: empty field name")
+    for theirs in set(columns.values()):
+        twice = [k for k, v in columns.items() if v == theirs]
+        if len(twice) > 1 and not set(twice) <= set(MESSAGE_KEYS + TURN_KEYS):
+            raise ValueError(f"columns: {theirs!r} is mapped to {' and '.join(twice)}; a field can be renamed once")
+    return columns
 
 
 def sources_shorthand(value: Any) -> Any:
@@ -266,6 +270,15 @@ class MatchEvalConfig(_Strict):
     max_examples: int | None = Field(None, gt=0, description="evaluate only the first N")
     max_new_tokens: int = Field(32, gt=0, description="generation budget per reply")
     batch_size: int = Field(32, gt=0, description="generation batch size")
+    columns: dict[str, str] = Field(default_factory=dict, description=(
+        "rename the file's own fields onto the format's, as a data source's `columns` (docs/data.md)"))
+    roles: dict[str, Literal[ROLES]] = Field(default_factory=dict, description=(  # type: ignore[valid-type]
+        "rename role names, as a data source's `roles`"))
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        return check_columns(columns)
 
 
 class SFTConfig(_Strict):

@@ -49,3 +49,38 @@ def test_eval_cli_on_a_run_dir_with_match_and_json(tiny_model_dir, chat_file, tm
     text = capsys.readouterr().out
     assert "loss " in text and "perplexity" in text and "2 examples" in text
     assert cli_main(["eval", str(tmp_path), "--data", str(data)]) == 2  # not a model directory
+
+
+def test_eval_maps_the_files_own_field_names(tiny_model_dir, tmp_path, capsys):
+    """--columns/--roles (or the run's own mapping) read a GSM8K-style or ShareGPT-style file exactly
+    as the equivalent native rows: same loss, same target count, same exact-match examples."""
+    native = write_jsonl(tmp_path / "native.jsonl", [{"prompt": "What is 2+3?", "completion": "5"},
+                                                     {"prompt": "What is 4*2?", "completion": "8"}])
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "What is 2+3?", "answer": "5"},
+                                               {"question": "What is 4*2?", "answer": "8"}])
+    want = evaluate(tiny_model_dir, str(native), match=True, max_new_tokens=2)
+    got = evaluate(tiny_model_dir, str(gsm), match=True, max_new_tokens=2,
+                   columns={"prompt": "question", "completion": "answer"})
+    assert (got["target_tokens"], got["loss"]) == (want["target_tokens"], want["loss"]) and got["examples"] == 2
+    assert got["exact_match"]["samples"] == want["exact_match"]["samples"]
+    assert got["mapping"]["from"] == "given"
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"chat": [{"who": "human", "text": "What is 2+3?"},
+                                                           {"who": "bot", "text": "5"}]}])
+    assert cli_main(["eval", str(tiny_model_dir), "--data", str(chat), "--json", "--columns",
+                     "conversations=chat,from=who,value=text", "--roles", "human=user,bot=assistant"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["examples"] == 1 and res["target_tokens"] == evaluate(tiny_model_dir, str(native),
+                                                                     max_examples=1)["target_tokens"]
+    assert cli_main(["eval", str(tiny_model_dir), "--data", str(gsm), "--columns", "promt=question"]) == 2
+    assert "did you mean prompt?" in capsys.readouterr().out
+    assert cli_main(["eval", str(tiny_model_dir), "--data", str(gsm)]) == 2  # unmapped: no format fits
+
+
+def test_eval_of_a_run_uses_the_runs_own_mapping(tiny_model_dir, tmp_path):
+    rows = [{"question": f"What is {i}+1?", "answer": f"{i + 1}"} for i in range(8)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = make_cfg(tiny_model_dir, train, tmp_path / "run", max_steps=1)
+    cfg.data.train[0].columns = {"prompt": "question", "completion": "answer"}
+    run_training(cfg)
+    res = evaluate(tmp_path / "run", str(train))
+    assert res["mapping"]["from"] == "the run's training sources" and res["examples"] == 8

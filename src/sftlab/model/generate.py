@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sftlab.config import MatchEvalConfig
-from sftlab.data.formats import Conversation, iter_jsonl, to_record
+from sftlab.data.formats import ColumnMap, Conversation, iter_jsonl, to_record
 from sftlab.data.types import BadRecord, DataError
 
 
@@ -64,7 +64,7 @@ def load_match_examples(cfg: MatchEvalConfig) -> list[tuple[list[dict[str, Any]]
         for lineno, row in iter_jsonl(cfg.path):
             if isinstance(row, BadRecord):
                 raise row
-            conv = to_record(row, "auto", cfg.path, lineno)
+            conv = to_record(row, "auto", cfg.path, lineno, columns=ColumnMap(cfg.columns, cfg.roles))
             if not isinstance(conv, Conversation):
                 raise BadRecord(cfg.path, lineno, None, "match_eval rows must be conversations or prompt/completion")
             last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
-from sftlab.config import DataConfig, MatchEvalConfig, SourceConfig
+from sftlab.config import ConfigError, DataConfig, MatchEvalConfig, SourceConfig
 from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import build_datasets
 from sftlab.data.types import IGNORE_INDEX
@@ -31,14 +32,34 @@ from sftlab.train.inference import load_model_dir, run_config
 __all__ = ["evaluate", "load_model_dir", "target_loss"]
 
 
-def _data_config(model_dir: Path, data: str) -> DataConfig:
-    source = [SourceConfig(path=data)]
+def _data_config(model_dir: Path, data: str, mapping: dict[str, dict[str, str]]) -> DataConfig:
+    try:
+        source = [SourceConfig(path=data, **mapping)]
+    except ValidationError as e:
+        raise ConfigError("columns/roles: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
+                                                       for x in e.errors())) from None
     cfg = run_config(model_dir)
     if cfg is not None:
         run = cfg.data
         return DataConfig(train=source, loss_on=run.loss_on, max_seq_length=run.max_seq_length,
                           on_overlength=run.on_overlength, cache=False)
     return DataConfig(train=source, cache=False)
+
+
+def column_mapping(model_dir: Path, columns: dict[str, str] | None,
+                   roles: dict[str, str] | None) -> tuple[dict[str, dict[str, str]], str]:
+    """The `columns`/`roles` to read the eval file with, and where they come from: as given, else the
+    run's own when all its training sources share one mapping (an eval file usually has the training
+    file's schema), else none."""
+    if columns is not None or roles is not None:
+        return {"columns": columns or {}, "roles": roles or {}}, "given"
+    cfg = run_config(model_dir)
+    mappings = {(tuple(s.columns.items()), tuple(s.roles.items())) for s in (cfg.data.train if cfg else [])}
+    if len(mappings) == 1:
+        cols, rls = next(iter(mappings))
+        if cols or rls:
+            return {"columns": dict(cols), "roles": dict(rls)}, "the run's training sources"
+    return {"columns": {}, "roles": {}}, "none"
 
 
 @torch.no_grad()
@@ -64,11 +85,14 @@ def target_loss(model, examples, pad_id: int, batch_size: int, loss_fn=full_nll,
 
 
 def evaluate(model_dir: str | Path, data: str, match: bool = False, batch_size: int = 8,
-             max_new_tokens: int = 64, max_examples: int | None = None) -> dict[str, Any]:
-    """Loss, perplexity (and exact match) of the model in `model_dir` on the file `data`."""
+             max_new_tokens: int = 64, max_examples: int | None = None, columns: dict[str, str] | None = None,
+             roles: dict[str, str] | None = None) -> dict[str, Any]:
+    """Loss, perplexity (and exact match) of the model in `model_dir` on the file `data`, its fields
+    renamed by `columns`/`roles` (default: the run's own mapping, see `column_mapping`)."""
     model_dir = Path(model_dir)
+    mapping, mapping_from = column_mapping(model_dir, columns, roles)
+    data_cfg = _data_config(model_dir, data, mapping)  # a bad mapping fails before the model loads
     model, tokenizer = load_model_dir(model_dir)
-    data_cfg = _data_config(model_dir, data)
     examples, _, report = build_datasets(data_cfg, tokenizer, seed=0, template=None)
     if max_examples is not None:
         examples = examples.select(range(min(max_examples, len(examples))))
@@ -78,9 +102,10 @@ def evaluate(model_dir: str | Path, data: str, match: bool = False, batch_size: 
         "model": str(model_dir), "data": data, "examples": len(examples), "target_tokens": count,
         "loss": loss, "perplexity": math.exp(loss) if count else float("nan"),
         "rows": report.rows, "bad_rows": report.bad, "over_length_dropped": report.overlength_dropped,
-        "loss_on": data_cfg.loss_on}
+        "loss_on": data_cfg.loss_on, "mapping": {**mapping, "from": mapping_from}}
     if match:
-        cfg = MatchEvalConfig(path=data, max_examples=max_examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        cfg = MatchEvalConfig(path=data, max_examples=max_examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              **mapping)
         res = exact_match(model, tokenizer, load_match_examples(cfg), cfg, None)
         result["exact_match"] = {"correct": res.correct, "total": res.total, "accuracy": res.accuracy,
                                  "samples": [list(s) for s in res.samples[:5]]}
