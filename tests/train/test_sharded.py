@@ -26,9 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import CONVERSATIONS, build_model, build_tokenizer, write_jsonl
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.multiprocess
 
@@ -92,7 +91,7 @@ class Lab:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / ENGINES[engine]),
                    "--num_processes", "2", "--main_process_port", str(free_port()),
                    "-m", "sftlab.cli", "train", str(config), *overrides]
-        r = subprocess.run(cmd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=600, check=False)
         (self.root / f"{config.stem}.log").write_text(r.stdout + r.stderr)  # kept for a failure's post-mortem
         if check:
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
@@ -204,7 +203,7 @@ def test_recipes_are_valid_accelerate_configs(recipe):
     from accelerate.commands.config.config_args import ClusterConfig
 
     cfg = ClusterConfig.from_yaml_file(RECIPES / recipe)  # rejects unknown keys
-    value = lambda x: getattr(x, "value", x)  # noqa: E731 -- enums or plain strings, by Accelerate version
+    value = lambda x: getattr(x, "value", x)
     assert value(cfg.compute_environment) == "LOCAL_MACHINE" and cfg.num_machines == 1 and cfg.machine_rank == 0
     assert value(cfg.mixed_precision) == "no"  # precision comes from the run config
     if recipe == "fsdp.yaml":

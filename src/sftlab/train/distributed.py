@@ -31,7 +31,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs, parse_flag_from_env
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    InitProcessGroupKwargs,
+    parse_flag_from_env,
+)
 
 SINGLE, DDP, FSDP, DEEPSPEED = "single", "ddp", "fsdp", "deepspeed"
 
@@ -191,7 +196,9 @@ def sharded_checkpoint_weights(ckpt: Path, model: torch.nn.Module) -> dict[str, 
     if zero_dir.is_dir():
         _quiet_deepspeed_on_cpu()
         try:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            from deepspeed.utils.zero_to_fp32 import (
+                get_fp32_state_dict_from_zero_checkpoint,
+            )
         except ImportError:
             raise EngineError(f"{ckpt} is a DeepSpeed checkpoint: reading it needs `pip install deepspeed`") from None
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=zero_dir.name))
