@@ -169,6 +169,15 @@ def deepspeed_step(model) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
+def leave_together(accelerator: Accelerator) -> None:
+    """At the end of a multi-process run every rank waits for the main one (still saving the model) and
+    the process group is taken down before the interpreter exits: a rank exiting alone with the group
+    alive was seen to abort in DeepSpeed/gloo's threads ("terminate called without an active exception")."""
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        accelerator.state.destroy_process_group()
+
+
 def full_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor]:
     """The whole model's state dict, gathered from the shards (a collective call on sharded engines:
     every rank calls it; the main process gets the full tensors)."""

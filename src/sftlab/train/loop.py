@@ -310,6 +310,7 @@ def run_training(cfg: SFTConfig, console: Console | None = None, resume_command:
         open_run_log(run)
         fit(run)
     finish(run)
+    distributed.leave_together(run.accelerator)
     return run.result
 
 
