@@ -4,8 +4,8 @@ FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (the recipes in configs/accelerate/), on the 
 
 For every process that runs `sftlab.cli train` the peak anonymous memory (RssAnon, sampled from /proc
 every 100 ms: weights, gradients, optimizer state and activations, not the shared libraries) is
-recorded (with glibc's mmap threshold at 64 KiB, so freed buffers leave RssAnon at once); the table gives the largest rank and its ratio to one process, next to the ratio the
-memory table in README ("Scaling out") predicts for the weights/gradients/moments part. Per-step
+recorded, with glibc's mmap threshold at 64 KiB so that freed buffers leave RssAnon at once. The
+table gives the largest rank and its ratio to one process, next to the ratio the memory table in README ("Scaling out") predicts for the weights/gradients/moments part. Per-step
 loss of every engine is printed next to one process's (same global batch, so they should agree).
 
     python benchmarks/bench_sharded.py              # all engines (DeepSpeed ones when installed)
@@ -26,6 +26,10 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scale_case import _children, _status  # the /proc sampling the other benchmarks use
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "src" / "sftlab" / "demo" / "demo.yaml"
 RECIPES = {"ddp": "ddp.yaml", "fsdp": "fsdp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
@@ -33,27 +37,14 @@ RECIPES = {"ddp": "ddp.yaml", "fsdp": "fsdp.yaml", "zero2": "deepspeed_zero2.yam
 PREDICTED = {"single": 1.0, "ddp": 1.0, "fsdp": 0.5, "zero2": (4 + 12 / 2) / 16, "zero3": 0.5}
 
 
-def _anon_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def _trainers(root: int) -> list[int]:
     """`root` and its descendants that run `sftlab.cli train` (the ranks, not the launcher)."""
-    pids, found = [root], []
-    while pids:
-        pid = pids.pop()
+    found = []
+    for pid in [root, *_children(root)]:
         try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        pids += [int(c) for c in children]
         if b"sftlab.cli" in cmd and b"accelerate.commands.launch" not in cmd:
             found.append(pid)
     return found
@@ -72,7 +63,7 @@ def run(engine: str, out: Path) -> dict:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / RECIPES[engine]), "--num_processes", "2",
                "--main_process_port", str(port), "-m", "sftlab.cli", "train", str(DEMO), *overrides]
-    peak: dict[int, int] = {}
+    peak: dict[int, int] = {}  # pid -> peak RssAnon in bytes
     t0 = time.perf_counter()
     # glibc keeps freed heap chunks (FSDP gathers and frees every layer's weights each step): allocations
     # above 64 KiB are mmapped instead, so RssAnon follows the live tensors, for every engine alike
@@ -83,7 +74,7 @@ def run(engine: str, out: Path) -> dict:
     def sample() -> None:
         while not done.is_set():
             for pid in _trainers(proc.pid):
-                peak[pid] = max(peak.get(pid, 0), _anon_kib(pid))
+                peak[pid] = max(peak.get(pid, 0), _status(pid).get("RssAnon", 0))
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -94,7 +85,7 @@ def run(engine: str, out: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{engine} failed (rc {proc.returncode}):\n{output[-4000:]}")
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"peak_kib": max(peak.values()), "ranks": len(peak), "losses": losses,
+    return {"peak": max(peak.values()), "ranks": len(peak), "losses": losses,
             "seconds": time.perf_counter() - t0}
 
 
@@ -109,14 +100,14 @@ def main() -> None:
         for engine in engines:
             results[engine] = run(engine, Path(tmp) / engine)
             r = results[engine]
-            print(f"{engine}: {r['ranks']} process(es), peak RssAnon of the largest {r['peak_kib'] / 2**20:.2f} GiB "
+            print(f"{engine}: {r['ranks']} process(es), peak RssAnon of the largest {r['peak'] / 2**30:.2f} GiB "
                   f"({r['seconds']:.0f}s)", flush=True)
     base = results["single"]
     print("\n| engine | processes | peak RssAnon per process | vs 1 process | predicted (states only) | "
           "loss per step (1 process: " + ", ".join(f"{x:.4f}" for x in base["losses"]) + ") |")
     print("|---|---|---|---|---|---|")
     for engine, r in results.items():
-        print(f"| {engine} | {r['ranks']} | {r['peak_kib'] / 2**20:.2f} GiB | {r['peak_kib'] / base['peak_kib']:.2f}x | "
+        print(f"| {engine} | {r['ranks']} | {r['peak'] / 2**30:.2f} GiB | {r['peak'] / base['peak']:.2f}x | "
               f"{PREDICTED[engine]:.2f}x | {', '.join(f'{x:.4f}' for x in r['losses'])} |")
 
 

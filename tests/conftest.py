@@ -76,7 +76,11 @@ def tiny_model(tokenizer) -> LlamaForCausalLM:
 @pytest.fixture()
 def tiny_model_dir(tmp_path, tokenizer) -> Path:
     """A saved tiny model + tokenizer directory, loadable like any HF checkpoint."""
-    d = tmp_path / "tiny-model"
+    return save_tiny_model(tmp_path / "tiny-model", tokenizer)
+
+
+def save_tiny_model(d: Path, tokenizer) -> Path:
+    """Write the tiny model and `tokenizer` to `d` (for fixtures of any scope)."""
     build_model(len(tokenizer)).save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
@@ -107,6 +111,10 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 @pytest.fixture()
 def chat_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "chat.jsonl", chat_rows())
+
+
+def chat_rows() -> list[dict]:
+    """The rows of `chat_file`: the conversations 4 times, then a prompt/completion row 4 times."""
     rows = [{"messages": c} for c in CONVERSATIONS] * 4
-    rows += [{"prompt": "Numbers: one two", "completion": "three four five"}] * 4
-    return write_jsonl(tmp_path / "chat.jsonl", rows)
+    return rows + [{"prompt": "Numbers: one two", "completion": "three four five"}] * 4

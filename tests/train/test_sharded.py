@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONVERSATIONS, build_model, build_tokenizer, write_jsonl
+from conftest import build_tokenizer, chat_rows, save_tiny_model, write_jsonl
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.multiprocess
@@ -57,12 +57,8 @@ class Lab:
 
     def __init__(self, root: Path):
         self.root = root
-        tok = build_tokenizer()
-        self.model_dir = root / "tiny-model"
-        build_model(len(tok)).save_pretrained(self.model_dir)
-        tok.save_pretrained(self.model_dir)
-        rows = [{"messages": c} for c in CONVERSATIONS] * 4
-        rows += [{"prompt": "Numbers: one two", "completion": "three four five"}] * 4
+        self.model_dir = save_tiny_model(root / "tiny-model", build_tokenizer())
+        rows = chat_rows()
         self.data = write_jsonl(root / "chat.jsonl", rows)
         # 5 eval examples over 2 ranks x 2 per batch: rank 1 runs an empty batch in the second round
         self.eval_data = write_jsonl(root / "eval.jsonl", rows[:5])

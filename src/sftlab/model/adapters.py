@@ -121,7 +121,7 @@ def quantization_config(settings: PeftSettings) -> Any:
 def save_adapter(model: nn.Module, out: Path, base: ModelConfig, state_dict: dict | None = None) -> None:
     """peft's adapter files, plus the base model as configured (so `default` resolves on any machine).
     `state_dict`: the whole model's tensors when they were gathered from shards (peft keeps the adapter's)."""
-    model.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)  # None: peft takes the model's
     (Path(out) / BASE_FILE).write_text(json.dumps(base.model_dump(mode="json"), indent=1) + "\n")
 
 

@@ -106,9 +106,9 @@ def check_run_settings(accelerator: Accelerator, cfg) -> None:
     if engine == DEEPSPEED and cfg.train.on_nan == "skip_step":
         raise EngineError("train.on_nan=skip_step: DeepSpeed updates inside its engine and cannot skip a step; "
                           "use on_nan: stop (the loss is checked before the step, the gradient norm after it)")
-    if engine in (FSDP, DEEPSPEED) and cfg.train.compile:
+    if sharded(accelerator) and cfg.train.compile:
         raise EngineError(f"train.compile is not supported with {engine} in sftlab; turn it off")
-    if engine in (FSDP, DEEPSPEED) and cfg.peft is not None and cfg.peft.quantize:
+    if sharded(accelerator) and cfg.peft is not None and cfg.peft.quantize:
         raise EngineError(f"QLoRA (peft.quantize) is not supported with {engine} in sftlab; use LoRA or one process")
 
 
@@ -199,8 +199,8 @@ def sharded_checkpoint_weights(ckpt: Path, model: torch.nn.Module) -> dict[str, 
     if fsdp_dir.is_dir():
         import torch.distributed.checkpoint as dcp
 
-        state = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        dcp.load(state, checkpoint_id=str(fsdp_dir))  # no process group: read the shards into whole tensors
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=str(fsdp_dir))  # no process group: the shards, read into the model's tensors
         return state["model"]
     if zero_dir.is_dir():
         _quiet_deepspeed_on_cpu()

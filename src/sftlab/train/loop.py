@@ -656,10 +656,12 @@ def optimizer_step(run: Run, step: int, batches_iter) -> dict[str, Any]:
     nll, targets = train_step(run.model, batches, run.accelerator, run.loss_fn)
     lr = run.scheduler.get_last_lr()[0]
     deepspeed = distributed.engine_of(run.accelerator) == distributed.DEEPSPEED
-    if deepspeed and math.isfinite(nll):  # DeepSpeed clips and steps in its engine, then gives the norm
-        grad_norm = distributed.deepspeed_step(run.model)
+    if not targets:  # nothing was back-propagated: no clipping, no update
+        grad_norm = 0.0
+    elif deepspeed:  # DeepSpeed clips and steps inside its engine (once the loss is known finite), then gives the norm
+        grad_norm = distributed.deepspeed_step(run.model) if math.isfinite(nll) else 0.0
     else:
-        grad_norm = clip_gradients(run) if targets and not deepspeed else 0.0
+        grad_norm = clip_gradients(run)
     finite = math.isfinite(nll) and math.isfinite(grad_norm)
     if not finite and cfg.train.on_nan == "stop":
         last = latest_checkpoint(run.out)
@@ -834,6 +836,6 @@ def save_model(model, tokenizer, out: Path, template: str | None, state_dict: di
     model.config.use_cache = True  # inference default for whoever loads it
     if template is not None:
         tokenizer.chat_template = template
-    model.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)  # None: the model's own
     tokenizer.save_pretrained(out)
     model.config.use_cache = False
