@@ -214,6 +214,47 @@ def test_disk_full_during_save_keeps_previous(tiny_model_dir, chat_file, tmp_pat
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
 
 
+def test_each_rank_restores_its_own_rng_and_old_checkpoints_still_load(tmp_path):
+    """Per-rank RNG files (rng-{rank}.json + rng_torch-{rank}.safetensors) go back to their own rank; a
+    checkpoint from before them (rank 0's rng.json + rng_torch.safetensors) restores rank 0, and leaves
+    another rank with the state Accelerate restored from its own random_states_{rank}.pkl."""
+    import random
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from sftlab.train.checkpoint import capture_rng, load_rank_rng, restore_rng, save_rank_rng
+
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(3).tolist()
+
+    outer = capture_rng()
+    try:
+        save_rank_rng(tmp_path, 0)
+        after0 = draws()
+        save_rank_rng(tmp_path, 1)
+        after1 = draws()
+        load_rank_rng(tmp_path, 0)
+        assert draws() == after0
+        load_rank_rng(tmp_path, 1)
+        assert draws() == after1
+        old = tmp_path / "old"
+        old.mkdir()
+        meta, tensors = capture_rng()
+        (old / "rng.json").write_text(json.dumps(meta))
+        save_file(tensors, str(old / "rng_torch.safetensors"))
+        expected = draws()
+        load_rank_rng(old, 0)
+        assert draws() == expected
+        mine = capture_rng()
+        expected = draws()
+        restore_rng(*mine)
+        load_rank_rng(old, 1)  # rank 0's states are not rank 1's: left as they are
+        assert draws() == expected
+    finally:
+        restore_rng(*outer)
+
+
 def test_every_epoch_checkpoints_at_the_epoch_boundary(tiny_model_dir, chat_file, tmp_path):
     # 16 examples, micro-batches of 3 -> 6 micro-batches an epoch; 2 per step -> an epoch ends every 3 steps
     tree = cfg_tree(tiny_model_dir, chat_file, tmp_path / "run", max_steps=6)

@@ -8,7 +8,11 @@ Layout under `output_dir/checkpoints/`:
         optimizer.bin          optimizer state loaded back with torch.load(weights_only=True))
         trainer_state.json    step, data position, counters, metrics so far, resolved config
         scheduler.json        LR-scheduler state (plain JSON, no pickle)
-        rng.json, rng_torch.safetensors   python/numpy/torch(/cuda) RNG states
+        rng-{rank}.json, rng_torch-{rank}.safetensors   python/numpy/torch(/cuda) RNG states, one pair
+                              per process, written by that process (ranks' states differ: dropout draws
+                              per token of differently padded batches); restored on that same rank.
+                              Checkpoints from before per-rank files hold rank 0's pair only, as
+                              rng.json, rng_torch.safetensors
         COMPLETE              written last, inside the temporary directory
     latest                    name of the newest complete checkpoint (atomically replaced)
 
@@ -17,7 +21,8 @@ Under FSDP the model and optimizer are torch distributed checkpoint shards, one 
 rank writes its own part into the same temporary directory (a filesystem all ranks see), and with
 adapters the shards hold the whole model (`trainable_only` applies to unsharded engines).
 
-A checkpoint is written into `.tmp-step-N`, every file fsync'ed, then renamed into place; only
+A checkpoint is written into `.tmp-step-N` (every rank writes its files, then all wait for each
+other before the main process adds COMPLETE), every file fsync'ed, then renamed into place; only
 then is `latest` replaced. A process killed at any moment leaves the previous complete
 checkpoint usable: incomplete `.tmp-*` directories are ignored and removed on the next save.
 Nothing is ever unpickled without `weights_only=True`.
@@ -91,6 +96,25 @@ def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return meta, tensors
 
 
+def save_rank_rng(ckpt: Path, rank: int) -> None:
+    """Every process writes its own RNG states into the (temporary) checkpoint directory."""
+    meta, tensors = capture_rng()
+    (ckpt / f"rng-{rank}.json").write_text(json.dumps(meta))
+    save_file(tensors, str(ckpt / f"rng_torch-{rank}.safetensors"))
+
+
+def load_rank_rng(ckpt: Path, rank: int) -> None:
+    """Restore this rank's own RNG states. A checkpoint from before per-rank files holds rank 0's states
+    only: rank 0 takes them; another rank keeps its own, which Accelerate's load_state has just restored
+    from its `random_states_{rank}.pkl` (rank 0's would give it another rank's dropout masks)."""
+    meta, tensors = ckpt / f"rng-{rank}.json", ckpt / f"rng_torch-{rank}.safetensors"
+    if not meta.is_file():
+        if rank != 0:
+            return
+        meta, tensors = ckpt / "rng.json", ckpt / "rng_torch.safetensors"
+    restore_rng(json.loads(meta.read_text()), load_file(str(tensors)))
+
+
 def restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     py = meta["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -157,11 +181,10 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, A
         finally:
             if hook is not None:
                 hook.remove()
+        save_rank_rng(tmp, accelerator.process_index)
+        accelerator.wait_for_everyone()  # every rank's files are in tmp before it is completed and renamed
         if main:
             _test_pause(step)
-            meta, tensors = capture_rng()
-            (tmp / "rng.json").write_text(json.dumps(meta))
-            save_file(tensors, str(tmp / "rng_torch.safetensors"))
             (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=_jsonable))
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
             (tmp / COMPLETE).write_text(f"step {step}\n")
@@ -245,5 +268,5 @@ def load_checkpoint(accelerator, ckpt: Path, scheduler, trainable_only: bool = F
     sched = json.loads((ckpt / "scheduler.json").read_text())
     sched.pop("lr_lambdas", None)
     scheduler.load_state_dict({**scheduler.state_dict(), **sched})
-    restore_rng(json.loads((ckpt / "rng.json").read_text()), load_file(str(ckpt / "rng_torch.safetensors")))
+    load_rank_rng(ckpt, accelerator.process_index)
     return state
