@@ -7,6 +7,7 @@ user would: 2 CPU processes over gloo, a tiny Llama, fp32 math.
   loads and that equals the one-process weights (and holds the tied head once, like transformers).
 - SIGKILL after step 2 + `train.resume=auto` reproduces the uninterrupted sharded run bit for bit,
   from sharded checkpoints (torch distributed checkpoint files per rank / ZeRO partitions).
+- DDP + LoRA dropout: the same after SIGKILL + resume, each rank getting its own RNG states back.
 - A sharded checkpoint is refused by a run with another number of processes, with the reason.
 - LoRA under FSDP saves the same adapter as one process.
 
