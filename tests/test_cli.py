@@ -81,7 +81,7 @@ def test_train_data_flag_builds_the_config_from_library_defaults(tiny_model_dir,
 def test_data_train_shorthand_without_a_config_starts_from_the_defaults(capsys):
     assert main(["config", "show", "data.train=x.jsonl"]) == 0
     tree = yaml.safe_load(capsys.readouterr().out)
-    assert tree["data"]["train"] == [{"path": "x.jsonl", "format": "auto", "weight": None, "split": "train",
+    assert tree["data"]["train"] == [{"path": "x.jsonl", "name": None, "format": "auto", "weight": None, "split": "train",
                                       "subset": None, "columns": {}, "roles": {}}]
     assert tree["train"]["output_dir"] == "runs/sft" and tree["match_eval"] is None  # not the demo's
     assert main(["config", "show", "optim.lr=1e-4"]) == 0  # no training data given: still the demo

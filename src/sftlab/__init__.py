@@ -1,7 +1,36 @@
 """sftlab: supervised fine-tuning of causal language models.
 
-Entry points: the `sftlab` command (`sftlab.cli`), `sftlab.train.loop.run_training(config)`, and
-the data interface `sftlab.data.PackedSFTDataset` / `sftlab.data.iterate_batches`.
+Python API (sftlab/api.py, docs/python.md): `sftlab.train`, `sftlab.prepare`, `sftlab.evaluate`,
+`sftlab.generate`, with `SFTConfig` (sftlab/config.py) and `DatasetSource`; the command line is
+`sftlab` (sftlab/cli.py), a thin layer over the same functions. Names are imported on first use, so
+`import sftlab` stays light.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "train": "sftlab.train", "prepare": "sftlab.api", "evaluate": "sftlab.api", "generate": "sftlab.api",
+    "SFTConfig": "sftlab.config", "load_config": "sftlab.config", "ConfigError": "sftlab.config",
+    "DatasetSource": "sftlab.data.sources", "TrainResult": "sftlab.train.run",
+    "SFTObjective": "sftlab.train.objective", "CallbackError": "sftlab.train.callbacks",
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "train":  # the package sftlab.train, callable as the API's train (see its docstring)
+        return importlib.import_module("sftlab.train")
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sftlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

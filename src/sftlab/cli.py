@@ -88,9 +88,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
                       "(SmolLM2-135M-Instruct learns date conversion)" + (" with your overrides" if overrides else "")
                       + "; `sftlab config show` prints it; `sftlab train --data FILE` starts from the library "
                       "defaults instead", highlight=False)
-    from sftlab.train.loop import run_training
+    from sftlab.api import train
 
-    run_training(cfg, console, resume_command=_resume_command(ns.argv))
+    train(cfg, console=console, resume_command=_resume_command(ns.argv))
     return 0
 
 
@@ -98,12 +98,13 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     """Validate, tokenize and cache the training/eval data ahead of training; print the data report."""
     import time
 
+    from sftlab.api import prepare
     from sftlab.data.cache import cache_dir
-    from sftlab.train.data import prepare_run_data, print_preview
+    from sftlab.train.data import print_preview
 
     cfg = _load_checked(ns)
     start = time.perf_counter()
-    data = prepare_run_data(cfg, console)  # exactly what `sftlab train` does, so the cache keys match
+    data = prepare(cfg, console=console)  # exactly what `sftlab train` does, so the cache keys match
     took = time.perf_counter() - start
     where = cache_dir(cfg.data.cache_dir) if cfg.data.cache else "off (data.cache=false)"
     console.print(f"train {len(data.train)} examples ({data.train.num_tokens} tokens) -> {len(data.units)} rows "
@@ -116,14 +117,15 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
 
 def cmd_export(ns: argparse.Namespace) -> int:
     """Merge a run's adapter into its base model and save a plain transformers model."""
-    from sftlab.model.adapters import is_adapter_dir, load_for_inference
-    from sftlab.train.loop import save_model
+    from sftlab.model.adapters import is_adapter_dir
+    from sftlab.train.inference import load_adapter_dir
+    from sftlab.train.outputs import save_model
 
     if not is_adapter_dir(ns.run_dir):
         raise ConfigError(f"{ns.run_dir} holds no adapter (adapter_config.json): nothing to merge")
     if not ns.merge:
         raise ConfigError("sftlab export: only --merge is supported (the adapter itself is already in the run dir)")
-    model, tok = load_for_inference(ns.run_dir)
+    model, tok = load_adapter_dir(ns.run_dir)
     save_model(model, tok, Path(ns.out), tok.chat_template)
     console.print(f"[bold green]saved[/bold green] merged model + tokenizer to {ns.out}")
     return 0
@@ -190,7 +192,7 @@ def _load_for_inference(ns: argparse.Namespace):
 
     import torch
 
-    from sftlab.model.generate import generate_replies
+    from sftlab.api import generate
     from sftlab.train.inference import load_model_dir
 
     if ns.temperature < 0 or not 0 < ns.top_p <= 1:
@@ -199,9 +201,8 @@ def _load_for_inference(ns: argparse.Namespace):
     if ns.seed is not None:
         torch.manual_seed(ns.seed)
     model, tok = load_model_dir(ns.model_dir)
-    reply = functools.partial(generate_replies, model, tok, max_new_tokens=ns.max_new_tokens,
-                              temperature=ns.temperature, top_p=ns.top_p)
-    return lambda history: reply([history])[0].strip()
+    return functools.partial(generate, model, tokenizer=tok, max_new_tokens=ns.max_new_tokens,
+                             temperature=ns.temperature, top_p=ns.top_p)
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -376,16 +377,17 @@ def main(argv: list[str] | None = None) -> int:
 # module -> the errors it raises that are the user's to fix (printed in one line, exit code 2)
 USER_ERRORS = {"sftlab.config": ("ConfigError",), "sftlab.data.types": ("DataError",),
                "sftlab.model.loading": ("ModelLoadError",), "sftlab.model.adapters": ("AdapterError",),
-               "sftlab.train.rundir": ("RunError",), "sftlab.train.checkpoint": ("CheckpointError",)}
+               "sftlab.train.rundir": ("RunError",), "sftlab.train.checkpoint": ("CheckpointError",),
+               "sftlab.train.callbacks": ("CallbackError",)}
 
 
 def _error_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(Interrupted, the user errors) among the modules already imported: an error can only come from a
     module that is loaded, and importing the training loop just to name its classes takes seconds."""
-    loaded = {name: sys.modules[name] for name in [*USER_ERRORS, "sftlab.train.loop"] if name in sys.modules}
+    loaded = {name: sys.modules[name] for name in [*USER_ERRORS, "sftlab.train.control"] if name in sys.modules}
     user = tuple(getattr(loaded[m], c) for m, classes in USER_ERRORS.items() if m in loaded for c in classes)
-    loop = loaded.get("sftlab.train.loop")
-    return ((loop.Interrupted,) if loop else ()), user
+    control = loaded.get("sftlab.train.control")
+    return ((control.Interrupted,) if control else ()), user
 
 
 if __name__ == "__main__":

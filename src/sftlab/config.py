@@ -10,6 +10,7 @@ A source may be written as its path alone: `data.train: x.jsonl` (or a list of p
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -83,6 +84,9 @@ class SourceConfig(_Strict):
     path: str = Field(description=(
         "a local JSONL/JSON/Parquet/CSV file or directory, a `datasets.save_to_disk` directory, or a hub dataset "
         "name"))
+    name: str | None = Field(None, description=(
+        "a name for the source (reports); an eval source with a name also gets its own validation loss, "
+        "`eval/<name>_loss` (sources of the same name together)"))
     format: Literal[FORMATS] = Field("auto", description=(  # type: ignore[valid-type]
         "row format; auto detects it per row from the keys"))
     weight: float | int | None = Field(None, gt=0, description=(
@@ -294,8 +298,6 @@ class SFTConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> "SFTConfig":
-        if not self.data.train:
-            raise ValueError("data.train: at least one training source is required")
         budget = self.train.micro_batch_tokens
         if budget is not None and budget < self.data.max_seq_length:
             raise ValueError(f"train.micro_batch_tokens ({budget}) must be at least data.max_seq_length "
@@ -493,9 +495,14 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
             me["path"] = str(base / p)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SFTConfig:
+NO_TRAINING_DATA = "data.train: at least one training source is required"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                require_data: bool = True) -> SFTConfig:
     """Read a YAML config, apply overrides, validate. With no `path`: the packaged demo config, or the
-    library defaults when the overrides give the training data (`data.train=FILE`)."""
+    library defaults when the overrides give the training data (`data.train=FILE`). `require_data`:
+    data.train must name a source (a run's own config.yaml may not: the Python API passes datasets)."""
     if path is None and gives_training_data(overrides):
         tree: dict[str, Any] = {}
         source = "the library defaults + overrides"
@@ -507,9 +514,55 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(cfg_path)
     apply_overrides(tree, overrides or [])
     try:
-        return SFTConfig.model_validate(tree)
+        cfg = SFTConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
+    if require_data and not cfg.data.train:
+        raise ConfigError(f"{source}: {NO_TRAINING_DATA}")
+    return cfg
+
+
+def resolve_config(config: str | Path | dict | SFTConfig | None = None,
+                   values: dict[str, Any] | None = None) -> SFTConfig:
+    """The config of a Python API call: `config` (a YAML path, a dict tree, an SFTConfig, or None for the
+    library defaults) with `values` set on it -- dotted keys (`{"optim.lr": 1e-5}`) or whole sections
+    (`{"optim": {"lr": 1e-5}}`, merged), as Python values (not parsed as YAML). A mistyped key gets the
+    same did-you-mean as in a YAML file (`learning_rate` -> optim.lr)."""
+    if isinstance(config, (str, Path)):
+        tree = load_config(config, require_data=False).model_dump(mode="python")
+        source = str(config)
+    elif isinstance(config, SFTConfig):
+        tree, source = config.model_dump(mode="python"), "the SFTConfig given"
+    elif isinstance(config, dict):
+        tree, source = copy.deepcopy(config), "the config dict given"
+    elif config is None:
+        tree, source = {}, "the library defaults"
+    else:
+        raise ConfigError(f"config: expected a YAML path, a dict or an SFTConfig, got {type(config).__name__}")
+    for key, value in (values or {}).items():
+        if "." not in key and isinstance(value, dict) and key in SFTConfig.model_fields:
+            if not isinstance(tree.get(key), dict):
+                tree[key] = {}
+            _merge_tree(tree[key], value)
+        elif "." not in key and key not in SFTConfig.model_fields:
+            hint = suggest_key((key,))
+            raise ConfigError(f"{key}: unknown key" + (f"; did you mean {hint}?" if hint else "")
+                              + " (keyword arguments are config keys: dotted, e.g. **{'optim.lr': 1e-5}, or sections)")
+        else:
+            _set_dotted(tree, key, value)
+        _normalise_sources(tree)
+    try:
+        return SFTConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source + (" + keyword arguments" if values else ""))) from None
+
+
+def _merge_tree(into: dict[str, Any], values: dict[str, Any]) -> None:
+    for k, v in values.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge_tree(into[k], v)
+        else:
+            into[k] = v
 
 
 def _type_name(annotation: Any) -> str:

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from sftlab.config import SFTConfig
-from sftlab.train import loop as loop_mod
+from sftlab.train import setup as setup_mod
 from sftlab.train.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 from sftlab.train.loop import RunError, run_training
 
@@ -127,7 +127,7 @@ def test_sigterm_checkpoints_and_exits_143(tiny_model_dir, chat_file, tmp_path):
 
 def _nan_on_call(n: int, monkeypatch):
     """The run's micro-batch loss turns NaN on its n-th call."""
-    real_build = loop_mod.build_loss_fn
+    real_build = setup_mod.build_loss_fn
     calls = {"n": 0}
 
     def build(*args, **kwargs):
@@ -139,7 +139,7 @@ def _nan_on_call(n: int, monkeypatch):
             return out * float("nan") if calls["n"] == n else out
         return fake
 
-    monkeypatch.setattr(loop_mod, "build_loss_fn", build)
+    monkeypatch.setattr(setup_mod, "build_loss_fn", build)
 
 
 def test_nan_stop_keeps_last_good_checkpoint(tiny_model_dir, chat_file, tmp_path, monkeypatch):

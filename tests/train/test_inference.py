@@ -10,9 +10,8 @@ from safetensors.torch import load_file
 
 from sftlab.cli import main
 from sftlab.config import SFTConfig
-from sftlab.model import adapters
 from sftlab.train.checkpoint import latest_checkpoint
-from sftlab.train.inference import load_model_dir
+from sftlab.train.inference import load_adapter_dir, load_model_dir
 from sftlab.train.loop import run_training
 
 
@@ -57,7 +56,7 @@ def test_a_lora_checkpoint_is_the_base_plus_its_adapter(tiny_model_dir, chat_fil
     ckpt = run(tiny_model_dir, chat_file, out, peft={"r": 4, "alpha": 8, "dropout": 0.0}, mixed_precision="no")
     assert all("lora_" in k for k in load_file(ckpt / "model.safetensors"))  # only the adapter tensors
     from_ckpt, _ = load_model_dir(ckpt)
-    merged, _ = adapters.load_for_inference(out)  # the run's saved adapter, merged
+    merged, _ = load_adapter_dir(out)  # the run's saved adapter, merged
     a, b = from_ckpt.state_dict(), merged.state_dict()
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     base = load_file(tiny_model_dir / "model.safetensors")

@@ -72,16 +72,16 @@ def test_only_the_adapter_trains_and_its_files_load_with_plain_peft(tiny_model_d
 
 
 def test_base_weights_are_bitwise_untouched_in_training(tiny_model_dir, chat_file, tmp_path, monkeypatch):
-    from sftlab.train import loop as loop_mod
+    from sftlab.train import outputs
 
     seen = {}
-    real = loop_mod.save_adapter_run
+    real = outputs.save_adapter_run
 
     def spy(run, model, gathered=None):
         seen["model"] = model
         return real(run, model, gathered)
 
-    monkeypatch.setattr(loop_mod, "save_adapter_run", spy)
+    monkeypatch.setattr(outputs, "save_adapter_run", spy)
     run_training(lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", peft={"dropout": 0.1}))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
     trained = seen["model"].get_base_model().state_dict()

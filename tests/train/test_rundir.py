@@ -13,6 +13,7 @@ import yaml
 from sftlab.cli import main
 from sftlab.config import SFTConfig
 from sftlab.train import loop as loop_mod
+from sftlab.train import setup as setup_mod
 from sftlab.train.checkpoint import complete_checkpoints
 from sftlab.train.loop import RunError, run_training
 from sftlab.train.rundir import FINISHED, kind_of
@@ -115,7 +116,12 @@ def test_interrupt_prints_the_command_line_that_resumes(tiny_model_dir, chat_fil
     out = tmp_path / "run"
     cfg = tmp_path / "my config.yaml"
     cfg.write_text(yaml.safe_dump(tree(tiny_model_dir, chat_file, out, max_steps=5)))
-    monkeypatch.setattr(loop_mod, "_test_hooks", lambda step: os.kill(os.getpid(), signal.SIGINT) if step == 1 else None)
+    class InterruptAtStep1:
+        def on_step_end(self, record):
+            if record["step"] == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(setup_mod, "env_callbacks", lambda: [InterruptAtStep1()])
     assert main(["train", str(cfg), "optim.lr=1e-3", "train.resume=null"]) == 130
     printed = capsys.readouterr().out
     assert f"resume with: sftlab train '{cfg}' optim.lr=1e-3 train.resume=auto" in printed

@@ -99,6 +99,12 @@ class MicroBatchStream:
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
 
+    def load_state(self, state: dict[str, int]) -> None:
+        """Continue from a position `state()` gave; the seed must be this stream's (else the order differs)."""
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"the stream was saved with seed {state['seed']}, this one has {self.seed}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
     @property
     def epoch_progress(self) -> float:
         return self.epoch + self.index / self.batches_per_epoch

@@ -17,6 +17,7 @@ import difflib
 import logging
 import multiprocessing
 import os
+import pickle
 import shutil
 import tempfile
 from collections import Counter, deque
@@ -24,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -130,6 +132,7 @@ class DataReport:
     # per source, in `sources` order: what it read and its usable examples (for `sftlab prepare --show`)
     source_data: list[cache.SourceData] = field(default_factory=list, repr=False, compare=False)
     source_examples: list[Examples] = field(default_factory=list, repr=False, compare=False)
+    eval_sets: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)  # name -> eval positions
 
     @property
     def unknown_fields(self) -> dict[str, dict[str, int]]:
@@ -190,6 +193,7 @@ def _encoded_chunks(chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.S
     # fork where available: no re-import of the caller's __main__ and no start-up cost; the workers
     # only render templates and run the tokenizer (tokenizers turns its own threads off after a fork)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    check_sendable(ctx, num_proc, method)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers, not tokenizer threads, share the cores
     with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(method),
                              initializer=init_worker, initargs=(ctx, str(directory))) as pool:
@@ -200,6 +204,29 @@ def _encoded_chunks(chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.S
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def check_sendable(ctx: ChunkContext, num_proc: int, method: str) -> None:
+    """Workers started by `spawn` get the formatting function pickled: one that cannot be (a lambda, a
+    local function) fails here, before any row is read, with the fix named."""
+    if ctx.formatting_func is None or method == "fork":
+        return
+    try:
+        pickle.dumps(ctx.formatting_func)
+    except Exception as e:  # noqa: BLE001 - pickling errors vary by object
+        raise DataError(f"data source {ctx.source}: formatting_func cannot be sent to the data.num_proc={num_proc} "
+                        f"worker processes ({type(e).__name__}: {e}); define it at module level, or set "
+                        "data.num_proc=1") from None
+
+
+def formatting_fingerprint(func: Any) -> str | None:
+    """The formatting function's part of the cache key: a hash of its code and the values it closes
+    over (`datasets`' own function hasher); None without one."""
+    if func is None:
+        return None
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash(func)
 
 
 def _note_bad(data: cache.SourceData, err: BadRecord, strict: bool) -> None:
@@ -220,7 +247,7 @@ def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataCon
     sampled conversation disagrees, the source is read again from the start through the template.
     """
     ctx = ChunkContext(tokenizer, source.name, [], source.format, cfg.loss_on, template, id_dtype(len(tokenizer)))
-    ctx.columns = source.columns
+    ctx.columns, ctx.formatting_func = source.columns, source.formatting_func
     ctx.fast = detect_chatml(template or tokenizer.chat_template, dict(tokenizer.special_tokens_map))
     if ctx.fast is not None:
         try:
@@ -277,7 +304,8 @@ def prepare_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: Data
         return _read_uncached(source, tokenizer, cfg, template)
     parts = {"source": source.fingerprint(), "tokenizer": cache.tokenizer_fingerprint(tokenizer),
              "template": template or tokenizer.chat_template, "format": source.format, "loss_on": cfg.loss_on,
-             "columns": source.columns.columns, "roles": source.columns.roles, "code": cache.code_fingerprint()}
+             "columns": source.columns.columns, "roles": source.columns.roles, "code": cache.code_fingerprint(),
+             **({"formatting_func": formatting_fingerprint(source.formatting_func)} if source.formatting_func else {})}
     key = cache.cache_key(parts)
     root = cache.cache_dir(cfg.cache_dir)
     data = cache.load(root, key)
@@ -336,6 +364,20 @@ def apply_length_policy(data: cache.SourceData, cfg: DataConfig, report: DataRep
     return examples.select(np.flatnonzero(keep))
 
 
+def _name_of(spec: SourceSpec) -> str | None:
+    return getattr(spec, "name", None)
+
+
+def named_positions(names: Sequence[str | None], sizes: Sequence[int]) -> dict[str, np.ndarray]:
+    """name -> positions in the concatenation of parts of `sizes` (unnamed parts in none)."""
+    out: dict[str, list[np.ndarray]] = {}
+    starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    for name, start, n in zip(names, starts, sizes):
+        if name:
+            out.setdefault(name, []).append(np.arange(start, start + n, dtype=np.int64))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
 def _weight_of(spec: SourceSpec) -> tuple[float | int | None, str]:
     if isinstance(spec, SourceConfig):
         return spec.weight, spec.path
@@ -345,13 +387,14 @@ def _weight_of(spec: SourceSpec) -> tuple[float | int | None, str]:
 
 
 def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                   template: str | None, report: DataReport) -> list[Examples]:
+                   template: str | None, report: DataReport, formatting_func: Any = None) -> list[Examples]:
     """Usable examples per source (after the length policy); stats land in `report.sources`."""
     for spec in specs:
         check_weight(*_weight_of(spec))
     out = []
     for i, spec in enumerate(specs):
         source = open_source(spec, i)
+        source.formatting_func = formatting_func
         data = prepare_source(source, tokenizer, cfg, template)
         stats = SourceStats(f"{split}[{i}] {source.name}", split, source.weight, rows=data.rows, bad=data.bad,
                             examples=len(data), cached=data.cached, fast_render=FAST_RENDER_NOTE in data.notes,
@@ -397,13 +440,16 @@ def count_targets(data: cache.SourceData, examples: Examples) -> int:
 def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
                    train_sources: Sequence[SourceSpec] | None = None,
                    eval_sources: Sequence[SourceSpec] | None = None,
-                   template: str | None | object = FROM_CONFIG,
+                   template: str | None | object = FROM_CONFIG, formatting_func: Any = None,
                    ) -> tuple[Examples, Examples, DataReport]:
     """Return (train, eval, report); train and eval are `Examples` over memory-mapped token arrays.
 
     `train_sources` / `eval_sources` add sources after the configured `cfg.train` / `cfg.eval`:
     SourceConfig objects, `datasets.Dataset` objects, or `DatasetSource(dataset, name, format, weight)`.
-    Eval comes from the eval sources, else a seeded `eval_fraction` of the mixed training examples.
+    Eval comes from the eval sources, else a seeded `eval_fraction` of the mixed training examples;
+    `report.eval_sets` gives the positions in eval of each NAMED eval source (SourceConfig.name,
+    DatasetSource.name), sources of the same name together.
+    `formatting_func` (the Python API's) turns every row into messages, {prompt, completion} or text.
     `template`: the chat template text when the caller resolved it already (`load_template`).
     """
     report = DataReport()
@@ -411,8 +457,8 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
         template = load_template(cfg, tokenizer)
     train_specs = [*cfg.train, *(train_sources or [])]
     eval_specs = [*cfg.eval, *(eval_sources or [])]
-    train_parts = _prepare_split(train_specs, "train", tokenizer, cfg, template, report)
-    eval_parts = _prepare_split(eval_specs, "eval", tokenizer, cfg, template, report)
+    train_parts = _prepare_split(train_specs, "train", tokenizer, cfg, template, report, formatting_func)
+    eval_parts = _prepare_split(eval_specs, "eval", tokenizer, cfg, template, report, formatting_func)
     if report.rows and report.bad / report.rows > cfg.max_bad_fraction:
         raise DataError(
             f"{report.bad} of {report.rows} rows are bad (> data.max_bad_fraction={cfg.max_bad_fraction}); "
@@ -431,6 +477,7 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
         stats.used, stats.held_out = len(picks), len(h)
     for stats, picks in zip(eval_stats, eval_sel):
         stats.used = len(picks)
+    report.eval_sets = named_positions([_name_of(spec) for spec in eval_specs], [len(p) for p in eval_sel])
     report.kept = sum(len(p) for p in train_parts + eval_parts)
     report.train_examples, report.eval_examples = len(train), len(evals)
     if not train:

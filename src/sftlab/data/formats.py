@@ -368,6 +368,27 @@ def _token_record(r: _Row, vocab_size: int | None) -> TokenRecord:
     return TokenRecord(list(ids), list(labels) if labels is not None else list(ids), r.source, r.line, r.unit)
 
 
+def formatted_row(func: Any, row: Any, source: str, line: int, unit: str = "line") -> dict[str, Any]:
+    """A row through the Python API's `formatting_func` (TRL's): its result, a text (str), a list of
+    messages or a dict of a row format (e.g. {prompt, completion}), as a row; anything else, or an
+    exception raised by the function, is a BadRecord naming formatting_func."""
+    try:
+        out = func(row)
+    except Exception as e:  # noqa: BLE001 - the user's function: reported per row, the run goes on
+        raise BadRecord(source, line, "formatting_func", f"raised {type(e).__name__}: {e}", unit) from None
+    if isinstance(out, str):
+        return {"text": out}
+    if isinstance(out, list) and out and all(isinstance(m, str) for m in out):
+        raise BadRecord(source, line, "formatting_func", "returned a list of strings: it is called on one row "
+                        "at a time and returns one text, a list of messages or a dict", unit)
+    if isinstance(out, list):
+        return {"messages": out}
+    if isinstance(out, dict):
+        return out
+    raise BadRecord(source, line, "formatting_func", f"returned {type(out).__name__}; expected a text (str), a list "
+                    "of messages or a dict such as {prompt, completion}", unit)
+
+
 def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
               vocab_size: int | None = None, columns: ColumnMap | None = None) -> Record:
     """Normalise one parsed row into a Conversation, TextRecord or TokenRecord, or raise BadRecord.

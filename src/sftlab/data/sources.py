@@ -83,6 +83,7 @@ class Source:
     files: list[Path] = field(default_factory=list)
     dataset: datasets.Dataset | None = None
     columns: ColumnMap = field(default_factory=ColumnMap)  # its `columns` / `roles` renaming
+    formatting_func: Any = None  # the Python API's formatting function, applied to every row
 
     def fingerprint(self) -> str:
         """A content hash: the files' bytes (and paths) or the dataset's fingerprint."""

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from sftlab.data import masking
 from sftlab.data.arrays import example_arrays, write_chunk_files
 from sftlab.data.fast_chatml import VERIFY_EVERY, ChatMLRenderer
-from sftlab.data.formats import ColumnMap, Conversation, Record, TextRecord, to_record
+from sftlab.data.formats import ColumnMap, Conversation, Record, TextRecord, formatted_row, to_record
 from sftlab.data.types import (
     IGNORE_INDEX,
     BadRecord,
@@ -52,6 +52,7 @@ class ChunkContext:
     ids_dtype: str
     fast: ChatMLRenderer | None = None  # the direct renderer, where the template is ChatML (fast_chatml.py)
     columns: ColumnMap = field(default_factory=ColumnMap)  # the source's `columns` / `roles`
+    formatting_func: Any = None  # the Python API's row -> messages | {prompt, completion} | text
 
 
 @dataclass
@@ -150,8 +151,11 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
         try:
             if isinstance(row, BadRecord):
                 raise row
+            columns = ctx.columns
+            if ctx.formatting_func is not None:  # the function reads the row's own fields: no renaming after
+                row, columns = formatted_row(ctx.formatting_func, row, ctx.files[f], line, unit), None
             records.append(to_record(row, ctx.format, ctx.files[f], line, unit=unit, vocab_size=vocab,
-                                     columns=ctx.columns))
+                                     columns=columns))
             places.append((k, f))
         except BadRecord as e:
             bad.append((k, e))

@@ -14,7 +14,9 @@ checks them before training, and records what a later `sftlab generate`/`export`
 - `save_adapter(model, out, base)`: `adapter_model.safetensors` + `adapter_config.json` (peft's
   format; `base_model_name_or_path` is the local path the base was loaded from) and
   `sftlab_base.json`, the base model as configured (e.g. `default`), resolved again on load.
-- `load_for_inference(adapter_dir)`: base + adapter, merged into a plain model.
+- `continue_adapter(base, adapter_dir)`: a saved adapter on its base, trainable again (a run whose
+  `model.name_or_path` is an adapter directory continues that adapter; `base_of` names its base);
+  inference loads an adapter the same way (train/inference.py `load_adapter_dir`) and merges it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from sftlab.config import ModelConfig, PeftSettings
 
@@ -136,29 +138,47 @@ def base_config(adapter_dir: str | Path) -> ModelConfig:
     return ModelConfig(name_or_path=recorded)
 
 
-def merge(base: PreTrainedModel, adapter_dir: str | Path) -> PreTrainedModel:
-    """A plain transformers model: the adapter's weights merged into `base` (fp32 recommended)."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-
-
-def load_base(base_path: str, cfg: ModelConfig, vocab_size: int | None) -> PreTrainedModel:
-    """The base model in fp32, grown to `vocab_size` rows when the run's tokenizer grew (the adapter's
-    saved embedding and head rows then replace them)."""
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, revision=cfg.revision,
-                                                 trust_remote_code=cfg.trust_remote_code)
-    if vocab_size is not None and vocab_size > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(vocab_size, mean_resizing=False)
-    return model
+def continue_adapter(base: PreTrainedModel, adapter_dir: str | Path, trainable: bool = True) -> tuple[nn.Module, str]:
+    """The saved adapter on `base`, its parameters trainable again (peft's `is_trainable`): the same
+    trainable names as the run that saved it. Returns the PeftModel and a line saying what trains."""
+    try:
+        from peft import PeftModel
+    except ImportError as e:
+        raise AdapterError(f"continuing the adapter in {adapter_dir} needs the peft package: "
+                           f"pip install 'sftlab[lora]' ({e})") from None
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    trained, total = model.get_nb_trainable_parameters()
+    return model, (f"continuing the adapter in {adapter_dir} (base {base_config(adapter_dir).name_or_path}): "
+                   f"{trained:,} trainable parameters of {total:,} ({trained / total:.2%})")
 
 
-def load_for_inference(adapter_dir: str | Path) -> tuple[PreTrainedModel, Any]:
-    """(merged fp32 model, tokenizer) of a run directory holding an adapter and its tokenizer."""
-    from sftlab.model.loading import load_tokenizer, resolve_model_path
+def settings_of(conf: Any) -> PeftSettings:
+    """The `peft` section describing a LoRA config (peft's `LoraConfig`, or its adapter_config.json as a
+    dict): what a run continuing that adapter records in its config."""
+    get = conf.get if isinstance(conf, dict) else (lambda k, d=None: getattr(conf, k, d))
+    targets = get("target_modules")
+    if isinstance(targets, (set, list, tuple)):
+        targets = sorted(targets)
+    return PeftSettings(method="dora" if get("use_dora", False) else "lora", r=get("r"),
+                        alpha=float(get("lora_alpha")), dropout=get("lora_dropout", 0.0),
+                        target_modules="all-linear" if targets in ("all-linear", None) or isinstance(targets, str)
+                        else list(targets),
+                        modules_to_save=sorted(get("modules_to_save")) if get("modules_to_save") else None)
 
-    base = base_config(adapter_dir)
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir)), str(adapter_dir))
-    model = merge(load_base(resolve_model_path(base), base, len(tokenizer)), adapter_dir)
-    model.config.use_cache = True
-    return model, tokenizer
+
+def continued_settings(model_cfg: ModelConfig, peft: PeftSettings | None, model: Any = None) -> PeftSettings | None:
+    """The peft section of a run: the configured one, or -- when the run continues an adapter (a PeftModel
+    object, or `model.name_or_path` an adapter directory) and none is configured -- that adapter's."""
+    if peft is not None:
+        return peft
+    if model is not None and hasattr(model, "peft_config"):
+        return settings_of(model.peft_config[getattr(model, "active_adapter", "default")])
+    if model is None and is_adapter_dir(model_cfg.name_or_path):
+        return settings_of(json.loads((Path(model_cfg.name_or_path) / ADAPTER_CONFIG).read_text()))
+    return None
+
+
+def base_of(model_cfg: ModelConfig) -> ModelConfig:
+    """The base model a run saves with its adapter: the configured model, or -- when the run continued a
+    saved adapter (`model.name_or_path` is an adapter directory) -- that adapter's own base."""
+    return base_config(model_cfg.name_or_path) if is_adapter_dir(model_cfg.name_or_path) else model_cfg

@@ -18,9 +18,10 @@ from sftlab.data.types import BadRecord, DataError
 def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      conversations: list[list[dict[str, Any]]], max_new_tokens: int = 128,
                      batch_size: int = 16, template: str | None = None, temperature: float = 0.0,
-                     top_p: float = 1.0) -> list[str]:
+                     top_p: float = 1.0, tools: list[dict[str, Any]] | None = None) -> list[str]:
     """The assistant's next reply for each conversation (batched, left-padded): greedy when
-    `temperature` is 0, else sampled at that temperature from the top-p nucleus (no top-k cut)."""
+    `temperature` is 0, else sampled at that temperature from the top-p nucleus (no top-k cut). `tools`:
+    function schemas handed to the chat template (rendered where the template renders tools)."""
     sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0
                 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
     was_training = model.training
@@ -31,7 +32,7 @@ def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     try:
         for i in range(0, len(conversations), batch_size):
             prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True,
-                                                     chat_template=template)
+                                                     chat_template=template, **({"tools": tools} if tools else {}))
                        for c in conversations[i:i + batch_size]]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}

@@ -48,10 +48,14 @@ def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+NOT_MODEL_INPUTS = frozenset({"labels"})
+
+
 def model_forward(model, batch: dict[str, torch.Tensor]):
-    """The one forward call: padded batches carry attention_mask, packed ones restarting position_ids."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                 position_ids=batch.get("position_ids"), use_cache=False)
+    """The one forward call: the model gets every key of the batch but the labels (padded batches carry
+    attention_mask, packed ones restarting position_ids, others whatever their collate adds, e.g.
+    pixel_values), with the KV cache off."""
+    return model(**{k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}, use_cache=False)
 
 
 def full_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -35,13 +35,15 @@ import os
 import pickle
 import random
 import shutil
-import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from sftlab.train import testing
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -128,15 +130,6 @@ def restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
 
 # ---------------------------------------------------------------------------- save
 
-def _test_pause(step: int) -> None:
-    """Test hook: SFTLAB_TEST_PAUSE_IN_SAVE=<step or *>:<seconds> sleeps mid-save so a test can kill the process there."""
-    spec = os.environ.get("SFTLAB_TEST_PAUSE_IN_SAVE")
-    if spec:
-        at, seconds = spec.split(":")
-        if at == "*" or int(at) == step:
-            time.sleep(float(seconds))
-
-
 def _keep_trainable(models, weights, output_dir) -> None:
     """Accelerate save hook: keep only the trainable tensors of each model's state dict (adapters)."""
     for model, state_dict in zip(models, weights):
@@ -184,7 +177,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, A
         save_rank_rng(tmp, accelerator.process_index)
         accelerator.wait_for_everyone()  # every rank's files are in tmp before it is completed and renamed
         if main:
-            _test_pause(step)
+            testing.pause_in_save(step)
             (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=_jsonable))
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
             (tmp / COMPLETE).write_text(f"step {step}\n")
@@ -244,11 +237,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def read_state(ckpt: Path) -> dict[str, Any]:
+def read_state(ckpt: Path) -> TrainerState:
     try:
-        return json.loads((ckpt / STATE_FILE).read_text())
+        raw = json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {ckpt} is unreadable: {e}") from None
+    return TrainerState.from_json(raw, ckpt)
 
 
 def load_checkpoint(accelerator, ckpt: Path, scheduler, trainable_only: bool = False) -> dict[str, Any]:
@@ -270,3 +264,49 @@ def load_checkpoint(accelerator, ckpt: Path, scheduler, trainable_only: bool = F
     scheduler.load_state_dict({**scheduler.state_dict(), **sched})
     load_rank_rng(ckpt, accelerator.process_index)
     return state
+
+
+# ---------------------------------------------------------------------------- the trainer state
+
+STATE_VERSION = 2  # 1: before the version field (no logged_steps/engine in the oldest ones)
+
+
+@dataclass
+class TrainerState:
+    """Everything a checkpoint holds besides weights, optimizer, scheduler and RNG (trainer_state.json):
+    where the run is, what it was run on, and what it logged so far."""
+
+    step: int
+    consumed_micro_batches: int  # micro-batches taken from the stream so far
+    data: dict[str, int]  # MicroBatchStream.state(): epoch, index (micro-batches taken in it), seed
+    num_processes: int
+    engine: str
+    data_fingerprint: str
+    metrics: list[dict[str, Any]]  # every step record so far
+    logged_steps: list[int]  # the steps written to metrics.jsonl
+    config: dict[str, Any]  # the resolved run config
+    match_before: dict[str, Any] | None = None
+    version: int = STATE_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], where: Path | str = "") -> TrainerState:
+        """Any version this code wrote, newer fields filled in for older checkpoints."""
+        version = raw.get("version", 1)
+        if version > STATE_VERSION:
+            raise CheckpointError(f"{where}: trainer state version {version} was written by a newer sftlab "
+                                  f"(this one reads up to {STATE_VERSION})")
+        metrics = raw.get("metrics", [])
+        world = raw.get("num_processes", 1)
+        try:
+            return cls(step=raw["step"], consumed_micro_batches=raw["consumed_micro_batches"], data=raw["data"],
+                       num_processes=world, engine=raw.get("engine", "ddp" if world > 1 else "single"),
+                       data_fingerprint=raw["data_fingerprint"],
+                       metrics=[{k: v for k, v in r.items() if k != "logged"} for r in metrics],
+                       # version 1 checkpoints without `logged_steps` carried a per-record "logged" flag
+                       logged_steps=raw.get("logged_steps", [r["step"] for r in metrics if r.get("logged")]),
+                       config=raw.get("config", {}), match_before=raw.get("match_before"))
+        except KeyError as e:
+            raise CheckpointError(f"{where}: {STATE_FILE} lacks {e}") from None

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,43 +28,67 @@ from rich.markup import escape
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
-from sftlab.config import ConfigError, SFTConfig
+from sftlab.config import NO_TRAINING_DATA, ConfigError, SFTConfig
 from sftlab.data import preview
 from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import DataReport, build_datasets, length_stats
+from sftlab.data.examples import Examples
 from sftlab.data.packing import pack_examples, packed_collate, packing_efficiency
 from sftlab.data.templates import add_chatml_tokens, load_template
 from sftlab.data.types import IGNORE_INDEX
-from sftlab.data.examples import Examples
+from sftlab.model.adapters import base_config, is_adapter_dir
 from sftlab.model.loading import load_tokenizer, position_limit, resolve_model_path
+from sftlab.train.inputs import RunInputs
+from sftlab.train.run_model import RunTokens
 
 
 @dataclass
-class RunData:
-    model_path: str
-    tokenizer: PreTrainedTokenizerBase
-    vocab_before: int  # len(tokenizer) before ChatML tokens were added: the model is resized to match
-    template: str | None  # the chat template text (None: no chat rows, no template)
-    train: Examples  # memory-mapped token arrays, indexed
-    eval: Examples
-    report: DataReport
-    units: Sequence[Any]  # what a micro-batch is made of: examples, or packed rows (built when indexed)
-    collate: Callable[[list[Any]], dict]
+class RunData(RunTokens):
+    template: str | None = None  # the chat template text (None: no chat rows, no template)
+    train: Examples = None  # memory-mapped token arrays, indexed
+    eval: Examples = None  # every eval example (named sets included)
+    report: DataReport = None
+    units: Sequence[Any] = ()  # what a micro-batch is made of: examples, or packed rows (built when indexed)
+    collate: Callable[[list[Any]], dict] = None
     packing_note: str = ""
+    eval_sets: dict[str, Examples] = field(default_factory=dict)  # named eval sets: eval/<name>_loss each
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
 
-def load_run_tokenizer(cfg: SFTConfig) -> tuple[str, PreTrainedTokenizerBase, int]:
-    """(model path, tokenizer, its size before ChatML tokens were added)."""
-    model_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, model_path)
+def load_run_tokens(cfg: SFTConfig, inputs: RunInputs | None = None) -> RunTokens:
+    """Where the base weights are and the run's tokenizer (its size before ChatML tokens were added).
+
+    The tokenizer is the one given, else the model's: a saved adapter's own (it may hold added tokens),
+    the model object's `name_or_path`, or `model.name_or_path`."""
+    inputs = inputs or RunInputs()
+    adapter_dir = cfg.model.name_or_path if inputs.model is None and is_adapter_dir(cfg.model.name_or_path) else None
+    if inputs.model is not None:
+        model_path = getattr(inputs.model, "name_or_path", "") or ""
+    elif adapter_dir:
+        model_path = resolve_model_path(base_config(adapter_dir))
+    else:
+        model_path = resolve_model_path(cfg.model)
+    tokenizer = inputs.tokenizer
+    if tokenizer is None:
+        source = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file() else model_path
+        if not source:
+            raise ConfigError("the model object has no name_or_path to load its tokenizer from: pass tokenizer=")
+        tokenizer = load_tokenizer(cfg.model, source)
+    elif tokenizer.pad_token is None:  # padding positions are masked out by position, so any id works
+        tokenizer.pad_token = tokenizer.eos_token
     vocab_before = len(tokenizer)
     if cfg.data.add_chatml_tokens:
         add_chatml_tokens(tokenizer)
-    return model_path, tokenizer, vocab_before
+    return RunTokens(model_path, tokenizer, vocab_before, adapter_dir)
+
+
+def load_run_tokenizer(cfg: SFTConfig) -> tuple[str, PreTrainedTokenizerBase, int]:
+    """(model path, tokenizer, its size before ChatML tokens were added)."""
+    tokens = load_run_tokens(cfg)
+    return tokens.model_path, tokens.tokenizer, tokens.vocab_before
 
 
 def check_sequence_length(cfg: SFTConfig, model_path: str, console: Console | None) -> None:
@@ -81,13 +106,20 @@ def check_sequence_length(cfg: SFTConfig, model_path: str, console: Console | No
                       f"max_position_embeddings ({limit}); its rope scaling ({scaling}) must cover it", highlight=False)
 
 
-def prepare_run_data(cfg: SFTConfig, console: Console | None = None) -> RunData:
+def prepare_run_data(cfg: SFTConfig, console: Console | None = None, inputs: RunInputs | None = None) -> RunData:
     """Tokenizer, template, datasets and micro-batch units of a run; prints the data report when
-    `console` is given (the main process)."""
-    model_path, tokenizer, vocab_before = load_run_tokenizer(cfg)
-    check_sequence_length(cfg, model_path, console)
+    `console` is given (the main process). `inputs`: what the Python API passes (datasets, a formatting
+    function, a model object or tokenizer)."""
+    inputs = inputs or RunInputs()
+    if not cfg.data.train and not inputs.train_sources:
+        raise ConfigError(NO_TRAINING_DATA + " (in the Python API: train_dataset=)")
+    tokens = load_run_tokens(cfg, inputs)
+    tokenizer = tokens.tokenizer
+    check_sequence_length(cfg, tokens.model_path, console)
     template = load_template(cfg.data, tokenizer)
-    train, evals, report = build_datasets(cfg.data, tokenizer, cfg.train.seed, template=template)
+    train, evals, report = build_datasets(cfg.data, tokenizer, cfg.train.seed, inputs.train_sources,
+                                          inputs.eval_sources, template=template,
+                                          formatting_func=inputs.formatting_func)
     pad_id = tokenizer.pad_token_id
     if cfg.data.packing == "none":
         units: Sequence[Any] = train
@@ -98,7 +130,8 @@ def prepare_run_data(cfg: SFTConfig, console: Console | None = None) -> RunData:
         collate = functools.partial(packed_collate, pad_id=pad_id)
         note = (f"; packed ({cfg.data.packing}) into {len(units)} rows of <= {cfg.data.max_seq_length} tokens, "
                 f"efficiency {packing_efficiency(units, cfg.data.max_seq_length):.1%}")
-    data = RunData(model_path, tokenizer, vocab_before, template, train, evals, report, units, collate, note)
+    data = RunData(tokens.model_path, tokenizer, tokens.vocab_before, tokens.adapter_dir, template, train, evals,
+                   report, units, collate, note, {name: evals.select(pos) for name, pos in report.eval_sets.items()})
     if console is not None:
         print_data_report(data, console)
     return data

@@ -24,10 +24,9 @@ from pydantic import ValidationError
 from sftlab.config import ConfigError, DataConfig, MatchEvalConfig, SourceConfig
 from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import build_datasets
-from sftlab.data.types import IGNORE_INDEX
 from sftlab.model.generate import exact_match, load_match_examples
-from sftlab.model.loss import count_targets, full_nll
 from sftlab.train.inference import load_model_dir, run_config
+from sftlab.train.objective import SFTObjective
 
 __all__ = ["evaluate", "load_model_dir", "target_loss"]
 
@@ -63,25 +62,27 @@ def column_mapping(model_dir: Path, columns: dict[str, str] | None,
 
 
 @torch.no_grad()
-def target_loss(model, examples, pad_id: int, batch_size: int, loss_fn=full_nll, device: Any = None,
+def target_loss(model, examples, pad_id: int, batch_size: int, objective: Any = None, device: Any = None,
                 rank: int = 0, world: int = 1, lockstep: bool = False) -> tuple[float, int]:
-    """(summed NLL, target tokens) over this rank's share of `examples` in padded batches (eval mode,
-    the model's mode restored after). Batch k of `batch_size` goes to rank k % world. `lockstep`
-    (sharded models, whose forward is collective): every rank runs the same number of forwards; a
-    rank past the end runs one example with no targets."""
+    """(loss sum, normaliser) of the objective (train/objective.py; default SFT: summed NLL, target
+    tokens) over this rank's share of `examples` in padded batches (eval mode, the model's mode
+    restored after). Batch k of `batch_size` goes to rank k % world. `lockstep` (sharded models, whose
+    forward is collective): every rank runs the same number of forwards; a rank past the end runs the
+    objective's filler batch."""
+    objective = objective or SFTObjective()
     was_training = model.training
     model.eval()
-    nll, count = torch.zeros((), dtype=torch.float64), 0
+    total, norm = torch.zeros((), dtype=torch.float64), 0
     end = math.ceil(len(examples) / (batch_size * world)) * batch_size * world if lockstep else len(examples)
     for start in range(rank * batch_size, end, batch_size * world):
         batch = pad_collate(examples[start:start + batch_size] if start < len(examples) else examples[:1], pad_id)
         if start >= len(examples):
-            batch["labels"].fill_(IGNORE_INDEX)
+            batch = objective.filler(batch)
         batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
-        nll += loss_fn(model, batch).double().cpu()
-        count += count_targets(batch["labels"])
+        total += objective.loss_sum(model, batch).double().cpu()
+        norm += objective.normaliser(batch)
     model.train(was_training)
-    return nll.item(), count
+    return total.item(), norm
 
 
 def evaluate(model_dir: str | Path, data: str, match: bool = False, batch_size: int = 8,

@@ -27,7 +27,6 @@ from sftlab.config import ConfigError, ModelConfig, SFTConfig, load_config
 from sftlab.data.templates import load_template
 from sftlab.model import adapters
 from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path
-from sftlab.model.vocab import resize_for_new_tokens
 from sftlab.train import distributed
 from sftlab.train.checkpoint import (
     COMPLETE,
@@ -36,9 +35,10 @@ from sftlab.train.checkpoint import (
     latest_checkpoint,
     read_state,
 )
-from sftlab.train.data import load_run_tokenizer
+from sftlab.train.data import load_run_tokens
 from sftlab.train.optim import decay_groups
 from sftlab.train.precision import MASTER_KEY
+from sftlab.train.run_model import build_run_model
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def load_model_dir(spec: str | Path) -> tuple[Any, Any]:
         return _load_plain(ModelConfig())
     path = Path(spec).expanduser()
     if adapters.is_adapter_dir(path):
-        model, tokenizer = adapters.load_for_inference(path)
+        model, tokenizer = load_adapter_dir(path)
         return model.eval(), tokenizer
     if is_checkpoint_dir(path):
         return load_checkpoint_model(path)
@@ -75,11 +75,21 @@ def _load_plain(cfg: ModelConfig) -> tuple[Any, Any]:
     return model.eval(), load_tokenizer(cfg, resolved)
 
 
+def load_adapter_dir(path: str | Path) -> tuple[Any, Any]:
+    """(fp32 model with the adapter merged in, tokenizer) of a directory holding a saved adapter (a LoRA
+    run): its recorded base and the adapter, rebuilt as a run continuing it would (train/run_model.py)."""
+    cfg = SFTConfig(model=ModelConfig(name_or_path=str(path)))
+    tokens = load_run_tokens(cfg)
+    model = build_run_model(cfg, tokens, purpose="load").model.merge_and_unload()
+    model.config.use_cache = True
+    return model, tokens.tokenizer
+
+
 def run_config(spec: str | Path) -> SFTConfig | None:
     """The resolved config of a run directory (config.yaml) or a checkpoint (trainer_state.json), else None."""
     path = Path(spec)
     if (path / "config.yaml").is_file():
-        return load_config(path / "config.yaml")
+        return load_config(path / "config.yaml", require_data=False)
     if is_checkpoint_dir(path):
         return _checkpoint_config(path)
     return None
@@ -87,32 +97,28 @@ def run_config(spec: str | Path) -> SFTConfig | None:
 
 def _checkpoint_config(ckpt: Path) -> SFTConfig:
     try:
-        return SFTConfig.model_validate(read_state(ckpt)["config"])
+        return SFTConfig.model_validate(read_state(ckpt).config)
     except (KeyError, ValidationError) as e:
         raise CheckpointError(f"{ckpt / STATE_FILE} holds no usable run config: {e}") from None
 
 
 def load_checkpoint_model(ckpt: Path) -> tuple[Any, Any]:
-    """The model of a checkpoint, rebuilt from its stored config, with its weights (module docstring)."""
+    """The model of a checkpoint, rebuilt from its stored config as training built it
+    (train/run_model.py), with its weights (module docstring)."""
     if not (ckpt / COMPLETE).is_file():
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
     cfg = _checkpoint_config(ckpt)
-    model_path, tokenizer, vocab_before = load_run_tokenizer(cfg)
-    template = load_template(cfg.data, tokenizer)
+    tokens = load_run_tokens(cfg)
+    template = load_template(cfg.data, tokens.tokenizer)
     if template is not None:
-        tokenizer.chat_template = template
-    model = load_model(cfg.model.model_copy(update={"dtype": "float32"}), model_path)
-    if cfg.data.add_chatml_tokens:
-        resize_for_new_tokens(model, tokenizer, vocab_before)
-    if cfg.peft is not None:  # the same adapter layout as in training (unquantized base for inference)
-        settings = cfg.peft.model_copy(update={"quantize": None})
-        model, _ = adapters.wrap(model, settings, vocab_grew=len(tokenizer) > vocab_before)
+        tokens.tokenizer.chat_template = template
+    model = build_run_model(cfg, tokens, purpose="load").model
     load_checkpoint_weights(model, ckpt)
-    if cfg.peft is not None:
+    if cfg.peft is not None or tokens.adapter_dir:
         model = model.merge_and_unload()
     model.float()
     model.config.use_cache = True
-    return model.eval(), tokenizer
+    return model.eval(), tokens.tokenizer
 
 
 def load_checkpoint_weights(model: torch.nn.Module, ckpt: Path) -> None:

@@ -49,9 +49,9 @@ def plot(metrics: list[dict[str, Any]], out: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), constrained_layout=True)
     ax = axes[0][0]
     ax.plot(steps, [m.get("loss") for m in metrics], label="training loss", marker="." if len(steps) < 40 else None)
-    evals = [(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
-    if evals:
-        ax.plot(*zip(*evals), label="validation loss", marker="o")
+    for key in eval_keys(metrics):  # eval_loss, then each named eval set's eval/<name>_loss
+        evals = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
+        ax.plot(*zip(*evals), label="validation loss" if key == "eval_loss" else key, marker="o")
     ax.set_yscale("log" if all((m.get("loss") or 0) > 0 for m in metrics) else "linear")
     ax.legend()
     for ax, key, title in ((axes[0][1], "lr", "learning rate"), (axes[1][0], "tokens_per_s", "tokens/s"),
@@ -66,6 +66,12 @@ def plot(metrics: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+def eval_keys(metrics: list[dict[str, Any]]) -> list[str]:
+    """The validation losses the records carry: eval_loss first, then named sets (eval/<name>_loss)."""
+    keys = dict.fromkeys(k for m in metrics for k in m if k.startswith("eval") and k.endswith("loss"))
+    return sorted(keys, key=lambda k: (k != "eval_loss", k))
+
+
 def _summary(metrics: list[dict[str, Any]], info: dict[str, Any] | None, total: int | None) -> list[str]:
     last = metrics[-1] if metrics else {}
     evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
@@ -73,6 +79,7 @@ def _summary(metrics: list[dict[str, Any]], info: dict[str, Any] | None, total: 
             ("epochs", f"{last.get('epoch', 0):.2f}"),
             ("first / last training loss", f"{metrics[0]['loss']:.4f} / {last['loss']:.4f}" if metrics else "-"),
             ("last / best validation loss", f"{evals[-1]:.4f} / {min(evals):.4f}" if evals else "-"),
+            *[(f"last / best {key}", _last_best(metrics, key)) for key in eval_keys(metrics) if key != "eval_loss"],
             ("target tokens trained", f"{sum(m.get('target_tokens', 0) for m in metrics):,}")]
     for key, name in (("tokens_per_s", "tokens/s (median step)"), ("target_tokens_per_s", "target tokens/s"),
                       ("mfu", "MFU"), ("padding", "padding share")):
@@ -84,6 +91,11 @@ def _summary(metrics: list[dict[str, Any]], info: dict[str, Any] | None, total: 
         rows += [("precision", f"{info.get('mixed_precision')} (weights {info.get('weights_dtype')})"),
                  ("loss head", str(info.get("loss_head"))), ("device", f"{info.get('device')} x{info.get('num_processes')}")]
     return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+
+
+def _last_best(metrics: list[dict[str, Any]], key: str) -> str:
+    values = [m[key] for m in metrics if m.get(key) is not None]
+    return f"{values[-1]:.4f} / {min(values):.4f}"
 
 
 def _data_section(data: dict[str, Any] | None) -> list[str]:

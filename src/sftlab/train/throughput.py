@@ -58,11 +58,24 @@ class FlopCounter:
         return float(self.dense) * tokens + 6.0 * self.layers * self.width * sum_sq_doc_lengths
 
 
+_PEAK: dict[tuple[str, torch.dtype], float] = {}  # measured once per process, device and dtype
+
+
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """Achievable matmul FLOP/s of `device` in `dtype` (a square-matmul probe of about `seconds`)."""
+    """Achievable matmul FLOP/s of `device` in `dtype` (a square-matmul probe of about `seconds`, once per
+    process for each device and dtype). The probe's operands come from a generator of its own: the
+    global random state (dropout, initialisation) is the same with or without a measurement."""
+    key = (str(device), dtype)
+    if key not in _PEAK:
+        _PEAK[key] = _probe(device, dtype, seconds)
+    return _PEAK[key]
+
+
+def _probe(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
     n = 4096 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.matmul(a, b)  # warm-up
     sync()

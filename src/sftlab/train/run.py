@@ -1,0 +1,81 @@
+"""What one run holds while it trains (`Run`), and what it returns (`TrainResult`).
+
+Each phase of the recipe (train/loop.py) fills in its part of `Run`: setup (train/setup.py) the
+accelerator, data, model, optimizer and stream; resume (train/resume.py) the position; the loop the
+history. `TrainResult` is what `run_training` and `sftlab.train` return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from rich.console import Console
+
+from sftlab.config import SFTConfig
+from sftlab.data.collate import MicroBatchStream
+from sftlab.model.generate import MatchResult
+from sftlab.train.callbacks import CallbackList
+from sftlab.train.control import StopRequest
+from sftlab.train.data import RunData
+from sftlab.train.inputs import RunInputs
+from sftlab.train.metrics import MetricsLog
+from sftlab.train.objective import Objective, SFTObjective
+from sftlab.train.throughput import FlopCounter
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None = None
+    match_before: MatchResult | None = None
+    match_after: MatchResult | None = None
+    history: list[dict] = field(default_factory=list)
+    completed_before: bool = False  # train.resume=auto found the run finished: nothing was trained
+    eval_losses: dict[str, float] = field(default_factory=dict)  # the last eval/<name>_loss of each named eval set
+    stopped: str | None = None  # a callback asked the run to stop (which one, at which step): resume=auto continues
+
+
+@dataclass
+class Run:
+    """What one run holds; each phase fills in its part."""
+
+    cfg: SFTConfig
+    console: Console
+    accelerator: Accelerator
+    out: Path
+    resume_from: Path | None
+    result: TrainResult
+    inputs: RunInputs = field(default_factory=RunInputs)
+    objective: Objective = field(default_factory=SFTObjective)
+    callbacks: CallbackList = field(default_factory=CallbackList)
+    data: RunData | None = None
+    match_examples: list = field(default_factory=list)
+    model: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    stream: MicroBatchStream | None = None
+    total_steps: int = 0
+    total_micro: int = 0
+    start_step: int = 0
+    consumed: int = 0  # micro-batches taken from the stream so far
+    fingerprint: str | None = None
+    logged_steps: list[int] = field(default_factory=list)  # steps written to metrics.jsonl
+    metrics: MetricsLog | None = None
+    stop: StopRequest | None = None
+    mixed_precision: str = "no"  # what Accelerate runs: no | bf16 | fp16
+    flops: FlopCounter | None = None
+    peak_flops: float | None = None
+    resume_command: str = ""  # printed when a signal stops the run
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
