@@ -79,11 +79,12 @@ def _probe(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.matmul(a, b)  # warm-up
     sync()
+    every = 4 if device.type == "cuda" else 1  # a CPU matmul is synchronous: one can be timed alone
     reps, t0 = 0, time.perf_counter()
     while True:
         torch.matmul(a, b)
         reps += 1
-        if reps % 4 == 0:
+        if reps % every == 0:
             sync()
             if time.perf_counter() - t0 >= seconds:
                 break
