@@ -8,7 +8,7 @@ import pytest
 from conftest import CONVERSATIONS, write_jsonl
 
 from sftlab.config import DataConfig, SourceConfig
-from sftlab.data import dataset
+from sftlab.data import reading
 from sftlab.data.arrays import ArrayWriter, CorruptEntry, TokenArrays, example_arrays
 from sftlab.data.dataset import build_datasets
 from sftlab.data.examples import Examples
@@ -75,7 +75,7 @@ def test_chunking_and_workers_give_byte_identical_arrays(procs, tmp_path, tokeni
     path = write_jsonl(tmp_path / "mixed.jsonl", many_rows())
 
     def build(rows_per_chunk, num_proc, where):
-        monkeypatch.setattr(dataset, "ROWS_PER_CHUNK", rows_per_chunk)
+        monkeypatch.setattr(reading, "ROWS_PER_CHUNK", rows_per_chunk)
         cfg = DataConfig(train=[SourceConfig(path=str(path))], cache_dir=str(where), num_proc=num_proc,
                          max_bad_fraction=0.5, max_seq_length=4096)
         return build_datasets(cfg, tokenizer, seed=0)

@@ -9,7 +9,7 @@ import pytest
 from conftest import CONVERSATIONS, build_tokenizer, write_jsonl
 
 from sftlab.config import DataConfig, SourceConfig
-from sftlab.data import dataset
+from sftlab.data import reading
 from sftlab.data.arrays import ArrayWriter
 from sftlab.data.dataset import DataError, build_datasets
 
@@ -34,13 +34,13 @@ def cache_dir(tmp_path):
 def calls(monkeypatch):
     """Count how often a source is read and tokenized."""
     count = {"n": 0}
-    real = dataset.read_source
+    real = reading.read_source
 
     def counting(*args, **kwargs):
         count["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dataset, "read_source", counting)
+    monkeypatch.setattr(reading, "read_source", counting)
     return count
 
 

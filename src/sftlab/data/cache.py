@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 2
 MAX_BAD_EXAMPLES = 5
 # The modules whose code decides what a row tokenizes to: editing them invalidates the cache.
-_CODE_FILES = ("types.py", "formats.py", "masking.py", "templates.py", "sources.py", "tokenize.py", "arrays.py",
-               "fast_chatml.py", "cache.py")
+_CODE_FILES = ("types.py", "formats.py", "fields.py", "masking.py", "rendering.py", "spans.py", "templates.py",
+               "sources.py", "tokenize.py", "arrays.py", "fast_chatml.py", "cache.py")
 
 
 @dataclass

@@ -15,12 +15,13 @@ Row formats, detected per row (`format: auto`) or forced per source (`format: <n
 
 The first four become a `Conversation`, `text` a `TextRecord`, `pretokenized` a `TokenRecord`.
 Every unusable row raises `BadRecord` naming the source, line (JSONL) or row index (others),
-the field and the reason; a row that fits no format names the closest one and what it lacks.
+the field and the reason; a row that fits no format names the closest one and what it lacks
+(fields.py).
 
-A source's `ColumnMap` (its `columns` and `roles` settings) first renames the row's own fields
-onto these names (`question` -> `prompt`), the keys inside its message lists (`from` -> `role`)
-and its role names (`human` -> `user`). Every record carries the format it was read as and the
-row's `unknown` fields: those no reader of that format looks at (reported, never an error).
+A source's `ColumnMap` (fields.py: its `columns` and `roles` settings) first renames the row's
+own fields onto these names (`question` -> `prompt`), the keys inside its message lists (`from` ->
+`role`) and its role names (`human` -> `user`). Every record carries the format it was read as and
+the row's `unknown` fields: those no reader of that format looks at (reported, never an error).
 The row schema is documented in docs/data.md.
 """
 
@@ -28,12 +29,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from sftlab.config import MESSAGE_KEYS, REQUIRED_FIELDS, ROLES, ROW_FIELDS, TURN_KEYS
+from sftlab.config import MESSAGE_KEYS, ROLES, TURN_KEYS
+from sftlab.data.fields import NO_COLUMNS, ColumnMap, detect_format, no_format_message, unknown_fields
 from sftlab.data.types import IGNORE_INDEX, BadRecord
+
+__all__ = [
+    "NO_COLUMNS", "SHAREGPT_ROLES", "BadRecord", "ColumnMap", "Conversation", "Record", "TextRecord", "TokenRecord",
+    "detect_format", "formatted_row", "iter_jsonl", "no_format_message", "to_record", "unknown_fields",
+]
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user",
@@ -99,114 +106,6 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
                 yield lineno, json.loads(text)
             except json.JSONDecodeError as e:
                 yield lineno, BadRecord(str(path), lineno, None, f"invalid JSON: {e.msg} (column {e.colno})")
-
-
-def _rename(d: dict[str, Any], ours_to_theirs: dict[str, str]) -> dict[str, Any]:
-    """`d` with each field `theirs` moved to `ours`; a field already named `ours` but mapped from
-    elsewhere is dropped (the mapped one wins)."""
-    theirs_to_ours = {t: o for o, t in ours_to_theirs.items()}
-    out = {k: v for k, v in d.items() if k not in theirs_to_ours and k not in ours_to_theirs}
-    out.update((o, d[t]) for t, o in theirs_to_ours.items() if t in d)
-    return out
-
-
-@dataclass
-class ColumnMap:
-    """A source's `columns` (format field -> the source's own field, also `role`/`content` inside
-    messages and `from`/`value` inside ShareGPT turns) and `roles` (its role name -> role)."""
-
-    columns: dict[str, str] = field(default_factory=dict)
-    roles: dict[str, str] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.columns or self.roles)
-
-    def theirs(self, name: str) -> str:
-        """What the source calls the format field `name`."""
-        return self.columns.get(name, name)
-
-    def apply(self, row: dict[str, Any]) -> dict[str, Any]:
-        """The row under the format's field names, message keys and role names."""
-        if not self:
-            return row
-        inner = set(MESSAGE_KEYS + TURN_KEYS)
-        out = _rename(row, {o: t for o, t in self.columns.items() if o not in inner})
-        for key in ("messages", "prompt", "completion"):
-            if isinstance(out.get(key), list):
-                out[key] = self._turns(out[key], MESSAGE_KEYS)
-        if isinstance(out.get("conversations"), list):
-            out["conversations"] = self._turns(out["conversations"], TURN_KEYS)
-        return out
-
-    def _turns(self, turns: list[Any], keys: tuple[str, str]) -> list[Any]:
-        mapping = {k: self.columns[k] for k in keys if k in self.columns}
-        if not mapping and not self.roles:
-            return turns
-        out = []
-        for t in turns:
-            if isinstance(t, dict):
-                t = _rename(t, mapping) if mapping else dict(t)
-                for key in (keys[0], "role"):
-                    if isinstance(t.get(key), str) and t[key] in self.roles:
-                        t[key] = self.roles[t[key]]
-            out.append(t)
-        return out
-
-
-NO_COLUMNS = ColumnMap()
-
-
-def _has(row: dict[str, Any], key: str) -> bool:
-    return row.get(key) is not None  # columnar sources fill absent fields with None
-
-
-def detect_format(row: dict[str, Any]) -> str:
-    """The format of one row from its keys; KeyError (naming the closest format) when none fits."""
-    if _has(row, "messages"):
-        return "messages"
-    if _has(row, "conversations"):
-        return "sharegpt"
-    if _has(row, "prompt") and _has(row, "completion"):
-        return "prompt_completion"
-    if _has(row, "instruction") and _has(row, "output"):
-        return "alpaca"
-    if _has(row, "input_ids"):
-        return "pretokenized"
-    if _has(row, "text"):
-        return "text"
-    raise KeyError(no_format_message(row))
-
-
-def no_format_message(row: dict[str, Any], cmap: ColumnMap = NO_COLUMNS) -> str:
-    """Why a row fits no format: its keys, the closest format (most of its fields present) and what
-    that one lacks, and how to map the source's own field names."""
-    present = {k for k in row if row[k] is not None}
-    keys = sorted(present)[:8]
-    expected = ("expected 'messages', 'conversations', 'prompt'+'completion', 'instruction'+'output', 'text' "
-                "or 'input_ids'")
-    score = {fmt: len(present & set(fields)) for fmt, fields in ROW_FIELDS.items()}
-    best = max(score, key=lambda f: score[f])  # ties: the first in ROW_FIELDS order
-    if not score[best]:
-        return (f"cannot detect the row format from its keys {keys}; {expected}; to train on other field names, "
-                "map them in the source's `columns`, e.g. columns: {prompt: question, completion: answer} (docs/data.md)")
-    missing = [f for f in ROW_FIELDS[best][: REQUIRED_FIELDS[best]] if f not in present]
-    lacks = ", ".join(f"'{cmap.theirs(f)}'" for f in missing)
-    example = ", ".join(f"{f}: <your field>" for f in missing)
-    return (f"cannot detect the row format from its keys {keys}; closest format: {best}, which also needs {lacks} "
-            f"(or map your own field names in the source's `columns`, e.g. columns: {{{example}}}; docs/data.md)")
-
-
-def unknown_fields(row: dict[str, Any], fmt: str, cmap: ColumnMap = NO_COLUMNS) -> tuple[str, ...]:
-    """The row's fields (as the source names them) that format `fmt` does not read; ShareGPT turn keys
-    other than from/value (or role/content) as `conversations[].<key>`."""
-    known = {cmap.theirs(f) for f in ROW_FIELDS[fmt]}
-    out = [k for k, v in row.items() if v is not None and k not in known]
-    turns = row.get(cmap.theirs("conversations")) if fmt == "sharegpt" else None
-    if isinstance(turns, list):
-        seen = {cmap.theirs(k) for k in TURN_KEYS} | {"role", "content"}
-        extra = {k for t in turns if isinstance(t, dict) for k, v in t.items() if v is not None and k not in seen}
-        out += [f"{cmap.theirs('conversations')}[].{k}" for k in sorted(extra)]
-    return tuple(out)
 
 
 class _Row:
@@ -428,4 +327,3 @@ def _record(r: _Row, fmt: str, vocab_size: int | None) -> Record:
     if not any(m["role"] == "assistant" for m in messages):
         raise r.bad("conversations" if fmt == "sharegpt" else "messages", "no assistant turn to learn from")
     return Conversation(messages=messages, source=r.source, line=r.line, tools=_tools(r), unit=r.unit)
-

@@ -1,0 +1,210 @@
+"""Read one source into flat token arrays: in chunks, in worker processes, through the cache.
+
+`prepare_source(source, tokenizer, cfg, template)` returns the source's examples: from the cache
+entry (cache.py) when its key matches, else built by `read_source` and then cached (or built in
+a temporary directory when the cache is off). The rows are streamed in chunks of
+`ROWS_PER_CHUNK`; each chunk is normalised, rendered, tokenized and labelled (tokenize.py), here
+or in `num_proc` worker processes, and appended to flat token arrays on disk (arrays.py). Peak
+memory does not grow with the data set: only a few chunks are in flight. For a ChatML-family
+template the direct renderer (fast_chatml.py) is used where it is checked identical; a sampled
+conversation that disagrees makes the source read again from the start through the template.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from sftlab.config import DataConfig
+from sftlab.data import cache
+from sftlab.data.arrays import TOKEN_ARRAYS, ArrayWriter, TokenArrays, id_dtype
+from sftlab.data.fast_chatml import FastPathMismatch
+from sftlab.data.masking import detect_chatml
+from sftlab.data.sources import Source
+from sftlab.data.tokenize import (
+    ChunkContext,
+    ChunkResult,
+    RawChunk,
+    encode_chunk,
+    init_worker,
+    worker_chunk,
+)
+from sftlab.data.types import BadRecord, DataError
+
+log = logging.getLogger(__name__)
+ROWS_PER_CHUNK = 512  # rows per unit of work (fixed: the arrays' chunk checksums do not depend on num_proc)
+FAST_RENDER_NOTE = "rendered by the direct ChatML renderer (checked against the template on a sample)"
+
+
+def _raw_chunks(source: Source, data: cache.SourceData, rows_per_chunk: int) -> Iterator[RawChunk]:
+    """The source's rows in chunks, each row tagged with its file's index in `data.files`."""
+    file_index: dict[str, int] = {}
+    chunk: RawChunk = []
+    for raw in source.rows():
+        if raw.source not in file_index:
+            file_index[raw.source] = len(data.files)
+            data.files.append((raw.source, raw.unit))
+        chunk.append((file_index[raw.source], raw.line, raw.unit, raw.row))
+        if len(chunk) == rows_per_chunk:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _encoded_chunks(chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.SourceData, num_proc: int,
+                    directory: Path) -> Iterator[ChunkResult]:
+    """Encoded chunks in order: here, or in `num_proc` worker processes with at most 2 chunks each in flight."""
+    names = lambda: [name for name, _ in data.files]
+    if num_proc <= 1:
+        for number, chunk in enumerate(chunks):
+            ctx.files = names()
+            yield encode_chunk(chunk, ctx, number)
+        return
+    # fork where available: no re-import of the caller's __main__ and no start-up cost; the workers
+    # only render templates and run the tokenizer (tokenizers turns its own threads off after a fork)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    check_sendable(ctx, num_proc, method)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers, not tokenizer threads, share the cores
+    with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(method),
+                             initializer=init_worker, initargs=(ctx, str(directory))) as pool:
+        pending: deque = deque()
+        for number, chunk in enumerate(chunks):
+            pending.append(pool.submit(worker_chunk, number, chunk, names()))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def check_sendable(ctx: ChunkContext, num_proc: int, method: str) -> None:
+    """Workers started by `spawn` get the formatting function pickled: one that cannot be (a lambda, a
+    local function) fails here, before any row is read, with the fix named."""
+    if ctx.formatting_func is None or method == "fork":
+        return
+    try:
+        pickle.dumps(ctx.formatting_func)
+    except Exception as e:  # noqa: BLE001 - pickling errors vary by object
+        raise DataError(f"data source {ctx.source}: formatting_func cannot be sent to the data.num_proc={num_proc} "
+                        f"worker processes ({type(e).__name__}: {e}); define it at module level, or set "
+                        "data.num_proc=1") from None
+
+
+def formatting_fingerprint(func: Any) -> str | None:
+    """The formatting function's part of the cache key: a hash of its code and the values it closes
+    over (`datasets`' own function hasher); None without one."""
+    if func is None:
+        return None
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash(func)
+
+
+def _note_bad(data: cache.SourceData, err: BadRecord, strict: bool) -> None:
+    if strict:
+        raise DataError(str(err))
+    data.bad += 1
+    data.bad_reasons[err.reason] += 1
+    if len(data.bad_examples) < cache.MAX_BAD_EXAMPLES:
+        data.bad_examples.append(str(err))
+
+
+def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, template: str | None,
+                directory: Path) -> cache.SourceData:
+    """Read, normalise, tokenize and label one source into flat arrays in `directory`, chunk by chunk.
+
+    Memory stays bounded: a few chunks are in flight at a time. Raises on the first bad row when strict.
+    For a ChatML-family template the direct renderer is used where it is checked identical; if a
+    sampled conversation disagrees, the source is read again from the start through the template.
+    """
+    ctx = ChunkContext(tokenizer, source.name, [], source.format, cfg.loss_on, template, id_dtype(len(tokenizer)))
+    ctx.columns, ctx.formatting_func = source.columns, source.formatting_func
+    ctx.fast = detect_chatml(template or tokenizer.chat_template, dict(tokenizer.special_tokens_map))
+    if ctx.fast is not None:
+        try:
+            data = _read_chunks(source, ctx, cfg, directory)
+            if data.conversations:
+                data.notes.append(FAST_RENDER_NOTE)
+            return data
+        except FastPathMismatch as e:
+            log.warning("data source %s: %s; preparing it again through the chat template", source.name, e)
+            ctx.fast = None
+    return _read_chunks(source, ctx, cfg, directory)
+
+
+def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: Path) -> cache.SourceData:
+    strict = cfg.on_bad_record == "error"
+    data = cache.SourceData()
+    writer = ArrayWriter(directory, ctx.ids_dtype)
+    try:
+        for res in _encoded_chunks(_raw_chunks(source, data, ROWS_PER_CHUNK), ctx, data, cfg.num_proc, directory):
+            data.rows += res.rows
+            data.conversations += res.conversations
+            data.formats.update(res.formats)
+            data.unknown.update(res.unknown)
+            for err in res.bad:
+                _note_bad(data, err, strict)
+            for name in TOKEN_ARRAYS:
+                part = res.tokens[name]
+                writer.append_file(name, *part) if isinstance(part, tuple) else writer.append(name, part)
+            writer.add_examples(res.lengths, res.lines, res.files, res.fix_pos, res.fix_val)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    data.arrays = TokenArrays(directory, verify=False)
+    return data
+
+
+def _read_uncached(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
+                   template: str | None) -> cache.SourceData:
+    """Build the arrays in a temporary directory that is removed at once: the open memory maps keep
+    the files readable until the run ends (POSIX), and nothing is left behind."""
+    tmp = Path(tempfile.mkdtemp(prefix="sftlab-data-"))
+    try:
+        return read_source(source, tokenizer, cfg, template, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
+                   template: str | None) -> cache.SourceData:
+    """The source's examples, from the cache when its key matches (and its checksums hold), else built
+    (and then cached)."""
+    if not cfg.cache:
+        return _read_uncached(source, tokenizer, cfg, template)
+    parts = {"source": source.fingerprint(), "tokenizer": cache.tokenizer_fingerprint(tokenizer),
+             "template": template or tokenizer.chat_template, "format": source.format, "loss_on": cfg.loss_on,
+             "columns": source.columns.columns, "roles": source.columns.roles, "code": cache.code_fingerprint(),
+             **({"formatting_func": formatting_fingerprint(source.formatting_func)} if source.formatting_func else {})}
+    key = cache.cache_key(parts)
+    root = cache.cache_dir(cfg.cache_dir)
+    data = cache.load(root, key)
+    if data is not None:
+        if cfg.on_bad_record == "error" and data.bad:
+            raise DataError(data.bad_examples[0])
+        return data
+    tmp = None
+    try:
+        tmp = cache.new_entry_dir(root, key)
+        data = read_source(source, tokenizer, cfg, template, tmp)
+        readable = {**parts, "name": source.name, "template": cache.cache_key({"t": parts["template"]})}
+        data.arrays = TokenArrays(cache.commit(tmp, root, key, data, readable), verify=False)
+        return data
+    except OSError as e:  # an unwritable cache costs the next run time, never this run
+        log.warning("could not write the data cache entry for %s in %s: %s", source.name, root, e)
+        return _read_uncached(source, tokenizer, cfg, template)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
