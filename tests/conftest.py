@@ -79,9 +79,9 @@ def tiny_model_dir(tmp_path, tokenizer) -> Path:
     return save_tiny_model(tmp_path / "tiny-model", tokenizer)
 
 
-def save_tiny_model(d: Path, tokenizer) -> Path:
+def save_tiny_model(d: Path, tokenizer, positions: int = 512) -> Path:
     """Write the tiny model and `tokenizer` to `d` (for fixtures of any scope)."""
-    build_model(len(tokenizer)).save_pretrained(d)
+    build_model(len(tokenizer), positions=positions).save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
 

@@ -6,11 +6,20 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+from conftest import save_tiny_model
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python.md"
 
 
 def blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tokenizer) -> Path:
+    """conftest's tiny model with the default max_seq_length's positions (the examples keep the default)."""
+    return save_tiny_model(tmp_path / "tiny-model", tokenizer, positions=2048)
 
 
 def test_python_md_examples_run(tiny_model_dir, tmp_path, monkeypatch, capsys):

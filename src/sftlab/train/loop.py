@@ -263,7 +263,8 @@ def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator: Ac
         model = accelerator.unwrap_model(model)  # plain forward: ranks may run different numbers of batches
     total, norm = target_loss(model, examples, pad_id, batch_size, objective, accelerator.device,
                               accelerator.process_index, accelerator.num_processes, lockstep=lockstep)
-    totals = accelerator.reduce(torch.tensor([total, float(norm)], device=accelerator.device), "sum")
+    totals = accelerator.reduce(torch.tensor([total, float(norm)], dtype=torch.float64, device=accelerator.device),
+                                "sum")
     return objective.record(totals[0].item(), int(totals[1].item()), prefix)
 
 
