@@ -72,14 +72,27 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float 
 
 
 def _probe(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
-    n = 4096 if device.type == "cuda" else 2048
+    """Square matmuls of 4096 (CUDA) / 2048 (CPU), or -- on a device slow in `dtype` (bf16 on a CPU
+    without bf16 instructions), where one of those would take over 4 x `seconds` by the rate of a 256 x
+    256 matmul -- the largest smaller power of two that does not, so the probe costs about a second
+    there, not minutes."""
+    limit = 4096 if device.type == "cuda" else 2048
     gen = torch.Generator(device=device).manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    estimate = _rate(256, 1, device, dtype, gen, sync, seconds=0.0)
+    n = limit
+    while n > 256 and 2.0 * n ** 3 / estimate > 4 * seconds:
+        n //= 2
+    return _rate(n, 4 if device.type == "cuda" else 1, device, dtype, gen, sync, seconds)
+
+
+def _rate(n: int, every: int, device, dtype, gen, sync, seconds: float) -> float:
+    """FLOP/s of n x n matmuls repeated for about `seconds` (at least one after a warm-up; timed every
+    `every` runs: a CPU matmul is synchronous, one can be timed alone)."""
     a = torch.randn(n, n, device=device, generator=gen).to(dtype)
     b = torch.randn(n, n, device=device, generator=gen).to(dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.matmul(a, b)  # warm-up
     sync()
-    every = 4 if device.type == "cuda" else 1  # a CPU matmul is synchronous: one can be timed alone
     reps, t0 = 0, time.perf_counter()
     while True:
         torch.matmul(a, b)
