@@ -167,12 +167,13 @@ def settings_of(conf: Any) -> PeftSettings:
 
 
 def continued_settings(model_cfg: ModelConfig, peft: PeftSettings | None, model: Any = None) -> PeftSettings | None:
-    """The peft section of a run: the configured one, or -- when the run continues an adapter (a PeftModel
-    object, or `model.name_or_path` an adapter directory) and none is configured -- that adapter's."""
-    if peft is not None:
-        return peft
+    """The peft section of a run: a PeftModel object's own adapter (the object is what trains, whatever
+    the config says); else the configured one; else, when `model.name_or_path` is an adapter directory,
+    that adapter's."""
     if model is not None and hasattr(model, "peft_config"):
         return settings_of(model.peft_config[getattr(model, "active_adapter", "default")])
+    if peft is not None:
+        return peft
     if model is None and is_adapter_dir(model_cfg.name_or_path):
         return settings_of(json.loads((Path(model_cfg.name_or_path) / ADAPTER_CONFIG).read_text()))
     return None

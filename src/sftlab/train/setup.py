@@ -174,7 +174,7 @@ def setup_data(run: Run) -> None:
         run.data = prepare_run_data(cfg, run.console if run.main else None, run.inputs)
         run.match_examples = load_match_examples(cfg.match_eval) if cfg.match_eval is not None else []
     checkpointing = cfg.checkpoint.every_steps is not None or cfg.checkpoint.every_epoch
-    if checkpointing or run.resume_from is not None or run.inputs.callbacks:  # a callback may ask for a checkpoint
+    if checkpointing or run.resume_from is not None:  # else computed when a callback's stop first saves one
         run.fingerprint = data_fingerprint(run.data.units)
 
 
