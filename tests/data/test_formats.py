@@ -114,7 +114,9 @@ def test_pretokenized_validation():
     ({"messages": [{"content": "x"}, A]}, "messages[0].role", "missing"),
     ({"messages": [{"role": "user", "content": ""}, A]}, "messages[0].content", "empty user message"),
     ({"messages": [U, {"role": "assistant", "content": " "}]}, "messages[1].content", "empty assistant message"),
-    ({"messages": [U, {"role": "assistant", "content": ["x"]}]}, "messages[1].content", "must be a string"),
+    ({"messages": [U, {"role": "assistant", "content": 5}]}, "messages[1].content",
+     "must be a string or a list of content parts"),
+    ({"messages": [U, {"role": "assistant", "content": ["x"]}]}, "messages[1].content[0]", "must be a content part"),
     ({"messages": "hi"}, "messages", "non-empty list"),
     ({"prompt": 5, "completion": "y"}, "prompt", "must be str or list"),
     ({"instruction": "x", "output": ""}, "output", "empty"),
@@ -165,3 +167,32 @@ def test_mapped_fields_are_renamed_and_named_as_the_source_names_them():
     assert (err.field_name, err.reason) == ("response", "empty")
     r = rec({"instruction": "x", "output": "old", "response": "new"}, columns=ColumnMap({"output": "response"}))
     assert r.messages[-1]["content"] == "new" and r.unknown == ("output",)  # the mapped field wins
+
+
+def test_text_content_parts_read_as_the_string_form_in_every_role(tokenizer):
+    from sftlab.data.masking import tokenize_conversations
+
+    def parts(text):
+        return [{"type": "text", "text": text[:3]}, {"type": "text", "text": text[3:]}]
+
+    plain = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello!"},
+             {"role": "assistant", "content": "Hello! How can I help you today?"}]
+    with_parts = [{**m, "content": parts(m["content"])} for m in plain]
+    a, b = rec({"messages": plain}), rec({"messages": with_parts})
+    assert b.messages == a.messages
+    pc = rec({"prompt": [{"role": "user", "content": parts("Hello!")}],
+              "completion": [{"role": "assistant", "content": parts("Hi there.")}]})
+    assert [m["content"] for m in pc.messages] == ["Hello!", "Hi there."]
+    ours, ref = tokenize_conversations(tokenizer, [b.messages, a.messages], "assistant", None)
+    assert ours.input_ids == ref.input_ids and ours.labels == ref.labels
+
+
+@pytest.mark.parametrize("part,says", [
+    ({"type": "image", "image": "cat.png"}, "an image part: images need a vision-language model"),
+    ({"type": "image_url", "image_url": {"url": "x"}}, "an image_url part"),
+    ({"type": "audio"}, "must be a content part"),
+    ("just text", "must be a content part"),
+])
+def test_other_content_parts_are_bad_rows_naming_the_part(part, says):
+    e = bad({"messages": [{"role": "user", "content": [{"type": "text", "text": "Look:"}, part]}, A]})
+    assert e.field_name == "messages[0].content[1]" and says in e.reason and e.line == 3

@@ -179,3 +179,18 @@ def test_a_hub_failure_is_one_error_without_retry_warnings(monkeypatch, caplog):
     with pytest.raises(DataError, match=r"data source 'nobody/nothing': not a local file or directory, and loading"):
         open_source(SourceConfig(path="nobody/nothing"))
     assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+
+
+def test_a_json_object_file_is_one_error_not_one_per_line(tmp_path):
+    from sftlab.data.sources import open_source
+    from sftlab.data.types import DataError
+
+    info = tmp_path / "dataset_info.json"
+    info.write_text(json.dumps({"alpaca_en_demo": {"file_name": "alpaca_en_demo.json"},
+                                 "identity": {"file_name": "identity.json"}}, indent=2))
+    with pytest.raises(DataError, match=r"dataset_info.json: a JSON object \(keys: alpaca_en_demo, identity\), "
+                                        r"not an array of rows or JSON lines"):
+        list(open_source(SourceConfig(path=str(info))).rows())
+    lines = tmp_path / "rows.json"  # JSON lines in a .json file still read line by line
+    lines.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert [r.row for r in open_source(SourceConfig(path=str(lines))).rows()] == [{"text": "a"}, {"text": "b"}]

@@ -152,12 +152,35 @@ def _check_messages(r: _Row, messages: Any, field_name: str) -> list[dict[str, A
         content = m.get("content")
         if content is None and not m.get("tool_calls"):
             raise r.bad(f"{where}.content", "missing")
+        if isinstance(content, list):  # OpenAI/HF content parts: text parts joined as the templates render them
+            m = {**m, "content": _joined_text_parts(r, content, f"{where}.content")}
+            content = m["content"]
         if content is not None and not isinstance(content, str):
-            raise r.bad(f"{where}.content", f"must be a string, got {type(content).__name__}")
+            raise r.bad(f"{where}.content", f"must be a string or a list of content parts, got {type(content).__name__}")
         if role in ("user", "assistant") and not (content or "").strip() and not m.get("tool_calls"):
             raise r.bad(f"{where}.content", f"empty {role} message")
         out.append({k: v for k, v in m.items() if v is not None})  # columnar sources pad with None
     return out
+
+
+IMAGE_PARTS = ("image", "image_url", "input_image")
+
+
+def _joined_text_parts(r: _Row, parts: list, where: str) -> str:
+    """`[{"type": "text", "text": ...}, ...]` -> the texts joined (what text templates render of parts);
+    an image part is a bad row: this model path trains text only."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in IMAGE_PARTS:
+            raise r.bad(f"{where}[{j}]", f"an {kind} part: images need a vision-language model, and this run "
+                                         "trains a text-only model (drop the image parts, or the rows)")
+        else:
+            raise r.bad(f"{where}[{j}]", "must be a content part {\"type\": \"text\", \"text\": \"...\"}, got "
+                                         f"{str(part)[:60]}")
+    return "".join(texts)
 
 
 def _sharegpt_messages(r: _Row) -> list[dict[str, Any]]:

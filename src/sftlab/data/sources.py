@@ -166,8 +166,30 @@ def _file_rows(path: Path) -> Iterator[RawRow]:
         for i, row in enumerate(rows):
             yield RawRow(name, i, "row", row)
         return
+    if path.suffix == ".json" and _starts_with(path, b"{"):
+        _refuse_one_object(path)
     for lineno, row in iter_jsonl(path):  # .jsonl, and .json files holding JSON lines
         yield RawRow(name, lineno, "line", row)
+
+
+def _refuse_one_object(path: Path) -> None:
+    """A .json file that is one (pretty-printed) JSON object, e.g. LLaMA-Factory's dataset_info.json given
+    by mistake, is one error, not a parse error per line. JSON lines (an object per line) pass."""
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    try:
+        json.loads(first.decode("utf-8-sig"))
+        return  # the first line is a whole object: JSON lines
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    try:
+        whole = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return  # neither: the per-line errors say where
+    if isinstance(whole, dict):
+        keys = ", ".join(list(map(str, whole))[:5]) + (", ..." if len(whole) > 5 else "")
+        raise DataError(f"data source {path}: a JSON object (keys: {keys}), not an array of rows or JSON lines; "
+                        "a data file holds a JSON array of row objects or one row object per line")
 
 
 def _starts_with(path: Path, prefix: bytes) -> bool:
