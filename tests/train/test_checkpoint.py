@@ -284,3 +284,25 @@ def test_second_ctrl_c_exits_at_once(tiny_model_dir, chat_file, tmp_path):
     assert proc.returncode == 130, log
     assert "second Ctrl-C" in log
     assert latest_checkpoint(out) is None
+
+
+def test_tied_embeddings_are_checkpointed_without_accelerates_shared_tensor_note(tiny_model_dir, chat_file,
+                                                                                 tmp_path, caplog):
+    import logging
+
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tiny_model_dir).tie_word_embeddings  # the head shares the embedding
+    caplog.set_level(logging.WARNING)
+    out = tmp_path / "run"
+    run_training(SFTConfig.model_validate(cfg_tree(tiny_model_dir, chat_file, out, max_steps=2)))
+    assert not [r for r in caplog.records if "shared tensor" in r.getMessage()]
+    with safe_open(str(latest_checkpoint(out) / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()  # stored once
+    # the filter is scoped to the save: accelerate's note is back afterwards for anyone else
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+
+    shared = torch.zeros(2)
+    clean_state_dict_for_safetensors({"a": shared, "b": shared})
+    assert [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]

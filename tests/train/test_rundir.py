@@ -112,19 +112,26 @@ def test_an_empty_or_hidden_only_dir_is_fine(tiny_model_dir, chat_file, tmp_path
     assert train(tree(tiny_model_dir, chat_file, out)).steps == 2
 
 
-def test_interrupt_prints_the_command_line_that_resumes(tiny_model_dir, chat_file, tmp_path, monkeypatch, capsys):
+def test_interrupt_is_acknowledged_at_once_checkpoints_and_prints_the_resume_command(tiny_model_dir, chat_file,
+                                                                                      tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     cfg = tmp_path / "my config.yaml"
     cfg.write_text(yaml.safe_dump(tree(tiny_model_dir, chat_file, out, max_steps=5)))
-    class InterruptAtStep1:
+    seen = {}
+
+    class InterruptAtStep1:  # Ctrl-C after step 1's record, when no checkpoint is due (none configured)
         def on_step_end(self, record):
             if record["step"] == 1:
                 os.kill(os.getpid(), signal.SIGINT)
+                seen["at_once"] = capsys.readouterr().err  # the handler has run: what it printed, before anything else
 
     monkeypatch.setattr(setup_mod, "env_callbacks", lambda: [InterruptAtStep1()])
     assert main(["train", str(cfg), "optim.lr=1e-3", "train.resume=null"]) == 130
+    assert ("SIGINT: stopping after this optimizer step and saving a checkpoint; press Ctrl-C again to exit "
+            "without saving") in seen["at_once"]
     printed = capsys.readouterr().out
     assert f"resume with: sftlab train '{cfg}' optim.lr=1e-3 train.resume=auto" in printed
+    assert (out / "checkpoints" / "step-00000001" / "COMPLETE").is_file()  # the signal came after the step's save point
 
 
 def test_a_mistyped_data_path_fails_before_an_overwrite_clears_anything(tiny_model_dir, chat_file, tmp_path,

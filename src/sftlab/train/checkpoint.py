@@ -31,10 +31,12 @@ Nothing is ever unpickled without `weights_only=True`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +154,24 @@ def _check_trainable_file(accelerator, ckpt: Path) -> None:
                                   f"{len(trainable)} trainable, {len(saved ^ trainable)} differ)")
 
 
+class _NoTiedWeightNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in str(record.msg)  # accelerate prefixes "[RANK k] "
+
+
+@contextmanager
+def _quiet_tied_weights():
+    """Accelerate notes "Removed shared tensor {'lm_head.weight'} while saving" for tied embeddings (they
+    are stored once in safetensors). A checkpoint is only ever loaded back into the live model, where the
+    tie holds, so the note is noise on every checkpoint: it is filtered while sftlab saves one."""
+    logger, quiet = logging.getLogger("accelerate.utils.other"), _NoTiedWeightNote()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, Any], scheduler,
                     keep_last: int | None, trainable_only: bool = False) -> Path:
     """Write a complete checkpoint for `step` atomically, then rotate. Returns its directory.
@@ -170,7 +190,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, A
         accelerator.wait_for_everyone()
         hook = accelerator.register_save_state_pre_hook(_keep_trainable) if trainable_only else None
         try:
-            accelerator.save_state(str(tmp), safe_serialization=True)  # model (safetensors), optimizer, RNG
+            with _quiet_tied_weights():
+                accelerator.save_state(str(tmp), safe_serialization=True)  # model (safetensors), optimizer, RNG
         finally:
             if hook is not None:
                 hook.remove()

@@ -64,7 +64,7 @@ def run_training(cfg: SFTConfig, console: Console | None = None, resume_command:
     check_resume_state(run)  # processes, engine and data of a checkpoint: before any weights load
     setup_model_and_optimizer(run)
     resume_or_start(run)
-    with StopRequest() as run.stop:  # from the first output on: SIGINT/SIGTERM = finish the step, checkpoint, stop
+    with StopRequest(announce=run.main) as run.stop:  # from here: SIGINT/SIGTERM = finish the step, checkpoint, stop
         open_run_log(run)
         fit(run)
     if run.result.stopped is None:
@@ -111,7 +111,7 @@ def fit(run: Run) -> None:
             progress.advance(task)
             path = save_run_checkpoint(run, step) if checkpoint_due(run, step, epoch_before, stop) else None
             asked = callbacks_ask_stop(run, record)
-            if asked and path is None:
+            if (asked or stop.signum is not None) and path is None:  # a signal during the callbacks too
                 path = save_run_checkpoint(run, step)
             if stop.signum is not None:
                 raise interrupted(run, step, path)
