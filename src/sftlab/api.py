@@ -202,14 +202,12 @@ def _model_for_inference(model: Any, tokenizer: Any, config, overrides: dict[str
         model_obj, own_tokenizer = load_model_dir(model)
         cfg = resolve_config(config if config is not None else run_config(model), overrides)
         return model_obj, tokenizer or own_tokenizer, cfg
-    cfg = resolve_config(config, overrides)
-    if tokenizer is None:
-        from sftlab.model.loading import load_tokenizer
+    from sftlab.model.loading import load_tokenizer, with_pad_token
 
-        path = getattr(model, "name_or_path", "")
-        if not path:
-            raise ConfigError("the model object has no name_or_path to load its tokenizer from: pass tokenizer=")
-        tokenizer = load_tokenizer(cfg.model, path)
-    elif tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, cfg
+    cfg = resolve_config(config, overrides)
+    if tokenizer is not None:
+        return model, with_pad_token(tokenizer), cfg
+    path = getattr(model, "name_or_path", "")
+    if not path:
+        raise ConfigError("the model object has no name_or_path to load its tokenizer from: pass tokenizer=")
+    return model, load_tokenizer(cfg.model, path), cfg

@@ -144,7 +144,12 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedToken
         raise ModelLoadError(_hub_hint(path, e)) from e
     if not tok.is_fast:
         raise ModelLoadError(f"tokenizer of {path} is not a fast tokenizer; sftlab needs offset mappings")
-    if tok.pad_token is None:  # padding positions are masked out by position, so any id works
+    return with_pad_token(tok)
+
+
+def with_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer, its pad token the eos when it has none (padding is masked by position: any id works)."""
+    if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 

@@ -37,7 +37,7 @@ from sftlab.data.packing import pack_examples, packed_collate, packing_efficienc
 from sftlab.data.templates import add_chatml_tokens, load_template
 from sftlab.data.types import IGNORE_INDEX
 from sftlab.model.adapters import base_config, is_adapter_dir
-from sftlab.model.loading import load_tokenizer, position_limit, resolve_model_path
+from sftlab.model.loading import load_tokenizer, position_limit, resolve_model_path, with_pad_token
 from sftlab.train.inputs import RunInputs
 from sftlab.train.run_model import RunTokens
 
@@ -77,8 +77,8 @@ def load_run_tokens(cfg: SFTConfig, inputs: RunInputs | None = None) -> RunToken
         if not source:
             raise ConfigError("the model object has no name_or_path to load its tokenizer from: pass tokenizer=")
         tokenizer = load_tokenizer(cfg.model, source)
-    elif tokenizer.pad_token is None:  # padding positions are masked out by position, so any id works
-        tokenizer.pad_token = tokenizer.eos_token
+    else:
+        with_pad_token(tokenizer)
     vocab_before = len(tokenizer)
     if cfg.data.add_chatml_tokens:
         add_chatml_tokens(tokenizer)
