@@ -85,11 +85,29 @@ class SourceConfig(_Strict):
     roles: dict[str, Literal[ROLES]] = Field(default_factory=dict, description=(  # type: ignore[valid-type]
         "rename role names of messages (`role`) and ShareGPT turns (`from`), `{your_role: role}`: e.g. "
         "`{human: user, bot: assistant}`; roles are system, user, assistant, tool"))
+    response_template: str | None = Field(None, min_length=1, description=(
+        "this source's own data.response_template (with its own instruction_template); null: the data section's"))
+    instruction_template: str | None = Field(None, min_length=1, description=(
+        "this source's own data.instruction_template; needs this source's response_template"))
 
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, columns: dict[str, str], info: Any) -> dict[str, str]:
         return check_columns(columns, info.data.get("format", "auto"))
+
+    @field_validator("instruction_template")
+    @classmethod
+    def _marker_pair(cls, instruction: str | None, info: Any) -> str | None:
+        return check_markers(info.data.get("response_template"), instruction)
+
+
+def check_markers(response: str | None, instruction: str | None) -> str | None:
+    """An instruction template needs a response template, and differs from it."""
+    if instruction is not None and response is None:
+        raise ValueError("instruction_template needs a response_template (the marker after which text is trained)")
+    if instruction is not None and instruction == response:
+        raise ValueError(f"instruction_template and response_template are the same ({response!r}); they must differ")
+    return instruction
 
 
 def check_columns(columns: dict[str, str], fmt: str = "auto") -> dict[str, str]:
@@ -142,6 +160,18 @@ class DataConfig(_Strict):
         "last_assistant: only the last assistant turn; completion: the same as last_assistant, but a row that does "
         "not end with an assistant message is bad (for prompt/completion rows: the final assistant message of the "
         "completion); all: every token. Text and pretokenized rows keep their own masks (docs/data.md)"))
+    response_template: str | None = Field(None, min_length=1, description=(
+        "text rows: only the text after this marker carries loss (TRL's completion-only response_template, found "
+        "by string search on the text, so it never depends on how the marker tokenizes); a text without it is a "
+        "bad row; the marker itself is not trained (docs/data.md)"))
+    instruction_template: str | None = Field(None, min_length=1, description=(
+        "text rows, with response_template (multi-turn): the loss covers the text after each response marker up "
+        "to the next instruction marker; an instruction marker with no response marker after it makes a bad row"))
+
+    @field_validator("instruction_template")
+    @classmethod
+    def _marker_pair(cls, instruction: str | None, info: Any) -> str | None:
+        return check_markers(info.data.get("response_template"), instruction)
     chat_template: str | None = Field(None, description=(
         "null: the tokenizer's own; a built-in name (chatml, llama3, tulu, zephyr, alpaca); or a .jinja file"))
     add_chatml_tokens: bool = Field(False, description=(

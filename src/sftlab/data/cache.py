@@ -2,8 +2,9 @@
 
 An entry is keyed by a sha256 over: the source's content fingerprint (its files' bytes, or the
 dataset fingerprint), the tokenizer's serialized state (vocab, merges, added and special tokens),
-the chat template text, the source format, its `columns` / `roles` renaming, `loss_on`, and the
-code that turns rows into examples. `max_seq_length`, weights, the seed and the eval split are applied after loading, so
+the chat template text, the source format, its `columns` / `roles` renaming, `loss_on`, its
+response/instruction templates (when set), the Python API's formatting function (when given), and
+the code that turns rows into examples. `max_seq_length`, weights, the seed and the eval split are applied after loading, so
 changing them reuses the entry.
 
 An entry is a directory `<cache_dir>/<key>/` holding the flat token arrays of `data/arrays.py`
@@ -40,7 +41,8 @@ CACHE_FORMAT = 2
 MAX_BAD_EXAMPLES = 5
 # The modules whose code decides what a row tokenizes to: editing them invalidates the cache.
 _CODE_FILES = ("types.py", "formats.py", "fields.py", "masking.py", "rendering.py", "spans.py", "templates.py",
-               "sources.py", "tokenize.py", "arrays.py", "fast_chatml.py", "cache.py")
+               "sources.py", "tokenize.py", "arrays.py", "fast_chatml.py", "cache.py",
+               "markers.py")
 
 
 @dataclass

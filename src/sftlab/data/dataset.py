@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from sftlab.config import DataConfig, SourceConfig
 from sftlab.data import cache
 from sftlab.data.examples import Examples
+from sftlab.data.markers import markers_for
 from sftlab.data.mixing import check_weight, hold_out, mix
 from sftlab.data.reading import FAST_RENDER_NOTE, check_sendable, prepare_source
 from sftlab.data.report import DataReport, SourceStats, count_targets, length_stats
@@ -99,7 +100,7 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
     out = []
     for i, spec in enumerate(specs):
         source = open_source(spec, i)
-        source.formatting_func = formatting_func
+        source.formatting_func, source.markers = formatting_func, markers_for(spec, cfg)
         data = prepare_source(source, tokenizer, cfg, template)
         stats = SourceStats(f"{split}[{i}] {source.name}", split, source.weight, rows=data.rows, bad=data.bad,
                             examples=len(data), cached=data.cached, fast_render=FAST_RENDER_NOTE in data.notes,

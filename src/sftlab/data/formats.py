@@ -10,7 +10,9 @@ Row formats, detected per row (`format: auto`) or forced per source (`format: <n
 - `sharegpt`: `conversations: [{"from", "value"}]`; `from` is human/gpt/system (also user,
   assistant, tool, observation -> tool, function_call -> assistant); optional `system`, `tools`.
 - `text`: plain text, no chat template, optional `loss_masking_spans`: inclusive character
-  spans `[start, end]` whose tokens get no loss; every other token is a target.
+  spans `[start, end]` whose tokens get no loss; every other token is a target. With a response
+  template (`data.response_template`, markers.py) the spans before and between the answers are
+  added to them (a union); a text without the marker is a bad row.
 - `pretokenized`: `input_ids` (and optional `labels`, -100 = no loss; default: every token).
 
 The first four become a `Conversation`, `text` a `TextRecord`, `pretokenized` a `TokenRecord`.
@@ -35,6 +37,7 @@ from typing import Any, Union
 
 from sftlab.config import MESSAGE_KEYS, ROLES, TURN_KEYS
 from sftlab.data.fields import NO_COLUMNS, ColumnMap, detect_format, no_format_message, unknown_fields
+from sftlab.data.markers import TextMarkers, no_loss_spans
 from sftlab.data.types import IGNORE_INDEX, BadRecord
 
 __all__ = [
@@ -254,7 +257,7 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _text_record(r: _Row) -> TextRecord:
+def _text_record(r: _Row, markers: TextMarkers | None = None) -> TextRecord:
     text = r.get("text", str)
     if not text:
         raise r.bad("text", "empty")
@@ -269,6 +272,11 @@ def _text_record(r: _Row) -> TextRecord:
             raise r.bad(where, f"span [{start}, {end}] is out of range for a text of {len(text)} characters "
                                "(inclusive spans need 0 <= start <= end < length)")
         spans.append((start, end))
+    if markers is not None:
+        try:
+            spans += no_loss_spans(text, markers)
+        except ValueError as e:
+            raise r.bad("text", str(e)) from None
     return TextRecord(text, sorted(spans), r.source, r.line, r.unit)
 
 
@@ -312,11 +320,13 @@ def formatted_row(func: Any, row: Any, source: str, line: int, unit: str = "line
 
 
 def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
-              vocab_size: int | None = None, columns: ColumnMap | None = None) -> Record:
+              vocab_size: int | None = None, columns: ColumnMap | None = None,
+              markers: TextMarkers | None = None) -> Record:
     """Normalise one parsed row into a Conversation, TextRecord or TokenRecord, or raise BadRecord.
 
     `unit` is "line" (JSONL line number, 1-based) or "row" (row index, 0-based) for messages;
-    `vocab_size` bounds the ids of pretokenized rows; `columns` renames the row's fields first.
+    `vocab_size` bounds the ids of pretokenized rows; `columns` renames the row's fields first;
+    `markers` (the response/instruction templates) add no-loss spans to text rows.
     """
     if not isinstance(row, dict):
         raise BadRecord(source, line, None, f"row must be a JSON object, got {type(row).__name__}", unit)
@@ -327,14 +337,12 @@ def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
             fmt = detect_format(r.row)
         except KeyError:
             raise r.bad(None, no_format_message(r.row, cmap)) from None
-    record = _record(r, fmt, vocab_size)
+    record = _text_record(r, markers) if fmt == "text" else _record(r, fmt, vocab_size)
     record.format, record.unknown = fmt, unknown_fields(row, fmt, cmap)
     return record
 
 
 def _record(r: _Row, fmt: str, vocab_size: int | None) -> Record:
-    if fmt == "text":
-        return _text_record(r)
     if fmt == "pretokenized":
         return _token_record(r, vocab_size)
     if fmt == "messages":

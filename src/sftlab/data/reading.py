@@ -129,7 +129,7 @@ def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataCon
     sampled conversation disagrees, the source is read again from the start through the template.
     """
     ctx = ChunkContext(tokenizer, source.name, [], source.format, cfg.loss_on, template, id_dtype(len(tokenizer)))
-    ctx.columns, ctx.formatting_func = source.columns, source.formatting_func
+    ctx.columns, ctx.formatting_func, ctx.markers = source.columns, source.formatting_func, source.markers
     ctx.fast = detect_chatml(template or tokenizer.chat_template, dict(tokenizer.special_tokens_map))
     if ctx.fast is not None:
         try:
@@ -187,7 +187,8 @@ def prepare_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: Data
     parts = {"source": source.fingerprint(), "tokenizer": cache.tokenizer_fingerprint(tokenizer),
              "template": template or tokenizer.chat_template, "format": source.format, "loss_on": cfg.loss_on,
              "columns": source.columns.columns, "roles": source.columns.roles, "code": cache.code_fingerprint(),
-             **({"formatting_func": formatting_fingerprint(source.formatting_func)} if source.formatting_func else {})}
+             **({"formatting_func": formatting_fingerprint(source.formatting_func)} if source.formatting_func else {}),
+             **({"text_markers": source.markers.key()} if source.markers else {})}
     key = cache.cache_key(parts)
     root = cache.cache_dir(cfg.cache_dir)
     data = cache.load(root, key)

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from sftlab.config import SourceConfig
 from sftlab.data.formats import ColumnMap, iter_jsonl
 from sftlab.data.locate import looks_local, not_found
+from sftlab.data.markers import TextMarkers
 from sftlab.data.types import DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -57,6 +58,8 @@ class DatasetSource:
     weight: float | int | None = None
     columns: dict[str, str] = field(default_factory=dict)  # as SourceConfig.columns
     roles: dict[str, str] = field(default_factory=dict)  # as SourceConfig.roles
+    response_template: str | None = None  # as SourceConfig.response_template
+    instruction_template: str | None = None  # as SourceConfig.instruction_template
 
 
 SourceSpec = Union[SourceConfig, DatasetSource, datasets.Dataset]
@@ -84,6 +87,7 @@ class Source:
     dataset: datasets.Dataset | None = None
     columns: ColumnMap = field(default_factory=ColumnMap)  # its `columns` / `roles` renaming
     formatting_func: Any = None  # the Python API's formatting function, applied to every row
+    markers: TextMarkers | None = None  # response/instruction templates for text rows (markers.py)
 
     def fingerprint(self) -> str:
         """A content hash: the files' bytes (and paths) or the dataset's fingerprint."""

@@ -9,7 +9,8 @@ to the entry.
 
 Text rows (`format: text`) are tokenized without a chat template, with the tokenizer's own special
 tokens (e.g. a BOS). A token that overlaps a character of a `loss_masking_spans` span carries no
-loss; every other token is a target. The EOS token is appended, as a target, unless the text
+loss; every other token is a target. The source's response/instruction templates (markers.py) only
+add spans to those, when the row is read (formats.py), so they are marked the same way. The EOS token is appended, as a target, unless the text
 already ends with it, so the model learns where a document stops. Pretokenized rows are used as
 they are. Any example left without a target token is a bad record.
 """
@@ -28,6 +29,7 @@ from sftlab.data import masking
 from sftlab.data.arrays import example_arrays, write_chunk_files
 from sftlab.data.fast_chatml import VERIFY_EVERY, ChatMLRenderer
 from sftlab.data.formats import ColumnMap, Conversation, Record, TextRecord, formatted_row, to_record
+from sftlab.data.markers import TextMarkers
 from sftlab.data.types import (
     IGNORE_INDEX,
     BadRecord,
@@ -53,6 +55,7 @@ class ChunkContext:
     fast: ChatMLRenderer | None = None  # the direct renderer, where the template is ChatML (fast_chatml.py)
     columns: ColumnMap = field(default_factory=ColumnMap)  # the source's `columns` / `roles`
     formatting_func: Any = None  # the Python API's row -> messages | {prompt, completion} | text
+    markers: TextMarkers | None = None  # the source's response/instruction templates (text rows)
 
 
 @dataclass
@@ -84,7 +87,8 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def _tokenize_texts(tokenizer: PreTrainedTokenizerBase, recs: list[TextRecord]) -> list[TokenizedExample]:
     """Text rows: every token a target except those overlapping a loss-masking span; EOS appended."""
     if not tokenizer.is_fast and any(r.spans for r in recs):
-        raise DataError("text rows with loss_masking_spans need a fast tokenizer (character offsets)")
+        raise DataError("text rows with loss_masking_spans or a response_template need a fast tokenizer "
+                        "(character offsets)")
     enc = tokenizer([r.text for r in recs], add_special_tokens=True, return_offsets_mapping=tokenizer.is_fast)
     eos = tokenizer.eos_token_id
     out = []
@@ -155,7 +159,7 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
             if ctx.formatting_func is not None:  # the function reads the row's own fields: no renaming after
                 row, columns = formatted_row(ctx.formatting_func, row, ctx.files[f], line, unit), None
             records.append(to_record(row, ctx.format, ctx.files[f], line, unit=unit, vocab_size=vocab,
-                                     columns=columns))
+                                     columns=columns, markers=ctx.markers))
             places.append((k, f))
         except BadRecord as e:
             bad.append((k, e))
