@@ -109,7 +109,8 @@ def test_unknown_keys_and_values_get_a_suggestion(override, hint):
 @pytest.mark.parametrize("overrides, want", [
     (["data.response_template=### Answer:"], ("### Answer:", None)),  # YAML would read a comment
     (["data.response_template=A:", "data.instruction_template=Q: {"], ("A:", "Q: {")),  # ... or a mapping
-    (["data.response_template=' ### Answer:'"], (" ### Answer:", None)),  # quotes keep the leading space
+    (["data.response_template=' ### Answer:'"], (" ### Answer:", None)),  # YAML quotes are read
+    (["data.response_template= ### Answer:"], (" ### Answer:", None)),  # a leading space is kept
     (["data.response_template=### Answer:", "data.response_template=null"], (None, None)),
 ])
 def test_marker_overrides_are_taken_as_written(overrides, want):

@@ -137,6 +137,18 @@ def test_a_source_can_set_its_own_markers(tmp_path, tokenizer):
                      response_template=A)
     train, _, report = build_datasets(cfg, tokenizer, seed=0)
     assert report.bad == 0 and sorted(targets(tokenizer, e) for e in train) == [" 4<|im_end|>", " yo<|im_end|>"]
+    assert not any(s.markers_unused for s in report.sources)
+
+
+def test_markers_on_a_source_of_chat_rows_are_reported_unused(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "What is 2+2?", "completion": "4"}])
+    (ex,), _, report = build_datasets(DataConfig(train=[SourceConfig(path=str(path))], response_template=A),
+                                      tokenizer, seed=0)
+    assert targets(tokenizer, ex).startswith("4")  # loss_on's mask, untouched
+    assert report.sources[0].details()[-1] == (
+        "warning: response_template ' ### Answer:' is set, but no row of this source is a text row: the markers "
+        "apply to text rows only (chat rows use data.loss_on; docs/data.md)")
+    assert "response_template ' ### Answer:' is set" in report.summary()
 
 
 def test_a_formatting_function_returning_text_gets_the_markers(tokenizer):

@@ -105,6 +105,8 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
         stats = SourceStats(f"{split}[{i}] {source.name}", split, source.weight, rows=data.rows, bad=data.bad,
                             examples=len(data), cached=data.cached, fast_render=FAST_RENDER_NOTE in data.notes,
                             formats=dict(data.formats), unknown_fields=dict(data.unknown))
+        if source.markers is not None and data.rows and not data.formats.get("text"):
+            stats.markers_unused = source.markers.response
         report.sources.append(stats)
         report.rows += data.rows
         report.bad += data.bad

@@ -2,7 +2,7 @@
 
 Every decision is counted, per source: rows read, bad rows, examples, the length policy's drops
 and truncations, the format each row was read as, the fields no reader used (with a "did you
-mean" hint), the target-token share (`count_targets`) and the lengths (`length_stats`).
+mean" hint), a response template set for a source without text rows, the target-token share (`count_targets`) and the lengths (`length_stats`).
 `DataReport.summary()` is what a run prints before training.
 """
 
@@ -42,6 +42,7 @@ class SourceStats:
     tokens: int = 0  # of its usable examples (after the length policy, before mixing)
     targets: int = 0  # of those tokens, the ones with a label (not -100)
     lengths: dict[str, int] = field(default_factory=dict)  # min, median, p95, max tokens of its usable examples
+    markers_unused: str | None = None  # the response template set for a source without text rows
 
     def line(self) -> str:
         parts = [f"{self.rows} rows", f"{self.bad} bad", f"{self.examples} examples"]
@@ -54,7 +55,8 @@ class SourceStats:
         return f"{self.name}: {', '.join(parts)} -> {used}{held}{how}"
 
     def details(self) -> list[str]:
-        """Format(s) read, target share and lengths; a warning line for fields that no reader used."""
+        """Format(s) read, target share and lengths; warning lines for fields that no reader used and for
+        a response template that no row of the source uses."""
         formats = ", ".join(f"{fmt} ({n} rows)" for fmt, n in sorted(self.formats.items(), key=lambda x: -x[1]))
         parts = [f"format: {formats or '-'}"]
         if self.tokens:
@@ -67,6 +69,9 @@ class SourceStats:
                                for k, n in sorted(self.unknown_fields.items(), key=lambda x: -x[1]))
             lines.append(f"warning: fields no reader of the format uses, ignored: {fields} "
                          "(map them with the source's `columns` if they hold data; docs/data.md)")
+        if self.markers_unused:
+            lines.append(f"warning: response_template {self.markers_unused!r} is set, but no row of this source is a "
+                         "text row: the markers apply to text rows only (chat rows use data.loss_on; docs/data.md)")
         return lines
 
 
