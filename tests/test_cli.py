@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 
 import pytest
@@ -38,6 +39,46 @@ def test_generate_and_chat_on_a_saved_model(tiny_model_dir, capsys, monkeypatch)
     out = capsys.readouterr().out
     assert out.count("model>") == 2
     assert "you>" not in out and "/reset clears" not in out  # piped input: no prompt, no banner
+
+
+def test_tools_file_reaches_the_chat_template(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from conftest import build_tokenizer, save_tiny_model
+    from transformers import PreTrainedTokenizerBase
+
+    from sftlab.data.templates import BUILTIN_TEMPLATES
+
+    tools = tmp_path / "tools.json"  # a bare schema, as glaive rows store them
+    tools.write_text(json.dumps([{"name": "get_weather", "description": "Get the weather in a city",
+                                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]))
+    prompts = []
+    real = PreTrainedTokenizerBase.apply_chat_template
+    monkeypatch.setattr(PreTrainedTokenizerBase, "apply_chat_template",
+                        lambda self, *a, **kw: prompts.append(real(self, *a, **kw)) or prompts[-1])
+    model = save_tiny_model(tmp_path / "tools-model", build_tokenizer(BUILTIN_TEMPLATES["chatml_tools"]))
+    assert main(["generate", str(model), "--prompt", "Weather in Paris?", "--tools", str(tools),
+                 "--max-new-tokens", "2"]) == 0
+    assert prompts[-1].startswith('<|im_start|>system\n# Tools\n') and prompts[-1].endswith("<|im_start|>assistant\n")
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather", "description": "Get the weather' in prompts[-1]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Weather in Paris?\n"))
+    assert main(["chat", str(model), "--tools", str(tools), "--max-new-tokens", "2"]) == 0
+    assert "<tools>" in prompts[-1] and capsys.readouterr().out.count("model>") == 1
+    # a template that drops the schemas (SmolLM2's) is refused, not silently ignored
+    assert main(["generate", str(tiny_model_dir), "--prompt", "Hi", "--tools", str(tools)]) == 2
+    assert "the model's chat template does not render them" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content,why", [
+    ("[{\"name\": ", "invalid JSON: Expecting value (line 1, column 11)"),
+    ('{"name": "get_weather"}', "got one JSON object (put it in [ ])"),
+    ("[]", "got an empty list"),
+    ('[{"name": "f"}, "g"]', "item 1 is a str, not a tool schema"),
+])
+def test_a_bad_tools_file_is_one_error_naming_it(tmp_path, capsys, content, why):
+    bad = tmp_path / "tools.json"
+    bad.write_text(content)
+    assert main(["generate", str(tmp_path / "no-model-needed"), "--prompt", "Hi", "--tools", str(bad)]) == 2
+    out = capsys.readouterr().out
+    assert f"--tools {bad}: " in out and why in out and "Traceback" not in out
 
 
 def test_sampling_is_seeded_and_checked(tiny_model_dir, capsys):

@@ -11,12 +11,17 @@
   glaive/LLaMA-Factory rows store them) becomes `{"type": "function", "function": schema}`, the
   form transformers' `get_json_schema` and the OpenAI API give and the official tool templates were
   written for; schemas already in that form are kept as they are.
+- `read_tools_file(path)`: the tool schemas of `sftlab generate|chat --tools FILE`: a JSON file
+  holding a list of schemas (wrapped as above); anything else is a DataError naming the file.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
+
+from sftlab.data.types import DataError
 
 
 def _arguments(call: dict[str, Any], k: int) -> dict[str, Any]:
@@ -60,3 +65,24 @@ def wrapped_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Bare function schemas wrapped as `{"type": "function", "function": schema}`; others kept."""
     return [{"type": "function", "function": t} if "name" in t and "type" not in t and "function" not in t else t
             for t in tools]
+
+
+def read_tools_file(path: str | Path) -> list[dict[str, Any]]:
+    """The tool schemas in a JSON file holding a list of them (DataError naming the file otherwise)."""
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except OSError as e:
+        raise DataError(f"--tools: cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"--tools {path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"--tools {path}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno}); expected a "
+                        'list of tool schemas, e.g. [{"name": "get_weather", "parameters": {...}}]') from None
+    if not isinstance(tools, list) or not tools:
+        what = ("one JSON object (put it in [ ])" if isinstance(tools, dict)
+                else "an empty list" if tools == [] else f"a JSON {type(tools).__name__}")
+        raise DataError(f"--tools {path}: expected a non-empty JSON list of tool schemas, got {what}")
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict):
+            raise DataError(f"--tools {path}: item {i} is a {type(t).__name__}, not a tool schema (a JSON object)")
+    return wrapped_tools(tools)
