@@ -67,6 +67,38 @@ def test_tools_file_reaches_the_chat_template(tmp_path, tiny_model_dir, capsys, 
     assert "the model's chat template does not render them" in capsys.readouterr().out
 
 
+def test_tool_rows_stop_training_or_train_with_drop_or_a_tool_template(tmp_path, tiny_model_dir, capsys, caplog,
+                                                                        monkeypatch):
+    """glaive-style ShareGPT tool rows: one error naming the row before training (SmolLM2's template drops
+    them); data.tools=drop trains without them under one warning; chatml_tools trains them and the run
+    keeps that template, so `generate RUN --tools` renders the schemas."""
+    from pathlib import Path
+
+    glaive = Path(__file__).parent / "data" / "fixtures" / "glaive_toolcall_demo.json"
+    args = ["train", "--data", str(glaive), "--model", str(tiny_model_dir), "data.max_seq_length=512",
+            "train.max_steps=1", "train.micro_batch_size=2", "data.cache=false"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    out = capsys.readouterr().out
+    assert f"error: {glaive} row 1: the row has tool schemas" in out and "data.chat_template: chatml_tools" in out
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    assert main([*args, "--out", str(tmp_path / "b"), "data.tools=drop"]) == 0
+    assert [r.getMessage()[:26] for r in caplog.records if "does not render" in r.getMessage()] == \
+        ["2 rows carry tools, tool c"]
+    run = tmp_path / "c"
+    assert main([*args, "--out", str(run), "data.chat_template=chatml_tools"]) == 0
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.loads(glaive.read_text())[1]["tools"])  # the row's schemas (a JSON string of a list)
+    from transformers import PreTrainedTokenizerBase
+
+    prompts = []
+    real = PreTrainedTokenizerBase.apply_chat_template
+    monkeypatch.setattr(PreTrainedTokenizerBase, "apply_chat_template",
+                        lambda self, *a, **kw: prompts.append(real(self, *a, **kw)) or prompts[-1])
+    assert main(["generate", str(run), "--prompt", "Area of a 2x3 rectangle?", "--tools", str(tools),
+                 "--max-new-tokens", "2"]) == 0
+    assert '{"type": "function", "function": {"name": "calculate_area"' in prompts[-1]
+
+
 @pytest.mark.parametrize("content,why", [
     ("[{\"name\": ", "invalid JSON: Expecting value (line 1, column 11)"),
     ('{"name": "get_weather"}', "got one JSON object (put it in [ ])"),

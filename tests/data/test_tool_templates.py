@@ -155,3 +155,15 @@ def test_tool_template_masks_train_calls_and_answers_only(name):
     assert not any("Get the weather" in r or "temp" in r for r in runs(tok, ex))  # ... never trained
     assert ex.input_ids == tok.apply_chat_template(CHAT, tools=TOOLS, chat_template=BUILTIN_TEMPLATES[name],
                                                    tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_the_example_template_is_chatml_tools_with_smollm2s_default_system_prompt():
+    """examples/templates/chatml_tools.jinja: the built-in's layout, plus SmolLM2's default system prompt."""
+    from pathlib import Path
+
+    example = (Path(__file__).resolve().parents[2] / "examples" / "templates" / "chatml_tools.jinja").read_text()
+    for conv in (CHAT, CHAT[:5], [CHAT[0], *TWO_RESULTS]):
+        assert render(example, conv, tools=TOOLS) == render(BUILTIN_TEMPLATES["chatml_tools"], conv, tools=TOOLS)
+    default = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert render(example, CHAT[1:], tools=TOOLS) == ref_chatml_tools([{"role": "system", "content": default},
+                                                                        *CHAT[1:]], TOOLS, False)
