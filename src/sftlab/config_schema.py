@@ -173,7 +173,12 @@ class DataConfig(_Strict):
     def _marker_pair(cls, instruction: str | None, info: Any) -> str | None:
         return check_markers(info.data.get("response_template"), instruction)
     chat_template: str | None = Field(None, description=(
-        "null: the tokenizer's own; a built-in name (chatml, llama3, tulu, zephyr, alpaca); or a .jinja file"))
+        "null: the tokenizer's own; a built-in name (chatml, llama3, tulu, zephyr, alpaca; with tools: chatml_tools, "
+        "llama3_tools); or a .jinja file"))
+    tools: Literal["error", "drop"] = Field("error", description=(
+        "rows with tool schemas (`tools`), assistant `tool_calls` or tool results that the chat template does not "
+        "render: error: stop before training, naming the row (use a tool template, e.g. chat_template: "
+        "chatml_tools); drop: train without them (one warning counts the rows)"))
     add_chatml_tokens: bool = Field(False, description=(
         "add <|im_start|>/<|im_end|> as special tokens and grow the embeddings (for the chatml template on a base "
         "model)"))

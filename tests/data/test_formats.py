@@ -76,11 +76,59 @@ def test_sharegpt_roles():
         {"from": "user", "value": "q2"}, {"from": "assistant", "value": "a2"}]}
     c = rec(row)
     assert [m["role"] for m in c.messages] == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
-    assert c.tools == [{"name": "f"}]
+    assert c.tools == [{"type": "function", "function": {"name": "f"}}]  # a bare schema, wrapped
+    assert c.messages[2] == {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f",
+                                                                                                "arguments": {}}}]}
     e = bad({"conversations": [{"from": "alien", "value": "q"}, {"from": "gpt", "value": "a"}]})
     assert e.field_name == "conversations[0].from" and "unknown role 'alien'" in e.reason
     e = bad({"conversations": [{"from": "human", "value": "q"}]})
     assert e.field_name == "conversations" and "no assistant turn" in e.reason
+
+
+def sharegpt_call(value, before=("human", "q")):
+    return {"conversations": [{"from": before[0], "value": before[1]}, {"from": "function_call", "value": value},
+                              {"from": "observation", "value": "42"}, {"from": "gpt", "value": "a"}]}
+
+
+CALL = {"type": "function", "function": {"name": "area", "arguments": {"shape": "circle", "r": [4]}}}
+
+
+@pytest.mark.parametrize("value", [
+    '{"name": "area", "arguments": {"shape": "circle", "r": [4]}}',  # glaive / LLaMA-Factory
+    '{"name": "area", "arguments": "{\\"shape\\": \\"circle\\", \\"r\\": [4]}"}',  # arguments as a JSON string
+    '{"name": "area", "parameters": {"shape": "circle", "r": [4]}}',  # Llama's key
+    '{"type": "function", "function": {"name": "area", "arguments": {"shape": "circle", "r": [4]}}}',  # OpenAI's
+])
+def test_sharegpt_function_call_becomes_tool_calls(value):
+    c = rec(sharegpt_call(value))
+    assert c.messages[1] == {"role": "assistant", "tool_calls": [CALL]}
+    assert c.messages[2] == {"role": "tool", "content": "42"}
+
+
+def test_sharegpt_function_calls_join_the_assistant_turn_before_them():
+    c = rec(sharegpt_call('[{"name": "area", "arguments": {"shape": "circle", "r": [4]}}, {"name": "b"}]'))
+    assert c.messages[1]["tool_calls"] == [CALL, {"type": "function", "function": {"name": "b", "arguments": {}}}]
+    row = sharegpt_call('{"name": "area", "arguments": {"shape": "circle", "r": [4]}}')
+    row["conversations"].insert(1, {"from": "gpt", "value": "Let me compute it."})
+    c = rec(row)  # text then a call: one assistant turn that says something and calls
+    assert [m["role"] for m in c.messages] == ["user", "assistant", "tool", "assistant"]
+    assert c.messages[1] == {"role": "assistant", "content": "Let me compute it.", "tool_calls": [CALL]}
+    row["conversations"].insert(1, {"from": "function_call", "value": '{"name": "b"}'})
+    c = rec(row)  # a call, text, a call: text joins no earlier call, the second call joins the text
+    assert [len(m.get("tool_calls", [])) for m in c.messages] == [0, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("value,why", [
+    ("calculate_area(5, 3)", "this is not JSON: Expecting value (column 1)"),
+    ('{"arguments": {}}', "call 0: expected an object"),
+    ("[]", "empty list of calls"),
+    ('{"name": "f", "arguments": "{oops"}', "call 0: `arguments` is a string that is not JSON"),
+    ('{"name": "f", "arguments": [1, 2]}', "call 0: `arguments` must be an object"),
+])
+def test_bad_function_call_names_the_turn_value(value, why):
+    e = bad(sharegpt_call(value))
+    assert e.field_name == "conversations[1].value" and why in e.reason
+    assert str(e).startswith("src.jsonl:3 field 'conversations[1].value'")
 
 
 def test_text_with_spans():

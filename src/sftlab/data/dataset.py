@@ -6,11 +6,13 @@ flat token arrays on disk, chunk by chunk, here or in worker processes, through 
 validation (mixing.py), all on index arrays (`Examples`); the tokens stay memory-mapped. Every
 decision is counted in `DataReport` (report.py), per source (with the format each row was read as,
 the fields no reader used, the target-token share and the lengths), and all validation happens
-here, before training starts.
+here, before training starts: rows whose tools the chat template does not render stop the run, or
+with `data.tools: drop` are trained without them under one warning counting them (tool_support.py).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +33,7 @@ from sftlab.data.types import IGNORE_INDEX, DataError
 __all__ = ["DataError", "DataReport", "DatasetSource", "SourceStats", "build_datasets", "check_sendable",
            "count_targets", "length_stats", "load_template"]
 
+log = logging.getLogger(__name__)
 FROM_CONFIG = object()  # build_datasets resolves the template from the config
 
 
@@ -111,6 +114,7 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
         report.rows += data.rows
         report.bad += data.bad
         report.bad_reasons.update(data.bad_reasons)
+        report.tools_dropped += data.tools_dropped
         report.bad_examples.extend(data.bad_examples[: max(0, 5 - len(report.bad_examples))])
         examples = apply_length_policy(data, cfg, report, stats)
         stats.tokens, stats.targets = examples.num_tokens, count_targets(data, examples)
@@ -143,6 +147,10 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
     eval_specs = [*cfg.eval, *(eval_sources or [])]
     train_parts = _prepare_split(train_specs, "train", tokenizer, cfg, template, report, formatting_func)
     eval_parts = _prepare_split(eval_specs, "eval", tokenizer, cfg, template, report, formatting_func)
+    if report.tools_dropped:
+        log.warning("%d rows carry tools, tool calls or tool results that the chat template does not render: "
+                    "trained without them (data.tools: drop; a tool template such as data.chat_template: "
+                    "chatml_tools keeps them)", report.tools_dropped)
     if report.rows and report.bad / report.rows > cfg.max_bad_fraction:
         raise DataError(
             f"{report.bad} of {report.rows} rows are bad (> data.max_bad_fraction={cfg.max_bad_fraction}); "

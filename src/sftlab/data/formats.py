@@ -3,12 +3,17 @@
 Row formats, detected per row (`format: auto`) or forced per source (`format: <name>`):
 
 - `messages`: OpenAI-style `[{"role", "content"}]`, roles system/user/assistant/tool, optional
-  `tool_calls` on assistant turns and an optional `tools` column handed to the chat template.
+  `tool_calls` on assistant turns and an optional `tools` column handed to the chat template (a
+  JSON string of the list is parsed; bare function schemas are wrapped as `{"type": "function",
+  "function": ...}`, toolcalls.py). Whether the template renders them is checked per run (tool_support.py).
 - `prompt_completion`: `prompt` and `completion`, each a string or a list of messages.
 - `alpaca`: `instruction`, optional `input`, `output` (optional `system`); the user turn is
   `instruction + "\\n\\n" + input` when `input` is non-empty, else `instruction`.
 - `sharegpt`: `conversations: [{"from", "value"}]`; `from` is human/gpt/system (also user,
-  assistant, tool, observation -> tool, function_call -> assistant); optional `system`, `tools`.
+  assistant, tool, observation/function_response -> tool); optional `system`, `tools`. A
+  `function_call` turn's value is JSON `{"name", "arguments"}` (or a list of them): it becomes an
+  assistant message's `tool_calls` (toolcalls.py), joined to the assistant turn right before it
+  when there is one (text then calls: one turn), so its target is what the template writes for calls.
 - `text`: plain text, no chat template, optional `loss_masking_spans`: inclusive character
   spans `[start, end]` whose tokens get no loss; every other token is a target. With a response
   template (`data.response_template`, markers.py) the spans before and between the answers are
@@ -38,6 +43,7 @@ from typing import Any, Union
 from sftlab.config import MESSAGE_KEYS, ROLES, TURN_KEYS
 from sftlab.data.fields import NO_COLUMNS, ColumnMap, detect_format, no_format_message, unknown_fields
 from sftlab.data.markers import TextMarkers, no_loss_spans
+from sftlab.data.toolcalls import function_calls, wrapped_tools
 from sftlab.data.types import IGNORE_INDEX, BadRecord
 
 __all__ = [
@@ -196,7 +202,7 @@ def _sharegpt_messages(r: _Row) -> list[dict[str, Any]]:
         where = f"conversations[{i}]"
         if not isinstance(t, dict):
             raise r.bad(where, f"must be an object with 'from' and 'value', got {type(t).__name__}")
-        sender = t.get("from") if t.get("from") is not None else t.get("role")
+        sender = _sender(t)
         if sender is None:
             raise r.bad(f"{where}.from", "missing")
         role = SHAREGPT_ROLES.get(sender)
@@ -208,8 +214,23 @@ def _sharegpt_messages(r: _Row) -> list[dict[str, Any]]:
             raise r.bad(f"{where}.value", "missing")
         if not isinstance(value, str):
             raise r.bad(f"{where}.value", f"must be a string, got {type(value).__name__}")
-        messages.append({"role": role, "content": value})
+        if sender != "function_call":
+            messages.append({"role": role, "content": value})
+            continue
+        try:
+            calls = function_calls(value)
+        except ValueError as e:
+            raise r.bad(f"{where}.value", str(e)) from None
+        # the calls join the assistant turn right before (its text, or calls made in parallel), else open one
+        if i and messages[-1]["role"] == "assistant" and SHAREGPT_ROLES.get(_sender(turns[i - 1])) == "assistant":
+            messages[-1]["tool_calls"] = messages[-1].get("tool_calls", []) + calls
+        else:
+            messages.append({"role": "assistant", "tool_calls": calls})
     return _check_messages(r, messages, "conversations")
+
+
+def _sender(turn: dict[str, Any]) -> Any:
+    return turn.get("from") if turn.get("from") is not None else turn.get("role")
 
 
 def _alpaca_messages(r: _Row) -> list[dict[str, Any]]:
@@ -250,7 +271,7 @@ def _tools(r: _Row) -> list[dict[str, Any]] | None:
             raise r.bad("tools", f"invalid JSON string: {e.msg}") from None
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise r.bad("tools", "must be a list of tool objects")
-    return tools or None
+    return wrapped_tools(tools) if tools else None
 
 
 def _is_int(x: Any) -> bool:

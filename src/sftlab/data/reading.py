@@ -130,6 +130,7 @@ def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataCon
     """
     ctx = ChunkContext(tokenizer, source.name, [], source.format, cfg.loss_on, template, id_dtype(len(tokenizer)))
     ctx.columns, ctx.formatting_func, ctx.markers = source.columns, source.formatting_func, source.markers
+    ctx.tools = cfg.tools
     ctx.fast = detect_chatml(template or tokenizer.chat_template, dict(tokenizer.special_tokens_map))
     if ctx.fast is not None:
         try:
@@ -153,6 +154,7 @@ def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: 
             data.conversations += res.conversations
             data.formats.update(res.formats)
             data.unknown.update(res.unknown)
+            data.tools_dropped += res.tools_dropped
             for err in res.bad:
                 _note_bad(data, err, strict)
             for name in TOKEN_ARRAYS:
@@ -186,6 +188,7 @@ def prepare_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: Data
         return _read_uncached(source, tokenizer, cfg, template)
     parts = {"source": source.fingerprint(), "tokenizer": cache.tokenizer_fingerprint(tokenizer),
              "template": template or tokenizer.chat_template, "format": source.format, "loss_on": cfg.loss_on,
+             "tools": cfg.tools,
              "columns": source.columns.columns, "roles": source.columns.roles, "code": cache.code_fingerprint(),
              **({"formatting_func": formatting_fingerprint(source.formatting_func)} if source.formatting_func else {}),
              **({"text_markers": source.markers.key()} if source.markers else {})}

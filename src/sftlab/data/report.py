@@ -94,6 +94,7 @@ class DataReport:
     overlength_truncated: int = 0
     truncated_inside_turn: int = 0  # of the truncated: the cut fell inside a labelled turn (its end-of-turn token lost)
     no_target_after_truncation: int = 0
+    tools_dropped: int = 0  # rows trained without the tools / tool calls the template does not render (data.tools: drop)
     sources: list[SourceStats] = field(default_factory=list)
     train_examples: int = 0
     eval_examples: int = 0
@@ -124,6 +125,8 @@ class DataReport:
                             "but loses its end-of-turn token)" if self.truncated_inside_turn else ""))
         if self.no_target_after_truncation:
             parts.append(f"{self.no_target_after_truncation} dropped: no target token left after truncation")
+        if self.tools_dropped:
+            parts.append(f"{self.tools_dropped} rows without the tools the chat template does not render (data.tools: drop)")
         lines = ["; ".join(parts)]
         for s in self.sources:
             lines.append("  " + s.line())

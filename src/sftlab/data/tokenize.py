@@ -7,6 +7,10 @@ locations, its bad rows in order, and per chunk the rows read as each format and
 each unknown field (summed over chunks by the caller); nothing of a chunk outlives its appending
 to the entry.
 
+Before chat rows are rendered, `data.tools` is applied (tool_support.py): a row whose tools, tool
+calls or tool results the template would not render stops the run (DataError naming the row), or
+has them dropped and is counted (`tools_dropped`).
+
 Text rows (`format: text`) are tokenized without a chat template, with the tokenizer's own special
 tokens (e.g. a BOS). A token that overlaps a character of a `loss_masking_spans` span carries no
 loss; every other token is a target. The source's response/instruction templates (markers.py) only
@@ -30,6 +34,7 @@ from sftlab.data.arrays import example_arrays, write_chunk_files
 from sftlab.data.fast_chatml import VERIFY_EVERY, ChatMLRenderer
 from sftlab.data.formats import ColumnMap, Conversation, Record, TextRecord, formatted_row, to_record
 from sftlab.data.markers import TextMarkers
+from sftlab.data.tool_support import handle_tools
 from sftlab.data.types import (
     IGNORE_INDEX,
     BadRecord,
@@ -56,6 +61,7 @@ class ChunkContext:
     columns: ColumnMap = field(default_factory=ColumnMap)  # the source's `columns` / `roles`
     formatting_func: Any = None  # the Python API's row -> messages | {prompt, completion} | text
     markers: TextMarkers | None = None  # the source's response/instruction templates (text rows)
+    tools: str = "error"  # data.tools: tools the template does not render stop the run, or are dropped
 
 
 @dataclass
@@ -71,6 +77,7 @@ class ChunkResult:
     conversations: int = 0  # chat rows among them (rendered by a template or the direct renderer)
     formats: Counter = field(default_factory=Counter)  # format -> rows read as it (bad rows after reading included)
     unknown: Counter = field(default_factory=Counter)  # unknown field -> rows holding it
+    tools_dropped: int = 0  # rows whose tools / tool calls the template does not render, dropped (data.tools: drop)
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -163,6 +170,10 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
             places.append((k, f))
         except BadRecord as e:
             bad.append((k, e))
+    template = ctx.template or ctx.tokenizer.chat_template
+    convs = [r for r in records if isinstance(r, Conversation)]
+    dropped = handle_tools(convs, template, ctx.tokenizer.special_tokens_map, ctx.tools) \
+        if convs and isinstance(template, str) else 0
     ids, targets, lengths, lines, files, fix_pos, fix_val = [], [], [], [], [], [], []
     base = 0
     results = tokenize_chunk(records, ctx.tokenizer, ctx.loss_on, ctx.template, ctx.source, ctx.fast, number == 0)
@@ -184,7 +195,7 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
                        np.asarray(lengths, np.int64), np.asarray(lines, np.int64), np.asarray(files, np.int32),
                        cat(fix_pos, np.int64), cat(fix_val, np.int32), [e for _, e in sorted(bad, key=lambda x: x[0])],
                        sum(isinstance(r, Conversation) for r in records), Counter(r.format for r in records),
-                       Counter(k for r in records for k in r.unknown))
+                       Counter(k for r in records for k in r.unknown), dropped)
 
 
 _WORKER: dict[str, Any] = {}
