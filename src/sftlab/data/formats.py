@@ -34,21 +34,21 @@ from pathlib import Path
 from typing import Any, Union
 
 from sftlab.config import MESSAGE_KEYS, ROLES, TURN_KEYS
-from sftlab.data.fields import NO_COLUMNS, ColumnMap, detect_format, no_format_message, unknown_fields
+from sftlab.data.fields import (
+    NO_COLUMNS,
+    SHAREGPT_ROLES,
+    ColumnMap,
+    detect_format,
+    mapping_hint,
+    no_format_message,
+    unknown_fields,
+)
 from sftlab.data.types import IGNORE_INDEX, BadRecord
 
 __all__ = [
     "NO_COLUMNS", "SHAREGPT_ROLES", "BadRecord", "ColumnMap", "Conversation", "Record", "TextRecord", "TokenRecord",
     "detect_format", "formatted_row", "iter_jsonl", "no_format_message", "to_record", "unknown_fields",
 ]
-
-SHAREGPT_ROLES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "function_call": "assistant",
-    "system": "system",
-    "tool": "tool", "observation": "tool", "function_response": "tool",
-}
-
 
 @dataclass
 class Conversation:
@@ -322,14 +322,25 @@ def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
         raise BadRecord(source, line, None, f"row must be a JSON object, got {type(row).__name__}", unit)
     cmap = columns or NO_COLUMNS
     r = _Row(cmap.apply(row), source, line, unit, cmap)
-    if fmt == "auto":
+    try:
         try:
-            fmt = detect_format(r.row)
+            read_as = detect_format(r.row) if fmt == "auto" else fmt
         except KeyError:
-            raise r.bad(None, no_format_message(r.row, cmap)) from None
-    record = _record(r, fmt, vocab_size)
-    record.format, record.unknown = fmt, unknown_fields(row, fmt, cmap)
+            raise r.bad(None, no_format_message(r.row, cmap, row)) from None
+        record = _record(r, read_as, vocab_size)
+    except BadRecord as e:
+        raise _hinted(e, row, cmap, fmt) from None
+    record.format, record.unknown = read_as, unknown_fields(row, read_as, cmap)
     return record
+
+
+def _hinted(e: BadRecord, row: dict[str, Any], cmap: ColumnMap, fmt: str) -> BadRecord:
+    """A missing field or an undetectable row of a source with `columns`: the reason plus how the mapping
+    does not fit the row and its fix (fields.mapping_hint)."""
+    if e.reason != "missing" and not e.reason.startswith("cannot detect the row format"):
+        return e
+    hint = mapping_hint(row, cmap, fmt, with_keys=e.reason == "missing")
+    return BadRecord(e.source, e.line, e.field_name, f"{e.reason}; {hint}", e.unit) if hint else e
 
 
 def _record(r: _Row, fmt: str, vocab_size: int | None) -> Record:

@@ -153,6 +153,7 @@ def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: 
             data.conversations += res.conversations
             data.formats.update(res.formats)
             data.unknown.update(res.unknown)
+            data.mapped.update(res.mapped)
             for err in res.bad:
                 _note_bad(data, err, strict)
             for name in TOKEN_ARRAYS:
