@@ -14,9 +14,10 @@ Row formats, detected per row (`format: auto`) or forced per source (`format: <n
 - `pretokenized`: `input_ids` (and optional `labels`, -100 = no loss; default: every token).
 
 The first four become a `Conversation`, `text` a `TextRecord`, `pretokenized` a `TokenRecord`.
-Every unusable row raises `BadRecord` naming the source, line (JSONL) or row index (others),
-the field and the reason; a row that fits no format names the closest one and what it lacks
-(fields.py).
+Every unusable row raises `BadRecord` naming the source, line (JSONL) or row number (others; both
+1-based), the field and the reason; a row that fits no format names the closest one and what it lacks
+(fields.py). A row with an image content part raises `ImageRow` (a BadRecord), which reading.py
+gathers into one error for its source.
 
 A source's `ColumnMap` (fields.py: its `columns` and `roles` settings) first renames the row's
 own fields onto these names (`question` -> `prompt`), the keys inside its message lists (`from` ->
@@ -43,7 +44,7 @@ from sftlab.data.fields import (
     no_format_message,
     unknown_fields,
 )
-from sftlab.data.types import IGNORE_INDEX, BadRecord
+from sftlab.data.types import IGNORE_INDEX, BadRecord, ImageRow
 
 __all__ = [
     "NO_COLUMNS", "SHAREGPT_ROLES", "BadRecord", "ColumnMap", "Conversation", "Record", "TextRecord", "TokenRecord",
@@ -115,13 +116,13 @@ class _Row:
     def __init__(self, row: dict[str, Any], source: str, line: int, unit: str, cmap: ColumnMap = NO_COLUMNS):
         self.row, self.source, self.line, self.unit, self.cmap = row, source, line, unit, cmap
 
-    def bad(self, field_name: str | None, reason: str) -> BadRecord:
+    def bad(self, field_name: str | None, reason: str, kind: type[BadRecord] = BadRecord) -> BadRecord:
         if field_name and self.cmap.columns:  # `messages[0].role` as the source names it: `conversations[0].from`
             head, bracket, rest = field_name.partition("[")
             parts = (self.cmap.theirs(head) + bracket + rest).split(".")
             inner = TURN_KEYS if head == "conversations" else MESSAGE_KEYS
             field_name = ".".join(parts[:1] + [self.cmap.theirs(p) if p in inner else p for p in parts[1:]])
-        return BadRecord(self.source, self.line, field_name, reason, self.unit)
+        return kind(self.source, self.line, field_name, reason, self.unit)
 
     def get(self, key: str, kind: type | tuple[type, ...] | None = None, required: bool = True) -> Any:
         value = self.row.get(key)
@@ -168,7 +169,8 @@ IMAGE_PARTS = ("image", "image_url", "input_image")
 
 def _joined_text_parts(r: _Row, parts: list, where: str) -> str:
     """`[{"type": "text", "text": ...}, ...]` -> the texts joined (what text templates render of parts);
-    an image part is a bad row: this model path trains text only."""
+    an image part is an `ImageRow`: this model path trains text only (reading.py makes the source's
+    image rows one error)."""
     texts = []
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -176,7 +178,7 @@ def _joined_text_parts(r: _Row, parts: list, where: str) -> str:
             texts.append(part["text"])
         elif kind in IMAGE_PARTS:
             raise r.bad(f"{where}[{j}]", f"an {kind} part: images need a vision-language model, and this run "
-                                         "trains a text-only model (drop the image parts, or the rows)")
+                                         "trains a text-only model (drop the image parts, or the rows)", ImageRow)
         else:
             raise r.bad(f"{where}[{j}]", "must be a content part {\"type\": \"text\", \"text\": \"...\"}, got "
                                          f"{str(part)[:60]}")
@@ -315,7 +317,7 @@ def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
               vocab_size: int | None = None, columns: ColumnMap | None = None) -> Record:
     """Normalise one parsed row into a Conversation, TextRecord or TokenRecord, or raise BadRecord.
 
-    `unit` is "line" (JSONL line number, 1-based) or "row" (row index, 0-based) for messages;
+    `unit` is "line" (JSONL line number) or "row" (row number in an array, table or dataset), both 1-based;
     `vocab_size` bounds the ids of pretokenized rows; `columns` renames the row's fields first.
     """
     if not isinstance(row, dict):
