@@ -79,7 +79,7 @@ def test_tool_rows_stop_training_or_train_with_drop_or_a_tool_template(tmp_path,
             "train.max_steps=1", "train.micro_batch_size=2", "data.cache=false"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 2
     out = capsys.readouterr().out
-    assert f"error: {glaive} row 1: the row has tool schemas" in out and "data.chat_template: chatml_tools" in out
+    assert f"error: {glaive} row 2: the row has tool schemas" in out and "data.chat_template: chatml_tools" in out
     assert not (tmp_path / "a" / "model.safetensors").exists()
     assert main([*args, "--out", str(tmp_path / "b"), "data.tools=drop"]) == 0
     assert [r.getMessage()[:26] for r in caplog.records if "does not render" in r.getMessage()] == \
@@ -155,7 +155,8 @@ def test_data_train_shorthand_without_a_config_starts_from_the_defaults(capsys):
     assert main(["config", "show", "data.train=x.jsonl"]) == 0
     tree = yaml.safe_load(capsys.readouterr().out)
     assert tree["data"]["train"] == [{"path": "x.jsonl", "name": None, "format": "auto", "weight": None, "split": "train",
-                                      "subset": None, "columns": {}, "roles": {}}]
+                                      "subset": None, "columns": {}, "roles": {}, "response_template": None,
+                                      "instruction_template": None}]
     assert tree["train"]["output_dir"] == "runs/sft" and tree["match_eval"] is None  # not the demo's
     assert main(["config", "show", "optim.lr=1e-4"]) == 0  # no training data given: still the demo
     assert yaml.safe_load(capsys.readouterr().out)["train"]["output_dir"] == "runs/demo"

@@ -244,3 +244,23 @@ def test_text_content_parts_read_as_the_string_form_in_every_role(tokenizer):
 def test_other_content_parts_are_bad_rows_naming_the_part(part, says):
     e = bad({"messages": [{"role": "user", "content": [{"type": "text", "text": "Look:"}, part]}, A]})
     assert e.field_name == "messages[0].content[1]" and says in e.reason and e.line == 3
+
+
+def test_image_rows_are_their_own_kind_of_bad_record_and_survive_pickling():
+    from sftlab.data.types import ImageRow
+
+    e = bad({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, A]})
+    assert isinstance(e, ImageRow) and e.field_name == "messages[0].content[0]"
+    again = pickle.loads(pickle.dumps(e))  # worker processes send bad rows back pickled
+    assert isinstance(again, ImageRow) and str(again) == str(e)
+    plain = bad({"messages": [{"role": "user", "content": [{"type": "audio"}]}, A]})
+    assert not isinstance(plain, ImageRow)
+
+
+def test_mapping_hints_are_added_only_where_a_mapping_exists_and_a_field_is_missing():
+    row = {"instruction": "Add one.", "input": "", "output": "2"}
+    with_map = bad(row, columns=ColumnMap({"output": "response"}))
+    assert "the row has `output` itself" in with_map.reason and with_map.line == 3
+    assert "columns" not in bad({"instruction": "Add one.", "output": ""}).reason  # an empty output: no mapping hint
+    empty = bad({"instruction": "Add one.", "input": "", "response": ""}, columns=ColumnMap({"output": "response"}))
+    assert empty.field_name == "response" and empty.reason == "empty"  # the field is there: no hint to give

@@ -58,7 +58,7 @@ def test_glaive_rows_with_the_default_template_stop_the_run(tokenizer):
     with pytest.raises(DataError) as e:
         build_datasets(cfg(GLAIVE), tokenizer, seed=0)
     msg = str(e.value)
-    assert msg.startswith(f"{GLAIVE} row 1: the row has tool schemas (`tools`) and tool calls (`tool_calls` of "
+    assert msg.startswith(f"{GLAIVE} row 2: the row has tool schemas (`tools`) and tool calls (`tool_calls` of "
                           "messages[1], messages[5])")  # row 0 has "tools": "[]": nothing to drop
     assert "data.chat_template: chatml_tools" in msg and "data.tools: drop" in msg and ".jinja file" in msg
 
@@ -84,7 +84,7 @@ def test_drop_trains_without_them_under_one_warning(tokenizer, caplog):
     assert any('<|im_start|>tool\n{"area": 15}<|im_end|>' in t for t in texts)  # SmolLM2 renders tool results
     # the cache key holds data.tools: the default stops the run again instead of reusing the dropped rows
     build_datasets(cfg(GLAIVE, tools="drop"), tokenizer, seed=0)
-    with pytest.raises(DataError, match="row 1"):
+    with pytest.raises(DataError, match="row 2"):
         build_datasets(cfg(GLAIVE), tokenizer, seed=0)
 
 
@@ -92,7 +92,7 @@ def test_glaive_function_call_targets_are_what_the_template_writes_for_tool_call
     tmpl = BUILTIN_TEMPLATES["chatml_tools"]
     train, _, report = build_datasets(cfg(GLAIVE, chat_template="chatml_tools"), tokenizer, seed=0)
     assert report.bad == 0 and report.tools_dropped == 0
-    ex = max(train, key=lambda e: len(e.input_ids))  # row 1: two calls, two results, two answers
+    ex = max(train, key=lambda e: len(e.input_ids))  # row 2: two calls, two results, two answers
     text = tokenizer.decode(ex.input_ids)
     user = {"role": "user", "content": "I need to calculate the area of a rectangle. The length is 5 units and the "
                                        "breadth is 3 units."}

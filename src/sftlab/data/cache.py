@@ -10,7 +10,8 @@ changing them reuses the entry.
 An entry is a directory `<cache_dir>/<key>/` holding the flat token arrays of `data/arrays.py`
 (ids, target flags, offsets, locations; each chunk checksummed) and `meta.json` (format version,
 key parts, row and bad-row counts, the first bad rows, the files, the rows read as each format,
-the unknown fields seen and the rows whose tools were dropped). It is written into a temporary
+the unknown fields seen, the rows using each `columns` / `roles` entry and the rows whose tools were
+dropped). It is written into a temporary
 directory beside it and renamed into place, so readers never see a half-written entry and
 concurrent writers (one per rank) are harmless. Opening an entry re-checks every checksum; a
 truncated or corrupted entry is reported, removed and rebuilt, never trained on.
@@ -61,6 +62,7 @@ class SourceData:
     formats: Counter = field(default_factory=Counter)  # format -> rows read as it
     unknown: Counter = field(default_factory=Counter)  # field no reader of its format reads -> rows holding it
     tools_dropped: int = 0  # rows whose tools the template does not render, dropped (data.tools: drop)
+    mapped: Counter = field(default_factory=Counter)  # `columns.<name>` / `roles.<name>` entry -> rows using it
 
     def __len__(self) -> int:
         return len(self.arrays) if self.arrays is not None else 0
@@ -80,7 +82,7 @@ class SourceData:
         return {"format": CACHE_FORMAT, "key": key_parts, "rows": self.rows, "bad": self.bad,
                 "bad_reasons": dict(self.bad_reasons), "bad_examples": self.bad_examples,
                 "files": [list(f) for f in self.files], "notes": self.notes, "formats": dict(self.formats),
-                "unknown": dict(self.unknown), "tools_dropped": self.tools_dropped}
+                "unknown": dict(self.unknown), "tools_dropped": self.tools_dropped, "mapped": dict(self.mapped)}
 
 
 def default_cache_dir() -> Path:
@@ -139,7 +141,8 @@ def load(root: Path, key: str) -> SourceData | None:
     return SourceData(arrays, files=[(name, unit) for name, unit in meta["files"]], rows=meta["rows"],
                       bad=meta["bad"], bad_reasons=Counter(meta["bad_reasons"]), bad_examples=meta["bad_examples"],
                       cached=True, notes=meta.get("notes", []), formats=Counter(meta.get("formats", {})),
-                      unknown=Counter(meta.get("unknown", {})), tools_dropped=meta.get("tools_dropped", 0))
+                      unknown=Counter(meta.get("unknown", {})), tools_dropped=meta.get("tools_dropped", 0),
+                      mapped=Counter(meta.get("mapped", {})))
 
 
 def new_entry_dir(root: Path, key: str) -> Path:

@@ -5,9 +5,10 @@ flat token arrays on disk, chunk by chunk, here or in worker processes, through 
 (reading.py). Then it applies the length policy, mixes the sources by weight and splits off
 validation (mixing.py), all on index arrays (`Examples`); the tokens stay memory-mapped. Every
 decision is counted in `DataReport` (report.py), per source (with the format each row was read as,
-the fields no reader used, the target-token share and the lengths), and all validation happens
-here, before training starts: rows whose tools the chat template does not render stop the run, or
-with `data.tools: drop` are trained without them under one warning counting them (tool_support.py).
+the fields no reader used, the `columns` / `roles` entries no row used, the target-token share and
+the lengths), and all validation happens here, before training starts: rows whose tools the chat
+template does not render stop the run, or with `data.tools: drop` are trained without them under
+one warning counting them (tool_support.py).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
         data = prepare_source(source, tokenizer, cfg, template)
         stats = SourceStats(f"{split}[{i}] {source.name}", split, source.weight, rows=data.rows, bad=data.bad,
                             examples=len(data), cached=data.cached, fast_render=FAST_RENDER_NOTE in data.notes,
-                            formats=dict(data.formats), unknown_fields=dict(data.unknown))
+                            formats=dict(data.formats), unknown_fields=dict(data.unknown),
+                            unused_mapping=[] if formatting_func else source.columns.unused(data.mapped))
         if source.markers is not None and data.rows and not data.formats.get("text"):
             stats.markers_unused = source.markers.response
         report.sources.append(stats)

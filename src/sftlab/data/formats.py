@@ -21,9 +21,10 @@ Row formats, detected per row (`format: auto`) or forced per source (`format: <n
 - `pretokenized`: `input_ids` (and optional `labels`, -100 = no loss; default: every token).
 
 The first four become a `Conversation`, `text` a `TextRecord`, `pretokenized` a `TokenRecord`.
-Every unusable row raises `BadRecord` naming the source, line (JSONL) or row index (others),
-the field and the reason; a row that fits no format names the closest one and what it lacks
-(fields.py).
+Every unusable row raises `BadRecord` naming the source, line (JSONL) or row number (others; both
+1-based), the field and the reason; a row that fits no format names the closest one and what it lacks
+(fields.py). A row with an image content part raises `ImageRow` (a BadRecord), which reading.py
+gathers into one error for its source.
 
 A source's `ColumnMap` (fields.py: its `columns` and `roles` settings) first renames the row's
 own fields onto these names (`question` -> `prompt`), the keys inside its message lists (`from` ->
@@ -41,23 +42,23 @@ from pathlib import Path
 from typing import Any, Union
 
 from sftlab.config import MESSAGE_KEYS, ROLES, TURN_KEYS
-from sftlab.data.fields import NO_COLUMNS, ColumnMap, detect_format, no_format_message, unknown_fields
+from sftlab.data.fields import (
+    NO_COLUMNS,
+    SHAREGPT_ROLES,
+    ColumnMap,
+    detect_format,
+    mapping_hint,
+    no_format_message,
+    unknown_fields,
+)
 from sftlab.data.markers import TextMarkers, no_loss_spans
 from sftlab.data.toolcalls import function_calls, wrapped_tools
-from sftlab.data.types import IGNORE_INDEX, BadRecord
+from sftlab.data.types import IGNORE_INDEX, BadRecord, ImageRow
 
 __all__ = [
     "NO_COLUMNS", "SHAREGPT_ROLES", "BadRecord", "ColumnMap", "Conversation", "Record", "TextRecord", "TokenRecord",
     "detect_format", "formatted_row", "iter_jsonl", "no_format_message", "to_record", "unknown_fields",
 ]
-
-SHAREGPT_ROLES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "function_call": "assistant",
-    "system": "system",
-    "tool": "tool", "observation": "tool", "function_response": "tool",
-}
-
 
 @dataclass
 class Conversation:
@@ -124,13 +125,13 @@ class _Row:
     def __init__(self, row: dict[str, Any], source: str, line: int, unit: str, cmap: ColumnMap = NO_COLUMNS):
         self.row, self.source, self.line, self.unit, self.cmap = row, source, line, unit, cmap
 
-    def bad(self, field_name: str | None, reason: str) -> BadRecord:
+    def bad(self, field_name: str | None, reason: str, kind: type[BadRecord] = BadRecord) -> BadRecord:
         if field_name and self.cmap.columns:  # `messages[0].role` as the source names it: `conversations[0].from`
             head, bracket, rest = field_name.partition("[")
             parts = (self.cmap.theirs(head) + bracket + rest).split(".")
             inner = TURN_KEYS if head == "conversations" else MESSAGE_KEYS
             field_name = ".".join(parts[:1] + [self.cmap.theirs(p) if p in inner else p for p in parts[1:]])
-        return BadRecord(self.source, self.line, field_name, reason, self.unit)
+        return kind(self.source, self.line, field_name, reason, self.unit)
 
     def get(self, key: str, kind: type | tuple[type, ...] | None = None, required: bool = True) -> Any:
         value = self.row.get(key)
@@ -177,7 +178,8 @@ IMAGE_PARTS = ("image", "image_url", "input_image")
 
 def _joined_text_parts(r: _Row, parts: list, where: str) -> str:
     """`[{"type": "text", "text": ...}, ...]` -> the texts joined (what text templates render of parts);
-    an image part is a bad row: this model path trains text only."""
+    an image part is an `ImageRow`: this model path trains text only (reading.py makes the source's
+    image rows one error)."""
     texts = []
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -185,7 +187,7 @@ def _joined_text_parts(r: _Row, parts: list, where: str) -> str:
             texts.append(part["text"])
         elif kind in IMAGE_PARTS:
             raise r.bad(f"{where}[{j}]", f"an {kind} part: images need a vision-language model, and this run "
-                                         "trains a text-only model (drop the image parts, or the rows)")
+                                         "trains a text-only model (drop the image parts, or the rows)", ImageRow)
         else:
             raise r.bad(f"{where}[{j}]", "must be a content part {\"type\": \"text\", \"text\": \"...\"}, got "
                                          f"{str(part)[:60]}")
@@ -345,7 +347,7 @@ def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
               markers: TextMarkers | None = None) -> Record:
     """Normalise one parsed row into a Conversation, TextRecord or TokenRecord, or raise BadRecord.
 
-    `unit` is "line" (JSONL line number, 1-based) or "row" (row index, 0-based) for messages;
+    `unit` is "line" (JSONL line number) or "row" (row number in an array, table or dataset), both 1-based;
     `vocab_size` bounds the ids of pretokenized rows; `columns` renames the row's fields first;
     `markers` (the response/instruction templates) add no-loss spans to text rows.
     """
@@ -353,14 +355,25 @@ def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
         raise BadRecord(source, line, None, f"row must be a JSON object, got {type(row).__name__}", unit)
     cmap = columns or NO_COLUMNS
     r = _Row(cmap.apply(row), source, line, unit, cmap)
-    if fmt == "auto":
+    try:
         try:
-            fmt = detect_format(r.row)
+            read_as = detect_format(r.row) if fmt == "auto" else fmt
         except KeyError:
-            raise r.bad(None, no_format_message(r.row, cmap)) from None
-    record = _text_record(r, markers) if fmt == "text" else _record(r, fmt, vocab_size)
-    record.format, record.unknown = fmt, unknown_fields(row, fmt, cmap)
+            raise r.bad(None, no_format_message(r.row, cmap, row)) from None
+        record = _text_record(r, markers) if read_as == "text" else _record(r, read_as, vocab_size)
+    except BadRecord as e:
+        raise _hinted(e, row, cmap, fmt) from None
+    record.format, record.unknown = read_as, unknown_fields(row, read_as, cmap)
     return record
+
+
+def _hinted(e: BadRecord, row: dict[str, Any], cmap: ColumnMap, fmt: str) -> BadRecord:
+    """A missing field or an undetectable row of a source with `columns`: the reason plus how the mapping
+    does not fit the row and its fix (fields.mapping_hint)."""
+    if e.reason != "missing" and not e.reason.startswith("cannot detect the row format"):
+        return e
+    hint = mapping_hint(row, cmap, fmt, with_keys=e.reason == "missing")
+    return BadRecord(e.source, e.line, e.field_name, f"{e.reason}; {hint}", e.unit) if hint else e
 
 
 def _record(r: _Row, fmt: str, vocab_size: int | None) -> Record:

@@ -2,7 +2,8 @@
 
 Every decision is counted, per source: rows read, bad rows, examples, the length policy's drops
 and truncations, the format each row was read as, the fields no reader used (with a "did you
-mean" hint), a response template set for a source without text rows, the target-token share (`count_targets`) and the lengths (`length_stats`).
+mean" hint), the entries of its `columns` / `roles` that no row used, a response template set for a
+source without text rows, the target-token share (`count_targets`) and the lengths (`length_stats`).
 `DataReport.summary()` is what a run prints before training.
 """
 
@@ -39,6 +40,7 @@ class SourceStats:
     fast_render: bool = False  # rendered by the direct ChatML renderer (checked against the template)
     formats: dict[str, int] = field(default_factory=dict)  # format -> rows read as it
     unknown_fields: dict[str, int] = field(default_factory=dict)  # field no reader used -> rows holding it
+    unused_mapping: list[str] = field(default_factory=list)  # `columns` / `roles` entries no row used, and why
     tokens: int = 0  # of its usable examples (after the length policy, before mixing)
     targets: int = 0  # of those tokens, the ones with a label (not -100)
     lengths: dict[str, int] = field(default_factory=dict)  # min, median, p95, max tokens of its usable examples
@@ -55,8 +57,8 @@ class SourceStats:
         return f"{self.name}: {', '.join(parts)} -> {used}{held}{how}"
 
     def details(self) -> list[str]:
-        """Format(s) read, target share and lengths; warning lines for fields that no reader used and for
-        a response template that no row of the source uses."""
+        """Format(s) read, target share and lengths; warning lines for fields that no reader used, for
+        `columns` / `roles` entries that no row used and for a response template no row uses."""
         formats = ", ".join(f"{fmt} ({n} rows)" for fmt, n in sorted(self.formats.items(), key=lambda x: -x[1]))
         parts = [f"format: {formats or '-'}"]
         if self.tokens:
@@ -69,6 +71,9 @@ class SourceStats:
                                for k, n in sorted(self.unknown_fields.items(), key=lambda x: -x[1]))
             lines.append(f"warning: fields no reader of the format uses, ignored: {fields} "
                          "(map them with the source's `columns` if they hold data; docs/data.md)")
+        if self.unused_mapping:
+            lines.append(f"warning: mapping entries no row of {self.name} uses: {'; '.join(self.unused_mapping)} "
+                         "(check the names against the file's own; docs/data.md)")
         if self.markers_unused:
             lines.append(f"warning: response_template {self.markers_unused!r} is set, but no row of this source is a "
                          "text row: the markers apply to text rows only (chat rows use data.loss_on; docs/data.md)")
@@ -107,6 +112,11 @@ class DataReport:
     def unknown_fields(self) -> dict[str, dict[str, int]]:
         """Source name -> its unknown fields and the rows holding each (sources with any)."""
         return {s.name: s.unknown_fields for s in self.sources if s.unknown_fields}
+
+    @property
+    def unused_mapping(self) -> dict[str, list[str]]:
+        """Source name -> its `columns` / `roles` entries that no row used (sources with any)."""
+        return {s.name: s.unused_mapping for s in self.sources if s.unused_mapping}
 
     def sources_json(self) -> list[dict]:
         return [asdict(s) for s in self.sources]

@@ -3,9 +3,9 @@
 `encode_chunk(rows, ctx)` is the unit of work of data preparation, run in the main process or in
 `num_proc` worker processes (`worker_chunk`, which writes the chunk's token arrays to files of its
 own). It returns the chunk's tokens as flat arrays (ids, target flags), per-example lengths and
-locations, its bad rows in order, and per chunk the rows read as each format and the rows holding
-each unknown field (summed over chunks by the caller); nothing of a chunk outlives its appending
-to the entry.
+locations, its bad rows in order, and per chunk the rows read as each format, the rows holding
+each unknown field and the rows using each entry of the source's `columns` / `roles` (summed over
+chunks by the caller); nothing of a chunk outlives its appending to the entry.
 
 Before chat rows are rendered, `data.tools` is applied (tool_support.py): a row whose tools, tool
 calls or tool results the template would not render stops the run (DataError naming the row), or
@@ -78,6 +78,7 @@ class ChunkResult:
     formats: Counter = field(default_factory=Counter)  # format -> rows read as it (bad rows after reading included)
     unknown: Counter = field(default_factory=Counter)  # unknown field -> rows holding it
     tools_dropped: int = 0  # rows whose tools / tool calls the template does not render, dropped (data.tools: drop)
+    mapped: Counter = field(default_factory=Counter)  # `columns.<name>` / `roles.<name>` entry -> rows using it
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -157,12 +158,15 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
     records: list[Record] = []
     places: list[tuple[int, int]] = []
     bad: list[tuple[int, BadRecord]] = []
+    mapped: Counter = Counter()
     vocab = len(ctx.tokenizer)
     for k, (f, line, unit, row) in enumerate(rows):
         try:
             if isinstance(row, BadRecord):
                 raise row
             columns = ctx.columns
+            if columns and ctx.formatting_func is None and isinstance(row, dict):
+                mapped.update(columns.used(row))
             if ctx.formatting_func is not None:  # the function reads the row's own fields: no renaming after
                 row, columns = formatted_row(ctx.formatting_func, row, ctx.files[f], line, unit), None
             records.append(to_record(row, ctx.format, ctx.files[f], line, unit=unit, vocab_size=vocab,
@@ -195,7 +199,7 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
                        np.asarray(lengths, np.int64), np.asarray(lines, np.int64), np.asarray(files, np.int32),
                        cat(fix_pos, np.int64), cat(fix_val, np.int32), [e for _, e in sorted(bad, key=lambda x: x[0])],
                        sum(isinstance(r, Conversation) for r in records), Counter(r.format for r in records),
-                       Counter(k for r in records for k in r.unknown), dropped)
+                       Counter(k for r in records for k in r.unknown), dropped, mapped)
 
 
 _WORKER: dict[str, Any] = {}
