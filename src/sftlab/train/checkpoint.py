@@ -173,11 +173,12 @@ def _quiet_tied_weights():
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, Any], scheduler,
-                    keep_last: int | None, trainable_only: bool = False) -> Path:
+                    keep_last: int | None, trainable_only: bool = False, extra: Any = None) -> Path:
     """Write a complete checkpoint for `step` atomically, then rotate. Returns its directory.
 
     `trainable_only` (adapters): the model file holds only the trainable parameters; the frozen base
-    is reloaded from the model itself on resume."""
+    is reloaded from the model itself on resume. `extra(dir)`: writes more files into the checkpoint
+    on the main process before it is marked complete (checkpoint.save_hf_model's hf/ directory)."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -199,6 +200,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, A
         accelerator.wait_for_everyone()  # every rank's files are in tmp before it is completed and renamed
         if main:
             testing.pause_in_save(step)
+            if extra is not None:
+                extra(tmp)
             (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=_jsonable))
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
             (tmp / COMPLETE).write_text(f"step {step}\n")
@@ -235,6 +238,14 @@ def rotate(root: Path, keep_last: int | None) -> None:
     complete = complete_checkpoints(root)
     for old in complete[:-keep_last] if len(complete) > keep_last else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def delete_checkpoints(output_dir: Path) -> int:
+    """Remove the checkpoints directory of a finished run (checkpoint.delete_at_end); how many there were."""
+    root = checkpoint_root(output_dir)
+    count = len(complete_checkpoints(root))
+    shutil.rmtree(root, ignore_errors=True)
+    return count
 
 
 # ---------------------------------------------------------------------------- find / load

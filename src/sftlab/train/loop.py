@@ -41,7 +41,15 @@ from sftlab.train.control import Interrupted, StopRequest
 from sftlab.train.evaluate import target_loss
 from sftlab.train.inputs import RunInputs
 from sftlab.train.objective import Objective, SFTObjective
-from sftlab.train.outputs import finish, finished_result, match_json, open_run_log, run_match_eval, save_model
+from sftlab.train.outputs import (
+    finish,
+    finished_result,
+    hf_model_writer,
+    match_json,
+    open_run_log,
+    run_match_eval,
+    save_model,
+)
 from sftlab.train.precision import master_weight_optimizer
 from sftlab.train.resume import check_resume_state, data_fingerprint, restore_checkpoint, trainable_only_checkpoints
 from sftlab.train.run import Run, TrainResult
@@ -310,8 +318,9 @@ def save_run_checkpoint(run: Run, step: int):
                          data_fingerprint=run.fingerprint or _fingerprint(run), metrics=run.result.history,
                          logged_steps=run.logged_steps, config=run.cfg.model_dump(mode="json"),
                          match_before=match_json(run.result.match_before))
+    extra = hf_model_writer(run) if run.cfg.checkpoint.save_hf_model else None
     path = save_checkpoint(run.accelerator, run.out, step, state.to_json(), run.scheduler,
-                           run.cfg.checkpoint.keep_last, trainable_only=trainable_only_checkpoints(run))
+                           run.cfg.checkpoint.keep_last, trainable_only=trainable_only_checkpoints(run), extra=extra)
     if run.main:
         run.console.print(f"[dim]checkpoint {path}[/dim]")
     run.callbacks.call("on_save", path)
