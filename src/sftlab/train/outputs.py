@@ -19,11 +19,11 @@ from sftlab.model import adapters
 from sftlab.model.generate import MatchResult, exact_match
 from sftlab.model.loading import DTYPES
 from sftlab.train import distributed, rundir
-from sftlab.train.data import data_report_json
 from sftlab.train.checkpoint import delete_checkpoints
+from sftlab.train.data import data_report_json
 from sftlab.train.inference import load_adapter_dir, load_model_dir
 from sftlab.train.metrics import MetricsLog, read_metrics
-from sftlab.train.precision import load_master_weights, master_weight_optimizer
+from sftlab.train.precision import compute_dtype, load_master_weights, master_weight_optimizer
 from sftlab.train.report import DATA_REPORT
 from sftlab.train.run import Run, TrainResult
 
@@ -62,7 +62,7 @@ def run_info(run: Run) -> dict[str, Any]:
     """What `auto` settings resolved to on this machine (also printed at start)."""
     head = run.objective.loss_fn if hasattr(run.objective, "loss_fn") else None
     return {"mixed_precision": run.mixed_precision, "weights_dtype": run.cfg.model.dtype,
-            "compute_dtype": "bfloat16" if run.mixed_precision == "bf16" else run.cfg.model.dtype,
+            "compute_dtype": compute_dtype(run.cfg.model.dtype, run.mixed_precision),
             "master_weights_fp32": master_weight_optimizer(run.optimizer) is not None,
             "loss_head": getattr(head, "mode", "full"), "loss_head_reason": getattr(head, "reason", ""),
             "device": str(run.accelerator.device), "num_processes": run.world,
