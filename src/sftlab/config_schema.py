@@ -199,6 +199,9 @@ class DataConfig(_Strict):
     packing: Literal["none", "wrapped", "bfd"] = Field("none", description=(
         "none: one example per row; bfd: whole documents packed best-fit-decreasing into rows of max_seq_length; "
         "wrapped: concatenated and cut (documents may split). Packed documents never attend to each other"))
+    eval_packing: bool = Field(False, description=(
+        "pack the eval sets too (best-fit rows of max_seq_length, never wrapped, so no document is cut): fewer, "
+        "fuller forwards; the loss equals unpacked eval up to float rounding (TRL's eval_packing)"))
     num_proc: int = Field(1, gt=0, description="tokenization worker processes")
     cache: bool = Field(True, description=(
         "keep tokenized data on disk (memory-mapped arrays), keyed by content + tokenizer + template + code"))
@@ -251,6 +254,9 @@ class TrainConfig(_Strict):
     seed: int = Field(42, description="seed of data order, mixing, eval split and initialisation")
     log_every: int = Field(1, gt=0, description="log a metrics line every N optimizer steps")
     eval_every: int | None = Field(None, gt=0, description="validation loss every N steps; null: only at the end")
+    eval_max_batches: int | None = Field(None, gt=0, description=(
+        "validation on only the first N micro-batches of each eval set (over all processes; Fast-LLM's "
+        "evaluation iterations); null: all of it"))
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms")
     gradient_checkpointing: bool = Field(True, description=(
         "recompute activations in the backward: half the memory, measured free on a 2-core AMX CPU; on GPUs "

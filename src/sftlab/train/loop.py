@@ -22,6 +22,7 @@ ZeRO) wraps the model; what the loop must know of it is in train/distributed.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import time
@@ -35,6 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sftlab.config import SFTConfig
+from sftlab.data.packing import pack_examples, packed_collate
 from sftlab.train import distributed
 from sftlab.train.checkpoint import TrainerState, latest_checkpoint, save_checkpoint
 from sftlab.train.control import Interrupted, StopRequest
@@ -262,7 +264,8 @@ def throughput(run: Run, sizes: dict[str, int], targets: int, elapsed: float) ->
 
 @torch.no_grad()
 def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator: Accelerator,
-                  objective: Objective | None = None, prefix: str = "eval_") -> dict[str, float]:
+                  objective: Objective | None = None, prefix: str = "eval_", collate: Any = None,
+                  max_batches: int | None = None) -> dict[str, float]:
     """The objective's eval record over `examples` (padded micro-batches, shared over ranks):
     {"eval_loss": mean NLL over their target tokens} for SFT."""
     objective = objective or SFTObjective()
@@ -270,7 +273,8 @@ def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator: Ac
     if not lockstep:
         model = accelerator.unwrap_model(model)  # plain forward: ranks may run different numbers of batches
     total, norm = target_loss(model, examples, pad_id, batch_size, objective, accelerator.device,
-                              accelerator.process_index, accelerator.num_processes, lockstep=lockstep)
+                              accelerator.process_index, accelerator.num_processes, lockstep=lockstep,
+                              collate=collate, max_batches=max_batches)
     totals = accelerator.reduce(torch.tensor([total, float(norm)], dtype=torch.float64, device=accelerator.device),
                                 "sum")
     return objective.record(totals[0].item(), int(totals[1].item()), prefix)
@@ -278,11 +282,17 @@ def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator: Ac
 
 def run_evaluation(run: Run) -> dict[str, float]:
     """Validation over all eval examples (`eval_loss`), and over each named eval set (`eval/<name>_loss`)."""
-    data, batch = run.data, run.cfg.train.micro_batch_size
-    metrics = evaluate_loss(run.model, data.eval, batch, data.pad_id, run.accelerator, run.objective)
+    data, cfg = run.data, run.cfg
+    batch, cap = cfg.train.micro_batch_size, cfg.train.eval_max_batches
+    collate, rows = None, lambda examples: examples
+    if cfg.data.eval_packing:  # best-fit rows, never wrapped: a cut document would change its loss
+        collate = functools.partial(packed_collate, pad_id=data.pad_id)
+        rows = lambda examples: pack_examples(examples, "bfd", cfg.data.max_seq_length)  # noqa: E731
+    metrics = evaluate_loss(run.model, rows(data.eval), batch, data.pad_id, run.accelerator, run.objective,
+                            collate=collate, max_batches=cap)
     for name, examples in data.eval_sets.items():
-        metrics.update(evaluate_loss(run.model, examples, batch, data.pad_id, run.accelerator, run.objective,
-                                     prefix=f"eval/{name}_"))
+        metrics.update(evaluate_loss(run.model, rows(examples), batch, data.pad_id, run.accelerator, run.objective,
+                                     prefix=f"eval/{name}_", collate=collate, max_batches=cap))
     return metrics
 
 
