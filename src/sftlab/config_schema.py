@@ -193,6 +193,12 @@ class DataConfig(_Strict):
         return check_markers(info.data.get("response_template"), instruction)
     chat_template: str | None = Field(None, description=(
         "null: the tokenizer's own; a built-in name (chatml, llama3, tulu, zephyr, alpaca); or a .jinja file"))
+    add_bos: bool = Field(False, description=(
+        "start every chat example with the tokenizer's BOS token (no loss on it) when the template writes none "
+        "(e.g. ChatML on a model pretrained with a BOS); text rows get the tokenizer's own special tokens"))
+    pad_vocab_to_multiple_of: int | None = Field(None, gt=0, description=(
+        "when tokens are added (add_chatml_tokens), round the embedding rows up to a multiple of this (64 or "
+        "128 suits GPU kernels); the extra rows are never produced by the tokenizer"))
     add_chatml_tokens: bool = Field(False, description=(
         "add <|im_start|>/<|im_end|> as special tokens and grow the embeddings (for the chatml template on a base "
         "model)"))
@@ -254,6 +260,10 @@ class TrainConfig(_Strict):
     seed: int = Field(42, description="seed of data order, mixing, eval split and initialisation")
     log_every: int = Field(1, gt=0, description="log a metrics line every N optimizer steps")
     eval_every: int | None = Field(None, gt=0, description="validation loss every N steps; null: only at the end")
+    load_best_model_at_end: bool = Field(False, description=(
+        "save the model of the evaluated step with the lowest metric_for_best instead of the last one (every "
+        "evaluation then also checkpoints, and rotation keeps the best checkpoint)"))
+    metric_for_best: str = Field("eval_loss", description="eval_loss, or a named eval set's eval/<name>_loss")
     eval_max_batches: int | None = Field(None, gt=0, description=(
         "validation on only the first N micro-batches of each eval set (over all processes; Fast-LLM's "
         "evaluation iterations); null: all of it"))

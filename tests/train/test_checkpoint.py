@@ -340,3 +340,40 @@ def test_hf_model_in_each_checkpoint_loads_plainly_and_delete_at_end(tiny_model_
     tree["checkpoint"] = {"every_steps": 2, "delete_at_end": True}
     sftlab.train(tree)
     assert (tmp_path / "clean" / "model.safetensors").is_file() and not (tmp_path / "clean" / "checkpoints").exists()
+
+
+def test_load_best_model_at_end_saves_the_best_evaluated_step(tiny_model_dir, chat_file, tmp_path):
+    """A too-high lr makes the eval loss rise after the first steps: the saved model is the best step's
+    (equal to that step's checkpoint in an identical run), and rotation kept that checkpoint."""
+    import sftlab
+    from sftlab.train.best import best_step
+
+    def tree(out, **ckpt):
+        t = cfg_tree(tiny_model_dir, chat_file, out, max_steps=4, eval_every=1)
+        t["data"]["eval_fraction"] = 0.25
+        t["optim"].update(lr=3.0, warmup_steps=0, scheduler="constant")
+        t["checkpoint"] = ckpt
+        return t
+
+    ref = sftlab.train(tree(tmp_path / "ref", every_steps=1))
+    step, _ = best_step(ref.history, "eval_loss")
+    assert step < 4, [r["eval_loss"] for r in ref.history]
+    t = tree(tmp_path / "best", keep_last=1)
+    t["train"]["load_best_model_at_end"] = True
+    res = sftlab.train(t)
+    assert res.best_step == step
+    assert (tmp_path / "best" / "checkpoints" / f"step-{step:08d}").is_dir()
+    want = load_file(tmp_path / "ref" / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
+    got = load_file(tmp_path / "best" / "model.safetensors")
+    assert got.keys() <= want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_load_best_model_at_end_needs_a_logged_metric(tiny_model_dir, chat_file, tmp_path):
+    import sftlab
+    t = cfg_tree(tiny_model_dir, chat_file, tmp_path / "r", max_steps=2, load_best_model_at_end=True)
+    with pytest.raises(RunError, match="needs eval data"):
+        sftlab.train(t)
+    t["data"]["eval_fraction"] = 0.25
+    t["train"]["metric_for_best"] = "eval/other_loss"
+    with pytest.raises(RunError, match="it logs eval_loss"):
+        sftlab.train(t)

@@ -37,7 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sftlab.config import SFTConfig
 from sftlab.data.packing import pack_examples, packed_collate
-from sftlab.train import distributed
+from sftlab.train import best, distributed
 from sftlab.train.checkpoint import TrainerState, latest_checkpoint, save_checkpoint
 from sftlab.train.control import Interrupted, StopRequest
 from sftlab.train.evaluate import target_loss
@@ -71,6 +71,7 @@ def run_training(cfg: SFTConfig, console: Console | None = None, resume_command:
     if run is None:  # train.resume=auto on a finished run: nothing to train
         return finished_result(run_dir(cfg))
     setup_data(run)
+    best.check_metric(run)
     check_resume_state(run)  # processes, engine and data of a checkpoint: before any weights load
     setup_model_and_optimizer(run)
     resume_or_start(run)
@@ -78,6 +79,7 @@ def run_training(cfg: SFTConfig, console: Console | None = None, resume_command:
         open_run_log(run)
         fit(run)
     if run.result.stopped is None:
+        best.restore_best(run)
         finish(run)
     elif run.main:
         run.callbacks.call("on_train_end", run.result)
@@ -119,7 +121,8 @@ def fit(run: Run) -> None:
             record = optimizer_step(run, step, batches_iter)
             add_eval_and_log(run, record)
             progress.advance(task)
-            path = save_run_checkpoint(run, step) if checkpoint_due(run, step, epoch_before, stop) else None
+            due = checkpoint_due(run, step, epoch_before, stop) or best.due(run, record)
+            path = save_run_checkpoint(run, step) if due else None
             asked = callbacks_ask_stop(run, record)
             if (asked or stop.signum is not None) and path is None:  # a signal during the callbacks too
                 path = save_run_checkpoint(run, step)
@@ -330,7 +333,8 @@ def save_run_checkpoint(run: Run, step: int):
                          match_before=match_json(run.result.match_before))
     extra = hf_model_writer(run) if run.cfg.checkpoint.save_hf_model else None
     path = save_checkpoint(run.accelerator, run.out, step, state.to_json(), run.scheduler,
-                           run.cfg.checkpoint.keep_last, trainable_only=trainable_only_checkpoints(run), extra=extra)
+                           run.cfg.checkpoint.keep_last, trainable_only=trainable_only_checkpoints(run), extra=extra,
+                           protect=best.protected(run))
     if run.main:
         run.console.print(f"[dim]checkpoint {path}[/dim]")
     run.callbacks.call("on_save", path)

@@ -153,13 +153,6 @@ def resolve_mixed_precision(setting: str, device: torch.device | str,
 
 # ---------------------------------------------------------------------------- fp32 master weights
 
-def compute_dtype(weights: str, mixed: str) -> str:
-    """The dtype the forward runs in: bf16 under bf16 mixed precision or with bfloat16 weights, else fp32
-    (float16 weights train from fp32 masters in fp32 and are saved as float16; fp16 compute is
-    train.mixed_precision: fp16)."""
-    return "bfloat16" if mixed == "bf16" or weights == "bfloat16" else "float16" if mixed == "fp16" else "float32"
-
-
 def needs_master_weights(model: torch.nn.Module) -> bool:
     """True when some trainable parameter is bf16/fp16: plain AdamW would lose small updates there."""
     return any(p.requires_grad and p.dtype in LOW_PRECISION for p in model.parameters())

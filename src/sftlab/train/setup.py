@@ -36,7 +36,7 @@ from sftlab.train.data import prepare_run_data
 from sftlab.train.inputs import RunInputs
 from sftlab.train.objective import LossFn, SFTObjective
 from sftlab.train.optim import build_optimizer, build_scheduler
-from sftlab.train.precision import compute_dtype, resolve_mixed_precision, seed_master_weights
+from sftlab.train.precision import resolve_mixed_precision, seed_master_weights
 from sftlab.train.resume import check_resume_compatible, data_fingerprint, find_resume_checkpoint
 from sftlab.train.run import Run, TrainResult
 from sftlab.train.run_model import build_run_model
@@ -155,6 +155,13 @@ def with_continued_adapter(cfg: SFTConfig, inputs: RunInputs) -> SFTConfig:
     records that adapter's settings as its peft section when none is configured."""
     peft = adapters.continued_settings(cfg.model, cfg.peft, inputs.model)
     return cfg if peft is cfg.peft else cfg.model_copy(update={"peft": peft})
+
+
+def compute_dtype(weights: str, mixed: str) -> str:
+    """The dtype the forward runs in: bf16 under bf16 mixed precision or with bfloat16 weights, else fp32
+    (float16 weights train from fp32 masters in fp32 and are saved as float16; fp16 compute is
+    train.mixed_precision: fp16)."""
+    return "bfloat16" if mixed == "bf16" or weights == "bfloat16" else "float16" if mixed == "fp16" else "float32"
 
 
 def with_resolved_dtype(cfg: SFTConfig, inputs: RunInputs, console: Console) -> SFTConfig:
