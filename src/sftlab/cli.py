@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 USER_ERRORS = {"sftlab.config": ("ConfigError",), "sftlab.data.types": ("DataError",),
                "sftlab.model.loading": ("ModelLoadError",), "sftlab.model.adapters": ("AdapterError",),
                "sftlab.train.rundir": ("RunError",), "sftlab.train.checkpoint": ("CheckpointError",),
-               "sftlab.train.callbacks": ("CallbackError",)}
+               "sftlab.train.callbacks": ("CallbackError",), "sftlab.train.optim": ("OptimizerError",)}
 
 
 def _error_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -141,6 +141,13 @@ ALIASES = {
     # TRL's SFT data settings; a dotted value is the whole key
     "response_template": "data.response_template", "instruction_template": "data.instruction_template",
     "dataset_text_field": "columns", "completion_only_loss": "loss_on", "assistant_only_loss": "loss_on",
+    # open-instruct, Fast-LLM, axolotl, LLaMA-Factory
+    "use_flash_attn": "attn_implementation", "flash_attention": "attn_implementation", "dataset_mixer_list": "train",
+    "dataset_mixer": "train", "cutoff_len": "max_seq_length", "template": "chat_template", "optimizer": "name",
+    "tokenizer_name": "tokenizer", "tokenizer_name_or_path": "tokenizer", "model_init_kwargs": "init_kwargs",
+    "final_lr_ratio": "min_lr_ratio", "clean_checkpoints_at_end": "delete_at_end", "checkpointing_steps": "every_steps",
+    "lora_bias": "bias", "resize_to_multiple_of": "pad_vocab_to_multiple_of", "eval_iters": "eval_max_batches",
+    "max_eval_batches": "eval_max_batches",
 }
 
 

@@ -8,6 +8,7 @@ did-you-mean suggestions for mistyped keys are in sftlab/config.py, which re-exp
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -28,13 +29,31 @@ class ModelConfig(_Strict):
         "`default` (the embedded SmolLM2-135M-Instruct GGUF), a local Hugging Face model directory, a .gguf "
         "file, or a hub id"))
     gguf_file: str | None = Field(None, description="file name inside name_or_path when it is a directory holding GGUFs")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
-        "the dtype the weights are stored and saved in; bfloat16 keeps fp32 master weights in the optimizer, "
-        "so small updates are not lost to bf16 rounding"))
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description=(
+        "the dtype the weights are stored and saved in; bfloat16/float16 keep fp32 master weights in the "
+        "optimizer, so small updates are not lost to rounding; auto: the dtype the checkpoint was saved in "
+        "(its config's dtype; float32 when it names none)"))
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description=(
         "attention kernel; flash_attention_2 needs CUDA and flash-attn (packed rows then run as varlen attention)"))
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub model (off unless you trust it)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    tokenizer: str | None = Field(None, description=(
+        "the tokenizer's directory or hub id when it is not the model's own (open-instruct's tokenizer_name)"))
+    tokenizer_revision: str | None = Field(None, description="hub revision of model.tokenizer")
+    init_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "more keyword arguments for from_pretrained (TRL's model_init_kwargs), e.g. {low_cpu_mem_usage: true}; "
+        "keys sftlab sets from its own keys (dtype, revision, ...) are refused with the key to use"))
+
+    @field_validator("init_kwargs")
+    @classmethod
+    def _own_keys_elsewhere(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        owned = {"dtype": "model.dtype", "torch_dtype": "model.dtype", "revision": "model.revision",
+                 "attn_implementation": "model.attn_implementation", "trust_remote_code": "model.trust_remote_code",
+                 "quantization_config": "peft.quantize", "gguf_file": "model.gguf_file"}
+        for key in kwargs:
+            if key in owned:
+                raise ValueError(f"init_kwargs.{key}: set by sftlab; use {owned[key]}")
+        return kwargs
 
 
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text", "pretokenized")
@@ -172,6 +191,7 @@ class DataConfig(_Strict):
     @classmethod
     def _marker_pair(cls, instruction: str | None, info: Any) -> str | None:
         return check_markers(info.data.get("response_template"), instruction)
+
     chat_template: str | None = Field(None, description=(
         "null: the tokenizer's own; a built-in name (chatml, llama3, tulu, zephyr, alpaca; with tools: chatml_tools, "
         "llama3_tools); or a .jinja file"))
@@ -179,12 +199,21 @@ class DataConfig(_Strict):
         "rows with tool schemas (`tools`), assistant `tool_calls` or tool results that the chat template does not "
         "render: error: stop before training, naming the row (use a tool template, e.g. chat_template: "
         "chatml_tools); drop: train without them (one warning counts the rows)"))
+    add_bos: bool = Field(False, description=(
+        "start every chat example with the tokenizer's BOS token (no loss on it) when the template writes none "
+        "(e.g. ChatML on a model pretrained with a BOS); text rows get the tokenizer's own special tokens"))
+    pad_vocab_to_multiple_of: int | None = Field(None, gt=0, description=(
+        "when tokens are added (add_chatml_tokens), round the embedding rows up to a multiple of this (64 or "
+        "128 suits GPU kernels); the extra rows are never produced by the tokenizer"))
     add_chatml_tokens: bool = Field(False, description=(
         "add <|im_start|>/<|im_end|> as special tokens and grow the embeddings (for the chatml template on a base "
         "model)"))
     packing: Literal["none", "wrapped", "bfd"] = Field("none", description=(
         "none: one example per row; bfd: whole documents packed best-fit-decreasing into rows of max_seq_length; "
         "wrapped: concatenated and cut (documents may split). Packed documents never attend to each other"))
+    eval_packing: bool = Field(False, description=(
+        "pack the eval sets too (best-fit rows of max_seq_length, never wrapped, so no document is cut): fewer, "
+        "fuller forwards; the loss equals unpacked eval up to float rounding (TRL's eval_packing)"))
     num_proc: int = Field(1, gt=0, description="tokenization worker processes")
     cache: bool = Field(True, description=(
         "keep tokenized data on disk (memory-mapped arrays), keyed by content + tokenizer + template + code"))
@@ -195,8 +224,12 @@ class DataConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW by default) and the learning-rate schedule."""
 
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"] = Field("adamw", description=(
+        "adamw (torch, fused); adamw_8bit / paged_adamw_8bit (bitsandbytes' 8-bit states; pip install "
+        "'sftlab[qlora]'); adafactor (transformers', at the fixed lr given, no relative step); sgd (momentum "
+        "optim.momentum)"))
     lr: float = Field(2e-5, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (never on biases and norms)")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
@@ -208,6 +241,10 @@ class OptimConfig(_Strict):
     warmup_steps: int | None = Field(None, ge=0, description=(
         "warmup in optimizer steps, overrides warmup_ratio: W warmup steps run at lr*1/(W+1) .. lr*W/(W+1) (no step "
         "at lr 0), step W+1 at the peak lr, then the decay; the last step's lr is above 0 (linear: lr/(steps-W))"))
+    min_lr_ratio: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "the decay ends at this fraction of the peak lr instead of 0 (Fast-LLM's minimum lr, open-instruct's "
+        "final_lr_ratio): lr * (min + (1 - min) * f)"))
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum (optim.name: sgd)")
 
 
 class TrainConfig(_Strict):
@@ -229,6 +266,13 @@ class TrainConfig(_Strict):
     seed: int = Field(42, description="seed of data order, mixing, eval split and initialisation")
     log_every: int = Field(1, gt=0, description="log a metrics line every N optimizer steps")
     eval_every: int | None = Field(None, gt=0, description="validation loss every N steps; null: only at the end")
+    load_best_model_at_end: bool = Field(False, description=(
+        "save the model of the evaluated step with the lowest metric_for_best instead of the last one (every "
+        "evaluation then also checkpoints, and rotation keeps the best checkpoint)"))
+    metric_for_best: str = Field("eval_loss", description="eval_loss, or a named eval set's eval/<name>_loss")
+    eval_max_batches: int | None = Field(None, gt=0, description=(
+        "validation on only the first N micro-batches of each eval set (over all processes; Fast-LLM's "
+        "evaluation iterations); null: all of it"))
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms")
     gradient_checkpointing: bool = Field(True, description=(
         "recompute activations in the backward: half the memory, measured free on a 2-core AMX CPU; on GPUs "
@@ -268,8 +312,13 @@ class PeftSettings(_Strict):
     r: int = Field(16, gt=0, description="adapter rank")
     alpha: float = Field(32.0, gt=0, description="scaling numerator (the update is scaled by alpha / r)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
-    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description=(
-        "all-linear: every linear layer but the output head; else module names, e.g. [q_proj, v_proj]"))
+    target_modules: list[str] | str = Field("all-linear", description=(
+        "all-linear: every linear layer but the output head; a list of module names, e.g. [q_proj, v_proj]; "
+        "any other string is a regular expression that peft matches against the full module names, e.g. "
+        "'.*layers\\.(0|1)\\..*(q|v)_proj'"))
+    use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description=(
+        "which biases train beside the adapters (peft's LoraConfig.bias)"))
     modules_to_save: list[str] | None = Field(None, description=(
         "modules trained in full beside the adapters; embeddings and head are added when add_chatml_tokens grows "
         "the vocabulary"))
@@ -277,13 +326,38 @@ class PeftSettings(_Strict):
         "QLoRA: base weights quantized through bitsandbytes (pip install 'sftlab[qlora]')"))
     merge_on_save: bool = Field(False, description="also save the merged plain model under output_dir/merged")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _valid_pattern(cls, targets: list[str] | str) -> list[str] | str:
+        if isinstance(targets, str) and targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return targets
+
 
 class CheckpointConfig(_Strict):
     """Periodic checkpoints for exact resume."""
 
-    every_steps: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps")
+    every_steps: int | None = Field(None, gt=0, description=(
+        "checkpoint every N optimizer steps; `epoch` is read as every_epoch: true (open-instruct's spelling)"))
     every_epoch: bool = Field(False, description="checkpoint at every epoch boundary")
     keep_last: int | None = Field(None, gt=0, description="rotation: keep this many; the newest complete one is never deleted")
+    delete_at_end: bool = Field(False, description=(
+        "delete the checkpoints once the run has finished and its final model is saved (open-instruct's "
+        "clean_checkpoints_at_end); a run that stops early keeps them for resume"))
+    save_hf_model: bool = Field(False, description=(
+        "each checkpoint also holds hf/: a plain Hugging Face model directory (weights in model.dtype, tokenizer, "
+        "chat template) that from_pretrained loads as is (Fast-LLM's periodic export)"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epoch_spelling(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("every_steps"), str) \
+                and data["every_steps"].strip().lower() == "epoch":
+            data = {**data, "every_steps": None, "every_epoch": True}
+        return data
 
 
 class MatchEvalConfig(_Strict):

@@ -154,6 +154,7 @@ def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataCon
     ctx = ChunkContext(tokenizer, source.name, [], source.format, cfg.loss_on, template, id_dtype(len(tokenizer)))
     ctx.columns, ctx.formatting_func, ctx.markers = source.columns, source.formatting_func, source.markers
     ctx.tools = cfg.tools
+    ctx.add_bos = cfg.add_bos
     ctx.fast = detect_chatml(template or tokenizer.chat_template, dict(tokenizer.special_tokens_map))
     if ctx.fast is not None:
         try:
@@ -223,7 +224,8 @@ def prepare_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: Data
              "tools": cfg.tools,
              "columns": source.columns.columns, "roles": source.columns.roles, "code": cache.code_fingerprint(),
              **({"formatting_func": formatting_fingerprint(source.formatting_func)} if source.formatting_func else {}),
-             **({"text_markers": source.markers.key()} if source.markers else {})}
+             **({"text_markers": source.markers.key()} if source.markers else {}),
+             **({"add_bos": True} if cfg.add_bos else {})}
     key = cache.cache_key(parts)
     root = cache.cache_dir(cfg.cache_dir)
     data = cache.load(root, key)

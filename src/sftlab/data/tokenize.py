@@ -62,6 +62,7 @@ class ChunkContext:
     formatting_func: Any = None  # the Python API's row -> messages | {prompt, completion} | text
     markers: TextMarkers | None = None  # the source's response/instruction templates (text rows)
     tools: str = "error"  # data.tools: tools the template does not render stop the run, or are dropped
+    add_bos: bool = False  # data.add_bos: chat rows start with the tokenizer's BOS (never a target)
 
 
 @dataclass
@@ -121,13 +122,21 @@ def _tokenize_conversations(tokenizer: PreTrainedTokenizerBase, convs: list[Conv
             for c, res in zip(convs, results)]
 
 
+def with_bos(example: TokenizedExample, bos: int | None) -> TokenizedExample:
+    """data.add_bos: the example with the BOS token first (no loss on it), unless it already starts with it."""
+    if bos is None or (example.input_ids and example.input_ids[0] == bos):
+        return example
+    return TokenizedExample([bos, *example.input_ids], [IGNORE_INDEX, *example.labels])
+
+
 def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, loss_on: str,
                    template: str | None, source: str = "", fast: ChatMLRenderer | None = None,
-                   verify_all: bool = False) -> list[TokenizedExample | BadRecord]:
+                   verify_all: bool = False, add_bos: bool = False) -> list[TokenizedExample | BadRecord]:
     """Tokenize and label records of any kind, in order; unusable ones come back as BadRecord.
 
     With a direct renderer `fast`, conversations at positions divisible by VERIFY_EVERY (all of them
-    with `verify_all`) are checked against the template."""
+    with `verify_all`) are checked against the template. `add_bos`: conversations whose template
+    writes no BOS get the tokenizer's (text rows already have the tokenizer's own special tokens)."""
     out: list[Any] = [None] * len(records)
     by_kind: dict[type, list[int]] = {}
     for i, r in enumerate(records):
@@ -140,6 +149,11 @@ def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, lo
         if kind is Conversation:
             verify = [verify_all or i % VERIFY_EVERY == 0 for i in idx]
             results: list[Any] = _tokenize_conversations(tokenizer, group, loss_on, template, fast, verify)
+            if add_bos:
+                if tokenizer.bos_token_id is None:
+                    raise DataError("data.add_bos: the tokenizer has no BOS token")
+                results = [with_bos(r, tokenizer.bos_token_id) if isinstance(r, TokenizedExample) else r
+                           for r in results]
         elif kind is TextRecord:
             results = _tokenize_texts(tokenizer, group)
         else:
@@ -180,7 +194,8 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
         if convs and isinstance(template, str) else 0
     ids, targets, lengths, lines, files, fix_pos, fix_val = [], [], [], [], [], [], []
     base = 0
-    results = tokenize_chunk(records, ctx.tokenizer, ctx.loss_on, ctx.template, ctx.source, ctx.fast, number == 0)
+    results = tokenize_chunk(records, ctx.tokenizer, ctx.loss_on, ctx.template, ctx.source, ctx.fast, number == 0,
+                             ctx.add_bos)
     for (k, f), rec, res in zip(places, records, results):
         if isinstance(res, BadRecord):
             bad.append((k, res))
