@@ -178,13 +178,15 @@ IMAGE_PARTS = ("image", "image_url", "input_image")
 
 def _joined_text_parts(r: _Row, parts: list, where: str) -> str:
     """`[{"type": "text", "text": ...}, ...]` -> the texts joined (what text templates render of parts);
-    an image part is an `ImageRow`: this model path trains text only (reading.py makes the source's
+    LLaMA-Factory v1 files name the text `value` (`{"type": "text", "value": ...}`), read the same.
+    An image part is an `ImageRow`: this model path trains text only (reading.py makes the source's
     image rows one error)."""
     texts = []
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+        text = part.get("text", part.get("value")) if kind == "text" else None
+        if isinstance(text, str):
+            texts.append(text)
         elif kind in IMAGE_PARTS:
             raise r.bad(f"{where}[{j}]", f"an {kind} part: images need a vision-language model, and this run "
                                          "trains a text-only model (drop the image parts, or the rows)", ImageRow)
