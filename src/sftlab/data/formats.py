@@ -174,6 +174,7 @@ def _check_messages(r: _Row, messages: Any, field_name: str) -> list[dict[str, A
 
 
 IMAGE_PARTS = ("image", "image_url", "input_image")
+MEDIA_FIELDS = ("images", "videos", "audios")  # LLaMA-Factory's multimodal columns (`<image>` markers in the text)
 
 
 def _joined_text_parts(r: _Row, parts: list, where: str) -> str:
@@ -357,6 +358,10 @@ def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
         raise BadRecord(source, line, None, f"row must be a JSON object, got {type(row).__name__}", unit)
     cmap = columns or NO_COLUMNS
     r = _Row(cmap.apply(row), source, line, unit, cmap)
+    media = next((k for k in MEDIA_FIELDS if r.row.get(k)), None)
+    if media is not None:  # LLaMA-Factory's multimodal columns: a text-only model would silently drop them
+        raise r.bad(media, f"the row has {media} ({len(r.row[media]) if isinstance(r.row[media], list) else 1}): "
+                           f"{media} need a multimodal model, and this run trains a text-only model", ImageRow)
     try:
         try:
             read_as = detect_format(r.row) if fmt == "auto" else fmt
