@@ -10,8 +10,8 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import yaml
-from huggingface_hub import ModelCard
 from hub_server import HubServer
+from huggingface_hub import ModelCard
 
 import sftlab
 from sftlab.cli import main as cli_main
@@ -171,3 +171,27 @@ def test_upload_selection_and_push_of_an_unfinished_run(tmp_path):
     assert "checkpoints/step-1/model.safetensors" in upload_paths(run, checkpoints=True)
     (run / "FINISHED").unlink()
     assert cli_main(["push", str(run), "--repo-id", REPO]) == 2  # no FINISHED marker: refused before any request
+
+
+def test_card_metadata_names_hub_base_and_hub_datasets(tmp_path):
+    """A hub base model and hub dataset sources go into the metadata; local files only into the text."""
+    from sftlab.train.card import card_text
+
+    run = tmp_path / "run"
+    run.mkdir()
+    local = tmp_path / "mine.jsonl"
+    local.write_text("{}\n")
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "dtype": "bfloat16"},
+        "data": {"train": [{"path": "allenai/tulu-3-sft-mixture", "weight": 0.1}, {"path": str(local)}],
+                 "max_seq_length": 2048, "packing": "bfd", "loss_on": "assistant"},
+        "optim": {"lr": 2e-5, "scheduler": "cosine", "warmup_ratio": 0.03},
+        "train": {"micro_batch_size": 4, "grad_accum_steps": 8, "max_steps": 100}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 100, "loss": 1.25}) + "\n")
+    card = ModelCard(card_text(run))
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert card.data.datasets == ["allenai/tulu-3-sft-mixture"] and card.data.library_name == "transformers"
+    assert "| batch | 4 rows per micro-batch x 8 accumulation steps x 1 processes |" in card.text
+    assert "| final training loss | 1.2500 |" in card.text
+    assert "- train: `allenai/tulu-3-sft-mixture`, weight 0.1" in card.text
+    assert "- train: `mine.jsonl`\n" in card.text  # a local data file is named by its file name only

@@ -107,8 +107,8 @@ def _hyperparameters(tree: dict, info: dict) -> list[tuple[str, str]]:
             ("batch", f"{batch} x {accum} accumulation steps x {procs} processes"),
             ("sequence length", f"{data.get('max_seq_length')} tokens, packing {data.get('packing')}, "
                                 f"loss on {data.get('loss_on')}"),
-            ("precision", f"{info.get('mixed_precision', train.get('mixed_precision'))} "
-                          f"(weights {info.get('weights_dtype', (tree.get('model') or {}).get('dtype'))})"),
+            ("precision", f"mixed precision {info.get('mixed_precision', train.get('mixed_precision'))}, weights "
+                          f"{info.get('weights_dtype', (tree.get('model') or {}).get('dtype'))}"),
             ("seed", str(train.get("seed")))]
     peft = tree.get("peft")
     if peft:
