@@ -4,7 +4,7 @@
 run.json (what `auto` settings resolved to; what the Python API passed), data_report.json.
 `finish`: the model (fp32 masters, or gathered from a sharded engine) or the adapter saved in
 `model.dtype` with the tokenizer and chat template, the match evaluation after training, the model
-cards (README.md; train/card.py), the FINISHED marker, and with train.push_to_hub the upload (train/hub.py).
+cards (README.md; train/card.py) and the FINISHED marker (train.push_to_hub uploads after it: train/hub.py).
 `finished_result` is what a finished run reports when asked again.
 """
 
@@ -19,7 +19,7 @@ from sftlab.config import dump_config
 from sftlab.model import adapters
 from sftlab.model.generate import MatchResult, exact_match
 from sftlab.model.loading import DTYPES
-from sftlab.train import distributed, hub, rundir
+from sftlab.train import distributed, rundir
 from sftlab.train.card import write_model_cards
 from sftlab.train.checkpoint import delete_checkpoints
 from sftlab.train.data import data_report_json
@@ -111,8 +111,6 @@ def finish(run: Run) -> None:
         if removed:
             run.console.print(f"[dim]deleted {removed} checkpoint(s): the run is finished "
                               "(checkpoint.delete_at_end)[/dim]")
-    if run.cfg.train.push_to_hub:
-        hub.push_after_training(run)
 
 
 def hf_model_writer(run: Run):
