@@ -134,9 +134,11 @@ def test_failed_push_keeps_the_run_exits_3_and_sftlab_push_retries(tiny_model_di
         assert (out / "FINISHED").is_file() and (out / "model.safetensors").is_file() and (out / "README.md").is_file()
         assert server.files(REPO) == {}  # the repository was created, nothing committed
         server.fail_commits = False
-        assert cli_main(["push", str(out), "--repo-id", "tester/retried", "--private", "--include-checkpoints"]) == 0
+        assert cli_main(["push", str(out), "--repo-id", "tester/retried", "--private", "--include-checkpoints",
+                         "--revision", "dev"]) == 0
     second = capfd.readouterr()
-    files = server.files("tester/retried")
+    files = server.files("tester/retried", "dev")  # the branch was created, main left as it was
+    assert server.files("tester/retried") == {}
     assert "model.safetensors" in files and any(f.startswith("checkpoints/step-") for f in files)
     assert server.create_payloads[-1]["visibility"] == "private"
     assert 'model_id = "tester/retried"' in files["README.md"].decode()  # the card names where it is
