@@ -240,6 +240,10 @@ class TrainConfig(_Strict):
         "target: output projection and cross-entropy only where the next token is a target, in chunks (no full "
         "logits tensor); full: the model's own logits everywhere"))
     loss_chunk_tokens: int = Field(1024, gt=0, description="rows per chunk of the target-only loss head")
+    packed_attention: Literal["auto", "documents", "mask"] = Field("auto", description=(
+        "how packed rows keep documents apart: documents (one causal SDPA call per document, no mask: attention "
+        "FLOPs grow with each document's length squared, not the row's), mask (transformers' dense block mask), "
+        "auto (times both on the model's head shape on this device, once per process)"))
     compile: bool = Field(False, description="torch.compile the model")
     liger: bool = Field(False, description="Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); CUDA + liger-kernel")
     peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s for MFU; null: measured at start")
