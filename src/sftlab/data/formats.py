@@ -358,10 +358,8 @@ def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
         raise BadRecord(source, line, None, f"row must be a JSON object, got {type(row).__name__}", unit)
     cmap = columns or NO_COLUMNS
     r = _Row(cmap.apply(row), source, line, unit, cmap)
-    media = next((k for k in MEDIA_FIELDS if r.row.get(k)), None)
-    if media is not None:  # LLaMA-Factory's multimodal columns: a text-only model would silently drop them
-        raise r.bad(media, f"the row has {media} ({len(r.row[media]) if isinstance(r.row[media], list) else 1}): "
-                           f"{media} need a multimodal model, and this run trains a text-only model", ImageRow)
+    if (media := next((k for k in MEDIA_FIELDS if r.row.get(k)), None)) is not None:  # LLaMA-Factory's columns
+        raise r.bad(media, f"{media} need a multimodal model, and this run trains a text-only model", ImageRow)
     try:
         try:
             read_as = detect_format(r.row) if fmt == "auto" else fmt
