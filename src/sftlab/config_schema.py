@@ -224,9 +224,9 @@ class TrainConfig(_Strict):
         "validation on only the first N micro-batches of each eval set (over all processes; Fast-LLM's "
         "evaluation iterations); null: all of it"))
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms")
-    gradient_checkpointing: bool = Field(True, description=(
-        "recompute activations in the backward: half the memory, measured free on a 2-core AMX CPU; on GPUs "
-        "typically 20-30% slower"))
+    gradient_checkpointing: bool | Literal["auto"] = Field("auto", description=(
+        "recompute activations in the backward (about a third more FLOPs, far less activation memory); auto: "
+        "only when the planned micro-batch's activations would not fit the free memory (train/recompute.py)"))
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description=(
         "auto: bf16 where the device runs it fast (CUDA with bf16; a CPU with AMX or AVX512-BF16), else fp32; "
         "bf16/fp16 keep fp32 master weights"))

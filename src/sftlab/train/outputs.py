@@ -67,6 +67,7 @@ def run_info(run: Run) -> dict[str, Any]:
     return {"mixed_precision": run.mixed_precision, "weights_dtype": run.cfg.model.dtype,
             "compute_dtype": compute_dtype(run.cfg.model.dtype, run.mixed_precision),
             "master_weights_fp32": master_weight_optimizer(run.optimizer) is not None,
+            "gradient_checkpointing": run.recompute,
             "loss_head": getattr(head, "mode", "full"), "loss_head_reason": getattr(head, "reason", ""),
             "device": str(run.accelerator.device), "num_processes": run.world,
             "engine": distributed.engine_of(run.accelerator), "peak_flops": run.peak_flops,

@@ -71,6 +71,7 @@ class Run:
     metrics: MetricsLog | None = None
     stop: StopRequest | None = None
     mixed_precision: str = "no"  # what Accelerate runs: no | bf16 | fp16
+    recompute: bool = False  # activations recomputed in the backward (train.gradient_checkpointing, resolved)
     flops: FlopCounter | None = None
     peak_flops: float | None = None
     resume_command: str = ""  # printed when a signal stops the run

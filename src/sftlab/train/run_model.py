@@ -29,6 +29,7 @@ from sftlab.config import SFTConfig
 from sftlab.model import adapters, attention
 from sftlab.model.loading import load_model
 from sftlab.model.vocab import resize_for_new_tokens
+from sftlab.train import recompute
 from sftlab.train.precision import use_bf16_weights
 
 
@@ -47,6 +48,7 @@ class RunModel:
     model: Any
     lines: list[str] = field(default_factory=list)  # what was done, for the console
     originals: Any = None  # fp32 weights replaced by bf16 compute copies (they seed the masters)
+    recompute: bool = False  # activations recomputed in the backward (train.gradient_checkpointing)
 
 
 def is_peft_model(model: Any) -> bool:
@@ -66,15 +68,19 @@ def build_run_model(cfg: SFTConfig, tokens: RunTokens, purpose: str = "train", g
     _add_adapter(built, cfg, tokens, training)
     if not training:
         return built
+    dtype = torch.bfloat16 if mixed_precision == "bf16" or cfg.model.dtype == "bfloat16" else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.data.packing != "none" or cfg.data.eval_packing:  # packed rows: documents apart without a dense mask
-        dtype = torch.bfloat16 if mixed_precision == "bf16" or cfg.model.dtype == "bfloat16" else torch.float32
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         mode, why = attention.choose(cfg.train.packed_attention, built.model, device, dtype)
         attention.use(built.model, mode)
         how = "one causal SDPA call per document" if mode == "documents" else "the dense document mask"
         built.lines.append(f"packed attention: {how} ({why})")
-    if cfg.train.gradient_checkpointing:
+    tokens_per_micro_batch = recompute.planned_tokens(cfg, getattr(tokens, "units", None))
+    built.recompute, why = recompute.decide(cfg.train.gradient_checkpointing, built.model, tokens_per_micro_batch,
+                                            dtype, device)
+    if built.recompute:
         enable_activation_checkpointing(built.model)
+    built.lines.append(f"gradient checkpointing: {'on' if built.recompute else 'off'} ({why})")
     if cfg.train.neftune_alpha is not None:  # transformers' hook: noise in training forwards only
         from transformers.integrations.neftune import activate_neftune
 

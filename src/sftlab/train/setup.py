@@ -225,7 +225,7 @@ def setup_model_and_optimizer(run: Run) -> None:
         for line in built.lines:
             run.console.print(line, highlight=False)
     model.train()
-    run.flops = FlopCounter(model)
+    run.flops, run.recompute = FlopCounter(model), built.recompute
     if not (cfg.peft is not None and cfg.peft.quantize is not None):  # bitsandbytes places quantized weights itself
         model.to(run.accelerator.device)
     attach_loss_head(run, model)
