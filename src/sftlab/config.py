@@ -168,7 +168,7 @@ def suggest_key(loc: tuple) -> str | None:
     target = ALIASES.get(name.lower())
     if target is not None:  # inside a source, `data.train.N.x` names that very source
         inside = len(loc) > 3 and loc[0] == "data" and isinstance(loc[2], int)
-        return f"data.{loc[1]}.{loc[2]}.{target[13:]}" if inside and target.startswith("data.train.N.") else target
+        return f"data.{loc[1]}.{loc[2]}.{target.split('.N.')[1]}" if inside and ".N." in target else target
     close = difflib.get_close_matches(name, here, n=1, cutoff=0.6)
     if close:
         return f"{prefix}.{close[0]}" if prefix else close[0]

@@ -24,7 +24,7 @@ ALIASES = {
     "use_liger": "train.liger", "neftune_noise_alpha": "train.neftune_alpha", "group_by_length": "train.micro_batch_tokens",
     "full_determinism": "train.deterministic", "model_init_kwargs": "model.init_kwargs",
     "chat_template_path": "data.chat_template", "dataset_text_field": SRC + "columns", "dataset_num_proc": "data.num_proc",
-    "packing_strategy": "data.packing", "completion_only_loss": "data.loss_on", "assistant_only_loss": "data.loss_on",
+    "packing_strategy": "data.packing", "padding_free": "data.packing", "completion_only_loss": "data.loss_on", "assistant_only_loss": "data.loss_on",
     "response_template": "data.response_template", "instruction_template": "data.instruction_template",
     "model_name_or_path": "model.name_or_path", "model_revision": "model.revision", "torch_dtype": "model.dtype",
     "dtype": "model.dtype", "use_peft": "peft.method", "lora_r": "peft.r", "lora_alpha": "peft.alpha",
