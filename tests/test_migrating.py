@@ -19,8 +19,7 @@ GUIDE = ROOT / "docs" / "migrating.md"
 FIXTURES = ROOT / "tests" / "fixtures" / "configs"
 SECTIONS = tuple(SFTConfig.model_fields)
 KEY = re.compile(r"`((?:%s)(?:\.[A-Za-z0-9_]+)*)`" % "|".join(SECTIONS))
-# Hub keys are being added by issue 21 item 1 (another branch): named in the guide, not yet in the schema
-COMING = ("train.push_to_hub", "train.hub_")
+COMING: tuple[str, ...] = ()  # keys named in the guide before they exist (none now)
 # Fast-LLM's nested leaves that are too generic to mean one sftlab key on their own (`base`, `interval`, ...)
 GENERIC = {"base", "interval", "keep", "minimum", "iterations", "field", "validation", "training", "format"}
 
@@ -152,7 +151,8 @@ def test_trl_conversion(tmp_path):
     assert cfg["checkpoint"] == {"every_steps": 100, "keep_last": 1}
     assert cfg["train"]["mixed_precision"] == "bf16" and cfg["data"]["on_overlength"] == "truncate"
     assert "# not converted: chat_template=<inline Jinja> (save it as a .jinja file" in text
-    assert "# not converted: push_to_hub=true (coming: issue 21 item 1)" in text
+    assert cfg["train"]["push_to_hub"] is True and cfg["train"]["hub_model_id"] == "prometheus-7b-v1.5-beta"
+    assert "# not converted: hub_strategy=every_save (the final model is pushed once" in text
     smol = yaml.safe_load(convert_config(FIXTURES / "trl" / "handbook_smollm_sft.yaml", "trl"))
     assert len(smol["data"]["train"]) == 10 and smol["data"]["eval_fraction"] == 0.05
     assert smol["data"]["train"][4] == {"path": "HuggingFaceTB/OpenHermes-2.5-H4", "split": "train_sft",

@@ -1,4 +1,4 @@
-"""Command line: `sftlab train|prepare|eval|report|export|config|convert-config|generate|chat`.
+"""Command line: `sftlab train|prepare|eval|report|export|push|config|convert-config|generate|chat`.
 
     sftlab train [CONFIG.yaml] [key.path=value ...]   fine-tune (no CONFIG: the embedded demo)
     sftlab train --data FILE [--model M] [--out DIR]  quick start: the library defaults (printed first)
@@ -7,6 +7,7 @@
     sftlab eval MODEL_OR_RUN_DIR --data FILE [--match] [--json]   loss, perplexity (exact match) on a file
     sftlab report RUN_DIR                             regenerate report.md + loss.png
     sftlab export RUN_DIR --merge --out DIR           merge a LoRA adapter into a plain model
+    sftlab push RUN_DIR --repo-id ID [--private]      upload a finished run to the Hub (train/hub.py)
     sftlab config show|reference [CONFIG.yaml] [overrides ...]   resolved config / every key documented
     sftlab convert-config FILE --from trl|axolotl|llamafactory   another tool's config as sftlab YAML
     sftlab generate MODEL --prompt "..." [--tools F]  one reply (greedy; --temperature/--top-p sample)
@@ -86,8 +87,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
                       "defaults instead", highlight=False)
     from sftlab.api import train
 
-    train(cfg, console=console, resume_command=_resume_command(ns.argv))
-    return 0
+    result = train(cfg, console=console, resume_command=_resume_command(ns.argv))
+    return 3 if result.push_error else 0  # the run is complete; its upload failed (the retry was printed)
 
 
 def cmd_prepare(ns: argparse.Namespace) -> int:
@@ -258,6 +259,7 @@ prepared: the cache and training are unchanged. Row schemas: docs/data.md."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sftlab.train import hub as push  # `sftlab push` (its own module: cli.py stays short)
     p = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning of causal language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -297,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
     e.add_argument("--out", required=True, help="directory for the merged model")
     e.set_defaults(func=cmd_export)
+    push.add_push_parser(sub)
 
     for name, func, helptext in (("generate", cmd_generate, "one reply to a prompt (greedy unless --temperature)"),
                                  ("chat", cmd_chat, "chat with a model (interactive; piped stdin: a reply per line)")):
@@ -378,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # module -> the errors it raises that are the user's to fix (printed in one line, exit code 2)
-USER_ERRORS = {"sftlab.config": ("ConfigError",), "sftlab.data.types": ("DataError",),
+USER_ERRORS = {"sftlab.config": ("ConfigError",), "sftlab.data.types": ("DataError",), "sftlab.train.hub": ("HubError",),
                "sftlab.model.loading": ("ModelLoadError",), "sftlab.model.adapters": ("AdapterError",),
                "sftlab.train.rundir": ("RunError",), "sftlab.train.checkpoint": ("CheckpointError",),
                "sftlab.train.callbacks": ("CallbackError",), "sftlab.train.optim": ("OptimizerError",)}

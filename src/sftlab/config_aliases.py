@@ -11,6 +11,8 @@ from __future__ import annotations
 SRC = "data.train.N."
 
 ALIASES = {
+    # the Hub (TRL / transformers, LLaMA-Factory, axolotl), continuing an adapter (axolotl)
+    "hub_private_repo": "train.hub_private", "hf_repo_id": "train.hub_model_id", "lora_model_dir": "model.name_or_path",
     # TRL SFTConfig / transformers TrainingArguments / TRL ModelConfig and ScriptArguments
     "learning_rate": "optim.lr", "lr_scheduler_type": "optim.scheduler", "lr_scheduler_kwargs": "optim.min_lr_ratio",
     "per_device_train_batch_size": "train.micro_batch_size", "gradient_accumulation_steps": "train.grad_accum_steps",

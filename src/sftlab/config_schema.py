@@ -7,11 +7,22 @@ did-you-mean suggestions for mistyped keys are in sftlab/config.py, which re-exp
 
 from __future__ import annotations
 
-import difflib
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sftlab.config_fields import (  # noqa: F401 - re-exported through sftlab.config
+    FORMATS,
+    MESSAGE_KEYS,
+    REQUIRED_FIELDS,
+    ROLES,
+    ROW_FIELDS,
+    TURN_KEYS,
+    check_columns,
+    check_markers,
+    sources_shorthand,
+)
 
 
 class ConfigError(ValueError):
@@ -56,31 +67,6 @@ class ModelConfig(_Strict):
         return kwargs
 
 
-FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text", "pretokenized")
-# The fields each row format reads (data/formats.py; docs/data.md), the first ones required; a source's
-# `columns` renames its own fields onto these names.
-ROW_FIELDS = {
-    "messages": ("messages", "tools"),
-    "sharegpt": ("conversations", "system", "tools"),
-    "prompt_completion": ("prompt", "completion", "tools"),
-    "alpaca": ("instruction", "output", "input", "system", "tools"),
-    "text": ("text", "loss_masking_spans"),
-    "pretokenized": ("input_ids", "labels"),
-}
-REQUIRED_FIELDS = {"messages": 1, "sharegpt": 1, "prompt_completion": 2, "alpaca": 2, "text": 1, "pretokenized": 1}
-MESSAGE_KEYS = ("role", "content")  # the keys of one message in `messages` (and in `prompt` / `completion` lists)
-TURN_KEYS = ("from", "value")  # the keys of one ShareGPT turn in `conversations`
-ROLES = ("system", "user", "assistant", "tool")
-
-
-def _column_names(fmt: str) -> tuple[str, ...]:
-    """The names `columns` may map for a source of format `fmt`."""
-    if fmt == "auto":
-        return tuple(dict.fromkeys(f for fields in ROW_FIELDS.values() for f in fields)) + MESSAGE_KEYS + TURN_KEYS
-    inner = {"messages": MESSAGE_KEYS, "prompt_completion": MESSAGE_KEYS, "sharegpt": TURN_KEYS}.get(fmt, ())
-    return ROW_FIELDS[fmt] + inner
-
-
 class SourceConfig(_Strict):
     """One data source."""
 
@@ -118,42 +104,6 @@ class SourceConfig(_Strict):
     @classmethod
     def _marker_pair(cls, instruction: str | None, info: Any) -> str | None:
         return check_markers(info.data.get("response_template"), instruction)
-
-
-def check_markers(response: str | None, instruction: str | None) -> str | None:
-    """An instruction template needs a response template, and differs from it."""
-    if instruction is not None and response is None:
-        raise ValueError("instruction_template needs a response_template (the marker after which text is trained)")
-    if instruction is not None and instruction == response:
-        raise ValueError(f"instruction_template and response_template are the same ({response!r}); they must differ")
-    return instruction
-
-
-def check_columns(columns: dict[str, str], fmt: str = "auto") -> dict[str, str]:
-    """A `columns` mapping names fields of the format (or of any format for auto), each renamed once."""
-    allowed = _column_names(fmt)
-    for name, theirs in columns.items():
-        if name not in allowed:
-            close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            of = "any format" if fmt == "auto" else f"format {fmt}"
-            raise ValueError(f"columns.{name}: not a field of {of} (those are: {', '.join(allowed)}){hint}")
-        if not theirs:
-            raise ValueError(f"columns.{name}: empty field name")
-    for theirs in set(columns.values()):
-        twice = [k for k, v in columns.items() if v == theirs]
-        if len(twice) > 1 and not set(twice) <= set(MESSAGE_KEYS + TURN_KEYS):
-            raise ValueError(f"columns: {theirs!r} is mapped to {' and '.join(twice)}; a field can be renamed once")
-    return columns
-
-
-def sources_shorthand(value: Any) -> Any:
-    """`x.jsonl` -> `[{path: x.jsonl}]`; a list's bare paths -> `{path: ...}` (anything else unchanged)."""
-    if isinstance(value, str):
-        return [{"path": value}]
-    if isinstance(value, list):
-        return [{"path": v} if isinstance(v, str) else v for v in value]
-    return value
 
 
 class DataConfig(_Strict):
@@ -290,6 +240,10 @@ class TrainConfig(_Strict):
         "target: output projection and cross-entropy only where the next token is a target, in chunks (no full "
         "logits tensor); full: the model's own logits everywhere"))
     loss_chunk_tokens: int = Field(1024, gt=0, description="rows per chunk of the target-only loss head")
+    packed_attention: Literal["auto", "documents", "mask"] = Field("auto", description=(
+        "how packed rows keep documents apart: documents (one causal SDPA call per document, no mask: attention "
+        "FLOPs grow with each document's length squared, not the row's), mask (transformers' dense block mask), "
+        "auto (times both on the model's head shape on this device, once per process)"))
     compile: bool = Field(False, description="torch.compile the model")
     liger: bool = Field(False, description="Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); CUDA + liger-kernel")
     peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s for MFU; null: measured at start")
@@ -303,6 +257,25 @@ class TrainConfig(_Strict):
     report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=list, description=(
         "experiment trackers besides metrics.jsonl (offline: tensorboard event files, wandb offline mode without "
         "an API key, trackio local)"))
+    push_to_hub: bool = Field(False, description=(
+        "upload the final model (or adapter), tokenizer, model card, report and config.yaml to the Hugging Face Hub "
+        "when the run ends (never checkpoints/); the token (HF_TOKEN or `hf auth login`) and the endpoint are "
+        "checked before training starts; a failed upload keeps the local run and prints the `sftlab push` retry"))
+    hub_model_id: str | None = Field(None, description=(
+        "the Hub repository, `namespace/name` (required with push_to_hub); also the id in the model card's "
+        "usage snippet"))
+    hub_private: bool = Field(False, description="create the Hub repository private (an existing one keeps its visibility)")
+    hub_revision: str | None = Field(None, description="push to this branch (created from main if missing); null: main")
+
+    @model_validator(mode="after")
+    def _hub_repo_named(self) -> "TrainConfig":
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("train.push_to_hub needs train.hub_model_id, the repository to push to: set "
+                             "train.hub_model_id=<your-user-or-org>/<name>")
+        if self.hub_model_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", self.hub_model_id):
+            raise ValueError(f"train.hub_model_id {self.hub_model_id!r}: not a repository id (namespace/name, "
+                             "letters, digits, '-', '_', '.')")
+        return self
 
 
 class PeftSettings(_Strict):

@@ -264,3 +264,15 @@ def test_mapping_hints_are_added_only_where_a_mapping_exists_and_a_field_is_miss
     assert "columns" not in bad({"instruction": "Add one.", "output": ""}).reason  # an empty output: no mapping hint
     empty = bad({"instruction": "Add one.", "input": "", "response": ""}, columns=ColumnMap({"output": "response"}))
     assert empty.field_name == "response" and empty.reason == "empty"  # the field is there: no hint to give
+
+
+def test_llamafactory_v1_text_parts_name_their_text_value():
+    # LLaMA-Factory's data/v1_sft_demo.jsonl: {"type": "text", "value": ...}; its image parts stay refused
+    v1 = rec({"messages": [{"role": "user", "content": [{"type": "text", "value": "hi"}]},
+                           {"role": "assistant", "content": [{"type": "text", "value": "Hello! "},
+                                                             {"type": "text", "value": "I am here."}]}]})
+    assert [m["content"] for m in v1.messages] == ["hi", "Hello! I am here."]
+    e = bad({"messages": [{"role": "user", "content": [{"type": "image", "value": "1.jpg"}]}, A]})
+    assert e.field_name == "messages[0].content[0]" and "an image part: images need a vision-language model" in e.reason
+    e = bad({"messages": [{"role": "user", "content": [{"type": "text", "value": 3}]}, A]})
+    assert "must be a content part" in e.reason

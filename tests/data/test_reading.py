@@ -3,6 +3,8 @@ training, naming the file, the first rows and their count (a text-only model can
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -35,10 +37,10 @@ def test_image_rows_are_one_error_naming_the_file_rows_and_count(tmp_path, token
     with pytest.raises(DataError) as e:
         build(tokenizer, path, **kw)
     msg = str(e.value)
-    assert msg.count("\n") == 0 and msg.startswith(f"data source {path}: 9 of 11 rows have image content parts")
+    assert msg.count("\n") == 0 and msg.startswith(f"data source {path}: 9 of 11 rows have images")
     assert f"({path} lines 2, 4, 5, 6, 7 and 4 more; the first: field 'messages[0].content[0]')" in msg
     assert "need a vision-language model" in msg and "text-only model" in msg and "not supported yet" in msg
-    with pytest.raises(DataError, match="9 of 11 rows have image content parts"):  # nothing was cached as skipped
+    with pytest.raises(DataError, match="9 of 11 rows have images"):  # nothing was cached as skipped
         build(tokenizer, path, **kw)
 
 
@@ -47,7 +49,7 @@ def test_image_rows_across_chunks_and_worker_processes_are_all_counted(tmp_path,
     path = write_jsonl(tmp_path / "big.jsonl", rows)
     with pytest.raises(DataError) as e:
         build(tokenizer, path, num_proc=2)
-    assert "11 of 1100 rows have image content parts" in str(e.value)
+    assert "11 of 1100 rows have images" in str(e.value)
     assert f"{path} lines 8, 108, 208, 308, 408 and 6 more" in str(e.value)
 
 
@@ -56,7 +58,7 @@ def test_image_rows_of_a_parquet_file_are_cited_by_1_based_row(tmp_path, tokeniz
     text = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hello!"}]}, answer]}
     image = {"messages": [IMAGE["messages"][0], answer]}
     pq.write_table(pa.Table.from_pylist([image, text, image]), tmp_path / "vl.parquet")
-    with pytest.raises(DataError, match=r"2 of 3 rows have image content parts \(\S*vl.parquet rows 1, 3;"):
+    with pytest.raises(DataError, match=r"2 of 3 rows have images \(\S*vl.parquet rows 1, 3;"):
         build(tokenizer, tmp_path / "vl.parquet")
 
 
@@ -67,3 +69,18 @@ def test_text_rows_and_other_bad_rows_are_unchanged(tmp_path, tokenizer):
     assert len(train) == 4 and report.bad == 1
     assert report.bad_examples == [f"{path}:5 field 'messages[0].content[0]': must be a content part "
                                    "{\"type\": \"text\", \"text\": \"...\"}, got {'type': 'audio'}"]
+
+
+def test_llamafactory_images_column_with_markers_is_the_same_one_error(tmp_path, tokenizer):
+    """LLaMA-Factory's mllm_demo.json: `<image>` markers in the text and an `images` column. A text-only run
+    would train on the literal `<image>` text without the picture: the source is refused, naming the rows."""
+    mllm = {"messages": [{"role": "user", "content": "<image>Who are they?"},
+                         {"role": "assistant", "content": "Two football players."}],
+            "images": ["mllm_demo_data/1.jpg"]}
+    path = tmp_path / "mllm_demo.json"
+    path.write_text(json.dumps([mllm, TEXT, {**mllm, "images": []}, mllm]))
+    with pytest.raises(DataError) as e:
+        build(tokenizer, path)
+    msg = str(e.value)
+    assert msg.startswith(f"data source {path}: 2 of 4 rows have images ({path} rows 1, 4; the first: field 'images')")
+    assert "text-only model" in msg

@@ -176,16 +176,20 @@ def test_packed_training_runs_and_learns(tiny_model_dir, chat_file, tmp_path, pa
 
 def test_bfd_packing_keeps_the_loss_of_unpacked_training(tiny_model_dir, chat_file, tmp_path):
     """One optimizer step over ALL examples: packed (bfd) and padded batches see the same tokens and
-    the same documents in isolation, so the first-step loss (before any update) is the same."""
+    the same documents in isolation, so the first-step loss (before any update) and gradient norm are the
+    same, with per-document attention and with the dense document mask."""
     losses = {}
-    for packing in ("none", "bfd"):
-        cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / packing, max_steps=1, micro_batch_size=64)
+    for packing, attention in (("none", "auto"), ("bfd", "documents"), ("bfd", "mask")):
+        cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / f"{packing}-{attention}", max_steps=1,
+                       micro_batch_size=64, packed_attention=attention)
         cfg.data.packing = packing
         cfg.data.eval_fraction = 0.0
         res = run_training(cfg)
-        losses[packing] = (res.history[0]["loss"], res.history[0]["target_tokens"])
-    assert losses["bfd"][1] == losses["none"][1]
-    assert losses["bfd"][0] == pytest.approx(losses["none"][0], rel=1e-5)
+        losses[attention] = (res.history[0]["loss"], res.history[0]["target_tokens"], res.history[0]["grad_norm"])
+    for attention in ("documents", "mask"):
+        assert losses[attention][1] == losses["auto"][1]
+        assert losses[attention][0] == pytest.approx(losses["auto"][0], rel=1e-5)
+        assert losses[attention][2] == pytest.approx(losses["auto"][2], rel=1e-4)
 
 
 def test_bad_match_eval_file_fails_before_training(tiny_model_dir, chat_file, tmp_path):

@@ -174,17 +174,20 @@ def _check_messages(r: _Row, messages: Any, field_name: str) -> list[dict[str, A
 
 
 IMAGE_PARTS = ("image", "image_url", "input_image")
+MEDIA_FIELDS = ("images", "videos", "audios")  # LLaMA-Factory's multimodal columns (`<image>` markers in the text)
 
 
 def _joined_text_parts(r: _Row, parts: list, where: str) -> str:
     """`[{"type": "text", "text": ...}, ...]` -> the texts joined (what text templates render of parts);
-    an image part is an `ImageRow`: this model path trains text only (reading.py makes the source's
+    LLaMA-Factory v1 files name the text `value` (`{"type": "text", "value": ...}`), read the same.
+    An image part is an `ImageRow`: this model path trains text only (reading.py makes the source's
     image rows one error)."""
     texts = []
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+        text = part.get("text", part.get("value")) if kind == "text" else None
+        if isinstance(text, str):
+            texts.append(text)
         elif kind in IMAGE_PARTS:
             raise r.bad(f"{where}[{j}]", f"an {kind} part: images need a vision-language model, and this run "
                                          "trains a text-only model (drop the image parts, or the rows)", ImageRow)
@@ -355,6 +358,10 @@ def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
         raise BadRecord(source, line, None, f"row must be a JSON object, got {type(row).__name__}", unit)
     cmap = columns or NO_COLUMNS
     r = _Row(cmap.apply(row), source, line, unit, cmap)
+    media = next((k for k in MEDIA_FIELDS if r.row.get(k)), None)
+    if media is not None:  # LLaMA-Factory's multimodal columns: a text-only model would silently drop them
+        raise r.bad(media, f"the row has {media} ({len(r.row[media]) if isinstance(r.row[media], list) else 1}): "
+                           f"{media} need a multimodal model, and this run trains a text-only model", ImageRow)
     try:
         try:
             read_as = detect_format(r.row) if fmt == "auto" else fmt

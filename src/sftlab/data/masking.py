@@ -98,11 +98,39 @@ def _text_and_spans(messages: list[dict[str, Any]], loss_on: str, template: str,
     return assistant_spans(template, messages, tools, kwargs, last_only=loss_on != "assistant", atoms=atoms)
 
 
+WEIGHT_KEYS = ("loss_weight", "weight")  # LLaMA-Factory v1's and axolotl's per-message loss weights
+
+
+def _weighted(messages: list[dict[str, Any]], loss_on: str, spans: list[Span]) -> list[Span]:
+    """The spans without those of assistant turns whose per-message weight (`loss_weight` / `weight`) is 0;
+    a weight other than 0 or 1 cannot be a mask and is refused."""
+    turns = [m for m in messages if m.get("role") == "assistant"]
+    weights = [next((m[k] for k in WEIGHT_KEYS if m.get(k) is not None), 1) for m in turns]
+    if loss_on == "all" or all(w == 1 for w in weights):
+        return spans
+    if any(w not in (0, 1) for w in weights):
+        raise TemplateError(f"a message's loss weight must be 0 or 1 (got {[w for w in weights if w not in (0, 1)][0]!r}): "
+                            "a mask trains a turn or not")
+    if loss_on != "assistant":
+        return spans if weights[-1] else []
+    if len(spans) != len(turns):
+        raise TemplateError(f"the template marks {len(spans)} spans for {len(turns)} assistant turns: the turns with "
+                            "loss weight 0 cannot be told apart")
+    return [s for s, w in zip(spans, weights) if w]
+
+
 def _fast_or_template(messages: list[dict[str, Any]], loss_on: str, template: str, tools: Tools,
                       kwargs: dict[str, Any], fast: ChatMLRenderer | None, verify: bool,
                       atoms: Atoms = ()) -> tuple[str, list[Span]]:
     """Text and spans from the direct renderer where it applies (checked against the template when
-    `verify`), else from the template."""
+    `verify`), else from the template; assistant turns with loss weight 0 lose their span (`_weighted`)."""
+    text, spans = _direct_or_template(messages, loss_on, template, tools, kwargs, fast, verify, atoms)
+    return text, _weighted(messages, loss_on, spans)
+
+
+def _direct_or_template(messages: list[dict[str, Any]], loss_on: str, template: str, tools: Tools,
+                        kwargs: dict[str, Any], fast: ChatMLRenderer | None, verify: bool,
+                        atoms: Atoms = ()) -> tuple[str, list[Span]]:
     got = fast.text_and_spans(messages, loss_on) if fast is not None and tools is None else None
     if got is None:
         return _text_and_spans(messages, loss_on, template, tools, kwargs, atoms)

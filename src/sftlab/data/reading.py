@@ -10,7 +10,8 @@ template the direct renderer (fast_chatml.py) is used where it is checked identi
 conversation that disagrees makes the source read again from the start through the template.
 
 Bad rows are counted and skipped (or, with `on_bad_record: error`, the first one is the error), except
-rows with image content parts: a text-only model cannot train on images at all, so once the source is
+rows with images (content parts, or LLaMA-Factory's images/videos/audios columns): a text-only model
+cannot train on images at all, so once the source is
 read they are one `DataError` naming the source, the first few rows and their count, before any
 training (`image_rows_error`).
 """
@@ -135,9 +136,10 @@ def _places(errs: list[BadRecord]) -> str:
 
 
 def image_rows_error(source: str, first: list[BadRecord], count: int, rows: int) -> DataError:
-    """One error for a source's rows with image content parts, naming the first few and the count."""
+    """One error for a source's rows with images (content parts, or an images/videos/audios column), naming
+    the first few and the count."""
     more = f" and {count - len(first)} more" if count > len(first) else ""
-    return DataError(f"data source {source}: {count} of {rows} rows have image content parts ({_places(first)}{more}; "
+    return DataError(f"data source {source}: {count} of {rows} rows have images ({_places(first)}{more}; "
                      f"the first: field '{first[0].field_name}'). Images need a vision-language model, and this run "
                      "trains a text-only model (vision-language training is not supported yet): drop the image "
                      "parts, or those rows")

@@ -2,7 +2,8 @@
 
 `run_training` is the recipe, a table of contents of its phases:
   setup_run -> setup_data -> check_resume_state -> setup_model_and_optimizer (train/setup.py)
-  -> resume_or_start (train/resume.py) -> open_run_log -> fit -> finish (train/outputs.py).
+  -> resume_or_start (train/resume.py) -> open_run_log -> fit -> finish (train/outputs.py)
+  -> with train.push_to_hub the upload (train/hub.py), once the other processes have left.
 From open_run_log on, SIGINT/SIGTERM mean: finish the step, checkpoint, stop (train/control.py),
 and a callback returning True means the same (train/callbacks.py).
 `fit` runs the optimizer steps; each is `optimizer_step` (micro-batches, forward/backward, clipping,
@@ -37,7 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sftlab.config import SFTConfig
 from sftlab.data.packing import pack_examples, packed_collate
-from sftlab.train import best, distributed
+from sftlab.train import best, distributed, hub
 from sftlab.train.checkpoint import TrainerState, latest_checkpoint, save_checkpoint
 from sftlab.train.control import Interrupted, StopRequest
 from sftlab.train.evaluate import target_loss
@@ -83,7 +84,10 @@ def run_training(cfg: SFTConfig, console: Console | None = None, resume_command:
         finish(run)
     elif run.main:
         run.callbacks.call("on_train_end", run.result)
+    push = run.main and run.result.stopped is None and run.cfg.train.push_to_hub
     distributed.leave_together(run.accelerator)
+    if push:  # after the other ranks have left: an upload of any length never holds them in a collective
+        hub.push_after_training(run)
     return run.result
 
 

@@ -3,8 +3,9 @@
 `open_run_log`: metrics.jsonl (rewritten from the checkpoint's records when resuming), config.yaml,
 run.json (what `auto` settings resolved to; what the Python API passed), data_report.json.
 `finish`: the model (fp32 masters, or gathered from a sharded engine) or the adapter saved in
-`model.dtype` with the tokenizer and chat template, the match evaluation after training, and the
-FINISHED marker last. `finished_result` is what a finished run reports when asked again.
+`model.dtype` with the tokenizer and chat template, the match evaluation after training, the model
+cards (README.md; train/card.py) and the FINISHED marker (train.push_to_hub uploads after it: train/hub.py).
+`finished_result` is what a finished run reports when asked again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sftlab.model import adapters
 from sftlab.model.generate import MatchResult, exact_match
 from sftlab.model.loading import DTYPES
 from sftlab.train import distributed, rundir
+from sftlab.train.card import write_model_cards
 from sftlab.train.checkpoint import delete_checkpoints
 from sftlab.train.data import data_report_json
 from sftlab.train.inference import load_adapter_dir, load_model_dir
@@ -100,6 +102,8 @@ def finish(run: Run) -> None:
                    "samples_after": [list(s) for s in run.result.match_after.samples[:5]]}
         (run.out / "match_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     end_callbacks(run)
+    cards = write_model_cards(run.out)  # README.md, from the run's files (metrics.jsonl ends with the last step)
+    run.console.print(f"[bold]model card[/bold]: {', '.join(str(p) for p in cards)}", highlight=False)
     rundir.mark_finished(run.out, {"steps": run.total_steps, "final_loss": run.result.final_loss,
                                    "eval_loss": run.result.eval_loss})
     if run.cfg.checkpoint.delete_at_end:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from sftlab.config import SFTConfig
-from sftlab.model import adapters
+from sftlab.model import adapters, attention
 from sftlab.model.loading import load_model
 from sftlab.model.vocab import resize_for_new_tokens
 from sftlab.train.precision import use_bf16_weights
@@ -66,6 +66,13 @@ def build_run_model(cfg: SFTConfig, tokens: RunTokens, purpose: str = "train", g
     _add_adapter(built, cfg, tokens, training)
     if not training:
         return built
+    if cfg.data.packing != "none" or cfg.data.eval_packing:  # packed rows: documents apart without a dense mask
+        dtype = torch.bfloat16 if mixed_precision == "bf16" or cfg.model.dtype == "bfloat16" else torch.float32
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        mode, why = attention.choose(cfg.train.packed_attention, built.model, device, dtype)
+        attention.use(built.model, mode)
+        how = "one causal SDPA call per document" if mode == "documents" else "the dense document mask"
+        built.lines.append(f"packed attention: {how} ({why})")
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(built.model)
     if cfg.train.neftune_alpha is not None:  # transformers' hook: noise in training forwards only

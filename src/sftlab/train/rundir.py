@@ -31,7 +31,7 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "run.json", "checkpoints", "tensorb
 # a previous run's outputs that a new run does not necessarily rewrite (full vs LoRA, fewer steps, no merge)
 STALE = (FINISHED, "checkpoints", "merged", "model.safetensors", "model.safetensors.index.json", "config.json",
          "generation_config.json", "adapter_model.safetensors", "adapter_config.json", "sftlab_base.json",
-         "match_eval.json", "metrics.jsonl")
+         "match_eval.json", "metrics.jsonl", "README.md")
 
 
 class RunError(RuntimeError):

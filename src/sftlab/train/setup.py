@@ -29,7 +29,7 @@ from sftlab.model.generate import load_match_examples
 from sftlab.model.kernels import KernelError, apply_liger
 from sftlab.model.loading import DTYPES, resolve_model_path, stored_dtype
 from sftlab.model.loss import TargetLossHead, full_nll
-from sftlab.train import distributed, rundir, tracking
+from sftlab.train import distributed, hub, rundir, tracking
 from sftlab.train.callbacks import CallbackList, ReportCallback, TrackerCallback
 from sftlab.train.checkpoint import read_state
 from sftlab.train.data import prepare_run_data
@@ -125,6 +125,8 @@ def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = Non
     except tracking.TrackerError as e:
         raise RunError(str(e)) from None
     check_local_paths(cfg.data.train + cfg.data.eval)  # a mistyped data path fails before anything is touched
+    if cfg.train.push_to_hub:  # no token or no Hub: one error now, not after training
+        hub.check_access(cfg.train.hub_model_id)
     # the processes and their engine (nothing is written yet): the output_dir verdict is shared over them
     accelerator = distributed.build_accelerator(
         mixed, cpu=run_device_type() == "cpu", log_with=trackers or None,

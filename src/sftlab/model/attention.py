@@ -1,0 +1,165 @@
+"""Document-aware attention for packed rows without a dense mask: one causal SDPA call per document.
+
+A packed row holds several documents; each must attend only to itself. transformers does this by
+building a dense (batch, 1, T, T) block-diagonal mask from the restarting `position_ids`, and the CPU
+SDPA kernels are slow with a dense mask (issue 8's profile: 31% of a packed step). Here the row is cut
+at its document boundaries and each document runs through transformers' own `sdpa_attention_forward`
+with `is_causal=True` and no mask: the same arithmetic as attending to the document alone (exact
+against the unpacked forward), and the attention FLOPs grow with sum(d_i^2) instead of T^2.
+
+It is registered with transformers as the attention implementation `sftlab_documents`, together with
+a mask function that builds no mask where the batch has no padding mask (packed rows, unpadded
+rows), so the attention function sees the positions instead. Wherever a mask is needed -- a padded
+batch, generation with left padding or a KV cache -- the mask is built and the call is plain SDPA,
+so the same model also evaluates and generates correctly.
+
+`choose(setting, model, device)` decides per run (`train.packed_attention`): `documents`, `mask`
+(transformers' dense mask), or `auto`, which times both on the model's own head shape on this device
+once per process and picks the faster; models with sliding-window layers keep the mask (the window
+would be ignored here).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "sftlab_documents"
+
+
+def _mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
+    """No mask for batches without a padding mask (the attention function cuts documents by position);
+    SDPA's own mask otherwise."""
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def document_cuts(position_ids: torch.Tensor, rows: int, length: int) -> list[list[int]]:
+    """Per batch row, the offsets where its documents start, plus the row length: a document starts
+    wherever the position does not grow by exactly 1 (as transformers finds packed sequences)."""
+    pos = position_ids.expand(rows, -1)
+    starts = (torch.diff(pos, dim=-1) != 1).nonzero().tolist()  # one host sync per forward's first layer
+    cuts: list[list[int]] = [[0] for _ in range(rows)]
+    for b, t in starts:
+        cuts[b].append(t + 1)
+    return [c + [length] for c in cuts]
+
+
+# The cuts of the last position_ids tensor seen: every layer of one forward gets the same tensor object.
+# Holding it keeps its id from being reused by another tensor, so identity (and its version) is a safe key.
+_CUTS: dict[str, Any] = {"tensor": None, "version": None, "shape": None, "cuts": None}
+
+
+def _cached_cuts(position_ids: torch.Tensor, rows: int, length: int) -> list[list[int]]:
+    if not (_CUTS["tensor"] is position_ids and _CUTS["version"] == position_ids._version
+            and _CUTS["shape"] == (rows, length)):
+        _CUTS.update(tensor=position_ids, version=position_ids._version, shape=(rows, length),
+                     cuts=document_cuts(position_ids, rows, length))
+    return _CUTS["cuts"]
+
+
+def document_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function interface: query/key/value (batch, heads, T, head_dim) -> output
+    (batch, T, heads, head_dim). Causal per document where there is no mask; plain SDPA otherwise."""
+    position_ids = kwargs.pop("position_ids", None)
+    if attention_mask is not None or query.shape[2] != key.shape[2] or query.shape[2] == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if position_ids is None:
+        raise RuntimeError(f"{type(module).__name__} does not hand position_ids to its attention function, so "
+                           "packed documents cannot be told apart: set train.packed_attention: mask")
+    rows, length = query.shape[0], query.shape[2]
+    cuts = _cached_cuts(position_ids, rows, length)
+    if all(len(c) == 2 for c in cuts):  # one document per row: a single causal call
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                      is_causal=True, **kwargs)
+    out = []
+    for b, row_cuts in enumerate(cuts):
+        out.append(torch.cat([
+            sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                   None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
+            for s, e in zip(row_cuts[:-1], row_cuts[1:])], dim=1))
+    return torch.cat(out, dim=0), None
+
+
+AttentionInterface.register(NAME, document_attention)
+AttentionMaskInterface.register(NAME, _mask)
+
+
+def _text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def has_sliding_window(model: Any) -> bool:
+    config = _text_config(model)
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    return bool(sliding) or any("sliding" in str(t) for t in layer_types)
+
+
+@functools.lru_cache(maxsize=8)
+def _measure(device: str, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict[str, float]:
+    """Seconds for one forward+backward of a 1024-token row of four documents, each way, on this device."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    docs, length = [200, 312, 256, 256], 1024
+    q = torch.randn(1, heads, length, head_dim, device=device, dtype=dtype, generator=gen, requires_grad=True)
+    k = torch.randn(1, heads, length, head_dim, device=device, dtype=dtype, generator=gen, requires_grad=True)
+    v = torch.randn(1, heads, length, head_dim, device=device, dtype=dtype, generator=gen, requires_grad=True)
+    doc = torch.repeat_interleave(torch.arange(len(docs), device=device), torch.tensor(docs, device=device))
+    t = torch.arange(length, device=device)
+    mask = ((doc[:, None] == doc[None, :]) & (t[:, None] >= t[None, :]))[None, None]
+    cuts = [0, 200, 512, 768, 1024]
+
+    def dense():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def per_document():
+        return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True) for s, e in zip(cuts[:-1], cuts[1:])], 2)
+
+    times = {}
+    for name, fn in (("mask", dense), ("documents", per_document)):
+        fn().sum().backward()  # warm-up
+        start = time.perf_counter()
+        for _ in range(3):
+            fn().sum().backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times[name] = (time.perf_counter() - start) / 3
+    return times
+
+
+def choose(setting: str, model: Any, device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+    """(`documents` or `mask`, why) for `train.packed_attention` on this model and device."""
+    if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", NAME):
+        return "mask", f"model.attn_implementation is {model.config._attn_implementation}"
+    if has_sliding_window(model):
+        if setting == "documents":
+            raise ValueError("train.packed_attention: documents ignores sliding-window attention, which this model "
+                             "uses; use mask or auto")
+        return "mask", "the model has sliding-window layers"
+    if setting != "auto":
+        return setting, "as configured"
+    config = _text_config(model)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    times = _measure(str(torch.device(device)), heads, getattr(config, "num_key_value_heads", heads), head_dim, dtype)
+    best = min(times, key=times.get)
+    return best, (f"auto: per-document SDPA {times['documents'] * 1e3:.1f} ms vs dense mask "
+                  f"{times['mask'] * 1e3:.1f} ms per 1024-token row of 4 documents on this device")
+
+
+def use(model: Any, mode: str) -> None:
+    """Switch the model (and what it wraps) to per-document attention, or back to SDPA."""
+    target = getattr(model, "get_base_model", lambda: model)()
+    target.set_attn_implementation(NAME if mode == "documents" else "sdpa")

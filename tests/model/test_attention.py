@@ -1,0 +1,90 @@
+"""Per-document attention on packed rows (model/attention.py): exact against each document alone, for the
+forward and the gradients; padded batches and generation unchanged; nothing of it saved with the model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build_model
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+from sftlab.model import attention
+
+DOCS = [(0, 10), (10, 22), (22, 30)]
+
+
+def _packed(vocab):
+    torch.manual_seed(1)
+    ids = torch.randint(5, vocab, (1, 30))
+    pos = torch.cat([torch.arange(e - s) for s, e in DOCS])[None]
+    return ids, pos
+
+
+@pytest.mark.parametrize("impl", [attention.NAME, "sdpa", "eager"])
+def test_a_packed_row_equals_its_documents_alone_forward_and_backward(impl):
+    model = build_model(400, seed=3)
+    ids, pos = _packed(400)
+    alone = torch.cat([model(input_ids=ids[:, s:e], use_cache=False).logits for s, e in DOCS], 1)
+    alone.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_attn_implementation(impl)
+    got = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-5)
+
+
+def test_two_packed_rows_with_different_cuts_in_one_batch():
+    model = build_model(400, seed=3)
+    model.set_attn_implementation(attention.NAME)
+    ids = torch.randint(5, 400, (2, 12))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 0]])
+    got = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    for b, cuts in enumerate([[(0, 5), (5, 12)], [(0, 3), (3, 11), (11, 12)]]):
+        for s, e in cuts:
+            torch.testing.assert_close(got[b, s:e], model(input_ids=ids[b:b + 1, s:e], use_cache=False).logits[0],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_padded_batches_and_generation_are_plain_sdpa():
+    model = build_model(400, seed=3)
+    ids = torch.randint(5, 400, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0  # left padding, as generation pads
+    model.generation_config.pad_token_id = 2
+    want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    want_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    model.set_attn_implementation(attention.NAME)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 3:], want[:, 3:])
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False), want_gen)
+
+
+def test_the_saved_model_loads_with_plain_sdpa(tmp_path):
+    model = build_model(400)
+    attention.use(model, "documents")
+    model.save_pretrained(tmp_path)
+    assert attention.NAME not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation in ("sdpa", "eager")
+
+
+def test_choose_measures_keeps_the_mask_for_sliding_windows_and_other_kernels():
+    model = build_model(400)
+    mode, why = attention.choose("auto", model, "cpu")
+    assert mode in ("documents", "mask") and "per-document SDPA" in why and "dense mask" in why
+    assert attention.choose("documents", model, "cpu") == ("documents", "as configured")
+    model.set_attn_implementation("eager")
+    assert attention.choose("auto", model, "cpu")[0] == "mask"
+    sliding = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, sliding_window=8))
+    assert attention.choose("auto", sliding, "cpu") == ("mask", "the model has sliding-window layers")
+    with pytest.raises(ValueError, match="sliding-window"):
+        attention.choose("documents", sliding, "cpu")
+
+
+def test_cuts_follow_restarting_positions():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1]])
+    assert attention.document_cuts(pos, 1, 8) == [[0, 3, 5, 6, 8]]
