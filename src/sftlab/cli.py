@@ -1,4 +1,4 @@
-"""Command line: `sftlab train|prepare|eval|report|export|push|config|generate|chat`.
+"""Command line: `sftlab train|prepare|eval|report|export|push|config|convert-config|generate|chat`.
 
     sftlab train [CONFIG.yaml] [key.path=value ...]   fine-tune (no CONFIG: the embedded demo)
     sftlab train --data FILE [--model M] [--out DIR]  quick start: the library defaults (printed first)
@@ -9,6 +9,7 @@
     sftlab export RUN_DIR --merge --out DIR           merge a LoRA adapter into a plain model
     sftlab push RUN_DIR --repo-id ID [--private]      upload a finished run to the Hub (train/hub.py)
     sftlab config show|reference [CONFIG.yaml] [overrides ...]   resolved config / every key documented
+    sftlab convert-config FILE --from trl|axolotl|llamafactory   another tool's config as sftlab YAML
     sftlab generate MODEL --prompt "..." [--tools F]  one reply (greedy; --temperature/--top-p sample)
     sftlab chat MODEL [--tools FILE]                  interactive chat (piped stdin: one reply per line)
 
@@ -27,13 +28,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sftlab.config import (
-    ConfigError,
-    config_reference,
-    dump_config,
-    gives_training_data,
-    load_config,
-)
+from sftlab.config import ConfigError, config_reference, dump_config, gives_training_data, load_config
+from sftlab.migrate import TOOLS, print_converted
 
 console = Console(soft_wrap=True)
 
@@ -289,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     cr.set_defaults(func=lambda ns: print(config_reference()) or 0)
 
     _eval_parser(sub)
+    cc = sub.add_parser("convert-config", help="a TRL, axolotl or LLaMA-Factory config as sftlab YAML (docs/migrating.md)")
+    cc.add_argument("file")
+    cc.add_argument("--from", dest="tool", required=True, choices=TOOLS)
+    cc.set_defaults(func=print_converted)
 
     r = sub.add_parser("report", help="regenerate a run's report.md + loss.png")
     r.add_argument("run_dir")

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from sftlab.config_aliases import ALIASES
 from sftlab.config_schema import (  # noqa: F401 - the schema is part of this module's interface
     FORMATS,
     MESSAGE_KEYS,
@@ -123,34 +124,6 @@ def gives_training_data(overrides: list[str] | None) -> bool:
     return any(item.partition("=")[0].strip() == "data.train" for item in overrides or [])
 
 
-# Names other tools use for our keys (TRL/transformers, axolotl, torchtune): suggested for an unknown key.
-ALIASES = {
-    "learning_rate": "lr", "lr_scheduler_type": "scheduler", "lr_scheduler": "scheduler",
-    "per_device_train_batch_size": "micro_batch_size", "batch_size": "micro_batch_size",
-    "micro_batch": "micro_batch_size", "gradient_accumulation_steps": "grad_accum_steps",
-    "gradient_accumulation": "grad_accum_steps", "num_train_epochs": "num_epochs", "epochs": "num_epochs",
-    "max_length": "max_seq_length", "max_seq_len": "max_seq_length", "sequence_len": "max_seq_length",
-    "seq_len": "max_seq_length", "warmup": "warmup_ratio", "lora_r": "r", "lora_alpha": "alpha",
-    "lora_dropout": "dropout", "lora_target_modules": "target_modules", "bf16": "mixed_precision",
-    "fp16": "mixed_precision", "precision": "mixed_precision", "max_grad_norm_clip": "max_grad_norm",
-    "gradient_clipping": "max_grad_norm", "save_steps": "every_steps", "save_total_limit": "keep_last",
-    "eval_steps": "eval_every", "logging_steps": "log_every", "dataset": "train", "datasets": "train",
-    "val_set_size": "eval_fraction", "sample_packing": "packing", "model_name_or_path": "name_or_path",
-    "base_model": "name_or_path", "output": "output_dir", "neftune_noise_alpha": "neftune_alpha",
-    "resume_from_checkpoint": "resume", "dataset_num_proc": "num_proc", "torch_dtype": "dtype",
-    # TRL's SFT data settings; a dotted value is the whole key
-    "response_template": "data.response_template", "instruction_template": "data.instruction_template",
-    "dataset_text_field": "columns", "completion_only_loss": "loss_on", "assistant_only_loss": "loss_on",
-    # open-instruct, Fast-LLM, axolotl, LLaMA-Factory
-    "use_flash_attn": "attn_implementation", "flash_attention": "attn_implementation", "dataset_mixer_list": "train",
-    "dataset_mixer": "train", "cutoff_len": "max_seq_length", "template": "chat_template", "optimizer": "name",
-    "tokenizer_name": "tokenizer", "tokenizer_name_or_path": "tokenizer", "model_init_kwargs": "init_kwargs",
-    "final_lr_ratio": "min_lr_ratio", "clean_checkpoints_at_end": "delete_at_end", "checkpointing_steps": "every_steps",
-    "lora_bias": "bias", "resize_to_multiple_of": "pad_vocab_to_multiple_of", "eval_iters": "eval_max_batches",
-    "max_eval_batches": "eval_max_batches",
-}
-
-
 def _model_of(annotation: Any) -> type[BaseModel] | None:
     """The config class inside an annotation (X, X | None, list[X]), if any."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -186,22 +159,20 @@ def config_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:  
 
 
 def suggest_key(loc: tuple) -> str | None:
-    """A did-you-mean for the unknown key at `loc`: a close name in the same section, else a known
-    alias (e.g. learning_rate -> optim.lr), anywhere in the config."""
+    """A did-you-mean for the unknown key at `loc`: another tool's name for one of our keys (config_aliases.py,
+    e.g. learning_rate -> optim.lr), else a close name in the same section, else the same name anywhere."""
     name = str(loc[-1])
     holder = _model_at(loc[:-1])
     prefix = ".".join(str(p) for p in loc[:-1])
     here = list(holder.model_fields) if holder is not None else []
     target = ALIASES.get(name.lower())
-    if target is not None and "." in target:
-        return target
-    if target in here:
-        return f"{prefix}.{target}" if prefix else target
+    if target is not None:  # inside a source, `data.train.N.x` names that very source
+        inside = len(loc) > 3 and loc[0] == "data" and isinstance(loc[2], int)
+        return f"data.{loc[1]}.{loc[2]}.{target.split('.N.')[1]}" if inside and ".N." in target else target
     close = difflib.get_close_matches(name, here, n=1, cutoff=0.6)
     if close:
         return f"{prefix}.{close[0]}" if prefix else close[0]
-    wanted = target or name
-    anywhere = [k for k in config_keys() if k.rsplit(".", 1)[-1] == wanted]
+    anywhere = [k for k in config_keys() if k.rsplit(".", 1)[-1] == name]
     if not anywhere:
         anywhere = difflib.get_close_matches(name, config_keys(), n=1, cutoff=0.75)
     return anywhere[0] if anywhere else None

@@ -1,0 +1,212 @@
+"""docs/migrating.md and `sftlab convert-config`: every sftlab key the guide names exists, every foreign name
+it maps gets a did-you-mean to exactly that key, and public example configs of TRL, axolotl and
+LLaMA-Factory convert into configs that sftlab loads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sftlab.cli import main
+from sftlab.config import ConfigError, SFTConfig, config_keys, load_config, suggest_key
+from sftlab.migrate import convert_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDE = ROOT / "docs" / "migrating.md"
+FIXTURES = ROOT / "tests" / "fixtures" / "configs"
+SECTIONS = tuple(SFTConfig.model_fields)
+KEY = re.compile(r"`((?:%s)(?:\.[A-Za-z0-9_]+)*)`" % "|".join(SECTIONS))
+COMING: tuple[str, ...] = ()  # keys named in the guide before they exist (none now)
+# Fast-LLM's nested leaves that are too generic to mean one sftlab key on their own (`base`, `interval`, ...)
+GENERIC = {"base", "interval", "keep", "minimum", "iterations", "field", "validation", "training", "format"}
+
+
+def rows() -> list[tuple[str, str, str]]:
+    """(section title, foreign cell, sftlab cell) of every table row of the guide's per-tool tables."""
+    out, title = [], ""
+    for line in GUIDE.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.strip("# ")
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")] if line.startswith("| `") else []
+        if len(cells) >= 2 and not title.startswith("Semantic"):
+            out.append((title, cells[0], cells[1]))
+    return out
+
+
+def exists(key: str) -> bool:
+    keys = config_keys()
+    return key in keys or any(k.startswith(key + ".") for k in keys)
+
+
+def test_guide_has_a_table_per_tool():
+    titles = {t for t, _, _ in rows()}
+    for tool in ("TRL", "open-instruct", "Fast-LLM", "axolotl", "LLaMA-Factory (arguments)", "dataset_info.json"):
+        assert any(tool in t for t in titles), tool
+    assert len(rows()) > 250
+    assert "docs/migrating.md" in (ROOT / "README.md").read_text()
+
+
+def test_every_sftlab_key_in_the_guide_exists():
+    prose = GUIDE.read_text().split("## Semantic differences")[1]
+    named = {k for _, _, ours in rows() for k in KEY.findall(ours)} | set(KEY.findall(prose))
+    missing = sorted(k for k in named if not exists(k) and not k.startswith(COMING))
+    assert not missing, f"docs/migrating.md names keys sftlab does not have: {missing}"
+    assert len(named) > 70
+
+
+def test_every_row_maps_or_says_why_not():
+    bad = [(t, f, o) for t, f, o in rows() if not (o.startswith("`") or o.startswith(("not needed:", "not supported")))]
+    assert not bad, bad
+
+
+def mapped_names() -> list[tuple[str, str]]:
+    """(foreign leaf name, the sftlab key it maps to) for every mapped row, one per foreign name."""
+    out = []
+    for _, foreign, ours in rows():
+        target = KEY.findall(ours)
+        if not ours.startswith("`") or not target or target[0].startswith(COMING):
+            continue
+        for name in re.findall(r"`([^`]+)`", foreign):
+            if ":" in name or "{" in name:  # a value inside a mapping (dataset_info columns), not a key
+                continue
+            leaf = name.replace("[]", "").rsplit(".", 1)[-1]
+            if leaf not in GENERIC:
+                out.append((leaf, target[0]))
+    return out
+
+
+def placements(leaf: str, target: str) -> list[tuple[tuple, str]]:
+    """Where a user puts the foreign name: at the top level (flat TRL/axolotl/LLaMA-Factory files) and in
+    the section of its sftlab key (a source for source keys), with the suggestion expected there."""
+    out = [] if leaf in SECTIONS else [((leaf,), target)]
+    if ".N." in target:
+        section, rest = target.split(".N.")
+        out.append(((*section.split("."), 0, leaf), f"{section}.0.{rest}"))
+    else:
+        parent = tuple(target.split(".")[:-1]) or (target,)
+        out.append(((*parent, leaf), target))
+    return out
+
+
+def test_every_mapped_foreign_name_suggests_its_key():
+    own_leaves = {k.rsplit(".", 1)[-1] for k in config_keys()}
+    wrong, checked = [], 0
+    for leaf, target in mapped_names():
+        if leaf in own_leaves:  # the foreign name is our own key: valid where it belongs, found anywhere else
+            continue
+        for loc, want in placements(leaf, target):
+            checked += 1
+            if suggest_key(loc) != want:
+                wrong.append(f"{'.'.join(map(str, loc))}: suggests {suggest_key(loc)}, the guide says {want}")
+    assert not wrong, "\n".join(wrong)
+    assert checked > 150
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("learning_rate=1e-4", "learning_rate: unknown key; did you mean optim.lr?"),
+    ("train.lr_scheduler=cosine", "did you mean optim.scheduler?"),
+    ("data.train.0.formatting=sharegpt", "did you mean data.train.0.format?"),
+    ("sequence_len=4096", "did you mean data.max_seq_length?"),
+    ("lora_target=all", "did you mean peft.target_modules?"),
+])
+def test_config_show_suggests_the_key(override, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.train=x.jsonl", override])
+    assert hint in str(e.value)
+
+
+FILES = sorted((p.parent.name, p) for p in FIXTURES.glob("*/*.y*ml"))
+
+
+def test_fixtures_are_a_sample_of_each_tool():
+    assert {tool for tool, _ in FILES} == {"trl", "axolotl", "llamafactory"}
+    assert all(sum(t == tool for t, _ in FILES) == 5 for tool in ("trl", "axolotl", "llamafactory"))
+
+
+@pytest.mark.parametrize("tool, path", FILES, ids=[p.name for _, p in FILES])
+def test_public_configs_convert_and_load(tool, path, tmp_path, capsys):
+    assert main(["convert-config", str(path), "--from", tool]) == 0
+    text = capsys.readouterr().out
+    out = tmp_path / "converted.yaml"
+    out.write_text(text)
+    cfg = load_config(out)
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.data.train, text
+    for line in (x for x in text.splitlines() if x.startswith(("# not converted", "# not needed"))):
+        key = line.split(": ", 1)[1].split("=", 1)[0]
+        assert key in raw or key.startswith(("dataset ", "datasets[", "peft ", "packing_strategy")), line
+    assert main(["config", "show", str(out)]) == 0
+
+
+def test_trl_conversion(tmp_path):
+    text = convert_config(FIXTURES / "trl" / "handbook_prometheus_qlora.yaml", "trl")
+    cfg = yaml.safe_load(text)
+    assert cfg["model"] == {"name_or_path": "mistralai/Mistral-7B-Instruct-v0.2", "dtype": "float16", "revision": "main"}
+    assert cfg["data"]["train"] == [{"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"}]
+    assert cfg["data"]["eval"] == [{"path": "HuggingFaceH4/ultrachat_200k", "split": "test_sft"}]
+    assert cfg["peft"]["quantize"] == "nf4" and cfg["peft"]["r"] == 16 and cfg["peft"]["target_modules"][0] == "q_proj"
+    assert cfg["checkpoint"] == {"every_steps": 100, "keep_last": 1}
+    assert cfg["train"]["mixed_precision"] == "bf16" and cfg["data"]["on_overlength"] == "truncate"
+    assert "# not converted: chat_template=<inline Jinja> (save it as a .jinja file" in text
+    assert cfg["train"]["push_to_hub"] is True and cfg["train"]["hub_model_id"] == "prometheus-7b-v1.5-beta"
+    assert "# not converted: hub_strategy=every_save (the final model is pushed once" in text
+    smol = yaml.safe_load(convert_config(FIXTURES / "trl" / "handbook_smollm_sft.yaml", "trl"))
+    assert len(smol["data"]["train"]) == 10 and smol["data"]["eval_fraction"] == 0.05
+    assert smol["data"]["train"][4] == {"path": "HuggingFaceTB/OpenHermes-2.5-H4", "split": "train_sft",
+                                        "subset": "default", "weight": 0.001}
+    r1 = yaml.safe_load(convert_config(FIXTURES / "trl" / "open_r1_smollm2_1.7b_sft.yaml", "trl"))
+    assert r1["data"]["packing"] == "bfd" and r1["optim"]["name"] == "adamw" and "max_steps" not in r1["train"]
+    assert r1["data"]["train"] == [{"path": "open-r1/OpenR1-Math-220k", "split": "train", "subset": "default"}]
+
+
+def test_axolotl_conversion():
+    text = convert_config(FIXTURES / "axolotl" / "llama3_instruct_lora_8b.yml", "axolotl")
+    cfg = yaml.safe_load(text)
+    assert cfg["data"]["train"] == [{"path": "fozziethebeat/alpaca_messages_2k_test", "format": "messages"}]
+    assert cfg["data"]["chat_template"] == "llama3" and cfg["data"]["eval_fraction"] == 0.05
+    assert cfg["peft"] == {"method": "lora", "r": 32, "alpha": 16.0, "dropout": 0.05, "target_modules": "all-linear",
+                           "quantize": "int8"}
+    assert cfg["optim"]["name"] == "adamw_8bit" and cfg["checkpoint"] == {"every_epoch": True}
+    qlora = yaml.safe_load(convert_config(FIXTURES / "axolotl" / "llama3_qlora_1b.yml", "axolotl"))
+    assert qlora["peft"]["quantize"] == "nf4" and qlora["data"]["train"][0]["format"] == "alpaca"
+    assert qlora["data"]["packing"] == "bfd" and qlora["data"]["eval_packing"] is True
+    fft = yaml.safe_load(convert_config(FIXTURES / "axolotl" / "llama3_fft_8b.yaml", "axolotl"))
+    assert "peft" not in fft and fft["optim"]["lr"] == 2e-5 and fft["optim"]["name"] == "paged_adamw_8bit"
+
+
+def test_llamafactory_conversion_reads_dataset_info(tmp_path):
+    text = convert_config(FIXTURES / "llamafactory" / "llama3_lora_sft_otfq.yaml", "llamafactory")
+    cfg = yaml.safe_load(text)
+    assert [s["path"] for s in cfg["data"]["train"]] == ["data/identity.json", "data/alpaca_en_demo.json"]
+    assert cfg["data"]["train"][0]["format"] == "alpaca" and cfg["data"]["eval_fraction"] == 0.1
+    assert cfg["peft"] == {"method": "lora", "target_modules": "all-linear", "quantize": "nf4"}
+    assert cfg["train"]["eval_every"] == 500 and "# not converted: max_samples=1000" in text
+    config = tmp_path / "sft.yaml"
+    config.write_text("dataset: glaive_toolcall_en_demo,ultrachat_200k,openorca,llava_1k_en\ndataset_dir: "
+                      f"{FIXTURES / 'llamafactory' / 'data'}\nfinetuning_type: full\n")
+    text = convert_config(config, "llamafactory")
+    glaive, ultra, orca, llava = yaml.safe_load(text)["data"]["train"]
+    assert glaive["format"] == "sharegpt" and "columns" not in glaive and glaive["path"].endswith("glaive_toolcall_en_demo.json")
+    assert ultra == {"path": "HuggingFaceH4/ultrachat_200k", "name": "ultrachat_200k", "format": "sharegpt",
+                     "split": "train_sft", "columns": {"conversations": "messages", "from": "role", "value": "content"}}
+    assert orca["columns"] == {"instruction": "question", "output": "response", "system": "system_prompt"}
+    assert "# not converted: dataset llava_1k_en columns.images=images" in text
+    assert load_config(_saved(tmp_path, text)).data.train[1].columns["from"] == "role"
+
+
+def _saved(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "converted.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_bad_input_is_one_error(tmp_path):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        convert_config(tmp_path / "list.yaml", "trl")
+    with pytest.raises(ConfigError, match="cannot read"):
+        convert_config(tmp_path / "missing.yaml", "axolotl")
+    assert main(["convert-config", str(tmp_path / "missing.yaml"), "--from", "trl"]) == 2
