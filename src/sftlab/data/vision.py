@@ -1,0 +1,124 @@
+"""Vision-language examples: mask as the text path does, expand image tokens with the processor, collate pixels.
+
+A conversation of content parts (data/images.py) is rendered with the processor's chat template,
+where each image is the template's placeholder (`<image>`, `<|vision_start|><|image_pad|>...`). Its
+labels come from the text path exactly (masking.py: assistant content plus end-of-turn are targets).
+The processor then expands the placeholders (into as many image tokens as the image needs, with
+the family's wrappers), and the labels are carried over token by token: the two token sequences
+are the same but for the runs the expansion inserted, which are never targets; an image token id
+is never a target either. Where the sequences differ in any other way, the row is refused (a
+TemplateError), never guessed.
+
+`vision_collate` pads ids and labels as `pad_collate` does, loads the batch's images and adds
+whatever the image processor returns (`pixel_values`, `image_grid_thw`, `pixel_attention_mask`,
+`image_sizes`...) and the processor's `mm_token_type_ids` where it makes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sftlab.data import masking
+from sftlab.data.collate import pad_collate
+from sftlab.data.types import IGNORE_INDEX, TemplateError, TokenizedExample
+
+_TOKEN_ATTRS = ("image_token", "fake_image_token", "global_image_tag", "boi_token", "eoi_token",
+                "image_start_token", "image_end_token", "vision_start_token", "vision_end_token")
+
+
+@dataclass
+class VisionExample(TokenizedExample):
+    """Token ids with image tokens expanded, aligned labels, and the example's image references in order."""
+
+    images: tuple[Any, ...] = ()
+
+
+def image_token_ids(processor: Any) -> set[int]:
+    """The ids of the processor's image tokens: placeholders and the wrappers its expansion writes."""
+    tok = processor.tokenizer
+    ids = {getattr(processor, a) for a in dir(processor) if a.endswith("image_token_id")}
+    names = [getattr(processor, a, None) for a in _TOKEN_ATTRS] + [getattr(tok, a, None) for a in _TOKEN_ATTRS]
+    ids |= {tok.convert_tokens_to_ids(n) for n in names if isinstance(n, str)}
+    return {i for i in ids if isinstance(i, int) and i != tok.unk_token_id}
+
+
+def load_image(ref: Any) -> Image.Image:
+    """An RGB image from a reference (a path, or an image already in memory)."""
+    if isinstance(ref, Image.Image):
+        return ref if ref.mode == "RGB" else ref.convert("RGB")
+    with Image.open(ref) as image:
+        return image.convert("RGB")
+
+
+def carry_labels(short: Sequence[int], labels: Sequence[int], long: Sequence[int], inserted: set[int]) -> list[int]:
+    """`labels` of the token sequence `short` carried over to `long`: `short` with runs of the ids in
+    `inserted` added (and placeholders in `inserted` replaced). Inserted tokens get IGNORE_INDEX; a
+    target token must find itself in `long`, else TemplateError."""
+    out = [IGNORE_INDEX] * len(long)
+    i = j = 0
+    while i < len(short):
+        if j < len(long) and long[j] == short[i]:
+            out[j] = labels[i]
+            i, j = i + 1, j + 1
+        elif j < len(long) and long[j] in inserted:
+            j += 1  # a token the expansion wrote
+        elif short[i] in inserted and labels[i] == IGNORE_INDEX:
+            i += 1  # a placeholder the expansion replaced
+        else:
+            raise TemplateError(f"the processor's expansion of the image tokens changed the text around them "
+                                f"(token {i} of the rendered conversation); the row cannot be masked exactly")
+    if any(t not in inserted for t in long[j:]):
+        raise TemplateError("the processor's expansion added text tokens after the conversation")
+    return out
+
+
+def _processor_call(processor: Any, text: str, images: list[Image.Image]) -> list[int]:
+    out = processor(text=[text], images=[images] if images else None, add_special_tokens=False)
+    ids = out["input_ids"][0]
+    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+
+
+def tokenize_vision(processor: Any, messages: list[dict[str, Any]], images: Sequence[Any] = (),
+                    loss_on: str = "assistant", template: str | None = None, tools: Any = None) -> VisionExample:
+    """Render one conversation of content parts with the processor's template, label it as the text path
+    does, expand its images with the processor and carry the labels over (TemplateError where that
+    cannot be done exactly). `template`: default the processor's own chat template."""
+    tok = processor.tokenizer
+    template = template or getattr(processor, "chat_template", None) or tok.chat_template
+    if not template:
+        raise TemplateError("the processor has no chat template (set data.chat_template)")
+    placeholders = sum(p.get("type") == "image" for m in messages if isinstance(m.get("content"), list)
+                       for p in m["content"])
+    if placeholders != len(images):
+        raise TemplateError(f"{placeholders} image part(s) but {len(images)} image(s)")
+    text_path = masking.tokenize_conversation(tok, messages, loss_on, template, tools)
+    text = masking.render(template, messages, tools=tools, **tok.special_tokens_map)
+    expanded = _processor_call(processor, text, [load_image(r) for r in images])
+    special = image_token_ids(processor)
+    labels = carry_labels(text_path.input_ids, text_path.labels, expanded, special)
+    labels = [IGNORE_INDEX if t in special else y for t, y in zip(expanded, labels)]
+    return VisionExample(expanded, labels, tuple(images))
+
+
+def vision_collate(examples: Sequence[VisionExample], processor: Any, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids/labels/attention mask plus the image processor's outputs for the batch's images
+    (in row order; rows without images add none), and `mm_token_type_ids` where the processor makes them."""
+    batch = pad_collate(examples, pad_id)
+    images = [load_image(r) for ex in examples for r in getattr(ex, "images", ())]
+    if images:
+        pixels = processor.image_processor(images=images, return_tensors="pt")
+        batch.update({k: v for k, v in pixels.items() if isinstance(v, torch.Tensor) and k not in batch})
+    if getattr(processor, "return_mm_token_type_ids", False):
+        kinds = processor.create_mm_token_type_ids(batch["input_ids"].tolist())
+        batch["mm_token_type_ids"] = torch.tensor(kinds, dtype=torch.long) * batch["attention_mask"]
+    return batch
+
+
+PACKING_REFUSAL = ("data.packing is not supported for vision-language models: a packed row would hold the "
+                   "images of several examples, and the image features and position ids (M-RoPE) of each "
+                   "example are laid out per row; set data.packing: none")
