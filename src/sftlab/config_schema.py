@@ -35,6 +35,9 @@ class ModelConfig(_Strict):
         "attention kernel; flash_attention_2 needs CUDA and flash-attn (packed rows then run as varlen attention)"))
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub model (off unless you trust it)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    freeze: list[Literal["vision", "projector", "language"]] = Field(["vision"], description=(
+        "parts of a vision-language model kept frozen in full fine-tuning: vision (the vision tower), projector "
+        "(the multimodal projector), language (the language model and its head); ignored for text-only models"))
 
 
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text", "pretokenized")
