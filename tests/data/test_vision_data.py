@@ -16,6 +16,7 @@ from sftlab.data.vision import (
     load_image,
     tokenize_vision,
     vision_collate,
+    vision_examples_from_jsonl,
 )
 from sftlab.model.loss import full_nll
 
@@ -109,3 +110,29 @@ def test_image_counts_must_match_and_mismatched_expansions_are_refused(family, i
     assert carry_labels([5, 100, 7], [-100, -100, 7], [5, 101, 100, 100, 101, 7], {100, 101}) == \
         [-100, -100, -100, -100, -100, 7]
     assert "packing" in PACKING_REFUSAL
+
+
+def test_a_llamafactory_file_gives_examples_and_names_its_bad_rows(family, tmp_path):
+    import json
+
+    name, proc, model = family
+    make_image(tmp_path / "mllm_demo_data" / "1.png")
+    make_image(tmp_path / "mllm_demo_data" / "2.png", size=(24, 16), seed=2)
+    good = {"messages": [{"content": "<image>Who are they?", "role": "user"},
+                         {"content": "They're football players.", "role": "assistant"},
+                         {"content": "What are they doing?<image>", "role": "user"},
+                         {"content": "They are playing.", "role": "assistant"}],
+            "images": ["mllm_demo_data/1.png", "mllm_demo_data/2.png"]}
+    rows = [good, {**good, "images": ["mllm_demo_data/1.png"]}, {**good, "images": ["mllm_demo_data/1.png", "x.png"]},
+            {"messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}]}]
+    path = tmp_path / "mllm_demo.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, bad = vision_examples_from_jsonl(path, proc)
+    assert [len(ex.images) for ex in examples] == [2, 0]
+    assert [(b.line, b.field_name) for b in bad] == [(2, "images"), (3, "images[1]")]
+    assert "x.png" in str(bad[1]) and str(bad[0]).startswith(f"{path}:2 field 'images'")
+    _, too_long = vision_examples_from_jsonl(path, proc, max_length=20)
+    assert any("not truncated" in str(b) for b in too_long)
+    batch = vision_collate(examples, proc, proc.tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.isfinite(full_nll(model, batch))

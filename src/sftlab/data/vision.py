@@ -9,6 +9,10 @@ are the same but for the runs the expansion inserted, which are never targets; a
 is never a target either. Where the sequences differ in any other way, the row is refused (a
 TemplateError), never guessed.
 
+`vision_examples` / `vision_examples_from_jsonl` turn rows into examples in memory (images read by
+data/images.py; each unusable row a BadRecord, the rest kept); an example longer than
+max_seq_length is a bad row, never truncated (that could cut an image's tokens).
+
 `vision_collate` pads ids and labels as `pad_collate` does, loads the batch's images and adds
 whatever the image processor returns (`pixel_values`, `image_grid_thw`, `pixel_attention_mask`,
 `image_sizes`...) and the processor's `mm_token_type_ids` where it makes them.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +30,9 @@ from PIL import Image
 
 from sftlab.data import masking
 from sftlab.data.collate import pad_collate
-from sftlab.data.types import IGNORE_INDEX, TemplateError, TokenizedExample
+from sftlab.data.formats import Conversation, iter_jsonl
+from sftlab.data.images import image_record
+from sftlab.data.types import IGNORE_INDEX, BadRecord, TemplateError, TokenizedExample
 
 _TOKEN_ATTRS = ("image_token", "fake_image_token", "global_image_tag", "boi_token", "eoi_token",
                 "image_start_token", "image_end_token", "vision_start_token", "vision_end_token")
@@ -117,6 +124,48 @@ def vision_collate(examples: Sequence[VisionExample], processor: Any, pad_id: in
         kinds = processor.create_mm_token_type_ids(batch["input_ids"].tolist())
         batch["mm_token_type_ids"] = torch.tensor(kinds, dtype=torch.long) * batch["attention_mask"]
     return batch
+
+
+def _vision_example(processor: Any, row: Any, source: str, line: int, unit: str, base_dir: Any, fmt: str,
+                    loss_on: str, template: str | None, max_length: int | None) -> VisionExample:
+    conv = row if isinstance(row, BadRecord) else image_record(row, fmt, source, line, unit=unit, base_dir=base_dir)
+    if isinstance(conv, BadRecord):
+        raise conv
+    if not isinstance(conv, Conversation):
+        raise BadRecord(source, line, None, f"a {conv.format} row: a vision-language run reads chat rows", unit)
+    try:
+        ex = tokenize_vision(processor, conv.messages, conv.images, loss_on, template, conv.tools)
+    except TemplateError as e:
+        raise BadRecord(source, line, "messages", str(e), unit) from None
+    if ex.num_targets == 0:
+        raise BadRecord(source, line, None, "no target tokens: every label is masked", unit)
+    if max_length is not None and len(ex.input_ids) > max_length:  # cutting it could cut an image's tokens
+        raise BadRecord(source, line, None, f"{len(ex.input_ids)} tokens with its images expanded, above "
+                        f"max_seq_length {max_length} (image rows are not truncated)", unit)
+    return ex
+
+
+def vision_examples(rows: Any, processor: Any, source: str, *, unit: str = "row", base_dir: Any = None,
+                    fmt: str = "auto", loss_on: str = "assistant", template: str | None = None,
+                    max_length: int | None = None) -> tuple[list[VisionExample], list[BadRecord]]:
+    """The examples of in-memory rows (dicts, a Dataset, or (line, row) pairs with `unit="line"`), and
+    the bad rows in order: each names its place, field and reason; the good rows are all kept."""
+    examples, bad = [], []
+    pairs = rows if unit == "line" else enumerate(rows)
+    for line, row in pairs:
+        try:
+            examples.append(_vision_example(processor, row, source, line, unit, base_dir, fmt, loss_on, template,
+                                            max_length))
+        except BadRecord as e:
+            bad.append(e)
+    return examples, bad
+
+
+def vision_examples_from_jsonl(path: Any, processor: Any, **kwargs: Any) -> tuple[list[VisionExample],
+                                                                                   list[BadRecord]]:
+    """`vision_examples` of a JSONL file; image paths are relative to its directory."""
+    path = Path(path)
+    return vision_examples(iter_jsonl(path), processor, str(path), unit="line", base_dir=path.parent, **kwargs)
 
 
 PACKING_REFUSAL = ("data.packing is not supported for vision-language models: a packed row would hold the "
