@@ -73,3 +73,17 @@ def test_the_run_model_freezes_the_vision_tower_by_default(tmp_path):
     cfg = SFTConfig(model={"name_or_path": d, "freeze": ["vision", "projector"]})
     built = build_run_model(cfg, RunTokens(d, proc.tokenizer, len(proc.tokenizer)))
     assert not any(p.requires_grad for n, p in built.model.named_parameters() if "connector" in n)
+
+
+def test_a_run_on_a_vision_model_is_refused_with_its_reason(tmp_path, chat_file):
+    from sftlab.config import ConfigError
+    from sftlab.train.data import prepare_run_data
+
+    d = str(save_family("llava", tmp_path / "m"))
+    tree = {"model": {"name_or_path": d}, "data": {"train": [str(chat_file)], "packing": "bfd"},
+            "train": {"output_dir": str(tmp_path / "run")}}
+    with pytest.raises(ConfigError, match="data.packing is not supported for vision-language models"):
+        prepare_run_data(SFTConfig.model_validate(tree))
+    tree["data"]["packing"] = "none"
+    with pytest.raises(ConfigError, match="is a vision-language model: `sftlab train`"):
+        prepare_run_data(SFTConfig.model_validate(tree))

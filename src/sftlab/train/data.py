@@ -36,8 +36,10 @@ from sftlab.data.examples import Examples
 from sftlab.data.packing import pack_examples, packed_collate, packing_efficiency
 from sftlab.data.templates import add_chatml_tokens, load_template
 from sftlab.data.types import IGNORE_INDEX
+from sftlab.data.vision import PACKING_REFUSAL
 from sftlab.model.adapters import base_config, is_adapter_dir
 from sftlab.model.loading import load_tokenizer, position_limit, resolve_model_path, with_pad_token
+from sftlab.model.vision import is_vision_model, load_processor
 from sftlab.train.inputs import RunInputs
 from sftlab.train.run_model import RunTokens
 
@@ -106,6 +108,21 @@ def check_sequence_length(cfg: SFTConfig, model_path: str, console: Console | No
                       f"max_position_embeddings ({limit}); its rope scaling ({scaling}) must cover it", highlight=False)
 
 
+def check_not_vision(cfg: SFTConfig, model_path: str, inputs: RunInputs) -> None:
+    """A vision-language model is refused with its reason: packing cannot hold its images; and this data
+    phase (cache, mixing, eval split) does not carry image references yet: data/vision.py builds its
+    examples and batches in memory."""
+    given = inputs.model is not None and is_vision_model(inputs.model)
+    if not given and not (model_path and load_processor(cfg.model, model_path) is not None):
+        return
+    if cfg.data.packing != "none":
+        raise ConfigError(PACKING_REFUSAL)
+    raise ConfigError(f"{model_path or 'the model object'} is a vision-language model: `sftlab train` and "
+                      "`sftlab prepare` do not feed images yet (the data cache does not carry image references); "
+                      "sftlab.data.vision builds its examples (vision_examples) and batches (vision_collate) "
+                      "in memory")
+
+
 def prepare_run_data(cfg: SFTConfig, console: Console | None = None, inputs: RunInputs | None = None) -> RunData:
     """Tokenizer, template, datasets and micro-batch units of a run; prints the data report when
     `console` is given (the main process). `inputs`: what the Python API passes (datasets, a formatting
@@ -114,6 +131,7 @@ def prepare_run_data(cfg: SFTConfig, console: Console | None = None, inputs: Run
     if not cfg.data.train and not inputs.train_sources:
         raise ConfigError(NO_TRAINING_DATA + " (in the Python API: train_dataset=)")
     tokens = load_run_tokens(cfg, inputs)
+    check_not_vision(cfg, tokens.model_path, inputs)
     tokenizer = tokens.tokenizer
     check_sequence_length(cfg, tokens.model_path, console)
     template = load_template(cfg.data, tokenizer)
