@@ -87,6 +87,17 @@ def test_the_formatting_function_is_part_of_the_cache_key(tiny_model_dir, tmp_pa
     assert [list(e.input_ids) for e in again.train] == [list(e.input_ids) for e in first.train]
 
 
+def test_trl_completion_only_text_trains_only_the_answers(tiny_model_dir, tmp_path):
+    to_text = lambda r: f"### Question: {r['question']}\n ### Answer: {r['answer']}"
+    data = sftlab.prepare(settings(tiny_model_dir, tmp_path / "x"), train_dataset=GSM_ROWS, formatting_func=to_text,
+                          **{"data.response_template": " ### Answer:"})
+    trained = sorted(data.tokenizer.decode([t for t, lab in zip(e.input_ids, e.labels) if lab != -100])
+                     for e in data.train)
+    assert trained == sorted(f" {a}{data.tokenizer.eos_token}" for a in ANSWERS)
+    with pytest.raises(ConfigError, match=r"response_template: unknown key; did you mean data.response_template\?"):
+        sftlab.prepare(train_dataset=GSM_ROWS, formatting_func=to_text, response_template=" ### Answer:")
+
+
 def test_a_failing_formatting_function_names_itself_per_row(tiny_model_dir, tmp_path):
     def picky(row):
         if row["question"] == "Hello!":

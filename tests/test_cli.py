@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 
 import pytest
@@ -38,6 +39,78 @@ def test_generate_and_chat_on_a_saved_model(tiny_model_dir, capsys, monkeypatch)
     out = capsys.readouterr().out
     assert out.count("model>") == 2
     assert "you>" not in out and "/reset clears" not in out  # piped input: no prompt, no banner
+
+
+def test_tools_file_reaches_the_chat_template(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from conftest import build_tokenizer, save_tiny_model
+    from transformers import PreTrainedTokenizerBase
+
+    from sftlab.data.templates import BUILTIN_TEMPLATES
+
+    tools = tmp_path / "tools.json"  # a bare schema, as glaive rows store them
+    tools.write_text(json.dumps([{"name": "get_weather", "description": "Get the weather in a city",
+                                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]))
+    prompts = []
+    real = PreTrainedTokenizerBase.apply_chat_template
+    monkeypatch.setattr(PreTrainedTokenizerBase, "apply_chat_template",
+                        lambda self, *a, **kw: prompts.append(real(self, *a, **kw)) or prompts[-1])
+    model = save_tiny_model(tmp_path / "tools-model", build_tokenizer(BUILTIN_TEMPLATES["chatml_tools"]))
+    assert main(["generate", str(model), "--prompt", "Weather in Paris?", "--tools", str(tools),
+                 "--max-new-tokens", "2"]) == 0
+    assert prompts[-1].startswith('<|im_start|>system\n# Tools\n') and prompts[-1].endswith("<|im_start|>assistant\n")
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather", "description": "Get the weather' in prompts[-1]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Weather in Paris?\n"))
+    assert main(["chat", str(model), "--tools", str(tools), "--max-new-tokens", "2"]) == 0
+    assert "<tools>" in prompts[-1] and capsys.readouterr().out.count("model>") == 1
+    # a template that drops the schemas (SmolLM2's) is refused, not silently ignored
+    assert main(["generate", str(tiny_model_dir), "--prompt", "Hi", "--tools", str(tools)]) == 2
+    assert "the model's chat template does not render them" in capsys.readouterr().out
+
+
+def test_tool_rows_stop_training_or_train_with_drop_or_a_tool_template(tmp_path, tiny_model_dir, capsys, caplog,
+                                                                        monkeypatch):
+    """glaive-style ShareGPT tool rows: one error naming the row before training (SmolLM2's template drops
+    them); data.tools=drop trains without them under one warning; chatml_tools trains them and the run
+    keeps that template, so `generate RUN --tools` renders the schemas."""
+    from pathlib import Path
+
+    glaive = Path(__file__).parent / "data" / "fixtures" / "glaive_toolcall_demo.json"
+    args = ["train", "--data", str(glaive), "--model", str(tiny_model_dir), "data.max_seq_length=512",
+            "train.max_steps=1", "train.micro_batch_size=2", "data.cache=false"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    out = capsys.readouterr().out
+    assert f"error: {glaive} row 2: the row has tool schemas" in out and "data.chat_template: chatml_tools" in out
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    assert main([*args, "--out", str(tmp_path / "b"), "data.tools=drop"]) == 0
+    assert [r.getMessage()[:26] for r in caplog.records if "does not render" in r.getMessage()] == \
+        ["2 rows carry tools, tool c"]
+    run = tmp_path / "c"
+    assert main([*args, "--out", str(run), "data.chat_template=chatml_tools"]) == 0
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.loads(glaive.read_text())[1]["tools"])  # the row's schemas (a JSON string of a list)
+    from transformers import PreTrainedTokenizerBase
+
+    prompts = []
+    real = PreTrainedTokenizerBase.apply_chat_template
+    monkeypatch.setattr(PreTrainedTokenizerBase, "apply_chat_template",
+                        lambda self, *a, **kw: prompts.append(real(self, *a, **kw)) or prompts[-1])
+    assert main(["generate", str(run), "--prompt", "Area of a 2x3 rectangle?", "--tools", str(tools),
+                 "--max-new-tokens", "2"]) == 0
+    assert '{"type": "function", "function": {"name": "calculate_area"' in prompts[-1]
+
+
+@pytest.mark.parametrize("content,why", [
+    ("[{\"name\": ", "invalid JSON: Expecting value (line 1, column 11)"),
+    ('{"name": "get_weather"}', "got one JSON object (put it in [ ])"),
+    ("[]", "got an empty list"),
+    ('[{"name": "f"}, "g"]', "item 1 is a str, not a tool schema"),
+])
+def test_a_bad_tools_file_is_one_error_naming_it(tmp_path, capsys, content, why):
+    bad = tmp_path / "tools.json"
+    bad.write_text(content)
+    assert main(["generate", str(tmp_path / "no-model-needed"), "--prompt", "Hi", "--tools", str(bad)]) == 2
+    out = capsys.readouterr().out
+    assert f"--tools {bad}: " in out and why in out and "Traceback" not in out
 
 
 def test_sampling_is_seeded_and_checked(tiny_model_dir, capsys):
@@ -82,7 +155,8 @@ def test_data_train_shorthand_without_a_config_starts_from_the_defaults(capsys):
     assert main(["config", "show", "data.train=x.jsonl"]) == 0
     tree = yaml.safe_load(capsys.readouterr().out)
     assert tree["data"]["train"] == [{"path": "x.jsonl", "name": None, "format": "auto", "weight": None, "split": "train",
-                                      "subset": None, "columns": {}, "roles": {}}]
+                                      "subset": None, "columns": {}, "roles": {}, "response_template": None,
+                                      "instruction_template": None}]
     assert tree["train"]["output_dir"] == "runs/sft" and tree["match_eval"] is None  # not the demo's
     assert main(["config", "show", "optim.lr=1e-4"]) == 0  # no training data given: still the demo
     assert yaml.safe_load(capsys.readouterr().out)["train"]["output_dir"] == "runs/demo"

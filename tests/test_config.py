@@ -95,11 +95,50 @@ def test_missing_or_invalid_yaml(tmp_path):
     ("peft.lora_r=8", "did you mean peft.r?"),
     ("optim.scheduler=cosin", "did you mean 'cosine'?"),
     ("data.packing=bdf", "did you mean 'bfd'?"),
+    ("train.response_template=x", "train.response_template: unknown key; did you mean data.response_template?"),
+    ("data.train.0.dataset_text_field=body", "did you mean data.train.0.columns?"),
+    ("model.tokenizer_name=x", "did you mean model.tokenizer?"),
+    ("model.model_init_kwargs={}", "did you mean model.init_kwargs?"),
+    ("optim.final_lr_ratio=0.1", "did you mean optim.min_lr_ratio?"),
+    ("checkpoint.clean_checkpoints_at_end=true", "did you mean checkpoint.delete_at_end?"),
+    ("data.cutoff_len=512", "did you mean data.max_seq_length?"),
+    ("data.template=chatml", "did you mean data.chat_template?"),
+    ("model.use_flash_attn=true", "did you mean model.attn_implementation?"),
+    ("peft.lora_bias=all", "did you mean peft.bias?"),
+    ("train.eval_iters=5", "did you mean train.eval_max_batches?"),
+    ("data.completion_only_loss=true", "did you mean data.loss_on?"),
+    ("instruction_template=x", "did you mean data.instruction_template?"),
 ])
 def test_unknown_keys_and_values_get_a_suggestion(override, hint):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert hint in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, want", [
+    (["data.response_template=### Answer:"], ("### Answer:", None)),  # YAML would read a comment
+    (["data.response_template=A:", "data.instruction_template=Q: {"], ("A:", "Q: {")),  # ... or a mapping
+    (["data.response_template=' ### Answer:'"], (" ### Answer:", None)),  # YAML quotes are read
+    (["data.response_template= ### Answer:"], (" ### Answer:", None)),  # a leading space is kept
+    (["data.response_template=### Answer:", "data.response_template=null"], (None, None)),
+])
+def test_marker_overrides_are_taken_as_written(overrides, want):
+    data = load_config(None, ["data.train=x.jsonl", *overrides]).data
+    assert (data.response_template, data.instruction_template) == want
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["data.instruction_template=Q:"], "data.instruction_template: Value error, instruction_template needs a "
+                                       "response_template"),
+    (["data.response_template=Q:", "data.instruction_template=Q:"], "are the same ('Q:'); they must differ"),
+    (["data.train.0.instruction_template=Q:"], "data.train.0.instruction_template: Value error, instruction_template "
+                                               "needs a response_template"),
+    (["data.response_template=''"], "data.response_template: String should have at least 1 character"),
+])
+def test_marker_settings_are_checked(overrides, error):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.train=x.jsonl", *overrides])
+    assert error in str(e.value)
 
 
 def test_no_suggestion_when_nothing_is_close():

@@ -97,7 +97,8 @@ def generate(model: Any, prompts: str | list, *, tokenizer: Any = None, system: 
              top_p: float = 1.0, batch_size: int = 16) -> str | list[str]:
     """Replies of `model` (an object, or a run/checkpoint/model directory, `default`, a hub id): to one
     prompt (a str, or one conversation as a list of messages) a str; to a list of those, a list.
-    Greedy unless `temperature` > 0. The chat template is the tokenizer's (a run saves its own)."""
+    Greedy unless `temperature` > 0. The chat template is the tokenizer's (a run saves its own); `tools`
+    (function schemas) must be rendered by it, else a DataError (train with data.chat_template: chatml_tools)."""
     from sftlab.model.generate import generate_replies
 
     if temperature < 0 or not 0 < top_p <= 1:

@@ -8,8 +8,8 @@
     sftlab report RUN_DIR                             regenerate report.md + loss.png
     sftlab export RUN_DIR --merge --out DIR           merge a LoRA adapter into a plain model
     sftlab config show|reference [CONFIG.yaml] [overrides ...]   resolved config / every key documented
-    sftlab generate MODEL --prompt "..."              one reply (greedy; --temperature/--top-p sample)
-    sftlab chat MODEL                                 interactive chat (piped stdin: one reply per line)
+    sftlab generate MODEL --prompt "..." [--tools F]  one reply (greedy; --temperature/--top-p sample)
+    sftlab chat MODEL [--tools FILE]                  interactive chat (piped stdin: one reply per line)
 
 MODEL for generate/chat/eval: `default`, a run directory, a checkpoint directory
 (RUN/checkpoints/step-N), a Hugging Face model directory, a .gguf file or a hub id.
@@ -193,16 +193,18 @@ def _load_for_inference(ns: argparse.Namespace):
     import torch
 
     from sftlab.api import generate
+    from sftlab.data.toolcalls import read_tools_file
     from sftlab.train.inference import load_model_dir
 
     if ns.temperature < 0 or not 0 < ns.top_p <= 1:
         raise ConfigError(f"--temperature must be >= 0 (0: greedy) and --top-p in (0, 1]; got {ns.temperature}, "
                           f"{ns.top_p}")
+    tools = read_tools_file(ns.tools) if ns.tools else None  # a bad file fails before the model loads
     if ns.seed is not None:
         torch.manual_seed(ns.seed)
     model, tok = load_model_dir(ns.model_dir)
     return functools.partial(generate, model, tokenizer=tok, max_new_tokens=ns.max_new_tokens,
-                             temperature=ns.temperature, top_p=ns.top_p)
+                             temperature=ns.temperature, top_p=ns.top_p, tools=tools)
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -303,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":
             g.add_argument("--prompt", required=True)
         g.add_argument("--system", default=None, help="system message")
+        g.add_argument("--tools", metavar="FILE", help="a JSON file: a list of tool schemas handed to the chat template")
         g.add_argument("--max-new-tokens", type=int, default=256)
         g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
         g.add_argument("--top-p", type=float, default=1.0, help="sampling: the nucleus probability mass (default 1)")
@@ -378,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 USER_ERRORS = {"sftlab.config": ("ConfigError",), "sftlab.data.types": ("DataError",),
                "sftlab.model.loading": ("ModelLoadError",), "sftlab.model.adapters": ("AdapterError",),
                "sftlab.train.rundir": ("RunError",), "sftlab.train.checkpoint": ("CheckpointError",),
-               "sftlab.train.callbacks": ("CallbackError",)}
+               "sftlab.train.callbacks": ("CallbackError",), "sftlab.train.optim": ("OptimizerError",)}
 
 
 def _error_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:

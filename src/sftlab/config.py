@@ -1,7 +1,8 @@
 """Typed run configuration: one YAML file maps 1:1 onto the pydantic models of config_schema.py.
 
 `load_config(path, overrides)` reads the YAML, applies dotted CLI overrides
-(`optim.lr=1e-5`, `data.train.0.path=x.jsonl`), and validates. Unknown or mistyped keys
+(`optim.lr=1e-5`, `data.train.0.path=x.jsonl`; a marker such as `data.response_template=### Answer:`
+is taken as written), and validates. Unknown or mistyped keys
 are rejected with their dotted path. With no path, the packaged demo config is used, unless the
 overrides give the training data (`data.train=FILE`): then the library defaults are (the quick start).
 A source may be written as its path alone: `data.train: x.jsonl` (or a list of paths) is
@@ -69,21 +70,43 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides; values are parsed as YAML scalars (1e-5, true, null, [1, 2])."""
+    """Apply `a.b.c=value` overrides; values are parsed as YAML scalars (1e-5, true, null, [1, 2]), but
+    those of VERBATIM_KEYS are taken as written."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. optim.lr=1e-5")
-        value = yaml.safe_load(raw) if raw.strip() else None
-        # YAML reads '1e-5' as a string (no dot in the mantissa); numbers are what people mean.
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value for c in "eE.") else value
-            except ValueError:
-                pass
+        value = _verbatim(raw) if key.strip().rsplit(".", 1)[-1] in VERBATIM_KEYS else _scalar(raw)
         _set_dotted(tree, key.strip(), value)
         _normalise_sources(tree)
     return tree
+
+
+# Keys whose override value is the text as written: YAML would read `### Answer:` as a comment and
+# `Q:` as a mapping. A value in quotes is read as YAML (to keep spaces or escapes); empty or null unsets it.
+VERBATIM_KEYS = ("response_template", "instruction_template")
+
+
+def _verbatim(raw: str) -> str | None:
+    if raw.strip() in ("", "null", "~"):
+        return None
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        try:
+            return str(yaml.safe_load(raw))
+        except yaml.YAMLError:
+            return raw
+    return raw
+
+
+def _scalar(raw: str) -> Any:
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML reads '1e-5' as a string (no dot in the mantissa); numbers are what people mean.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            pass
+    return value
 
 
 def _normalise_sources(tree: dict[str, Any]) -> None:
@@ -115,6 +138,16 @@ ALIASES = {
     "val_set_size": "eval_fraction", "sample_packing": "packing", "model_name_or_path": "name_or_path",
     "base_model": "name_or_path", "output": "output_dir", "neftune_noise_alpha": "neftune_alpha",
     "resume_from_checkpoint": "resume", "dataset_num_proc": "num_proc", "torch_dtype": "dtype",
+    # TRL's SFT data settings; a dotted value is the whole key
+    "response_template": "data.response_template", "instruction_template": "data.instruction_template",
+    "dataset_text_field": "columns", "completion_only_loss": "loss_on", "assistant_only_loss": "loss_on",
+    # open-instruct, Fast-LLM, axolotl, LLaMA-Factory
+    "use_flash_attn": "attn_implementation", "flash_attention": "attn_implementation", "dataset_mixer_list": "train",
+    "dataset_mixer": "train", "cutoff_len": "max_seq_length", "template": "chat_template", "optimizer": "name",
+    "tokenizer_name": "tokenizer", "tokenizer_name_or_path": "tokenizer", "model_init_kwargs": "init_kwargs",
+    "final_lr_ratio": "min_lr_ratio", "clean_checkpoints_at_end": "delete_at_end", "checkpointing_steps": "every_steps",
+    "lora_bias": "bias", "resize_to_multiple_of": "pad_vocab_to_multiple_of", "eval_iters": "eval_max_batches",
+    "max_eval_batches": "eval_max_batches",
 }
 
 
@@ -160,6 +193,8 @@ def suggest_key(loc: tuple) -> str | None:
     prefix = ".".join(str(p) for p in loc[:-1])
     here = list(holder.model_fields) if holder is not None else []
     target = ALIASES.get(name.lower())
+    if target is not None and "." in target:
+        return target
     if target in here:
         return f"{prefix}.{target}" if prefix else target
     close = difflib.get_close_matches(name, here, n=1, cutoff=0.6)

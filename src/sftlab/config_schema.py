@@ -3,22 +3,33 @@
 Every key has a type, a default and a description (`sftlab config reference` prints them, docs/config.md
 is that output). Reading a YAML file, dotted overrides, the Python API's keyword arguments and the
 did-you-mean suggestions for mistyped keys are in sftlab/config.py, which re-exports these names.
+The data section (row formats, sources, `DataConfig`) is in config_data.py.
 """
 
 from __future__ import annotations
 
-import difflib
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from sftlab.config_data import (  # noqa: F401 - re-exported: the data section is part of the schema
+    FORMATS,
+    MESSAGE_KEYS,
+    REQUIRED_FIELDS,
+    ROLES,
+    ROW_FIELDS,
+    TURN_KEYS,
+    DataConfig,
+    SourceConfig,
+    check_columns,
+    sources_shorthand,
+)
+from sftlab.config_data import Strict as _Strict
 
 
 class ConfigError(ValueError):
     """A configuration problem, with the dotted key path in its message."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(_Strict):
@@ -28,9 +39,10 @@ class ModelConfig(_Strict):
         "`default` (the embedded SmolLM2-135M-Instruct GGUF), a local Hugging Face model directory, a .gguf "
         "file, or a hub id"))
     gguf_file: str | None = Field(None, description="file name inside name_or_path when it is a directory holding GGUFs")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
-        "the dtype the weights are stored and saved in; bfloat16 keeps fp32 master weights in the optimizer, "
-        "so small updates are not lost to bf16 rounding"))
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description=(
+        "the dtype the weights are stored and saved in; bfloat16/float16 keep fp32 master weights in the "
+        "optimizer, so small updates are not lost to rounding; auto: the dtype the checkpoint was saved in "
+        "(its config's dtype; float32 when it names none)"))
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description=(
         "attention kernel; flash_attention_2 needs CUDA and flash-attn (packed rows then run as varlen attention)"))
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub model (off unless you trust it)")
@@ -38,133 +50,32 @@ class ModelConfig(_Strict):
     freeze: list[Literal["vision", "projector", "language"]] = Field(["vision"], description=(
         "parts of a vision-language model kept frozen in full fine-tuning: vision (the vision tower), projector "
         "(the multimodal projector), language (the language model and its head); ignored for text-only models"))
+    tokenizer: str | None = Field(None, description=(
+        "the tokenizer's directory or hub id when it is not the model's own (open-instruct's tokenizer_name)"))
+    tokenizer_revision: str | None = Field(None, description="hub revision of model.tokenizer")
+    init_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "more keyword arguments for from_pretrained (TRL's model_init_kwargs), e.g. {low_cpu_mem_usage: true}; "
+        "keys sftlab sets from its own keys (dtype, revision, ...) are refused with the key to use"))
 
-
-FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text", "pretokenized")
-# The fields each row format reads (data/formats.py; docs/data.md), the first ones required; a source's
-# `columns` renames its own fields onto these names.
-ROW_FIELDS = {
-    "messages": ("messages", "tools"),
-    "sharegpt": ("conversations", "system", "tools"),
-    "prompt_completion": ("prompt", "completion", "tools"),
-    "alpaca": ("instruction", "output", "input", "system", "tools"),
-    "text": ("text", "loss_masking_spans"),
-    "pretokenized": ("input_ids", "labels"),
-}
-REQUIRED_FIELDS = {"messages": 1, "sharegpt": 1, "prompt_completion": 2, "alpaca": 2, "text": 1, "pretokenized": 1}
-MESSAGE_KEYS = ("role", "content")  # the keys of one message in `messages` (and in `prompt` / `completion` lists)
-TURN_KEYS = ("from", "value")  # the keys of one ShareGPT turn in `conversations`
-ROLES = ("system", "user", "assistant", "tool")
-
-
-def _column_names(fmt: str) -> tuple[str, ...]:
-    """The names `columns` may map for a source of format `fmt`."""
-    if fmt == "auto":
-        return tuple(dict.fromkeys(f for fields in ROW_FIELDS.values() for f in fields)) + MESSAGE_KEYS + TURN_KEYS
-    inner = {"messages": MESSAGE_KEYS, "prompt_completion": MESSAGE_KEYS, "sharegpt": TURN_KEYS}.get(fmt, ())
-    return ROW_FIELDS[fmt] + inner
-
-
-class SourceConfig(_Strict):
-    """One data source."""
-
-    path: str = Field(description=(
-        "a local JSONL/JSON/Parquet/CSV file or directory, a `datasets.save_to_disk` directory, or a hub dataset "
-        "name"))
-    name: str | None = Field(None, description=(
-        "a name for the source (reports); an eval source with a name also gets its own validation loss, "
-        "`eval/<name>_loss` (sources of the same name together)"))
-    format: Literal[FORMATS] = Field("auto", description=(  # type: ignore[valid-type]
-        "row format; auto detects it per row from the keys"))
-    weight: float | int | None = Field(None, gt=0, description=(
-        "mixing: a float <= 1.0 takes that fraction of the source, an integer > 1 that many examples (repeating "
-        "the source when it is smaller); null takes the source once"))
-    split: str = Field("train", description="split of a hub dataset or DatasetDict directory")
-    subset: str | None = Field(None, description="hub dataset configuration name")
-    columns: dict[str, str] = Field(default_factory=dict, description=(
-        "rename the source's own fields onto the format's, `{format_field: your_field}`: e.g. `{prompt: question, "
-        "completion: answer}`; inside message lists `role`/`content` (messages, prompt/completion lists) and "
-        "`from`/`value` (ShareGPT turns) are mapped the same way (docs/data.md)"))
-    roles: dict[str, Literal[ROLES]] = Field(default_factory=dict, description=(  # type: ignore[valid-type]
-        "rename role names of messages (`role`) and ShareGPT turns (`from`), `{your_role: role}`: e.g. "
-        "`{human: user, bot: assistant}`; roles are system, user, assistant, tool"))
-
-    @field_validator("columns")
+    @field_validator("init_kwargs")
     @classmethod
-    def _known_columns(cls, columns: dict[str, str], info: Any) -> dict[str, str]:
-        return check_columns(columns, info.data.get("format", "auto"))
-
-
-def check_columns(columns: dict[str, str], fmt: str = "auto") -> dict[str, str]:
-    """A `columns` mapping names fields of the format (or of any format for auto), each renamed once."""
-    allowed = _column_names(fmt)
-    for name, theirs in columns.items():
-        if name not in allowed:
-            close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            of = "any format" if fmt == "auto" else f"format {fmt}"
-            raise ValueError(f"columns.{name}: not a field of {of} (those are: {', '.join(allowed)}){hint}")
-        if not theirs:
-            raise ValueError(f"columns.{name}: empty field name")
-    for theirs in set(columns.values()):
-        twice = [k for k, v in columns.items() if v == theirs]
-        if len(twice) > 1 and not set(twice) <= set(MESSAGE_KEYS + TURN_KEYS):
-            raise ValueError(f"columns: {theirs!r} is mapped to {' and '.join(twice)}; a field can be renamed once")
-    return columns
-
-
-def sources_shorthand(value: Any) -> Any:
-    """`x.jsonl` -> `[{path: x.jsonl}]`; a list's bare paths -> `{path: ...}` (anything else unchanged)."""
-    if isinstance(value, str):
-        return [{"path": value}]
-    if isinstance(value, list):
-        return [{"path": v} if isinstance(v, str) else v for v in value]
-    return value
-
-
-class DataConfig(_Strict):
-    """Training and validation data: sources, template, masks, lengths, packing, preparation."""
-
-    train: list[SourceConfig] = Field(default_factory=list, description=(
-        "training sources (at least one); a bare path (or list of paths) is a source with every default"))
-    eval: list[SourceConfig] = Field(default_factory=list, description=(
-        "validation sources; when empty, eval_fraction of the mixed training examples is held out"))
-
-    @field_validator("train", "eval", mode="before")
-    @classmethod
-    def _path_shorthand(cls, v: Any) -> Any:
-        return sources_shorthand(v)
-
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description=(
-        "fraction of training examples held out for validation (0 with no eval sources: no validation loss)"))
-    max_seq_length: int = Field(2048, gt=0, description="longest example (and packed row) in tokens")
-    on_overlength: Literal["drop", "truncate", "error"] = Field("drop", description=(
-        "what happens to an example longer than max_seq_length (every case is counted in the data report)"))
-    loss_on: Literal["assistant", "last_assistant", "completion", "all"] = Field("assistant", description=(
-        "which tokens of chat rows carry loss: assistant: every assistant turn (content + its end-of-turn token); "
-        "last_assistant: only the last assistant turn; completion: the same as last_assistant, but a row that does "
-        "not end with an assistant message is bad (for prompt/completion rows: the final assistant message of the "
-        "completion); all: every token. Text and pretokenized rows keep their own masks (docs/data.md)"))
-    chat_template: str | None = Field(None, description=(
-        "null: the tokenizer's own; a built-in name (chatml, llama3, tulu, zephyr, alpaca); or a .jinja file"))
-    add_chatml_tokens: bool = Field(False, description=(
-        "add <|im_start|>/<|im_end|> as special tokens and grow the embeddings (for the chatml template on a base "
-        "model)"))
-    packing: Literal["none", "wrapped", "bfd"] = Field("none", description=(
-        "none: one example per row; bfd: whole documents packed best-fit-decreasing into rows of max_seq_length; "
-        "wrapped: concatenated and cut (documents may split). Packed documents never attend to each other"))
-    num_proc: int = Field(1, gt=0, description="tokenization worker processes")
-    cache: bool = Field(True, description=(
-        "keep tokenized data on disk (memory-mapped arrays), keyed by content + tokenizer + template + code"))
-    cache_dir: str | None = Field(None, description="where the data cache lives (default $SFTLAB_CACHE/data, ~/.cache/sftlab/data)")
-    on_bad_record: Literal["skip", "error"] = Field("skip", description=(
-        "skip: report bad rows (file:line, field, reason) and go on; error: stop at the first"))
-    max_bad_fraction: float = Field(0.5, ge=0.0, le=1.0, description="skip mode still fails when more rows than this are bad")
+    def _own_keys_elsewhere(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        owned = {"dtype": "model.dtype", "torch_dtype": "model.dtype", "revision": "model.revision",
+                 "attn_implementation": "model.attn_implementation", "trust_remote_code": "model.trust_remote_code",
+                 "quantization_config": "peft.quantize", "gguf_file": "model.gguf_file"}
+        for key in kwargs:
+            if key in owned:
+                raise ValueError(f"init_kwargs.{key}: set by sftlab; use {owned[key]}")
+        return kwargs
 
 
 class OptimConfig(_Strict):
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW by default) and the learning-rate schedule."""
 
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"] = Field("adamw", description=(
+        "adamw (torch, fused); adamw_8bit / paged_adamw_8bit (bitsandbytes' 8-bit states; pip install "
+        "'sftlab[qlora]'); adafactor (transformers', at the fixed lr given, no relative step); sgd (momentum "
+        "optim.momentum)"))
     lr: float = Field(2e-5, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (never on biases and norms)")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
@@ -176,6 +87,10 @@ class OptimConfig(_Strict):
     warmup_steps: int | None = Field(None, ge=0, description=(
         "warmup in optimizer steps, overrides warmup_ratio: W warmup steps run at lr*1/(W+1) .. lr*W/(W+1) (no step "
         "at lr 0), step W+1 at the peak lr, then the decay; the last step's lr is above 0 (linear: lr/(steps-W))"))
+    min_lr_ratio: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "the decay ends at this fraction of the peak lr instead of 0 (Fast-LLM's minimum lr, open-instruct's "
+        "final_lr_ratio): lr * (min + (1 - min) * f)"))
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum (optim.name: sgd)")
 
 
 class TrainConfig(_Strict):
@@ -197,6 +112,13 @@ class TrainConfig(_Strict):
     seed: int = Field(42, description="seed of data order, mixing, eval split and initialisation")
     log_every: int = Field(1, gt=0, description="log a metrics line every N optimizer steps")
     eval_every: int | None = Field(None, gt=0, description="validation loss every N steps; null: only at the end")
+    load_best_model_at_end: bool = Field(False, description=(
+        "save the model of the evaluated step with the lowest metric_for_best instead of the last one (every "
+        "evaluation then also checkpoints, and rotation keeps the best checkpoint)"))
+    metric_for_best: str = Field("eval_loss", description="eval_loss, or a named eval set's eval/<name>_loss")
+    eval_max_batches: int | None = Field(None, gt=0, description=(
+        "validation on only the first N micro-batches of each eval set (over all processes; Fast-LLM's "
+        "evaluation iterations); null: all of it"))
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms")
     gradient_checkpointing: bool = Field(True, description=(
         "recompute activations in the backward: half the memory, measured free on a 2-core AMX CPU; on GPUs "
@@ -236,8 +158,13 @@ class PeftSettings(_Strict):
     r: int = Field(16, gt=0, description="adapter rank")
     alpha: float = Field(32.0, gt=0, description="scaling numerator (the update is scaled by alpha / r)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
-    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description=(
-        "all-linear: every linear layer but the output head; else module names, e.g. [q_proj, v_proj]"))
+    target_modules: list[str] | str = Field("all-linear", description=(
+        "all-linear: every linear layer but the output head; a list of module names, e.g. [q_proj, v_proj]; "
+        "any other string is a regular expression that peft matches against the full module names, e.g. "
+        "'.*layers\\.(0|1)\\..*(q|v)_proj'"))
+    use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description=(
+        "which biases train beside the adapters (peft's LoraConfig.bias)"))
     modules_to_save: list[str] | None = Field(None, description=(
         "modules trained in full beside the adapters; embeddings and head are added when add_chatml_tokens grows "
         "the vocabulary"))
@@ -245,13 +172,38 @@ class PeftSettings(_Strict):
         "QLoRA: base weights quantized through bitsandbytes (pip install 'sftlab[qlora]')"))
     merge_on_save: bool = Field(False, description="also save the merged plain model under output_dir/merged")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _valid_pattern(cls, targets: list[str] | str) -> list[str] | str:
+        if isinstance(targets, str) and targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return targets
+
 
 class CheckpointConfig(_Strict):
     """Periodic checkpoints for exact resume."""
 
-    every_steps: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps")
+    every_steps: int | None = Field(None, gt=0, description=(
+        "checkpoint every N optimizer steps; `epoch` is read as every_epoch: true (open-instruct's spelling)"))
     every_epoch: bool = Field(False, description="checkpoint at every epoch boundary")
     keep_last: int | None = Field(None, gt=0, description="rotation: keep this many; the newest complete one is never deleted")
+    delete_at_end: bool = Field(False, description=(
+        "delete the checkpoints once the run has finished and its final model is saved (open-instruct's "
+        "clean_checkpoints_at_end); a run that stops early keeps them for resume"))
+    save_hf_model: bool = Field(False, description=(
+        "each checkpoint also holds hf/: a plain Hugging Face model directory (weights in model.dtype, tokenizer, "
+        "chat template) that from_pretrained loads as is (Fast-LLM's periodic export)"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epoch_spelling(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("every_steps"), str) \
+                and data["every_steps"].strip().lower() == "epoch":
+            data = {**data, "every_steps": None, "every_epoch": True}
+        return data
 
 
 class MatchEvalConfig(_Strict):

@@ -6,7 +6,7 @@ import pytest
 from conftest import write_jsonl
 
 from sftlab.config import ConfigError, DataConfig, SourceConfig, load_config
-from sftlab.data.dataset import build_datasets
+from sftlab.data.dataset import DataError, build_datasets
 from sftlab.data.types import IGNORE_INDEX
 from sftlab.train.report import _data_section
 
@@ -58,6 +58,7 @@ def test_column_mapping_gives_the_same_ids_and_labels_as_native_rows(tmp_path, t
     fmt = "messages" if "roles" in source else source.get("format", "alpaca" if rows is DOLLY else "prompt_completion")
     assert report.sources[0].formats == {fmt: len(rows)}
     assert report.sources[0].unknown_fields == ({"category": len(rows)} if rows is DOLLY else {})
+    assert report.unused_mapping == {} and "mapping entries" not in report.summary()  # every entry is used
 
 
 def test_unmapped_public_rows_name_the_closest_format_and_the_mapping(tmp_path, tokenizer):
@@ -146,3 +147,91 @@ def test_dataset_source_objects_take_a_mapping_too(tmp_path, tokenizer):
     mapped, _, report = build_datasets(DataConfig(), tokenizer, seed=0, train_sources=[source])
     want, _, _ = build(tmp_path, tokenizer, [native_gsm(r) for r in GSM])
     assert report.bad == 0 and [e.labels for e in mapped] == [e.labels for e in want]
+
+
+# --- mappings that do not fit the file: the row's own keys and the fix (issue 19 item 4) -------------------
+
+ALPACA = [{"instruction": f"Add one to {i}.", "input": "", "output": f"{i + 1}"} for i in range(4)]  # alpaca_en_demo
+SHAREGPT = [{"conversations": [{"from": "human", "value": f"Hello {i}!"}, {"from": "gpt", "value": "Hi."}]}
+            for i in range(4)]  # FastChat's dummy_conversation / LLaMA-Factory's sharegpt demos
+
+
+def test_an_entry_for_a_field_the_row_has_under_the_formats_own_name_says_to_remove_it(tmp_path, tokenizer):
+    with pytest.raises(DataError) as e:
+        build(tmp_path, tokenizer, ALPACA, columns={"output": "response"})
+    msg = str(e.value)
+    assert "keys ['input', 'instruction', 'output']" in msg  # the file's own names, `output` included
+    assert "the row has `output` itself (the format's own name) and no `response`" in msg
+    assert "the entry `output: response` reads output from response; remove it from `columns`" in msg
+    assert "without the `columns` mapping, auto-detection reads the row as alpaca" in msg
+    fixed, _, report = build(tmp_path, tokenizer, ALPACA, "fixed.jsonl")  # the fix it names works
+    assert len(fixed) == 4 and report.bad == 0 and report.sources[0].formats == {"alpaca": 4}
+
+
+def test_a_forced_format_names_the_missing_field_and_the_rows_own_keys(tmp_path, tokenizer):
+    with pytest.raises(DataError) as e:
+        build(tmp_path, tokenizer, ALPACA, format="alpaca", columns={"output": "response"})
+    assert "field 'response': missing; the row's own keys: ['input', 'instruction', 'output']" in str(e.value)
+    assert "remove it from `columns`" in str(e.value)
+
+
+def test_sharegpt_turns_under_a_messages_mapping_name_the_entries_that_map_them(tmp_path, tokenizer):
+    with pytest.raises(DataError) as e:
+        build(tmp_path, tokenizer, SHAREGPT, columns={"messages": "conversations"})
+    msg = str(e.value)
+    assert "field 'conversations[0].role': missing" in msg
+    assert "the turns of `conversations` have ShareGPT keys ['from', 'value'], not role/content" in msg
+    fix = "columns: {messages: conversations, role: from, content: value} and roles: {human: user, gpt: assistant}"
+    assert fix in msg and "auto-detection reads the row as sharegpt" in msg
+    # both fixes it names read the file, to the same ids and labels
+    mapped, _, report = build(tmp_path, tokenizer, SHAREGPT, "mapped.jsonl",
+                              columns={"messages": "conversations", "role": "from", "content": "value"},
+                              roles={"human": "user", "gpt": "assistant"})
+    native, _, auto = build(tmp_path, tokenizer, SHAREGPT, "native.jsonl")
+    assert report.sources[0].formats == {"messages": 4} and auto.sources[0].formats == {"sharegpt": 4}
+    assert [(x.input_ids, x.labels) for x in mapped] == [(x.input_ids, x.labels) for x in native]
+    assert report.unused_mapping == {} and auto.unused_mapping == {}
+
+
+def test_sharegpt_turns_under_another_name_also_suggest_reading_them_as_sharegpt(tmp_path, tokenizer):
+    rows = [{"chat": r["conversations"]} for r in SHAREGPT]
+    with pytest.raises(DataError) as e:
+        build(tmp_path, tokenizer, rows, columns={"messages": "chat"})
+    assert "columns: {messages: chat, role: from, content: value}" in str(e.value)
+    assert "or read them as ShareGPT turns: columns: {conversations: chat}" in str(e.value)
+    train, _, report = build(tmp_path, tokenizer, rows, "fixed.jsonl", columns={"conversations": "chat"})
+    assert len(train) == 4 and report.sources[0].formats == {"sharegpt": 4}
+
+
+def test_a_mapped_field_the_row_lacks_suggests_a_close_name_of_the_rows_own(tmp_path, tokenizer):
+    rows = [{"question": r["question"], "answr": r["answer"]} for r in GSM]
+    with pytest.raises(DataError) as e:
+        build(tmp_path, tokenizer, rows, columns={"prompt": "question", "completion": "answer"})
+    assert "keys ['answr', 'question']" in str(e.value)
+    assert "the row has no `answer`; did you mean columns: {completion: answr}?" in str(e.value)
+
+
+def test_unused_columns_and_roles_entries_are_warned_once_per_source(tmp_path, tokenizer):
+    rows = [{**r, "system": "Be brief."} for r in SHAREGPT]
+    source = {"columns": {"system": "sys", "tools": "functions"}, "roles": {"gtp": "assistant", "human": "user"}}
+    train, _, report = build(tmp_path, tokenizer, rows, "sg.jsonl", **source)
+    name = report.sources[0].name
+    assert len(train) == 4 and report.bad == 0 and name.endswith("sg.jsonl")
+    want = ["columns: {system: sys} (no row has `sys`)", "columns: {tools: functions} (no row has `functions`)",
+            "roles: {gtp: assistant} (no turn has the role `gtp`)"]  # human: user is used
+    assert report.unused_mapping == {name: want}
+    warnings = [line for line in report.summary().splitlines() if "mapping entries" in line]
+    assert len(warnings) == 1 and f"no row of {name} uses: " + "; ".join(want) in warnings[0]
+    assert report.sources_json()[0]["unused_mapping"] == want
+    section = "\n".join(_data_section({"summary": report.summary(), "unused_mapping": report.unused_mapping}))
+    assert f"- {name}: " + "; ".join(want) in section
+    _, _, again = build(tmp_path, tokenizer, rows, "sg.jsonl", **source)  # read from the cache: the same warning
+    assert again.sources[0].cached and again.unused_mapping == {name: want}
+
+
+def test_inner_key_entries_count_as_used_only_where_turns_have_them(tmp_path, tokenizer):
+    _, _, report = build(tmp_path, tokenizer, CHATS, columns={"messages": "chat", "role": "speaker", "content": "text",
+                                                              "system": "preamble"},
+                         roles={"human": "user", "bot": "assistant", "narrator": "system"})
+    assert report.unused_mapping == {report.sources[0].name: [
+        "columns: {system: preamble} (no row has `preamble`)", "roles: {narrator: system} (no turn has the role `narrator`)"]}

@@ -218,3 +218,22 @@ def test_multi_turn_rows_of_phi3_and_gpt_oss_are_kept_and_masked_as_the_tagged_t
     assert report.bad == 0 and len(train) == len(chats)
     got = sorted((list(e.input_ids), [int(lab != IGNORE_INDEX) for lab in e.labels]) for e in train)
     assert got == sorted(twin_reference(name, c) for c in chats)
+
+
+def test_add_bos_starts_chat_examples_with_an_untrained_bos(tmp_path):
+    from conftest import build_tokenizer, chat_rows, write_jsonl
+
+    from sftlab.config import DataConfig
+    from sftlab.data.dataset import build_datasets
+    tok = build_tokenizer()
+    tok.bos_token = "<|endoftext|>"  # a BOS the ChatML template never writes
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows()[:2])
+    examples = {}
+    for add_bos in (False, True):
+        cfg = DataConfig(train=[{"path": str(path)}], add_bos=add_bos, cache_dir=str(tmp_path / "cache"))
+        train, _, _ = build_datasets(cfg, tok, seed=0)
+        examples[add_bos] = sorted(([*train[i].input_ids], [*train[i].labels]) for i in range(len(train)))
+    bos = tok.bos_token_id
+    assert len(examples[True]) == len(examples[False]) == 2
+    for (ids, labels), (bos_ids, bos_labels) in zip(examples[False], examples[True]):
+        assert ids[0] != bos and bos_ids == [bos, *ids] and bos_labels == [-100, *labels]

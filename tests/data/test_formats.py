@@ -76,11 +76,59 @@ def test_sharegpt_roles():
         {"from": "user", "value": "q2"}, {"from": "assistant", "value": "a2"}]}
     c = rec(row)
     assert [m["role"] for m in c.messages] == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
-    assert c.tools == [{"name": "f"}]
+    assert c.tools == [{"type": "function", "function": {"name": "f"}}]  # a bare schema, wrapped
+    assert c.messages[2] == {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f",
+                                                                                                "arguments": {}}}]}
     e = bad({"conversations": [{"from": "alien", "value": "q"}, {"from": "gpt", "value": "a"}]})
     assert e.field_name == "conversations[0].from" and "unknown role 'alien'" in e.reason
     e = bad({"conversations": [{"from": "human", "value": "q"}]})
     assert e.field_name == "conversations" and "no assistant turn" in e.reason
+
+
+def sharegpt_call(value, before=("human", "q")):
+    return {"conversations": [{"from": before[0], "value": before[1]}, {"from": "function_call", "value": value},
+                              {"from": "observation", "value": "42"}, {"from": "gpt", "value": "a"}]}
+
+
+CALL = {"type": "function", "function": {"name": "area", "arguments": {"shape": "circle", "r": [4]}}}
+
+
+@pytest.mark.parametrize("value", [
+    '{"name": "area", "arguments": {"shape": "circle", "r": [4]}}',  # glaive / LLaMA-Factory
+    '{"name": "area", "arguments": "{\\"shape\\": \\"circle\\", \\"r\\": [4]}"}',  # arguments as a JSON string
+    '{"name": "area", "parameters": {"shape": "circle", "r": [4]}}',  # Llama's key
+    '{"type": "function", "function": {"name": "area", "arguments": {"shape": "circle", "r": [4]}}}',  # OpenAI's
+])
+def test_sharegpt_function_call_becomes_tool_calls(value):
+    c = rec(sharegpt_call(value))
+    assert c.messages[1] == {"role": "assistant", "tool_calls": [CALL]}
+    assert c.messages[2] == {"role": "tool", "content": "42"}
+
+
+def test_sharegpt_function_calls_join_the_assistant_turn_before_them():
+    c = rec(sharegpt_call('[{"name": "area", "arguments": {"shape": "circle", "r": [4]}}, {"name": "b"}]'))
+    assert c.messages[1]["tool_calls"] == [CALL, {"type": "function", "function": {"name": "b", "arguments": {}}}]
+    row = sharegpt_call('{"name": "area", "arguments": {"shape": "circle", "r": [4]}}')
+    row["conversations"].insert(1, {"from": "gpt", "value": "Let me compute it."})
+    c = rec(row)  # text then a call: one assistant turn that says something and calls
+    assert [m["role"] for m in c.messages] == ["user", "assistant", "tool", "assistant"]
+    assert c.messages[1] == {"role": "assistant", "content": "Let me compute it.", "tool_calls": [CALL]}
+    row["conversations"].insert(1, {"from": "function_call", "value": '{"name": "b"}'})
+    c = rec(row)  # a call, text, a call: text joins no earlier call, the second call joins the text
+    assert [len(m.get("tool_calls", [])) for m in c.messages] == [0, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("value,why", [
+    ("calculate_area(5, 3)", "this is not JSON: Expecting value (column 1)"),
+    ('{"arguments": {}}', "call 0: expected an object"),
+    ("[]", "empty list of calls"),
+    ('{"name": "f", "arguments": "{oops"}', "call 0: `arguments` is a string that is not JSON"),
+    ('{"name": "f", "arguments": [1, 2]}', "call 0: `arguments` must be an object"),
+])
+def test_bad_function_call_names_the_turn_value(value, why):
+    e = bad(sharegpt_call(value))
+    assert e.field_name == "conversations[1].value" and why in e.reason
+    assert str(e).startswith("src.jsonl:3 field 'conversations[1].value'")
 
 
 def test_text_with_spans():
@@ -196,3 +244,23 @@ def test_text_content_parts_read_as_the_string_form_in_every_role(tokenizer):
 def test_other_content_parts_are_bad_rows_naming_the_part(part, says):
     e = bad({"messages": [{"role": "user", "content": [{"type": "text", "text": "Look:"}, part]}, A]})
     assert e.field_name == "messages[0].content[1]" and says in e.reason and e.line == 3
+
+
+def test_image_rows_are_their_own_kind_of_bad_record_and_survive_pickling():
+    from sftlab.data.types import ImageRow
+
+    e = bad({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, A]})
+    assert isinstance(e, ImageRow) and e.field_name == "messages[0].content[0]"
+    again = pickle.loads(pickle.dumps(e))  # worker processes send bad rows back pickled
+    assert isinstance(again, ImageRow) and str(again) == str(e)
+    plain = bad({"messages": [{"role": "user", "content": [{"type": "audio"}]}, A]})
+    assert not isinstance(plain, ImageRow)
+
+
+def test_mapping_hints_are_added_only_where_a_mapping_exists_and_a_field_is_missing():
+    row = {"instruction": "Add one.", "input": "", "output": "2"}
+    with_map = bad(row, columns=ColumnMap({"output": "response"}))
+    assert "the row has `output` itself" in with_map.reason and with_map.line == 3
+    assert "columns" not in bad({"instruction": "Add one.", "output": ""}).reason  # an empty output: no mapping hint
+    empty = bad({"instruction": "Add one.", "input": "", "response": ""}, columns=ColumnMap({"output": "response"}))
+    assert empty.field_name == "response" and empty.reason == "empty"  # the field is there: no hint to give

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -44,7 +45,7 @@ def test_jsonl_json_array_and_json_lines(tmp_path):
     b.write_text(json.dumps(PC, indent=2))
     c = write_jsonl(tmp_path / "c.json", PC)
     assert [(r[1], r[2]) for r in rows_of(SourceConfig(path=str(a)))] == [(1, "line"), (2, "line"), (3, "line"), (4, "line")]
-    assert [(r[1], r[2]) for r in rows_of(SourceConfig(path=str(b)))] == [(0, "row"), (1, "row"), (2, "row"), (3, "row")]
+    assert [(r[1], r[2]) for r in rows_of(SourceConfig(path=str(b)))] == [(1, "row"), (2, "row"), (3, "row"), (4, "row")]
     assert [r[3] for r in rows_of(SourceConfig(path=str(c)))] == PC
 
 
@@ -81,7 +82,7 @@ def test_bad_rows_in_columnar_sources_name_the_row(tmp_path, tokenizer):
     rows = PC[:3] + [{"prompt": "Numbers: x", "completion": ""}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     train, _, report = build(tokenizer, tmp_path / "d.parquet")
-    assert len(train) == 3 and report.bad_examples == [f"{tmp_path / 'd.parquet'} row 3 field 'completion': empty completion"]
+    assert len(train) == 3 and report.bad_examples == [f"{tmp_path / 'd.parquet'} row 4 field 'completion': empty completion"]
 
 
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path, tokenizer):
@@ -194,3 +195,46 @@ def test_a_json_object_file_is_one_error_not_one_per_line(tmp_path):
     lines = tmp_path / "rows.json"  # JSON lines in a .json file still read line by line
     lines.write_text('{"text": "a"}\n{"text": "b"}\n')
     assert [r.row for r in open_source(SourceConfig(path=str(lines))).rows()] == [{"text": "a"}, {"text": "b"}]
+
+
+def _write_every_kind(tmp_path, rows) -> dict:
+    """The same rows as each kind of source: JSONL, JSON array, Parquet, CSV, save_to_disk, Dataset object."""
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "d.json").write_text(json.dumps(rows, indent=1))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["prompt", "completion"])
+        w.writeheader()
+        w.writerows(rows)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "disk"))
+    specs = {k: SourceConfig(path=str(tmp_path / k)) for k in ("d.jsonl", "d.json", "d.parquet", "d.csv", "disk")}
+    return {**specs, "object": DatasetSource(datasets.Dataset.from_list(rows), name="obj")}
+
+
+def test_every_kind_of_source_cites_rows_1_based(tmp_path, tokenizer):
+    """The 2nd row of a file is line 2 of JSONL and row 2 of anything else: in bad rows, in the over-length
+    error and in what `prepare --show` prints (`where_token`)."""
+    rows = [PC[0], {"prompt": "Numbers: x", "completion": ""}, {"prompt": "Numbers: " + "one " * 200, "completion": "2"}]
+    want = {"d.jsonl": ":2", "d.json": " row 2", "d.parquet": " row 2", "d.csv": " row 2", "disk": " row 2",
+            "object": " row 2"}
+    for key, spec in _write_every_kind(tmp_path, rows).items():
+        name = "obj" if key == "object" else str(tmp_path / key)
+        train, _, report = build_datasets(DataConfig(max_seq_length=64, on_overlength="drop"), tokenizer, seed=0,
+                                          train_sources=[spec])
+        assert report.bad_examples == [f"{name}{want[key]} field 'completion': empty completion"], key
+        assert report.source_data[0].where_token(0) == name + want[key].replace("2", "1"), key  # --show's place
+        with pytest.raises(DataError, match=rf"^{re.escape(name + want[key].replace('2', '3'))}: \d+ tokens exceed"):
+            build_datasets(DataConfig(max_seq_length=64, on_overlength="error"), tokenizer, seed=0, train_sources=[spec])
+
+
+def test_an_unreadable_table_names_the_last_row_read_1_based(tmp_path, monkeypatch):
+    pq.write_table(pa.Table.from_pylist(PC), tmp_path / "d.parquet")
+    real = sources._batches
+
+    def broken(path):
+        yield from real(path)
+        raise pa.ArrowInvalid("truncated file")
+
+    monkeypatch.setattr(sources, "_batches", broken)
+    with pytest.raises(DataError, match=r"cannot read it as PARQUET \(after row 4\): truncated file"):
+        list(open_source(SourceConfig(path=str(tmp_path / "d.parquet"))).rows())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 from conftest import CORPUS, build_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -56,8 +55,12 @@ def ref_alpaca(conv, gen):
     return out + ("\n\n### Response:\n" if gen else "")
 
 
-REFERENCES = {"chatml": ref_chatml, "llama3": ref_llama3, "tulu": ref_tulu, "zephyr": ref_zephyr, "alpaca": ref_alpaca}
-END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "tulu": EOS, "zephyr": EOS, "alpaca": EOS}
+# Without tools, tool calls and tool results the tool templates render as their plain variants
+# (with them: tests/data/test_tool_templates.py).
+REFERENCES = {"chatml": ref_chatml, "llama3": ref_llama3, "tulu": ref_tulu, "zephyr": ref_zephyr, "alpaca": ref_alpaca,
+              "chatml_tools": ref_chatml, "llama3_tools": ref_llama3}
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "tulu": EOS, "zephyr": EOS, "alpaca": EOS,
+               "chatml_tools": "<|im_end|>", "llama3_tools": "<|eot_id|>"}
 
 
 def test_every_builtin_has_a_reference():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sftlab.config import ModelConfig
 from sftlab.model.loading import ModelLoadError, load_model_and_tokenizer, resolve_model_path
@@ -53,3 +54,33 @@ def test_flash_attention_without_cuda_or_package_is_a_clear_error(tmp_path):
         pytest.skip("flash-attn is usable here")
     with pytest.raises(ModelLoadError, match="flash_attention_2 needs a CUDA device and the flash-attn"):
         load_model(ModelConfig(name_or_path=str(tmp_path), attn_implementation="flash_attention_2"))
+
+
+def test_dtype_auto_is_the_dtype_the_weights_were_saved_in(tiny_model, tokenizer, tmp_path):
+    from sftlab.config import ModelConfig
+    from sftlab.model.loading import stored_dtype
+    tiny_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tiny_model.to(torch.float16).save_pretrained(tmp_path / "fp16")
+    assert stored_dtype(ModelConfig(), str(tmp_path / "bf16")) == "bfloat16"
+    assert stored_dtype(ModelConfig(), str(tmp_path / "fp16")) == "float16"
+
+
+def test_init_kwargs_reach_from_pretrained_and_owned_keys_are_refused(tiny_model_dir):
+    from sftlab.config import ModelConfig
+    from sftlab.model.loading import load_model
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), init_kwargs={"num_hidden_layers": 1}))
+    assert model.config.num_hidden_layers == 1  # config overrides pass through from_pretrained's kwargs
+    with pytest.raises(ValueError, match="init_kwargs.torch_dtype: set by sftlab; use model.dtype"):
+        ModelConfig(init_kwargs={"torch_dtype": "bfloat16"})
+
+
+def test_a_separate_tokenizer_is_loaded_from_model_tokenizer(tiny_model_dir, tmp_path, tokenizer):
+    from sftlab.config import ModelConfig
+    from sftlab.model.loading import ModelLoadError, load_tokenizer
+    other = tmp_path / "tok"
+    tokenizer.add_tokens(["<extra_token>"])
+    tokenizer.save_pretrained(other)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir), tokenizer=str(other)))
+    assert "<extra_token>" in tok.get_vocab()
+    with pytest.raises(ModelLoadError, match="model.tokenizer: directory not found"):
+        load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir), tokenizer="./nope"))

@@ -51,3 +51,15 @@ def test_resize_after_loading_the_model_like_training_does():
     assert torch.allclose(model.get_input_embeddings().weight[n:], emb_mean.expand(2, -1))
     assert torch.allclose(model.lm_head.weight[n:], head_mean.expand(2, -1))
     assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_pad_vocab_to_multiple_of_rounds_the_rows_up_with_mean_rows():
+    tok = plain_tokenizer()
+    n = len(tok)
+    model = build_model(n)
+    old_mean = model.get_input_embeddings().weight.detach().mean(0).clone()
+    add_chatml_tokens(tok)
+    resize_for_new_tokens(model, tok, n, multiple_of=64)
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] % 64 == 0 and emb.shape[0] >= n + 2
+    assert all(torch.allclose(emb[i], old_mean) for i in range(n, emb.shape[0]))

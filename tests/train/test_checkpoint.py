@@ -306,3 +306,74 @@ def test_tied_embeddings_are_checkpointed_without_accelerates_shared_tensor_note
     shared = torch.zeros(2)
     clean_state_dict_for_safetensors({"a": shared, "b": shared})
     assert [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]
+
+
+def test_every_steps_epoch_is_every_epoch():
+    from sftlab.config import CheckpointConfig
+    cfg = CheckpointConfig(every_steps="epoch")
+    assert cfg.every_epoch and cfg.every_steps is None
+
+
+def test_hf_model_in_each_checkpoint_loads_plainly_and_delete_at_end(tiny_model_dir, chat_file, tmp_path):
+    """checkpoint.save_hf_model: every checkpoint holds hf/, a plain transformers directory with the step's
+    weights (the last one equals the final model); delete_at_end removes them once the run has finished."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sftlab
+    out = tmp_path / "run"
+    tree = cfg_tree(tiny_model_dir, chat_file, out, max_steps=4)
+    tree["checkpoint"] = {"every_steps": 2, "save_hf_model": True}
+    seen = []
+
+    class Look:
+        def on_save(self, ckpt):
+            model = AutoModelForCausalLM.from_pretrained(ckpt / "hf")
+            assert AutoTokenizer.from_pretrained(ckpt / "hf").chat_template
+            seen.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    sftlab.train(tree, callbacks=[Look()])
+    assert len(seen) == 2 and not all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])
+    final = load_file(out / "model.safetensors")
+    assert all(torch.equal(final[k], seen[1][k]) for k in final)
+
+    tree["train"]["output_dir"] = str(tmp_path / "clean")
+    tree["checkpoint"] = {"every_steps": 2, "delete_at_end": True}
+    sftlab.train(tree)
+    assert (tmp_path / "clean" / "model.safetensors").is_file() and not (tmp_path / "clean" / "checkpoints").exists()
+
+
+def test_load_best_model_at_end_saves_the_best_evaluated_step(tiny_model_dir, chat_file, tmp_path):
+    """A too-high lr makes the eval loss rise after the first steps: the saved model is the best step's
+    (equal to that step's checkpoint in an identical run), and rotation kept that checkpoint."""
+    import sftlab
+    from sftlab.train.best import best_step
+
+    def tree(out, **ckpt):
+        t = cfg_tree(tiny_model_dir, chat_file, out, max_steps=4, eval_every=1)
+        t["data"]["eval_fraction"] = 0.25
+        t["optim"].update(lr=3.0, warmup_steps=0, scheduler="constant")
+        t["checkpoint"] = ckpt
+        return t
+
+    ref = sftlab.train(tree(tmp_path / "ref", every_steps=1))
+    step, _ = best_step(ref.history, "eval_loss")
+    assert step < 4, [r["eval_loss"] for r in ref.history]
+    t = tree(tmp_path / "best", keep_last=1)
+    t["train"]["load_best_model_at_end"] = True
+    res = sftlab.train(t)
+    assert res.best_step == step
+    assert (tmp_path / "best" / "checkpoints" / f"step-{step:08d}").is_dir()
+    want = load_file(tmp_path / "ref" / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
+    got = load_file(tmp_path / "best" / "model.safetensors")
+    assert got.keys() <= want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_load_best_model_at_end_needs_a_logged_metric(tiny_model_dir, chat_file, tmp_path):
+    import sftlab
+    t = cfg_tree(tiny_model_dir, chat_file, tmp_path / "r", max_steps=2, load_best_model_at_end=True)
+    with pytest.raises(RunError, match="needs eval data"):
+        sftlab.train(t)
+    t["data"]["eval_fraction"] = 0.25
+    t["train"]["metric_for_best"] = "eval/other_loss"
+    with pytest.raises(RunError, match="it logs eval_loss"):
+        sftlab.train(t)

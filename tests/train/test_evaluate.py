@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from conftest import write_jsonl
 from test_loop import make_cfg
@@ -84,3 +85,28 @@ def test_eval_of_a_run_uses_the_runs_own_mapping(tiny_model_dir, tmp_path):
     run_training(cfg)
     res = evaluate(tmp_path / "run", str(train))
     assert res["mapping"]["from"] == "the run's training sources" and res["examples"] == 8
+
+
+def _eval_run(model_dir, rows, tmp_path, name, **data):
+    import sftlab
+    from conftest import chat_rows, write_jsonl
+    cap = data.pop("_cap", None)
+    train = write_jsonl(tmp_path / "train.jsonl", chat_rows())
+    evals = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    return sftlab.train({"model": {"name_or_path": str(model_dir)},
+                         "data": {"train": [str(train)], "eval": [str(evals)], "max_seq_length": 128, **data},
+                         "optim": {"lr": 3e-3}, "train": {"output_dir": str(tmp_path / name), "max_steps": 2,
+                                                           "micro_batch_size": 3, "eval_every": 1,
+                                                           "eval_max_batches": cap}})
+
+
+def test_packed_eval_equals_unpacked_and_max_batches_caps_it(tiny_model_dir, tmp_path):
+    from conftest import chat_rows
+    rows = chat_rows()[::2]
+    plain = _eval_run(tiny_model_dir, rows, tmp_path, "plain")
+    packed = _eval_run(tiny_model_dir, rows, tmp_path, "packed", eval_packing=True)
+    assert [r["eval_loss"] for r in packed.history] == pytest.approx([r["eval_loss"] for r in plain.history], rel=1e-5)
+    capped = _eval_run(tiny_model_dir, rows, tmp_path, "capped", _cap=1)
+    first = _eval_run(tiny_model_dir, rows[:3], tmp_path, "first")
+    assert [r["eval_loss"] for r in capped.history] == [r["eval_loss"] for r in first.history]
+    assert capped.history[0]["eval_loss"] != plain.history[0]["eval_loss"]

@@ -270,3 +270,20 @@ def test_micro_batch_tokens_below_max_seq_length_is_refused(tiny_model_dir, chat
     from sftlab.config import ConfigError, load_config
     with pytest.raises(ConfigError, match="micro_batch_tokens"):
         load_config(None, ["train.micro_batch_tokens=100", "data.max_seq_length=256"])
+
+
+def test_float16_and_auto_weights_train_in_fp32_and_save_their_dtype(tokenizer, chat_file, tmp_path):
+    """model.dtype float16: fp32 compute and masters, saved as float16; auto: the dtype the checkpoint holds."""
+    from conftest import build_model
+    model_dir = tmp_path / "half"
+    build_model(len(tokenizer)).to(torch.float16).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    for dtype in ("float16", "auto"):
+        out = tmp_path / dtype
+        cfg = make_cfg(model_dir, chat_file, out, max_steps=4, mixed_precision="no")
+        cfg.model.dtype = dtype
+        res = run_training(cfg)
+        assert res.history[-1]["loss"] < res.history[0]["loss"]
+        info = json.loads((out / "run.json").read_text())
+        assert (info["weights_dtype"], info["compute_dtype"]) == ("float16", "float32")
+        assert {w.dtype for w in _saved_weights(out).values()} == {torch.float16}

@@ -6,7 +6,7 @@ is off). Raw little-endian binary files, described by `arrays.json`; no pickle a
     ids.bin      uint16 or uint32 [tokens]   (uint16 when the vocabulary fits)
     targets.bin  uint8  [tokens]              1 = the token is a target (its label is its own id)
     offsets.bin  int64  [examples + 1]        example i is tokens offsets[i]:offsets[i+1]
-    lines.bin    int64  [examples]            the line (JSONL) or row of each example ...
+    lines.bin    int64  [examples]            the line (JSONL) or row of each example, 1-based ...
     files.bin    int32  [examples]            ... and which file it came from
     fix_pos.bin  int64  [k], fix_val.bin int32 [k]   labels that are neither -100 nor the token's
                  own id (only pretokenized rows can have them; almost always empty)

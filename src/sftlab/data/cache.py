@@ -2,14 +2,16 @@
 
 An entry is keyed by a sha256 over: the source's content fingerprint (its files' bytes, or the
 dataset fingerprint), the tokenizer's serialized state (vocab, merges, added and special tokens),
-the chat template text, the source format, its `columns` / `roles` renaming, `loss_on`, and the
-code that turns rows into examples. `max_seq_length`, weights, the seed and the eval split are applied after loading, so
+the chat template text, the source format, its `columns` / `roles` renaming, `loss_on`, `data.tools`, its
+response/instruction templates (when set), the Python API's formatting function (when given), and
+the code that turns rows into examples. `max_seq_length`, weights, the seed and the eval split are applied after loading, so
 changing them reuses the entry.
 
 An entry is a directory `<cache_dir>/<key>/` holding the flat token arrays of `data/arrays.py`
 (ids, target flags, offsets, locations; each chunk checksummed) and `meta.json` (format version,
-key parts, row and bad-row counts, the first bad rows, the files, the rows read as each format
-and the unknown fields seen). It is written into a temporary
+key parts, row and bad-row counts, the first bad rows, the files, the rows read as each format,
+the unknown fields seen, the rows using each `columns` / `roles` entry and the rows whose tools were
+dropped). It is written into a temporary
 directory beside it and renamed into place, so readers never see a half-written entry and
 concurrent writers (one per rank) are harmless. Opening an entry re-checks every checksum; a
 truncated or corrupted entry is reported, removed and rebuilt, never trained on.
@@ -40,7 +42,8 @@ CACHE_FORMAT = 2
 MAX_BAD_EXAMPLES = 5
 # The modules whose code decides what a row tokenizes to: editing them invalidates the cache.
 _CODE_FILES = ("types.py", "formats.py", "fields.py", "masking.py", "rendering.py", "spans.py", "templates.py",
-               "sources.py", "tokenize.py", "arrays.py", "fast_chatml.py", "cache.py")
+               "sources.py", "tokenize.py", "arrays.py", "fast_chatml.py", "cache.py", "toolcalls.py",
+               "tool_support.py", "markers.py")
 
 
 @dataclass
@@ -58,6 +61,8 @@ class SourceData:
     conversations: int = 0  # chat rows read (the rest: text or pretokenized)
     formats: Counter = field(default_factory=Counter)  # format -> rows read as it
     unknown: Counter = field(default_factory=Counter)  # field no reader of its format reads -> rows holding it
+    tools_dropped: int = 0  # rows whose tools the template does not render, dropped (data.tools: drop)
+    mapped: Counter = field(default_factory=Counter)  # `columns.<name>` / `roles.<name>` entry -> rows using it
 
     def __len__(self) -> int:
         return len(self.arrays) if self.arrays is not None else 0
@@ -77,7 +82,7 @@ class SourceData:
         return {"format": CACHE_FORMAT, "key": key_parts, "rows": self.rows, "bad": self.bad,
                 "bad_reasons": dict(self.bad_reasons), "bad_examples": self.bad_examples,
                 "files": [list(f) for f in self.files], "notes": self.notes, "formats": dict(self.formats),
-                "unknown": dict(self.unknown)}
+                "unknown": dict(self.unknown), "tools_dropped": self.tools_dropped, "mapped": dict(self.mapped)}
 
 
 def default_cache_dir() -> Path:
@@ -136,7 +141,8 @@ def load(root: Path, key: str) -> SourceData | None:
     return SourceData(arrays, files=[(name, unit) for name, unit in meta["files"]], rows=meta["rows"],
                       bad=meta["bad"], bad_reasons=Counter(meta["bad_reasons"]), bad_examples=meta["bad_examples"],
                       cached=True, notes=meta.get("notes", []), formats=Counter(meta.get("formats", {})),
-                      unknown=Counter(meta.get("unknown", {})))
+                      unknown=Counter(meta.get("unknown", {})), tools_dropped=meta.get("tools_dropped", 0),
+                      mapped=Counter(meta.get("mapped", {})))
 
 
 def new_entry_dir(root: Path, key: str) -> Path:

@@ -5,12 +5,15 @@ flat token arrays on disk, chunk by chunk, here or in worker processes, through 
 (reading.py). Then it applies the length policy, mixes the sources by weight and splits off
 validation (mixing.py), all on index arrays (`Examples`); the tokens stay memory-mapped. Every
 decision is counted in `DataReport` (report.py), per source (with the format each row was read as,
-the fields no reader used, the target-token share and the lengths), and all validation happens
-here, before training starts.
+the fields no reader used, the `columns` / `roles` entries no row used, the target-token share and
+the lengths), and all validation happens here, before training starts: rows whose tools the chat
+template does not render stop the run, or with `data.tools: drop` are trained without them under
+one warning counting them (tool_support.py).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from sftlab.config import DataConfig, SourceConfig
 from sftlab.data import cache
 from sftlab.data.examples import Examples
+from sftlab.data.markers import markers_for
 from sftlab.data.mixing import check_weight, hold_out, mix
 from sftlab.data.reading import FAST_RENDER_NOTE, check_sendable, prepare_source
 from sftlab.data.report import DataReport, SourceStats, count_targets, length_stats
@@ -30,6 +34,7 @@ from sftlab.data.types import IGNORE_INDEX, DataError
 __all__ = ["DataError", "DataReport", "DatasetSource", "SourceStats", "build_datasets", "check_sendable",
            "count_targets", "length_stats", "load_template"]
 
+log = logging.getLogger(__name__)
 FROM_CONFIG = object()  # build_datasets resolves the template from the config
 
 
@@ -99,15 +104,19 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
     out = []
     for i, spec in enumerate(specs):
         source = open_source(spec, i)
-        source.formatting_func = formatting_func
+        source.formatting_func, source.markers = formatting_func, markers_for(spec, cfg)
         data = prepare_source(source, tokenizer, cfg, template)
         stats = SourceStats(f"{split}[{i}] {source.name}", split, source.weight, rows=data.rows, bad=data.bad,
                             examples=len(data), cached=data.cached, fast_render=FAST_RENDER_NOTE in data.notes,
-                            formats=dict(data.formats), unknown_fields=dict(data.unknown))
+                            formats=dict(data.formats), unknown_fields=dict(data.unknown),
+                            unused_mapping=[] if formatting_func else source.columns.unused(data.mapped))
+        if source.markers is not None and data.rows and not data.formats.get("text"):
+            stats.markers_unused = source.markers.response
         report.sources.append(stats)
         report.rows += data.rows
         report.bad += data.bad
         report.bad_reasons.update(data.bad_reasons)
+        report.tools_dropped += data.tools_dropped
         report.bad_examples.extend(data.bad_examples[: max(0, 5 - len(report.bad_examples))])
         examples = apply_length_policy(data, cfg, report, stats)
         stats.tokens, stats.targets = examples.num_tokens, count_targets(data, examples)
@@ -140,6 +149,10 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
     eval_specs = [*cfg.eval, *(eval_sources or [])]
     train_parts = _prepare_split(train_specs, "train", tokenizer, cfg, template, report, formatting_func)
     eval_parts = _prepare_split(eval_specs, "eval", tokenizer, cfg, template, report, formatting_func)
+    if report.tools_dropped:
+        log.warning("%d rows carry tools, tool calls or tool results that the chat template does not render: "
+                    "trained without them (data.tools: drop; a tool template such as data.chat_template: "
+                    "chatml_tools keeps them)", report.tools_dropped)
     if report.rows and report.bad / report.rows > cfg.max_bad_fraction:
         raise DataError(
             f"{report.bad} of {report.rows} rows are bad (> data.max_bad_fraction={cfg.max_bad_fraction}); "

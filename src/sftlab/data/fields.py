@@ -1,19 +1,32 @@
 """What a row's field names say: a source's renaming onto the format's names (`ColumnMap`), the
-format its keys fit (`detect_format`), why a row fits none (`no_format_message`), and the fields
-no reader of its format uses (`unknown_fields`).
+format its keys fit (`detect_format`), why a row fits none (`no_format_message`), why a mapping
+does not fit a row and its fix (`mapping_hint`), the mapping entries a row uses (`ColumnMap.used`),
+and the fields no reader of its format uses (`unknown_fields`).
 
 A source's `ColumnMap` (its `columns` and `roles` settings) renames the row's own fields onto the
 format's names (`question` -> `prompt`), the keys inside its message lists (`from` -> `role`) and
-its role names (`human` -> `user`). The fields each format reads are `config.ROW_FIELDS`; the row
-schema is documented in docs/data.md.
+its role names (`human` -> `user`). Errors name the row's own keys (as the file has them), never
+the renamed ones. The fields each format reads are `config.ROW_FIELDS`; the row schema is
+documented in docs/data.md.
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftlab.config import MESSAGE_KEYS, REQUIRED_FIELDS, ROW_FIELDS, TURN_KEYS
+from sftlab.config import MESSAGE_KEYS, REQUIRED_FIELDS, ROLES, ROW_FIELDS, TURN_KEYS
+
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "function_call": "assistant",
+    "system": "system",
+    "tool": "tool", "observation": "tool", "function_response": "tool",
+}
+LIST_FIELDS = {"messages": MESSAGE_KEYS, "prompt": MESSAGE_KEYS, "completion": MESSAGE_KEYS,
+               "conversations": TURN_KEYS}  # fields holding turns -> the keys of a turn
 
 
 def _rename(d: dict[str, Any], ours_to_theirs: dict[str, str]) -> dict[str, Any]:
@@ -53,6 +66,29 @@ class ColumnMap:
             out["conversations"] = self._turns(out["conversations"], TURN_KEYS)
         return out
 
+    def used(self, row: dict[str, Any]) -> set[str]:
+        """The entries of this mapping that the (unrenamed) row uses: `columns.<name>` where the row has the
+        field it names (inside its turns for role/content/from/value), `roles.<name>` where a turn has that role."""
+        out = {f"columns.{o}" for o, t in self.columns.items() if o not in LIST_KEYS and _has(row, t)}
+        for ours, keys in LIST_FIELDS.items():
+            turns = row.get(self.theirs(ours))
+            inner = {self.columns[k]: k for k in keys if k in self.columns}
+            senders = {self.theirs(keys[0]), "role"}
+            for t in turns if isinstance(turns, list) else ():
+                if isinstance(t, dict):
+                    out.update(f"columns.{inner[k]}" for k in t if k in inner)
+                    out.update(f"roles.{t[k]}" for k in senders if isinstance(t.get(k), str) and t[k] in self.roles)
+        return out
+
+    def unused(self, used: Iterable[str]) -> list[str]:
+        """The entries no row used (given those `used` by some row, as `used()` names them), each as the
+        config has it and why: `columns: {output: response} (no row has `response`)`."""
+        seen = set(used)
+        out = [f"columns: {{{o}: {t}}} (no {'turn' if o in LIST_KEYS else 'row'} has `{t}`)"
+               for o, t in self.columns.items() if f"columns.{o}" not in seen]
+        return out + [f"roles: {{{name}: {role}}} (no turn has the role `{name}`)"
+                      for name, role in self.roles.items() if f"roles.{name}" not in seen]
+
     def _turns(self, turns: list[Any], keys: tuple[str, str]) -> list[Any]:
         mapping = {k: self.columns[k] for k in keys if k in self.columns}
         if not mapping and not self.roles:
@@ -69,6 +105,7 @@ class ColumnMap:
 
 
 NO_COLUMNS = ColumnMap()
+LIST_KEYS = set(MESSAGE_KEYS + TURN_KEYS)  # `columns` names that rename keys inside turns
 
 
 def _has(row: dict[str, Any], key: str) -> bool:
@@ -92,23 +129,90 @@ def detect_format(row: dict[str, Any]) -> str:
     raise KeyError(no_format_message(row))
 
 
-def no_format_message(row: dict[str, Any], cmap: ColumnMap = NO_COLUMNS) -> str:
-    """Why a row fits no format: its keys, the closest format (most of its fields present) and what
-    that one lacks, and how to map the source's own field names."""
+def no_format_message(row: dict[str, Any], cmap: ColumnMap = NO_COLUMNS, own: dict[str, Any] | None = None) -> str:
+    """Why a row (under the format's names) fits no format: the row's own keys (`own`: the row as the
+    file has it), the closest format (most of its fields present) and what that one lacks, and how to
+    map the source's own field names (a source with `columns` gets `mapping_hint` instead)."""
     present = {k for k in row if row[k] is not None}
-    keys = sorted(present)[:8]
+    keys = sorted(k for k, v in (row if own is None else own).items() if v is not None)[:8]
     expected = ("expected 'messages', 'conversations', 'prompt'+'completion', 'instruction'+'output', 'text' "
                 "or 'input_ids'")
     score = {fmt: len(present & set(fields)) for fmt, fields in ROW_FIELDS.items()}
     best = max(score, key=lambda f: score[f])  # ties: the first in ROW_FIELDS order
     if not score[best]:
-        return (f"cannot detect the row format from its keys {keys}; {expected}; to train on other field names, "
-                "map them in the source's `columns`, e.g. columns: {prompt: question, completion: answer} (docs/data.md)")
+        return (f"cannot detect the row format from its keys {keys}; {expected}" + ("" if cmap.columns else
+                "; to train on other field names, map them in the source's `columns`, e.g. columns: "
+                "{prompt: question, completion: answer} (docs/data.md)"))
     missing = [f for f in ROW_FIELDS[best][: REQUIRED_FIELDS[best]] if f not in present]
     lacks = ", ".join(f"'{cmap.theirs(f)}'" for f in missing)
     example = ", ".join(f"{f}: <your field>" for f in missing)
-    return (f"cannot detect the row format from its keys {keys}; closest format: {best}, which also needs {lacks} "
-            f"(or map your own field names in the source's `columns`, e.g. columns: {{{example}}}; docs/data.md)")
+    return (f"cannot detect the row format from its keys {keys}; closest format: {best}, which also needs {lacks}"
+            + ("" if cmap.columns else f" (or map your own field names in the source's `columns`, e.g. "
+               f"columns: {{{example}}}; docs/data.md)"))
+
+
+def _flow(d: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
+
+
+def _turn_notes(row: dict[str, Any], cmap: ColumnMap) -> list[str]:
+    """For each mapped field of turns whose turns lack the keys the format reads: their keys, and the
+    `columns` (and `roles`) entries that map them."""
+    notes = []
+    for ours, keys in LIST_FIELDS.items():
+        turns, theirs = row.get(cmap.theirs(ours)), cmap.theirs(ours)
+        dicts = [t for t in turns if isinstance(t, dict)] if ours in cmap.columns and isinstance(turns, list) else []
+        have = sorted({k for t in dicts for k in t})
+        if not dicts or all(cmap.theirs(k) in have for k in keys) or (ours == "conversations" and
+                                                                      set(MESSAGE_KEYS) <= set(have)):
+            continue
+        if keys == MESSAGE_KEYS and set(TURN_KEYS) <= set(have):  # ShareGPT turns under a messages field
+            columns = {**cmap.columns, "role": "from", "content": "value"}
+            senders = dict.fromkeys(t["from"] for t in dicts if isinstance(t.get("from"), str))
+            roles = {**cmap.roles, **{s: SHAREGPT_ROLES[s] for s in senders if s in SHAREGPT_ROLES and s not in ROLES}}
+            fix = f"columns: {_flow(columns)}" + (f" and roles: {_flow(roles)}" if roles else "")
+            other = f" (or read them as ShareGPT turns: columns: {{conversations: {theirs}}})" if theirs != "conversations" else ""
+            notes.append(f"the turns of `{theirs}` have ShareGPT keys {have}, not {cmap.theirs('role')}/"
+                         f"{cmap.theirs('content')}: map them too, {fix}{other}")
+        else:
+            example = _flow({**cmap.columns, keys[0]: "<key of the role>", keys[1]: "<key of the text>"})
+            notes.append(f"the turns of `{theirs}` have keys {have}, not {cmap.theirs(keys[0])}/"
+                         f"{cmap.theirs(keys[1])}: map them, columns: {example}")
+    return notes
+
+
+def mapping_hint(row: dict[str, Any], cmap: ColumnMap, fmt: str = "auto", with_keys: bool = True) -> str:
+    """Why the source's `columns` do not fit `row` (as the file has it), and the fix, or '' where there is
+    nothing to say: the row's own keys; an entry `{ours: theirs}` names a field the row lacks (where the
+    row has `ours` itself, the entry is not needed: remove it); turns whose keys are left unmapped (ShareGPT
+    from/value under `messages`: the entries that map them); and the format the row is read as without
+    the mapping, where there is one (`with_keys=False`: without the keys, for a message that lists them)."""
+    if not cmap.columns:
+        return ""
+    own = [k for k, v in row.items() if v is not None]
+    notes = []
+    for ours, theirs in cmap.columns.items():
+        if ours in LIST_KEYS or _has(row, theirs):
+            continue
+        if _has(row, ours):
+            notes.append(f"the row has `{ours}` itself (the format's own name) and no `{theirs}`: the entry "
+                         f"`{ours}: {theirs}` reads {ours} from {theirs}; remove it from `columns`")
+        else:
+            close = difflib.get_close_matches(theirs, own, n=1, cutoff=0.6)
+            notes.append(f"the row has no `{theirs}`" + (f"; did you mean columns: {{{ours}: {close[0]}}}?"
+                                                         if close else ""))
+    notes += _turn_notes(row, cmap)
+    try:
+        as_is = detect_format(row) if notes else None
+    except KeyError:
+        as_is = None
+    if as_is and fmt in ("auto", as_is):
+        how = "auto-detection reads the row" if fmt == "auto" else "the row is read"
+        notes.append(f"without the `columns` mapping, {how} as {as_is}, its fields as they are")
+    elif as_is:
+        notes.append(f"without the `columns` mapping and with format: auto (or {as_is}), the row is read as {as_is}")
+    keys = f"the row's own keys: {sorted(own)[:8]}; " if with_keys else ""
+    return keys + "; ".join(notes) if notes else ""
 
 
 def unknown_fields(row: dict[str, Any], fmt: str, cmap: ColumnMap = NO_COLUMNS) -> tuple[str, ...]:

@@ -3,20 +3,28 @@
 Row formats, detected per row (`format: auto`) or forced per source (`format: <name>`):
 
 - `messages`: OpenAI-style `[{"role", "content"}]`, roles system/user/assistant/tool, optional
-  `tool_calls` on assistant turns and an optional `tools` column handed to the chat template.
+  `tool_calls` on assistant turns and an optional `tools` column handed to the chat template (a
+  JSON string of the list is parsed; bare function schemas are wrapped as `{"type": "function",
+  "function": ...}`, toolcalls.py). Whether the template renders them is checked per run (tool_support.py).
 - `prompt_completion`: `prompt` and `completion`, each a string or a list of messages.
 - `alpaca`: `instruction`, optional `input`, `output` (optional `system`); the user turn is
   `instruction + "\\n\\n" + input` when `input` is non-empty, else `instruction`.
 - `sharegpt`: `conversations: [{"from", "value"}]`; `from` is human/gpt/system (also user,
-  assistant, tool, observation -> tool, function_call -> assistant); optional `system`, `tools`.
+  assistant, tool, observation/function_response -> tool); optional `system`, `tools`. A
+  `function_call` turn's value is JSON `{"name", "arguments"}` (or a list of them): it becomes an
+  assistant message's `tool_calls` (toolcalls.py), joined to the assistant turn right before it
+  when there is one (text then calls: one turn), so its target is what the template writes for calls.
 - `text`: plain text, no chat template, optional `loss_masking_spans`: inclusive character
-  spans `[start, end]` whose tokens get no loss; every other token is a target.
+  spans `[start, end]` whose tokens get no loss; every other token is a target. With a response
+  template (`data.response_template`, markers.py) the spans before and between the answers are
+  added to them (a union); a text without the marker is a bad row.
 - `pretokenized`: `input_ids` (and optional `labels`, -100 = no loss; default: every token).
 
 The first four become a `Conversation`, `text` a `TextRecord`, `pretokenized` a `TokenRecord`.
-Every unusable row raises `BadRecord` naming the source, line (JSONL) or row index (others),
-the field and the reason; a row that fits no format names the closest one and what it lacks
-(fields.py).
+Every unusable row raises `BadRecord` naming the source, line (JSONL) or row number (others; both
+1-based), the field and the reason; a row that fits no format names the closest one and what it lacks
+(fields.py). A row with an image content part raises `ImageRow` (a BadRecord), which reading.py
+gathers into one error for its source.
 
 A source's `ColumnMap` (fields.py: its `columns` and `roles` settings) first renames the row's
 own fields onto these names (`question` -> `prompt`), the keys inside its message lists (`from` ->
@@ -34,21 +42,23 @@ from pathlib import Path
 from typing import Any, Union
 
 from sftlab.config import MESSAGE_KEYS, ROLES, TURN_KEYS
-from sftlab.data.fields import NO_COLUMNS, ColumnMap, detect_format, no_format_message, unknown_fields
-from sftlab.data.types import IGNORE_INDEX, BadRecord
+from sftlab.data.fields import (
+    NO_COLUMNS,
+    SHAREGPT_ROLES,
+    ColumnMap,
+    detect_format,
+    mapping_hint,
+    no_format_message,
+    unknown_fields,
+)
+from sftlab.data.markers import TextMarkers, no_loss_spans
+from sftlab.data.toolcalls import function_calls, wrapped_tools
+from sftlab.data.types import IGNORE_INDEX, BadRecord, ImageRow
 
 __all__ = [
     "NO_COLUMNS", "SHAREGPT_ROLES", "BadRecord", "ColumnMap", "Conversation", "Record", "TextRecord", "TokenRecord",
     "detect_format", "formatted_row", "iter_jsonl", "no_format_message", "to_record", "unknown_fields",
 ]
-
-SHAREGPT_ROLES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "function_call": "assistant",
-    "system": "system",
-    "tool": "tool", "observation": "tool", "function_response": "tool",
-}
-
 
 @dataclass
 class Conversation:
@@ -116,13 +126,13 @@ class _Row:
     def __init__(self, row: dict[str, Any], source: str, line: int, unit: str, cmap: ColumnMap = NO_COLUMNS):
         self.row, self.source, self.line, self.unit, self.cmap = row, source, line, unit, cmap
 
-    def bad(self, field_name: str | None, reason: str) -> BadRecord:
+    def bad(self, field_name: str | None, reason: str, kind: type[BadRecord] = BadRecord) -> BadRecord:
         if field_name and self.cmap.columns:  # `messages[0].role` as the source names it: `conversations[0].from`
             head, bracket, rest = field_name.partition("[")
             parts = (self.cmap.theirs(head) + bracket + rest).split(".")
             inner = TURN_KEYS if head == "conversations" else MESSAGE_KEYS
             field_name = ".".join(parts[:1] + [self.cmap.theirs(p) if p in inner else p for p in parts[1:]])
-        return BadRecord(self.source, self.line, field_name, reason, self.unit)
+        return kind(self.source, self.line, field_name, reason, self.unit)
 
     def get(self, key: str, kind: type | tuple[type, ...] | None = None, required: bool = True) -> Any:
         value = self.row.get(key)
@@ -169,7 +179,8 @@ IMAGE_PARTS = ("image", "image_url", "input_image")
 
 def _joined_text_parts(r: _Row, parts: list, where: str) -> str:
     """`[{"type": "text", "text": ...}, ...]` -> the texts joined (what text templates render of parts);
-    an image part is a bad row: this model path trains text only."""
+    an image part is an `ImageRow`: this model path trains text only (reading.py makes the source's
+    image rows one error)."""
     texts = []
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -177,7 +188,7 @@ def _joined_text_parts(r: _Row, parts: list, where: str) -> str:
             texts.append(part["text"])
         elif kind in IMAGE_PARTS:
             raise r.bad(f"{where}[{j}]", f"an {kind} part: images need a vision-language model, and this run "
-                                         "trains a text-only model (drop the image parts, or the rows)")
+                                         "trains a text-only model (drop the image parts, or the rows)", ImageRow)
         else:
             raise r.bad(f"{where}[{j}]", "must be a content part {\"type\": \"text\", \"text\": \"...\"}, got "
                                          f"{str(part)[:60]}")
@@ -194,7 +205,7 @@ def _sharegpt_messages(r: _Row) -> list[dict[str, Any]]:
         where = f"conversations[{i}]"
         if not isinstance(t, dict):
             raise r.bad(where, f"must be an object with 'from' and 'value', got {type(t).__name__}")
-        sender = t.get("from") if t.get("from") is not None else t.get("role")
+        sender = _sender(t)
         if sender is None:
             raise r.bad(f"{where}.from", "missing")
         role = SHAREGPT_ROLES.get(sender)
@@ -206,8 +217,23 @@ def _sharegpt_messages(r: _Row) -> list[dict[str, Any]]:
             raise r.bad(f"{where}.value", "missing")
         if not isinstance(value, str):
             raise r.bad(f"{where}.value", f"must be a string, got {type(value).__name__}")
-        messages.append({"role": role, "content": value})
+        if sender != "function_call":
+            messages.append({"role": role, "content": value})
+            continue
+        try:
+            calls = function_calls(value)
+        except ValueError as e:
+            raise r.bad(f"{where}.value", str(e)) from None
+        # the calls join the assistant turn right before (its text, or calls made in parallel), else open one
+        if i and messages[-1]["role"] == "assistant" and SHAREGPT_ROLES.get(_sender(turns[i - 1])) == "assistant":
+            messages[-1]["tool_calls"] = messages[-1].get("tool_calls", []) + calls
+        else:
+            messages.append({"role": "assistant", "tool_calls": calls})
     return _check_messages(r, messages, "conversations")
+
+
+def _sender(turn: dict[str, Any]) -> Any:
+    return turn.get("from") if turn.get("from") is not None else turn.get("role")
 
 
 def _alpaca_messages(r: _Row) -> list[dict[str, Any]]:
@@ -248,14 +274,14 @@ def _tools(r: _Row) -> list[dict[str, Any]] | None:
             raise r.bad("tools", f"invalid JSON string: {e.msg}") from None
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise r.bad("tools", "must be a list of tool objects")
-    return tools or None
+    return wrapped_tools(tools) if tools else None
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _text_record(r: _Row) -> TextRecord:
+def _text_record(r: _Row, markers: TextMarkers | None = None) -> TextRecord:
     text = r.get("text", str)
     if not text:
         raise r.bad("text", "empty")
@@ -270,6 +296,11 @@ def _text_record(r: _Row) -> TextRecord:
             raise r.bad(where, f"span [{start}, {end}] is out of range for a text of {len(text)} characters "
                                "(inclusive spans need 0 <= start <= end < length)")
         spans.append((start, end))
+    if markers is not None:
+        try:
+            spans += no_loss_spans(text, markers)
+        except ValueError as e:
+            raise r.bad("text", str(e)) from None
     return TextRecord(text, sorted(spans), r.source, r.line, r.unit)
 
 
@@ -313,29 +344,40 @@ def formatted_row(func: Any, row: Any, source: str, line: int, unit: str = "line
 
 
 def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
-              vocab_size: int | None = None, columns: ColumnMap | None = None) -> Record:
+              vocab_size: int | None = None, columns: ColumnMap | None = None,
+              markers: TextMarkers | None = None) -> Record:
     """Normalise one parsed row into a Conversation, TextRecord or TokenRecord, or raise BadRecord.
 
-    `unit` is "line" (JSONL line number, 1-based) or "row" (row index, 0-based) for messages;
-    `vocab_size` bounds the ids of pretokenized rows; `columns` renames the row's fields first.
+    `unit` is "line" (JSONL line number) or "row" (row number in an array, table or dataset), both 1-based;
+    `vocab_size` bounds the ids of pretokenized rows; `columns` renames the row's fields first;
+    `markers` (the response/instruction templates) add no-loss spans to text rows.
     """
     if not isinstance(row, dict):
         raise BadRecord(source, line, None, f"row must be a JSON object, got {type(row).__name__}", unit)
     cmap = columns or NO_COLUMNS
     r = _Row(cmap.apply(row), source, line, unit, cmap)
-    if fmt == "auto":
+    try:
         try:
-            fmt = detect_format(r.row)
+            read_as = detect_format(r.row) if fmt == "auto" else fmt
         except KeyError:
-            raise r.bad(None, no_format_message(r.row, cmap)) from None
-    record = _record(r, fmt, vocab_size)
-    record.format, record.unknown = fmt, unknown_fields(row, fmt, cmap)
+            raise r.bad(None, no_format_message(r.row, cmap, row)) from None
+        record = _text_record(r, markers) if read_as == "text" else _record(r, read_as, vocab_size)
+    except BadRecord as e:
+        raise _hinted(e, row, cmap, fmt) from None
+    record.format, record.unknown = read_as, unknown_fields(row, read_as, cmap)
     return record
 
 
+def _hinted(e: BadRecord, row: dict[str, Any], cmap: ColumnMap, fmt: str) -> BadRecord:
+    """A missing field or an undetectable row of a source with `columns`: the reason plus how the mapping
+    does not fit the row and its fix (fields.mapping_hint)."""
+    if e.reason != "missing" and not e.reason.startswith("cannot detect the row format"):
+        return e
+    hint = mapping_hint(row, cmap, fmt, with_keys=e.reason == "missing")
+    return BadRecord(e.source, e.line, e.field_name, f"{e.reason}; {hint}", e.unit) if hint else e
+
+
 def _record(r: _Row, fmt: str, vocab_size: int | None) -> Record:
-    if fmt == "text":
-        return _text_record(r)
     if fmt == "pretokenized":
         return _token_record(r, vocab_size)
     if fmt == "messages":

@@ -8,6 +8,11 @@ or in `num_proc` worker processes, and appended to flat token arrays on disk (ar
 memory does not grow with the data set: only a few chunks are in flight. For a ChatML-family
 template the direct renderer (fast_chatml.py) is used where it is checked identical; a sampled
 conversation that disagrees makes the source read again from the start through the template.
+
+Bad rows are counted and skipped (or, with `on_bad_record: error`, the first one is the error), except
+rows with image content parts: a text-only model cannot train on images at all, so once the source is
+read they are one `DataError` naming the source, the first few rows and their count, before any
+training (`image_rows_error`).
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ from sftlab.data.tokenize import (
     init_worker,
     worker_chunk,
 )
-from sftlab.data.types import BadRecord, DataError
+from sftlab.data.types import BadRecord, DataError, ImageRow
 
 log = logging.getLogger(__name__)
+MAX_CITED = 5  # rows named in a source-level error
 ROWS_PER_CHUNK = 512  # rows per unit of work (fixed: the arrays' chunk checksums do not depend on num_proc)
 FAST_RENDER_NOTE = "rendered by the direct ChatML renderer (checked against the template on a sample)"
 
@@ -120,6 +126,23 @@ def _note_bad(data: cache.SourceData, err: BadRecord, strict: bool) -> None:
         data.bad_examples.append(str(err))
 
 
+def _places(errs: list[BadRecord]) -> str:
+    """`a.jsonl lines 3, 9; b.parquet rows 2` (in order, grouped by file)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for e in errs:
+        groups.setdefault((e.source, e.unit), []).append(str(e.line))
+    return "; ".join(f"{src} {unit}{'s' if len(n) > 1 else ''} {', '.join(n)}" for (src, unit), n in groups.items())
+
+
+def image_rows_error(source: str, first: list[BadRecord], count: int, rows: int) -> DataError:
+    """One error for a source's rows with image content parts, naming the first few and the count."""
+    more = f" and {count - len(first)} more" if count > len(first) else ""
+    return DataError(f"data source {source}: {count} of {rows} rows have image content parts ({_places(first)}{more}; "
+                     f"the first: field '{first[0].field_name}'). Images need a vision-language model, and this run "
+                     "trains a text-only model (vision-language training is not supported yet): drop the image "
+                     "parts, or those rows")
+
+
 def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, template: str | None,
                 directory: Path) -> cache.SourceData:
     """Read, normalise, tokenize and label one source into flat arrays in `directory`, chunk by chunk.
@@ -129,7 +152,9 @@ def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataCon
     sampled conversation disagrees, the source is read again from the start through the template.
     """
     ctx = ChunkContext(tokenizer, source.name, [], source.format, cfg.loss_on, template, id_dtype(len(tokenizer)))
-    ctx.columns, ctx.formatting_func = source.columns, source.formatting_func
+    ctx.columns, ctx.formatting_func, ctx.markers = source.columns, source.formatting_func, source.markers
+    ctx.tools = cfg.tools
+    ctx.add_bos = cfg.add_bos
     ctx.fast = detect_chatml(template or tokenizer.chat_template, dict(tokenizer.special_tokens_map))
     if ctx.fast is not None:
         try:
@@ -147,18 +172,28 @@ def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: 
     strict = cfg.on_bad_record == "error"
     data = cache.SourceData()
     writer = ArrayWriter(directory, ctx.ids_dtype)
+    images: list[BadRecord] = []  # the first rows with image parts
+    n_images = 0
     try:
         for res in _encoded_chunks(_raw_chunks(source, data, ROWS_PER_CHUNK), ctx, data, cfg.num_proc, directory):
             data.rows += res.rows
             data.conversations += res.conversations
             data.formats.update(res.formats)
             data.unknown.update(res.unknown)
+            data.tools_dropped += res.tools_dropped
+            data.mapped.update(res.mapped)
             for err in res.bad:
+                if isinstance(err, ImageRow):  # not a row to skip: the run cannot train on images at all
+                    n_images += 1
+                    images += [err][: MAX_CITED - len(images)]
+                    continue
                 _note_bad(data, err, strict)
             for name in TOKEN_ARRAYS:
                 part = res.tokens[name]
                 writer.append_file(name, *part) if isinstance(part, tuple) else writer.append(name, part)
             writer.add_examples(res.lengths, res.lines, res.files, res.fix_pos, res.fix_val)
+        if n_images:
+            raise image_rows_error(source.name, images, n_images, data.rows)
     except BaseException:
         writer.abort()
         raise
@@ -186,8 +221,11 @@ def prepare_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: Data
         return _read_uncached(source, tokenizer, cfg, template)
     parts = {"source": source.fingerprint(), "tokenizer": cache.tokenizer_fingerprint(tokenizer),
              "template": template or tokenizer.chat_template, "format": source.format, "loss_on": cfg.loss_on,
+             "tools": cfg.tools,
              "columns": source.columns.columns, "roles": source.columns.roles, "code": cache.code_fingerprint(),
-             **({"formatting_func": formatting_fingerprint(source.formatting_func)} if source.formatting_func else {})}
+             **({"formatting_func": formatting_fingerprint(source.formatting_func)} if source.formatting_func else {}),
+             **({"text_markers": source.markers.key()} if source.markers else {}),
+             **({"add_bos": True} if cfg.add_bos else {})}
     key = cache.cache_key(parts)
     root = cache.cache_dir(cfg.cache_dir)
     data = cache.load(root, key)

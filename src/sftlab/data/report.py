@@ -2,7 +2,8 @@
 
 Every decision is counted, per source: rows read, bad rows, examples, the length policy's drops
 and truncations, the format each row was read as, the fields no reader used (with a "did you
-mean" hint), the target-token share (`count_targets`) and the lengths (`length_stats`).
+mean" hint), the entries of its `columns` / `roles` that no row used, a response template set for a
+source without text rows, the target-token share (`count_targets`) and the lengths (`length_stats`).
 `DataReport.summary()` is what a run prints before training.
 """
 
@@ -39,9 +40,11 @@ class SourceStats:
     fast_render: bool = False  # rendered by the direct ChatML renderer (checked against the template)
     formats: dict[str, int] = field(default_factory=dict)  # format -> rows read as it
     unknown_fields: dict[str, int] = field(default_factory=dict)  # field no reader used -> rows holding it
+    unused_mapping: list[str] = field(default_factory=list)  # `columns` / `roles` entries no row used, and why
     tokens: int = 0  # of its usable examples (after the length policy, before mixing)
     targets: int = 0  # of those tokens, the ones with a label (not -100)
     lengths: dict[str, int] = field(default_factory=dict)  # min, median, p95, max tokens of its usable examples
+    markers_unused: str | None = None  # the response template set for a source without text rows
 
     def line(self) -> str:
         parts = [f"{self.rows} rows", f"{self.bad} bad", f"{self.examples} examples"]
@@ -54,7 +57,8 @@ class SourceStats:
         return f"{self.name}: {', '.join(parts)} -> {used}{held}{how}"
 
     def details(self) -> list[str]:
-        """Format(s) read, target share and lengths; a warning line for fields that no reader used."""
+        """Format(s) read, target share and lengths; warning lines for fields that no reader used, for
+        `columns` / `roles` entries that no row used and for a response template no row uses."""
         formats = ", ".join(f"{fmt} ({n} rows)" for fmt, n in sorted(self.formats.items(), key=lambda x: -x[1]))
         parts = [f"format: {formats or '-'}"]
         if self.tokens:
@@ -67,6 +71,12 @@ class SourceStats:
                                for k, n in sorted(self.unknown_fields.items(), key=lambda x: -x[1]))
             lines.append(f"warning: fields no reader of the format uses, ignored: {fields} "
                          "(map them with the source's `columns` if they hold data; docs/data.md)")
+        if self.unused_mapping:
+            lines.append(f"warning: mapping entries no row of {self.name} uses: {'; '.join(self.unused_mapping)} "
+                         "(check the names against the file's own; docs/data.md)")
+        if self.markers_unused:
+            lines.append(f"warning: response_template {self.markers_unused!r} is set, but no row of this source is a "
+                         "text row: the markers apply to text rows only (chat rows use data.loss_on; docs/data.md)")
         return lines
 
 
@@ -89,6 +99,7 @@ class DataReport:
     overlength_truncated: int = 0
     truncated_inside_turn: int = 0  # of the truncated: the cut fell inside a labelled turn (its end-of-turn token lost)
     no_target_after_truncation: int = 0
+    tools_dropped: int = 0  # rows trained without the tools / tool calls the template does not render (data.tools: drop)
     sources: list[SourceStats] = field(default_factory=list)
     train_examples: int = 0
     eval_examples: int = 0
@@ -101,6 +112,11 @@ class DataReport:
     def unknown_fields(self) -> dict[str, dict[str, int]]:
         """Source name -> its unknown fields and the rows holding each (sources with any)."""
         return {s.name: s.unknown_fields for s in self.sources if s.unknown_fields}
+
+    @property
+    def unused_mapping(self) -> dict[str, list[str]]:
+        """Source name -> its `columns` / `roles` entries that no row used (sources with any)."""
+        return {s.name: s.unused_mapping for s in self.sources if s.unused_mapping}
 
     def sources_json(self) -> list[dict]:
         return [asdict(s) for s in self.sources]
@@ -119,6 +135,8 @@ class DataReport:
                             "but loses its end-of-turn token)" if self.truncated_inside_turn else ""))
         if self.no_target_after_truncation:
             parts.append(f"{self.no_target_after_truncation} dropped: no target token left after truncation")
+        if self.tools_dropped:
+            parts.append(f"{self.tools_dropped} rows without the tools the chat template does not render (data.tools: drop)")
         lines = ["; ".join(parts)]
         for s in self.sources:
             lines.append("  " + s.line())

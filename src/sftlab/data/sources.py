@@ -15,8 +15,9 @@ A source is one of:
 
 Rows are streamed: JSONL line by line, Parquet and CSV in record batches, `datasets` objects in
 batches of their Arrow table; only a `.json` array is parsed whole (use JSON lines for big data).
-Rows are located by file and line (JSONL, 1-based) or by row index (every other kind, 0-based), so
-a bad row can be named precisely. `Source.fingerprint()` identifies the content for the cache: a
+Rows are located by file and line (JSONL: `file:3`, the line number) or by row number (every other
+kind: `file row 3`, the 3rd row of the array, table or dataset), both 1-based, so a bad row can be
+named precisely. `Source.fingerprint()` identifies the content for the cache: a
 sha256 of the files' bytes, or the dataset fingerprint for hub and in-memory datasets.
 """
 
@@ -40,6 +41,7 @@ import pyarrow.parquet as pq
 from sftlab.config import SourceConfig
 from sftlab.data.formats import ColumnMap, iter_jsonl
 from sftlab.data.locate import looks_local, not_found
+from sftlab.data.markers import TextMarkers
 from sftlab.data.types import DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -57,6 +59,8 @@ class DatasetSource:
     weight: float | int | None = None
     columns: dict[str, str] = field(default_factory=dict)  # as SourceConfig.columns
     roles: dict[str, str] = field(default_factory=dict)  # as SourceConfig.roles
+    response_template: str | None = None  # as SourceConfig.response_template
+    instruction_template: str | None = None  # as SourceConfig.instruction_template
 
 
 SourceSpec = Union[SourceConfig, DatasetSource, datasets.Dataset]
@@ -64,7 +68,7 @@ SourceSpec = Union[SourceConfig, DatasetSource, datasets.Dataset]
 
 @dataclass
 class RawRow:
-    """One row as read, or the BadRecord that reading it produced; `unit` is "line" or "row"."""
+    """One row as read, or the BadRecord that reading it produced; `unit` is "line" or "row" (both 1-based)."""
 
     source: str
     line: int
@@ -84,6 +88,7 @@ class Source:
     dataset: datasets.Dataset | None = None
     columns: ColumnMap = field(default_factory=ColumnMap)  # its `columns` / `roles` renaming
     formatting_func: Any = None  # the Python API's formatting function, applied to every row
+    markers: TextMarkers | None = None  # response/instruction templates for text rows (markers.py)
 
     def fingerprint(self) -> str:
         """A content hash: the files' bytes (and paths) or the dataset's fingerprint."""
@@ -115,7 +120,7 @@ class Source:
 
 
 def _dataset_rows(ds: datasets.Dataset, name: str) -> Iterator[RawRow]:
-    index = 0
+    index = 1  # rows are cited 1-based, as JSONL lines are
     for batch in ds.iter(batch_size=BATCH):
         keys = list(batch)
         for values in zip(*(batch[k] for k in keys)):
@@ -135,7 +140,7 @@ def _batches(path: Path) -> Iterator[pa.RecordBatch]:
 
 
 def _table_rows(path: Path) -> Iterator[RawRow]:
-    name, index = str(path), 0
+    name, index = str(path), 1  # 1-based
     batches = _batches(path)
     while True:
         try:
@@ -143,7 +148,7 @@ def _table_rows(path: Path) -> Iterator[RawRow]:
         except StopIteration:
             return
         except (pa.ArrowException, OSError) as e:
-            where = f" (after row {index - 1})" if index else ""
+            where = f" (after row {index - 1})" if index > 1 else ""
             raise DataError(f"data source {path}: cannot read it as {path.suffix[1:].upper()}{where}: {e}") from None
         for row in batch.to_pylist():
             yield RawRow(name, index, "row", row)
@@ -163,7 +168,7 @@ def _file_rows(path: Path) -> Iterator[RawRow]:
         except json.JSONDecodeError as e:
             raise DataError(f"data source {path}: invalid JSON array: {e.msg} "
                             f"(line {e.lineno}, column {e.colno})") from None
-        for i, row in enumerate(rows):
+        for i, row in enumerate(rows, start=1):
             yield RawRow(name, i, "row", row)
         return
     if path.suffix == ".json" and _starts_with(path, b"{"):

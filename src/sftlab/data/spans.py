@@ -13,7 +13,10 @@ difference is of a known kind, and refused (`TemplateError`) otherwise, never gu
   prompt (render(messages[:i], True) past where it parts from render(messages[:i])). Where the
   final-only text and the prompt begin alike (`<|` of `<|endoftext|>` and `<|assistant|>`), the
   point where they part moves back to the start of the tokenizer's added token it falls in (the
-  `atoms`); where they share text that is no added token, it cannot be told and is refused;
+  `atoms`). Where the final-only text from there is exactly one added token (an eos such as
+  `<|im_end|>` or `<|endoftext|>`), that is where it begins, whatever the prompt begins with; where
+  they share text that is no added token and the final-only text is more than one added token, it
+  cannot be told and is refused;
 - the final turn is closed differently from the same turn in history (gpt-oss ends it with
   `<|return|>`, not `<|end|>`, and keeps its reasoning only there): earlier turns are located in
   their history form, the final one runs to the end of the rendering;
@@ -76,7 +79,10 @@ def _divergence(a: str, b: str, atoms: Atoms) -> int | None:
     The end of their common prefix when one is a prefix of the other. Otherwise both go on with text
     of their own (say an eos token, and a generation prompt), and the characters those texts begin
     with alike (`<|` of `<|endoftext|>` and `<|assistant|>`) look shared: the point moves back to the
-    start of an atom that straddles it, and holds only where both texts then open with an atom.
+    start of an atom that straddles it. It holds where what `a` writes from there (the text after the
+    final message only) is exactly one atom, an eos: an atom is never split, so the text cannot begin
+    later, and the tokens before it are the history's. Otherwise it holds only where both texts then
+    open with an atom.
     """
     n = _common_prefix(a, b)
     if n in (len(a), len(b)):
@@ -84,6 +90,8 @@ def _divergence(a: str, b: str, atoms: Atoms) -> int | None:
     while (back := min(_atom_start(a, n, atoms), _atom_start(b, n, atoms))) < n:
         n = back
     if not a[n:].strip() or not b[n:].strip():  # what only one of them writes is blank: it is not part of a turn
+        return n
+    if a[n:] in atoms:  # `a` ends with one added token of its own (eos after the final message)
         return n
     return n if _opens_with_atom(a, n, atoms) and _opens_with_atom(b, n, atoms) else None
 
@@ -109,7 +117,8 @@ def _as_history(r: _Renderer, i: int) -> str | None:
     if end is None:
         raise TemplateError(f"assistant message {i}: the template writes text after the final message only, "
                             "and where it begins cannot be told exactly (it begins like the generation prompt, "
-                            "and not with one of the tokenizer's added tokens)")
+                            "is more than one of the tokenizer's added tokens, and it and the prompt do not both "
+                            "begin with one)")
     prompt, continued = r(i, True)[end:], r(i + 1, True)
     return continued[:len(continued) - len(prompt)] if continued.endswith(prompt) else None
 

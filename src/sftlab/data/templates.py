@@ -15,6 +15,19 @@ The built-ins render the reference layout of each family:
 - `zephyr`:  `<|{role}|>\\n{content}{eos}\\n`, prompt `<|assistant|>\\n`
 - `alpaca`:  for base models: the Alpaca preamble (or the system message), `### Instruction:` and
   `### Response:` sections, each response closed by eos
+
+With tools (rows' `tools`, assistant `tool_calls`, `tool` results), reproducing the official layouts;
+without them each renders exactly as its plain variant:
+
+- `chatml_tools`: Qwen2.5 / Hermes: the schemas as JSON lines in `<tools></tools>` in the system turn
+  (after the system message), calls as `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`
+  in the assistant turn (after its text), results as `<tool_response>` blocks in one user turn
+  (Qwen2.5's default system prompt is not written: as `chatml`, no system message, no system turn)
+- `llama3_tools`: Llama 3.1: `Environment: ipython` and the dates in the system turn, the schemas
+  (JSON, indent 4) in the first user message, a call as `{"name": ..., "parameters": ...}<|eot_id|>`,
+  results as `ipython` turns
+
+A template that does not render a row's tools is caught before training (tool_support.py).
 """
 
 from __future__ import annotations
@@ -80,6 +93,101 @@ BUILTIN_TEMPLATES: dict[str, str] = {
         "{%- if add_generation_prompt %}{{- '\n\n### Response:\n' }}{%- endif %}"
     ),
 }
+
+# Qwen2.5's tool layout (Hermes style) on the `chatml` built-in: without tools, tool calls and tool results
+# it renders exactly as `chatml` (no default system prompt; examples/templates/chatml_tools.jinja is the
+# same layout with SmolLM2's default system prompt). Tool-call `arguments` may be an object or a JSON string.
+_TOOLS_PREAMBLE = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                   "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+_TOOLS_FORMAT = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                 "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+                 "\"arguments\": <args-json-object>}\n</tool_call>")
+BUILTIN_TEMPLATES["chatml_tools"] = r"""
+{%- set has_system = messages and messages[0].role == 'system' %}
+{%- if tools %}
+    {{- '<|im_start|>system\n' + (messages[0].content + '\n\n' if has_system else '') + PREAMBLE }}
+    {%- for tool in tools %}{{- '\n' + tool | tojson }}{%- endfor %}
+    {{- FORMAT + '<|im_end|>\n' }}
+{%- elif has_system %}
+    {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}
+    {%- elif message.role == 'assistant' and message.tool_calls %}
+        {{- '<|im_start|>assistant' + ('\n' + message.content if message.content else '') }}
+        {%- for call in message.tool_calls %}
+            {%- set fn = call.function if call.function is defined else call %}
+            {{- '\n<tool_call>\n{"name": "' + fn.name + '", "arguments": ' }}
+            {{- (fn.arguments if fn.arguments is string else fn.arguments | tojson) + '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif not (loop.first and has_system) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
+""".strip().replace("PREAMBLE", repr(_TOOLS_PREAMBLE)).replace("FORMAT", repr(_TOOLS_FORMAT))
+
+# Llama-3.1's official tool layout on the `llama3` built-in: with tools, the system turn says `Environment:
+# ipython` and the dates (`date_string`, default 26 Jul 2024), and the tool schemas (JSON, indent 4) open
+# the first user message (`tools_in_user_message=False`: the system turn); a call is
+# `{"name": ..., "parameters": {...}}` closed by <|eot_id|> (one call per message, as Llama 3.1 makes them;
+# `arguments` an object, or a JSON string written as it is);
+# tool results are `ipython` turns, their content JSON-encoded as the official template does. Without tools,
+# tool calls and tool results it renders exactly as `llama3`.
+_LLAMA_FORMAT = ('Respond in the format {"name": function name, "parameters": dictionary of argument name and '
+                 'its value}.Do not use variables.\n\n')
+BUILTIN_TEMPLATES["llama3_tools"] = r"""
+{{- bos_token }}
+{%- if tools %}
+    {%- set in_user = tools_in_user_message if tools_in_user_message is defined else true %}
+    {%- if messages and messages[0].role == 'system' %}
+        {%- set system_message = messages[0].content | trim %}{%- set messages = messages[1:] %}
+    {%- else %}
+        {%- set system_message = '' %}
+    {%- endif %}
+    {{- '<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nCutting Knowledge Date: '
+        'December 2023\nToday Date: ' + (date_string if date_string is defined else '26 Jul 2024') + '\n\n' }}
+    {%- if not in_user %}
+        {{- 'You have access to the following functions. To call a function, please respond with JSON for a '
+            'function call.' + FORMAT }}
+        {%- for t in tools %}{{- t | tojson(indent=4) + '\n\n' }}{%- endfor %}
+    {%- endif %}
+    {{- system_message + '<|eot_id|>' }}
+    {%- if in_user %}
+        {%- if not messages %}
+            {{- raise_exception('llama3_tools puts the tools in the first user message, and there is none') }}
+        {%- endif %}
+        {{- '<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, please respond with a '
+            'JSON for a function call with its proper arguments that best answers the given prompt.\n\n' + FORMAT }}
+        {%- for t in tools %}{{- t | tojson(indent=4) + '\n\n' }}{%- endfor %}
+        {{- messages[0].content | trim + '<|eot_id|>' }}
+        {%- set messages = messages[1:] %}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == 'tool' or message.role == 'ipython' %}
+        {{- '<|start_header_id|>ipython<|end_header_id|>\n\n' }}
+        {{- (message.content | tojson if message.content is mapping or message.content is iterable
+             else message.content) + '<|eot_id|>' }}
+    {%- elif message.role == 'assistant' and message.tool_calls %}
+        {%- if message.tool_calls | length != 1 %}
+            {{- raise_exception('llama3_tools: Llama 3.1 makes one tool call per assistant message') }}
+        {%- endif %}
+        {%- set call = message.tool_calls[0] %}{%- set fn = call.function if call.function is defined else call %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "' + fn.name + '", "parameters": '
+            + (fn.arguments if fn.arguments is string else fn.arguments | tojson) + '}<|eot_id|>' }}
+    {%- else %}
+        {{- '<|start_header_id|>' + message.role + '<|end_header_id|>\n\n' + message.content | trim
+            + '<|eot_id|>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}
+""".strip().replace("FORMAT", repr(_LLAMA_FORMAT))
+
 
 @functools.lru_cache(maxsize=64)
 def compiled_template(template: str) -> tuple[jinja2.Template, dict[str, Any]]:

@@ -3,13 +3,18 @@
 `encode_chunk(rows, ctx)` is the unit of work of data preparation, run in the main process or in
 `num_proc` worker processes (`worker_chunk`, which writes the chunk's token arrays to files of its
 own). It returns the chunk's tokens as flat arrays (ids, target flags), per-example lengths and
-locations, its bad rows in order, and per chunk the rows read as each format and the rows holding
-each unknown field (summed over chunks by the caller); nothing of a chunk outlives its appending
-to the entry.
+locations, its bad rows in order, and per chunk the rows read as each format, the rows holding
+each unknown field and the rows using each entry of the source's `columns` / `roles` (summed over
+chunks by the caller); nothing of a chunk outlives its appending to the entry.
+
+Before chat rows are rendered, `data.tools` is applied (tool_support.py): a row whose tools, tool
+calls or tool results the template would not render stops the run (DataError naming the row), or
+has them dropped and is counted (`tools_dropped`).
 
 Text rows (`format: text`) are tokenized without a chat template, with the tokenizer's own special
 tokens (e.g. a BOS). A token that overlaps a character of a `loss_masking_spans` span carries no
-loss; every other token is a target. The EOS token is appended, as a target, unless the text
+loss; every other token is a target. The source's response/instruction templates (markers.py) only
+add spans to those, when the row is read (formats.py), so they are marked the same way. The EOS token is appended, as a target, unless the text
 already ends with it, so the model learns where a document stops. Pretokenized rows are used as
 they are. Any example left without a target token is a bad record.
 """
@@ -28,6 +33,8 @@ from sftlab.data import masking
 from sftlab.data.arrays import example_arrays, write_chunk_files
 from sftlab.data.fast_chatml import VERIFY_EVERY, ChatMLRenderer
 from sftlab.data.formats import ColumnMap, Conversation, Record, TextRecord, formatted_row, to_record
+from sftlab.data.markers import TextMarkers
+from sftlab.data.tool_support import handle_tools
 from sftlab.data.types import (
     IGNORE_INDEX,
     BadRecord,
@@ -53,6 +60,9 @@ class ChunkContext:
     fast: ChatMLRenderer | None = None  # the direct renderer, where the template is ChatML (fast_chatml.py)
     columns: ColumnMap = field(default_factory=ColumnMap)  # the source's `columns` / `roles`
     formatting_func: Any = None  # the Python API's row -> messages | {prompt, completion} | text
+    markers: TextMarkers | None = None  # the source's response/instruction templates (text rows)
+    tools: str = "error"  # data.tools: tools the template does not render stop the run, or are dropped
+    add_bos: bool = False  # data.add_bos: chat rows start with the tokenizer's BOS (never a target)
 
 
 @dataclass
@@ -68,6 +78,8 @@ class ChunkResult:
     conversations: int = 0  # chat rows among them (rendered by a template or the direct renderer)
     formats: Counter = field(default_factory=Counter)  # format -> rows read as it (bad rows after reading included)
     unknown: Counter = field(default_factory=Counter)  # unknown field -> rows holding it
+    tools_dropped: int = 0  # rows whose tools / tool calls the template does not render, dropped (data.tools: drop)
+    mapped: Counter = field(default_factory=Counter)  # `columns.<name>` / `roles.<name>` entry -> rows using it
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -84,7 +96,8 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def _tokenize_texts(tokenizer: PreTrainedTokenizerBase, recs: list[TextRecord]) -> list[TokenizedExample]:
     """Text rows: every token a target except those overlapping a loss-masking span; EOS appended."""
     if not tokenizer.is_fast and any(r.spans for r in recs):
-        raise DataError("text rows with loss_masking_spans need a fast tokenizer (character offsets)")
+        raise DataError("text rows with loss_masking_spans or a response_template need a fast tokenizer "
+                        "(character offsets)")
     enc = tokenizer([r.text for r in recs], add_special_tokens=True, return_offsets_mapping=tokenizer.is_fast)
     eos = tokenizer.eos_token_id
     out = []
@@ -109,13 +122,21 @@ def _tokenize_conversations(tokenizer: PreTrainedTokenizerBase, convs: list[Conv
             for c, res in zip(convs, results)]
 
 
+def with_bos(example: TokenizedExample, bos: int | None) -> TokenizedExample:
+    """data.add_bos: the example with the BOS token first (no loss on it), unless it already starts with it."""
+    if bos is None or (example.input_ids and example.input_ids[0] == bos):
+        return example
+    return TokenizedExample([bos, *example.input_ids], [IGNORE_INDEX, *example.labels])
+
+
 def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, loss_on: str,
                    template: str | None, source: str = "", fast: ChatMLRenderer | None = None,
-                   verify_all: bool = False) -> list[TokenizedExample | BadRecord]:
+                   verify_all: bool = False, add_bos: bool = False) -> list[TokenizedExample | BadRecord]:
     """Tokenize and label records of any kind, in order; unusable ones come back as BadRecord.
 
     With a direct renderer `fast`, conversations at positions divisible by VERIFY_EVERY (all of them
-    with `verify_all`) are checked against the template."""
+    with `verify_all`) are checked against the template. `add_bos`: conversations whose template
+    writes no BOS get the tokenizer's (text rows already have the tokenizer's own special tokens)."""
     out: list[Any] = [None] * len(records)
     by_kind: dict[type, list[int]] = {}
     for i, r in enumerate(records):
@@ -128,6 +149,11 @@ def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, lo
         if kind is Conversation:
             verify = [verify_all or i % VERIFY_EVERY == 0 for i in idx]
             results: list[Any] = _tokenize_conversations(tokenizer, group, loss_on, template, fast, verify)
+            if add_bos:
+                if tokenizer.bos_token_id is None:
+                    raise DataError("data.add_bos: the tokenizer has no BOS token")
+                results = [with_bos(r, tokenizer.bos_token_id) if isinstance(r, TokenizedExample) else r
+                           for r in results]
         elif kind is TextRecord:
             results = _tokenize_texts(tokenizer, group)
         else:
@@ -146,22 +172,30 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
     records: list[Record] = []
     places: list[tuple[int, int]] = []
     bad: list[tuple[int, BadRecord]] = []
+    mapped: Counter = Counter()
     vocab = len(ctx.tokenizer)
     for k, (f, line, unit, row) in enumerate(rows):
         try:
             if isinstance(row, BadRecord):
                 raise row
             columns = ctx.columns
+            if columns and ctx.formatting_func is None and isinstance(row, dict):
+                mapped.update(columns.used(row))
             if ctx.formatting_func is not None:  # the function reads the row's own fields: no renaming after
                 row, columns = formatted_row(ctx.formatting_func, row, ctx.files[f], line, unit), None
             records.append(to_record(row, ctx.format, ctx.files[f], line, unit=unit, vocab_size=vocab,
-                                     columns=columns))
+                                     columns=columns, markers=ctx.markers))
             places.append((k, f))
         except BadRecord as e:
             bad.append((k, e))
+    template = ctx.template or ctx.tokenizer.chat_template
+    convs = [r for r in records if isinstance(r, Conversation)]
+    dropped = handle_tools(convs, template, ctx.tokenizer.special_tokens_map, ctx.tools) \
+        if convs and isinstance(template, str) else 0
     ids, targets, lengths, lines, files, fix_pos, fix_val = [], [], [], [], [], [], []
     base = 0
-    results = tokenize_chunk(records, ctx.tokenizer, ctx.loss_on, ctx.template, ctx.source, ctx.fast, number == 0)
+    results = tokenize_chunk(records, ctx.tokenizer, ctx.loss_on, ctx.template, ctx.source, ctx.fast, number == 0,
+                             ctx.add_bos)
     for (k, f), rec, res in zip(places, records, results):
         if isinstance(res, BadRecord):
             bad.append((k, res))
@@ -180,7 +214,7 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
                        np.asarray(lengths, np.int64), np.asarray(lines, np.int64), np.asarray(files, np.int32),
                        cat(fix_pos, np.int64), cat(fix_val, np.int32), [e for _, e in sorted(bad, key=lambda x: x[0])],
                        sum(isinstance(r, Conversation) for r in records), Counter(r.format for r in records),
-                       Counter(k for r in records for k in r.unknown))
+                       Counter(k for r in records for k in r.unknown), dropped, mapped)
 
 
 _WORKER: dict[str, Any] = {}

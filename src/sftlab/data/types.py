@@ -4,8 +4,9 @@
 - `TokenizedExample`: token ids and labels ALIGNED with them (label i is the target of position i;
   `model/loss.py` does the next-token shift). The CS336 interface (`data/cs336.py`) is the one place
   that hands out labels already shifted, as that assignment specifies.
-- The errors: `DataError` (the data cannot be used), `BadRecord` (one unusable row, with its place),
-  `TemplateError` (a chat template cannot render/mask a conversation exactly).
+- The errors: `DataError` (the data cannot be used), `BadRecord` (one unusable row, with its place;
+  `ImageRow`: one with an image part, gathered per source into one DataError), `TemplateError` (a
+  chat template cannot render/mask a conversation exactly).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class TemplateError(ValueError):
 
 
 class BadRecord(ValueError):
-    """One unusable row: where it is (file:line, or 'source row N'), which field, and why."""
+    """One unusable row: where it is (`file:line`, or `source row N`; both 1-based), which field, and why."""
 
     def __init__(self, source: str, line: int, field_name: str | None, reason: str, unit: str = "line"):
         self.source, self.line, self.field_name, self.reason, self.unit = source, line, field_name, reason, unit
@@ -48,3 +49,11 @@ class BadRecord(ValueError):
     @property
     def where(self) -> str:
         return f"{self.source}:{self.line}" if self.unit == "line" else f"{self.source} row {self.line}"
+
+
+class ImageRow(BadRecord):
+    """A row with an image content part: not skipped like other bad rows, but gathered into one
+    run-level DataError for the source (a text-only model cannot train on images)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ImageRow, (self.source, self.line, self.field_name, self.reason, self.unit)

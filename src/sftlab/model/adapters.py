@@ -22,6 +22,7 @@ checks them before training, and records what a later `sftlab generate`/`export`
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,14 @@ def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
 def _check_targets(model: nn.Module, targets: list[str] | str) -> None:
     if targets == "all-linear":
         return
+    if isinstance(targets, str):  # a regular expression, matched by peft against the full module names
+        matched = [n for n, m in model.named_modules() if re.fullmatch(targets, n) and isinstance(m, nn.Linear)]
+        if not matched:
+            raise AdapterError(f"peft.target_modules: the pattern {targets!r} matches no linear layer of this model "
+                               "(peft matches it against full names such as "
+                               f"{next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), '?')!r}); "
+                               f"its linear layers are: {', '.join(linear_module_names(model))}")
+        return
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
@@ -96,10 +105,11 @@ def wrap(model: PreTrainedModel, settings: PeftSettings, vocab_grew: bool = Fals
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(task_type="CAUSAL_LM", r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.target_modules, modules_to_save=save,
-                        use_dora=settings.method == "dora")
+                        use_dora=settings.method == "dora", use_rslora=settings.use_rslora, bias=settings.bias)
     wrapped = get_peft_model(model, config)
     trainable, total = wrapped.get_nb_trainable_parameters()
-    line = (f"{settings.method} r={settings.r} alpha={settings.alpha:g} on {settings.target_modules}"
+    line = (f"{settings.method} r={settings.r} alpha={settings.alpha:g}{' (rsLoRA)' if settings.use_rslora else ''} "
+            f"on {settings.target_modules}" + (f", biases {settings.bias}" if settings.bias != "none" else "")
             + (f", base quantized {settings.quantize}" if settings.quantize else "")
             + f": {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%}){note}")
     return wrapped, line
@@ -161,9 +171,10 @@ def settings_of(conf: Any) -> PeftSettings:
         targets = sorted(targets)
     return PeftSettings(method="dora" if get("use_dora", False) else "lora", r=get("r"),
                         alpha=float(get("lora_alpha")), dropout=get("lora_dropout", 0.0),
-                        target_modules="all-linear" if targets in ("all-linear", None) or isinstance(targets, str)
-                        else list(targets),
-                        modules_to_save=sorted(get("modules_to_save")) if get("modules_to_save") else None)
+                        target_modules="all-linear" if targets in ("all-linear", None)
+                        else targets if isinstance(targets, str) else list(targets),
+                        modules_to_save=sorted(get("modules_to_save")) if get("modules_to_save") else None,
+                        use_rslora=bool(get("use_rslora", False)), bias=get("bias", "none") or "none")
 
 
 def continued_settings(model_cfg: ModelConfig, peft: PeftSettings | None, model: Any = None) -> PeftSettings | None:

@@ -1,5 +1,6 @@
 """Chat generation (greedy, or sampled with a temperature and top-p), and exact-match accuracy against
-reference assistant answers (greedy)."""
+reference assistant answers (greedy). Tool schemas given for generation must be rendered by the chat
+template (checked as for training rows, data/tool_support.py), or it is a DataError."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sftlab.config import MatchEvalConfig
 from sftlab.data.formats import ColumnMap, Conversation, iter_jsonl, to_record
+from sftlab.data.tool_support import TOOL_TEMPLATES, template_support
 from sftlab.data.types import BadRecord, DataError
 
 
@@ -22,6 +24,7 @@ def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """The assistant's next reply for each conversation (batched, left-padded): greedy when
     `temperature` is 0, else sampled at that temperature from the top-p nucleus (no top-k cut). `tools`:
     function schemas handed to the chat template (rendered where the template renders tools)."""
+    _check_tools(tokenizer, template, tools)
     sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0
                 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
     was_training = model.training
@@ -44,6 +47,15 @@ def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         tokenizer.padding_side = side
         model.train(was_training)
     return replies
+
+
+def _check_tools(tokenizer: PreTrainedTokenizerBase, template: str | None, tools: list[dict[str, Any]] | None) -> None:
+    """Tools the chat template does not render would never reach the model: a DataError instead."""
+    text = template or getattr(tokenizer, "chat_template", None)
+    if tools and isinstance(text, str) and template_support(text, tokenizer.special_tokens_map).tools is False:
+        raise DataError("tools were given, but the model's chat template does not render them (they would never "
+                        "reach the model); use a model whose template does, e.g. one trained with "
+                        f"data.chat_template: {' or '.join(TOOL_TEMPLATES)} (a run saves its template)")
 
 
 @dataclass

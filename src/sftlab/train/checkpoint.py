@@ -173,11 +173,14 @@ def _quiet_tied_weights():
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, Any], scheduler,
-                    keep_last: int | None, trainable_only: bool = False) -> Path:
+                    keep_last: int | None, trainable_only: bool = False, extra: Any = None,
+                    protect: str | None = None) -> Path:
     """Write a complete checkpoint for `step` atomically, then rotate. Returns its directory.
 
     `trainable_only` (adapters): the model file holds only the trainable parameters; the frozen base
-    is reloaded from the model itself on resume."""
+    is reloaded from the model itself on resume. `extra(dir)`: writes more files into the checkpoint
+    on the main process before it is marked complete (checkpoint.save_hf_model's hf/ directory).
+    `protect`: a checkpoint name rotation keeps beside the newest (train.load_best_model_at_end's best)."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -199,6 +202,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, A
         accelerator.wait_for_everyone()  # every rank's files are in tmp before it is completed and renamed
         if main:
             testing.pause_in_save(step)
+            if extra is not None:
+                extra(tmp)
             (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=_jsonable))
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
             (tmp / COMPLETE).write_text(f"step {step}\n")
@@ -208,7 +213,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, A
             os.replace(tmp, final)
             _fsync_dir(root)
             _atomic_write_text(root / LATEST, final.name + "\n")
-            rotate(root, keep_last)
+            rotate(root, keep_last, protect)
         accelerator.wait_for_everyone()
     except OSError as e:
         if main:
@@ -227,14 +232,22 @@ def _jsonable(x: Any) -> Any:
     return None  # callables (LambdaLR's lr_lambdas) are rebuilt from the config, not stored
 
 
-def rotate(root: Path, keep_last: int | None) -> None:
+def rotate(root: Path, keep_last: int | None, protect: str | None = None) -> None:
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
     if keep_last is None:
         return
-    complete = complete_checkpoints(root)
+    complete = [p for p in complete_checkpoints(root) if p.name != protect]
     for old in complete[:-keep_last] if len(complete) > keep_last else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def delete_checkpoints(output_dir: Path) -> int:
+    """Remove the checkpoints directory of a finished run (checkpoint.delete_at_end); how many there were."""
+    root = checkpoint_root(output_dir)
+    count = len(complete_checkpoints(root))
+    shutil.rmtree(root, ignore_errors=True)
+    return count
 
 
 # ---------------------------------------------------------------------------- find / load

@@ -171,7 +171,7 @@ def data_report_json(data: RunData) -> dict:
     return {"summary": r.summary() + data.packing_note, "rows": r.rows, "kept": r.kept, "bad": r.bad,
             "bad_reasons": dict(r.bad_reasons.most_common()), "bad_examples": r.bad_examples,
             "train_examples": r.train_examples, "eval_examples": r.eval_examples,
-            "unknown_fields": r.unknown_fields, "sources": r.sources_json()}
+            "unknown_fields": r.unknown_fields, "unused_mapping": r.unused_mapping, "sources": r.sources_json()}
 
 
 def packing_summary(data: RunData, cfg: SFTConfig) -> str:

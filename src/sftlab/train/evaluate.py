@@ -63,19 +63,23 @@ def column_mapping(model_dir: Path, columns: dict[str, str] | None,
 
 @torch.no_grad()
 def target_loss(model, examples, pad_id: int, batch_size: int, objective: Any = None, device: Any = None,
-                rank: int = 0, world: int = 1, lockstep: bool = False) -> tuple[float, int]:
+                rank: int = 0, world: int = 1, lockstep: bool = False, collate: Any = None,
+                max_batches: int | None = None) -> tuple[float, int]:
     """(loss sum, normaliser) of the objective (train/objective.py; default SFT: summed NLL, target
     tokens) over this rank's share of `examples` in padded batches (eval mode, the model's mode
     restored after). Batch k of `batch_size` goes to rank k % world. `lockstep` (sharded models, whose
     forward is collective): every rank runs the same number of forwards; a rank past the end runs the
-    objective's filler batch."""
+    objective's filler batch. `collate`: how a list of examples becomes a batch (default: padded rows;
+    packed eval rows pass packed_collate); `max_batches`: only the first that many batches (over all ranks)."""
     objective = objective or SFTObjective()
+    collate = collate or (lambda rows: pad_collate(rows, pad_id))
     was_training = model.training
     model.eval()
     total, norm = torch.zeros((), dtype=torch.float64), 0
-    end = math.ceil(len(examples) / (batch_size * world)) * batch_size * world if lockstep else len(examples)
+    count = len(examples) if max_batches is None else min(len(examples), max_batches * batch_size)
+    end = math.ceil(count / (batch_size * world)) * batch_size * world if lockstep else count
     for start in range(rank * batch_size, end, batch_size * world):
-        batch = pad_collate(examples[start:start + batch_size] if start < len(examples) else examples[:1], pad_id)
+        batch = collate(examples[start:min(start + batch_size, count)] if start < count else examples[:1])
         if start >= len(examples):
             batch = objective.filler(batch)
         batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}

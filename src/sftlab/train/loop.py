@@ -22,6 +22,7 @@ ZeRO) wraps the model; what the loop must know of it is in train/distributed.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import time
@@ -35,13 +36,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sftlab.config import SFTConfig
-from sftlab.train import distributed
+from sftlab.data.packing import pack_examples, packed_collate
+from sftlab.train import best, distributed
 from sftlab.train.checkpoint import TrainerState, latest_checkpoint, save_checkpoint
 from sftlab.train.control import Interrupted, StopRequest
 from sftlab.train.evaluate import target_loss
 from sftlab.train.inputs import RunInputs
 from sftlab.train.objective import Objective, SFTObjective
-from sftlab.train.outputs import finish, finished_result, match_json, open_run_log, run_match_eval, save_model
+from sftlab.train.outputs import (
+    finish,
+    finished_result,
+    hf_model_writer,
+    match_json,
+    open_run_log,
+    run_match_eval,
+    save_model,
+)
 from sftlab.train.precision import master_weight_optimizer
 from sftlab.train.resume import check_resume_state, data_fingerprint, restore_checkpoint, trainable_only_checkpoints
 from sftlab.train.run import Run, TrainResult
@@ -61,6 +71,7 @@ def run_training(cfg: SFTConfig, console: Console | None = None, resume_command:
     if run is None:  # train.resume=auto on a finished run: nothing to train
         return finished_result(run_dir(cfg))
     setup_data(run)
+    best.check_metric(run)
     check_resume_state(run)  # processes, engine and data of a checkpoint: before any weights load
     setup_model_and_optimizer(run)
     resume_or_start(run)
@@ -68,6 +79,7 @@ def run_training(cfg: SFTConfig, console: Console | None = None, resume_command:
         open_run_log(run)
         fit(run)
     if run.result.stopped is None:
+        best.restore_best(run)
         finish(run)
     elif run.main:
         run.callbacks.call("on_train_end", run.result)
@@ -109,7 +121,8 @@ def fit(run: Run) -> None:
             record = optimizer_step(run, step, batches_iter)
             add_eval_and_log(run, record)
             progress.advance(task)
-            path = save_run_checkpoint(run, step) if checkpoint_due(run, step, epoch_before, stop) else None
+            due = checkpoint_due(run, step, epoch_before, stop) or best.due(run, record)
+            path = save_run_checkpoint(run, step) if due else None
             asked = callbacks_ask_stop(run, record)
             if (asked or stop.signum is not None) and path is None:  # a signal during the callbacks too
                 path = save_run_checkpoint(run, step)
@@ -254,7 +267,8 @@ def throughput(run: Run, sizes: dict[str, int], targets: int, elapsed: float) ->
 
 @torch.no_grad()
 def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator: Accelerator,
-                  objective: Objective | None = None, prefix: str = "eval_") -> dict[str, float]:
+                  objective: Objective | None = None, prefix: str = "eval_", collate: Any = None,
+                  max_batches: int | None = None) -> dict[str, float]:
     """The objective's eval record over `examples` (padded micro-batches, shared over ranks):
     {"eval_loss": mean NLL over their target tokens} for SFT."""
     objective = objective or SFTObjective()
@@ -262,7 +276,8 @@ def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator: Ac
     if not lockstep:
         model = accelerator.unwrap_model(model)  # plain forward: ranks may run different numbers of batches
     total, norm = target_loss(model, examples, pad_id, batch_size, objective, accelerator.device,
-                              accelerator.process_index, accelerator.num_processes, lockstep=lockstep)
+                              accelerator.process_index, accelerator.num_processes, lockstep=lockstep,
+                              collate=collate, max_batches=max_batches)
     totals = accelerator.reduce(torch.tensor([total, float(norm)], dtype=torch.float64, device=accelerator.device),
                                 "sum")
     return objective.record(totals[0].item(), int(totals[1].item()), prefix)
@@ -270,11 +285,17 @@ def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator: Ac
 
 def run_evaluation(run: Run) -> dict[str, float]:
     """Validation over all eval examples (`eval_loss`), and over each named eval set (`eval/<name>_loss`)."""
-    data, batch = run.data, run.cfg.train.micro_batch_size
-    metrics = evaluate_loss(run.model, data.eval, batch, data.pad_id, run.accelerator, run.objective)
+    data, cfg = run.data, run.cfg
+    batch, cap = cfg.train.micro_batch_size, cfg.train.eval_max_batches
+    collate, rows = None, lambda examples: examples
+    if cfg.data.eval_packing:  # best-fit rows, never wrapped: a cut document would change its loss
+        collate = functools.partial(packed_collate, pad_id=data.pad_id)
+        rows = lambda examples: pack_examples(examples, "bfd", cfg.data.max_seq_length)  # noqa: E731
+    metrics = evaluate_loss(run.model, rows(data.eval), batch, data.pad_id, run.accelerator, run.objective,
+                            collate=collate, max_batches=cap)
     for name, examples in data.eval_sets.items():
-        metrics.update(evaluate_loss(run.model, examples, batch, data.pad_id, run.accelerator, run.objective,
-                                     prefix=f"eval/{name}_"))
+        metrics.update(evaluate_loss(run.model, rows(examples), batch, data.pad_id, run.accelerator, run.objective,
+                                     prefix=f"eval/{name}_", collate=collate, max_batches=cap))
     return metrics
 
 
@@ -310,8 +331,10 @@ def save_run_checkpoint(run: Run, step: int):
                          data_fingerprint=run.fingerprint or _fingerprint(run), metrics=run.result.history,
                          logged_steps=run.logged_steps, config=run.cfg.model_dump(mode="json"),
                          match_before=match_json(run.result.match_before))
+    extra = hf_model_writer(run) if run.cfg.checkpoint.save_hf_model else None
     path = save_checkpoint(run.accelerator, run.out, step, state.to_json(), run.scheduler,
-                           run.cfg.checkpoint.keep_last, trainable_only=trainable_only_checkpoints(run))
+                           run.cfg.checkpoint.keep_last, trainable_only=trainable_only_checkpoints(run), extra=extra,
+                           protect=best.protected(run))
     if run.main:
         run.console.print(f"[dim]checkpoint {path}[/dim]")
     run.callbacks.call("on_save", path)

@@ -19,12 +19,14 @@ from sftlab.model import adapters
 from sftlab.model.generate import MatchResult, exact_match
 from sftlab.model.loading import DTYPES
 from sftlab.train import distributed, rundir
+from sftlab.train.checkpoint import delete_checkpoints
 from sftlab.train.data import data_report_json
 from sftlab.train.inference import load_adapter_dir, load_model_dir
 from sftlab.train.metrics import MetricsLog, read_metrics
 from sftlab.train.precision import load_master_weights, master_weight_optimizer
 from sftlab.train.report import DATA_REPORT
 from sftlab.train.run import Run, TrainResult
+from sftlab.train.setup import compute_dtype
 
 
 def finished_result(out: Path) -> TrainResult:
@@ -61,7 +63,7 @@ def run_info(run: Run) -> dict[str, Any]:
     """What `auto` settings resolved to on this machine (also printed at start)."""
     head = run.objective.loss_fn if hasattr(run.objective, "loss_fn") else None
     return {"mixed_precision": run.mixed_precision, "weights_dtype": run.cfg.model.dtype,
-            "compute_dtype": "bfloat16" if run.mixed_precision == "bf16" else run.cfg.model.dtype,
+            "compute_dtype": compute_dtype(run.cfg.model.dtype, run.mixed_precision),
             "master_weights_fp32": master_weight_optimizer(run.optimizer) is not None,
             "loss_head": getattr(head, "mode", "full"), "loss_head_reason": getattr(head, "reason", ""),
             "device": str(run.accelerator.device), "num_processes": run.world,
@@ -100,6 +102,54 @@ def finish(run: Run) -> None:
     end_callbacks(run)
     rundir.mark_finished(run.out, {"steps": run.total_steps, "final_loss": run.result.final_loss,
                                    "eval_loss": run.result.eval_loss})
+    if run.cfg.checkpoint.delete_at_end:
+        removed = delete_checkpoints(run.out)
+        if removed:
+            run.console.print(f"[dim]deleted {removed} checkpoint(s): the run is finished "
+                              "(checkpoint.delete_at_end)[/dim]")
+
+
+def hf_model_writer(run: Run):
+    """checkpoint.save_hf_model: a function writing `hf/` into a checkpoint being saved -- the model (or
+    adapter) as the run's end would save it, in model.dtype with the tokenizer and chat template, from the
+    exact fp32 masters, leaving the training model untouched. Sharded engines gather the weights here,
+    on every rank (a collective); the function runs on the main process only."""
+    gathered = distributed.full_state_dict(run.accelerator, run.model) if distributed.sharded(run.accelerator) else None
+    unwrapped = run.accelerator.unwrap_model(run.model)
+    unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
+
+    def write(ckpt: Path) -> None:
+        state = gathered if gathered is not None else _master_state_dict(unwrapped, run.optimizer)
+        if run.cfg.peft is not None:
+            adapters.save_adapter(unwrapped, ckpt / "hf", adapters.base_of(run.cfg.model), state_dict=state)
+            if run.data.template is not None:
+                run.data.tokenizer.chat_template = run.data.template
+            run.data.tokenizer.save_pretrained(ckpt / "hf")
+            return
+        dtype = DTYPES[run.cfg.model.dtype]
+        save_model(unwrapped, run.data.tokenizer, ckpt / "hf", run.data.template,
+                   state_dict={k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    return write
+
+
+def _master_state_dict(model, optimizer) -> dict:
+    """The model's state dict with every parameter that has an fp32 master replaced by it (tied names too)."""
+    state = model.state_dict()
+    master = master_weight_optimizer(optimizer)
+    if master is None:
+        return state
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    for p in model.parameters():
+        try:
+            value = master.master_of(p)
+        except KeyError:  # frozen, not optimized
+            continue
+        for name in names_of.get(id(p), []):
+            if name in state:
+                state[name] = value
+    return state
 
 
 def end_callbacks(run: Run) -> None:

@@ -4,8 +4,8 @@ Everything comes from what a run leaves behind, so `sftlab report RUN_DIR` regen
 report later (also for a run that was interrupted, from its metrics so far):
 
 - metrics.jsonl (one line per logged step), run.json (what `auto` resolved to), config.yaml,
-- data_report.json (per-source counts, formats, unknown fields, target share and lengths, and
-  skipped rows, written when the run starts),
+- data_report.json (per-source counts, formats, unknown fields, unused `columns` / `roles` entries, target
+  share and lengths, and skipped rows, written when the run starts),
 - match_eval.json (exact match before/after, with a few samples), when the run had a match evaluation,
 - checkpoints/latest, when the run checkpointed.
 
@@ -112,6 +112,10 @@ def _data_section(data: dict[str, Any] | None) -> list[str]:
         out += ["", note, ""]
         out += [f"- {source}: " + ", ".join(f"`{k}` ({n} rows)" for k, n in fields.items())
                 for source, fields in data["unknown_fields"].items()]
+    if data.get("unused_mapping"):
+        out += ["", "Entries of a source's `columns` / `roles` that no row uses (check the names against the "
+                "file's own):", ""]
+        out += [f"- {source}: " + "; ".join(entries) for source, entries in data["unused_mapping"].items()]
     return out
 
 

@@ -94,7 +94,7 @@ def _load_base(cfg: SFTConfig, tokens: RunTokens, training: bool):
 
 def _grow_vocabulary(model, cfg: SFTConfig, tokens: RunTokens) -> None:
     if cfg.data.add_chatml_tokens:  # new rows (if any) and the model's eos follow the tokenizer
-        resize_for_new_tokens(model, tokens.tokenizer, tokens.vocab_before)
+        resize_for_new_tokens(model, tokens.tokenizer, tokens.vocab_before, cfg.data.pad_vocab_to_multiple_of)
     elif tokens.adapter_dir and len(tokens.tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokens.tokenizer), mean_resizing=False)  # the adapter holds the rows
 

@@ -27,6 +27,7 @@ from sftlab.data.locate import check_local_paths
 from sftlab.model import adapters
 from sftlab.model.generate import load_match_examples
 from sftlab.model.kernels import KernelError, apply_liger
+from sftlab.model.loading import DTYPES, resolve_model_path, stored_dtype
 from sftlab.model.loss import TargetLossHead, full_nll
 from sftlab.train import distributed, rundir, tracking
 from sftlab.train.callbacks import CallbackList, ReportCallback, TrackerCallback
@@ -96,7 +97,7 @@ def _claim_on_main(cfg: SFTConfig, console: Console) -> str:
 
 def print_precision(cfg: SFTConfig, console: Console, accelerator: Accelerator, mixed: str, why: str) -> None:
     compute = {"bf16": "bf16 autocast, matmul weights as bf16 copies of fp32 masters",
-               "fp16": "fp16 autocast with loss scaling"}.get(mixed, cfg.model.dtype)
+               "fp16": "fp16 autocast with loss scaling"}.get(mixed, compute_dtype(cfg.model.dtype, mixed))
     masters = "; fp32 master weights in the optimizer" if mixed == "bf16" or cfg.model.dtype == "bfloat16" else ""
     if distributed.sharded(accelerator):  # the engine casts; the weights it shards stay fp32
         compute = f"{mixed} compute by {distributed.engine_of(accelerator)}'s mixed precision" \
@@ -110,7 +111,7 @@ def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = Non
     """Accelerate, mixed precision, the output directory and the resume point; None when
     train.resume=auto finds the run already finished."""
     inputs = inputs or RunInputs()
-    cfg = with_continued_adapter(cfg, inputs)
+    cfg = with_resolved_dtype(with_continued_adapter(cfg, inputs), inputs, console)
     try:
         mixed, why = resolve_mixed_precision(cfg.train.mixed_precision, run_device_type(), cfg.model.dtype)
     except ValueError as e:
@@ -154,6 +155,27 @@ def with_continued_adapter(cfg: SFTConfig, inputs: RunInputs) -> SFTConfig:
     records that adapter's settings as its peft section when none is configured."""
     peft = adapters.continued_settings(cfg.model, cfg.peft, inputs.model)
     return cfg if peft is cfg.peft else cfg.model_copy(update={"peft": peft})
+
+
+def compute_dtype(weights: str, mixed: str) -> str:
+    """The dtype the forward runs in: bf16 under bf16 mixed precision or with bfloat16 weights, else fp32
+    (float16 weights train from fp32 masters in fp32 and are saved as float16; fp16 compute is
+    train.mixed_precision: fp16)."""
+    return "bfloat16" if mixed == "bf16" or weights == "bfloat16" else "float16" if mixed == "fp16" else "float32"
+
+
+def with_resolved_dtype(cfg: SFTConfig, inputs: RunInputs, console: Console) -> SFTConfig:
+    """`model.dtype: auto` becomes the dtype the weights were saved in (a given model object's own)."""
+    if cfg.model.dtype != "auto":
+        return cfg
+    if inputs.model is not None:
+        found = str(next(inputs.model.parameters()).dtype).removeprefix("torch.")
+        dtype = found if found in DTYPES else "float32"
+    else:
+        base = adapters.base_of(cfg.model)
+        dtype = stored_dtype(base, resolve_model_path(base))
+    console.print(f"[bold]model.dtype[/bold]: auto -> {dtype} (the dtype the weights were saved in)", highlight=False)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
 
 
 def run_callbacks(cfg: SFTConfig, inputs: RunInputs, accelerator: Accelerator, out: Path) -> CallbackList:
