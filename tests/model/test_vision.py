@@ -75,15 +75,17 @@ def test_the_run_model_freezes_the_vision_tower_by_default(tmp_path):
     assert not any(p.requires_grad for n, p in built.model.named_parameters() if "connector" in n)
 
 
-def test_a_run_on_a_vision_model_is_refused_with_its_reason(tmp_path, chat_file):
+def test_packing_is_refused_for_a_vision_model_and_text_rows_still_train(tmp_path, chat_file):
     from sftlab.config import ConfigError
     from sftlab.train.data import prepare_run_data
 
     d = str(save_family("llava", tmp_path / "m"))
-    tree = {"model": {"name_or_path": d}, "data": {"train": [str(chat_file)], "packing": "bfd"},
+    tree = {"model": {"name_or_path": d}, "data": {"train": [str(chat_file)], "packing": "bfd", "max_seq_length": 256},
             "train": {"output_dir": str(tmp_path / "run")}}
     with pytest.raises(ConfigError, match="data.packing is not supported for vision-language models"):
         prepare_run_data(SFTConfig.model_validate(tree))
     tree["data"]["packing"] = "none"
-    with pytest.raises(ConfigError, match="is a vision-language model: `sftlab train`"):
-        prepare_run_data(SFTConfig.model_validate(tree))
+    data = prepare_run_data(SFTConfig.model_validate(tree))  # chat rows without images: parts, no pixels
+    assert data.processor is not None and len(data.train) > 0
+    batch = data.collate([data.units[0], data.units[1]])
+    assert "pixel_values" not in batch and batch["input_ids"].shape[0] == 2

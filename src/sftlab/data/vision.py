@@ -13,6 +13,11 @@ TemplateError), never guessed.
 data/images.py; each unusable row a BadRecord, the rest kept); an example longer than
 max_seq_length is a bad row, never truncated (that could cut an image's tokens).
 
+`encode_vision_rows` is the vision-language branch of a data chunk (tokenize.encode_chunk): each row
+read with its images (relative paths against its data file's directory), tokenized as above, and its
+image references made storable: paths stay absolute paths, images held in memory (a Dataset's) are
+written as PNG files into the cache entry (`images/<sha256>.png`, stored relative to the entry).
+
 `vision_collate` pads ids and labels as `pad_collate` does, loads the batch's images and adds
 whatever the image processor returns (`pixel_values`, `image_grid_thw`, `pixel_attention_mask`,
 `image_sizes`...) and the processor's `mm_token_type_ids` where it makes them.
@@ -20,8 +25,9 @@ whatever the image processor returns (`pixel_values`, `image_grid_thw`, `pixel_a
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +36,12 @@ from PIL import Image
 
 from sftlab.data import masking
 from sftlab.data.collate import pad_collate
-from sftlab.data.formats import Conversation, iter_jsonl
+from sftlab.data.formats import NO_COLUMNS, Conversation, Record, formatted_row, iter_jsonl
 from sftlab.data.images import image_record
-from sftlab.data.types import IGNORE_INDEX, BadRecord, TemplateError, TokenizedExample
+from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError, TemplateError, VisionExample
 
 _TOKEN_ATTRS = ("image_token", "fake_image_token", "global_image_tag", "boi_token", "eoi_token",
                 "image_start_token", "image_end_token", "vision_start_token", "vision_end_token")
-
-
-@dataclass
-class VisionExample(TokenizedExample):
-    """Token ids with image tokens expanded, aligned labels, and the example's image references in order."""
-
-    images: tuple[Any, ...] = ()
 
 
 def image_token_ids(processor: Any) -> set[int]:
@@ -127,10 +126,16 @@ def vision_collate(examples: Sequence[VisionExample], processor: Any, pad_id: in
 
 
 def _vision_example(processor: Any, row: Any, source: str, line: int, unit: str, base_dir: Any, fmt: str,
-                    loss_on: str, template: str | None, max_length: int | None) -> VisionExample:
-    conv = row if isinstance(row, BadRecord) else image_record(row, fmt, source, line, unit=unit, base_dir=base_dir)
-    if isinstance(conv, BadRecord):
-        raise conv
+                    loss_on: str, template: str | None, max_length: int | None, columns: Any = None) -> VisionExample:
+    if isinstance(row, BadRecord):
+        raise row
+    conv = image_record(row, fmt, source, line, unit=unit, base_dir=base_dir, columns=columns,
+                        vocab_size=len(processor.tokenizer))
+    return _conversation_example(processor, conv, source, line, unit, loss_on, template, max_length)
+
+
+def _conversation_example(processor: Any, conv: Record, source: str, line: int, unit: str, loss_on: str,
+                          template: str | None, max_length: int | None) -> VisionExample:
     if not isinstance(conv, Conversation):
         raise BadRecord(source, line, None, f"a {conv.format} row: a vision-language run reads chat rows", unit)
     try:
@@ -166,6 +171,61 @@ def vision_examples_from_jsonl(path: Any, processor: Any, **kwargs: Any) -> tupl
     """`vision_examples` of a JSONL file; image paths are relative to its directory."""
     path = Path(path)
     return vision_examples(iter_jsonl(path), processor, str(path), unit="line", base_dir=path.parent, **kwargs)
+
+
+def stored_ref(ref: Any, image_dir: str | None) -> str:
+    """A reference that can be written down: a path as it is; an image in memory saved as a PNG file in
+    `image_dir` (named by its content) and given relative to it."""
+    if isinstance(ref, str):
+        return ref
+    if image_dir is None:
+        raise DataError("an image held in memory needs a directory to be written to")
+    buffer = io.BytesIO()
+    load_image(ref).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    rel = f"images/{hashlib.sha256(data).hexdigest()[:32]}.png"
+    path = Path(image_dir) / rel
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return rel
+
+
+def _base_dir(name: str) -> Path | None:
+    path = Path(name)
+    return path.parent if path.is_file() else None
+
+
+def encode_vision_rows(rows: Sequence[tuple[int, int, str, Any]], ctx: Any) -> tuple[list, list, list]:
+    """A chunk's rows (file index, line, unit, row) for a vision-language model -> ([(k, file index, line,
+    VisionExample with storable references)], [(k, BadRecord)], the rows' records), k the row's place."""
+    done, bad, records = [], [], []
+    for k, (f, line, unit, row) in enumerate(rows):
+        name = ctx.files[f]
+        try:
+            if isinstance(row, BadRecord):
+                raise row
+            columns = ctx.columns or NO_COLUMNS
+            if ctx.formatting_func is not None:
+                row, columns = formatted_row(ctx.formatting_func, row, name, line, unit), None
+            conv = image_record(row, ctx.format, name, line, unit=unit, vocab_size=len(ctx.processor.tokenizer),
+                                columns=columns, base_dir=_base_dir(name))
+            records.append(conv)
+            ex = _conversation_example(ctx.processor, conv, name, line, unit, ctx.loss_on, ctx.template,
+                                       ctx.max_length)
+            ex.images = tuple(stored_ref(r, ctx.image_dir) for r in ex.images)
+            done.append((k, f, line, ex))
+        except BadRecord as e:
+            bad.append((k, e))
+    return done, bad, records
+
+
+def processor_fingerprint(processor: Any) -> str:
+    """sha256 of the processor's settings (image processor, image token counts) and chat template."""
+    h = hashlib.sha256(type(processor).__name__.encode())
+    h.update(processor.to_json_string().encode())
+    h.update(str(getattr(processor, "chat_template", None)).encode())
+    return h.hexdigest()
 
 
 PACKING_REFUSAL = ("data.packing is not supported for vision-language models: a packed row would hold the "

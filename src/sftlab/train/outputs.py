@@ -85,14 +85,14 @@ def finish(run: Run) -> None:
         unwrapped = save_adapter_run(run, unwrapped, gathered)
     elif gathered is not None:
         dtype = DTYPES[run.cfg.model.dtype]
-        save_model(unwrapped, run.data.tokenizer, run.out, run.data.template,
+        save_model(unwrapped, saved_tokenizer(run), run.out, run.data.template,
                    state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in gathered.items()})
         run.console.print(f"[bold green]saved[/bold green] model (gathered from the shards) + tokenizer to {run.out}")
         unwrapped = load_model_dir(run.out)[0] if run.cfg.match_eval is not None else None
     else:
         load_master_weights(unwrapped, run.optimizer)  # bf16 compute copies -> fp32 weights, the exact masters
         unwrapped.to(DTYPES[run.cfg.model.dtype])  # saved in the dtype asked for (model.dtype)
-        save_model(unwrapped, run.data.tokenizer, run.out, run.data.template)
+        save_model(unwrapped, saved_tokenizer(run), run.out, run.data.template)
         run.console.print(f"[bold green]saved[/bold green] model + tokenizer to {run.out}")
     if run.cfg.match_eval is not None:
         run.result.match_after = run_match_eval(unwrapped, run, "after")
@@ -122,12 +122,10 @@ def hf_model_writer(run: Run):
         state = gathered if gathered is not None else _master_state_dict(unwrapped, run.optimizer)
         if run.cfg.peft is not None:
             adapters.save_adapter(unwrapped, ckpt / "hf", adapters.base_of(run.cfg.model), state_dict=state)
-            if run.data.template is not None:
-                run.data.tokenizer.chat_template = run.data.template
-            run.data.tokenizer.save_pretrained(ckpt / "hf")
+            saved_tokenizer(run).save_pretrained(ckpt / "hf")
             return
         dtype = DTYPES[run.cfg.model.dtype]
-        save_model(unwrapped, run.data.tokenizer, ckpt / "hf", run.data.template,
+        save_model(unwrapped, saved_tokenizer(run), ckpt / "hf", run.data.template,
                    state_dict={k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in state.items()})
     return write
 
@@ -167,10 +165,8 @@ def save_adapter_run(run: Run, model, gathered: dict | None = None):
     match evaluation needs it, else None."""
     if gathered is None:
         load_master_weights(model, run.optimizer)  # the adapter is saved from its exact fp32 masters
-    if run.data.template is not None:
-        run.data.tokenizer.chat_template = run.data.template
     adapters.save_adapter(model, run.out, adapters.base_of(run.cfg.model), state_dict=gathered)
-    run.data.tokenizer.save_pretrained(run.out)
+    saved_tokenizer(run).save_pretrained(run.out)
     run.console.print(f"[bold green]saved[/bold green] adapter + tokenizer to {run.out}")
     if not (run.cfg.peft.merge_on_save or run.cfg.match_eval is not None):
         return None
@@ -196,8 +192,20 @@ def run_match_eval(model, run: Run, when: str) -> MatchResult:
     return res
 
 
+def saved_tokenizer(run: Run):
+    """What is saved beside the weights: the run's tokenizer, or a vision-language model's processor (its
+    tokenizer, image processor and template, so AutoProcessor loads the output directory), with the run's
+    chat template."""
+    processor = getattr(run.data, "processor", None)
+    if run.data.template is not None:
+        run.data.tokenizer.chat_template = run.data.template
+        if processor is not None:
+            processor.chat_template = run.data.template
+    return processor if processor is not None else run.data.tokenizer
+
+
 def save_model(model, tokenizer, out: Path, template: str | None, state_dict: dict | None = None) -> None:
-    """Save weights (safetensors), config, tokenizer and chat template for plain transformers.
+    """Save weights (safetensors), config, tokenizer (or processor) and chat template for plain transformers.
     `state_dict`: the tensors to write instead of the model's own (gathered from a sharded engine)."""
     model.config.use_cache = True  # inference default for whoever loads it
     if template is not None:
