@@ -9,11 +9,16 @@ A model whose config has a `vision_config` is a vision-language model: it loads 
 (the multimodal projector or connector; Qwen2-VL's `visual.merger`), `language` (the language
 model, its embeddings and head). Parameters are told apart by the module names transformers uses
 (`vision_tower`, `vision_model`, `visual`; `multi_modal_projector`, `connector`, `merger`).
+`language_targets(model)` is what LoRA's `all-linear` means for such a model: the language model's
+linear layers only.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from torch import nn
 
 from transformers import AutoConfig, AutoProcessor
 
@@ -59,6 +64,19 @@ def part_of(name: str) -> str:
     if segments & _PROJECTOR:
         return "projector"
     return "vision" if segments & _VISION else "language"
+
+
+def language_targets(model: Any) -> str:
+    """peft.target_modules `all-linear` for a vision-language model: a regular expression (peft matches it
+    against full module names) for the language model's linear layers, the output head excluded; the
+    vision tower and projector keep their weights."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, nn.Linear) and m is not head and part_of(n) == "language"})
+    if not leaves:
+        raise ValueError("peft: the model has no linear layers in its language model to put adapters on")
+    other = "|".join(sorted(_VISION | _PROJECTOR))
+    return rf"(?!(?:.*\.)?(?:{other})\.).*\.(?:{'|'.join(map(re.escape, leaves))})"
 
 
 def freeze(model: Any, parts: list[str] | tuple[str, ...]) -> str:

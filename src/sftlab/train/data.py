@@ -39,7 +39,7 @@ from sftlab.data.examples import Examples
 from sftlab.data.packing import pack_examples, packed_collate, packing_efficiency
 from sftlab.data.templates import add_chatml_tokens, load_template
 from sftlab.data.types import IGNORE_INDEX
-from sftlab.data.vision import PACKING_REFUSAL, vision_collate
+from sftlab.data.vision import PACKING_REFUSAL, image_token_ids, vision_collate
 from sftlab.model.adapters import base_config, is_adapter_dir
 from sftlab.model.loading import load_tokenizer, position_limit, resolve_model_path, with_pad_token
 from sftlab.model.vision import is_vision_model, load_processor
@@ -207,6 +207,7 @@ def print_preview(data: RunData, cfg: SFTConfig, console: Console, n: int, plain
     if plain is None:  # colours only where they show: a terminal, colours not turned off (NO_COLOR)
         plain = not console.is_terminal or console.color_system is None
     r = data.report
+    image_ids = image_token_ids(data.processor) if data.processor is not None else set()
     console.print(Text(preview.PLAIN_LEGEND if plain else preview.RICH_LEGEND, style="italic"))
     for k, (stats, source, examples) in enumerate(zip(r.sources, r.source_data, r.source_examples)):
         console.print(Text(f"\n== {stats.name}: {'; '.join(stats.details()[:1])}", style="bold"))
@@ -219,7 +220,8 @@ def print_preview(data: RunData, cfg: SFTConfig, console: Console, n: int, plain
             where = source.where_token(int(examples.start[i]))
             console.print(Text(f"-- example {j + 1}/{len(picks)}: {where} ({len(ids)} tokens, {targets} targets)",
                                style="cyan"))
-            runs = preview.decoded_runs(data.tokenizer, ids.tolist(), labels.tolist())
+            images = examples.images(int(i))
+            runs = preview.decoded_runs(data.tokenizer, ids.tolist(), labels.tolist(), image_ids, images)
             if plain:  # written as is: rich would expand tabs and drop control characters
                 console.file.write(preview.mark_plain(runs) + "\n")
             else:
