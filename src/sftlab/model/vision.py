@@ -19,7 +19,6 @@ import re
 from typing import Any
 
 from torch import nn
-
 from transformers import AutoConfig, AutoProcessor
 
 from sftlab.config import ModelConfig
