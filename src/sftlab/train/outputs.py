@@ -184,7 +184,8 @@ def match_json(r: MatchResult | None) -> dict | None:
 def run_match_eval(model, run: Run, when: str) -> MatchResult:
     t0 = time.perf_counter()
     with run.accelerator.autocast():  # in the precision the run trains in (bf16 weights need it)
-        res = exact_match(model, run.data.tokenizer, run.match_examples, run.cfg.match_eval, run.data.template)
+        res = exact_match(model, run.data.tokenizer, run.match_examples, run.cfg.match_eval, run.data.template,
+                          getattr(run.data, "processor", None))
     run.console.print(f"[bold]exact match {when} training[/bold]: {res.correct}/{res.total} = {res.accuracy:.1%} "
                       f"({time.perf_counter() - t0:.0f}s)")
     for prompt, ref, pred in res.samples[:3]:
