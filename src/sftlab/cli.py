@@ -8,7 +8,7 @@
     sftlab report RUN_DIR                             regenerate report.md + loss.png
     sftlab export RUN_DIR --merge --out DIR           merge a LoRA adapter into a plain model
     sftlab config show|reference [CONFIG.yaml] [overrides ...]   resolved config / every key documented
-    sftlab generate MODEL --prompt "..." [--tools F]  one reply (greedy; --temperature/--top-p sample)
+    sftlab generate MODEL --prompt "..." [--tools F]  one reply (greedy; --temperature/--top-p sample; --image P)
     sftlab chat MODEL [--tools FILE]                  interactive chat (piped stdin: one reply per line)
 
 MODEL for generate/chat/eval: `default`, a run directory, a checkpoint directory
@@ -194,7 +194,7 @@ def _load_for_inference(ns: argparse.Namespace):
 
     from sftlab.api import generate
     from sftlab.data.toolcalls import read_tools_file
-    from sftlab.train.inference import load_model_dir
+    from sftlab.train.inference import image_reply, load_model_dir
 
     if ns.temperature < 0 or not 0 < ns.top_p <= 1:
         raise ConfigError(f"--temperature must be >= 0 (0: greedy) and --top-p in (0, 1]; got {ns.temperature}, "
@@ -203,8 +203,10 @@ def _load_for_inference(ns: argparse.Namespace):
     if ns.seed is not None:
         torch.manual_seed(ns.seed)
     model, tok = load_model_dir(ns.model_dir)
-    return functools.partial(generate, model, tokenizer=tok, max_new_tokens=ns.max_new_tokens,
-                             temperature=ns.temperature, top_p=ns.top_p, tools=tools)
+    settings = {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature, "top_p": ns.top_p}
+    if ns.image:  # a vision-language model shown these images (train/inference.py)
+        return image_reply(model, ns.model_dir, ns.image, **settings)
+    return functools.partial(generate, model, tokenizer=tok, tools=tools, **settings)
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -306,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--prompt", required=True)
         g.add_argument("--system", default=None, help="system message")
         g.add_argument("--tools", metavar="FILE", help="a JSON file: a list of tool schemas handed to the chat template")
+        g.add_argument("--image", action="append", metavar="PATH", help="an image shown to a vision-language model")
         g.add_argument("--max-new-tokens", type=int, default=256)
         g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
         g.add_argument("--top-p", type=float, default=1.0, help="sampling: the nucleus probability mass (default 1)")

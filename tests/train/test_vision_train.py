@@ -4,6 +4,7 @@ the language model only, and resume after a stop bitwise equal to an uninterrupt
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -67,9 +68,17 @@ def test_full_fine_tuning_learns_saves_model_and_processor_and_keeps_the_vision_
     assert type(trained).__name__ == "Idefics3ForConditionalGeneration"
     report = json.loads((out / "data_report.json").read_text())
     assert "images: 12 (1.00 per example)" in report["summary"]
+    image = str(vlm_data.parent / "img" / "0.png")  # sftlab generate --image: the trained model is shown it
+    assert main(["generate", str(out), "--prompt", "Which class?", "--image", image, "--max-new-tokens", "3"]) == 0
 
 
-def test_lora_trains_the_language_model_only_and_loads_with_peft(model_dirs, vlm_data, tmp_path):
+def test_generate_with_an_image_needs_a_vision_model(tiny_model_dir, vlm_data, capsys):
+    image = str(vlm_data.parent / "img" / "0.png")
+    assert main(["generate", str(tiny_model_dir), "--prompt", "Hi", "--image", image]) != 0
+    assert "text-only model" in capsys.readouterr().out
+
+
+def test_lora_trains_the_language_model_only_and_loads_with_peft(model_dirs, vlm_data, tmp_path, monkeypatch, capsys):
     from peft import PeftModel
 
     out = tmp_path / "lora"
@@ -83,6 +92,10 @@ def test_lora_trains_the_language_model_only_and_loads_with_peft(model_dirs, vlm
     model = PeftModel.from_pretrained(base, out)
     assert sum("lora_" in n for n, _ in model.named_parameters()) == len(keys)
     assert AutoProcessor.from_pretrained(out, use_fast=False).image_processor is not None
+    image = str(vlm_data.parent / "img" / "1.png")  # the adapter merged into its base, the base's processor
+    monkeypatch.setattr("sys.stdin", io.StringIO("Which class?\n"))
+    assert main(["chat", str(out), "--image", image, "--max-new-tokens", "2"]) == 0
+    assert "model>" in capsys.readouterr().out
 
 
 def test_resume_after_a_stop_is_bitwise_equal_to_an_uninterrupted_run(model_dirs, vlm_data, tmp_path):

@@ -3,7 +3,7 @@
 A conversation here is messages whose content is parts; an image part carries its reference
 (`{"type": "image", "image": path-or-image}`), as `vision_match_examples` reads match_eval rows
 (data/images.py: the same row formats as training, paths relative to the file) and as
-`sftlab generate/chat --image` builds prompts (`with_images`). `generate_vision_replies` renders each
+`sftlab generate/chat --image` builds prompts (`image_prompt`). `generate_vision_replies` renders each
 conversation with the processor's template (the image parts as its placeholders), lets the processor
 expand the images and make pixels, and decodes greedy (or sampled) continuations, left-padded in batches.
 """
@@ -45,6 +45,15 @@ def with_images(messages: list[dict[str, Any]], images: list[Any]) -> list[dict[
         content = out[last]["content"]
         parts = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
         out[last] = {**out[last], "content": [{"type": "image", "image": r} for r in rest] + parts}
+    return out
+
+
+def image_prompt(messages: list[dict[str, Any]], images: list[Any]) -> list[dict[str, Any]]:
+    """A text conversation with `images` shown first in its first user message (content as parts)."""
+    out = [{**m, "content": m["content"] if isinstance(m.get("content"), list)
+            else [{"type": "text", "text": m.get("content") or ""}]} for m in messages]
+    first = next(i for i, m in enumerate(out) if m["role"] == "user")
+    out[first] = {**out[first], "content": [{"type": "image", "image": r} for r in images] + out[first]["content"]}
     return out
 
 
