@@ -82,7 +82,8 @@ def test_lora_trains_the_language_model_only_and_loads_with_peft(model_dirs, vlm
     from peft import PeftModel
 
     out = tmp_path / "lora"
-    res = sftlab.train(_tree(model_dirs["llava"], vlm_data, out, peft={"r": 4, "alpha": 8}, optim={"lr": 1e-2}))
+    res = sftlab.train(_tree(model_dirs["llava"], vlm_data, out, peft={"r": 4, "alpha": 8, "merge_on_save": True},
+                                optim={"lr": 1e-2}))
     assert res.history[-1]["loss"] < res.history[0]["loss"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert isinstance(config["target_modules"], str)  # the language model's linear layers, as a pattern
@@ -92,6 +93,9 @@ def test_lora_trains_the_language_model_only_and_loads_with_peft(model_dirs, vlm
     model = PeftModel.from_pretrained(base, out)
     assert sum("lora_" in n for n, _ in model.named_parameters()) == len(keys)
     assert AutoProcessor.from_pretrained(out, use_fast=False).image_processor is not None
+    merged = AutoModelForImageTextToText.from_pretrained(out / "merged")  # peft.merge_on_save: a plain model
+    assert AutoProcessor.from_pretrained(out / "merged", use_fast=False) and not any("lora" in n for n in
+                                                                                      merged.state_dict())
     image = str(vlm_data.parent / "img" / "1.png")  # the adapter merged into its base, the base's processor
     monkeypatch.setattr("sys.stdin", io.StringIO("Which class?\n"))
     assert main(["chat", str(out), "--image", image, "--max-new-tokens", "2"]) == 0

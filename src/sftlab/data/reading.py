@@ -145,8 +145,8 @@ def image_rows_error(source: str, first: list[BadRecord], count: int, rows: int)
     more = f" and {count - len(first)} more" if count > len(first) else ""
     return DataError(f"data source {source}: {count} of {rows} rows have image content parts ({_places(first)}{more}; "
                      f"the first: field '{first[0].field_name}'). Images need a vision-language model, and this run "
-                     "trains a text-only model (vision-language training is not supported yet): drop the image "
-                     "parts, or those rows")
+                     "trains a text-only model (no vision_config): train a vision-language model (docs/vision.md), "
+                     "or drop the image parts, or those rows")
 
 
 def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, template: str | None,

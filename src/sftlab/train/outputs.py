@@ -170,9 +170,9 @@ def save_adapter_run(run: Run, model, gathered: dict | None = None):
     run.console.print(f"[bold green]saved[/bold green] adapter + tokenizer to {run.out}")
     if not (run.cfg.peft.merge_on_save or run.cfg.match_eval is not None):
         return None
-    merged, tokenizer = load_adapter_dir(run.out)
+    merged, _ = load_adapter_dir(run.out)
     if run.cfg.peft.merge_on_save:
-        save_model(merged.to(DTYPES[run.cfg.model.dtype]), tokenizer, run.out / "merged", run.data.template)
+        save_model(merged.to(DTYPES[run.cfg.model.dtype]), saved_tokenizer(run), run.out / "merged", run.data.template)
         run.console.print(f"[bold green]saved[/bold green] merged model to {run.out / 'merged'}")
     return merged.float()
 
