@@ -68,6 +68,10 @@ def test_full_fine_tuning_learns_saves_model_and_processor_and_keeps_the_vision_
     assert type(trained).__name__ == "Idefics3ForConditionalGeneration"
     report = json.loads((out / "data_report.json").read_text())
     assert "images: 12 (1.00 per example)" in report["summary"]
+    from sftlab.train.evaluate import evaluate  # sftlab eval: the file's rows read with their images
+
+    scored = evaluate(out, str(vlm_data), match=True, max_new_tokens=4)
+    assert scored["examples"] == 12 and scored["loss"] < losses[0] and scored["exact_match"]["total"] == 12
     image = str(vlm_data.parent / "img" / "0.png")  # sftlab generate --image: the trained model is shown it
     assert main(["generate", str(out), "--prompt", "Which class?", "--image", image, "--max-new-tokens", "3"]) == 0
 
