@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sftlab-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-lora test bench clean
+.PHONY: setup demo demo-lora demo-vlm test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: $(STAMP)
 
 demo-lora: $(STAMP)
 	$(VENV)/bin/sftlab train src/sftlab/demo/demo_lora.yaml
+
+# a tiny LLaVA (random weights) learns to name the colour it is shown: task + model written first (seeded)
+demo-vlm: $(STAMP)
+	$(PY) -m sftlab.demo.make_vlm runs/demo-vlm-data
+	$(VENV)/bin/sftlab train src/sftlab/demo/demo_vlm.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -2,19 +2,18 @@
 
     sftlab train [CONFIG.yaml] [key.path=value ...]   fine-tune (no CONFIG: the embedded demo)
     sftlab train --data FILE [--model M] [--out DIR]  quick start: the library defaults (printed first)
-    sftlab prepare [CONFIG.yaml] [overrides ...] [--show N]   tokenize and cache the data, print the data
-                                                      report (--show: N examples per source, targets marked)
+    sftlab prepare [CONFIG.yaml] [overrides ...] [--show N]   tokenize, cache, report (--show: N marked examples)
     sftlab eval MODEL_OR_RUN_DIR --data FILE [--match] [--json]   loss, perplexity (exact match) on a file
     sftlab report RUN_DIR                             regenerate report.md + loss.png
     sftlab export RUN_DIR --merge --out DIR           merge a LoRA adapter into a plain model
     sftlab push RUN_DIR --repo-id ID [--private]      upload a finished run to the Hub (train/hub.py)
     sftlab config show|reference [CONFIG.yaml] [overrides ...]   resolved config / every key documented
     sftlab convert-config FILE --from trl|axolotl|llamafactory   another tool's config as sftlab YAML
-    sftlab generate MODEL --prompt "..." [--tools F]  one reply (greedy; --temperature/--top-p sample)
+    sftlab generate MODEL --prompt "..." [--tools F]  one reply (greedy; --temperature/--top-p sample; --image P)
     sftlab chat MODEL [--tools FILE]                  interactive chat (piped stdin: one reply per line)
 
-MODEL for generate/chat/eval: `default`, a run directory, a checkpoint directory
-(RUN/checkpoints/step-N), a Hugging Face model directory, a .gguf file or a hub id.
+MODEL (generate/chat/eval): `default`, a run or checkpoint (RUN/checkpoints/step-N) directory, a model directory,
+a .gguf file or a hub id.
 """
 
 from __future__ import annotations
@@ -191,17 +190,17 @@ def _load_for_inference(ns: argparse.Namespace):
 
     from sftlab.api import generate
     from sftlab.data.toolcalls import read_tools_file
-    from sftlab.train.inference import load_model_dir
+    from sftlab.train.inference import image_reply, load_model_dir
 
     if ns.temperature < 0 or not 0 < ns.top_p <= 1:
-        raise ConfigError(f"--temperature must be >= 0 (0: greedy) and --top-p in (0, 1]; got {ns.temperature}, "
-                          f"{ns.top_p}")
+        raise ConfigError(f"--temperature must be >= 0 (0: greedy), --top-p in (0, 1]; got {ns.temperature}, {ns.top_p}")
     tools = read_tools_file(ns.tools) if ns.tools else None  # a bad file fails before the model loads
-    if ns.seed is not None:
-        torch.manual_seed(ns.seed)
+    torch.manual_seed(ns.seed) if ns.seed is not None else None
     model, tok = load_model_dir(ns.model_dir)
-    return functools.partial(generate, model, tokenizer=tok, max_new_tokens=ns.max_new_tokens,
-                             temperature=ns.temperature, top_p=ns.top_p, tools=tools)
+    settings = {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature, "top_p": ns.top_p}
+    if ns.image:  # a vision-language model shown these images (train/inference.py)
+        return image_reply(model, ns.model_dir, ns.image, **settings)
+    return functools.partial(generate, model, tokenizer=tok, tools=tools, **settings)
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -309,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--prompt", required=True)
         g.add_argument("--system", default=None, help="system message")
         g.add_argument("--tools", metavar="FILE", help="a JSON file: a list of tool schemas handed to the chat template")
+        g.add_argument("--image", action="append", metavar="PATH", help="an image shown to a vision-language model")
         g.add_argument("--max-new-tokens", type=int, default=256)
         g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
         g.add_argument("--top-p", type=float, default=1.0, help="sampling: the nucleus probability mass (default 1)")

@@ -48,6 +48,9 @@ class ModelConfig(_Strict):
         "attention kernel; flash_attention_2 needs CUDA and flash-attn (packed rows then run as varlen attention)"))
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub model (off unless you trust it)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    freeze: list[Literal["vision", "projector", "language"]] = Field(["vision"], description=(
+        "parts of a vision-language model kept frozen in full fine-tuning: vision (the vision tower), projector "
+        "(the multimodal projector), language (the language model and its head); ignored for text-only models"))
     tokenizer: str | None = Field(None, description=(
         "the tokenizer's directory or hub id when it is not the model's own (open-instruct's tokenizer_name)"))
     tokenizer_revision: str | None = Field(None, description="hub revision of model.tokenizer")

@@ -39,7 +39,7 @@ def test_image_rows_are_one_error_naming_the_file_rows_and_count(tmp_path, token
     msg = str(e.value)
     assert msg.count("\n") == 0 and msg.startswith(f"data source {path}: 9 of 11 rows have images")
     assert f"({path} lines 2, 4, 5, 6, 7 and 4 more; the first: field 'messages[0].content[0]')" in msg
-    assert "need a vision-language model" in msg and "text-only model" in msg and "not supported yet" in msg
+    assert "need a vision-language model" in msg and "text-only model" in msg and "docs/vision.md" in msg
     with pytest.raises(DataError, match="9 of 11 rows have images"):  # nothing was cached as skipped
         build(tokenizer, path, **kw)
 

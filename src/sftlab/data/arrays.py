@@ -11,6 +11,10 @@ is off). Raw little-endian binary files, described by `arrays.json`; no pickle a
     fix_pos.bin  int64  [k], fix_val.bin int32 [k]   labels that are neither -100 nor the token's
                  own id (only pretokenized rows can have them; almost always empty)
 
+    images.jsonl one JSON list per example: its image references in order (vision-language sources
+                 only): absolute paths, or paths relative to the entry (images a Dataset held in
+                 memory, written there as PNG files)
+
 Labels are thus stored as one byte per token instead of a second full-width copy:
 `label = id if target else -100`, then the few fixes applied.
 
@@ -42,6 +46,7 @@ ARRAYS_FORMAT = 1
 TOKEN_ARRAYS = ("ids", "targets")  # per token: written by the workers
 META_ARRAYS = {"offsets": "int64", "lines": "int64", "files": "int32", "fix_pos": "int64", "fix_val": "int32"}
 HASH_BLOCK = 1 << 22
+IMAGES_FILE = "images.jsonl"
 
 
 class CorruptEntry(ValueError):
@@ -70,8 +75,10 @@ def write_chunk_files(directory: Path, stem: str, arrays: dict[str, np.ndarray])
 class ArrayWriter:
     """Appends chunks to the arrays of one entry directory and records each chunk's size and sha256."""
 
-    def __init__(self, directory: Path, ids_dtype: str):
+    def __init__(self, directory: Path, ids_dtype: str, images: bool = False):
         self.directory = Path(directory)
+        self.images = open(self.directory / IMAGES_FILE, "wb") if images else None
+        self.image_chunks: list[tuple[int, str]] = []
         self.dtypes = {"ids": ids_dtype, "targets": "uint8", **META_ARRAYS}
         self.chunks: dict[str, list[tuple[int, str]]] = {name: [] for name in self.dtypes}
         self.handles = {name: open(self.directory / f"{name}.bin", "wb") for name in self.dtypes}
@@ -118,18 +125,26 @@ class ArrayWriter:
         self.tokens += int(np.sum(lengths, dtype=np.int64))
         self.examples += len(lengths)
 
+    def add_images(self, refs: Sequence[Sequence[str]]) -> None:
+        """The image references of the examples just added, one list per example."""
+        data = b"".join(json.dumps(list(r)).encode() + b"\n" for r in refs)
+        if data:
+            self.images.write(data)
+            self.image_chunks.append((len(data), _digest(data)))
+
     def close(self) -> dict[str, Any]:
         """Flush and write `arrays.json`; returns its content. No fsync: the entry is derived data whose
         every chunk is checksummed, so one torn by a crash is detected when opened and rebuilt."""
-        for handle in self.handles.values():
-            handle.close()
+        self.abort()
         meta = {"format": ARRAYS_FORMAT, "tokens": self.tokens, "examples": self.examples,
                 "arrays": {name: {"dtype": self.dtypes[name], "chunks": self.chunks[name]} for name in self.dtypes}}
+        if self.images is not None:
+            meta["images"] = {"chunks": self.image_chunks}
         (self.directory / "arrays.json").write_text(json.dumps(meta), encoding="utf-8")
         return meta
 
     def abort(self) -> None:
-        for handle in self.handles.values():
+        for handle in [*self.handles.values(), *([self.images] if self.images is not None else [])]:
             handle.close()
 
 
@@ -150,6 +165,16 @@ def _verify(path: Path, chunks: list[list]) -> None:
                 left -= len(block)
             if h.hexdigest() != sha:
                 raise CorruptEntry(f"{path.name}: chunk {k} does not match its checksum")
+
+
+def _read_images(directory: Path, chunks: list[list], verify: bool) -> list[tuple[str, ...]]:
+    """Every example's image references; relative ones (written into the entry) made absolute."""
+    path = directory / IMAGES_FILE
+    if verify:
+        _verify(path, chunks)
+    base = str(directory.resolve())
+    with open(path, encoding="utf-8") as f:
+        return [tuple(r if os.path.isabs(r) else os.path.join(base, r) for r in json.loads(line)) for line in f]
 
 
 def _open(path: Path, dtype: str, chunks: list[list]) -> np.ndarray:
@@ -180,6 +205,9 @@ class TokenArrays:
         self.ids, self.targets, self.offsets = arrays["ids"], arrays["targets"], arrays["offsets"]
         self.lines, self.files = arrays["lines"], arrays["files"]
         self.fix_pos, self.fix_val = np.asarray(arrays["fix_pos"]), np.asarray(arrays["fix_val"])
+        self.images = _read_images(self.directory, meta["images"]["chunks"], verify) if "images" in meta else None
+        if self.images is not None and len(self.images) != meta["examples"]:
+            raise CorruptEntry(f"{IMAGES_FILE}: {len(self.images)} examples, arrays.json says {meta['examples']}")
         if (len(self.offsets) != meta["examples"] + 1 or meta["tokens"] != len(self.ids)
                 or meta["tokens"] != len(self.targets)):
             raise CorruptEntry("array lengths disagree with arrays.json")
@@ -192,8 +220,14 @@ class TokenArrays:
         return np.diff(self.offsets)
 
     def digest(self) -> str:
-        """An id of the content: the sha256 over every chunk's checksum."""
-        return _digest(json.dumps(self.meta["arrays"], sort_keys=True).encode())
+        """An id of the content: the sha256 over every chunk's checksum (image references included)."""
+        return _digest(json.dumps([self.meta["arrays"], self.meta.get("images")], sort_keys=True).encode())
+
+    def example_images(self, start: int) -> tuple[str, ...]:
+        """The image references of the example whose tokens begin at token `start` (none without images)."""
+        if self.images is None:
+            return ()
+        return self.images[int(np.searchsorted(self.offsets, start, side="right")) - 1]
 
     def tokens(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(input ids, aligned labels) of tokens [start, stop), as int64 arrays."""

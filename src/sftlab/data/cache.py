@@ -4,11 +4,13 @@ An entry is keyed by a sha256 over: the source's content fingerprint (its files'
 dataset fingerprint), the tokenizer's serialized state (vocab, merges, added and special tokens),
 the chat template text, the source format, its `columns` / `roles` renaming, `loss_on`, `data.tools`, its
 response/instruction templates (when set), the Python API's formatting function (when given), and
-the code that turns rows into examples. `max_seq_length`, weights, the seed and the eval split are applied after loading, so
+the code that turns rows into examples; for a vision-language model also the processor's settings
+and `max_seq_length` (over-length image rows are bad rows, not truncated ones). The image files an
+entry names are checked (size, mtime) when it is opened: a changed or missing one rebuilds it. `max_seq_length`, weights, the seed and the eval split are applied after loading, so
 changing them reuses the entry.
 
 An entry is a directory `<cache_dir>/<key>/` holding the flat token arrays of `data/arrays.py`
-(ids, target flags, offsets, locations; each chunk checksummed) and `meta.json` (format version,
+(ids, target flags, offsets, locations, image references; each chunk checksummed) and `meta.json` (format version,
 key parts, row and bad-row counts, the first bad rows, the files, the rows read as each format,
 the unknown fields seen, the rows using each `columns` / `roles` entry and the rows whose tools were
 dropped). It is written into a temporary
@@ -43,7 +45,7 @@ MAX_BAD_EXAMPLES = 5
 # The modules whose code decides what a row tokenizes to: editing them invalidates the cache.
 _CODE_FILES = ("types.py", "formats.py", "fields.py", "masking.py", "rendering.py", "spans.py", "templates.py",
                "sources.py", "tokenize.py", "arrays.py", "fast_chatml.py", "cache.py", "toolcalls.py",
-               "tool_support.py", "markers.py")
+               "tool_support.py", "markers.py", "images.py", "vision.py")
 
 
 @dataclass
@@ -63,6 +65,7 @@ class SourceData:
     unknown: Counter = field(default_factory=Counter)  # field no reader of its format reads -> rows holding it
     tools_dropped: int = 0  # rows whose tools the template does not render, dropped (data.tools: drop)
     mapped: Counter = field(default_factory=Counter)  # `columns.<name>` / `roles.<name>` entry -> rows using it
+    image_files: list = field(default_factory=list)  # [path, bytes, mtime_ns] of each image file outside the entry
 
     def __len__(self) -> int:
         return len(self.arrays) if self.arrays is not None else 0
@@ -82,7 +85,8 @@ class SourceData:
         return {"format": CACHE_FORMAT, "key": key_parts, "rows": self.rows, "bad": self.bad,
                 "bad_reasons": dict(self.bad_reasons), "bad_examples": self.bad_examples,
                 "files": [list(f) for f in self.files], "notes": self.notes, "formats": dict(self.formats),
-                "unknown": dict(self.unknown), "tools_dropped": self.tools_dropped, "mapped": dict(self.mapped)}
+                "unknown": dict(self.unknown), "tools_dropped": self.tools_dropped, "mapped": dict(self.mapped),
+                **({"image_files": self.image_files} if self.image_files else {})}
 
 
 def default_cache_dir() -> Path:
@@ -118,6 +122,27 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
+def image_identities(arrays: TokenArrays | None) -> list[list]:
+    """[path, bytes, mtime_ns] of every image file the examples name outside their own directory."""
+    if arrays is None or arrays.images is None:
+        return []
+    inside = str(arrays.directory.resolve()) + os.sep
+    paths = sorted({r for refs in arrays.images for r in refs if not r.startswith(inside)})
+    return [[p, (st := os.stat(p)).st_size, st.st_mtime_ns] for p in paths]
+
+
+def changed_images(identities: list[list]) -> str | None:
+    """The first image file that is gone or differs from when the entry was written; None when all hold."""
+    for path, size, mtime in identities:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return f"{path} is gone"
+        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+            return f"{path} changed"
+    return None
+
+
 def cache_key(parts: dict[str, Any]) -> str:
     """sha256 over the canonical JSON of the key parts (strings, numbers, None)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -132,6 +157,10 @@ def load(root: Path, key: str) -> SourceData | None:
         meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
         if meta.get("format") != CACHE_FORMAT:
             return None
+        changed = changed_images(meta.get("image_files", []))
+        if changed:
+            log.info("data cache entry %s: image %s since it was written: rebuilding it", entry, changed)
+            return None
         arrays = TokenArrays(entry)
     except (OSError, ValueError) as e:  # CorruptEntry is a ValueError
         why = f"corrupted ({e})" if isinstance(e, CorruptEntry) else f"unreadable ({e})"
@@ -142,7 +171,7 @@ def load(root: Path, key: str) -> SourceData | None:
                       bad=meta["bad"], bad_reasons=Counter(meta["bad_reasons"]), bad_examples=meta["bad_examples"],
                       cached=True, notes=meta.get("notes", []), formats=Counter(meta.get("formats", {})),
                       unknown=Counter(meta.get("unknown", {})), tools_dropped=meta.get("tools_dropped", 0),
-                      mapped=Counter(meta.get("mapped", {})))
+                      mapped=Counter(meta.get("mapped", {})), image_files=meta.get("image_files", []))
 
 
 def new_entry_dir(root: Path, key: str) -> Path:
@@ -153,6 +182,7 @@ def new_entry_dir(root: Path, key: str) -> Path:
 
 def commit(tmp: Path, root: Path, key: str, data: SourceData, key_parts: dict[str, Any]) -> Path:
     """Write meta.json and rename the finished directory into place; returns the entry's path."""
+    data.image_files = image_identities(data.arrays)
     (tmp / "meta.json").write_text(json.dumps(data.meta(key_parts), indent=1), encoding="utf-8")
     final = root / key
     if final.exists():  # unreadable or outdated entry: replace it

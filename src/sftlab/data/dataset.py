@@ -8,7 +8,8 @@ decision is counted in `DataReport` (report.py), per source (with the format eac
 the fields no reader used, the `columns` / `roles` entries no row used, the target-token share and
 the lengths), and all validation happens here, before training starts: rows whose tools the chat
 template does not render stop the run, or with `data.tools: drop` are trained without them under
-one warning counting them (tool_support.py).
+one warning counting them (tool_support.py). For a vision-language model (`processor`) the rows are read
+with their images, and the report counts each source's images and image tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sftlab.data.report import DataReport, SourceStats, count_targets, length_st
 from sftlab.data.sources import DatasetSource, SourceSpec, open_source
 from sftlab.data.templates import load_template
 from sftlab.data.types import IGNORE_INDEX, DataError
+from sftlab.data.vision import image_token_ids
 
 __all__ = ["DataError", "DataReport", "DatasetSource", "SourceStats", "build_datasets", "check_sendable",
            "count_targets", "length_stats", "load_template"]
@@ -96,8 +98,20 @@ def _weight_of(spec: SourceSpec) -> tuple[float | int | None, str]:
     return None, "<Dataset>"
 
 
+def count_images(data: cache.SourceData, examples: Examples, stats: SourceStats, processor: Any) -> None:
+    """A vision-language source's images and image tokens (of its usable examples)."""
+    store = data.arrays
+    if processor is None or store is None or store.images is None:
+        return
+    stats.images = sum(len(examples.images(i)) for i in range(len(examples)))
+    special = np.fromiter(image_token_ids(processor), dtype=np.int64)
+    stats.image_tokens = sum(int(np.isin(store.ids[int(a):int(a) + int(n)], special).sum())
+                             for a, n in zip(examples.start, examples.length))
+
+
 def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                   template: str | None, report: DataReport, formatting_func: Any = None) -> list[Examples]:
+                   template: str | None, report: DataReport, formatting_func: Any = None,
+                   processor: Any = None) -> list[Examples]:
     """Usable examples per source (after the length policy); stats land in `report.sources`."""
     for spec in specs:
         check_weight(*_weight_of(spec))
@@ -105,7 +119,7 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
     for i, spec in enumerate(specs):
         source = open_source(spec, i)
         source.formatting_func, source.markers = formatting_func, markers_for(spec, cfg)
-        data = prepare_source(source, tokenizer, cfg, template)
+        data = prepare_source(source, tokenizer, cfg, template, processor)
         stats = SourceStats(f"{split}[{i}] {source.name}", split, source.weight, rows=data.rows, bad=data.bad,
                             examples=len(data), cached=data.cached, fast_render=FAST_RENDER_NOTE in data.notes,
                             formats=dict(data.formats), unknown_fields=dict(data.unknown),
@@ -121,6 +135,7 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
         examples = apply_length_policy(data, cfg, report, stats)
         stats.tokens, stats.targets = examples.num_tokens, count_targets(data, examples)
         stats.lengths = length_stats(examples.lengths)
+        count_images(data, examples, stats, processor)
         report.source_data.append(data)
         report.source_examples.append(examples)
         out.append(examples)
@@ -131,7 +146,7 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
                    train_sources: Sequence[SourceSpec] | None = None,
                    eval_sources: Sequence[SourceSpec] | None = None,
                    template: str | None | object = FROM_CONFIG, formatting_func: Any = None,
-                   ) -> tuple[Examples, Examples, DataReport]:
+                   processor: Any = None) -> tuple[Examples, Examples, DataReport]:
     """Return (train, eval, report); train and eval are `Examples` over memory-mapped token arrays.
 
     `train_sources` / `eval_sources` add sources after the configured `cfg.train` / `cfg.eval`:
@@ -141,14 +156,15 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
     DatasetSource.name), sources of the same name together.
     `formatting_func` (the Python API's) turns every row into messages, {prompt, completion} or text.
     `template`: the chat template text when the caller resolved it already (`load_template`).
+    `processor`: a vision-language model's; rows are then read with their images (data/vision.py).
     """
     report = DataReport()
     if template is FROM_CONFIG:
         template = load_template(cfg, tokenizer)
     train_specs = [*cfg.train, *(train_sources or [])]
     eval_specs = [*cfg.eval, *(eval_sources or [])]
-    train_parts = _prepare_split(train_specs, "train", tokenizer, cfg, template, report, formatting_func)
-    eval_parts = _prepare_split(eval_specs, "eval", tokenizer, cfg, template, report, formatting_func)
+    train_parts = _prepare_split(train_specs, "train", tokenizer, cfg, template, report, formatting_func, processor)
+    eval_parts = _prepare_split(eval_specs, "eval", tokenizer, cfg, template, report, formatting_func, processor)
     if report.tools_dropped:
         log.warning("%d rows carry tools, tool calls or tool results that the chat template does not render: "
                     "trained without them (data.tools: drop; a tool template such as data.chat_template: "

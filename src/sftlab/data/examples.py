@@ -4,7 +4,10 @@
 store[i] (a `TokenArrays`). Truncation shortens `length`, mixing and the eval split select and
 repeat indices; the tokens stay on disk (memory-mapped) until a micro-batch is built. Indexing
 gives a `TokenizedExample` (lists, built on demand); `arrays(i)` gives int64 numpy arrays.
-The per-example cost in memory is 16 bytes.
+The per-example cost in memory is 16 bytes. A vision-language store keeps each example's image
+references beside its tokens (arrays.py `images.jsonl`); they are found from the example's start, so
+mixing, selection and the eval split carry them without an index of their own, and indexing gives a
+`VisionExample` whose images the collate step loads.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import overload
 import numpy as np
 
 from sftlab.data.arrays import TokenArrays
-from sftlab.data.types import TokenizedExample
+from sftlab.data.types import TokenizedExample, VisionExample
 
 
 class Examples(Sequence[TokenizedExample]):
@@ -78,6 +81,14 @@ class Examples(Sequence[TokenizedExample]):
         a = int(self.start[i])
         return self.stores[self.store[i]].tokens(a, a + int(self.length[i]))
 
+    def images(self, i: int) -> tuple[str, ...]:
+        """The image references of example i (none for a text-only store)."""
+        return self.stores[self.store[i]].example_images(int(self.start[i]))
+
+    @property
+    def has_images(self) -> bool:
+        return any(s.images is not None for s in self.stores)
+
     def num_targets(self, i: int) -> int:
         a = int(self.start[i])
         return self.stores[self.store[i]].count_targets(a, a + int(self.length[i]))
@@ -92,7 +103,10 @@ class Examples(Sequence[TokenizedExample]):
             return [self[k] for k in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
             raise IndexError(f"example {i} out of range for {len(self)} examples")
-        ids, labels = self.arrays(i % len(self))
+        i %= len(self)
+        ids, labels = self.arrays(i)
+        if self.stores[self.store[i]].images is not None:
+            return VisionExample(ids.tolist(), labels.tolist(), self.images(i))
         return TokenizedExample(ids.tolist(), labels.tolist())
 
     def fingerprint(self) -> str:

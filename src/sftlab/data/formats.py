@@ -69,6 +69,7 @@ class Conversation:
     unit: str = "line"
     format: str = "messages"  # the row format it was read as
     unknown: tuple[str, ...] = ()  # the row's fields that the format does not read (ignored)
+    images: tuple[Any, ...] = ()  # image references (paths or in-memory images), in order (data/images.py)
 
 
 @dataclass

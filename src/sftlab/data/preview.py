@@ -5,15 +5,18 @@ each run is decoded on its own (special tokens kept), so a marked run is exactly
 model is trained to write at those positions. On a terminal the runs are coloured (`styled`);
 otherwise targets are wrapped in `[[` and `]]` (`mark_plain`), and a literal `[`, `]` or `\\`
 that stands next to another of these characters or next to a mark is escaped with a backslash,
-so `parse_marked` gives back the runs exactly. Also here: a seeded sample of examples and a
+so `parse_marked` gives back the runs exactly. For a vision-language model each stretch of image
+tokens shows as `<image WxH>` (the size of the image it stands for). Also here: a seeded sample of examples and a
 text histogram of lengths.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import Any
 
 import numpy as np
+from PIL import Image
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
@@ -41,10 +44,36 @@ def target_runs(ids: Sequence[int], labels: Sequence[int]) -> list[tuple[list[in
     return runs
 
 
-def decoded_runs(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], labels: Sequence[int]) -> list[Run]:
-    """Each run of `target_runs` decoded to text, special tokens included."""
-    return [(tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False), target)
-            for run, target in target_runs(ids, labels)]
+def decoded_runs(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], labels: Sequence[int],
+                 image_ids: Collection[int] = (), images: Sequence[Any] = ()) -> list[Run]:
+    """Each run of `target_runs` decoded to text, special tokens included; with `image_ids` (a vision
+    model's image tokens) each stretch of them is one `<image WxH>` of `images` in turn."""
+    decode = lambda toks: tokenizer.decode(toks, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if not image_ids:
+        return [(decode(run), target) for run, target in target_runs(ids, labels)]
+    sizes = iter(image_size(r) for r in images)
+    out: list[Run] = []
+    for run, target in target_runs(ids, labels):
+        text, k = "", 0
+        while k < len(run):
+            j = k
+            while j < len(run) and (run[j] in image_ids) == (run[k] in image_ids):
+                j += 1
+            text += decode(run[k:j]) if run[k] not in image_ids else f"<image {next(sizes, '?')}>"
+            k = j
+        out.append((text, target))
+    return out
+
+
+def image_size(ref: Any) -> str:
+    """`WxH` of an image reference (a path or an image), read from its header."""
+    try:
+        if isinstance(ref, str):
+            with Image.open(ref) as image:
+                return f"{image.width}x{image.height}"
+        return f"{ref.width}x{ref.height}"
+    except Exception:  # noqa: BLE001 - a preview never fails on an image
+        return "?"
 
 
 def mark_plain(runs: Sequence[Run]) -> str:

@@ -9,6 +9,10 @@ memory does not grow with the data set: only a few chunks are in flight. For a C
 template the direct renderer (fast_chatml.py) is used where it is checked identical; a sampled
 conversation that disagrees makes the source read again from the start through the template.
 
+For a vision-language model (`processor` given) the rows are read with their images (data/vision.py)
+and each example's image references are stored beside its tokens; over-length image rows are bad
+rows (never truncated), so `max_seq_length` joins the cache key.
+
 Bad rows are counted and skipped (or, with `on_bad_record: error`, the first one is the error), except
 rows with images (content parts, or LLaMA-Factory's images/videos/audios columns): a text-only model
 cannot train on images at all, so once the source is
@@ -18,6 +22,7 @@ training (`image_rows_error`).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
@@ -47,6 +52,7 @@ from sftlab.data.tokenize import (
     worker_chunk,
 )
 from sftlab.data.types import BadRecord, DataError, ImageRow
+from sftlab.data.vision import processor_fingerprint
 
 log = logging.getLogger(__name__)
 MAX_CITED = 5  # rows named in a source-level error
@@ -141,12 +147,12 @@ def image_rows_error(source: str, first: list[BadRecord], count: int, rows: int)
     more = f" and {count - len(first)} more" if count > len(first) else ""
     return DataError(f"data source {source}: {count} of {rows} rows have images ({_places(first)}{more}; "
                      f"the first: field '{first[0].field_name}'). Images need a vision-language model, and this run "
-                     "trains a text-only model (vision-language training is not supported yet): drop the image "
-                     "parts, or those rows")
+                     "trains a text-only model (no vision_config): train a vision-language model (docs/vision.md), "
+                     "or drop the image parts, or those rows")
 
 
 def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, template: str | None,
-                directory: Path) -> cache.SourceData:
+                directory: Path, processor: Any = None) -> cache.SourceData:
     """Read, normalise, tokenize and label one source into flat arrays in `directory`, chunk by chunk.
 
     Memory stays bounded: a few chunks are in flight at a time. Raises on the first bad row when strict.
@@ -157,6 +163,9 @@ def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataCon
     ctx.columns, ctx.formatting_func, ctx.markers = source.columns, source.formatting_func, source.markers
     ctx.tools = cfg.tools
     ctx.add_bos = cfg.add_bos
+    if processor is not None:  # rows with images: tokenized by data/vision.py, never by the direct renderer
+        ctx.processor, ctx.max_length, ctx.image_dir = processor, cfg.max_seq_length, str(directory)
+        return _read_chunks(source, ctx, cfg, directory)
     ctx.fast = detect_chatml(template or tokenizer.chat_template, dict(tokenizer.special_tokens_map))
     if ctx.fast is not None:
         try:
@@ -173,7 +182,7 @@ def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataCon
 def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: Path) -> cache.SourceData:
     strict = cfg.on_bad_record == "error"
     data = cache.SourceData()
-    writer = ArrayWriter(directory, ctx.ids_dtype)
+    writer = ArrayWriter(directory, ctx.ids_dtype, images=ctx.processor is not None)
     images: list[BadRecord] = []  # the first rows with image parts
     n_images = 0
     try:
@@ -194,6 +203,8 @@ def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: 
                 part = res.tokens[name]
                 writer.append_file(name, *part) if isinstance(part, tuple) else writer.append(name, part)
             writer.add_examples(res.lengths, res.lines, res.files, res.fix_pos, res.fix_val)
+            if res.images is not None:
+                writer.add_images(res.images)
         if n_images:
             raise image_rows_error(source.name, images, n_images, data.rows)
     except BaseException:
@@ -205,29 +216,39 @@ def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: 
 
 
 def _read_uncached(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                   template: str | None) -> cache.SourceData:
+                   template: str | None, processor: Any = None) -> cache.SourceData:
     """Build the arrays in a temporary directory that is removed at once: the open memory maps keep
-    the files readable until the run ends (POSIX), and nothing is left behind."""
+    the files readable until the run ends (POSIX), and nothing is left behind. Images a Dataset held
+    in memory are read from there in every batch: then the directory goes when the process ends."""
     tmp = Path(tempfile.mkdtemp(prefix="sftlab-data-"))
+    keep = False
     try:
-        return read_source(source, tokenizer, cfg, template, tmp)
+        data = read_source(source, tokenizer, cfg, template, tmp, processor)
+        keep = (tmp / "images").is_dir()
+        return data
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if keep:
+            atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                   template: str | None) -> cache.SourceData:
-    """The source's examples, from the cache when its key matches (and its checksums hold), else built
-    (and then cached)."""
+                   template: str | None, processor: Any = None) -> cache.SourceData:
+    """The source's examples, from the cache when its key matches (and its checksums hold, and for a
+    vision-language model its image files are unchanged), else built (and then cached). `processor`:
+    a vision-language model's (its settings and max_seq_length join the key)."""
     if not cfg.cache:
-        return _read_uncached(source, tokenizer, cfg, template)
+        return _read_uncached(source, tokenizer, cfg, template, processor)
     parts = {"source": source.fingerprint(), "tokenizer": cache.tokenizer_fingerprint(tokenizer),
              "template": template or tokenizer.chat_template, "format": source.format, "loss_on": cfg.loss_on,
              "tools": cfg.tools,
              "columns": source.columns.columns, "roles": source.columns.roles, "code": cache.code_fingerprint(),
              **({"formatting_func": formatting_fingerprint(source.formatting_func)} if source.formatting_func else {}),
              **({"text_markers": source.markers.key()} if source.markers else {}),
-             **({"add_bos": True} if cfg.add_bos else {})}
+             **({"add_bos": True} if cfg.add_bos else {}),
+             **({"processor": processor_fingerprint(processor), "max_seq_length": cfg.max_seq_length}
+                if processor is not None else {})}
     key = cache.cache_key(parts)
     root = cache.cache_dir(cfg.cache_dir)
     data = cache.load(root, key)
@@ -238,13 +259,13 @@ def prepare_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: Data
     tmp = None
     try:
         tmp = cache.new_entry_dir(root, key)
-        data = read_source(source, tokenizer, cfg, template, tmp)
+        data = read_source(source, tokenizer, cfg, template, tmp, processor)
         readable = {**parts, "name": source.name, "template": cache.cache_key({"t": parts["template"]})}
         data.arrays = TokenArrays(cache.commit(tmp, root, key, data, readable), verify=False)
         return data
     except OSError as e:  # an unwritable cache costs the next run time, never this run
         log.warning("could not write the data cache entry for %s in %s: %s", source.name, root, e)
-        return _read_uncached(source, tokenizer, cfg, template)
+        return _read_uncached(source, tokenizer, cfg, template, processor)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

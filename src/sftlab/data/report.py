@@ -45,6 +45,8 @@ class SourceStats:
     targets: int = 0  # of those tokens, the ones with a label (not -100)
     lengths: dict[str, int] = field(default_factory=dict)  # min, median, p95, max tokens of its usable examples
     markers_unused: str | None = None  # the response template set for a source without text rows
+    images: int = 0  # images of its usable examples (vision-language sources)
+    image_tokens: int = 0  # tokens the processor expanded them into (never targets)
 
     def line(self) -> str:
         parts = [f"{self.rows} rows", f"{self.bad} bad", f"{self.examples} examples"]
@@ -65,6 +67,9 @@ class SourceStats:
             parts.append(f"targets: {self.targets / self.tokens:.1%} of {self.tokens:,} tokens")
         if self.lengths:
             parts.append("lengths: " + ", ".join(f"{k} {v}" for k, v in self.lengths.items()) + " tokens")
+        if self.images:
+            per = self.images / self.examples if self.examples else 0
+            parts.append(f"images: {self.images:,} ({per:.2f} per example), {self.image_tokens:,} image tokens")
         lines = ["; ".join(parts)]
         if self.unknown_fields:
             fields = ", ".join(f"{k} ({n} rows{_field_hint(k, self.formats)})"

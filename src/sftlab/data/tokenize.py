@@ -17,6 +17,9 @@ loss; every other token is a target. The source's response/instruction templates
 add spans to those, when the row is read (formats.py), so they are marked the same way. The EOS token is appended, as a target, unless the text
 already ends with it, so the model learns where a document stops. Pretokenized rows are used as
 they are. Any example left without a target token is a bad record.
+
+For a vision-language model (the context carries its processor) chat rows are read with their images
+and tokenized by data/vision.py; the chunk then also returns each example's image references.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from sftlab.data.types import (
     TemplateError,
     TokenizedExample,
 )
+from sftlab.data.vision import encode_vision_rows
 
 RawChunk = list[tuple[int, int, str, Any]]  # (file index, line or row, unit, parsed row or BadRecord)
 
@@ -63,6 +67,9 @@ class ChunkContext:
     markers: TextMarkers | None = None  # the source's response/instruction templates (text rows)
     tools: str = "error"  # data.tools: tools the template does not render stop the run, or are dropped
     add_bos: bool = False  # data.add_bos: chat rows start with the tokenizer's BOS (never a target)
+    processor: Any = None  # a vision-language model's processor: rows are read with their images
+    max_length: int | None = None  # vision rows longer than this (images expanded) are bad rows
+    image_dir: str | None = None  # where images held in memory are written (the cache entry)
 
 
 @dataclass
@@ -80,6 +87,7 @@ class ChunkResult:
     unknown: Counter = field(default_factory=Counter)  # unknown field -> rows holding it
     tools_dropped: int = 0  # rows whose tools / tool calls the template does not render, dropped (data.tools: drop)
     mapped: Counter = field(default_factory=Counter)  # `columns.<name>` / `roles.<name>` entry -> rows using it
+    images: list[list[str]] | None = None  # per example its image references (vision-language sources)
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -166,21 +174,17 @@ def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, lo
     return out
 
 
-def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkResult:
-    """Normalise, tokenize and label chunk `number` of a source into flat arrays; bad rows listed in
-    order. The direct renderer (if any) is checked on every conversation of chunk 0 and on a sample after."""
+def _text_rows(rows: RawChunk, ctx: ChunkContext, number: int) -> tuple[list, list, list, int]:
+    """([(k, file index, line, TokenizedExample)], [(k, BadRecord)], records, tools dropped) of a chunk."""
     records: list[Record] = []
     places: list[tuple[int, int]] = []
     bad: list[tuple[int, BadRecord]] = []
-    mapped: Counter = Counter()
     vocab = len(ctx.tokenizer)
     for k, (f, line, unit, row) in enumerate(rows):
         try:
             if isinstance(row, BadRecord):
                 raise row
             columns = ctx.columns
-            if columns and ctx.formatting_func is None and isinstance(row, dict):
-                mapped.update(columns.used(row))
             if ctx.formatting_func is not None:  # the function reads the row's own fields: no renaming after
                 row, columns = formatted_row(ctx.formatting_func, row, ctx.files[f], line, unit), None
             records.append(to_record(row, ctx.format, ctx.files[f], line, unit=unit, vocab_size=vocab,
@@ -192,21 +196,41 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
     convs = [r for r in records if isinstance(r, Conversation)]
     dropped = handle_tools(convs, template, ctx.tokenizer.special_tokens_map, ctx.tools) \
         if convs and isinstance(template, str) else 0
-    ids, targets, lengths, lines, files, fix_pos, fix_val = [], [], [], [], [], [], []
-    base = 0
     results = tokenize_chunk(records, ctx.tokenizer, ctx.loss_on, ctx.template, ctx.source, ctx.fast, number == 0,
                              ctx.add_bos)
+    done = []
     for (k, f), rec, res in zip(places, records, results):
         if isinstance(res, BadRecord):
             bad.append((k, res))
-            continue
+        else:
+            done.append((k, f, rec.line, res))
+    return done, bad, records, dropped
+
+
+def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkResult:
+    """Normalise, tokenize and label chunk `number` of a source into flat arrays; bad rows listed in
+    order. The direct renderer (if any) is checked on every conversation of chunk 0 and on a sample after.
+    With a processor (a vision-language model) the rows are read with their images (vision.py)."""
+    mapped: Counter = Counter()
+    if ctx.columns and ctx.formatting_func is None:
+        for _, _, _, row in rows:
+            if isinstance(row, dict):
+                mapped.update(ctx.columns.used(row))
+    if ctx.processor is not None:
+        done, bad, records = encode_vision_rows(rows, ctx)
+        dropped = 0
+    else:
+        done, bad, records, dropped = _text_rows(rows, ctx, number)
+    ids, targets, lengths, lines, files, fix_pos, fix_val = [], [], [], [], [], [], []
+    base = 0
+    for _, f, line, res in done:
         i, t, fp, fv = example_arrays(res.input_ids, res.labels)
         ids.append(i)
         targets.append(t)
         fix_pos.append(fp + base)
         fix_val.append(fv)
         lengths.append(len(i))
-        lines.append(rec.line)
+        lines.append(line)
         files.append(f)
         base += len(i)
     cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
@@ -214,7 +238,8 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
                        np.asarray(lengths, np.int64), np.asarray(lines, np.int64), np.asarray(files, np.int32),
                        cat(fix_pos, np.int64), cat(fix_val, np.int32), [e for _, e in sorted(bad, key=lambda x: x[0])],
                        sum(isinstance(r, Conversation) for r in records), Counter(r.format for r in records),
-                       Counter(k for r in records for k in r.unknown), dropped, mapped)
+                       Counter(k for r in records for k in r.unknown), dropped, mapped,
+                       [list(res.images) for *_, res in done] if ctx.processor is not None else None)
 
 
 _WORKER: dict[str, Any] = {}

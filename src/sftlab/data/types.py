@@ -2,7 +2,7 @@
 
 - `IGNORE_INDEX`: the label of a position that carries no loss (PyTorch's cross-entropy default).
 - `TokenizedExample`: token ids and labels ALIGNED with them (label i is the target of position i;
-  `model/loss.py` does the next-token shift). The CS336 interface (`data/cs336.py`) is the one place
+  `model/loss.py` does the next-token shift); `VisionExample` adds its image references. The CS336 interface (`data/cs336.py`) is the one place
   that hands out labels already shifted, as that assignment specifies.
 - The errors: `DataError` (the data cannot be used), `BadRecord` (one unusable row, with its place;
   `ImageRow`: one with an image part, gathered per source into one DataError), `TemplateError` (a
@@ -26,6 +26,14 @@ class TokenizedExample:
     def num_targets(self) -> int:
         # the first position is never predicted, so it never counts
         return max(0, len(self.labels) - 1 - self.labels[1:].count(IGNORE_INDEX))
+
+
+@dataclass
+class VisionExample(TokenizedExample):
+    """Token ids with image tokens expanded, aligned labels, and the example's image references in order
+    (absolute paths, or images in memory)."""
+
+    images: tuple[Any, ...] = ()
 
 
 class DataError(ValueError):

@@ -8,7 +8,8 @@ checks them before training, and records what a later `sftlab generate`/`export`
   layers (an unknown name fails with the list of names there are); when the tokenizer grew
   (`data.add_chatml_tokens`), the input embeddings and the output head are added to
   `modules_to_save`, since the new rows must train. Returns the PeftModel and a line saying how
-  many parameters train.
+  many parameters train. On a vision-language model `all-linear` means the language model's linear
+  layers (model/vision.py `language_targets`): the vision tower and projector keep their weights.
 - `quantization_config(settings)`: QLoRA's `BitsAndBytesConfig` (nf4 or int8 base weights), or an
   `AdapterError` naming what is missing.
 - `save_adapter(model, out, base)`: `adapter_model.safetensors` + `adapter_config.json` (peft's
@@ -31,6 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from sftlab.config import ModelConfig, PeftSettings
+from sftlab.model.vision import is_vision_model, language_targets
 
 BASE_FILE = "sftlab_base.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -98,18 +100,21 @@ def wrap(model: PreTrainedModel, settings: PeftSettings, vocab_grew: bool = Fals
     except ImportError as e:
         raise AdapterError(f"the peft section needs the peft package: pip install 'sftlab[lora]' ({e})") from None
 
-    _check_targets(model, settings.target_modules)
+    targets = settings.target_modules
+    if targets == "all-linear" and is_vision_model(model):  # the language model; the vision tower stays as it is
+        targets = language_targets(model)
+    _check_targets(model, targets)
     save, note = modules_to_save(model, settings, vocab_grew)
     if settings.quantize is not None:
         # casts norms/embeddings to fp32; activation checkpointing is the run's own choice
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(task_type="CAUSAL_LM", r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=settings.target_modules, modules_to_save=save,
+                        target_modules=targets, modules_to_save=save,
                         use_dora=settings.method == "dora", use_rslora=settings.use_rslora, bias=settings.bias)
     wrapped = get_peft_model(model, config)
     trainable, total = wrapped.get_nb_trainable_parameters()
     line = (f"{settings.method} r={settings.r} alpha={settings.alpha:g}{' (rsLoRA)' if settings.use_rslora else ''} "
-            f"on {settings.target_modules}" + (f", biases {settings.bias}" if settings.bias != "none" else "")
+            f"on {settings.target_modules}{' (the language model)' if targets != settings.target_modules else ''}" + (f", biases {settings.bias}" if settings.bias != "none" else "")
             + (f", base quantized {settings.quantize}" if settings.quantize else "")
             + f": {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%}){note}")
     return wrapped, line

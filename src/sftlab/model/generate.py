@@ -1,6 +1,7 @@
 """Chat generation (greedy, or sampled with a temperature and top-p), and exact-match accuracy against
 reference assistant answers (greedy). Tool schemas given for generation must be rendered by the chat
-template (checked as for training rows, data/tool_support.py), or it is a DataError."""
+template (checked as for training rows, data/tool_support.py), or it is a DataError. A vision-language
+model's prompts carry images and are generated through its processor (vision_generate.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sftlab.config import MatchEvalConfig
 from sftlab.data.formats import ColumnMap, Conversation, iter_jsonl, to_record
 from sftlab.data.tool_support import TOOL_TEMPLATES, template_support
 from sftlab.data.types import BadRecord, DataError
+from sftlab.model.vision_generate import generate_vision_replies, part_text
 
 
 @torch.no_grad()
@@ -98,9 +100,13 @@ def load_match_examples(cfg: MatchEvalConfig) -> list[tuple[list[dict[str, Any]]
 
 def exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 examples: list[tuple[list[dict[str, Any]], str]], cfg: MatchEvalConfig,
-                template: str | None = None) -> MatchResult:
-    preds = generate_replies(model, tokenizer, [p for p, _ in examples], cfg.max_new_tokens,
-                             cfg.batch_size, template)
+                template: str | None = None, processor: Any = None) -> MatchResult:
+    """Greedy replies against the references; `processor`: a vision-language model's (prompts with images)."""
+    prompts = [p for p, _ in examples]
+    if processor is not None:
+        preds = generate_vision_replies(model, processor, prompts, cfg.max_new_tokens, cfg.batch_size, template)
+    else:
+        preds = generate_replies(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, template)
     correct = sum(pred.strip() == ref.strip() for (_, ref), pred in zip(examples, preds))
-    samples = [(p[-1].get("content") or "" if p else "", ref, pred) for (p, ref), pred in zip(examples, preds)]
+    samples = [(part_text(p[-1].get("content")) if p else "", ref, pred) for (p, ref), pred in zip(examples, preds)]
     return MatchResult(correct, len(examples), samples)

@@ -1,4 +1,5 @@
-"""Load a causal LM and its tokenizer: local HF directory, hub id, or GGUF file.
+"""Load a causal LM (a vision-language model through AutoModelForImageTextToText) and its tokenizer:
+local HF directory, hub id, or GGUF file.
 
 GGUF files are converted once into a cached HF safetensors directory (keyed by the file's
 sha256) because transformers marks GGUF-loaded models as quantized (`hf_quantizer`,
@@ -21,6 +22,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -188,7 +190,7 @@ def load_model(cfg: ModelConfig, path: str | None = None, quantization: Any = No
                              "package (pip install flash-attn); use sdpa (the default) otherwise")
     path = path or resolve_model_path(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = _model_class(cfg, path).from_pretrained(
             path,
             dtype="auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype],
             attn_implementation=cfg.attn_implementation,
@@ -201,6 +203,16 @@ def load_model(cfg: ModelConfig, path: str | None = None, quantization: Any = No
         raise ModelLoadError(_hub_hint(path, e)) from e
     model.config.use_cache = False  # training: no KV cache (also required for packed position_ids)
     return model
+
+
+def _model_class(cfg: ModelConfig, path: str) -> type:
+    """AutoModelForImageTextToText for a vision-language model (its config has a vision_config), else
+    AutoModelForCausalLM."""
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - from_pretrained names the problem
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
 
 
 def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -4,7 +4,10 @@
 when asked), resolve the chat template ONCE, build the train/eval sets (`data.build_datasets`:
 read, normalise, tokenize, mask, cache, length policy, mix, eval split), pack them when
 `data.packing` is set, and print the data report. `data.max_seq_length` above the model's
-`max_position_embeddings` fails first (a warning when the model configures rope scaling). What training needs next (the model path, the
+`max_position_embeddings` fails first (a warning when the model configures rope scaling). A
+vision-language model (one with a processor) reads its rows with their images, tokenizes with its
+processor's tokenizer and template, and collates each micro-batch with its images
+(data/vision.py `vision_collate`); packing is refused for it, with the reason. What training needs next (the model path, the
 tokenizer's size before new tokens, the units a micro-batch is made of and how to collate them)
 travels in `RunData`.
 
@@ -36,8 +39,10 @@ from sftlab.data.examples import Examples
 from sftlab.data.packing import pack_examples, packed_collate, packing_efficiency
 from sftlab.data.templates import add_chatml_tokens, load_template
 from sftlab.data.types import IGNORE_INDEX
+from sftlab.data.vision import PACKING_REFUSAL, image_token_ids, vision_collate
 from sftlab.model.adapters import base_config, is_adapter_dir
 from sftlab.model.loading import load_tokenizer, position_limit, resolve_model_path, with_pad_token
+from sftlab.model.vision import is_vision_model, load_processor
 from sftlab.train.inputs import RunInputs
 from sftlab.train.run_model import RunTokens
 
@@ -52,6 +57,12 @@ class RunData(RunTokens):
     collate: Callable[[list[Any]], dict] = None
     packing_note: str = ""
     eval_sets: dict[str, Examples] = field(default_factory=dict)  # named eval sets: eval/<name>_loss each
+    processor: Any = None  # a vision-language model's processor (saved with the model)
+
+    @property
+    def eval_collate(self) -> Callable[[list[Any]], dict] | None:
+        """How eval examples become a batch: the vision collate for a vision-language run, else padding (None)."""
+        return self.collate if self.processor is not None else None
 
     @property
     def pad_id(self) -> int:
@@ -106,6 +117,26 @@ def check_sequence_length(cfg: SFTConfig, model_path: str, console: Console | No
                       f"max_position_embeddings ({limit}); its rope scaling ({scaling}) must cover it", highlight=False)
 
 
+def run_processor(cfg: SFTConfig, model_path: str, inputs: RunInputs) -> Any:
+    """A vision-language model's processor (None for a text-only model); its packing is refused with the reason."""
+    given = inputs.model is not None and is_vision_model(inputs.model)
+    processor = load_processor(cfg.model, model_path) if model_path else None
+    if processor is None and given:
+        raise ConfigError("the vision-language model object has no name_or_path to load its processor from")
+    if processor is not None and cfg.data.packing != "none":
+        raise ConfigError(PACKING_REFUSAL)
+    return processor
+
+
+def _vision_tokens(tokens: RunTokens, processor: Any, cfg: SFTConfig, inputs: RunInputs) -> RunTokens:
+    """A vision-language run tokenizes with its processor's tokenizer (the one its expansion uses)."""
+    if inputs.tokenizer is not None or cfg.data.add_chatml_tokens:
+        processor.tokenizer = tokens.tokenizer
+        return tokens
+    tokenizer = with_pad_token(processor.tokenizer)
+    return RunTokens(tokens.model_path, tokenizer, len(tokenizer), tokens.adapter_dir)
+
+
 def prepare_run_data(cfg: SFTConfig, console: Console | None = None, inputs: RunInputs | None = None) -> RunData:
     """Tokenizer, template, datasets and micro-batch units of a run; prints the data report when
     `console` is given (the main process). `inputs`: what the Python API passes (datasets, a formatting
@@ -114,14 +145,20 @@ def prepare_run_data(cfg: SFTConfig, console: Console | None = None, inputs: Run
     if not cfg.data.train and not inputs.train_sources:
         raise ConfigError(NO_TRAINING_DATA + " (in the Python API: train_dataset=)")
     tokens = load_run_tokens(cfg, inputs)
+    processor = run_processor(cfg, tokens.model_path, inputs)
+    if processor is not None:
+        tokens = _vision_tokens(tokens, processor, cfg, inputs)
     tokenizer = tokens.tokenizer
     check_sequence_length(cfg, tokens.model_path, console)
     template = load_template(cfg.data, tokenizer)
     train, evals, report = build_datasets(cfg.data, tokenizer, cfg.train.seed, inputs.train_sources,
                                           inputs.eval_sources, template=template,
-                                          formatting_func=inputs.formatting_func)
+                                          formatting_func=inputs.formatting_func, processor=processor)
     pad_id = tokenizer.pad_token_id
-    if cfg.data.packing == "none":
+    if processor is not None:  # images are loaded and processed per micro-batch
+        units, note = train, ""
+        collate = functools.partial(vision_collate, processor=processor, pad_id=pad_id)
+    elif cfg.data.packing == "none":
         units: Sequence[Any] = train
         collate = functools.partial(pad_collate, pad_id=pad_id)
         note = ""
@@ -131,7 +168,8 @@ def prepare_run_data(cfg: SFTConfig, console: Console | None = None, inputs: Run
         note = (f"; packed ({cfg.data.packing}) into {len(units)} rows of <= {cfg.data.max_seq_length} tokens, "
                 f"efficiency {packing_efficiency(units, cfg.data.max_seq_length):.1%}")
     data = RunData(tokens.model_path, tokenizer, tokens.vocab_before, tokens.adapter_dir, template, train, evals,
-                   report, units, collate, note, {name: evals.select(pos) for name, pos in report.eval_sets.items()})
+                   report, units, collate, note, {name: evals.select(pos) for name, pos in report.eval_sets.items()},
+                   processor)
     if console is not None:
         print_data_report(data, console)
     return data
@@ -169,6 +207,7 @@ def print_preview(data: RunData, cfg: SFTConfig, console: Console, n: int, plain
     if plain is None:  # colours only where they show: a terminal, colours not turned off (NO_COLOR)
         plain = not console.is_terminal or console.color_system is None
     r = data.report
+    image_ids = image_token_ids(data.processor) if data.processor is not None else set()
     console.print(Text(preview.PLAIN_LEGEND if plain else preview.RICH_LEGEND, style="italic"))
     for k, (stats, source, examples) in enumerate(zip(r.sources, r.source_data, r.source_examples)):
         console.print(Text(f"\n== {stats.name}: {'; '.join(stats.details()[:1])}", style="bold"))
@@ -181,7 +220,8 @@ def print_preview(data: RunData, cfg: SFTConfig, console: Console, n: int, plain
             where = source.where_token(int(examples.start[i]))
             console.print(Text(f"-- example {j + 1}/{len(picks)}: {where} ({len(ids)} tokens, {targets} targets)",
                                style="cyan"))
-            runs = preview.decoded_runs(data.tokenizer, ids.tolist(), labels.tolist())
+            images = examples.images(int(i))
+            runs = preview.decoded_runs(data.tokenizer, ids.tolist(), labels.tolist(), image_ids, images)
             if plain:  # written as is: rich would expand tabs and drop control characters
                 console.file.write(preview.mark_plain(runs) + "\n")
             else:

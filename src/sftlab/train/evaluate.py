@@ -9,11 +9,13 @@ with that message (exact match after stripping whitespace), as the run's match e
 The model is anything `sftlab generate` takes (train/inference.py): `default`, a hub id, a model,
 run or checkpoint directory. For a run directory (its config.yaml) or a checkpoint (the config in its
 trainer_state.json) the run's data settings are used: `loss_on`, `max_seq_length`, `on_overlength`.
-Otherwise the defaults.
+Otherwise the defaults. A vision-language model reads the file's rows with their images (paths
+relative to the file) through the processor saved with it (docs/vision.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,10 @@ from pydantic import ValidationError
 from sftlab.config import ConfigError, DataConfig, MatchEvalConfig, SourceConfig
 from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import build_datasets
+from sftlab.data.vision import vision_collate
 from sftlab.model.generate import exact_match, load_match_examples
-from sftlab.train.inference import load_model_dir, run_config
+from sftlab.model.vision_generate import vision_match_examples
+from sftlab.train.inference import load_model_dir, model_processor, run_config
 from sftlab.train.objective import SFTObjective
 
 __all__ = ["evaluate", "load_model_dir", "target_loss"]
@@ -98,10 +102,14 @@ def evaluate(model_dir: str | Path, data: str, match: bool = False, batch_size: 
     mapping, mapping_from = column_mapping(model_dir, columns, roles)
     data_cfg = _data_config(model_dir, data, mapping)  # a bad mapping fails before the model loads
     model, tokenizer = load_model_dir(model_dir)
-    examples, _, report = build_datasets(data_cfg, tokenizer, seed=0, template=None)
+    processor = model_processor(model, model_dir)  # a vision-language model reads its rows with their images
+    tokenizer = processor.tokenizer if processor is not None else tokenizer
+    examples, _, report = build_datasets(data_cfg, tokenizer, seed=0, template=None, processor=processor)
     if max_examples is not None:
         examples = examples.select(range(min(max_examples, len(examples))))
-    nll, count = target_loss(model, examples, tokenizer.pad_token_id, batch_size)
+    collate = functools.partial(vision_collate, processor=processor, pad_id=tokenizer.pad_token_id) \
+        if processor is not None else None
+    nll, count = target_loss(model, examples, tokenizer.pad_token_id, batch_size, collate=collate)
     loss = nll / count if count else float("nan")
     result: dict[str, Any] = {
         "model": str(model_dir), "data": data, "examples": len(examples), "target_tokens": count,
@@ -111,7 +119,8 @@ def evaluate(model_dir: str | Path, data: str, match: bool = False, batch_size: 
     if match:
         cfg = MatchEvalConfig(path=data, max_examples=max_examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
                               **mapping)
-        res = exact_match(model, tokenizer, load_match_examples(cfg), cfg, None)
+        pairs = vision_match_examples(cfg) if processor is not None else load_match_examples(cfg)
+        res = exact_match(model, tokenizer, pairs, cfg, None, processor)
         result["exact_match"] = {"correct": res.correct, "total": res.total, "accuracy": res.accuracy,
                                  "samples": [list(s) for s in res.samples[:5]]}
     return result

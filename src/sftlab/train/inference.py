@@ -162,3 +162,45 @@ def _master_weights(model: torch.nn.Module, ckpt: Path) -> dict[str, torch.Tenso
     if masters and len(indices) != len(names):
         raise CheckpointError(f"{path}: {len(indices)} optimized parameters, the rebuilt model has {len(names)}")
     return {names[int(i)]: t.float() for i, t in masters.items()}
+
+
+def image_reply(model: Any, spec: str | Path, images: list[str], **settings: Any):
+    """`sftlab generate/chat --image`: a function (messages -> reply) for a vision-language model that shows
+    it `images` (paths) in the first user message; the processor is the one saved with the model (a run
+    directory holds it) or, for a LoRA run or a checkpoint, its base model's."""
+    from sftlab.model.vision import is_vision_model
+    from sftlab.model.vision_generate import generate_vision_replies, image_prompt
+
+    if not is_vision_model(model):
+        raise ConfigError(f"--image: {spec} is a text-only model (no vision_config); images need a "
+                          "vision-language model")
+    processor = model_processor(model, spec)
+    for path in images:
+        if not Path(path).is_file():
+            raise ConfigError(f"--image: no such file: {path}")
+    paths = [str(Path(p).resolve()) for p in images]
+    return lambda messages: generate_vision_replies(model, processor, [image_prompt(messages, paths)],
+                                                    **settings)[0].strip()
+
+
+def model_processor(model: Any, spec: str | Path) -> Any:
+    """The processor of a loaded vision-language model (None for a text-only one): the one saved with it (a
+    run directory holds it), else its base model's (a LoRA run, a checkpoint)."""
+    from sftlab.model.vision import is_vision_model, load_processor
+
+    if not is_vision_model(model):
+        return None
+    for source in (Path(spec), *_base_sources(spec)):
+        processor = load_processor(ModelConfig(name_or_path=str(source)), str(source))
+        if processor is not None:
+            return processor
+    raise ConfigError(f"{spec} is a vision-language model, and no processor was found for it")
+
+
+def _base_sources(spec: str | Path) -> list[str]:
+    """Where a LoRA run's or a checkpoint's processor may be: its recorded base model."""
+    path = Path(spec)
+    if adapters.is_adapter_dir(path):
+        return [resolve_model_path(adapters.base_config(path))]
+    cfg = run_config(path)
+    return [resolve_model_path(cfg.model)] if cfg is not None else []

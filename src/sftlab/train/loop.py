@@ -291,8 +291,8 @@ def run_evaluation(run: Run) -> dict[str, float]:
     """Validation over all eval examples (`eval_loss`), and over each named eval set (`eval/<name>_loss`)."""
     data, cfg = run.data, run.cfg
     batch, cap = cfg.train.micro_batch_size, cfg.train.eval_max_batches
-    collate, rows = None, lambda examples: examples
-    if cfg.data.eval_packing:  # best-fit rows, never wrapped: a cut document would change its loss
+    collate, rows = getattr(data, "eval_collate", None), lambda examples: examples
+    if cfg.data.eval_packing and collate is None:  # best-fit rows, never wrapped: a cut document would change its loss
         collate = functools.partial(packed_collate, pad_id=data.pad_id)
         rows = lambda examples: pack_examples(examples, "bfd", cfg.data.max_seq_length)  # noqa: E731
     metrics = evaluate_loss(run.model, rows(data.eval), batch, data.pad_id, run.accelerator, run.objective,

@@ -88,14 +88,14 @@ def finish(run: Run) -> None:
         unwrapped = save_adapter_run(run, unwrapped, gathered)
     elif gathered is not None:
         dtype = DTYPES[run.cfg.model.dtype]
-        save_model(unwrapped, run.data.tokenizer, run.out, run.data.template,
+        save_model(unwrapped, saved_tokenizer(run), run.out, run.data.template,
                    state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in gathered.items()})
         run.console.print(f"[bold green]saved[/bold green] model (gathered from the shards) + tokenizer to {run.out}")
         unwrapped = load_model_dir(run.out)[0] if run.cfg.match_eval is not None else None
     else:
         load_master_weights(unwrapped, run.optimizer)  # bf16 compute copies -> fp32 weights, the exact masters
         unwrapped.to(DTYPES[run.cfg.model.dtype])  # saved in the dtype asked for (model.dtype)
-        save_model(unwrapped, run.data.tokenizer, run.out, run.data.template)
+        save_model(unwrapped, saved_tokenizer(run), run.out, run.data.template)
         run.console.print(f"[bold green]saved[/bold green] model + tokenizer to {run.out}")
     if run.cfg.match_eval is not None:
         run.result.match_after = run_match_eval(unwrapped, run, "after")
@@ -127,12 +127,10 @@ def hf_model_writer(run: Run):
         state = gathered if gathered is not None else _master_state_dict(unwrapped, run.optimizer)
         if run.cfg.peft is not None:
             adapters.save_adapter(unwrapped, ckpt / "hf", adapters.base_of(run.cfg.model), state_dict=state)
-            if run.data.template is not None:
-                run.data.tokenizer.chat_template = run.data.template
-            run.data.tokenizer.save_pretrained(ckpt / "hf")
+            saved_tokenizer(run).save_pretrained(ckpt / "hf")
             return
         dtype = DTYPES[run.cfg.model.dtype]
-        save_model(unwrapped, run.data.tokenizer, ckpt / "hf", run.data.template,
+        save_model(unwrapped, saved_tokenizer(run), ckpt / "hf", run.data.template,
                    state_dict={k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in state.items()})
     return write
 
@@ -172,16 +170,14 @@ def save_adapter_run(run: Run, model, gathered: dict | None = None):
     match evaluation needs it, else None."""
     if gathered is None:
         load_master_weights(model, run.optimizer)  # the adapter is saved from its exact fp32 masters
-    if run.data.template is not None:
-        run.data.tokenizer.chat_template = run.data.template
     adapters.save_adapter(model, run.out, adapters.base_of(run.cfg.model), state_dict=gathered)
-    run.data.tokenizer.save_pretrained(run.out)
+    saved_tokenizer(run).save_pretrained(run.out)
     run.console.print(f"[bold green]saved[/bold green] adapter + tokenizer to {run.out}")
     if not (run.cfg.peft.merge_on_save or run.cfg.match_eval is not None):
         return None
-    merged, tokenizer = load_adapter_dir(run.out)
+    merged, _ = load_adapter_dir(run.out)
     if run.cfg.peft.merge_on_save:
-        save_model(merged.to(DTYPES[run.cfg.model.dtype]), tokenizer, run.out / "merged", run.data.template)
+        save_model(merged.to(DTYPES[run.cfg.model.dtype]), saved_tokenizer(run), run.out / "merged", run.data.template)
         run.console.print(f"[bold green]saved[/bold green] merged model to {run.out / 'merged'}")
     return merged.float()
 
@@ -193,7 +189,8 @@ def match_json(r: MatchResult | None) -> dict | None:
 def run_match_eval(model, run: Run, when: str) -> MatchResult:
     t0 = time.perf_counter()
     with run.accelerator.autocast():  # in the precision the run trains in (bf16 weights need it)
-        res = exact_match(model, run.data.tokenizer, run.match_examples, run.cfg.match_eval, run.data.template)
+        res = exact_match(model, run.data.tokenizer, run.match_examples, run.cfg.match_eval, run.data.template,
+                          getattr(run.data, "processor", None))
     run.console.print(f"[bold]exact match {when} training[/bold]: {res.correct}/{res.total} = {res.accuracy:.1%} "
                       f"({time.perf_counter() - t0:.0f}s)")
     for prompt, ref, pred in res.samples[:3]:
@@ -201,8 +198,20 @@ def run_match_eval(model, run: Run, when: str) -> MatchResult:
     return res
 
 
+def saved_tokenizer(run: Run):
+    """What is saved beside the weights: the run's tokenizer, or a vision-language model's processor (its
+    tokenizer, image processor and template, so AutoProcessor loads the output directory), with the run's
+    chat template."""
+    processor = getattr(run.data, "processor", None)
+    if run.data.template is not None:
+        run.data.tokenizer.chat_template = run.data.template
+        if processor is not None:
+            processor.chat_template = run.data.template
+    return processor if processor is not None else run.data.tokenizer
+
+
 def save_model(model, tokenizer, out: Path, template: str | None, state_dict: dict | None = None) -> None:
-    """Save weights (safetensors), config, tokenizer and chat template for plain transformers.
+    """Save weights (safetensors), config, tokenizer (or processor) and chat template for plain transformers.
     `state_dict`: the tensors to write instead of the model's own (gathered from a sharded engine)."""
     model.config.use_cache = True  # inference default for whoever loads it
     if template is not None:

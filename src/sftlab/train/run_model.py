@@ -5,7 +5,8 @@ a model object) to the model as that run has it:
 
 1. the base: loaded in fp32 (or QLoRA-quantized for training) from `model.name_or_path`, or the
    model object given, or -- when `model.name_or_path` is a saved adapter (a LoRA run directory or
-   any peft adapter directory) -- the base that adapter records;
+   any peft adapter directory) -- the base that adapter records; a vision-language model has the
+   parts `model.freeze` names frozen for full fine-tuning (default its vision tower);
 2. the vocabulary grown to the run's tokenizer (`data.add_chatml_tokens`, or an adapter trained
    with added tokens);
 3. the adapter: a new one (`peft` section), the saved adapter continued (trainable again, the same
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from sftlab.config import SFTConfig
-from sftlab.model import adapters, attention
+from sftlab.model import adapters, attention, vision
 from sftlab.model.loading import load_model
 from sftlab.model.vocab import resize_for_new_tokens
 from sftlab.train import recompute
@@ -65,6 +66,8 @@ def build_run_model(cfg: SFTConfig, tokens: RunTokens, purpose: str = "train", g
         built.model = given.float()  # the fp32 masters start from the given weights
         built.lines.append("model: the given model object cast to float32 (fp32 master weights)")
     _grow_vocabulary(built.model, cfg, tokens)
+    if training and cfg.peft is None and not tokens.adapter_dir and vision.is_vision_model(built.model):
+        built.lines.append(vision.freeze(built.model, cfg.model.freeze))  # model.freeze: default the vision tower
     _add_adapter(built, cfg, tokens, training)
     if not training:
         return built

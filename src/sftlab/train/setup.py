@@ -29,6 +29,7 @@ from sftlab.model.generate import load_match_examples
 from sftlab.model.kernels import KernelError, apply_liger
 from sftlab.model.loading import DTYPES, resolve_model_path, stored_dtype
 from sftlab.model.loss import TargetLossHead, full_nll
+from sftlab.model.vision_generate import vision_match_examples
 from sftlab.train import distributed, hub, rundir, tracking
 from sftlab.train.callbacks import CallbackList, ReportCallback, TrackerCallback
 from sftlab.train.checkpoint import read_state
@@ -196,7 +197,7 @@ def setup_data(run: Run) -> None:
     cfg = run.cfg
     with run.accelerator.main_process_first():
         run.data = prepare_run_data(cfg, run.console if run.main else None, run.inputs)
-        run.match_examples = load_match_examples(cfg.match_eval) if cfg.match_eval is not None else []
+        run.match_examples = match_examples(cfg, run.data)
     checkpointing = cfg.checkpoint.every_steps is not None or cfg.checkpoint.every_epoch
     if checkpointing or run.resume_from is not None:  # else computed when a callback's stop first saves one
         run.fingerprint = data_fingerprint(run.data.units)
@@ -277,6 +278,15 @@ def build_stream(cfg: SFTConfig, units, world: int) -> MicroBatchStream:
     lengths = units.lengths.tolist() if hasattr(units, "lengths") else [len(u.input_ids) for u in units]
     return MicroBatchStream(len(units), 0, cfg.train.seed, lengths=lengths,
                             max_tokens=cfg.train.micro_batch_tokens * world)
+
+
+def match_examples(cfg: SFTConfig, data: object) -> list:
+    """The match evaluation's (prompt, reference) pairs, read with their images for a vision-language run."""
+    if cfg.match_eval is None:
+        return []
+    if getattr(data, "processor", None) is not None:
+        return vision_match_examples(cfg.match_eval, len(data.tokenizer))
+    return load_match_examples(cfg.match_eval)
 
 
 def build_loss_fn(cfg: SFTConfig, model, console: Console | None,

@@ -1,0 +1,134 @@
+"""Training a vision-language model end to end on tiny random models: `sftlab.train` / `sftlab train` learn with
+the vision tower frozen, save model + processor (AutoProcessor loads the run directory), evaluate, train LoRA on
+the language model only, and resume after a stop bitwise equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_checkpoint import EXACT, metrics
+from test_optim import _StopAt
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from vlm_families import make_image, save_family
+
+import sftlab
+from sftlab.cli import main
+from sftlab.model.vision import part_of
+
+
+@pytest.fixture(scope="module")
+def vlm_data(tmp_path_factory):
+    """12 rows, each an image (relative path) and an answer naming its colour class."""
+    d = tmp_path_factory.mktemp("vlm-data")
+    rows = []
+    for k in range(12):
+        make_image(d / "img" / f"{k}.png", size=(16, 16), seed=k)
+        rows.append({"messages": [{"role": "user", "content": "<image>Which class?"},
+                                  {"role": "assistant", "content": f"Class {k % 3}."}], "images": [f"img/{k}.png"]})
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d / "train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm-models")
+    return {f: save_family(f, root / f) for f in ("idefics3", "llava")}
+
+
+def _tree(model_dir, data, out, steps=6, **extra):
+    return {"model": {"name_or_path": str(model_dir)},
+            "data": {"train": [{"path": str(data)}], "max_seq_length": 256, "eval_fraction": 0.25},
+            "optim": {"lr": 3e-3, "warmup_steps": 1},
+            "train": {"output_dir": str(out), "micro_batch_size": 3, "max_steps": steps, "deterministic": True,
+                      "eval_every": 3},
+            "checkpoint": {"every_steps": 2}, **extra}
+
+
+def test_full_fine_tuning_learns_saves_model_and_processor_and_keeps_the_vision_tower(model_dirs, vlm_data, tmp_path):
+    out = tmp_path / "run"
+    res = sftlab.train(_tree(model_dirs["idefics3"], vlm_data, out))
+    losses = [r["loss"] for r in res.history]
+    assert losses[-1] < losses[0] - 0.3, losses
+    evals = [r["eval_loss"] for r in metrics(out) if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    processor = AutoProcessor.from_pretrained(out, use_fast=False)  # the processor lies next to the model
+    assert processor.image_seq_len == 4 and "<image>" in processor.chat_template
+    trained = AutoModelForImageTextToText.from_pretrained(out)
+    base = load_file(model_dirs["idefics3"] / "model.safetensors")
+    saved = load_file(out / "model.safetensors")
+    for name, tensor in saved.items():
+        same = torch.equal(tensor, base[name])
+        assert same if part_of(name) == "vision" else True, name
+    assert not all(torch.equal(saved[n], base[n]) for n in saved if part_of(n) == "language")
+    assert type(trained).__name__ == "Idefics3ForConditionalGeneration"
+    report = json.loads((out / "data_report.json").read_text())
+    assert "images: 12 (1.00 per example)" in report["summary"]
+    from sftlab.train.evaluate import evaluate  # sftlab eval: the file's rows read with their images
+
+    scored = evaluate(out, str(vlm_data), match=True, max_new_tokens=4)
+    assert scored["examples"] == 12 and scored["loss"] < losses[0] and scored["exact_match"]["total"] == 12
+    image = str(vlm_data.parent / "img" / "0.png")  # sftlab generate --image: the trained model is shown it
+    assert main(["generate", str(out), "--prompt", "Which class?", "--image", image, "--max-new-tokens", "3"]) == 0
+
+
+def test_generate_with_an_image_needs_a_vision_model(tiny_model_dir, vlm_data, capsys):
+    image = str(vlm_data.parent / "img" / "0.png")
+    assert main(["generate", str(tiny_model_dir), "--prompt", "Hi", "--image", image]) != 0
+    assert "text-only model" in capsys.readouterr().out
+
+
+def test_lora_trains_the_language_model_only_and_loads_with_peft(model_dirs, vlm_data, tmp_path, monkeypatch, capsys):
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    res = sftlab.train(_tree(model_dirs["llava"], vlm_data, out, peft={"r": 4, "alpha": 8, "merge_on_save": True},
+                                optim={"lr": 1e-2}))
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert isinstance(config["target_modules"], str)  # the language model's linear layers, as a pattern
+    keys = load_file(out / "adapter_model.safetensors")
+    assert keys and all(part_of(k) == "language" for k in keys) and any("q_proj" in k for k in keys)
+    base = AutoModelForImageTextToText.from_pretrained(model_dirs["llava"])
+    model = PeftModel.from_pretrained(base, out)
+    assert sum("lora_" in n for n, _ in model.named_parameters()) == len(keys)
+    assert AutoProcessor.from_pretrained(out, use_fast=False).image_processor is not None
+    merged = AutoModelForImageTextToText.from_pretrained(out / "merged")  # peft.merge_on_save: a plain model
+    assert AutoProcessor.from_pretrained(out / "merged", use_fast=False) and not any("lora" in n for n in
+                                                                                      merged.state_dict())
+    image = str(vlm_data.parent / "img" / "1.png")  # the adapter merged into its base, the base's processor
+    monkeypatch.setattr("sys.stdin", io.StringIO("Which class?\n"))
+    assert main(["chat", str(out), "--image", image, "--max-new-tokens", "2"]) == 0
+    assert "model>" in capsys.readouterr().out
+
+
+def test_resume_after_a_stop_is_bitwise_equal_to_an_uninterrupted_run(model_dirs, vlm_data, tmp_path):
+    ref = sftlab.train(_tree(model_dirs["idefics3"], vlm_data, tmp_path / "ref"))
+    cut = sftlab.train(_tree(model_dirs["idefics3"], vlm_data, tmp_path / "cut"), callbacks=[_StopAt(3)])
+    assert cut.stopped
+    tree = _tree(model_dirs["idefics3"], vlm_data, tmp_path / "cut")
+    tree["train"]["resume"] = "auto"
+    sftlab.train(tree)
+    got, want = metrics(tmp_path / "cut"), metrics(tmp_path / "ref")
+    keys = EXACT + ("eval_loss",)
+    assert [{k: r.get(k) for k in keys} for r in got] == [{k: r.get(k) for k in keys} for r in want]
+    wa, wb = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ref.history[-1]["loss"] == metrics(tmp_path / "cut")[-1]["loss"]
+
+
+def test_the_cli_prepares_and_shows_image_rows(model_dirs, vlm_data, tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(_tree(model_dirs["llava"], vlm_data, tmp_path / "run")))
+    assert main(["prepare", str(cfg), "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "<image 16x16>" in out and "images: 12" in out
+    bad = _tree(model_dirs["llava"], vlm_data, tmp_path / "run")
+    bad["data"]["packing"] = "bfd"
+    cfg.write_text(yaml.safe_dump(bad))
+    assert main(["prepare", str(cfg)]) != 0
+    assert "not supported for vision-language models" in capsys.readouterr().out
