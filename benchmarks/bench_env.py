@@ -40,6 +40,12 @@ def cpu_info() -> tuple[str, set[str]]:
     return name, flags
 
 
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bf16 matmul instructions (AVX512-BF16 or AMX-BF16), which bf16 autocast needs to pay."""
+    flags = cpu_info()[1]
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def machine_lines(device: str) -> list[str]:
     import torch
     name, flags = cpu_info()
