@@ -58,8 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-
 from make_conversations import make_conversations  # noqa: E402
+
 from sftlab.config import DataConfig, ModelConfig  # noqa: E402
 from sftlab.data import masking  # noqa: E402
 from sftlab.data.dataset import DatasetSource, build_datasets  # noqa: E402
