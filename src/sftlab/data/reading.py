@@ -88,7 +88,9 @@ def _encoded_chunks(chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.S
     # the objects alive now (the imported libraries, the tokenizer) go to the collector's permanent
     # generation: its passes in the forked workers (and here) no longer write to their pages, which
     # would otherwise turn every page they share into a private copy per process
-    gc.freeze()
+    freeze = gc.get_freeze_count() == 0  # a caller's own frozen objects stay frozen
+    if freeze:
+        gc.freeze()
     try:
         with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(method),
                                  initializer=init_worker, initargs=(ctx, str(directory))) as pool:
@@ -100,7 +102,8 @@ def _encoded_chunks(chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.S
             while pending:
                 yield pending.popleft().result()
     finally:
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
 
 
 def check_sendable(ctx: ChunkContext, num_proc: int, method: str) -> None:
