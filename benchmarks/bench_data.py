@@ -30,9 +30,10 @@ rendering, tokenizing, masking and packing.
     python benchmarks/bench_data.py --rows 1000000 --procs 1,2   # + the scale case (scale_case.py)
 
 With `--rows` above 100k the comparison with TRL runs on the first `--compare-rows` (50k) rows,
-and the scale case (benchmarks/scale_case.py) prepares all `--rows` from a JSONL file written
-streaming, with num_proc 1 and 2, measuring peak RSS, then starts training on the result and on
-1k rows, comparing RssAnon.
+and the scale case (benchmarks/scale_case.py) prepares all `--rows` from JSONL files written
+streaming, in two shapes (this benchmark's conversations, and make_chats.py's longer multi-turn rows
+at max_seq_length 4096), with num_proc 1 and 2, measuring the main process's peak RSS and the
+anonymous PSS of main + workers, then starts training on the result and on 1k rows, comparing RssAnon.
 
 The timed sftlab path ends with token arrays on disk (memory-mapped) and a packing plan; packed rows
 are laid out when their micro-batch is built, as in training (TRL's packed Dataset is complete).

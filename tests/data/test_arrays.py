@@ -3,12 +3,14 @@ invariance, compact labels, corruption detection at the array level."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from conftest import CONVERSATIONS, write_jsonl
 
 from sftlab.config import DataConfig, SourceConfig
-from sftlab.data import reading
+from sftlab.data import reading, report, tokenize
 from sftlab.data.arrays import ArrayWriter, CorruptEntry, TokenArrays, example_arrays
 from sftlab.data.dataset import build_datasets
 from sftlab.data.examples import Examples
@@ -92,6 +94,57 @@ def test_chunking_and_workers_give_byte_identical_arrays(procs, tmp_path, tokeni
         assert build(5, 1, tmp_path / "small-1")[0].fingerprint() == small.fingerprint()
     assert (r1.rows, r1.bad, r1.bad_examples) == (r2.rows, r2.bad, r2.bad_examples) and r1.bad == 14
     assert not [p for p in (tmp_path / "small").rglob("*chunk*")]  # the workers' shards were joined and removed
+
+
+def test_long_chunks_tokenized_in_parts_give_byte_identical_arrays(tmp_path, tokenizer, monkeypatch):
+    """A chunk is tokenized in parts of TOKENIZE_CHARS characters (long rows): the same entry, bad rows
+    and reports as in one batch, with the direct renderer checked at the same chunk positions."""
+    path = write_jsonl(tmp_path / "mixed.jsonl", many_rows())
+    checked = []
+    real = tokenize.tokenize_chunk
+    monkeypatch.setattr(tokenize, "tokenize_chunk", lambda recs, *a, first=0: checked.append((first, len(recs)))
+                        or real(recs, *a, first=first))
+
+    def build(chars, where):
+        monkeypatch.setattr(tokenize, "TOKENIZE_CHARS", chars)
+        cfg = DataConfig(train=[SourceConfig(path=str(path))], cache_dir=str(where), max_bad_fraction=0.5,
+                         max_seq_length=4096)
+        return build_datasets(cfg, tokenizer, seed=0)
+
+    whole, _, r1 = build(1 << 20, tmp_path / "whole")
+    assert len(checked) == 1
+    parts, _, r2 = build(40, tmp_path / "parts")
+    assert len(checked) > 10 and sum(n for _, n in checked[1:]) == sum(n for _, n in checked[:1])
+    assert entry_bytes(tmp_path / "whole") == entry_bytes(tmp_path / "parts")
+    assert pairs(whole) == pairs(parts) and r1.summary() == r2.summary() and r1.bad_examples == r2.bad_examples
+
+
+def test_targets_are_counted_a_block_at_a_time(tmp_path, tokenizer, monkeypatch):
+    """The per-example target counts never copy the whole target array to int64 (8 bytes a token)."""
+    path = write_jsonl(tmp_path / "mixed.jsonl", many_rows())
+    cfg = DataConfig(train=[SourceConfig(path=str(path))], cache_dir=str(tmp_path / "c"), max_bad_fraction=0.5,
+                     max_seq_length=4096)
+    want = build_datasets(cfg, tokenizer, seed=0)[2].sources[0].targets
+    store = TokenArrays(next((tmp_path / "c").iterdir()))
+    per = np.add.reduceat(store.targets, store.offsets[:-1], dtype=np.int64)
+    for block in (1, 3, 50, 1 << 22):
+        monkeypatch.setattr(report, "SUM_BLOCK", block)
+        assert report.targets_per_example(store).tolist() == per.tolist()
+        assert build_datasets(cfg, tokenizer, seed=0)[2].sources[0].targets == want
+    n = 3 * (1 << 20)
+    writer = ArrayWriter(tmp_path, "uint16")
+    writer.append("ids", np.ones(n, np.uint16))
+    writer.append("targets", np.ones(n, np.uint8))
+    lengths = np.full(n // 64, 64)
+    writer.add_examples(lengths, np.arange(len(lengths)), np.zeros(len(lengths)), np.zeros(0), np.zeros(0))
+    writer.close()
+    monkeypatch.setattr(report, "SUM_BLOCK", 1 << 18)
+    store = TokenArrays(tmp_path)
+    tracemalloc.start()
+    per = report.targets_per_example(store)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert per.tolist() == [64] * len(lengths) and peak < 8 * (1 << 18) + 4 * 8 * len(lengths) < 8 * n / 2
 
 
 def test_labels_are_stored_compactly_and_rebuilt_exactly(tmp_path):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_model
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from sftlab.data import packing
 from sftlab.data.masking import IGNORE_INDEX, TokenizedExample
 from sftlab.data.packing import (
     PackedRow,
@@ -87,6 +89,32 @@ def test_bfd_properties_on_random_lengths(seed):
     rows = pack_examples(make_docs(lengths, seed), "bfd", capacity)
     assert packing_efficiency(rows, capacity) >= 0.97
     assert packing_efficiency(rows, capacity) > sum(lengths) / (ff * capacity)
+
+
+def reference_bfd(lengths: list[int], capacity: int) -> list[list[int]]:
+    """The plain best-fit-decreasing of lists that `bfd_bins` must reproduce exactly."""
+    bins: list[list[int]] = []
+    rooms: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [b for b in range(len(bins)) if rooms[b] >= lengths[i]]
+        b = min(fits, key=lambda b: (rooms[b], b)) if fits else len(bins)
+        if not fits:
+            bins.append([])
+            rooms.append(capacity)
+        bins[b].append(i)
+        rooms[b] -= lengths[i]
+    return [sorted(b) for b in bins]
+
+
+@pytest.mark.parametrize("block", [1, 7, 1 << 16])
+def test_bfd_in_blocks_of_documents_is_the_plain_best_fit_decreasing(block, monkeypatch):
+    monkeypatch.setattr(packing, "BFD_BLOCK", block)
+    rng = random.Random(block)
+    lengths = [rng.choice([rng.randint(1, 300), rng.randint(1, 20), 300]) for _ in range(700)]
+    assert pack_bfd(lengths, 300) == reference_bfd(lengths, 300)
+    order, offsets = packing.bfd_rows(np.asarray(lengths), 300)
+    assert order.dtype == offsets.dtype == np.int64
+    assert [order[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == reference_bfd(lengths, 300)
 
 
 def test_bfd_rejects_documents_over_capacity():

@@ -84,3 +84,21 @@ def test_llamafactory_images_column_with_markers_is_the_same_one_error(tmp_path,
     msg = str(e.value)
     assert msg.startswith(f"data source {path}: 2 of 4 rows have images ({path} rows 1, 4; the first: field 'images')")
     assert "text-only model" in msg
+
+
+def test_the_heap_is_frozen_while_the_workers_run_and_thawed_after(tmp_path, tokenizer, monkeypatch):
+    """Forked workers share the main process's heap; frozen, the collector's passes (in the workers and
+    here) do not write to those pages, which would give every process a private copy of them."""
+    import gc
+
+    from sftlab.data.arrays import ArrayWriter
+
+    seen = []
+    real = ArrayWriter.add_examples
+    monkeypatch.setattr(ArrayWriter, "add_examples", lambda self, *a: seen.append(gc.get_freeze_count()) or real(self, *a))
+    path = write_jsonl(tmp_path / "rows.jsonl", [TEXT] * 600)
+    assert len(build(tokenizer, path, num_proc=2)[0]) == 600
+    assert len(seen) == 2 and min(seen) > 0 and gc.get_freeze_count() == 0
+    seen.clear()
+    assert len(build(tokenizer, path, num_proc=1, cache=False)[0]) == 600
+    assert seen == [0, 0]  # one process: nothing to share, nothing frozen

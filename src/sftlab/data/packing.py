@@ -44,6 +44,8 @@ import torch
 
 from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 
+BFD_BLOCK = 1 << 16  # documents placed per block (their lengths and bins as Python lists)
+
 
 @dataclass
 class PackedRow:
@@ -82,49 +84,72 @@ class PackedRow:
         return cls(ids, labels, lengths)
 
 
-def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Best-fit-decreasing bins of document indices; each bin's total length is <= capacity.
+def bfd_bins(lengths: np.ndarray | Sequence[int], capacity: int) -> np.ndarray:
+    """Best-fit-decreasing: the bin (int64, numbered in opening order) of each document; each bin's total
+    length is <= capacity.
 
     Documents are placed longest first (equal lengths in index order), each into the open bin with
     the least room that still fits it (among equals, the earliest-opened bin), else into a new bin.
-    Bins are returned in opening order, each listing its indices in ascending order. The open
-    bins are indexed by remaining room: a sorted list of the distinct room values (at most
+    The open bins are indexed by remaining room: a sorted list of the distinct room values (at most
     `capacity` of them) searched with bisect, and per room value a heap of bin numbers, so a
-    placement costs O(log n) plus a short list shift.
+    placement costs O(log n) plus a short list shift. Memory: a few numpy arrays of the documents'
+    count, and Python objects only per open bin (the documents are walked in blocks).
     """
     if capacity < 1:
         raise ValueError(f"capacity must be positive, got {capacity}")
-    for i, n in enumerate(lengths):
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    wrong = np.flatnonzero((lengths > capacity) | (lengths < 1))
+    if len(wrong):
+        i, n = int(wrong[0]), int(lengths[wrong[0]])
         if n > capacity:
             raise ValueError(f"document {i} has {n} tokens, more than the packing capacity {capacity}; "
                              "the length policy (data.on_overlength) should have dropped or truncated it")
-        if n < 1:
-            raise ValueError(f"document {i} is empty")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep index order
-    bins: list[list[int]] = []
+        raise ValueError(f"document {i} is empty")
+    order = np.argsort(-lengths, kind="stable")  # ties keep index order
+    bin_of = np.zeros(len(lengths), dtype=np.int64)
+    opened = 0
     rooms: list[int] = []  # sorted distinct remaining room (> 0) of open bins
     bins_by_room: dict[int, list[int]] = {}  # room -> heap of bin numbers with exactly that room
-    for i in order:
-        n = lengths[i]
-        k = bisect.bisect_left(rooms, n)
-        if k == len(rooms):  # no open bin fits: open one
-            b, room = len(bins), capacity
-            bins.append([])
-        else:
-            room = rooms[k]
-            heap = bins_by_room[room]
-            b = heapq.heappop(heap)
-            if not heap:
-                del bins_by_room[room]
-                rooms.pop(k)
-        bins[b].append(i)
-        left = room - n
-        if left > 0:
-            if left not in bins_by_room:
-                bins_by_room[left] = []
-                bisect.insort(rooms, left)
-            heapq.heappush(bins_by_room[left], b)
-    return [sorted(b) for b in bins]
+    for block in range(0, len(order), BFD_BLOCK):
+        idx = order[block:block + BFD_BLOCK]
+        placed = []
+        for n in lengths[idx].tolist():
+            k = bisect.bisect_left(rooms, n)
+            if k == len(rooms):  # no open bin fits: open one
+                b, room = opened, capacity
+                opened += 1
+            else:
+                room = rooms[k]
+                heap = bins_by_room[room]
+                b = heapq.heappop(heap)
+                if not heap:
+                    del bins_by_room[room]
+                    rooms.pop(k)
+            placed.append(b)
+            left = room - n
+            if left > 0:
+                if left not in bins_by_room:
+                    bins_by_room[left] = []
+                    bisect.insort(rooms, left)
+                heapq.heappush(bins_by_room[left], b)
+        bin_of[idx] = placed
+    return bin_of
+
+
+def bfd_rows(lengths: np.ndarray | Sequence[int], capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(document order, row offsets) of the `bfd_bins` rows: bins in opening order, each listing its
+    documents in ascending index order; row r is documents order[offsets[r]:offsets[r + 1]]."""
+    bin_of = bfd_bins(lengths, capacity)
+    order = np.argsort(bin_of, kind="stable")
+    counts = np.bincount(bin_of) if len(bin_of) else np.zeros(0, dtype=np.int64)
+    return order, np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+
+def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """The `bfd_bins` bins as lists of document indices: in opening order, each in ascending order."""
+    order, offsets = bfd_rows(lengths, capacity)
+    flat = order.tolist()
+    return [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
 
 class PackedRows(Sequence[PackedRow]):
@@ -212,9 +237,7 @@ def pack_examples(examples: Sequence[TokenizedExample], packing: str, seq_length
         order = np.arange(len(lengths))
         return PackedRows(examples, order, np.zeros_like(order), lengths, np.arange(len(lengths) + 1))
     if packing == "bfd":
-        bins = pack_bfd(lengths.tolist(), seq_length)
-        order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(lengths))
-        row_offsets = np.concatenate([[0], np.cumsum([len(b) for b in bins], dtype=np.int64)])
+        order, row_offsets = bfd_rows(lengths, seq_length)
         return PackedRows(examples, order, np.zeros_like(order), lengths[order], row_offsets)
     if packing == "wrapped":
         return pack_wrapped(examples, seq_length)

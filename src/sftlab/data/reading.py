@@ -23,6 +23,7 @@ training (`image_rows_error`).
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import multiprocessing
 import os
@@ -90,15 +91,25 @@ def _encoded_chunks(chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.S
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     check_sendable(ctx, num_proc, method)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers, not tokenizer threads, share the cores
-    with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(method),
-                             initializer=init_worker, initargs=(ctx, str(directory))) as pool:
-        pending: deque = deque()
-        for number, chunk in enumerate(chunks):
-            pending.append(pool.submit(worker_chunk, number, chunk, names()))
-            if len(pending) >= 2 * num_proc:
+    # the objects alive now (the imported libraries, the tokenizer) go to the collector's permanent
+    # generation: its passes in the forked workers (and here) no longer write to their pages, which
+    # would otherwise turn every page they share into a private copy per process
+    freeze = gc.get_freeze_count() == 0  # a caller's own frozen objects stay frozen
+    if freeze:
+        gc.freeze()
+    try:
+        with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(method),
+                                 initializer=init_worker, initargs=(ctx, str(directory))) as pool:
+            pending: deque = deque()
+            for number, chunk in enumerate(chunks):
+                pending.append(pool.submit(worker_chunk, number, chunk, names()))
+                if len(pending) >= 2 * num_proc:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    finally:
+        if freeze:
+            gc.unfreeze()
 
 
 def check_sendable(ctx: ChunkContext, num_proc: int, method: str) -> None:

@@ -48,6 +48,10 @@ from sftlab.data.types import (
 from sftlab.data.vision import encode_vision_rows
 
 RawChunk = list[tuple[int, int, str, Any]]  # (file index, line or row, unit, parsed row or BadRecord)
+# characters tokenized in one batch: a chunk of long rows (512 x 4096 tokens) is tokenized in parts,
+# each turned into compact arrays before the next, since the tokenizer's output (ids, offsets as Python
+# objects) costs ~250 bytes a token; the rows, tokens and arrays are the same as in one batch
+TOKENIZE_CHARS = 1 << 20
 
 
 @dataclass
@@ -139,11 +143,11 @@ def with_bos(example: TokenizedExample, bos: int | None) -> TokenizedExample:
 
 def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, loss_on: str,
                    template: str | None, source: str = "", fast: ChatMLRenderer | None = None,
-                   verify_all: bool = False, add_bos: bool = False) -> list[TokenizedExample | BadRecord]:
+                   verify_all: bool = False, add_bos: bool = False, first: int = 0) -> list[TokenizedExample | BadRecord]:
     """Tokenize and label records of any kind, in order; unusable ones come back as BadRecord.
 
     With a direct renderer `fast`, conversations at positions divisible by VERIFY_EVERY (all of them
-    with `verify_all`) are checked against the template. `add_bos`: conversations whose template
+    with `verify_all`) are checked against the template; `first`: the position of `records[0]` in its chunk. `add_bos`: conversations whose template
     writes no BOS get the tokenizer's (text rows already have the tokenizer's own special tokens)."""
     out: list[Any] = [None] * len(records)
     by_kind: dict[type, list[int]] = {}
@@ -155,7 +159,7 @@ def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, lo
     for kind, idx in by_kind.items():
         group = [records[i] for i in idx]
         if kind is Conversation:
-            verify = [verify_all or i % VERIFY_EVERY == 0 for i in idx]
+            verify = [verify_all or (first + i) % VERIFY_EVERY == 0 for i in idx]
             results: list[Any] = _tokenize_conversations(tokenizer, group, loss_on, template, fast, verify)
             if add_bos:
                 if tokenizer.bos_token_id is None:
@@ -174,8 +178,29 @@ def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, lo
     return out
 
 
+def _size(rec: Record) -> int:
+    """About how many characters `rec` renders to (token ids count as 4)."""
+    if isinstance(rec, TextRecord):
+        return len(rec.text)
+    if isinstance(rec, Conversation):
+        return sum(len(c) if isinstance(c := m.get("content"), str) else len(str(c)) for m in rec.messages)
+    return 4 * len(getattr(rec, "input_ids", ()))
+
+
+def _batches(records: list[Record], chars: int) -> list[tuple[int, int]]:
+    """[a, b) ranges of `records`, each of about `chars` characters at most (at least one record)."""
+    out, a, size = [], 0, 0
+    for k, rec in enumerate(records):
+        n = _size(rec)
+        if k > a and size + n > chars:
+            out.append((a, k))
+            a, size = k, 0
+        size += n
+    return out + [(a, len(records))] if records else out
+
+
 def _text_rows(rows: RawChunk, ctx: ChunkContext, number: int) -> tuple[list, list, list, int]:
-    """([(k, file index, line, TokenizedExample)], [(k, BadRecord)], records, tools dropped) of a chunk."""
+    """([(k, file index, line, compact arrays)], [(k, BadRecord)], records, tools dropped) of a chunk."""
     records: list[Record] = []
     places: list[tuple[int, int]] = []
     bad: list[tuple[int, BadRecord]] = []
@@ -196,15 +221,23 @@ def _text_rows(rows: RawChunk, ctx: ChunkContext, number: int) -> tuple[list, li
     convs = [r for r in records if isinstance(r, Conversation)]
     dropped = handle_tools(convs, template, ctx.tokenizer.special_tokens_map, ctx.tools) \
         if convs and isinstance(template, str) else 0
-    results = tokenize_chunk(records, ctx.tokenizer, ctx.loss_on, ctx.template, ctx.source, ctx.fast, number == 0,
-                             ctx.add_bos)
     done = []
-    for (k, f), rec, res in zip(places, records, results):
-        if isinstance(res, BadRecord):
-            bad.append((k, res))
-        else:
-            done.append((k, f, rec.line, res))
+    for a, b in _batches(records, TOKENIZE_CHARS):  # long rows: the chunk in parts, each compacted at once
+        results = tokenize_chunk(records[a:b], ctx.tokenizer, ctx.loss_on, ctx.template, ctx.source, ctx.fast,
+                                 number == 0, ctx.add_bos, first=a)
+        for (k, f), rec, res in zip(places[a:b], records[a:b], results):
+            if isinstance(res, BadRecord):
+                bad.append((k, res))
+            else:
+                done.append((k, f, rec.line, _compact(res, ctx.ids_dtype)))
+        del results
     return done, bad, records, dropped
+
+
+def _compact(res: TokenizedExample, ids_dtype: str) -> tuple:
+    """An example's arrays (example_arrays), its ids already in the entry's compact dtype."""
+    i, t, fp, fv = example_arrays(res.input_ids, res.labels)
+    return i.astype(ids_dtype), t, fp, fv
 
 
 def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkResult:
@@ -216,15 +249,17 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
         for _, _, _, row in rows:
             if isinstance(row, dict):
                 mapped.update(ctx.columns.used(row))
+    images = None
     if ctx.processor is not None:
-        done, bad, records = encode_vision_rows(rows, ctx)
-        dropped = 0
+        vision_done, bad, records = encode_vision_rows(rows, ctx)
+        done = [(k, f, line, _compact(res, ctx.ids_dtype)) for k, f, line, res in vision_done]
+        images, dropped = [list(res.images) for *_, res in vision_done], 0
+        del vision_done
     else:
         done, bad, records, dropped = _text_rows(rows, ctx, number)
     ids, targets, lengths, lines, files, fix_pos, fix_val = [], [], [], [], [], [], []
     base = 0
-    for _, f, line, res in done:
-        i, t, fp, fv = example_arrays(res.input_ids, res.labels)
+    for _, f, line, (i, t, fp, fv) in done:
         ids.append(i)
         targets.append(t)
         fix_pos.append(fp + base)
@@ -233,13 +268,12 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
         lines.append(line)
         files.append(f)
         base += len(i)
-    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype))
     return ChunkResult(len(rows), {"ids": cat(ids, ctx.ids_dtype), "targets": cat(targets, np.uint8)},
                        np.asarray(lengths, np.int64), np.asarray(lines, np.int64), np.asarray(files, np.int32),
                        cat(fix_pos, np.int64), cat(fix_val, np.int32), [e for _, e in sorted(bad, key=lambda x: x[0])],
                        sum(isinstance(r, Conversation) for r in records), Counter(r.format for r in records),
-                       Counter(k for r in records for k in r.unknown), dropped, mapped,
-                       [list(res.images) for *_, res in done] if ctx.processor is not None else None)
+                       Counter(k for r in records for k in r.unknown), dropped, mapped, images)
 
 
 _WORKER: dict[str, Any] = {}
