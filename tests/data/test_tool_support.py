@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 from conftest import CHATML_TEMPLATE, write_jsonl
+from data.test_tool_templates import runs
 
 from sftlab.config import DataConfig, SourceConfig
 from sftlab.data.dataset import DataError, build_datasets
-from sftlab.data.masking import IGNORE_INDEX, render
+from sftlab.data.masking import render
 from sftlab.data.templates import BUILTIN_TEMPLATES
 from sftlab.data.tool_support import ToolSupport, template_support
 
@@ -31,16 +32,6 @@ def _cache_in_tmp(tmp_path, monkeypatch):
 
 def cfg(path, **kw) -> DataConfig:
     return DataConfig(train=[SourceConfig(path=str(path))], max_seq_length=4096, **kw)
-
-
-def runs(tok, ex) -> list[str]:
-    out, cur = [], []
-    for t, lab in zip(ex.input_ids, ex.labels):
-        if lab != IGNORE_INDEX:
-            cur.append(t)
-        elif cur:
-            out, cur = out + [tok.decode(cur)], []
-    return out + ([tok.decode(cur)] if cur else [])
 
 
 @pytest.mark.parametrize("template,support", [
