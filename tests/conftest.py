@@ -56,9 +56,11 @@ def build_model(vocab_size: int, seed: int = 0, layers: int = 2, positions: int 
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_data_cache(tmp_path_factory):
-    """Tests never read or write the user's data cache (the converted GGUF model cache stays shared)."""
+    """Tests never read or write the user's data cache or compile-time records (the converted GGUF model cache
+    stays shared)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("SFTLAB_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
+    mp.setenv("SFTLAB_COMPILE_TIMES", str(tmp_path_factory.mktemp("compile") / "compile_times.json"))
     yield
     mp.undo()
 

@@ -247,7 +247,12 @@ class TrainConfig(_Strict):
         "how packed rows keep documents apart: documents (one causal SDPA call per document, no mask: attention "
         "FLOPs grow with each document's length squared, not the row's), mask (transformers' dense block mask), "
         "auto (times both on the model's head shape on this device, once per process)"))
-    compile: bool = Field(False, description="torch.compile the model")
+    compile: bool | Literal["auto"] = Field("auto", description=(
+        "torch.compile the model: true, false, or auto (on for a packed run with micro_batch_size when the time "
+        "it saves pays the compile time back 1.5x over, by this machine's measurements of earlier runs or "
+        "estimates; off for short runs, unpacked rows, vision models, FSDP/DeepSpeed); compiled packed runs pad "
+        "every micro-batch to one shape and use the dense document mask"))
+    compile_backend: str = Field("inductor", description="torch.compile backend (inductor; aot_eager to debug)")
     liger: bool = Field(False, description="Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); CUDA + liger-kernel")
     peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s for MFU; null: measured at start")
     resume: str | None = Field(None, description=(

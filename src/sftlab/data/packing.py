@@ -244,14 +244,16 @@ def pack_examples(examples: Sequence[TokenizedExample], packing: str, seq_length
     raise ValueError(f"unknown packing {packing!r}; expected none, wrapped or bfd")
 
 
-def packed_collate(rows: Sequence[PackedRow], pad_id: int | None = None) -> dict[str, torch.Tensor]:
+def packed_collate(rows: Sequence[PackedRow], pad_id: int | None = None, width: int | None = None,
+                   min_rows: int = 0) -> dict[str, torch.Tensor]:
     """Model inputs for packed rows: `input_ids`, `labels`, `position_ids`; deliberately no `attention_mask`.
 
     With `pad_id=None` (default) the rows are concatenated into a single padding-free sequence of
     shape (1, total tokens). With a `pad_id`, each row becomes one batch row of shape
-    (len(rows), longest row); a shorter row is filled with one padding block whose positions also
-    restart at 0 (so it is a separate sequence nobody attends to) and whose labels are IGNORE_INDEX.
-    Call the model with `use_cache=False` and no attention mask.
+    (len(rows), longest row, or `width`); a shorter row is filled with one padding block whose positions
+    also restart at 0 (so it is a separate sequence nobody attends to) and whose labels are IGNORE_INDEX.
+    `min_rows` adds rows that are all padding (fixed shapes for a compiled model). Call the model with
+    `use_cache=False` and no attention mask.
     """
     if not rows:
         raise ValueError("packed_collate needs at least one row")
@@ -260,9 +262,13 @@ def packed_collate(rows: Sequence[PackedRow], pad_id: int | None = None) -> dict
                  list(chain.from_iterable(r.labels for r in rows)),
                  list(chain.from_iterable(r.position_ids for r in rows)))]
     else:
-        width = max(len(r) for r in rows)
+        longest = max(len(r) for r in rows)
+        if width is not None and longest > width:
+            raise ValueError(f"a packed row of {longest} tokens does not fit the fixed width {width}")
+        width = width or longest
         seqs = [(r.input_ids + [pad_id] * (width - len(r)), r.labels + [IGNORE_INDEX] * (width - len(r)),
                  r.position_ids + list(range(width - len(r)))) for r in rows]
+        seqs += [([pad_id] * width, [IGNORE_INDEX] * width, list(range(width)))] * max(0, min_rows - len(rows))
     ids, labels, pos = (torch.tensor(list(col), dtype=torch.long) for col in zip(*seqs))
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 

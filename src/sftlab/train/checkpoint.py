@@ -320,6 +320,7 @@ class TrainerState:
     logged_steps: list[int]  # the steps written to metrics.jsonl
     config: dict[str, Any]  # the resolved run config
     match_before: dict[str, Any] | None = None
+    compiled: bool | None = None  # train.compile as resolved (None: written before it was recorded)
     version: int = STATE_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -341,6 +342,7 @@ class TrainerState:
                        metrics=[{k: v for k, v in r.items() if k != "logged"} for r in metrics],
                        # version 1 checkpoints without `logged_steps` carried a per-record "logged" flag
                        logged_steps=raw.get("logged_steps", [r["step"] for r in metrics if r.get("logged")]),
-                       config=raw.get("config", {}), match_before=raw.get("match_before"))
+                       config=raw.get("config", {}), match_before=raw.get("match_before"),
+                       compiled=raw.get("compiled"))
         except KeyError as e:
             raise CheckpointError(f"{where}: {STATE_FILE} lacks {e}") from None

@@ -106,7 +106,7 @@ def check_run_settings(accelerator: Accelerator, cfg) -> None:
     if engine == DEEPSPEED and cfg.train.on_nan == "skip_step":
         raise EngineError("train.on_nan=skip_step: DeepSpeed updates inside its engine and cannot skip a step; "
                           "use on_nan: stop (the loss is checked before the step, the gradient norm after it)")
-    if sharded(accelerator) and cfg.train.compile:
+    if sharded(accelerator) and cfg.train.compile is True:
         raise EngineError(f"train.compile is not supported with {engine} in sftlab; turn it off")
     if sharded(accelerator) and cfg.peft is not None and cfg.peft.quantize:
         raise EngineError(f"QLoRA (peft.quantize) is not supported with {engine} in sftlab; use LoRA or one process")

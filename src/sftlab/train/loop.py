@@ -123,6 +123,7 @@ def fit(run: Run) -> None:
             epoch_before = run.stream.epoch
             run.callbacks.step = step
             record = optimizer_step(run, step, batches_iter)
+            run.step_times.append(record["step_time_s"])
             add_eval_and_log(run, record)
             progress.advance(task)
             due = checkpoint_due(run, step, epoch_before, stop) or best.due(run, record)
@@ -277,8 +278,8 @@ def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator: Ac
     {"eval_loss": mean NLL over their target tokens} for SFT."""
     objective = objective or SFTObjective()
     lockstep = distributed.sharded(accelerator)  # sharded forwards are collective: same batch count on every rank
-    if not lockstep:
-        model = accelerator.unwrap_model(model)  # plain forward: ranks may run different numbers of batches
+    if not lockstep:  # plain forward: ranks may run different numbers of batches; eager (train/compiling.py)
+        model = accelerator.unwrap_model(model, keep_torch_compile=False)
     total, norm = target_loss(model, examples, pad_id, batch_size, objective, accelerator.device,
                               accelerator.process_index, accelerator.num_processes, lockstep=lockstep,
                               collate=collate, max_batches=max_batches)
@@ -334,7 +335,7 @@ def save_run_checkpoint(run: Run, step: int):
                          num_processes=run.world, engine=distributed.engine_of(run.accelerator),
                          data_fingerprint=run.fingerprint or _fingerprint(run), metrics=run.result.history,
                          logged_steps=run.logged_steps, config=run.cfg.model_dump(mode="json"),
-                         match_before=match_json(run.result.match_before))
+                         match_before=match_json(run.result.match_before), compiled=run.compiled)
     extra = hf_model_writer(run) if run.cfg.checkpoint.save_hf_model else None
     path = save_checkpoint(run.accelerator, run.out, step, state.to_json(), run.scheduler,
                            run.cfg.checkpoint.keep_last, trainable_only=trainable_only_checkpoints(run), extra=extra,

@@ -19,7 +19,7 @@ from sftlab.config import dump_config
 from sftlab.model import adapters
 from sftlab.model.generate import MatchResult, exact_match
 from sftlab.model.loading import DTYPES
-from sftlab.train import distributed, rundir
+from sftlab.train import compiling, distributed, rundir
 from sftlab.train.card import write_model_cards
 from sftlab.train.checkpoint import delete_checkpoints
 from sftlab.train.data import data_report_json
@@ -67,7 +67,7 @@ def run_info(run: Run) -> dict[str, Any]:
     return {"mixed_precision": run.mixed_precision, "weights_dtype": run.cfg.model.dtype,
             "compute_dtype": compute_dtype(run.cfg.model.dtype, run.mixed_precision),
             "master_weights_fp32": master_weight_optimizer(run.optimizer) is not None,
-            "gradient_checkpointing": run.recompute,
+            "gradient_checkpointing": run.recompute, "compile": run.compiled,
             "loss_head": getattr(head, "mode", "full"), "loss_head_reason": getattr(head, "reason", ""),
             "device": str(run.accelerator.device), "num_processes": run.world,
             "engine": distributed.engine_of(run.accelerator), "peak_flops": run.peak_flops,
@@ -81,6 +81,8 @@ def finish(run: Run) -> None:
     gathered = distributed.full_state_dict(run.accelerator, run.model) if distributed.sharded(run.accelerator) else None
     if not run.main:
         return
+    if run.compile_key:  # this machine's step times, for the next run's train.compile: auto
+        compiling.update_record(run.compile_key, run.compiled, run.step_times, run.tokens_per_step)
     unwrapped = run.accelerator.unwrap_model(run.model)
     unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile'd
     if run.cfg.peft is not None:

@@ -74,6 +74,10 @@ class Run:
     recompute: bool = False  # activations recomputed in the backward (train.gradient_checkpointing, resolved)
     flops: FlopCounter | None = None
     peak_flops: float | None = None
+    compiled: bool = False  # train.compile, resolved (train/compiling.py)
+    compile_key: str = ""  # this machine and model shape, for the compile-time records
+    tokens_per_step: int = 0  # padded tokens of one optimizer step (all ranks)
+    step_times: list[float] = field(default_factory=list)  # seconds of each step this process ran
     resume_command: str = ""  # printed when a signal stops the run
 
     @property

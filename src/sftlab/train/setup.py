@@ -24,13 +24,13 @@ from rich.console import Console
 from sftlab.config import SFTConfig
 from sftlab.data.collate import MicroBatchStream
 from sftlab.data.locate import check_local_paths
-from sftlab.model import adapters
+from sftlab.model import adapters, attention
 from sftlab.model.generate import load_match_examples
 from sftlab.model.kernels import KernelError, apply_liger
 from sftlab.model.loading import DTYPES, resolve_model_path, stored_dtype
 from sftlab.model.loss import TargetLossHead, full_nll
 from sftlab.model.vision_generate import vision_match_examples
-from sftlab.train import distributed, hub, rundir, tracking
+from sftlab.train import compiling, distributed, hub, rundir, tracking
 from sftlab.train.callbacks import CallbackList, ReportCallback, TrackerCallback
 from sftlab.train.checkpoint import read_state
 from sftlab.train.data import prepare_run_data
@@ -239,12 +239,43 @@ def setup_model_and_optimizer(run: Run) -> None:
     seed_master_weights(optimizer, built.originals)
     del built
     run.scheduler = build_scheduler(optimizer, cfg.optim, run.total_steps)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    distributed.configure_deepspeed(run.accelerator, cfg.train.micro_batch_size, cfg.optim.max_grad_norm)
-    run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
     run.peak_flops = cfg.train.peak_flops or measure_peak_flops(
         run.accelerator.device, torch.bfloat16 if run.mixed_precision == "bf16" else next(model.parameters()).dtype)
+    model = compile_if_it_pays(run, model)
+    distributed.configure_deepspeed(run.accelerator, cfg.train.micro_batch_size, cfg.optim.max_grad_norm)
+    run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
+
+
+def compile_if_it_pays(run: Run, model):
+    """`train.compile` resolved for this run (train/compiling.py); a compiled packed run gets fixed shapes
+    and the dense document mask (per-document attention cuts rows in Python, a recompile per layout)."""
+    cfg, device = run.cfg, run.accelerator.device
+    packed, fixed = cfg.data.packing != "none", cfg.train.micro_batch_tokens is None
+    dtype = torch.bfloat16 if run.mixed_precision == "bf16" else next(model.parameters()).dtype
+    run.compile_key = compiling.machine_key(model, device, dtype, cfg.train.compile_backend, run.recompute)
+    resumed = read_state(run.resume_from) if run.resume_from is not None else None
+    done = resumed.step if resumed is not None else 0
+    run.tokens_per_step = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * run.world * cfg.data.max_seq_length
+    shape = compiling.RunShape(
+        cfg.train.compile, packed, cfg.train.packed_attention == "documents", fixed,
+        getattr(run.data, "processor", None) is not None, distributed.sharded(run.accelerator),
+        resumed.compiled if resumed is not None else None, (run.total_steps - done) * run.tokens_per_step,
+        float(run.flops.dense), run.peak_flops, device.type)
+    run.compiled, why = compiling.decide(shape, compiling.read_records().get(run.compile_key))
+    if not (packed and fixed) or shape.vision or shape.sharded:
+        run.compile_key = ""  # auto never compiles such a run: its step times are not recorded
+    if run.main:
+        run.console.print(f"[bold]compile[/bold]: {'on' if run.compiled else 'off'} ({why})", highlight=False)
+    if not run.compiled:
+        return model
+    if packed and cfg.train.packed_attention == "documents":
+        raise RunError("train.compile needs train.packed_attention: mask or auto (per-document attention cuts "
+                       "rows in Python: one recompile per document layout)")
+    if packed and fixed:
+        attention.use(model, "mask")
+        run.data.collate = compiling.fixed_shape_collate(run.data.pad_id, cfg.data.max_seq_length,
+                                                         cfg.train.micro_batch_size)
+    return torch.compile(model, backend=cfg.train.compile_backend, dynamic=False if packed and fixed else None)
 
 
 def attach_loss_head(run: Run, model) -> None:
