@@ -29,7 +29,6 @@ from sftlab.model.generate import load_match_examples
 from sftlab.model.kernels import KernelError, apply_liger
 from sftlab.model.loading import DTYPES, resolve_model_path, stored_dtype
 from sftlab.model.loss import TargetLossHead, full_nll
-from sftlab.model.vision_generate import vision_match_examples
 from sftlab.train import distributed, hub, rundir, tracking
 from sftlab.train.callbacks import CallbackList, ReportCallback, TrackerCallback
 from sftlab.train.checkpoint import read_state
@@ -285,7 +284,7 @@ def match_examples(cfg: SFTConfig, data: object) -> list:
     if cfg.match_eval is None:
         return []
     if getattr(data, "processor", None) is not None:
-        return vision_match_examples(cfg.match_eval, len(data.tokenizer))
+        return load_match_examples(cfg.match_eval, images=True, vocab_size=len(data.tokenizer))
     return load_match_examples(cfg.match_eval)
 
 
