@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny BPE tokenizer with a ChatML template and a tiny random Llama, built in code."""
+"""Shared fixtures: a tiny BPE tokenizer with a ChatML template and a tiny random Llama, built in code, and a
+count of the data sources read (what the tokenized-data cache saves)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from sftlab.data import reading
 
 # SmolLM2-135M-Instruct's template: ChatML without {% generation %} tags, default system prompt.
 CHATML_TEMPLATE = (
@@ -68,6 +71,20 @@ def _isolated_data_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()
+
+
+@pytest.fixture()
+def calls(monkeypatch) -> dict[str, int]:
+    """Count how often a source is read and tokenized (`calls["n"]`; a cache hit reads nothing)."""
+    count = {"n": 0}
+    real = reading.read_source
+
+    def counting(*args, **kwargs):
+        count["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reading, "read_source", counting)
+    return count
 
 
 @pytest.fixture()

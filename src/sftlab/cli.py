@@ -182,29 +182,16 @@ def cmd_config_show(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _load_for_inference(ns: argparse.Namespace):
-    """The model and a reply function with the command's sampling settings."""
-    import functools
+def _reply(ns: argparse.Namespace):
+    """The model and a reply function with the command's sampling settings (train/inference.py)."""
+    from sftlab.train.inference import reply_function
 
-    import torch
-
-    from sftlab.api import generate
-    from sftlab.data.toolcalls import read_tools_file
-    from sftlab.train.inference import image_reply, load_model_dir
-
-    if ns.temperature < 0 or not 0 < ns.top_p <= 1:
-        raise ConfigError(f"--temperature must be >= 0 (0: greedy), --top-p in (0, 1]; got {ns.temperature}, {ns.top_p}")
-    tools = read_tools_file(ns.tools) if ns.tools else None  # a bad file fails before the model loads
-    torch.manual_seed(ns.seed) if ns.seed is not None else None
-    model, tok = load_model_dir(ns.model_dir)
-    settings = {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature, "top_p": ns.top_p}
-    if ns.image:  # a vision-language model shown these images (train/inference.py)
-        return image_reply(model, ns.model_dir, ns.image, **settings)
-    return functools.partial(generate, model, tokenizer=tok, tools=tools, **settings)
+    return reply_function(ns.model_dir, tools_file=ns.tools, images=ns.image, seed=ns.seed,
+                          max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p)
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    reply = _load_for_inference(ns)
+    reply = _reply(ns)
     messages = ([{"role": "system", "content": ns.system}] if ns.system else []) + [{"role": "user", "content": ns.prompt}]
     print(reply(messages))
     return 0
@@ -222,7 +209,7 @@ def _next_line(interactive: bool) -> str | None:
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
-    reply = _load_for_inference(ns)
+    reply = _reply(ns)
     history = [{"role": "system", "content": ns.system}] if ns.system else []
     interactive = sys.stdin.isatty()
     if interactive:

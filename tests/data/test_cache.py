@@ -9,7 +9,6 @@ import pytest
 from conftest import CONVERSATIONS, build_tokenizer, write_jsonl
 
 from sftlab.config import DataConfig, SourceConfig
-from sftlab.data import reading
 from sftlab.data.arrays import ArrayWriter
 from sftlab.data.dataset import DataError, build_datasets
 
@@ -28,20 +27,6 @@ def data_file(tmp_path):
 @pytest.fixture()
 def cache_dir(tmp_path):
     return tmp_path / "cache"
-
-
-@pytest.fixture()
-def calls(monkeypatch):
-    """Count how often a source is read and tokenized."""
-    count = {"n": 0}
-    real = reading.read_source
-
-    def counting(*args, **kwargs):
-        count["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(reading, "read_source", counting)
-    return count
 
 
 def cfg_for(path, cache_dir, **kw) -> DataConfig:

@@ -9,7 +9,6 @@ import pytest
 from conftest import write_jsonl
 
 from sftlab.config import DataConfig, SourceConfig
-from sftlab.data import reading
 from sftlab.data.dataset import DataError, build_datasets
 from sftlab.data.formats import BadRecord, to_record
 from sftlab.data.markers import TextMarkers, no_loss_spans
@@ -162,15 +161,7 @@ def test_a_formatting_function_returning_text_gets_the_markers(tokenizer):
     assert targets(tokenizer, first) + targets(tokenizer, second) == " ### Answer: 4<|im_end|> ### Answer: six<|im_end|>"
 
 
-def test_the_markers_are_part_of_the_cache_key(tmp_path, tokenizer, monkeypatch):
-    count = {"n": 0}
-    real = reading.read_source
-
-    def counting(*args, **kwargs):
-        count["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(reading, "read_source", counting)
+def test_the_markers_are_part_of_the_cache_key(tmp_path, tokenizer, calls):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": MULTI}])
     cfg = lambda **kw: DataConfig(train=[SourceConfig(path=str(path))], **kw)
     runs = [cfg(response_template=A), cfg(response_template=A), cfg(response_template=A, instruction_template=Q),
@@ -178,7 +169,7 @@ def test_the_markers_are_part_of_the_cache_key(tmp_path, tokenizer, monkeypatch)
     seen = []
     for c in runs:
         (ex,), _, report = build_datasets(c, tokenizer, seed=0)
-        seen.append((count["n"], report.sources[0].cached, targets(tokenizer, ex)))
+        seen.append((calls["n"], report.sources[0].cached, targets(tokenizer, ex)))
     assert seen == [(1, False, " six<|im_end|>"), (1, True, " six<|im_end|>"),
                     (2, False, " 4\n six<|im_end|>"),
                     (3, False, "ix<|im_end|>"),  # the marker's last space is in the token " s": it gets no loss

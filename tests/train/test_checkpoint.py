@@ -342,9 +342,12 @@ def test_hf_model_in_each_checkpoint_loads_plainly_and_delete_at_end(tiny_model_
     assert (tmp_path / "clean" / "model.safetensors").is_file() and not (tmp_path / "clean" / "checkpoints").exists()
 
 
-def test_load_best_model_at_end_saves_the_best_evaluated_step(tiny_model_dir, chat_file, tmp_path):
+def test_load_best_model_at_end_saves_the_best_evaluated_step(tiny_model_dir, chat_file, tmp_path, monkeypatch):
     """A too-high lr makes the eval loss rise after the first steps: the saved model is the best step's
-    (equal to that step's checkpoint in an identical run), and rotation kept that checkpoint."""
+    (equal to that step's checkpoint in an identical run), and rotation kept that checkpoint. Only the
+    weights are read back: no whole-checkpoint restore (optimizer, scheduler, RNG)."""
+    import accelerate
+
     import sftlab
     from sftlab.train.best import best_step
 
@@ -360,6 +363,7 @@ def test_load_best_model_at_end_saves_the_best_evaluated_step(tiny_model_dir, ch
     assert step < 4, [r["eval_loss"] for r in ref.history]
     t = tree(tmp_path / "best", keep_last=1)
     t["train"]["load_best_model_at_end"] = True
+    monkeypatch.setattr(accelerate.Accelerator, "load_state", lambda *a, **k: pytest.fail("whole checkpoint loaded"))
     res = sftlab.train(t)
     assert res.best_step == step
     assert (tmp_path / "best" / "checkpoints" / f"step-{step:08d}").is_dir()

@@ -10,37 +10,11 @@ from typing import Any
 import yaml
 
 from sftlab.config import ConfigError, resolve_config
+from sftlab.config_aliases import RENAMES
 from sftlab.migrate import values as v
 from sftlab.migrate.datasets import axolotl_datasets, lf_datasets, trl_datasets
 
 TOOLS = ("trl", "axolotl", "llamafactory")
-# keys whose value is copied as it is, per tool family
-HF_SAME = {
-    "learning_rate": "optim.lr", "weight_decay": "optim.weight_decay", "max_grad_norm": "optim.max_grad_norm",
-    "adam_epsilon": "optim.eps", "warmup_ratio": "optim.warmup_ratio", "per_device_train_batch_size": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum_steps", "num_train_epochs": "train.num_epochs", "seed": "train.seed",
-    "output_dir": "train.output_dir", "gradient_checkpointing": "train.gradient_checkpointing",
-    "neftune_noise_alpha": "train.neftune_alpha", "overwrite_output_dir": "train.overwrite", "torch_compile": "train.compile",
-    "use_liger_kernel": "train.liger", "use_liger": "train.liger", "full_determinism": "train.deterministic",
-    "load_best_model_at_end": "train.load_best_model_at_end", "trust_remote_code": "model.trust_remote_code",
-    "model_name_or_path": "model.name_or_path", "model_revision": "model.revision", "eval_packing": "data.eval_packing",
-    "max_length": "data.max_seq_length", "max_seq_length": "data.max_seq_length", "dataset_num_proc": "data.num_proc",
-    "preprocessing_num_workers": "data.num_proc", "save_total_limit": "checkpoint.keep_last",
-    "model_init_kwargs": "model.init_kwargs", "enable_liger_kernel": "train.liger", "cutoff_len": "data.max_seq_length",
-    "val_size": "data.eval_fraction", "push_to_hub": "train.push_to_hub", "hub_model_id": "train.hub_model_id",
-    "hub_private_repo": "train.hub_private",
-}
-AXOLOTL_SAME = {
-    "base_model": "model.name_or_path", "revision_of_model": "model.revision", "tokenizer_config": "model.tokenizer",
-    "trust_remote_code": "model.trust_remote_code", "learning_rate": "optim.lr", "weight_decay": "optim.weight_decay",
-    "max_grad_norm": "optim.max_grad_norm", "adam_epsilon": "optim.eps", "warmup_ratio": "optim.warmup_ratio",
-    "cosine_min_lr_ratio": "optim.min_lr_ratio", "micro_batch_size": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum_steps", "num_epochs": "train.num_epochs", "seed": "train.seed",
-    "output_dir": "train.output_dir", "gradient_checkpointing": "train.gradient_checkpointing",
-    "neftune_noise_alpha": "train.neftune_alpha", "torch_compile": "train.compile", "sequence_len": "data.max_seq_length",
-    "val_set_size": "data.eval_fraction", "eval_sample_packing": "data.eval_packing", "dataset_processes": "data.num_proc",
-    "save_total_limit": "checkpoint.keep_last", "load_best_model_at_end": "train.load_best_model_at_end",
-}
 # keys that need no counterpart, with the reason
 NOT_NEEDED = {
     "do_train": "sftlab always trains", "do_eval": "validation runs when there is eval data",
@@ -107,7 +81,6 @@ AXOLOTL = {
     "wandb_project": v.wandb, "excess_length_strategy": v.overlength,
     **{k: v.peft_value for k in v.PEFT_SAME},
 }
-SAME = {"trl": HF_SAME, "llamafactory": HF_SAME, "axolotl": AXOLOTL_SAME}
 HANDLERS = {"trl": HF, "llamafactory": LLAMAFACTORY, "axolotl": AXOLOTL}
 DATASETS = {"trl": trl_datasets, "axolotl": axolotl_datasets, "llamafactory": lf_datasets}
 # read by the dataset and value converters, so no comment of their own
@@ -144,14 +117,16 @@ def read_foreign(path: str | Path) -> dict[str, Any]:
 
 
 def _convert_keys(c: v.Conversion, raw: dict[str, Any]) -> None:
-    same, handlers, consumed = SAME[c.tool], HANDLERS[c.tool], CONSUMED[c.tool]
+    """Each key: a value conversion of the tool's (HANDLERS), else a plain rename (config_aliases.RENAMES),
+    else a comment saying why it has no counterpart."""
+    handlers, consumed = HANDLERS[c.tool], CONSUMED[c.tool]
     for key, value in raw.items():
         if value is None or key in consumed:
             continue
-        if key in same:
-            c.set(same[key], v.number(value))
-        elif key in handlers:
+        if key in handlers:
             handlers[key](c, key, value, raw)
+        elif key in RENAMES:
+            c.set(RENAMES[key], v.number(value))
         elif key in NOT_NEEDED:
             c.skip(key, value, NOT_NEEDED[key], kind="not needed")
         elif key in NOT_SUPPORTED:

@@ -6,6 +6,7 @@ model's prompts carry images and are generated through its processor (vision_gen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,9 +14,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sftlab.config import MatchEvalConfig
 from sftlab.data.formats import ColumnMap, Conversation, iter_jsonl, to_record
+from sftlab.data.images import image_record
 from sftlab.data.tool_support import TOOL_TEMPLATES, template_support
 from sftlab.data.types import BadRecord, DataError
-from sftlab.model.vision_generate import generate_vision_replies, part_text
+from sftlab.model.vision_generate import generate_vision_replies, part_text, with_images
 
 
 @torch.no_grad()
@@ -71,22 +73,30 @@ class MatchResult:
         return self.correct / self.total if self.total else 0.0
 
 
-def load_match_examples(cfg: MatchEvalConfig) -> list[tuple[list[dict[str, Any]], str]]:
+def load_match_examples(cfg: MatchEvalConfig, images: bool = False, vocab_size: int | None = None
+                        ) -> list[tuple[list[dict[str, Any]], str]]:
     """(prompt messages, reference answer) pairs, validated before training starts: the reference is
-    the last assistant message's text. A bad row is a DataError naming file:line and field."""
+    the last assistant message's text. A bad row is a DataError naming file:line and field. `images`: a
+    vision-language model's rows, read with their images (data/images.py, paths relative to the file; the
+    prompt's image parts carry their references, the reference is its text parts)."""
     examples = []
+    columns = ColumnMap(cfg.columns, cfg.roles)
     try:
         for lineno, row in iter_jsonl(cfg.path):
             if isinstance(row, BadRecord):
                 raise row
-            conv = to_record(row, "auto", cfg.path, lineno, columns=ColumnMap(cfg.columns, cfg.roles))
+            conv = (image_record(row, "auto", cfg.path, lineno, columns=columns, base_dir=Path(cfg.path).parent,
+                                 vocab_size=vocab_size) if images
+                    else to_record(row, "auto", cfg.path, lineno, columns=columns))
             if not isinstance(conv, Conversation):
                 raise BadRecord(cfg.path, lineno, None, "match_eval rows must be conversations or prompt/completion")
             last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
             reference = conv.messages[last].get("content")
+            reference = part_text(reference) if images else reference
             if not isinstance(reference, str) or not reference.strip():
                 raise BadRecord(cfg.path, lineno, f"messages[{last}].content", "the reference answer must be text")
-            examples.append((conv.messages[:last], reference))
+            prompt = conv.messages[:last]
+            examples.append((with_images(prompt, list(conv.images)) if images else prompt, reference))
             if cfg.max_examples and len(examples) >= cfg.max_examples:
                 break
     except BadRecord as e:

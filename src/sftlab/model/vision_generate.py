@@ -1,8 +1,8 @@
 """Generation and exact-match prompts for a vision-language model: images in, the assistant's reply out.
 
 A conversation here is messages whose content is parts; an image part carries its reference
-(`{"type": "image", "image": path-or-image}`), as `vision_match_examples` reads match_eval rows
-(data/images.py: the same row formats as training, paths relative to the file) and as
+(`{"type": "image", "image": path-or-image}`), as generate.py's `load_match_examples(images=True)` reads
+match_eval rows (data/images.py: the same row formats as training, paths relative to the file) and as
 `sftlab generate/chat --image` builds prompts (`image_prompt`). `generate_vision_replies` renders each
 conversation with the processor's template (the image parts as its placeholders), lets the processor
 expand the images and make pixels, and decodes greedy (or sampled) continuations, left-padded in batches.
@@ -10,15 +10,10 @@ expand the images and make pixels, and decodes greedy (or sampled) continuations
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from sftlab.config import MatchEvalConfig
-from sftlab.data.formats import ColumnMap, Conversation, iter_jsonl
-from sftlab.data.images import image_record
-from sftlab.data.types import BadRecord, DataError
 from sftlab.data.vision import load_image
 
 
@@ -101,32 +96,3 @@ def generate_vision_replies(model: Any, processor: Any, conversations: list[list
         tok.padding_side = side
         model.train(was_training)
     return replies
-
-
-def vision_match_examples(cfg: MatchEvalConfig, vocab_size: int | None = None
-                          ) -> list[tuple[list[dict[str, Any]], str]]:
-    """match_eval rows for a vision-language model: (prompt messages with image parts, reference text)."""
-    examples = []
-    path = Path(cfg.path)
-    try:
-        for lineno, row in iter_jsonl(path):
-            if isinstance(row, BadRecord):
-                raise row
-            conv = image_record(row, "auto", cfg.path, lineno, columns=ColumnMap(cfg.columns, cfg.roles),
-                                base_dir=path.parent, vocab_size=vocab_size)
-            if not isinstance(conv, Conversation):
-                raise BadRecord(cfg.path, lineno, None, "match_eval rows must be conversations or prompt/completion")
-            last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
-            reference = part_text(conv.messages[last].get("content"))
-            if not reference.strip():
-                raise BadRecord(cfg.path, lineno, f"messages[{last}].content", "the reference answer must be text")
-            examples.append((with_images(conv.messages[:last], list(conv.images)), reference))
-            if cfg.max_examples and len(examples) >= cfg.max_examples:
-                break
-    except BadRecord as e:
-        raise DataError(f"match_eval: {e}") from None
-    except OSError as e:
-        raise DataError(f"match_eval.path: cannot read {cfg.path}: {e.strerror or e}") from None
-    if not examples:
-        raise DataError(f"match_eval.path: {cfg.path} has no examples")
-    return examples

@@ -2,16 +2,19 @@
 
 With the setting on, every evaluation before the last step also saves a checkpoint (`due`), rotation
 never deletes the best one (`protected`), and when the run ends the best step's weights are restored
-from its checkpoint (`restore_best`) before the final model is saved, so output_dir holds the best
-model, not the last. "Best" is the lowest `train.metric_for_best` (eval_loss, or a named set's
-eval/<name>_loss) in the run's history; the history survives resume, so a resumed run picks the same step.
+from its checkpoint (`restore_best`: the weights, and the fp32 master weights a bf16 run keeps; not the
+optimizer moments, scheduler or RNG, which nothing reads after the last step) before the final model is
+saved, so output_dir holds the best model, not the last. "Best" is the lowest `train.metric_for_best`
+(eval_loss, or a named set's eval/<name>_loss) in the run's history; the history survives resume, so a
+resumed run picks the same step.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sftlab.train.checkpoint import checkpoint_root, load_checkpoint
+from sftlab.train import distributed
+from sftlab.train.checkpoint import checkpoint_root, load_checkpoint, load_weights
 from sftlab.train.resume import trainable_only_checkpoints
 from sftlab.train.rundir import RunError
 
@@ -59,7 +62,10 @@ def restore_best(run: Any) -> None:
     if best is None or best[0] == run.total_steps:
         return
     ckpt = checkpoint_root(run.out) / f"step-{best[0]:08d}"
-    load_checkpoint(run.accelerator, ckpt, run.scheduler, trainable_only=trainable_only_checkpoints(run))
+    if distributed.sharded(run.accelerator):  # FSDP/DeepSpeed weights are engine shards: read as a resume does
+        load_checkpoint(run.accelerator, ckpt, run.scheduler, trainable_only=trainable_only_checkpoints(run))
+    else:  # the weights (and fp32 masters) only: nothing after this step reads the optimizer, scheduler or RNG
+        load_weights(run.accelerator, ckpt, run.optimizer, trainable_only=trainable_only_checkpoints(run))
     run.result.best_step = best[0]
     if run.main:
         run.console.print(f"[bold]best model[/bold]: step {best[0]} ({cfg.metric_for_best} {best[1]:.4f}), restored "

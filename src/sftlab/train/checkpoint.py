@@ -1,4 +1,5 @@
-"""Checkpoints: atomic save, rotation, discovery of the latest complete one, and exact restore.
+"""Checkpoints: atomic save, rotation, discovery of the latest complete one, and exact restore (or of the
+weights alone: `load_weights`).
 
 Layout under `output_dir/checkpoints/`:
 
@@ -43,9 +44,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file
 
 from sftlab.train import testing
+from sftlab.train.precision import MASTER_KEY, master_weight_optimizer
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -298,6 +300,28 @@ def load_checkpoint(accelerator, ckpt: Path, scheduler, trainable_only: bool = F
     scheduler.load_state_dict({**scheduler.state_dict(), **sched})
     load_rank_rng(ckpt, accelerator.process_index)
     return state
+
+
+def load_weights(accelerator, ckpt: Path, optimizer, trainable_only: bool = False) -> None:
+    """Restore only the model weights from `ckpt`, as `load_checkpoint` does, and the fp32 master weights where
+    `optimizer` keeps them (from its file, memory-mapped: the moments are never read); the rest of the optimizer
+    state, the scheduler and the RNG stay as they are. Unsharded engines (FSDP/DeepSpeed: `load_checkpoint`)."""
+    if not (ckpt / COMPLETE).is_file():
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
+    if trainable_only:
+        _check_trainable_file(accelerator, ckpt)
+    for i, model in enumerate(accelerator._models):  # as Accelerate's load_state reads them
+        load_model(model, str(ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")),
+                   strict=not trainable_only)
+    master = master_weight_optimizer(optimizer)
+    if master is None:
+        return
+    try:
+        saved = torch.load(ckpt / "optimizer.bin", map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {ckpt}: a file holds a pickle that is not plain tensors/containers "
+                              f"({str(e).splitlines()[0]})") from None
+    master.load_masters(saved.get(MASTER_KEY))
 
 
 # ---------------------------------------------------------------------------- the trainer state

@@ -69,19 +69,18 @@ class RunData(RunTokens):
         return self.tokenizer.pad_token_id
 
 
-def load_run_tokens(cfg: SFTConfig, inputs: RunInputs | None = None) -> RunTokens:
+def load_run_tokens(cfg: SFTConfig, inputs: RunInputs | None = None, model_path: str | None = None) -> RunTokens:
     """Where the base weights are and the run's tokenizer (its size before ChatML tokens were added).
 
     The tokenizer is the one given, else the model's: a saved adapter's own (it may hold added tokens),
-    the model object's `name_or_path`, or `model.name_or_path`."""
+    the model object's `name_or_path`, or `model.name_or_path`. `model_path`: the base model's path when
+    the run has resolved it already (train/setup.py, for model.dtype: auto)."""
     inputs = inputs or RunInputs()
     adapter_dir = cfg.model.name_or_path if inputs.model is None and is_adapter_dir(cfg.model.name_or_path) else None
     if inputs.model is not None:
         model_path = getattr(inputs.model, "name_or_path", "") or ""
-    elif adapter_dir:
-        model_path = resolve_model_path(base_config(adapter_dir))
-    else:
-        model_path = resolve_model_path(cfg.model)
+    elif model_path is None:
+        model_path = resolve_model_path(base_config(adapter_dir) if adapter_dir else cfg.model)
     tokenizer = inputs.tokenizer
     if tokenizer is None:
         source = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file() else model_path
@@ -137,14 +136,15 @@ def _vision_tokens(tokens: RunTokens, processor: Any, cfg: SFTConfig, inputs: Ru
     return RunTokens(tokens.model_path, tokenizer, len(tokenizer), tokens.adapter_dir)
 
 
-def prepare_run_data(cfg: SFTConfig, console: Console | None = None, inputs: RunInputs | None = None) -> RunData:
+def prepare_run_data(cfg: SFTConfig, console: Console | None = None, inputs: RunInputs | None = None,
+                     model_path: str | None = None) -> RunData:
     """Tokenizer, template, datasets and micro-batch units of a run; prints the data report when
     `console` is given (the main process). `inputs`: what the Python API passes (datasets, a formatting
-    function, a model object or tokenizer)."""
+    function, a model object or tokenizer); `model_path`: the base model's path if already resolved."""
     inputs = inputs or RunInputs()
     if not cfg.data.train and not inputs.train_sources:
         raise ConfigError(NO_TRAINING_DATA + " (in the Python API: train_dataset=)")
-    tokens = load_run_tokens(cfg, inputs)
+    tokens = load_run_tokens(cfg, inputs, model_path)
     processor = run_processor(cfg, tokens.model_path, inputs)
     if processor is not None:
         tokens = _vision_tokens(tokens, processor, cfg, inputs)

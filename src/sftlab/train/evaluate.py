@@ -28,7 +28,6 @@ from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import build_datasets
 from sftlab.data.vision import vision_collate
 from sftlab.model.generate import exact_match, load_match_examples
-from sftlab.model.vision_generate import vision_match_examples
 from sftlab.train.inference import load_model_dir, model_processor, run_config
 from sftlab.train.objective import SFTObjective
 
@@ -119,7 +118,7 @@ def evaluate(model_dir: str | Path, data: str, match: bool = False, batch_size: 
     if match:
         cfg = MatchEvalConfig(path=data, max_examples=max_examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
                               **mapping)
-        pairs = vision_match_examples(cfg) if processor is not None else load_match_examples(cfg)
+        pairs = load_match_examples(cfg, images=processor is not None)
         res = exact_match(model, tokenizer, pairs, cfg, None, processor)
         result["exact_match"] = {"correct": res.correct, "total": res.total, "accuracy": res.accuracy,
                                  "samples": [list(s) for s in res.samples[:5]]}

@@ -11,6 +11,8 @@ What `load_model_dir(spec)` takes:
   LoRA wrapping) and the weights of its `model.safetensors` are loaded into it: every weight for full
   fine-tuning, only the trainable adapter tensors with LoRA (merged into the base afterwards). When bf16
   compute copies were saved, the exact fp32 master weights are taken from `optimizer.bin`.
+
+`reply_function` is what `sftlab generate/chat` answer with: the loaded model and its sampling settings.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from safetensors.torch import load_file
 
 from sftlab.config import ConfigError, ModelConfig, SFTConfig, load_config
 from sftlab.data.templates import load_template
+from sftlab.data.toolcalls import read_tools_file
 from sftlab.model import adapters
-from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path
+from sftlab.model.generate import generate_replies
+from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path, with_pad_token
 from sftlab.train import distributed
 from sftlab.train.checkpoint import (
     COMPLETE,
@@ -162,6 +166,25 @@ def _master_weights(model: torch.nn.Module, ckpt: Path) -> dict[str, torch.Tenso
     if masters and len(indices) != len(names):
         raise CheckpointError(f"{path}: {len(indices)} optimized parameters, the rebuilt model has {len(names)}")
     return {names[int(i)]: t.float() for i, t in masters.items()}
+
+
+def reply_function(spec: str | Path, *, tools_file: str | None = None, images: list[str] | None = None,
+                   seed: int | None = None, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0):
+    """`sftlab generate/chat`: the model of `spec` (`load_model_dir`) and a function (messages -> reply) with
+    these sampling settings; `tools_file`: tool schemas (JSON) for the chat template; `images`: shown to a
+    vision-language model (`image_reply`); `seed`: torch's, for repeatable sampling. Bad settings or a bad
+    tools file fail before the model loads."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ConfigError(f"--temperature must be >= 0 (0: greedy), --top-p in (0, 1]; got {temperature}, {top_p}")
+    tools = read_tools_file(tools_file) if tools_file else None
+    if seed is not None:
+        torch.manual_seed(seed)
+    model, tok = load_model_dir(spec)
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+    if images:
+        return image_reply(model, spec, images, **settings)
+    tok = with_pad_token(tok)
+    return lambda messages: generate_replies(model, tok, [list(messages)], tools=tools, **settings)[0].strip()
 
 
 def image_reply(model: Any, spec: str | Path, images: list[str], **settings: Any):

@@ -42,8 +42,8 @@ Design choices of `MasterWeightAdamW` (the loop adapts to them):
 * `state_dict()` is AdamW's plus a `"master_weights"` entry {flat parameter index: fp32 tensor} for
   the low-precision parameters (tensors, ints, floats only: loadable with `torch.load(weights_only=True)`).
   `load_state_dict` restores the masters bitwise and writes them back into the model, so a resumed run
-  continues exactly. A state dict without that entry (from a plain AdamW) takes the masters from the
-  current model weights.
+  continues exactly (`load_masters`: the masters alone). A state dict without that entry (from a plain
+  AdamW) takes the masters from the current model weights.
 * Masters follow their model parameter's device: if the model is moved after the optimizer was built
   (`accelerator.prepare` moves the model to the GPU), the masters and their state move on next use.
   Not supported: FSDP/DeepSpeed (they shard or replace parameters; use their own mixed precision), sparse
@@ -305,32 +305,34 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore AdamW's state and the masters (bitwise), then set the model params to round(masters).
+        """Restore AdamW's state and the masters (`load_masters`)."""
+        saved = state_dict.get(MASTER_KEY)
+        self._low_precision(saved)  # checked before anything is loaded
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != MASTER_KEY})
+        self.load_masters(saved)
 
-        Without a "master_weights" entry (a plain AdamW state dict) the masters are taken from the
-        current model weights.
-        """
-        state_dict = dict(state_dict)
-        saved = state_dict.pop(MASTER_KEY, None)
-        flat = [m for g in self.param_groups for m in g["params"]]
-        expected = {i for i, m in enumerate(flat) if m in self._model_param}
-        if saved is not None and set(saved) != expected:
-            raise ValueError("optimizer state dict: its master weights do not match this optimizer's low-precision "
-                             f"parameters (saved for indices {sorted(saved)[:8]}..., expected {sorted(expected)[:8]}...); "
-                             "was it saved for a model of another dtype?")
-        super().load_state_dict(state_dict)
+    @torch.no_grad()
+    def load_masters(self, saved: dict[int, torch.Tensor] | None) -> None:
+        """The masters bitwise from a state dict's "master_weights" (None: from the model's weights), then the model
+        params = round(masters); AdamW's state stays as it is (train.load_best_model_at_end restores these only)."""
         self._follow_devices()
-        for i in sorted(expected):
-            m = flat[i]
+        for i, m in self._low_precision(saved):
             p = self._model_param[m]
-            if saved is None:
-                m.copy_(p)
-            else:
-                if saved[i].shape != m.shape:
-                    raise ValueError(f"optimizer state dict: master weight {i} has shape {tuple(saved[i].shape)}, "
-                                     f"the parameter has {tuple(m.shape)}")
-                m.copy_(saved[i])
-                p.copy_(m)
+            if saved is not None and saved[i].shape != m.shape:
+                raise ValueError(f"optimizer state dict: master weight {i} has shape {tuple(saved[i].shape)}, "
+                                 f"the parameter has {tuple(m.shape)}")
+            m.copy_(p if saved is None else saved[i])
+            p.copy_(m)  # unchanged when the master was taken from it
+
+    def _low_precision(self, saved: dict[int, torch.Tensor] | None) -> list[tuple[int, torch.Tensor]]:
+        """(flat index, master) of the low-precision parameters; `saved` masters must be for exactly those."""
+        flat = [m for g in self.param_groups for m in g["params"]]
+        found = [(i, m) for i, m in enumerate(flat) if m in self._model_param]
+        if saved is not None and set(saved) != {i for i, _ in found}:
+            raise ValueError("optimizer state dict: its master weights do not match this optimizer's low-precision "
+                             f"parameters (saved for indices {sorted(saved)[:8]}..., expected "
+                             f"{[i for i, _ in found][:8]}...); was it saved for a model of another dtype?")
+        return found
 
 
 # ---------------------------------------------------------------------------- bf16 compute copies

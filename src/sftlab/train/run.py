@@ -71,6 +71,7 @@ class Run:
     metrics: MetricsLog | None = None
     stop: StopRequest | None = None
     mixed_precision: str = "no"  # what Accelerate runs: no | bf16 | fp16
+    model_path: str | None = None  # the base model's path when setup resolved it (model.dtype: auto)
     recompute: bool = False  # activations recomputed in the backward (train.gradient_checkpointing, resolved)
     flops: FlopCounter | None = None
     peak_flops: float | None = None

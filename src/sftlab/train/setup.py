@@ -29,7 +29,6 @@ from sftlab.model.generate import load_match_examples
 from sftlab.model.kernels import KernelError, apply_liger
 from sftlab.model.loading import DTYPES, resolve_model_path, stored_dtype
 from sftlab.model.loss import TargetLossHead, full_nll
-from sftlab.model.vision_generate import vision_match_examples
 from sftlab.train import compiling, distributed, hub, rundir, tracking
 from sftlab.train.callbacks import CallbackList, ReportCallback, TrackerCallback
 from sftlab.train.checkpoint import read_state
@@ -112,7 +111,7 @@ def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = Non
     """Accelerate, mixed precision, the output directory and the resume point; None when
     train.resume=auto finds the run already finished."""
     inputs = inputs or RunInputs()
-    cfg = with_resolved_dtype(with_continued_adapter(cfg, inputs), inputs, console)
+    cfg, model_path = with_resolved_dtype(with_continued_adapter(cfg, inputs), inputs, console)
     try:
         mixed, why = resolve_mixed_precision(cfg.train.mixed_precision, run_device_type(), cfg.model.dtype)
     except ValueError as e:
@@ -149,7 +148,7 @@ def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = Non
         torch.use_deterministic_algorithms(True)
     return Run(cfg, console, accelerator, out, resume_from, TrainResult(output_dir=out, steps=0, final_loss=None),
                inputs=inputs, objective=inputs.objective or SFTObjective(),
-               callbacks=run_callbacks(cfg, inputs, accelerator, out), mixed_precision=mixed,
+               callbacks=run_callbacks(cfg, inputs, accelerator, out), mixed_precision=mixed, model_path=model_path,
                resume_command=resume_command or f"sftlab train <config> train.resume=auto train.output_dir={out}")
 
 
@@ -167,18 +166,21 @@ def compute_dtype(weights: str, mixed: str) -> str:
     return "bfloat16" if mixed == "bf16" or weights == "bfloat16" else "float16" if mixed == "fp16" else "float32"
 
 
-def with_resolved_dtype(cfg: SFTConfig, inputs: RunInputs, console: Console) -> SFTConfig:
-    """`model.dtype: auto` becomes the dtype the weights were saved in (a given model object's own)."""
+def with_resolved_dtype(cfg: SFTConfig, inputs: RunInputs, console: Console) -> tuple[SFTConfig, str | None]:
+    """`model.dtype: auto` becomes the dtype the weights were saved in (a given model object's own); with
+    the base model's path when that needed resolving (the data phase reuses it), else None."""
     if cfg.model.dtype != "auto":
-        return cfg
+        return cfg, None
+    path = None
     if inputs.model is not None:
         found = str(next(inputs.model.parameters()).dtype).removeprefix("torch.")
         dtype = found if found in DTYPES else "float32"
     else:
         base = adapters.base_of(cfg.model)
-        dtype = stored_dtype(base, resolve_model_path(base))
+        path = resolve_model_path(base)
+        dtype = stored_dtype(base, path)
     console.print(f"[bold]model.dtype[/bold]: auto -> {dtype} (the dtype the weights were saved in)", highlight=False)
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})}), path
 
 
 def run_callbacks(cfg: SFTConfig, inputs: RunInputs, accelerator: Accelerator, out: Path) -> CallbackList:
@@ -196,7 +198,7 @@ def setup_data(run: Run) -> None:
     first; the other ranks then read its caches."""
     cfg = run.cfg
     with run.accelerator.main_process_first():
-        run.data = prepare_run_data(cfg, run.console if run.main else None, run.inputs)
+        run.data = prepare_run_data(cfg, run.console if run.main else None, run.inputs, run.model_path)
         run.match_examples = match_examples(cfg, run.data)
     checkpointing = cfg.checkpoint.every_steps is not None or cfg.checkpoint.every_epoch
     if checkpointing or run.resume_from is not None:  # else computed when a callback's stop first saves one
@@ -316,7 +318,7 @@ def match_examples(cfg: SFTConfig, data: object) -> list:
     if cfg.match_eval is None:
         return []
     if getattr(data, "processor", None) is not None:
-        return vision_match_examples(cfg.match_eval, len(data.tokenizer))
+        return load_match_examples(cfg.match_eval, images=True, vocab_size=len(data.tokenizer))
     return load_match_examples(cfg.match_eval)
 
 
