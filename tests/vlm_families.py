@@ -4,6 +4,7 @@ AutoProcessor and AutoModelForImageTextToText load. Their chat templates follow 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -51,6 +52,12 @@ LLAVA_TEMPLATE = (
     "{% endfor %}{% if message['role'] == 'assistant' %}{{ '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+
+# what Qwen2-VL's video processor saves (transformers 5.x, Qwen2VLVideoProcessor's defaults)
+QWEN2VL_VIDEO = {"video_processor_type": "Qwen2VLVideoProcessor", "do_convert_rgb": True, "do_normalize": True,
+                 "do_rescale": True, "do_resize": True, "do_sample_frames": False, "image_mean": [0.48145466,
+                 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3,
+                 "rescale_factor": 0.00392156862745098, "size": {"longest_edge": 256, "shortest_edge": 64}}
 
 FAMILIES = ("idefics3", "qwen2_vl", "llava")
 HIDDEN = 32
@@ -128,10 +135,20 @@ def build_family(family: str, seed: int = 0):
 
 
 def save_family(family: str, d: Path, seed: int = 0) -> Path:
-    """A saved directory holding the tiny model and its processor (tokenizer, image processor, template)."""
+    """A saved directory holding the tiny model and its processor (tokenizer, image processor, template).
+    Qwen2-VL's is written as a real one is (`Qwen2VLProcessor` with its video processor's settings, which
+    AutoProcessor cannot load without torchvision)."""
     proc, model = build_family(family, seed)
     model.save_pretrained(d)
     proc.save_pretrained(d)
+    if family == "qwen2_vl":
+        for name in ("processor_config.json", "tokenizer_config.json"):
+            saved = json.loads((d / name).read_text())
+            saved["processor_class"] = "Qwen2VLProcessor"
+            if name == "processor_config.json":
+                saved["video_processor"] = {**QWEN2VL_VIDEO, **{k: saved["image_processor"][k] for k in
+                                                                ("patch_size", "merge_size", "temporal_patch_size")}}
+            (d / name).write_text(json.dumps(saved, indent=2))
     return d
 
 

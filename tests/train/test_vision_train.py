@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 
 import pytest
 import torch
@@ -18,7 +20,8 @@ from vlm_families import make_image, save_family
 
 import sftlab
 from sftlab.cli import main
-from sftlab.model.vision import part_of
+from sftlab.config import ModelConfig
+from sftlab.model.vision import load_processor, part_of
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +122,40 @@ def test_resume_after_a_stop_is_bitwise_equal_to_an_uninterrupted_run(model_dirs
     wa, wb = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert ref.history[-1]["loss"] == metrics(tmp_path / "cut")[-1]["loss"]
+
+
+def test_qwen2_vl_trains_without_torchvision_and_its_output_reloads(tmp_path, caplog):
+    """A saved Qwen2-VL names a video processor that needs torchvision: the processor is built without it
+    (one warning), trains on rows of three image sizes (three lengths: padded batches), and the run's
+    model + processor reload; the M-RoPE positions (from image_grid_thw) make a padded batch lose as
+    its rows alone."""
+    d = tmp_path / "data"
+    rows = []
+    for k in range(9):
+        size = [(16, 16), (8, 16), (16, 8)][k % 3]
+        make_image(d / "img" / f"{k}.png", size=size, seed=k)
+        rows.append({"messages": [{"role": "user", "content": "<image>Which class?"},
+                                  {"role": "assistant", "content": f"Class {k % 3}."}], "images": [f"img/{k}.png"]})
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base, out = save_family("qwen2_vl", tmp_path / "qwen2_vl"), tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="sftlab.model.processors"):
+        tree = _tree(base, d / "train.jsonl", out, steps=4, checkpoint={"every_steps": None})
+        tree["data"]["eval_fraction"], tree["train"]["eval_every"] = 0, None
+        res = sftlab.train(tree)
+    assert any("without its video_processor" in r.message and "videos are not supported" in r.message
+               for r in caplog.records)
+    losses = [r["loss"] for r in res.history]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    saved = json.loads((out / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen2VLProcessor" and "video_processor" in saved  # written back
+    processor = load_processor(ModelConfig(name_or_path=str(out)), str(out))
+    assert type(processor).__name__ == "Qwen2VLProcessor" and processor.image_processor.merge_size == 2
+    assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == "Qwen2VLForConditionalGeneration"
+    from sftlab.train.evaluate import evaluate
+
+    alone, padded = (evaluate(out, str(d / "train.jsonl"), batch_size=b) for b in (1, 9))
+    assert alone["examples"] == 9 and alone["target_tokens"] == padded["target_tokens"]
+    assert padded["loss"] == pytest.approx(alone["loss"], rel=1e-5)
 
 
 def test_the_cli_prepares_and_shows_image_rows(model_dirs, vlm_data, tmp_path, capsys):

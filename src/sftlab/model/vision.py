@@ -2,7 +2,8 @@
 
 A model whose config has a `vision_config` is a vision-language model: it loads through
 `AutoModelForImageTextToText` (loading.py) and its `AutoProcessor` (with the PIL image processor,
-`use_fast=False`: torchvision is not needed) renders, expands image tokens and makes pixels
+`use_fast=False`: torchvision is not needed; a sub-processor that needs it, such as Qwen2-VL's video
+processor, is left out: model/processors.py) renders, expands image tokens and makes pixels
 (data/vision.py). A text-only model has no processor here (None), and rows with images stay bad rows.
 
 `freeze(model, parts)` keeps the named parts as they are: `vision` (the vision tower), `projector`
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from sftlab.config import ModelConfig
 from sftlab.model.loading import ModelLoadError
+from sftlab.model.processors import without_optional_parts
 
 PARTS = ("vision", "projector", "language")
 _PROJECTOR = {"multi_modal_projector", "connector", "merger", "mm_projector", "projector", "multimodal_projector"}
@@ -45,9 +47,12 @@ def load_processor(cfg: ModelConfig, path: str) -> Any:
         return None
     if not is_vision_config(config):
         return None
+    kwargs = {"use_fast": False, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
-        processor = AutoProcessor.from_pretrained(path, use_fast=False, revision=cfg.revision,
-                                                  trust_remote_code=cfg.trust_remote_code)
+        try:
+            processor = AutoProcessor.from_pretrained(path, **kwargs)
+        except ImportError as e:  # a sub-processor needs a missing backend (a video processor: torchvision)
+            processor = without_optional_parts(path, e, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the model named
         raise ModelLoadError(f"{path} is a vision-language model ({config.model_type}) but its processor cannot be "
                              f"loaded: {type(e).__name__}: {e}") from e
