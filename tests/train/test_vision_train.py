@@ -103,6 +103,17 @@ def test_lora_trains_the_language_model_only_and_loads_with_peft(model_dirs, vlm
     merged = AutoModelForImageTextToText.from_pretrained(out / "merged")  # peft.merge_on_save: a plain model
     assert AutoProcessor.from_pretrained(out / "merged", use_fast=False) and not any("lora" in n for n in
                                                                                       merged.state_dict())
+    exported = tmp_path / "exported"  # sftlab export --merge: a full vision model, its processor beside it
+    assert main(["export", str(out), "--merge", "--out", str(exported)]) == 0
+    full = AutoModelForImageTextToText.from_pretrained(exported).eval()
+    assert type(full).__name__ == "LlavaForConditionalGeneration" and not any("lora" in n for n in full.state_dict())
+    proc = AutoProcessor.from_pretrained(exported, use_fast=False)
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+                                    add_generation_prompt=True)
+    inputs = proc(text=[text], images=[[make_image(size=(16, 16), seed=5)]], return_tensors="pt")
+    with torch.no_grad():
+        want, got = model.eval()(**inputs).logits, full(**inputs).logits
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4, rtol=0)
     image = str(vlm_data.parent / "img" / "1.png")  # the adapter merged into its base, the base's processor
     monkeypatch.setattr("sys.stdin", io.StringIO("Which class?\n"))
     assert main(["chat", str(out), "--image", image, "--max-new-tokens", "2"]) == 0
