@@ -4,6 +4,7 @@ the language model only, and resume after a stop bitwise equal to an uninterrupt
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -118,6 +119,33 @@ def test_lora_trains_the_language_model_only_and_loads_with_peft(model_dirs, vlm
     monkeypatch.setattr("sys.stdin", io.StringIO("Which class?\n"))
     assert main(["chat", str(out), "--image", image, "--max-new-tokens", "2"]) == 0
     assert "model>" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (sftlab[qlora])")
+def test_qlora_quantizes_the_language_model_only(vlm_data, tmp_path):
+    """peft.quantize on a LLaVA: bitsandbytes quantizes the language model's linear layers (64 wide: its
+    CPU kernels need a 64-value block); the vision tower, projector and head stay fp32 and frozen."""
+    from bitsandbytes.nn import Linear4bit
+
+    from sftlab.config import SFTConfig
+    from sftlab.train.run_model import RunTokens, build_run_model
+
+    base, out = save_family("llava", tmp_path / "llava", text_hidden=64), tmp_path / "qlora"
+    tree = _tree(base, vlm_data, out, steps=3, peft={"r": 4, "alpha": 8, "quantize": "nf4"}, optim={"lr": 1e-2},
+                 checkpoint={"every_steps": None})
+    tree["data"]["eval_fraction"], tree["train"]["eval_every"] = 0, None
+    tok = AutoProcessor.from_pretrained(base, use_fast=False).tokenizer
+    model = build_run_model(SFTConfig(**tree), RunTokens(str(base), tok, len(tok))).model
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n}
+    quantized = {n for n, m in linears.items() if isinstance(m, Linear4bit)}
+    assert quantized and all(part_of(n) == "language" and "lm_head" not in n for n in quantized)
+    assert {n for n in linears if part_of(n) == "language" and "lm_head" not in n} == quantized
+    others = [(n, p) for n, p in model.named_parameters() if part_of(n) != "language"]
+    assert others and all(p.dtype == torch.float32 and not p.requires_grad for _, p in others)
+    res = sftlab.train(tree)
+    assert all(math.isfinite(r["loss"]) for r in res.history) and res.history[-1]["loss"] < res.history[0]["loss"]
+    keys = load_file(out / "adapter_model.safetensors")
+    assert keys and all(part_of(k) == "language" for k in keys)
 
 
 def test_resume_after_a_stop_is_bitwise_equal_to_an_uninterrupted_run(model_dirs, vlm_data, tmp_path):

@@ -11,7 +11,7 @@ processor, is left out: model/processors.py) renders, expands image tokens and m
 model, its embeddings and head). Parameters are told apart by the module names transformers uses
 (`vision_tower`, `vision_model`, `visual`; `multi_modal_projector`, `connector`, `merger`).
 `language_targets(model)` is what LoRA's `all-linear` means for such a model: the language model's
-linear layers only.
+linear layers only; `full_precision_modules` is what QLoRA leaves unquantized (all but the language model).
 """
 
 from __future__ import annotations
@@ -60,6 +60,20 @@ def load_processor(cfg: ModelConfig, path: str) -> Any:
         raise ModelLoadError(f"{path} is a vision-language model ({config.model_type}) but its processor has no "
                              "image processor and tokenizer (processor_config.json / preprocessor_config.json)")
     return processor
+
+
+def full_precision_modules(cfg: ModelConfig, path: str) -> list[str] | None:
+    """QLoRA: what bitsandbytes must leave unquantized in the model at `path` (patterns for
+    BitsAndBytesConfig.llm_int8_skip_modules, matched from the start of a module's full name or as its
+    suffix): for a vision-language model the vision tower, the projector and the output head (they keep
+    their weights, frozen); None for a text-only model (transformers' own default: the output head)."""
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - loading the model names the problem
+        return None
+    if not is_vision_config(config):
+        return None
+    return [rf"(?:.*\.)?{re.escape(name)}" for name in sorted(_VISION | _PROJECTOR)] + ["lm_head"]
 
 
 def part_of(name: str) -> str:
