@@ -4,6 +4,7 @@ AutoProcessor and AutoModelForImageTextToText load. Their chat templates follow 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -52,6 +53,12 @@ LLAVA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
+# what Qwen2-VL's video processor saves (transformers 5.x, Qwen2VLVideoProcessor's defaults)
+QWEN2VL_VIDEO = {"video_processor_type": "Qwen2VLVideoProcessor", "do_convert_rgb": True, "do_normalize": True,
+                 "do_rescale": True, "do_resize": True, "do_sample_frames": False, "image_mean": [0.48145466,
+                 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3,
+                 "rescale_factor": 0.00392156862745098, "size": {"longest_edge": 256, "shortest_edge": 64}}
+
 FAMILIES = ("idefics3", "qwen2_vl", "llava")
 HIDDEN = 32
 
@@ -95,13 +102,14 @@ def _qwen2_vl(seed: int):
     return proc, Qwen2VLForConditionalGeneration(cfg)
 
 
-def _llava(seed: int):
+def _llava(seed: int, text_hidden: int = HIDDEN):
     tok = build_tokenizer("")
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     images = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     proc = LlavaProcessor(images, tok, patch_size=8, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
-    cfg = LlavaConfig(text_config=LlamaConfig(**_text_config(len(tok))),
+    cfg = LlavaConfig(text_config=LlamaConfig(**{**_text_config(len(tok)), "hidden_size": text_hidden,
+                                                 "intermediate_size": 2 * text_hidden}),
                       vision_config=CLIPVisionConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=1,
                                                      num_attention_heads=2, image_size=16, patch_size=8),
                       image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
@@ -121,17 +129,27 @@ class _Qwen2VLImagesOnly(Qwen2VLProcessor):
 BUILDERS = {"idefics3": _idefics3, "qwen2_vl": _qwen2_vl, "llava": _llava}
 
 
-def build_family(family: str, seed: int = 0):
-    """(processor, model) of a tiny random `family` model in float32."""
-    proc, model = BUILDERS[family](seed)
+def build_family(family: str, seed: int = 0, **sizes):
+    """(processor, model) of a tiny random `family` model in float32 (`sizes`: LLaVA's `text_hidden`)."""
+    proc, model = BUILDERS[family](seed, **sizes)
     return proc, model.float()
 
 
-def save_family(family: str, d: Path, seed: int = 0) -> Path:
-    """A saved directory holding the tiny model and its processor (tokenizer, image processor, template)."""
-    proc, model = build_family(family, seed)
+def save_family(family: str, d: Path, seed: int = 0, **sizes) -> Path:
+    """A saved directory holding the tiny model and its processor (tokenizer, image processor, template).
+    Qwen2-VL's is written as a real one is (`Qwen2VLProcessor` with its video processor's settings, which
+    AutoProcessor cannot load without torchvision)."""
+    proc, model = build_family(family, seed, **sizes)
     model.save_pretrained(d)
     proc.save_pretrained(d)
+    if family == "qwen2_vl":
+        for name in ("processor_config.json", "tokenizer_config.json"):
+            saved = json.loads((d / name).read_text())
+            saved["processor_class"] = "Qwen2VLProcessor"
+            if name == "processor_config.json":
+                saved["video_processor"] = {**QWEN2VL_VIDEO, **{k: saved["image_processor"][k] for k in
+                                                                ("patch_size", "merge_size", "temporal_patch_size")}}
+            (d / name).write_text(json.dumps(saved, indent=2))
     return d
 
 

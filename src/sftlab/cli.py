@@ -114,16 +114,14 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     """Merge a run's adapter into its base model and save a plain transformers model."""
     from sftlab.model.adapters import is_adapter_dir
-    from sftlab.train.inference import load_adapter_dir
-    from sftlab.train.outputs import save_model
+    from sftlab.train.outputs import export_merged
 
     if not is_adapter_dir(ns.run_dir):
         raise ConfigError(f"{ns.run_dir} holds no adapter (adapter_config.json): nothing to merge")
     if not ns.merge:
         raise ConfigError("sftlab export: only --merge is supported (the adapter itself is already in the run dir)")
-    model, tok = load_adapter_dir(ns.run_dir)
-    save_model(model, tok, Path(ns.out), tok.chat_template)
-    console.print(f"[bold green]saved[/bold green] merged model + tokenizer to {ns.out}")
+    saved = export_merged(ns.run_dir, ns.out)
+    console.print(f"[bold green]saved[/bold green] merged model + {saved} to {ns.out}")
     return 0
 
 

@@ -8,6 +8,7 @@ import json
 import os
 
 import datasets
+import numpy as np
 import pytest
 from PIL import Image
 from vlm_families import build_family, make_image
@@ -74,6 +75,24 @@ def test_the_cache_is_reused_and_rebuilt_when_an_image_or_the_processor_changes(
     other.image_seq_len = 9  # another expansion: another key
     train, _, report = build_datasets(cfg, other.tokenizer, 0, processor=other)
     assert not report.sources[0].cached and report.sources[0].image_tokens == 8 * 12
+
+
+def test_an_entry_holds_one_offset_per_example_and_records_each_image_file_once(tmp_path, idefics3):
+    path = _rows(tmp_path)
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join(rows + rows[:3]) + "\n")  # three files named twice
+    cfg = _cfg(path, cache_dir=str(tmp_path / "cache"))
+    train = build_datasets(cfg, idefics3.tokenizer, 0, processor=idefics3)[0]
+    refs = train.stores[0].images
+    assert len(refs) == 11 and refs.starts.dtype == np.int64 and len(refs.starts) == 12  # no object per example
+    assert list(refs) == [refs[i] for i in range(11)] and refs[-1] == refs[10] == refs[2]
+    assert refs[0] == (str((tmp_path / "img" / "0.png").resolve()),)
+    entry = next((tmp_path / "cache").glob("*/image_files.jsonl"))
+    recorded = [json.loads(x) for x in entry.read_text().splitlines()]
+    assert sorted(p for p, *_ in recorded) == sorted(str((tmp_path / "img" / f"{k}.png").resolve()) for k in range(8))
+    os.remove(tmp_path / "img" / "5.png")  # a recorded file is gone: the entry is rebuilt (the row is now bad)
+    again = build_datasets(cfg, idefics3.tokenizer, 0, processor=idefics3)[2].sources[0]
+    assert not again.cached and again.bad == 1
 
 
 def test_images_held_in_memory_are_written_into_the_cache_entry(tmp_path, idefics3):

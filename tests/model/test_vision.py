@@ -4,7 +4,12 @@ model, text-only models without a processor, and model.freeze."""
 from __future__ import annotations
 
 import pytest
-from transformers import AutoModelForCausalLM, Idefics3ForConditionalGeneration, LlavaForConditionalGeneration
+from transformers import (
+    AutoModelForCausalLM,
+    Idefics3ForConditionalGeneration,
+    LlavaForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
 from vlm_families import FAMILIES, build_family, save_family
 
 from sftlab.config import ModelConfig, SFTConfig
@@ -14,13 +19,17 @@ from sftlab.train.run_model import RunTokens, build_run_model
 
 
 @pytest.mark.parametrize("family, cls", [("idefics3", Idefics3ForConditionalGeneration),
-                                         ("llava", LlavaForConditionalGeneration)])
+                                         ("llava", LlavaForConditionalGeneration),
+                                         ("qwen2_vl", Qwen2VLForConditionalGeneration)])
 def test_a_saved_vision_model_loads_with_its_processor(tmp_path, family, cls):
     d = str(save_family(family, tmp_path / family))
     cfg = ModelConfig(name_or_path=d)
     proc = load_processor(cfg, d)
     assert type(proc.image_processor).__name__.endswith("Pil")  # no torchvision needed
-    assert proc.chat_template and proc.tokenizer.convert_tokens_to_ids("<image>") != proc.tokenizer.unk_token_id
+    if family == "qwen2_vl":  # its video processor needs torchvision: built without it, saved back as it was
+        assert type(proc).__name__ == "Qwen2VLProcessor" and "video_processor" not in proc.get_attributes()
+        assert proc.to_dict()["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
+    assert proc.chat_template and proc.tokenizer.convert_tokens_to_ids(proc.image_token) != proc.tokenizer.unk_token_id
     model = load_model(cfg, d)
     assert isinstance(model, cls) and is_vision_model(model)
 

@@ -4,8 +4,11 @@ the language model only, and resume after a stop bitwise equal to an uninterrupt
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import logging
+import math
 
 import pytest
 import torch
@@ -18,7 +21,8 @@ from vlm_families import make_image, save_family
 
 import sftlab
 from sftlab.cli import main
-from sftlab.model.vision import part_of
+from sftlab.config import ModelConfig
+from sftlab.model.vision import load_processor, part_of
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +104,48 @@ def test_lora_trains_the_language_model_only_and_loads_with_peft(model_dirs, vlm
     merged = AutoModelForImageTextToText.from_pretrained(out / "merged")  # peft.merge_on_save: a plain model
     assert AutoProcessor.from_pretrained(out / "merged", use_fast=False) and not any("lora" in n for n in
                                                                                       merged.state_dict())
+    exported = tmp_path / "exported"  # sftlab export --merge: a full vision model, its processor beside it
+    assert main(["export", str(out), "--merge", "--out", str(exported)]) == 0
+    full = AutoModelForImageTextToText.from_pretrained(exported).eval()
+    assert type(full).__name__ == "LlavaForConditionalGeneration" and not any("lora" in n for n in full.state_dict())
+    proc = AutoProcessor.from_pretrained(exported, use_fast=False)
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+                                    add_generation_prompt=True)
+    inputs = proc(text=[text], images=[[make_image(size=(16, 16), seed=5)]], return_tensors="pt")
+    with torch.no_grad():
+        want, got = model.eval()(**inputs).logits, full(**inputs).logits
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4, rtol=0)
     image = str(vlm_data.parent / "img" / "1.png")  # the adapter merged into its base, the base's processor
     monkeypatch.setattr("sys.stdin", io.StringIO("Which class?\n"))
     assert main(["chat", str(out), "--image", image, "--max-new-tokens", "2"]) == 0
     assert "model>" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (sftlab[qlora])")
+def test_qlora_quantizes_the_language_model_only(vlm_data, tmp_path):
+    """peft.quantize on a LLaVA: bitsandbytes quantizes the language model's linear layers (64 wide: its
+    CPU kernels need a 64-value block); the vision tower, projector and head stay fp32 and frozen."""
+    from bitsandbytes.nn import Linear4bit
+
+    from sftlab.config import SFTConfig
+    from sftlab.train.run_model import RunTokens, build_run_model
+
+    base, out = save_family("llava", tmp_path / "llava", text_hidden=64), tmp_path / "qlora"
+    tree = _tree(base, vlm_data, out, steps=3, peft={"r": 4, "alpha": 8, "quantize": "nf4"}, optim={"lr": 1e-2},
+                 checkpoint={"every_steps": None})
+    tree["data"]["eval_fraction"], tree["train"]["eval_every"] = 0, None
+    tok = AutoProcessor.from_pretrained(base, use_fast=False).tokenizer
+    model = build_run_model(SFTConfig(**tree), RunTokens(str(base), tok, len(tok))).model
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n}
+    quantized = {n for n, m in linears.items() if isinstance(m, Linear4bit)}
+    assert quantized and all(part_of(n) == "language" and "lm_head" not in n for n in quantized)
+    assert {n for n in linears if part_of(n) == "language" and "lm_head" not in n} == quantized
+    others = [(n, p) for n, p in model.named_parameters() if part_of(n) != "language"]
+    assert others and all(p.dtype == torch.float32 and not p.requires_grad for _, p in others)
+    res = sftlab.train(tree)
+    assert all(math.isfinite(r["loss"]) for r in res.history) and res.history[-1]["loss"] < res.history[0]["loss"]
+    keys = load_file(out / "adapter_model.safetensors")
+    assert keys and all(part_of(k) == "language" for k in keys)
 
 
 def test_resume_after_a_stop_is_bitwise_equal_to_an_uninterrupted_run(model_dirs, vlm_data, tmp_path):
@@ -119,6 +161,40 @@ def test_resume_after_a_stop_is_bitwise_equal_to_an_uninterrupted_run(model_dirs
     wa, wb = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert ref.history[-1]["loss"] == metrics(tmp_path / "cut")[-1]["loss"]
+
+
+def test_qwen2_vl_trains_without_torchvision_and_its_output_reloads(tmp_path, caplog):
+    """A saved Qwen2-VL names a video processor that needs torchvision: the processor is built without it
+    (one warning), trains on rows of three image sizes (three lengths: padded batches), and the run's
+    model + processor reload; the M-RoPE positions (from image_grid_thw) make a padded batch lose as
+    its rows alone."""
+    d = tmp_path / "data"
+    rows = []
+    for k in range(9):
+        size = [(16, 16), (8, 16), (16, 8)][k % 3]
+        make_image(d / "img" / f"{k}.png", size=size, seed=k)
+        rows.append({"messages": [{"role": "user", "content": "<image>Which class?"},
+                                  {"role": "assistant", "content": f"Class {k % 3}."}], "images": [f"img/{k}.png"]})
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base, out = save_family("qwen2_vl", tmp_path / "qwen2_vl"), tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="sftlab.model.processors"):
+        tree = _tree(base, d / "train.jsonl", out, steps=4, checkpoint={"every_steps": None})
+        tree["data"]["eval_fraction"], tree["train"]["eval_every"] = 0, None
+        res = sftlab.train(tree)
+    assert any("without its video_processor" in r.message and "videos are not supported" in r.message
+               for r in caplog.records)
+    losses = [r["loss"] for r in res.history]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    saved = json.loads((out / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen2VLProcessor" and "video_processor" in saved  # written back
+    processor = load_processor(ModelConfig(name_or_path=str(out)), str(out))
+    assert type(processor).__name__ == "Qwen2VLProcessor" and processor.image_processor.merge_size == 2
+    assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == "Qwen2VLForConditionalGeneration"
+    from sftlab.train.evaluate import evaluate
+
+    alone, padded = (evaluate(out, str(d / "train.jsonl"), batch_size=b) for b in (1, 9))
+    assert alone["examples"] == 9 and alone["target_tokens"] == padded["target_tokens"]
+    assert padded["loss"] == pytest.approx(alone["loss"], rel=1e-5)
 
 
 def test_the_cli_prepares_and_shows_image_rows(model_dirs, vlm_data, tmp_path, capsys):

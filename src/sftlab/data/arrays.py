@@ -13,7 +13,8 @@ is off). Raw little-endian binary files, described by `arrays.json`; no pickle a
 
     images.jsonl one JSON list per example: its image references in order (vision-language sources
                  only): absolute paths, or paths relative to the entry (images a Dataset held in
-                 memory, written there as PNG files)
+                 memory, written there as PNG files); opened memory-mapped with one int64 line
+                 offset per example (`ImageRefs`), each example's line parsed when it is asked for
 
 Labels are thus stored as one byte per token instead of a second full-width copy:
 `label = id if target else -100`, then the few fixes applied.
@@ -167,14 +168,36 @@ def _verify(path: Path, chunks: list[list]) -> None:
                 raise CorruptEntry(f"{path.name}: chunk {k} does not match its checksum")
 
 
-def _read_images(directory: Path, chunks: list[list], verify: bool) -> list[tuple[str, ...]]:
-    """Every example's image references; relative ones (written into the entry) made absolute."""
-    path = directory / IMAGES_FILE
-    if verify:
-        _verify(path, chunks)
-    base = str(directory.resolve())
-    with open(path, encoding="utf-8") as f:
-        return [tuple(r if os.path.isabs(r) else os.path.join(base, r) for r in json.loads(line)) for line in f]
+class ImageRefs:
+    """Every example's image references, read from images.jsonl (memory-mapped) when asked for: the entry
+    holds one int64 line offset per example, not a Python object per reference (`refs[i]`: example i's
+    references, relative ones, written into the entry, made absolute; iterating streams them all)."""
+
+    def __init__(self, directory: Path, chunks: list[list], verify: bool):
+        path = directory / IMAGES_FILE
+        if verify:
+            _verify(path, chunks)
+        self.base = str(directory.resolve())
+        size = sum(n for n, _ in chunks)
+        self.data = np.memmap(path, dtype=np.uint8, mode="r", shape=(size,)) if size else np.zeros(0, np.uint8)
+        ends = [np.zeros(1, dtype=np.int64)]
+        for start in range(0, size, HASH_BLOCK):  # newline positions, a block at a time
+            block = np.asarray(self.data[start:start + HASH_BLOCK])
+            ends.append(np.flatnonzero(block == 0x0A).astype(np.int64) + start + 1)
+        self.starts = np.concatenate(ends)  # line i is data[starts[i]:starts[i + 1]]
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, i: int) -> tuple[str, ...]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"example {i} of {len(self)}")
+        i %= len(self)
+        line = bytes(self.data[self.starts[i]:self.starts[i + 1]])
+        return tuple(r if os.path.isabs(r) else os.path.join(self.base, r) for r in json.loads(line))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def _open(path: Path, dtype: str, chunks: list[list]) -> np.ndarray:
@@ -205,7 +228,7 @@ class TokenArrays:
         self.ids, self.targets, self.offsets = arrays["ids"], arrays["targets"], arrays["offsets"]
         self.lines, self.files = arrays["lines"], arrays["files"]
         self.fix_pos, self.fix_val = np.asarray(arrays["fix_pos"]), np.asarray(arrays["fix_val"])
-        self.images = _read_images(self.directory, meta["images"]["chunks"], verify) if "images" in meta else None
+        self.images = ImageRefs(self.directory, meta["images"]["chunks"], verify) if "images" in meta else None
         if self.images is not None and len(self.images) != meta["examples"]:
             raise CorruptEntry(f"{IMAGES_FILE}: {len(self.images)} examples, arrays.json says {meta['examples']}")
         if (len(self.offsets) != meta["examples"] + 1 or meta["tokens"] != len(self.ids)

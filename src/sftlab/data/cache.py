@@ -6,7 +6,8 @@ the chat template text, the source format, its `columns` / `roles` renaming, `lo
 response/instruction templates (when set), the Python API's formatting function (when given), and
 the code that turns rows into examples; for a vision-language model also the processor's settings
 and `max_seq_length` (over-length image rows are bad rows, not truncated ones). The image files an
-entry names are checked (size, mtime) when it is opened: a changed or missing one rebuilds it. `max_seq_length`, weights, the seed and the eval split are applied after loading, so
+entry names are recorded in its image_files.jsonl and checked (size, mtime) when it is opened: a changed or
+missing one rebuilds it. `max_seq_length`, weights, the seed and the eval split are applied after loading, so
 changing them reuses the entry.
 
 An entry is a directory `<cache_dir>/<key>/` holding the flat token arrays of `data/arrays.py`
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2
 MAX_BAD_EXAMPLES = 5
+IMAGE_FILES = "image_files.jsonl"  # [path, bytes, mtime_ns] per line: the image files an entry names
 # The modules whose code decides what a row tokenizes to: editing them invalidates the cache.
 _CODE_FILES = ("types.py", "formats.py", "fields.py", "masking.py", "rendering.py", "spans.py", "templates.py",
                "sources.py", "tokenize.py", "arrays.py", "fast_chatml.py", "cache.py", "toolcalls.py",
@@ -65,7 +67,7 @@ class SourceData:
     unknown: Counter = field(default_factory=Counter)  # field no reader of its format reads -> rows holding it
     tools_dropped: int = 0  # rows whose tools the template does not render, dropped (data.tools: drop)
     mapped: Counter = field(default_factory=Counter)  # `columns.<name>` / `roles.<name>` entry -> rows using it
-    image_files: list = field(default_factory=list)  # [path, bytes, mtime_ns] of each image file outside the entry
+    image_files: int = 0  # image files outside the entry, their [path, bytes, mtime_ns] in its image_files.jsonl
 
     def __len__(self) -> int:
         return len(self.arrays) if self.arrays is not None else 0
@@ -122,24 +124,43 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def image_identities(arrays: TokenArrays | None) -> list[list]:
-    """[path, bytes, mtime_ns] of every image file the examples name outside their own directory."""
+def write_image_identities(arrays: TokenArrays | None, path: Path) -> int:
+    """Write [path, bytes, mtime_ns] of every image file the examples name outside their own directory, one
+    JSON line per file (each once), to `path`; returns how many. Streamed: the references are told apart
+    by 64-bit digests in one array (a collision would leave one file unchecked; odds ~n^2/2^65)."""
     if arrays is None or arrays.images is None:
-        return []
+        return 0
     inside = str(arrays.directory.resolve()) + os.sep
-    paths = sorted({r for refs in arrays.images for r in refs if not r.startswith(inside)})
-    return [[p, (st := os.stat(p)).st_size, st.st_mtime_ns] for p in paths]
+
+    def outside():
+        return (r for refs in arrays.images for r in refs if not r.startswith(inside))
+
+    digests = np.fromiter((int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8).digest(), "little", signed=True)
+                           for r in outside()), dtype=np.int64)
+    first = np.zeros(len(digests), dtype=bool)
+    first[np.unique(digests, return_index=True)[1]] = True
+    with open(path, "w", encoding="utf-8") as f:
+        for keep, ref in zip(first, outside()):
+            if keep:
+                st = os.stat(ref)
+                f.write(json.dumps([ref, st.st_size, st.st_mtime_ns]) + "\n")
+    return int(first.sum())
 
 
-def changed_images(identities: list[list]) -> str | None:
-    """The first image file that is gone or differs from when the entry was written; None when all hold."""
-    for path, size, mtime in identities:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return f"{path} is gone"
-        if (st.st_size, st.st_mtime_ns) != (size, mtime):
-            return f"{path} changed"
+def changed_images(entry: Path, count: int) -> str | None:
+    """The first image file recorded in the entry (`count` of them) that is gone or differs from when the
+    entry was written; None when all hold."""
+    if not count:
+        return None
+    with open(entry / IMAGE_FILES, encoding="utf-8") as f:
+        for line in f:
+            path, size, mtime = json.loads(line)
+            try:
+                st = os.stat(path)
+            except OSError:
+                return f"{path} is gone"
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                return f"{path} changed"
     return None
 
 
@@ -157,7 +178,7 @@ def load(root: Path, key: str) -> SourceData | None:
         meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
         if meta.get("format") != CACHE_FORMAT:
             return None
-        changed = changed_images(meta.get("image_files", []))
+        changed = changed_images(entry, meta.get("image_files", 0))
         if changed:
             log.info("data cache entry %s: image %s since it was written: rebuilding it", entry, changed)
             return None
@@ -171,7 +192,7 @@ def load(root: Path, key: str) -> SourceData | None:
                       bad=meta["bad"], bad_reasons=Counter(meta["bad_reasons"]), bad_examples=meta["bad_examples"],
                       cached=True, notes=meta.get("notes", []), formats=Counter(meta.get("formats", {})),
                       unknown=Counter(meta.get("unknown", {})), tools_dropped=meta.get("tools_dropped", 0),
-                      mapped=Counter(meta.get("mapped", {})), image_files=meta.get("image_files", []))
+                      mapped=Counter(meta.get("mapped", {})), image_files=meta.get("image_files", 0))
 
 
 def new_entry_dir(root: Path, key: str) -> Path:
@@ -182,7 +203,7 @@ def new_entry_dir(root: Path, key: str) -> Path:
 
 def commit(tmp: Path, root: Path, key: str, data: SourceData, key_parts: dict[str, Any]) -> Path:
     """Write meta.json and rename the finished directory into place; returns the entry's path."""
-    data.image_files = image_identities(data.arrays)
+    data.image_files = write_image_identities(data.arrays, tmp / IMAGE_FILES)
     (tmp / "meta.json").write_text(json.dumps(data.meta(key_parts), indent=1), encoding="utf-8")
     final = root / key
     if final.exists():  # unreadable or outdated entry: replace it

@@ -10,8 +10,9 @@ checks them before training, and records what a later `sftlab generate`/`export`
   `modules_to_save`, since the new rows must train. Returns the PeftModel and a line saying how
   many parameters train. On a vision-language model `all-linear` means the language model's linear
   layers (model/vision.py `language_targets`): the vision tower and projector keep their weights.
-- `quantization_config(settings)`: QLoRA's `BitsAndBytesConfig` (nf4 or int8 base weights), or an
-  `AdapterError` naming what is missing.
+- `quantization_config(settings, skip)`: QLoRA's `BitsAndBytesConfig` (nf4 or int8 base weights; a
+  vision-language model's vision tower and projector stay unquantized), or an `AdapterError` naming
+  what is missing.
 - `save_adapter(model, out, base)`: `adapter_model.safetensors` + `adapter_config.json` (peft's
   format; `base_model_name_or_path` is the local path the base was loaded from) and
   `sftlab_base.json`, the base model as configured (e.g. `default`), resolved again on load.
@@ -120,8 +121,9 @@ def wrap(model: PreTrainedModel, settings: PeftSettings, vocab_grew: bool = Fals
     return wrapped, line
 
 
-def quantization_config(settings: PeftSettings) -> Any:
-    """transformers' BitsAndBytesConfig for peft.quantize (QLoRA)."""
+def quantization_config(settings: PeftSettings, skip: list[str] | None = None) -> Any:
+    """transformers' BitsAndBytesConfig for peft.quantize (QLoRA); `skip`: modules kept unquantized (a
+    vision-language model's vision tower, projector and head: model/vision.py `full_precision_modules`)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
@@ -131,8 +133,8 @@ def quantization_config(settings: PeftSettings) -> Any:
 
     if settings.quantize == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
-    return BitsAndBytesConfig(load_in_8bit=True)
+                                  bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def save_adapter(model: nn.Module, out: Path, base: ModelConfig, state_dict: dict | None = None) -> None:

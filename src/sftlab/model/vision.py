@@ -2,7 +2,8 @@
 
 A model whose config has a `vision_config` is a vision-language model: it loads through
 `AutoModelForImageTextToText` (loading.py) and its `AutoProcessor` (with the PIL image processor,
-`use_fast=False`: torchvision is not needed) renders, expands image tokens and makes pixels
+`use_fast=False`: torchvision is not needed; a sub-processor that needs it, such as Qwen2-VL's video
+processor, is left out: model/processors.py) renders, expands image tokens and makes pixels
 (data/vision.py). A text-only model has no processor here (None), and rows with images stay bad rows.
 
 `freeze(model, parts)` keeps the named parts as they are: `vision` (the vision tower), `projector`
@@ -10,7 +11,7 @@ A model whose config has a `vision_config` is a vision-language model: it loads 
 model, its embeddings and head). Parameters are told apart by the module names transformers uses
 (`vision_tower`, `vision_model`, `visual`; `multi_modal_projector`, `connector`, `merger`).
 `language_targets(model)` is what LoRA's `all-linear` means for such a model: the language model's
-linear layers only.
+linear layers only; `full_precision_modules` is what QLoRA leaves unquantized (all but the language model).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from sftlab.config import ModelConfig
 from sftlab.model.loading import ModelLoadError
+from sftlab.model.processors import without_optional_parts
 
 PARTS = ("vision", "projector", "language")
 _PROJECTOR = {"multi_modal_projector", "connector", "merger", "mm_projector", "projector", "multimodal_projector"}
@@ -45,9 +47,12 @@ def load_processor(cfg: ModelConfig, path: str) -> Any:
         return None
     if not is_vision_config(config):
         return None
+    kwargs = {"use_fast": False, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
-        processor = AutoProcessor.from_pretrained(path, use_fast=False, revision=cfg.revision,
-                                                  trust_remote_code=cfg.trust_remote_code)
+        try:
+            processor = AutoProcessor.from_pretrained(path, **kwargs)
+        except ImportError as e:  # a sub-processor needs a missing backend (a video processor: torchvision)
+            processor = without_optional_parts(path, e, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the model named
         raise ModelLoadError(f"{path} is a vision-language model ({config.model_type}) but its processor cannot be "
                              f"loaded: {type(e).__name__}: {e}") from e
@@ -55,6 +60,20 @@ def load_processor(cfg: ModelConfig, path: str) -> Any:
         raise ModelLoadError(f"{path} is a vision-language model ({config.model_type}) but its processor has no "
                              "image processor and tokenizer (processor_config.json / preprocessor_config.json)")
     return processor
+
+
+def full_precision_modules(cfg: ModelConfig, path: str) -> list[str] | None:
+    """QLoRA: what bitsandbytes must leave unquantized in the model at `path` (patterns for
+    BitsAndBytesConfig.llm_int8_skip_modules, matched from the start of a module's full name or as its
+    suffix): for a vision-language model the vision tower, the projector and the output head (they keep
+    their weights, frozen); None for a text-only model (transformers' own default: the output head)."""
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - loading the model names the problem
+        return None
+    if not is_vision_config(config):
+        return None
+    return [rf"(?:.*\.)?{re.escape(name)}" for name in sorted(_VISION | _PROJECTOR)] + ["lm_head"]
 
 
 def part_of(name: str) -> str:

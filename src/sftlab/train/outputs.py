@@ -5,7 +5,7 @@ run.json (what `auto` settings resolved to; what the Python API passed), data_re
 `finish`: the model (fp32 masters, or gathered from a sharded engine) or the adapter saved in
 `model.dtype` with the tokenizer and chat template, the match evaluation after training, the model
 cards (README.md; train/card.py) and the FINISHED marker (train.push_to_hub uploads after it: train/hub.py).
-`finished_result` is what a finished run reports when asked again.
+`finished_result` is what a finished run reports when asked again; `export_merged` is `sftlab export --merge`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sftlab.train import compiling, distributed, rundir
 from sftlab.train.card import write_model_cards
 from sftlab.train.checkpoint import delete_checkpoints
 from sftlab.train.data import data_report_json
-from sftlab.train.inference import load_adapter_dir, load_model_dir
+from sftlab.train.inference import load_adapter_dir, load_model_dir, model_processor
 from sftlab.train.metrics import MetricsLog, read_metrics
 from sftlab.train.precision import load_master_weights, master_weight_optimizer
 from sftlab.train.report import DATA_REPORT
@@ -221,3 +221,13 @@ def save_model(model, tokenizer, out: Path, template: str | None, state_dict: di
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)  # None: the model's own
     tokenizer.save_pretrained(out)
     model.config.use_cache = False
+
+
+def export_merged(run_dir: str | Path, out: str | Path) -> str:
+    """`sftlab export --merge`: a LoRA run's adapter merged into its base, saved in `out` as a plain model with
+    the run's tokenizer, or a vision-language model's processor (the run's, else its base's). Returns which."""
+    model, tok = load_adapter_dir(run_dir)
+    processor = model_processor(model, run_dir)
+    saved = processor if processor is not None else tok
+    save_model(model, saved, Path(out), saved.chat_template or tok.chat_template)
+    return "processor" if processor is not None else "tokenizer"

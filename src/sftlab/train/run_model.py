@@ -99,8 +99,9 @@ def build_run_model(cfg: SFTConfig, tokens: RunTokens, purpose: str = "train", g
 def _load_base(cfg: SFTConfig, tokens: RunTokens, training: bool):
     """fp32 whatever model.dtype says (the fp32 master weights start from the stored values)."""
     quantize = training and cfg.peft is not None and cfg.peft.quantize
-    quantization = adapters.quantization_config(cfg.peft) if quantize else None
     base_cfg = adapters.base_config(tokens.adapter_dir) if tokens.adapter_dir else cfg.model
+    quantization = adapters.quantization_config(cfg.peft, vision.full_precision_modules(base_cfg, tokens.model_path)) \
+        if quantize else None
     settings = {"dtype": "float32", "attn_implementation": cfg.model.attn_implementation}
     return load_model(base_cfg.model_copy(update=settings), tokens.model_path, quantization)
 
