@@ -1,8 +1,9 @@
 """Throughput accounting: model FLOPs per token, the device's peak, and MFU.
 
 Model FLOPs (what the model needs, whatever tricks the implementation uses):
-- dense: 6 x (parameters of every matmul, the output head included; embedding lookups excluded)
-  per token (2 for the forward, 4 for the backward);
+- dense: per token, 2 x (parameters of every matmul, the output head included; embedding lookups
+  excluded) for the forward, 2 x them again for the backward's input gradients, and 2 x the trainable
+  ones for its weight gradients: 6N for a full fine-tune, about 4N with frozen weights (LoRA);
 - attention: the causal QK^T and AV products. In a document of n tokens, token i attends to i
   tokens: each product costs 2 x i x d FLOPs for it, so about n^2 x d per product and layer in the
   forward, 2 n^2 d for both, x3 with the backward: 6 x L x d x n^2 per document (d = heads x
@@ -20,9 +21,9 @@ import time
 import torch
 
 
-def dense_params(model: torch.nn.Module) -> int:
+def dense_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Parameters taking part in matmuls: every >= 2-D weight except input embeddings (a lookup);
-    a tied output head counts once as the head."""
+    a tied output head counts once as the head. `trainable_only`: those with a gradient."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb_w = emb.weight if emb is not None else None
@@ -32,6 +33,8 @@ def dense_params(model: torch.nn.Module) -> int:
             continue
         seen.add(id(p))
         if p is emb_w and not (head is not None and head.weight is emb_w):
+            continue
+        if trainable_only and not p.requires_grad:
             continue
         total += p.numel()
     return total
@@ -51,7 +54,7 @@ class FlopCounter:
     """Model FLOPs of training steps, from the documents' lengths."""
 
     def __init__(self, model: torch.nn.Module):
-        self.dense = 6 * dense_params(model)
+        self.dense = 4 * dense_params(model) + 2 * dense_params(model, trainable_only=True)
         self.layers, self.width = attention_width(model)
 
     def step_flops(self, tokens: int, sum_sq_doc_lengths: int) -> float:
