@@ -2,8 +2,8 @@
 
 On the embedded SmolLM2-135M-Instruct (or `--tiny`), one packed row of `--length` tokens in `--docs`
 documents (the fixed shape a compiled sftlab run gives every micro-batch, dense document mask) runs
-forward + backward through sftlab's target-only loss head, eager and compiled (`--backend`, default
-inductor), alternating within each repeat so load from other processes hits both alike. It prints the
+forward + backward through sftlab's target-only loss head, eager (dense mask, and per-document
+attention, the eager default) and compiled (`--backend`, default inductor), alternating within each repeat so load from other processes hits both alike. It prints the
 compile time (first compiled step - a steady one), the median step times, the speed-up, the tokens a
 run must train before compiling pays back (what `train.compile: auto` weighs), and checks the losses
 agree (fp32: 1e-5 relative).
@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+
 from bench_attention import cpu_name, load, packed_row
 
 
@@ -56,25 +57,30 @@ def main() -> None:
           f"{args.docs} documents; fp32; backend {args.backend}; {args.repeats} repeats (+1 warm-up)", flush=True)
     first, first_loss = step(compiled)
     print(f"first compiled step: {first:.1f} s", flush=True)
-    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    times: dict[str, list[float]] = {"eager": [], "eager documents": [], "compiled": []}
     losses = {"compiled": first_loss}
     for r in range(args.repeats + 1):
-        for name, m in (("eager", model), ("compiled", compiled)):
+        for name, m in (("eager", model), ("eager documents", model), ("compiled", compiled)):
+            attention.use(model, "documents" if name == "eager documents" else "mask")
             seconds, losses[name] = step(m)
             if r:
                 times[name].append(seconds)
-    eager, comp = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    meds = {name: statistics.median(t) for name, t in times.items()}
+    eager, comp = meds["eager"], meds["compiled"]
     compile_s = max(0.0, first - comp)
-    print(f"{'variant':10s} {'s/step':>8s} {'tokens/s':>9s} {'vs eager':>9s} {'loss':>14s}")
-    for name, med in (("eager", eager), ("compiled", comp)):
-        print(f"{name:10s} {med:8.3f} {args.length / med:9.1f} {eager / med:8.2f}x {losses[name]:14.4f}")
-    saved_per_token = (eager - comp) / args.length
+    print(f"{'variant':16s} {'s/step':>8s} {'tokens/s':>9s} {'vs eager':>9s} {'loss':>14s}")
+    for name, med in meds.items():
+        print(f"{name:16s} {med:8.3f} {args.length / med:9.1f} {eager / med:8.2f}x {losses[name]:14.4f}")
+    print("(eager: dense document mask, as compiled; eager documents: per-document attention, the eager default)")
+    best = min(eager, meds["eager documents"])  # what the run would do without compiling
+    saved_per_token = (best - comp) / args.length
     if saved_per_token > 0:
-        print(f"compile time ~{compile_s:.0f} s; pays back after ~{compile_s / saved_per_token:,.0f} tokens "
-              f"(~{compile_s / (eager - comp):,.0f} steps of this row)")
+        print(f"compile time ~{compile_s:.0f} s; {best / comp:.2f}x the best eager step; pays back after "
+              f"~{compile_s / saved_per_token:,.0f} tokens (~{compile_s / (best - comp):,.0f} steps of this row)")
     else:
-        print(f"compile time ~{compile_s:.0f} s; the compiled step is not faster here: it never pays back")
-    if abs(losses["compiled"] - losses["eager"]) > 1e-5 * abs(losses["eager"]):
+        print(f"compile time ~{compile_s:.0f} s; the compiled step is not faster than the best eager "
+              "one here: it never pays back")
+    if any(abs(v - losses["eager"]) > 1e-5 * abs(losses["eager"]) for v in losses.values()):
         raise SystemExit(f"losses disagree: {losses}")
 
 
