@@ -162,3 +162,14 @@ def make_image(path: Path | None = None, size: tuple[int, int] = (16, 16), seed:
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
     return image
+
+
+def write_image_rows(d: Path) -> Path:
+    """d/vlm.jsonl: 12 image rows (16x16 images under d/img) of four prompt lengths (padded batches)."""
+    rows = []
+    for k in range(12):
+        make_image(d / "img" / f"{k}.png", size=(16, 16), seed=k)
+        rows.append({"messages": [{"role": "user", "content": "<image>Which class?" + " really" * (k % 4)},
+                                  {"role": "assistant", "content": f"Class {k % 3}."}], "images": [f"img/{k}.png"]})
+    (d / "vlm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d / "vlm.jsonl"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
-from vlm_families import make_image, save_family
+from vlm_families import save_family, write_image_rows
 
 pytestmark = pytest.mark.multiprocess
 LAUNCH_RUNS = str(Path(__file__).with_name("launch_runs.py"))
@@ -29,17 +29,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _image_rows(d: Path) -> Path:
-    """12 image rows of four prompt lengths (padded batches)."""
-    rows = []
-    for k in range(12):
-        make_image(d / "img" / f"{k}.png", size=(16, 16), seed=k)
-        rows.append({"messages": [{"role": "user", "content": "<image>Which class?" + " really" * (k % 4)},
-                                  {"role": "assistant", "content": f"Class {k % 3}."}], "images": [f"img/{k}.png"]})
-    (d / "vlm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d / "vlm.jsonl"
 
 
 @pytest.mark.parametrize("peft", [None, {"r": 4, "alpha": 8, "dropout": 0.0}], ids=["full", "lora"])
@@ -58,7 +47,7 @@ def test_two_processes_match_one(peft, tiny_model_dir, chat_file, tmp_path):
     pairs = [(tmp_path / "one", tmp_path / "two", {})]
     if peft is None:  # the vision-language case rides along in the same launches
         pairs.append((tmp_path / "vlm-one", tmp_path / "vlm-two",
-                      {"model": save_family("llava", tmp_path / "llava"), "data": _image_rows(tmp_path)}))
+                      {"model": save_family("llava", tmp_path / "llava"), "data": write_image_rows(tmp_path)}))
     single = [a for one, _, kw in pairs for a in ("0", cfg(one, 4, **kw))]
     double = [a for _, two, kw in pairs for a in (str(free_port()), cfg(two, 2, **kw))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}

@@ -10,6 +10,8 @@ user would: 2 CPU processes over gloo, a tiny Llama, fp32 math.
 - DDP + LoRA dropout: the same after SIGKILL + resume, each rank getting its own RNG states back.
 - A sharded checkpoint is refused by a run with another number of processes, with the reason.
 - LoRA under FSDP saves the same adapter as one process.
+- FSDP trains a tiny LLaVA, vision tower frozen, like one process (a second run in the text runs' launches,
+  tests/train/launch_runs.py): the frozen tower comes back unchanged, model and processor load.
 
 DeepSpeed cases are skipped (with the reason) where `deepspeed` is not installed; `make setup` installs it.
 """
@@ -29,6 +31,7 @@ import torch
 import yaml
 from conftest import build_tokenizer, chat_rows, save_tiny_model, write_jsonl
 from safetensors.torch import load_file
+from vlm_families import save_family, write_image_rows
 
 pytestmark = pytest.mark.multiprocess
 
@@ -37,6 +40,8 @@ RECIPES = ROOT / "configs" / "accelerate"
 ENGINES = {"ddp": "ddp.yaml", "fsdp": "fsdp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
 ENGINE_NAMES = {"ddp": "ddp", "fsdp": "fsdp", "zero2": "deepspeed", "zero3": "deepspeed"}
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+LAUNCH_RUNS = str(Path(__file__).with_name("launch_runs.py"))
+VLM_RIDES_ALONG = ("one", "fsdp")  # these runs' launches then train a tiny LLaVA as run vlm-NAME
 
 
 def needs(engine: str):
@@ -63,14 +68,17 @@ class Lab:
         self.data = write_jsonl(root / "chat.jsonl", rows)
         # 5 eval examples over 2 ranks x 2 per batch: rank 1 runs an empty batch in the second round
         self.eval_data = write_jsonl(root / "eval.jsonl", rows[:5])
+        self.vlm_model = save_family("llava", root / "llava")
+        self.vlm_data = write_image_rows(root)
         self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.env.pop("ACCELERATE_USE_CPU", None)  # the recipes must work without it
         self.runs: dict[str, Path] = {}
 
-    def config(self, name: str, micro: int, peft: dict | None = None) -> Path:
-        tree = {"model": {"name_or_path": str(self.model_dir)},
-                "data": {"train": [{"path": str(self.data)}], "eval": [{"path": str(self.eval_data)}],
-                         "max_seq_length": 256},
+    def config(self, name: str, micro: int, peft: dict | None = None, vlm: bool = False) -> Path:
+        data = {"train": [{"path": str(self.vlm_data)}]} if vlm else {
+            "train": [{"path": str(self.data)}], "eval": [{"path": str(self.eval_data)}]}
+        tree = {"model": {"name_or_path": str(self.vlm_model if vlm else self.model_dir)},
+                "data": {**data, "max_seq_length": 256},
                 "optim": {"lr": 3e-3, "warmup_steps": 0},
                 "train": {"output_dir": str(self.root / name), "micro_batch_size": micro, "grad_accum_steps": 2,
                           "max_steps": 3, "mixed_precision": "no"},
@@ -81,13 +89,17 @@ class Lab:
         return path
 
     def launch(self, engine: str | None, config: Path, *overrides: str, env: dict | None = None,
-               check: bool = True) -> subprocess.CompletedProcess:
+               check: bool = True, then: Path | None = None) -> subprocess.CompletedProcess:
+        """Train `config` (then the config `then` in the same processes: launch_runs.py, no overrides)."""
+        program = ["-m", "sftlab.cli", "train", str(config), *overrides]
+        if then is not None:
+            assert not overrides
+            program = [LAUNCH_RUNS, "0", str(config), str(free_port()), str(then)]
         if engine is None:
-            cmd = [sys.executable, "-m", "sftlab.cli", "train", str(config), *overrides]
+            cmd = [sys.executable, *program]
         else:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / ENGINES[engine]),
-                   "--num_processes", "2", "--main_process_port", str(free_port()),
-                   "-m", "sftlab.cli", "train", str(config), *overrides]
+                   "--num_processes", "2", "--main_process_port", str(free_port()), *program]
         r = subprocess.run(cmd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=600, check=False)
         (self.root / f"{config.stem}.log").write_text(r.stdout + r.stderr)  # kept for a failure's post-mortem
         if check:
@@ -97,7 +109,9 @@ class Lab:
     def run(self, name: str, engine: str | None, peft: dict | None = None) -> Path:
         """Output dir of the uninterrupted run `name` (launched the first time it is asked for)."""
         if name not in self.runs:
-            self.launch(engine, self.config(name, 4 if engine is None else 2, peft))
+            micro = 4 if engine is None else 2
+            vlm = self.config(f"vlm-{name}", micro, vlm=True) if name in VLM_RIDES_ALONG else None
+            self.launch(engine, self.config(name, micro, peft), then=vlm)
             self.runs[name] = self.root / name
         return self.runs[name]
 
@@ -121,8 +135,9 @@ def stable(records: list[dict]) -> list[dict]:
 
 def assert_same_weights(a: dict, b: dict, rel: float) -> None:
     assert sorted(a) == sorted(b)
-    for k in a:
-        diff = ((a[k].float() - b[k].float()).norm() / a[k].float().norm()).item()
+    for k in a:  # (an all-zero tensor, such as a frozen vision tower's bias, must stay equal)
+        x, y = a[k].float(), b[k].float()
+        diff = ((x - y).norm() / x.norm()).item() if x.any() else float(y.any())
         assert diff <= rel, f"{k}: relative difference {diff:.2e}"
 
 
@@ -211,6 +226,35 @@ def test_lora_under_fsdp_saves_the_one_process_adapter(lab):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
     assert_same_weights(load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors"),
                         rel=1e-4)
+
+
+def test_fsdp_trains_a_vision_language_model_like_one_process(lab):
+    """A tiny LLaVA (CLIP vision tower frozen: model.freeze's default) under FSDP2, after the text model in
+    the same launches. transformers lists CLIP's text-model layer among LLaVA's `_no_split_modules`; sftlab
+    wraps only the listed classes the model holds (Accelerate refuses a missing one)."""
+    lab.run("one", None), lab.run("fsdp", "fsdp")
+    one, two = lab.root / "vlm-one", lab.root / "vlm-fsdp"
+    m1, m2 = metrics(one), metrics(two)
+    assert len(m1) == len(m2) == 3
+    assert [r["target_tokens"] for r in m1] == [r["target_tokens"] for r in m2]
+    for a, b in zip(m1, m2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    info = json.loads((two / "run.json").read_text())
+    assert (info["engine"], info["num_processes"]) == ("fsdp", 2)
+    w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert_same_weights(w1, w2, rel=1e-4)
+    base = load_file(lab.vlm_model / "model.safetensors")
+    tower = [k for k in base if "vision_tower" in k]
+    assert tower and all(torch.equal(w2[k], base[k]) for k in tower)  # frozen: gathered back unchanged
+    assert not all(torch.equal(w2[k], base[k]) for k in base if "language_model" in k)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    loaded = AutoModelForImageTextToText.from_pretrained(two).state_dict()  # (its names: transformers 5's layout)
+    assert len(loaded) == len(w2) and torch.equal(loaded["lm_head.weight"], w2["language_model.lm_head.weight"])
+    layer = "layers.0.mlp.down_proj.weight"
+    assert torch.equal(loaded[f"model.language_model.{layer}"], w2[f"language_model.model.{layer}"])
+    assert type(AutoProcessor.from_pretrained(two, use_fast=False)).__name__ == "LlavaProcessor"
 
 
 @pytest.mark.parametrize("recipe", sorted(ENGINES.values()))

@@ -211,3 +211,19 @@ def test_the_cli_prepares_and_shows_image_rows(model_dirs, vlm_data, tmp_path, c
     cfg.write_text(yaml.safe_dump(bad))
     assert main(["prepare", str(cfg)]) != 0
     assert "not supported for vision-language models" in capsys.readouterr().out
+
+
+def test_bf16_with_gradient_checkpointing_trains_a_llava(model_dirs, vlm_data, tmp_path):
+    """train.mixed_precision: bf16 and train.gradient_checkpointing: true together (vision tower frozen)."""
+    out = tmp_path / "bf16-gc"
+    tree = _tree(model_dirs["llava"], vlm_data, out, steps=4, checkpoint={"every_steps": None}, optim={"lr": 1e-2})
+    tree["data"]["eval_fraction"], tree["train"]["eval_every"] = 0, None
+    tree["train"].update(mixed_precision="bf16", gradient_checkpointing=True)
+    losses = [r["loss"] for r in sftlab.train(tree).history]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    info = json.loads((out / "run.json").read_text())
+    assert info["gradient_checkpointing"] is True and info["mixed_precision"] == "bf16"
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    saved = load_file(out / "model.safetensors")
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and saved
+    assert torch.equal(model.state_dict()["lm_head.weight"], saved["language_model.lm_head.weight"].to(model.dtype))

@@ -17,6 +17,8 @@ specific here:
   (`set_gradient_accumulation_boundary`), backpropagates without DeepSpeed's 1/GAS scaling, and
   calls `engine.step()`, which clips to `optim.max_grad_norm` (written into the DeepSpeed config
   with the micro-batch size) and reports the gradient norm.
+- FSDP wraps the model's `_no_split_modules` classes that the model holds (`fit_fsdp_wrap_classes`):
+  a vision-language model's list can name a class of a sub-model it lacks (LLaVA: CLIPTextEmbeddings).
 - Sharded engines run forwards collectively: evaluation runs the same number of batches on every
   rank, and the final model is gathered on every rank (`full_state_dict`) and saved by the main one.
 """
@@ -121,6 +123,18 @@ def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, max_gra
     conf["gradient_accumulation_steps"] = 1  # sftlab marks the boundary itself
     conf["train_batch_size"] = micro_batch_size * accelerator.num_processes
     conf["gradient_clipping"] = float(max_grad_norm) if max_grad_norm is not None else 0.0
+
+
+def fit_fsdp_wrap_classes(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """FSDP's units: the model's `_no_split_modules` classes that it actually holds. transformers collects
+    that list from the model's sub-models' classes, and Accelerate refuses a class it cannot find: LLaVA's
+    CLIP vision tower lists CLIPTextEmbeddings (of CLIP's text model, absent). A class the recipe names
+    (fsdp_transformer_layer_cls_to_wrap) is kept as the user wrote it."""
+    if engine_of(accelerator) != FSDP or accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap is not None:
+        return
+    present = {type(m).__name__ for m in model.modules()}
+    listed = getattr(model, "_no_split_modules", None) or []
+    accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = sorted(n for n in listed if n in present)
 
 
 def zero_stage(accelerator: Accelerator) -> int | None:

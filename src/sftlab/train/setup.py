@@ -245,6 +245,7 @@ def setup_model_and_optimizer(run: Run) -> None:
         run.accelerator.device, torch.bfloat16 if run.mixed_precision == "bf16" else next(model.parameters()).dtype)
     model = compile_if_it_pays(run, model)
     distributed.configure_deepspeed(run.accelerator, cfg.train.micro_batch_size, cfg.optim.max_grad_norm)
+    distributed.fit_fsdp_wrap_classes(run.accelerator, model)
     run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
 
 
