@@ -19,7 +19,6 @@ import statistics
 import time
 
 import torch
-
 from bench_attention import cpu_name, load, packed_row
 
 

@@ -397,9 +397,8 @@ def test_labels_from_spans_overlap_rule():
 
 def sentencepiece_tokenizer(template: str):
     """A Llama-2/Mistral-style tokenizer: '▁' for spaces (prepended per segment), byte fallback."""
-    from transformers import PreTrainedTokenizerFast
-
     from conftest import CORPUS
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])

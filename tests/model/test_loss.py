@@ -8,8 +8,17 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import (AutoModelForCausalLM, CohereConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig,
-                          GraniteConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config)
+from transformers import (
+    AutoModelForCausalLM,
+    CohereConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GraniteConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+)
 
 from sftlab.data.types import IGNORE_INDEX
 from sftlab.model.loss import TargetLossHead, count_targets, full_nll, model_forward

@@ -88,8 +88,9 @@ def test_eval_of_a_run_uses_the_runs_own_mapping(tiny_model_dir, tmp_path):
 
 
 def _eval_run(model_dir, rows, tmp_path, name, **data):
-    import sftlab
     from conftest import chat_rows, write_jsonl
+
+    import sftlab
     cap = data.pop("_cap", None)
     train = write_jsonl(tmp_path / "train.jsonl", chat_rows())
     evals = write_jsonl(tmp_path / f"{name}.jsonl", rows)

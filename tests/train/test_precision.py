@@ -12,8 +12,13 @@ from conftest import build_model
 from transformers import get_scheduler
 
 from sftlab.train import precision
-from sftlab.train.precision import (MasterWeightAdamW, cpu_has_fast_bf16, master_weight_optimizer,
-                                    needs_master_weights, resolve_mixed_precision)
+from sftlab.train.precision import (
+    MasterWeightAdamW,
+    cpu_has_fast_bf16,
+    master_weight_optimizer,
+    needs_master_weights,
+    resolve_mixed_precision,
+)
 
 VOCAB = 256
 LR = 2e-5
