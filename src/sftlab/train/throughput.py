@@ -90,18 +90,23 @@ def _probe(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
 
 
 def _rate(n: int, every: int, device, dtype, gen, sync, seconds: float) -> float:
-    """FLOP/s of n x n matmuls repeated for about `seconds` (at least one after a warm-up; timed every
-    `every` runs: a CPU matmul is synchronous, one can be timed alone)."""
+    """FLOP/s of n x n matmuls repeated for about `seconds` (at least one group after a warm-up), timed in
+    groups of `every` (a CPU matmul is synchronous, one can be timed alone): the fastest group's rate, so
+    another process taking the cores for part of the probe does not lower the peak."""
     a = torch.randn(n, n, device=device, generator=gen).to(dtype)
     b = torch.randn(n, n, device=device, generator=gen).to(dtype)
     torch.matmul(a, b)  # warm-up
     sync()
-    reps, t0 = 0, time.perf_counter()
+    start = group = time.perf_counter()
+    fastest = float("inf")
+    reps = 0
     while True:
         torch.matmul(a, b)
         reps += 1
         if reps % every == 0:
             sync()
-            if time.perf_counter() - t0 >= seconds:
+            now = time.perf_counter()
+            fastest, group = min(fastest, now - group), now
+            if now - start >= seconds:
                 break
-    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
+    return 2.0 * n ** 3 * every / fastest
