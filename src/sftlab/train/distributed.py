@@ -134,7 +134,8 @@ def fit_fsdp_wrap_classes(accelerator: Accelerator, model: torch.nn.Module) -> N
         return
     present = {type(m).__name__ for m in model.modules()}
     listed = getattr(model, "_no_split_modules", None) or []
-    accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = sorted(n for n in listed if n in present)
+    if set(listed) - present:  # else Accelerate's own reading of the list is left as it is
+        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = sorted(n for n in listed if n in present)
 
 
 def zero_stage(accelerator: Accelerator) -> int | None:
