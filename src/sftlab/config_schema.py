@@ -250,7 +250,7 @@ class TrainConfig(_Strict):
     compile: bool | Literal["auto"] = Field("auto", description=(
         "torch.compile the model: true, false, or auto (on for a packed run with micro_batch_size when the time "
         "it saves pays the compile time back 1.5x over, by this machine's measurements of earlier runs or "
-        "estimates; off for short runs, unpacked rows, vision models, FSDP/DeepSpeed); compiled packed runs pad "
+        "estimates (a CPU needs a measured gain); off for short runs, unpacked rows, vision models, FSDP/DeepSpeed); compiled packed runs pad "
         "every micro-batch to one shape and use the dense document mask"))
     compile_backend: str = Field("inductor", description="torch.compile backend (inductor; aot_eager to debug)")
     liger: bool = Field(False, description="Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); CUDA + liger-kernel")

@@ -18,16 +18,24 @@ from tests.train.test_loop import make_cfg
 
 LONG = compiling.RunShape(setting="auto", packed=True, documents_attention=False, fixed_batches=True, vision=False,
                           sharded=False, resumed_compiled=None, remaining_tokens=10**9, flops_per_token=6 * 135e6,
-                          peak_flops=150e9, device_type="cpu")
+                          peak_flops=150e9, device_type="cuda")
 
 
 def test_auto_compiles_a_long_packed_run_and_not_a_short_one():
     on, why = compiling.decide(LONG)
     assert on and "assumed" in why and "model FLOPs / matmul probe" in why
-    # 6 x 135M FLOPs/token at 150 GFLOP/s: 5.4 ms/token; a 1.2x gain saves 0.9 ms/token, so 120 s x 1.5
-    # of compiling needs about 200k tokens
-    assert not compiling.decide(dataclasses.replace(LONG, remaining_tokens=150_000))[0]
-    assert compiling.decide(dataclasses.replace(LONG, remaining_tokens=250_000))[0]
+    # 6 x 135M FLOPs/token at 150 GFLOP/s: 5.4 ms/token; a 1.2x gain saves 0.9 ms/token, so 60 s x 1.5
+    # of compiling needs 100k tokens
+    assert not compiling.decide(dataclasses.replace(LONG, remaining_tokens=80_000))[0]
+    assert compiling.decide(dataclasses.replace(LONG, remaining_tokens=120_000))[0]
+
+
+def test_a_cpu_compiles_only_once_a_gain_was_measured_there():
+    cpu = dataclasses.replace(LONG, device_type="cpu")
+    on, why = compiling.decide(cpu)
+    assert not on and "no gain known" in why and "compile: true" in why
+    measured = {"eager_s_per_token": 1e-3, "compiled_s_per_token": 0.8e-3, "compile_s": 100.0}
+    assert compiling.decide(cpu, measured)[0]
 
 
 @pytest.mark.parametrize("change,reason", [

@@ -14,8 +14,11 @@ it; it pays back only when the run is long enough. `decide` settles `auto` per r
   previous run left them (`record`: steady eager and compiled seconds per token, and the compile time =
   first compiled step - a steady one, per device, torch version, backend, dtype and model shape, in
   `$SFTLAB_CACHE/compile_times.json`); else the eager time is the model FLOPs over the run's matmul
-  probe (an optimistic step time, so it errs towards not compiling), the gain 1.2 (issue 8 measured
-  1.27x on an AMX CPU) and the cost 120 s on a CPU, 60 s on a GPU.
+  probe (an optimistic step time, so it errs towards not compiling), the cost 120 s on a CPU, 60 s on a
+  GPU, and the gain 1.2 on a GPU but none on a CPU: on a 2-core AVX2 EPYC the compiled step (dense
+  mask) ran 1.11x the eager dense-mask step but 0.92x the eager per-document step it replaces
+  (benchmarks/bench_compile.py), so a CPU compiles under `auto` only once a run with `compile: true`
+  has measured a gain there.
 
 Evaluation forwards run the uncompiled module (train/loop.py): they are few, without gradients, and
 of other shapes, each of which would be another compile.
@@ -38,7 +41,7 @@ import torch
 from sftlab.data.packing import packed_collate
 from sftlab.paths import cache_root
 
-DEFAULT_GAIN = 1.2
+DEFAULT_GAIN = {"cpu": 1.0, "cuda": 1.2}
 DEFAULT_COMPILE_S = {"cpu": 120.0, "cuda": 60.0}
 MARGIN = 1.5  # the saving must exceed the cost by half again: the defaults are estimates
 MIN_STEPS_TO_RECORD = 4  # steady step times need a few steps after the first
@@ -124,12 +127,15 @@ def decide(shape: RunShape, record: dict[str, float] | None = None) -> tuple[boo
     if "compiled_s_per_token" in record and "eager_s_per_token" in record:
         gain, gain_src = record["eager_s_per_token"] / record["compiled_s_per_token"], "measured"
     else:
-        gain, gain_src = DEFAULT_GAIN, "assumed"
+        gain, gain_src = DEFAULT_GAIN.get(shape.device_type, 1.0), "assumed"
     if "compile_s" in record:
         cost, cost_src = record["compile_s"], "measured"
     else:
         cost, cost_src = DEFAULT_COMPILE_S.get(shape.device_type, DEFAULT_COMPILE_S["cpu"]), "assumed"
-    saved = shape.remaining_tokens * eager * (1 - 1 / gain) if gain > 1 else 0.0
+    if gain <= 1:
+        return False, (f"auto: no gain {'measured' if gain_src == 'measured' else 'known'} for this device "
+                       f"({gain:.2f}x{'' if gain_src == 'measured' else '; run once with train.compile: true to measure it'})")
+    saved = shape.remaining_tokens * eager * (1 - 1 / gain)
     on = saved >= MARGIN * cost
     return on, (f"auto: would save ~{saved:.0f} s ({shape.remaining_tokens} tokens x "
                 f"{eager * 1e3:.3f} ms/token eager ({eager_src}) x (1 - 1/{gain:.2f} gain, {gain_src})), "
