@@ -21,21 +21,11 @@ and checks the variants' losses agree (fp32: 1e-5 relative).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from bench_env import cpu_info
 
 
 def load(tiny: bool):
@@ -85,7 +75,7 @@ def main() -> None:
     variants = ["mask", "documents", "mask+gc", "documents+gc"]
     times: dict[str, list[float]] = {v: [] for v in variants}
     losses: dict[str, float] = {}
-    print(f"CPU: {cpu_name()} ({torch.get_num_threads()} threads); torch {torch.__version__}; "
+    print(f"CPU: {cpu_info()[0]} ({torch.get_num_threads()} threads); torch {torch.__version__}; "
           f"{'tiny model' if args.tiny else 'SmolLM2-135M-Instruct'}; 1 packed row of {args.length} tokens, "
           f"{args.docs} documents; fp32; {args.repeats} repeats (+1 warm-up)")
     for r in range(args.repeats + 1):

@@ -19,7 +19,8 @@ import statistics
 import time
 
 import torch
-from bench_attention import cpu_name, load, packed_row
+from bench_attention import load, packed_row
+from bench_env import cpu_info
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start, loss.item()
 
-    print(f"CPU: {cpu_name()} ({torch.get_num_threads()} threads); torch {torch.__version__}; "
+    print(f"CPU: {cpu_info()[0]} ({torch.get_num_threads()} threads); torch {torch.__version__}; "
           f"{'tiny model' if args.tiny else 'SmolLM2-135M-Instruct'}; 1 packed row of {args.length} tokens, "
           f"{args.docs} documents; fp32; backend {args.backend}; {args.repeats} repeats (+1 warm-up)", flush=True)
     first, first_loss = step(compiled)

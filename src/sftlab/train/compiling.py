@@ -40,6 +40,7 @@ import torch
 
 from sftlab.data.packing import packed_collate
 from sftlab.paths import cache_root
+from sftlab.train.precision import cpuinfo_field
 
 DEFAULT_GAIN = {"cpu": 1.0, "cuda": 1.2}
 DEFAULT_COMPILE_S = {"cpu": 120.0, "cuda": 60.0}
@@ -80,7 +81,7 @@ def machine_key(model: Any, device: torch.device, dtype: torch.dtype, backend: s
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = _cpu_model() or platform.processor() or platform.machine()
+        name = cpuinfo_field("model name") or platform.processor() or platform.machine()
     config = model.config.to_dict() if hasattr(model, "config") else {}
     shape = {k: config.get(k) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                                         "num_attention_heads", "num_key_value_heads", "vocab_size")}
@@ -89,17 +90,6 @@ def machine_key(model: Any, device: torch.device, dtype: torch.dtype, backend: s
     text = json.dumps([name, torch.__version__, backend, str(dtype), shape, round(trainable / max(total, 1), 3),
                        recompute], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def decide(shape: RunShape, record: dict[str, float] | None = None) -> tuple[bool, str]:

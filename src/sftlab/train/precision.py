@@ -77,22 +77,22 @@ def _torch_cpu_probe(name: str) -> bool | None:
     return None
 
 
-def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
+def cpuinfo_field(name: str, path: str = "/proc/cpuinfo") -> str:
+    """The first CPU's `name` field of /proc/cpuinfo ("" where there is none)."""
     try:
-        text = Path(path).read_text(errors="replace")
+        lines = Path(path).read_text(errors="replace").splitlines()
     except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+        return ""
+    return next((v.strip() for k, _, v in (ln.partition(":") for ln in lines) if k.strip() == name), "")
+
+
+def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    return set(cpuinfo_field("flags", path).split())
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU multiplies bf16 in hardware: AMX-BF16 (Sapphire Rapids+) or AVX512-BF16.
-
-    Asks torch's probes first (AMX tiles: every CPU with AMX has AMX-BF16), then /proc/cpuinfo flags.
-    """
+    """True when the CPU multiplies bf16 in hardware: AMX-BF16 (Sapphire Rapids+) or AVX512-BF16. Asks
+    torch's probes first (AMX tiles: every CPU with AMX has AMX-BF16), then /proc/cpuinfo flags."""
     probes = [_torch_cpu_probe("_is_amx_tile_supported"), _torch_cpu_probe("_is_avx512_bf16_supported")]
     if any(probes):
         return True
