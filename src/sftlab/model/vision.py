@@ -39,13 +39,20 @@ def is_vision_model(model: Any) -> bool:
     return is_vision_config(getattr(model, "config", None))
 
 
-def load_processor(cfg: ModelConfig, path: str) -> Any:
-    """The processor of a vision-language model at `path` (PIL image processor); None for a text-only model."""
+def _vision_config(cfg: ModelConfig, path: str) -> Any:
+    """The config at `path` when it is a vision-language model's; None otherwise (or unreadable: loading the
+    model names that problem)."""
     try:
         config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except Exception:  # noqa: BLE001 - loading the model names the problem
         return None
-    if not is_vision_config(config):
+    return config if is_vision_config(config) else None
+
+
+def load_processor(cfg: ModelConfig, path: str) -> Any:
+    """The processor of a vision-language model at `path` (PIL image processor); None for a text-only model."""
+    config = _vision_config(cfg, path)
+    if config is None:
         return None
     kwargs = {"use_fast": False, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
@@ -67,11 +74,7 @@ def full_precision_modules(cfg: ModelConfig, path: str) -> list[str] | None:
     BitsAndBytesConfig.llm_int8_skip_modules, matched from the start of a module's full name or as its
     suffix): for a vision-language model the vision tower, the projector and the output head (they keep
     their weights, frozen); None for a text-only model (transformers' own default: the output head)."""
-    try:
-        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except Exception:  # noqa: BLE001 - loading the model names the problem
-        return None
-    if not is_vision_config(config):
+    if _vision_config(cfg, path) is None:
         return None
     return [rf"(?:.*\.)?{re.escape(name)}" for name in sorted(_VISION | _PROJECTOR)] + ["lm_head"]
 
