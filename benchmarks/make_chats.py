@@ -14,14 +14,11 @@ like the issue's 887 MB file of a million rows. Only `random.Random(seed)` is us
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-import sys
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-from make_conversations import SYSTEM_PROMPTS, WORDS, _code, _sentence
+from make_conversations import SYSTEM_PROMPTS, WORDS, _code, _sentence, write_rows
 
 MAX_ROW_CHARS = 2600  # characters of message content per row (JSON with escapes: up to ~3 kB)
 NAMES = ["Natalia", "Weng", "Betty", "Julie", "James", "Albert", "Mark", "Ken", "Alexis", "Tina", "Randy", "Joy",
@@ -100,20 +97,14 @@ def make_chat(rng: random.Random) -> dict[str, Any]:
     return {"messages": messages}
 
 
+def make_chats(n: int, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """`n` chats, deterministic in (n, seed)."""
+    rng = random.Random(seed)
+    return (make_chat(rng) for _ in range(n))
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("n", type=int, nargs="?", default=50_000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="JSONL file (default: stdout)")
-    args = ap.parse_args(argv)
-    out = args.out.open("w", encoding="utf-8") if args.out else sys.stdout
-    rng = random.Random(args.seed)
-    try:
-        for _ in range(args.n):
-            out.write(json.dumps(make_chat(rng)) + "\n")
-    finally:
-        if args.out:
-            out.close()
+    write_rows(make_chats, __doc__.splitlines()[0], argv, ensure_ascii=True)
 
 
 if __name__ == "__main__":

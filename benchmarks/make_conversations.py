@@ -15,6 +15,7 @@ import argparse
 import json
 import random
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -118,19 +119,25 @@ def make_conversations(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return [make_conversation(rng) for _ in range(n)]
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_rows(rows: Callable[[int, int], Iterable[dict[str, Any]]], description: str,
+               argv: list[str] | None = None, ensure_ascii: bool = False) -> None:
+    """The generators' command line: `n [--seed S] [--out FILE]` -> `rows(n, seed)` as JSONL (stdout by default)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("n", type=int, nargs="?", default=50_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="JSONL file (default: stdout)")
     args = ap.parse_args(argv)
     out = args.out.open("w", encoding="utf-8") if args.out else sys.stdout
     try:
-        for row in make_conversations(args.n, args.seed):
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for row in rows(args.n, args.seed):
+            out.write(json.dumps(row, ensure_ascii=ensure_ascii) + "\n")
     finally:
         if args.out:
             out.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    write_rows(make_conversations, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
