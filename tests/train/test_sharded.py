@@ -141,15 +141,20 @@ def assert_same_weights(a: dict, b: dict, rel: float) -> None:
         assert diff <= rel, f"{k}: relative difference {diff:.2e}"
 
 
-@pytest.mark.parametrize("engine", ENGINE_PARAMS)
-def test_engine_matches_one_process(engine, lab):
-    one, two = lab.run("one", None), lab.run(engine, engine)
-    m1, m2 = metrics(one), metrics(two)
+def assert_same_steps(m1: list[dict], m2: list[dict]) -> None:
+    """The 3 steps of two runs: same target tokens, loss and gradient norm within 1e-5."""
     assert len(m1) == len(m2) == 3
     assert [r["target_tokens"] for r in m1] == [r["target_tokens"] for r in m2]
     for a, b in zip(m1, m2):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+def test_engine_matches_one_process(engine, lab):
+    one, two = lab.run("one", None), lab.run(engine, engine)
+    m1, m2 = metrics(one), metrics(two)
+    assert_same_steps(m1, m2)
     # validation runs the same number of (collective) forwards on every rank and counts every example once
     assert m2[-1]["eval_loss"] == pytest.approx(m1[-1]["eval_loss"], rel=1e-5)
     info = json.loads((two / "run.json").read_text())
@@ -235,11 +240,7 @@ def test_fsdp_trains_a_vision_language_model_like_one_process(lab):
     lab.run("one", None), lab.run("fsdp", "fsdp")
     one, two = lab.root / "vlm-one", lab.root / "vlm-fsdp"
     m1, m2 = metrics(one), metrics(two)
-    assert len(m1) == len(m2) == 3
-    assert [r["target_tokens"] for r in m1] == [r["target_tokens"] for r in m2]
-    for a, b in zip(m1, m2):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    assert_same_steps(m1, m2)
     info = json.loads((two / "run.json").read_text())
     assert (info["engine"], info["num_processes"]) == ("fsdp", 2)
     w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
