@@ -17,7 +17,7 @@ import numpy as np
 
 from sftlab.config import SFTConfig
 from sftlab.train import distributed
-from sftlab.train.checkpoint import COMPLETE, latest_checkpoint, load_checkpoint, read_state
+from sftlab.train.checkpoint import COMPLETE, latest_checkpoint, load_checkpoint
 from sftlab.train.rundir import RunError
 
 
@@ -87,7 +87,7 @@ def check_resume_state(run) -> None:
     """The checkpoint's processes, engine and training data must be this run's: checked before weights load."""
     if run.resume_from is None:
         return
-    ckpt, saved = run.resume_from, read_state(run.resume_from)
+    ckpt, saved = run.resume_from, run.resume_state  # read once by setup_run
     if saved.num_processes != run.world:
         raise RunError(f"cannot resume from {ckpt}: it was written by {saved.num_processes} "
                        f"process(es), this run has {run.world}; the data order, the batch geometry (and the "

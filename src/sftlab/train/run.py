@@ -72,6 +72,7 @@ class Run:
     stop: StopRequest | None = None
     mixed_precision: str = "no"  # what Accelerate runs: no | bf16 | fp16
     model_path: str | None = None  # the base model's path when setup resolved it (model.dtype: auto)
+    resume_state: Any = None  # the TrainerState of resume_from, read once at setup
     recompute: bool = False  # activations recomputed in the backward (train.gradient_checkpointing, resolved)
     flops: FlopCounter | None = None
     peak_flops: float | None = None

@@ -141,15 +141,16 @@ def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = Non
     if accelerator.is_main_process:
         print_precision(cfg, console, accelerator, mixed, why)
     resume_from = find_resume_checkpoint(cfg)
-    if resume_from is not None:
-        check_resume_compatible(read_state(resume_from).config, cfg, resume_from)
+    resume_state = read_state(resume_from) if resume_from is not None else None
+    if resume_state is not None:
+        check_resume_compatible(resume_state.config, cfg, resume_from)
     set_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     return Run(cfg, console, accelerator, out, resume_from, TrainResult(output_dir=out, steps=0, final_loss=None),
                inputs=inputs, objective=inputs.objective or SFTObjective(),
                callbacks=run_callbacks(cfg, inputs, accelerator, out), mixed_precision=mixed, model_path=model_path,
-               resume_command=resume_command or f"sftlab train <config> train.resume=auto train.output_dir={out}")
+               resume_state=resume_state, resume_command=resume_command or f"sftlab train <config> train.resume=auto train.output_dir={out}")
 
 
 def with_continued_adapter(cfg: SFTConfig, inputs: RunInputs) -> SFTConfig:
@@ -256,7 +257,7 @@ def compile_if_it_pays(run: Run, model):
     packed, fixed = cfg.data.packing != "none", cfg.train.micro_batch_tokens is None
     dtype = torch.bfloat16 if run.mixed_precision == "bf16" else next(model.parameters()).dtype
     run.compile_key = compiling.machine_key(model, device, dtype, cfg.train.compile_backend, run.recompute)
-    resumed = read_state(run.resume_from) if run.resume_from is not None else None
+    resumed = run.resume_state
     done = resumed.step if resumed is not None else 0
     run.tokens_per_step = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * run.world * cfg.data.max_seq_length
     shape = compiling.RunShape(
