@@ -231,8 +231,9 @@ class TrainConfig(_Strict):
         "recompute activations in the backward (about a third more FLOPs, far less activation memory); auto: "
         "only when the planned micro-batch's activations would not fit the free memory (train/recompute.py)"))
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description=(
-        "auto: bf16 where the device runs it fast (CUDA with bf16; a CPU with AMX or AVX512-BF16), else fp32; "
-        "bf16/fp16 keep fp32 master weights"))
+        "auto: bf16 where the device runs it fast (CUDA with bf16; a CPU with AMX or AVX512-BF16), else fp32 "
+        "(SFTLAB_AUTO_MIXED_PRECISION=bf16|no pins it); bf16: AdamW keeps fp32 master weights of bf16 copies, "
+        "the other optimizers keep fp32 weights under bf16 autocast"))
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from sftlab.config import SFTConfig
 from sftlab.train import setup as setup_mod
 from sftlab.train.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
+from sftlab.train.inference import load_model_dir
 from sftlab.train.loop import RunError, run_training
 
 STEPS = 7
@@ -342,34 +344,46 @@ def test_hf_model_in_each_checkpoint_loads_plainly_and_delete_at_end(tiny_model_
     assert (tmp_path / "clean" / "model.safetensors").is_file() and not (tmp_path / "clean" / "checkpoints").exists()
 
 
-def test_load_best_model_at_end_saves_the_best_evaluated_step(tiny_model_dir, chat_file, tmp_path, monkeypatch):
-    """A too-high lr makes the eval loss rise after the first steps: the saved model is the best step's
-    (equal to that step's checkpoint in an identical run), and rotation kept that checkpoint. Only the
-    weights are read back: no whole-checkpoint restore (optimizer, scheduler, RNG)."""
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_load_best_model_at_end_saves_the_best_evaluated_step(tiny_model_dir, chat_file, tmp_path, monkeypatch,
+                                                              precision):
+    """Each evaluation runs as usual and then reports a loss that falls to step 3 and rises after it (so the
+    best step is in the middle whatever the precision does to the real losses): the saved model is step 3's
+    (equal to that step's checkpoint in an identical run), and rotation kept that checkpoint. Only the weights
+    are read back: no whole-checkpoint restore (optimizer, scheduler, RNG)."""
     import accelerate
 
     import sftlab
+    from sftlab.train import loop
     from sftlab.train.best import best_step
 
+    real, scripted = loop.run_evaluation, [4.0, 2.0, 1.0, 3.0, 5.0]
+    reported = itertools.cycle(scripted)  # one evaluation per step, the same script in each run
+
+    def v_shaped(run):
+        return {**real(run), "eval_loss": next(reported)}
+
+    monkeypatch.setattr(loop, "run_evaluation", v_shaped)
+
     def tree(out, **ckpt):
-        t = cfg_tree(tiny_model_dir, chat_file, out, max_steps=4, eval_every=1)
+        t = cfg_tree(tiny_model_dir, chat_file, out, max_steps=len(scripted), eval_every=1, mixed_precision=precision)
         t["data"]["eval_fraction"] = 0.25
-        t["optim"].update(lr=3.0, warmup_steps=0, scheduler="constant")
         t["checkpoint"] = ckpt
         return t
 
     ref = sftlab.train(tree(tmp_path / "ref", every_steps=1))
     step, _ = best_step(ref.history, "eval_loss")
-    assert step < 4, [r["eval_loss"] for r in ref.history]
+    assert step == 3, [r["eval_loss"] for r in ref.history]
     t = tree(tmp_path / "best", keep_last=1)
     t["train"]["load_best_model_at_end"] = True
     monkeypatch.setattr(accelerate.Accelerator, "load_state", lambda *a, **k: pytest.fail("whole checkpoint loaded"))
     res = sftlab.train(t)
     assert res.best_step == step
     assert (tmp_path / "best" / "checkpoints" / f"step-{step:08d}").is_dir()
-    want = load_file(tmp_path / "ref" / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
+    # that step's weights as the inference loader reads a checkpoint (bf16 runs: the optimizer's fp32 masters)
+    want = load_model_dir(tmp_path / "ref" / "checkpoints" / f"step-{step:08d}")[0].state_dict()
     got = load_file(tmp_path / "best" / "model.safetensors")
-    assert got.keys() <= want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert got.keys() <= want.keys() and [k for k in got if not torch.equal(got[k], want[k])] == []
 
 
 def test_load_best_model_at_end_needs_a_logged_metric(tiny_model_dir, chat_file, tmp_path):

@@ -71,7 +71,10 @@ def test_only_the_adapter_trains_and_its_files_load_with_plain_peft(tiny_model_d
     assert cli_main(["generate", str(out), "--prompt", "Hello!", "--max-new-tokens", "3"]) == 0
 
 
-def test_base_weights_are_bitwise_untouched_in_training(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_base_weights_are_bitwise_untouched_in_training(tiny_model_dir, chat_file, tmp_path, monkeypatch, precision):
+    """The frozen base after training, and every tensor of the merged model the adapter does not touch (the
+    embeddings, the norms), equal the loaded base bitwise, in fp32 and under bf16 mixed precision."""
     from sftlab.train import outputs
 
     seen = {}
@@ -82,12 +85,16 @@ def test_base_weights_are_bitwise_untouched_in_training(tiny_model_dir, chat_fil
         return real(run, model, gathered)
 
     monkeypatch.setattr(outputs, "save_adapter_run", spy)
-    run_training(lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", peft={"dropout": 0.1}))
+    run_training(lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", peft={"dropout": 0.1, "merge_on_save": True},
+                          mixed_precision=precision))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
     trained = seen["model"].get_base_model().state_dict()
     frozen = {k.replace(".base_layer", ""): v for k, v in trained.items() if "lora_" not in k}
     assert set(frozen) == set(base)
-    assert all(torch.equal(frozen[k], base[k]) for k in base)
+    assert [k for k in base if not torch.equal(frozen[k], base[k])] == []
+    merged = load_file(tmp_path / "run" / "merged" / "model.safetensors")
+    untouched = [k for k in merged if "proj" not in k]
+    assert untouched and [k for k in untouched if not torch.equal(merged[k], base[k])] == []
 
 
 def test_bad_target_module_fails_before_training_with_the_names(tiny_model_dir, chat_file, tmp_path, capsys):

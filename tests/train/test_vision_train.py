@@ -9,12 +9,13 @@ import io
 import json
 import logging
 import math
+import shutil
 import signal
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_checkpoint import EXACT, metrics, run_cli
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from vlm_families import make_image, save_family
@@ -23,6 +24,7 @@ import sftlab
 from sftlab.cli import main
 from sftlab.config import ModelConfig
 from sftlab.model.vision import load_processor, part_of
+from sftlab.train.checkpoint import latest_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,32 @@ def test_full_fine_tuning_learns_saves_model_and_processor_and_keeps_the_vision_
     assert scored["examples"] == 12 and scored["loss"] < losses[0] and scored["exact_match"]["total"] == 12
     image = str(vlm_data.parent / "img" / "0.png")  # sftlab generate --image: the trained model is shown it
     assert main(["generate", str(out), "--prompt", "Which class?", "--image", image, "--max-new-tokens", "3"]) == 0
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_frozen_weights_are_saved_exactly_as_loaded(model_dirs, vlm_data, tmp_path, precision):
+    """Every frozen tensor (the vision tower: half of it on the bf16 grid, as a bf16 checkpoint loads, half
+    off it) comes back bitwise in the saved model and in a checkpoint's hf/ copy, in fp32 and under bf16
+    mixed precision (bf16 compute copies of the trained weights, fp32 masters)."""
+    base = tmp_path / "base"
+    shutil.copytree(model_dirs["idefics3"], base)
+    weights = load_file(base / "model.safetensors")
+    vision = sorted(n for n in weights if part_of(n) == "vision" and weights[n].is_floating_point())
+    for name in vision:
+        if ".mlp." in name:  # the MLPs as a bf16 checkpoint loads; the attention projections off the bf16 grid
+            weights[name] = weights[name].to(torch.bfloat16).float()
+    off_grid = [n for n in vision if not torch.equal(weights[n].to(torch.bfloat16).float(), weights[n])]
+    assert any("proj.weight" in n for n in off_grid) and any("mlp.fc1.weight" in n for n in vision)
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "run"
+    tree = _tree(base, vlm_data, out, steps=2)
+    tree["train"].update(mixed_precision=precision, eval_every=None)
+    tree["checkpoint"]["save_hf_model"] = True
+    sftlab.train(tree)
+    assert json.loads((out / "run.json").read_text())["mixed_precision"] == precision
+    for saved in (load_file(out / "model.safetensors"), load_file(latest_checkpoint(out) / "hf" / "model.safetensors")):
+        assert [n for n in vision if not torch.equal(saved[n], weights[n])] == []
+        assert any(not torch.equal(saved[n], weights[n]) for n in saved if part_of(n) == "language")
 
 
 def test_generate_with_an_image_needs_a_vision_model(tiny_model_dir, vlm_data, capsys):

@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file
 
 from sftlab.train import testing
-from sftlab.train.precision import MASTER_KEY, master_weight_optimizer
+from sftlab.train.master_weights import MASTER_KEY, master_weight_optimizer
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"

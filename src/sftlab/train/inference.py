@@ -41,7 +41,7 @@ from sftlab.train.checkpoint import (
 )
 from sftlab.train.data import load_run_tokens
 from sftlab.train.optim import decay_groups
-from sftlab.train.precision import MASTER_KEY
+from sftlab.train.master_weights import MASTER_KEY
 from sftlab.train.run_model import build_run_model
 
 log = logging.getLogger(__name__)

@@ -53,7 +53,7 @@ from sftlab.train.outputs import (
     run_match_eval,
     save_model,
 )
-from sftlab.train.precision import master_weight_optimizer
+from sftlab.train.master_weights import master_weight_optimizer
 from sftlab.train.resume import check_resume_state, data_fingerprint, restore_checkpoint, trainable_only_checkpoints
 from sftlab.train.run import Run, TrainResult
 from sftlab.train.rundir import RunError
@@ -280,9 +280,10 @@ def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator: Ac
     lockstep = distributed.sharded(accelerator)  # sharded forwards are collective: same batch count on every rank
     if not lockstep:  # plain forward: ranks may run different numbers of batches; eager (train/compiling.py)
         model = accelerator.unwrap_model(model, keep_torch_compile=False)
-    total, norm = target_loss(model, examples, pad_id, batch_size, objective, accelerator.device,
-                              accelerator.process_index, accelerator.num_processes, lockstep=lockstep,
-                              collate=collate, max_batches=max_batches)
+    with accelerator.autocast():  # the module unwrapped from torch.compile lost Accelerate's autocast forward
+        total, norm = target_loss(model, examples, pad_id, batch_size, objective, accelerator.device,
+                                  accelerator.process_index, accelerator.num_processes, lockstep=lockstep,
+                                  collate=collate, max_batches=max_batches)
     totals = accelerator.reduce(torch.tensor([total, float(norm)], dtype=torch.float64, device=accelerator.device),
                                 "sum")
     return objective.record(totals[0].item(), int(totals[1].item()), prefix)

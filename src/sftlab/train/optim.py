@@ -16,7 +16,7 @@ Other optimizers by name, each the field's own implementation: bitsandbytes' 8-b
 paged), transformers' Adafactor at the fixed lr given, torch's SGD. Their states are plain tensors, so
 checkpoints and exact resume work as for AdamW.
 
-A model with bf16/fp16 parameters gets `MasterWeightAdamW` (train/precision.py): the same AdamW on
+A model with bf16/fp16 parameters gets `MasterWeightAdamW` (train/master_weights.py): the same AdamW on
 fp32 master copies, so updates smaller than a bf16 ulp are not lost. The fused AdamW kernel is used on
 CPU and CUDA (measured ~3x faster than the default foreach implementation for the step on a 2-core CPU).
 """
@@ -30,7 +30,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from sftlab.config import OptimConfig
-from sftlab.train.precision import MasterWeightAdamW, needs_master_weights
+from sftlab.train.master_weights import MasterWeightAdamW, needs_master_weights
 
 
 def decay_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:

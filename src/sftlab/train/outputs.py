@@ -25,7 +25,7 @@ from sftlab.train.checkpoint import delete_checkpoints
 from sftlab.train.data import data_report_json
 from sftlab.train.inference import load_adapter_dir, load_model_dir, model_processor
 from sftlab.train.metrics import MetricsLog, read_metrics
-from sftlab.train.precision import load_master_weights, master_weight_optimizer
+from sftlab.train.master_weights import load_master_weights, master_weight_optimizer
 from sftlab.train.report import DATA_REPORT
 from sftlab.train.run import Run, TrainResult
 from sftlab.train.setup import compute_dtype

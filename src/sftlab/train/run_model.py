@@ -13,7 +13,7 @@ a model object) to the model as that run has it:
    parameter names as the run that saved it), or a PeftModel object as it is;
 4. for training only: activation checkpointing, NEFTune, and the precision -- bf16 compute copies
    of the fp32 weights (`use_bf16_weights`) whose fp32 masters the optimizer seeds from the
-   returned `originals` (train/precision.py).
+   returned `originals` (train/master_weights.py).
 
 Training and `sftlab generate`/`eval`/`export` of a checkpoint build the same module tree this
 way, so the checkpoint's tensor names always match.
@@ -31,7 +31,8 @@ from sftlab.model import adapters, attention, vision
 from sftlab.model.loading import load_model
 from sftlab.model.vocab import resize_for_new_tokens
 from sftlab.train import recompute
-from sftlab.train.precision import use_bf16_weights
+from sftlab.train.master_weights import use_bf16_weights
+from sftlab.train.precision import bf16_weight_form
 
 
 @dataclass
@@ -89,10 +90,11 @@ def build_run_model(cfg: SFTConfig, tokens: RunTokens, purpose: str = "train", g
 
         activate_neftune(built.model, cfg.train.neftune_alpha)
     quantized = cfg.peft is not None and cfg.peft.quantize is not None
-    if (mixed_precision == "bf16" or cfg.model.dtype == "bfloat16") and not quantized and not sharded:
+    form, _ = bf16_weight_form(mixed_precision, cfg.model.dtype, cfg.optim.name, quantized or sharded)
+    if form != "none":
         # bf16 copies of the matmul weights (of every weight: pure bf16 without autocast) do the compute,
         # refreshed from the optimizer's fp32 master weights once per optimizer step (MasterWeightAdamW).
-        built.originals = use_bf16_weights(built.model, matmul_only=mixed_precision == "bf16")
+        built.originals = use_bf16_weights(built.model, matmul_only=form == "matmul")
     return built
 
 

@@ -36,7 +36,8 @@ from sftlab.train.data import prepare_run_data
 from sftlab.train.inputs import RunInputs
 from sftlab.train.objective import LossFn, SFTObjective
 from sftlab.train.optim import build_optimizer, build_scheduler
-from sftlab.train.precision import resolve_mixed_precision, seed_master_weights
+from sftlab.train.master_weights import seed_master_weights
+from sftlab.train.precision import bf16_weight_form, resolve_mixed_precision
 from sftlab.train.resume import check_resume_compatible, data_fingerprint, find_resume_checkpoint
 from sftlab.train.run import Run, TrainResult
 from sftlab.train.run_model import build_run_model
@@ -96,9 +97,14 @@ def _claim_on_main(cfg: SFTConfig, console: Console) -> str:
 
 
 def print_precision(cfg: SFTConfig, console: Console, accelerator: Accelerator, mixed: str, why: str) -> None:
-    compute = {"bf16": "bf16 autocast, matmul weights as bf16 copies of fp32 masters",
-               "fp16": "fp16 autocast with loss scaling"}.get(mixed, compute_dtype(cfg.model.dtype, mixed))
-    masters = "; fp32 master weights in the optimizer" if mixed == "bf16" or cfg.model.dtype == "bfloat16" else ""
+    quantized = cfg.peft is not None and cfg.peft.quantize is not None
+    form, form_why = bf16_weight_form(mixed, cfg.model.dtype, cfg.optim.name, quantized)
+    compute = {"matmul": "bf16 autocast, matmul weights as bf16 copies of fp32 masters",
+               "all": "bf16 weights (copies of fp32 masters), no autocast"}.get(form)
+    if compute is None:
+        compute = {"bf16": "bf16 autocast" + (" on a quantized base" if quantized else f" on fp32 weights ({form_why})"),
+                   "fp16": "fp16 autocast with loss scaling"}.get(mixed, compute_dtype(cfg.model.dtype, mixed))
+    masters = "; fp32 master weights in the optimizer" if form != "none" else ""
     if distributed.sharded(accelerator):  # the engine casts; the weights it shards stay fp32
         compute = f"{mixed} compute by {distributed.engine_of(accelerator)}'s mixed precision" \
             if mixed != "no" else "float32"
@@ -116,6 +122,10 @@ def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = Non
         mixed, why = resolve_mixed_precision(cfg.train.mixed_precision, run_device_type(), cfg.model.dtype)
     except ValueError as e:
         raise RunError(f"train.mixed_precision: {e}") from None
+    try:
+        bf16_weight_form(mixed, cfg.model.dtype, cfg.optim.name)  # pure bf16 needs an optimizer with masters
+    except ValueError as e:
+        raise RunError(str(e)) from None
     # Accelerate keeps one process-wide state: a later run in the same process (tests, notebooks) may
     # choose another mixed precision, so it starts from a clean one (the process group is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
