@@ -173,7 +173,9 @@ class DataConfig(_Strict):
     cache_dir: str | None = Field(None, description="where the data cache lives (default $SFTLAB_CACHE/data, ~/.cache/sftlab/data)")
     on_bad_record: Literal["skip", "error"] = Field("skip", description=(
         "skip: report bad rows (file:line, field, reason) and go on; error: stop at the first"))
-    max_bad_fraction: float = Field(0.5, ge=0.0, le=1.0, description="skip mode still fails when more rows than this are bad")
+    max_bad_fraction: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "skip mode still fails when more rows than this of any one source (train or eval) are bad; a source left "
+        "with no example is an error whatever this is"))
 
 
 class OptimConfig(_Strict):
