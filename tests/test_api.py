@@ -155,6 +155,21 @@ def test_two_eval_sets_give_two_losses_each_equal_to_sftlab_eval(tiny_model_dir,
     assert "eval/a_loss" in logged[-1]
 
 
+def test_a_named_eval_set_of_bad_rows_fails_before_training(tiny_model_dir, tmp_path):
+    """Its loss would be nan, every evaluation; the bad rows of all sources together are few."""
+    from sftlab.data.types import DataError
+
+    out = tmp_path / "run"
+    train_rows = [to_prompt_completion(r) for r in GSM_ROWS] * 2
+    no_answer = [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS[:2]]
+    with pytest.raises(DataError) as e:
+        sftlab.train(settings(tiny_model_dir, out), train_dataset=train_rows,
+                     eval_dataset={"gsm": train_rows[:3], "chat": no_answer})
+    assert str(e.value).startswith("eval set 'chat': 2 of 2 rows are bad (> data.max_bad_fraction=0.5")
+    assert "chat row 1 field 'messages': no assistant turn" in str(e.value)
+    assert not (out / "metrics.jsonl").exists()
+
+
 class Recorder:
     def __init__(self, stop_at: int | None = None):
         self.records, self.saves, self.evals, self.stop_at = [], [], [], stop_at

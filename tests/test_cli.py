@@ -174,3 +174,22 @@ def test_a_mistyped_data_file_fails_at_once_with_a_suggestion(tmp_path, monkeypa
     assert main(["train", "--data", "data/gsm8k_pc.jsnol"]) == 2
     assert "did you mean data/gsm8k_pc.jsonl?" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
+
+
+def test_data_flag_sets_the_paths_and_dotted_source_overrides_apply_on_top(tmp_path, tiny_model_dir, capsys):
+    """`--data FILE 'data.train.0.columns=...'`: the flag gives data.train, the user's keys inside it are kept."""
+    from conftest import write_jsonl
+
+    assert main(["config", "show", "--data", "a.jsonl", "--data", "b.jsonl", "data.train.0.columns={completion: response}",
+                 "data.train.0.weight=3", "data.train.1.name=second"]) == 0
+    train = yaml.safe_load(capsys.readouterr().out)["data"]["train"]
+    assert [s["path"] for s in train] == ["a.jsonl", "b.jsonl"]
+    assert train[0]["columns"] == {"completion": "response"} and train[0]["weight"] == 3
+    assert train[1]["name"] == "second" and train[1]["columns"] == {} and train[1]["weight"] is None
+    # and the run reads the file through them: every row names its answer `response`
+    data = write_jsonl(tmp_path / "renamed.jsonl", [{"prompt": f"Count to {i}", "response": " ".join("x" * i)}
+                                                    for i in range(1, 5)])
+    assert main(["prepare", "--data", str(data), "--model", str(tiny_model_dir), "data.train.0.columns={completion: response}",
+                 "data.train.0.weight=8", "data.max_seq_length=256", "data.cache=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "train 8 examples" in printed and "error" not in printed

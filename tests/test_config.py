@@ -30,6 +30,18 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.data.train[0].path == "y.jsonl" and cfg.model.dtype == "bfloat16"
 
 
+@pytest.mark.parametrize("value", ["-1", "0", "-0.5", "null"])
+def test_max_grad_norm_at_or_below_zero_is_no_clipping(tmp_path, value):
+    # open-instruct's clip_grad_norm -1 means off; torch's clip with a negative norm would reverse the gradients
+    cfg = load_config(write(tmp_path, BASE), [f"optim.max_grad_norm={value}"])
+    assert cfg.optim.max_grad_norm is None
+    cfg = load_config(write(tmp_path, {**BASE, "optim": {"max_grad_norm": float(value) if value != "null" else None}}))
+    assert cfg.optim.max_grad_norm is None
+    cfg.optim.max_grad_norm = -1.0
+    assert cfg.optim.max_grad_norm is None
+    assert load_config(write(tmp_path, BASE), ["optim.max_grad_norm=0.5"]).optim.max_grad_norm == 0.5
+
+
 @pytest.mark.parametrize("tree_or_override, path", [
     ({"optim": {"lrr": 1.0}}, "optim.lrr"),
     ({"train": {"micro_batch_size": "eight"}}, "train.micro_batch_size"),

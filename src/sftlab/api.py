@@ -81,8 +81,8 @@ def evaluate(model: Any, eval_dataset: DataArg | dict[str, DataArg], *, tokenize
     out: dict[str, float] = {}
     totals = [0.0, 0]
     for name, dataset in sets.items():
-        examples, _, _ = build_datasets(data_cfg, tokenizer, cfg.train.seed, as_sources(dataset), template=template,
-                                        formatting_func=formatting_func)
+        examples, _, _ = build_datasets(data_cfg, tokenizer, cfg.train.seed, as_sources(dataset, name or None),
+                                        template=template, formatting_func=formatting_func)
         total, norm = target_loss(model, examples, tokenizer.pad_token_id, batch_size, objective, model.device)
         totals = [totals[0] + total, totals[1] + norm]
         if name:

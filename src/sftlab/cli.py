@@ -40,7 +40,8 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _quick_overrides(ns: argparse.Namespace) -> list[str]:
-    """--data/--model/--out as overrides (values JSON-quoted, so any path survives YAML parsing)."""
+    """--data/--model/--out as overrides (values JSON-quoted, so any path survives YAML parsing). They go
+    before the dotted overrides, which apply in order: `data.train.0.columns=...` edits the --data source."""
     out = []
     if getattr(ns, "data", None):
         out.append("data.train=" + json.dumps(ns.data))
@@ -53,7 +54,7 @@ def _quick_overrides(ns: argparse.Namespace) -> list[str]:
 
 def _load(ns: argparse.Namespace):
     path, overrides = _split_config_args(ns.args)
-    return load_config(path, overrides + _quick_overrides(ns))
+    return load_config(path, _quick_overrides(ns) + overrides)
 
 
 def _resume_command(argv: list[str]) -> str:
@@ -74,7 +75,7 @@ def _load_checked(ns: argparse.Namespace):
 def cmd_train(ns: argparse.Namespace) -> int:
     cfg = _load_checked(ns)
     path, overrides = _split_config_args(ns.args)
-    overrides += _quick_overrides(ns)
+    overrides = _quick_overrides(ns) + overrides
     if path is None and gives_training_data(overrides):
         console.print("[bold]sftlab[/bold]: no config file: the library defaults with your settings (save this as "
                       "a YAML file to change more; `sftlab config reference` documents every key):", highlight=False)
@@ -327,7 +328,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
     p.add_argument("--data", action="append", metavar="FILE", help=(
         "training data (repeat for a mix), as data.train=FILE; without a CONFIG the config starts from the library "
-        "defaults, not the demo"))
+        "defaults, not the demo. key=value overrides apply on top (data.train.0.columns=..., data.train.1.weight=...)"))
     p.add_argument("--model", metavar="PATH", help="model.name_or_path (default: `default`, the embedded model)")
     p.add_argument("--out", metavar="DIR", help="train.output_dir")
 

@@ -173,7 +173,9 @@ class DataConfig(_Strict):
     cache_dir: str | None = Field(None, description="where the data cache lives (default $SFTLAB_CACHE/data, ~/.cache/sftlab/data)")
     on_bad_record: Literal["skip", "error"] = Field("skip", description=(
         "skip: report bad rows (file:line, field, reason) and go on; error: stop at the first"))
-    max_bad_fraction: float = Field(0.5, ge=0.0, le=1.0, description="skip mode still fails when more rows than this are bad")
+    max_bad_fraction: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "skip mode still fails when more rows than this of any one source (train or eval) are bad; a source left "
+        "with no example is an error whatever this is"))
 
 
 class OptimConfig(_Strict):
@@ -187,7 +189,9 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (never on biases and norms)")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     eps: float = Field(1e-8, description="AdamW epsilon")
-    max_grad_norm: float | None = Field(1.0, description="gradient clipping norm; null disables clipping (the norm is still logged)")
+    max_grad_norm: float | None = Field(1.0, description=(
+        "gradient clipping norm; null, 0 or a negative value (open-instruct's -1) disables clipping and is read as "
+        "null (the norm is still logged)"))
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup")
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description=(
         "warmup as a fraction of the optimizer steps (rounded up); see warmup_steps"))
@@ -198,6 +202,12 @@ class OptimConfig(_Strict):
         "the decay ends at this fraction of the peak lr instead of 0 (Fast-LLM's minimum lr, open-instruct's "
         "final_lr_ratio): lr * (min + (1 - min) * f)"))
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum (optim.name: sgd)")
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _off_at_or_below_zero(cls, norm: float | None) -> float | None:
+        # torch's clip with a negative norm scales every gradient by a negative factor (and 0 zeroes them)
+        return norm if norm is not None and norm > 0 else None
 
 
 class TrainConfig(_Strict):

@@ -64,6 +64,38 @@ def test_too_many_bad_rows_fails_before_training(tmp_path, tokenizer):
         build_datasets(cfg_for(path, max_bad_fraction=0.5), tokenizer, seed=0)
 
 
+def test_max_bad_fraction_applies_to_each_source(tmp_path, tokenizer):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD] + ["{"] * 3)  # 3 of 4 bad: above 0.5 on its own
+    good = write_jsonl(tmp_path / "good.jsonl", [GOOD] * 12)  # together: 3 of 16 bad, below 0.5
+    cfg = DataConfig(train=[SourceConfig(path=str(good)), SourceConfig(path=str(bad))], max_bad_fraction=0.5)
+    with pytest.raises(DataError) as e:
+        build_datasets(cfg, tokenizer, seed=0)
+    msg = str(e.value)
+    assert msg.startswith(f"train source {bad}: 3 of 4 rows are bad (> data.max_bad_fraction=0.5")
+    assert f"{bad}:2: invalid JSON" in msg and str(good) not in msg
+    cfg.max_bad_fraction = 0.75  # at the limit: trained, without its bad rows
+    train, _, report = build_datasets(cfg, tokenizer, seed=0)
+    assert len(train) == 13 and report.bad == 3
+
+
+def test_a_source_left_without_examples_is_an_error_naming_it(tmp_path, tokenizer):
+    good = write_jsonl(tmp_path / "good.jsonl", [GOOD] * 4)
+    bad = write_jsonl(tmp_path / "chat.jsonl", ["{"] * 2)
+    long = {"messages": [{"role": "user", "content": "one two three " * 40}, {"role": "assistant", "content": "four"}]}
+    too_long = write_jsonl(tmp_path / "long.jsonl", [long] * 2)
+    cfg = DataConfig(train=[SourceConfig(path=str(good))], max_bad_fraction=1.0, max_seq_length=128,
+                     eval=[SourceConfig(path=str(good), name="gsm"), SourceConfig(path=str(bad), name="chat")])
+    with pytest.raises(DataError) as e:  # every row bad, even where any fraction of bad rows is allowed
+        build_datasets(cfg, tokenizer, seed=0)
+    assert str(e.value).startswith(f"eval set 'chat' ({bad}): no examples left: all 2 rows are bad")
+    assert f"{bad}:1: invalid JSON" in str(e.value)
+    cfg.eval = [SourceConfig(path=str(good))]
+    cfg.train = [SourceConfig(path=str(good)), SourceConfig(path=str(too_long))]
+    with pytest.raises(DataError, match=rf"train source {too_long}: no examples left: its 2 examples are longer than "
+                                        r"data.max_seq_length=128 \(data.on_overlength=drop\)"):
+        build_datasets(cfg, tokenizer, seed=0)
+
+
 def test_missing_source(tmp_path, tokenizer):
     with pytest.raises(DataError, match="not found"):
         build_datasets(cfg_for(tmp_path / "nope.jsonl"), tokenizer, seed=0)

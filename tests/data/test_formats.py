@@ -276,3 +276,55 @@ def test_llamafactory_v1_text_parts_name_their_text_value():
     assert e.field_name == "messages[0].content[0]" and "an image part: images need a vision-language model" in e.reason
     e = bad({"messages": [{"role": "user", "content": [{"type": "text", "value": 3}]}, A]})
     assert "must be a content part" in e.reason
+
+
+# Two tools with different keys, as `datasets` holds them: Arrow merges the structs of all rows, so each row's
+# schema and call arguments get the other row's keys filled in with None (`"amount": null` in get_weather's call)
+WEATHER = {"name": "get_weather", "description": "Weather in a city", "parameters": {"type": "object", "properties": {
+    "date": {"type": "string", "description": "ISO date"}, "city": {"type": "string"},
+    "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city"]}}
+CONVERT = {"name": "convert", "parameters": {"type": "object", "properties": {
+    "date": {"type": "string", "enum": ["today", "yesterday"]}, "amount": {"type": "number"},
+    "to": {"type": "string"}}, "required": ["amount", "to"]}}
+
+
+def tool_row(tool, args, answer):
+    call = {"type": "function", "function": {"name": tool["name"], "arguments": args}}
+    return {"tools": [tool], "messages": [U, {"role": "assistant", "content": "", "tool_calls": [call]},
+                                          {"role": "tool", "content": "ok"}, {"role": "assistant", "content": answer}]}
+
+
+TOOL_ROWS = [tool_row(WEATHER, {"city": "Paris"}, "Sunny."), tool_row(CONVERT, {"amount": 3.5, "to": "EUR"}, "3.2 EUR.")]
+
+
+def test_nulls_arrow_fills_into_tool_schemas_and_call_arguments_are_absent(tmp_path, tokenizer):
+    import datasets
+    from conftest import write_jsonl
+
+    from sftlab.config import DataConfig, SourceConfig
+    from sftlab.data.dataset import build_datasets
+    arrow = datasets.Dataset.from_list(TOOL_ROWS)
+    assert arrow[0]["messages"][1]["tool_calls"][0]["function"]["arguments"]["amount"] is None  # the fill-in
+    for filled, row in zip(arrow, TOOL_ROWS):
+        c, ref = rec(filled), rec(row)
+        assert c.tools == ref.tools == [{"type": "function", "function": row["tools"][0]}]
+        assert c.messages == ref.messages and c.messages[1]["tool_calls"] == row["messages"][1]["tool_calls"]
+    # tokenized: a Dataset and a JSONL file of the same rows give the same examples, with no null in them
+    cfg = {"max_seq_length": 4096, "chat_template": "chatml_tools", "cache": False}
+    from_arrow, _, _ = build_datasets(DataConfig(**cfg), tokenizer, seed=0, train_sources=[arrow])
+    path = write_jsonl(tmp_path / "tools.jsonl", TOOL_ROWS)
+    from_jsonl, _, _ = build_datasets(DataConfig(train=[SourceConfig(path=str(path))], **cfg), tokenizer, seed=0)
+    texts = sorted(tokenizer.decode(ex.input_ids) for ex in from_arrow)
+    assert len(texts) == 2 and not any("null" in t for t in texts)
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in texts[1]
+    assert '"date": {"type": "string", "enum": ["today", "yesterday"]}, "amount"' in texts[0]
+    assert sorted((ex.input_ids, ex.labels) for ex in from_arrow) == sorted((ex.input_ids, ex.labels) for ex in from_jsonl)
+
+
+def test_an_explicit_null_inside_a_schema_or_arguments_is_absent_too():
+    row = tool_row({**CONVERT, "description": None}, {"amount": 3.5, "to": "EUR", "note": None}, "3.2 EUR.")
+    c = rec(row)
+    assert c.tools == [{"type": "function", "function": CONVERT}]
+    assert c.messages[1]["tool_calls"][0]["function"]["arguments"] == {"amount": 3.5, "to": "EUR"}
+    listed = rec(tool_row(CONVERT, {"to": ["EUR", None]}, "ok"))  # a null list item is a value: kept
+    assert listed.messages[1]["tool_calls"][0]["function"]["arguments"] == {"to": ["EUR", None]}

@@ -165,6 +165,19 @@ def test_seeded_runs_are_identical(tiny_model_dir, chat_file, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_max_grad_norm_at_or_below_zero_trains_as_no_clipping(tiny_model_dir, chat_file, tmp_path):
+    """-1 (open-instruct's "off") and 0 must not reverse or zero the gradients: the run equals null's."""
+    runs = {}
+    for value in (None, -1.0, 0.0):
+        cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / f"clip{value}", max_steps=3, eval_every=None)
+        cfg.optim.max_grad_norm = value
+        runs[value] = run_training(cfg).history
+    losses = {value: [r["loss"] for r in history] for value, history in runs.items()}
+    assert losses[-1.0] == losses[None] and losses[0.0] == losses[None]
+    assert losses[None][-1] < losses[None][0]  # it learns
+    assert all(r["grad_norm"] > 0 for history in runs.values() for r in history)  # the norm is still measured
+
+
 @pytest.mark.parametrize("packing", ["bfd", "wrapped"])
 def test_packed_training_runs_and_learns(tiny_model_dir, chat_file, tmp_path, packing):
     cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / "run", max_steps=6, micro_batch_size=2)

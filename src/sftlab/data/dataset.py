@@ -6,9 +6,10 @@ flat token arrays on disk, chunk by chunk, here or in worker processes, through 
 validation (mixing.py), all on index arrays (`Examples`); the tokens stay memory-mapped. Every
 decision is counted in `DataReport` (report.py), per source (with the format each row was read as,
 the fields no reader used, the `columns` / `roles` entries no row used, the target-token share and
-the lengths), and all validation happens here, before training starts: rows whose tools the chat
-template does not render stop the run, or with `data.tools: drop` are trained without them under
-one warning counting them (tool_support.py). For a vision-language model (`processor`) the rows are read
+the lengths), and all validation happens here, before training starts: `data.max_bad_fraction` holds
+for each source on its own, a source (train source or eval set) left with no example is an error
+naming it, and rows whose tools the chat template does not render stop the run, or with `data.tools:
+drop` are trained without them under one warning counting them (tool_support.py). For a vision-language model (`processor`) the rows are read
 with their images, and the report counts each source's images and image tokens.
 """
 
@@ -109,6 +110,38 @@ def count_images(data: cache.SourceData, examples: Examples, stats: SourceStats,
                              for a, n in zip(examples.start, examples.length))
 
 
+def _source_label(split: str, source_name: str, name: str | None) -> str:
+    """How errors name a source: `train source a.jsonl`, `eval set 'chat' (chat.jsonl)`."""
+    kind = "eval set" if split == "eval" and name else f"{split} source"
+    if not name:
+        return f"{kind} {source_name}"
+    return f"{kind} {name!r}" if name == source_name else f"{kind} {name!r} ({source_name})"
+
+
+def _check_bad_rows(label: str, data: cache.SourceData, cfg: DataConfig) -> None:
+    """data.max_bad_fraction holds for each source: a bad source is not hidden by good ones."""
+    if data.rows and data.bad / data.rows > cfg.max_bad_fraction:
+        raise DataError(f"{label}: {data.bad} of {data.rows} rows are bad (> data.max_bad_fraction="
+                        f"{cfg.max_bad_fraction}, which applies to each source); first problems:\n  "
+                        + "\n  ".join(data.bad_examples[:5]))
+
+
+def _check_not_empty(label: str, data: cache.SourceData, examples: Examples, stats: SourceStats,
+                     cfg: DataConfig) -> None:
+    """A source left with no example (its eval loss would be nan, its weight nothing) stops the run."""
+    if len(examples):
+        return
+    if not data.rows:
+        why = "the source has no rows"
+    elif not len(data):
+        why = f"all {data.rows} rows are bad; first problems:\n  " + "\n  ".join(data.bad_examples[:5])
+    else:
+        why = (f"its {len(data)} examples are longer than data.max_seq_length={cfg.max_seq_length} "
+               f"(data.on_overlength={cfg.on_overlength}"
+               + (f"; {stats.no_target} left without target tokens when truncated)" if stats.no_target else ")"))
+    raise DataError(f"{label}: no examples left: {why}")
+
+
 def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
                    template: str | None, report: DataReport, formatting_func: Any = None,
                    processor: Any = None) -> list[Examples]:
@@ -120,6 +153,8 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
         source = open_source(spec, i)
         source.formatting_func, source.markers = formatting_func, markers_for(spec, cfg)
         data = prepare_source(source, tokenizer, cfg, template, processor)
+        label = _source_label(split, source.name, _name_of(spec))
+        _check_bad_rows(label, data, cfg)
         stats = SourceStats(f"{split}[{i}] {source.name}", split, source.weight, rows=data.rows, bad=data.bad,
                             examples=len(data), cached=data.cached, fast_render=FAST_RENDER_NOTE in data.notes,
                             formats=dict(data.formats), unknown_fields=dict(data.unknown),
@@ -133,6 +168,7 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
         report.tools_dropped += data.tools_dropped
         report.bad_examples.extend(data.bad_examples[: max(0, 5 - len(report.bad_examples))])
         examples = apply_length_policy(data, cfg, report, stats)
+        _check_not_empty(label, data, examples, stats, cfg)
         stats.tokens, stats.targets = examples.num_tokens, count_targets(data, examples)
         stats.lengths = length_stats(examples.lengths)
         count_images(data, examples, stats, processor)
@@ -169,11 +205,6 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
         log.warning("%d rows carry tools, tool calls or tool results that the chat template does not render: "
                     "trained without them (data.tools: drop; a tool template such as data.chat_template: "
                     "chatml_tools keeps them)", report.tools_dropped)
-    if report.rows and report.bad / report.rows > cfg.max_bad_fraction:
-        raise DataError(
-            f"{report.bad} of {report.rows} rows are bad (> data.max_bad_fraction={cfg.max_bad_fraction}); "
-            "first problems:\n  " + "\n  ".join(report.bad_examples)
-        )
     train_stats, eval_stats = report.sources[: len(train_parts)], report.sources[len(train_parts):]
     train_sel = mix([len(p) for p in train_parts], [s.weight for s in train_stats], seed)
     eval_sel = mix([len(p) for p in eval_parts], [s.weight for s in eval_stats], seed)

@@ -3,9 +3,9 @@
 Row formats, detected per row (`format: auto`) or forced per source (`format: <name>`):
 
 - `messages`: OpenAI-style `[{"role", "content"}]`, roles system/user/assistant/tool, optional
-  `tool_calls` on assistant turns and an optional `tools` column handed to the chat template (a
-  JSON string of the list is parsed; bare function schemas are wrapped as `{"type": "function",
-  "function": ...}`, toolcalls.py). Whether the template renders them is checked per run (tool_support.py).
+  `tool_calls` on assistant turns and an optional `tools` column for the chat template (a JSON string of the
+  list is parsed; bare function schemas are wrapped as `{"type": "function", "function": ...}`; null entries at
+  any depth of both are absent, Arrow pads with None: toolcalls.py); their rendering is checked (tool_support.py).
 - `prompt_completion`: `prompt` and `completion`, each a string or a list of messages.
 - `alpaca`: `instruction`, optional `input`, `output` (optional `system`); the user turn is
   `instruction + "\\n\\n" + input` when `input` is non-empty, else `instruction`.
@@ -52,7 +52,7 @@ from sftlab.data.fields import (
     unknown_fields,
 )
 from sftlab.data.markers import TextMarkers, no_loss_spans
-from sftlab.data.toolcalls import function_calls, wrapped_tools
+from sftlab.data.toolcalls import function_calls, without_nulls, wrapped_tools
 from sftlab.data.types import IGNORE_INDEX, BadRecord, ImageRow
 
 __all__ = [
@@ -170,7 +170,7 @@ def _check_messages(r: _Row, messages: Any, field_name: str) -> list[dict[str, A
             raise r.bad(f"{where}.content", f"must be a string or a list of content parts, got {type(content).__name__}")
         if role in ("user", "assistant") and not (content or "").strip() and not m.get("tool_calls"):
             raise r.bad(f"{where}.content", f"empty {role} message")
-        out.append({k: v for k, v in m.items() if v is not None})  # columnar sources pad with None
+        out.append({k: without_nulls(v) if k == "tool_calls" else v for k, v in m.items() if v is not None})
     return out
 
 
@@ -277,7 +277,7 @@ def _tools(r: _Row) -> list[dict[str, Any]] | None:
             raise r.bad("tools", f"invalid JSON string: {e.msg}") from None
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise r.bad("tools", "must be a list of tool objects")
-    return wrapped_tools(tools) if tools else None
+    return wrapped_tools(without_nulls(tools)) if tools else None
 
 
 def _is_int(x: Any) -> bool:

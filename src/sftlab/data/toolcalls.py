@@ -11,6 +11,12 @@
   glaive/LLaMA-Factory rows store them) becomes `{"type": "function", "function": schema}`, the
   form transformers' `get_json_schema` and the OpenAI API give and the official tool templates were
   written for; schemas already in that form are kept as they are.
+- `without_nulls(value)`: a tool schema or tool call with every `null` object entry removed, at any
+  depth. `datasets`/Arrow merges the structs of all rows, so a row's schema and call arguments get
+  the keys of every other row's filled in with None (`"arguments": {"city": "Paris", "amount": null}`);
+  the model must never see those. So inside `tools` and `tool_calls` a null entry counts as absent,
+  whatever the source (a JSONL row's explicit `"unit": null` argument is dropped too); a null list
+  item (`"enum": ["a", null]`) is a value and kept.
 - `read_tools_file(path)`: the tool schemas of `sftlab generate|chat --tools FILE`: a JSON file
   holding a list of schemas (wrapped as above); anything else is a DataError naming the file.
 """
@@ -61,6 +67,15 @@ def function_calls(value: str) -> list[dict[str, Any]]:
     return out
 
 
+def without_nulls(value: Any) -> Any:
+    """`value` with the entries of its objects that are None removed, at any depth (list items kept)."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
 def wrapped_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Bare function schemas wrapped as `{"type": "function", "function": schema}`; others kept."""
     return [{"type": "function", "function": t} if "name" in t and "type" not in t and "function" not in t else t
@@ -85,4 +100,4 @@ def read_tools_file(path: str | Path) -> list[dict[str, Any]]:
     for i, t in enumerate(tools):
         if not isinstance(t, dict):
             raise DataError(f"--tools {path}: item {i} is a {type(t).__name__}, not a tool schema (a JSON object)")
-    return wrapped_tools(tools)
+    return wrapped_tools(without_nulls(tools))
