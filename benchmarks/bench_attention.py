@@ -67,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from sftlab.model import attention
-    from sftlab.train.run_model import enable_activation_checkpointing
+    from sftlab.trainer.run_model import enable_activation_checkpointing
 
     model = load(args.tiny).float().train()
     model.config.use_cache = False

@@ -102,7 +102,7 @@ def matmul_params(path: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sftlab.train.throughput import dense_params
+    from sftlab.trainer.throughput import dense_params
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     return dense_params(model)

@@ -351,7 +351,7 @@ def sftlab_plan(config: Path, overrides: list[str], steps: int, model_path: str)
     from sftlab.data.packing import pack_examples
     from sftlab.model.loading import load_tokenizer
     try:
-        from sftlab.train.optim import warmup_steps
+        from sftlab.trainer.optim import warmup_steps
     except ImportError:  # the HF convention sftlab follows
         def warmup_steps(o, total):
             return min(o.warmup_steps, total) if o.warmup_steps is not None else math.ceil(o.warmup_ratio * total)

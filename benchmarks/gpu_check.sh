@@ -11,8 +11,8 @@
 #   2. install   liger-kernel (the pin in pyproject.toml) and flash-attn, prebuilt wheels only, each under a
 #                short pip timeout; skipped with a message where pip cannot get them quickly (flash-attn is
 #                never built from source); torch is checked unchanged afterwards
-#   3. tests     pytest -m "not e2e" on the CUDA tests (tests/train/test_cuda.py, and the tests of
-#                tests/model/test_loading.py and tests/train/test_precision.py about CUDA, flash-attn, Liger)
+#   3. tests     pytest -m "not e2e" on the CUDA tests (tests/trainer/test_cuda.py, and the tests of
+#                tests/model/test_loading.py and tests/trainer/test_precision.py about CUDA, flash-attn, Liger)
 #   4. bench     benchmarks/bench_train.py --device cuda on the embedded SmolLM2-135M-Instruct against TRL 1.16
 #                (bf16 autocast: TRL's best on a GPU; and bf16 + Liger when liger-kernel is there); sftlab with
 #                train.liger=true when liger-kernel is there
@@ -128,7 +128,7 @@ LIGER=0; has liger_kernel && LIGER=1
 
 # --- 3. the CUDA tests -----------------------------------------------------------------------------------
 stage tests 100 "$PY" -m pytest -q -rs -m "not e2e" -p no:cacheprovider \
-    tests/train/test_cuda.py tests/model/test_loading.py tests/train/test_precision.py -k "cuda or flash or liger"
+    tests/trainer/test_cuda.py tests/model/test_loading.py tests/trainer/test_precision.py -k "cuda or flash or liger"
 say "  pytest: $(grep -E '[0-9]+ (passed|failed|skipped|error)|no tests ran' "$WORK/tests.log" 2>/dev/null | tail -1)"
 
 # --- 4. training throughput against TRL on the GPU ---------------------------------------------------------

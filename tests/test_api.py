@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM
 import sftlab
 from sftlab.cli import main as cli_main
 from sftlab.config import ConfigError, SFTConfig
-from sftlab.train.callbacks import CallbackError
-from sftlab.train.checkpoint import COMPLETE, latest_checkpoint
-from sftlab.train.loop import run_training
-from sftlab.train.rundir import FINISHED
+from sftlab.trainer.callbacks import CallbackError
+from sftlab.trainer.checkpoint import COMPLETE, latest_checkpoint
+from sftlab.trainer.loop import run_training
+from sftlab.trainer.rundir import FINISHED
 
 QUESTIONS = ["What is one plus two?", "Numbers: one two", "What is the capital of France?", "Tell me a joke.",
              "Convert March 5, 2021", "Hello!", "the quick brown fox", "Thanks"]
@@ -285,3 +285,16 @@ def test_import_sftlab_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert callable(sftlab.train) and sftlab.SFTConfig is SFTConfig
+
+
+def test_sftlab_train_is_the_documented_function_even_after_the_trainer_is_imported():
+    """`sftlab.train` is a plain function (not a package made callable): importing the training modules does
+    not rebind it, and help() / inspect.signature() show the API's signature."""
+    import inspect
+
+    import sftlab.trainer.loop  # noqa: F401  (binds sftlab.trainer, never sftlab.train)
+    from sftlab import api
+
+    assert sftlab.train is api.train and inspect.isfunction(sftlab.train)
+    params = inspect.signature(sftlab.train).parameters
+    assert {"model", "train_dataset", "eval_dataset", "callbacks"} <= set(params)

@@ -21,8 +21,8 @@ import yaml
 from rich.console import Console
 
 from sftlab.config import load_config
-from sftlab.train.data import prepare_run_data
-from sftlab.train.loop import run_training
+from sftlab.trainer.data import prepare_run_data
+from sftlab.trainer.loop import run_training
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CONFIGS = sorted(EXAMPLES.glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""The package's shape: layers only import downwards (config/paths < data < model < train < api < cli),
+"""The package's shape: layers only import downwards (config/paths < data < model < trainer < api < cli),
 no import circles among modules, no function grows past ~60 lines and no file past ~400."""
 
 from __future__ import annotations
@@ -8,11 +8,9 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "sftlab"
 LAYERS = {"config": 0, "config_schema": 0, "config_fields": 0, "config_aliases": 0, "migrate": 0, "paths": 0, "data": 1,
-          "demo": 1, "model": 2, "train": 3, "api": 4, "cli": 5, "__init__": 5}
+          "demo": 1, "model": 2, "trainer": 3, "api": 4, "cli": 5, "__init__": 5}
 MAX_FUNCTION_LINES = 60
 MAX_FILE_LINES = 400
-# the callable `sftlab.train` package hands `sftlab.train(...)` to the API (src/sftlab/train/__init__.py)
-FACADES = {("sftlab.train", "sftlab.api"), ("sftlab.train", "sftlab.api.train")}
 
 
 def _module_name(path: Path) -> str:
@@ -36,7 +34,7 @@ def _imports() -> dict[str, set[str]]:
             elif isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names if a.name.startswith("sftlab"))
         graph[name] = deps
-    return {m: {d for d in deps if d in graph and d != m and (m, d) not in FACADES} for m, deps in graph.items()}
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
 
 
 def _layer(module: str) -> int:

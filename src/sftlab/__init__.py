@@ -14,17 +14,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "train": "sftlab.train", "prepare": "sftlab.api", "evaluate": "sftlab.api", "generate": "sftlab.api",
+    "train": "sftlab.api", "prepare": "sftlab.api", "evaluate": "sftlab.api", "generate": "sftlab.api",
     "SFTConfig": "sftlab.config", "load_config": "sftlab.config", "ConfigError": "sftlab.config",
-    "DatasetSource": "sftlab.data.sources", "TrainResult": "sftlab.train.run",
-    "SFTObjective": "sftlab.train.objective", "CallbackError": "sftlab.train.callbacks",
+    "DatasetSource": "sftlab.data.sources", "TrainResult": "sftlab.trainer.run",
+    "SFTObjective": "sftlab.trainer.objective", "CallbackError": "sftlab.trainer.callbacks",
 }
 __all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "train":  # the package sftlab.train, callable as the API's train (see its docstring)
-        return importlib.import_module("sftlab.train")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value

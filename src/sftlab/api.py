@@ -19,7 +19,7 @@ The argument names are the ones a TRL `SFTTrainer` user knows (docs/python.md ha
   like files (the bounded-memory preparation, worker processes included, and the cache).
 - `formatting_func(row)` -> a list of messages, a {prompt, completion} dict or a text: runs on every
   row inside the preparation and is part of the cache key.
-- `callbacks`: train/callbacks.py. `objective`: train/objective.py (default: SFT).
+- `callbacks`: trainer/callbacks.py. `objective`: trainer/objective.py (default: SFT).
 
 The CLI (`sftlab train|prepare|generate|chat`) calls these same functions.
 """
@@ -42,8 +42,8 @@ def train(config: str | Path | dict | SFTConfig | None = None, *, model: Any = N
           resume_command: str | None = None, **overrides: Any):
     """Fine-tune; returns a `TrainResult` (output_dir, steps, final_loss, eval_loss, eval_losses, history,
     stopped). The model, tokenizer, report and metrics are written to `train.output_dir`."""
-    from sftlab.train.callbacks import check_callbacks
-    from sftlab.train.loop import run_training
+    from sftlab.trainer.callbacks import check_callbacks
+    from sftlab.trainer.loop import run_training
 
     cfg, inputs = _run_inputs(config, overrides, model, tokenizer, train_dataset, eval_dataset, formatting_func)
     inputs.callbacks, inputs.objective = check_callbacks(callbacks), objective
@@ -55,7 +55,7 @@ def prepare(config: str | Path | dict | SFTConfig | None = None, *, model: Any =
             formatting_func: Any = None, console: Console | None = None, **overrides: Any):
     """Read, tokenize, mask, cache and pack the data exactly as `train` would; returns the `RunData`
     (tokenizer, template, train/eval examples, named eval sets, the data report)."""
-    from sftlab.train.data import prepare_run_data
+    from sftlab.trainer.data import prepare_run_data
 
     cfg, inputs = _run_inputs(config, overrides, model, tokenizer, train_dataset, eval_dataset, formatting_func)
     return prepare_run_data(cfg, console, inputs)
@@ -70,8 +70,8 @@ def evaluate(model: Any, eval_dataset: DataArg | dict[str, DataArg], *, tokenize
     pipeline (masks, template, length policy of `config`; for a run directory its own data settings)."""
     from sftlab.data.dataset import build_datasets
     from sftlab.data.templates import load_template
-    from sftlab.train.evaluate import target_loss
-    from sftlab.train.objective import SFTObjective
+    from sftlab.trainer.evaluate import target_loss
+    from sftlab.trainer.objective import SFTObjective
 
     model, tokenizer, cfg = _model_for_inference(model, tokenizer, config, overrides)
     objective = objective or SFTObjective()
@@ -117,7 +117,7 @@ def generate(model: Any, prompts: str | list, *, tokenizer: Any = None, system: 
 
 def _run_inputs(config, overrides: dict[str, Any], model, tokenizer, train_dataset, eval_dataset, formatting_func):
     """(config, RunInputs): paths become config sources, objects travel in RunInputs."""
-    from sftlab.train.inputs import RunInputs
+    from sftlab.trainer.inputs import RunInputs
 
     values = dict(overrides)
     if isinstance(model, (str, Path)):
@@ -197,7 +197,7 @@ def _rows_of(iterable):
 def _model_for_inference(model: Any, tokenizer: Any, config, overrides: dict[str, Any]):
     """(model, tokenizer, config) for evaluate/generate: a model object as it is (its own tokenizer by
     default); a path or name loaded as `sftlab generate` loads it, with a run's own config."""
-    from sftlab.train.inference import load_model_dir, run_config
+    from sftlab.trainer.inference import load_model_dir, run_config
 
     if isinstance(model, (str, Path)):
         model_obj, own_tokenizer = load_model_dir(model)

@@ -6,7 +6,7 @@
     sftlab eval MODEL_OR_RUN_DIR --data FILE [--match] [--json]   loss, perplexity (exact match) on a file
     sftlab report RUN_DIR                             regenerate report.md + loss.png
     sftlab export RUN_DIR --merge --out DIR           merge a LoRA adapter into a plain model
-    sftlab push RUN_DIR --repo-id ID [--private]      upload a finished run to the Hub (train/hub.py)
+    sftlab push RUN_DIR --repo-id ID [--private]      upload a finished run to the Hub (trainer/hub.py)
     sftlab config show|reference [CONFIG.yaml] [overrides ...]   resolved config / every key documented
     sftlab convert-config FILE --from trl|axolotl|llamafactory   another tool's config as sftlab YAML
     sftlab generate MODEL --prompt "..." [--tools F]  one reply (greedy; --temperature/--top-p sample; --image P)
@@ -97,7 +97,7 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
 
     from sftlab.api import prepare
     from sftlab.data.cache import cache_dir
-    from sftlab.train.data import print_preview
+    from sftlab.trainer.data import print_preview
 
     cfg = _load_checked(ns)
     start = time.perf_counter()
@@ -115,7 +115,7 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     """Merge a run's adapter into its base model and save a plain transformers model."""
     from sftlab.model.adapters import is_adapter_dir
-    from sftlab.train.outputs import export_merged
+    from sftlab.trainer.outputs import export_merged
 
     if not is_adapter_dir(ns.run_dir):
         raise ConfigError(f"{ns.run_dir} holds no adapter (adapter_config.json): nothing to merge")
@@ -141,7 +141,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     """Loss / perplexity over target tokens (and exact match) of a model on a data file."""
     import json
 
-    from sftlab.train.evaluate import evaluate
+    from sftlab.trainer.evaluate import evaluate
 
     res = evaluate(ns.model_dir, ns.data, match=ns.match, batch_size=ns.batch_size,
                    max_new_tokens=ns.max_new_tokens, max_examples=ns.max_examples,
@@ -166,7 +166,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 def cmd_report(ns: argparse.Namespace) -> int:
     """Regenerate report.md + loss.png of a run directory."""
-    from sftlab.train.report import PLOT, ReportError, write_report
+    from sftlab.trainer.report import PLOT, ReportError, write_report
 
     try:
         path = write_report(ns.run_dir)
@@ -182,8 +182,8 @@ def cmd_config_show(ns: argparse.Namespace) -> int:
 
 
 def _reply(ns: argparse.Namespace):
-    """The model and a reply function with the command's sampling settings (train/inference.py)."""
-    from sftlab.train.inference import reply_function
+    """The model and a reply function with the command's sampling settings (trainer/inference.py)."""
+    from sftlab.trainer.inference import reply_function
 
     return reply_function(ns.model_dir, tools_file=ns.tools, images=ns.image, seed=ns.seed,
                           max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p)
@@ -244,7 +244,7 @@ prepared: the cache and training are unchanged. Row schemas: docs/data.md."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sftlab.train import hub as push  # `sftlab push` (its own module: cli.py stays short)
+    from sftlab.trainer import hub as push  # `sftlab push` (its own module: cli.py stays short)
     p = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning of causal language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -367,18 +367,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # module -> the errors it raises that are the user's to fix (printed in one line, exit code 2)
-USER_ERRORS = {"sftlab.config": ("ConfigError",), "sftlab.data.types": ("DataError",), "sftlab.train.hub": ("HubError",),
+USER_ERRORS = {"sftlab.config": ("ConfigError",), "sftlab.data.types": ("DataError",), "sftlab.trainer.hub": ("HubError",),
                "sftlab.model.loading": ("ModelLoadError",), "sftlab.model.adapters": ("AdapterError",),
-               "sftlab.train.rundir": ("RunError",), "sftlab.train.checkpoint": ("CheckpointError",),
-               "sftlab.train.callbacks": ("CallbackError",), "sftlab.train.optim": ("OptimizerError",)}
+               "sftlab.trainer.rundir": ("RunError",), "sftlab.trainer.checkpoint": ("CheckpointError",),
+               "sftlab.trainer.callbacks": ("CallbackError",), "sftlab.trainer.optim": ("OptimizerError",)}
 
 
 def _error_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(Interrupted, the user errors) among the modules already imported: an error can only come from a
     module that is loaded, and importing the training loop just to name its classes takes seconds."""
-    loaded = {name: sys.modules[name] for name in [*USER_ERRORS, "sftlab.train.control"] if name in sys.modules}
+    loaded = {name: sys.modules[name] for name in [*USER_ERRORS, "sftlab.trainer.control"] if name in sys.modules}
     user = tuple(getattr(loaded[m], c) for m, classes in USER_ERRORS.items() if m in loaded for c in classes)
-    control = loaded.get("sftlab.train.control")
+    control = loaded.get("sftlab.trainer.control")
     return ((control.Interrupted,) if control else ()), user
 
 

@@ -239,7 +239,7 @@ class TrainConfig(_Strict):
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms")
     gradient_checkpointing: bool | Literal["auto"] = Field("auto", description=(
         "recompute activations in the backward (about a third more FLOPs, far less activation memory); auto: "
-        "only when the planned micro-batch's activations would not fit the free memory (train/recompute.py)"))
+        "only when the planned micro-batch's activations would not fit the free memory (trainer/recompute.py)"))
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description=(
         "auto: bf16 where the device runs it fast (CUDA with bf16; a CPU with AMX or AVX512-BF16), else fp32 "
         "(SFTLAB_AUTO_MIXED_PRECISION=bf16|no pins it); bf16: AdamW keeps fp32 master weights of bf16 copies, "

@@ -8,7 +8,7 @@ from conftest import write_jsonl
 from sftlab.config import ConfigError, DataConfig, SourceConfig, load_config
 from sftlab.data.dataset import DataError, build_datasets
 from sftlab.data.types import IGNORE_INDEX
-from sftlab.train.report import _data_section
+from sftlab.trainer.report import _data_section
 
 GSM = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(6)]
 DOLLY = [{"instruction": "Summarise the text.", "context": "The cat sat on the mat." if i % 2 else "",

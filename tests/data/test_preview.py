@@ -15,7 +15,7 @@ from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.data.preview import histogram, mark_plain, parse_marked, sample
 from sftlab.data.types import IGNORE_INDEX
-from sftlab.train.data import prepare_run_data, print_preview
+from sftlab.trainer.data import prepare_run_data, print_preview
 
 HEADER = re.compile(r"^-- example (\d+)/(\d+): (.+):(\d+) \((\d+) tokens, (\d+) targets\)$")
 

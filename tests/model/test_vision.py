@@ -15,7 +15,7 @@ from vlm_families import FAMILIES, build_family, save_family
 from sftlab.config import ModelConfig, SFTConfig
 from sftlab.model.loading import ModelLoadError, load_model
 from sftlab.model.vision import freeze, is_vision_model, load_processor, part_of
-from sftlab.train.run_model import RunTokens, build_run_model
+from sftlab.trainer.run_model import RunTokens, build_run_model
 
 
 @pytest.mark.parametrize("family, cls", [("idefics3", Idefics3ForConditionalGeneration),
@@ -86,7 +86,7 @@ def test_the_run_model_freezes_the_vision_tower_by_default(tmp_path):
 
 def test_packing_is_refused_for_a_vision_model_and_text_rows_still_train(tmp_path, chat_file):
     from sftlab.config import ConfigError
-    from sftlab.train.data import prepare_run_data
+    from sftlab.trainer.data import prepare_run_data
 
     d = str(save_family("llava", tmp_path / "m"))
     tree = {"model": {"name_or_path": d}, "data": {"train": [str(chat_file)], "packing": "bfd", "max_seq_length": 256},

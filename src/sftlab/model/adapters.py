@@ -18,7 +18,7 @@ checks them before training, and records what a later `sftlab generate`/`export`
   `sftlab_base.json`, the base model as configured (e.g. `default`), resolved again on load.
 - `continue_adapter(base, adapter_dir)`: a saved adapter on its base, trainable again (a run whose
   `model.name_or_path` is an adapter directory continues that adapter; `base_of` names its base);
-  inference loads an adapter the same way (train/inference.py `load_adapter_dir`) and merges it.
+  inference loads an adapter the same way (trainer/inference.py `load_adapter_dir`) and merges it.
 """
 
 from __future__ import annotations

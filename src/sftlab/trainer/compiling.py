@@ -1,0 +1,162 @@
+"""`train.compile`: whether a run compiles its model, decided before the first step; fixed shapes when it does.
+
+`torch.compile` pays a compile cost once (tens of seconds to minutes on a CPU) for a faster step after
+it; it pays back only when the run is long enough. `decide` settles `auto` per run:
+
+- only packed runs with fixed-size micro-batches (`data.packing`, `train.micro_batch_size`), where every
+  micro-batch can be given one shape (`fixed_shape_collate`: each row padded to the packing length, the
+  micro-batch to `micro_batch_size` rows, the padding a separate document with no targets, so the loss
+  and the gradients are exactly those of the unpadded batch), so the model compiles once; never for a
+  vision-language model (image shapes vary), a sharded engine (FSDP/DeepSpeed) or a run that resumes
+  from a checkpoint written without compiling (the resumed run must compute what the first one did);
+- on when saved >= 1.5 x cost, where saved = tokens still to train (padded) x eager seconds per token x
+  (1 - 1/gain), and cost = the compile seconds. The three inputs are measured on this machine where a
+  previous run left them (`record`: steady eager and compiled seconds per token, and the compile time =
+  first compiled step - a steady one, per device, torch version, backend, dtype and model shape, in
+  `$SFTLAB_CACHE/compile_times.json`); else the eager time is the model FLOPs over the run's matmul
+  probe (an optimistic step time, so it errs towards not compiling), the cost 120 s on a CPU, 60 s on a
+  GPU, and the gain 1.2 on a GPU but none on a CPU: on a 2-core AVX2 EPYC the compiled step (dense
+  mask) ran 1.11x the eager dense-mask step but 0.92x the eager per-document step it replaces
+  (benchmarks/bench_compile.py), so a CPU compiles under `auto` only once a run with `compile: true`
+  has measured a gain there.
+
+Evaluation forwards run the uncompiled module (trainer/loop.py): they are few, without gradients, and
+of other shapes, each of which would be another compile.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftlab.data.packing import packed_collate
+from sftlab.paths import cache_root
+from sftlab.trainer.precision import cpuinfo_field
+
+DEFAULT_GAIN = {"cpu": 1.0, "cuda": 1.2}
+DEFAULT_COMPILE_S = {"cpu": 120.0, "cuda": 60.0}
+MARGIN = 1.5  # the saving must exceed the cost by half again: the defaults are estimates
+MIN_STEPS_TO_RECORD = 4  # steady step times need a few steps after the first
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What the decision needs to know about the planned run."""
+
+    setting: bool | str  # train.compile: True, False or "auto"
+    packed: bool
+    documents_attention: bool  # train.packed_attention: documents, set explicitly
+    fixed_batches: bool  # micro_batch_size, not micro_batch_tokens
+    vision: bool
+    sharded: bool
+    resumed_compiled: bool | None  # what the checkpoint this run resumes from did (None: not resuming / unknown)
+    remaining_tokens: int  # padded tokens of the steps still to run, all ranks
+    flops_per_token: float
+    peak_flops: float | None
+    device_type: str
+
+
+def records_path() -> Path:
+    return Path(os.environ.get("SFTLAB_COMPILE_TIMES", cache_root() / "compile_times.json"))
+
+
+def read_records() -> dict[str, dict[str, float]]:
+    try:
+        return json.loads(records_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def machine_key(model: Any, device: torch.device, dtype: torch.dtype, backend: str, recompute: bool) -> str:
+    """Device (CPU model / GPU name), torch version, backend, dtype and the model's shape and trainable share."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = cpuinfo_field("model name") or platform.processor() or platform.machine()
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    shape = {k: config.get(k) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                        "num_attention_heads", "num_key_value_heads", "vocab_size")}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    text = json.dumps([name, torch.__version__, backend, str(dtype), shape, round(trainable / max(total, 1), 3),
+                       recompute], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def decide(shape: RunShape, record: dict[str, float] | None = None) -> tuple[bool, str]:
+    """(compile?, why) for this run (module docstring)."""
+    if shape.setting is True or shape.setting is False:
+        if shape.setting and shape.resumed_compiled is False:
+            return True, "as configured (the checkpoint was written without compiling: losses may differ in the last bits)"
+        return bool(shape.setting), "as configured"
+    if shape.resumed_compiled is not None:
+        return shape.resumed_compiled, "auto: as the run this one resumes did"
+    for cond, why in ((not shape.packed, "rows are not packed, so micro-batch shapes vary"),
+                      (shape.documents_attention, "train.packed_attention: documents cuts rows in Python"),
+                      (not shape.fixed_batches, "train.micro_batch_tokens gives micro-batches of varying rows"),
+                      (shape.vision, "image inputs vary in shape"),
+                      (shape.sharded, "FSDP/DeepSpeed runs are not compiled in sftlab")):
+        if cond:
+            return False, f"auto: {why}"
+    record = record or {}
+    if "eager_s_per_token" in record:
+        eager, eager_src = record["eager_s_per_token"], "measured"
+    elif shape.peak_flops:
+        eager, eager_src = shape.flops_per_token / shape.peak_flops, "model FLOPs / matmul probe"
+    else:
+        return False, "auto: no step-time estimate"
+    if "compiled_s_per_token" in record and "eager_s_per_token" in record:
+        gain, gain_src = record["eager_s_per_token"] / record["compiled_s_per_token"], "measured"
+    else:
+        gain, gain_src = DEFAULT_GAIN.get(shape.device_type, 1.0), "assumed"
+    if "compile_s" in record:
+        cost, cost_src = record["compile_s"], "measured"
+    else:
+        cost, cost_src = DEFAULT_COMPILE_S.get(shape.device_type, DEFAULT_COMPILE_S["cpu"]), "assumed"
+    if gain <= 1:
+        return False, (f"auto: no gain {'measured' if gain_src == 'measured' else 'known'} for this device "
+                       f"({gain:.2f}x{'' if gain_src == 'measured' else '; run once with train.compile: true to measure it'})")
+    saved = shape.remaining_tokens * eager * (1 - 1 / gain)
+    on = saved >= MARGIN * cost
+    return on, (f"auto: would save ~{saved:.0f} s ({shape.remaining_tokens} tokens x "
+                f"{eager * 1e3:.3f} ms/token eager ({eager_src}) x (1 - 1/{gain:.2f} gain, {gain_src})), "
+                f"compiling costs ~{cost:.0f} s ({cost_src}); on when the saving is >= {MARGIN}x the cost")
+
+
+def fixed_shape_collate(pad_id: int, width: int, rows: int):
+    """Packed micro-batches of one shape: (rows, width); rows past the data are all padding, no targets."""
+    return functools.partial(packed_collate, pad_id=pad_id, width=width, min_rows=rows)
+
+
+def update_record(key: str, compiled: bool, step_times: list[float], tokens_per_step: int) -> dict[str, float] | None:
+    """Fold a finished run's steady step time (median of its steps after the first two) and, compiled, its
+    compile time (first step - steady) into the record of `key`; returns the record (None: too few steps)."""
+    if len(step_times) < MIN_STEPS_TO_RECORD or tokens_per_step <= 0:
+        return None
+    steady = statistics.median(step_times[2:])
+    records = read_records()
+    record = records.get(key, {})
+    if compiled:
+        record["compiled_s_per_token"] = steady / tokens_per_step
+        record["compile_s"] = max(0.0, step_times[0] - steady)
+    else:
+        record["eager_s_per_token"] = steady / tokens_per_step
+    records[key] = record
+    path = records_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        return None  # a read-only cache only loses the measurement
+    return record

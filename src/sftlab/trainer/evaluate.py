@@ -1,0 +1,125 @@
+"""`sftlab eval`: score a saved model (or a LoRA run directory) on a data file.
+
+The file goes through the same pipeline as training data (any supported format, the model
+directory's own chat template, the same assistant masks), so the loss is exactly the training
+objective on new data: the mean NLL over target tokens, and its perplexity exp(loss). With
+`match`, greedy replies to every conversation (all but its last assistant message) are compared
+with that message (exact match after stripping whitespace), as the run's match evaluation does.
+
+The model is anything `sftlab generate` takes (trainer/inference.py): `default`, a hub id, a model,
+run or checkpoint directory. For a run directory (its config.yaml) or a checkpoint (the config in its
+trainer_state.json) the run's data settings are used: `loss_on`, `max_seq_length`, `on_overlength`.
+Otherwise the defaults. A vision-language model reads the file's rows with their images (paths
+relative to the file) through the processor saved with it (docs/vision.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from sftlab.config import ConfigError, DataConfig, MatchEvalConfig, SourceConfig
+from sftlab.data.collate import pad_collate
+from sftlab.data.dataset import build_datasets
+from sftlab.data.vision import vision_collate
+from sftlab.model.generate import exact_match, load_match_examples
+from sftlab.trainer.inference import load_model_dir, model_processor, run_config
+from sftlab.trainer.objective import SFTObjective
+
+__all__ = ["evaluate", "load_model_dir", "target_loss"]
+
+
+def _data_config(model_dir: Path, data: str, mapping: dict[str, dict[str, str]]) -> DataConfig:
+    try:
+        source = [SourceConfig(path=data, **mapping)]
+    except ValidationError as e:
+        raise ConfigError("columns/roles: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
+                                                       for x in e.errors())) from None
+    cfg = run_config(model_dir)
+    if cfg is not None:
+        run = cfg.data
+        return DataConfig(train=source, loss_on=run.loss_on, max_seq_length=run.max_seq_length,
+                          on_overlength=run.on_overlength, cache=False)
+    return DataConfig(train=source, cache=False)
+
+
+def column_mapping(model_dir: Path, columns: dict[str, str] | None,
+                   roles: dict[str, str] | None) -> tuple[dict[str, dict[str, str]], str]:
+    """The `columns`/`roles` to read the eval file with, and where they come from: as given, else the
+    run's own when all its training sources share one mapping (an eval file usually has the training
+    file's schema), else none."""
+    if columns is not None or roles is not None:
+        return {"columns": columns or {}, "roles": roles or {}}, "given"
+    cfg = run_config(model_dir)
+    mappings = {(tuple(s.columns.items()), tuple(s.roles.items())) for s in (cfg.data.train if cfg else [])}
+    if len(mappings) == 1:
+        cols, rls = next(iter(mappings))
+        if cols or rls:
+            return {"columns": dict(cols), "roles": dict(rls)}, "the run's training sources"
+    return {"columns": {}, "roles": {}}, "none"
+
+
+@torch.no_grad()
+def target_loss(model, examples, pad_id: int, batch_size: int, objective: Any = None, device: Any = None,
+                rank: int = 0, world: int = 1, lockstep: bool = False, collate: Any = None,
+                max_batches: int | None = None) -> tuple[float, int]:
+    """(loss sum, normaliser) of the objective (trainer/objective.py; default SFT: summed NLL, target
+    tokens) over this rank's share of `examples` in padded batches (eval mode, the model's mode
+    restored after). Batch k of `batch_size` goes to rank k % world. `lockstep` (sharded models, whose
+    forward is collective): every rank runs the same number of forwards; a rank past the end runs the
+    objective's filler batch. `collate`: how a list of examples becomes a batch (default: padded rows;
+    packed eval rows pass packed_collate); `max_batches`: only the first that many batches (over all ranks)."""
+    objective = objective or SFTObjective()
+    collate = collate or (lambda rows: pad_collate(rows, pad_id))
+    was_training = model.training
+    model.eval()
+    total, norm = torch.zeros((), dtype=torch.float64), 0
+    count = len(examples) if max_batches is None else min(len(examples), max_batches * batch_size)
+    end = math.ceil(count / (batch_size * world)) * batch_size * world if lockstep else count
+    for start in range(rank * batch_size, end, batch_size * world):
+        batch = collate(examples[start:min(start + batch_size, count)] if start < count else examples[:1])
+        if start >= len(examples):
+            batch = objective.filler(batch)
+        batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
+        total += objective.loss_sum(model, batch).double().cpu()
+        norm += objective.normaliser(batch)
+    model.train(was_training)
+    return total.item(), norm
+
+
+def evaluate(model_dir: str | Path, data: str, match: bool = False, batch_size: int = 8,
+             max_new_tokens: int = 64, max_examples: int | None = None, columns: dict[str, str] | None = None,
+             roles: dict[str, str] | None = None) -> dict[str, Any]:
+    """Loss, perplexity (and exact match) of the model in `model_dir` on the file `data`, its fields
+    renamed by `columns`/`roles` (default: the run's own mapping, see `column_mapping`)."""
+    model_dir = Path(model_dir)
+    mapping, mapping_from = column_mapping(model_dir, columns, roles)
+    data_cfg = _data_config(model_dir, data, mapping)  # a bad mapping fails before the model loads
+    model, tokenizer = load_model_dir(model_dir)
+    processor = model_processor(model, model_dir)  # a vision-language model reads its rows with their images
+    tokenizer = processor.tokenizer if processor is not None else tokenizer
+    examples, _, report = build_datasets(data_cfg, tokenizer, seed=0, template=None, processor=processor)
+    if max_examples is not None:
+        examples = examples.select(range(min(max_examples, len(examples))))
+    collate = functools.partial(vision_collate, processor=processor, pad_id=tokenizer.pad_token_id) \
+        if processor is not None else None
+    nll, count = target_loss(model, examples, tokenizer.pad_token_id, batch_size, collate=collate)
+    loss = nll / count if count else float("nan")
+    result: dict[str, Any] = {
+        "model": str(model_dir), "data": data, "examples": len(examples), "target_tokens": count,
+        "loss": loss, "perplexity": math.exp(loss) if count else float("nan"),
+        "rows": report.rows, "bad_rows": report.bad, "over_length_dropped": report.overlength_dropped,
+        "loss_on": data_cfg.loss_on, "mapping": {**mapping, "from": mapping_from}}
+    if match:
+        cfg = MatchEvalConfig(path=data, max_examples=max_examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              **mapping)
+        pairs = load_match_examples(cfg, images=processor is not None)
+        res = exact_match(model, tokenizer, pairs, cfg, None, processor)
+        result["exact_match"] = {"correct": res.correct, "total": res.total, "accuracy": res.accuracy,
+                                 "samples": [list(s) for s in res.samples[:5]]}
+    return result

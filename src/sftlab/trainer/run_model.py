@@ -1,0 +1,139 @@
+"""One function that rebuilds a run's model, for training, resume, inference, eval and export.
+
+`build_run_model(cfg, tokens, purpose=...)` goes from a run's config (and, through the Python API,
+a model object) to the model as that run has it:
+
+1. the base: loaded in fp32 (or QLoRA-quantized for training) from `model.name_or_path`, or the
+   model object given, or -- when `model.name_or_path` is a saved adapter (a LoRA run directory or
+   any peft adapter directory) -- the base that adapter records; a vision-language model has the
+   parts `model.freeze` names frozen for full fine-tuning (default its vision tower);
+2. the vocabulary grown to the run's tokenizer (`data.add_chatml_tokens`, or an adapter trained
+   with added tokens);
+3. the adapter: a new one (`peft` section), the saved adapter continued (trainable again, the same
+   parameter names as the run that saved it), or a PeftModel object as it is;
+4. for training only: activation checkpointing, NEFTune, and the precision -- bf16 compute copies
+   of the fp32 weights (`use_bf16_weights`) whose fp32 masters the optimizer seeds from the
+   returned `originals` (trainer/master_weights.py).
+
+Training and `sftlab generate`/`eval`/`export` of a checkpoint build the same module tree this
+way, so the checkpoint's tensor names always match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sftlab.config import SFTConfig
+from sftlab.model import adapters, attention, vision
+from sftlab.model.loading import load_model
+from sftlab.model.vocab import resize_for_new_tokens
+from sftlab.trainer import recompute
+from sftlab.trainer.master_weights import use_bf16_weights
+from sftlab.trainer.precision import bf16_weight_form
+
+
+@dataclass
+class RunTokens:
+    """Where the base weights are, the run's tokenizer, and its size before ChatML tokens were added."""
+
+    model_path: str
+    tokenizer: Any
+    vocab_before: int
+    adapter_dir: str | None = None  # a saved adapter continued by this run
+
+
+@dataclass
+class RunModel:
+    model: Any
+    lines: list[str] = field(default_factory=list)  # what was done, for the console
+    originals: Any = None  # fp32 weights replaced by bf16 compute copies (they seed the masters)
+    recompute: bool = False  # activations recomputed in the backward (train.gradient_checkpointing)
+
+
+def is_peft_model(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def build_run_model(cfg: SFTConfig, tokens: RunTokens, purpose: str = "train", given: Any = None,
+                    mixed_precision: str = "no", sharded: bool = False) -> RunModel:
+    """The run's model (module docstring). `purpose`: train | load (inference, eval, export: no
+    quantization, no recomputation, no noise, fp32). `given`: a model object from the Python API."""
+    training = purpose == "train"
+    built = RunModel(given if given is not None else _load_base(cfg, tokens, training))
+    if given is not None and any(p.dtype != torch.float32 for p in given.parameters() if p.is_floating_point()):
+        built.model = given.float()  # the fp32 masters start from the given weights
+        built.lines.append("model: the given model object cast to float32 (fp32 master weights)")
+    _grow_vocabulary(built.model, cfg, tokens)
+    if training and cfg.peft is None and not tokens.adapter_dir and vision.is_vision_model(built.model):
+        built.lines.append(vision.freeze(built.model, cfg.model.freeze))  # model.freeze: default the vision tower
+    _add_adapter(built, cfg, tokens, training)
+    if not training:
+        return built
+    dtype = torch.bfloat16 if mixed_precision == "bf16" or cfg.model.dtype == "bfloat16" else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.data.packing != "none" or cfg.data.eval_packing:  # packed rows: documents apart without a dense mask
+        mode, why = attention.choose(cfg.train.packed_attention, built.model, device, dtype)
+        attention.use(built.model, mode)
+        how = "one causal SDPA call per document" if mode == "documents" else "the dense document mask"
+        built.lines.append(f"packed attention: {how} ({why})")
+    tokens_per_micro_batch = recompute.planned_tokens(cfg, getattr(tokens, "units", None))
+    built.recompute, why = recompute.decide(cfg.train.gradient_checkpointing, built.model, tokens_per_micro_batch,
+                                            dtype, device)
+    if built.recompute:
+        enable_activation_checkpointing(built.model)
+    built.lines.append(f"gradient checkpointing: {'on' if built.recompute else 'off'} ({why})")
+    if cfg.train.neftune_alpha is not None:  # transformers' hook: noise in training forwards only
+        from transformers.integrations.neftune import activate_neftune
+
+        activate_neftune(built.model, cfg.train.neftune_alpha)
+    quantized = cfg.peft is not None and cfg.peft.quantize is not None
+    form, _ = bf16_weight_form(mixed_precision, cfg.model.dtype, cfg.optim.name, quantized or sharded)
+    if form != "none":
+        # bf16 copies of the matmul weights (of every weight: pure bf16 without autocast) do the compute,
+        # refreshed from the optimizer's fp32 master weights once per optimizer step (MasterWeightAdamW).
+        built.originals = use_bf16_weights(built.model, matmul_only=form == "matmul")
+    return built
+
+
+def _load_base(cfg: SFTConfig, tokens: RunTokens, training: bool):
+    """fp32 whatever model.dtype says (the fp32 master weights start from the stored values)."""
+    quantize = training and cfg.peft is not None and cfg.peft.quantize
+    base_cfg = adapters.base_config(tokens.adapter_dir) if tokens.adapter_dir else cfg.model
+    quantization = adapters.quantization_config(cfg.peft, vision.full_precision_modules(base_cfg, tokens.model_path)) \
+        if quantize else None
+    settings = {"dtype": "float32", "attn_implementation": cfg.model.attn_implementation}
+    return load_model(base_cfg.model_copy(update=settings), tokens.model_path, quantization)
+
+
+def _grow_vocabulary(model, cfg: SFTConfig, tokens: RunTokens) -> None:
+    if cfg.data.add_chatml_tokens:  # new rows (if any) and the model's eos follow the tokenizer
+        resize_for_new_tokens(model, tokens.tokenizer, tokens.vocab_before, cfg.data.pad_vocab_to_multiple_of)
+    elif tokens.adapter_dir and len(tokens.tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokens.tokenizer), mean_resizing=False)  # the adapter holds the rows
+
+
+def _add_adapter(built: RunModel, cfg: SFTConfig, tokens: RunTokens, training: bool) -> None:
+    if is_peft_model(built.model):
+        built.model.train(training)
+        trainable, total = built.model.get_nb_trainable_parameters()
+        built.lines.append(f"peft: the given PeftModel's adapter continues: {trainable:,} trainable of {total:,}")
+        return
+    if tokens.adapter_dir:
+        built.model, line = adapters.continue_adapter(built.model, tokens.adapter_dir, trainable=training)
+        built.lines.append(f"peft: {line}")
+        return
+    if cfg.peft is not None:
+        settings = cfg.peft if training else cfg.peft.model_copy(update={"quantize": None})
+        built.model, line = adapters.wrap(built.model, settings, vocab_grew=len(tokens.tokenizer) > tokens.vocab_before)
+        built.lines.append(f"peft: {line}")
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation recomputation per decoder layer (transformers' API; renamed in 5.x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

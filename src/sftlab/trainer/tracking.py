@@ -1,0 +1,74 @@
+"""Experiment trackers (`train.report_to`: tensorboard, wandb, trackio) through Accelerate's own trackers.
+
+metrics.jsonl is always written (trainer/metrics.py); trackers are optional extras, checked before the
+run starts (a missing package is a clear error naming the pip extra). Everything works offline:
+
+- tensorboard: event files under `output_dir/tensorboard/<run name>/`;
+- wandb: offline mode unless an API key is configured (`WANDB_API_KEY`, or `WANDB_MODE` set by you);
+  runs land in `output_dir/wandb/` (sync later with `wandb sync`);
+- trackio: its local store, under `output_dir/trackio/` unless `TRACKIO_DIR` is set.
+
+The resolved config is stored as the run's hyperparameters (flattened, non-scalars as strings).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+class TrackerError(RuntimeError):
+    """A configured tracker cannot be used; the message says what to install."""
+
+
+def check_trackers(names: list[str]) -> None:
+    for name in names:
+        if importlib.util.find_spec(PACKAGES[name]) is None:
+            raise TrackerError(f"train.report_to: {name} needs the {PACKAGES[name]} package: "
+                               f"pip install 'sftlab[{name}]' (or remove it from train.report_to)")
+
+
+def prepare_offline(names: list[str], out: Path) -> None:
+    """Environment for offline tracking (only what the user has not set)."""
+    if "wandb" in names:
+        if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+            os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_DIR", str(out))
+        (out / "wandb").mkdir(parents=True, exist_ok=True)
+    if "trackio" in names:
+        os.environ.setdefault("TRACKIO_DIR", str(out / "trackio"))
+
+
+def flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"optim.lr": 2e-5, ...}`: scalars as they are, anything else as a string."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flat_config(v, f"{prefix}{k}."))
+        return out
+    value = tree if isinstance(tree, (bool, int, float, str)) else str(tree)
+    return {prefix[:-1]: value}
+
+
+def start(accelerator, names: list[str], run_name: str, config: dict[str, Any]) -> None:
+    if names:
+        accelerator.init_trackers(run_name, config=flat_config(config))
+
+
+def log(accelerator, names: list[str], record: dict[str, Any]) -> None:
+    if names:
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        accelerator.log(values, step=record["step"])
+
+
+def finish(accelerator, names: list[str]) -> None:
+    if names:
+        accelerator.end_training()
+    if "trackio" in names:  # Accelerate finishes the run but leaves it current: trackio would finish it again at exit
+        from trackio import context_vars
+
+        context_vars.current_run.set(None)

@@ -1,0 +1,216 @@
+"""LoRA / DoRA / QLoRA runs end to end on a tiny model: only the adapter trains, its files load with
+plain peft, merging is exact, resume after SIGKILL is bitwise, NEFTune acts in training only."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from test_checkpoint import EXACT, cfg_tree, metrics, run_cli
+from transformers import AutoModelForCausalLM
+
+from sftlab.cli import main as cli_main
+from sftlab.config import SFTConfig
+from sftlab.model import adapters
+from sftlab.trainer.checkpoint import latest_checkpoint
+from sftlab.trainer.loop import run_training
+
+PEFT = {"r": 4, "alpha": 8, "dropout": 0.0}
+
+
+def lora_cfg(model_dir, data, out, peft=None, **train) -> SFTConfig:
+    return SFTConfig.model_validate({
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": [{"path": str(data)}], "eval_fraction": 0.25, "max_seq_length": 256},
+        "optim": {"lr": 3e-2, "warmup_steps": 0},
+        "train": {"output_dir": str(out), "micro_batch_size": 12, "grad_accum_steps": 1, "max_steps": 6,
+                  "mixed_precision": "no", **train},
+        "peft": {**PEFT, **(peft or {})},
+    })
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+IDS = torch.tensor([[1, 17, 42, 99, 120, 7, 2]])
+
+
+def test_only_the_adapter_trains_and_its_files_load_with_plain_peft(tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "run"
+    res = run_training(lora_cfg(tiny_model_dir, chat_file, out, peft={"merge_on_save": True}))
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)  # nothing of the frozen base
+    assert not (out / "model.safetensors").exists()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(tiny_model_dir)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    untouched = {k: v.clone() for k, v in base.state_dict().items()}
+    with_adapter = PeftModel.from_pretrained(base, out)  # plain peft
+    assert all(torch.equal(untouched[k], v) for k, v in
+               AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict().items())
+    adapted = logits(with_adapter, IDS)
+    plain = logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), IDS)
+    assert not torch.allclose(adapted, plain)  # the adapter changes the model
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)  # no peft needed
+    torch.testing.assert_close(logits(merged, IDS), adapted, atol=1e-5, rtol=1e-5)
+
+    # sftlab export and the inference loader give the same merged model
+    assert cli_main(["export", str(out), "--merge", "--out", str(tmp_path / "exported")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32)
+    torch.testing.assert_close(logits(exported, IDS), adapted, atol=1e-5, rtol=1e-5)
+    assert cli_main(["generate", str(out), "--prompt", "Hello!", "--max-new-tokens", "3"]) == 0
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_base_weights_are_bitwise_untouched_in_training(tiny_model_dir, chat_file, tmp_path, monkeypatch, precision):
+    """The frozen base after training, and every tensor of the merged model the adapter does not touch (the
+    embeddings, the norms), equal the loaded base bitwise, in fp32 and under bf16 mixed precision."""
+    from sftlab.trainer import outputs
+
+    seen = {}
+    real = outputs.save_adapter_run
+
+    def spy(run, model, gathered=None):
+        seen["model"] = model
+        return real(run, model, gathered)
+
+    monkeypatch.setattr(outputs, "save_adapter_run", spy)
+    run_training(lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", peft={"dropout": 0.1, "merge_on_save": True},
+                          mixed_precision=precision))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    trained = seen["model"].get_base_model().state_dict()
+    frozen = {k.replace(".base_layer", ""): v for k, v in trained.items() if "lora_" not in k}
+    assert set(frozen) == set(base)
+    assert [k for k in base if not torch.equal(frozen[k], base[k])] == []
+    merged = load_file(tmp_path / "run" / "merged" / "model.safetensors")
+    untouched = [k for k in merged if "proj" not in k]
+    assert untouched and [k for k in untouched if not torch.equal(merged[k], base[k])] == []
+
+
+def test_bad_target_module_fails_before_training_with_the_names(tiny_model_dir, chat_file, tmp_path, capsys):
+    cfg = cfg_tree(tiny_model_dir, chat_file, tmp_path / "run")
+    cfg["peft"] = {"target_modules": ["q_proj", "qkv_proj"]}
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    assert cli_main(["train", str(path)]) == 2
+    err = capsys.readouterr().out
+    assert "qkv_proj" in err and "q_proj" in err and "o_proj" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_sigkill_then_resume_with_lora_is_bitwise(tiny_model_dir, chat_file, tmp_path):
+    tree = lambda out, **kw: {**cfg_tree(tiny_model_dir, chat_file, out, **kw),
+                              "peft": {"r": 4, "alpha": 8, "dropout": 0.1}}
+    rc, log = run_cli(tree(tmp_path / "ref"), tmp_path)
+    assert rc == 0, log
+    rc, log = run_cli(tree(tmp_path / "cut"), tmp_path, {"SFTLAB_TEST_KILL_AFTER_STEP": "5"})
+    assert rc == -signal.SIGKILL, log
+    ckpt = latest_checkpoint(tmp_path / "cut")
+    assert set(load_file(ckpt / "model.safetensors")) == {
+        k for k in load_file(ckpt / "model.safetensors") if "lora_" in k}  # trainable tensors only
+    rc, log = run_cli(tree(tmp_path / "cut", resume="auto"), tmp_path)
+    assert rc == 0 and "resumed" in log, log
+    assert [{k: r[k] for k in EXACT} for r in metrics(tmp_path / "cut")] == \
+        [{k: r[k] for k in EXACT} for r in metrics(tmp_path / "ref")]
+    a, b = load_file(tmp_path / "ref" / "adapter_model.safetensors"), load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_peft_setting(tiny_model_dir, chat_file, tmp_path):
+    tree = {**cfg_tree(tiny_model_dir, chat_file, tmp_path / "run", max_steps=2), "peft": {"r": 4}}
+    tree["checkpoint"] = {"every_steps": 1}
+    rc, log = run_cli(tree, tmp_path)
+    assert rc == 0, log
+    tree["peft"] = {"r": 8}
+    tree["train"]["resume"] = "auto"
+    rc, log = run_cli(tree, tmp_path)
+    assert rc == 2 and "peft.r" in log, log
+
+
+def test_dora_trains(tiny_model_dir, chat_file, tmp_path):
+    res = run_training(lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", peft={"method": "dora"}))
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["use_dora"] is True
+    assert any("lora_magnitude_vector" in k for k in load_file(tmp_path / "run" / "adapter_model.safetensors"))
+
+
+def test_a_grown_vocabulary_trains_the_embeddings_and_head(tiny_model):
+    from sftlab.config import PeftSettings
+
+    names, note = adapters.modules_to_save(tiny_model, PeftSettings(modules_to_save=["norm"]), vocab_grew=True)
+    assert names == ["norm", "embed_tokens", "lm_head"] and "add_chatml_tokens" in note
+    assert adapters.modules_to_save(tiny_model, PeftSettings(), vocab_grew=False) == (None, "")
+    wrapped, line = adapters.wrap(tiny_model, PeftSettings(r=2), vocab_grew=True)
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert any("embed_tokens" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    assert "trainable parameters" in line
+
+
+def test_neftune_noise_only_in_training_forwards(tiny_model):
+    from transformers.integrations.neftune import activate_neftune
+
+    ids = IDS
+    clean = logits(tiny_model, ids)
+    activate_neftune(tiny_model, 5.0)
+    tiny_model.train()
+    with torch.no_grad():
+        noisy = tiny_model(input_ids=ids, use_cache=False).logits
+    assert not torch.allclose(noisy, clean)
+    torch.testing.assert_close(logits(tiny_model, ids), clean)  # eval: no noise
+
+
+def test_neftune_run_trains_and_evaluates_clean(tiny_model_dir, chat_file, tmp_path):
+    base = run_training(lora_cfg(tiny_model_dir, chat_file, tmp_path / "a", max_steps=2))
+    noisy = run_training(lora_cfg(tiny_model_dir, chat_file, tmp_path / "b", max_steps=2, neftune_alpha=5.0))
+    assert noisy.history[0]["loss"] != base.history[0]["loss"]  # training forwards see the noise
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (sftlab[qlora])")
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_qlora_trains(quantize, tokenizer, chat_file, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # bitsandbytes' CPU kernels need layer widths of at least one 64-value block
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    res = run_training(lora_cfg(tmp_path / "m", chat_file, tmp_path / "run", peft={"quantize": quantize}))
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(adapters.AdapterError, match=r"peft.quantize=nf4 needs bitsandbytes"):
+        run_training(lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", peft={"quantize": "nf4"}))
+
+
+def test_lora_composes_with_packing_bf16_and_the_target_loss_head(tiny_model_dir, chat_file, tmp_path, capsys):
+    cfg = lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", mixed_precision="bf16", gradient_checkpointing=True)
+    cfg.data.packing = "bfd"
+    res = run_training(cfg)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["mixed_precision"] == "bf16" and info["loss_head"] == "target" and info["master_weights_fp32"]
+    saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in saved.values())  # the fp32 masters, not the bf16 copies
