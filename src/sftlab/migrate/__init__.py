@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from sftlab.config import ConfigError, resolve_config
-from sftlab.config_aliases import RENAMES
+from sftlab.config.aliases import RENAMES
 from sftlab.migrate import values as v
 from sftlab.migrate.datasets import axolotl_datasets, lf_datasets, trl_datasets
 

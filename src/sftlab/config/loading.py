@@ -20,8 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from sftlab.config_aliases import ALIASES
-from sftlab.config_schema import (  # noqa: F401 - the schema is part of this module's interface
+from sftlab.config.aliases import ALIASES
+from sftlab.config.schema import (  # noqa: F401 - the schema is part of this module's interface
     FORMATS,
     MESSAGE_KEYS,
     REQUIRED_FIELDS,
@@ -42,7 +42,7 @@ from sftlab.config_schema import (  # noqa: F401 - the schema is part of this mo
     sources_shorthand,
 )
 
-DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).parents[1] / "demo" / "demo.yaml"
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sftlab.config_fields import (  # noqa: F401 - re-exported through sftlab.config
+from sftlab.config.fields import (  # noqa: F401 - re-exported through sftlab.config
     FORMATS,
     MESSAGE_KEYS,
     REQUIRED_FIELDS,
