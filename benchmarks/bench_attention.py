@@ -29,7 +29,7 @@ from bench_env import cpu_info
 
 
 def load(tiny: bool):
-    from sftlab.config import ModelConfig
+    from sftlab.config.schema import ModelConfig
     from sftlab.model.loading import load_model
 
     if tiny:

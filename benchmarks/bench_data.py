@@ -61,7 +61,7 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 from make_conversations import make_conversations  # noqa: E402
 
-from sftlab.config import DataConfig, ModelConfig  # noqa: E402
+from sftlab.config.schema import DataConfig, ModelConfig  # noqa: E402
 from sftlab.data import masking  # noqa: E402
 from sftlab.data.dataset import DatasetSource, build_datasets  # noqa: E402
 from sftlab.data.masking import IGNORE_INDEX  # noqa: E402

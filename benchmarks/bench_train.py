@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from bench_env import cpu_has_bf16, machine_lines, resolve_model
 
-    from sftlab.config import ModelConfig
+    from sftlab.config.schema import ModelConfig
     from sftlab.model.loading import resolve_model_path
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from sftlab.config import ConfigError, SFTConfig, dump_config, load_config
+from sftlab.config import ConfigError, SFTConfig, load_config
+from sftlab.config.loading import dump_config
 
 
 def write(tmp_path, tree) -> str:
@@ -162,12 +163,13 @@ def test_no_suggestion_when_nothing_is_close():
 def test_every_field_has_a_description():
     from pydantic import BaseModel
 
-    from sftlab.config import SFTConfig, _model_of
+    from sftlab.config import SFTConfig
+    from sftlab.config.keys import model_of
 
     def walk(model: type[BaseModel], prefix: str):
         for name, field in model.model_fields.items():
             assert field.description, f"{prefix}{name} has no description"
-            inner = _model_of(field.annotation)
+            inner = model_of(field.annotation)
             if inner is not None:
                 yield from walk(inner, f"{prefix}{name}.")
             yield f"{prefix}{name}"
@@ -178,7 +180,7 @@ def test_every_field_has_a_description():
 def test_committed_reference_is_current():
     from pathlib import Path
 
-    from sftlab.config import config_reference
+    from sftlab.config.reference import config_reference
 
     committed = Path(__file__).resolve().parent.parent / "docs" / "config.md"
     assert committed.read_text(encoding="utf-8") == config_reference() + "\n", (
@@ -197,13 +199,14 @@ def _assert_defaults(values: dict, model, where: str) -> list[str]:
     """Every value in `values` equals the typed default of `model` (required keys such as paths excepted)."""
     from pydantic import TypeAdapter
 
-    from sftlab.config import SourceConfig, _model_of
+    from sftlab.config.keys import model_of
+    from sftlab.config.schema import SourceConfig
 
     checked = []
     for key, value in values.items():
         assert key in model.model_fields, f"README: {where}{key} is not a config key"
         field = model.model_fields[key]
-        inner = _model_of(field.annotation)
+        inner = model_of(field.annotation)
         if field.is_required():
             continue
         if inner is SourceConfig:
@@ -221,7 +224,7 @@ def _assert_defaults(values: dict, model, where: str) -> list[str]:
 
 def test_readme_example_configs_are_the_defaults():
     """The README's config example and its LoRA block show the real defaults (data paths excepted)."""
-    from sftlab.config import _model_of
+    from sftlab.config.keys import model_of
 
     blocks = [b for b in _readme_yaml_blocks() if isinstance(b, dict) and ({"model", "optim"} <= b.keys() or "peft" in b)]
     assert len(blocks) == 2, "the README's main config example and its peft block"
@@ -229,6 +232,6 @@ def test_readme_example_configs_are_the_defaults():
     for block in blocks:
         SFTConfig.model_validate({"data": {"train": "x.jsonl"}, **block})  # each block is a valid config
         for section, values in block.items():
-            checked += _assert_defaults(values, _model_of(SFTConfig.model_fields[section].annotation), f"{section}.")
+            checked += _assert_defaults(values, model_of(SFTConfig.model_fields[section].annotation), f"{section}.")
     assert {"data.eval_fraction", "optim.warmup_ratio", "train.overwrite", "peft.r", "data.train.0.format"} <= set(checked)
     assert len(checked) > 50

@@ -190,7 +190,7 @@ def test_example_data_has_no_bad_rows_with_the_default_tokenizer(config):
 
 @pytest.mark.e2e
 def test_pretokenized_ids_are_the_default_tokenizers_encoding():
-    from sftlab.config import ModelConfig
+    from sftlab.config.schema import ModelConfig
     from sftlab.model.loading import load_tokenizer
 
     tok = load_tokenizer(ModelConfig())

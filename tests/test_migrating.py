@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from sftlab.cli import main
-from sftlab.config import ConfigError, SFTConfig, config_keys, load_config, suggest_key
+from sftlab.config import ConfigError, SFTConfig, load_config
+from sftlab.config.keys import config_keys, suggest_key
 from sftlab.migrate import convert_config
 
 ROOT = Path(__file__).resolve().parents[1]

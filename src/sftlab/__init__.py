@@ -1,7 +1,7 @@
 """sftlab: supervised fine-tuning of causal language models.
 
 Python API (sftlab/api.py, docs/python.md): `sftlab.train`, `sftlab.prepare`, `sftlab.evaluate`,
-`sftlab.generate`, with `SFTConfig` (sftlab/config.py) and `DatasetSource`; the command line is
+`sftlab.generate`, with `SFTConfig` (sftlab/config/) and `DatasetSource`; the command line is
 `sftlab` (sftlab/cli.py), a thin layer over the same functions. Names are imported on first use, so
 `import sftlab` stays light.
 """
@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "train": "sftlab.api", "prepare": "sftlab.api", "evaluate": "sftlab.api", "generate": "sftlab.api",
-    "SFTConfig": "sftlab.config", "load_config": "sftlab.config", "ConfigError": "sftlab.config",
+    "SFTConfig": "sftlab.config.schema", "load_config": "sftlab.config.loading", "ConfigError": "sftlab.config.schema",
     "DatasetSource": "sftlab.data.sources", "TrainResult": "sftlab.trainer.run",
     "SFTObjective": "sftlab.trainer.objective", "CallbackError": "sftlab.trainer.callbacks",
 }

@@ -31,7 +31,8 @@ from typing import Any
 
 from rich.console import Console
 
-from sftlab.config import ConfigError, DataConfig, SFTConfig, SourceConfig, resolve_config
+from sftlab.config.loading import resolve_config
+from sftlab.config.schema import ConfigError, DataConfig, SFTConfig, SourceConfig
 
 DataArg = Any  # Dataset | IterableDataset | list[dict] | DataFrame | str | Path | list of paths
 

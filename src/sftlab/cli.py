@@ -27,7 +27,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sftlab.config import ConfigError, config_reference, dump_config, gives_training_data, load_config
+from sftlab.config.loading import dump_config, load_config
+from sftlab.config.overrides import gives_training_data
+from sftlab.config.reference import config_reference
+from sftlab.config.schema import ConfigError
 from sftlab.migrate import TOOLS, print_converted
 
 console = Console(soft_wrap=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import CONVERSATIONS, write_jsonl
 
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data import reading, report, tokenize
 from sftlab.data.arrays import ArrayWriter, CorruptEntry, TokenArrays, example_arrays
 from sftlab.data.dataset import build_datasets

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import CONVERSATIONS, build_tokenizer, write_jsonl
 
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.arrays import ArrayWriter
 from sftlab.data.dataset import DataError, build_datasets
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import write_jsonl
 
-from sftlab.config import ConfigError, DataConfig, SourceConfig, load_config
+from sftlab.config import ConfigError, load_config
+from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.dataset import DataError, build_datasets
 from sftlab.data.types import IGNORE_INDEX
 from sftlab.trainer.report import _data_section

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import build_tokenizer, write_jsonl
 
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.dataset import DataError, build_datasets
 from sftlab.data.masking import IGNORE_INDEX
 
@@ -255,7 +255,7 @@ def test_multi_turn_rows_of_phi3_and_gpt_oss_are_kept_and_masked_as_the_tagged_t
 def test_add_bos_starts_chat_examples_with_an_untrained_bos(tmp_path):
     from conftest import build_tokenizer, chat_rows, write_jsonl
 
-    from sftlab.config import DataConfig
+    from sftlab.config.schema import DataConfig
     from sftlab.data.dataset import build_datasets
     tok = build_tokenizer()
     tok.bos_token = "<|endoftext|>"  # a BOS the ChatML template never writes

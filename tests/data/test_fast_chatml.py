@@ -9,7 +9,7 @@ import pytest
 from conftest import CHATML_TEMPLATE, build_tokenizer, write_jsonl
 from test_masking import family
 
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data import fast_chatml, masking, reading
 from sftlab.data.dataset import build_datasets
 from sftlab.data.fast_chatml import ChatMLRenderer

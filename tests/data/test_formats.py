@@ -301,7 +301,7 @@ def test_nulls_arrow_fills_into_tool_schemas_and_call_arguments_are_absent(tmp_p
     import datasets
     from conftest import write_jsonl
 
-    from sftlab.config import DataConfig, SourceConfig
+    from sftlab.config.schema import DataConfig, SourceConfig
     from sftlab.data.dataset import build_datasets
     arrow = datasets.Dataset.from_list(TOOL_ROWS)
     assert arrow[0]["messages"][1]["tool_calls"][0]["function"]["arguments"]["amount"] is None  # the fill-in

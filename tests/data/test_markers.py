@@ -8,7 +8,7 @@ import datasets
 import pytest
 from conftest import write_jsonl
 
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.dataset import DataError, build_datasets
 from sftlab.data.formats import BadRecord, to_record
 from sftlab.data.markers import TextMarkers, no_loss_spans

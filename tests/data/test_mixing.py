@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from conftest import write_jsonl
 
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.dataset import DataError, build_datasets
 from sftlab.data.mixing import check_weight, hold_out, mix, select
 

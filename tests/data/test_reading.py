@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.dataset import DataError, build_datasets
 
 TEXT = {"messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi. How can I help?"}]}

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data import sources
 from sftlab.data.dataset import DataError, DatasetSource, build_datasets
 from sftlab.data.masking import IGNORE_INDEX
@@ -119,7 +119,7 @@ def test_hub_name_goes_through_load_dataset(monkeypatch, tokenizer):
 
 
 def test_hub_name_offline_fails_fast_and_names_the_source(tmp_path):
-    code = ("from sftlab.config import SourceConfig\nfrom sftlab.data.sources import open_source\n"
+    code = ("from sftlab.config.schema import SourceConfig\nfrom sftlab.data.sources import open_source\n"
             "open_source(SourceConfig(path='nobody/no-such-dataset'))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     start = time.monotonic()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import CONVERSATIONS, build_tokenizer, write_jsonl
 
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.dataset import build_datasets
 from sftlab.data.masking import IGNORE_INDEX, TemplateError, assistant_spans, tokenize_conversation
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import CHATML_TEMPLATE, write_jsonl
 from data.test_tool_templates import runs
 
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.dataset import DataError, build_datasets
 from sftlab.data.masking import render
 from sftlab.data.templates import BUILTIN_TEMPLATES

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from vlm_families import build_family, make_image
 
-from sftlab.config import DataConfig
+from sftlab.config.schema import DataConfig
 from sftlab.data import preview
 from sftlab.data.dataset import build_datasets
 from sftlab.data.types import IGNORE_INDEX, VisionExample

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftlab.cli import main
-from sftlab.config import ModelConfig
+from sftlab.config.schema import ModelConfig
 from sftlab.model.loading import default_gguf_path, load_model, resolve_model_path
 
 pytestmark = pytest.mark.e2e

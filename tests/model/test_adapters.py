@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sftlab.config import PeftSettings
+from sftlab.config.schema import PeftSettings
 from sftlab.model import adapters
 
 

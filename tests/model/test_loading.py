@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from sftlab.config import ModelConfig
+from sftlab.config.schema import ModelConfig
 from sftlab.model.loading import ModelLoadError, load_model_and_tokenizer, resolve_model_path
 
 
@@ -34,7 +34,7 @@ def test_missing_paths_are_named(tmp_path):
 
 
 def test_hub_id_offline_fails_with_a_clear_message(tmp_path):
-    code = ("from sftlab.config import ModelConfig\n"
+    code = ("from sftlab.config.schema import ModelConfig\n"
             "from sftlab.model.loading import load_model_and_tokenizer, ModelLoadError\n"
             "try:\n    load_model_and_tokenizer(ModelConfig(name_or_path='sftlab-test/no-such-model'))\n"
             "except ModelLoadError as e:\n    print('ERR', e)\n")
@@ -57,7 +57,7 @@ def test_flash_attention_without_cuda_or_package_is_a_clear_error(tmp_path):
 
 
 def test_dtype_auto_is_the_dtype_the_weights_were_saved_in(tiny_model, tokenizer, tmp_path):
-    from sftlab.config import ModelConfig
+    from sftlab.config.schema import ModelConfig
     from sftlab.model.loading import stored_dtype
     tiny_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     tiny_model.to(torch.float16).save_pretrained(tmp_path / "fp16")
@@ -66,7 +66,7 @@ def test_dtype_auto_is_the_dtype_the_weights_were_saved_in(tiny_model, tokenizer
 
 
 def test_init_kwargs_reach_from_pretrained_and_owned_keys_are_refused(tiny_model_dir):
-    from sftlab.config import ModelConfig
+    from sftlab.config.schema import ModelConfig
     from sftlab.model.loading import load_model
     model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), init_kwargs={"num_hidden_layers": 1}))
     assert model.config.num_hidden_layers == 1  # config overrides pass through from_pretrained's kwargs
@@ -75,7 +75,7 @@ def test_init_kwargs_reach_from_pretrained_and_owned_keys_are_refused(tiny_model
 
 
 def test_a_separate_tokenizer_is_loaded_from_model_tokenizer(tiny_model_dir, tmp_path, tokenizer):
-    from sftlab.config import ModelConfig
+    from sftlab.config.schema import ModelConfig
     from sftlab.model.loading import ModelLoadError, load_tokenizer
     other = tmp_path / "tok"
     tokenizer.add_tokens(["<extra_token>"])

@@ -12,7 +12,8 @@ from transformers import (
 )
 from vlm_families import FAMILIES, build_family, save_family
 
-from sftlab.config import ModelConfig, SFTConfig
+from sftlab.config import SFTConfig
+from sftlab.config.schema import ModelConfig
 from sftlab.model.loading import ModelLoadError, load_model
 from sftlab.model.vision import freeze, is_vision_model, load_processor, part_of
 from sftlab.trainer.run_model import RunTokens, build_run_model

@@ -311,7 +311,7 @@ def test_tied_embeddings_are_checkpointed_without_accelerates_shared_tensor_note
 
 
 def test_every_steps_epoch_is_every_epoch():
-    from sftlab.config import CheckpointConfig
+    from sftlab.config.schema import CheckpointConfig
     cfg = CheckpointConfig(every_steps="epoch")
     assert cfg.every_epoch and cfg.every_steps is None
 

@@ -11,7 +11,7 @@ from conftest import write_jsonl
 from test_loop import make_cfg
 
 from sftlab.cli import main as cli_main
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import build_datasets
 from sftlab.trainer.evaluate import evaluate, load_model_dir

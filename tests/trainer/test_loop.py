@@ -65,7 +65,7 @@ def test_lr_schedule_logged_per_step(tiny_model_dir, chat_file, tmp_path):
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
 @pytest.mark.parametrize("warmup,total", [(0, 1), (1, 1), (0, 5), (2, 5), (9, 4)])
 def test_no_step_runs_at_lr_zero(kind, warmup, total):
-    from sftlab.config import OptimConfig
+    from sftlab.config.schema import OptimConfig
     from sftlab.trainer.optim import build_scheduler
 
     param = torch.nn.Parameter(torch.zeros(1))

@@ -145,7 +145,7 @@ def test_dora_trains(tiny_model_dir, chat_file, tmp_path):
 
 
 def test_a_grown_vocabulary_trains_the_embeddings_and_head(tiny_model):
-    from sftlab.config import PeftSettings
+    from sftlab.config.schema import PeftSettings
 
     names, note = adapters.modules_to_save(tiny_model, PeftSettings(modules_to_save=["norm"]), vocab_grew=True)
     assert names == ["norm", "embed_tokens", "lm_head"] and "add_chatml_tokens" in note

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_checkpoint import EXACT, cfg_tree, metrics
 
 import sftlab
-from sftlab.config import OptimConfig
+from sftlab.config.schema import OptimConfig
 from sftlab.trainer.optim import OptimizerError, build_optimizer, build_scheduler
 from sftlab.trainer.precision import bf16_weight_form
 

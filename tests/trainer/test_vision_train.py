@@ -22,7 +22,7 @@ from vlm_families import make_image, save_family
 
 import sftlab
 from sftlab.cli import main
-from sftlab.config import ModelConfig
+from sftlab.config.schema import ModelConfig
 from sftlab.model.vision import load_processor, part_of
 from sftlab.trainer.checkpoint import latest_checkpoint
 

@@ -1,6 +1,6 @@
 """The row formats' field names, and the checks of a source's `columns` mapping and marker templates.
 
-config_schema.py validates with these; the data layer reads rows by these names (docs/data.md).
+schema.py validates with these; the data layer reads rows by these names (docs/data.md).
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ def _column_names(fmt: str) -> tuple[str, ...]:
     return ROW_FIELDS[fmt] + inner
 
 
-def check_markers(response: str | None, instruction: str | None) -> str | None:
+def check_markers(response_template: str | None, instruction_template: str | None) -> str | None:
     """An instruction template needs a response template, and differs from it."""
-    if instruction is not None and response is None:
+    if instruction_template is not None and response_template is None:
         raise ValueError("instruction_template needs a response_template (the marker after which text is trained)")
-    if instruction is not None and instruction == response:
-        raise ValueError(f"instruction_template and response_template are the same ({response!r}); they must differ")
-    return instruction
+    if instruction_template is not None and instruction_template == response_template:
+        raise ValueError(f"instruction_template and response_template are the same ({response_template!r}); "
+                         "they must differ")
+    return instruction_template
 
 
 def check_columns(columns: dict[str, str], fmt: str = "auto") -> dict[str, str]:

@@ -1,8 +1,8 @@
 """The run configuration's schema: one pydantic model per YAML section (`SFTConfig` holds them).
 
-Every key has a type, a default and a description (`sftlab config reference` prints them, docs/config.md
-is that output). Reading a YAML file, dotted overrides, the Python API's keyword arguments and the
-did-you-mean suggestions for mistyped keys are in sftlab/config.py, which re-exports these names.
+Every key has a type, a default and a description (`sftlab config reference` prints them: reference.py,
+docs/config.md is that output). The row formats' field names and the checks of `columns` and marker
+templates are in fields.py; reading a YAML file and the Python API's keyword arguments in loading.py.
 """
 
 from __future__ import annotations
@@ -12,17 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sftlab.config.fields import (  # noqa: F401 - re-exported through sftlab.config
-    FORMATS,
-    MESSAGE_KEYS,
-    REQUIRED_FIELDS,
-    ROLES,
-    ROW_FIELDS,
-    TURN_KEYS,
-    check_columns,
-    check_markers,
-    sources_shorthand,
-)
+from sftlab.config.fields import FORMATS, ROLES, check_columns, check_markers, sources_shorthand
 
 
 class ConfigError(ValueError):
@@ -60,14 +50,14 @@ class ModelConfig(_Strict):
 
     @field_validator("init_kwargs")
     @classmethod
-    def _own_keys_elsewhere(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _own_keys_elsewhere(cls, init_kwargs: dict[str, Any]) -> dict[str, Any]:
         owned = {"dtype": "model.dtype", "torch_dtype": "model.dtype", "revision": "model.revision",
                  "attn_implementation": "model.attn_implementation", "trust_remote_code": "model.trust_remote_code",
                  "quantization_config": "peft.quantize", "gguf_file": "model.gguf_file"}
-        for key in kwargs:
+        for key in init_kwargs:
             if key in owned:
                 raise ValueError(f"init_kwargs.{key}: set by sftlab; use {owned[key]}")
-        return kwargs
+        return init_kwargs
 
 
 class SourceConfig(_Strict):
@@ -105,8 +95,8 @@ class SourceConfig(_Strict):
 
     @field_validator("instruction_template")
     @classmethod
-    def _marker_pair(cls, instruction: str | None, info: Any) -> str | None:
-        return check_markers(info.data.get("response_template"), instruction)
+    def _marker_pair(cls, instruction_template: str | None, info: Any) -> str | None:
+        return check_markers(info.data.get("response_template"), instruction_template)
 
 
 class DataConfig(_Strict):
@@ -119,8 +109,8 @@ class DataConfig(_Strict):
 
     @field_validator("train", "eval", mode="before")
     @classmethod
-    def _path_shorthand(cls, v: Any) -> Any:
-        return sources_shorthand(v)
+    def _path_shorthand(cls, sources: Any) -> Any:
+        return sources_shorthand(sources)
 
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "fraction of training examples held out for validation (0 with no eval sources: no validation loss)"))
@@ -142,8 +132,8 @@ class DataConfig(_Strict):
 
     @field_validator("instruction_template")
     @classmethod
-    def _marker_pair(cls, instruction: str | None, info: Any) -> str | None:
-        return check_markers(info.data.get("response_template"), instruction)
+    def _marker_pair(cls, instruction_template: str | None, info: Any) -> str | None:
+        return check_markers(info.data.get("response_template"), instruction_template)
 
     chat_template: str | None = Field(None, description=(
         "null: the tokenizer's own; a built-in name (chatml, llama3, tulu, zephyr, alpaca; with tools: chatml_tools, "
@@ -205,9 +195,9 @@ class OptimConfig(_Strict):
 
     @field_validator("max_grad_norm")
     @classmethod
-    def _off_at_or_below_zero(cls, norm: float | None) -> float | None:
+    def _off_at_or_below_zero(cls, max_grad_norm: float | None) -> float | None:
         # torch's clip with a negative norm scales every gradient by a negative factor (and 0 zeroes them)
-        return norm if norm is not None and norm > 0 else None
+        return max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
 
 
 class TrainConfig(_Strict):
@@ -247,8 +237,8 @@ class TrainConfig(_Strict):
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
-    def _yaml_no_is_false(cls, v: Any) -> Any:
-        return "no" if v is False else v  # YAML reads a bare `no` as false
+    def _yaml_no_is_false(cls, mixed_precision: Any) -> Any:
+        return "no" if mixed_precision is False else mixed_precision  # YAML reads a bare `no` as false
 
     loss_head: Literal["target", "full"] = Field("target", description=(
         "target: output projection and cross-entropy only where the next token is a target, in chunks (no full "
@@ -320,13 +310,13 @@ class PeftSettings(_Strict):
 
     @field_validator("target_modules")
     @classmethod
-    def _valid_pattern(cls, targets: list[str] | str) -> list[str] | str:
-        if isinstance(targets, str) and targets != "all-linear":
+    def _valid_pattern(cls, target_modules: list[str] | str) -> list[str] | str:
+        if isinstance(target_modules, str) and target_modules != "all-linear":
             try:
-                re.compile(targets)
+                re.compile(target_modules)
             except re.error as e:
                 raise ValueError(f"not a valid regular expression: {e}") from None
-        return targets
+        return target_modules
 
 
 class CheckpointConfig(_Strict):
@@ -345,11 +335,11 @@ class CheckpointConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _epoch_spelling(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("every_steps"), str) \
-                and data["every_steps"].strip().lower() == "epoch":
-            data = {**data, "every_steps": None, "every_epoch": True}
-        return data
+    def _epoch_spelling(cls, section: Any) -> Any:
+        if isinstance(section, dict) and isinstance(section.get("every_steps"), str) \
+                and section["every_steps"].strip().lower() == "epoch":
+            section = {**section, "every_steps": None, "every_epoch": True}
+        return section
 
 
 class MatchEvalConfig(_Strict):
@@ -383,8 +373,8 @@ class SFTConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> "SFTConfig":
-        budget = self.train.micro_batch_tokens
-        if budget is not None and budget < self.data.max_seq_length:
-            raise ValueError(f"train.micro_batch_tokens ({budget}) must be at least data.max_seq_length "
+        micro_batch_tokens = self.train.micro_batch_tokens
+        if micro_batch_tokens is not None and micro_batch_tokens < self.data.max_seq_length:
+            raise ValueError(f"train.micro_batch_tokens ({micro_batch_tokens}) must be at least data.max_seq_length "
                              f"({self.data.max_seq_length}): a micro-batch must hold the longest row")
         return self

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from sftlab.config import DataConfig, SourceConfig
+from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data import cache
 from sftlab.data.examples import Examples
 from sftlab.data.markers import markers_for

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from sftlab.config import MESSAGE_KEYS, ROLES, TURN_KEYS
+from sftlab.config.fields import MESSAGE_KEYS, ROLES, TURN_KEYS
 from sftlab.data.fields import (
     NO_COLUMNS,
     SHAREGPT_ROLES,

@@ -14,7 +14,7 @@ import itertools
 import re
 from pathlib import Path
 
-from sftlab.config import SourceConfig
+from sftlab.config.schema import SourceConfig
 from sftlab.data.types import DataError
 
 # A file extension: letters only (`.jsnol`, `.parquet`), so hub names such as `teknium/OpenHermes-2.5` are not.

@@ -38,7 +38,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from sftlab.config import DataConfig
+from sftlab.config.schema import DataConfig
 from sftlab.data import cache
 from sftlab.data.arrays import TOKEN_ARRAYS, ArrayWriter, TokenArrays, id_dtype
 from sftlab.data.fast_chatml import FastPathMismatch

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from sftlab.config import ROW_FIELDS
+from sftlab.config.fields import ROW_FIELDS
 from sftlab.data import cache
 from sftlab.data.arrays import TokenArrays
 from sftlab.data.examples import Examples

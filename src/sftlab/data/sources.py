@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from sftlab.config import SourceConfig
+from sftlab.config.schema import SourceConfig
 from sftlab.data.formats import ColumnMap, iter_jsonl
 from sftlab.data.locate import looks_local, not_found
 from sftlab.data.markers import TextMarkers

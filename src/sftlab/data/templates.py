@@ -42,7 +42,7 @@ from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import _compile_jinja_template
 
-from sftlab.config import DataConfig
+from sftlab.config.schema import DataConfig
 from sftlab.data.types import DataError, TemplateError
 
 log = logging.getLogger(__name__)

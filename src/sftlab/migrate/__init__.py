@@ -9,8 +9,9 @@ from typing import Any
 
 import yaml
 
-from sftlab.config import ConfigError, resolve_config
 from sftlab.config.aliases import RENAMES
+from sftlab.config.loading import resolve_config
+from sftlab.config.schema import ConfigError
 from sftlab.migrate import values as v
 from sftlab.migrate.datasets import axolotl_datasets, lf_datasets, trl_datasets
 
@@ -117,7 +118,7 @@ def read_foreign(path: str | Path) -> dict[str, Any]:
 
 
 def _convert_keys(c: v.Conversion, raw: dict[str, Any]) -> None:
-    """Each key: a value conversion of the tool's (HANDLERS), else a plain rename (config_aliases.RENAMES),
+    """Each key: a value conversion of the tool's (HANDLERS), else a plain rename (config/aliases.py: RENAMES),
     else a comment saying why it has no counterpart."""
     handlers, consumed = HANDLERS[c.tool], CONSUMED[c.tool]
     for key, value in raw.items():

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from sftlab.config import _set_dotted
+from sftlab.config.overrides import set_dotted
 
 PEFT_SAME = {"lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "use_rslora",
              "peft_use_rslora": "use_rslora", "lora_target_modules": "target_modules", "lora_modules_to_save": "modules_to_save"}
@@ -28,7 +28,7 @@ class Conversion:
         self.seen: set[str] = set()
 
     def set(self, key: str, value: Any) -> None:
-        _set_dotted(self.tree, key, value)
+        set_dotted(self.tree, key, value)
         self.seen.add(key)
 
     def skip(self, key: str, value: Any, why: str, kind: str = "not converted") -> None:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from sftlab.config import ModelConfig, PeftSettings
+from sftlab.config.schema import ModelConfig, PeftSettings
 from sftlab.model.vision import is_vision_model, language_targets
 
 BASE_FILE = "sftlab_base.json"

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sftlab.config import MatchEvalConfig
+from sftlab.config.schema import MatchEvalConfig
 from sftlab.data.formats import ColumnMap, Conversation, iter_jsonl, to_record
 from sftlab.data.images import image_record
 from sftlab.data.tool_support import TOOL_TEMPLATES, template_support

@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from sftlab.config import ModelConfig
+from sftlab.config.schema import ModelConfig
 from sftlab.paths import cache_root
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 from transformers import AutoConfig, AutoProcessor
 
-from sftlab.config import ModelConfig
+from sftlab.config.schema import ModelConfig
 from sftlab.model.loading import ModelLoadError
 from sftlab.model.processors import without_optional_parts
 

@@ -31,7 +31,8 @@ from rich.markup import escape
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
-from sftlab.config import NO_TRAINING_DATA, ConfigError, SFTConfig
+from sftlab.config.loading import NO_TRAINING_DATA
+from sftlab.config.schema import ConfigError, SFTConfig
 from sftlab.data import preview
 from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import DataReport, build_datasets, length_stats

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from sftlab.config import ConfigError, DataConfig, MatchEvalConfig, SourceConfig
+from sftlab.config.schema import ConfigError, DataConfig, MatchEvalConfig, SourceConfig
 from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import build_datasets
 from sftlab.data.vision import vision_collate

@@ -25,7 +25,8 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from sftlab.config import ConfigError, ModelConfig, SFTConfig, load_config
+from sftlab.config.loading import load_config
+from sftlab.config.schema import ConfigError, ModelConfig, SFTConfig
 from sftlab.data.templates import load_template
 from sftlab.data.toolcalls import read_tools_file
 from sftlab.model import adapters

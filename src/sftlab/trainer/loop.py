@@ -36,7 +36,7 @@ from accelerate.utils import broadcast_object_list
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from sftlab.config import SFTConfig
+from sftlab.config.schema import SFTConfig
 from sftlab.data.packing import pack_examples, packed_collate
 from sftlab.trainer import best, distributed, hub
 from sftlab.trainer.checkpoint import TrainerState, latest_checkpoint, save_checkpoint

@@ -29,7 +29,7 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from sftlab.config import OptimConfig
+from sftlab.config.schema import OptimConfig
 from sftlab.trainer.master_weights import MasterWeightAdamW, needs_master_weights
 
 

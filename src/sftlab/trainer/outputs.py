@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sftlab.config import dump_config
+from sftlab.config.loading import dump_config
 from sftlab.model import adapters
 from sftlab.model.generate import MatchResult, exact_match
 from sftlab.model.loading import DTYPES

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sftlab.config import SFTConfig
+from sftlab.config.schema import SFTConfig
 from sftlab.trainer import distributed
 from sftlab.trainer.checkpoint import COMPLETE, latest_checkpoint, load_checkpoint
 from sftlab.trainer.rundir import RunError

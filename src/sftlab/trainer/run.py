@@ -14,7 +14,7 @@ from typing import Any
 from accelerate import Accelerator
 from rich.console import Console
 
-from sftlab.config import SFTConfig
+from sftlab.config.schema import SFTConfig
 from sftlab.data.collate import MicroBatchStream
 from sftlab.model.generate import MatchResult
 from sftlab.trainer.callbacks import CallbackList

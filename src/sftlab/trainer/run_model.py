@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sftlab.config import SFTConfig
+from sftlab.config.schema import SFTConfig
 from sftlab.model import adapters, attention, vision
 from sftlab.model.loading import load_model
 from sftlab.model.vocab import resize_for_new_tokens

@@ -21,7 +21,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from rich.console import Console
 
-from sftlab.config import SFTConfig
+from sftlab.config.schema import SFTConfig
 from sftlab.data.collate import MicroBatchStream
 from sftlab.data.locate import check_local_paths
 from sftlab.model import adapters, attention
