@@ -76,6 +76,14 @@ def test_training_data_required(tmp_path):
         load_config(write(tmp_path, {"optim": {"lr": 1e-4}}))
 
 
+def test_config_error_is_an_sftlab_error_and_a_value_error(tmp_path):
+    from sftlab.errors import SftlabError
+
+    with pytest.raises(SftlabError) as e:
+        load_config(write(tmp_path, BASE), ["optim.lrr=1"])
+    assert isinstance(e.value, ConfigError) and isinstance(e.value, ValueError)
+
+
 def test_dump_round_trips(tmp_path):
     cfg = load_config(write(tmp_path, BASE), ["optim.betas=[0.9, 0.95]"])
     again = SFTConfig.model_validate(yaml.safe_load(dump_config(cfg)))

@@ -13,9 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sftlab.config.fields import FORMATS, ROLES, check_columns, check_markers, sources_shorthand
+from sftlab.errors import SftlabError
 
 
-class ConfigError(ValueError):
+class ConfigError(SftlabError, ValueError):
     """A configuration problem, with the dotted key path in its message."""
 
 
