@@ -69,6 +69,8 @@ def test_override_into_unknown_section_rejected(tmp_path):
         load_config(write(tmp_path, BASE), ["optimizer.lr=1"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(write(tmp_path, BASE), ["optim.lr"])
+    with pytest.raises(ConfigError, match=r"override 'peft.target_modules=\[': the value is not valid YAML"):
+        load_config(write(tmp_path, BASE), ["peft.target_modules=["])
 
 
 def test_training_data_required(tmp_path):

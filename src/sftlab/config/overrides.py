@@ -53,7 +53,12 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. optim.lr=1e-5")
-        value = _verbatim(raw) if key.strip().rsplit(".", 1)[-1] in VERBATIM_KEYS else _scalar(raw)
+        try:
+            value = _verbatim(raw) if key.strip().rsplit(".", 1)[-1] in VERBATIM_KEYS else _scalar(raw)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({problem}); quote it to "
+                              f"take it as text, e.g. {key.strip()}='{raw}'") from None
         set_dotted(tree, key.strip(), value)
         normalise_sources(tree)
     return tree
