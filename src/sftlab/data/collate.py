@@ -61,18 +61,20 @@ def token_budget_batches(order: Sequence[int], lengths: Sequence[int], max_token
 class MicroBatchStream:
     """Endless micro-batches of example indices: epoch after epoch, each in its own seeded order.
 
-    Fixed-size micro-batches of `batch_size` units, or, with `max_tokens` (and the units' `lengths`),
+    The stream is global: one of its micro-batches is the step's micro-batch of every rank together,
+    split among ranks afterwards. Fixed-size micro-batches of `global_units` units (micro_batch_size x
+    world size), or, with `global_tokens` (micro_batch_tokens x world size) and the units' `lengths`,
     token-budget micro-batches (`token_budget_batches`) in a seeded order. Either way the position
     (epoch, micro-batches taken in it) identifies the next micro-batch exactly, for resume.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool = True,
+    def __init__(self, num_examples: int, global_units: int, seed: int, shuffle: bool = True,
                  epoch: int = 0, index: int = 0, lengths: Sequence[int] | None = None,
-                 max_tokens: int | None = None):
-        if max_tokens is not None and (lengths is None or len(lengths) != num_examples):
+                 global_tokens: int | None = None):
+        if global_tokens is not None and (lengths is None or len(lengths) != num_examples):
             raise ValueError("token-budget micro-batches need the length of every unit")
-        self.num_examples, self.batch_size, self.seed, self.shuffle = num_examples, batch_size, seed, shuffle
-        self.lengths, self.max_tokens = lengths, max_tokens
+        self.num_examples, self.global_units, self.seed, self.shuffle = num_examples, global_units, seed, shuffle
+        self.lengths, self.global_tokens = lengths, global_tokens
         self.epoch, self.index = epoch, index  # index = micro-batches already taken in this epoch
         self._cached: tuple[int, list[list[int]]] | None = None
 
@@ -80,10 +82,10 @@ class MicroBatchStream:
         """The micro-batches of `epoch`, in order."""
         if self._cached is None or self._cached[0] != epoch:
             order = epoch_order(self.num_examples, self.seed, epoch, self.shuffle)
-            if self.max_tokens is None:
-                batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            if self.global_tokens is None:
+                batches = [order[i:i + self.global_units] for i in range(0, len(order), self.global_units)]
             else:
-                batches = token_budget_batches(order, self.lengths, self.max_tokens)
+                batches = token_budget_batches(order, self.lengths, self.global_tokens)
                 if self.shuffle:  # the sorted windows must not put long batches first every epoch
                     g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7_919)
                     batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
@@ -92,8 +94,8 @@ class MicroBatchStream:
 
     @property
     def batches_per_epoch(self) -> int:
-        if self.max_tokens is None:
-            return -(-self.num_examples // self.batch_size)
+        if self.global_tokens is None:
+            return -(-self.num_examples // self.global_units)
         return len(self.batches(self.epoch))
 
     def state(self) -> dict[str, int]:

@@ -322,7 +322,7 @@ def build_stream(cfg: SFTConfig, units, world: int) -> MicroBatchStream:
         return MicroBatchStream(len(units), cfg.train.micro_batch_size * world, cfg.train.seed)
     lengths = units.lengths.tolist() if hasattr(units, "lengths") else [len(u.input_ids) for u in units]
     return MicroBatchStream(len(units), 0, cfg.train.seed, lengths=lengths,
-                            max_tokens=cfg.train.micro_batch_tokens * world)
+                            global_tokens=cfg.train.micro_batch_tokens * world)
 
 
 def match_examples(cfg: SFTConfig, data: object) -> list:
