@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from sftlab.config.schema import ModelConfig
+from sftlab.errors import SftlabError
 from sftlab.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SftlabError, RuntimeError):
     """The model or tokenizer could not be found or loaded; the message says why."""
 
 

@@ -20,10 +20,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from sftlab.errors import SftlabError
+
 REPORT, PLOT, DATA_REPORT = "report.md", "loss.png", "data_report.json"
 
 
-class ReportError(RuntimeError):
+class ReportError(SftlabError, RuntimeError):
     """The directory is not a run directory (no metrics.jsonl)."""
 
 

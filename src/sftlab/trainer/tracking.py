@@ -18,10 +18,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sftlab.errors import SftlabError
+
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 
-class TrackerError(RuntimeError):
+class TrackerError(SftlabError, RuntimeError):
     """A configured tracker cannot be used; the message says what to install."""
 
 
