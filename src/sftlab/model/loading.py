@@ -216,11 +216,6 @@ def _model_class(cfg: ModelConfig, path: str) -> type:
     return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
 
 
-def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    path = resolve_model_path(cfg)
-    return load_model(cfg, path), load_tokenizer(cfg, path)
-
-
 def _hub_hint(path: str, err: Exception) -> str:
     if Path(path).exists():
         return f"cannot load model from {path}: {err}"
