@@ -31,7 +31,9 @@ from sftlab.config.loading import dump_config, load_config
 from sftlab.config.overrides import gives_training_data
 from sftlab.config.reference import config_reference
 from sftlab.config.schema import ConfigError
+from sftlab.errors import SftlabError
 from sftlab.migrate import TOOLS, print_converted
+from sftlab.trainer.control import Interrupted  # light: signal handling only
 
 console = Console(soft_wrap=True)
 
@@ -169,12 +171,9 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 def cmd_report(ns: argparse.Namespace) -> int:
     """Regenerate report.md + loss.png of a run directory."""
-    from sftlab.trainer.report import PLOT, ReportError, write_report
+    from sftlab.trainer.report import PLOT, write_report
 
-    try:
-        path = write_report(ns.run_dir)
-    except ReportError as e:
-        raise ConfigError(str(e)) from None
+    path = write_report(ns.run_dir)  # not a run dir: ReportError, a SftlabError (one line, exit code 2)
     console.print(f"[bold green]wrote[/bold green] {path} and {Path(ns.run_dir) / PLOT}")
     return 0
 
@@ -358,31 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted[/bold yellow]: second Ctrl-C, exiting without a checkpoint")
         return 130
-    except Exception as e:
-        interrupted, user_errors = _error_classes()
-        if isinstance(e, interrupted):
-            console.print(f"[bold yellow]interrupted[/bold yellow]: {e}", highlight=False)
-            return e.exit_code
-        if not isinstance(e, user_errors):
-            raise
+    except Interrupted as e:  # a signal stopped the run after its checkpoint: exit code 128 + signal number
+        console.print(f"[bold yellow]interrupted[/bold yellow]: {e}", highlight=False)
+        return e.exit_code
+    except SftlabError as e:  # sftlab's own refusals: one line; anything else is a bug and shows its traceback
         console.print(f"[bold red]error[/bold red]: {e}", highlight=False)
         return 2
-
-
-# module -> the errors it raises that are the user's to fix (printed in one line, exit code 2)
-USER_ERRORS = {"sftlab.config": ("ConfigError",), "sftlab.data.types": ("DataError",), "sftlab.trainer.hub": ("HubError",),
-               "sftlab.model.loading": ("ModelLoadError",), "sftlab.model.adapters": ("AdapterError",),
-               "sftlab.trainer.rundir": ("RunError",), "sftlab.trainer.checkpoint": ("CheckpointError",),
-               "sftlab.trainer.callbacks": ("CallbackError",), "sftlab.trainer.optim": ("OptimizerError",)}
-
-
-def _error_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(Interrupted, the user errors) among the modules already imported: an error can only come from a
-    module that is loaded, and importing the training loop just to name its classes takes seconds."""
-    loaded = {name: sys.modules[name] for name in [*USER_ERRORS, "sftlab.trainer.control"] if name in sys.modules}
-    user = tuple(getattr(loaded[m], c) for m, classes in USER_ERRORS.items() if m in loaded for c in classes)
-    control = loaded.get("sftlab.trainer.control")
-    return ((control.Interrupted,) if control else ()), user
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def test_packing_plans_on_lengths_and_builds_rows_when_indexed(tmp_path, tokeniz
     path = write_jsonl(tmp_path / "d.jsonl", ROWS_BY_FORMAT["messages"] * 5)
     train, _, _ = build_datasets(DataConfig(train=[SourceConfig(path=str(path))], cache=False), tokenizer, seed=0)
     as_list = list(train)
-    for packing in ("bfd", "wrapped", "none"):
+    for packing in ("bfd", "wrapped"):
         lazy, eager = pack_examples(train, packing, 256), pack_examples(as_list, packing, 256)
         assert len(lazy) == len(eager) and lazy.lengths.tolist() == [len(r) for r in eager]
         assert all((a.input_ids, a.labels, a.doc_lengths) == (b.input_ids, b.labels, b.doc_lengths)

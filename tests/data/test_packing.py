@@ -4,6 +4,7 @@ every document exactly the logits and loss it gets alone (no cross-document atte
 from __future__ import annotations
 
 import random
+from itertools import accumulate
 
 import numpy as np
 import pytest
@@ -16,7 +17,6 @@ from sftlab.data import packing
 from sftlab.data.masking import IGNORE_INDEX, TokenizedExample
 from sftlab.data.packing import (
     PackedRow,
-    block_causal_mask,
     pack_bfd,
     pack_examples,
     pack_wrapped,
@@ -38,6 +38,19 @@ def make_docs(lengths: list[int], seed: int = 0) -> list[TokenizedExample]:
         labels = list(ids) if k % 2 == 0 else [IGNORE_INDEX] * (n // 2) + ids[n // 2:]
         docs.append(TokenizedExample(ids, labels))
     return docs
+
+
+def bounds(row: PackedRow) -> list[int]:
+    """Document boundaries in a row: [0, l0, l0 + l1, ..., len(row)]."""
+    return [0, *accumulate(row.doc_lengths)]
+
+
+def block_causal(pos: torch.Tensor) -> torch.Tensor:
+    """The mask packing needs, as booleans (batch, 1, T, T): causal within a document, never across one;
+    a document starts wherever the position does not increase by exactly 1 (as transformers finds them)."""
+    doc = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    t = torch.arange(pos.size(-1))
+    return ((doc[:, :, None] == doc[:, None, :]) & (t[:, None] >= t[None, :]))[:, None]
 
 
 def tiny_llama(attn: str):
@@ -144,7 +157,6 @@ def test_wrapped_chunks_split_documents_into_new_documents():
     stream = [t for d in docs for t in d.input_ids]
     assert [t for r in rows for t in r.input_ids] == stream
     assert rows[1].position_ids == [0, 0, 1, 2] and rows[2].position_ids == [0, 1, 2, 3]
-    assert rows[1].cu_seqlens == [0, 1, 4]
     # every piece start (a document start, or a continuation in a new row) has no label; the rest keep theirs
     flat_labels = [t for d in docs for t in d.labels]
     starts = {0, 4, 5, 8, 12}
@@ -153,20 +165,17 @@ def test_wrapped_chunks_split_documents_into_new_documents():
     assert pack_wrapped(docs, 15)[0].doc_lengths == [5, 7, 3]  # exact fit: one row, nothing split
 
 
-def test_pack_examples_none_keeps_one_example_per_row():
-    docs = make_docs([3, 6])
-    rows = pack_examples(docs, "none", 8)
-    assert [r.input_ids for r in rows] == [d.input_ids for d in docs]
-    assert [r.labels[1:] for r in rows] == [d.labels[1:] for d in docs]
+@pytest.mark.parametrize("packing", ["greedy", "none"])  # `none` packs nothing: the trainer pads examples
+def test_pack_examples_refuses_what_is_not_a_packing(packing):
     with pytest.raises(ValueError, match="unknown packing"):
-        pack_examples(docs, "greedy", 8)
+        pack_examples(make_docs([3, 6]), packing, 8)
 
 
 def test_boundary_labels_never_cross_documents():
     docs = [TokenizedExample(ids, list(ids)) for ids in ([5, 6, 7], [8], [9, 10, 11, 12])]
     row = PackedRow.from_docs((d.input_ids, d.labels) for d in docs)
     assert row.labels == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, IGNORE_INDEX, 10, 11, 12]
-    assert row.position_ids == [0, 1, 2, 0, 0, 1, 2, 3] and row.cu_seqlens == [0, 3, 4, 8]
+    assert row.position_ids == [0, 1, 2, 0, 0, 1, 2, 3] and row.doc_lengths == [3, 1, 4]
     other = PackedRow.from_docs([([13, 14], [13, 14])])
     batch = packed_collate([row, other])  # flattened: (1, 10)
     assert batch["labels"].tolist() == [row.labels + [IGNORE_INDEX, 14]]
@@ -225,7 +234,7 @@ def test_packed_documents_match_documents_run_alone(attn, layout):
     for r, row in enumerate(rows):
         b = 0 if layout == "flat" else r
         base = offset if layout == "flat" else 0
-        for s, e in zip(row.cu_seqlens, row.cu_seqlens[1:]):
+        for s, e in zip(bounds(row), bounds(row)[1:]):
             ids = row.input_ids[s:e]
             k = doc_of.index(tuple(ids))
             got = logits[b, base + s:base + e]
@@ -249,25 +258,25 @@ def test_negative_control_without_restarting_positions_documents_leak(attn):
     with torch.no_grad():
         logits = model(input_ids=ids, position_ids=torch.arange(len(row))[None], use_cache=False).logits[0]
     alone = run_alone(model, docs)
-    s = row.cu_seqlens
+    s = bounds(row)
     assert (logits[s[0]:s[1]] - alone[0][0]).abs().max() <= TOL  # the first document sees nothing before it
     assert (logits[s[2]:s[3]] - alone[2][0]).abs().max() > 1e-3  # later ones attend to earlier documents
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_kv_cache_disables_packed_detection_and_the_explicit_mask_restores_it(attn):
+def test_kv_cache_disables_packed_detection(attn):
+    """Why packed batches run with use_cache=False: with a KV cache, transformers ignores the packing."""
     model = tiny_llama(attn)
     docs = make_docs(LENGTHS[:3], seed=1)
     row = PackedRow.from_docs((d.input_ids, d.labels) for d in docs)
-    batch, s = packed_collate([row]), row.cu_seqlens
+    batch, s = packed_collate([row]), bounds(row)
     alone = run_alone(model, docs)
     with torch.no_grad():
         cached = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits[0]
-        masked = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True,
-                       attention_mask=block_causal_mask(batch["position_ids"])).logits[0]
+        uncached = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
     assert (cached[s[2]:s[3]] - alone[2][0]).abs().max() > 1e-3  # a KV cache: transformers ignores the packing
     for k in range(3):
-        assert (masked[s[k]:s[k + 1]] - alone[k][0]).abs().max() <= TOL
+        assert (uncached[s[k]:s[k + 1]] - alone[k][0]).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -279,7 +288,7 @@ def test_transformers_derives_block_diagonal_mask_from_position_ids(attn):
     mask = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=None,
                               past_key_values=None, position_ids=pos)
     allowed = mask if mask.dtype == torch.bool else mask == 0  # sdpa: bool; eager: additive float
-    assert torch.equal(allowed, block_causal_mask(pos) == 0)
+    assert torch.equal(allowed, block_causal(pos))
     assert not allowed[0, 0, 3, 2] and allowed[0, 0, 5, 4] and not allowed[0, 0, 4, 3]
     cached = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=None,
                                 past_key_values=DynamicCache(config=model.config), position_ids=pos)

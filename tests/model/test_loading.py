@@ -9,18 +9,18 @@ import pytest
 import torch
 
 from sftlab.config.schema import ModelConfig
-from sftlab.model.loading import ModelLoadError, load_model_and_tokenizer, resolve_model_path
+from sftlab.model.loading import ModelLoadError, load_model, load_tokenizer, resolve_model_path
 
 
 def test_local_dir_loads_float32_without_cache(tiny_model_dir):
-    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
+    model, tok = load_model(cfg), load_tokenizer(cfg)
     assert model.config.use_cache is False and tok.pad_token is not None and tok.is_fast
 
 
 def test_bfloat16_and_eager_options(tiny_model_dir):
     import torch
-    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16",
-                                                    attn_implementation="eager"))
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", attn_implementation="eager"))
     assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
 
 
@@ -35,8 +35,8 @@ def test_missing_paths_are_named(tmp_path):
 
 def test_hub_id_offline_fails_with_a_clear_message(tmp_path):
     code = ("from sftlab.config.schema import ModelConfig\n"
-            "from sftlab.model.loading import load_model_and_tokenizer, ModelLoadError\n"
-            "try:\n    load_model_and_tokenizer(ModelConfig(name_or_path='sftlab-test/no-such-model'))\n"
+            "from sftlab.model.loading import load_model, ModelLoadError\n"
+            "try:\n    load_model(ModelConfig(name_or_path='sftlab-test/no-such-model'))\n"
             "except ModelLoadError as e:\n    print('ERR', e)\n")
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from sftlab.data.types import IGNORE_INDEX
+from sftlab.errors import SftlabError
 
 ARRAYS_FORMAT = 1
 TOKEN_ARRAYS = ("ids", "targets")  # per token: written by the workers
@@ -50,7 +51,7 @@ HASH_BLOCK = 1 << 22
 IMAGES_FILE = "images.jsonl"
 
 
-class CorruptEntry(ValueError):
+class CorruptEntry(SftlabError, ValueError):
     """An array file does not match the sizes and checksums recorded when it was written."""
 
 

@@ -41,11 +41,9 @@ log = logging.getLogger(__name__)
 FROM_CONFIG = object()  # build_datasets resolves the template from the config
 
 
-def apply_length_policy(data: cache.SourceData, cfg: DataConfig, report: DataReport,
-                        stats: SourceStats | None = None) -> Examples:
+def apply_length_policy(data: cache.SourceData, cfg: DataConfig, report: DataReport, stats: SourceStats) -> Examples:
     """The source's usable examples: those longer than max_seq_length kept, dropped, truncated or
-    refused; what was done is counted."""
-    stats = stats or SourceStats("", "")
+    refused; what was done is counted in the source's `stats` (the report sums them)."""
     examples = Examples.whole(data.arrays) if data.arrays is not None else Examples.empty()
     m = cfg.max_seq_length
     over = np.flatnonzero(examples.length > m)
@@ -58,18 +56,15 @@ def apply_length_policy(data: cache.SourceData, cfg: DataConfig, report: DataRep
     keep = np.ones(len(examples), dtype=bool)
     keep[over] = False
     if cfg.on_overlength == "drop":
-        report.overlength_dropped += len(over)
         stats.dropped += len(over)
         return examples.select(np.flatnonzero(keep))
     store = data.arrays
     for i in over:
         start = int(examples.start[i])
         if store.count_targets(start, start + m) == 0:
-            report.no_target_after_truncation += 1
             stats.no_target += 1
             continue
         keep[i] = True
-        report.overlength_truncated += 1
         stats.truncated += 1
         if np.all(store.tokens(start + m - 1, start + m + 1)[1] != IGNORE_INDEX):
             report.truncated_inside_turn += 1  # the labelled run (a turn and its end-of-turn token) continues past the cut
@@ -162,8 +157,6 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
         if source.markers is not None and data.rows and not data.formats.get("text"):
             stats.markers_unused = source.markers.response
         report.sources.append(stats)
-        report.rows += data.rows
-        report.bad += data.bad
         report.bad_reasons.update(data.bad_reasons)
         report.tools_dropped += data.tools_dropped
         report.bad_examples.extend(data.bad_examples[: max(0, 5 - len(report.bad_examples))])

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sftlab.errors import SftlabError
+
 START, END = "<|im_start|>", "<|im_end|>"
 GENERATION_PROMPT = f"{START}assistant\n"
 VERIFY_EVERY = 64
@@ -36,7 +38,7 @@ _PLAIN_ROLES = ("system", "user", "assistant")
 Span = tuple[int, int]
 
 
-class FastPathMismatch(RuntimeError):
+class FastPathMismatch(SftlabError, RuntimeError):
     """The direct renderer disagreed with the chat template on a conversation of the data."""
 
 

@@ -5,7 +5,7 @@ restart at 0 at every document. Packing is planned on the examples' lengths alon
 holds index arrays); a row's tokens are laid out when it is indexed, i.e. when its micro-batch is
 built. Strategies (`data.packing`):
 
-- `none`: one example per row.
+- `none`: no packing; the trainer pads examples into micro-batches (pack_examples is not called).
 - `bfd`: best-fit-decreasing bins of whole documents; a row never exceeds the capacity and a
   document is never split (documents longer than the capacity must be handled upstream by the
   length policy; here they are an error).
@@ -21,8 +21,8 @@ Document isolation. `packed_collate` returns `input_ids`, `labels`, `position_id
 sequence wherever consecutive position_ids do not increase by exactly 1, and builds a
 block-diagonal causal mask for the `sdpa` and `eager` paths (flash-attention derives varlen
 `cu_seqlens` from the same position_ids). With a KV cache (e.g. `use_cache=None` on a config whose
-`use_cache` is True) that detection is skipped and documents DO attend to each other; for such
-callers `block_causal_mask` builds the 4D mask explicitly (tested).
+`use_cache` is True) that detection is skipped and documents DO attend to each other, so packed
+batches are always run with `use_cache=False` (tested).
 
 Labels: the loss shifts labels left by one (logits at t predict labels[t + 1]), so the label at a
 document's first position would be predicted from the previous document's last token. It is set
@@ -37,7 +37,7 @@ import hashlib
 import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, chain
+from itertools import chain
 
 import numpy as np
 import torch
@@ -57,11 +57,6 @@ class PackedRow:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-    @property
-    def cu_seqlens(self) -> list[int]:
-        """Document boundaries [0, l0, l0 + l1, ..., len(row)] (the varlen-attention convention)."""
-        return [0, *accumulate(self.doc_lengths)]
 
     @property
     def position_ids(self) -> list[int]:
@@ -230,18 +225,15 @@ def pack_wrapped(examples: Sequence[TokenizedExample], seq_length: int) -> Packe
 
 
 def pack_examples(examples: Sequence[TokenizedExample], packing: str, seq_length: int) -> PackedRows:
-    """Rows for `data.packing`: `none` (one example per row), `bfd` or `wrapped`; planned on the
-    examples' lengths alone, assembled when indexed."""
-    lengths = _lengths(examples)
-    if packing == "none":
-        order = np.arange(len(lengths))
-        return PackedRows(examples, order, np.zeros_like(order), lengths, np.arange(len(lengths) + 1))
+    """Rows for `data.packing` `bfd` or `wrapped` (`none` packs nothing: the trainer pads examples);
+    planned on the examples' lengths alone, assembled when indexed."""
     if packing == "bfd":
+        lengths = _lengths(examples)
         order, row_offsets = bfd_rows(lengths, seq_length)
         return PackedRows(examples, order, np.zeros_like(order), lengths[order], row_offsets)
     if packing == "wrapped":
         return pack_wrapped(examples, seq_length)
-    raise ValueError(f"unknown packing {packing!r}; expected none, wrapped or bfd")
+    raise ValueError(f"unknown packing {packing!r}; expected wrapped or bfd")
 
 
 def packed_collate(rows: Sequence[PackedRow], pad_id: int | None = None, width: int | None = None,
@@ -271,21 +263,6 @@ def packed_collate(rows: Sequence[PackedRow], pad_id: int | None = None, width: 
         seqs += [([pad_id] * width, [IGNORE_INDEX] * width, list(range(width)))] * max(0, min_rows - len(rows))
     ids, labels, pos = (torch.tensor(list(col), dtype=torch.long) for col in zip(*seqs))
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
-
-
-def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An explicit (batch, 1, T, T) additive mask: causal within each document, blocked across them.
-
-    Documents are found as transformers does: a new one starts wherever the position does not
-    increase by exactly 1. Only needed where transformers would not derive the mask itself (a KV
-    cache is present); pass it as `attention_mask` (works for `sdpa` and `eager`).
-    """
-    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
-    doc = (step != 1).cumsum(-1)  # (B, T) document number
-    t = torch.arange(position_ids.size(-1), device=position_ids.device)
-    allowed = (doc[:, :, None] == doc[:, None, :]) & (t[None, :, None] >= t[None, None, :])
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def packing_efficiency(rows: Sequence[PackedRow], capacity: int) -> float:

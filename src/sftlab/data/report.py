@@ -96,15 +96,13 @@ def _field_hint(name: str, formats: dict[str, int]) -> str:
 
 @dataclass
 class DataReport:
-    rows: int = 0
+    """The run's data, counted: per source in `sources`, and what only the whole run counts. The totals of
+    the per-source counts (rows, bad, the length policy's) are sums over `sources`, never counted again."""
+
     kept: int = 0  # usable examples (after bad rows and length policy), before mixing
-    bad: int = 0
     bad_reasons: Counter = field(default_factory=Counter)
     bad_examples: list[str] = field(default_factory=list)
-    overlength_dropped: int = 0
-    overlength_truncated: int = 0
     truncated_inside_turn: int = 0  # of the truncated: the cut fell inside a labelled turn (its end-of-turn token lost)
-    no_target_after_truncation: int = 0
     tools_dropped: int = 0  # rows trained without the tools / tool calls the template does not render (data.tools: drop)
     sources: list[SourceStats] = field(default_factory=list)
     train_examples: int = 0
@@ -113,6 +111,26 @@ class DataReport:
     source_data: list[cache.SourceData] = field(default_factory=list, repr=False, compare=False)
     source_examples: list[Examples] = field(default_factory=list, repr=False, compare=False)
     eval_sets: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)  # name -> eval positions
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.sources)
+
+    @property
+    def bad(self) -> int:
+        return sum(s.bad for s in self.sources)
+
+    @property
+    def overlength_dropped(self) -> int:
+        return sum(s.dropped for s in self.sources)
+
+    @property
+    def overlength_truncated(self) -> int:
+        return sum(s.truncated for s in self.sources)
+
+    @property
+    def no_target_after_truncation(self) -> int:
+        return sum(s.no_target for s in self.sources)
 
     @property
     def unknown_fields(self) -> dict[str, dict[str, int]]:

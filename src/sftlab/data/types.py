@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sftlab.errors import SftlabError
+
 IGNORE_INDEX = -100
 
 
@@ -36,15 +38,15 @@ class VisionExample(TokenizedExample):
     images: tuple[Any, ...] = ()
 
 
-class DataError(ValueError):
+class DataError(SftlabError, ValueError):
     """The data cannot be used; the message names the source and what is wrong."""
 
 
-class TemplateError(ValueError):
+class TemplateError(SftlabError, ValueError):
     """The chat template cannot render this conversation in a way we can mask exactly."""
 
 
-class BadRecord(ValueError):
+class BadRecord(SftlabError, ValueError):
     """One unusable row: where it is (`file:line`, or `source row N`; both 1-based), which field, and why."""
 
     def __init__(self, source: str, line: int, field_name: str | None, reason: str, unit: str = "line"):

@@ -33,13 +33,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from sftlab.config.schema import ModelConfig, PeftSettings
+from sftlab.errors import SftlabError
 from sftlab.model.vision import is_vision_model, language_targets
 
 BASE_FILE = "sftlab_base.json"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-class AdapterError(RuntimeError):
+class AdapterError(SftlabError, RuntimeError):
     """A PEFT setting cannot be applied; the message names the setting and what to do."""
 
 

@@ -17,8 +17,10 @@ from collections.abc import Callable
 
 import torch
 
+from sftlab.errors import SftlabError
 
-class KernelError(RuntimeError):
+
+class KernelError(SftlabError, RuntimeError):
     """An optional kernel was asked for where it cannot run; the message says what is required."""
 
 

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from sftlab.config.schema import ModelConfig
+from sftlab.errors import SftlabError
 from sftlab.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SftlabError, RuntimeError):
     """The model or tokenizer could not be found or loaded; the message says why."""
 
 
@@ -213,11 +214,6 @@ def _model_class(cfg: ModelConfig, path: str) -> type:
     except Exception:  # noqa: BLE001 - from_pretrained names the problem
         return AutoModelForCausalLM
     return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
-
-
-def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    path = resolve_model_path(cfg)
-    return load_model(cfg, path), load_tokenizer(cfg, path)
 
 
 def _hub_hint(path: str, err: Exception) -> str:

@@ -26,13 +26,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from sftlab.errors import SftlabError
 from sftlab.trainer import tracking
 from sftlab.trainer.report import write_report
 
 HOOKS = ("on_train_begin", "on_step_end", "on_log", "on_evaluate", "on_save", "on_train_end")
 
 
-class CallbackError(RuntimeError):
+class CallbackError(SftlabError, RuntimeError):
     """A callback raised: the message names it, the hook and the step; the cause is chained."""
 
 

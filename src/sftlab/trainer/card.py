@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from sftlab.trainer.metrics import read_metrics
+
 CARD = "README.md"
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # model.name_or_path `default` is its GGUF
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -122,9 +124,7 @@ def _hyperparameters(tree: dict, info: dict) -> list[tuple[str, str]]:
 
 def _results(run_dir: Path) -> list[str]:
     done = _json(run_dir / "FINISHED") or {}
-    lines = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
-    records = [json.loads(line) for line in lines]
+    records = read_metrics(run_dir / "metrics.jsonl")
     final = done.get("final_loss", records[-1].get("loss") if records else None)
     evals = {k: v for r in records for k, v in r.items() if k.startswith("eval") and k.endswith("loss")}
     rows = [("final training loss", f"{final:.4f}" if isinstance(final, float) else "-")]

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file
 
+from sftlab.errors import SftlabError
 from sftlab.trainer import testing
 from sftlab.trainer.master_weights import MASTER_KEY, master_weight_optimizer
 
@@ -54,7 +55,7 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SftlabError, RuntimeError):
     """A checkpoint cannot be written or restored; the message says which and why."""
 
 

@@ -7,6 +7,8 @@ import signal
 import sys
 import threading
 
+from sftlab.errors import SftlabError
+
 
 class StopRequest:
     """SIGINT/SIGTERM: finish the current optimizer step, checkpoint, exit. A second Ctrl-C exits at once.
@@ -38,7 +40,7 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-class Interrupted(RuntimeError):
+class Interrupted(SftlabError, RuntimeError):
     """Training stopped on a signal after saving a checkpoint; `exit_code` is 128 + signal number."""
 
     def __init__(self, message: str, exit_code: int):

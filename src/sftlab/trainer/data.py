@@ -29,7 +29,6 @@ import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
-from transformers import PreTrainedTokenizerBase
 
 from sftlab.config.loading import NO_TRAINING_DATA
 from sftlab.config.schema import ConfigError, SFTConfig
@@ -94,12 +93,6 @@ def load_run_tokens(cfg: SFTConfig, inputs: RunInputs | None = None, model_path:
     if cfg.data.add_chatml_tokens:
         add_chatml_tokens(tokenizer)
     return RunTokens(model_path, tokenizer, vocab_before, adapter_dir)
-
-
-def load_run_tokenizer(cfg: SFTConfig) -> tuple[str, PreTrainedTokenizerBase, int]:
-    """(model path, tokenizer, its size before ChatML tokens were added)."""
-    tokens = load_run_tokens(cfg)
-    return tokens.model_path, tokens.tokenizer, tokens.vocab_before
 
 
 def check_sequence_length(cfg: SFTConfig, model_path: str, console: Console | None) -> None:

@@ -40,10 +40,12 @@ from accelerate.utils import (
     parse_flag_from_env,
 )
 
+from sftlab.errors import SftlabError
+
 SINGLE, DDP, FSDP, DEEPSPEED = "single", "ddp", "fsdp", "deepspeed"
 
 
-class EngineError(RuntimeError):
+class EngineError(SftlabError, RuntimeError):
     """The run's settings do not work with the engine `accelerate launch` chose."""
 
 

@@ -18,11 +18,13 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from sftlab.errors import SftlabError
+
 SKIPPED_DIRS = ("checkpoints", "tensorboard", "wandb", "trackio")  # top-level: not part of the shared model
 SKIPPED_FILES = ("FINISHED",)
 
 
-class HubError(RuntimeError):
+class HubError(SftlabError, RuntimeError):
     """The Hub cannot be used (offline, no token, refused, no finished run); the message says what to do.
     (Not a RunError: importing rundir loads torch, and `sftlab push` needs none of it.)"""
 

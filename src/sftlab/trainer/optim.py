@@ -30,6 +30,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from sftlab.config.schema import OptimConfig
+from sftlab.errors import SftlabError
 from sftlab.trainer.master_weights import MasterWeightAdamW, needs_master_weights
 
 
@@ -44,7 +45,7 @@ def decay_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     return decay, no_decay
 
 
-class OptimizerError(ValueError):
+class OptimizerError(SftlabError, ValueError):
     """The configured optimizer cannot run here; the message names optim.name and what to do."""
 
 

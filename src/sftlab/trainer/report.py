@@ -20,10 +20,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from sftlab.errors import SftlabError
+from sftlab.trainer.metrics import read_metrics
+
 REPORT, PLOT, DATA_REPORT = "report.md", "loss.png", "data_report.json"
 
 
-class ReportError(RuntimeError):
+class ReportError(SftlabError, RuntimeError):
     """The directory is not a run directory (no metrics.jsonl)."""
 
 
@@ -35,7 +38,7 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ReportError(f"{run_dir} is not a run directory (no metrics.jsonl)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_metrics(path)
 
 
 def plot(metrics: list[dict[str, Any]], out: Path) -> None:

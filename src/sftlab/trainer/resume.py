@@ -19,6 +19,7 @@ from sftlab.config.schema import SFTConfig
 from sftlab.trainer import distributed
 from sftlab.trainer.checkpoint import COMPLETE, latest_checkpoint, load_checkpoint
 from sftlab.trainer.rundir import RunError
+from sftlab.trainer.tracking import flat_config
 
 
 def data_fingerprint(examples) -> str:
@@ -41,17 +42,9 @@ RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.resume", "trai
                     "data.max_bad_fraction", "train.on_nan", "peft.merge_on_save")
 
 
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flatten(v, f"{prefix}{k}.")
-    else:
-        yield prefix[:-1], tree
-
-
 def check_resume_compatible(saved: dict, cfg: SFTConfig, ckpt: Path) -> None:
     """`saved`: the config tree of a checkpoint (or of a finished run's config.yaml)."""
-    old, new = dict(_flatten(_with_defaults(saved))), dict(_flatten(cfg.model_dump(mode="json")))
+    old, new = flat_config(_with_defaults(saved)), flat_config(cfg.model_dump(mode="json"))
     changed = sorted(k for k in old.keys() | new.keys()
                      if old.get(k) != new.get(k) and not k.startswith(RESUME_SAFE_KEYS))
     if changed:

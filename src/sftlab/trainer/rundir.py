@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from sftlab.errors import SftlabError
 from sftlab.trainer.checkpoint import latest_checkpoint
 
 FINISHED = "FINISHED"
@@ -34,7 +35,7 @@ STALE = (FINISHED, "checkpoints", "merged", "model.safetensors", "model.safetens
          "match_eval.json", "metrics.jsonl", "README.md")
 
 
-class RunError(RuntimeError):
+class RunError(SftlabError, RuntimeError):
     """The run cannot start or continue; the message says why."""
 
 

@@ -18,10 +18,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sftlab.errors import SftlabError
+
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 
-class TrackerError(RuntimeError):
+class TrackerError(SftlabError, RuntimeError):
     """A configured tracker cannot be used; the message says what to install."""
 
 
@@ -44,19 +46,21 @@ def prepare_offline(names: list[str], out: Path) -> None:
 
 
 def flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """`{"optim.lr": 2e-5, ...}`: scalars as they are, anything else as a string."""
+    """`{"optim.lr": 2e-5, "data.train": [...], ...}`: a config tree's leaves under their dotted keys, as they are
+    (an empty section has none). The trackers' hyperparameters, and what resuming compares (trainer/resume.py)."""
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for k, v in tree.items():
             out.update(flat_config(v, f"{prefix}{k}."))
         return out
-    value = tree if isinstance(tree, (bool, int, float, str)) else str(tree)
-    return {prefix[:-1]: value}
+    return {prefix[:-1]: tree}
 
 
 def start(accelerator, names: list[str], run_name: str, config: dict[str, Any]) -> None:
-    if names:
-        accelerator.init_trackers(run_name, config=flat_config(config))
+    if names:  # hyperparameters: scalars as they are, anything else as a string
+        hyperparameters = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                           for k, v in flat_config(config).items()}
+        accelerator.init_trackers(run_name, config=hyperparameters)
 
 
 def log(accelerator, names: list[str], record: dict[str, Any]) -> None:
