@@ -12,15 +12,14 @@ from __future__ import annotations
 import os
 import sys
 
-from accelerate.state import AcceleratorState
-
 from sftlab.cli import main
+from sftlab.compat import accelerate as accelerate_compat
 
 
 def run_all(args: list[str]) -> int:
     for i, (port, config) in enumerate(zip(args[::2], args[1::2])):
         if i and "MASTER_ADDR" in os.environ:
-            AcceleratorState._reset_state(reset_partial_state=True)
+            accelerate_compat.reset_state(reset_partial_state=True)
             os.environ.update(MASTER_PORT=port, TORCHELASTIC_USE_AGENT_STORE="False")
         if main(["train", config]) != 0:
             return 1

@@ -61,13 +61,13 @@ def test_resolve_on_cuda(monkeypatch):
 
 
 def test_cpu_bf16_detection(monkeypatch, tmp_path):
-    probes = {"_is_amx_tile_supported": False, "_is_avx512_bf16_supported": True}
-    monkeypatch.setattr(precision, "_torch_cpu_probe", lambda name: probes[name])
+    probes = {"amx_tile": False, "avx512_bf16": True}
+    monkeypatch.setattr(precision.torch_compat, "cpu_supports", lambda feature: probes[feature])
     assert cpu_has_fast_bf16()
-    probes["_is_avx512_bf16_supported"] = False
+    probes["avx512_bf16"] = False
     assert not cpu_has_fast_bf16()
     # no torch probes: /proc/cpuinfo flags decide
-    monkeypatch.setattr(precision, "_torch_cpu_probe", lambda name: None)
+    monkeypatch.setattr(precision.torch_compat, "cpu_supports", lambda feature: None)
     monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: {"avx512f", "amx_bf16"})
     assert cpu_has_fast_bf16()
     monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: {"avx512f", "avx2"})

@@ -19,8 +19,9 @@ from typing import Any
 
 import jinja2
 from jinja2 import nodes
-from transformers.utils.chat_template_utils import _render_with_assistant_indices
 
+from sftlab.compat import jinja as jinja_compat
+from sftlab.compat import transformers as transformers_compat
 from sftlab.data.templates import compiled_template
 from sftlab.data.types import TemplateError
 
@@ -105,8 +106,7 @@ class _Renderer:
         if key not in self.rendered:
             variables = {**self.variables, "messages": self.messages[:n], "add_generation_prompt": generation_prompt}
             try:
-                self.rendered[key] = "".join(self.compiled.root_render_func(
-                    self.compiled.new_context(variables, shared=True)))
+                self.rendered[key] = jinja_compat.render_shared(self.compiled, variables)
             except (jinja2.TemplateError, TypeError) as e:
                 raise TemplateError(f"the chat template cannot render this conversation: {e}") from None
         return self.rendered[key]
@@ -114,8 +114,8 @@ class _Renderer:
     def with_generation_marks(self) -> tuple[str, list[Span]]:
         """The whole conversation and the spans its `{% generation %}` blocks cover."""
         try:
-            text, marks = _render_with_assistant_indices(self.compiled, self.messages, self.tools, None, False,
-                                                         **self.kwargs)
+            text, marks = transformers_compat.render_with_generation_marks(self.compiled, self.messages, self.tools,
+                                                                          None, False, **self.kwargs)
         except (jinja2.TemplateError, TypeError) as e:
             raise TemplateError(f"the chat template cannot render this conversation: {e}") from None
         return text, [(s, e) for s, e in marks if e > s]

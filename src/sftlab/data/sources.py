@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from sftlab.compat import datasets as datasets_compat
 from sftlab.config.schema import SourceConfig
 from sftlab.data.formats import ColumnMap, iter_jsonl
 from sftlab.data.locate import looks_local, not_found
@@ -94,7 +95,7 @@ class Source:
         """A content hash: the files' bytes (and paths) or the dataset's fingerprint."""
         h = hashlib.sha256(f"{self.kind}\0{self.name}\0".encode())
         if self.kind == "hub" or self.kind == "dataset":
-            h.update(str(self.dataset._fingerprint).encode())
+            h.update(str(datasets_compat.fingerprint(self.dataset)).encode())
         for path in self._content_files():
             h.update(f"{path.resolve()}\0{path.stat().st_size}\0".encode())
             with open(path, "rb") as f:
@@ -261,7 +262,7 @@ def _open_spec(spec: SourceConfig | DatasetSource, index: int) -> Source:
         if not isinstance(spec.dataset, datasets.Dataset):
             raise DataError(f"DatasetSource {spec.name or index}: expected a datasets.Dataset, "
                             f"got {type(spec.dataset).__name__}")
-        name = spec.name or f"<Dataset {index} {spec.dataset._fingerprint}>"
+        name = spec.name or f"<Dataset {index} {datasets_compat.fingerprint(spec.dataset)}>"
         return Source(name, "dataset", spec.format, spec.weight, dataset=spec.dataset)
     path = Path(spec.path).expanduser()
     if path.is_file():

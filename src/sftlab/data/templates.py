@@ -40,8 +40,8 @@ from typing import Any
 import jinja2
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase
-from transformers.utils.chat_template_utils import _compile_jinja_template
 
+from sftlab.compat import transformers as transformers_compat
 from sftlab.config.schema import DataConfig
 from sftlab.data.types import DataError, TemplateError
 
@@ -193,7 +193,7 @@ BUILTIN_TEMPLATES["llama3_tools"] = r"""
 def compiled_template(template: str) -> tuple[jinja2.Template, dict[str, Any]]:
     """The template compiled as transformers compiles it, and its globals as one plain dict."""
     try:
-        compiled = _compile_jinja_template(template)
+        compiled = transformers_compat.compile_chat_template(template)
     except jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"the chat template is not valid Jinja (line {e.lineno}): {e.message}") from None
     return compiled, dict(compiled.globals)

@@ -30,6 +30,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from sftlab.compat import torch as torch_compat
+from sftlab.compat import transformers as transformers_compat
+
 NAME = "sftlab_documents"
 
 
@@ -58,9 +61,9 @@ _CUTS: dict[str, Any] = {"tensor": None, "version": None, "shape": None, "cuts":
 
 
 def _cached_cuts(position_ids: torch.Tensor, rows: int, length: int) -> list[list[int]]:
-    if not (_CUTS["tensor"] is position_ids and _CUTS["version"] == position_ids._version
-            and _CUTS["shape"] == (rows, length)):
-        _CUTS.update(tensor=position_ids, version=position_ids._version, shape=(rows, length),
+    version = torch_compat.version_counter(position_ids)
+    if not (_CUTS["tensor"] is position_ids and _CUTS["version"] == version and _CUTS["shape"] == (rows, length)):
+        _CUTS.update(tensor=position_ids, version=version, shape=(rows, length),
                      cuts=document_cuts(position_ids, rows, length))
     return _CUTS["cuts"]
 
@@ -143,8 +146,9 @@ def _measure(device: str, heads: int, kv_heads: int, head_dim: int, dtype: torch
 
 def choose(setting: str, model: Any, device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
     """(`documents` or `mask`, why) for `train.packed_attention` on this model and device."""
-    if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", NAME):
-        return "mask", f"model.attn_implementation is {model.config._attn_implementation}"
+    implementation = transformers_compat.attn_implementation(model.config)
+    if implementation not in ("sdpa", NAME):
+        return "mask", f"model.attn_implementation is {implementation}"
     if has_sliding_window(model):
         if setting == "documents":
             raise ValueError("train.packed_attention: documents ignores sliding-window attention, which this model "

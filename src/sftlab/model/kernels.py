@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from sftlab.compat import liger as liger_compat
 from sftlab.errors import SftlabError
 
 
@@ -32,9 +33,8 @@ def apply_liger(model: torch.nn.Module, device_type: str, softcap: float | None 
         raise KernelError("train.liger: the liger-kernel package is not installed: pip install 'sftlab[liger]' "
                           "(or pip install liger-kernel)")
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    liger_compat.apply_kernels_to_instance(model)
     flce = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=softcap)
 
     def fused_ce(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor,

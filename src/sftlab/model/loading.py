@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from sftlab.compat import transformers as transformers_compat
 from sftlab.config.schema import ModelConfig
 from sftlab.errors import SftlabError
 from sftlab.paths import cache_root
@@ -78,9 +79,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise ModelLoadError(f"cannot read GGUF model {gguf_path}: {e}") from e
     # The weights are dequantized floats: drop the quantization markers before saving.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    transformers_compat.forget_quantization(model)
     model.config.name_or_path = gguf_path.stem
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))

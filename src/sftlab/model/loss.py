@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sftlab.compat import torch as torch_compat
 from sftlab.data.types import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -178,21 +179,15 @@ class TargetLossHead:
     @contextmanager
     def _hidden_states_as_logits(self):
         """Within: `model(...).logits` is the final hidden state (output projection = identity)."""
-        mod = self._out
-        shadowed = mod.__dict__.get("forward")  # e.g. an accelerate hook's forward, put back after
         saved = [(obj, name, getattr(obj, name)) for obj, name, _ in self._neutral]
-        try:
-            mod.forward = _identity
-            for obj, name, value in self._neutral:
-                setattr(obj, name, value)
-            yield
-        finally:
-            for obj, name, value in saved:
-                setattr(obj, name, value)
-            if shadowed is None:
-                del mod.forward
-            else:
-                mod.forward = shadowed
+        with torch_compat.replaced_forward(self._out, _identity):  # an accelerate hook's forward is put back after
+            try:
+                for obj, name, value in self._neutral:
+                    setattr(obj, name, value)
+                yield
+            finally:
+                for obj, name, value in saved:
+                    setattr(obj, name, value)
 
     def _compute_dtype(self, hidden: torch.Tensor) -> torch.dtype:
         dev = hidden.device.type

@@ -22,6 +22,8 @@ from typing import Any
 from transformers import AutoConfig
 from transformers.processing_utils import ProcessorMixin
 
+from sftlab.compat import transformers as transformers_compat
+
 log = logging.getLogger(__name__)
 
 _CLASS_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
@@ -30,11 +32,8 @@ REQUIRED = ("tokenizer", "image_processor")
 
 
 def _saved_class_name(path: str, hub: dict[str, Any]) -> str | None:
-    from transformers.utils import cached_file
-
     for name in _CLASS_FILES:
-        file = cached_file(path, name, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False, **hub)
+        file = transformers_compat.cached_file_or_none(path, name, **hub)
         if file is None:
             continue
         with open(file, encoding="utf-8") as f:
@@ -46,13 +45,10 @@ def _saved_class_name(path: str, hub: dict[str, Any]) -> str | None:
 
 def processor_class(path: str, **hub: Any) -> type | None:
     """The processor class AutoProcessor would build for `path` (None when it names none)."""
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, processor_class_from_name
-
     name = _saved_class_name(path, hub)
-    cls = processor_class_from_name(name) if name else None
+    cls = transformers_compat.processor_class_named(name) if name else None
     if cls is None:
-        config = AutoConfig.from_pretrained(path, **hub)
-        cls = PROCESSOR_MAPPING[type(config)] if type(config) in PROCESSOR_MAPPING else None
+        cls = transformers_compat.processor_class_for_config(AutoConfig.from_pretrained(path, **hub))
     return cls if isinstance(cls, type) and issubclass(cls, ProcessorMixin) else None
 
 
@@ -75,12 +71,6 @@ class _Partial(ProcessorMixin):
         out.update({k: v for k, v in self._left_out.items() if v is not None})
         out["processor_class"] = type(self).__name__
         return out
-
-
-def _one_part(cls: type, part: str, path: str, processor_dict: dict, kwargs: dict) -> Any:
-    """Sub-processor `part` of `cls`, loaded as transformers loads it inside `cls.from_pretrained`."""
-    one = type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda c: [part])})
-    return one._get_arguments_from_pretrained(path, processor_dict, **kwargs)[0]
 
 
 def _saved_settings(part: str, path: str, processor_dict: dict, hub: dict) -> Any:
@@ -112,7 +102,7 @@ def without_optional_parts(path: str, error: ImportError, **kwargs: Any) -> Any:
     parts, loaded, left_out = cls.get_attributes(), [], {}
     for part in parts:
         try:
-            loaded.append(_one_part(cls, part, path, processor_dict, kwargs))
+            loaded.append(transformers_compat.load_processor_part(cls, part, path, processor_dict, kwargs))
         except ImportError as e:
             if any(r == part for r in REQUIRED):
                 raise error from e

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file
 
+from sftlab.compat import accelerate as accelerate_compat
 from sftlab.errors import SftlabError
 from sftlab.trainer import testing
 from sftlab.trainer.master_weights import MASTER_KEY, master_weight_optimizer
@@ -147,7 +148,7 @@ def _check_trainable_file(accelerator, ckpt: Path) -> None:
     """Before a non-strict load of a trainable-only checkpoint: it must hold exactly the trainable tensors."""
     from safetensors import safe_open
 
-    for i, model in enumerate(accelerator._models):
+    for i, model in enumerate(accelerate_compat.prepared_models(accelerator)):
         path = ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
         with safe_open(str(path), "pt") as f:
             saved = set(f.keys())
@@ -311,7 +312,7 @@ def load_weights(accelerator, ckpt: Path, optimizer, trainable_only: bool = Fals
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
     if trainable_only:
         _check_trainable_file(accelerator, ckpt)
-    for i, model in enumerate(accelerator._models):  # as Accelerate's load_state reads them
+    for i, model in enumerate(accelerate_compat.prepared_models(accelerator)):  # as Accelerate's load_state reads them
         load_model(model, str(ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")),
                    strict=not trainable_only)
     master = master_weight_optimizer(optimizer)

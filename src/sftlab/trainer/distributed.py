@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import (
     DistributedType,
     FullyShardedDataParallelPlugin,
@@ -40,6 +40,8 @@ from accelerate.utils import (
     parse_flag_from_env,
 )
 
+from sftlab.compat import accelerate as accelerate_compat
+from sftlab.compat import transformers as transformers_compat
 from sftlab.errors import SftlabError
 
 SINGLE, DDP, FSDP, DEEPSPEED = "single", "ddp", "fsdp", "deepspeed"
@@ -99,9 +101,7 @@ def _enable_cpu_fsdp(accelerator: Accelerator, mixed_precision: str) -> None:
     plugin = FullyShardedDataParallelPlugin()
     if mixed_precision != "no":
         plugin.set_mixed_precision(mixed_precision)
-    accelerator.state.fsdp_plugin = plugin
-    accelerator.state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does
+    accelerate_compat.force_fsdp(accelerator, plugin)
 
 
 def check_run_settings(accelerator: Accelerator, cfg) -> None:
@@ -135,7 +135,7 @@ def fit_fsdp_wrap_classes(accelerator: Accelerator, model: torch.nn.Module) -> N
     if engine_of(accelerator) != FSDP or accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap is not None:
         return
     present = {type(m).__name__ for m in model.modules()}
-    listed = getattr(model, "_no_split_modules", None) or []
+    listed = transformers_compat.no_split_modules(model)
     if set(listed) - present:  # else Accelerate's own reading of the list is left as it is
         accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = sorted(n for n in listed if n in present)
 

@@ -25,6 +25,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from sftlab.compat import torch as torch_compat
 from sftlab.config.loading import load_config
 from sftlab.config.schema import ConfigError, ModelConfig, SFTConfig
 from sftlab.data.templates import load_template
@@ -137,7 +138,7 @@ def load_checkpoint_weights(model: torch.nn.Module, ckpt: Path) -> None:
             raise CheckpointError(f"{ckpt} does not match the model rebuilt from its config: unexpected "
                                   f"{result.unexpected_keys[:3]}, missing {sorted(trainable & set(result.missing_keys))[:3]}")
         return
-    weights = {k.removeprefix("_orig_mod."): v for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+    weights = torch_compat.without_compile_prefix(load_file(str(ckpt / "model.safetensors")))
     if any(t.dtype != torch.float32 for t in weights.values()):
         weights.update(_master_weights(model, ckpt))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sftlab.compat import datasets as datasets_compat
+
 
 @dataclass
 class RunInputs:
@@ -37,4 +39,4 @@ def _describe(spec: Any) -> dict[str, Any]:
     ds = getattr(spec, "dataset", spec)
     return {"name": getattr(spec, "name", None), "type": type(ds).__name__,
             "rows": len(ds) if hasattr(ds, "__len__") else None,
-            "fingerprint": getattr(ds, "_fingerprint", None)}
+            "fingerprint": datasets_compat.fingerprint(ds)}

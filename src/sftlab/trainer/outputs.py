@@ -74,6 +74,13 @@ def run_info(run: Run) -> dict[str, Any]:
             "total_steps": run.total_steps, "inputs": run.inputs.describe()}
 
 
+def bare_model(accelerator, model):
+    """The model as built, without the engine's wrapper (DDP, DeepSpeed) and then without torch.compile's:
+    `unwrap_model(..., keep_torch_compile=False)` drops the compile wrapper only when it is the outermost
+    one, and a run compiles its model before `prepare` wraps it (DDP(compiled))."""
+    return accelerator.unwrap_model(accelerator.unwrap_model(model), keep_torch_compile=False)
+
+
 def finish(run: Run) -> None:
     """Save the model (or adapter), run the match evaluation, end the callbacks, mark the run FINISHED."""
     run.accelerator.wait_for_everyone()
@@ -83,8 +90,7 @@ def finish(run: Run) -> None:
         return
     if run.compile_key:  # this machine's step times, for the next run's train.compile: auto
         compiling.update_record(run.compile_key, run.compiled, run.step_times, run.tokens_per_step)
-    unwrapped = run.accelerator.unwrap_model(run.model)
-    unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile'd
+    unwrapped = bare_model(run.accelerator, run.model)
     if run.cfg.peft is not None:
         # the adapter; the model users get is the fp32 base with it merged (loaded back from the saved files)
         unwrapped = save_adapter_run(run, unwrapped, gathered)
@@ -122,8 +128,7 @@ def hf_model_writer(run: Run):
     exact fp32 masters, leaving the training model untouched. Sharded engines gather the weights here,
     on every rank (a collective); the function runs on the main process only."""
     gathered = distributed.full_state_dict(run.accelerator, run.model) if distributed.sharded(run.accelerator) else None
-    unwrapped = run.accelerator.unwrap_model(run.model)
-    unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
+    unwrapped = bare_model(run.accelerator, run.model)
 
     def write(ckpt: Path) -> None:
         state = gathered if gathered is not None else _master_state_dict(unwrapped, run.optimizer)

@@ -19,23 +19,13 @@ from pathlib import Path
 
 import torch
 
+from sftlab.compat import torch as torch_compat
+
 MIXED_PRECISION_SETTINGS = ("auto", "no", "bf16", "fp16")
 AUTO_ENV = "SFTLAB_AUTO_MIXED_PRECISION"  # forces what train.mixed_precision: auto resolves to (bf16 | no)
 
 
 # ---------------------------------------------------------------------------- hardware and autocast mode
-
-def _torch_cpu_probe(name: str) -> bool | None:
-    """torch's own CPU feature probe `name` (torch.cpu.* in recent versions, torch._C._cpu.* before), or None."""
-    for mod in (getattr(torch, "cpu", None), getattr(torch._C, "_cpu", None)):
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            try:
-                return bool(fn())
-            except Exception:  # a probe that fails says nothing
-                return None
-    return None
-
 
 def cpuinfo_field(name: str, path: str = "/proc/cpuinfo") -> str:
     """The first CPU's `name` field of /proc/cpuinfo ("" where there is none)."""
@@ -53,7 +43,7 @@ def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU multiplies bf16 in hardware: AMX-BF16 (Sapphire Rapids+) or AVX512-BF16. Asks
     torch's probes first (AMX tiles: every CPU with AMX has AMX-BF16), then /proc/cpuinfo flags."""
-    probes = [_torch_cpu_probe("_is_amx_tile_supported"), _torch_cpu_probe("_is_avx512_bf16_supported")]
+    probes = [torch_compat.cpu_supports("amx_tile"), torch_compat.cpu_supports("avx512_bf16")]
     if any(probes):
         return True
     if all(p is not None for p in probes):

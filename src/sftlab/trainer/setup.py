@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from rich.console import Console
 
+from sftlab.compat import accelerate as accelerate_compat
 from sftlab.config.schema import SFTConfig
 from sftlab.data.collate import MicroBatchStream
 from sftlab.data.locate import check_local_paths
@@ -128,7 +128,7 @@ def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = Non
         raise RunError(str(e)) from None
     # Accelerate keeps one process-wide state: a later run in the same process (tests, notebooks) may
     # choose another mixed precision, so it starts from a clean one (the process group is kept).
-    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerate_compat.reset_state(reset_partial_state=False)
     out, trackers = Path(cfg.train.output_dir), cfg.train.report_to
     try:
         tracking.check_trackers(trackers)

@@ -1,0 +1,73 @@
+"""torch's private API as sftlab uses it (torch 2.13.0). `import torch` below is the real torch (absolute
+imports); callers import this module as `torch_compat`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+COMPILED_PREFIX = "_orig_mod."  # what a torch.compile'd module puts before its module's state-dict keys
+
+
+def without_compile_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` (a state dict saved from a `torch.compile`d module, as Accelerate's save_state saves a compiled
+    run's model) with the keys of the module that was compiled.
+
+    Touches: `OptimizedModule._orig_mod` (torch._dynamo.eval_frame), the attribute holding the compiled module,
+    whose name prefixes every key. Written against torch 2.13.0. Public alternative: `nn.Module.compile()`
+    compiles in place without a wrapper (no prefix; another key layout for sftlab's checkpoints); for the
+    module itself, Accelerate's `unwrap_model(model, keep_torch_compile=False)`."""
+    return {k.removeprefix(COMPILED_PREFIX): v for k, v in state.items()}
+
+
+def version_counter(tensor: torch.Tensor) -> int:
+    """The tensor's in-place version counter: it grows with every in-place write to the tensor or a view of
+    it, so (identity, version) keys a value computed from its contents.
+
+    Touches: `Tensor._version`. Written against torch 2.13.0. Public alternative: none that reads it."""
+    return tensor._version
+
+
+def _cpu_probe(name: str) -> bool | None:
+    for mod in (getattr(torch, "cpu", None), getattr(torch._C, "_cpu", None)):
+        fn = getattr(mod, name, None)
+        if callable(fn):
+            try:
+                return bool(fn())
+            except Exception:  # a probe that fails says nothing
+                return None
+    return None
+
+
+def cpu_supports(feature: str) -> bool | None:
+    """Whether torch finds CPU feature `feature` ("amx_tile", "avx512_bf16", "avx512", "avx2", "vnni",
+    "amx_fp16") on this machine; None when this torch has no probe for it or the probe fails.
+
+    Touches: `torch.cpu._is_<feature>_supported` (private functions of the public torch.cpu module; older
+    torch kept them in `torch._C._cpu`). Written against torch 2.13.0. Public alternative:
+    `torch.backends.cpu.get_cpu_capability()` names the vector ISA torch dispatches to ("AVX512"), not
+    AMX or AVX512-BF16; /proc/cpuinfo flags on Linux."""
+    return _cpu_probe(f"_is_{feature}_supported")
+
+
+@contextmanager
+def replaced_forward(module: torch.nn.Module, forward: Callable) -> Iterator[None]:
+    """Within: calling `module` runs `forward` instead of its own (its hooks still run around it); after: its
+    own forward again, or the forward another library had set on the instance (Accelerate's hooks).
+
+    Touches: how `nn.Module.__call__` finds `self.forward` -- an instance attribute shadows the class's method
+    -- and the `forward` slot of the module's `__dict__`, where Accelerate's hooks live too. Written against
+    torch 2.13.0. Public alternative: none that skips the module's computation (a forward hook can replace
+    its output, after the projection has run and its output exists)."""
+    shadowed = module.__dict__.get("forward")
+    try:
+        module.forward = forward
+        yield
+    finally:
+        if shadowed is None:
+            del module.forward
+        else:
+            module.forward = shadowed
