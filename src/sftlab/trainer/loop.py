@@ -45,6 +45,7 @@ from sftlab.trainer.evaluate import target_loss
 from sftlab.trainer.inputs import RunInputs
 from sftlab.trainer.objective import Objective, SFTObjective
 from sftlab.trainer.outputs import (
+    bare_model,
     finish,
     finished_result,
     hf_model_writer,
@@ -279,7 +280,7 @@ def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator: Ac
     objective = objective or SFTObjective()
     lockstep = distributed.sharded(accelerator)  # sharded forwards are collective: same batch count on every rank
     if not lockstep:  # plain forward: ranks may run different numbers of batches; eager (trainer/compiling.py)
-        model = accelerator.unwrap_model(model, keep_torch_compile=False)
+        model = bare_model(accelerator, model)  # DDP(compiled) too: the compiled module is inside DDP
     with accelerator.autocast():  # the module unwrapped from torch.compile lost Accelerate's autocast forward
         total, norm = target_loss(model, examples, pad_id, batch_size, objective, accelerator.device,
                                   accelerator.process_index, accelerator.num_processes, lockstep=lockstep,
