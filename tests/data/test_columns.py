@@ -47,9 +47,11 @@ def build(tmp_path, tokenizer, rows, name="d.jsonl", **source):
     (GSM, native_gsm, {"columns": {"prompt": "question", "completion": "answer"}}),
     (DOLLY, native_dolly, {"columns": {"input": "context", "output": "response"}}),
     (DOLLY, native_dolly, {"format": "alpaca", "columns": {"input": "context", "output": "response"}}),
+    (DOLLY, native_dolly, {}),  # Dolly's own format: read natively as alpaca rows
+
     (CHATS, native_chat, {"columns": {"messages": "chat", "role": "speaker", "content": "text"},
                           "roles": {"human": "user", "bot": "assistant"}}),
-], ids=["gsm8k", "dolly", "dolly-alpaca", "chat-roles"])
+], ids=["gsm8k", "dolly", "dolly-alpaca", "dolly-native", "chat-roles"])
 def test_column_mapping_gives_the_same_ids_and_labels_as_native_rows(tmp_path, tokenizer, rows, native, source):
     mapped, _, report = build(tmp_path, tokenizer, rows, "mapped.jsonl", **source)
     want, _, _ = build(tmp_path, tokenizer, [native(r) for r in rows], "native.jsonl")
@@ -57,15 +59,18 @@ def test_column_mapping_gives_the_same_ids_and_labels_as_native_rows(tmp_path, t
     assert [(e.input_ids, e.labels) for e in mapped] == [(e.input_ids, e.labels) for e in want]
     assert all(e.num_targets > 0 for e in mapped)
     fmt = "messages" if "roles" in source else source.get("format", "alpaca" if rows is DOLLY else "prompt_completion")
+    fmt = fmt if source else "dolly"
     assert report.sources[0].formats == {fmt: len(rows)}
     assert report.sources[0].unknown_fields == ({"category": len(rows)} if rows is DOLLY else {})
     assert report.unused_mapping == {} and "mapping entries" not in report.summary()  # every entry is used
+    assert not source or report.sources[0].formats != {"dolly": len(rows)}  # a mapping reads Dolly rows as alpaca
 
 
 def test_unmapped_public_rows_name_the_closest_format_and_the_mapping(tmp_path, tokenizer):
+    answers = [{"answer" if k == "response" else k: v for k, v in r.items()} for r in DOLLY]  # Dolly, misnamed
     with pytest.raises(Exception, match=r"6 of 6 rows are bad") as e:
-        build(tmp_path, tokenizer, DOLLY)
-    assert "closest format: alpaca, which also needs 'output'" in str(e.value)
+        build(tmp_path, tokenizer, answers)
+    assert "closest format: dolly, which also needs 'response'" in str(e.value)
     with pytest.raises(Exception) as e:
         build(tmp_path, tokenizer, GSM)
     assert "keys ['answer', 'question']" in str(e.value) and "columns: {prompt: question, completion: answer}" in str(e.value)

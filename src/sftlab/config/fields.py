@@ -6,31 +6,75 @@ schema.py validates with these; the data layer reads rows by these names (docs/d
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from typing import Any
 
-FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text", "pretokenized")
-# The fields each row format reads (data/formats.py; docs/data.md), the first ones required; a source's
-# `columns` renames its own fields onto these names.
-ROW_FIELDS = {
-    "messages": ("messages", "tools"),
-    "sharegpt": ("conversations", "system", "tools"),
-    "prompt_completion": ("prompt", "completion", "tools"),
-    "alpaca": ("instruction", "output", "input", "system", "tools"),
-    "text": ("text", "loss_masking_spans"),
-    "pretokenized": ("input_ids", "labels"),
-}
-REQUIRED_FIELDS = {"messages": 1, "sharegpt": 1, "prompt_completion": 2, "alpaca": 2, "text": 1, "pretokenized": 1}
 MESSAGE_KEYS = ("role", "content")  # the keys of one message in `messages` (and in `prompt` / `completion` lists)
 TURN_KEYS = ("from", "value")  # the keys of one ShareGPT turn in `conversations`
 ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """One row format's declaration. The data layer registers its detector and converter under `name`
+    (data/formats.py: READERS); detection, the "expected ..." message, the `columns` names and the table of
+    docs/data.md (`formats_table`) are derived from ROW_FORMATS."""
+
+    name: str
+    required: tuple[str, ...]  # the fields a row needs; a row with all of them (non-null) is detected as this
+    optional: tuple[str, ...]  # the other fields it reads
+    description: str  # one line, for docs/data.md
+    turn_keys: tuple[str, ...] = ()  # the keys inside its lists of turns, which `columns` may map too
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self.required + self.optional
+
+
+# The row formats, in detection order (`format: auto` reads a row as the first whose required fields it has).
+ROW_FORMATS = (
+    RowFormat("messages", ("messages",), ("tools",), "OpenAI-style chat: a list of `{role, content}` messages",
+              MESSAGE_KEYS),
+    RowFormat("sharegpt", ("conversations",), ("system", "tools"),
+              "FastChat / ShareGPT dumps: a list of `{from, value}` turns", TURN_KEYS),
+    RowFormat("prompt_completion", ("prompt", "completion"), ("tools",),
+              "one prompt, one answer (each a string or a list of messages)", MESSAGE_KEYS),
+    RowFormat("alpaca", ("instruction", "output"), ("input", "system", "tools"),
+              "instruction tuning: user turn `instruction` (+ `\\n\\n` + `input`), assistant turn `output`"),
+    RowFormat("dolly", ("instruction", "response"), ("context",),
+              "databricks-dolly-15k: user turn `instruction` (+ `\\n\\n` + `context`), assistant turn `response`"),
+    RowFormat("pretokenized", ("input_ids",), ("labels",), "token ids (and labels, -100 = no loss) from your own pipeline"),
+    RowFormat("text", ("text",), ("loss_masking_spans",),
+              "plain text, no chat template, with optional inclusive character spans that get no loss"),
+)
+FORMATS = ("auto",) + tuple(f.name for f in ROW_FORMATS)
+# The fields each row format reads (data/formats.py; docs/data.md), the required ones first; a source's
+# `columns` renames its own fields onto these names.
+ROW_FIELDS = {f.name: f.fields for f in ROW_FORMATS}
+REQUIRED_FIELDS = {f.name: len(f.required) for f in ROW_FORMATS}
 
 
 def _column_names(fmt: str) -> tuple[str, ...]:
     """The names `columns` may map for a source of format `fmt`."""
     if fmt == "auto":
         return tuple(dict.fromkeys(f for fields in ROW_FIELDS.values() for f in fields)) + MESSAGE_KEYS + TURN_KEYS
-    inner = {"messages": MESSAGE_KEYS, "prompt_completion": MESSAGE_KEYS, "sharegpt": TURN_KEYS}.get(fmt, ())
-    return ROW_FIELDS[fmt] + inner
+    row_format = next(f for f in ROW_FORMATS if f.name == fmt)
+    return row_format.fields + row_format.turn_keys
+
+
+def expected_formats() -> str:
+    """The fields that make each format detectable, in detection order: `'messages', ... or 'text'`."""
+    names = ["+".join(f"'{n}'" for n in f.required) for f in ROW_FORMATS]
+    return "expected " + ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def formats_table() -> str:
+    """The Markdown table of the row formats for docs/data.md (a test checks the file holds it)."""
+    rows = ["| format | required fields (detected by, in this order) | optional fields | what it is |", "|---|---|---|---|"]
+    for f in ROW_FORMATS:
+        code = lambda names: ", ".join(f"`{n}`" for n in names) or "-"
+        rows.append(f"| `{f.name}` | {code(f.required)} | {code(f.optional)} | {f.description} |")
+    return "\n".join(rows)
 
 
 def check_markers(response_template: str | None, instruction_template: str | None) -> str | None:

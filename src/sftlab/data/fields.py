@@ -1,7 +1,9 @@
 """What a row's field names say: a source's renaming onto the format's names (`ColumnMap`), the
 format its keys fit (`detect_format`), why a row fits none (`no_format_message`), why a mapping
 does not fit a row and its fix (`mapping_hint`), the mapping entries a row uses (`ColumnMap.used`),
-and the fields no reader of its format uses (`unknown_fields`).
+the fields no reader of its format uses (`unknown_fields`), and a row under the format's names that
+names its fields as the source does in a BadRecord (`Row`). Which format a row is read as is the
+registry's (config.ROW_FORMATS, data/formats.py: READERS).
 
 A source's `ColumnMap` (its `columns` and `roles` settings) renames the row's own fields onto the
 format's names (`question` -> `prompt`), the keys inside its message lists (`from` -> `role`) and
@@ -17,7 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftlab.config.fields import MESSAGE_KEYS, REQUIRED_FIELDS, ROLES, ROW_FIELDS, TURN_KEYS
+from sftlab.config.fields import MESSAGE_KEYS, REQUIRED_FIELDS, ROLES, ROW_FIELDS, TURN_KEYS, expected_formats
+from sftlab.data.types import BadRecord
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user",
@@ -108,25 +111,35 @@ NO_COLUMNS = ColumnMap()
 LIST_KEYS = set(MESSAGE_KEYS + TURN_KEYS)  # `columns` names that rename keys inside turns
 
 
+class Row:
+    """One row (under the format's field names) plus where it came from and how its fields were
+    renamed, so every check can raise a precise BadRecord naming the field as the source does."""
+
+    def __init__(self, row: dict[str, Any], source: str, line: int, unit: str, cmap: ColumnMap = NO_COLUMNS):
+        self.row, self.source, self.line, self.unit, self.cmap = row, source, line, unit, cmap
+
+    def bad(self, field_name: str | None, reason: str, kind: type[BadRecord] = BadRecord) -> BadRecord:
+        if field_name and self.cmap.columns:  # `messages[0].role` as the source names it: `conversations[0].from`
+            head, bracket, rest = field_name.partition("[")
+            parts = (self.cmap.theirs(head) + bracket + rest).split(".")
+            inner = TURN_KEYS if head == "conversations" else MESSAGE_KEYS
+            field_name = ".".join(parts[:1] + [self.cmap.theirs(p) if p in inner else p for p in parts[1:]])
+        return kind(self.source, self.line, field_name, reason, self.unit)
+
+    def get(self, key: str, kind: type | tuple[type, ...] | None = None, required: bool = True) -> Any:
+        value = self.row.get(key)
+        if value is None:
+            if required:
+                raise self.bad(key, "missing")
+            return None
+        if kind is not None and not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.bad(key, f"must be {names}, got {type(value).__name__}")
+        return value
+
+
 def _has(row: dict[str, Any], key: str) -> bool:
     return row.get(key) is not None  # columnar sources fill absent fields with None
-
-
-def detect_format(row: dict[str, Any]) -> str:
-    """The format of one row from its keys; KeyError (naming the closest format) when none fits."""
-    if _has(row, "messages"):
-        return "messages"
-    if _has(row, "conversations"):
-        return "sharegpt"
-    if _has(row, "prompt") and _has(row, "completion"):
-        return "prompt_completion"
-    if _has(row, "instruction") and _has(row, "output"):
-        return "alpaca"
-    if _has(row, "input_ids"):
-        return "pretokenized"
-    if _has(row, "text"):
-        return "text"
-    raise KeyError(no_format_message(row))
 
 
 def no_format_message(row: dict[str, Any], cmap: ColumnMap = NO_COLUMNS, own: dict[str, Any] | None = None) -> str:
@@ -135,8 +148,7 @@ def no_format_message(row: dict[str, Any], cmap: ColumnMap = NO_COLUMNS, own: di
     map the source's own field names (a source with `columns` gets `mapping_hint` instead)."""
     present = {k for k in row if row[k] is not None}
     keys = sorted(k for k, v in (row if own is None else own).items() if v is not None)[:8]
-    expected = ("expected 'messages', 'conversations', 'prompt'+'completion', 'instruction'+'output', 'text' "
-                "or 'input_ids'")
+    expected = expected_formats()
     score = {fmt: len(present & set(fields)) for fmt, fields in ROW_FIELDS.items()}
     best = max(score, key=lambda f: score[f])  # ties: the first in ROW_FIELDS order
     if not score[best]:
@@ -181,12 +193,14 @@ def _turn_notes(row: dict[str, Any], cmap: ColumnMap) -> list[str]:
     return notes
 
 
-def mapping_hint(row: dict[str, Any], cmap: ColumnMap, fmt: str = "auto", with_keys: bool = True) -> str:
+def mapping_hint(row: dict[str, Any], cmap: ColumnMap, as_is: str | None, fmt: str = "auto",
+                 with_keys: bool = True) -> str:
     """Why the source's `columns` do not fit `row` (as the file has it), and the fix, or '' where there is
     nothing to say: the row's own keys; an entry `{ours: theirs}` names a field the row lacks (where the
     row has `ours` itself, the entry is not needed: remove it); turns whose keys are left unmapped (ShareGPT
     from/value under `messages`: the entries that map them); and the format the row is read as without
-    the mapping, where there is one (`with_keys=False`: without the keys, for a message that lists them)."""
+    the mapping (`as_is`: detected from the row as it is, None if none fits) (`with_keys=False`: without the
+    keys, for a message that lists them)."""
     if not cmap.columns:
         return ""
     own = [k for k, v in row.items() if v is not None]
@@ -202,10 +216,7 @@ def mapping_hint(row: dict[str, Any], cmap: ColumnMap, fmt: str = "auto", with_k
             notes.append(f"the row has no `{theirs}`" + (f"; did you mean columns: {{{ours}: {close[0]}}}?"
                                                          if close else ""))
     notes += _turn_notes(row, cmap)
-    try:
-        as_is = detect_format(row) if notes else None
-    except KeyError:
-        as_is = None
+    as_is = as_is if notes else None
     if as_is and fmt in ("auto", as_is):
         how = "auto-detection reads the row" if fmt == "auto" else "the row is read"
         notes.append(f"without the `columns` mapping, {how} as {as_is}, its fields as they are")

@@ -13,7 +13,7 @@ A source is one of:
 - through the Python API, a `datasets.Dataset` object, bare or wrapped in `DatasetSource` to give it
   a name, a format or a mixing weight.
 
-Rows are streamed: JSONL line by line, Parquet and CSV in record batches, `datasets` objects in
+Rows are streamed: JSONL line by line (`iter_jsonl`, also used for eval and vision files), Parquet and CSV in record batches, `datasets` objects in
 batches of their Arrow table; only a `.json` array is parsed whole (use JSON lines for big data).
 Rows are located by file and line (JSONL: `file:3`, the line number) or by row number (every other
 kind: `file row 3`, the 3rd row of the array, table or dataset), both 1-based, so a bad row can be
@@ -40,10 +40,10 @@ import pyarrow.parquet as pq
 
 from sftlab.compat import datasets as datasets_compat
 from sftlab.config.schema import SourceConfig
-from sftlab.data.formats import ColumnMap, iter_jsonl
+from sftlab.data.formats import ColumnMap
 from sftlab.data.locate import looks_local, not_found
 from sftlab.data.markers import TextMarkers
-from sftlab.data.types import DataError
+from sftlab.data.types import BadRecord, DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 log = logging.getLogger(__name__)
@@ -176,6 +176,24 @@ def _file_rows(path: Path) -> Iterator[RawRow]:
         _refuse_one_object(path)
     for lineno, row in iter_jsonl(path):  # .jsonl, and .json files holding JSON lines
         yield RawRow(name, lineno, "line", row)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed object) for each non-blank line; bad lines are yielded as BadRecord."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
+            except UnicodeDecodeError as e:
+                yield lineno, BadRecord(str(path), lineno, None, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield lineno, BadRecord(str(path), lineno, None, f"invalid JSON: {e.msg} (column {e.colno})")
 
 
 def _refuse_one_object(path: Path) -> None:

@@ -36,8 +36,9 @@ from PIL import Image
 
 from sftlab.data import masking
 from sftlab.data.collate import pad_collate
-from sftlab.data.formats import NO_COLUMNS, Conversation, Record, formatted_row, iter_jsonl
+from sftlab.data.formats import NO_COLUMNS, Conversation, Record, formatted_row
 from sftlab.data.images import image_record
+from sftlab.data.sources import iter_jsonl
 from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError, TemplateError, VisionExample
 
 _TOKEN_ATTRS = ("image_token", "fake_image_token", "global_image_tag", "boi_token", "eoi_token",
