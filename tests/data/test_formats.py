@@ -414,3 +414,12 @@ def test_a_dolly_file_is_detected_converted_and_trained_on_its_responses_only(tm
         {"role": "user", "content": DOLLY_ROWS[0]["instruction"] + "\n\n" + DOLLY_ROWS[0]["context"]},
         {"role": "assistant", "content": DOLLY_ROWS[0]["response"]}]
     assert bad({**DOLLY_ROWS[1], "response": " "}).field_name == "response"
+
+
+def test_the_readme_table_of_formats_names_every_format():
+    from pathlib import Path
+
+    from sftlab.config.fields import ROW_FORMATS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert [f.name for f in ROW_FORMATS if f"\n| `{f.name}` |" not in readme] == []

@@ -9,7 +9,8 @@ The public names, imported from here::
 The modules, each defining its own names (sftlab's own code imports from them):
 
 - schema.py: the pydantic models, one per YAML section (`SFTConfig` holds them), and `ConfigError`;
-- fields.py: the row formats' field names, and the checks of a source's `columns` and marker templates;
+- fields.py: the row formats' declarations (ROW_FORMATS, the table of docs/data.md), and the checks of a source's
+  `columns` and marker templates;
 - aliases.py: other tools' names for sftlab's keys (the did-you-mean, `sftlab convert-config`'s renames);
 - overrides.py: dotted overrides of a config tree (`optim.lr=1e-5`);
 - keys.py: every dotted key, the did-you-mean for a mistyped one, the message of a validation error;

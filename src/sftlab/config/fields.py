@@ -1,6 +1,9 @@
-"""The row formats' field names, and the checks of a source's `columns` mapping and marker templates.
+"""The row formats' declarations (`ROW_FORMATS`: the registry's config half), and the checks of a source's
+`columns` mapping and marker templates.
 
-schema.py validates with these; the data layer reads rows by these names (docs/data.md).
+schema.py validates with these (`format:` values, `columns` names); the data layer registers each format's
+detector and converter under its name (data/formats.py: READERS) and reads rows by these names. The table
+of formats in docs/data.md is `formats_table()`'s output.
 """
 
 from __future__ import annotations
