@@ -238,3 +238,17 @@ def test_an_unreadable_table_names_the_last_row_read_1_based(tmp_path, monkeypat
     monkeypatch.setattr(sources, "_batches", broken)
     with pytest.raises(DataError, match=r"cannot read it as PARQUET \(after row 4\): truncated file"):
         list(open_source(SourceConfig(path=str(tmp_path / "d.parquet"))).rows())
+
+
+def test_iter_jsonl_reads_lines_and_names_bad_ones(tmp_path):
+    """JSONL parsing lives with the sources (data/sources.py): a BOM is tolerated, blank lines skipped, and an
+    undecodable or invalid line comes back as a BadRecord naming its line."""
+    from sftlab.data.sources import iter_jsonl
+    from sftlab.data.types import BadRecord
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n\n{"text": \n\xff\n{"text": "b"}\n')
+    got = list(iter_jsonl(path))
+    assert [n for n, _ in got] == [1, 3, 4, 5] and got[0][1] == {"text": "a"} and got[3][1] == {"text": "b"}
+    assert isinstance(got[1][1], BadRecord) and "invalid JSON" in got[1][1].reason
+    assert isinstance(got[2][1], BadRecord) and "not valid UTF-8" in got[2][1].reason

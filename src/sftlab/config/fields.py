@@ -46,7 +46,8 @@ ROW_FORMATS = (
               "instruction tuning: user turn `instruction` (+ `\\n\\n` + `input`), assistant turn `output`"),
     RowFormat("dolly", ("instruction", "response"), ("context",),
               "databricks-dolly-15k: user turn `instruction` (+ `\\n\\n` + `context`), assistant turn `response`"),
-    RowFormat("pretokenized", ("input_ids",), ("labels",), "token ids (and labels, -100 = no loss) from your own pipeline"),
+    RowFormat("pretokenized", ("input_ids",), ("labels",),
+              "token ids (and labels, -100 = no loss) from your own pipeline"),
     RowFormat("text", ("text",), ("loss_masking_spans",),
               "plain text, no chat template, with optional inclusive character spans that get no loss"),
 )
@@ -73,7 +74,8 @@ def expected_formats() -> str:
 
 def formats_table() -> str:
     """The Markdown table of the row formats for docs/data.md (a test checks the file holds it)."""
-    rows = ["| format | required fields (detected by, in this order) | optional fields | what it is |", "|---|---|---|---|"]
+    rows = ["| format | required fields (detected by, in this order) | optional fields | what it is |",
+            "|---|---|---|---|"]
     for f in ROW_FORMATS:
         code = lambda names: ", ".join(f"`{n}`" for n in names) or "-"
         rows.append(f"| `{f.name}` | {code(f.required)} | {code(f.optional)} | {f.description} |")

@@ -228,7 +228,8 @@ def has_required(fmt: str) -> Callable[[dict[str, Any]], bool]:
     return lambda row: all(row.get(name) is not None for name in required)
 
 
-def _chat(messages: Callable[[Row], list[dict[str, Any]]], turns_field: str = "messages", tools: bool = True) -> Convert:
+def _chat(messages: Callable[[Row], list[dict[str, Any]]], turns_field: str = "messages",
+          tools: bool = True) -> Convert:
     """A chat format's converter: its messages (chat_rows.py), at least one of them the assistant's."""
     def convert(r: Row, vocab_size: int | None, markers: TextMarkers | None) -> Conversation:
         out = messages(r)

@@ -13,8 +13,9 @@ A source is one of:
 - through the Python API, a `datasets.Dataset` object, bare or wrapped in `DatasetSource` to give it
   a name, a format or a mixing weight.
 
-Rows are streamed: JSONL line by line (`iter_jsonl`, also used for eval and vision files), Parquet and CSV in record batches, `datasets` objects in
-batches of their Arrow table; only a `.json` array is parsed whole (use JSON lines for big data).
+Rows are streamed: JSONL line by line (`iter_jsonl`, also used for eval and vision files), Parquet and
+CSV in record batches, `datasets` objects in batches of their Arrow table; only a `.json` array is parsed
+whole (use JSON lines for big data).
 Rows are located by file and line (JSONL: `file:3`, the line number) or by row number (every other
 kind: `file row 3`, the 3rd row of the array, table or dataset), both 1-based, so a bad row can be
 named precisely. `Source.fingerprint()` identifies the content for the cache: a
