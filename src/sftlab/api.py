@@ -11,7 +11,8 @@ The argument names are the ones a TRL `SFTTrainer` user knows (docs/python.md ha
   set config keys on it, dotted (`**{"optim.lr": 1e-5}`) or as whole sections (`optim={"lr": 1e-5}`).
 - `model`: a name or path (hub id, model directory, `.gguf`, a saved adapter or LoRA run directory:
   that adapter continues), or a model object (a `PreTrainedModel`; a `PeftModel` continues its
-  adapter). `tokenizer`: default the model's own.
+  adapter). `tokenizer`: default the model's own. A local path (a `Path`, `./run`, `../x`, `/abs`,
+  `~/x`: `sftlab.paths.is_local_path`) that is not there is a ModelLoadError at once, never a Hub lookup.
 - `train_dataset` / `eval_dataset`: a `datasets.Dataset` (or `IterableDataset`, or one split of a
   `DatasetDict`), a list of dicts, a pandas DataFrame, a path or a list of paths; `eval_dataset` may
   be a dict name -> any of these, each reported as its own `eval/<name>_loss` (and `eval_loss` over

@@ -32,7 +32,7 @@ from sftlab.data.templates import load_template
 from sftlab.data.toolcalls import read_tools_file
 from sftlab.model import adapters
 from sftlab.model.generate import generate_replies
-from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path, with_pad_token
+from sftlab.model.loading import check_model_spec, load_model, load_tokenizer, resolve_model_path, with_pad_token
 from sftlab.trainer import distributed
 from sftlab.trainer.checkpoint import (
     COMPLETE,
@@ -54,9 +54,12 @@ def is_checkpoint_dir(path: str | Path) -> bool:
 
 
 def load_model_dir(spec: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer) of `default`, a hub id, a model/run/checkpoint directory or a .gguf file."""
+    """(model, tokenizer) of `default`, a hub id, a model/run/checkpoint directory or a .gguf file. A local
+    path (a `Path`, `./run`, `/abs`, `~/x`: sftlab.paths.is_local_path) that is not there fails at once,
+    never looked up on the Hub."""
     if str(spec) == "default":  # the embedded model, even where a directory of that name exists
         return _load_plain(ModelConfig())
+    check_model_spec(spec)
     path = Path(spec).expanduser()
     if adapters.is_adapter_dir(path):
         model, tokenizer = load_adapter_dir(path)
