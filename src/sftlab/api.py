@@ -102,9 +102,9 @@ def generate(model: Any, prompts: str | list, *, tokenizer: Any = None, system: 
     Greedy unless `temperature` > 0. The chat template is the tokenizer's (a run saves its own); `tools`
     (function schemas) must be rendered by it, else a DataError (train with data.chat_template: chatml_tools)."""
     from sftlab.model.generate import generate_replies
+    from sftlab.model.sampling import check_sampling
 
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"temperature must be >= 0 (0: greedy) and top_p in (0, 1]; got {temperature}, {top_p}")
+    check_sampling(temperature, top_p, ("temperature", "top_p"))
     model, tokenizer, _ = _model_for_inference(model, tokenizer, None, {})
     single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
     items = [prompts] if single else list(prompts)
