@@ -137,3 +137,31 @@ def chat_rows() -> list[dict]:
     """The rows of `chat_file`: the conversations 4 times, then a prompt/completion row 4 times."""
     rows = [{"messages": c} for c in CONVERSATIONS] * 4
     return rows + [{"prompt": "Numbers: one two", "completion": "three four five"}] * 4
+
+
+@pytest.fixture()
+def no_hub(monkeypatch) -> list[str]:
+    """Record (and refuse) every way of asking the Hugging Face Hub: its download functions, the HfApi calls
+    transformers makes and any name lookup on the network. A test asserts the returned list is empty."""
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub import file_download
+    from transformers.utils import hub as transformers_hub
+
+    asked: list[str] = []
+
+    def refused(name: str):
+        def refuse(*args, **kwargs):
+            asked.append(f"{name}{args}")
+            raise AssertionError(f"the Hugging Face Hub was asked: {name}{args}")
+        return refuse
+
+    for module in (huggingface_hub, file_download, transformers_hub):
+        for name in ("hf_hub_download", "snapshot_download", "get_hf_file_metadata"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, refused(name))
+    for name in ("hf_hub_download", "snapshot_download", "list_repo_tree", "model_info", "file_exists"):
+        monkeypatch.setattr(huggingface_hub.HfApi, name, refused(f"HfApi.{name}"))
+    monkeypatch.setattr(socket, "getaddrinfo", refused("socket.getaddrinfo"))
+    return asked

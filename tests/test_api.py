@@ -298,3 +298,17 @@ def test_sftlab_train_is_the_documented_function_even_after_the_trainer_is_impor
     assert sftlab.train is api.train and inspect.isfunction(sftlab.train)
     params = inspect.signature(sftlab.train).parameters
     assert {"model", "train_dataset", "eval_dataset", "callbacks"} <= set(params)
+
+
+def test_a_local_looking_model_path_never_reaches_the_hub(chat_file, tmp_path, monkeypatch, no_hub):
+    """sftlab.generate/evaluate with `./run` (or a Path) that is not there: one error naming it, no Hub call."""
+    from pathlib import Path
+
+    from sftlab.model.loading import ModelLoadError
+
+    monkeypatch.chdir(tmp_path)
+    for call in (lambda: sftlab.generate("./missing-run", "Hi"), lambda: sftlab.generate(Path("missing-run"), "Hi"),
+                 lambda: sftlab.evaluate("../missing-run", str(chat_file))):
+        with pytest.raises(ModelLoadError, match="model path not found: .*never looked up on the Hugging Face Hub"):
+            call()
+    assert no_hub == []

@@ -193,3 +193,59 @@ def test_data_flag_sets_the_paths_and_dotted_source_overrides_apply_on_top(tmp_p
                  "data.train.0.weight=8", "data.max_seq_length=256", "data.cache=false"]) == 0
     printed = capsys.readouterr().out
     assert "train 8 examples" in printed and "error" not in printed
+
+
+# Each command with a missing path, and what its one-line error says (DATA: an existing data file).
+MISSING_PATHS = [
+    (["train", "--data", "./missing.jsonl"], "data source not found: missing.jsonl"),
+    (["train", "--data", "DATA", "--model", "./missing-model"], "model.name_or_path: model path not found: ./missing-model"),
+    (["prepare", "--data", "./missing.jsonl"], "data source not found: missing.jsonl"),
+    (["prepare", "--data", "DATA", "model.tokenizer=./missing-tok"], "model.tokenizer: directory not found: ./missing-tok"),
+    (["eval", "./missing-run", "--data", "DATA"], "model path not found: ./missing-run"),
+    (["eval", "default", "--data", "./missing.jsonl"], "data source not found: missing.jsonl"),
+    (["generate", "./missing-run", "--prompt", "Hi"], "model path not found: ./missing-run"),
+    (["generate", "default", "--prompt", "Hi", "--image", "missing.png"], "--image: no such file: missing.png"),
+    (["generate", "default", "--prompt", "Hi", "--tools", "missing.json"], "--tools: cannot read missing.json"),
+    (["chat", "../missing-run"], "model path not found: ../missing-run"),
+    (["export", "./missing-run", "--merge", "--out", "merged"], "run directory not found: ./missing-run"),
+    (["push", "./missing-run"], "run directory not found: ./missing-run"),
+    (["report", "./missing-run"], "run directory not found: ./missing-run"),
+]
+
+RUN_EACH = """
+import contextlib, io, json, sys
+from sftlab.cli import main
+for args in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            rc = main(args)
+        except SystemExit as e:
+            rc = e.code
+    heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+    print(json.dumps({"rc": rc, "out": out.getvalue(), "heavy": heavy}))
+import transformers.utils.logging as hf_logging  # the library progress bars stay off, as before
+print(json.dumps({"bars": hf_logging.is_progress_bar_enabled()}))
+"""
+
+
+def test_a_missing_path_is_named_before_torch_or_transformers_is_imported(tmp_path, chat_file):
+    """Every command checks its paths first: a missing file, run directory or local-looking model answers with
+    the path named and exit code 2, in a process that never imported torch nor transformers (which take
+    seconds), and a local-looking model path is not looked up on the Hub."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    cases = [[str(chat_file) if a == "DATA" else a for a in args] for args, _ in MISSING_PATHS]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", RUN_EACH, json.dumps(cases)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 0 and len(lines) == len(cases) + 1, proc.stderr
+    for (args, message), res in zip(MISSING_PATHS, lines):
+        assert res["rc"] == 2 and message in res["out"] and "Traceback" not in res["out"], (args, res)
+        assert res["heavy"] == [], (args, res)
+        if "model path" in message:
+            assert "never looked up on the Hugging Face Hub" in res["out"], (args, res)
+    assert lines[-1] == {"bars": False}

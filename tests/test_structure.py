@@ -8,7 +8,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "sftlab"
 LAYERS = {"compat": 0, "errors": 0, "config": 0, "migrate": 0, "paths": 0, "data": 1,
-          "demo": 1, "model": 2, "trainer": 3, "api": 4, "cli": 5, "__init__": 5}
+          "demo": 1, "model": 2, "trainer": 3, "api": 4, "cli": 5, "cli_checks": 5, "__init__": 5}
 MAX_FUNCTION_LINES = 60
 MAX_FILE_LINES = 400
 

@@ -11,7 +11,8 @@ The argument names are the ones a TRL `SFTTrainer` user knows (docs/python.md ha
   set config keys on it, dotted (`**{"optim.lr": 1e-5}`) or as whole sections (`optim={"lr": 1e-5}`).
 - `model`: a name or path (hub id, model directory, `.gguf`, a saved adapter or LoRA run directory:
   that adapter continues), or a model object (a `PreTrainedModel`; a `PeftModel` continues its
-  adapter). `tokenizer`: default the model's own.
+  adapter). `tokenizer`: default the model's own. A local path (a `Path`, `./run`, `../x`, `/abs`,
+  `~/x`: `sftlab.paths.is_local_path`) that is not there is a ModelLoadError at once, never a Hub lookup.
 - `train_dataset` / `eval_dataset`: a `datasets.Dataset` (or `IterableDataset`, or one split of a
   `DatasetDict`), a list of dicts, a pandas DataFrame, a path or a list of paths; `eval_dataset` may
   be a dict name -> any of these, each reported as its own `eval/<name>_loss` (and `eval_loss` over
@@ -101,9 +102,9 @@ def generate(model: Any, prompts: str | list, *, tokenizer: Any = None, system: 
     Greedy unless `temperature` > 0. The chat template is the tokenizer's (a run saves its own); `tools`
     (function schemas) must be rendered by it, else a DataError (train with data.chat_template: chatml_tools)."""
     from sftlab.model.generate import generate_replies
+    from sftlab.model.sampling import check_sampling
 
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"temperature must be >= 0 (0: greedy) and top_p in (0, 1]; got {temperature}, {top_p}")
+    check_sampling(temperature, top_p, ("temperature", "top_p"))
     model, tokenizer, _ = _model_for_inference(model, tokenizer, None, {})
     single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
     items = [prompts] if single else list(prompts)

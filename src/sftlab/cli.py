@@ -27,6 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from sftlab.cli_checks import check_config_paths, check_eval_args, check_reply_args, check_run_dir
 from sftlab.config.loading import dump_config, load_config
 from sftlab.config.overrides import gives_training_data
 from sftlab.config.reference import config_reference
@@ -69,11 +70,9 @@ def _resume_command(argv: list[str]) -> str:
 
 
 def _load_checked(ns: argparse.Namespace):
-    """The config, with its local data paths checked before the heavy imports (a typo fails at once)."""
-    from sftlab.data.locate import check_local_paths
-
+    """The config, with its local paths (data, model) checked before the heavy imports (a typo fails at once)."""
     cfg = _load(ns)
-    check_local_paths(cfg.data.train + cfg.data.eval)
+    check_config_paths(cfg)
     return cfg
 
 
@@ -100,11 +99,11 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     """Validate, tokenize and cache the training/eval data ahead of training; print the data report."""
     import time
 
+    cfg = _load_checked(ns)  # before the imports below (torch, transformers: seconds)
     from sftlab.api import prepare
     from sftlab.data.cache import cache_dir
     from sftlab.trainer.data import print_preview
 
-    cfg = _load_checked(ns)
     start = time.perf_counter()
     data = prepare(cfg, console=console)  # exactly what `sftlab train` does, so the cache keys match
     took = time.perf_counter() - start
@@ -119,38 +118,26 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
 
 def cmd_export(ns: argparse.Namespace) -> int:
     """Merge a run's adapter into its base model and save a plain transformers model."""
+    if not ns.merge:
+        raise ConfigError("sftlab export: only --merge is supported (the adapter itself is already in the run dir)")
+    check_run_dir(ns.run_dir)
     from sftlab.model.adapters import is_adapter_dir
     from sftlab.trainer.outputs import export_merged
 
     if not is_adapter_dir(ns.run_dir):
         raise ConfigError(f"{ns.run_dir} holds no adapter (adapter_config.json): nothing to merge")
-    if not ns.merge:
-        raise ConfigError("sftlab export: only --merge is supported (the adapter itself is already in the run dir)")
     saved = export_merged(ns.run_dir, ns.out)
     console.print(f"[bold green]saved[/bold green] merged model + {saved} to {ns.out}")
     return 0
 
 
-def _pairs(text: str | None, flag: str) -> dict[str, str] | None:
-    """`a=b,c=d` -> {"a": "b", "c": "d"} (None when the flag was not given)."""
-    if text is None:
-        return None
-    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
-    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
-        raise SystemExit(f"error: {flag} takes name=value pairs separated by commas, e.g. "
-                         f"{'prompt=question,completion=answer' if flag == '--columns' else 'human=user,gpt=assistant'}")
-    return {k.strip(): v.strip() for k, v in pairs}
-
-
 def cmd_eval(ns: argparse.Namespace) -> int:
     """Loss / perplexity over target tokens (and exact match) of a model on a data file."""
-    import json
-
+    columns, roles = check_eval_args(ns)  # before the import below (torch, transformers: seconds)
     from sftlab.trainer.evaluate import evaluate
 
-    res = evaluate(ns.model_dir, ns.data, match=ns.match, batch_size=ns.batch_size,
-                   max_new_tokens=ns.max_new_tokens, max_examples=ns.max_examples,
-                   columns=_pairs(ns.columns, "--columns"), roles=_pairs(ns.roles, "--roles"))
+    res = evaluate(ns.model_dir, ns.data, match=ns.match, batch_size=ns.batch_size, max_new_tokens=ns.max_new_tokens,
+                   max_examples=ns.max_examples, columns=columns, roles=roles)
     if ns.json:
         print(json.dumps(res, indent=1))
         return 0
@@ -171,6 +158,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 def cmd_report(ns: argparse.Namespace) -> int:
     """Regenerate report.md + loss.png of a run directory."""
+    check_run_dir(ns.run_dir)
     from sftlab.trainer.report import PLOT, write_report
 
     path = write_report(ns.run_dir)  # not a run dir: ReportError, a SftlabError (one line, exit code 2)
@@ -185,6 +173,7 @@ def cmd_config_show(ns: argparse.Namespace) -> int:
 
 def _reply(ns: argparse.Namespace):
     """The model and a reply function with the command's sampling settings (trainer/inference.py)."""
+    check_reply_args(ns)  # before the import below (torch, transformers: seconds)
     from sftlab.trainer.inference import reply_function
 
     return reply_function(ns.model_dir, tools_file=ns.tools, images=ns.image, seed=ns.seed,
@@ -335,6 +324,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="train.output_dir")
 
 
+def _quiet_progress_bars() -> None:
+    """transformers' and huggingface_hub's progress bars off without importing transformers (seconds):
+    huggingface_hub's switch, which transformers reads when it is imported (and its own when it already is)."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -349,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes (imported by peft when installed) warns about optional CPU kernels at import
     logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if ns.verbose else logging.ERROR)
     if not ns.verbose:  # our own progress and summaries say what happens; library bars are noise
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        _quiet_progress_bars()
     try:
         return ns.func(ns)
     except KeyboardInterrupt:

@@ -33,6 +33,37 @@ def test_missing_paths_are_named(tmp_path):
         resolve_model_path(ModelConfig(name_or_path=str(empty)))
 
 
+@pytest.mark.parametrize("spec", ["./missing", "../missing", "~/sftlab-no-such-model", "/no/such/model", "runs/a/b"])
+def test_a_local_looking_model_path_is_never_sent_to_the_hub(spec, tmp_path, monkeypatch, no_hub):
+    from sftlab.model.loading import load_model, load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    hub_note = "not found: .*never looked up on the Hugging Face Hub"
+    with pytest.raises(ModelLoadError, match="model path " + hub_note):
+        resolve_model_path(ModelConfig(name_or_path=spec))
+    with pytest.raises(ModelLoadError, match="model.tokenizer: directory " + hub_note):
+        load_tokenizer(ModelConfig(tokenizer=spec))
+    with pytest.raises(ModelLoadError, match="model path " + hub_note):
+        load_tokenizer(ModelConfig(), spec)
+    with pytest.raises(ModelLoadError, match="model path " + hub_note):
+        load_model(ModelConfig(), spec)
+    assert no_hub == []
+
+
+def test_the_no_hub_fixture_sees_a_hub_id_being_asked(no_hub):
+    from sftlab.model.loading import load_tokenizer
+
+    with pytest.raises(Exception):  # noqa: B017 - whatever transformers makes of the refusal
+        load_tokenizer(ModelConfig(name_or_path="sftlab-test/no-such-model"))
+    assert no_hub  # so an empty list in the test above means the Hub was never asked
+
+
+def test_a_file_is_not_a_model(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="is a file: a model is a directory"):
+        resolve_model_path(ModelConfig(name_or_path=str(tmp_path / "weights.bin")))
+
+
 def test_hub_id_offline_fails_with_a_clear_message(tmp_path):
     code = ("from sftlab.config.schema import ModelConfig\n"
             "from sftlab.model.loading import load_model, ModelLoadError\n"

@@ -111,3 +111,19 @@ def test_packed_eval_equals_unpacked_and_max_batches_caps_it(tiny_model_dir, tmp
     first = _eval_run(tiny_model_dir, rows[:3], tmp_path, "first")
     assert [r["eval_loss"] for r in capped.history] == [r["eval_loss"] for r in first.history]
     assert capped.history[0]["eval_loss"] != plain.history[0]["eval_loss"]
+
+
+def test_a_missing_run_or_file_fails_before_any_model_loads(tiny_model_dir, chat_file, tmp_path, monkeypatch, no_hub):
+    """`./run` stays a local path (it was sent to the Hub as `run`, retried for a minute); a missing data file
+    is named before the model loads."""
+    from sftlab.data.types import DataError
+    from sftlab.model.loading import ModelLoadError
+    from sftlab.trainer import evaluate as evaluate_module
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="model path not found: ./missing-run.*never looked up on the Hugging"):
+        evaluate("./missing-run", str(chat_file))
+    assert no_hub == []
+    monkeypatch.setattr(evaluate_module, "load_model_dir", lambda spec: pytest.fail("loaded the model"))
+    with pytest.raises(DataError, match="data source not found: missing.jsonl"):
+        evaluate(tiny_model_dir, "./missing.jsonl")

@@ -75,3 +75,17 @@ def test_a_directory_without_a_model_is_named(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["generate", str(tmp_path / "empty"), "--prompt", "Hi"]) == 2
     assert "holds no model: no config.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["./missing-run", "missing-run/checkpoints/step-2", "~/sftlab-no-such-run"])
+def test_a_missing_local_run_is_named_and_never_looked_up_on_the_hub(spec, tmp_path, monkeypatch, no_hub):
+    import re
+    from pathlib import Path
+
+    from sftlab.model.loading import ModelLoadError
+
+    monkeypatch.chdir(tmp_path)
+    for given in (spec, Path(spec)):  # a Path is local even where its str() reads like a hub id
+        with pytest.raises(ModelLoadError, match=f"model path not found: {re.escape(str(given))}.*never looked up"):
+            load_model_dir(given)
+    assert no_hub == []

@@ -1,10 +1,10 @@
 """Whether a data source path is local, and the error for a missing one (with a did-you-mean).
 
-Hub dataset names are `name` or `owner/name`. A path is local, and never tried on the Hub, when it has
-a file extension (letters only: `.jsonl`, `.jsnol`; `teknium/OpenHermes-2.5` stays a hub name), starts
-with `.`, `/` or `~`, holds a backslash or more than one `/`, or its first component is a local
-directory. Light on purpose (no `datasets` import): the CLI checks the paths before the heavy imports,
-so a mistyped file name fails at once.
+Hub dataset names are `name` or `owner/name`. A path is local, and never tried on the Hub, when
+`sftlab.paths.is_local_path` says so (it exists, starts with `.`, `/` or `~`, holds a backslash or more
+than one `/`), has a file extension (letters only: `.jsonl`, `.jsnol`; `teknium/OpenHermes-2.5` stays a
+hub name) or its first component is a local directory. Light on purpose (no `datasets` import): the CLI
+checks the paths before the heavy imports, so a mistyped file name fails at once.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sftlab.config.schema import SourceConfig
 from sftlab.data.types import DataError
+from sftlab.paths import is_local_path
 
 # A file extension: letters only (`.jsnol`, `.parquet`), so hub names such as `teknium/OpenHermes-2.5` are not.
 _EXTENSION = re.compile(r"\.[A-Za-z]{1,10}$")
@@ -24,9 +25,7 @@ _EXTENSION = re.compile(r"\.[A-Za-z]{1,10}$")
 def looks_local(path_str: str) -> bool:
     """A path that is never tried as a hub dataset name (hub names are `name` or `owner/name`)."""
     head = path_str.split("/", 1)[0]
-    return (path_str.startswith(("/", ".", "~")) or bool(_EXTENSION.search(path_str))
-            or "\\" in path_str or path_str.count("/") > 1
-            or ("/" in path_str and Path(head).is_dir()))
+    return is_local_path(path_str) or bool(_EXTENSION.search(path_str)) or ("/" in path_str and Path(head).is_dir())
 
 
 def not_found(path: Path) -> DataError:

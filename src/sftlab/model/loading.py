@@ -1,6 +1,9 @@
 """Load a causal LM (a vision-language model through AutoModelForImageTextToText) and its tokenizer:
 local HF directory, hub id, or GGUF file.
 
+A name that is a local path (`sftlab.paths.is_local_path`: it exists, or starts with `./`, `../`, `/`
+or `~`, ...) is never sent to the Hub: a missing one is a `ModelLoadError` at once (`check_model_spec`).
+
 GGUF files are converted once into a cached HF safetensors directory (keyed by the file's
 sha256) because transformers marks GGUF-loaded models as quantized (`hf_quantizer`,
 `quantization_config`) although their weights are dequantized floats, and training-time
@@ -31,7 +34,7 @@ from transformers import (
 from sftlab.compat import transformers as transformers_compat
 from sftlab.config.schema import ModelConfig
 from sftlab.errors import SftlabError
-from sftlab.paths import cache_root
+from sftlab.paths import cache_root, missing_local_path
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelLoadError(SftlabError, RuntimeError):
     """The model or tokenizer could not be found or loaded; the message says why."""
+
+
+def check_model_spec(spec: str | os.PathLike, what: str = "model path") -> None:
+    """A ModelLoadError naming `spec` when it is a local path that is not there: never looked up on the Hub."""
+    message = missing_local_path(spec, what)
+    if message is not None:
+        raise ModelLoadError(message)
 
 
 def default_gguf_path() -> Path:
@@ -118,8 +128,9 @@ def resolve_model_path(cfg: ModelConfig) -> str:
                 + (f" and several GGUF files; set model.gguf_file to one of {[g.name for g in ggufs]}" if ggufs else "")
             )
         return str(path)
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
-        raise ModelLoadError(f"model path not found: {name}")
+    if path.is_file():
+        raise ModelLoadError(f"model path {name} is a file: a model is a directory (config.json) or a .gguf file")
+    check_model_spec(name)
     return name  # a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'
 
 
@@ -156,6 +167,8 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedToken
     revision = cfg.revision
     if cfg.tokenizer:
         path, revision = _tokenizer_path(cfg.tokenizer), cfg.tokenizer_revision
+    if path:
+        check_model_spec(path)
     path = path or resolve_model_path(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=cfg.trust_remote_code)
@@ -170,8 +183,7 @@ def _tokenizer_path(spec: str) -> str:
     path = Path(spec).expanduser()
     if path.is_dir():
         return str(path)
-    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
-        raise ModelLoadError(f"model.tokenizer: directory not found: {spec}")
+    check_model_spec(spec, "model.tokenizer: directory")
     return spec  # a hub id
 
 
@@ -188,6 +200,8 @@ def load_model(cfg: ModelConfig, path: str | None = None, quantization: Any = No
             importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available()):
         raise ModelLoadError("model.attn_implementation=flash_attention_2 needs a CUDA device and the flash-attn "
                              "package (pip install flash-attn); use sdpa (the default) otherwise")
+    if path:
+        check_model_spec(path)
     path = path or resolve_model_path(cfg)
     try:
         model = _model_class(cfg, path).from_pretrained(

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from sftlab.config.schema import ConfigError, DataConfig, MatchEvalConfig, SourceConfig
 from sftlab.data.collate import pad_collate
 from sftlab.data.dataset import build_datasets
+from sftlab.data.locate import check_local_paths
 from sftlab.data.vision import vision_collate
 from sftlab.model.generate import exact_match, load_match_examples
 from sftlab.trainer.inference import load_model_dir, model_processor, run_config
@@ -97,10 +98,11 @@ def evaluate(model_dir: str | Path, data: str, match: bool = False, batch_size: 
              roles: dict[str, str] | None = None) -> dict[str, Any]:
     """Loss, perplexity (and exact match) of the model in `model_dir` on the file `data`, its fields
     renamed by `columns`/`roles` (default: the run's own mapping, see `column_mapping`)."""
-    model_dir = Path(model_dir)
+    spec, model_dir = model_dir, Path(model_dir)  # the spec as given: `./run` stays a local path
     mapping, mapping_from = column_mapping(model_dir, columns, roles)
-    data_cfg = _data_config(model_dir, data, mapping)  # a bad mapping fails before the model loads
-    model, tokenizer = load_model_dir(model_dir)
+    data_cfg = _data_config(model_dir, data, mapping)  # a bad mapping or a missing file: before the model loads
+    check_local_paths(data_cfg.train)
+    model, tokenizer = load_model_dir(spec)
     processor = model_processor(model, model_dir)  # a vision-language model reads its rows with their images
     tokenizer = processor.tokenizer if processor is not None else tokenizer
     examples, _, report = build_datasets(data_cfg, tokenizer, seed=0, template=None, processor=processor)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.errors import SftlabError
+from sftlab.paths import not_found_message
 
 SKIPPED_DIRS = ("checkpoints", "tensorboard", "wandb", "trackio")  # top-level: not part of the shared model
 SKIPPED_FILES = ("FINISHED",)
@@ -150,10 +151,12 @@ def push_after_training(run) -> None:
 
 def cmd_push(ns) -> int:
     """`sftlab push RUN_DIR`: the finished run's model, card and report to the Hub."""
+    run_dir = Path(ns.run_dir)
+    if not run_dir.is_dir():  # before the imports below (torch: seconds)
+        raise HubError(not_found_message("run directory", ns.run_dir))
     from sftlab.trainer.card import CARD, write_model_cards
     from sftlab.trainer.rundir import saved_config
 
-    run_dir = Path(ns.run_dir)
     if _finished(run_dir) is None:
         raise HubError(f"{run_dir} holds no finished run (no FINISHED marker: its model was not saved); push a "
                        "run directory once its training has finished")

@@ -32,7 +32,8 @@ from sftlab.data.templates import load_template
 from sftlab.data.toolcalls import read_tools_file
 from sftlab.model import adapters
 from sftlab.model.generate import generate_replies
-from sftlab.model.loading import load_model, load_tokenizer, resolve_model_path, with_pad_token
+from sftlab.model.loading import check_model_spec, load_model, load_tokenizer, resolve_model_path, with_pad_token
+from sftlab.model.sampling import check_sampling
 from sftlab.trainer import distributed
 from sftlab.trainer.checkpoint import (
     COMPLETE,
@@ -54,9 +55,12 @@ def is_checkpoint_dir(path: str | Path) -> bool:
 
 
 def load_model_dir(spec: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer) of `default`, a hub id, a model/run/checkpoint directory or a .gguf file."""
+    """(model, tokenizer) of `default`, a hub id, a model/run/checkpoint directory or a .gguf file. A local
+    path (a `Path`, `./run`, `/abs`, `~/x`: sftlab.paths.is_local_path) that is not there fails at once,
+    never looked up on the Hub."""
     if str(spec) == "default":  # the embedded model, even where a directory of that name exists
         return _load_plain(ModelConfig())
+    check_model_spec(spec)
     path = Path(spec).expanduser()
     if adapters.is_adapter_dir(path):
         model, tokenizer = load_adapter_dir(path)
@@ -176,8 +180,7 @@ def reply_function(spec: str | Path, *, tools_file: str | None = None, images: l
     these sampling settings; `tools_file`: tool schemas (JSON) for the chat template; `images`: shown to a
     vision-language model (`image_reply`); `seed`: torch's, for repeatable sampling. Bad settings or a bad
     tools file fail before the model loads."""
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"--temperature must be >= 0 (0: greedy), --top-p in (0, 1]; got {temperature}, {top_p}")
+    check_sampling(temperature, top_p)
     tools = read_tools_file(tools_file) if tools_file else None
     if seed is not None:
         torch.manual_seed(seed)
