@@ -21,6 +21,9 @@ def engine_checks(source: str) -> list[tuple[int, str]]:
         name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
         if name in ENGINE_TYPE_NAMES:
             found.append((node.lineno, name))
+        func = node.func if isinstance(node, ast.Call) else None
+        if getattr(func, "id", getattr(func, "attr", None)) == "sharded":  # the old `distributed.sharded(acc)`
+            found.append((node.lineno, "sharded()"))
         if isinstance(node, ast.Compare):
             for side in [node.left, *node.comparators]:
                 values = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
@@ -41,6 +44,7 @@ def test_the_check_finds_what_it_forbids():
     found = engine_checks("a = acc.distributed_type == DistributedType.FSDP\n"
                           "b = engine.name == 'deepspeed'\n"
                           "c = kind in ('ddp', 'x')\n"
-                          "d = acc.state.deepspeed_plugin.zero_stage\n")
-    assert {line for line, _ in found} == {1, 2, 3, 4}
+                          "d = acc.state.deepspeed_plugin.zero_stage\n"
+                          "e = distributed.sharded(acc)\n")
+    assert {line for line, _ in found} == {1, 2, 3, 4, 5}
     assert not engine_checks("x = run.engine.sharded\ny = engine.name\nz = {'deepspeed': 1}['deepspeed']\n")
