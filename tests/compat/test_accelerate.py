@@ -1,6 +1,6 @@
 """compat/accelerate.py against the installed Accelerate: `AcceleratorState._reset_state`, the state writes
 that turn a CPU state into an FSDP one, `Accelerator._models` (the order save_state numbers files in); and the
-public replacement of `_orig_mod` (outputs.bare_model: `unwrap_model(..., keep_torch_compile=False)`)."""
+public replacement of `_orig_mod` (distributed.Engine.bare_model: `unwrap_model(..., keep_torch_compile=False)`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 from sftlab.compat import accelerate as accelerate_compat
-from sftlab.trainer.outputs import bare_model
+from sftlab.trainer.distributed import Engine
 
 
 @pytest.fixture()
@@ -66,12 +66,13 @@ def test_bare_model_strips_the_compile_wrapper_under_ddp_too(fresh_state, tmp_pa
     if dist.is_initialized():
         pytest.skip("a process group is already open in this process")
     accelerator, module = Accelerator(cpu=True), nn.Linear(2, 2)
+    bare_model = Engine.of(accelerator).bare_model
     compiled = torch.compile(module)
-    assert bare_model(accelerator, module) is module
-    assert bare_model(accelerator, compiled) is module
+    assert bare_model(module) is module
+    assert bare_model(compiled) is module
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        assert bare_model(accelerator, nn.parallel.DistributedDataParallel(compiled)) is module
-        assert bare_model(accelerator, nn.parallel.DistributedDataParallel(module)) is module
+        assert bare_model(nn.parallel.DistributedDataParallel(compiled)) is module
+        assert bare_model(nn.parallel.DistributedDataParallel(module)) is module
     finally:
         dist.destroy_process_group()

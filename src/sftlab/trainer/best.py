@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sftlab.trainer import distributed
-from sftlab.trainer.checkpoint import checkpoint_root, load_checkpoint, load_weights
+from sftlab.trainer.checkpoint import checkpoint_root
 from sftlab.trainer.resume import trainable_only_checkpoints
 from sftlab.trainer.rundir import RunError
 
@@ -62,10 +61,9 @@ def restore_best(run: Any) -> None:
     if best is None or best[0] == run.total_steps:
         return
     ckpt = checkpoint_root(run.out) / f"step-{best[0]:08d}"
-    if distributed.sharded(run.accelerator):  # FSDP/DeepSpeed weights are engine shards: read as a resume does
-        load_checkpoint(run.accelerator, ckpt, run.scheduler, trainable_only=trainable_only_checkpoints(run))
-    else:  # the weights (and fp32 masters) only: nothing after this step reads the optimizer, scheduler or RNG
-        load_weights(run.accelerator, ckpt, run.optimizer, trainable_only=trainable_only_checkpoints(run))
+    # the weights (and fp32 masters): nothing after this step reads the optimizer, scheduler or RNG (sharded
+    # engines' weights are engine shards: read as a resume does)
+    run.engine.load_weights(ckpt, run.scheduler, run.optimizer, trainable_only=trainable_only_checkpoints(run))
     run.result.best_step = best[0]
     if run.main:
         run.console.print(f"[bold]best model[/bold]: step {best[0]} ({cfg.metric_for_best} {best[1]:.4f}), restored "

@@ -307,7 +307,7 @@ def load_checkpoint(accelerator, ckpt: Path, scheduler, trainable_only: bool = F
 def load_weights(accelerator, ckpt: Path, optimizer, trainable_only: bool = False) -> None:
     """Restore only the model weights from `ckpt`, as `load_checkpoint` does, and the fp32 master weights where
     `optimizer` keeps them (from its file, memory-mapped: the moments are never read); the rest of the optimizer
-    state, the scheduler and the RNG stay as they are. Unsharded engines (FSDP/DeepSpeed: `load_checkpoint`)."""
+    state, the scheduler and the RNG stay as they are. Unsharded engines (sharded ones: `load_checkpoint`; `Engine.load_weights` chooses)."""
     if not (ckpt / COMPLETE).is_file():
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
     if trainable_only:

@@ -1,5 +1,8 @@
 """The engine a run is spread over, chosen by `accelerate launch` (one process, DDP, FSDP2 or
-DeepSpeed ZeRO), and the few places where the training loop must know which one it is.
+DeepSpeed ZeRO): how the Accelerator is built for it, and `Engine`, the one object that knows which
+engine runs. `Engine.of(accelerator)` is made once per run (`Run.engine`); every other module asks it
+(wrap, unwrap, gather, backward and step, checkpoint weights, refusals) and never tests the engine type
+(tests/trainer/test_engine_seam.py fails on such a test outside this module and compat/).
 
 sftlab never shards anything itself: `accelerate launch --config_file configs/accelerate/X.yaml`
 sets the engine, Accelerate's `prepare` wraps the model (DDP, `fully_shard`, DeepSpeed's engine),
@@ -13,18 +16,18 @@ specific here:
 - Loss normalisation: every engine averages gradients over the data-parallel ranks (DDP's
   all-reduce, FSDP's reduce-scatter, ZeRO's averaged reduction), so the loop multiplies each rank's
   summed NLL by world / global target count in all of them (tests check each against one process).
-- DeepSpeed steps inside its engine: sftlab marks the accumulation boundary itself
+- DeepSpeed steps inside its engine (`DeepSpeedEngine`): sftlab marks the accumulation boundary itself
   (`set_gradient_accumulation_boundary`), backpropagates without DeepSpeed's 1/GAS scaling, and
   calls `engine.step()`, which clips to `optim.max_grad_norm` (written into the DeepSpeed config
   with the micro-batch size) and reports the gradient norm.
-- FSDP wraps the model's `_no_split_modules` classes that the model holds (`fit_fsdp_wrap_classes`):
+- FSDP wraps the model's `_no_split_modules` classes that the model holds (`FSDPEngine.prepare`):
   a vision-language model's list can name a class of a sub-model it lacks (LLaVA: CLIPTextEmbeddings).
 - Sharded engines run forwards collectively: evaluation runs the same number of batches on every
-  rank, and the final model is gathered on every rank (`full_state_dict`) and saved by the main one.
+  rank, and the final model is gathered on every rank (`gathered_state_dict`) and saved by the main one.
 """
-
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from contextlib import contextmanager
@@ -43,26 +46,13 @@ from accelerate.utils import (
 from sftlab.compat import accelerate as accelerate_compat
 from sftlab.compat import transformers as transformers_compat
 from sftlab.errors import SftlabError
+from sftlab.trainer import checkpoint
 
 SINGLE, DDP, FSDP, DEEPSPEED = "single", "ddp", "fsdp", "deepspeed"
 
 
 class EngineError(SftlabError, RuntimeError):
     """The run's settings do not work with the engine `accelerate launch` chose."""
-
-
-def engine_of(accelerator: Accelerator) -> str:
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
-        return FSDP
-    if kind == DistributedType.DEEPSPEED:
-        return DEEPSPEED
-    return DDP if accelerator.num_processes > 1 else SINGLE
-
-
-def sharded(accelerator: Accelerator) -> bool:
-    """FSDP or DeepSpeed: forwards and state gathering are collective calls."""
-    return engine_of(accelerator) in (FSDP, DEEPSPEED)
 
 
 def build_accelerator(mixed_precision: str, cpu: bool, **kwargs: Any) -> Accelerator:
@@ -104,108 +94,228 @@ def _enable_cpu_fsdp(accelerator: Accelerator, mixed_precision: str) -> None:
     accelerate_compat.force_fsdp(accelerator, plugin)
 
 
-def check_run_settings(accelerator: Accelerator, cfg) -> None:
-    """Settings an engine cannot honour fail before any weights are loaded."""
-    engine = engine_of(accelerator)
-    if engine == DEEPSPEED and cfg.train.on_nan == "skip_step":
-        raise EngineError("train.on_nan=skip_step: DeepSpeed updates inside its engine and cannot skip a step; "
-                          "use on_nan: stop (the loss is checked before the step, the gradient norm after it)")
-    if sharded(accelerator) and cfg.train.compile is True:
-        raise EngineError(f"train.compile is not supported with {engine} in sftlab; turn it off")
-    if sharded(accelerator) and cfg.peft is not None and cfg.peft.quantize:
-        raise EngineError(f"QLoRA (peft.quantize) is not supported with {engine} in sftlab; use LoRA or one process")
+class Engine:
+    """The engine a run is spread over, made once from its Accelerator (`Engine.of`; kept as `Run.engine`).
+    Everything that differs between engines is a method or attribute here; callers never ask which one it
+    is. This base class is one process; `DDPEngine`, `FSDPEngine` and `DeepSpeedEngine` override it."""
 
+    name = SINGLE
+    sharded = False  # FSDP/DeepSpeed: they shard the weights (kept fp32, cast by the engine), forwards are collective
+    lockstep_forwards = False  # evaluation runs the same number of batches on every rank (collective forwards)
 
-def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, max_grad_norm: float | None) -> None:
-    """Fill the DeepSpeed config from the run config before `prepare` (sftlab owns these values)."""
-    if engine_of(accelerator) != DEEPSPEED:
-        return
-    conf = accelerator.state.deepspeed_plugin.deepspeed_config
-    conf["train_micro_batch_size_per_gpu"] = micro_batch_size
-    conf["gradient_accumulation_steps"] = 1  # sftlab marks the boundary itself
-    conf["train_batch_size"] = micro_batch_size * accelerator.num_processes
-    conf["gradient_clipping"] = float(max_grad_norm) if max_grad_norm is not None else 0.0
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
 
+    @staticmethod
+    def of(accelerator: Accelerator) -> Engine:
+        kind = accelerator.distributed_type
+        if kind == DistributedType.FSDP:
+            return FSDPEngine(accelerator)
+        if kind == DistributedType.DEEPSPEED:
+            return DeepSpeedEngine(accelerator)
+        return DDPEngine(accelerator) if accelerator.num_processes > 1 else Engine(accelerator)
 
-def fit_fsdp_wrap_classes(accelerator: Accelerator, model: torch.nn.Module) -> None:
-    """FSDP's units: the model's `_no_split_modules` classes that it actually holds. transformers collects
-    that list from the model's sub-models' classes, and Accelerate refuses a class it cannot find: LLaVA's
-    CLIP vision tower lists CLIPTextEmbeddings (of CLIP's text model, absent). A class the recipe names
-    (fsdp_transformer_layer_cls_to_wrap) is kept as the user wrote it."""
-    if engine_of(accelerator) != FSDP or accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap is not None:
-        return
-    present = {type(m).__name__ for m in model.modules()}
-    listed = transformers_compat.no_split_modules(model)
-    if set(listed) - present:  # else Accelerate's own reading of the list is left as it is
-        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = sorted(n for n in listed if n in present)
+    # --- before the model is built
+    def check_run_settings(self, cfg) -> None:
+        """Settings an engine cannot honour fail before any weights are loaded (EngineError)."""
 
-
-def zero_stage(accelerator: Accelerator) -> int | None:
-    if engine_of(accelerator) != DEEPSPEED:
+    def precision(self, mixed: str) -> tuple[str, str] | None:
+        """(compute, masters) for the precision line where the engine casts the weights itself, else None."""
         return None
-    return int(accelerator.state.deepspeed_plugin.zero_stage)
 
-
-@contextmanager
-def unpartitioned_loading(accelerator: Accelerator):
-    """Within: transformers loads whole weights even under a ZeRO-3 config (no `zero.Init`), so the
-    model is built, wrapped and checked like any other; DeepSpeed partitions it in `prepare`."""
-    if zero_stage(accelerator) != 3:
+    @contextmanager
+    def unpartitioned_loading(self):
+        """Within: the model is loaded whole (only DeepSpeed ZeRO-3 would partition it while loading)."""
         yield
-        return
-    from transformers.integrations import unset_hf_deepspeed_config
 
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+    def target_loss_head_supported(self) -> tuple[bool, str]:
+        """Whether the target-only loss head may read the output projection's weight outside its forward."""
+        return True, ""
+
+    def prepare(self, model: torch.nn.Module, optimizer, cfg) -> tuple[Any, Any]:
+        """Wrap the model and optimizer for this engine (Accelerate's `prepare`); returns them wrapped."""
+        return self.accelerator.prepare(model, optimizer)
+
+    # --- the optimizer step
+    def accumulating(self, model, sync: bool):
+        """The context of one micro-batch's forward/backward: without the gradient all-reduce unless `sync`."""
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
+
+    def backward(self, model, loss: torch.Tensor, boundary: bool) -> None:
+        """Back-propagate one micro-batch's loss; `boundary`: the last micro-batch of the optimizer step."""
+        self.accelerator.backward(loss)
+
+    def step_gradients(self, model, loss_finite: bool, clip) -> float:
+        """The gradient norm before clipping; `clip()` clips and returns it (sftlab clips: trainer/loop.py)."""
+        return clip()
+
+    def optimizer_step(self, optimizer) -> None:
+        """Update the weights (once the loss and gradient norm are known finite)."""
+        optimizer.step()
+
+    # --- the model, unwrapped or gathered
+    def unwrap(self, model):
+        """The model without the engine's wrapper (DDP, DeepSpeed); a compiled one stays compiled."""
+        return self.accelerator.unwrap_model(model)
+
+    def bare_model(self, model):
+        """The model as built, without the engine's wrapper and then without torch.compile's:
+        `unwrap_model(..., keep_torch_compile=False)` drops the compile wrapper only when it is the outermost
+        one, and a run compiles its model before `prepare` wraps it (DDP(compiled))."""
+        return self.accelerator.unwrap_model(self.accelerator.unwrap_model(model), keep_torch_compile=False)
+
+    def gathered_state_dict(self, model) -> dict[str, torch.Tensor] | None:
+        """Sharded engines: the whole model's state dict gathered from the shards (a collective call: every
+        rank calls it; the main process gets the full tensors). None where every rank holds the whole model."""
+        return None
+
+    # --- checkpoints
+    def trainable_only_checkpoints(self, adapters: bool) -> bool:
+        """Adapters keep only their trainable tensors in a checkpoint (sharded engines save whole shards)."""
+        return adapters
+
+    def load_weights(self, ckpt: Path, scheduler, optimizer, trainable_only: bool) -> None:
+        """The weights (and fp32 masters) of `ckpt` back in the prepared model, nothing else that matters after."""
+        checkpoint.load_weights(self.accelerator, ckpt, optimizer, trainable_only=trainable_only)
+
+    def leave_together(self) -> None:
+        """At the end of a multi-process run every rank waits for the main one (still saving the model) and
+        the process group is taken down before the interpreter exits: a rank exiting alone with the group
+        alive was seen to abort in DeepSpeed/gloo's threads ("terminate called without an active exception")."""
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
+            self.accelerator.state.destroy_process_group()
 
 
-def target_loss_head_supported(accelerator: Accelerator) -> tuple[bool, str]:
-    """The target-only loss head reads the output projection's weight outside its forward: ZeRO-3
-    keeps it partitioned there (FSDP's output head group stays gathered after the forward)."""
-    if zero_stage(accelerator) == 3:
-        return False, "DeepSpeed ZeRO-3 partitions the output projection outside its forward"
-    return True, ""
+class DDPEngine(Engine):
+    """Several processes, each with the whole model; DDP all-reduces the gradients."""
+
+    name = DDP
 
 
-def backward(accelerator: Accelerator, model, loss: torch.Tensor, boundary: bool) -> None:
-    """Back-propagate one micro-batch's loss; `boundary`: the last micro-batch of the optimizer step."""
-    if engine_of(accelerator) == DEEPSPEED:
+class ShardedEngine(Engine):
+    """FSDP and DeepSpeed: the weights are sharded over the ranks, forwards and gathering are collective."""
+
+    sharded = True
+    lockstep_forwards = True
+
+    def check_run_settings(self, cfg) -> None:
+        if cfg.train.compile is True:
+            raise EngineError(f"train.compile is not supported with {self.name} in sftlab; turn it off")
+        if cfg.peft is not None and cfg.peft.quantize:
+            raise EngineError(f"QLoRA (peft.quantize) is not supported with {self.name} in sftlab; "
+                              "use LoRA or one process")
+
+    def precision(self, mixed: str) -> tuple[str, str]:
+        """The engine casts; the weights it shards stay fp32."""
+        if mixed == "no":
+            return "float32", ""
+        return f"{mixed} compute by {self.name}'s mixed precision", "; fp32 sharded master weights"
+
+    def gathered_state_dict(self, model) -> dict[str, torch.Tensor]:
+        state = self.accelerator.get_state_dict(model)
+        if state is None:  # ZeRO-3 gathers onto the main process only
+            return {}
+        names: dict[int, list[str]] = {}  # tied parameters (embeddings = output head) are saved once, as transformers does
+        for name, param in self.accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        tied = {n for group in names.values() for n in group[1:]}
+        return {k: v.detach().to("cpu") for k, v in state.items() if k not in tied}
+
+    def trainable_only_checkpoints(self, adapters: bool) -> bool:
+        return False
+
+    def load_weights(self, ckpt: Path, scheduler, optimizer, trainable_only: bool) -> None:
+        """The weights are engine shards: read as a resume does (optimizer, scheduler and RNG too)."""
+        checkpoint.load_checkpoint(self.accelerator, ckpt, scheduler, trainable_only=trainable_only)
+
+
+class FSDPEngine(ShardedEngine):
+    name = FSDP
+
+    def prepare(self, model: torch.nn.Module, optimizer, cfg) -> tuple[Any, Any]:
+        self._fit_wrap_classes(model)
+        return super().prepare(model, optimizer, cfg)
+
+    def _fit_wrap_classes(self, model: torch.nn.Module) -> None:
+        """FSDP's units: the model's `_no_split_modules` classes that it actually holds. transformers collects
+        that list from the model's sub-models' classes, and Accelerate refuses a class it cannot find: LLaVA's
+        CLIP vision tower lists CLIPTextEmbeddings (of CLIP's text model, absent). A class the recipe names
+        (fsdp_transformer_layer_cls_to_wrap) is kept as the user wrote it."""
+        plugin = self.accelerator.state.fsdp_plugin
+        if plugin.transformer_cls_names_to_wrap is not None:
+            return
+        present = {type(m).__name__ for m in model.modules()}
+        listed = transformers_compat.no_split_modules(model)
+        if set(listed) - present:  # else Accelerate's own reading of the list is left as it is
+            plugin.transformer_cls_names_to_wrap = sorted(n for n in listed if n in present)
+
+
+class DeepSpeedEngine(ShardedEngine):
+    """DeepSpeed ZeRO steps inside its engine: sftlab marks the accumulation boundary itself, backpropagates
+    without DeepSpeed's 1/GAS scaling, and `engine.step()` clips (to the max_grad_norm written into its config)."""
+
+    name = DEEPSPEED
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.accelerator.state.deepspeed_plugin.zero_stage)
+
+    def check_run_settings(self, cfg) -> None:
+        if cfg.train.on_nan == "skip_step":
+            raise EngineError("train.on_nan=skip_step: DeepSpeed updates inside its engine and cannot skip a step; "
+                              "use on_nan: stop (the loss is checked before the step, the gradient norm after it)")
+        super().check_run_settings(cfg)
+
+    @contextmanager
+    def unpartitioned_loading(self):
+        """Within: transformers loads whole weights even under a ZeRO-3 config (no `zero.Init`), so the
+        model is built, wrapped and checked like any other; DeepSpeed partitions it in `prepare`."""
+        if self.zero_stage != 3:
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+    def target_loss_head_supported(self) -> tuple[bool, str]:
+        """ZeRO-3 keeps the output projection partitioned outside its forward (FSDP's output head group
+        stays gathered after the forward)."""
+        if self.zero_stage == 3:
+            return False, "DeepSpeed ZeRO-3 partitions the output projection outside its forward"
+        return True, ""
+
+    def prepare(self, model: torch.nn.Module, optimizer, cfg) -> tuple[Any, Any]:
+        """The DeepSpeed config filled from the run config before `prepare` (sftlab owns these values)."""
+        conf = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        micro, max_grad_norm = cfg.train.micro_batch_size, cfg.optim.max_grad_norm
+        conf["train_micro_batch_size_per_gpu"] = micro
+        conf["gradient_accumulation_steps"] = 1  # sftlab marks the boundary itself
+        conf["train_batch_size"] = micro * self.accelerator.num_processes
+        conf["gradient_clipping"] = float(max_grad_norm) if max_grad_norm is not None else 0.0
+        return super().prepare(model, optimizer, cfg)
+
+    def accumulating(self, model, sync: bool):
+        return contextlib.nullcontext()  # the boundary is marked in `backward`
+
+    def backward(self, model, loss: torch.Tensor, boundary: bool) -> None:
         model.set_gradient_accumulation_boundary(boundary)
         model.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the whole step
-    else:
-        accelerator.backward(loss)
 
+    def step_gradients(self, model, loss_finite: bool, clip) -> float:
+        """DeepSpeed clips and steps inside its engine (once the loss is known finite), then gives the norm."""
+        if not loss_finite:
+            return 0.0
+        model.step()
+        norm = model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
 
-def deepspeed_step(model) -> float:
-    """DeepSpeed's optimizer step (with its clipping); returns the gradient norm before clipping."""
-    model.step()
-    norm = model.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
-
-
-def leave_together(accelerator: Accelerator) -> None:
-    """At the end of a multi-process run every rank waits for the main one (still saving the model) and
-    the process group is taken down before the interpreter exits: a rank exiting alone with the group
-    alive was seen to abort in DeepSpeed/gloo's threads ("terminate called without an active exception")."""
-    if accelerator.num_processes > 1:
-        accelerator.wait_for_everyone()
-        accelerator.state.destroy_process_group()
-
-
-def full_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor]:
-    """The whole model's state dict, gathered from the shards (a collective call on sharded engines:
-    every rank calls it; the main process gets the full tensors)."""
-    state = accelerator.get_state_dict(model)
-    if state is None:  # ZeRO-3 gathers onto the main process only
-        return {}
-    names: dict[int, list[str]] = {}  # tied parameters (embeddings = output head) are saved once, as transformers does
-    for name, param in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    tied = {n for group in names.values() for n in group[1:]}
-    return {k: v.detach().to("cpu") for k, v in state.items() if k not in tied}
+    def optimizer_step(self, optimizer) -> None:
+        pass  # done in `step_gradients`
 
 
 def sharded_checkpoint_weights(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:

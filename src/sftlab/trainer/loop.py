@@ -17,12 +17,11 @@ NLL, by the target-only head) gives the micro-batch's loss SUM -> the sum is div
 objective's normaliser over the WHOLE optimizer step (all micro-batches, all ranks: the target
 tokens) and back-propagated (`train_step`) -> gradients are clipped -> the optimizer and the LR
 schedule step. Over several processes the engine `accelerate launch` chose (DDP, FSDP2, DeepSpeed
-ZeRO) wraps the model; what the loop must know of it is in trainer/distributed.py.
+ZeRO) wraps the model; the loop asks the run's `Engine` (trainer/distributed.py) whatever differs between them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import signal
@@ -45,7 +44,6 @@ from sftlab.trainer.evaluate import target_loss
 from sftlab.trainer.inputs import RunInputs
 from sftlab.trainer.objective import Objective, SFTObjective
 from sftlab.trainer.outputs import (
-    bare_model,
     finish,
     finished_result,
     hf_model_writer,
@@ -86,7 +84,7 @@ def run_training(cfg: SFTConfig, console: Console | None = None, resume_command:
     elif run.main:
         run.callbacks.call("on_train_end", run.result)
     push = run.main and run.result.stopped is None and run.cfg.train.push_to_hub
-    distributed.leave_together(run.accelerator)
+    run.engine.leave_together()
     if push:  # after the other ranks have left: an upload of any length never holds them in a collective
         hub.push_after_training(run)
     return run.result
@@ -100,12 +98,12 @@ def resume_or_start(run: Run) -> None:
     cfg = run.cfg
     if run.resume_from is not None:
         restore_checkpoint(run)
-    elif cfg.match_eval is not None and distributed.sharded(run.accelerator):
+    elif cfg.match_eval is not None and run.engine.sharded:
         if run.main:  # generation on one rank would need the other ranks' shards
             run.console.print("[yellow]match_eval[/yellow]: not run before training under a sharded engine "
                               "(FSDP/DeepSpeed); it runs on the saved model after training")
     elif cfg.match_eval is not None and run.main:
-        run.result.match_before = run_match_eval(run.accelerator.unwrap_model(run.model), run, "before")
+        run.result.match_before = run_match_eval(run.engine.unwrap(run.model), run, "before")
 
 
 # --- the optimizer steps -----------------------------------------------------------------------
@@ -182,7 +180,7 @@ def next_micro_batches(run: Run, batches_iter) -> tuple[list[dict[str, torch.Ten
 
 
 def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator,
-               objective: Objective | Any = None) -> tuple[float, int]:
+               objective: Objective | Any = None, engine: distributed.Engine | None = None) -> tuple[float, int]:
     """Forward/backward over the micro-batches of one optimizer step.
 
     `objective` (trainer/objective.py; default: SFT with full logits; a bare loss function
@@ -191,6 +189,7 @@ def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accel
     The loss each micro-batch back-propagates is its sum / the global normaliser, times the world size
     because every engine (DDP, FSDP, DeepSpeed ZeRO) averages gradients over ranks: the step's
     gradient is then exactly the gradient of (sum of all the step's losses) / (its whole normaliser).
+    `engine`: the run's (default: `Engine.of(accelerator)`).
     """
     objective = objective if hasattr(objective, "loss_sum") else SFTObjective(objective)
     local = sum(objective.normaliser(b) for b in batches)
@@ -199,12 +198,12 @@ def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accel
         return 0.0, 0
     scale = accelerator.num_processes / global_norm
     step_sum = torch.zeros((), dtype=torch.float64)
-    deepspeed = distributed.engine_of(accelerator) == distributed.DEEPSPEED
+    engine = engine or distributed.Engine.of(accelerator)
     for k, batch in enumerate(batches):
         sync = k == len(batches) - 1
-        with contextlib.nullcontext() if sync or deepspeed else accelerator.no_sync(model):
+        with engine.accumulating(model, sync):
             loss_sum = objective.loss_sum(model, batch)
-            distributed.backward(accelerator, model, loss_sum * scale, boundary=sync)
+            engine.backward(model, loss_sum * scale, boundary=sync)
         step_sum += loss_sum.detach().double().cpu()
     total = float(accelerator.reduce(step_sum.to(accelerator.device), "sum"))
     return total, global_norm
@@ -215,20 +214,16 @@ def optimizer_step(run: Run, step: int, batches_iter) -> dict[str, Any]:
     t0 = time.perf_counter()
     position = run.stream.state()
     batches, sizes = next_micro_batches(run, batches_iter)
-    loss_sum, norm = train_step(run.model, batches, run.accelerator, run.objective)
+    loss_sum, norm = train_step(run.model, batches, run.accelerator, run.objective, run.engine)
     lr = run.scheduler.get_last_lr()[0]
-    deepspeed = distributed.engine_of(run.accelerator) == distributed.DEEPSPEED
-    if not norm:  # nothing was back-propagated: no clipping, no update
-        grad_norm = 0.0
-    elif deepspeed:  # DeepSpeed clips and steps inside its engine (once the loss is known finite), then gives the norm
-        grad_norm = distributed.deepspeed_step(run.model) if math.isfinite(loss_sum) else 0.0
-    else:
-        grad_norm = clip_gradients(run)
+    grad_norm = 0.0  # nothing was back-propagated: no clipping, no update
+    if norm:  # clipped here, or (DeepSpeed) clipped and stepped inside the engine once the loss is known finite
+        grad_norm = run.engine.step_gradients(run.model, math.isfinite(loss_sum), lambda: clip_gradients(run))
     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
     if not finite and run.cfg.train.on_nan == "stop":
         raise non_finite(run, step, position, len(batches), math.isfinite(loss_sum))
-    if norm and finite and not deepspeed:
-        run.optimizer.step()
+    if norm and finite:
+        run.engine.optimizer_step(run.optimizer)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - t0
@@ -274,13 +269,14 @@ def throughput(run: Run, sizes: dict[str, int], targets: int, elapsed: float) ->
 @torch.no_grad()
 def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator: Accelerator,
                   objective: Objective | None = None, prefix: str = "eval_", collate: Any = None,
-                  max_batches: int | None = None) -> dict[str, float]:
+                  max_batches: int | None = None, engine: distributed.Engine | None = None) -> dict[str, float]:
     """The objective's eval record over `examples` (padded micro-batches, shared over ranks):
-    {"eval_loss": mean NLL over their target tokens} for SFT."""
+    {"eval_loss": mean NLL over their target tokens} for SFT. `engine`: the run's (default: `Engine.of`)."""
     objective = objective or SFTObjective()
-    lockstep = distributed.sharded(accelerator)  # sharded forwards are collective: same batch count on every rank
+    engine = engine or distributed.Engine.of(accelerator)
+    lockstep = engine.lockstep_forwards  # collective forwards: the same batch count on every rank
     if not lockstep:  # plain forward: ranks may run different numbers of batches; eager (trainer/compiling.py)
-        model = bare_model(accelerator, model)  # DDP(compiled) too: the compiled module is inside DDP
+        model = engine.bare_model(model)  # DDP(compiled) too: the compiled module is inside DDP
     with accelerator.autocast():  # the module unwrapped from torch.compile lost Accelerate's autocast forward
         total, norm = target_loss(model, examples, pad_id, batch_size, objective, accelerator.device,
                                   accelerator.process_index, accelerator.num_processes, lockstep=lockstep,
@@ -299,10 +295,11 @@ def run_evaluation(run: Run) -> dict[str, float]:
         collate = functools.partial(packed_collate, pad_id=data.pad_id)
         rows = lambda examples: pack_examples(examples, "bfd", cfg.data.max_seq_length)  # noqa: E731
     metrics = evaluate_loss(run.model, rows(data.eval), batch, data.pad_id, run.accelerator, run.objective,
-                            collate=collate, max_batches=cap)
+                            collate=collate, max_batches=cap, engine=run.engine)
     for name, examples in data.eval_sets.items():
         metrics.update(evaluate_loss(run.model, rows(examples), batch, data.pad_id, run.accelerator, run.objective,
-                                     prefix=f"eval/{name}_", collate=collate, max_batches=cap))
+                                     prefix=f"eval/{name}_", collate=collate, max_batches=cap,
+                                     engine=run.engine))
     return metrics
 
 
@@ -334,7 +331,7 @@ def checkpoint_due(run: Run, step: int, epoch_before: int, stop: StopRequest) ->
 
 def save_run_checkpoint(run: Run, step: int):
     state = TrainerState(step=step, consumed_micro_batches=run.consumed, data=run.stream.state(),
-                         num_processes=run.world, engine=distributed.engine_of(run.accelerator),
+                         num_processes=run.world, engine=run.engine.name,
                          data_fingerprint=run.fingerprint or _fingerprint(run), metrics=run.result.history,
                          logged_steps=run.logged_steps, config=run.cfg.model_dump(mode="json"),
                          match_before=match_json(run.result.match_before), compiled=run.compiled)

@@ -19,7 +19,7 @@ from sftlab.config.loading import dump_config
 from sftlab.model import adapters
 from sftlab.model.generate import MatchResult, exact_match
 from sftlab.model.loading import DTYPES
-from sftlab.trainer import compiling, distributed, rundir
+from sftlab.trainer import compiling, rundir
 from sftlab.trainer.card import write_model_cards
 from sftlab.trainer.checkpoint import delete_checkpoints
 from sftlab.trainer.data import data_report_json
@@ -52,7 +52,7 @@ def open_run_log(run: Run) -> None:
         (run.out / DATA_REPORT).write_text(json.dumps(data_report_json(run.data), indent=1) + "\n")
         run.console.print(f"[bold]train[/bold]: {run.total_steps} optimizer steps x {cfg.train.grad_accum_steps} "
                           f"micro-batches of {cfg.train.micro_batch_size} (x{run.world} processes, "
-                          f"{distributed.engine_of(run.accelerator)}); "
+                          f"{run.engine.name}); "
                           f"{run.stream.batches_per_epoch} micro-batches/epoch")
         if run.total_steps < 2:
             run.console.print(f"[bold yellow]warning[/bold yellow]: this run ends after {run.total_steps} optimizer "
@@ -70,27 +70,20 @@ def run_info(run: Run) -> dict[str, Any]:
             "gradient_checkpointing": run.recompute, "compile": run.compiled,
             "loss_head": getattr(head, "mode", "full"), "loss_head_reason": getattr(head, "reason", ""),
             "device": str(run.accelerator.device), "num_processes": run.world,
-            "engine": distributed.engine_of(run.accelerator), "peak_flops": run.peak_flops,
+            "engine": run.engine.name, "peak_flops": run.peak_flops,
             "total_steps": run.total_steps, "inputs": run.inputs.describe()}
-
-
-def bare_model(accelerator, model):
-    """The model as built, without the engine's wrapper (DDP, DeepSpeed) and then without torch.compile's:
-    `unwrap_model(..., keep_torch_compile=False)` drops the compile wrapper only when it is the outermost
-    one, and a run compiles its model before `prepare` wraps it (DDP(compiled))."""
-    return accelerator.unwrap_model(accelerator.unwrap_model(model), keep_torch_compile=False)
 
 
 def finish(run: Run) -> None:
     """Save the model (or adapter), run the match evaluation, end the callbacks, mark the run FINISHED."""
     run.accelerator.wait_for_everyone()
     # sharded engines: every rank takes part in gathering the whole model; the main process saves it
-    gathered = distributed.full_state_dict(run.accelerator, run.model) if distributed.sharded(run.accelerator) else None
+    gathered = run.engine.gathered_state_dict(run.model)
     if not run.main:
         return
     if run.compile_key:  # this machine's step times, for the next run's train.compile: auto
         compiling.update_record(run.compile_key, run.compiled, run.step_times, run.tokens_per_step)
-    unwrapped = bare_model(run.accelerator, run.model)
+    unwrapped = run.engine.bare_model(run.model)
     if run.cfg.peft is not None:
         # the adapter; the model users get is the fp32 base with it merged (loaded back from the saved files)
         unwrapped = save_adapter_run(run, unwrapped, gathered)
@@ -127,8 +120,8 @@ def hf_model_writer(run: Run):
     adapter) as the run's end would save it, in model.dtype with the tokenizer and chat template, from the
     exact fp32 masters, leaving the training model untouched. Sharded engines gather the weights here,
     on every rank (a collective); the function runs on the main process only."""
-    gathered = distributed.full_state_dict(run.accelerator, run.model) if distributed.sharded(run.accelerator) else None
-    unwrapped = bare_model(run.accelerator, run.model)
+    gathered = run.engine.gathered_state_dict(run.model)
+    unwrapped = run.engine.bare_model(run.model)
 
     def write(ckpt: Path) -> None:
         state = gathered if gathered is not None else _master_state_dict(unwrapped, run.optimizer)

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from sftlab.config.schema import SFTConfig
-from sftlab.trainer import distributed
 from sftlab.trainer.checkpoint import COMPLETE, latest_checkpoint, load_checkpoint
 from sftlab.trainer.rundir import RunError
 from sftlab.trainer.tracking import flat_config
@@ -86,9 +85,9 @@ def check_resume_state(run) -> None:
                        f"process(es), this run has {run.world}; the data order, the batch geometry (and the "
                        f"shards of a sharded checkpoint) would change. Launch it with "
                        f"{saved.num_processes} processes, or start a new output_dir")
-    if saved.engine != distributed.engine_of(run.accelerator):
+    if saved.engine != run.engine.name:
         raise RunError(f"cannot resume from {ckpt}: it was written under {saved.engine}, this run uses "
-                       f"{distributed.engine_of(run.accelerator)}; launch it with the same accelerate config")
+                       f"{run.engine.name}; launch it with the same accelerate config")
     if saved.data_fingerprint != run.fingerprint:
         raise RunError(f"cannot resume from {ckpt}: the training data changed since it was written "
                        "(different tokenized examples); start a new output_dir instead")
@@ -96,7 +95,7 @@ def check_resume_state(run) -> None:
 
 def trainable_only_checkpoints(run) -> bool:
     """Adapters keep only their trainable tensors in a checkpoint; sharded engines save whole shards."""
-    return run.cfg.peft is not None and not distributed.sharded(run.accelerator)
+    return run.engine.trainable_only_checkpoints(run.cfg.peft is not None)
 
 
 def restore_checkpoint(run) -> None:

@@ -20,6 +20,7 @@ from sftlab.model.generate import MatchResult
 from sftlab.trainer.callbacks import CallbackList
 from sftlab.trainer.control import StopRequest
 from sftlab.trainer.data import RunData
+from sftlab.trainer.distributed import Engine
 from sftlab.trainer.inputs import RunInputs
 from sftlab.trainer.metrics import MetricsLog
 from sftlab.trainer.objective import Objective, SFTObjective
@@ -81,6 +82,11 @@ class Run:
     tokens_per_step: int = 0  # padded tokens of one optimizer step (all ranks)
     step_times: list[float] = field(default_factory=list)  # seconds of each step this process ran
     resume_command: str = ""  # printed when a signal stops the run
+    engine: Engine | None = None  # the engine the run is spread over: Engine.of(accelerator) unless given
+
+    def __post_init__(self) -> None:
+        if self.engine is None:
+            self.engine = Engine.of(self.accelerator)
 
     @property
     def main(self) -> bool:

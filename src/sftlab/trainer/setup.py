@@ -96,7 +96,7 @@ def _claim_on_main(cfg: SFTConfig, console: Console) -> str:
     return "start"
 
 
-def print_precision(cfg: SFTConfig, console: Console, accelerator: Accelerator, mixed: str, why: str) -> None:
+def print_precision(cfg: SFTConfig, console: Console, engine: distributed.Engine, mixed: str, why: str) -> None:
     quantized = cfg.peft is not None and cfg.peft.quantize is not None
     form, form_why = bf16_weight_form(mixed, cfg.model.dtype, cfg.optim.name, quantized)
     compute = {"matmul": "bf16 autocast, matmul weights as bf16 copies of fp32 masters",
@@ -105,10 +105,9 @@ def print_precision(cfg: SFTConfig, console: Console, accelerator: Accelerator, 
         compute = {"bf16": "bf16 autocast" + (" on a quantized base" if quantized else f" on fp32 weights ({form_why})"),
                    "fp16": "fp16 autocast with loss scaling"}.get(mixed, compute_dtype(cfg.model.dtype, mixed))
     masters = "; fp32 master weights in the optimizer" if form != "none" else ""
-    if distributed.sharded(accelerator):  # the engine casts; the weights it shards stay fp32
-        compute = f"{mixed} compute by {distributed.engine_of(accelerator)}'s mixed precision" \
-            if mixed != "no" else "float32"
-        masters = "; fp32 sharded master weights" if mixed != "no" else ""
+    engine_casts = engine.precision(mixed)  # an engine that casts the weights itself (they stay fp32)
+    if engine_casts is not None:
+        compute, masters = engine_casts
     console.print(f"[bold]precision[/bold]: {compute} ({why}){masters}; saved as {cfg.model.dtype}", highlight=False)
 
 
@@ -141,15 +140,16 @@ def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = Non
     accelerator = distributed.build_accelerator(
         mixed, cpu=run_device_type() == "cpu", log_with=trackers or None,
         project_dir=str(out / "tensorboard") if "tensorboard" in trackers else None)
+    engine = distributed.Engine.of(accelerator)
     try:
-        distributed.check_run_settings(accelerator, cfg)
+        engine.check_run_settings(cfg)
     except distributed.EngineError as e:
         raise RunError(str(e)) from None
     if claim_output_dir(cfg, console, accelerator) == "complete":
         return None
     tracking.prepare_offline(trackers, out)
     if accelerator.is_main_process:
-        print_precision(cfg, console, accelerator, mixed, why)
+        print_precision(cfg, console, engine, mixed, why)
     resume_from = find_resume_checkpoint(cfg)
     resume_state = read_state(resume_from) if resume_from is not None else None
     if resume_state is not None:
@@ -160,7 +160,8 @@ def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = Non
     return Run(cfg, console, accelerator, out, resume_from, TrainResult(output_dir=out, steps=0, final_loss=None),
                inputs=inputs, objective=inputs.objective or SFTObjective(),
                callbacks=run_callbacks(cfg, inputs, accelerator, out), mixed_precision=mixed, model_path=model_path,
-               resume_state=resume_state, resume_command=resume_command or f"sftlab train <config> train.resume=auto train.output_dir={out}")
+               resume_state=resume_state, engine=engine,
+               resume_command=resume_command or f"sftlab train <config> train.resume=auto train.output_dir={out}")
 
 
 def with_continued_adapter(cfg: SFTConfig, inputs: RunInputs) -> SFTConfig:
@@ -231,9 +232,8 @@ def check_disk_space(out: Path, model, cfg: SFTConfig) -> None:
 
 def setup_model_and_optimizer(run: Run) -> None:
     cfg = run.cfg
-    sharded = distributed.sharded(run.accelerator)  # FSDP/DeepSpeed keep fp32 masters and cast themselves
-    with distributed.unpartitioned_loading(run.accelerator):
-        built = build_run_model(cfg, run.data, "train", run.inputs.model, run.mixed_precision, sharded)
+    with run.engine.unpartitioned_loading():  # sharded engines keep fp32 masters and cast themselves
+        built = build_run_model(cfg, run.data, "train", run.inputs.model, run.mixed_precision, run.engine.sharded)
     model = built.model
     if run.main:
         for line in built.lines:
@@ -255,9 +255,7 @@ def setup_model_and_optimizer(run: Run) -> None:
     run.peak_flops = cfg.train.peak_flops or measure_peak_flops(
         run.accelerator.device, torch.bfloat16 if run.mixed_precision == "bf16" else next(model.parameters()).dtype)
     model = compile_if_it_pays(run, model)
-    distributed.configure_deepspeed(run.accelerator, cfg.train.micro_batch_size, cfg.optim.max_grad_norm)
-    distributed.fit_fsdp_wrap_classes(run.accelerator, model)
-    run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
+    run.model, run.optimizer = run.engine.prepare(model, optimizer, cfg)
 
 
 def compile_if_it_pays(run: Run, model):
@@ -272,7 +270,7 @@ def compile_if_it_pays(run: Run, model):
     run.tokens_per_step = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * run.world * cfg.data.max_seq_length
     shape = compiling.RunShape(
         cfg.train.compile, packed, cfg.train.packed_attention == "documents", fixed,
-        getattr(run.data, "processor", None) is not None, distributed.sharded(run.accelerator),
+        getattr(run.data, "processor", None) is not None, run.engine.sharded,
         resumed.compiled if resumed is not None else None, (run.total_steps - done) * run.tokens_per_step,
         float(run.flops.dense), run.peak_flops, device.type)
     run.compiled, why = compiling.decide(shape, compiling.read_records().get(run.compile_key))
@@ -296,7 +294,7 @@ def attach_loss_head(run: Run, model) -> None:
     """The objective's per-batch NLL: the target-only head where it applies (Liger's fused CE on CUDA)."""
     with run.accelerator.autocast():  # the head checks itself on the device and in the precision it trains in
         loss_fn = build_loss_fn(run.cfg, model, run.console if run.main else None,
-                                distributed.target_loss_head_supported(run.accelerator))
+                                run.engine.target_loss_head_supported())
     if run.cfg.train.liger:
         try:
             fused = apply_liger(model, run.accelerator.device.type, getattr(loss_fn, "softcap", None))
