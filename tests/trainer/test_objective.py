@@ -20,7 +20,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
 
 def doc_objective():
     """The PerExampleMean class, executed from the documentation's code block."""
-    block = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    block = next(b for b in blocks if "class PerExampleMean" in b)
     namespace: dict = {}
     exec(compile(block, str(DOC), "exec"), namespace)
     return namespace["PerExampleMean"]
