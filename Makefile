@@ -37,7 +37,11 @@ demo-vlm: $(STAMP)
 	$(PY) -m sftlab.demo.make_vlm runs/demo-vlm-data
 	$(VENV)/bin/sftlab train src/sftlab/demo/demo_vlm.yaml
 
+# lint and format are checked first (ruff, configured in pyproject.toml): a style slip fails in seconds
+LINTED := src tests benchmarks examples
 test: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # TRL is the benchmark's baseline only (never a project dependency); pinned, and installing it

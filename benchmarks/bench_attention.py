@@ -34,15 +34,24 @@ def load(tiny: bool):
 
     if tiny:
         from transformers import LlamaConfig, LlamaForCausalLM
+
         torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=512,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
     return load_model(ModelConfig())
 
 
 def packed_row(length: int, docs: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    cuts = sorted(torch.randperm(length - 1, generator=gen)[:docs - 1].add(1).tolist())
+    cuts = sorted(torch.randperm(length - 1, generator=gen)[: docs - 1].add(1).tolist())
     sizes = [b - a for a, b in zip([0, *cuts], [*cuts, length])]
     ids = torch.randint(3, vocab, (1, length), generator=gen)
     pos = torch.cat([torch.arange(n) for n in sizes])[None]
@@ -75,15 +84,19 @@ def main() -> None:
     variants = ["mask", "documents", "mask+gc", "documents+gc"]
     times: dict[str, list[float]] = {v: [] for v in variants}
     losses: dict[str, float] = {}
-    print(f"CPU: {cpu_info()[0]} ({torch.get_num_threads()} threads); torch {torch.__version__}; "
-          f"{'tiny model' if args.tiny else 'SmolLM2-135M-Instruct'}; 1 packed row of {args.length} tokens, "
-          f"{args.docs} documents; fp32; {args.repeats} repeats (+1 warm-up)")
+    print(
+        f"CPU: {cpu_info()[0]} ({torch.get_num_threads()} threads); torch {torch.__version__}; "
+        f"{'tiny model' if args.tiny else 'SmolLM2-135M-Instruct'}; 1 packed row of {args.length} tokens, "
+        f"{args.docs} documents; fp32; {args.repeats} repeats (+1 warm-up)"
+    )
     for r in range(args.repeats + 1):
         for v in variants:
             attention.use(model, "documents" if v.startswith("documents") else "mask")
             if v.endswith("+gc"):
                 enable_activation_checkpointing(model)
-            elif getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)):
+            elif getattr(
+                model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)
+            ):
                 getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
             seconds, loss = step(model, ids, pos)
             if r:

@@ -52,9 +52,12 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start, loss.item()
 
-    print(f"CPU: {cpu_info()[0]} ({torch.get_num_threads()} threads); torch {torch.__version__}; "
-          f"{'tiny model' if args.tiny else 'SmolLM2-135M-Instruct'}; 1 packed row of {args.length} tokens, "
-          f"{args.docs} documents; fp32; backend {args.backend}; {args.repeats} repeats (+1 warm-up)", flush=True)
+    print(
+        f"CPU: {cpu_info()[0]} ({torch.get_num_threads()} threads); torch {torch.__version__}; "
+        f"{'tiny model' if args.tiny else 'SmolLM2-135M-Instruct'}; 1 packed row of {args.length} tokens, "
+        f"{args.docs} documents; fp32; backend {args.backend}; {args.repeats} repeats (+1 warm-up)",
+        flush=True,
+    )
     first, first_loss = step(compiled)
     print(f"first compiled step: {first:.1f} s", flush=True)
     times: dict[str, list[float]] = {"eager": [], "eager documents": [], "compiled": []}
@@ -71,15 +74,21 @@ def main() -> None:
     print(f"{'variant':16s} {'s/step':>8s} {'tokens/s':>9s} {'vs eager':>9s} {'loss':>14s}")
     for name, med in meds.items():
         print(f"{name:16s} {med:8.3f} {args.length / med:9.1f} {eager / med:8.2f}x {losses[name]:14.4f}")
-    print("(eager: dense document mask, as compiled; eager documents: per-document attention, the eager default)")
+    print(
+        "(eager: dense document mask, as compiled; eager documents: per-document attention, the eager default)"
+    )
     best = min(eager, meds["eager documents"])  # what the run would do without compiling
     saved_per_token = (best - comp) / args.length
     if saved_per_token > 0:
-        print(f"compile time ~{compile_s:.0f} s; {best / comp:.2f}x the best eager step; pays back after "
-              f"~{compile_s / saved_per_token:,.0f} tokens (~{compile_s / (best - comp):,.0f} steps of this row)")
+        print(
+            f"compile time ~{compile_s:.0f} s; {best / comp:.2f}x the best eager step; pays back after "
+            f"~{compile_s / saved_per_token:,.0f} tokens (~{compile_s / (best - comp):,.0f} steps of this row)"
+        )
     else:
-        print(f"compile time ~{compile_s:.0f} s; the compiled step is not faster than the best eager "
-              "one here: it never pays back")
+        print(
+            f"compile time ~{compile_s:.0f} s; the compiled step is not faster than the best eager "
+            "one here: it never pays back"
+        )
     if any(abs(v - losses["eager"]) > 1e-5 * abs(losses["eager"]) for v in losses.values()):
         raise SystemExit(f"losses disagree: {losses}")
 

@@ -92,9 +92,17 @@ class Run:
 
 # --- sftlab -------------------------------------------------------------------------------------
 
+
 def sftlab_prepare(ds: datasets.Dataset, tok, procs: int):
-    cfg = DataConfig(max_seq_length=CAPACITY, on_overlength="drop", loss_on="assistant", packing="bfd",
-                     num_proc=procs, cache=False, eval_fraction=0.0)
+    cfg = DataConfig(
+        max_seq_length=CAPACITY,
+        on_overlength="drop",
+        loss_on="assistant",
+        packing="bfd",
+        num_proc=procs,
+        cache=False,
+        eval_fraction=0.0,
+    )
     train, _, report = build_datasets(cfg, tok, seed=0, train_sources=[DatasetSource(ds, name="bench")])
     return train, pack_examples(train, "bfd", CAPACITY), report
 
@@ -123,26 +131,49 @@ def time_sftlab(ds, tok, procs: int, run: Run) -> None:
 
 # --- TRL ----------------------------------------------------------------------------------------
 
+
 def tiny_model(vocab_size: int):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=CAPACITY)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=CAPACITY,
+    )
     return LlamaForCausalLM(cfg)
 
 
 def trl_args(outdir: str, procs: int, **kw):
     from trl import SFTConfig
-    return SFTConfig(output_dir=outdir, report_to="none", max_length=CAPACITY, packing=True, packing_strategy="bfd",
-                     dataset_num_proc=procs if procs > 1 else None, use_cpu=True, **kw)
+
+    return SFTConfig(
+        output_dir=outdir,
+        report_to="none",
+        max_length=CAPACITY,
+        packing=True,
+        packing_strategy="bfd",
+        dataset_num_proc=procs if procs > 1 else None,
+        use_cpu=True,
+        **kw,
+    )
 
 
 def check_trl_assistant_only_loss(tok, small: datasets.Dataset, outdir: str) -> str:
     """Whether TRL accepts assistant_only_loss=True with SmolLM2's template (no {% generation %} tags)."""
     from trl import SFTTrainer
+
     try:
-        SFTTrainer(model=tiny_model(len(tok)), args=trl_args(outdir, 1, assistant_only_loss=True),
-                   train_dataset=small, processing_class=copy.deepcopy(tok))
+        SFTTrainer(
+            model=tiny_model(len(tok)),
+            args=trl_args(outdir, 1, assistant_only_loss=True),
+            train_dataset=small,
+            processing_class=copy.deepcopy(tok),
+        )
     except ValueError as e:
         return f"ValueError: {str(e).splitlines()[0][:160]}"
     return "accepted (no error)"
@@ -150,7 +181,10 @@ def check_trl_assistant_only_loss(tok, small: datasets.Dataset, outdir: str) -> 
 
 def make_trl_trainer(tok, small: datasets.Dataset, outdir: str):
     from trl import SFTTrainer
-    return SFTTrainer(model=tiny_model(len(tok)), args=trl_args(outdir, 1), train_dataset=small, processing_class=tok)
+
+    return SFTTrainer(
+        model=tiny_model(len(tok)), args=trl_args(outdir, 1), train_dataset=small, processing_class=tok
+    )
 
 
 def trl_prepare(trainer, ds: datasets.Dataset, procs: int) -> datasets.Dataset:
@@ -177,7 +211,9 @@ def check_trl_path(trainer, small: datasets.Dataset) -> None:
     again = trl_prepare(trainer, small, 1)
     built = trainer.train_dataset
     assert again.column_names == built.column_names, (again.column_names, built.column_names)
-    assert again.to_dict() == built.to_dict(), "SFTTrainer._prepare_dataset differs from the trainer's own dataset"
+    assert again.to_dict() == built.to_dict(), (
+        "SFTTrainer._prepare_dataset differs from the trainer's own dataset"
+    )
 
 
 def check_same_tokens(tok, ds: datasets.Dataset, k: int = 64) -> None:
@@ -192,6 +228,7 @@ def check_same_tokens(tok, ds: datasets.Dataset, k: int = 64) -> None:
 
 # --- packing alone ------------------------------------------------------------------------------
 
+
 def bench_packing(doc_lengths: list[int], n: int, repeat: int, trl_ok: bool) -> list[tuple[str, float]]:
     rng = random.Random(1)
     lengths = doc_lengths[:n] if len(doc_lengths) >= n else [rng.choice(doc_lengths) for _ in range(n)]
@@ -203,8 +240,10 @@ def bench_packing(doc_lengths: list[int], n: int, repeat: int, trl_ok: bool) -> 
     out.append(("sftlab pack_examples bfd (-> PackedRows)", best))
     if trl_ok:
         from trl.data_utils import pack_dataset
-        ds = datasets.Dataset.from_dict({"input_ids": [ex.input_ids for ex in examples],
-                                         "labels": [ex.labels for ex in examples]})
+
+        ds = datasets.Dataset.from_dict(
+            {"input_ids": [ex.input_ids for ex in examples], "labels": [ex.labels for ex in examples]}
+        )
         best = min(_timed(lambda: pack_dataset(ds, CAPACITY, "bfd")) for _ in range(repeat))
         out.append(("TRL pack_dataset bfd (Dataset -> Dataset)", best))
     bins = pack_bfd(lengths, CAPACITY)
@@ -220,6 +259,7 @@ def _timed(fn) -> float:
 
 
 # --- where sftlab's time goes -------------------------------------------------------------------
+
 
 def profile_sftlab(tok, ds: datasets.Dataset, n: int) -> list[tuple[str, float]]:
     """Per-stage seconds of sftlab's per-conversation work on the first n rows, plus TRL's floor.
@@ -238,16 +278,27 @@ def profile_sftlab(tok, ds: datasets.Dataset, n: int) -> list[tuple[str, float]]
         stages.append((name, time.perf_counter() - t0))
         return out
 
-    stage("render the full conversation once (masking.render)", lambda: [masking.render(template, m) for m in convs])
-    rendered = stage("assistant_spans (render + locate every assistant turn)",
-                     lambda: [masking.assistant_spans(template, m) for m in convs])
+    stage(
+        "render the full conversation once (masking.render)",
+        lambda: [masking.render(template, m) for m in convs],
+    )
+    rendered = stage(
+        "assistant_spans (render + locate every assistant turn)",
+        lambda: [masking.assistant_spans(template, m) for m in convs],
+    )
     texts = [t for t, _ in rendered]
-    stage("tokenize, one call per text, with offsets",
-          lambda: [tok(t, add_special_tokens=False, return_offsets_mapping=True) for t in texts])
-    enc = stage("tokenize, one batched call (offsets from .encodings)",
-                lambda: tok(texts, add_special_tokens=False, return_attention_mask=False))
-    stage("  of which the Rust encode alone (Tokenizer.encode_batch_fast)",
-          lambda: tok._tokenizer.encode_batch_fast(texts, add_special_tokens=False))
+    stage(
+        "tokenize, one call per text, with offsets",
+        lambda: [tok(t, add_special_tokens=False, return_offsets_mapping=True) for t in texts],
+    )
+    enc = stage(
+        "tokenize, one batched call (offsets from .encodings)",
+        lambda: tok(texts, add_special_tokens=False, return_attention_mask=False),
+    )
+    stage(
+        "  of which the Rust encode alone (Tokenizer.encode_batch_fast)",
+        lambda: tok._tokenizer.encode_batch_fast(texts, add_special_tokens=False),
+    )
 
     def mask():
         out = []
@@ -256,29 +307,47 @@ def profile_sftlab(tok, ds: datasets.Dataset, n: int) -> list[tuple[str, float]]
             m = masking.labels_from_spans(enc.encodings[j].offsets, spans)
             out.append(masking.TokenizedExample(ids, [i if k else IGNORE_INDEX for i, k in zip(ids, m)]))
         return out
+
     examples = stage("masks: labels_from_spans + label lists", mask)
     stage("pack_examples bfd", lambda: pack_examples(examples, "bfd", CAPACITY))
     batched = getattr(masking, "tokenize_conversations", None)
     if batched is not None:
-        stage("= masking.tokenize_conversations (render+spans+tokenize+mask)", lambda: batched(tok, convs, "assistant"))
+        stage(
+            "= masking.tokenize_conversations (render+spans+tokenize+mask)",
+            lambda: batched(tok, convs, "assistant"),
+        )
     else:
-        stage("= masking.tokenize_conversation loop", lambda: [masking.tokenize_conversation(tok, m) for m in convs])
+        stage(
+            "= masking.tokenize_conversation loop",
+            lambda: [masking.tokenize_conversation(tok, m) for m in convs],
+        )
     stage("= whole sftlab path (build_datasets + pack_examples)", lambda: sftlab_prepare(sample, tok, 1))
-    stage("TRL's per-row work: apply_chat_template(tokenize=True) loop",
-          lambda: [tok.apply_chat_template(m, tokenize=True, return_dict=True) for m in convs])
+    stage(
+        "TRL's per-row work: apply_chat_template(tokenize=True) loop",
+        lambda: [tok.apply_chat_template(m, tokenize=True, return_dict=True) for m in convs],
+    )
     return stages
 
 
 # --- main ---------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="sftlab vs TRL data-preparation throughput")
     ap.add_argument("--rows", type=int, default=50_000)
-    ap.add_argument("--compare-rows", type=int, default=50_000,
-                    help="rows of the TRL comparison when --rows is larger (then the scale case runs on --rows)")
-    ap.add_argument("--scale-dir", default=None, help="work directory of the scale case (default: a temp dir)")
+    ap.add_argument(
+        "--compare-rows",
+        type=int,
+        default=50_000,
+        help="rows of the TRL comparison when --rows is larger (then the scale case runs on --rows)",
+    )
+    ap.add_argument(
+        "--scale-dir", default=None, help="work directory of the scale case (default: a temp dir)"
+    )
     ap.add_argument("--quick", action="store_true", help="5000 rows, 1 repeat: a smoke run")
-    ap.add_argument("--repeat", type=int, default=None, help="timed repeats per implementation (default 2; quick 1)")
+    ap.add_argument(
+        "--repeat", type=int, default=None, help="timed repeats per implementation (default 2; quick 1)"
+    )
     ap.add_argument("--procs", default="1", help="comma-separated worker counts, e.g. 1,2")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-trl", action="store_true", help="time sftlab only")
@@ -301,17 +370,24 @@ def main(argv: list[str] | None = None) -> None:
     if trl_ok:
         try:
             import trl
+
             if trl.__version__ != TRL_VERSION:
                 print(f"warning: TRL {trl.__version__} installed, the baseline is {TRL_VERSION}")
         except ImportError:
-            print(f"TRL is not installed (pip install trl=={TRL_VERSION}, or `make bench`); timing sftlab only")
+            print(
+                f"TRL is not installed (pip install trl=={TRL_VERSION}, or `make bench`); timing sftlab only"
+            )
             trl_ok = False
 
-    print(f"# sftlab data-prep benchmark: {n} conversations (seed {args.seed}), pack to {CAPACITY}, "
-          f"{repeat} repeat(s), procs {procs}")
-    print(f"# {platform.platform()}, python {platform.python_version()}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, "
-          f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}, batched tokenize_conversations: {hasattr(masking, 'tokenize_conversations')}")
+    print(
+        f"# sftlab data-prep benchmark: {n} conversations (seed {args.seed}), pack to {CAPACITY}, "
+        f"{repeat} repeat(s), procs {procs}"
+    )
+    print(
+        f"# {platform.platform()}, python {platform.python_version()}, torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs, "
+        f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}, batched tokenize_conversations: {hasattr(masking, 'tokenize_conversations')}"
+    )
     t0 = time.perf_counter()
     tok = load_tokenizer(ModelConfig())
     tok_trl = load_tokenizer(ModelConfig()) if trl_ok else None
@@ -324,12 +400,16 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as outdir:
         if trl_ok:
             small = ds.select(range(min(64, n)))
-            print(f"TRL assistant_only_loss=True on SmolLM2's template: "
-                  f"{check_trl_assistant_only_loss(tok_trl, small, outdir)}")
+            print(
+                f"TRL assistant_only_loss=True on SmolLM2's template: "
+                f"{check_trl_assistant_only_loss(tok_trl, small, outdir)}"
+            )
             trainer = make_trl_trainer(tok_trl, small, outdir)
             check_trl_path(trainer, small)
-            print("checks: TRL's timed _prepare_dataset call == SFTTrainer's own train_dataset; "
-                  "sftlab's input_ids == apply_chat_template's on 64 rows")
+            print(
+                "checks: TRL's timed _prepare_dataset call == SFTTrainer's own train_dataset; "
+                "sftlab's input_ids == apply_chat_template's on 64 rows"
+            )
 
         runs: dict[tuple[str, int], Run] = {}
         for rep in range(repeat):
@@ -346,27 +426,39 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  repeat {rep + 1}: {impl:6s} num_proc={p}: {run.times[-1]:7.2f}s")
 
     print()
-    print(f"{'impl':24s} {'proc':>4s} {'rows':>7s} {'seconds':>8s} {'examples/s':>11s} {'tokens/s':>10s} "
-          f"{'packed':>7s} {'effic.':>7s} {'targets':>10s}")
+    print(
+        f"{'impl':24s} {'proc':>4s} {'rows':>7s} {'seconds':>8s} {'examples/s':>11s} {'tokens/s':>10s} "
+        f"{'packed':>7s} {'effic.':>7s} {'targets':>10s}"
+    )
     for (impl, p), r in runs.items():
         name = "sftlab (assistant loss)" if impl == "sftlab" else "TRL 1.16 (full loss)"
-        print(f"{name:24s} {p:4d} {r.rows:7d} {r.best:8.2f} {r.rows / r.best:11.0f} {r.tokens / r.best:10.0f} "
-              f"{r.packed_rows:7d} {r.efficiency:7.1%} {r.targets:10d}")
+        print(
+            f"{name:24s} {p:4d} {r.rows:7d} {r.best:8.2f} {r.rows / r.best:11.0f} {r.tokens / r.best:10.0f} "
+            f"{r.packed_rows:7d} {r.efficiency:7.1%} {r.targets:10d}"
+        )
     for p in procs:
         if ("trl", p) in runs:
             s, t = runs[("sftlab", p)], runs[("trl", p)]
-            print(f"ratio sftlab/TRL examples/s, num_proc={p}: {t.best / s.best:.2f}x "
-                  f"(median of repeats: {statistics.median(t.times) / statistics.median(s.times):.2f}x)")
+            print(
+                f"ratio sftlab/TRL examples/s, num_proc={p}: {t.best / s.best:.2f}x "
+                f"(median of repeats: {statistics.median(t.times) / statistics.median(s.times):.2f}x)"
+            )
             if s.tokens != t.tokens:
-                print(f"  note: token totals differ: sftlab {s.tokens} (dropped {n - s.examples} rows over "
-                      f"{CAPACITY}), TRL {t.tokens} (truncates)")
+                print(
+                    f"  note: token totals differ: sftlab {s.tokens} (dropped {n - s.examples} rows over "
+                    f"{CAPACITY}), TRL {t.tokens} (truncates)"
+                )
     s1 = runs[("sftlab", procs[0])]
-    print(f"checks passed: sftlab {s1.targets} target tokens of {s1.tokens}; every packed row <= {CAPACITY}; "
-          f"packing kept every token and document")
+    print(
+        f"checks passed: sftlab {s1.targets} target tokens of {s1.tokens}; every packed row <= {CAPACITY}; "
+        f"packing kept every token and document"
+    )
 
     lengths = s1.doc_lengths
-    print(f"\n## packing alone: {args.pack_lengths} document lengths (mean {statistics.mean(lengths):.0f} tokens; {'the real ones' if len(lengths) >= args.pack_lengths else 'resampled from the real ones'}), "
-          f"capacity {CAPACITY}, best of {max(repeat, 3)}")
+    print(
+        f"\n## packing alone: {args.pack_lengths} document lengths (mean {statistics.mean(lengths):.0f} tokens; {'the real ones' if len(lengths) >= args.pack_lengths else 'resampled from the real ones'}), "
+        f"capacity {CAPACITY}, best of {max(repeat, 3)}"
+    )
     for name, sec in bench_packing(lengths, args.pack_lengths, max(repeat, 3), trl_ok):
         print(f"{name:44s} {sec:7.3f}s  {args.pack_lengths / sec:12.0f} docs/s")
 
@@ -378,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if scale_rows:
         from scale_case import run_scale_case
+
         del ds, rows, runs
         if args.scale_dir:
             run_scale_case(scale_rows, args.seed, Path(args.scale_dir))

@@ -16,8 +16,14 @@ from pathlib import Path
 
 # A Llama-3.2-1B-shaped decoder on SmolLM2's vocabulary (49 152): ~1.07 B parameters, tied embeddings.
 PRESETS = {
-    "random-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                  "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64},
+    "random-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+    },
 }
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
@@ -48,16 +54,21 @@ def cpu_has_bf16() -> bool:
 
 def machine_lines(device: str) -> list[str]:
     import torch
+
     name, flags = cpu_info()
     has = lambda f: "yes" if f in flags else "no"  # noqa: E731
     bf16_fast = "avx512_bf16" in flags or "amx_bf16" in flags
-    lines = [f"CPU: {name}; AVX512F {has('avx512f')}, AVX512-BF16 {has('avx512_bf16')}, "
-             f"AMX {has('amx_tile')} (amx_bf16 {has('amx_bf16')}): bf16 matmuls "
-             + ("in hardware" if bf16_fast else "without hardware support (no AVX512-BF16/AMX)")]
+    lines = [
+        f"CPU: {name}; AVX512F {has('avx512f')}, AVX512-BF16 {has('avx512_bf16')}, "
+        f"AMX {has('amx_tile')} (amx_bf16 {has('amx_bf16')}): bf16 matmuls "
+        + ("in hardware" if bf16_fast else "without hardware support (no AVX512-BF16/AMX)")
+    ]
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
-        lines.append(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} device(s), "
-                     f"CUDA {torch.version.cuda}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+        lines.append(
+            f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} device(s), "
+            f"CUDA {torch.version.cuda}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+        )
     return lines
 
 
@@ -73,7 +84,9 @@ def resolve_model(spec: str | None, work: Path, default_path: str) -> tuple[str,
     elif path.suffix == ".json" and path.is_file():
         shape = json.loads(path.read_text())
     else:
-        raise SystemExit(f"--model {spec}: not a model directory, a preset ({', '.join(PRESETS)}) or a .json config")
+        raise SystemExit(
+            f"--model {spec}: not a model directory, a preset ({', '.join(PRESETS)}) or a .json config"
+        )
     out = work / "model"
     n = build_random_model(shape, default_path, out)
     return str(out), f"{spec}: random init, {n / 1e6:.0f}M parameters, SmolLM2's tokenizer ({out})"
@@ -103,6 +116,7 @@ def matmul_params(path: str) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sftlab.trainer.throughput import dense_params
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     return dense_params(model)

@@ -39,13 +39,21 @@ def run_one(config: Path, out: Path, log: Path) -> dict:
         trainable, total = (int(g.replace(",", "")) for g in peft_line.groups())
     else:
         from safetensors import safe_open
+
         with safe_open(str(out / "model.safetensors"), "pt") as f:  # full fine-tuning: every parameter
             total = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
         trainable = total
-    return {"seconds": m.seconds, "peak_rss": m.main_rss, "trainable": trainable, "total": total,
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in metrics[1:]),
-            "before": match["before"]["correct"], "after": match["after"]["correct"],
-            "n": match["after"]["total"], "final_loss": metrics[-1]["loss"]}
+    return {
+        "seconds": m.seconds,
+        "peak_rss": m.main_rss,
+        "trainable": trainable,
+        "total": total,
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in metrics[1:]),
+        "before": match["before"]["correct"],
+        "after": match["after"]["correct"],
+        "n": match["after"]["total"],
+        "final_loss": metrics[-1]["loss"],
+    }
 
 
 def _numel(shape) -> int:
@@ -63,20 +71,28 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, list[dict]] = {k: [] for k in configs}
     with tempfile.TemporaryDirectory(prefix="sftlab-bench-lora-") as work:
         for rep in range(args.repeats):
-            for name in (list(configs) if rep % 2 == 0 else list(configs)[::-1]):
+            for name in list(configs) if rep % 2 == 0 else list(configs)[::-1]:
                 res = run_one(configs[name], Path(work) / f"{name}-{rep}", Path(work) / f"{name}-{rep}.log")
                 results[name].append(res)
-                print(f"  repeat {rep + 1}: {name}: {res['seconds']:.0f}s, {res['tokens_per_s']:.0f} tokens/s, "
-                      f"peak RSS {gib(res['peak_rss'])}, exact match {res['before']} -> {res['after']}/{res['n']}")
-    print(f"\n{'run':6s} {'trainable params':>22s} {'peak RSS':>10s} {'tokens/s':>9s} {'exact match':>14s} {'final loss':>11s}")
+                print(
+                    f"  repeat {rep + 1}: {name}: {res['seconds']:.0f}s, {res['tokens_per_s']:.0f} tokens/s, "
+                    f"peak RSS {gib(res['peak_rss'])}, exact match {res['before']} -> {res['after']}/{res['n']}"
+                )
+    print(
+        f"\n{'run':6s} {'trainable params':>22s} {'peak RSS':>10s} {'tokens/s':>9s} {'exact match':>14s} {'final loss':>11s}"
+    )
     for name, rs in results.items():
         best = max(rs, key=lambda r: r["tokens_per_s"])
         share = f"{best['trainable']:,} ({best['trainable'] / best['total']:.1%})"
-        print(f"{name:6s} {share:>22s} {gib(min(r['peak_rss'] for r in rs)):>10s} {best['tokens_per_s']:9.0f} "
-              f"{best['before']:>5d} -> {best['after']:>3d}/{best['n']} {best['final_loss']:11.4f}")
+        print(
+            f"{name:6s} {share:>22s} {gib(min(r['peak_rss'] for r in rs)):>10s} {best['tokens_per_s']:9.0f} "
+            f"{best['before']:>5d} -> {best['after']:>3d}/{best['n']} {best['final_loss']:11.4f}"
+        )
     f, lo = results["full"], results["lora"]
-    print(f"ratio lora/full: tokens/s {max(r['tokens_per_s'] for r in lo) / max(r['tokens_per_s'] for r in f):.2f}x, "
-          f"peak RSS {min(r['peak_rss'] for r in lo) / min(r['peak_rss'] for r in f):.2f}x")
+    print(
+        f"ratio lora/full: tokens/s {max(r['tokens_per_s'] for r in lo) / max(r['tokens_per_s'] for r in f):.2f}x, "
+        f"peak RSS {min(r['peak_rss'] for r in lo) / min(r['peak_rss'] for r in f):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,15 @@ def timed(args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> tu
     """(seconds, exit code or None on timeout, the first line of the output) of `python ARGS`."""
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return time.perf_counter() - start, None, ""
     took = time.perf_counter() - start
@@ -71,13 +78,19 @@ def run(src: Path, repeat: int, timeout: float) -> list[tuple[str, float, int | 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1] / "src",
-                   help="the src/ directory whose sftlab is timed (default: this checkout's)")
+    p.add_argument(
+        "--src",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "src",
+        help="the src/ directory whose sftlab is timed (default: this checkout's)",
+    )
     p.add_argument("--repeat", type=int, default=3, help="rounds; the minimum is reported")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a command counts as hanging")
     args = p.parse_args()
-    print(f"src {args.src}; python {sys.version.split()[0]}; {os.cpu_count()} CPUs; "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; min of {args.repeat}")
+    print(
+        f"src {args.src}; python {sys.version.split()[0]}; {os.cpu_count()} CPUs; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; min of {args.repeat}"
+    )
     rows = run(args.src, args.repeat, args.timeout)
     base = rows[0][1]
     print(f"{'command':<14} {'seconds':>8} {'ratio':>7}  rc  answer")

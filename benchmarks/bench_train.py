@@ -134,17 +134,23 @@ LR = 2e-5
 SEED = 42  # sftlab's default train.seed; TRL gets the same
 LOSS_TOLERANCE = 0.02
 # TRL's configurations: name -> (bf16 autocast, activation checkpointing, Liger kernels); the first four by default
-TRL_CONFIGS = {"bf16": (True, False, False), "fp32": (False, False, False), "bf16-gc": (True, True, False),
-               "fp32-gc": (False, True, False), "bf16-liger": (True, False, True)}
+TRL_CONFIGS = {
+    "bf16": (True, False, False),
+    "fp32": (False, False, False),
+    "bf16-gc": (True, True, False),
+    "fp32-gc": (False, True, False),
+    "bf16-liger": (True, False, True),
+}
 TRL_DEFAULT = "bf16,fp32,bf16-gc,fp32-gc"
 TRL_QUICK = "bf16,fp32"
 
 # SmolLM2's ChatML message line, and the same text with the assistant's content + end-of-turn token
 # inside {% generation %} tags (the trailing newline stays outside, as sftlab's masks leave it out).
 CHATML_LINE = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-CHATML_LINE_TAGGED = ("{% if message['role'] == 'assistant' %}{{'<|im_start|>assistant\n'}}{% generation %}"
-                      "{{message['content'] + '<|im_end|>'}}{% endgeneration %}{{'\n'}}{% else %}"
-                      + CHATML_LINE + "{% endif %}")
+CHATML_LINE_TAGGED = (
+    "{% if message['role'] == 'assistant' %}{{'<|im_start|>assistant\n'}}{% generation %}"
+    "{{message['content'] + '<|im_end|>'}}{% endgeneration %}{{'\n'}}{% else %}" + CHATML_LINE + "{% endif %}"
+)
 
 # `sftlab train` in the sftlab worker's child: the CLI as `python -m sftlab.cli` runs it (so the child imports
 # the sftlab the bench imports: PYTHONPATH is passed down), and at exit the CUDA allocator's peak, if CUDA was used.
@@ -165,7 +171,7 @@ def row_key(input_ids, doc_lengths) -> str:
     """A packed row's identity: its documents' token ids, order-free (the two packers may order them differently)."""
     docs, start = [], 0
     for n in doc_lengths:
-        docs.append(hashlib.sha1(json.dumps(list(input_ids[start:start + n])).encode()).hexdigest())
+        docs.append(hashlib.sha1(json.dumps(list(input_ids[start : start + n])).encode()).hexdigest())
         start += n
     return hashlib.sha1("".join(sorted(docs)).encode()).hexdigest()
 
@@ -194,6 +200,7 @@ def run_mfu(steps: list[dict]) -> float | None:
 
 # --- workers (each in its own process) -----------------------------------------------------------
 
+
 def worker_trl(spec: dict) -> dict:
     import datasets
     import torch
@@ -213,27 +220,49 @@ def worker_trl(spec: dict) -> dict:
     if assistant_only:
         template = tok.chat_template
         if CHATML_LINE not in template:
-            raise SystemExit("the tokenizer's chat template is not SmolLM2's ChatML: cannot add {% generation %} tags")
+            raise SystemExit(
+                "the tokenizer's chat template is not SmolLM2's ChatML: cannot add {% generation %} tags"
+            )
         tagged = template.replace(CHATML_LINE, CHATML_LINE_TAGGED)
         for r in rows:  # the tagged template must render exactly the same text
-            if tok.apply_chat_template(r["messages"], tokenize=False, chat_template=tagged) != \
-                    tok.apply_chat_template(r["messages"], tokenize=False):
+            if tok.apply_chat_template(
+                r["messages"], tokenize=False, chat_template=tagged
+            ) != tok.apply_chat_template(r["messages"], tokenize=False):
                 raise SystemExit("the tagged template renders differently from SmolLM2's own")
         tok.chat_template = tagged
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     order = spec.get("order")  # packed-row keys, in the order sftlab consumes them
     args = SFTConfig(
-        output_dir=spec["output_dir"], bf16=spec["trl_bf16"], use_cpu=not cuda,
-        packing=True, packing_strategy="bfd", padding_free=True, max_length=CAPACITY,
-        assistant_only_loss=assistant_only, completion_only_loss=False, activation_checkpointing=spec["trl_gc"],
-        use_liger_kernel=spec.get("trl_liger", False),  # CUDA + liger-kernel; TRL applies its layer kernels only
-        per_device_train_batch_size=mbs, gradient_accumulation_steps=1, max_steps=steps,
-        learning_rate=LR, lr_scheduler_type="linear", warmup_steps=spec["warmup_steps"],
-        weight_decay=0.0, max_grad_norm=1.0, seed=SEED,
+        output_dir=spec["output_dir"],
+        bf16=spec["trl_bf16"],
+        use_cpu=not cuda,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        max_length=CAPACITY,
+        assistant_only_loss=assistant_only,
+        completion_only_loss=False,
+        activation_checkpointing=spec["trl_gc"],
+        use_liger_kernel=spec.get(
+            "trl_liger", False
+        ),  # CUDA + liger-kernel; TRL applies its layer kernels only
+        per_device_train_batch_size=mbs,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="linear",
+        warmup_steps=spec["warmup_steps"],
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=SEED,
         train_sampling_strategy="sequential" if order else "random",
-        logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none",
-        dataloader_num_workers=0, disable_tqdm=True,
+        logging_steps=1,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     timings: list[dict] = []
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -242,8 +271,14 @@ def worker_trl(spec: dict) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             sync()  # the step's queued kernels are part of it
             t = trainer._bench
-            timings.append({"step": state.global_step, "time_s": time.perf_counter() - t["t0"],
-                            "tokens": t["tokens"], "targets": t["targets"]})
+            timings.append(
+                {
+                    "step": state.global_step,
+                    "time_s": time.perf_counter() - t["t0"],
+                    "tokens": t["tokens"],
+                    "targets": t["targets"],
+                }
+            )
 
     class TimedSFTTrainer(SFTTrainer):
         """Stamps the start of each optimizer step at its batch fetch, and counts its tokens."""
@@ -252,13 +287,16 @@ def worker_trl(spec: dict) -> dict:
             sync()
             t0 = time.perf_counter()
             batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-            self._bench = {"t0": t0,
-                           "tokens": sum(int(b["input_ids"].numel()) for b in batches),  # padding-free: no pads
-                           "targets": sum(int((b["labels"][..., 1:] != -100).sum()) for b in batches)}
+            self._bench = {
+                "t0": t0,
+                "tokens": sum(int(b["input_ids"].numel()) for b in batches),  # padding-free: no pads
+                "targets": sum(int((b["labels"][..., 1:] != -100).sum()) for b in batches),
+            }
             return batches, n_items
 
-    trainer = TimedSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok,
-                              callbacks=[StepTimer()])
+    trainer = TimedSFTTrainer(
+        model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[StepTimer()]
+    )
     packed = trainer.train_dataset
     ordered = False
     if order:
@@ -269,8 +307,11 @@ def worker_trl(spec: dict) -> dict:
             trainer.train_dataset = packed.select([where[k][0] for k in order])
             ordered = True
         else:
-            print(f"warning: {sum(k not in where for k in order)} of sftlab's packed rows are not among TRL's; "
-                  "TRL keeps its own shuffled order", file=sys.stderr)
+            print(
+                f"warning: {sum(k not in where for k in order)} of sftlab's packed rows are not among TRL's; "
+                "TRL keeps its own shuffled order",
+                file=sys.stderr,
+            )
             trainer.args.train_sampling_strategy = "random"
     setup_s = time.perf_counter() - t_setup
     trainer.train()
@@ -280,11 +321,19 @@ def worker_trl(spec: dict) -> dict:
         t["grad_norm"] = logs.get(t["step"], {}).get("grad_norm")
     checkpointing = getattr(type(trainer.model), "is_activation_checkpointing", None)
     checkpointing = trainer.model.is_activation_checkpointing if checkpointing is not None else None
-    return {"side": "trl", "version": trl.__version__, "steps": timings, "setup_s": setup_s,
-            "packed_rows": len(packed), "same_order_as_sftlab": ordered, "bf16": spec["trl_bf16"],
-            "activation_checkpointing": checkpointing, "device": str(trainer.args.device),
-            "peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF),
-            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+    return {
+        "side": "trl",
+        "version": trl.__version__,
+        "steps": timings,
+        "setup_s": setup_s,
+        "packed_rows": len(packed),
+        "same_order_as_sftlab": ordered,
+        "bf16": spec["trl_bf16"],
+        "activation_checkpointing": checkpointing,
+        "device": str(trainer.args.device),
+        "peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+    }
 
 
 def worker_sftlab(spec: dict) -> dict:
@@ -295,8 +344,9 @@ def worker_sftlab(spec: dict) -> dict:
     peak_file = out.parent / f"{out.name}.cuda-peak.json"
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, BENCH_CUDA_PEAK=str(peak_file))).returncode
+        rc = subprocess.run(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, BENCH_CUDA_PEAK=str(peak_file))
+        ).returncode
     wall = time.perf_counter() - t0
     rss = peak_rss_mb(resource.RUSAGE_CHILDREN)  # this fresh worker's only child: sftlab train
     if rc != 0:
@@ -307,17 +357,36 @@ def worker_sftlab(spec: dict) -> dict:
         r = json.loads(line)
         if "step_time_s" not in r:
             continue
-        steps.append({"step": r["step"], "time_s": r["step_time_s"], "loss": r["loss"], "grad_norm": r.get("grad_norm"),
-                      "tokens": round(r["tokens_per_s"] * r["step_time_s"]), "targets": r["target_tokens"],
-                      "mfu": r.get("mfu")})
+        steps.append(
+            {
+                "step": r["step"],
+                "time_s": r["step_time_s"],
+                "loss": r["loss"],
+                "grad_norm": r.get("grad_norm"),
+                "tokens": round(r["tokens_per_s"] * r["step_time_s"]),
+                "targets": r["target_tokens"],
+                "mfu": r.get("mfu"),
+            }
+        )
     info = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
     # what sftlab says about its precision, if it says anything (e.g. "precision: weights float32, compute bf16")
-    notes = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.startswith("precision")]
+    notes = [
+        ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.startswith("precision")
+    ]
     gpu = json.loads(peak_file.read_text())["max_allocated"] / 2**20 if peak_file.is_file() else None
-    return {"side": "sftlab", "steps": steps, "wall_s": wall, "command": shown, "peak_rss_mb": rss,
-            "peak_gpu_mb": gpu, "precision": notes[0] if notes else None, "peak_flops": info.get("peak_flops"),
-            "mixed_precision": info.get("mixed_precision"), "compute_dtype": info.get("compute_dtype"),
-            "device": info.get("device")}
+    return {
+        "side": "sftlab",
+        "steps": steps,
+        "wall_s": wall,
+        "command": shown,
+        "peak_rss_mb": rss,
+        "peak_gpu_mb": gpu,
+        "precision": notes[0] if notes else None,
+        "peak_flops": info.get("peak_flops"),
+        "mixed_precision": info.get("mixed_precision"),
+        "compute_dtype": info.get("compute_dtype"),
+        "device": info.get("device"),
+    }
 
 
 def worker_main(side: str, spec_path: str, out_path: str) -> None:
@@ -328,12 +397,20 @@ def worker_main(side: str, spec_path: str, out_path: str) -> None:
 
 # --- parent ---------------------------------------------------------------------------------------
 
-def write_sftlab_config(path: Path, data: Path, out: Path, mbs: int, steps: int, loss_on: str,
-                        model: str | None = None) -> None:
+
+def write_sftlab_config(
+    path: Path, data: Path, out: Path, mbs: int, steps: int, loss_on: str, model: str | None = None
+) -> None:
     import yaml
+
     cfg = {
-        "data": {"train": [{"path": str(data), "format": "messages"}], "max_seq_length": CAPACITY,
-                 "packing": "bfd", "loss_on": loss_on, "cache": False},
+        "data": {
+            "train": [{"path": str(data), "format": "messages"}],
+            "max_seq_length": CAPACITY,
+            "packing": "bfd",
+            "loss_on": loss_on,
+            "cache": False,
+        },
         "optim": {"lr": LR, "warmup_steps": 0},  # the same schedule on both sides (see Schedule above)
         "train": {"output_dir": str(out), "micro_batch_size": mbs, "grad_accum_steps": 1, "max_steps": steps},
     }
@@ -350,11 +427,17 @@ def sftlab_plan(config: Path, overrides: list[str], steps: int, model_path: str)
     from sftlab.data.dataset import build_datasets
     from sftlab.data.packing import pack_examples
     from sftlab.model.loading import load_tokenizer
+
     try:
         from sftlab.trainer.optim import warmup_steps
     except ImportError:  # the HF convention sftlab follows
+
         def warmup_steps(o, total):
-            return min(o.warmup_steps, total) if o.warmup_steps is not None else math.ceil(o.warmup_ratio * total)
+            return (
+                min(o.warmup_steps, total)
+                if o.warmup_steps is not None
+                else math.ceil(o.warmup_ratio * total)
+            )
 
     cfg = load_config(config, overrides)
     tok = load_tokenizer(cfg.model, model_path)
@@ -369,19 +452,41 @@ def sftlab_plan(config: Path, overrides: list[str], steps: int, model_path: str)
 
 def run_worker(side: str, spec: dict, work: Path, tag: str, device: str = "cpu") -> dict:
     import sftlab
-    spec_path, out_path, log_path = work / f"{tag}.spec.json", work / f"{tag}.result.json", work / f"{tag}.worker.log"
+
+    spec_path, out_path, log_path = (
+        work / f"{tag}.spec.json",
+        work / f"{tag}.result.json",
+        work / f"{tag}.worker.log",
+    )
     spec_path.write_text(json.dumps(spec))
     # the workers (and `sftlab train` under the sftlab worker) import the sftlab this process imports
     src = str(Path(sftlab.__file__).resolve().parents[1])
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1", TQDM_DISABLE="1",
-               PYTHONPATH=os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+        TQDM_DISABLE="1",
+        PYTHONPATH=os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # both sides on the CPU
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", side,
-                             "--spec", str(spec_path), "--out", str(out_path)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--worker",
+                side,
+                "--spec",
+                str(spec_path),
+                "--out",
+                str(out_path),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        ).returncode
     if rc != 0:
         print(log_path.read_text(errors="replace")[-4000:])
         raise WorkerFailed(f"{side} worker failed (exit {rc}); log: {log_path}")
@@ -393,36 +498,71 @@ def run_worker(side: str, spec: dict, work: Path, tag: str, device: str = "cpu")
     return res
 
 
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="sftlab vs TRL training throughput")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 8; --quick 4)")
-    ap.add_argument("--cases", default=None, help="micro-batch sizes in packed rows, e.g. 1,4 (default 1,4; --quick 1)")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per side and case, alternating TRL configs, sftlab")
-    ap.add_argument("--quick", action="store_true",
-                    help=f"case 1 only, 4 steps, TRL configs {TRL_QUICK} (unless given): a smoke run")
-    ap.add_argument("--loss-on", choices=["assistant", "all"], default="assistant",
-                    help="assistant: sftlab data.loss_on=assistant, TRL assistant_only_loss with tagged template; "
-                         "all: every token on both sides")
-    ap.add_argument("--sftlab-override", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra `sftlab train` override (repeatable), e.g. model.dtype=bfloat16")
-    ap.add_argument("--trl-configs", default=None, metavar="LIST",
-                    help=f"TRL configurations to run, comma-separated, of {','.join(TRL_CONFIGS)} (default: {TRL_DEFAULT}; "
-                         f"--quick: {TRL_QUICK}; on a CPU without bf16 matmul instructions the bf16 ones are left out "
-                         "unless named here; bf16-liger needs CUDA and liger-kernel); the fastest is the baseline")
-    ap.add_argument("--trl-fp32", action="store_true", help="the same as --trl-configs fp32 (kept for old commands)")
+    ap.add_argument(
+        "--cases", default=None, help="micro-batch sizes in packed rows, e.g. 1,4 (default 1,4; --quick 1)"
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="runs per side and case, alternating TRL configs, sftlab"
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"case 1 only, 4 steps, TRL configs {TRL_QUICK} (unless given): a smoke run",
+    )
+    ap.add_argument(
+        "--loss-on",
+        choices=["assistant", "all"],
+        default="assistant",
+        help="assistant: sftlab data.loss_on=assistant, TRL assistant_only_loss with tagged template; "
+        "all: every token on both sides",
+    )
+    ap.add_argument(
+        "--sftlab-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra `sftlab train` override (repeatable), e.g. model.dtype=bfloat16",
+    )
+    ap.add_argument(
+        "--trl-configs",
+        default=None,
+        metavar="LIST",
+        help=f"TRL configurations to run, comma-separated, of {','.join(TRL_CONFIGS)} (default: {TRL_DEFAULT}; "
+        f"--quick: {TRL_QUICK}; on a CPU without bf16 matmul instructions the bf16 ones are left out "
+        "unless named here; bf16-liger needs CUDA and liger-kernel); the fastest is the baseline",
+    )
+    ap.add_argument(
+        "--trl-fp32", action="store_true", help="the same as --trl-configs fp32 (kept for old commands)"
+    )
     ap.add_argument("--no-trl", action="store_true", help="run sftlab only")
-    ap.add_argument("--model", default=None, metavar="PATH_OR_PRESET",
-                    help="a local HF model directory, 'random-1b' (a Llama-3.2-1B-shaped random model on SmolLM2's "
-                         "tokenizer) or a .json of config keys over SmolLM2's config (random init); default: the "
-                         "embedded SmolLM2-135M-Instruct")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                    help="auto: CUDA when there is a device, else CPU (cpu hides CUDA from both sides)")
-    ap.add_argument("--conversations", type=int, default=None,
-                    help="rows of make_conversations.py (default: enough packed rows for every step, >= 300)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH_OR_PRESET",
+        help="a local HF model directory, 'random-1b' (a Llama-3.2-1B-shaped random model on SmolLM2's "
+        "tokenizer) or a .json of config keys over SmolLM2's config (random init); default: the "
+        "embedded SmolLM2-135M-Instruct",
+    )
+    ap.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: CUDA when there is a device, else CPU (cpu hides CUDA from both sides)",
+    )
+    ap.add_argument(
+        "--conversations",
+        type=int,
+        default=None,
+        help="rows of make_conversations.py (default: enough packed rows for every step, >= 300)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="make_conversations seed")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs, metrics)")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (configs, logs, metrics)"
+    )
     ap.add_argument("--worker", choices=["trl", "sftlab"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -452,6 +592,7 @@ def trl_label(config: str, version: str | None) -> str:
 def plan_data(args, work: Path, model_path: str, model_arg: str | None) -> tuple[Path, int, dict[int, dict]]:
     """The conversations file and sftlab's plan per case (more conversations until every step has full batches)."""
     from make_conversations import make_conversations
+
     data = work / "conversations.jsonl"
     # ~4.5 conversations per packed row: enough rows that no step crosses an epoch end
     n = args.conversations or max(300, math.ceil(args.steps * max(args.cases) * 4.5 * 1.25))
@@ -474,28 +615,38 @@ def plan_data(args, work: Path, model_path: str, model_arg: str | None) -> tuple
 def summarize(runs: list[dict]) -> dict:
     mfus = [r["mfu"] for r in runs if r.get("mfu") is not None]
     gpus = [r["peak_gpu_mb"] for r in runs if r.get("peak_gpu_mb") is not None]
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
-            "peak_gpu_mb": statistics.median(gpus) if gpus else None,
-            "mfu": statistics.median(mfus) if mfus else None,
-            "first_loss": runs[0]["first_loss"],
-            "tokens_per_step": statistics.mean(st["tokens"] for st in runs[0]["steps"])}
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+        "peak_gpu_mb": statistics.median(gpus) if gpus else None,
+        "mfu": statistics.median(mfus) if mfus else None,
+        "first_loss": runs[0]["first_loss"],
+        "tokens_per_step": statistics.mean(st["tokens"] for st in runs[0]["steps"]),
+    }
 
 
 def print_table(results: dict, names: dict, ceiling: float | None, cuda: bool) -> dict:
     w = max(len(v) for v in names.values())
     print()
-    print(f"{'side':{w}s} {'case':>11s} {'tokens/s':>9s} {'peak RSS MB':>12s}"
-          + (f" {'peak GPU MB':>12s}" if cuda else "")
-          + f" {'first-step loss':>16s} {'tokens/step':>12s} {'MFU':>6s} {'of 6N ceiling':>14s}")
+    print(
+        f"{'side':{w}s} {'case':>11s} {'tokens/s':>9s} {'peak RSS MB':>12s}"
+        + (f" {'peak GPU MB':>12s}" if cuda else "")
+        + f" {'first-step loss':>16s} {'tokens/step':>12s} {'MFU':>6s} {'of 6N ceiling':>14s}"
+    )
     summary: dict[tuple[str, int], dict] = {}
     for (side, mbs), runs in results.items():
         s = summary[(side, mbs)] = summarize(runs)
-        gpu = f" {s['peak_gpu_mb']:12.0f}" if cuda and s["peak_gpu_mb"] is not None else (f" {'-':>12s}" if cuda else "")
+        gpu = (
+            f" {s['peak_gpu_mb']:12.0f}"
+            if cuda and s["peak_gpu_mb"] is not None
+            else (f" {'-':>12s}" if cuda else "")
+        )
         mfu = f"{s['mfu']:6.1%}" if s["mfu"] is not None else f"{'-':>6s}"
         of = f"{s['tokens_per_s'] / ceiling:14.1%}" if ceiling else f"{'-':>14s}"
-        print(f"{names[side]:{w}s} {f'mb {mbs}x{CAPACITY}':>11s} {s['tokens_per_s']:9.1f} {s['peak_rss_mb']:12.0f}{gpu} "
-              f"{s['first_loss']:16.4f} {s['tokens_per_step']:12.0f} {mfu} {of}")
+        print(
+            f"{names[side]:{w}s} {f'mb {mbs}x{CAPACITY}':>11s} {s['tokens_per_s']:9.1f} {s['peak_rss_mb']:12.0f}{gpu} "
+            f"{s['first_loss']:16.4f} {s['tokens_per_step']:12.0f} {mfu} {of}"
+        )
     return summary
 
 
@@ -508,11 +659,14 @@ def check_pair(tag: str, trl_runs: list[dict], sft_runs: list[dict], t: dict, s:
     for tr, sl in zip(trl_runs, sft_runs):
         # sftlab's tokens come from tokens_per_s * step_time_s (rounded): equal within 0.1 %
         same_tok = len(tr["steps"]) == len(sl["steps"]) and all(
-            abs(a["tokens"] - b["tokens"]) <= 1 + 1e-3 * a["tokens"] for a, b in zip(tr["steps"], sl["steps"]))
+            abs(a["tokens"] - b["tokens"]) <= 1 + 1e-3 * a["tokens"] for a, b in zip(tr["steps"], sl["steps"])
+        )
         same_tgt = [a["targets"] for a in tr["steps"]] == [b["targets"] for b in sl["steps"]]
         if not (tr.get("same_order_as_sftlab") and same_tok and same_tgt):
-            failed.append(f"{tag}: the sides saw different data (same order {tr.get('same_order_as_sftlab')}, "
-                          f"tokens/step equal {same_tok}, target tokens/step equal {same_tgt})")
+            failed.append(
+                f"{tag}: the sides saw different data (same order {tr.get('same_order_as_sftlab')}, "
+                f"tokens/step equal {same_tok}, target tokens/step equal {same_tgt})"
+            )
     return failed
 
 
@@ -529,21 +683,30 @@ def compare(cases: list[int], configs: list[str], results: dict, summary: dict, 
         t = summary[(f"trl:{best}", mbs)]
         mem = "peak GPU" if s["peak_gpu_mb"] and t["peak_gpu_mb"] else "peak RSS"
         key = "peak_gpu_mb" if mem == "peak GPU" else "peak_rss_mb"
-        print(f"micro-batch {mbs}: sftlab / TRL's best here ({names['trl:' + best]}): tokens/s "
-              f"{s['tokens_per_s'] / t['tokens_per_s']:.2f}x, {mem} {s[key] / t[key]:.2f}x")
+        print(
+            f"micro-batch {mbs}: sftlab / TRL's best here ({names['trl:' + best]}): tokens/s "
+            f"{s['tokens_per_s'] / t['tokens_per_s']:.2f}x, {mem} {s[key] / t[key]:.2f}x"
+        )
         sl0 = results[("sftlab", mbs)][0]["steps"]
         for c in ran:
             tc = summary[(f"trl:{c}", mbs)]
             rel = abs(s["first_loss"] - tc["first_loss"]) / abs(tc["first_loss"])
             tr0 = results[(f"trl:{c}", mbs)][0]["steps"]
-            later = max((abs(b["loss"] - a["loss"]) / abs(a["loss"]) for a, b in zip(tr0[1:], sl0[1:])), default=0.0)
-            print(f"  vs {c:8s} tokens/s {s['tokens_per_s'] / tc['tokens_per_s']:.2f}x, first-step loss rel. diff "
-                  f"{rel:.2%} ({'within' if rel <= LOSS_TOLERANCE else 'OVER'} {LOSS_TOLERANCE:.0%}), steps 2..N max "
-                  f"{later:.2%}; TRL losses {fmt(tr0, 'loss')}, grad norms {fmt(tr0, 'grad_norm')}")
-            failed += check_pair(f"micro-batch {mbs} vs TRL {c}", results[(f"trl:{c}", mbs)],
-                                 results[("sftlab", mbs)], tc, s)
-        print(f"  sftlab               losses {fmt(sl0, 'loss')}, grad norms {fmt(sl0, 'grad_norm')}  (steps 2..N "
-              "follow the updates: precision and optimizer details show there)")
+            later = max(
+                (abs(b["loss"] - a["loss"]) / abs(a["loss"]) for a, b in zip(tr0[1:], sl0[1:])), default=0.0
+            )
+            print(
+                f"  vs {c:8s} tokens/s {s['tokens_per_s'] / tc['tokens_per_s']:.2f}x, first-step loss rel. diff "
+                f"{rel:.2%} ({'within' if rel <= LOSS_TOLERANCE else 'OVER'} {LOSS_TOLERANCE:.0%}), steps 2..N max "
+                f"{later:.2%}; TRL losses {fmt(tr0, 'loss')}, grad norms {fmt(tr0, 'grad_norm')}"
+            )
+            failed += check_pair(
+                f"micro-batch {mbs} vs TRL {c}", results[(f"trl:{c}", mbs)], results[("sftlab", mbs)], tc, s
+            )
+        print(
+            f"  sftlab               losses {fmt(sl0, 'loss')}, grad norms {fmt(sl0, 'grad_norm')}  (steps 2..N "
+            "follow the updates: precision and optimizer details show there)"
+        )
     return failed
 
 
@@ -552,11 +715,14 @@ def ceiling_line(sft: dict | None, model_path: str) -> float | None:
     if not sft or not sft.get("peak_flops"):
         return None
     from bench_env import matmul_params
+
     n = matmul_params(model_path)
     ceiling = sft["peak_flops"] / (6 * n)
-    print(f"6N ceiling at the run's probe: {sft['peak_flops'] / 1e12:.2f} TFLOP/s (sftlab's matmul probe on "
-          f"{sft.get('device')}, compute {sft.get('compute_dtype') or sft.get('mixed_precision')}) / (6 x {n / 1e6:.1f}M "
-          f"matmul parameters) = {ceiling:,.0f} tokens/s; attention FLOPs come on top, so no run reaches it")
+    print(
+        f"6N ceiling at the run's probe: {sft['peak_flops'] / 1e12:.2f} TFLOP/s (sftlab's matmul probe on "
+        f"{sft.get('device')}, compute {sft.get('compute_dtype') or sft.get('mixed_precision')}) / (6 x {n / 1e6:.1f}M "
+        f"matmul parameters) = {ceiling:,.0f} tokens/s; attention FLOPs come on top, so no run reaches it"
+    )
     return ceiling
 
 
@@ -580,22 +746,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configs = [] if args.no_trl else args.trl_configs
     bf16_note = None
-    if device == "cpu" and not cpu_has_bf16() and not args.explicit_trl and any(TRL_CONFIGS[c][0] for c in configs):
+    if (
+        device == "cpu"
+        and not cpu_has_bf16()
+        and not args.explicit_trl
+        and any(TRL_CONFIGS[c][0] for c in configs)
+    ):
         # measured on a 2-core AVX2-only EPYC under load: TRL bf16 autocast ~400 s per 1024-token step (2.7 tokens/s),
         # fp32 20.1 tokens/s; the default run would spend most of an hour on configurations that cannot be the best
         left = [c for c in configs if TRL_CONFIGS[c][0]]
         configs = [c for c in configs if not TRL_CONFIGS[c][0]]
-        bf16_note = (f"left out {','.join(left)}: this CPU has no bf16 matmul instructions (AVX512-BF16/AMX), where "
-                     "bf16 autocast is several times slower than fp32 (name them in --trl-configs to run them anyway)")
+        bf16_note = (
+            f"left out {','.join(left)}: this CPU has no bf16 matmul instructions (AVX512-BF16/AMX), where "
+            "bf16 autocast is several times slower than fp32 (name them in --trl-configs to run them anyway)"
+        )
     trl_version = None
     if configs:
         try:
             import trl
+
             trl_version = trl.__version__
             if trl_version != TRL_VERSION:
                 print(f"warning: TRL {trl_version} installed, the baseline is {TRL_VERSION}")
         except ImportError:
-            print(f"TRL is not installed (pip install trl=={TRL_VERSION}, or `make bench`); timing sftlab only")
+            print(
+                f"TRL is not installed (pip install trl=={TRL_VERSION}, or `make bench`); timing sftlab only"
+            )
             configs = []
 
     work = Path(tempfile.mkdtemp(prefix="sftlab-bench-train-"))
@@ -604,15 +780,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_path, model_desc = resolve_model(args.model, work, resolve_model_path(ModelConfig()))
         model_arg = model_path if args.model else None
-        print(f"# sftlab training benchmark: {model_desc}, bfd-packed rows of {CAPACITY}, micro-batch {cases} rows, "
-              f"{steps} steps, lr {LR}, loss on {args.loss_on}, {args.repeats} repeat(s), on {device}")
-        print(f"# {platform.platform()}, python {platform.python_version()}, torch {torch.__version__} "
-              f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, trl {trl_version}, "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"# sftlab training benchmark: {model_desc}, bfd-packed rows of {CAPACITY}, micro-batch {cases} rows, "
+            f"{steps} steps, lr {LR}, loss on {args.loss_on}, {args.repeats} repeat(s), on {device}"
+        )
+        print(
+            f"# {platform.platform()}, python {platform.python_version()}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, trl {trl_version}, "
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+        )
         for line in machine_lines(device):
             print(f"# {line}")
-        print(f"# TRL configurations: {', '.join(configs) or 'none'}; the fastest is the baseline"
-              + (f"; {bf16_note}" if bf16_note else ""))
+        print(
+            f"# TRL configurations: {', '.join(configs) or 'none'}; the fastest is the baseline"
+            + (f"; {bf16_note}" if bf16_note else "")
+        )
         print(f"# command: {' '.join([Path(sys.executable).name, *sys.argv])}")
         if args.sftlab_override:
             print(f"# sftlab overrides: {args.sftlab_override}")
@@ -622,8 +804,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # sftlab's ConfigError: a bad --sftlab-override
             print(f"error: sftlab rejects this config: {e}")
             return 2
-        print(f"data: {n} conversations (seed {args.seed}) -> {plans[cases[0]]['rows']} packed rows; "
-              f"sftlab's order planned in {time.perf_counter() - t0:.1f}s (not timed)")
+        print(
+            f"data: {n} conversations (seed {args.seed}) -> {plans[cases[0]]['rows']} packed rows; "
+            f"sftlab's order planned in {time.perf_counter() - t0:.1f}s (not timed)"
+        )
 
         for rep in range(args.repeats):
             for mbs in cases:
@@ -637,10 +821,20 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         plan = plans[mbs]
                         bf16, gc, liger = TRL_CONFIGS[side.split(":")[1]]
-                        spec = {"model_path": model_path, "data": str(data), "micro_batch_size": mbs, "steps": steps,
-                                "loss_on": args.loss_on, "output_dir": str(out), "warmup_steps": plan["warmup"],
-                                "trl_bf16": bf16, "trl_gc": gc, "trl_liger": liger, "device": device,
-                                "order": plan["keys"] if plan["full"] else None}
+                        spec = {
+                            "model_path": model_path,
+                            "data": str(data),
+                            "micro_batch_size": mbs,
+                            "steps": steps,
+                            "loss_on": args.loss_on,
+                            "output_dir": str(out),
+                            "warmup_steps": plan["warmup"],
+                            "trl_bf16": bf16,
+                            "trl_gc": gc,
+                            "trl_liger": liger,
+                            "device": device,
+                            "order": plan["keys"] if plan["full"] else None,
+                        }
                     try:
                         res = run_worker(side.split(":")[0], spec, work, tag, device)
                     except WorkerFailed as e:
@@ -652,39 +846,75 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     results.setdefault((side, mbs), []).append(res)
                     gpu = f", peak GPU {res['peak_gpu_mb']:6.0f} MB" if res.get("peak_gpu_mb") else ""
-                    print(f"  repeat {rep + 1}: {side:11s} micro-batch {mbs}: {res['tokens_per_s']:8.1f} tokens/s, "
-                          f"peak RSS {res['peak_rss_mb']:6.0f} MB{gpu}, first-step loss {res['first_loss']:.4f}, "
-                          f"step times {[round(s['time_s'], 2) for s in res['steps']]} "
-                          f"(worker {res['worker_wall_s']:.0f}s)", flush=True)
+                    print(
+                        f"  repeat {rep + 1}: {side:11s} micro-batch {mbs}: {res['tokens_per_s']:8.1f} tokens/s, "
+                        f"peak RSS {res['peak_rss_mb']:6.0f} MB{gpu}, first-step loss {res['first_loss']:.4f}, "
+                        f"step times {[round(s['time_s'], 2) for s in res['steps']]} "
+                        f"(worker {res['worker_wall_s']:.0f}s)",
+                        flush=True,
+                    )
                     if side == "sftlab" and rep == 0 and mbs == cases[0]:
-                        print(f"    sftlab command: {res['command']}"
-                              + (f"\n    sftlab {res['precision']}" if res.get("precision") else ""))
+                        print(
+                            f"    sftlab command: {res['command']}"
+                            + (f"\n    sftlab {res['precision']}" if res.get("precision") else "")
+                        )
 
         names = {f"trl:{c}": trl_label(c, trl_version) for c in configs}
-        names["sftlab"] = "sftlab " + (f"({' '.join(args.sftlab_override)})" if args.sftlab_override else "(defaults)")
+        names["sftlab"] = "sftlab " + (
+            f"({' '.join(args.sftlab_override)})" if args.sftlab_override else "(defaults)"
+        )
         first_sftlab = results[("sftlab", cases[0])][0]
         print()
         ceiling = ceiling_line(first_sftlab, model_path)
         summary = print_table(results, names, ceiling, device == "cuda")
         if ceiling and any(v["tokens_per_s"] > ceiling for v in summary.values()):
-            print("note: a run passed the 6N ceiling: sftlab's start-up probe measured less than the machine gave "
-                  "later (other load during its 0.3 s probe), so its MFU and the ceiling understate the peak here")
+            print(
+                "note: a run passed the 6N ceiling: sftlab's start-up probe measured less than the machine gave "
+                "later (other load during its 0.3 s probe), so its MFU and the ceiling understate the peak here"
+            )
         failed_checks += compare(cases, configs, results, summary, names)
         if configs:
-            print("checks: " + ("; ".join(failed_checks) if failed_checks else
-                                f"against every TRL configuration: same packed rows in the same order, equal tokens "
-                                f"and target tokens at every step, first-step losses within {LOSS_TOLERANCE:.0%}"))
+            print(
+                "checks: "
+                + (
+                    "; ".join(failed_checks)
+                    if failed_checks
+                    else f"against every TRL configuration: same packed rows in the same order, equal tokens "
+                    f"and target tokens at every step, first-step losses within {LOSS_TOLERANCE:.0%}"
+                )
+            )
 
         if args.json:
-            args.json.write_text(json.dumps({
-                "steps": steps, "cases": cases, "repeats": args.repeats, "loss_on": args.loss_on, "device": device,
-                "model": model_desc, "sftlab_overrides": args.sftlab_override, "trl_version": trl_version,
-                "trl_configs": configs, "torch": torch.__version__, "transformers": transformers.__version__,
-                "cpus": os.cpu_count(), "machine": machine_lines(device), "six_n_ceiling_tokens_per_s": ceiling,
-                "summary": [{"side": k[0], "micro_batch_size": k[1], **v} for k, v in summary.items()],
-                "runs": [{**r, "side": k[0], "micro_batch_size": k[1]} for k, rs in results.items() for r in rs],
-                "failed_checks": failed_checks,
-            }, indent=2))
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "steps": steps,
+                        "cases": cases,
+                        "repeats": args.repeats,
+                        "loss_on": args.loss_on,
+                        "device": device,
+                        "model": model_desc,
+                        "sftlab_overrides": args.sftlab_override,
+                        "trl_version": trl_version,
+                        "trl_configs": configs,
+                        "torch": torch.__version__,
+                        "transformers": transformers.__version__,
+                        "cpus": os.cpu_count(),
+                        "machine": machine_lines(device),
+                        "six_n_ceiling_tokens_per_s": ceiling,
+                        "summary": [
+                            {"side": k[0], "micro_batch_size": k[1], **v} for k, v in summary.items()
+                        ],
+                        "runs": [
+                            {**r, "side": k[0], "micro_batch_size": k[1]}
+                            for k, rs in results.items()
+                            for r in rs
+                        ],
+                        "failed_checks": failed_checks,
+                    },
+                    indent=2,
+                )
+            )
             print(f"wrote {args.json}")
     finally:
         if args.keep:

@@ -55,20 +55,50 @@ def write_rows(root: Path, n: int, seed: int) -> tuple[Path, Path]:
             name = f"img/{k:06d}.png"
             Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB").save(root / name)
             colour = pick.choice(list(COLOURS))
-            with_images.write(json.dumps({"messages": [{"role": "user", "content": f"<image>{QUESTION}"},
-                                                       {"role": "assistant", "content": colour}],
-                                          "images": [name]}) + "\n")
-            text.write(json.dumps({"messages": [{"role": "user", "content": QUESTION},
-                                                {"role": "assistant", "content": colour}]}) + "\n")
+            with_images.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"<image>{QUESTION}"},
+                            {"role": "assistant", "content": colour},
+                        ],
+                        "images": [name],
+                    }
+                )
+                + "\n"
+            )
+            text.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": QUESTION},
+                            {"role": "assistant", "content": colour},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return root / "images.jsonl", root / "text.jsonl"
 
 
 def config(path: Path, model: Path, data: Path, cache: Path, num_proc: int) -> Path:
-    path.write_text(json.dumps({  # JSON is YAML
-        "model": {"name_or_path": str(model)},
-        "data": {"train": [{"path": str(data)}], "eval_fraction": 0.0, "max_seq_length": 256, "packing": "none",
-                 "num_proc": num_proc, "cache_dir": str(cache)},
-        "train": {"output_dir": str(path.parent / "out")}, "match_eval": None}))
+    path.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "model": {"name_or_path": str(model)},
+                "data": {
+                    "train": [{"path": str(data)}],
+                    "eval_fraction": 0.0,
+                    "max_seq_length": 256,
+                    "packing": "none",
+                    "num_proc": num_proc,
+                    "cache_dir": str(cache),
+                },
+                "train": {"output_dir": str(path.parent / "out")},
+                "match_eval": None,
+            }
+        )
+    )
     return path
 
 
@@ -81,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-proc", type=int, default=1)
-    parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one, removed)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="work directory (default: a temporary one, removed)"
+    )
     args = parser.parse_args(argv)
     root = args.dir or Path(tempfile.mkdtemp(prefix="bench-vlm-prepare-"))
     try:
@@ -92,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             stamp.write_text("1\n")
         if not (root / "model" / "config.json").is_file():
             write_model(root)
-        print(f"{platform.processor() or platform.machine()}, python {platform.python_version()}; "
-              f"{args.rows} rows, num_proc {args.num_proc}, work directory {root}")
+        print(
+            f"{platform.processor() or platform.machine()}, python {platform.python_version()}; "
+            f"{args.rows} rows, num_proc {args.num_proc}, work directory {root}"
+        )
         results = {}
         for name, data in (("images", root / "images.jsonl"), ("text (baseline)", root / "text.jsonl")):
             run = root / f"run-{name.split()[0]}"
@@ -104,19 +138,25 @@ def main(argv: list[str] | None = None) -> int:
             if m.rc != 0:
                 print(f"{name}: sftlab prepare failed (rc {m.rc}):\n{m.tail}")
                 return 1
-            summary = next((x for x in (run / "prepare.log").read_text().splitlines() if x.startswith("train ")), "")
+            summary = next(
+                (x for x in (run / "prepare.log").read_text().splitlines() if x.startswith("train ")), ""
+            )
             found = re.search(r"prepared in ([0-9.]+)s", summary)
             m.prepared = float(found.group(1)) if found else float("nan")  # the data preparation alone
             results[name] = m
-            print(f"{name:16s} process {m.seconds:6.1f} s, preparation {m.prepared:6.1f} s "
-                  f"{args.rows / m.prepared:7.0f} rows/s   peak RSS {mib(m.main_rss):>8s}   peak RssAnon "
-                  f"{mib(m.main_anon):>8s}   peak tree PSS {mib(m.tree_rss):>8s}")
+            print(
+                f"{name:16s} process {m.seconds:6.1f} s, preparation {m.prepared:6.1f} s "
+                f"{args.rows / m.prepared:7.0f} rows/s   peak RSS {mib(m.main_rss):>8s}   peak RssAnon "
+                f"{mib(m.main_anon):>8s}   peak tree PSS {mib(m.tree_rss):>8s}"
+            )
             print(f"{'':16s} {summary}")
         img, txt = results["images"], results["text (baseline)"]
-        print(f"images / text: preparation time {img.prepared / txt.prepared:.2f}x, "
-              f"peak RSS {img.main_rss / txt.main_rss:.2f}x, "
-              f"peak RssAnon {img.main_anon / txt.main_anon:.2f}x, peak RSS difference "
-              f"{mib(img.main_rss - txt.main_rss)} ({(img.main_rss - txt.main_rss) / args.rows:.0f} bytes/row)")
+        print(
+            f"images / text: preparation time {img.prepared / txt.prepared:.2f}x, "
+            f"peak RSS {img.main_rss / txt.main_rss:.2f}x, "
+            f"peak RssAnon {img.main_anon / txt.main_anon:.2f}x, peak RSS difference "
+            f"{mib(img.main_rss - txt.main_rss)} ({(img.main_rss - txt.main_rss) / args.rows:.0f} bytes/row)"
+        )
         return 0
     finally:
         if args.dir is None:

@@ -21,12 +21,77 @@ from typing import Any
 from make_conversations import SYSTEM_PROMPTS, WORDS, _code, _sentence, write_rows
 
 MAX_ROW_CHARS = 2600  # characters of message content per row (JSON with escapes: up to ~3 kB)
-NAMES = ["Natalia", "Weng", "Betty", "Julie", "James", "Albert", "Mark", "Ken", "Alexis", "Tina", "Randy", "Joy",
-         "Mrs. Sherman", "Kylar", "Toulouse", "Carla", "Greg", "Lee", "Rosie", "Jean", "Marie", "Tobias"]
-THINGS = ["clips", "apples", "pages", "cookies", "marbles", "stamps", "books", "eggs", "cupcakes", "pencils",
-          "stickers", "tickets", "shells", "cards", "bottles", "flowers", "sandwiches", "toys"]
-UNICODE = ["café", "naïve", "résumé", "–", "—", "“quoted”", "…", "°C", "€", "¥", "→", "✓", "😊", "👍", "数据", "模型",
-           "训练", "こんにちは", "Привет", "über", "façade", "½", "±", "×", "µs"]
+NAMES = [
+    "Natalia",
+    "Weng",
+    "Betty",
+    "Julie",
+    "James",
+    "Albert",
+    "Mark",
+    "Ken",
+    "Alexis",
+    "Tina",
+    "Randy",
+    "Joy",
+    "Mrs. Sherman",
+    "Kylar",
+    "Toulouse",
+    "Carla",
+    "Greg",
+    "Lee",
+    "Rosie",
+    "Jean",
+    "Marie",
+    "Tobias",
+]
+THINGS = [
+    "clips",
+    "apples",
+    "pages",
+    "cookies",
+    "marbles",
+    "stamps",
+    "books",
+    "eggs",
+    "cupcakes",
+    "pencils",
+    "stickers",
+    "tickets",
+    "shells",
+    "cards",
+    "bottles",
+    "flowers",
+    "sandwiches",
+    "toys",
+]
+UNICODE = [
+    "café",
+    "naïve",
+    "résumé",
+    "–",
+    "—",
+    "“quoted”",
+    "…",
+    "°C",
+    "€",
+    "¥",
+    "→",
+    "✓",
+    "😊",
+    "👍",
+    "数据",
+    "模型",
+    "训练",
+    "こんにちは",
+    "Привет",
+    "über",
+    "façade",
+    "½",
+    "±",
+    "×",
+    "µs",
+]
 SYSTEMS = SYSTEM_PROMPTS + [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
     "You are ChatGPT, a large language model trained by OpenAI. Answer as concisely as possible.",
@@ -38,16 +103,20 @@ def _math(rng: random.Random) -> tuple[str, str]:
     """A GSM8K-like word problem and its worked answer."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     a, b, c = rng.randint(2, 90), rng.randint(2, 12), rng.randint(1, 40)
-    question = (f"{name} sold {thing} to {a} of her friends in April, and then she sold {b} times as many "
-                f"{thing} in May. ") + " ".join(_sentence(rng, 6, 14) for _ in range(rng.randint(0, 2)))
+    question = (
+        f"{name} sold {thing} to {a} of her friends in April, and then she sold {b} times as many "
+        f"{thing} in May. "
+    ) + " ".join(_sentence(rng, 6, 14) for _ in range(rng.randint(0, 2)))
     question += f" How many {thing} did {name} have left if she started with {a * b + a + c} {thing}?"
     steps, total = [], a
     for _ in range(rng.randint(2, 4)):
         x = rng.randint(2, 60)
         op = rng.choice("+-*")
         new = total + x if op == "+" else total - x if op == "-" else total * x
-        steps.append(f"{name} has {total} {op} {x} = <<{total}{op}{x}={new}>>{new} {thing} after that step. "
-                     + _sentence(rng, 3, 8))
+        steps.append(
+            f"{name} has {total} {op} {x} = <<{total}{op}{x}={new}>>{new} {thing} after that step. "
+            + _sentence(rng, 3, 8)
+        )
         total = new
     return question, "\n".join(steps) + f"\n#### {total}"
 
@@ -66,13 +135,22 @@ def _chat_assistant(rng: random.Random) -> str:
     for _ in range(rng.choices([0, 1, 2, 3], weights=[60, 27, 9, 4])[0]):
         kind = rng.random()
         if kind < 0.35:
-            parts.append("\n".join(f"{'-' if rng.random() < 0.5 else str(k + 1) + '.'} **{rng.choice(WORDS)}**: "
-                                   f"{_sentence(rng, 4, 14)}" for k in range(rng.randint(2, 6))))
+            parts.append(
+                "\n".join(
+                    f"{'-' if rng.random() < 0.5 else str(k + 1) + '.'} **{rng.choice(WORDS)}**: "
+                    f"{_sentence(rng, 4, 14)}"
+                    for k in range(rng.randint(2, 6))
+                )
+            )
         elif kind < 0.55:
             parts.append(_code(rng))
         elif kind < 0.7:
-            parts.append(" ".join(rng.choice(UNICODE) if rng.random() < 0.3 else rng.choice(WORDS)
-                                  for _ in range(rng.randint(8, 40))))
+            parts.append(
+                " ".join(
+                    rng.choice(UNICODE) if rng.random() < 0.3 else rng.choice(WORDS)
+                    for _ in range(rng.randint(8, 40))
+                )
+            )
         else:
             parts.append(" ".join(_sentence(rng, 6, 20) for _ in range(rng.randint(2, 5))))
     return "\n\n".join(parts)
@@ -86,7 +164,9 @@ def make_chat(rng: random.Random) -> dict[str, Any]:
     math = rng.random() < 0.4
     used = sum(len(m["content"]) for m in messages)
     for turn in range(rng.choices([1, 2, 3, 4, 5, 6], weights=[66, 18, 7, 4, 3, 2])[0]):
-        user, assistant = _math(rng) if math or rng.random() < 0.1 else (_chat_user(rng), _chat_assistant(rng))
+        user, assistant = (
+            _math(rng) if math or rng.random() < 0.1 else (_chat_user(rng), _chat_assistant(rng))
+        )
         if turn and used + len(user) + len(assistant) > MAX_ROW_CHARS:
             break
         over = used + len(user) + len(assistant) - MAX_ROW_CHARS

@@ -42,9 +42,22 @@ usually often sometimes always never quickly carefully directly exactly probably
 although unless whether instead rather perhaps especially typically generally finally additionally
 """.split()
 
-QUESTION_STARTS = ["How do I", "Can you explain", "What is the best way to", "Why does", "Could you help me",
-                   "Is it possible to", "What happens when", "Please describe how to", "Tell me about",
-                   "I need to", "Write a short note on", "Compare", "Summarize", "What are the steps to"]
+QUESTION_STARTS = [
+    "How do I",
+    "Can you explain",
+    "What is the best way to",
+    "Why does",
+    "Could you help me",
+    "Is it possible to",
+    "What happens when",
+    "Please describe how to",
+    "Tell me about",
+    "I need to",
+    "Write a short note on",
+    "Compare",
+    "Summarize",
+    "What are the steps to",
+]
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",
     "You are a concise assistant. Answer briefly and precisely.",
@@ -53,8 +66,16 @@ SYSTEM_PROMPTS = [
     "You are a careful analyst. State your assumptions, then answer.",
     "Answer in plain English. Avoid jargon unless the user asks for it.",
 ]
-CODE_LINES = ["def {a}({b}):", "    return {b} + {n}", "for {a} in range({n}):", "    print({a}, {b})",
-              "{a} = [{n}, {m}, {n}]", "if {a} > {n}:", "    {b} = {a} * {m}", "import {a}"]
+CODE_LINES = [
+    "def {a}({b}):",
+    "    return {b} + {n}",
+    "for {a} in range({n}):",
+    "    print({a}, {b})",
+    "{a} = [{n}, {m}, {n}]",
+    "if {a} > {n}:",
+    "    {b} = {a} * {m}",
+    "import {a}",
+]
 
 
 def _sentence(rng: random.Random, lo: int, hi: int) -> str:
@@ -72,7 +93,9 @@ def _paragraph(rng: random.Random, sentences: int) -> str:
 
 
 def _user(rng: random.Random) -> str:
-    question = f"{rng.choice(QUESTION_STARTS)} {' '.join(rng.choice(WORDS) for _ in range(rng.randint(3, 14)))}?"
+    question = (
+        f"{rng.choice(QUESTION_STARTS)} {' '.join(rng.choice(WORDS) for _ in range(rng.randint(3, 14)))}?"
+    )
     if rng.random() < 0.4:  # some context before the question
         question = _paragraph(rng, rng.randint(1, 4)) + "\n\n" + question
     return question
@@ -81,8 +104,11 @@ def _user(rng: random.Random) -> str:
 def _code(rng: random.Random) -> str:
     lines = []
     for _ in range(rng.randint(2, 8)):
-        lines.append(rng.choice(CODE_LINES).format(a=rng.choice(WORDS), b=rng.choice(WORDS),
-                                                   n=rng.randint(0, 99), m=rng.randint(0, 99)))
+        lines.append(
+            rng.choice(CODE_LINES).format(
+                a=rng.choice(WORDS), b=rng.choice(WORDS), n=rng.randint(0, 99), m=rng.randint(0, 99)
+            )
+        )
     return "```python\n" + "\n".join(lines) + "\n```"
 
 
@@ -119,8 +145,12 @@ def make_conversations(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return [make_conversation(rng) for _ in range(n)]
 
 
-def write_rows(rows: Callable[[int, int], Iterable[dict[str, Any]]], description: str,
-               argv: list[str] | None = None, ensure_ascii: bool = False) -> None:
+def write_rows(
+    rows: Callable[[int, int], Iterable[dict[str, Any]]],
+    description: str,
+    argv: list[str] | None = None,
+    ensure_ascii: bool = False,
+) -> None:
     """The generators' command line: `n [--seed S] [--out FILE]` -> `rows(n, seed)` as JSONL (stdout by default)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("n", type=int, nargs="?", default=50_000)

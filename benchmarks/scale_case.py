@@ -102,7 +102,9 @@ def measure(cmd: list[str], log: Path) -> Measured:
                 m.main_rss = max(m.main_rss, main.get("VmRSS", 0))
                 m.main_anon = max(m.main_anon, main.get("RssAnon", 0))
                 m.tree_rss = max(m.tree_rss, sum(s.get("Pss", 0) for s in tree))
-                m.tree_anon = max(m.tree_anon, sum(s.get("Pss_Anon", 0) + s.get("Pss_Shmem", 0) for s in tree))
+                m.tree_anon = max(
+                    m.tree_anon, sum(s.get("Pss_Anon", 0) + s.get("Pss_Shmem", 0) for s in tree)
+                )
                 time.sleep(0.2)
 
         thread = threading.Thread(target=sample, daemon=True)
@@ -115,15 +117,32 @@ def measure(cmd: list[str], log: Path) -> Measured:
     return m
 
 
-def _config(path: Path, data_file: Path, cache_dir: Path, num_proc: int, out_dir: Path,
-            max_seq_length: int = CAPACITY) -> Path:
-    path.write_text(json.dumps({  # JSON is YAML
-        "data": {"train": [{"path": str(data_file)}], "eval_fraction": 0.0, "max_seq_length": max_seq_length,
-                 "on_overlength": "drop", "packing": "bfd", "num_proc": num_proc, "cache_dir": str(cache_dir)},
-        "train": {"output_dir": str(out_dir), "micro_batch_size": 1, "grad_accum_steps": 1, "max_steps": 3,
-                  "log_every": 1},
-        "match_eval": None,
-    }))
+def _config(
+    path: Path, data_file: Path, cache_dir: Path, num_proc: int, out_dir: Path, max_seq_length: int = CAPACITY
+) -> Path:
+    path.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "data": {
+                    "train": [{"path": str(data_file)}],
+                    "eval_fraction": 0.0,
+                    "max_seq_length": max_seq_length,
+                    "on_overlength": "drop",
+                    "packing": "bfd",
+                    "num_proc": num_proc,
+                    "cache_dir": str(cache_dir),
+                },
+                "train": {
+                    "output_dir": str(out_dir),
+                    "micro_batch_size": 1,
+                    "grad_accum_steps": 1,
+                    "max_steps": 3,
+                    "log_every": 1,
+                },
+                "match_eval": None,
+            }
+        )
+    )
     return path
 
 
@@ -139,32 +158,43 @@ def prepare_case(rows: int, seed: int, workdir: Path, shape: str) -> dict[int, P
     """Write the `shape` rows (once) and prepare them with num_proc 1 and 2; prints a table; returns the
     caches (None when a run failed)."""
     make, capacity = SHAPES[shape]
-    data = workdir / (f"conversations-{rows}-{seed}.jsonl" if shape == "synthetic" else f"{shape}-{rows}-{seed}.jsonl")
+    data = workdir / (
+        f"conversations-{rows}-{seed}.jsonl" if shape == "synthetic" else f"{shape}-{rows}-{seed}.jsonl"
+    )
     if not data.is_file():
         t0 = time.perf_counter()
         write_conversations(data, rows, seed, shape)
-        print(f"wrote {rows} {shape} rows to {data} ({data.stat().st_size / 2**20:.0f} MiB) in "
-              f"{time.perf_counter() - t0:.0f}s (not timed)")
+        print(
+            f"wrote {rows} {shape} rows to {data} ({data.stat().st_size / 2**20:.0f} MiB) in "
+            f"{time.perf_counter() - t0:.0f}s (not timed)"
+        )
     print(f"\n## scale: prepare {rows} {shape} rows from JSONL (pack bfd {capacity}), one process each run")
-    print(f"{'num_proc':>8s} {'seconds':>8s} {'examples/s':>11s} {'peak RSS main':>14s} {'RssAnon main':>13s} "
-          f"{'anon PSS tree':>14s} {'PSS tree':>9s}")
+    print(
+        f"{'num_proc':>8s} {'seconds':>8s} {'examples/s':>11s} {'peak RSS main':>14s} {'RssAnon main':>13s} "
+        f"{'anon PSS tree':>14s} {'PSS tree':>9s}"
+    )
     caches = {}
     for procs in (1, 2):
         caches[procs] = workdir / f"cache-{shape}-p{procs}"
         subprocess.run(["rm", "-rf", str(caches[procs])], check=True)
-        cfg = _config(workdir / f"prepare-{shape}-p{procs}.yaml", data, caches[procs], procs, workdir / "out", capacity)
+        cfg = _config(
+            workdir / f"prepare-{shape}-p{procs}.yaml", data, caches[procs], procs, workdir / "out", capacity
+        )
         m = measure(sftlab("prepare", str(cfg)), workdir / f"prepare-{shape}-p{procs}.log")
         if m.rc != 0:
             print(f"prepare num_proc={procs} failed (rc {m.rc}):\n{m.tail}")
             return None
-        print(f"{procs:8d} {m.seconds:8.1f} {rows / m.seconds:11.0f} {gib(m.main_rss):>14s} {gib(m.main_anon):>13s} "
-              f"{gib(m.tree_anon):>14s} {gib(m.tree_rss):>9s}")
+        print(
+            f"{procs:8d} {m.seconds:8.1f} {rows / m.seconds:11.0f} {gib(m.main_rss):>14s} {gib(m.main_anon):>13s} "
+            f"{gib(m.tree_anon):>14s} {gib(m.tree_rss):>9s}"
+        )
     print("  " + m.tail.splitlines()[-1])
     return caches
 
 
-def run_scale_case(rows: int, seed: int, workdir: Path, shapes: tuple[str, ...] = ("synthetic", "chats"),
-                   train: bool = True) -> None:
+def run_scale_case(
+    rows: int, seed: int, workdir: Path, shapes: tuple[str, ...] = ("synthetic", "chats"), train: bool = True
+) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     caches = {}
     for shape in shapes:
@@ -181,9 +211,13 @@ def run_scale_case(rows: int, seed: int, workdir: Path, shapes: tuple[str, ...] 
 
     print("\n## scale: training start on the prepared cache vs on 1000 rows (SmolLM2-135M, 3 steps)")
     results = {}
-    for name, data_file, cache in (("1k rows", small, workdir / "cache-small"),
-                                   (f"{rows} rows", data, caches["synthetic"][1])):
-        cfg = _config(workdir / f"train-{name.split()[0]}.yaml", data_file, cache, 1, workdir / f"run-{name.split()[0]}")
+    for name, data_file, cache in (
+        ("1k rows", small, workdir / "cache-small"),
+        (f"{rows} rows", data, caches["synthetic"][1]),
+    ):
+        cfg = _config(
+            workdir / f"train-{name.split()[0]}.yaml", data_file, cache, 1, workdir / f"run-{name.split()[0]}"
+        )
         if name == "1k rows":
             subprocess.run(sftlab("prepare", str(cfg)), check=True, capture_output=True)
         m = measure(sftlab("train", str(cfg)), workdir / f"train-{name.split()[0]}.log")
@@ -193,8 +227,10 @@ def run_scale_case(rows: int, seed: int, workdir: Path, shapes: tuple[str, ...] 
         results[name] = m
         print(f"{name:>12s}: {m.seconds:6.1f}s, peak RssAnon {gib(m.main_anon)}, peak RSS {gib(m.main_rss)}")
     a, b = results["1k rows"], results[f"{rows} rows"]
-    print(f"RssAnon difference ({rows} rows - 1k rows): {(b.main_anon - a.main_anon) / 2**30:+.2f} GiB "
-          f"(target: within 1 GiB); RSS difference {(b.main_rss - a.main_rss) / 2**30:+.2f} GiB")
+    print(
+        f"RssAnon difference ({rows} rows - 1k rows): {(b.main_anon - a.main_anon) / 2**30:+.2f} GiB "
+        f"(target: within 1 GiB); RSS difference {(b.main_rss - a.main_rss) / 2**30:+.2f} GiB"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,20 +40,39 @@ def build_tokenizer(template: str = CHATML_TEMPLATE) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
     fast.chat_template = template
     return fast
 
 
 def build_model(vocab_size: int, seed: int = 0, layers: int = 2, positions: int = 512) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     return LlamaForCausalLM(cfg).float()
 
 
@@ -106,18 +125,24 @@ def save_tiny_model(d: Path, tokenizer, positions: int = 512) -> Path:
 
 
 CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"},
-     {"role": "assistant", "content": "The capital of France is Paris."}],
-    [{"role": "system", "content": "Convert the date to YYYY-MM-DD format."},
-     {"role": "user", "content": "March 5, 2021"},
-     {"role": "assistant", "content": "2021-03-05"}],
-    [{"role": "system", "content": "You are terse."},
-     {"role": "user", "content": "Hello!"},
-     {"role": "assistant", "content": "Hello! How can I help you today?"},
-     {"role": "user", "content": "Tell me a joke."},
-     {"role": "assistant", "content": "Why did the chicken cross the road?"},
-     {"role": "user", "content": "Thanks"},
-     {"role": "assistant", "content": "Sure, that's great!"}],
+    [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ],
+    [
+        {"role": "system", "content": "Convert the date to YYYY-MM-DD format."},
+        {"role": "user", "content": "March 5, 2021"},
+        {"role": "assistant", "content": "2021-03-05"},
+    ],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hello! How can I help you today?"},
+        {"role": "user", "content": "Tell me a joke."},
+        {"role": "assistant", "content": "Why did the chicken cross the road?"},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "Sure, that's great!"},
+    ],
 ]
 
 
@@ -155,6 +180,7 @@ def no_hub(monkeypatch) -> list[str]:
         def refuse(*args, **kwargs):
             asked.append(f"{name}{args}")
             raise AssertionError(f"the Hugging Face Hub was asked: {name}{args}")
+
         return refuse
 
     for module in (huggingface_hub, file_download, transformers_hub):

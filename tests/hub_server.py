@@ -25,8 +25,14 @@ class Repo:
 
 
 class HubServer:
-    def __init__(self, token: str, user: str = "tester", role: str = "write", lfs_suffixes=(".safetensors",),
-                 fail_commits: bool = False):
+    def __init__(
+        self,
+        token: str,
+        user: str = "tester",
+        role: str = "write",
+        lfs_suffixes=(".safetensors",),
+        fail_commits: bool = False,
+    ):
         self.token, self.user, self.role, self.lfs_suffixes = token, user, role, tuple(lfs_suffixes)
         self.fail_commits = fail_commits
         self.repos: dict[str, Repo] = {}
@@ -61,8 +67,12 @@ class HubServer:
         if headers.get("authorization") != f"Bearer {self.token}":
             return 401, {"error": "Invalid credentials in Authorization header"}
         if method == "GET" and path == "/api/whoami-v2":
-            return 200, {"type": "user", "name": self.user, "orgs": [],
-                         "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": self.role}}}
+            return 200, {
+                "type": "user",
+                "name": self.user,
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": self.role}},
+            }
         if method == "POST" and path == "/api/repos/create":
             return self._create(json.loads(body))
         if method == "POST" and path == "/api/validate-yaml":
@@ -87,11 +97,20 @@ class HubServer:
         return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}
 
     def _lfs_batch(self, payload: dict) -> tuple[int, object]:
-        objects = [{"oid": o["oid"], "size": o["size"], "authenticated": True,
-                    "actions": {"upload": {"href": f"{self.url}/lfs-upload/{o['oid']}"}}} for o in payload["objects"]]
+        objects = [
+            {
+                "oid": o["oid"],
+                "size": o["size"],
+                "authenticated": True,
+                "actions": {"upload": {"href": f"{self.url}/lfs-upload/{o['oid']}"}},
+            }
+            for o in payload["objects"]
+        ]
         return 200, {"transfer": "basic", "objects": objects}
 
-    def _repo_action(self, method: str, repo_id: str, action: str, rev: str, body: bytes) -> tuple[int, object]:
+    def _repo_action(
+        self, method: str, repo_id: str, action: str, rev: str, body: bytes
+    ) -> tuple[int, object]:
         repo = self.repos[repo_id]
         if action == "branch" and method == "POST":
             if rev in repo.branches:
@@ -102,9 +121,16 @@ class HubServer:
             return 404, {"error": f"Revision not found: {rev}"}
         if action == "preupload":
             files = json.loads(body)["files"]
-            return 200, {"files": [{"path": f["path"], "shouldIgnore": False,
-                                    "uploadMode": "lfs" if f["path"].endswith(self.lfs_suffixes) else "regular"}
-                                   for f in files]}
+            return 200, {
+                "files": [
+                    {
+                        "path": f["path"],
+                        "shouldIgnore": False,
+                        "uploadMode": "lfs" if f["path"].endswith(self.lfs_suffixes) else "regular",
+                    }
+                    for f in files
+                ]
+            }
         if action == "commit":
             if self.fail_commits:
                 return 500, {"error": "Internal Error - the test server refuses commits"}
@@ -124,15 +150,22 @@ class HubServer:
                 tree[value["path"]] = self.lfs[value["oid"]]
         repo.commits.append({"header": lines[0]["value"], "paths": [i["value"]["path"] for i in lines[1:]]})
         oid = hashlib.sha1(str(len(repo.commits)).encode()).hexdigest()
-        return 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+        return 200, {
+            "commitUrl": f"{self.url}/{repo_id}/commit/{oid}",
+            "commitOid": oid,
+            "pullRequestUrl": None,
+        }
 
     def _handler(self):
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def _serve(self) -> None:
-                body = self._chunked() if self.headers.get("Transfer-Encoding") == "chunked" \
+                body = (
+                    self._chunked()
+                    if self.headers.get("Transfer-Encoding") == "chunked"
                     else self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                )
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 server.requests.append((self.command, self.path, headers, body))
                 status, payload = server.handle(self.command, self.path, headers, body)

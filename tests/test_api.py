@@ -22,19 +22,43 @@ from sftlab.trainer.checkpoint import COMPLETE, latest_checkpoint
 from sftlab.trainer.loop import run_training
 from sftlab.trainer.rundir import FINISHED
 
-QUESTIONS = ["What is one plus two?", "Numbers: one two", "What is the capital of France?", "Tell me a joke.",
-             "Convert March 5, 2021", "Hello!", "the quick brown fox", "Thanks"]
-ANSWERS = ["three", "three four five", "Paris.", "Why did the chicken cross the road?", "2021-03-05",
-           "Hello! How can I help you today?", "jumps over the lazy dog", "Sure, that's great!"]
+QUESTIONS = [
+    "What is one plus two?",
+    "Numbers: one two",
+    "What is the capital of France?",
+    "Tell me a joke.",
+    "Convert March 5, 2021",
+    "Hello!",
+    "the quick brown fox",
+    "Thanks",
+]
+ANSWERS = [
+    "three",
+    "three four five",
+    "Paris.",
+    "Why did the chicken cross the road?",
+    "2021-03-05",
+    "Hello! How can I help you today?",
+    "jumps over the lazy dog",
+    "Sure, that's great!",
+]
 GSM_ROWS = [{"question": q, "answer": a} for q, a in zip(QUESTIONS, ANSWERS)]
 
 
 def settings(model_dir, out, **train) -> dict:
-    return {"model": {"name_or_path": str(model_dir)},
-            "data": {"max_seq_length": 256},
-            "optim": {"lr": 3e-3, "warmup_steps": 0},
-            "train": {"output_dir": str(out), "micro_batch_size": 2, "grad_accum_steps": 2, "max_steps": 3,
-                      "mixed_precision": "no", **train}}
+    return {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"max_seq_length": 256},
+        "optim": {"lr": 3e-3, "warmup_steps": 0},
+        "train": {
+            "output_dir": str(out),
+            "micro_batch_size": 2,
+            "grad_accum_steps": 2,
+            "max_steps": 3,
+            "mixed_precision": "no",
+            **train,
+        },
+    }
 
 
 def losses(result) -> list[float]:
@@ -52,8 +76,12 @@ def test_trl_style_script_equals_the_yaml_run_with_a_column_mapping(tiny_model_d
     yaml_run = run_training(SFTConfig.model_validate(tree))
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    script = sftlab.train(settings(tiny_model_dir, tmp_path / "api"), model=model,
-                          train_dataset=datasets.Dataset.from_list(GSM_ROWS), formatting_func=to_prompt_completion)
+    script = sftlab.train(
+        settings(tiny_model_dir, tmp_path / "api"),
+        model=model,
+        train_dataset=datasets.Dataset.from_list(GSM_ROWS),
+        formatting_func=to_prompt_completion,
+    )
     assert losses(script) == losses(yaml_run)
     assert [r["grad_norm"] for r in script.history] == [r["grad_norm"] for r in yaml_run.history]
     info = json.loads((tmp_path / "api" / "run.json").read_text())["inputs"]
@@ -64,37 +92,53 @@ def test_trl_style_script_equals_the_yaml_run_with_a_column_mapping(tiny_model_d
 def test_datasets_as_lists_dataframes_and_iterables_read_like_the_file(tiny_model_dir, tmp_path):
     import pandas as pd
 
-    base = sftlab.prepare(settings(tiny_model_dir, tmp_path / "x"), train_dataset=GSM_ROWS,
-                          formatting_func=to_prompt_completion)
+    base = sftlab.prepare(
+        settings(tiny_model_dir, tmp_path / "x"), train_dataset=GSM_ROWS, formatting_func=to_prompt_completion
+    )
     iterable = datasets.IterableDataset.from_generator(lambda: iter(GSM_ROWS))
     for given in (pd.DataFrame(GSM_ROWS), iterable):
-        other = sftlab.prepare(settings(tiny_model_dir, tmp_path / "x"), train_dataset=given,
-                               formatting_func=to_prompt_completion)
+        other = sftlab.prepare(
+            settings(tiny_model_dir, tmp_path / "x"),
+            train_dataset=given,
+            formatting_func=to_prompt_completion,
+        )
         assert [list(e.input_ids) for e in other.train] == [list(e.input_ids) for e in base.train]
         assert [list(e.labels) for e in other.train] == [list(e.labels) for e in base.train]
 
 
 def test_the_formatting_function_is_part_of_the_cache_key(tiny_model_dir, tmp_path):
     ds = datasets.Dataset.from_list(GSM_ROWS)
-    first = sftlab.prepare(settings(tiny_model_dir, tmp_path / "x"), train_dataset=ds,
-                           formatting_func=to_prompt_completion)
-    upper = sftlab.prepare(settings(tiny_model_dir, tmp_path / "x"), train_dataset=ds,
-                           formatting_func=lambda r: {"prompt": r["question"].upper(), "completion": r["answer"]})
+    first = sftlab.prepare(
+        settings(tiny_model_dir, tmp_path / "x"), train_dataset=ds, formatting_func=to_prompt_completion
+    )
+    upper = sftlab.prepare(
+        settings(tiny_model_dir, tmp_path / "x"),
+        train_dataset=ds,
+        formatting_func=lambda r: {"prompt": r["question"].upper(), "completion": r["answer"]},
+    )
     assert [list(e.input_ids) for e in first.train] != [list(e.input_ids) for e in upper.train]
-    again = sftlab.prepare(settings(tiny_model_dir, tmp_path / "x"), train_dataset=ds,
-                           formatting_func=to_prompt_completion)
+    again = sftlab.prepare(
+        settings(tiny_model_dir, tmp_path / "x"), train_dataset=ds, formatting_func=to_prompt_completion
+    )
     assert all(s.cached for s in again.report.sources)
     assert [list(e.input_ids) for e in again.train] == [list(e.input_ids) for e in first.train]
 
 
 def test_trl_completion_only_text_trains_only_the_answers(tiny_model_dir, tmp_path):
     to_text = lambda r: f"### Question: {r['question']}\n ### Answer: {r['answer']}"
-    data = sftlab.prepare(settings(tiny_model_dir, tmp_path / "x"), train_dataset=GSM_ROWS, formatting_func=to_text,
-                          **{"data.response_template": " ### Answer:"})
-    trained = sorted(data.tokenizer.decode([t for t, lab in zip(e.input_ids, e.labels) if lab != -100])
-                     for e in data.train)
+    data = sftlab.prepare(
+        settings(tiny_model_dir, tmp_path / "x"),
+        train_dataset=GSM_ROWS,
+        formatting_func=to_text,
+        **{"data.response_template": " ### Answer:"},
+    )
+    trained = sorted(
+        data.tokenizer.decode([t for t, lab in zip(e.input_ids, e.labels) if lab != -100]) for e in data.train
+    )
     assert trained == sorted(f" {a}{data.tokenizer.eos_token}" for a in ANSWERS)
-    with pytest.raises(ConfigError, match=r"response_template: unknown key; did you mean data.response_template\?"):
+    with pytest.raises(
+        ConfigError, match=r"response_template: unknown key; did you mean data.response_template\?"
+    ):
         sftlab.prepare(train_dataset=GSM_ROWS, formatting_func=to_text, response_template=" ### Answer:")
 
 
@@ -104,7 +148,9 @@ def test_a_failing_formatting_function_names_itself_per_row(tiny_model_dir, tmp_
             raise KeyError("no greeting")
         return to_prompt_completion(row)
 
-    data = sftlab.prepare(settings(tiny_model_dir, tmp_path / "x"), train_dataset=GSM_ROWS, formatting_func=picky)
+    data = sftlab.prepare(
+        settings(tiny_model_dir, tmp_path / "x"), train_dataset=GSM_ROWS, formatting_func=picky
+    )
     assert data.report.bad == 1 and "formatting_func" in data.report.bad_examples[0]
     assert "KeyError" in data.report.bad_examples[0] and len(data.train) == len(GSM_ROWS) - 1
 
@@ -124,20 +170,34 @@ def test_a_function_workers_cannot_receive_is_refused_naming_num_proc():
 
 def test_formatting_in_worker_processes_equals_one_process(tiny_model_dir, tmp_path):
     rows = GSM_ROWS * 40
-    one = sftlab.prepare(settings(tiny_model_dir, tmp_path / "x"), train_dataset=rows,
-                         formatting_func=to_prompt_completion, **{"data.cache": False})
-    two = sftlab.prepare(settings(tiny_model_dir, tmp_path / "x"), train_dataset=rows,
-                         formatting_func=to_prompt_completion, **{"data.cache": False, "data.num_proc": 2})
+    one = sftlab.prepare(
+        settings(tiny_model_dir, tmp_path / "x"),
+        train_dataset=rows,
+        formatting_func=to_prompt_completion,
+        **{"data.cache": False},
+    )
+    two = sftlab.prepare(
+        settings(tiny_model_dir, tmp_path / "x"),
+        train_dataset=rows,
+        formatting_func=to_prompt_completion,
+        **{"data.cache": False, "data.num_proc": 2},
+    )
     assert [list(e.input_ids) for e in one.train] == [list(e.input_ids) for e in two.train]
 
 
 def test_two_eval_sets_give_two_losses_each_equal_to_sftlab_eval(tiny_model_dir, tmp_path, capsys):
     a, b = GSM_ROWS[:3], GSM_ROWS[3:]
-    files = {"a": write_jsonl(tmp_path / "a.jsonl", [to_prompt_completion(r) for r in a]),
-             "b": write_jsonl(tmp_path / "b.jsonl", [to_prompt_completion(r) for r in b])}
+    files = {
+        "a": write_jsonl(tmp_path / "a.jsonl", [to_prompt_completion(r) for r in a]),
+        "b": write_jsonl(tmp_path / "b.jsonl", [to_prompt_completion(r) for r in b]),
+    }
     out = tmp_path / "run"
-    res = sftlab.train(settings(tiny_model_dir, out), train_dataset=GSM_ROWS, formatting_func=to_prompt_completion,
-                       eval_dataset={"a": a, "b": b})
+    res = sftlab.train(
+        settings(tiny_model_dir, out),
+        train_dataset=GSM_ROWS,
+        formatting_func=to_prompt_completion,
+        eval_dataset={"a": a, "b": b},
+    )
     last = res.history[-1]
     assert {"eval_loss", "eval/a_loss", "eval/b_loss"} <= last.keys()
     assert res.eval_losses == {"eval/a_loss": last["eval/a_loss"], "eval/b_loss": last["eval/b_loss"]}
@@ -163,8 +223,11 @@ def test_a_named_eval_set_of_bad_rows_fails_before_training(tiny_model_dir, tmp_
     train_rows = [to_prompt_completion(r) for r in GSM_ROWS] * 2
     no_answer = [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS[:2]]
     with pytest.raises(DataError) as e:
-        sftlab.train(settings(tiny_model_dir, out), train_dataset=train_rows,
-                     eval_dataset={"gsm": train_rows[:3], "chat": no_answer})
+        sftlab.train(
+            settings(tiny_model_dir, out),
+            train_dataset=train_rows,
+            eval_dataset={"gsm": train_rows[:3], "chat": no_answer},
+        )
     assert str(e.value).startswith("eval set 'chat': 2 of 2 rows are bad (> data.max_bad_fraction=0.5")
     assert "chat row 1 field 'messages': no assistant turn" in str(e.value)
     assert not (out / "metrics.jsonl").exists()
@@ -223,7 +286,9 @@ def test_a_raising_callback_names_itself_and_leaves_the_checkpoint_whole(tiny_mo
     tree = settings(tiny_model_dir, out, max_steps=4)
     tree["data"]["train"] = str(chat_file)
     tree["checkpoint"] = {"every_steps": 1}
-    with pytest.raises(CallbackError, match=r"callback Broken.on_step_end raised at step 2: ValueError: boom"):
+    with pytest.raises(
+        CallbackError, match=r"callback Broken.on_step_end raised at step 2: ValueError: boom"
+    ):
         sftlab.train(tree, callbacks=[Broken()])
     last = latest_checkpoint(out)
     assert last.name == "step-00000002" and (last / COMPLETE).is_file()
@@ -260,7 +325,9 @@ def test_an_adapter_is_continued_by_a_second_run(tiny_model_dir, chat_file, tmp_
     saved1, saved2 = (load_file(str(d / "adapter_model.safetensors")) for d in (first_out, second_out))
     assert saved1.keys() == saved2.keys()
     assert any(not torch.equal(saved1[k], saved2[k]) for k in saved1)  # it trained further
-    assert second.history[0]["loss"] < first.history[0]["loss"]  # from the first run's adapter, not from scratch
+    assert (
+        second.history[0]["loss"] < first.history[0]["loss"]
+    )  # from the first run's adapter, not from scratch
     base = json.loads((second_out / "sftlab_base.json").read_text())
     assert base["name_or_path"] == str(tiny_model_dir)  # the true base, not the first run's directory
     assert isinstance(sftlab.generate(second_out, "Hello!", max_new_tokens=3), str)
@@ -270,7 +337,9 @@ def test_a_peft_model_object_continues_its_adapter(tiny_model_dir, chat_file, tm
     from peft import LoraConfig, get_peft_model
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    )
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     out = tmp_path / "run"
     sftlab.train(settings(tiny_model_dir, out, max_steps=2), model=model, train_dataset=str(chat_file))
@@ -307,8 +376,13 @@ def test_a_local_looking_model_path_never_reaches_the_hub(chat_file, tmp_path, m
     from sftlab.model.loading import ModelLoadError
 
     monkeypatch.chdir(tmp_path)
-    for call in (lambda: sftlab.generate("./missing-run", "Hi"), lambda: sftlab.generate(Path("missing-run"), "Hi"),
-                 lambda: sftlab.evaluate("../missing-run", str(chat_file))):
-        with pytest.raises(ModelLoadError, match="model path not found: .*never looked up on the Hugging Face Hub"):
+    for call in (
+        lambda: sftlab.generate("./missing-run", "Hi"),
+        lambda: sftlab.generate(Path("missing-run"), "Hi"),
+        lambda: sftlab.evaluate("../missing-run", str(chat_file)),
+    ):
+        with pytest.raises(
+            ModelLoadError, match="model path not found: .*never looked up on the Hugging Face Hub"
+        ):
             call()
     assert no_hub == []

@@ -20,13 +20,26 @@ BASE = {"data": {"train": [{"path": "x.jsonl"}]}}
 
 def test_defaults_follow_common_practice(tmp_path):
     cfg = load_config(write(tmp_path, BASE))
-    assert (cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.scheduler, cfg.optim.weight_decay, cfg.train.seed) == \
-        (2e-5, 0.03, "linear", 0.0, 42)
+    assert (
+        cfg.optim.lr,
+        cfg.optim.warmup_ratio,
+        cfg.optim.scheduler,
+        cfg.optim.weight_decay,
+        cfg.train.seed,
+    ) == (2e-5, 0.03, "linear", 0.0, 42)
 
 
 def test_overrides_are_typed(tmp_path):
-    cfg = load_config(write(tmp_path, BASE), ["optim.lr=1e-5", "train.max_steps=7", "optim.max_grad_norm=null",
-                                              "data.train.0.path=y.jsonl", "model.dtype=bfloat16"])
+    cfg = load_config(
+        write(tmp_path, BASE),
+        [
+            "optim.lr=1e-5",
+            "train.max_steps=7",
+            "optim.max_grad_norm=null",
+            "data.train.0.path=y.jsonl",
+            "model.dtype=bfloat16",
+        ],
+    )
     assert cfg.optim.lr == 1e-5 and cfg.train.max_steps == 7 and cfg.optim.max_grad_norm is None
     assert cfg.data.train[0].path == "y.jsonl" and cfg.model.dtype == "bfloat16"
 
@@ -36,21 +49,26 @@ def test_max_grad_norm_at_or_below_zero_is_no_clipping(tmp_path, value):
     # open-instruct's clip_grad_norm -1 means off; torch's clip with a negative norm would reverse the gradients
     cfg = load_config(write(tmp_path, BASE), [f"optim.max_grad_norm={value}"])
     assert cfg.optim.max_grad_norm is None
-    cfg = load_config(write(tmp_path, {**BASE, "optim": {"max_grad_norm": float(value) if value != "null" else None}}))
+    cfg = load_config(
+        write(tmp_path, {**BASE, "optim": {"max_grad_norm": float(value) if value != "null" else None}})
+    )
     assert cfg.optim.max_grad_norm is None
     cfg.optim.max_grad_norm = -1.0
     assert cfg.optim.max_grad_norm is None
     assert load_config(write(tmp_path, BASE), ["optim.max_grad_norm=0.5"]).optim.max_grad_norm == 0.5
 
 
-@pytest.mark.parametrize("tree_or_override, path", [
-    ({"optim": {"lrr": 1.0}}, "optim.lrr"),
-    ({"train": {"micro_batch_size": "eight"}}, "train.micro_batch_size"),
-    ({"data": {"train": [{"path": "x", "fromat": "messages"}]}}, "data.train.0.fromat"),
-    ({"trian": {}}, "trian"),
-    ("optim.scheduler=cosin", "optim.scheduler"),
-    ("train.max_steps=-1", "train.max_steps"),
-])
+@pytest.mark.parametrize(
+    "tree_or_override, path",
+    [
+        ({"optim": {"lrr": 1.0}}, "optim.lrr"),
+        ({"train": {"micro_batch_size": "eight"}}, "train.micro_batch_size"),
+        ({"data": {"train": [{"path": "x", "fromat": "messages"}]}}, "data.train.0.fromat"),
+        ({"trian": {}}, "trian"),
+        ("optim.scheduler=cosin", "optim.scheduler"),
+        ("train.max_steps=-1", "train.max_steps"),
+    ],
+)
 def test_bad_key_or_type_is_named(tmp_path, tree_or_override, path):
     if isinstance(tree_or_override, dict):
         tree = {**BASE, **tree_or_override}
@@ -94,6 +112,7 @@ def test_dump_round_trips(tmp_path):
 
 def test_demo_config_is_valid_and_paths_resolve():
     from pathlib import Path
+
     cfg = load_config()
     assert Path(cfg.data.train[0].path).is_file() and Path(cfg.match_eval.path).is_file()
 
@@ -109,55 +128,75 @@ def test_missing_or_invalid_yaml(tmp_path):
 
 # --- config help: suggestions, descriptions, the committed reference --------------------------
 
-@pytest.mark.parametrize("override, hint", [
-    ("optim.learning_rate=1e-5", "optim.learning_rate: unknown key; did you mean optim.lr?"),
-    ("train.learning_rate=1e-5", "did you mean optim.lr?"),
-    ("train.gradient_accumulation_steps=2", "did you mean train.grad_accum_steps?"),
-    ("train.mixed_precison=bf16", "did you mean train.mixed_precision?"),
-    ("data.train.0.fromat=messages", "did you mean data.train.0.format?"),
-    ("peft.lora_r=8", "did you mean peft.r?"),
-    ("optim.scheduler=cosin", "did you mean 'cosine'?"),
-    ("data.packing=bdf", "did you mean 'bfd'?"),
-    ("train.response_template=x", "train.response_template: unknown key; did you mean data.response_template?"),
-    ("data.train.0.dataset_text_field=body", "did you mean data.train.0.columns?"),
-    ("model.tokenizer_name=x", "did you mean model.tokenizer?"),
-    ("model.model_init_kwargs={}", "did you mean model.init_kwargs?"),
-    ("optim.final_lr_ratio=0.1", "did you mean optim.min_lr_ratio?"),
-    ("checkpoint.clean_checkpoints_at_end=true", "did you mean checkpoint.delete_at_end?"),
-    ("data.cutoff_len=512", "did you mean data.max_seq_length?"),
-    ("data.template=chatml", "did you mean data.chat_template?"),
-    ("model.use_flash_attn=true", "did you mean model.attn_implementation?"),
-    ("peft.lora_bias=all", "did you mean peft.bias?"),
-    ("train.eval_iters=5", "did you mean train.eval_max_batches?"),
-    ("data.completion_only_loss=true", "did you mean data.loss_on?"),
-    ("instruction_template=x", "did you mean data.instruction_template?"),
-])
+
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("optim.learning_rate=1e-5", "optim.learning_rate: unknown key; did you mean optim.lr?"),
+        ("train.learning_rate=1e-5", "did you mean optim.lr?"),
+        ("train.gradient_accumulation_steps=2", "did you mean train.grad_accum_steps?"),
+        ("train.mixed_precison=bf16", "did you mean train.mixed_precision?"),
+        ("data.train.0.fromat=messages", "did you mean data.train.0.format?"),
+        ("peft.lora_r=8", "did you mean peft.r?"),
+        ("optim.scheduler=cosin", "did you mean 'cosine'?"),
+        ("data.packing=bdf", "did you mean 'bfd'?"),
+        (
+            "train.response_template=x",
+            "train.response_template: unknown key; did you mean data.response_template?",
+        ),
+        ("data.train.0.dataset_text_field=body", "did you mean data.train.0.columns?"),
+        ("model.tokenizer_name=x", "did you mean model.tokenizer?"),
+        ("model.model_init_kwargs={}", "did you mean model.init_kwargs?"),
+        ("optim.final_lr_ratio=0.1", "did you mean optim.min_lr_ratio?"),
+        ("checkpoint.clean_checkpoints_at_end=true", "did you mean checkpoint.delete_at_end?"),
+        ("data.cutoff_len=512", "did you mean data.max_seq_length?"),
+        ("data.template=chatml", "did you mean data.chat_template?"),
+        ("model.use_flash_attn=true", "did you mean model.attn_implementation?"),
+        ("peft.lora_bias=all", "did you mean peft.bias?"),
+        ("train.eval_iters=5", "did you mean train.eval_max_batches?"),
+        ("data.completion_only_loss=true", "did you mean data.loss_on?"),
+        ("instruction_template=x", "did you mean data.instruction_template?"),
+    ],
+)
 def test_unknown_keys_and_values_get_a_suggestion(override, hint):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert hint in str(e.value)
 
 
-@pytest.mark.parametrize("overrides, want", [
-    (["data.response_template=### Answer:"], ("### Answer:", None)),  # YAML would read a comment
-    (["data.response_template=A:", "data.instruction_template=Q: {"], ("A:", "Q: {")),  # ... or a mapping
-    (["data.response_template=' ### Answer:'"], (" ### Answer:", None)),  # YAML quotes are read
-    (["data.response_template= ### Answer:"], (" ### Answer:", None)),  # a leading space is kept
-    (["data.response_template=### Answer:", "data.response_template=null"], (None, None)),
-])
+@pytest.mark.parametrize(
+    "overrides, want",
+    [
+        (["data.response_template=### Answer:"], ("### Answer:", None)),  # YAML would read a comment
+        (["data.response_template=A:", "data.instruction_template=Q: {"], ("A:", "Q: {")),  # ... or a mapping
+        (["data.response_template=' ### Answer:'"], (" ### Answer:", None)),  # YAML quotes are read
+        (["data.response_template= ### Answer:"], (" ### Answer:", None)),  # a leading space is kept
+        (["data.response_template=### Answer:", "data.response_template=null"], (None, None)),
+    ],
+)
 def test_marker_overrides_are_taken_as_written(overrides, want):
     data = load_config(None, ["data.train=x.jsonl", *overrides]).data
     assert (data.response_template, data.instruction_template) == want
 
 
-@pytest.mark.parametrize("overrides, error", [
-    (["data.instruction_template=Q:"], "data.instruction_template: Value error, instruction_template needs a "
-                                       "response_template"),
-    (["data.response_template=Q:", "data.instruction_template=Q:"], "are the same ('Q:'); they must differ"),
-    (["data.train.0.instruction_template=Q:"], "data.train.0.instruction_template: Value error, instruction_template "
-                                               "needs a response_template"),
-    (["data.response_template=''"], "data.response_template: String should have at least 1 character"),
-])
+@pytest.mark.parametrize(
+    "overrides, error",
+    [
+        (
+            ["data.instruction_template=Q:"],
+            "data.instruction_template: Value error, instruction_template needs a response_template",
+        ),
+        (
+            ["data.response_template=Q:", "data.instruction_template=Q:"],
+            "are the same ('Q:'); they must differ",
+        ),
+        (
+            ["data.train.0.instruction_template=Q:"],
+            "data.train.0.instruction_template: Value error, instruction_template needs a response_template",
+        ),
+        (["data.response_template=''"], "data.response_template: String should have at least 1 character"),
+    ],
+)
 def test_marker_settings_are_checked(overrides, error):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["data.train=x.jsonl", *overrides])
@@ -194,7 +233,8 @@ def test_committed_reference_is_current():
 
     committed = Path(__file__).resolve().parent.parent / "docs" / "config.md"
     assert committed.read_text(encoding="utf-8") == config_reference() + "\n", (
-        "docs/config.md is stale: regenerate it with `sftlab config reference > docs/config.md`")
+        "docs/config.md is stale: regenerate it with `sftlab config reference > docs/config.md`"
+    )
 
 
 def _readme_yaml_blocks() -> list[dict]:
@@ -226,8 +266,9 @@ def _assert_defaults(values: dict, model, where: str) -> list[str]:
             checked += _assert_defaults(value, inner, f"{where}{key}.")
         else:
             default = field.get_default(call_default_factory=True)
-            assert TypeAdapter(field.annotation).validate_python(value) == default, \
+            assert TypeAdapter(field.annotation).validate_python(value) == default, (
                 f"README shows {where}{key}: {value!r}, the default is {default!r}"
+            )
             checked.append(f"{where}{key}")
     return checked
 
@@ -236,12 +277,24 @@ def test_readme_example_configs_are_the_defaults():
     """The README's config example and its LoRA block show the real defaults (data paths excepted)."""
     from sftlab.config.keys import model_of
 
-    blocks = [b for b in _readme_yaml_blocks() if isinstance(b, dict) and ({"model", "optim"} <= b.keys() or "peft" in b)]
+    blocks = [
+        b
+        for b in _readme_yaml_blocks()
+        if isinstance(b, dict) and ({"model", "optim"} <= b.keys() or "peft" in b)
+    ]
     assert len(blocks) == 2, "the README's main config example and its peft block"
     checked = []
     for block in blocks:
         SFTConfig.model_validate({"data": {"train": "x.jsonl"}, **block})  # each block is a valid config
         for section, values in block.items():
-            checked += _assert_defaults(values, model_of(SFTConfig.model_fields[section].annotation), f"{section}.")
-    assert {"data.eval_fraction", "optim.warmup_ratio", "train.overwrite", "peft.r", "data.train.0.format"} <= set(checked)
+            checked += _assert_defaults(
+                values, model_of(SFTConfig.model_fields[section].annotation), f"{section}."
+            )
+    assert {
+        "data.eval_fraction",
+        "optim.warmup_ratio",
+        "train.overwrite",
+        "peft.r",
+        "data.train.0.format",
+    } <= set(checked)
     assert len(checked) > 50

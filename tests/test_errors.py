@@ -16,8 +16,11 @@ def _defined_exceptions() -> list[type[BaseException]]:
     found = []
     for info in pkgutil.walk_packages(sftlab.__path__, "sftlab."):
         module = importlib.import_module(info.name)
-        found += [obj for obj in vars(module).values()
-                  if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == module.__name__]
+        found += [
+            obj
+            for obj in vars(module).values()
+            if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == module.__name__
+        ]
     return found
 
 
@@ -25,11 +28,19 @@ def test_every_sftlab_exception_derives_from_sftlab_error():
     found = _defined_exceptions()
     names = {f"{cls.__module__}.{cls.__qualname__}" for cls in found}
     # the walk reaches every layer (ConfigError is checked too: no class is exempt)
-    assert {"sftlab.data.types.DataError", "sftlab.model.loading.ModelLoadError", "sftlab.trainer.rundir.RunError",
-            "sftlab.trainer.control.Interrupted"} <= names
+    assert {
+        "sftlab.data.types.DataError",
+        "sftlab.model.loading.ModelLoadError",
+        "sftlab.trainer.rundir.RunError",
+        "sftlab.trainer.control.Interrupted",
+    } <= names
     assert any(name.endswith(".ConfigError") for name in names)
-    offenders = sorted(f"{cls.__module__}.{cls.__qualname__}" for cls in found if not issubclass(cls, SftlabError))
-    assert not offenders, "exception classes not deriving from sftlab.errors.SftlabError:\n" + "\n".join(offenders)
+    offenders = sorted(
+        f"{cls.__module__}.{cls.__qualname__}" for cls in found if not issubclass(cls, SftlabError)
+    )
+    assert not offenders, "exception classes not deriving from sftlab.errors.SftlabError:\n" + "\n".join(
+        offenders
+    )
 
 
 def test_each_error_keeps_its_builtin_base():

@@ -55,9 +55,15 @@ def tiny_model_dir(tmp_path, tokenizer) -> Path:
 def tiny_overrides(config: Path, model_dir: Path, out: Path) -> list[str]:
     """One optimizer step of 2 rows on the tiny model, no exact-match evaluation, 4x the sequence length."""
     max_len = load_config(config).data.max_seq_length
-    return [f"model.name_or_path={model_dir}", "train.max_steps=1", f"train.output_dir={out}",
-            "train.micro_batch_size=2", "train.grad_accum_steps=1", "match_eval=null",
-            f"data.max_seq_length={4 * max_len}"]
+    return [
+        f"model.name_or_path={model_dir}",
+        "train.max_steps=1",
+        f"train.output_dir={out}",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=1",
+        "match_eval=null",
+        f"data.max_seq_length={4 * max_len}",
+    ]
 
 
 def test_there_are_examples():
@@ -70,7 +76,9 @@ def test_example_config_loads_with_its_files(config):
     assert all(not Path(src["path"]).is_absolute() for src in raw["data"]["train"]), "data paths are relative"
     cfg = load_config(config)
     assert cfg.model.name_or_path == "default"
-    assert cfg.train.output_dir.startswith("runs/"), "outputs go under runs/ (relative to the working directory)"
+    assert cfg.train.output_dir.startswith("runs/"), (
+        "outputs go under runs/ (relative to the working directory)"
+    )
     for src in cfg.data.train + cfg.data.eval:
         assert Path(src.path).is_file() and Path(src.path).is_relative_to(EXAMPLES / "data"), src.path
     if cfg.data.chat_template is not None and cfg.data.chat_template.endswith(".jinja"):
@@ -107,7 +115,10 @@ def test_committed_data_is_what_make_data_generates():
 
 
 def test_math_answers_end_with_the_number_and_eval_is_held_out():
-    train, held = read_jsonl(EXAMPLES / "data" / "math.jsonl"), read_jsonl(EXAMPLES / "data" / "math_eval.jsonl")
+    train, held = (
+        read_jsonl(EXAMPLES / "data" / "math.jsonl"),
+        read_jsonl(EXAMPLES / "data" / "math_eval.jsonl"),
+    )
     for row in train + held:
         assert re.search(r"\n#### \d+$", row["completion"]), row
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
@@ -168,16 +179,23 @@ def test_packing_example_checkpoints_and_resumes(tiny_model_dir, tmp_path):
     overrides = tiny_overrides(config, tiny_model_dir, tmp_path / "run") + ["checkpoint.every_steps=1"]
     run_training(load_config(config, overrides))
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == ["step-00000001"]
-    (tmp_path / "run" / "FINISHED").unlink()  # as if killed after its checkpoint (a finished run has nothing to resume)
+    (
+        tmp_path / "run" / "FINISHED"
+    ).unlink()  # as if killed after its checkpoint (a finished run has nothing to resume)
     printed = io.StringIO()
-    again = run_training(load_config(config, overrides + ["train.resume=auto"]), Console(file=printed, width=400))
+    again = run_training(
+        load_config(config, overrides + ["train.resume=auto"]), Console(file=printed, width=400)
+    )
     assert "resumed from" in printed.getvalue() and "step-00000001 at step 1" in printed.getvalue()
-    assert again.steps == 1 and not re.search(r"^step ", printed.getvalue(), re.MULTILINE)  # nothing left to train
+    assert again.steps == 1 and not re.search(
+        r"^step ", printed.getvalue(), re.MULTILINE
+    )  # nothing left to train
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [1]
 
 
 # --- with the real default tokenizer (SmolLM2-135M-Instruct) ----------------------------------
+
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)

@@ -44,7 +44,14 @@ def exists(key: str) -> bool:
 
 def test_guide_has_a_table_per_tool():
     titles = {t for t, _, _ in rows()}
-    for tool in ("TRL", "open-instruct", "Fast-LLM", "axolotl", "LLaMA-Factory (arguments)", "dataset_info.json"):
+    for tool in (
+        "TRL",
+        "open-instruct",
+        "Fast-LLM",
+        "axolotl",
+        "LLaMA-Factory (arguments)",
+        "dataset_info.json",
+    ):
         assert any(tool in t for t in titles), tool
     assert len(rows()) > 250
     assert "docs/migrating.md" in (ROOT / "README.md").read_text()
@@ -59,7 +66,11 @@ def test_every_sftlab_key_in_the_guide_exists():
 
 
 def test_every_row_maps_or_says_why_not():
-    bad = [(t, f, o) for t, f, o in rows() if not (o.startswith("`") or o.startswith(("not needed:", "not supported")))]
+    bad = [
+        (t, f, o)
+        for t, f, o in rows()
+        if not (o.startswith("`") or o.startswith(("not needed:", "not supported")))
+    ]
     assert not bad, bad
 
 
@@ -106,13 +117,16 @@ def test_every_mapped_foreign_name_suggests_its_key():
     assert checked > 150
 
 
-@pytest.mark.parametrize("override, hint", [
-    ("learning_rate=1e-4", "learning_rate: unknown key; did you mean optim.lr?"),
-    ("train.lr_scheduler=cosine", "did you mean optim.scheduler?"),
-    ("data.train.0.formatting=sharegpt", "did you mean data.train.0.format?"),
-    ("sequence_len=4096", "did you mean data.max_seq_length?"),
-    ("lora_target=all", "did you mean peft.target_modules?"),
-])
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("learning_rate=1e-4", "learning_rate: unknown key; did you mean optim.lr?"),
+        ("train.lr_scheduler=cosine", "did you mean optim.scheduler?"),
+        ("data.train.0.formatting=sharegpt", "did you mean data.train.0.format?"),
+        ("sequence_len=4096", "did you mean data.max_seq_length?"),
+        ("lora_target=all", "did you mean peft.target_modules?"),
+    ],
+)
 def test_config_show_suggests_the_key(override, hint):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["data.train=x.jsonl", override])
@@ -145,10 +159,18 @@ def test_public_configs_convert_and_load(tool, path, tmp_path, capsys):
 def test_trl_conversion(tmp_path):
     text = convert_config(FIXTURES / "trl" / "handbook_prometheus_qlora.yaml", "trl")
     cfg = yaml.safe_load(text)
-    assert cfg["model"] == {"name_or_path": "mistralai/Mistral-7B-Instruct-v0.2", "dtype": "float16", "revision": "main"}
+    assert cfg["model"] == {
+        "name_or_path": "mistralai/Mistral-7B-Instruct-v0.2",
+        "dtype": "float16",
+        "revision": "main",
+    }
     assert cfg["data"]["train"] == [{"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"}]
     assert cfg["data"]["eval"] == [{"path": "HuggingFaceH4/ultrachat_200k", "split": "test_sft"}]
-    assert cfg["peft"]["quantize"] == "nf4" and cfg["peft"]["r"] == 16 and cfg["peft"]["target_modules"][0] == "q_proj"
+    assert (
+        cfg["peft"]["quantize"] == "nf4"
+        and cfg["peft"]["r"] == 16
+        and cfg["peft"]["target_modules"][0] == "q_proj"
+    )
     assert cfg["checkpoint"] == {"every_steps": 100, "keep_last": 1}
     assert cfg["train"]["mixed_precision"] == "bf16" and cfg["data"]["on_overlength"] == "truncate"
     assert "# not converted: chat_template=<inline Jinja> (save it as a .jinja file" in text
@@ -156,11 +178,19 @@ def test_trl_conversion(tmp_path):
     assert "# not converted: hub_strategy=every_save (the final model is pushed once" in text
     smol = yaml.safe_load(convert_config(FIXTURES / "trl" / "handbook_smollm_sft.yaml", "trl"))
     assert len(smol["data"]["train"]) == 10 and smol["data"]["eval_fraction"] == 0.05
-    assert smol["data"]["train"][4] == {"path": "HuggingFaceTB/OpenHermes-2.5-H4", "split": "train_sft",
-                                        "subset": "default", "weight": 0.001}
+    assert smol["data"]["train"][4] == {
+        "path": "HuggingFaceTB/OpenHermes-2.5-H4",
+        "split": "train_sft",
+        "subset": "default",
+        "weight": 0.001,
+    }
     r1 = yaml.safe_load(convert_config(FIXTURES / "trl" / "open_r1_smollm2_1.7b_sft.yaml", "trl"))
-    assert r1["data"]["packing"] == "bfd" and r1["optim"]["name"] == "adamw" and "max_steps" not in r1["train"]
-    assert r1["data"]["train"] == [{"path": "open-r1/OpenR1-Math-220k", "split": "train", "subset": "default"}]
+    assert (
+        r1["data"]["packing"] == "bfd" and r1["optim"]["name"] == "adamw" and "max_steps" not in r1["train"]
+    )
+    assert r1["data"]["train"] == [
+        {"path": "open-r1/OpenR1-Math-220k", "split": "train", "subset": "default"}
+    ]
 
 
 def test_axolotl_conversion():
@@ -168,8 +198,14 @@ def test_axolotl_conversion():
     cfg = yaml.safe_load(text)
     assert cfg["data"]["train"] == [{"path": "fozziethebeat/alpaca_messages_2k_test", "format": "messages"}]
     assert cfg["data"]["chat_template"] == "llama3" and cfg["data"]["eval_fraction"] == 0.05
-    assert cfg["peft"] == {"method": "lora", "r": 32, "alpha": 16.0, "dropout": 0.05, "target_modules": "all-linear",
-                           "quantize": "int8"}
+    assert cfg["peft"] == {
+        "method": "lora",
+        "r": 32,
+        "alpha": 16.0,
+        "dropout": 0.05,
+        "target_modules": "all-linear",
+        "quantize": "int8",
+    }
     assert cfg["optim"]["name"] == "adamw_8bit" and cfg["checkpoint"] == {"every_epoch": True}
     qlora = yaml.safe_load(convert_config(FIXTURES / "axolotl" / "llama3_qlora_1b.yml", "axolotl"))
     assert qlora["peft"]["quantize"] == "nf4" and qlora["data"]["train"][0]["format"] == "alpaca"
@@ -186,13 +222,24 @@ def test_llamafactory_conversion_reads_dataset_info(tmp_path):
     assert cfg["peft"] == {"method": "lora", "target_modules": "all-linear", "quantize": "nf4"}
     assert cfg["train"]["eval_every"] == 500 and "# not converted: max_samples=1000" in text
     config = tmp_path / "sft.yaml"
-    config.write_text("dataset: glaive_toolcall_en_demo,ultrachat_200k,openorca,llava_1k_en\ndataset_dir: "
-                      f"{FIXTURES / 'llamafactory' / 'data'}\nfinetuning_type: full\n")
+    config.write_text(
+        "dataset: glaive_toolcall_en_demo,ultrachat_200k,openorca,llava_1k_en\ndataset_dir: "
+        f"{FIXTURES / 'llamafactory' / 'data'}\nfinetuning_type: full\n"
+    )
     text = convert_config(config, "llamafactory")
     glaive, ultra, orca, llava = yaml.safe_load(text)["data"]["train"]
-    assert glaive["format"] == "sharegpt" and "columns" not in glaive and glaive["path"].endswith("glaive_toolcall_en_demo.json")
-    assert ultra == {"path": "HuggingFaceH4/ultrachat_200k", "name": "ultrachat_200k", "format": "sharegpt",
-                     "split": "train_sft", "columns": {"conversations": "messages", "from": "role", "value": "content"}}
+    assert (
+        glaive["format"] == "sharegpt"
+        and "columns" not in glaive
+        and glaive["path"].endswith("glaive_toolcall_en_demo.json")
+    )
+    assert ultra == {
+        "path": "HuggingFaceH4/ultrachat_200k",
+        "name": "ultrachat_200k",
+        "format": "sharegpt",
+        "split": "train_sft",
+        "columns": {"conversations": "messages", "from": "role", "value": "content"},
+    }
     assert orca["columns"] == {"instruction": "question", "output": "response", "system": "system_prompt"}
     assert "# not converted: dataset llava_1k_en columns.images=images" in text
     assert load_config(_saved(tmp_path, text)).data.train[1].columns["from"] == "role"

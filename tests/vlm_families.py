@@ -54,50 +54,110 @@ LLAVA_TEMPLATE = (
 )
 
 # what Qwen2-VL's video processor saves (transformers 5.x, Qwen2VLVideoProcessor's defaults)
-QWEN2VL_VIDEO = {"video_processor_type": "Qwen2VLVideoProcessor", "do_convert_rgb": True, "do_normalize": True,
-                 "do_rescale": True, "do_resize": True, "do_sample_frames": False, "image_mean": [0.48145466,
-                 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3,
-                 "rescale_factor": 0.00392156862745098, "size": {"longest_edge": 256, "shortest_edge": 64}}
+QWEN2VL_VIDEO = {
+    "video_processor_type": "Qwen2VLVideoProcessor",
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "do_sample_frames": False,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"longest_edge": 256, "shortest_edge": 64},
+}
 
 FAMILIES = ("idefics3", "qwen2_vl", "llava")
 HIDDEN = 32
 
 
 def _text_config(vocab: int, **extra) -> dict:
-    return dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **extra)
+    return dict(
+        vocab_size=vocab,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        **extra,
+    )
 
 
 def _idefics3(seed: int):
     tok = build_tokenizer("")
-    tok.add_special_tokens({"additional_special_tokens": ["<global-img>", "<end_of_utterance>", "<image>",
-                                                          "<fake_token_around_image>"]})
-    images = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
-                                       max_image_size={"longest_edge": 32})
+    tok.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                "<global-img>",
+                "<end_of_utterance>",
+                "<image>",
+                "<fake_token_around_image>",
+            ]
+        }
+    )
+    images = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}
+    )
     proc = Idefics3Processor(images, tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
-    cfg = Idefics3Config(text_config={"model_type": "llama", **_text_config(len(tok))},
-                         vision_config=dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=1,
-                                            num_attention_heads=2, image_size=32, patch_size=8),
-                         scale_factor=2, image_token_id=proc.image_token_id, pad_token_id=tok.pad_token_id)
+    cfg = Idefics3Config(
+        text_config={"model_type": "llama", **_text_config(len(tok))},
+        vision_config=dict(
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        scale_factor=2,
+        image_token_id=proc.image_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     return proc, Idefics3ForConditionalGeneration(cfg)
 
 
 def _qwen2_vl(seed: int):
     tok = build_tokenizer("")
-    tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
-                                                          "<|video_pad|>"]})
-    images = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
-                                      min_pixels=8 * 8, max_pixels=16 * 16)
+    tok.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                "<|vision_start|>",
+                "<|image_pad|>",
+                "<|vision_end|>",
+                "<|video_pad|>",
+            ]
+        }
+    )
+    images = Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=16 * 16
+    )
     proc = _Qwen2VLImagesOnly(images, tok, chat_template=QWEN2VL_TEMPLATE)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
-                                                       "<|video_pad|>")}
-    cfg = Qwen2VLConfig(text_config=_text_config(len(tok), rope_parameters={"rope_type": "default", "mrope_section":
-                                                                             [1, 1, 2], "rope_theta": 10000.0}),
-                        vision_config=dict(depth=1, embed_dim=HIDDEN, hidden_size=HIDDEN, num_heads=2, patch_size=4,
-                                           spatial_merge_size=2, temporal_patch_size=2),
-                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    ids = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+    }
+    cfg = Qwen2VLConfig(
+        text_config=_text_config(
+            len(tok),
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+        ),
+        vision_config=dict(
+            depth=1,
+            embed_dim=HIDDEN,
+            hidden_size=HIDDEN,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     torch.manual_seed(seed)
     return proc, Qwen2VLForConditionalGeneration(cfg)
 
@@ -106,14 +166,30 @@ def _llava(seed: int, text_hidden: int = HIDDEN):
     tok = build_tokenizer("")
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     images = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    proc = LlavaProcessor(images, tok, patch_size=8, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
-    cfg = LlavaConfig(text_config=LlamaConfig(**{**_text_config(len(tok)), "hidden_size": text_hidden,
-                                                 "intermediate_size": 2 * text_hidden}),
-                      vision_config=CLIPVisionConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=1,
-                                                     num_attention_heads=2, image_size=16, patch_size=8),
-                      image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-                      vision_feature_select_strategy="default")
+    proc = LlavaProcessor(
+        images,
+        tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
+    cfg = LlavaConfig(
+        text_config=LlamaConfig(
+            **{**_text_config(len(tok)), "hidden_size": text_hidden, "intermediate_size": 2 * text_hidden}
+        ),
+        vision_config=CLIPVisionConfig(
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(seed)
     return proc, LlavaForConditionalGeneration(cfg)
 
@@ -147,8 +223,13 @@ def save_family(family: str, d: Path, seed: int = 0, **sizes) -> Path:
             saved = json.loads((d / name).read_text())
             saved["processor_class"] = "Qwen2VLProcessor"
             if name == "processor_config.json":
-                saved["video_processor"] = {**QWEN2VL_VIDEO, **{k: saved["image_processor"][k] for k in
-                                                                ("patch_size", "merge_size", "temporal_patch_size")}}
+                saved["video_processor"] = {
+                    **QWEN2VL_VIDEO,
+                    **{
+                        k: saved["image_processor"][k]
+                        for k in ("patch_size", "merge_size", "temporal_patch_size")
+                    },
+                }
             (d / name).write_text(json.dumps(saved, indent=2))
     return d
 
@@ -169,7 +250,14 @@ def write_image_rows(d: Path) -> Path:
     rows = []
     for k in range(12):
         make_image(d / "img" / f"{k}.png", size=(16, 16), seed=k)
-        rows.append({"messages": [{"role": "user", "content": "<image>Which class?" + " really" * (k % 4)},
-                                  {"role": "assistant", "content": f"Class {k % 3}."}], "images": [f"img/{k}.png"]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "<image>Which class?" + " really" * (k % 4)},
+                    {"role": "assistant", "content": f"Class {k % 3}."},
+                ],
+                "images": [f"img/{k}.png"],
+            }
+        )
     (d / "vlm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d / "vlm.jsonl"

@@ -14,10 +14,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "train": "sftlab.api", "prepare": "sftlab.api", "evaluate": "sftlab.api", "generate": "sftlab.api",
-    "SFTConfig": "sftlab.config.schema", "load_config": "sftlab.config.loading", "ConfigError": "sftlab.config.schema",
-    "DatasetSource": "sftlab.data.sources", "TrainResult": "sftlab.trainer.run",
-    "SFTObjective": "sftlab.trainer.objective", "CallbackError": "sftlab.trainer.callbacks",
+    "train": "sftlab.api",
+    "prepare": "sftlab.api",
+    "evaluate": "sftlab.api",
+    "generate": "sftlab.api",
+    "SFTConfig": "sftlab.config.schema",
+    "load_config": "sftlab.config.loading",
+    "ConfigError": "sftlab.config.schema",
+    "DatasetSource": "sftlab.data.sources",
+    "TrainResult": "sftlab.trainer.run",
+    "SFTObjective": "sftlab.trainer.objective",
+    "CallbackError": "sftlab.trainer.callbacks",
 }
 __all__ = ["__version__", *_LAZY]
 

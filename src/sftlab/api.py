@@ -38,34 +38,64 @@ from sftlab.config.schema import ConfigError, DataConfig, SFTConfig, SourceConfi
 DataArg = Any  # Dataset | IterableDataset | list[dict] | DataFrame | str | Path | list of paths
 
 
-def train(config: str | Path | dict | SFTConfig | None = None, *, model: Any = None, tokenizer: Any = None,
-          train_dataset: DataArg = None, eval_dataset: DataArg | dict[str, DataArg] = None,
-          formatting_func: Any = None, callbacks: Any = (), objective: Any = None, console: Console | None = None,
-          resume_command: str | None = None, **overrides: Any):
+def train(
+    config: str | Path | dict | SFTConfig | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    train_dataset: DataArg = None,
+    eval_dataset: DataArg | dict[str, DataArg] = None,
+    formatting_func: Any = None,
+    callbacks: Any = (),
+    objective: Any = None,
+    console: Console | None = None,
+    resume_command: str | None = None,
+    **overrides: Any,
+):
     """Fine-tune; returns a `TrainResult` (output_dir, steps, final_loss, eval_loss, eval_losses, history,
     stopped). The model, tokenizer, report and metrics are written to `train.output_dir`."""
     from sftlab.trainer.callbacks import check_callbacks
     from sftlab.trainer.loop import run_training
 
-    cfg, inputs = _run_inputs(config, overrides, model, tokenizer, train_dataset, eval_dataset, formatting_func)
+    cfg, inputs = _run_inputs(
+        config, overrides, model, tokenizer, train_dataset, eval_dataset, formatting_func
+    )
     inputs.callbacks, inputs.objective = check_callbacks(callbacks), objective
     return run_training(cfg, console or Console(soft_wrap=True), resume_command, inputs)
 
 
-def prepare(config: str | Path | dict | SFTConfig | None = None, *, model: Any = None, tokenizer: Any = None,
-            train_dataset: DataArg = None, eval_dataset: DataArg | dict[str, DataArg] = None,
-            formatting_func: Any = None, console: Console | None = None, **overrides: Any):
+def prepare(
+    config: str | Path | dict | SFTConfig | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    train_dataset: DataArg = None,
+    eval_dataset: DataArg | dict[str, DataArg] = None,
+    formatting_func: Any = None,
+    console: Console | None = None,
+    **overrides: Any,
+):
     """Read, tokenize, mask, cache and pack the data exactly as `train` would; returns the `RunData`
     (tokenizer, template, train/eval examples, named eval sets, the data report)."""
     from sftlab.trainer.data import prepare_run_data
 
-    cfg, inputs = _run_inputs(config, overrides, model, tokenizer, train_dataset, eval_dataset, formatting_func)
+    cfg, inputs = _run_inputs(
+        config, overrides, model, tokenizer, train_dataset, eval_dataset, formatting_func
+    )
     return prepare_run_data(cfg, console, inputs)
 
 
-def evaluate(model: Any, eval_dataset: DataArg | dict[str, DataArg], *, tokenizer: Any = None,
-             config: str | Path | dict | SFTConfig | None = None, formatting_func: Any = None,
-             batch_size: int = 8, objective: Any = None, **overrides: Any) -> dict[str, float]:
+def evaluate(
+    model: Any,
+    eval_dataset: DataArg | dict[str, DataArg],
+    *,
+    tokenizer: Any = None,
+    config: str | Path | dict | SFTConfig | None = None,
+    formatting_func: Any = None,
+    batch_size: int = 8,
+    objective: Any = None,
+    **overrides: Any,
+) -> dict[str, float]:
     """The objective's loss of `model` (an object, or anything `sftlab generate` takes: a run, checkpoint
     or model directory, `default`, a hub id) on each eval set: {"eval_loss", "eval_target_tokens"} for
     one set; for a dict also {"eval/<name>_loss", ...} per set. The data go through the training
@@ -83,9 +113,17 @@ def evaluate(model: Any, eval_dataset: DataArg | dict[str, DataArg], *, tokenize
     out: dict[str, float] = {}
     totals = [0.0, 0]
     for name, dataset in sets.items():
-        examples, _, _ = build_datasets(data_cfg, tokenizer, cfg.train.seed, as_sources(dataset, name or None),
-                                        template=template, formatting_func=formatting_func)
-        total, norm = target_loss(model, examples, tokenizer.pad_token_id, batch_size, objective, model.device)
+        examples, _, _ = build_datasets(
+            data_cfg,
+            tokenizer,
+            cfg.train.seed,
+            as_sources(dataset, name or None),
+            template=template,
+            formatting_func=formatting_func,
+        )
+        total, norm = target_loss(
+            model, examples, tokenizer.pad_token_id, batch_size, objective, model.device
+        )
         totals = [totals[0] + total, totals[1] + norm]
         if name:
             out.update(objective.record(total, norm, f"eval/{name}_"))
@@ -94,9 +132,18 @@ def evaluate(model: Any, eval_dataset: DataArg | dict[str, DataArg], *, tokenize
     return out
 
 
-def generate(model: Any, prompts: str | list, *, tokenizer: Any = None, system: str | None = None,
-             tools: list[dict] | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, batch_size: int = 16) -> str | list[str]:
+def generate(
+    model: Any,
+    prompts: str | list,
+    *,
+    tokenizer: Any = None,
+    system: str | None = None,
+    tools: list[dict] | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+) -> str | list[str]:
     """Replies of `model` (an object, or a run/checkpoint/model directory, `default`, a hub id): to one
     prompt (a str, or one conversation as a list of messages) a str; to a list of those, a list.
     Greedy unless `temperature` > 0. The chat template is the tokenizer's (a run saves its own); `tools`
@@ -106,18 +153,36 @@ def generate(model: Any, prompts: str | list, *, tokenizer: Any = None, system: 
 
     check_sampling(temperature, top_p, ("temperature", "top_p"))
     model, tokenizer, _ = _model_for_inference(model, tokenizer, None, {})
-    single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+    single = isinstance(prompts, str) or (
+        isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
+    )
     items = [prompts] if single else list(prompts)
     head = [{"role": "system", "content": system}] if system else []
-    conversations = [head + ([{"role": "user", "content": p}] if isinstance(p, str) else list(p)) for p in items]
-    replies = [r.strip() for r in generate_replies(model, tokenizer, conversations, max_new_tokens, batch_size,
-                                                   temperature=temperature, top_p=top_p, tools=tools)]
+    conversations = [
+        head + ([{"role": "user", "content": p}] if isinstance(p, str) else list(p)) for p in items
+    ]
+    replies = [
+        r.strip()
+        for r in generate_replies(
+            model,
+            tokenizer,
+            conversations,
+            max_new_tokens,
+            batch_size,
+            temperature=temperature,
+            top_p=top_p,
+            tools=tools,
+        )
+    ]
     return replies[0] if single else replies
 
 
 # --- turning the arguments into a config and the run's inputs -----------------------------------
 
-def _run_inputs(config, overrides: dict[str, Any], model, tokenizer, train_dataset, eval_dataset, formatting_func):
+
+def _run_inputs(
+    config, overrides: dict[str, Any], model, tokenizer, train_dataset, eval_dataset, formatting_func
+):
     """(config, RunInputs): paths become config sources, objects travel in RunInputs."""
     from sftlab.trainer.inputs import RunInputs
 
@@ -127,19 +192,25 @@ def _run_inputs(config, overrides: dict[str, Any], model, tokenizer, train_datas
     elif model is not None:
         values["model.name_or_path"] = getattr(model, "name_or_path", "") or "<model object>"
     cfg = resolve_config(config, values)
-    inputs = RunInputs(model=None if isinstance(model, (str, Path)) else model, tokenizer=tokenizer,
-                       formatting_func=formatting_func)
+    inputs = RunInputs(
+        model=None if isinstance(model, (str, Path)) else model,
+        tokenizer=tokenizer,
+        formatting_func=formatting_func,
+    )
     train_files, inputs.train_sources = _split(as_sources(train_dataset))
     eval_files, inputs.eval_sources = _split(_eval_sources(eval_dataset))
     if train_files or eval_files:
-        data = cfg.data.model_copy(update={"train": [*cfg.data.train, *train_files],
-                                           "eval": [*cfg.data.eval, *eval_files]})
+        data = cfg.data.model_copy(
+            update={"train": [*cfg.data.train, *train_files], "eval": [*cfg.data.eval, *eval_files]}
+        )
         cfg = cfg.model_copy(update={"data": DataConfig.model_validate(data.model_dump())})
     return cfg, inputs
 
 
 def _split(specs: list) -> tuple[list[SourceConfig], list]:
-    return [s for s in specs if isinstance(s, SourceConfig)], [s for s in specs if not isinstance(s, SourceConfig)]
+    return [s for s in specs if isinstance(s, SourceConfig)], [
+        s for s in specs if not isinstance(s, SourceConfig)
+    ]
 
 
 def _eval_sources(eval_dataset) -> list:
@@ -148,7 +219,9 @@ def _eval_sources(eval_dataset) -> list:
     out = []
     for name, dataset in eval_dataset.items():
         if not isinstance(name, str) or not name or "/" in name:
-            raise ConfigError(f"eval_dataset: the names of eval sets are non-empty strings without '/', got {name!r}")
+            raise ConfigError(
+                f"eval_dataset: the names of eval sets are non-empty strings without '/', got {name!r}"
+            )
         out += as_sources(dataset, name)
     return out
 
@@ -164,8 +237,11 @@ def as_sources(dataset: DataArg, name: str | None = None) -> list:
     if isinstance(dataset, (str, Path)):
         return [SourceConfig(path=str(dataset), name=name)]
     if isinstance(dataset, (SourceConfig, DatasetSource)):
-        return [dataset.model_copy(update={"name": name}) if name and isinstance(dataset, SourceConfig)
-                else dataset]
+        return [
+            dataset.model_copy(update={"name": name})
+            if name and isinstance(dataset, SourceConfig)
+            else dataset
+        ]
     if isinstance(dataset, datasets.DatasetDict):
         raise ConfigError(f"a DatasetDict with splits {list(dataset)}: pass one split, e.g. dataset['train']")
     if isinstance(dataset, list) and dataset and all(isinstance(p, (str, Path)) for p in dataset):
@@ -188,8 +264,10 @@ def _as_dataset(obj: Any):
         return datasets.Dataset.from_list(obj)
     if type(obj).__name__ == "DataFrame":
         return datasets.Dataset.from_pandas(obj, preserve_index=False)
-    raise ConfigError(f"a dataset must be a datasets.Dataset/IterableDataset, a list of dicts, a pandas DataFrame "
-                      f"or a path; got {type(obj).__name__}")
+    raise ConfigError(
+        f"a dataset must be a datasets.Dataset/IterableDataset, a list of dicts, a pandas DataFrame "
+        f"or a path; got {type(obj).__name__}"
+    )
 
 
 def _rows_of(iterable):

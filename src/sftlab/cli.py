@@ -81,14 +81,21 @@ def cmd_train(ns: argparse.Namespace) -> int:
     path, overrides = _split_config_args(ns.args)
     overrides = _quick_overrides(ns) + overrides
     if path is None and gives_training_data(overrides):
-        console.print("[bold]sftlab[/bold]: no config file: the library defaults with your settings (save this as "
-                      "a YAML file to change more; `sftlab config reference` documents every key):", highlight=False)
+        console.print(
+            "[bold]sftlab[/bold]: no config file: the library defaults with your settings (save this as "
+            "a YAML file to change more; `sftlab config reference` documents every key):",
+            highlight=False,
+        )
         console.print(dump_config(cfg), markup=False, highlight=False, end="")
     elif path is None:
-        console.print("[bold]sftlab[/bold]: no config given, running the embedded demo "
-                      "(SmolLM2-135M-Instruct learns date conversion)" + (" with your overrides" if overrides else "")
-                      + "; `sftlab config show` prints it; `sftlab train --data FILE` starts from the library "
-                      "defaults instead", highlight=False)
+        console.print(
+            "[bold]sftlab[/bold]: no config given, running the embedded demo "
+            "(SmolLM2-135M-Instruct learns date conversion)"
+            + (" with your overrides" if overrides else "")
+            + "; `sftlab config show` prints it; `sftlab train --data FILE` starts from the library "
+            "defaults instead",
+            highlight=False,
+        )
     from sftlab.api import train
 
     result = train(cfg, console=console, resume_command=_resume_command(ns.argv))
@@ -108,9 +115,11 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     data = prepare(cfg, console=console)  # exactly what `sftlab train` does, so the cache keys match
     took = time.perf_counter() - start
     where = cache_dir(cfg.data.cache_dir) if cfg.data.cache else "off (data.cache=false)"
-    console.print(f"train {len(data.train)} examples ({data.train.num_tokens} tokens) -> {len(data.units)} rows "
-                  f"(packing: {cfg.data.packing}), eval {len(data.eval)}; prepared in {took:.1f}s; cache: {where}",
-                  highlight=False)
+    console.print(
+        f"train {len(data.train)} examples ({data.train.num_tokens} tokens) -> {len(data.units)} rows "
+        f"(packing: {cfg.data.packing}), eval {len(data.eval)}; prepared in {took:.1f}s; cache: {where}",
+        highlight=False,
+    )
     if ns.show:
         print_preview(data, cfg, console, ns.show)
     return 0
@@ -119,7 +128,9 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     """Merge a run's adapter into its base model and save a plain transformers model."""
     if not ns.merge:
-        raise ConfigError("sftlab export: only --merge is supported (the adapter itself is already in the run dir)")
+        raise ConfigError(
+            "sftlab export: only --merge is supported (the adapter itself is already in the run dir)"
+        )
     check_run_dir(ns.run_dir)
     from sftlab.model.adapters import is_adapter_dir
     from sftlab.trainer.outputs import export_merged
@@ -136,23 +147,39 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     columns, roles = check_eval_args(ns)  # before the import below (torch, transformers: seconds)
     from sftlab.trainer.evaluate import evaluate
 
-    res = evaluate(ns.model_dir, ns.data, match=ns.match, batch_size=ns.batch_size, max_new_tokens=ns.max_new_tokens,
-                   max_examples=ns.max_examples, columns=columns, roles=roles)
+    res = evaluate(
+        ns.model_dir,
+        ns.data,
+        match=ns.match,
+        batch_size=ns.batch_size,
+        max_new_tokens=ns.max_new_tokens,
+        max_examples=ns.max_examples,
+        columns=columns,
+        roles=roles,
+    )
     if ns.json:
         print(json.dumps(res, indent=1))
         return 0
-    console.print(f"[bold]{res['model']}[/bold] on {res['data']}: {res['examples']} examples "
-                  f"({res['target_tokens']} target tokens, loss on {res['loss_on']}; {res['bad_rows']} bad rows, "
-                  f"{res['over_length_dropped']} over length dropped)", highlight=False)
+    console.print(
+        f"[bold]{res['model']}[/bold] on {res['data']}: {res['examples']} examples "
+        f"({res['target_tokens']} target tokens, loss on {res['loss_on']}; {res['bad_rows']} bad rows, "
+        f"{res['over_length_dropped']} over length dropped)",
+        highlight=False,
+    )
     if res["mapping"]["from"] != "none":
-        console.print(f"fields mapped ({res['mapping']['from']}): columns {res['mapping']['columns']}, "
-                      f"roles {res['mapping']['roles']}", highlight=False)
+        console.print(
+            f"fields mapped ({res['mapping']['from']}): columns {res['mapping']['columns']}, "
+            f"roles {res['mapping']['roles']}",
+            highlight=False,
+        )
     console.print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}", highlight=False)
     if "exact_match" in res:
         em = res["exact_match"]
         console.print(f"exact match {em['correct']}/{em['total']} = {em['accuracy']:.1%}", highlight=False)
         for prompt, ref, pred in em["samples"][:3]:
-            console.print(f"  {prompt[:60]!r} -> {pred.strip()[:60]!r} (reference {ref[:60]!r})", highlight=False)
+            console.print(
+                f"  {prompt[:60]!r} -> {pred.strip()[:60]!r} (reference {ref[:60]!r})", highlight=False
+            )
     return 0
 
 
@@ -176,13 +203,22 @@ def _reply(ns: argparse.Namespace):
     check_reply_args(ns)  # before the import below (torch, transformers: seconds)
     from sftlab.trainer.inference import reply_function
 
-    return reply_function(ns.model_dir, tools_file=ns.tools, images=ns.image, seed=ns.seed,
-                          max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p)
+    return reply_function(
+        ns.model_dir,
+        tools_file=ns.tools,
+        images=ns.image,
+        seed=ns.seed,
+        max_new_tokens=ns.max_new_tokens,
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+    )
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
     reply = _reply(ns)
-    messages = ([{"role": "system", "content": ns.system}] if ns.system else []) + [{"role": "user", "content": ns.prompt}]
+    messages = ([{"role": "system", "content": ns.system}] if ns.system else []) + [
+        {"role": "user", "content": ns.prompt}
+    ]
     print(reply(messages))
     return 0
 
@@ -236,32 +272,29 @@ prepared: the cache and training are unchanged. Row schemas: docs/data.md."""
 
 def build_parser() -> argparse.ArgumentParser:
     from sftlab.trainer import hub as push  # `sftlab push` (its own module: cli.py stays short)
-    p = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning of causal language models.")
+
+    p = argparse.ArgumentParser(
+        prog="sftlab", description="Supervised fine-tuning of causal language models."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="fine-tune a model (no config: the embedded demo; --data: the library defaults)")
-    _config_args(t)
-    t.set_defaults(func=cmd_train)
-
-    pr = sub.add_parser("prepare", help="tokenize and cache the data ahead of training; print the data report",
-                        description=PREPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _config_args(pr)
-    pr.add_argument("--show", type=int, default=0, metavar="N", help=(
-        "also show what will be trained: N sampled examples per source (seeded by train.seed) with their target "
-        "tokens marked, each source's format, target-token share and lengths, the packing and a length histogram"))
-    pr.set_defaults(func=cmd_prepare)
+    _training_parsers(sub)
 
     c = sub.add_parser("config", help="config utilities")
     csub = c.add_subparsers(dest="config_command", required=True)
     cs = csub.add_parser("show", help="print the resolved config")
     _config_args(cs)
     cs.set_defaults(func=cmd_config_show)
-    cr = csub.add_parser("reference", help="print every config key with type, default and description (Markdown)")
+    cr = csub.add_parser(
+        "reference", help="print every config key with type, default and description (Markdown)"
+    )
     cr.set_defaults(func=lambda ns: print(config_reference()) or 0)
 
     _eval_parser(sub)
-    cc = sub.add_parser("convert-config", help="a TRL, axolotl or LLaMA-Factory config as sftlab YAML (docs/migrating.md)")
+    cc = sub.add_parser(
+        "convert-config", help="a TRL, axolotl or LLaMA-Factory config as sftlab YAML (docs/migrating.md)"
+    )
     cc.add_argument("file")
     cc.add_argument("--from", dest="tool", required=True, choices=TOOLS)
     cc.set_defaults(func=print_converted)
@@ -270,57 +303,123 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_report)
 
-    e = sub.add_parser("export", help="merge a LoRA run's adapter into its base model (a plain transformers model)")
+    e = sub.add_parser(
+        "export", help="merge a LoRA run's adapter into its base model (a plain transformers model)"
+    )
     e.add_argument("run_dir")
     e.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
     e.add_argument("--out", required=True, help="directory for the merged model")
     e.set_defaults(func=cmd_export)
     push.add_push_parser(sub)
 
-    for name, func, helptext in (("generate", cmd_generate, "one reply to a prompt (greedy unless --temperature)"),
-                                 ("chat", cmd_chat, "chat with a model (interactive; piped stdin: a reply per line)")):
+    _reply_parsers(sub)
+    return p
+
+
+def _training_parsers(sub) -> None:
+    """`sftlab train` and `sftlab prepare` (config file + dotted overrides)."""
+    t = sub.add_parser(
+        "train", help="fine-tune a model (no config: the embedded demo; --data: the library defaults)"
+    )
+    _config_args(t)
+    t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser(
+        "prepare",
+        help="tokenize and cache the data ahead of training; print the data report",
+        description=PREPARE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _config_args(pr)
+    pr.add_argument(
+        "--show",
+        type=int,
+        default=0,
+        metavar="N",
+        help=(
+            "also show what will be trained: N sampled examples per source (seeded by train.seed) with their target "
+            "tokens marked, each source's format, target-token share and lengths, the packing and a length histogram"
+        ),
+    )
+    pr.set_defaults(func=cmd_prepare)
+
+
+def _reply_parsers(sub) -> None:
+    """`sftlab generate` and `sftlab chat`: a model and the sampling settings."""
+    for name, func, helptext in (
+        ("generate", cmd_generate, "one reply to a prompt (greedy unless --temperature)"),
+        ("chat", cmd_chat, "chat with a model (interactive; piped stdin: a reply per line)"),
+    ):
         g = sub.add_parser(name, help=helptext)
         g.add_argument("model_dir", metavar="MODEL", help=MODEL_HELP)
         if name == "generate":
             g.add_argument("--prompt", required=True)
         g.add_argument("--system", default=None, help="system message")
-        g.add_argument("--tools", metavar="FILE", help="a JSON file: a list of tool schemas handed to the chat template")
-        g.add_argument("--image", action="append", metavar="PATH", help="an image shown to a vision-language model")
+        g.add_argument(
+            "--tools", metavar="FILE", help="a JSON file: a list of tool schemas handed to the chat template"
+        )
+        g.add_argument(
+            "--image", action="append", metavar="PATH", help="an image shown to a vision-language model"
+        )
         g.add_argument("--max-new-tokens", type=int, default=256)
-        g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
-        g.add_argument("--top-p", type=float, default=1.0, help="sampling: the nucleus probability mass (default 1)")
+        g.add_argument(
+            "--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling"
+        )
+        g.add_argument(
+            "--top-p", type=float, default=1.0, help="sampling: the nucleus probability mass (default 1)"
+        )
         g.add_argument("--seed", type=int, default=None, help="sampling: torch seed, for repeatable replies")
         g.set_defaults(func=func)
-    return p
 
 
-MODEL_HELP = ("`default` (the embedded SmolLM2-135M-Instruct), a run directory (LoRA adapters merged; an unfinished "
-              "run: its latest checkpoint), a checkpoint directory (RUN/checkpoints/step-N), a Hugging Face model "
-              "directory, a .gguf file or a hub id")
+MODEL_HELP = (
+    "`default` (the embedded SmolLM2-135M-Instruct), a run directory (LoRA adapters merged; an unfinished "
+    "run: its latest checkpoint), a checkpoint directory (RUN/checkpoints/step-N), a Hugging Face model "
+    "directory, a .gguf file or a hub id"
+)
 
 
 def _eval_parser(sub) -> None:
-    ev = sub.add_parser("eval", help="loss / perplexity (and exact match) of a model or run dir on a data file")
+    ev = sub.add_parser(
+        "eval", help="loss / perplexity (and exact match) of a model or run dir on a data file"
+    )
     ev.add_argument("model_dir", help=MODEL_HELP)
     ev.add_argument("--data", required=True, help="a data file in any supported format")
-    ev.add_argument("--match", action="store_true", help="also exact match of greedy replies (JSONL conversations)")
+    ev.add_argument(
+        "--match", action="store_true", help="also exact match of greedy replies (JSONL conversations)"
+    )
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--max-examples", type=int, default=None)
-    ev.add_argument("--columns", metavar="FIELD=YOURS,...", help=(
-        "rename the file's fields onto the format's, e.g. prompt=question,completion=answer (default: the run's "
-        "own mapping when all its training sources share one; docs/data.md)"))
-    ev.add_argument("--roles", metavar="YOURS=ROLE,...", help="rename role names, e.g. human=user,gpt=assistant")
+    ev.add_argument(
+        "--columns",
+        metavar="FIELD=YOURS,...",
+        help=(
+            "rename the file's fields onto the format's, e.g. prompt=question,completion=answer (default: the run's "
+            "own mapping when all its training sources share one; docs/data.md)"
+        ),
+    )
+    ev.add_argument(
+        "--roles", metavar="YOURS=ROLE,...", help="rename role names, e.g. human=user,gpt=assistant"
+    )
     ev.set_defaults(func=cmd_eval)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
-    p.add_argument("--data", action="append", metavar="FILE", help=(
-        "training data (repeat for a mix), as data.train=FILE; without a CONFIG the config starts from the library "
-        "defaults, not the demo. key=value overrides apply on top (data.train.0.columns=..., data.train.1.weight=...)"))
-    p.add_argument("--model", metavar="PATH", help="model.name_or_path (default: `default`, the embedded model)")
+    p.add_argument(
+        "--data",
+        action="append",
+        metavar="FILE",
+        help=(
+            "training data (repeat for a mix), as data.train=FILE; without a CONFIG the config starts from the library "
+            "defaults, not the demo. key=value overrides apply on top (data.train.0.columns=..., data.train.1.weight=...)"
+        ),
+    )
+    p.add_argument(
+        "--model", metavar="PATH", help="model.name_or_path (default: `default`, the embedded model)"
+    )
     p.add_argument("--out", metavar="DIR", help="train.output_dir")
 
 
@@ -344,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # key=value overrides after an option (`--data x.jsonl optim.lr=1e-4`)
         ns.args += extra
     ns.argv = argv
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if ns.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("sftlab").setLevel(logging.DEBUG if ns.verbose else logging.INFO)
     # bitsandbytes (imported by peft when installed) warns about optional CPU kernels at import
     logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if ns.verbose else logging.ERROR)
@@ -358,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:  # a signal stopped the run after its checkpoint: exit code 128 + signal number
         console.print(f"[bold yellow]interrupted[/bold yellow]: {e}", highlight=False)
         return e.exit_code
-    except SftlabError as e:  # sftlab's own refusals: one line; anything else is a bug and shows its traceback
+    except (
+        SftlabError
+    ) as e:  # sftlab's own refusals: one line; anything else is a bug and shows its traceback
         console.print(f"[bold red]error[/bold red]: {e}", highlight=False)
         return 2
 

@@ -50,8 +50,10 @@ def pairs(text: str | None, flag: str) -> dict[str, str] | None:
         return None
     parsed = [p.split("=", 1) for p in text.split(",") if p.strip()]
     if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in parsed):
-        raise SystemExit(f"error: {flag} takes name=value pairs separated by commas, e.g. "
-                         f"{'prompt=question,completion=answer' if flag == '--columns' else 'human=user,gpt=assistant'}")
+        raise SystemExit(
+            f"error: {flag} takes name=value pairs separated by commas, e.g. "
+            f"{'prompt=question,completion=answer' if flag == '--columns' else 'human=user,gpt=assistant'}"
+        )
     return {k.strip(): v.strip() for k, v in parsed}
 
 

@@ -35,8 +35,12 @@ def is_local_path(spec: str | os.PathLike) -> bool:
     if isinstance(spec, os.PathLike):
         return True
     text = str(spec)
-    return (text.startswith(LOCAL_PREFIXES) or "\\" in text or text.count("/") > 1
-            or _exists(Path(text).expanduser()))
+    return (
+        text.startswith(LOCAL_PREFIXES)
+        or "\\" in text
+        or text.count("/") > 1
+        or _exists(Path(text).expanduser())
+    )
 
 
 def not_found_message(what: str, spec: str | os.PathLike) -> str:
@@ -50,5 +54,7 @@ def missing_local_path(spec: str | os.PathLike, what: str = "model path") -> str
     spec is never sent to the Hub, so it fails at once instead of after the Hub's retries."""
     if not is_local_path(spec) or _exists(Path(spec).expanduser()):
         return None
-    return (not_found_message(what, spec) + "; a local path is never looked up on the Hugging Face Hub "
-            "(hub ids are `name` or `owner/name`)")
+    return (
+        not_found_message(what, spec) + "; a local path is never looked up on the Hugging Face Hub "
+        "(hub ids are `name` or `owner/name`)"
+    )

@@ -53,10 +53,13 @@ def test_prepared_models_are_what_save_state_numbers(fresh_state, tmp_path):
     assert all(a is b for a, b in zip(accelerate_compat.prepared_models(accelerator), [first, second]))
     accelerator.save_state(str(tmp_path), safe_serialization=True)
     for i, model in enumerate(accelerate_compat.prepared_models(accelerator)):
-        with safe_open(str(tmp_path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")), "pt") as f:
+        with safe_open(
+            str(tmp_path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")), "pt"
+        ) as f:
             saved = set(f.keys())
         assert saved <= set(model.state_dict()) and saved >= {n for n, _ in model.named_parameters()} - {
-            "lm_head.weight"}  # a tied head is stored once
+            "lm_head.weight"
+        }  # a tied head is stored once
 
 
 def test_bare_model_strips_the_compile_wrapper_under_ddp_too(fresh_state, tmp_path):

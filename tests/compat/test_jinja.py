@@ -17,12 +17,17 @@ def _template(source: str) -> jinja2.Template:
 
 
 def test_render_shared_renders_what_render_renders():
-    template = _template("{{ shout(name) }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
-                         "{% if add_generation_prompt %}>{% endif %}{{ missing | default('-') }}")
+    template = _template(
+        "{{ shout(name) }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+        "{% if add_generation_prompt %}>{% endif %}{{ missing | default('-') }}"
+    )
     kwargs = {"name": "hi", "messages": [{"content": "a"}, {"content": "b"}], "add_generation_prompt": True}
     assert hasattr(template, "root_render_func")
-    assert jinja_compat.render_shared(template, {**template.globals, **kwargs}) == template.render(**kwargs) \
+    assert (
+        jinja_compat.render_shared(template, {**template.globals, **kwargs})
+        == template.render(**kwargs)
         == "HI![a][b]>-"
+    )
 
 
 def test_render_shared_raises_what_render_raises():

@@ -15,6 +15,8 @@ def test_apply_liger_kernel_to_instance_exists_and_takes_the_kernel_switches():
 
     params = inspect.signature(_apply_liger_kernel_to_instance).parameters
     assert "model" in params
-    assert any(p.kind is p.VAR_KEYWORD for p in params.values()) \
-        or {"fused_linear_cross_entropy", "cross_entropy"} <= set(params)
+    assert any(p.kind is p.VAR_KEYWORD for p in params.values()) or {
+        "fused_linear_cross_entropy",
+        "cross_entropy",
+    } <= set(params)
     assert {"reduction", "softcap"} <= set(inspect.signature(LigerFusedLinearCrossEntropyLoss).parameters)

@@ -34,7 +34,9 @@ def test_version_counter_grows_with_every_in_place_write():
     assert v1 > v0
     t[0].fill_(7)  # through a view
     assert torch_compat.version_counter(t) > v1
-    assert torch_compat.version_counter(t.expand(4, 2, 3)) == torch_compat.version_counter(t)  # views share it
+    assert torch_compat.version_counter(t.expand(4, 2, 3)) == torch_compat.version_counter(
+        t
+    )  # views share it
 
 
 @pytest.mark.parametrize("feature", ["amx_tile", "avx512_bf16"])

@@ -29,10 +29,16 @@ def test_compile_chat_template_renders_what_apply_chat_template_renders():
     tok = build_tokenizer()
     for messages in CONVERSATIONS:
         for prompt in (False, True):
-            variables = {**compiled.globals, "messages": messages, "add_generation_prompt": prompt, "tools": None,
-                         "documents": None}
+            variables = {
+                **compiled.globals,
+                "messages": messages,
+                "add_generation_prompt": prompt,
+                "tools": None,
+                "documents": None,
+            }
             assert jinja_compat.render_shared(compiled, variables) == tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=prompt)
+                messages, tokenize=False, add_generation_prompt=prompt
+            )
     with pytest.raises(jinja2.TemplateSyntaxError):
         transformers_compat.compile_chat_template("{% for m in messages %}")
 
@@ -92,8 +98,9 @@ def test_no_split_modules():
 def test_forget_quantization_lets_a_marked_model_save_as_float(tmp_path):
     model = build_model(64)
     assert getattr(model, "hf_quantizer", None) is None
-    model.hf_quantizer = types.SimpleNamespace(quantization_config=types.SimpleNamespace(quant_method="gguf"),
-                                               is_serializable=lambda: False)
+    model.hf_quantizer = types.SimpleNamespace(
+        quantization_config=types.SimpleNamespace(quant_method="gguf"), is_serializable=lambda: False
+    )
     model.config.quantization_config = {"quant_method": "gguf"}
     with pytest.raises(ValueError, match="quantized"):  # save_pretrained reads model.hf_quantizer
         model.save_pretrained(tmp_path / "refused")

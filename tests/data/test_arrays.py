@@ -21,13 +21,27 @@ from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 
 ROWS_BY_FORMAT = {
     "messages": [{"messages": c} for c in CONVERSATIONS],
-    "prompt_completion": [{"prompt": "What is 2+2?", "completion": "4"},
-                          {"prompt": [{"role": "user", "content": "Hi"}], "completion": [
-                              {"role": "assistant", "content": "Hello there"}]}],
-    "alpaca": [{"instruction": "Add the numbers", "input": "2 and 3", "output": "5"},
-               {"instruction": "Say hi", "input": "", "output": "hi"}],
-    "sharegpt": [{"conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi!"},
-                                    {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye!"}]}],
+    "prompt_completion": [
+        {"prompt": "What is 2+2?", "completion": "4"},
+        {
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello there"}],
+        },
+    ],
+    "alpaca": [
+        {"instruction": "Add the numbers", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+    ],
+    "sharegpt": [
+        {
+            "conversations": [
+                {"from": "human", "value": "Hello"},
+                {"from": "gpt", "value": "Hi!"},
+                {"from": "human", "value": "Bye"},
+                {"from": "gpt", "value": "Bye!"},
+            ]
+        }
+    ],
     "text": [{"text": "the quick brown fox jumps", "loss_masking_spans": [[4, 8]]}, {"text": "plain text"}],
     # the second row's labels are not its ids: kept exactly through the sparse label fixes
     "pretokenized": [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [9, 10, 11], "labels": [-100, 12, 11]}],
@@ -48,8 +62,13 @@ def pairs(examples) -> list[tuple[list[int], list[int]]]:
 def test_every_format_round_trips_exactly(fmt, cache, tmp_path, tokenizer):
     rows = ROWS_BY_FORMAT[fmt]
     path = write_jsonl(tmp_path / f"{fmt}.jsonl", rows)
-    cfg = DataConfig(train=[SourceConfig(path=str(path), format=fmt)], cache=cache, cache_dir=str(tmp_path / "c"),
-                     eval_fraction=0.0, max_seq_length=4096)
+    cfg = DataConfig(
+        train=[SourceConfig(path=str(path), format=fmt)],
+        cache=cache,
+        cache_dir=str(tmp_path / "c"),
+        eval_fraction=0.0,
+        max_seq_length=4096,
+    )
     want = expected(rows, fmt, tokenizer)
     for _ in range(2 if cache else 1):  # written, then read back from the cache
         train, _, report = build_datasets(cfg, tokenizer, seed=0)
@@ -78,22 +97,33 @@ def test_chunking_and_workers_give_byte_identical_arrays(procs, tmp_path, tokeni
 
     def build(rows_per_chunk, num_proc, where):
         monkeypatch.setattr(reading, "ROWS_PER_CHUNK", rows_per_chunk)
-        cfg = DataConfig(train=[SourceConfig(path=str(path))], cache_dir=str(where), num_proc=num_proc,
-                         max_bad_fraction=0.5, max_seq_length=4096)
+        cfg = DataConfig(
+            train=[SourceConfig(path=str(path))],
+            cache_dir=str(where),
+            num_proc=num_proc,
+            max_bad_fraction=0.5,
+            max_seq_length=4096,
+        )
         return build_datasets(cfg, tokenizer, seed=0)
 
     joined = []
     real_append_file = ArrayWriter.append_file
-    monkeypatch.setattr(ArrayWriter, "append_file", lambda self, *a: joined.append(a) or real_append_file(self, *a))
+    monkeypatch.setattr(
+        ArrayWriter, "append_file", lambda self, *a: joined.append(a) or real_append_file(self, *a)
+    )
     one_big, _, r1 = build(100_000, 1, tmp_path / "big")
     small, _, r2 = build(5, procs, tmp_path / "small")
-    assert len(joined) == (2 * -(-len(many_rows()) // 5) if procs == 2 else 0)  # every chunk: ids + targets files
+    assert len(joined) == (
+        2 * -(-len(many_rows()) // 5) if procs == 2 else 0
+    )  # every chunk: ids + targets files
     assert entry_bytes(tmp_path / "big") == entry_bytes(tmp_path / "small")
     assert pairs(one_big) == pairs(small)
     if procs == 2:  # same chunking, other process count: the same checksums, so the same resume fingerprint
         assert build(5, 1, tmp_path / "small-1")[0].fingerprint() == small.fingerprint()
     assert (r1.rows, r1.bad, r1.bad_examples) == (r2.rows, r2.bad, r2.bad_examples) and r1.bad == 14
-    assert not [p for p in (tmp_path / "small").rglob("*chunk*")]  # the workers' shards were joined and removed
+    assert not [
+        p for p in (tmp_path / "small").rglob("*chunk*")
+    ]  # the workers' shards were joined and removed
 
 
 def test_long_chunks_tokenized_in_parts_give_byte_identical_arrays(tmp_path, tokenizer, monkeypatch):
@@ -102,13 +132,20 @@ def test_long_chunks_tokenized_in_parts_give_byte_identical_arrays(tmp_path, tok
     path = write_jsonl(tmp_path / "mixed.jsonl", many_rows())
     checked = []
     real = tokenize.tokenize_chunk
-    monkeypatch.setattr(tokenize, "tokenize_chunk", lambda recs, *a, first=0: checked.append((first, len(recs)))
-                        or real(recs, *a, first=first))
+    monkeypatch.setattr(
+        tokenize,
+        "tokenize_chunk",
+        lambda recs, *a, first=0: checked.append((first, len(recs))) or real(recs, *a, first=first),
+    )
 
     def build(chars, where):
         monkeypatch.setattr(tokenize, "TOKENIZE_CHARS", chars)
-        cfg = DataConfig(train=[SourceConfig(path=str(path))], cache_dir=str(where), max_bad_fraction=0.5,
-                         max_seq_length=4096)
+        cfg = DataConfig(
+            train=[SourceConfig(path=str(path))],
+            cache_dir=str(where),
+            max_bad_fraction=0.5,
+            max_seq_length=4096,
+        )
         return build_datasets(cfg, tokenizer, seed=0)
 
     whole, _, r1 = build(1 << 20, tmp_path / "whole")
@@ -116,14 +153,20 @@ def test_long_chunks_tokenized_in_parts_give_byte_identical_arrays(tmp_path, tok
     parts, _, r2 = build(40, tmp_path / "parts")
     assert len(checked) > 10 and sum(n for _, n in checked[1:]) == sum(n for _, n in checked[:1])
     assert entry_bytes(tmp_path / "whole") == entry_bytes(tmp_path / "parts")
-    assert pairs(whole) == pairs(parts) and r1.summary() == r2.summary() and r1.bad_examples == r2.bad_examples
+    assert (
+        pairs(whole) == pairs(parts) and r1.summary() == r2.summary() and r1.bad_examples == r2.bad_examples
+    )
 
 
 def test_targets_are_counted_a_block_at_a_time(tmp_path, tokenizer, monkeypatch):
     """The per-example target counts never copy the whole target array to int64 (8 bytes a token)."""
     path = write_jsonl(tmp_path / "mixed.jsonl", many_rows())
-    cfg = DataConfig(train=[SourceConfig(path=str(path))], cache_dir=str(tmp_path / "c"), max_bad_fraction=0.5,
-                     max_seq_length=4096)
+    cfg = DataConfig(
+        train=[SourceConfig(path=str(path))],
+        cache_dir=str(tmp_path / "c"),
+        max_bad_fraction=0.5,
+        max_seq_length=4096,
+    )
     want = build_datasets(cfg, tokenizer, seed=0)[2].sources[0].targets
     store = TokenArrays(next((tmp_path / "c").iterdir()))
     per = np.add.reduceat(store.targets, store.offsets[:-1], dtype=np.int64)
@@ -157,7 +200,9 @@ def test_labels_are_stored_compactly_and_rebuilt_exactly(tmp_path):
         writer.add_examples(np.array([len(i)]), np.array([1]), np.array([0]), fp, fv)
     writer.close()
     arrays = TokenArrays(tmp_path)
-    assert arrays.targets.dtype == np.uint8 and arrays.fix_pos.tolist() == [5] and arrays.fix_val.tolist() == [9]
+    assert (
+        arrays.targets.dtype == np.uint8 and arrays.fix_pos.tolist() == [5] and arrays.fix_val.tolist() == [9]
+    )
     ex = Examples.whole(arrays)
     assert pairs(ex) == [(list(a), list(b)) for a, b in docs]
     assert [ex.num_targets(i) for i in range(3)] == [2, 1, 0]
@@ -182,11 +227,15 @@ def test_verification_catches_a_flipped_byte_anywhere(tmp_path):
 
 def test_packing_plans_on_lengths_and_builds_rows_when_indexed(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS_BY_FORMAT["messages"] * 5)
-    train, _, _ = build_datasets(DataConfig(train=[SourceConfig(path=str(path))], cache=False), tokenizer, seed=0)
+    train, _, _ = build_datasets(
+        DataConfig(train=[SourceConfig(path=str(path))], cache=False), tokenizer, seed=0
+    )
     as_list = list(train)
     for packing in ("bfd", "wrapped"):
         lazy, eager = pack_examples(train, packing, 256), pack_examples(as_list, packing, 256)
         assert len(lazy) == len(eager) and lazy.lengths.tolist() == [len(r) for r in eager]
-        assert all((a.input_ids, a.labels, a.doc_lengths) == (b.input_ids, b.labels, b.doc_lengths)
-                   for a, b in zip(lazy, eager))
+        assert all(
+            (a.input_ids, a.labels, a.doc_lengths) == (b.input_ids, b.labels, b.doc_lengths)
+            for a, b in zip(lazy, eager)
+        )
     assert pack_examples(train, "bfd", 256).fingerprint() != pack_examples(train, "bfd", 512).fingerprint()

@@ -43,12 +43,16 @@ def test_second_run_skips_tokenization(data_file, cache_dir, calls, tokenizer):
     second, _, r2 = build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)
     assert calls["n"] == 1 and r2.sources[0].cached and "(cached)" in r2.summary()
     assert ids(second) == ids(first)
-    assert (r2.rows, r2.bad, r2.bad_examples) == (r1.rows, r1.bad, r1.bad_examples) == (12, 1, r1.bad_examples)
+    assert (
+        (r2.rows, r2.bad, r2.bad_examples) == (r1.rows, r1.bad, r1.bad_examples) == (12, 1, r1.bad_examples)
+    )
     assert "d.jsonl:12 field 'messages': no assistant turn" in r2.bad_examples[0]
     # what is applied after the cache does not invalidate it, and cached examples keep their line numbers
     build_datasets(cfg_for(data_file, cache_dir, max_seq_length=64, eval_fraction=0.2), tokenizer, seed=5)
     with pytest.raises(DataError, match=r"d.jsonl:1: \d+ tokens exceed data.max_seq_length=8"):
-        build_datasets(cfg_for(data_file, cache_dir, max_seq_length=8, on_overlength="error"), tokenizer, seed=0)
+        build_datasets(
+            cfg_for(data_file, cache_dir, max_seq_length=8, on_overlength="error"), tokenizer, seed=0
+        )
     assert calls["n"] == 1
 
 
@@ -68,7 +72,9 @@ def test_key_follows_what_changes_tokens(change, data_file, cache_dir, calls, to
         tok = build_tokenizer()
         tok.add_tokens(["<extra>"])
     else:
-        cfg = DataConfig(train=[SourceConfig(path=str(data_file), format="messages")], cache_dir=str(cache_dir))
+        cfg = DataConfig(
+            train=[SourceConfig(path=str(data_file), format="messages")], cache_dir=str(cache_dir)
+        )
     build_datasets(cfg, tok, seed=0)
     assert calls["n"] == 2
 
@@ -78,8 +84,18 @@ def test_cache_files_are_safe_and_complete(data_file, cache_dir, tokenizer):
     (entry,) = [p for p in cache_dir.iterdir()]
     assert not entry.name.startswith(".tmp")
     assert sorted(p.name for p in entry.iterdir()) == sorted(
-        ["arrays.json", "meta.json", "ids.bin", "targets.bin", "offsets.bin", "lines.bin", "files.bin",
-         "fix_pos.bin", "fix_val.bin"])
+        [
+            "arrays.json",
+            "meta.json",
+            "ids.bin",
+            "targets.bin",
+            "offsets.bin",
+            "lines.bin",
+            "files.bin",
+            "fix_pos.bin",
+            "fix_val.bin",
+        ]
+    )
     flat = np.fromfile(entry / "ids.bin", dtype=np.uint16)  # the tiny vocabulary fits 16 bits
     offsets = np.fromfile(entry / "offsets.bin", dtype=np.int64)
     assert offsets[-1] == len(flat) == sum(len(e.input_ids) for e in train)
@@ -99,7 +115,9 @@ def test_interrupted_write_leaves_nothing(data_file, cache_dir, calls, tokenizer
         return real_append(self, *args, **kwargs)
 
     monkeypatch.setattr(ArrayWriter, "append", failing_append)
-    good, _, _ = build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)  # a failed write is not fatal
+    good, _, _ = build_datasets(
+        cfg_for(data_file, cache_dir), tokenizer, seed=0
+    )  # a failed write is not fatal
     assert list(cache_dir.iterdir()) == []  # no entry, no temporary directory
     monkeypatch.setattr(ArrayWriter, "append", real_append)
     assert ids(build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)[0]) == ids(good)
@@ -125,7 +143,9 @@ def test_corrupted_entries_are_detected_and_rebuilt(damage, data_file, cache_dir
     assert calls["n"] == 2 and not report.sources[0].cached
     assert ids(again) == good
     assert any("rebuilding" in r.message for r in caplog.records)
-    _, _, third = build_datasets(cfg_for(data_file, cache_dir), tokenizer, seed=0)  # the rebuilt entry is good
+    _, _, third = build_datasets(
+        cfg_for(data_file, cache_dir), tokenizer, seed=0
+    )  # the rebuilt entry is good
     assert third.sources[0].cached and calls["n"] == 2
 
 

@@ -38,11 +38,15 @@ def test_token_budget_stream_is_seeded_and_resumable():
     lengths = lengths_of(120)
     a = MicroBatchStream(120, 0, seed=3, lengths=lengths, global_tokens=600)
     first = list(itertools.islice(iter(a), 2 * a.batches_per_epoch + 5))
-    assert first[: a.batches_per_epoch] != first[a.batches_per_epoch: 2 * a.batches_per_epoch]  # new order per epoch
+    assert (
+        first[: a.batches_per_epoch] != first[a.batches_per_epoch : 2 * a.batches_per_epoch]
+    )  # new order per epoch
     assert sorted(i for b in first[: a.batches_per_epoch] for i in b) == list(range(120))
     b = MicroBatchStream(120, 0, seed=3, lengths=lengths, global_tokens=600)
     head = list(itertools.islice(iter(b), 7))
-    resumed = MicroBatchStream(120, 0, seed=3, lengths=lengths, global_tokens=600, epoch=b.epoch, index=b.index)
+    resumed = MicroBatchStream(
+        120, 0, seed=3, lengths=lengths, global_tokens=600, epoch=b.epoch, index=b.index
+    )
     assert head + list(itertools.islice(iter(resumed), len(first) - 7)) == first
     other = MicroBatchStream(120, 0, seed=4, lengths=lengths, global_tokens=600)
     assert list(itertools.islice(iter(other), 5)) != first[:5]

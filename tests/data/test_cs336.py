@@ -13,8 +13,10 @@ from tokenizers import processors
 
 from sftlab.data import PackedSFTDataset, iterate_batches
 
-ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-          "request.\n\n### Instruction:\n{prompt}\n\n### Response:\n{response}")
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{prompt}\n\n### Response:\n{response}"
+)
 
 ROWS = [
     {"prompt": "What is the capital of France?", "response": "The capital of France is Paris."},
@@ -31,7 +33,8 @@ def bos_tokenizer():
     """Like the shared tokenizer, but its default encoding prepends BOS (as Llama-style tokenizers do)."""
     tok = build_tokenizer()
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|im_start|> $A", special_tokens=[("<|im_start|>", tok.bos_token_id)])
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", tok.bos_token_id)]
+    )
     assert tok.encode("Hello")[0] == tok.bos_token_id
     return tok
 
@@ -68,15 +71,17 @@ def test_items_are_consecutive_chunks_of_the_stream(request, data_file, tok_name
         item = ds[i]
         assert set(item) == {"input_ids", "labels"}
         assert item["input_ids"].dtype == torch.long and item["labels"].dtype == torch.long
-        assert item["input_ids"].tolist() == stream[i * seq_length:(i + 1) * seq_length]
-        assert item["labels"].tolist() == stream[i * seq_length + 1:(i + 1) * seq_length + 1]
+        assert item["input_ids"].tolist() == stream[i * seq_length : (i + 1) * seq_length]
+        assert item["labels"].tolist() == stream[i * seq_length + 1 : (i + 1) * seq_length + 1]
     with pytest.raises(IndexError):
         ds[len(ds)]
 
 
 def test_bos_and_eos_delimit_documents(data_file, tokenizer, bos_tokenizer):
     for tok, starts_with_bos in ((tokenizer, False), (bos_tokenizer, True)):
-        docs = split_docs(PackedSFTDataset(tok, data_file, 8, shuffle=False).tokens.tolist(), tok.eos_token_id)
+        docs = split_docs(
+            PackedSFTDataset(tok, data_file, 8, shuffle=False).tokens.tolist(), tok.eos_token_id
+        )
         assert len(docs) == len(ROWS)
         assert all((d[0] == tok.bos_token_id) == starts_with_bos for d in docs)
         assert tok.decode(docs[0], skip_special_tokens=True) == ALPACA.format(**ROWS[0])
@@ -86,7 +91,9 @@ def test_chunk_count_edge(data_file, tokenizer):
     n = len(PackedSFTDataset(tokenizer, data_file, 8, shuffle=False).tokens)
     for m in (n, n - 1, (n - 1) // 2, (n - 1) // 3 + 1, n + 5):
         assert len(PackedSFTDataset(tokenizer, data_file, m, shuffle=False)) == (n - 1) // m
-    assert len(PackedSFTDataset(tokenizer, data_file, n, shuffle=False)) == 0  # no next token for a full chunk
+    assert (
+        len(PackedSFTDataset(tokenizer, data_file, n, shuffle=False)) == 0
+    )  # no next token for a full chunk
     assert len(PackedSFTDataset(tokenizer, data_file, n - 1, shuffle=False)) == 1
     last = PackedSFTDataset(tokenizer, data_file, n - 1, shuffle=False)[0]
     assert last["labels"][-1].item() == tokenizer.eos_token_id  # the stream's final token is a label
@@ -121,7 +128,9 @@ def test_iterate_batches(data_file, tokenizer, batch_size):
         assert batch["input_ids"].shape == batch["labels"].shape == (size, 8)
         assert batch["input_ids"].dtype == torch.long
     for key in ("input_ids", "labels"):
-        assert torch.equal(torch.cat([b[key] for b in got]), torch.stack([ds[i][key] for i in range(len(ds))]))
+        assert torch.equal(
+            torch.cat([b[key] for b in got]), torch.stack([ds[i][key] for i in range(len(ds))])
+        )
 
 
 def test_iterate_batches_shuffle_is_a_permutation_of_chunks(data_file, tokenizer):
@@ -135,6 +144,7 @@ def test_iterate_batches_shuffle_is_a_permutation_of_chunks(data_file, tokenizer
 
 def test_bad_rows_name_file_line_and_field(tmp_path, tokenizer):
     from sftlab.data import PackedSFTDataset
+
     p = tmp_path / "d.jsonl"
     p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"d.jsonl:2 field 'response'"):

@@ -9,7 +9,12 @@ from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.dataset import DataError, build_datasets
 from sftlab.data.masking import IGNORE_INDEX
 
-GOOD = {"messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hello! How can I help you today?"}]}
+GOOD = {
+    "messages": [
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hello! How can I help you today?"},
+    ]
+}
 
 
 @pytest.fixture(autouse=True)
@@ -27,15 +32,21 @@ def targets(tokenizer, ex) -> str:
 
 
 def test_bad_rows_are_skipped_counted_and_located(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        GOOD,
-        '{"messages": [{"role": "user", "content": "hi"}',  # line 2: invalid JSON
-        {"messages": [{"role": "user", "content": "no answer"}]},  # line 3: no assistant turn
-        {"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]},  # line 4
-        {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]},  # line 5
-        GOOD,
-        {"prompt": "Numbers: one", "completion": "two"},
-    ] * 2)
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            GOOD,
+            '{"messages": [{"role": "user", "content": "hi"}',  # line 2: invalid JSON
+            {"messages": [{"role": "user", "content": "no answer"}]},  # line 3: no assistant turn
+            {
+                "messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]
+            },  # line 4
+            {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]},  # line 5
+            GOOD,
+            {"prompt": "Numbers: one", "completion": "two"},
+        ]
+        * 2,
+    )
     train, evals, report = build_datasets(cfg_for(path, max_bad_fraction=0.6), tokenizer, seed=0)
     assert len(train) == 6 and report.bad == 8 and report.rows == 14
     text = "\n".join(report.bad_examples)
@@ -81,18 +92,30 @@ def test_max_bad_fraction_applies_to_each_source(tmp_path, tokenizer):
 def test_a_source_left_without_examples_is_an_error_naming_it(tmp_path, tokenizer):
     good = write_jsonl(tmp_path / "good.jsonl", [GOOD] * 4)
     bad = write_jsonl(tmp_path / "chat.jsonl", ["{"] * 2)
-    long = {"messages": [{"role": "user", "content": "one two three " * 40}, {"role": "assistant", "content": "four"}]}
+    long = {
+        "messages": [
+            {"role": "user", "content": "one two three " * 40},
+            {"role": "assistant", "content": "four"},
+        ]
+    }
     too_long = write_jsonl(tmp_path / "long.jsonl", [long] * 2)
-    cfg = DataConfig(train=[SourceConfig(path=str(good))], max_bad_fraction=1.0, max_seq_length=128,
-                     eval=[SourceConfig(path=str(good), name="gsm"), SourceConfig(path=str(bad), name="chat")])
+    cfg = DataConfig(
+        train=[SourceConfig(path=str(good))],
+        max_bad_fraction=1.0,
+        max_seq_length=128,
+        eval=[SourceConfig(path=str(good), name="gsm"), SourceConfig(path=str(bad), name="chat")],
+    )
     with pytest.raises(DataError) as e:  # every row bad, even where any fraction of bad rows is allowed
         build_datasets(cfg, tokenizer, seed=0)
     assert str(e.value).startswith(f"eval set 'chat' ({bad}): no examples left: all 2 rows are bad")
     assert f"{bad}:1: invalid JSON" in str(e.value)
     cfg.eval = [SourceConfig(path=str(good))]
     cfg.train = [SourceConfig(path=str(good)), SourceConfig(path=str(too_long))]
-    with pytest.raises(DataError, match=rf"train source {too_long}: no examples left: its 2 examples are longer than "
-                                        r"data.max_seq_length=128 \(data.on_overlength=drop\)"):
+    with pytest.raises(
+        DataError,
+        match=rf"train source {too_long}: no examples left: its 2 examples are longer than "
+        r"data.max_seq_length=128 \(data.on_overlength=drop\)",
+    ):
         build_datasets(cfg, tokenizer, seed=0)
 
 
@@ -109,14 +132,21 @@ def test_prompt_completion_labels_only_completion(tmp_path, tokenizer):
 
 
 def test_length_policy_is_never_silent(tmp_path, tokenizer):
-    long = {"messages": [{"role": "user", "content": "one two three " * 40}, {"role": "assistant", "content": "four"}]}
+    long = {
+        "messages": [
+            {"role": "user", "content": "one two three " * 40},
+            {"role": "assistant", "content": "four"},
+        ]
+    }
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, long])
     train, _, report = build_datasets(cfg_for(path, max_seq_length=128), tokenizer, seed=0)
     assert len(train) == 1 and report.overlength_dropped == 1 and "dropped" in report.summary()
     with pytest.raises(DataError, match="exceed data.max_seq_length=128"):
         build_datasets(cfg_for(path, max_seq_length=128, on_overlength="error"), tokenizer, seed=0)
     # truncation keeps the start; this one loses its only target tokens, so it is dropped and counted
-    train, _, report = build_datasets(cfg_for(path, max_seq_length=128, on_overlength="truncate"), tokenizer, seed=0)
+    train, _, report = build_datasets(
+        cfg_for(path, max_seq_length=128, on_overlength="truncate"), tokenizer, seed=0
+    )
     assert len(train) == 1 and report.no_target_after_truncation == 1
 
 
@@ -131,10 +161,18 @@ def test_eval_fraction_is_seeded_and_disjoint(tmp_path, tokenizer):
 
 
 def test_alpaca_and_sharegpt_rows_train_on_the_answer(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"instruction": "Convert the date.", "input": "March 5, 2021", "output": "2021-03-05"},
-        {"conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "How can I help?"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"instruction": "Convert the date.", "input": "March 5, 2021", "output": "2021-03-05"},
+            {
+                "conversations": [
+                    {"from": "human", "value": "Hello!"},
+                    {"from": "gpt", "value": "How can I help?"},
+                ]
+            },
+        ],
+    )
     (alpaca, sharegpt), _, _ = build_datasets(cfg_for(path), tokenizer, seed=0)
     assert targets(tokenizer, alpaca) == "2021-03-05<|im_end|>"
     assert "Convert the date.\n\nMarch 5, 2021" in tokenizer.decode(alpaca.input_ids)
@@ -143,43 +181,63 @@ def test_alpaca_and_sharegpt_rows_train_on_the_answer(tmp_path, tokenizer):
 
 def test_text_rows_mask_spans_and_end_with_eos(tmp_path, tokenizer):
     text = "the quick brown fox"
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"text": text, "loss_masking_spans": [[4, 8]]},  # "quick", inclusive
-        {"text": text + "<|im_end|>"},  # already ends with EOS: not doubled
-        {"text": text, "loss_masking_spans": [[4, 19]]},  # end == len(text): out of range
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"text": text, "loss_masking_spans": [[4, 8]]},  # "quick", inclusive
+            {"text": text + "<|im_end|>"},  # already ends with EOS: not doubled
+            {"text": text, "loss_masking_spans": [[4, 19]]},  # end == len(text): out of range
+        ],
+    )
     (masked, plain), _, report = build_datasets(cfg_for(path), tokenizer, seed=0)
     assert "quick" not in targets(tokenizer, masked) and targets(tokenizer, masked).endswith("fox<|im_end|>")
-    assert masked.input_ids[-1] == tokenizer.eos_token_id and plain.input_ids.count(tokenizer.eos_token_id) == 1
+    assert (
+        masked.input_ids[-1] == tokenizer.eos_token_id and plain.input_ids.count(tokenizer.eos_token_id) == 1
+    )
     assert plain.labels[1:] == plain.input_ids[1:]
     assert f"{path}:3 field 'loss_masking_spans[0]': span [4, 19] is out of range" in report.bad_examples[0]
 
 
 def test_pretokenized_rows_are_checked_against_the_vocabulary(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"input_ids": [5, 6, 7], "labels": [-100, -100, 7]},
-        {"input_ids": [5, len(tokenizer)]},
-        {"input_ids": [5, 6], "labels": [-100, -100]},
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"input_ids": [5, 6, 7], "labels": [-100, -100, 7]},
+            {"input_ids": [5, len(tokenizer)]},
+            {"input_ids": [5, 6], "labels": [-100, -100]},
+        ],
+    )
     (ex,), _, report = build_datasets(cfg_for(path, max_bad_fraction=0.7), tokenizer, seed=0)
     assert ex.input_ids == [5, 6, 7] and ex.labels == [-100, -100, 7]
-    assert f"{path}:2 field 'input_ids[1]': token id {len(tokenizer)} is outside the vocabulary" in report.bad_examples[0]
+    assert (
+        f"{path}:2 field 'input_ids[1]': token id {len(tokenizer)} is outside the vocabulary"
+        in report.bad_examples[0]
+    )
     assert f"{path}:3: no target tokens" in report.bad_examples[1]
 
 
 def test_summary_names_sources_bad_rows_and_length_policy(tmp_path, tokenizer):
-    long = {"messages": [{"role": "user", "content": "one two three " * 40}, {"role": "assistant", "content": "four"}]}
+    long = {
+        "messages": [
+            {"role": "user", "content": "one two three " * 40},
+            {"role": "assistant", "content": "four"},
+        ]
+    }
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, long, "{"])
     train, _, report = build_datasets(cfg_for(path, max_seq_length=128), tokenizer, seed=0)
     first, source, details = report.summary().splitlines()
     assert first.startswith("2 examples kept of 4 rows (train 2, eval 0")
     assert "1 bad rows skipped" in first and "1 over max_seq_length dropped" in first
-    assert source == (f"  train[0] {path}: 4 rows, 1 bad, 3 examples, 1 over length dropped -> 2 train"
-                      " (direct ChatML rendering, checked against the template)")
+    assert source == (
+        f"  train[0] {path}: 4 rows, 1 bad, 3 examples, 1 over length dropped -> 2 train"
+        " (direct ChatML rendering, checked against the template)"
+    )
     n = len(train[0].input_ids)  # the two kept examples are the same row
     targets = sum(label != IGNORE_INDEX for label in train[0].labels)
-    assert details == (f"    format: messages (3 rows); targets: {targets / n:.1%} of {2 * n} tokens; "
-                       f"lengths: min {n}, median {n}, p95 {n}, max {n} tokens")
+    assert details == (
+        f"    format: messages (3 rows); targets: {targets / n:.1%} of {2 * n} tokens; "
+        f"lengths: min {n}, median {n}, p95 {n}, max {n} tokens"
+    )
 
 
 def test_cli_prepare_builds_the_cache_then_reuses_it(tmp_path, tiny_model_dir, capsys):
@@ -187,8 +245,10 @@ def test_cli_prepare_builds_the_cache_then_reuses_it(tmp_path, tiny_model_dir, c
 
     data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model: {{name_or_path: {tiny_model_dir}}}\n"  # max_seq_length within its 512 positions
-                   f"data: {{train: [{{path: {data}}}], max_seq_length: 256}}\n")
+    cfg.write_text(
+        f"model: {{name_or_path: {tiny_model_dir}}}\n"  # max_seq_length within its 512 positions
+        f"data: {{train: [{{path: {data}}}], max_seq_length: 256}}\n"
+    )
     assert main(["prepare", str(cfg)]) == 0
     first = capsys.readouterr().out
     assert "3 examples kept of 3 rows" in first and "(cached)" not in first
@@ -213,9 +273,11 @@ def test_text_rows_need_no_chat_template_but_chat_rows_do(tmp_path):
 
 def test_rows_the_template_refuses_are_bad_records(tmp_path, tokenizer):
     tpl = tmp_path / "no_tools.jinja"
-    tpl.write_text("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}"
-                   "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tpl.write_text(
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}"
+        "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     tool = {"messages": [GOOD["messages"][0], {"role": "tool", "content": "42"}, GOOD["messages"][1]]}
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, tool, GOOD])
     train, _, report = build_datasets(cfg_for(path, chat_template=str(tpl)), tokenizer, seed=0)
@@ -224,14 +286,21 @@ def test_rows_the_template_refuses_are_bad_records(tmp_path, tokenizer):
 
 
 def test_truncation_inside_an_assistant_turn_is_reported(tmp_path, tokenizer):
-    long_answer = {"messages": [{"role": "user", "content": "Hello!"},
-                                {"role": "assistant", "content": "one two three " * 40}]}
+    long_answer = {
+        "messages": [
+            {"role": "user", "content": "Hello!"},
+            {"role": "assistant", "content": "one two three " * 40},
+        ]
+    }
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, long_answer])
-    train, _, report = build_datasets(cfg_for(path, max_seq_length=128, on_overlength="truncate"), tokenizer, seed=0)
+    train, _, report = build_datasets(
+        cfg_for(path, max_seq_length=128, on_overlength="truncate"), tokenizer, seed=0
+    )
     cut = max(train, key=lambda e: len(e.input_ids))
     assert len(cut.input_ids) == 128 and cut.labels[-1] != IGNORE_INDEX  # keeps the start of the answer
-    assert tokenizer.convert_tokens_to_ids("<|im_end|>") not in [t for t, lab in zip(cut.input_ids, cut.labels)
-                                                                  if lab != IGNORE_INDEX]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") not in [
+        t for t, lab in zip(cut.input_ids, cut.labels) if lab != IGNORE_INDEX
+    ]
     assert report.overlength_truncated == 1 and report.truncated_inside_turn == 1
     assert "1 cut inside a trained turn" in report.summary()
 
@@ -242,7 +311,11 @@ def test_multi_turn_rows_of_phi3_and_gpt_oss_are_kept_and_masked_as_the_tagged_t
     from test_masking import GPT_OSS_CHATS, PHI3_CHATS, family, twin_reference
 
     tok, text = family(name)
-    chats = [c for c in (GPT_OSS_CHATS if name == "gpt_oss" else PHI3_CHATS).values() if c[0]["role"] != "developer"]
+    chats = [
+        c
+        for c in (GPT_OSS_CHATS if name == "gpt_oss" else PHI3_CHATS).values()
+        if c[0]["role"] != "developer"
+    ]
     tpl = tmp_path / f"{name}.jinja"
     tpl.write_text(text, encoding="utf-8")
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": c} for c in chats])
@@ -257,6 +330,7 @@ def test_add_bos_starts_chat_examples_with_an_untrained_bos(tmp_path):
 
     from sftlab.config.schema import DataConfig
     from sftlab.data.dataset import build_datasets
+
     tok = build_tokenizer()
     tok.bos_token = "<|endoftext|>"  # a BOS the ChatML template never writes
     path = write_jsonl(tmp_path / "c.jsonl", chat_rows()[:2])

@@ -16,23 +16,52 @@ from sftlab.data.fast_chatml import ChatMLRenderer
 from sftlab.data.templates import BUILTIN_TEMPLATES
 from sftlab.data.types import TemplateError
 
-PIECES = ["Hello", " there", "\n", "\n\n", "  ", "\t", "<|im_end|>", "<|im_start|>", "{{ x }}", "é", "42", "",
-          "<tool_response>", "</tool_response>", "system", "assistant\n"]
+PIECES = [
+    "Hello",
+    " there",
+    "\n",
+    "\n\n",
+    "  ",
+    "\t",
+    "<|im_end|>",
+    "<|im_start|>",
+    "{{ x }}",
+    "é",
+    "42",
+    "",
+    "<tool_response>",
+    "</tool_response>",
+    "system",
+    "assistant\n",
+]
 
 
 def random_conversation(rng: random.Random) -> list[dict]:
     n = rng.randint(1, 6)
     roles = ([rng.choice(["system", "user"])] if rng.random() < 0.5 else []) + [
-        rng.choice(["user", "assistant", "assistant", "system"]) for _ in range(n)]
-    return [{"role": r, "content": "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 6)))} for r in roles]
+        rng.choice(["user", "assistant", "assistant", "system"]) for _ in range(n)
+    ]
+    return [
+        {"role": r, "content": "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 6)))} for r in roles
+    ]
 
 
 def kwargs_of(tok) -> dict:
     return dict(tok.special_tokens_map)
 
 
-REFUSED = ("llama3", "mistral", "gemma", "chatml_tools_generation", "phi3", "phi3_5", "gpt_oss",
-           "phi3_generation", "phi3_5_generation", "gpt_oss_generation")
+REFUSED = (
+    "llama3",
+    "mistral",
+    "gemma",
+    "chatml_tools_generation",
+    "phi3",
+    "phi3_5",
+    "gpt_oss",
+    "phi3_generation",
+    "phi3_5_generation",
+    "gpt_oss_generation",
+)
 
 
 @pytest.mark.parametrize("name", ["chatml", "qwen3", *REFUSED])
@@ -65,8 +94,14 @@ def test_builtin_chatml_is_detected_and_other_builtins_are_not():
         assert masking.detect_chatml(BUILTIN_TEMPLATES[name], kwargs_of(tok)) is None, name
 
 
-@pytest.mark.parametrize("change", ["message['content'] | trim", "message['content'] + ' '",
-                                   "message['content'] | replace('\\n\\n', '\\n')"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "message['content'] | trim",
+        "message['content'] + ' '",
+        "message['content'] | replace('\\n\\n', '\\n')",
+    ],
+)
 def test_templates_that_alter_content_are_refused(change):
     template = CHATML_TEMPLATE.replace("message['content']", change)
     assert masking.detect_chatml(template, kwargs_of(build_tokenizer())) is None
@@ -74,27 +109,39 @@ def test_templates_that_alter_content_are_refused(change):
 
 def test_plain_conversations_only():
     fast = ChatMLRenderer("")
-    assert fast.text_and_spans([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                               "assistant") is not None
-    for conv in ([{"role": "tool", "content": "x"}, {"role": "assistant", "content": "a"}],
-                 [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>hm</think>a"}],
-                 [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "tool_calls": []}],
-                 [{"role": "user", "content": ["parts"]}, {"role": "assistant", "content": "a"}],
-                 [{"role": "user", "content": "no answer"}]):
+    assert (
+        fast.text_and_spans(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "assistant"
+        )
+        is not None
+    )
+    for conv in (
+        [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "a"}],
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>hm</think>a"}],
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "tool_calls": []}],
+        [{"role": "user", "content": ["parts"]}, {"role": "assistant", "content": "a"}],
+        [{"role": "user", "content": "no answer"}],
+    ):
         assert fast.text_and_spans(conv, "assistant") is None
 
 
 # A ChatML template that differs from the direct renderer on one content only: probes cannot see it.
-SNEAKY = CHATML_TEMPLATE.replace("message['content'] + '<|im_end|>'",
-                                 "(message['content'] if message['content'] != 'MAGIC' else 'magic!') + '<|im_end|>'")
+SNEAKY = CHATML_TEMPLATE.replace(
+    "message['content'] + '<|im_end|>'",
+    "(message['content'] if message['content'] != 'MAGIC' else 'magic!') + '<|im_end|>'",
+)
 
 
 @pytest.mark.parametrize("position", [0, 8])  # row 0: chunk 0 (all checked); row 8: first row of chunk 2
-def test_a_difference_on_the_data_rebuilds_the_source_through_the_template(position, tmp_path, monkeypatch, caplog):
+def test_a_difference_on_the_data_rebuilds_the_source_through_the_template(
+    position, tmp_path, monkeypatch, caplog
+):
     tok = build_tokenizer(SNEAKY)
     assert masking.detect_chatml(SNEAKY, kwargs_of(tok)) is not None
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-            for i in range(12)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(12)
+    ]
     rows[position]["messages"][1]["content"] = "MAGIC"
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     monkeypatch.setattr(reading, "ROWS_PER_CHUNK", 4)
@@ -121,7 +168,11 @@ def test_direct_encoding_equals_the_wrapper_and_respects_truncation():
 
 def test_template_errors_still_come_from_the_template():
     fast = ChatMLRenderer("")
-    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "r"}]
+    conv = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "r"},
+    ]
     assert fast.text_and_spans(conv, "completion") is None  # judged by the template path, which refuses it
     with pytest.raises(TemplateError):
         masking._text_and_spans(conv, "completion", CHATML_TEMPLATE, None, {})

@@ -7,6 +7,7 @@ import pickle
 import pytest
 
 from sftlab.data.formats import (
+    READERS,
     BadRecord,
     ColumnMap,
     Conversation,
@@ -15,7 +16,6 @@ from sftlab.data.formats import (
     detect_format,
     to_record,
 )
-from sftlab.data.formats import READERS
 
 U = {"role": "user", "content": "Hello!"}
 A = {"role": "assistant", "content": "Hi."}
@@ -31,28 +31,44 @@ def bad(row, fmt="auto", **kw) -> BadRecord:
     return e.value
 
 
-@pytest.mark.parametrize("row,fmt", [
-    ({"messages": [U, A]}, "messages"),
-    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}, "sharegpt"),
-    ({"prompt": "x", "completion": "y"}, "prompt_completion"),
-    ({"instruction": "x", "input": "", "output": "y"}, "alpaca"),
-    ({"instruction": "x", "context": "", "response": "y", "category": "open_qa"}, "dolly"),
-    ({"instruction": "x", "output": "y", "response": "z"}, "alpaca"),  # the first format in ROW_FORMATS order
-    ({"input_ids": [1, 2]}, "pretokenized"),
-    ({"text": "abc"}, "text"),
-    ({"messages": None, "text": "abc"}, "text"),  # columnar sources pad absent fields with None
-])
+@pytest.mark.parametrize(
+    "row,fmt",
+    [
+        ({"messages": [U, A]}, "messages"),
+        ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}, "sharegpt"),
+        ({"prompt": "x", "completion": "y"}, "prompt_completion"),
+        ({"instruction": "x", "input": "", "output": "y"}, "alpaca"),
+        ({"instruction": "x", "context": "", "response": "y", "category": "open_qa"}, "dolly"),
+        (
+            {"instruction": "x", "output": "y", "response": "z"},
+            "alpaca",
+        ),  # the first format in ROW_FORMATS order
+        ({"input_ids": [1, 2]}, "pretokenized"),
+        ({"text": "abc"}, "text"),
+        ({"messages": None, "text": "abc"}, "text"),  # columnar sources pad absent fields with None
+    ],
+)
 def test_detect_format(row, fmt):
     assert detect_format(row) == fmt
 
 
 def test_messages_multi_turn_with_tools_and_tool_role():
     tools = [{"type": "function", "function": {"name": "f"}}]
-    msgs = [{"role": "system", "content": "s"}, U,
-            {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
-            {"role": "tool", "content": "42"}, A]
+    msgs = [
+        {"role": "system", "content": "s"},
+        U,
+        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
+        {"role": "tool", "content": "42"},
+        A,
+    ]
     c = rec({"messages": msgs, "tools": tools})
-    assert isinstance(c, Conversation) and [m["role"] for m in c.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert isinstance(c, Conversation) and [m["role"] for m in c.messages] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+    ]
     assert c.tools == tools and "content" not in c.messages[2]
 
 
@@ -65,23 +81,47 @@ def test_prompt_completion_strings_and_message_lists():
 
 def test_alpaca_joins_instruction_and_input():
     c = rec({"instruction": "Translate.", "input": "Bonjour", "output": "Hello"})
-    assert c.messages == [{"role": "user", "content": "Translate.\n\nBonjour"}, {"role": "assistant", "content": "Hello"}]
+    assert c.messages == [
+        {"role": "user", "content": "Translate.\n\nBonjour"},
+        {"role": "assistant", "content": "Hello"},
+    ]
     c = rec({"instruction": "Say hi.", "input": "", "output": "Hi", "system": "Be brief."})
-    assert c.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."},
-                          {"role": "assistant", "content": "Hi"}]
+    assert c.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "Hi"},
+    ]
     assert rec({"instruction": "Say hi.", "output": "Hi"}).messages[0]["content"] == "Say hi."
 
 
 def test_sharegpt_roles():
-    row = {"system": "sys", "tools": '[{"name": "f"}]', "conversations": [
-        {"from": "human", "value": "q"}, {"from": "function_call", "value": '{"name": "f"}'},
-        {"from": "observation", "value": "42"}, {"from": "gpt", "value": "a"},
-        {"from": "user", "value": "q2"}, {"from": "assistant", "value": "a2"}]}
+    row = {
+        "system": "sys",
+        "tools": '[{"name": "f"}]',
+        "conversations": [
+            {"from": "human", "value": "q"},
+            {"from": "function_call", "value": '{"name": "f"}'},
+            {"from": "observation", "value": "42"},
+            {"from": "gpt", "value": "a"},
+            {"from": "user", "value": "q2"},
+            {"from": "assistant", "value": "a2"},
+        ],
+    }
     c = rec(row)
-    assert [m["role"] for m in c.messages] == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
+    assert [m["role"] for m in c.messages] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+        "assistant",
+    ]
     assert c.tools == [{"type": "function", "function": {"name": "f"}}]  # a bare schema, wrapped
-    assert c.messages[2] == {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f",
-                                                                                                "arguments": {}}}]}
+    assert c.messages[2] == {
+        "role": "assistant",
+        "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}],
+    }
     e = bad({"conversations": [{"from": "alien", "value": "q"}, {"from": "gpt", "value": "a"}]})
     assert e.field_name == "conversations[0].from" and "unknown role 'alien'" in e.reason
     e = bad({"conversations": [{"from": "human", "value": "q"}]})
@@ -89,19 +129,28 @@ def test_sharegpt_roles():
 
 
 def sharegpt_call(value, before=("human", "q")):
-    return {"conversations": [{"from": before[0], "value": before[1]}, {"from": "function_call", "value": value},
-                              {"from": "observation", "value": "42"}, {"from": "gpt", "value": "a"}]}
+    return {
+        "conversations": [
+            {"from": before[0], "value": before[1]},
+            {"from": "function_call", "value": value},
+            {"from": "observation", "value": "42"},
+            {"from": "gpt", "value": "a"},
+        ]
+    }
 
 
 CALL = {"type": "function", "function": {"name": "area", "arguments": {"shape": "circle", "r": [4]}}}
 
 
-@pytest.mark.parametrize("value", [
-    '{"name": "area", "arguments": {"shape": "circle", "r": [4]}}',  # glaive / LLaMA-Factory
-    '{"name": "area", "arguments": "{\\"shape\\": \\"circle\\", \\"r\\": [4]}"}',  # arguments as a JSON string
-    '{"name": "area", "parameters": {"shape": "circle", "r": [4]}}',  # Llama's key
-    '{"type": "function", "function": {"name": "area", "arguments": {"shape": "circle", "r": [4]}}}',  # OpenAI's
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        '{"name": "area", "arguments": {"shape": "circle", "r": [4]}}',  # glaive / LLaMA-Factory
+        '{"name": "area", "arguments": "{\\"shape\\": \\"circle\\", \\"r\\": [4]}"}',  # arguments as a JSON string
+        '{"name": "area", "parameters": {"shape": "circle", "r": [4]}}',  # Llama's key
+        '{"type": "function", "function": {"name": "area", "arguments": {"shape": "circle", "r": [4]}}}',  # OpenAI's
+    ],
+)
 def test_sharegpt_function_call_becomes_tool_calls(value):
     c = rec(sharegpt_call(value))
     assert c.messages[1] == {"role": "assistant", "tool_calls": [CALL]}
@@ -110,7 +159,10 @@ def test_sharegpt_function_call_becomes_tool_calls(value):
 
 def test_sharegpt_function_calls_join_the_assistant_turn_before_them():
     c = rec(sharegpt_call('[{"name": "area", "arguments": {"shape": "circle", "r": [4]}}, {"name": "b"}]'))
-    assert c.messages[1]["tool_calls"] == [CALL, {"type": "function", "function": {"name": "b", "arguments": {}}}]
+    assert c.messages[1]["tool_calls"] == [
+        CALL,
+        {"type": "function", "function": {"name": "b", "arguments": {}}},
+    ]
     row = sharegpt_call('{"name": "area", "arguments": {"shape": "circle", "r": [4]}}')
     row["conversations"].insert(1, {"from": "gpt", "value": "Let me compute it."})
     c = rec(row)  # text then a call: one assistant turn that says something and calls
@@ -121,13 +173,16 @@ def test_sharegpt_function_calls_join_the_assistant_turn_before_them():
     assert [len(m.get("tool_calls", [])) for m in c.messages] == [0, 1, 1, 0, 0]
 
 
-@pytest.mark.parametrize("value,why", [
-    ("calculate_area(5, 3)", "this is not JSON: Expecting value (column 1)"),
-    ('{"arguments": {}}', "call 0: expected an object"),
-    ("[]", "empty list of calls"),
-    ('{"name": "f", "arguments": "{oops"}', "call 0: `arguments` is a string that is not JSON"),
-    ('{"name": "f", "arguments": [1, 2]}', "call 0: `arguments` must be an object"),
-])
+@pytest.mark.parametrize(
+    "value,why",
+    [
+        ("calculate_area(5, 3)", "this is not JSON: Expecting value (column 1)"),
+        ('{"arguments": {}}', "call 0: expected an object"),
+        ("[]", "empty list of calls"),
+        ('{"name": "f", "arguments": "{oops"}', "call 0: `arguments` is a string that is not JSON"),
+        ('{"name": "f", "arguments": [1, 2]}', "call 0: `arguments` must be an object"),
+    ],
+)
 def test_bad_function_call_names_the_turn_value(value, why):
     e = bad(sharegpt_call(value))
     assert e.field_name == "conversations[1].value" and why in e.reason
@@ -139,10 +194,17 @@ def test_text_with_spans():
     assert isinstance(t, TextRecord) and t.spans == [(0, 1), (3, 5)]
 
 
-@pytest.mark.parametrize("spans,why", [
-    ([[0, 6]], "out of range"), ([[4, 2]], "out of range"), ([[-1, 2]], "out of range"),
-    ([[1]], "pair of integers"), ([["a", 2]], "pair of integers"), ([[True, 2]], "pair of integers"),
-])
+@pytest.mark.parametrize(
+    "spans,why",
+    [
+        ([[0, 6]], "out of range"),
+        ([[4, 2]], "out of range"),
+        ([[-1, 2]], "out of range"),
+        ([[1]], "pair of integers"),
+        ([["a", 2]], "pair of integers"),
+        ([[True, 2]], "pair of integers"),
+    ],
+)
 def test_bad_spans_name_the_field(spans, why):
     e = bad({"text": "abcdef", "loss_masking_spans": spans})
     assert e.field_name == "loss_masking_spans[0]" and why in e.reason
@@ -161,20 +223,34 @@ def test_pretokenized_validation():
     assert bad({"input_ids": []}).reason == "empty"
 
 
-@pytest.mark.parametrize("row,field,reason", [
-    ({"messages": [{"content": "x"}, A]}, "messages[0].role", "missing"),
-    ({"messages": [{"role": "user", "content": ""}, A]}, "messages[0].content", "empty user message"),
-    ({"messages": [U, {"role": "assistant", "content": " "}]}, "messages[1].content", "empty assistant message"),
-    ({"messages": [U, {"role": "assistant", "content": 5}]}, "messages[1].content",
-     "must be a string or a list of content parts"),
-    ({"messages": [U, {"role": "assistant", "content": ["x"]}]}, "messages[1].content[0]", "must be a content part"),
-    ({"messages": "hi"}, "messages", "non-empty list"),
-    ({"prompt": 5, "completion": "y"}, "prompt", "must be str or list"),
-    ({"instruction": "x", "output": ""}, "output", "empty"),
-    ({"instruction": "x", "input": 3, "output": "y"}, "input", "must be str"),
-    ({"text": 5}, "text", "must be str"),
-    ({"foo": 1}, None, "cannot detect the row format"),
-])
+@pytest.mark.parametrize(
+    "row,field,reason",
+    [
+        ({"messages": [{"content": "x"}, A]}, "messages[0].role", "missing"),
+        ({"messages": [{"role": "user", "content": ""}, A]}, "messages[0].content", "empty user message"),
+        (
+            {"messages": [U, {"role": "assistant", "content": " "}]},
+            "messages[1].content",
+            "empty assistant message",
+        ),
+        (
+            {"messages": [U, {"role": "assistant", "content": 5}]},
+            "messages[1].content",
+            "must be a string or a list of content parts",
+        ),
+        (
+            {"messages": [U, {"role": "assistant", "content": ["x"]}]},
+            "messages[1].content[0]",
+            "must be a content part",
+        ),
+        ({"messages": "hi"}, "messages", "non-empty list"),
+        ({"prompt": 5, "completion": "y"}, "prompt", "must be str or list"),
+        ({"instruction": "x", "output": ""}, "output", "empty"),
+        ({"instruction": "x", "input": 3, "output": "y"}, "input", "must be str"),
+        ({"text": 5}, "text", "must be str"),
+        ({"foo": 1}, None, "cannot detect the row format"),
+    ],
+)
 def test_bad_rows(row, field, reason):
     e = bad(row)
     assert e.field_name == field and reason in e.reason
@@ -191,12 +267,18 @@ def test_row_unit_and_pickling():
     assert str(pickle.loads(pickle.dumps(e))) == str(e)
 
 
-@pytest.mark.parametrize("row,says", [
-    ({"instruction": "x", "answer": "y"}, "closest format: alpaca, which also needs 'output'"),
-    ({"instruction": "x", "context": "c", "answer": "y"}, "closest format: dolly, which also needs 'response'"),
-    ({"prompt": "x", "answer": "y"}, "closest format: prompt_completion, which also needs 'completion'"),
-    ({"question": "x", "answer": "y"}, "map them in the source's `columns`"),
-])
+@pytest.mark.parametrize(
+    "row,says",
+    [
+        ({"instruction": "x", "answer": "y"}, "closest format: alpaca, which also needs 'output'"),
+        (
+            {"instruction": "x", "context": "c", "answer": "y"},
+            "closest format: dolly, which also needs 'response'",
+        ),
+        ({"prompt": "x", "answer": "y"}, "closest format: prompt_completion, which also needs 'completion'"),
+        ({"question": "x", "answer": "y"}, "map them in the source's `columns`"),
+    ],
+)
 def test_a_row_fitting_no_format_names_the_closest_one_and_what_it_lacks(row, says):
     err = bad(row)
     assert says in err.reason and "cannot detect the row format from its keys" in err.reason
@@ -217,7 +299,9 @@ def test_mapped_fields_are_renamed_and_named_as_the_source_names_them():
     assert err.field_name == "chat[0].speaker" and "roles: {wizard: assistant}" in err.reason
     err = bad({"instruction": "x", "response": " "}, "alpaca", columns=ColumnMap({"output": "response"}))
     assert (err.field_name, err.reason) == ("response", "empty")
-    r = rec({"instruction": "x", "output": "old", "response": "new"}, columns=ColumnMap({"output": "response"}))
+    r = rec(
+        {"instruction": "x", "output": "old", "response": "new"}, columns=ColumnMap({"output": "response"})
+    )
     assert r.messages[-1]["content"] == "new" and r.unknown == ("output",)  # the mapped field wins
 
 
@@ -227,24 +311,34 @@ def test_text_content_parts_read_as_the_string_form_in_every_role(tokenizer):
     def parts(text):
         return [{"type": "text", "text": text[:3]}, {"type": "text", "text": text[3:]}]
 
-    plain = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello!"},
-             {"role": "assistant", "content": "Hello! How can I help you today?"}]
+    plain = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hello! How can I help you today?"},
+    ]
     with_parts = [{**m, "content": parts(m["content"])} for m in plain]
     a, b = rec({"messages": plain}), rec({"messages": with_parts})
     assert b.messages == a.messages
-    pc = rec({"prompt": [{"role": "user", "content": parts("Hello!")}],
-              "completion": [{"role": "assistant", "content": parts("Hi there.")}]})
+    pc = rec(
+        {
+            "prompt": [{"role": "user", "content": parts("Hello!")}],
+            "completion": [{"role": "assistant", "content": parts("Hi there.")}],
+        }
+    )
     assert [m["content"] for m in pc.messages] == ["Hello!", "Hi there."]
     ours, ref = tokenize_conversations(tokenizer, [b.messages, a.messages], "assistant", None)
     assert ours.input_ids == ref.input_ids and ours.labels == ref.labels
 
 
-@pytest.mark.parametrize("part,says", [
-    ({"type": "image", "image": "cat.png"}, "an image part: images need a vision-language model"),
-    ({"type": "image_url", "image_url": {"url": "x"}}, "an image_url part"),
-    ({"type": "audio"}, "must be a content part"),
-    ("just text", "must be a content part"),
-])
+@pytest.mark.parametrize(
+    "part,says",
+    [
+        ({"type": "image", "image": "cat.png"}, "an image part: images need a vision-language model"),
+        ({"type": "image_url", "image_url": {"url": "x"}}, "an image_url part"),
+        ({"type": "audio"}, "must be a content part"),
+        ("just text", "must be a content part"),
+    ],
+)
 def test_other_content_parts_are_bad_rows_naming_the_part(part, says):
     e = bad({"messages": [{"role": "user", "content": [{"type": "text", "text": "Look:"}, part]}, A]})
     assert e.field_name == "messages[0].content[1]" and says in e.reason and e.line == 3
@@ -253,7 +347,9 @@ def test_other_content_parts_are_bad_rows_naming_the_part(part, says):
 def test_image_rows_are_their_own_kind_of_bad_record_and_survive_pickling():
     from sftlab.data.types import ImageRow
 
-    e = bad({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, A]})
+    e = bad(
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, A]}
+    )
     assert isinstance(e, ImageRow) and e.field_name == "messages[0].content[0]"
     again = pickle.loads(pickle.dumps(e))  # worker processes send bad rows back pickled
     assert isinstance(again, ImageRow) and str(again) == str(e)
@@ -265,40 +361,87 @@ def test_mapping_hints_are_added_only_where_a_mapping_exists_and_a_field_is_miss
     row = {"instruction": "Add one.", "input": "", "output": "2"}
     with_map = bad(row, columns=ColumnMap({"output": "response"}))
     assert "the row has `output` itself" in with_map.reason and with_map.line == 3
-    assert "columns" not in bad({"instruction": "Add one.", "output": ""}).reason  # an empty output: no mapping hint
-    empty = bad({"instruction": "Add one.", "input": "", "response": ""}, columns=ColumnMap({"output": "response"}))
+    assert (
+        "columns" not in bad({"instruction": "Add one.", "output": ""}).reason
+    )  # an empty output: no mapping hint
+    empty = bad(
+        {"instruction": "Add one.", "input": "", "response": ""}, columns=ColumnMap({"output": "response"})
+    )
     assert empty.field_name == "response" and empty.reason == "empty"  # the field is there: no hint to give
 
 
 def test_llamafactory_v1_text_parts_name_their_text_value():
     # LLaMA-Factory's data/v1_sft_demo.jsonl: {"type": "text", "value": ...}; its image parts stay refused
-    v1 = rec({"messages": [{"role": "user", "content": [{"type": "text", "value": "hi"}]},
-                           {"role": "assistant", "content": [{"type": "text", "value": "Hello! "},
-                                                             {"type": "text", "value": "I am here."}]}]})
+    v1 = rec(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "value": "hi"}]},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "value": "Hello! "},
+                        {"type": "text", "value": "I am here."},
+                    ],
+                },
+            ]
+        }
+    )
     assert [m["content"] for m in v1.messages] == ["hi", "Hello! I am here."]
     e = bad({"messages": [{"role": "user", "content": [{"type": "image", "value": "1.jpg"}]}, A]})
-    assert e.field_name == "messages[0].content[0]" and "an image part: images need a vision-language model" in e.reason
+    assert (
+        e.field_name == "messages[0].content[0]"
+        and "an image part: images need a vision-language model" in e.reason
+    )
     e = bad({"messages": [{"role": "user", "content": [{"type": "text", "value": 3}]}, A]})
     assert "must be a content part" in e.reason
 
 
 # Two tools with different keys, as `datasets` holds them: Arrow merges the structs of all rows, so each row's
 # schema and call arguments get the other row's keys filled in with None (`"amount": null` in get_weather's call)
-WEATHER = {"name": "get_weather", "description": "Weather in a city", "parameters": {"type": "object", "properties": {
-    "date": {"type": "string", "description": "ISO date"}, "city": {"type": "string"},
-    "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city"]}}
-CONVERT = {"name": "convert", "parameters": {"type": "object", "properties": {
-    "date": {"type": "string", "enum": ["today", "yesterday"]}, "amount": {"type": "number"},
-    "to": {"type": "string"}}, "required": ["amount", "to"]}}
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "date": {"type": "string", "description": "ISO date"},
+            "city": {"type": "string"},
+            "unit": {"type": "string", "enum": ["c", "f"]},
+        },
+        "required": ["city"],
+    },
+}
+CONVERT = {
+    "name": "convert",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "date": {"type": "string", "enum": ["today", "yesterday"]},
+            "amount": {"type": "number"},
+            "to": {"type": "string"},
+        },
+        "required": ["amount", "to"],
+    },
+}
 
 
 def tool_row(tool, args, answer):
     call = {"type": "function", "function": {"name": tool["name"], "arguments": args}}
-    return {"tools": [tool], "messages": [U, {"role": "assistant", "content": "", "tool_calls": [call]},
-                                          {"role": "tool", "content": "ok"}, {"role": "assistant", "content": answer}]}
+    return {
+        "tools": [tool],
+        "messages": [
+            U,
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "ok"},
+            {"role": "assistant", "content": answer},
+        ],
+    }
 
 
-TOOL_ROWS = [tool_row(WEATHER, {"city": "Paris"}, "Sunny."), tool_row(CONVERT, {"amount": 3.5, "to": "EUR"}, "3.2 EUR.")]
+TOOL_ROWS = [
+    tool_row(WEATHER, {"city": "Paris"}, "Sunny."),
+    tool_row(CONVERT, {"amount": 3.5, "to": "EUR"}, "3.2 EUR."),
+]
 
 
 def test_nulls_arrow_fills_into_tool_schemas_and_call_arguments_are_absent(tmp_path, tokenizer):
@@ -307,6 +450,7 @@ def test_nulls_arrow_fills_into_tool_schemas_and_call_arguments_are_absent(tmp_p
 
     from sftlab.config.schema import DataConfig, SourceConfig
     from sftlab.data.dataset import build_datasets
+
     arrow = datasets.Dataset.from_list(TOOL_ROWS)
     assert arrow[0]["messages"][1]["tool_calls"][0]["function"]["arguments"]["amount"] is None  # the fill-in
     for filled, row in zip(arrow, TOOL_ROWS):
@@ -317,12 +461,16 @@ def test_nulls_arrow_fills_into_tool_schemas_and_call_arguments_are_absent(tmp_p
     cfg = {"max_seq_length": 4096, "chat_template": "chatml_tools", "cache": False}
     from_arrow, _, _ = build_datasets(DataConfig(**cfg), tokenizer, seed=0, train_sources=[arrow])
     path = write_jsonl(tmp_path / "tools.jsonl", TOOL_ROWS)
-    from_jsonl, _, _ = build_datasets(DataConfig(train=[SourceConfig(path=str(path))], **cfg), tokenizer, seed=0)
+    from_jsonl, _, _ = build_datasets(
+        DataConfig(train=[SourceConfig(path=str(path))], **cfg), tokenizer, seed=0
+    )
     texts = sorted(tokenizer.decode(ex.input_ids) for ex in from_arrow)
     assert len(texts) == 2 and not any("null" in t for t in texts)
     assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in texts[1]
     assert '"date": {"type": "string", "enum": ["today", "yesterday"]}, "amount"' in texts[0]
-    assert sorted((ex.input_ids, ex.labels) for ex in from_arrow) == sorted((ex.input_ids, ex.labels) for ex in from_jsonl)
+    assert sorted((ex.input_ids, ex.labels) for ex in from_arrow) == sorted(
+        (ex.input_ids, ex.labels) for ex in from_jsonl
+    )
 
 
 def test_an_explicit_null_inside_a_schema_or_arguments_is_absent_too():
@@ -336,6 +484,7 @@ def test_an_explicit_null_inside_a_schema_or_arguments_is_absent_too():
 
 # --- the registry: one declaration (config.fields.ROW_FORMATS) and one reader (READERS) per format ------------
 
+
 def test_every_declared_format_has_exactly_one_reader_and_every_reader_a_declaration():
     from sftlab.config.fields import FORMATS, REQUIRED_FIELDS, ROW_FIELDS, ROW_FORMATS
 
@@ -343,7 +492,12 @@ def test_every_declared_format_has_exactly_one_reader_and_every_reader_a_declara
     assert len(set(names)) == len(names) and list(READERS) == names  # same formats, same (detection) order
     assert FORMATS == ("auto", *names) and list(ROW_FIELDS) == list(REQUIRED_FIELDS) == names
     for f in ROW_FORMATS:
-        assert callable(READERS[f.name].detect) and callable(READERS[f.name].convert) and f.required and f.description
+        assert (
+            callable(READERS[f.name].detect)
+            and callable(READERS[f.name].convert)
+            and f.required
+            and f.description
+        )
         assert len(set(f.fields)) == len(f.fields) and "\n" not in f.description and "|" not in f.description
         row = {name: "x" for name in f.required}
         assert READERS[f.name].detect(row) and detect_format(row) in names[: names.index(f.name) + 1]
@@ -352,8 +506,10 @@ def test_every_declared_format_has_exactly_one_reader_and_every_reader_a_declara
 
 def test_the_message_for_an_undetectable_row_names_every_format_in_detection_order():
     reason = bad({"question": "x"}).reason
-    assert ("expected 'messages', 'conversations', 'prompt'+'completion', 'instruction'+'output', "
-            "'instruction'+'response', 'input_ids' or 'text'") in reason
+    assert (
+        "expected 'messages', 'conversations', 'prompt'+'completion', 'instruction'+'output', "
+        "'instruction'+'response', 'input_ids' or 'text'"
+    ) in reason
 
 
 def test_docs_data_md_holds_the_generated_table_of_formats():
@@ -362,27 +518,44 @@ def test_docs_data_md_holds_the_generated_table_of_formats():
     from sftlab.config.fields import formats_table
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "data.md").read_text(encoding="utf-8")
-    start = ("<!-- generated by sftlab.config.fields.formats_table() from the registry "
-             "(tests/data/test_formats.py checks it) -->\n")
+    start = (
+        "<!-- generated by sftlab.config.fields.formats_table() from the registry "
+        "(tests/data/test_formats.py checks it) -->\n"
+    )
     assert start in doc, "docs/data.md lost its generated table of formats"
     table = doc.split(start, 1)[1].split("\n<!-- end of the generated table -->", 1)[0]
     assert table == formats_table(), (
         "docs/data.md's table of formats is stale: replace it with the output of "
-        "`python -c 'from sftlab.config.fields import formats_table; print(formats_table())'`")
+        "`python -c 'from sftlab.config.fields import formats_table; print(formats_table())'`"
+    )
 
 
 DOLLY_ROWS = [  # as in databricks-dolly-15k
-    {"instruction": "When did Virgin Australia start operating?",
-     "context": "Virgin Australia commenced services on 31 August 2000 as Virgin Blue, with two aircraft on a "
-                "single route.", "response": "Virgin Australia commenced services on 31 August 2000.",
-     "category": "closed_qa"},
-    {"instruction": "Which is a species of fish? Tope or Rope", "context": "", "response": "Tope",
-     "category": "classification"},
-    {"instruction": "Why can camels survive for long without water?", "context": "",
-     "response": "Camels use the fat in their humps to keep them filled with energy and hydration.",
-     "category": "open_qa"},
-    {"instruction": "Give me a short list of fruits.", "context": "", "response": "apples, bananas, cherries",
-     "category": "brainstorming"},
+    {
+        "instruction": "When did Virgin Australia start operating?",
+        "context": "Virgin Australia commenced services on 31 August 2000 as Virgin Blue, with two aircraft on a "
+        "single route.",
+        "response": "Virgin Australia commenced services on 31 August 2000.",
+        "category": "closed_qa",
+    },
+    {
+        "instruction": "Which is a species of fish? Tope or Rope",
+        "context": "",
+        "response": "Tope",
+        "category": "classification",
+    },
+    {
+        "instruction": "Why can camels survive for long without water?",
+        "context": "",
+        "response": "Camels use the fat in their humps to keep them filled with energy and hydration.",
+        "category": "open_qa",
+    },
+    {
+        "instruction": "Give me a short list of fruits.",
+        "context": "",
+        "response": "apples, bananas, cherries",
+        "category": "brainstorming",
+    },
 ]
 
 
@@ -404,7 +577,9 @@ def test_a_dolly_file_is_detected_converted_and_trained_on_its_responses_only(tm
         row = next(r for r in DOLLY_ROWS if f"<|im_start|>user\n{r['instruction']}" in text)
         by_prompt[row["instruction"]] = row
         user = row["instruction"] + ("\n\n" + row["context"] if row["context"] else "")
-        assert f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{row['response']}<|im_end|>" in text
+        assert (
+            f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{row['response']}<|im_end|>" in text
+        )
         targets = [i for i, lab in enumerate(ex.labels) if lab != IGNORE_INDEX]
         assert targets == list(range(targets[0], targets[-1] + 1))  # one run: the response and its <|im_end|>
         assert [ex.labels[i] for i in targets] == [ex.input_ids[i] for i in targets]
@@ -413,7 +588,8 @@ def test_a_dolly_file_is_detected_converted_and_trained_on_its_responses_only(tm
     assert len(by_prompt) == len(DOLLY_ROWS)
     assert rec(DOLLY_ROWS[0]).messages == [
         {"role": "user", "content": DOLLY_ROWS[0]["instruction"] + "\n\n" + DOLLY_ROWS[0]["context"]},
-        {"role": "assistant", "content": DOLLY_ROWS[0]["response"]}]
+        {"role": "assistant", "content": DOLLY_ROWS[0]["response"]},
+    ]
     assert bad({**DOLLY_ROWS[1], "response": " "}).field_name == "response"
 
 

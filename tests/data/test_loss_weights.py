@@ -8,14 +8,20 @@ from conftest import CHATML_TEMPLATE, build_tokenizer
 
 from sftlab.data.masking import IGNORE_INDEX, TemplateError, detect_chatml, tokenize_conversations
 
-CHAT = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi there."},
-        {"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "Why did the chicken cross?"}]
+CHAT = [
+    {"role": "user", "content": "Hello!"},
+    {"role": "assistant", "content": "Hi there."},
+    {"role": "user", "content": "Tell me a joke."},
+    {"role": "assistant", "content": "Why did the chicken cross?"},
+]
 
 
 def _targets(tok, messages, fast, loss_on="assistant"):
     kwargs = dict(tok.special_tokens_map)
     renderer = detect_chatml(CHATML_TEMPLATE, kwargs) if fast else None
-    ex = tokenize_conversations(tok, [messages], loss_on, CHATML_TEMPLATE, [None], fast=renderer, verify=[True])[0]
+    ex = tokenize_conversations(
+        tok, [messages], loss_on, CHATML_TEMPLATE, [None], fast=renderer, verify=[True]
+    )[0]
     return tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX])
 
 
@@ -32,4 +38,6 @@ def test_an_assistant_turn_with_weight_zero_is_not_trained(fast, key):
 def test_a_fractional_weight_is_refused():
     tok = build_tokenizer()
     with pytest.raises(TemplateError, match="loss weight must be 0 or 1"):
-        tokenize_conversations(tok, [[CHAT[0], {**CHAT[1], "loss_weight": 0.5}]], "assistant", CHATML_TEMPLATE, [None])
+        tokenize_conversations(
+            tok, [[CHAT[0], {**CHAT[1], "loss_weight": 0.5}]], "assistant", CHATML_TEMPLATE, [None]
+        )

@@ -24,7 +24,12 @@ def L(selection):  # noqa: N802 - selections as plain lists, for comparisons
 
 def test_select_rules():
     rng = random.Random(0)
-    assert select(10, None, rng).tolist() == list(range(10)) == select(10, 1, rng).tolist() == select(10, 1.0, rng).tolist()
+    assert (
+        select(10, None, rng).tolist()
+        == list(range(10))
+        == select(10, 1, rng).tolist()
+        == select(10, 1.0, rng).tolist()
+    )
     frac = select(10, 0.3, rng)
     assert len(frac) == 3 and len(set(frac)) == 3
     assert len(select(10, 0.01, rng)) == 1  # a fraction never empties a source
@@ -68,8 +73,13 @@ def test_build_mixes_and_reports_per_source(tmp_path, tokenizer):
     a = write_jsonl(tmp_path / "a.jsonl", rows("Numbers:", 10))
     b = write_jsonl(tmp_path / "b.jsonl", rows("Hello!", 4))
     c = write_jsonl(tmp_path / "c.jsonl", rows("Thanks", 6))
-    cfg = DataConfig(train=[SourceConfig(path=str(a), weight=0.5), SourceConfig(path=str(b), weight=10),
-                            SourceConfig(path=str(c))])
+    cfg = DataConfig(
+        train=[
+            SourceConfig(path=str(a), weight=0.5),
+            SourceConfig(path=str(b), weight=10),
+            SourceConfig(path=str(c)),
+        ]
+    )
     train, evals, report = build_datasets(cfg, tokenizer, seed=3)
     assert len(train) == 5 + 10 + 6 and len(evals) == 0
     assert [s.used for s in report.sources] == [5, 10, 6]
@@ -85,7 +95,9 @@ def test_build_mixes_and_reports_per_source(tmp_path, tokenizer):
 def test_eval_fraction_of_the_mix(tmp_path, tokenizer):
     a = write_jsonl(tmp_path / "a.jsonl", rows("Numbers:", 10))
     b = write_jsonl(tmp_path / "b.jsonl", rows("Hello!", 10))
-    cfg = DataConfig(train=[SourceConfig(path=str(a)), SourceConfig(path=str(b), weight=0.5)], eval_fraction=0.2)
+    cfg = DataConfig(
+        train=[SourceConfig(path=str(a)), SourceConfig(path=str(b), weight=0.5)], eval_fraction=0.2
+    )
     train, evals, report = build_datasets(cfg, tokenizer, seed=0)
     assert len(evals) == 3 and len(train) == 12  # 20% of the 15 mixed examples
     assert not {tuple(e.input_ids) for e in evals} & {tuple(e.input_ids) for e in train}
@@ -95,7 +107,9 @@ def test_eval_fraction_of_the_mix(tmp_path, tokenizer):
 def test_separate_eval_sources_take_weights(tmp_path, tokenizer):
     a = write_jsonl(tmp_path / "a.jsonl", rows("Numbers:", 10))
     e = write_jsonl(tmp_path / "e.jsonl", rows("Hello!", 10))
-    cfg = DataConfig(train=[SourceConfig(path=str(a))], eval=[SourceConfig(path=str(e), weight=4)], eval_fraction=0.5)
+    cfg = DataConfig(
+        train=[SourceConfig(path=str(a))], eval=[SourceConfig(path=str(e), weight=4)], eval_fraction=0.5
+    )
     train, evals, report = build_datasets(cfg, tokenizer, seed=0)
     assert len(train) == 10 and len(evals) == 4  # eval sources win over eval_fraction
     assert f"eval[0] {e}: 10 rows, 0 bad, 10 examples -> 4 eval (weight 4)" in report.summary()

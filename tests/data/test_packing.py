@@ -35,7 +35,7 @@ def make_docs(lengths: list[int], seed: int = 0) -> list[TokenizedExample]:
     docs = []
     for k, n in enumerate(lengths):
         ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
-        labels = list(ids) if k % 2 == 0 else [IGNORE_INDEX] * (n // 2) + ids[n // 2:]
+        labels = list(ids) if k % 2 == 0 else [IGNORE_INDEX] * (n // 2) + ids[n // 2 :]
         docs.append(TokenizedExample(ids, labels))
     return docs
 
@@ -74,6 +74,7 @@ def first_fit_in_order(lengths: list[int], capacity: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- BFD
+
 
 def test_bfd_small_example_exact():
     # longest first: 5 -> bin0 (room 1), 4 -> bin1 (room 2), 3 -> bin2 (room 3), 3 -> bin2 (room 0),
@@ -149,6 +150,7 @@ def test_bfd_packs_50k_documents_near_the_lower_bound():
 
 
 # ------------------------------------------------------------------------------------ rows, labels
+
 
 def test_wrapped_chunks_split_documents_into_new_documents():
     docs = make_docs([5, 7, 3])
@@ -226,7 +228,9 @@ def test_packed_documents_match_documents_run_alone(attn, layout):
     assert [r.doc_lengths for r in rows] == [[12, 4], [7, 9], [1, 2]]  # several rows, several documents each
     batch = packed_collate(rows, pad_id=None if layout == "flat" else 0)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        logits = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
     alone = run_alone(model, docs)
     doc_of = [tuple(ex.input_ids) for ex in docs]
     # walk the rows' documents in collate order and compare each with the same document alone
@@ -237,9 +241,9 @@ def test_packed_documents_match_documents_run_alone(attn, layout):
         for s, e in zip(bounds(row), bounds(row)[1:]):
             ids = row.input_ids[s:e]
             k = doc_of.index(tuple(ids))
-            got = logits[b, base + s:base + e]
+            got = logits[b, base + s : base + e]
             assert (got - alone[k][0]).abs().max().item() <= TOL
-            doc_loss = summed_nll(got[None], batch["labels"][b:b + 1, base + s:base + e])
+            doc_loss = summed_nll(got[None], batch["labels"][b : b + 1, base + s : base + e])
             assert abs(doc_loss.item() - alone[k][1].item()) <= TOL
             checked += 1
         offset += len(row)
@@ -259,8 +263,8 @@ def test_negative_control_without_restarting_positions_documents_leak(attn):
         logits = model(input_ids=ids, position_ids=torch.arange(len(row))[None], use_cache=False).logits[0]
     alone = run_alone(model, docs)
     s = bounds(row)
-    assert (logits[s[0]:s[1]] - alone[0][0]).abs().max() <= TOL  # the first document sees nothing before it
-    assert (logits[s[2]:s[3]] - alone[2][0]).abs().max() > 1e-3  # later ones attend to earlier documents
+    assert (logits[s[0] : s[1]] - alone[0][0]).abs().max() <= TOL  # the first document sees nothing before it
+    assert (logits[s[2] : s[3]] - alone[2][0]).abs().max() > 1e-3  # later ones attend to earlier documents
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -272,11 +276,17 @@ def test_kv_cache_disables_packed_detection(attn):
     batch, s = packed_collate([row]), bounds(row)
     alone = run_alone(model, docs)
     with torch.no_grad():
-        cached = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits[0]
-        uncached = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-    assert (cached[s[2]:s[3]] - alone[2][0]).abs().max() > 1e-3  # a KV cache: transformers ignores the packing
+        cached = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True
+        ).logits[0]
+        uncached = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
+    assert (
+        cached[s[2] : s[3]] - alone[2][0]
+    ).abs().max() > 1e-3  # a KV cache: transformers ignores the packing
     for k in range(3):
-        assert (uncached[s[k]:s[k + 1]] - alone[k][0]).abs().max() <= TOL
+        assert (uncached[s[k] : s[k + 1]] - alone[k][0]).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -285,11 +295,17 @@ def test_transformers_derives_block_diagonal_mask_from_position_ids(attn):
     model = tiny_llama(attn)
     pos = torch.tensor([[0, 1, 2, 0, 0, 1], [0, 1, 0, 1, 2, 3]])
     embeds = torch.zeros(2, 6, model.config.hidden_size)
-    mask = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=None,
-                              past_key_values=None, position_ids=pos)
+    mask = create_causal_mask(
+        config=model.config, inputs_embeds=embeds, attention_mask=None, past_key_values=None, position_ids=pos
+    )
     allowed = mask if mask.dtype == torch.bool else mask == 0  # sdpa: bool; eager: additive float
     assert torch.equal(allowed, block_causal(pos))
     assert not allowed[0, 0, 3, 2] and allowed[0, 0, 5, 4] and not allowed[0, 0, 4, 3]
-    cached = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=None,
-                                past_key_values=DynamicCache(config=model.config), position_ids=pos)
+    cached = create_causal_mask(
+        config=model.config,
+        inputs_embeds=embeds,
+        attention_mask=None,
+        past_key_values=DynamicCache(config=model.config),
+        position_ids=pos,
+    )
     assert cached is None or bool((cached if cached.dtype == torch.bool else cached == 0)[0, 0, 3, 2])

@@ -32,10 +32,17 @@ def merged(runs):
     return out
 
 
-@pytest.mark.parametrize("runs", [
-    [("a[[0]]", False)], [("x", False), ("a]", True), ("]b", False)], [("[", True)], [("\\", False), ("[", True)],
-    [("\\[ x \\]", True), ("\\", False)], [("[[", False), ("]]", True), ("[", False)],
-])
+@pytest.mark.parametrize(
+    "runs",
+    [
+        [("a[[0]]", False)],
+        [("x", False), ("a]", True), ("]b", False)],
+        [("[", True)],
+        [("\\", False), ("[", True)],
+        [("\\[ x \\]", True), ("\\", False)],
+        [("[[", False), ("]]", True), ("[", False)],
+    ],
+)
 def test_plain_marking_reads_back_exactly(runs):
     assert parse_marked(mark_plain(runs)) == merged(runs)
 
@@ -43,16 +50,21 @@ def test_plain_marking_reads_back_exactly(runs):
 def test_plain_marking_reads_back_on_random_bracket_soup():
     rng = random.Random(0)
     for _ in range(2000):
-        runs = [("".join(rng.choice("ab[]\\") for _ in range(rng.randint(1, 5))), k % 2 == 1)
-                for k in range(rng.randint(0, 2), rng.randint(3, 7))]
+        runs = [
+            ("".join(rng.choice("ab[]\\") for _ in range(rng.randint(1, 5))), k % 2 == 1)
+            for k in range(rng.randint(0, 2), rng.randint(3, 7))
+        ]
         assert parse_marked(mark_plain(runs)) == merged(runs), runs
-    assert mark_plain([("f(x[0]) \\frac", False), ("ok", True)]) == "f(x[0]) \\frac[[ok]]"  # escapes only where needed
+    assert (
+        mark_plain([("f(x[0]) \\frac", False), ("ok", True)]) == "f(x[0]) \\frac[[ok]]"
+    )  # escapes only where needed
 
 
 def test_sample_is_seeded_and_histogram_counts_everything():
     assert sample(10, 3, 5).tolist() == sample(10, 3, 5).tolist() and len(set(sample(10, 3, 5))) == 3
     assert sample(2, 5, 0).tolist() == [0, 1]
     import numpy as np
+
     lines = histogram(np.array([3, 4, 4, 9, 20]))
     assert sum(int(line.split()[-1]) for line in lines) == 5 and lines[0].startswith(" 3-")
 
@@ -70,7 +82,7 @@ def blocks(out: str) -> list[tuple[re.Match, str]]:
         j = k + 1
         while j < len(lines) and not (HEADER.match(lines[j]) or lines[j].startswith("== ")):
             j += 1
-        body = "\n".join(lines[k + 1:j])
+        body = "\n".join(lines[k + 1 : j])
         if j < len(lines) and lines[j].startswith("== "):  # a blank line precedes '== '
             body = body[:-1]
         found.append((m, body))
@@ -85,7 +97,7 @@ def token_flags_from_marks(tokenizer, ids, runs) -> list[bool]:
     flags, pos = [], 0
     for t in ids:
         piece = tokenizer.decode([int(t)], skip_special_tokens=False)
-        inside = set(chars[pos:pos + len(piece)])
+        inside = set(chars[pos : pos + len(piece)])
         assert len(inside) == 1, f"token {piece!r} straddles a mark"
         flags.append(inside.pop())
         pos += len(piece)
@@ -97,13 +109,18 @@ def token_flags_from_marks(tokenizer, ids, runs) -> list[bool]:
 def show_config(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.delenv("SFTLAB_DATA_CACHE", raising=False)
     monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path / "cache"))
-    chats = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c, "id": i} for i, c in enumerate(CONVERSATIONS * 2)])
+    chats = write_jsonl(
+        tmp_path / "chat.jsonl", [{"messages": c, "id": i} for i, c in enumerate(CONVERSATIONS * 2)]
+    )
     text = "Q: What is the capital of France? [see 1]\nA: Paris. a[[0]] \\ done"
-    texts = write_jsonl(tmp_path / "text.jsonl", [{"text": f"{text} {i}", "loss_masking_spans": [[0, 32]]}
-                                                  for i in range(5)])
+    texts = write_jsonl(
+        tmp_path / "text.jsonl", [{"text": f"{text} {i}", "loss_masking_spans": [[0, 32]]} for i in range(5)]
+    )
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model: {{name_or_path: {tiny_model_dir}}}\n"
-                   f"data: {{train: [{{path: {chats}}}, {{path: {texts}}}], packing: bfd, max_seq_length: 256}}\n")
+    cfg.write_text(
+        f"model: {{name_or_path: {tiny_model_dir}}}\n"
+        f"data: {{train: [{{path: {chats}}}, {{path: {texts}}}], packing: bfd, max_seq_length: 256}}\n"
+    )
     return cfg
 
 
@@ -126,12 +143,18 @@ def test_show_marks_exactly_the_label_positions(show_config, capsys):
             by_place[source.where_token(int(examples.start[i]))] = examples.arrays(i)
     shown = blocks(out)
     assert [(m[1], m[2], os.path.basename(m[3])) for m, _ in shown] == [
-        ("1", "2", "chat.jsonl"), ("2", "2", "chat.jsonl"), ("1", "2", "text.jsonl"), ("2", "2", "text.jsonl")]
+        ("1", "2", "chat.jsonl"),
+        ("2", "2", "chat.jsonl"),
+        ("1", "2", "text.jsonl"),
+        ("2", "2", "text.jsonl"),
+    ]
     for m, body in shown:
         ids, labels = by_place[f"{m[3]}:{m[4]}"]
         assert (int(m[5]), int(m[6])) == (len(ids), int((labels != IGNORE_INDEX).sum()))
         runs = parse_marked(body)
-        assert token_flags_from_marks(tokenizer, ids, runs) == [lab != IGNORE_INDEX for lab in labels.tolist()]
+        assert token_flags_from_marks(tokenizer, ids, runs) == [
+            lab != IGNORE_INDEX for lab in labels.tolist()
+        ]
         assert any(flag for _, flag in runs) and any(not flag for _, flag in runs)
     assert "\\[\\[0\\]\\]" in out  # the text's own brackets are escaped
     assert re.search(r"== train\[0\] .*chat.jsonl: format: messages \(6 rows\); targets: \d+\.\d% of", out)
@@ -148,8 +171,9 @@ def test_show_colours_targets_on_a_terminal(show_config):
     from sftlab.data.preview import RICH_LEGEND, TARGET_STYLE, styled
 
     text = styled([("ctx ", False), ("answer", True), (" more", False)])
-    assert [(text.plain[s.start:s.end], str(s.style)) for s in text.spans if s.style == TARGET_STYLE] == [
-        ("answer", TARGET_STYLE)]
+    assert [(text.plain[s.start : s.end], str(s.style)) for s in text.spans if s.style == TARGET_STYLE] == [
+        ("answer", TARGET_STYLE)
+    ]
     data = prepare_run_data(load_config(show_config))
     console = Console(file=io.StringIO(), force_terminal=True, color_system="standard", soft_wrap=True)
     print_preview(data, load_config(show_config), console, 1)

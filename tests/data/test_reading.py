@@ -13,11 +13,24 @@ from conftest import write_jsonl
 from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.dataset import DataError, build_datasets
 
-TEXT = {"messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi. How can I help?"}]}
-IMAGE = {"messages": [  # an OpenAI/HF vision row, as in LLaMA-Factory's mllm demos after conversion
-    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "cat.png"}},
-                                 {"type": "text", "text": "What is this?"}]},
-    {"role": "assistant", "content": "A cat."}]}
+TEXT = {
+    "messages": [
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hi. How can I help?"},
+    ]
+}
+IMAGE = {
+    "messages": [  # an OpenAI/HF vision row, as in LLaMA-Factory's mllm demos after conversion
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "cat.png"}},
+                {"type": "text", "text": "What is this?"},
+            ],
+        },
+        {"role": "assistant", "content": "A cat."},
+    ]
+}
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +43,11 @@ def build(tokenizer, path, **kw):
     return build_datasets(DataConfig(train=[SourceConfig(path=str(path))], **kw), tokenizer, seed=0)
 
 
-@pytest.mark.parametrize("kw", [{}, {"max_bad_fraction": 1.0}, {"on_bad_record": "error"}],
-                         ids=["default", "any-bad-fraction", "strict"])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"max_bad_fraction": 1.0}, {"on_bad_record": "error"}],
+    ids=["default", "any-bad-fraction", "strict"],
+)
 def test_image_rows_are_one_error_naming_the_file_rows_and_count(tmp_path, tokenizer, kw):
     path = write_jsonl(tmp_path / "vl.jsonl", [TEXT, IMAGE, TEXT] + [IMAGE] * 8)
     with pytest.raises(DataError) as e:
@@ -54,7 +70,10 @@ def test_image_rows_across_chunks_and_worker_processes_are_all_counted(tmp_path,
 
 
 def test_image_rows_of_a_parquet_file_are_cited_by_1_based_row(tmp_path, tokenizer):
-    answer = {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}  # a column holds one type: parts
+    answer = {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "A cat."}],
+    }  # a column holds one type: parts
     text = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hello!"}]}, answer]}
     image = {"messages": [IMAGE["messages"][0], answer]}
     pq.write_table(pa.Table.from_pylist([image, text, image]), tmp_path / "vl.parquet")
@@ -67,22 +86,30 @@ def test_text_rows_and_other_bad_rows_are_unchanged(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [TEXT] * 4 + [audio])
     train, _, report = build(tokenizer, path)
     assert len(train) == 4 and report.bad == 1
-    assert report.bad_examples == [f"{path}:5 field 'messages[0].content[0]': must be a content part "
-                                   "{\"type\": \"text\", \"text\": \"...\"}, got {'type': 'audio'}"]
+    assert report.bad_examples == [
+        f"{path}:5 field 'messages[0].content[0]': must be a content part "
+        '{"type": "text", "text": "..."}, got {\'type\': \'audio\'}'
+    ]
 
 
 def test_llamafactory_images_column_with_markers_is_the_same_one_error(tmp_path, tokenizer):
     """LLaMA-Factory's mllm_demo.json: `<image>` markers in the text and an `images` column. A text-only run
     would train on the literal `<image>` text without the picture: the source is refused, naming the rows."""
-    mllm = {"messages": [{"role": "user", "content": "<image>Who are they?"},
-                         {"role": "assistant", "content": "Two football players."}],
-            "images": ["mllm_demo_data/1.jpg"]}
+    mllm = {
+        "messages": [
+            {"role": "user", "content": "<image>Who are they?"},
+            {"role": "assistant", "content": "Two football players."},
+        ],
+        "images": ["mllm_demo_data/1.jpg"],
+    }
     path = tmp_path / "mllm_demo.json"
     path.write_text(json.dumps([mllm, TEXT, {**mllm, "images": []}, mllm]))
     with pytest.raises(DataError) as e:
         build(tokenizer, path)
     msg = str(e.value)
-    assert msg.startswith(f"data source {path}: 2 of 4 rows have images ({path} rows 1, 4; the first: field 'images')")
+    assert msg.startswith(
+        f"data source {path}: 2 of 4 rows have images ({path} rows 1, 4; the first: field 'images')"
+    )
     assert "text-only model" in msg
 
 
@@ -95,7 +122,9 @@ def test_the_heap_is_frozen_while_the_workers_run_and_thawed_after(tmp_path, tok
 
     seen = []
     real = ArrayWriter.add_examples
-    monkeypatch.setattr(ArrayWriter, "add_examples", lambda self, *a: seen.append(gc.get_freeze_count()) or real(self, *a))
+    monkeypatch.setattr(
+        ArrayWriter, "add_examples", lambda self, *a: seen.append(gc.get_freeze_count()) or real(self, *a)
+    )
     path = write_jsonl(tmp_path / "rows.jsonl", [TEXT] * 600)
     assert len(build(tokenizer, path, num_proc=2)[0]) == 600
     assert len(seen) == 2 and min(seen) > 0 and gc.get_freeze_count() == 0

@@ -35,8 +35,13 @@ def rows_of(spec) -> list:
 
 
 def build(tokenizer, *specs, **kw):
-    return build_datasets(DataConfig(train=[SourceConfig(path=str(s)) if not isinstance(s, SourceConfig) else s
-                                            for s in specs], **kw), tokenizer, seed=0)
+    return build_datasets(
+        DataConfig(
+            train=[SourceConfig(path=str(s)) if not isinstance(s, SourceConfig) else s for s in specs], **kw
+        ),
+        tokenizer,
+        seed=0,
+    )
 
 
 def test_jsonl_json_array_and_json_lines(tmp_path):
@@ -44,8 +49,18 @@ def test_jsonl_json_array_and_json_lines(tmp_path):
     b = tmp_path / "b.json"
     b.write_text(json.dumps(PC, indent=2))
     c = write_jsonl(tmp_path / "c.json", PC)
-    assert [(r[1], r[2]) for r in rows_of(SourceConfig(path=str(a)))] == [(1, "line"), (2, "line"), (3, "line"), (4, "line")]
-    assert [(r[1], r[2]) for r in rows_of(SourceConfig(path=str(b)))] == [(1, "row"), (2, "row"), (3, "row"), (4, "row")]
+    assert [(r[1], r[2]) for r in rows_of(SourceConfig(path=str(a)))] == [
+        (1, "line"),
+        (2, "line"),
+        (3, "line"),
+        (4, "line"),
+    ]
+    assert [(r[1], r[2]) for r in rows_of(SourceConfig(path=str(b)))] == [
+        (1, "row"),
+        (2, "row"),
+        (3, "row"),
+        (4, "row"),
+    ]
     assert [r[3] for r in rows_of(SourceConfig(path=str(c)))] == PC
 
 
@@ -82,13 +97,16 @@ def test_bad_rows_in_columnar_sources_name_the_row(tmp_path, tokenizer):
     rows = PC[:3] + [{"prompt": "Numbers: x", "completion": ""}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     train, _, report = build(tokenizer, tmp_path / "d.parquet")
-    assert len(train) == 3 and report.bad_examples == [f"{tmp_path / 'd.parquet'} row 4 field 'completion': empty completion"]
+    assert len(train) == 3 and report.bad_examples == [
+        f"{tmp_path / 'd.parquet'} row 4 field 'completion': empty completion"
+    ]
 
 
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path, tokenizer):
     datasets.Dataset.from_list(PC).save_to_disk(str(tmp_path / "ds"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(PC), "test": datasets.Dataset.from_list(PC[:1])}
-                         ).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(PC), "test": datasets.Dataset.from_list(PC[:1])}
+    ).save_to_disk(str(tmp_path / "dd"))
     assert len(build(tokenizer, tmp_path / "ds")[0]) == 4
     assert len(build(tokenizer, SourceConfig(path=str(tmp_path / "dd"), split="test"))[0]) == 1
     with pytest.raises(DataError, match=r"no split 'validation' \(has train, test\)"):
@@ -113,20 +131,27 @@ def test_hub_name_goes_through_load_dataset(monkeypatch, tokenizer):
         return datasets.Dataset.from_list(PC)
 
     monkeypatch.setattr(sources.datasets, "load_dataset", fake_load_dataset)
-    train, _, report = build(tokenizer, SourceConfig(path="someone/numbers", subset="small", split="validation"))
+    train, _, report = build(
+        tokenizer, SourceConfig(path="someone/numbers", subset="small", split="validation")
+    )
     assert calls == [("someone/numbers", "small", "validation")] and len(train) == 4
     assert "someone/numbers subset=small split=validation" in report.summary()
 
 
 def test_hub_name_offline_fails_fast_and_names_the_source(tmp_path):
-    code = ("from sftlab.config.schema import SourceConfig\nfrom sftlab.data.sources import open_source\n"
-            "open_source(SourceConfig(path='nobody/no-such-dataset'))")
+    code = (
+        "from sftlab.config.schema import SourceConfig\nfrom sftlab.data.sources import open_source\n"
+        "open_source(SourceConfig(path='nobody/no-such-dataset'))"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     took = time.monotonic() - start
     assert proc.returncode != 0
-    assert "DataError: data source 'nobody/no-such-dataset'" in proc.stderr and "Offline mode is on" in proc.stderr
+    assert (
+        "DataError: data source 'nobody/no-such-dataset'" in proc.stderr
+        and "Offline mode is on" in proc.stderr
+    )
     assert took < 60
 
 
@@ -136,7 +161,7 @@ def test_missing_and_unsupported_paths(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DataError, match="unsupported file type"):
         open_source(SourceConfig(path=str(tmp_path / "x.txt")))
-    (tmp_path / "broken.json").write_text("[{\"a\": 1},")
+    (tmp_path / "broken.json").write_text('[{"a": 1},')
     with pytest.raises(DataError, match="broken.json: invalid JSON array"):
         list(open_source(SourceConfig(path=str(tmp_path / "broken.json"))).rows())
 
@@ -144,11 +169,13 @@ def test_missing_and_unsupported_paths(tmp_path):
 def _no_hub(monkeypatch):
     def hub(*args, **kwargs):
         raise AssertionError(f"tried the hub with {args}")
+
     monkeypatch.setattr(sources.datasets, "load_dataset", hub)
 
 
-@pytest.mark.parametrize("path", ["data/gsm8k_pc.jsnol", "./data/gsm8k.jsonl", "data/gsm8k_pc", "~/no/such.jsonl",
-                                  "a/b/c"])
+@pytest.mark.parametrize(
+    "path", ["data/gsm8k_pc.jsnol", "./data/gsm8k.jsonl", "data/gsm8k_pc", "~/no/such.jsonl", "a/b/c"]
+)
 def test_a_local_looking_path_never_goes_to_the_hub(tmp_path, monkeypatch, path):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
@@ -163,8 +190,11 @@ def test_a_local_looking_path_never_goes_to_the_hub(tmp_path, monkeypatch, path)
 def test_hub_names_still_go_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     asked = []
-    monkeypatch.setattr(sources.datasets, "load_dataset",
-                        lambda path, name=None, split=None: asked.append(path) or datasets.Dataset.from_list(PC))
+    monkeypatch.setattr(
+        sources.datasets,
+        "load_dataset",
+        lambda path, name=None, split=None: asked.append(path) or datasets.Dataset.from_list(PC),
+    )
     for name in ("teknium/OpenHermes-2.5", "HuggingFaceH4/ultrachat_200k", "gsm8k"):
         open_source(SourceConfig(path=name))
     assert asked == ["teknium/OpenHermes-2.5", "HuggingFaceH4/ultrachat_200k", "gsm8k"]
@@ -173,11 +203,14 @@ def test_hub_names_still_go_to_the_hub(tmp_path, monkeypatch):
 def test_a_hub_failure_is_one_error_without_retry_warnings(monkeypatch, caplog):
     def failing(path, name=None, split=None):
         import logging
+
         logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
         raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(sources.datasets, "load_dataset", failing)
-    with pytest.raises(DataError, match=r"data source 'nobody/nothing': not a local file or directory, and loading"):
+    with pytest.raises(
+        DataError, match=r"data source 'nobody/nothing': not a local file or directory, and loading"
+    ):
         open_source(SourceConfig(path="nobody/nothing"))
     assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
 
@@ -187,14 +220,27 @@ def test_a_json_object_file_is_one_error_not_one_per_line(tmp_path):
     from sftlab.data.types import DataError
 
     info = tmp_path / "dataset_info.json"
-    info.write_text(json.dumps({"alpaca_en_demo": {"file_name": "alpaca_en_demo.json"},
-                                 "identity": {"file_name": "identity.json"}}, indent=2))
-    with pytest.raises(DataError, match=r"dataset_info.json: a JSON object \(keys: alpaca_en_demo, identity\), "
-                                        r"not an array of rows or JSON lines"):
+    info.write_text(
+        json.dumps(
+            {
+                "alpaca_en_demo": {"file_name": "alpaca_en_demo.json"},
+                "identity": {"file_name": "identity.json"},
+            },
+            indent=2,
+        )
+    )
+    with pytest.raises(
+        DataError,
+        match=r"dataset_info.json: a JSON object \(keys: alpaca_en_demo, identity\), "
+        r"not an array of rows or JSON lines",
+    ):
         list(open_source(SourceConfig(path=str(info))).rows())
     lines = tmp_path / "rows.json"  # JSON lines in a .json file still read line by line
     lines.write_text('{"text": "a"}\n{"text": "b"}\n')
-    assert [r.row for r in open_source(SourceConfig(path=str(lines))).rows()] == [{"text": "a"}, {"text": "b"}]
+    assert [r.row for r in open_source(SourceConfig(path=str(lines))).rows()] == [
+        {"text": "a"},
+        {"text": "b"},
+    ]
 
 
 def _write_every_kind(tmp_path, rows) -> dict:
@@ -207,24 +253,43 @@ def _write_every_kind(tmp_path, rows) -> dict:
         w.writeheader()
         w.writerows(rows)
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "disk"))
-    specs = {k: SourceConfig(path=str(tmp_path / k)) for k in ("d.jsonl", "d.json", "d.parquet", "d.csv", "disk")}
+    specs = {
+        k: SourceConfig(path=str(tmp_path / k)) for k in ("d.jsonl", "d.json", "d.parquet", "d.csv", "disk")
+    }
     return {**specs, "object": DatasetSource(datasets.Dataset.from_list(rows), name="obj")}
 
 
 def test_every_kind_of_source_cites_rows_1_based(tmp_path, tokenizer):
     """The 2nd row of a file is line 2 of JSONL and row 2 of anything else: in bad rows, in the over-length
     error and in what `prepare --show` prints (`where_token`)."""
-    rows = [PC[0], {"prompt": "Numbers: x", "completion": ""}, {"prompt": "Numbers: " + "one " * 200, "completion": "2"}]
-    want = {"d.jsonl": ":2", "d.json": " row 2", "d.parquet": " row 2", "d.csv": " row 2", "disk": " row 2",
-            "object": " row 2"}
+    rows = [
+        PC[0],
+        {"prompt": "Numbers: x", "completion": ""},
+        {"prompt": "Numbers: " + "one " * 200, "completion": "2"},
+    ]
+    want = {
+        "d.jsonl": ":2",
+        "d.json": " row 2",
+        "d.parquet": " row 2",
+        "d.csv": " row 2",
+        "disk": " row 2",
+        "object": " row 2",
+    }
     for key, spec in _write_every_kind(tmp_path, rows).items():
         name = "obj" if key == "object" else str(tmp_path / key)
-        train, _, report = build_datasets(DataConfig(max_seq_length=64, on_overlength="drop"), tokenizer, seed=0,
-                                          train_sources=[spec])
+        train, _, report = build_datasets(
+            DataConfig(max_seq_length=64, on_overlength="drop"), tokenizer, seed=0, train_sources=[spec]
+        )
         assert report.bad_examples == [f"{name}{want[key]} field 'completion': empty completion"], key
-        assert report.source_data[0].where_token(0) == name + want[key].replace("2", "1"), key  # --show's place
-        with pytest.raises(DataError, match=rf"^{re.escape(name + want[key].replace('2', '3'))}: \d+ tokens exceed"):
-            build_datasets(DataConfig(max_seq_length=64, on_overlength="error"), tokenizer, seed=0, train_sources=[spec])
+        assert report.source_data[0].where_token(0) == name + want[key].replace("2", "1"), (
+            key
+        )  # --show's place
+        with pytest.raises(
+            DataError, match=rf"^{re.escape(name + want[key].replace('2', '3'))}: \d+ tokens exceed"
+        ):
+            build_datasets(
+                DataConfig(max_seq_length=64, on_overlength="error"), tokenizer, seed=0, train_sources=[spec]
+            )
 
 
 def test_an_unreadable_table_names_the_last_row_read_1_based(tmp_path, monkeypatch):

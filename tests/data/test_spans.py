@@ -47,7 +47,9 @@ def runs(tokenizer, ex) -> list[str]:
 def test_the_eos_is_an_added_token_and_the_prompt_is_not(tok):
     """The case of the issue: without the fix every row of this pairing was refused."""
     assert "<|im_end|>" in tok.added_tokens_encoder and "<|assistant|>" not in tok.added_tokens_encoder
-    text, _ = assistant_spans(PHI3, SINGLE, template_kwargs=tok.special_tokens_map, atoms=list(tok.added_tokens_encoder))
+    text, _ = assistant_spans(
+        PHI3, SINGLE, template_kwargs=tok.special_tokens_map, atoms=list(tok.added_tokens_encoder)
+    )
     assert text.endswith("<|end|>\n<|im_end|>")
 
 
@@ -57,8 +59,13 @@ def test_phi3_with_an_added_token_eos_masks_exactly_content_and_end(tok, name):
     ex = tokenize_conversation(tok, conv, "assistant", template=PHI3)
     want = [m["content"] + "<|end|>" for m in conv if m["role"] == "assistant"]
     assert runs(tok, ex) == want
-    assert tok.decode(ex.input_ids[-1:]) == "<|im_end|>" and ex.labels[-1] == IGNORE_INDEX  # eos after the final message
-    assert ex.input_ids == tok.apply_chat_template(conv, chat_template=PHI3, tokenize=True, return_dict=True)["input_ids"]
+    assert (
+        tok.decode(ex.input_ids[-1:]) == "<|im_end|>" and ex.labels[-1] == IGNORE_INDEX
+    )  # eos after the final message
+    assert (
+        ex.input_ids
+        == tok.apply_chat_template(conv, chat_template=PHI3, tokenize=True, return_dict=True)["input_ids"]
+    )
     for mode in ("last_assistant", "completion"):
         assert runs(tok, tokenize_conversation(tok, conv, mode, template=PHI3)) == want[-1:]
 
@@ -66,8 +73,9 @@ def test_phi3_with_an_added_token_eos_masks_exactly_content_and_end(tok, name):
 @pytest.mark.parametrize("name", list(CHATS))
 def test_phi3_masks_equal_transformers_on_the_generation_tagged_twin(tok, name):
     conv = CHATS[name]
-    ref = tok.apply_chat_template(conv, chat_template=PHI3_TAGGED, tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True)
+    ref = tok.apply_chat_template(
+        conv, chat_template=PHI3_TAGGED, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ex = tokenize_conversation(tok, conv, "assistant", template=PHI3)
     assert ex.input_ids == list(ref["input_ids"])
     assert mask(ex) == list(ref["assistant_masks"]) and sum(mask(ex)) > 0
@@ -75,7 +83,9 @@ def test_phi3_masks_equal_transformers_on_the_generation_tagged_twin(tok, name):
 
 def test_phi3_rows_train_through_the_pipeline(tmp_path, tok):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS.values()])
-    train, _, report = build_datasets(DataConfig(train=[SourceConfig(path=str(path))]), tok, seed=0)  # tok.chat_template
+    train, _, report = build_datasets(
+        DataConfig(train=[SourceConfig(path=str(path))]), tok, seed=0
+    )  # tok.chat_template
     assert report.bad == 0 and len(train) == 3
     assert sorted(len(runs(tok, e)) for e in train) == [1, 1, 3]
 
@@ -86,7 +96,9 @@ AMBIGUOUS = PHI3.replace("{{ eos_token }}", "{{ '<|done|>' + eos_token }}")
 
 
 @pytest.mark.parametrize("loss_on", ["assistant", "last_assistant"])
-def test_final_only_text_of_more_than_one_added_token_that_begins_like_the_prompt_is_still_refused(tok, loss_on):
+def test_final_only_text_of_more_than_one_added_token_that_begins_like_the_prompt_is_still_refused(
+    tok, loss_on
+):
     assert AMBIGUOUS != PHI3
     with pytest.raises(TemplateError, match="cannot be told exactly"):
         tokenize_conversation(tok, CONVERSATIONS[2], loss_on, template=AMBIGUOUS)

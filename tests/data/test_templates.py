@@ -22,13 +22,20 @@ CHAT = [
 
 # Reference layouts, written out per family.
 def ref_chatml(conv, gen):
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conv) + \
-        ("<|im_start|>assistant\n" if gen else "")
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conv) + (
+        "<|im_start|>assistant\n" if gen else ""
+    )
 
 
 def ref_llama3(conv, gen):
-    return BOS + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-                         for m in conv) + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if gen else "")
+    return (
+        BOS
+        + "".join(
+            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+            for m in conv
+        )
+        + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if gen else "")
+    )
 
 
 def ref_tulu(conv, gen):
@@ -42,7 +49,9 @@ def ref_tulu(conv, gen):
 
 
 def ref_zephyr(conv, gen):
-    return "".join(f"<|{m['role']}|>\n{m['content']}{EOS}\n" for m in conv) + ("<|assistant|>\n" if gen else "")
+    return "".join(f"<|{m['role']}|>\n{m['content']}{EOS}\n" for m in conv) + (
+        "<|assistant|>\n" if gen else ""
+    )
 
 
 def ref_alpaca(conv, gen):
@@ -57,10 +66,24 @@ def ref_alpaca(conv, gen):
 
 # Without tools, tool calls and tool results the tool templates render as their plain variants
 # (with them: tests/data/test_tool_templates.py).
-REFERENCES = {"chatml": ref_chatml, "llama3": ref_llama3, "tulu": ref_tulu, "zephyr": ref_zephyr, "alpaca": ref_alpaca,
-              "chatml_tools": ref_chatml, "llama3_tools": ref_llama3}
-END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "tulu": EOS, "zephyr": EOS, "alpaca": EOS,
-               "chatml_tools": "<|im_end|>", "llama3_tools": "<|eot_id|>"}
+REFERENCES = {
+    "chatml": ref_chatml,
+    "llama3": ref_llama3,
+    "tulu": ref_tulu,
+    "zephyr": ref_zephyr,
+    "alpaca": ref_alpaca,
+    "chatml_tools": ref_chatml,
+    "llama3_tools": ref_llama3,
+}
+END_OF_TURN = {
+    "chatml": "<|im_end|>",
+    "llama3": "<|eot_id|>",
+    "tulu": EOS,
+    "zephyr": EOS,
+    "alpaca": EOS,
+    "chatml_tools": "<|im_end|>",
+    "llama3_tools": "<|eot_id|>",
+}
 
 
 def test_every_builtin_has_a_reference():
@@ -81,7 +104,8 @@ def test_alpaca_is_the_stanford_prompt():
     conv = [{"role": "user", "content": "Convert the date."}, {"role": "assistant", "content": "2021-03-05"}]
     assert render(BUILTIN_TEMPLATES["alpaca"], conv, eos_token=EOS) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\nConvert the date.\n\n### Response:\n2021-03-05" + EOS)
+        "\n\n### Instruction:\nConvert the date.\n\n### Response:\n2021-03-05" + EOS
+    )
     with pytest.raises(TemplateError, match="no tool role"):
         render(BUILTIN_TEMPLATES["alpaca"], [{"role": "tool", "content": "x"}], eos_token=EOS)
 
@@ -94,11 +118,16 @@ def test_builtin_masks_are_the_assistant_turns(name):
     ex = tokenize_conversation(tok, CHAT, "assistant", template=BUILTIN_TEMPLATES[name])
     runs = [tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX])]
     assert runs == ["".join(m["content"] + END_OF_TURN[name] for m in CHAT if m["role"] == "assistant")]
-    assert ex.input_ids == tok.apply_chat_template(CHAT, chat_template=BUILTIN_TEMPLATES[name], tokenize=True,
-                                                   return_dict=True)["input_ids"]
+    assert (
+        ex.input_ids
+        == tok.apply_chat_template(
+            CHAT, chat_template=BUILTIN_TEMPLATES[name], tokenize=True, return_dict=True
+        )["input_ids"]
+    )
 
 
 # --- resolve_template ------------------------------------------------------------------------
+
 
 def test_resolve_none_is_the_tokenizers_own(tokenizer):
     assert resolve_template(None, tokenizer) == tokenizer.chat_template
@@ -135,14 +164,21 @@ def test_resolve_unknown_name_lists_builtins():
 
 # --- add_chatml_tokens -----------------------------------------------------------------------
 
+
 def plain_tokenizer() -> PreTrainedTokenizerFast:
     """A base-model tokenizer without ChatML tokens."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    tok.train_from_iterator(
+        CORPUS * 4,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 

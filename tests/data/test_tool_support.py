@@ -17,11 +17,18 @@ from sftlab.data.masking import render
 from sftlab.data.templates import BUILTIN_TEMPLATES
 from sftlab.data.tool_support import ToolSupport, template_support
 
-GLAIVE = Path(__file__).parent / "fixtures" / "glaive_toolcall_demo.json"  # LLaMA-Factory's glaive_toolcall_en_demo
-RAISES_ON_TOOL = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}{% endif %}"
-                  "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+GLAIVE = (
+    Path(__file__).parent / "fixtures" / "glaive_toolcall_demo.json"
+)  # LLaMA-Factory's glaive_toolcall_en_demo
+RAISES_ON_TOOL = (
+    "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
-USER, ANSWER = {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hello! How can I help you today?"}
+USER, ANSWER = (
+    {"role": "user", "content": "Hello!"},
+    {"role": "assistant", "content": "Hello! How can I help you today?"},
+)
 
 
 @pytest.fixture(autouse=True)
@@ -34,13 +41,20 @@ def cfg(path, **kw) -> DataConfig:
     return DataConfig(train=[SourceConfig(path=str(path))], max_seq_length=4096, **kw)
 
 
-@pytest.mark.parametrize("template,support", [
-    (CHATML_TEMPLATE, ToolSupport(tools=False, tool_calls=False, tool_results=True)),  # SmolLM2's own
-    (BUILTIN_TEMPLATES["chatml"], ToolSupport(tools=False, tool_calls=False, tool_results=True)),
-    (BUILTIN_TEMPLATES["chatml_tools"], ToolSupport(tools=True, tool_calls=True, tool_results=True)),
-    (BUILTIN_TEMPLATES["llama3_tools"], ToolSupport(tools=True, tool_calls=True, tool_results=True)),
-    (RAISES_ON_TOOL, ToolSupport(tools=False, tool_calls=False, tool_results=None)),  # refused: per-row bad records
-], ids=["smollm2", "chatml", "chatml_tools", "llama3_tools", "raises-on-tool"])
+@pytest.mark.parametrize(
+    "template,support",
+    [
+        (CHATML_TEMPLATE, ToolSupport(tools=False, tool_calls=False, tool_results=True)),  # SmolLM2's own
+        (BUILTIN_TEMPLATES["chatml"], ToolSupport(tools=False, tool_calls=False, tool_results=True)),
+        (BUILTIN_TEMPLATES["chatml_tools"], ToolSupport(tools=True, tool_calls=True, tool_results=True)),
+        (BUILTIN_TEMPLATES["llama3_tools"], ToolSupport(tools=True, tool_calls=True, tool_results=True)),
+        (
+            RAISES_ON_TOOL,
+            ToolSupport(tools=False, tool_calls=False, tool_results=None),
+        ),  # refused: per-row bad records
+    ],
+    ids=["smollm2", "chatml", "chatml_tools", "llama3_tools", "raises-on-tool"],
+)
 def test_template_support_is_probed(template, support):
     assert template_support(template, {"bos_token": "<s>"}) == support
 
@@ -49,14 +63,20 @@ def test_glaive_rows_with_the_default_template_stop_the_run(tokenizer):
     with pytest.raises(DataError) as e:
         build_datasets(cfg(GLAIVE), tokenizer, seed=0)
     msg = str(e.value)
-    assert msg.startswith(f"{GLAIVE} row 2: the row has tool schemas (`tools`) and tool calls (`tool_calls` of "
-                          "messages[1], messages[5])")  # row 0 has "tools": "[]": nothing to drop
+    assert msg.startswith(
+        f"{GLAIVE} row 2: the row has tool schemas (`tools`) and tool calls (`tool_calls` of "
+        "messages[1], messages[5])"
+    )  # row 0 has "tools": "[]": nothing to drop
     assert "data.chat_template: chatml_tools" in msg and "data.tools: drop" in msg and ".jinja file" in msg
 
 
 def test_a_tools_column_alone_is_caught_with_its_line(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [USER, ANSWER]}, {"messages": [USER, ANSWER], "tools": TOOLS}])
-    with pytest.raises(DataError, match=r"d\.jsonl:2: the row has tool schemas \(`tools`\), which the chat template"):
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"messages": [USER, ANSWER]}, {"messages": [USER, ANSWER], "tools": TOOLS}]
+    )
+    with pytest.raises(
+        DataError, match=r"d\.jsonl:2: the row has tool schemas \(`tools`\), which the chat template"
+    ):
         build_datasets(cfg(path, on_bad_record="skip"), tokenizer, seed=0)
     # a template that renders tools takes the same rows
     train, _, _ = build_datasets(cfg(path, chat_template="chatml_tools"), tokenizer, seed=0)
@@ -85,18 +105,42 @@ def test_glaive_function_call_targets_are_what_the_template_writes_for_tool_call
     assert report.bad == 0 and report.tools_dropped == 0
     ex = max(train, key=lambda e: len(e.input_ids))  # row 2: two calls, two results, two answers
     text = tokenizer.decode(ex.input_ids)
-    user = {"role": "user", "content": "I need to calculate the area of a rectangle. The length is 5 units and the "
-                                       "breadth is 3 units."}
-    call = {"role": "assistant", "tool_calls": [{"type": "function", "function": {
-        "name": "calculate_area", "arguments": {"shape": "rectangle", "dimensions": [5, 3]}}}]}
+    user = {
+        "role": "user",
+        "content": "I need to calculate the area of a rectangle. The length is 5 units and the "
+        "breadth is 3 units.",
+    }
+    call = {
+        "role": "assistant",
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "calculate_area",
+                    "arguments": {"shape": "rectangle", "dimensions": [5, 3]},
+                },
+            }
+        ],
+    }
     prompt = render(tmpl, [user], add_generation_prompt=True)
-    written = render(tmpl, [user, call])[len(prompt):].rstrip()  # the template's rendering of the tool_calls message
-    assert written == '<tool_call>\n{"name": "calculate_area", "arguments": {"shape": "rectangle", ' \
-                      '"dimensions": [5, 3]}}\n</tool_call><|im_end|>'
+    written = render(tmpl, [user, call])[
+        len(prompt) :
+    ].rstrip()  # the template's rendering of the tool_calls message
+    assert (
+        written == '<tool_call>\n{"name": "calculate_area", "arguments": {"shape": "rectangle", '
+        '"dimensions": [5, 3]}}\n</tool_call><|im_end|>'
+    )
     trained = runs(tokenizer, ex)
     assert trained[0] == written and len(trained) == 4
-    assert trained[1] == "The area of the rectangle with length 5 units and breadth 3 units is 15 square units.<|im_end|>"
+    assert (
+        trained[1]
+        == "The area of the rectangle with length 5 units and breadth 3 units is 15 square units.<|im_end|>"
+    )
     # the schemas are in the rendered system turn and carry no loss; neither do the tool results
     assert '<tools>\n{"type": "function", "function": {"name": "calculate_area", "description": ' in text
-    assert "calculate_discount" in text and not any("calculate_discount" in r or "description" in r for r in trained)
-    assert '<tool_response>\n{"area": 15}\n</tool_response>' in text and not any('"area"' in r for r in trained)
+    assert "calculate_discount" in text and not any(
+        "calculate_discount" in r or "description" in r for r in trained
+    )
+    assert '<tool_response>\n{"area": 15}\n</tool_response>' in text and not any(
+        '"area"' in r for r in trained
+    )

@@ -30,8 +30,15 @@ def _rows(d, n=8, size=(16, 16)):
     rows = []
     for k in range(n):
         make_image(d / "img" / f"{k}.png", size=size, seed=k)
-        rows.append({"messages": [{"role": "user", "content": "<image>Which image?"},
-                                  {"role": "assistant", "content": f"Image {k}."}], "images": [f"img/{k}.png"]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "<image>Which image?"},
+                    {"role": "assistant", "content": f"Image {k}."},
+                ],
+                "images": [f"img/{k}.png"],
+            }
+        )
     path = d / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -47,7 +54,9 @@ def _answer(tokenizer, ex):
 
 def test_image_references_follow_their_examples_through_mixing_and_the_eval_split(tmp_path, idefics3):
     path = _rows(tmp_path)
-    train, evals, report = build_datasets(_cfg(path, eval_fraction=0.25), idefics3.tokenizer, 0, processor=idefics3)
+    train, evals, report = build_datasets(
+        _cfg(path, eval_fraction=0.25), idefics3.tokenizer, 0, processor=idefics3
+    )
     assert (len(train), len(evals)) == (6, 2) and train.has_images
     for examples in (train, evals):
         for i in range(len(examples)):
@@ -59,7 +68,9 @@ def test_image_references_follow_their_examples_through_mixing_and_the_eval_spli
     assert stats.images == 8 and stats.image_tokens == 8 * 7  # <fake><global-img><image>x4<fake> per image
     assert "images: 8 (1.00 per example), 56 image tokens" in report.summary()
     batch = vision_collate([train[0], train[1]], idefics3, idefics3.tokenizer.pad_token_id)
-    assert batch["pixel_values"].shape[:2] == (1, 2) and batch["input_ids"].shape[0] == 2  # Idefics3: [1, images, ...]
+    assert (
+        batch["pixel_values"].shape[:2] == (1, 2) and batch["input_ids"].shape[0] == 2
+    )  # Idefics3: [1, images, ...]
 
 
 def test_the_cache_is_reused_and_rebuilt_when_an_image_or_the_processor_changes(tmp_path, idefics3):
@@ -84,21 +95,34 @@ def test_an_entry_holds_one_offset_per_example_and_records_each_image_file_once(
     cfg = _cfg(path, cache_dir=str(tmp_path / "cache"))
     train = build_datasets(cfg, idefics3.tokenizer, 0, processor=idefics3)[0]
     refs = train.stores[0].images
-    assert len(refs) == 11 and refs.starts.dtype == np.int64 and len(refs.starts) == 12  # no object per example
+    assert (
+        len(refs) == 11 and refs.starts.dtype == np.int64 and len(refs.starts) == 12
+    )  # no object per example
     assert list(refs) == [refs[i] for i in range(11)] and refs[-1] == refs[10] == refs[2]
     assert refs[0] == (str((tmp_path / "img" / "0.png").resolve()),)
     entry = next((tmp_path / "cache").glob("*/image_files.jsonl"))
     recorded = [json.loads(x) for x in entry.read_text().splitlines()]
-    assert sorted(p for p, *_ in recorded) == sorted(str((tmp_path / "img" / f"{k}.png").resolve()) for k in range(8))
-    os.remove(tmp_path / "img" / "5.png")  # a recorded file is gone: the entry is rebuilt (the row is now bad)
+    assert sorted(p for p, *_ in recorded) == sorted(
+        str((tmp_path / "img" / f"{k}.png").resolve()) for k in range(8)
+    )
+    os.remove(
+        tmp_path / "img" / "5.png"
+    )  # a recorded file is gone: the entry is rebuilt (the row is now bad)
     again = build_datasets(cfg, idefics3.tokenizer, 0, processor=idefics3)[2].sources[0]
     assert not again.cached and again.bad == 1
 
 
 def test_images_held_in_memory_are_written_into_the_cache_entry(tmp_path, idefics3):
-    rows = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
-                          {"role": "assistant", "content": [{"type": "text", "text": f"Colour {k}."}]}],
-             "images": [Image.new("RGB", (12 + k, 10), (40 * k, 0, 0))]} for k in range(4)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"Colour {k}."}]},
+            ],
+            "images": [Image.new("RGB", (12 + k, 10), (40 * k, 0, 0))],
+        }
+        for k in range(4)
+    ]
     ds = datasets.Dataset.from_list(rows)
     for cache in (True, False):
         cfg = DataConfig(max_seq_length=256, cache=cache, cache_dir=str(tmp_path / "cache"))
@@ -113,15 +137,29 @@ def test_worker_processes_give_the_same_examples(tmp_path, idefics3):
     path = _rows(tmp_path)
     one = build_datasets(_cfg(path, cache=False), idefics3.tokenizer, 0, processor=idefics3)[0]
     two = build_datasets(_cfg(path, cache=False, num_proc=2), idefics3.tokenizer, 0, processor=idefics3)[0]
-    assert [(e.input_ids, e.labels, e.images) for e in one] == [(e.input_ids, e.labels, e.images) for e in two]
+    assert [(e.input_ids, e.labels, e.images) for e in one] == [
+        (e.input_ids, e.labels, e.images) for e in two
+    ]
 
 
 def test_an_image_row_over_max_seq_length_is_a_bad_row_never_truncated(tmp_path, idefics3):
     path = _rows(tmp_path, n=4)
     with path.open("a") as f:
-        f.write(json.dumps({"messages": [{"role": "user", "content": "<image>" + "long " * 300},
-                                         {"role": "assistant", "content": "Yes."}], "images": ["img/0.png"]}) + "\n")
-    train, _, report = build_datasets(_cfg(path, max_bad_fraction=0.5), idefics3.tokenizer, 0, processor=idefics3)
+        f.write(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "<image>" + "long " * 300},
+                        {"role": "assistant", "content": "Yes."},
+                    ],
+                    "images": ["img/0.png"],
+                }
+            )
+            + "\n"
+        )
+    train, _, report = build_datasets(
+        _cfg(path, max_bad_fraction=0.5), idefics3.tokenizer, 0, processor=idefics3
+    )
     assert len(train) == 4 and report.bad == 1
     assert "image rows are not truncated" in report.bad_examples[0] and ":5" in report.bad_examples[0]
 
@@ -130,7 +168,8 @@ def test_the_preview_shows_each_image_with_its_size(tmp_path, idefics3):
     path = _rows(tmp_path, n=2, size=(20, 12))
     train, _, _ = build_datasets(_cfg(path), idefics3.tokenizer, 0, processor=idefics3)
     ids, labels = train.arrays(0)
-    runs = preview.decoded_runs(idefics3.tokenizer, ids.tolist(), labels.tolist(), image_token_ids(idefics3),
-                                train.images(0))
+    runs = preview.decoded_runs(
+        idefics3.tokenizer, ids.tolist(), labels.tolist(), image_token_ids(idefics3), train.images(0)
+    )
     text = preview.mark_plain(runs)
     assert "<image 20x12>Which image?" in text and "<global-img>" not in text and "[[ Image 0." in text

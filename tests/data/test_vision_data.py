@@ -23,9 +23,12 @@ from sftlab.model.loss import full_nll
 
 def _conversation(n_images: int, answer: str = "The capital of France is Paris.") -> list[dict]:
     user = [{"type": "image"}] * n_images + [{"type": "text", "text": "What is the capital of France?"}]
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-            {"role": "user", "content": [{"type": "text", "text": "Thanks"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "Sure, that's great!"}]}]
+    return [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        {"role": "user", "content": [{"type": "text", "text": "Thanks"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Sure, that's great!"}]},
+    ]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -36,7 +39,9 @@ def family(request):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("images")
-    return [str(make_image(d / f"{k}.png", size=(16 + 8 * k, 16), seed=k) and d / f"{k}.png") for k in range(3)]
+    return [
+        str(make_image(d / f"{k}.png", size=(16 + 8 * k, 16), seed=k) and d / f"{k}.png") for k in range(3)
+    ]
 
 
 def test_one_row_renders_expands_and_masks_exactly(family, images):
@@ -45,8 +50,15 @@ def test_one_row_renders_expands_and_masks_exactly(family, images):
     ex = tokenize_vision(proc, messages, images[:2])
     # the processor's own rendering and expansion, the images inside the parts
     it = iter(images[:2])
-    own = [{**m, "content": [{"type": "image", "path": next(it)} if p["type"] == "image" else p for p in m["content"]]}
-           for m in messages]
+    own = [
+        {
+            **m,
+            "content": [
+                {"type": "image", "path": next(it)} if p["type"] == "image" else p for p in m["content"]
+            ],
+        }
+        for m in messages
+    ]
     want = proc.apply_chat_template(own, tokenize=True, return_dict=True)["input_ids"][0]
     assert ex.input_ids == list(want)
     special = image_token_ids(proc)
@@ -67,7 +79,12 @@ def test_collate_gives_the_processors_own_pixel_inputs(family, images):
     ex = tokenize_vision(proc, _conversation(2), images[:2])
     batch = vision_collate([ex], proc, proc.tokenizer.pad_token_id)
     text = proc.apply_chat_template(_conversation(2), tokenize=False)
-    own = proc(text=[text], images=[[load_image(r) for r in images[:2]]], add_special_tokens=False, return_tensors="pt")
+    own = proc(
+        text=[text],
+        images=[[load_image(r) for r in images[:2]]],
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
     assert set(own) - {"attention_mask"} <= set(batch), set(own) - set(batch)
     for key, value in own.items():
         assert torch.equal(batch[key], value), key
@@ -75,8 +92,10 @@ def test_collate_gives_the_processors_own_pixel_inputs(family, images):
 
 def test_padded_batches_of_different_image_counts_lose_as_each_row_alone(family, images):
     name, proc, model = family
-    examples = [tokenize_vision(proc, _conversation(k, answer), images[:k])
-                for k, answer in ((2, "Paris."), (0, "The capital of France is Paris, Paris."), (1, "Paris!"))]
+    examples = [
+        tokenize_vision(proc, _conversation(k, answer), images[:k])
+        for k, answer in ((2, "Paris."), (0, "The capital of France is Paris, Paris."), (1, "Paris!"))
+    ]
     pad = proc.tokenizer.pad_token_id
     model.eval()
     with torch.no_grad():
@@ -107,8 +126,14 @@ def test_image_counts_must_match_and_mismatched_expansions_are_refused(family, i
         tokenize_vision(proc, _conversation(2), images[:1])
     with pytest.raises(TemplateError, match="changed the text"):
         carry_labels([5, 6, 7], [5, 6, 7], [5, 9, 7], {100})
-    assert carry_labels([5, 100, 7], [-100, -100, 7], [5, 101, 100, 100, 101, 7], {100, 101}) == \
-        [-100, -100, -100, -100, -100, 7]
+    assert carry_labels([5, 100, 7], [-100, -100, 7], [5, 101, 100, 100, 101, 7], {100, 101}) == [
+        -100,
+        -100,
+        -100,
+        -100,
+        -100,
+        7,
+    ]
     assert "packing" in PACKING_REFUSAL
 
 
@@ -118,13 +143,21 @@ def test_a_llamafactory_file_gives_examples_and_names_its_bad_rows(family, tmp_p
     name, proc, model = family
     make_image(tmp_path / "mllm_demo_data" / "1.png")
     make_image(tmp_path / "mllm_demo_data" / "2.png", size=(24, 16), seed=2)
-    good = {"messages": [{"content": "<image>Who are they?", "role": "user"},
-                         {"content": "They're football players.", "role": "assistant"},
-                         {"content": "What are they doing?<image>", "role": "user"},
-                         {"content": "They are playing.", "role": "assistant"}],
-            "images": ["mllm_demo_data/1.png", "mllm_demo_data/2.png"]}
-    rows = [good, {**good, "images": ["mllm_demo_data/1.png"]}, {**good, "images": ["mllm_demo_data/1.png", "x.png"]},
-            {"messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}]}]
+    good = {
+        "messages": [
+            {"content": "<image>Who are they?", "role": "user"},
+            {"content": "They're football players.", "role": "assistant"},
+            {"content": "What are they doing?<image>", "role": "user"},
+            {"content": "They are playing.", "role": "assistant"},
+        ],
+        "images": ["mllm_demo_data/1.png", "mllm_demo_data/2.png"],
+    }
+    rows = [
+        good,
+        {**good, "images": ["mllm_demo_data/1.png"]},
+        {**good, "images": ["mllm_demo_data/1.png", "x.png"]},
+        {"messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}]},
+    ]
     path = tmp_path / "mllm_demo.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples, bad = vision_examples_from_jsonl(path, proc)

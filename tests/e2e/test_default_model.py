@@ -31,8 +31,17 @@ def test_gguf_conversion_is_a_plain_float_checkpoint():
 
 def test_demo_config_trains_saves_and_reloads(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "train.max_steps=2", "train.micro_batch_size=4", "train.grad_accum_steps=1",
-               f"train.output_dir={out}", "match_eval.max_examples=4", "data.eval_fraction=0.02"])
+    rc = main(
+        [
+            "train",
+            "train.max_steps=2",
+            "train.micro_batch_size=4",
+            "train.grad_accum_steps=1",
+            f"train.output_dir={out}",
+            "match_eval.max_examples=4",
+            "data.eval_fraction=0.02",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "exact match before training" in text and "exact match after training" in text
@@ -40,11 +49,13 @@ def test_demo_config_trains_saves_and_reloads(tmp_path, capsys):
     assert len(metrics) == 2 and all(m["loss"] > 0 for m in metrics)
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
-    msgs = [{"role": "system", "content": "Convert the date to YYYY-MM-DD format."},
-            {"role": "user", "content": "March 5, 2021"}]
+    msgs = [
+        {"role": "system", "content": "Convert the date to YYYY-MM-DD format."},
+        {"role": "user", "content": "March 5, 2021"},
+    ]
     enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     gen = model.generate(**enc, max_new_tokens=8, do_sample=False)
-    assert tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_lora_demo_learns_and_its_adapter_loads_by_name(tmp_path, capsys):
@@ -56,19 +67,58 @@ def test_lora_demo_learns_and_its_adapter_loads_by_name(tmp_path, capsys):
 
     out = tmp_path / "lora"
     config = str(files("sftlab") / "demo" / "demo_lora.yaml")
-    assert main(["train", config, f"train.output_dir={out}", "train.max_steps=4", "train.grad_accum_steps=1",
-                 "match_eval.max_examples=10"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                config,
+                f"train.output_dir={out}",
+                "train.max_steps=4",
+                "train.grad_accum_steps=1",
+                "match_eval.max_examples=10",
+            ]
+        )
+        == 0
+    )
     match = json.loads((out / "match_eval.json").read_text())
-    assert match["after"]["correct"] >= match["before"]["correct"] + 3, match  # measured (AVX2 fp32): 0/10 -> 6/10
+    assert match["after"]["correct"] >= match["before"]["correct"] + 3, (
+        match
+    )  # measured (AVX2 fp32): 0/10 -> 6/10
     assert json.loads((out / "sftlab_base.json").read_text())["name_or_path"] == "default"
     capsys.readouterr()
-    assert main(["generate", str(out), "--system", "Rewrite the date as YYYY-MM-DD. Reply with the date only.",
-                 "--prompt", "5 March 2021", "--max-new-tokens", "12"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(out),
+                "--system",
+                "Rewrite the date as YYYY-MM-DD. Reply with the date only.",
+                "--prompt",
+                "5 March 2021",
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", capsys.readouterr().out.strip())
 
 
 def test_generate_default_answers_with_the_base_model(capsys):
     """`sftlab generate default` (to compare a run with the model it started from)."""
-    assert main(["generate", "default", "--system", "Rewrite the date as YYYY-MM-DD. Reply with the date only.",
-                 "--prompt", "5 March 2021", "--max-new-tokens", "12"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "default",
+                "--system",
+                "Rewrite the date as YYYY-MM-DD. Reply with the date only.",
+                "--prompt",
+                "5 March 2021",
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip()

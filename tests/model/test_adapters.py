@@ -42,9 +42,17 @@ def test_rslora_scales_by_alpha_over_sqrt_r(tiny_model):
 
 def test_bias_all_trains_every_bias_and_none_trains_none():
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, attention_bias=True)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        attention_bias=True,
+    )
     trained = {}
     for bias in ("none", "all"):
         wrapped, _ = adapters.wrap(LlamaForCausalLM(cfg), PeftSettings(r=2, bias=bias))
@@ -53,6 +61,8 @@ def test_bias_all_trains_every_bias_and_none_trains_none():
 
 
 def test_settings_of_a_saved_adapter_keep_the_new_settings(tiny_model):
-    wrapped, _ = adapters.wrap(tiny_model, PeftSettings(r=2, target_modules=r".*q_proj", use_rslora=True, bias="all"))
+    wrapped, _ = adapters.wrap(
+        tiny_model, PeftSettings(r=2, target_modules=r".*q_proj", use_rslora=True, bias="all")
+    )
     settings = adapters.settings_of(wrapped.peft_config["default"])
     assert (settings.target_modules, settings.use_rslora, settings.bias) == (r".*q_proj", True, "all")

@@ -46,8 +46,12 @@ def test_two_packed_rows_with_different_cuts_in_one_batch():
     got = model(input_ids=ids, position_ids=pos, use_cache=False).logits
     for b, cuts in enumerate([[(0, 5), (5, 12)], [(0, 3), (3, 11), (11, 12)]]):
         for s, e in cuts:
-            torch.testing.assert_close(got[b, s:e], model(input_ids=ids[b:b + 1, s:e], use_cache=False).logits[0],
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                got[b, s:e],
+                model(input_ids=ids[b : b + 1, s:e], use_cache=False).logits[0],
+                rtol=1e-5,
+                atol=1e-5,
+            )
 
 
 def test_padded_batches_and_generation_are_plain_sdpa():
@@ -59,8 +63,12 @@ def test_padded_batches_and_generation_are_plain_sdpa():
     want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     want_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     model.set_attn_implementation(attention.NAME)
-    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 3:], want[:, 3:])
-    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False), want_gen)
+    torch.testing.assert_close(
+        model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 3:], want[:, 3:]
+    )
+    assert torch.equal(
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False), want_gen
+    )
 
 
 def test_the_saved_model_loads_with_plain_sdpa(tmp_path):
@@ -78,8 +86,17 @@ def test_choose_measures_keeps_the_mask_for_sliding_windows_and_other_kernels():
     assert attention.choose("documents", model, "cpu") == ("documents", "as configured")
     model.set_attn_implementation("eager")
     assert attention.choose("auto", model, "cpu")[0] == "mask"
-    sliding = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                               num_attention_heads=2, num_key_value_heads=1, sliding_window=8))
+    sliding = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            sliding_window=8,
+        )
+    )
     assert attention.choose("auto", sliding, "cpu") == ("mask", "the model has sliding-window layers")
     with pytest.raises(ValueError, match="sliding-window"):
         attention.choose("documents", sliding, "cpu")

@@ -20,7 +20,10 @@ def test_local_dir_loads_float32_without_cache(tiny_model_dir):
 
 def test_bfloat16_and_eager_options(tiny_model_dir):
     import torch
-    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", attn_implementation="eager"))
+
+    model = load_model(
+        ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", attn_implementation="eager")
+    )
     assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
 
 
@@ -33,7 +36,9 @@ def test_missing_paths_are_named(tmp_path):
         resolve_model_path(ModelConfig(name_or_path=str(empty)))
 
 
-@pytest.mark.parametrize("spec", ["./missing", "../missing", "~/sftlab-no-such-model", "/no/such/model", "runs/a/b"])
+@pytest.mark.parametrize(
+    "spec", ["./missing", "../missing", "~/sftlab-no-such-model", "/no/such/model", "runs/a/b"]
+)
 def test_a_local_looking_model_path_is_never_sent_to_the_hub(spec, tmp_path, monkeypatch, no_hub):
     from sftlab.model.loading import load_model, load_tokenizer
 
@@ -65,12 +70,16 @@ def test_a_file_is_not_a_model(tmp_path):
 
 
 def test_hub_id_offline_fails_with_a_clear_message(tmp_path):
-    code = ("from sftlab.config.schema import ModelConfig\n"
-            "from sftlab.model.loading import load_model, ModelLoadError\n"
-            "try:\n    load_model(ModelConfig(name_or_path='sftlab-test/no-such-model'))\n"
-            "except ModelLoadError as e:\n    print('ERR', e)\n")
+    code = (
+        "from sftlab.config.schema import ModelConfig\n"
+        "from sftlab.model.loading import load_model, ModelLoadError\n"
+        "try:\n    load_model(ModelConfig(name_or_path='sftlab-test/no-such-model'))\n"
+        "except ModelLoadError as e:\n    print('ERR', e)\n"
+    )
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    ).stdout
     assert out.startswith("ERR cannot load 'sftlab-test/no-such-model' from the Hugging Face Hub")
     assert "offline" in out
 
@@ -81,6 +90,7 @@ def test_flash_attention_without_cuda_or_package_is_a_clear_error(tmp_path):
     import torch
 
     from sftlab.model.loading import load_model
+
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is usable here")
     with pytest.raises(ModelLoadError, match="flash_attention_2 needs a CUDA device and the flash-attn"):
@@ -90,6 +100,7 @@ def test_flash_attention_without_cuda_or_package_is_a_clear_error(tmp_path):
 def test_dtype_auto_is_the_dtype_the_weights_were_saved_in(tiny_model, tokenizer, tmp_path):
     from sftlab.config.schema import ModelConfig
     from sftlab.model.loading import stored_dtype
+
     tiny_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     tiny_model.to(torch.float16).save_pretrained(tmp_path / "fp16")
     assert stored_dtype(ModelConfig(), str(tmp_path / "bf16")) == "bfloat16"
@@ -99,6 +110,7 @@ def test_dtype_auto_is_the_dtype_the_weights_were_saved_in(tiny_model, tokenizer
 def test_init_kwargs_reach_from_pretrained_and_owned_keys_are_refused(tiny_model_dir):
     from sftlab.config.schema import ModelConfig
     from sftlab.model.loading import load_model
+
     model = load_model(ModelConfig(name_or_path=str(tiny_model_dir), init_kwargs={"num_hidden_layers": 1}))
     assert model.config.num_hidden_layers == 1  # config overrides pass through from_pretrained's kwargs
     with pytest.raises(ValueError, match="init_kwargs.torch_dtype: set by sftlab; use model.dtype"):
@@ -108,6 +120,7 @@ def test_init_kwargs_reach_from_pretrained_and_owned_keys_are_refused(tiny_model
 def test_a_separate_tokenizer_is_loaded_from_model_tokenizer(tiny_model_dir, tmp_path, tokenizer):
     from sftlab.config.schema import ModelConfig
     from sftlab.model.loading import ModelLoadError, load_tokenizer
+
     other = tmp_path / "tok"
     tokenizer.add_tokens(["<extra_token>"])
     tokenizer.save_pretrained(other)

@@ -24,9 +24,19 @@ from sftlab.data.types import IGNORE_INDEX
 from sftlab.model.loss import TargetLossHead, count_targets, full_nll, model_forward
 
 V, H = 300, 32
-COMMON = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+COMMON = dict(
+    vocab_size=V,
+    hidden_size=H,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 CONFIGS = {
     "llama-tied": lambda: LlamaConfig(**COMMON, tie_word_embeddings=True),
     "llama-untied": lambda: LlamaConfig(**COMMON, tie_word_embeddings=False),
@@ -79,7 +89,9 @@ def loss_and_grads(fn, model, batch):
     model.zero_grad(set_to_none=True)
     loss = fn(model, batch)
     loss.backward()
-    return loss.detach(), {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {
+        k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None
+    }
 
 
 def assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float):
@@ -106,7 +118,10 @@ def test_loss_and_grads_match_full_path(name, batch_kind):
 
 def test_softcap_and_scale_are_applied():
     """The tiny models' logits are large enough that the post-processing matters."""
-    for name, attr, value in [("gemma2-softcap", "final_logit_softcapping", None), ("cohere", "logit_scale", 1.0)]:
+    for name, attr, value in [
+        ("gemma2-softcap", "final_logit_softcapping", None),
+        ("cohere", "logit_scale", 1.0),
+    ]:
         model = make_model(name)
         batch = padded_batch()
         head = TargetLossHead.for_model(model, chunk_tokens=3)

@@ -19,9 +19,14 @@ from sftlab.model.vision import freeze, is_vision_model, load_processor, part_of
 from sftlab.trainer.run_model import RunTokens, build_run_model
 
 
-@pytest.mark.parametrize("family, cls", [("idefics3", Idefics3ForConditionalGeneration),
-                                         ("llava", LlavaForConditionalGeneration),
-                                         ("qwen2_vl", Qwen2VLForConditionalGeneration)])
+@pytest.mark.parametrize(
+    "family, cls",
+    [
+        ("idefics3", Idefics3ForConditionalGeneration),
+        ("llava", LlavaForConditionalGeneration),
+        ("qwen2_vl", Qwen2VLForConditionalGeneration),
+    ],
+)
 def test_a_saved_vision_model_loads_with_its_processor(tmp_path, family, cls):
     d = str(save_family(family, tmp_path / family))
     cfg = ModelConfig(name_or_path=d)
@@ -30,7 +35,10 @@ def test_a_saved_vision_model_loads_with_its_processor(tmp_path, family, cls):
     if family == "qwen2_vl":  # its video processor needs torchvision: built without it, saved back as it was
         assert type(proc).__name__ == "Qwen2VLProcessor" and "video_processor" not in proc.get_attributes()
         assert proc.to_dict()["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
-    assert proc.chat_template and proc.tokenizer.convert_tokens_to_ids(proc.image_token) != proc.tokenizer.unk_token_id
+    assert (
+        proc.chat_template
+        and proc.tokenizer.convert_tokens_to_ids(proc.image_token) != proc.tokenizer.unk_token_id
+    )
     model = load_model(cfg, d)
     assert isinstance(model, cls) and is_vision_model(model)
 
@@ -39,7 +47,9 @@ def test_a_text_only_model_has_no_processor(tiny_model_dir):
     cfg = ModelConfig(name_or_path=str(tiny_model_dir))
     assert load_processor(cfg, str(tiny_model_dir)) is None
     model = load_model(cfg, str(tiny_model_dir))
-    assert not is_vision_model(model) and type(model) is type(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert not is_vision_model(model) and type(model) is type(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    )
 
 
 def test_a_vision_model_whose_processor_cannot_load_is_a_clear_error(tmp_path):
@@ -90,8 +100,11 @@ def test_packing_is_refused_for_a_vision_model_and_text_rows_still_train(tmp_pat
     from sftlab.trainer.data import prepare_run_data
 
     d = str(save_family("llava", tmp_path / "m"))
-    tree = {"model": {"name_or_path": d}, "data": {"train": [str(chat_file)], "packing": "bfd", "max_seq_length": 256},
-            "train": {"output_dir": str(tmp_path / "run")}}
+    tree = {
+        "model": {"name_or_path": d},
+        "data": {"train": [str(chat_file)], "packing": "bfd", "max_seq_length": 256},
+        "train": {"output_dir": str(tmp_path / "run")},
+    }
     with pytest.raises(ConfigError, match="data.packing is not supported for vision-language models"):
         prepare_run_data(SFTConfig.model_validate(tree))
     tree["data"]["packing"] = "none"

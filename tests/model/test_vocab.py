@@ -31,8 +31,10 @@ def test_add_chatml_tokens_resizes_with_mean_rows(caplog):
     assert model.get_output_embeddings().weight.shape[0] == n + 2
     # the chatml built-in now tokenizes and masks on this base tokenizer
     ex = tokenize_conversation(tok, CHAT[1:3], "assistant", template=resolve_template("chatml", tok))
-    assert tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX]) == \
-        "Hello! How can I help you today?<|im_end|>"
+    assert (
+        tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX])
+        == "Hello! How can I help you today?<|im_end|>"
+    )
 
 
 def test_resize_after_loading_the_model_like_training_does():

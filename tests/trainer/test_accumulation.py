@@ -20,7 +20,7 @@ def make_examples(vocab: int, n: int = 8) -> list[TokenizedExample]:
         length = 6 + 5 * i  # unequal lengths ...
         ids = torch.randint(3, vocab, (length,), generator=g).tolist()
         n_target = 1 + (i * 7) % (length - 2)  # ... and unequal target counts
-        labels = [IGNORE_INDEX] * (length - n_target) + ids[length - n_target:]
+        labels = [IGNORE_INDEX] * (length - n_target) + ids[length - n_target :]
         out.append(TokenizedExample(ids, labels))
     return out
 
@@ -28,7 +28,7 @@ def make_examples(vocab: int, n: int = 8) -> list[TokenizedExample]:
 def grads_after_step(examples, micro: int) -> tuple[dict[str, torch.Tensor], float]:
     model = build_model(vocab_size=64, seed=3)
     acc = Accelerator(cpu=True)
-    batches = [pad_collate(examples[i:i + micro], pad_id=2) for i in range(0, len(examples), micro)]
+    batches = [pad_collate(examples[i : i + micro], pad_id=2) for i in range(0, len(examples), micro)]
     nll, targets = train_step(model, batches, acc)
     return {n: p.grad.clone() for n, p in model.named_parameters()}, nll / targets
 
@@ -41,7 +41,9 @@ def test_same_gradient_for_any_micro_batching(micro):
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     for name, g in ref.items():
         rel = (got[name] - g).norm() / g.norm().clamp_min(1e-12)
-        assert rel <= 1e-5, f"{name}: relative gradient difference {rel:.2e} for {micro}-example micro-batches"
+        assert rel <= 1e-5, (
+            f"{name}: relative gradient difference {rel:.2e} for {micro}-example micro-batches"
+        )
 
 
 def test_reference_is_global_token_mean_not_mean_of_means():
@@ -60,7 +62,7 @@ def test_reference_is_global_token_mean_not_mean_of_means():
     # mean of per-micro-batch means (the common mistake) gives a measurably different gradient
     model.zero_grad()
     for i in range(0, 8, 4):
-        b = pad_collate(examples[i:i + 4], pad_id=2)
+        b = pad_collate(examples[i : i + 4], pad_id=2)
         lg = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         k = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
         (summed_nll(lg, b["labels"]) / k / 2).backward()

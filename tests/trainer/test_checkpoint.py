@@ -30,8 +30,14 @@ def cfg_tree(model_dir, data, out, **train) -> dict:
         "model": {"name_or_path": str(model_dir)},
         "data": {"train": [{"path": str(data)}], "max_seq_length": 256},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "scheduler": "cosine", "weight_decay": 0.1},
-        "train": {"output_dir": str(out), "micro_batch_size": 3, "grad_accum_steps": 2, "max_steps": STEPS,
-                  "deterministic": True, **train},
+        "train": {
+            "output_dir": str(out),
+            "micro_batch_size": 3,
+            "grad_accum_steps": 2,
+            "max_steps": STEPS,
+            "deterministic": True,
+            **train,
+        },
         "checkpoint": {"every_steps": 2},
     }
 
@@ -40,8 +46,13 @@ def run_cli(tree: dict, tmp_path: Path, env_extra: dict | None = None, wait: boo
     cfg = tmp_path / f"cfg-{time.monotonic_ns()}.yaml"
     cfg.write_text(yaml.safe_dump(tree))
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "sftlab.cli", "train", str(cfg)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sftlab.cli", "train", str(cfg)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if wait:
         out, _ = proc.communicate(timeout=300)
         return proc.returncode, out
@@ -60,7 +71,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_model_dir, chat_file, tmp
     rc, log = run_cli(cfg_tree(tiny_model_dir, chat_file, ref_out), tmp_path)
     assert rc == 0, log
 
-    rc, log = run_cli(cfg_tree(tiny_model_dir, chat_file, cut_out), tmp_path, {"SFTLAB_TEST_KILL_AFTER_STEP": "5"})
+    rc, log = run_cli(
+        cfg_tree(tiny_model_dir, chat_file, cut_out), tmp_path, {"SFTLAB_TEST_KILL_AFTER_STEP": "5"}
+    )
     assert rc == -signal.SIGKILL, log
     assert latest_checkpoint(cut_out).name == "step-00000004"  # step 5 ran but was never saved
     assert not (cut_out / "model.safetensors").exists()
@@ -69,7 +82,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_model_dir, chat_file, tmp
     assert rc == 0, log
     assert "resumed" in log and "step-00000004" in log
     ref, got = metrics(ref_out), metrics(cut_out)
-    assert [{k: r[k] for k in EXACT} for r in got] == [{k: r[k] for k in EXACT} for r in ref]  # bitwise floats
+    assert [{k: r[k] for k in EXACT} for r in got] == [
+        {k: r[k] for k in EXACT} for r in ref
+    ]  # bitwise floats
     wa, wb = load_file(ref_out / "model.safetensors"), load_file(cut_out / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -139,6 +154,7 @@ def _nan_on_call(n: int, monkeypatch):
             calls["n"] += 1
             out = real(model, batch)
             return out * float("nan") if calls["n"] == n else out
+
         return fake
 
     monkeypatch.setattr(setup_mod, "build_loss_fn", build)
@@ -158,7 +174,10 @@ def test_nan_skip_step_leaves_weights_unchanged(tiny_model_dir, chat_file, tmp_p
     res = run_training(SFTConfig.model_validate(tree))
     assert [r["step"] for r in res.history if "skipped" in r] == [5]
     ck = tmp_path / "run" / "checkpoints"
-    w4, w5 = load_file(ck / "step-00000004" / "model.safetensors"), load_file(ck / "step-00000005" / "model.safetensors")
+    w4, w5 = (
+        load_file(ck / "step-00000004" / "model.safetensors"),
+        load_file(ck / "step-00000005" / "model.safetensors"),
+    )
     w6 = load_file(ck / "step-00000006" / "model.safetensors")
     assert all(torch.equal(w4[k], w5[k]) for k in w4)
     assert not all(torch.equal(w5[k], w6[k]) for k in w5)
@@ -210,7 +229,9 @@ def test_disk_full_during_save_keeps_previous(tiny_model_dir, chat_file, tmp_pat
         return real(*a, **k)
 
     monkeypatch.setattr(ck, "save_file", full)
-    with pytest.raises(CheckpointError, match=r"step 4 failed: No space left on device.*step-00000002 is intact"):
+    with pytest.raises(
+        CheckpointError, match=r"step 4 failed: No space left on device.*step-00000002 is intact"
+    ):
         run_training(SFTConfig.model_validate(cfg_tree(tiny_model_dir, chat_file, tmp_path / "run")))
     assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000002"]
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
@@ -288,8 +309,9 @@ def test_second_ctrl_c_exits_at_once(tiny_model_dir, chat_file, tmp_path):
     assert latest_checkpoint(out) is None
 
 
-def test_tied_embeddings_are_checkpointed_without_accelerates_shared_tensor_note(tiny_model_dir, chat_file,
-                                                                                 tmp_path, caplog):
+def test_tied_embeddings_are_checkpointed_without_accelerates_shared_tensor_note(
+    tiny_model_dir, chat_file, tmp_path, caplog
+):
     import logging
 
     from safetensors import safe_open
@@ -312,6 +334,7 @@ def test_tied_embeddings_are_checkpointed_without_accelerates_shared_tensor_note
 
 def test_every_steps_epoch_is_every_epoch():
     from sftlab.config.schema import CheckpointConfig
+
     cfg = CheckpointConfig(every_steps="epoch")
     assert cfg.every_epoch and cfg.every_steps is None
 
@@ -322,6 +345,7 @@ def test_hf_model_in_each_checkpoint_loads_plainly_and_delete_at_end(tiny_model_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import sftlab
+
     out = tmp_path / "run"
     tree = cfg_tree(tiny_model_dir, chat_file, out, max_steps=4)
     tree["checkpoint"] = {"every_steps": 2, "save_hf_model": True}
@@ -341,12 +365,15 @@ def test_hf_model_in_each_checkpoint_loads_plainly_and_delete_at_end(tiny_model_
     tree["train"]["output_dir"] = str(tmp_path / "clean")
     tree["checkpoint"] = {"every_steps": 2, "delete_at_end": True}
     sftlab.train(tree)
-    assert (tmp_path / "clean" / "model.safetensors").is_file() and not (tmp_path / "clean" / "checkpoints").exists()
+    assert (tmp_path / "clean" / "model.safetensors").is_file() and not (
+        tmp_path / "clean" / "checkpoints"
+    ).exists()
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_load_best_model_at_end_saves_the_best_evaluated_step(tiny_model_dir, chat_file, tmp_path, monkeypatch,
-                                                              precision):
+def test_load_best_model_at_end_saves_the_best_evaluated_step(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch, precision
+):
     """Each evaluation runs as usual and then reports a loss that falls to step 3 and rises after it (so the
     best step is in the middle whatever the precision does to the real losses): the saved model is step 3's
     (equal to that step's checkpoint in an identical run), and rotation kept that checkpoint. Only the weights
@@ -366,7 +393,9 @@ def test_load_best_model_at_end_saves_the_best_evaluated_step(tiny_model_dir, ch
     monkeypatch.setattr(loop, "run_evaluation", v_shaped)
 
     def tree(out, **ckpt):
-        t = cfg_tree(tiny_model_dir, chat_file, out, max_steps=len(scripted), eval_every=1, mixed_precision=precision)
+        t = cfg_tree(
+            tiny_model_dir, chat_file, out, max_steps=len(scripted), eval_every=1, mixed_precision=precision
+        )
         t["data"]["eval_fraction"] = 0.25
         t["checkpoint"] = ckpt
         return t
@@ -376,7 +405,9 @@ def test_load_best_model_at_end_saves_the_best_evaluated_step(tiny_model_dir, ch
     assert step == 3, [r["eval_loss"] for r in ref.history]
     t = tree(tmp_path / "best", keep_last=1)
     t["train"]["load_best_model_at_end"] = True
-    monkeypatch.setattr(accelerate.Accelerator, "load_state", lambda *a, **k: pytest.fail("whole checkpoint loaded"))
+    monkeypatch.setattr(
+        accelerate.Accelerator, "load_state", lambda *a, **k: pytest.fail("whole checkpoint loaded")
+    )
     res = sftlab.train(t)
     assert res.best_step == step
     assert (tmp_path / "best" / "checkpoints" / f"step-{step:08d}").is_dir()
@@ -388,6 +419,7 @@ def test_load_best_model_at_end_saves_the_best_evaluated_step(tiny_model_dir, ch
 
 def test_load_best_model_at_end_needs_a_logged_metric(tiny_model_dir, chat_file, tmp_path):
     import sftlab
+
     t = cfg_tree(tiny_model_dir, chat_file, tmp_path / "r", max_steps=2, load_best_model_at_end=True)
     with pytest.raises(RunError, match="needs eval data"):
         sftlab.train(t)

@@ -16,9 +16,19 @@ from sftlab.trainer.loop import run_training
 from tests.conftest import build_model
 from tests.trainer.test_loop import make_cfg
 
-LONG = compiling.RunShape(setting="auto", packed=True, documents_attention=False, fixed_batches=True, vision=False,
-                          sharded=False, resumed_compiled=None, remaining_tokens=10**9, flops_per_token=6 * 135e6,
-                          peak_flops=150e9, device_type="cuda")
+LONG = compiling.RunShape(
+    setting="auto",
+    packed=True,
+    documents_attention=False,
+    fixed_batches=True,
+    vision=False,
+    sharded=False,
+    resumed_compiled=None,
+    remaining_tokens=10**9,
+    flops_per_token=6 * 135e6,
+    peak_flops=150e9,
+    device_type="cuda",
+)
 
 
 def test_auto_compiles_a_long_packed_run_and_not_a_short_one():
@@ -38,10 +48,17 @@ def test_a_cpu_compiles_only_once_a_gain_was_measured_there():
     assert compiling.decide(cpu, measured)[0]
 
 
-@pytest.mark.parametrize("change,reason", [
-    ({"packed": False}, "not packed"), ({"fixed_batches": False}, "micro_batch_tokens"),
-    ({"vision": True}, "image"), ({"sharded": True}, "FSDP"), ({"documents_attention": True}, "documents"),
-    ({"peak_flops": None}, "no step-time estimate")])
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        ({"packed": False}, "not packed"),
+        ({"fixed_batches": False}, "micro_batch_tokens"),
+        ({"vision": True}, "image"),
+        ({"sharded": True}, "FSDP"),
+        ({"documents_attention": True}, "documents"),
+        ({"peak_flops": None}, "no step-time estimate"),
+    ],
+)
 def test_auto_stays_off_where_shapes_vary_or_nothing_is_known(change, reason):
     on, why = compiling.decide(dataclasses.replace(LONG, **change))
     assert not on and reason in why
@@ -52,13 +69,17 @@ def test_measured_records_replace_the_assumptions():
     on, why = compiling.decide(LONG, slower)
     assert not on and "measured" in why  # compiling was measured slower here: never pays
     faster = {"eager_s_per_token": 1e-3, "compiled_s_per_token": 0.5e-3, "compile_s": 30.0}
-    assert compiling.decide(dataclasses.replace(LONG, remaining_tokens=100_000), faster)[0]  # saves 50 s >= 45 s
+    assert compiling.decide(dataclasses.replace(LONG, remaining_tokens=100_000), faster)[
+        0
+    ]  # saves 50 s >= 45 s
     assert not compiling.decide(dataclasses.replace(LONG, remaining_tokens=80_000), faster)[0]  # 40 s < 45 s
 
 
 def test_a_resumed_run_does_what_its_checkpoint_did_and_settings_win():
-    assert compiling.decide(dataclasses.replace(LONG, resumed_compiled=False)) == (False, "auto: as the run this one "
-                                                                                     "resumes did")
+    assert compiling.decide(dataclasses.replace(LONG, resumed_compiled=False)) == (
+        False,
+        "auto: as the run this one resumes did",
+    )
     assert compiling.decide(dataclasses.replace(LONG, remaining_tokens=1, resumed_compiled=True))[0]
     assert compiling.decide(dataclasses.replace(LONG, setting=False))[0] is False
     assert compiling.decide(dataclasses.replace(LONG, setting=True, packed=False))[0] is True
@@ -69,7 +90,9 @@ def test_records_fold_steady_step_times(tmp_path, monkeypatch):
     assert compiling.update_record("k", False, [3.0, 1.0, 1.0], 100) is None  # too few steps to know
     compiling.update_record("k", False, [3.0, 2.5, 1.0, 1.2, 1.1], 1000)
     record = compiling.update_record("k", True, [60.0, 1.0, 0.5, 0.6, 0.4], 1000)
-    assert record == pytest.approx({"eager_s_per_token": 1.1e-3, "compiled_s_per_token": 0.5e-3, "compile_s": 59.5})
+    assert record == pytest.approx(
+        {"eager_s_per_token": 1.1e-3, "compiled_s_per_token": 0.5e-3, "compile_s": 59.5}
+    )
     assert json.loads((tmp_path / "times.json").read_text())["k"] == record
 
 
@@ -101,7 +124,9 @@ def test_fixed_shape_batches_keep_the_loss_and_gradients():
 
 
 @pytest.mark.parametrize(("precision", "rel"), [("no", 1e-5), ("bf16", 2e-2)])
-def test_compiled_packed_run_matches_eager_and_compiles_once(tiny_model_dir, chat_file, tmp_path, precision, rel):
+def test_compiled_packed_run_matches_eager_and_compiles_once(
+    tiny_model_dir, chat_file, tmp_path, precision, rel
+):
     """The compiled step (aot_eager: the graph torch.compile captures, without inductor's minutes of code
     generation on a CPU) gives the eager losses, with one training graph for every step (the last
     micro-batch short of rows included), and the run records what it measured. fp32: at 1e-5. bf16 (autocast
@@ -111,9 +136,17 @@ def test_compiled_packed_run_matches_eager_and_compiles_once(tiny_model_dir, cha
 
     histories = {}
     for compile_setting in (False, True):
-        cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / f"compile-{compile_setting}", max_steps=4,
-                       micro_batch_size=3, compile=compile_setting, compile_backend="aot_eager",
-                       packed_attention="mask", mixed_precision=precision)
+        cfg = make_cfg(
+            tiny_model_dir,
+            chat_file,
+            tmp_path / f"compile-{compile_setting}",
+            max_steps=4,
+            micro_batch_size=3,
+            compile=compile_setting,
+            compile_backend="aot_eager",
+            packed_attention="mask",
+            mixed_precision=precision,
+        )
         cfg.data.packing = "bfd"
         cfg.data.max_seq_length = 128
         cfg.checkpoint.every_steps = 4
@@ -122,7 +155,9 @@ def test_compiled_packed_run_matches_eager_and_compiles_once(tiny_model_dir, cha
         histories[compile_setting] = run_training(cfg).history
         run_json = json.loads((tmp_path / f"compile-{compile_setting}" / "run.json").read_text())
         assert run_json["compile"] is compile_setting
-        assert read_state(latest_checkpoint(tmp_path / f"compile-{compile_setting}")).compiled is compile_setting
+        assert (
+            read_state(latest_checkpoint(tmp_path / f"compile-{compile_setting}")).compiled is compile_setting
+        )
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
     eager, compiled = histories[False], histories[True]
     assert [r["target_tokens"] for r in eager] == [r["target_tokens"] for r in compiled]

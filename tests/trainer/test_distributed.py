@@ -34,28 +34,58 @@ def free_port() -> int:
 @pytest.mark.parametrize("peft", [None, {"r": 4, "alpha": 8, "dropout": 0.0}], ids=["full", "lora"])
 def test_two_processes_match_one(peft, tiny_model_dir, chat_file, tmp_path):
     def cfg(out, micro, model=tiny_model_dir, data=chat_file):
-        tree = {"model": {"name_or_path": str(model)},
-                "data": {"train": [{"path": str(data)}], "max_seq_length": 256},
-                "optim": {"lr": 3e-3, "warmup_steps": 0},
-                "train": {"output_dir": str(out), "micro_batch_size": micro, "grad_accum_steps": 2, "max_steps": 3,
-                              "mixed_precision": "no"},  # exact fp32 math: 1e-5 agreement
-                "peft": peft}
+        tree = {
+            "model": {"name_or_path": str(model)},
+            "data": {"train": [{"path": str(data)}], "max_seq_length": 256},
+            "optim": {"lr": 3e-3, "warmup_steps": 0},
+            "train": {
+                "output_dir": str(out),
+                "micro_batch_size": micro,
+                "grad_accum_steps": 2,
+                "max_steps": 3,
+                "mixed_precision": "no",
+            },  # exact fp32 math: 1e-5 agreement
+            "peft": peft,
+        }
         path = tmp_path / f"{out.name}.yaml"
         path.write_text(yaml.safe_dump(tree))
         return str(path)
 
     pairs = [(tmp_path / "one", tmp_path / "two", {})]
     if peft is None:  # the vision-language case rides along in the same launches
-        pairs.append((tmp_path / "vlm-one", tmp_path / "vlm-two",
-                      {"model": save_family("llava", tmp_path / "llava"), "data": write_image_rows(tmp_path)}))
+        pairs.append(
+            (
+                tmp_path / "vlm-one",
+                tmp_path / "vlm-two",
+                {"model": save_family("llava", tmp_path / "llava"), "data": write_image_rows(tmp_path)},
+            )
+        )
     single = [a for one, _, kw in pairs for a in ("0", cfg(one, 4, **kw))]
     double = [a for _, two, kw in pairs for a in (str(free_port()), cfg(two, 2, **kw))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    r1 = subprocess.run([sys.executable, LAUNCH_RUNS, *single], env=env, capture_output=True, text=True, timeout=600)
+    r1 = subprocess.run(
+        [sys.executable, LAUNCH_RUNS, *single], env=env, capture_output=True, text=True, timeout=600
+    )
     assert r1.returncode == 0, r1.stdout + r1.stderr
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), LAUNCH_RUNS, *double],
-                        env=env, capture_output=True, text=True, timeout=600)
+    r2 = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            LAUNCH_RUNS,
+            *double,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r2.returncode == 0, r2.stdout + r2.stderr
     assert r2.stdout.count("x2 processes") == len(pairs)
 
@@ -74,4 +104,6 @@ def test_two_processes_match_one(peft, tiny_model_dir, chat_file, tmp_path):
             rel = ((w1[k] - w2[k]).norm() / w1[k].norm()).item() if w1[k].any() else float(w2[k].any())
             assert rel < 1e-4, f"{one.name} {k}: relative difference {rel:.2e}"
     if peft is None:
-        assert (tmp_path / "vlm-two" / "processor_config.json").is_file()  # the processor saved with the model
+        assert (
+            tmp_path / "vlm-two" / "processor_config.json"
+        ).is_file()  # the processor saved with the model

@@ -22,12 +22,19 @@ REPO = "tester/tiny-sft"
 
 
 def run_tree(model_dir, data, out, **train) -> dict:
-    return {"model": {"name_or_path": str(model_dir)},
-            "data": {"train": [{"path": str(data)}], "max_seq_length": 256, "eval_fraction": 0.25},
-            "optim": {"lr": 3e-3, "warmup_steps": 1},
-            "train": {"output_dir": str(out), "micro_batch_size": 3, "max_steps": 2, "mixed_precision": "no",
-                      **train},
-            "checkpoint": {"every_steps": 1}}
+    return {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": [{"path": str(data)}], "max_seq_length": 256, "eval_fraction": 0.25},
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "train": {
+            "output_dir": str(out),
+            "micro_batch_size": 3,
+            "max_steps": 2,
+            "mixed_precision": "no",
+            **train,
+        },
+        "checkpoint": {"every_steps": 1},
+    }
 
 
 @pytest.fixture()
@@ -49,20 +56,32 @@ def assert_token_nowhere(out: Path, *texts: str) -> None:
     assert all(TOKEN not in t for t in texts), "the token was printed"
 
 
-def test_push_to_hub_uploads_model_card_report_not_checkpoints(tiny_model_dir, chat_file, tmp_path, hub_env,
-                                                               monkeypatch, capfd):
+def test_push_to_hub_uploads_model_card_report_not_checkpoints(
+    tiny_model_dir, chat_file, tmp_path, hub_env, monkeypatch, capfd
+):
     out = tmp_path / "run"
     with HubServer(TOKEN) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
-        result = sftlab.train(run_tree(tiny_model_dir, chat_file, out, push_to_hub=True, hub_model_id=REPO,
-                                       hub_private=True))
+        result = sftlab.train(
+            run_tree(tiny_model_dir, chat_file, out, push_to_hub=True, hub_model_id=REPO, hub_private=True)
+        )
     printed = capfd.readouterr()
     assert result.push_error is None and result.hub_url.startswith(f"{server.url}/{REPO}/commit/")
     assert server.create_payloads == [{"name": "tiny-sft", "organization": "tester", "visibility": "private"}]
     assert server.repos[REPO].private is True
     files = server.files(REPO)
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
-                 "report.md", "loss.png", "config.yaml", "run.json", "metrics.jsonl"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "report.md",
+        "loss.png",
+        "config.yaml",
+        "run.json",
+        "metrics.jsonl",
+    ):
         assert name in files, f"{name} not uploaded; uploaded: {sorted(files)}"
     assert (out / "checkpoints").is_dir() and not [f for f in files if f.startswith("checkpoints/")]
     assert "FINISHED" not in files
@@ -77,12 +96,15 @@ def test_push_to_hub_uploads_model_card_report_not_checkpoints(tiny_model_dir, c
     assert ModelCard.load(out / "README.md").data.library_name == "transformers"
     assert len(server.repos[REPO].commits) == 1
     # the token went to the server, and nowhere else
-    assert all(h.get("authorization") == f"Bearer {TOKEN}" for m, p, h, _ in server.requests if p.startswith("/api"))
+    assert all(
+        h.get("authorization") == f"Bearer {TOKEN}" for m, p, h, _ in server.requests if p.startswith("/api")
+    )
     assert_token_nowhere(out, printed.out, printed.err)
 
 
-def test_no_token_fails_before_training_and_leaves_output_untouched(tiny_model_dir, chat_file, tmp_path, hub_env,
-                                                                    monkeypatch):
+def test_no_token_fails_before_training_and_leaves_output_untouched(
+    tiny_model_dir, chat_file, tmp_path, hub_env, monkeypatch
+):
     out = tmp_path / "previous"
     out.mkdir()
     before = {"FINISHED": "{}", "config.yaml": "train: {}\n", "model.safetensors": "weights"}
@@ -90,13 +112,18 @@ def test_no_token_fails_before_training_and_leaves_output_untouched(tiny_model_d
         (out / name).write_text(text)
     monkeypatch.delenv("HF_TOKEN")
     tree = run_tree(tiny_model_dir, chat_file, out, push_to_hub=True, hub_model_id=REPO, overwrite=True)
-    with pytest.raises(HubError, match=r"train.push_to_hub: no Hugging Face token .* set HF_TOKEN or run `hf auth "
-                                       r"login`.*set train.push_to_hub=false .*`sftlab push RUN_DIR`"):
+    with pytest.raises(
+        HubError,
+        match=r"train.push_to_hub: no Hugging Face token .* set HF_TOKEN or run `hf auth "
+        r"login`.*set train.push_to_hub=false .*`sftlab push RUN_DIR`",
+    ):
         sftlab.train(tree)
     assert {p.name: p.read_text() for p in out.iterdir()} == before  # overwrite never ran
 
 
-def test_unreachable_endpoint_fails_before_training(tiny_model_dir, chat_file, tmp_path, hub_env, monkeypatch):
+def test_unreachable_endpoint_fails_before_training(
+    tiny_model_dir, chat_file, tmp_path, hub_env, monkeypatch
+):
     with HubServer(TOKEN) as server:
         closed = server.url
     monkeypatch.setenv("HF_ENDPOINT", closed)
@@ -108,34 +135,58 @@ def test_unreachable_endpoint_fails_before_training(tiny_model_dir, chat_file, t
 
 @pytest.mark.parametrize("case", ["refused", "read-only", "offline"])
 def test_access_check_names_the_fix(case, hub_env, monkeypatch):
-    with HubServer("another-token" if case == "refused" else TOKEN, role="read" if case == "read-only" else "write") \
-            as server:
+    with HubServer(
+        "another-token" if case == "refused" else TOKEN, role="read" if case == "read-only" else "write"
+    ) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         if case == "offline":
             monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        expected = {"refused": "refused the token \\(401", "read-only": "the token of tester is read-only",
-                    "offline": "HF_HUB_OFFLINE is set"}[case]
+        expected = {
+            "refused": "refused the token \\(401",
+            "read-only": "the token of tester is read-only",
+            "offline": "HF_HUB_OFFLINE is set",
+        }[case]
         with pytest.raises(HubError, match=expected) as err:
             check_access(REPO)
         assert TOKEN not in str(err.value)
         assert check_access is not None and (case != "offline" or not server.requests)
 
 
-def test_failed_push_keeps_the_run_exits_3_and_sftlab_push_retries(tiny_model_dir, chat_file, tmp_path, hub_env,
-                                                                   monkeypatch, capfd):
+def test_failed_push_keeps_the_run_exits_3_and_sftlab_push_retries(
+    tiny_model_dir, chat_file, tmp_path, hub_env, monkeypatch, capfd
+):
     out = tmp_path / "run"
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(run_tree(tiny_model_dir, chat_file, out, push_to_hub=True, hub_model_id=REPO)))
+    cfg.write_text(
+        yaml.safe_dump(run_tree(tiny_model_dir, chat_file, out, push_to_hub=True, hub_model_id=REPO))
+    )
     with HubServer(TOKEN, fail_commits=True) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         assert cli_main(["train", str(cfg)]) == 3
         first = capfd.readouterr()
         assert "push failed" in first.out and f"sftlab push {out} --repo-id {REPO}" in first.out
-        assert (out / "FINISHED").is_file() and (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+        assert (
+            (out / "FINISHED").is_file()
+            and (out / "model.safetensors").is_file()
+            and (out / "README.md").is_file()
+        )
         assert server.files(REPO) == {}  # the repository was created, nothing committed
         server.fail_commits = False
-        assert cli_main(["push", str(out), "--repo-id", "tester/retried", "--private", "--include-checkpoints",
-                         "--revision", "dev"]) == 0
+        assert (
+            cli_main(
+                [
+                    "push",
+                    str(out),
+                    "--repo-id",
+                    "tester/retried",
+                    "--private",
+                    "--include-checkpoints",
+                    "--revision",
+                    "dev",
+                ]
+            )
+            == 0
+        )
     second = capfd.readouterr()
     files = server.files("tester/retried", "dev")  # the branch was created, main left as it was
     assert server.files("tester/retried") == {}
@@ -156,7 +207,7 @@ def test_lora_run_cards_in_run_dir_and_merged(tiny_model_dir, chat_file, tmp_pat
     assert adapter.data.license == merged.data.license == "apache-2.0"  # from the base model's own card
     assert "lora" in adapter.data.tags and adapter.data.pipeline_tag == "text-generation"
     assert "lora r=4 alpha=8.0" in adapter.text and "A LoRA adapter for" in adapter.text
-    assert "merged into" in merged.text and f"model_id = \"{out / 'merged'}\"" in merged.text
+    assert "merged into" in merged.text and f'model_id = "{out / "merged"}"' in merged.text
     assert f"| final training loss | {result.final_loss:.4f} |" in adapter.text
     eval_loss = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
     assert f"| final validation loss | {eval_loss:.4f} |" in adapter.text
@@ -165,14 +216,24 @@ def test_lora_run_cards_in_run_dir_and_merged(tiny_model_dir, chat_file, tmp_pat
 
 def test_upload_selection_and_push_of_an_unfinished_run(tmp_path):
     run = tmp_path / "run"
-    for rel in ("model.safetensors", "README.md", "FINISHED", ".hidden", "checkpoints/step-1/model.safetensors",
-                "tensorboard/events", "merged/config.json", "merged/README.md"):
+    for rel in (
+        "model.safetensors",
+        "README.md",
+        "FINISHED",
+        ".hidden",
+        "checkpoints/step-1/model.safetensors",
+        "tensorboard/events",
+        "merged/config.json",
+        "merged/README.md",
+    ):
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
         (run / rel).write_text("x")
     assert upload_paths(run) == ["README.md", "merged/README.md", "merged/config.json", "model.safetensors"]
     assert "checkpoints/step-1/model.safetensors" in upload_paths(run, checkpoints=True)
     (run / "FINISHED").unlink()
-    assert cli_main(["push", str(run), "--repo-id", REPO]) == 2  # no FINISHED marker: refused before any request
+    assert (
+        cli_main(["push", str(run), "--repo-id", REPO]) == 2
+    )  # no FINISHED marker: refused before any request
 
 
 def test_card_metadata_names_hub_base_and_hub_datasets(tmp_path):
@@ -183,12 +244,21 @@ def test_card_metadata_names_hub_base_and_hub_datasets(tmp_path):
     run.mkdir()
     local = tmp_path / "mine.jsonl"
     local.write_text("{}\n")
-    (run / "config.yaml").write_text(yaml.safe_dump({
-        "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "dtype": "bfloat16"},
-        "data": {"train": [{"path": "allenai/tulu-3-sft-mixture", "weight": 0.1}, {"path": str(local)}],
-                 "max_seq_length": 2048, "packing": "bfd", "loss_on": "assistant"},
-        "optim": {"lr": 2e-5, "scheduler": "cosine", "warmup_ratio": 0.03},
-        "train": {"micro_batch_size": 4, "grad_accum_steps": 8, "max_steps": 100}}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "dtype": "bfloat16"},
+                "data": {
+                    "train": [{"path": "allenai/tulu-3-sft-mixture", "weight": 0.1}, {"path": str(local)}],
+                    "max_seq_length": 2048,
+                    "packing": "bfd",
+                    "loss_on": "assistant",
+                },
+                "optim": {"lr": 2e-5, "scheduler": "cosine", "warmup_ratio": 0.03},
+                "train": {"micro_batch_size": 4, "grad_accum_steps": 8, "max_steps": 100},
+            }
+        )
+    )
     (run / "metrics.jsonl").write_text(json.dumps({"step": 100, "loss": 1.25}) + "\n")
     card = ModelCard(card_text(run))
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -16,12 +16,16 @@ from sftlab.trainer.loop import run_training
 
 
 def run(model_dir, data, out, peft=None, **train):
-    cfg = SFTConfig.model_validate({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": [{"path": str(data)}], "max_seq_length": 256},
-        "optim": {"lr": 3e-2 if peft else 3e-3, "warmup_steps": 0},
-        "train": {"output_dir": str(out), "micro_batch_size": 4, "max_steps": 2, **train},
-        "checkpoint": {"every_steps": 1}, "peft": peft})
+    cfg = SFTConfig.model_validate(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"train": [{"path": str(data)}], "max_seq_length": 256},
+            "optim": {"lr": 3e-2 if peft else 3e-3, "warmup_steps": 0},
+            "train": {"output_dir": str(out), "micro_batch_size": 4, "max_steps": 2, **train},
+            "checkpoint": {"every_steps": 1},
+            "peft": peft,
+        }
+    )
     run_training(cfg)
     return latest_checkpoint(out)
 
@@ -53,7 +57,9 @@ def test_an_unfinished_run_loads_its_latest_checkpoint(tiny_model_dir, chat_file
 
 def test_a_lora_checkpoint_is_the_base_plus_its_adapter(tiny_model_dir, chat_file, tmp_path):
     out = tmp_path / "run"
-    ckpt = run(tiny_model_dir, chat_file, out, peft={"r": 4, "alpha": 8, "dropout": 0.0}, mixed_precision="no")
+    ckpt = run(
+        tiny_model_dir, chat_file, out, peft={"r": 4, "alpha": 8, "dropout": 0.0}, mixed_precision="no"
+    )
     assert all("lora_" in k for k in load_file(ckpt / "model.safetensors"))  # only the adapter tensors
     from_ckpt, _ = load_model_dir(ckpt)
     merged, _ = load_adapter_dir(out)  # the run's saved adapter, merged
@@ -86,6 +92,8 @@ def test_a_missing_local_run_is_named_and_never_looked_up_on_the_hub(spec, tmp_p
 
     monkeypatch.chdir(tmp_path)
     for given in (spec, Path(spec)):  # a Path is local even where its str() reads like a hub id
-        with pytest.raises(ModelLoadError, match=f"model path not found: {re.escape(str(given))}.*never looked up"):
+        with pytest.raises(
+            ModelLoadError, match=f"model path not found: {re.escape(str(given))}.*never looked up"
+        ):
             load_model_dir(given)
     assert no_hub == []

@@ -15,13 +15,21 @@ from sftlab.trainer.loop import RunError, run_training
 
 
 def make_cfg(model_dir, data, out, **train) -> SFTConfig:
-    return SFTConfig.model_validate({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": [{"path": str(data)}], "eval_fraction": 0.25, "max_seq_length": 256},
-        "optim": {"lr": 3e-3, "warmup_steps": 1},
-        "train": {"output_dir": str(out), "micro_batch_size": 4, "grad_accum_steps": 2, "max_steps": 4,
-                  "eval_every": 2, **train},
-    })
+    return SFTConfig.model_validate(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"train": [{"path": str(data)}], "eval_fraction": 0.25, "max_seq_length": 256},
+            "optim": {"lr": 3e-3, "warmup_steps": 1},
+            "train": {
+                "output_dir": str(out),
+                "micro_batch_size": 4,
+                "grad_accum_steps": 2,
+                "max_steps": 4,
+                "eval_every": 2,
+                **train,
+            },
+        }
+    )
 
 
 def test_train_saves_loadable_model_and_metrics(tiny_model_dir, chat_file, tmp_path):
@@ -41,8 +49,12 @@ def test_train_saves_loadable_model_and_metrics(tiny_model_dir, chat_file, tmp_p
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True,
-                                     return_tensors="pt", return_dict=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello!"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     gen = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert gen.shape[1] > prompt["input_ids"].shape[1]
     # and the saved weights are the trained ones
@@ -105,7 +117,9 @@ def test_two_step_run_does_not_warn(tiny_model_dir, chat_file, tmp_path):
     from rich.console import Console
 
     printed = io.StringIO()
-    run_training(make_cfg(tiny_model_dir, chat_file, tmp_path / "run", max_steps=2), Console(file=printed, width=300))
+    run_training(
+        make_cfg(tiny_model_dir, chat_file, tmp_path / "run", max_steps=2), Console(file=printed, width=300)
+    )
     assert "warning" not in printed.getvalue()
 
 
@@ -114,8 +128,11 @@ def test_max_seq_length_above_the_models_positions_fails_before_training(tiny_mo
 
     cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / "run")
     cfg.data.max_seq_length = 1024  # the tiny model has 512 positions
-    with pytest.raises(ConfigError, match=r"data.max_seq_length \(1024\) is above the model's "
-                                          r"max_position_embeddings \(512"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.max_seq_length \(1024\) is above the model's "
+        r"max_position_embeddings \(512",
+    ):
         run_training(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -134,8 +151,10 @@ def test_max_seq_length_above_positions_with_rope_scaling_warns(tiny_model_dir, 
     cfg.data.max_seq_length = 1024
     printed = io.StringIO()
     prepare_run_data(cfg, Console(file=printed, width=300))
-    assert "warning: data.max_seq_length (1024) is above the model's max_position_embeddings (512); its rope " \
-           "scaling (linear) must cover it" in printed.getvalue()
+    assert (
+        "warning: data.max_seq_length (1024) is above the model's max_position_embeddings (512); its rope "
+        "scaling (linear) must cover it" in printed.getvalue()
+    )
 
 
 def test_unwritable_output_dir_fails_before_work(tiny_model_dir, chat_file, tmp_path):
@@ -161,6 +180,7 @@ def test_seeded_runs_are_identical(tiny_model_dir, chat_file, tmp_path):
     b = run_training(make_cfg(tiny_model_dir, chat_file, tmp_path / "b"))
     assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
     from safetensors.torch import load_file
+
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -193,12 +213,22 @@ def test_bfd_packing_keeps_the_loss_of_unpacked_training(tiny_model_dir, chat_fi
     same, with per-document attention and with the dense document mask."""
     losses = {}
     for packing, attention in (("none", "auto"), ("bfd", "documents"), ("bfd", "mask")):
-        cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / f"{packing}-{attention}", max_steps=1,
-                       micro_batch_size=64, packed_attention=attention)
+        cfg = make_cfg(
+            tiny_model_dir,
+            chat_file,
+            tmp_path / f"{packing}-{attention}",
+            max_steps=1,
+            micro_batch_size=64,
+            packed_attention=attention,
+        )
         cfg.data.packing = packing
         cfg.data.eval_fraction = 0.0
         res = run_training(cfg)
-        losses[attention] = (res.history[0]["loss"], res.history[0]["target_tokens"], res.history[0]["grad_norm"])
+        losses[attention] = (
+            res.history[0]["loss"],
+            res.history[0]["target_tokens"],
+            res.history[0]["grad_norm"],
+        )
     for attention in ("documents", "mask"):
         assert losses[attention][1] == losses["auto"][1]
         assert losses[attention][0] == pytest.approx(losses["auto"][0], rel=1e-5)
@@ -209,6 +239,7 @@ def test_bad_match_eval_file_fails_before_training(tiny_model_dir, chat_file, tm
     from conftest import write_jsonl
 
     from sftlab.data.dataset import DataError
+
     bad = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "Hello!", "completion": "Hi"}, "{broken"])
     cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / "run")
     cfg.match_eval = {"path": str(bad)}
@@ -228,12 +259,21 @@ def test_match_eval_before_and_after(tiny_model_dir, chat_file, tmp_path):
 
 def _saved_weights(out):
     from safetensors.torch import load_file
+
     return load_file(out / "model.safetensors")
 
 
-@pytest.mark.parametrize("dtype,mixed,saved", [("float32", "bf16", torch.float32), ("bfloat16", "no", torch.bfloat16),
-                                               ("bfloat16", "bf16", torch.bfloat16)])
-def test_bf16_modes_learn_and_save_the_dtype_asked_for(tiny_model_dir, chat_file, tmp_path, dtype, mixed, saved):
+@pytest.mark.parametrize(
+    "dtype,mixed,saved",
+    [
+        ("float32", "bf16", torch.float32),
+        ("bfloat16", "no", torch.bfloat16),
+        ("bfloat16", "bf16", torch.bfloat16),
+    ],
+)
+def test_bf16_modes_learn_and_save_the_dtype_asked_for(
+    tiny_model_dir, chat_file, tmp_path, dtype, mixed, saved
+):
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, chat_file, out, max_steps=6, mixed_precision=mixed)
     cfg.model.dtype = dtype
@@ -260,14 +300,22 @@ def test_mixed_bf16_saves_the_fp32_master_weights(tiny_model_dir, chat_file, tmp
 def test_target_head_and_full_logits_train_the_same(tiny_model_dir, chat_file, tmp_path):
     runs = {}
     for head in ("target", "full"):
-        cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / head, max_steps=3, mixed_precision="no", loss_head=head,
-                       loss_chunk_tokens=7)
+        cfg = make_cfg(
+            tiny_model_dir,
+            chat_file,
+            tmp_path / head,
+            max_steps=3,
+            mixed_precision="no",
+            loss_head=head,
+            loss_chunk_tokens=7,
+        )
         runs[head] = run_training(cfg)
         assert json.loads((tmp_path / head / "run.json").read_text())["loss_head"] == head
     for a, b in zip(runs["target"].history, runs["full"].history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["eval_loss" if "eval_loss" in a else "loss"] == pytest.approx(b["eval_loss" if "eval_loss" in b
-                                                                                 else "loss"], rel=1e-5)
+        assert a["eval_loss" if "eval_loss" in a else "loss"] == pytest.approx(
+            b["eval_loss" if "eval_loss" in b else "loss"], rel=1e-5
+        )
 
 
 @pytest.mark.parametrize("packing", ["none", "bfd"])
@@ -285,6 +333,7 @@ def test_token_budget_micro_batches_run(tiny_model_dir, chat_file, tmp_path, pac
 
 def test_micro_batch_tokens_below_max_seq_length_is_refused(tiny_model_dir, chat_file, tmp_path):
     from sftlab.config import ConfigError, load_config
+
     with pytest.raises(ConfigError, match="micro_batch_tokens"):
         load_config(None, ["train.micro_batch_tokens=100", "data.max_seq_length=256"])
 
@@ -292,6 +341,7 @@ def test_micro_batch_tokens_below_max_seq_length_is_refused(tiny_model_dir, chat
 def test_float16_and_auto_weights_train_in_fp32_and_save_their_dtype(tokenizer, chat_file, tmp_path):
     """model.dtype float16: fp32 compute and masters, saved as float16; auto: the dtype the checkpoint holds."""
     from conftest import build_model
+
     model_dir = tmp_path / "half"
     build_model(len(tokenizer)).to(torch.float16).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)

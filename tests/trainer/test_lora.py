@@ -24,14 +24,22 @@ PEFT = {"r": 4, "alpha": 8, "dropout": 0.0}
 
 
 def lora_cfg(model_dir, data, out, peft=None, **train) -> SFTConfig:
-    return SFTConfig.model_validate({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": [{"path": str(data)}], "eval_fraction": 0.25, "max_seq_length": 256},
-        "optim": {"lr": 3e-2, "warmup_steps": 0},
-        "train": {"output_dir": str(out), "micro_batch_size": 12, "grad_accum_steps": 1, "max_steps": 6,
-                  "mixed_precision": "no", **train},
-        "peft": {**PEFT, **(peft or {})},
-    })
+    return SFTConfig.model_validate(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"train": [{"path": str(data)}], "eval_fraction": 0.25, "max_seq_length": 256},
+            "optim": {"lr": 3e-2, "warmup_steps": 0},
+            "train": {
+                "output_dir": str(out),
+                "micro_batch_size": 12,
+                "grad_accum_steps": 1,
+                "max_steps": 6,
+                "mixed_precision": "no",
+                **train,
+            },
+            "peft": {**PEFT, **(peft or {})},
+        }
+    )
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -51,13 +59,19 @@ def test_only_the_adapter_trains_and_its_files_load_with_plain_peft(tiny_model_d
     assert saved and all("lora_" in k for k in saved)  # nothing of the frozen base
     assert not (out / "model.safetensors").exists()
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["r"] == 4 and cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(tiny_model_dir)
+    assert (
+        cfg["r"] == 4 and cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(tiny_model_dir)
+    )
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     untouched = {k: v.clone() for k, v in base.state_dict().items()}
     with_adapter = PeftModel.from_pretrained(base, out)  # plain peft
-    assert all(torch.equal(untouched[k], v) for k, v in
-               AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict().items())
+    assert all(
+        torch.equal(untouched[k], v)
+        for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        .state_dict()
+        .items()
+    )
     adapted = logits(with_adapter, IDS)
     plain = logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), IDS)
     assert not torch.allclose(adapted, plain)  # the adapter changes the model
@@ -72,7 +86,9 @@ def test_only_the_adapter_trains_and_its_files_load_with_plain_peft(tiny_model_d
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_base_weights_are_bitwise_untouched_in_training(tiny_model_dir, chat_file, tmp_path, monkeypatch, precision):
+def test_base_weights_are_bitwise_untouched_in_training(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch, precision
+):
     """The frozen base after training, and every tensor of the merged model the adapter does not touch (the
     embeddings, the norms), equal the loaded base bitwise, in fp32 and under bf16 mixed precision."""
     from sftlab.trainer import outputs
@@ -85,8 +101,15 @@ def test_base_weights_are_bitwise_untouched_in_training(tiny_model_dir, chat_fil
         return real(run, model, gathered)
 
     monkeypatch.setattr(outputs, "save_adapter_run", spy)
-    run_training(lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", peft={"dropout": 0.1, "merge_on_save": True},
-                          mixed_precision=precision))
+    run_training(
+        lora_cfg(
+            tiny_model_dir,
+            chat_file,
+            tmp_path / "run",
+            peft={"dropout": 0.1, "merge_on_save": True},
+            mixed_precision=precision,
+        )
+    )
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
     trained = seen["model"].get_base_model().state_dict()
     frozen = {k.replace(".base_layer", ""): v for k, v in trained.items() if "lora_" not in k}
@@ -109,20 +132,27 @@ def test_bad_target_module_fails_before_training_with_the_names(tiny_model_dir, 
 
 
 def test_sigkill_then_resume_with_lora_is_bitwise(tiny_model_dir, chat_file, tmp_path):
-    tree = lambda out, **kw: {**cfg_tree(tiny_model_dir, chat_file, out, **kw),
-                              "peft": {"r": 4, "alpha": 8, "dropout": 0.1}}
+    tree = lambda out, **kw: {
+        **cfg_tree(tiny_model_dir, chat_file, out, **kw),
+        "peft": {"r": 4, "alpha": 8, "dropout": 0.1},
+    }
     rc, log = run_cli(tree(tmp_path / "ref"), tmp_path)
     assert rc == 0, log
     rc, log = run_cli(tree(tmp_path / "cut"), tmp_path, {"SFTLAB_TEST_KILL_AFTER_STEP": "5"})
     assert rc == -signal.SIGKILL, log
     ckpt = latest_checkpoint(tmp_path / "cut")
     assert set(load_file(ckpt / "model.safetensors")) == {
-        k for k in load_file(ckpt / "model.safetensors") if "lora_" in k}  # trainable tensors only
+        k for k in load_file(ckpt / "model.safetensors") if "lora_" in k
+    }  # trainable tensors only
     rc, log = run_cli(tree(tmp_path / "cut", resume="auto"), tmp_path)
     assert rc == 0 and "resumed" in log, log
-    assert [{k: r[k] for k in EXACT} for r in metrics(tmp_path / "cut")] == \
-        [{k: r[k] for k in EXACT} for r in metrics(tmp_path / "ref")]
-    a, b = load_file(tmp_path / "ref" / "adapter_model.safetensors"), load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    assert [{k: r[k] for k in EXACT} for r in metrics(tmp_path / "cut")] == [
+        {k: r[k] for k in EXACT} for r in metrics(tmp_path / "ref")
+    ]
+    a, b = (
+        load_file(tmp_path / "ref" / "adapter_model.safetensors"),
+        load_file(tmp_path / "cut" / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -141,13 +171,17 @@ def test_dora_trains(tiny_model_dir, chat_file, tmp_path):
     res = run_training(lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", peft={"method": "dora"}))
     assert res.history[-1]["loss"] < res.history[0]["loss"]
     assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["use_dora"] is True
-    assert any("lora_magnitude_vector" in k for k in load_file(tmp_path / "run" / "adapter_model.safetensors"))
+    assert any(
+        "lora_magnitude_vector" in k for k in load_file(tmp_path / "run" / "adapter_model.safetensors")
+    )
 
 
 def test_a_grown_vocabulary_trains_the_embeddings_and_head(tiny_model):
     from sftlab.config.schema import PeftSettings
 
-    names, note = adapters.modules_to_save(tiny_model, PeftSettings(modules_to_save=["norm"]), vocab_grew=True)
+    names, note = adapters.modules_to_save(
+        tiny_model, PeftSettings(modules_to_save=["norm"]), vocab_grew=True
+    )
     assert names == ["norm", "embed_tokens", "lm_head"] and "add_chatml_tokens" in note
     assert adapters.modules_to_save(tiny_model, PeftSettings(), vocab_grew=False) == (None, "")
     wrapped, line = adapters.wrap(tiny_model, PeftSettings(r=2), vocab_grew=True)
@@ -175,15 +209,25 @@ def test_neftune_run_trains_and_evaluates_clean(tiny_model_dir, chat_file, tmp_p
     assert noisy.history[0]["loss"] != base.history[0]["loss"]  # training forwards see the noise
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (sftlab[qlora])")
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (sftlab[qlora])"
+)
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
 def test_qlora_trains(quantize, tokenizer, chat_file, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)  # bitsandbytes' CPU kernels need layer widths of at least one 64-value block
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "m")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    ).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     res = run_training(lora_cfg(tmp_path / "m", chat_file, tmp_path / "run", peft={"quantize": quantize}))
     assert res.history[-1]["loss"] < res.history[0]["loss"]
@@ -205,8 +249,12 @@ def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_model_dir, chat_file, 
         run_training(lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", peft={"quantize": "nf4"}))
 
 
-def test_lora_composes_with_packing_bf16_and_the_target_loss_head(tiny_model_dir, chat_file, tmp_path, capsys):
-    cfg = lora_cfg(tiny_model_dir, chat_file, tmp_path / "run", mixed_precision="bf16", gradient_checkpointing=True)
+def test_lora_composes_with_packing_bf16_and_the_target_loss_head(
+    tiny_model_dir, chat_file, tmp_path, capsys
+):
+    cfg = lora_cfg(
+        tiny_model_dir, chat_file, tmp_path / "run", mixed_precision="bf16", gradient_checkpointing=True
+    )
     cfg.data.packing = "bfd"
     res = run_training(cfg)
     assert res.history[-1]["loss"] < res.history[0]["loss"]

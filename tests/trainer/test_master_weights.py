@@ -88,6 +88,7 @@ def agreement(update: torch.Tensor, reference: torch.Tensor) -> tuple[float, flo
 
 # ---------------------------------------------------------------------------- the acceptance criterion
 
+
 @pytest.mark.parametrize("accum", [1, 4])
 def test_bf16_training_updates_match_fp32(accum):
     """Autocast bf16 (fp32 weights) and pure bf16 weights + MasterWeightAdamW move the weights like fp32 does."""
@@ -110,12 +111,15 @@ def test_plain_adamw_on_bf16_weights_fails_the_criterion():
 
 # ---------------------------------------------------------------------------- the optimizer's mechanics
 
+
 def mixed_params(seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 4, generator=g) * 0.02).to(torch.bfloat16).requires_grad_(),
-            torch.ones(4, dtype=torch.bfloat16).requires_grad_(),
-            (torch.randn(6, generator=g) * 0.02).requires_grad_(),  # an fp32 parameter: its own master
-            (torch.randn(3, 3, generator=g)).to(torch.float16).requires_grad_()]
+    return [
+        (torch.randn(8, 4, generator=g) * 0.02).to(torch.bfloat16).requires_grad_(),
+        torch.ones(4, dtype=torch.bfloat16).requires_grad_(),
+        (torch.randn(6, generator=g) * 0.02).requires_grad_(),  # an fp32 parameter: its own master
+        (torch.randn(3, 3, generator=g)).to(torch.float16).requires_grad_(),
+    ]
 
 
 def random_grads(params, step: int) -> list[torch.Tensor | None]:
@@ -134,12 +138,22 @@ def with_fp32_reference(params, **adamw):
 
 def test_step_is_fp32_adamw_on_the_masters_bitwise():
     params = mixed_params()
-    groups = [{"params": [params[0], params[2]], "weight_decay": 0.1}, {"params": [params[1], params[3]], "lr": 1e-3}]
+    groups = [
+        {"params": [params[0], params[2]], "weight_decay": 0.1},
+        {"params": [params[1], params[3]], "lr": 1e-3},
+    ]
     opt = MasterWeightAdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     ref_params = [p.detach().float().clone().requires_grad_() for p in params]
-    ref = torch.optim.AdamW([{"params": [ref_params[0], ref_params[2]], "weight_decay": 0.1},
-                             {"params": [ref_params[1], ref_params[3]], "lr": 1e-3}],
-                            lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    ref = torch.optim.AdamW(
+        [
+            {"params": [ref_params[0], ref_params[2]], "weight_decay": 0.1},
+            {"params": [ref_params[1], ref_params[3]], "lr": 1e-3},
+        ],
+        lr=LR,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.0,
+    )
     # Same structure and hyperparameters; masters are fp32 copies, fp32 params are their own masters.
     assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
     assert [g["lr"] for g in opt.param_groups] == [LR, 1e-3]
@@ -271,6 +285,7 @@ def test_needs_master_weights():
 
 # ---------------------------------------------------------------------------- checkpoints: bitwise resume
 
+
 def run_steps(model, opt, sched, batches) -> None:
     for ids in batches:
         lm_loss(model, ids).backward()
@@ -361,7 +376,9 @@ def test_accelerate_prepare_clip_save_and_load_state(tmp_path):
         return norms
 
     acc, model, opt, sched = make(0)
-    assert isinstance(master_weight_optimizer(opt), MasterWeightAdamW) and not isinstance(opt, MasterWeightAdamW)
+    assert isinstance(master_weight_optimizer(opt), MasterWeightAdamW) and not isinstance(
+        opt, MasterWeightAdamW
+    )
     assert master_weight_optimizer(torch.optim.AdamW([torch.zeros(1, requires_grad=True)])) is None
     norms = steps(acc, model, opt, sched, batches[:2])
     assert all(n > 0 for n in norms)
@@ -373,7 +390,9 @@ def test_accelerate_prepare_clip_save_and_load_state(tmp_path):
     acc2.load_state(tmp_path / "ckpt", load_kwargs={"weights_only": True})
     sched2.load_state_dict(sched_state)
     steps(acc2, model2, opt2, sched2, batches[2:])
-    assert_same_run((model, master_weight_optimizer(opt), None), (model2, master_weight_optimizer(opt2), None))
+    assert_same_run(
+        (model, master_weight_optimizer(opt), None), (model2, master_weight_optimizer(opt2), None)
+    )
 
 
 def test_frozen_weights_are_never_rounded_to_bf16():
@@ -390,8 +409,11 @@ def test_frozen_weights_are_never_rounded_to_bf16():
     originals = use_bf16_weights(model, matmul_only=True)
     assert exact.dtype == torch.bfloat16 and layer.self_attn.k_proj.weight.dtype == torch.float32
     assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16  # trainable
-    assert {id(p) for p, _ in originals} >= {id(p) for p in model.parameters() if p.requires_grad and p.ndim == 2
-                                              and p is not model.get_input_embeddings().weight}
+    assert {id(p) for p, _ in originals} >= {
+        id(p)
+        for p in model.parameters()
+        if p.requires_grad and p.ndim == 2 and p is not model.get_input_embeddings().weight
+    }
     opt = MasterWeightAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     seed_master_weights(opt, originals)
     x = torch.randint(0, VOCAB, (2, 12))
@@ -401,4 +423,3 @@ def test_frozen_weights_are_never_rounded_to_bf16():
     load_master_weights(model, opt)
     params = dict(model.named_parameters())
     assert all(params[n].dtype == torch.float32 and torch.equal(params[n], v) for n, v in frozen.items())
-

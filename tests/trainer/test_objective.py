@@ -41,13 +41,22 @@ def hand_computed(model, examples, pad_id) -> float:
 
 
 @pytest.mark.parametrize("micro,accum", [(8, 1), (4, 2)], ids=["one-batch", "accumulated"])
-def test_the_documented_objective_trains_without_loop_changes(tiny_model_dir, chat_file, tokenizer, tmp_path,
-                                                              micro, accum):
-    config = {"model": {"name_or_path": str(tiny_model_dir)},
-              "data": {"train": str(chat_file), "max_seq_length": 256},
-              "optim": {"lr": 1e-3, "warmup_steps": 0},
-              "train": {"output_dir": str(tmp_path / "run"), "micro_batch_size": micro, "grad_accum_steps": accum,
-                        "max_steps": 2, "mixed_precision": "no", "num_epochs": 1}}
+def test_the_documented_objective_trains_without_loop_changes(
+    tiny_model_dir, chat_file, tokenizer, tmp_path, micro, accum
+):
+    config = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train": str(chat_file), "max_seq_length": 256},
+        "optim": {"lr": 1e-3, "warmup_steps": 0},
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "micro_batch_size": micro,
+            "grad_accum_steps": accum,
+            "max_steps": 2,
+            "mixed_precision": "no",
+            "num_epochs": 1,
+        },
+    }
     data = sftlab.prepare(config)
     objective = doc_objective()()
     result = sftlab.train(config, objective=objective)

@@ -9,8 +9,8 @@ import torch
 from sftlab.trainer import precision
 from sftlab.trainer.precision import AUTO_ENV, cpu_has_fast_bf16, resolve_mixed_precision
 
-
 # ---------------------------------------------------------------------------- mixed-precision mode
+
 
 @pytest.fixture()
 def cpu_bf16(monkeypatch):
@@ -18,6 +18,7 @@ def cpu_bf16(monkeypatch):
 
     def set_fast(fast: bool):
         monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast)
+
     return set_fast
 
 
@@ -89,7 +90,10 @@ def test_the_environment_forces_what_auto_resolves_to(cpu_bf16, monkeypatch, fas
         monkeypatch.setenv(AUTO_ENV, value)
         mode, reason = resolve_mixed_precision("auto", "cpu")
         assert mode == want and AUTO_ENV in reason
-        assert resolve_mixed_precision("no", "cpu")[0] == "no" and resolve_mixed_precision("bf16", "cpu")[0] == "bf16"
+        assert (
+            resolve_mixed_precision("no", "cpu")[0] == "no"
+            and resolve_mixed_precision("bf16", "cpu")[0] == "bf16"
+        )
         assert resolve_mixed_precision("auto", "cpu", weights_dtype="bfloat16")[0] == "bf16"
     monkeypatch.setenv(AUTO_ENV, "fp8")
     with pytest.raises(ValueError, match=f"{AUTO_ENV}='fp8': expected bf16 or no"):

@@ -17,7 +17,9 @@ def test_the_activation_estimate_scales_with_tokens_layers_and_dtype(tiny_model)
     one = recompute.activation_bytes(tiny_model, 1000, torch.float32)
     assert recompute.activation_bytes(tiny_model, 2000, torch.float32) == 2 * one
     assert recompute.activation_bytes(tiny_model, 1000, torch.bfloat16) * 2 == one
-    cfg = tiny_model.config  # 2 layers, hidden 32, 2 of 4 heads for k/v, ffn 64: (9*32 + 2*16 + 4*64) * 4 bytes
+    cfg = (
+        tiny_model.config
+    )  # 2 layers, hidden 32, 2 of 4 heads for k/v, ffn 64: (9*32 + 2*16 + 4*64) * 4 bytes
     assert one == 1000 * cfg.num_hidden_layers * (9 * 32 + 2 * 16 + 4 * 64) * 4
 
 

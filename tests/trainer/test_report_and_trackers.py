@@ -36,12 +36,31 @@ def test_report_md_and_plot_after_a_run_and_regenerated(tiny_model_dir, chat_fil
 def test_report_of_an_unfinished_run_lists_skipped_rows(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 2.0 / s, "lr": 1e-4, "epoch": s / 10,
-                                                              "tokens_per_s": 100.0, "target_tokens": 50})
-                                                  for s in (1, 2, 3)) + "\n")
-    (run / "data_report.json").write_text(json.dumps({"summary": "3 examples kept of 5 rows",
-                                                      "bad_reasons": {"no assistant turn to learn from": 2},
-                                                      "bad_examples": ["d.jsonl:4 field 'messages': no assistant"]}))
+    (run / "metrics.jsonl").write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "step": s,
+                    "loss": 2.0 / s,
+                    "lr": 1e-4,
+                    "epoch": s / 10,
+                    "tokens_per_s": 100.0,
+                    "target_tokens": 50,
+                }
+            )
+            for s in (1, 2, 3)
+        )
+        + "\n"
+    )
+    (run / "data_report.json").write_text(
+        json.dumps(
+            {
+                "summary": "3 examples kept of 5 rows",
+                "bad_reasons": {"no assistant turn to learn from": 2},
+                "bad_examples": ["d.jsonl:4 field 'messages': no assistant"],
+            }
+        )
+    )
     text = write_report(run).read_text()
     assert "Status: not finished" in text and "2 x no assistant turn to learn from" in text
     assert "d.jsonl:4" in text and "(no match evaluation configured" in text
@@ -55,10 +74,12 @@ def test_trackers_write_offline_and_read_back(tiny_model_dir, chat_file, tmp_pat
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     ea = EventAccumulator(str(out / "tensorboard" / "run"))
     ea.Reload()
-    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in ea.Scalars("loss")] == \
-        [(r["step"], r["loss"]) for r in logged]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in ea.Scalars("loss")] == [
+        (r["step"], r["loss"]) for r in logged
+    ]
     assert [e.step for e in ea.Scalars("eval_loss")] == [r["step"] for r in logged if "eval_loss" in r]
 
     db = sqlite3.connect(out / "trackio" / "run.db")
@@ -67,7 +88,9 @@ def test_trackers_write_offline_and_read_back(tiny_model_dir, chat_file, tmp_pat
     config = json.loads(db.execute("select config from configs").fetchone()[0])
     assert config["optim.lr"] == 3e-3
 
-    (run_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))  # offline: no key configured
+    (run_file,) = glob.glob(
+        str(out / "wandb" / "offline-run-*" / "run-*.wandb")
+    )  # offline: no key configured
     raw = open(run_file, "rb").read()
     assert b"eval_loss" in raw and b"tokens_per_s" in raw and b"optim.lr" in raw
 
@@ -76,6 +99,10 @@ def test_a_missing_tracker_package_is_a_clear_error(tiny_model_dir, chat_file, t
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(RunError, match=r"train.report_to: wandb needs the wandb package: pip install 'sftlab\[wandb\]'"):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(
+        RunError, match=r"train.report_to: wandb needs the wandb package: pip install 'sftlab\[wandb\]'"
+    ):
         run_training(make_cfg(tiny_model_dir, chat_file, tmp_path / "run", report_to=["wandb"]))

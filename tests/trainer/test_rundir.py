@@ -20,11 +20,13 @@ from sftlab.trainer.rundir import FINISHED, kind_of
 
 
 def tree(model_dir, data, out, **train) -> dict:
-    return {"model": {"name_or_path": str(model_dir)},
-            "data": {"train": [{"path": str(data)}], "max_seq_length": 256},
-            "optim": {"lr": 3e-3, "warmup_steps": 0},
-            "train": {"output_dir": str(out), "micro_batch_size": 4, "max_steps": 2, **train},
-            "checkpoint": {"every_steps": 1}}
+    return {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": [{"path": str(data)}], "max_seq_length": 256},
+        "optim": {"lr": 3e-3, "warmup_steps": 0},
+        "train": {"output_dir": str(out), "micro_batch_size": 4, "max_steps": 2, **train},
+        "checkpoint": {"every_steps": 1},
+    }
 
 
 def train(t: dict):
@@ -33,12 +35,16 @@ def train(t: dict):
 
 def no_data_phase(monkeypatch):
     """Fail the test if the run gets as far as reading data."""
+
     def boom(run):
         raise AssertionError("the data phase ran")
+
     monkeypatch.setattr(loop_mod, "setup_data", boom)
 
 
-def test_finished_run_is_marked_refused_and_replaced_with_overwrite(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+def test_finished_run_is_marked_refused_and_replaced_with_overwrite(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
     train(tree(tiny_model_dir, chat_file, out))
     marker = json.loads((out / FINISHED).read_text())
@@ -53,12 +59,15 @@ def test_finished_run_is_marked_refused_and_replaced_with_overwrite(tiny_model_d
 
     res = train(tree(tiny_model_dir, chat_file, out, max_steps=1, overwrite=True))
     assert res.steps == 1 and json.loads((out / FINISHED).read_text())["steps"] == 1
-    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000001"]  # the old run's are gone
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == [
+        "step-00000001"
+    ]  # the old run's are gone
     assert (out / "model.safetensors").read_bytes() != before
 
 
-def test_resume_auto_on_a_finished_run_exits_0_without_training(tiny_model_dir, chat_file, tmp_path, monkeypatch,
-                                                                  capsys):
+def test_resume_auto_on_a_finished_run_exits_0_without_training(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tree(tiny_model_dir, chat_file, out)))
@@ -74,7 +83,9 @@ def test_resume_auto_on_a_finished_run_exits_0_without_training(tiny_model_dir, 
     assert res.completed_before and res.steps == 2 and [r["step"] for r in res.history] == [1, 2]
     # a breaking change is still named, not silently called complete
     with pytest.raises(RunError, match=r"train.micro_batch_size: 4 -> 3"):
-        run_training(SFTConfig.model_validate(tree(tiny_model_dir, chat_file, out, resume="auto", micro_batch_size=3)))
+        run_training(
+            SFTConfig.model_validate(tree(tiny_model_dir, chat_file, out, resume="auto", micro_batch_size=3))
+        )
 
 
 def test_unfinished_run_needs_resume_or_overwrite(tiny_model_dir, chat_file, tmp_path, monkeypatch):
@@ -83,10 +94,15 @@ def test_unfinished_run_needs_resume_or_overwrite(tiny_model_dir, chat_file, tmp
     (out / FINISHED).unlink()  # as if killed after its last checkpoint
     with monkeypatch.context() as m:
         no_data_phase(m)
-        with pytest.raises(RunError, match=r"holds an unfinished run \(latest checkpoint step-00000002\)\. "
-                                           r"Continue it with train.resume=auto"):
+        with pytest.raises(
+            RunError,
+            match=r"holds an unfinished run \(latest checkpoint step-00000002\)\. "
+            r"Continue it with train.resume=auto",
+        ):
             train(tree(tiny_model_dir, chat_file, out))
-    res = train(tree(tiny_model_dir, chat_file, out, resume="auto"))  # resumes at the end: only the finish is left
+    res = train(
+        tree(tiny_model_dir, chat_file, out, resume="auto")
+    )  # resumes at the end: only the finish is left
     assert not res.completed_before and (out / FINISHED).is_file()
 
 
@@ -98,7 +114,9 @@ def test_other_files_are_refused_and_kept_with_overwrite(tiny_model_dir, chat_fi
         no_data_phase(m)
         with pytest.raises(RunError, match=r"is not empty \(1 entries: notes.txt\) and holds no sftlab run"):
             train(tree(tiny_model_dir, chat_file, out))
-        with pytest.raises(RunError, match="is not empty"):  # resume=auto finds no checkpoint there: not a resume
+        with pytest.raises(
+            RunError, match="is not empty"
+        ):  # resume=auto finds no checkpoint there: not a resume
             train(tree(tiny_model_dir, chat_file, out, resume="auto"))
     train(tree(tiny_model_dir, chat_file, out, overwrite=True))
     assert (out / "notes.txt").read_text() == "precious" and (out / FINISHED).is_file()
@@ -112,8 +130,9 @@ def test_an_empty_or_hidden_only_dir_is_fine(tiny_model_dir, chat_file, tmp_path
     assert train(tree(tiny_model_dir, chat_file, out)).steps == 2
 
 
-def test_interrupt_is_acknowledged_at_once_checkpoints_and_prints_the_resume_command(tiny_model_dir, chat_file,
-                                                                                      tmp_path, monkeypatch, capsys):
+def test_interrupt_is_acknowledged_at_once_checkpoints_and_prints_the_resume_command(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     cfg = tmp_path / "my config.yaml"
     cfg.write_text(yaml.safe_dump(tree(tiny_model_dir, chat_file, out, max_steps=5)))
@@ -123,19 +142,26 @@ def test_interrupt_is_acknowledged_at_once_checkpoints_and_prints_the_resume_com
         def on_step_end(self, record):
             if record["step"] == 1:
                 os.kill(os.getpid(), signal.SIGINT)
-                seen["at_once"] = capsys.readouterr().err  # the handler has run: what it printed, before anything else
+                seen["at_once"] = (
+                    capsys.readouterr().err
+                )  # the handler has run: what it printed, before anything else
 
     monkeypatch.setattr(setup_mod, "env_callbacks", lambda: [InterruptAtStep1()])
     assert main(["train", str(cfg), "optim.lr=1e-3", "train.resume=null"]) == 130
-    assert ("SIGINT: stopping after this optimizer step and saving a checkpoint; press Ctrl-C again to exit "
-            "without saving") in seen["at_once"]
+    assert (
+        "SIGINT: stopping after this optimizer step and saving a checkpoint; press Ctrl-C again to exit "
+        "without saving"
+    ) in seen["at_once"]
     printed = capsys.readouterr().out
     assert f"resume with: sftlab train '{cfg}' optim.lr=1e-3 train.resume=auto" in printed
-    assert (out / "checkpoints" / "step-00000001" / "COMPLETE").is_file()  # the signal came after the step's save point
+    assert (
+        out / "checkpoints" / "step-00000001" / "COMPLETE"
+    ).is_file()  # the signal came after the step's save point
 
 
-def test_a_mistyped_data_path_fails_before_an_overwrite_clears_anything(tiny_model_dir, chat_file, tmp_path,
-                                                                       monkeypatch):
+def test_a_mistyped_data_path_fails_before_an_overwrite_clears_anything(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch
+):
     from sftlab.data import sources
     from sftlab.data.types import DataError
 

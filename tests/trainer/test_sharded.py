@@ -37,7 +37,12 @@ pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "configs" / "accelerate"
-ENGINES = {"ddp": "ddp.yaml", "fsdp": "fsdp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
+ENGINES = {
+    "ddp": "ddp.yaml",
+    "fsdp": "fsdp.yaml",
+    "zero2": "deepspeed_zero2.yaml",
+    "zero3": "deepspeed_zero3.yaml",
+}
 ENGINE_NAMES = {"ddp": "ddp", "fsdp": "fsdp", "zero2": "deepspeed", "zero3": "deepspeed"}
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 LAUNCH_RUNS = str(Path(__file__).with_name("launch_runs.py"))
@@ -45,8 +50,10 @@ VLM_RIDES_ALONG = ("one", "fsdp")  # these runs' launches then train a tiny LLaV
 
 
 def needs(engine: str):
-    return pytest.mark.skipif(engine.startswith("zero") and not HAVE_DEEPSPEED,
-                              reason="deepspeed is not installed (make setup installs it)")
+    return pytest.mark.skipif(
+        engine.startswith("zero") and not HAVE_DEEPSPEED,
+        reason="deepspeed is not installed (make setup installs it)",
+    )
 
 
 ENGINE_PARAMS = [pytest.param(e, marks=needs(e)) for e in ENGINES]
@@ -75,21 +82,38 @@ class Lab:
         self.runs: dict[str, Path] = {}
 
     def config(self, name: str, micro: int, peft: dict | None = None, vlm: bool = False) -> Path:
-        data = {"train": [{"path": str(self.vlm_data)}]} if vlm else {
-            "train": [{"path": str(self.data)}], "eval": [{"path": str(self.eval_data)}]}
-        tree = {"model": {"name_or_path": str(self.vlm_model if vlm else self.model_dir)},
-                "data": {**data, "max_seq_length": 256},
-                "optim": {"lr": 3e-3, "warmup_steps": 0},
-                "train": {"output_dir": str(self.root / name), "micro_batch_size": micro, "grad_accum_steps": 2,
-                          "max_steps": 3, "mixed_precision": "no"},
-                "checkpoint": {"every_steps": 1, "keep_last": None},
-                "peft": peft}
+        data = (
+            {"train": [{"path": str(self.vlm_data)}]}
+            if vlm
+            else {"train": [{"path": str(self.data)}], "eval": [{"path": str(self.eval_data)}]}
+        )
+        tree = {
+            "model": {"name_or_path": str(self.vlm_model if vlm else self.model_dir)},
+            "data": {**data, "max_seq_length": 256},
+            "optim": {"lr": 3e-3, "warmup_steps": 0},
+            "train": {
+                "output_dir": str(self.root / name),
+                "micro_batch_size": micro,
+                "grad_accum_steps": 2,
+                "max_steps": 3,
+                "mixed_precision": "no",
+            },
+            "checkpoint": {"every_steps": 1, "keep_last": None},
+            "peft": peft,
+        }
         path = self.root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(tree))
         return path
 
-    def launch(self, engine: str | None, config: Path, *overrides: str, env: dict | None = None,
-               check: bool = True, then: Path | None = None) -> subprocess.CompletedProcess:
+    def launch(
+        self,
+        engine: str | None,
+        config: Path,
+        *overrides: str,
+        env: dict | None = None,
+        check: bool = True,
+        then: Path | None = None,
+    ) -> subprocess.CompletedProcess:
         """Train `config` (then the config `then` in the same processes: launch_runs.py, no overrides)."""
         program = ["-m", "sftlab.cli", "train", str(config), *overrides]
         if then is not None:
@@ -98,9 +122,21 @@ class Lab:
         if engine is None:
             cmd = [sys.executable, *program]
         else:
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / ENGINES[engine]),
-                   "--num_processes", "2", "--main_process_port", str(free_port()), *program]
-        r = subprocess.run(cmd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=600, check=False)
+            cmd = [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(RECIPES / ENGINES[engine]),
+                "--num_processes",
+                "2",
+                "--main_process_port",
+                str(free_port()),
+                *program,
+            ]
+        r = subprocess.run(
+            cmd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=600, check=False
+        )
         (self.root / f"{config.stem}.log").write_text(r.stdout + r.stderr)  # kept for a failure's post-mortem
         if check:
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
@@ -171,10 +207,18 @@ def test_engine_matches_one_process(engine, lab):
     assert torch.equal(loaded["lm_head.weight"], w2["model.embed_tokens.weight"])
 
 
-SHARD_FILES = {"fsdp": ["optimizer_0/__0_0.distcp", "optimizer_0/__1_0.distcp",
-                        "pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp"],
-               "zero3": ["pytorch_model/zero_pp_rank_0_mp_rank_00_model_states.pt",
-                         "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"]}
+SHARD_FILES = {
+    "fsdp": [
+        "optimizer_0/__0_0.distcp",
+        "optimizer_0/__1_0.distcp",
+        "pytorch_model_fsdp_0/__0_0.distcp",
+        "pytorch_model_fsdp_0/__1_0.distcp",
+    ],
+    "zero3": [
+        "pytorch_model/zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ],
+}
 
 
 @pytest.mark.parametrize("engine", [pytest.param(e, marks=needs(e)) for e in SHARD_FILES])
@@ -207,7 +251,9 @@ def test_ddp_lora_dropout_resume_restores_each_ranks_rng(lab):
     r = lab.launch("ddp", killed, *args, "train.resume=auto")
     assert "resumed from" in r.stdout and "step-00000004" in r.stdout
     got, ref = metrics(lab.root / "dropout-killed"), metrics(lab.root / "dropout")
-    assert [{k: m[k] for k in exact} for m in got] == [{k: m[k] for k in exact} for m in ref]  # bitwise floats
+    assert [{k: m[k] for k in exact} for m in got] == [
+        {k: m[k] for k in exact} for m in ref
+    ]  # bitwise floats
     a = load_file(lab.root / "dropout" / "adapter_model.safetensors")
     b = load_file(lab.root / "dropout-killed" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
@@ -229,8 +275,9 @@ def test_lora_under_fsdp_saves_the_one_process_adapter(lab):
     for a, b in zip(metrics(one), metrics(two)):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
-    assert_same_weights(load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors"),
-                        rel=1e-4)
+    assert_same_weights(
+        load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors"), rel=1e-4
+    )
 
 
 def test_fsdp_trains_a_vision_language_model_like_one_process(lab):
@@ -251,8 +298,12 @@ def test_fsdp_trains_a_vision_language_model_like_one_process(lab):
     assert not all(torch.equal(w2[k], base[k]) for k in base if "language_model" in k)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    loaded = AutoModelForImageTextToText.from_pretrained(two).state_dict()  # (its names: transformers 5's layout)
-    assert len(loaded) == len(w2) and torch.equal(loaded["lm_head.weight"], w2["language_model.lm_head.weight"])
+    loaded = AutoModelForImageTextToText.from_pretrained(
+        two
+    ).state_dict()  # (its names: transformers 5's layout)
+    assert len(loaded) == len(w2) and torch.equal(
+        loaded["lm_head.weight"], w2["language_model.lm_head.weight"]
+    )
     layer = "layers.0.mlp.down_proj.weight"
     assert torch.equal(loaded[f"model.language_model.{layer}"], w2[f"language_model.model.{layer}"])
     assert type(AutoProcessor.from_pretrained(two, use_fast=False)).__name__ == "LlavaProcessor"
@@ -264,12 +315,17 @@ def test_recipes_are_valid_accelerate_configs(recipe):
 
     cfg = ClusterConfig.from_yaml_file(RECIPES / recipe)  # rejects unknown keys
     value = lambda x: getattr(x, "value", x)
-    assert value(cfg.compute_environment) == "LOCAL_MACHINE" and cfg.num_machines == 1 and cfg.machine_rank == 0
+    assert (
+        value(cfg.compute_environment) == "LOCAL_MACHINE" and cfg.num_machines == 1 and cfg.machine_rank == 0
+    )
     assert value(cfg.mixed_precision) == "no"  # precision comes from the run config
     if recipe == "fsdp.yaml":
         fsdp = cfg.fsdp_config
         assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-        assert fsdp["fsdp_reshard_after_forward"] is True and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+        assert (
+            fsdp["fsdp_reshard_after_forward"] is True
+            and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+        )
     if recipe.startswith("deepspeed"):
         assert cfg.deepspeed_config["zero_stage"] == int(recipe[-6])
 
@@ -280,6 +336,8 @@ def test_a_sharded_checkpoint_loads_in_one_process(engine, lab):
     from sftlab.trainer.inference import load_model_dir
 
     run = lab.run(engine, engine)
-    model, _ = load_model_dir(run / "checkpoints" / "step-00000003")  # the last step: the saved model's weights
+    model, _ = load_model_dir(
+        run / "checkpoints" / "step-00000003"
+    )  # the last step: the saved model's weights
     state, final = model.state_dict(), load_file(run / "model.safetensors")
     assert all(torch.equal(state[k], v) for k, v in final.items())

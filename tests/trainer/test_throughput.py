@@ -10,7 +10,9 @@ def test_frozen_weights_need_no_weight_gradient_flops():
     model = build_model(400)
     n = dense_params(model)
     embed = model.get_input_embeddings().weight.numel()
-    matmuls = sum(p.numel() for p in model.parameters() if p.ndim >= 2)  # the tied head counts once, as the head
+    matmuls = sum(
+        p.numel() for p in model.parameters() if p.ndim >= 2
+    )  # the tied head counts once, as the head
     assert n == matmuls and n > embed
     assert FlopCounter(model).dense == 6 * n
     for p in model.parameters():

@@ -19,14 +19,22 @@ def compile_chat_template(template: str) -> jinja2.Template:
     return _compile_jinja_template(template)
 
 
-def render_with_generation_marks(compiled: jinja2.Template, messages: list[dict[str, Any]], tools: Any,
-                                 documents: Any, add_generation_prompt: bool, **kwargs: Any) -> tuple[str, list]:
+def render_with_generation_marks(
+    compiled: jinja2.Template,
+    messages: list[dict[str, Any]],
+    tools: Any,
+    documents: Any,
+    add_generation_prompt: bool,
+    **kwargs: Any,
+) -> tuple[str, list]:
     """(text, [(start, end) character offsets of each `{% generation %}` block]) of a compiled template.
 
     Touches: `transformers.utils.chat_template_utils._render_with_assistant_indices`. Written against 5.23.0.
     Public alternative: `apply_chat_template(..., return_assistant_tokens_mask=True)`: token masks (of the
     tokenizer's encoding), not character spans."""
-    return _render_with_assistant_indices(compiled, messages, tools, documents, add_generation_prompt, **kwargs)
+    return _render_with_assistant_indices(
+        compiled, messages, tools, documents, add_generation_prompt, **kwargs
+    )
 
 
 def cached_file_or_none(path: str, name: str, **hub: Any) -> str | None:
@@ -38,8 +46,13 @@ def cached_file_or_none(path: str, name: str, **hub: Any) -> str | None:
     Public alternative: none for directories and Hub ids alike (`huggingface_hub.hf_hub_download` raises)."""
     from transformers.utils import cached_file
 
-    return cached_file(path, name, _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False, **hub)
+    return cached_file(
+        path,
+        name,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub,
+    )
 
 
 def processor_class_named(name: str) -> Any:

@@ -34,5 +34,16 @@ from sftlab.config.schema import (
     TrainConfig,
 )
 
-__all__ = ["SFTConfig", "load_config", "ConfigError", "ModelConfig", "DataConfig", "SourceConfig", "OptimConfig",
-           "TrainConfig", "CheckpointConfig", "PeftSettings", "MatchEvalConfig"]
+__all__ = [
+    "SFTConfig",
+    "load_config",
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "SourceConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "CheckpointConfig",
+    "PeftSettings",
+    "MatchEvalConfig",
+]

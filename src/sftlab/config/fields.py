@@ -12,7 +12,10 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-MESSAGE_KEYS = ("role", "content")  # the keys of one message in `messages` (and in `prompt` / `completion` lists)
+MESSAGE_KEYS = (
+    "role",
+    "content",
+)  # the keys of one message in `messages` (and in `prompt` / `completion` lists)
 TURN_KEYS = ("from", "value")  # the keys of one ShareGPT turn in `conversations`
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -36,20 +39,51 @@ class RowFormat:
 
 # The row formats, in detection order (`format: auto` reads a row as the first whose required fields it has).
 ROW_FORMATS = (
-    RowFormat("messages", ("messages",), ("tools",), "OpenAI-style chat: a list of `{role, content}` messages",
-              MESSAGE_KEYS),
-    RowFormat("sharegpt", ("conversations",), ("system", "tools"),
-              "FastChat / ShareGPT dumps: a list of `{from, value}` turns", TURN_KEYS),
-    RowFormat("prompt_completion", ("prompt", "completion"), ("tools",),
-              "one prompt, one answer (each a string or a list of messages)", MESSAGE_KEYS),
-    RowFormat("alpaca", ("instruction", "output"), ("input", "system", "tools"),
-              "instruction tuning: user turn `instruction` (+ `\\n\\n` + `input`), assistant turn `output`"),
-    RowFormat("dolly", ("instruction", "response"), ("context",),
-              "databricks-dolly-15k: user turn `instruction` (+ `\\n\\n` + `context`), assistant turn `response`"),
-    RowFormat("pretokenized", ("input_ids",), ("labels",),
-              "token ids (and labels, -100 = no loss) from your own pipeline"),
-    RowFormat("text", ("text",), ("loss_masking_spans",),
-              "plain text, no chat template, with optional inclusive character spans that get no loss"),
+    RowFormat(
+        "messages",
+        ("messages",),
+        ("tools",),
+        "OpenAI-style chat: a list of `{role, content}` messages",
+        MESSAGE_KEYS,
+    ),
+    RowFormat(
+        "sharegpt",
+        ("conversations",),
+        ("system", "tools"),
+        "FastChat / ShareGPT dumps: a list of `{from, value}` turns",
+        TURN_KEYS,
+    ),
+    RowFormat(
+        "prompt_completion",
+        ("prompt", "completion"),
+        ("tools",),
+        "one prompt, one answer (each a string or a list of messages)",
+        MESSAGE_KEYS,
+    ),
+    RowFormat(
+        "alpaca",
+        ("instruction", "output"),
+        ("input", "system", "tools"),
+        "instruction tuning: user turn `instruction` (+ `\\n\\n` + `input`), assistant turn `output`",
+    ),
+    RowFormat(
+        "dolly",
+        ("instruction", "response"),
+        ("context",),
+        "databricks-dolly-15k: user turn `instruction` (+ `\\n\\n` + `context`), assistant turn `response`",
+    ),
+    RowFormat(
+        "pretokenized",
+        ("input_ids",),
+        ("labels",),
+        "token ids (and labels, -100 = no loss) from your own pipeline",
+    ),
+    RowFormat(
+        "text",
+        ("text",),
+        ("loss_masking_spans",),
+        "plain text, no chat template, with optional inclusive character spans that get no loss",
+    ),
 )
 FORMATS = ("auto",) + tuple(f.name for f in ROW_FORMATS)
 # The fields each row format reads (data/formats.py; docs/data.md), the required ones first; a source's
@@ -61,7 +95,11 @@ REQUIRED_FIELDS = {f.name: len(f.required) for f in ROW_FORMATS}
 def _column_names(fmt: str) -> tuple[str, ...]:
     """The names `columns` may map for a source of format `fmt`."""
     if fmt == "auto":
-        return tuple(dict.fromkeys(f for fields in ROW_FIELDS.values() for f in fields)) + MESSAGE_KEYS + TURN_KEYS
+        return (
+            tuple(dict.fromkeys(f for fields in ROW_FIELDS.values() for f in fields))
+            + MESSAGE_KEYS
+            + TURN_KEYS
+        )
     row_format = next(f for f in ROW_FORMATS if f.name == fmt)
     return row_format.fields + row_format.turn_keys
 
@@ -74,8 +112,10 @@ def expected_formats() -> str:
 
 def formats_table() -> str:
     """The Markdown table of the row formats for docs/data.md (a test checks the file holds it)."""
-    rows = ["| format | required fields (detected by, in this order) | optional fields | what it is |",
-            "|---|---|---|---|"]
+    rows = [
+        "| format | required fields (detected by, in this order) | optional fields | what it is |",
+        "|---|---|---|---|",
+    ]
     for f in ROW_FORMATS:
         code = lambda names: ", ".join(f"`{n}`" for n in names) or "-"
         rows.append(f"| `{f.name}` | {code(f.required)} | {code(f.optional)} | {f.description} |")
@@ -85,10 +125,14 @@ def formats_table() -> str:
 def check_markers(response_template: str | None, instruction_template: str | None) -> str | None:
     """An instruction template needs a response template, and differs from it."""
     if instruction_template is not None and response_template is None:
-        raise ValueError("instruction_template needs a response_template (the marker after which text is trained)")
+        raise ValueError(
+            "instruction_template needs a response_template (the marker after which text is trained)"
+        )
     if instruction_template is not None and instruction_template == response_template:
-        raise ValueError(f"instruction_template and response_template are the same ({response_template!r}); "
-                         "they must differ")
+        raise ValueError(
+            f"instruction_template and response_template are the same ({response_template!r}); "
+            "they must differ"
+        )
     return instruction_template
 
 
@@ -106,7 +150,9 @@ def check_columns(columns: dict[str, str], fmt: str = "auto") -> dict[str, str]:
     for theirs in set(columns.values()):
         twice = [k for k, v in columns.items() if v == theirs]
         if len(twice) > 1 and not set(twice) <= set(MESSAGE_KEYS + TURN_KEYS):
-            raise ValueError(f"columns: {theirs!r} is mapped to {' and '.join(twice)}; a field can be renamed once")
+            raise ValueError(
+                f"columns: {theirs!r} is mapped to {' and '.join(twice)}; a field can be renamed once"
+            )
     return columns
 
 

@@ -69,8 +69,9 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
             match_eval["path"] = str(base / p)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                require_data: bool = True) -> SFTConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, require_data: bool = True
+) -> SFTConfig:
     """Read a YAML config, apply overrides, validate. With no `path`: the packaged demo config, or the
     library defaults when the overrides give the training data (`data.train=FILE`). `require_data`:
     data.train must name a source (a run's own config.yaml may not: the Python API passes datasets)."""
@@ -93,8 +94,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def resolve_config(config: str | Path | dict | SFTConfig | None = None,
-                   values: dict[str, Any] | None = None) -> SFTConfig:
+def resolve_config(
+    config: str | Path | dict | SFTConfig | None = None, values: dict[str, Any] | None = None
+) -> SFTConfig:
     """The config of a Python API call: `config` (a YAML path, a dict tree, an SFTConfig, or None for the
     library defaults) with `values` set on it -- dotted keys (`{"optim.lr": 1e-5}`) or whole sections
     (`{"optim": {"lr": 1e-5}}`, merged), as Python values (not parsed as YAML). A mistyped key gets the
@@ -109,7 +111,9 @@ def resolve_config(config: str | Path | dict | SFTConfig | None = None,
     elif config is None:
         tree, origin = {}, "the library defaults"
     else:
-        raise ConfigError(f"config: expected a YAML path, a dict or an SFTConfig, got {type(config).__name__}")
+        raise ConfigError(
+            f"config: expected a YAML path, a dict or an SFTConfig, got {type(config).__name__}"
+        )
     for key, value in (values or {}).items():
         if "." not in key and isinstance(value, dict) and key in SFTConfig.model_fields:
             if not isinstance(tree.get(key), dict):
@@ -117,15 +121,20 @@ def resolve_config(config: str | Path | dict | SFTConfig | None = None,
             _merge_tree(tree[key], value)
         elif "." not in key and key not in SFTConfig.model_fields:
             hint = suggest_key((key,))
-            raise ConfigError(f"{key}: unknown key" + (f"; did you mean {hint}?" if hint else "")
-                              + " (keyword arguments are config keys: dotted, e.g. **{'optim.lr': 1e-5}, or sections)")
+            raise ConfigError(
+                f"{key}: unknown key"
+                + (f"; did you mean {hint}?" if hint else "")
+                + " (keyword arguments are config keys: dotted, e.g. **{'optim.lr': 1e-5}, or sections)"
+            )
         else:
             set_dotted(tree, key, value)
         normalise_sources(tree)
     try:
         return SFTConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, origin + (" + keyword arguments" if values else ""))) from None
+        raise ConfigError(
+            format_validation_error(e, origin + (" + keyword arguments" if values else ""))
+        ) from None
 
 
 def _merge_tree(into: dict[str, Any], values: dict[str, Any]) -> None:

@@ -57,8 +57,10 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = _verbatim(raw) if key.strip().rsplit(".", 1)[-1] in VERBATIM_KEYS else _scalar(raw)
         except yaml.YAMLError as e:
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"override '{item}': the value is not valid YAML ({problem}); quote it to "
-                              f"take it as text, e.g. {key.strip()}='{raw}'") from None
+            raise ConfigError(
+                f"override '{item}': the value is not valid YAML ({problem}); quote it to "
+                f"take it as text, e.g. {key.strip()}='{raw}'"
+            ) from None
         set_dotted(tree, key.strip(), value)
         normalise_sources(tree)
     return tree

@@ -16,12 +16,19 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "build_datasets": "dataset", "DataReport": "dataset", "DatasetSource": "dataset",
+    "build_datasets": "dataset",
+    "DataReport": "dataset",
+    "DatasetSource": "dataset",
     "load_template": "templates",
-    "pack_examples": "packing", "packed_collate": "packing",
-    "pad_collate": "collate", "MicroBatchStream": "collate",
-    "TokenizedExample": "types", "IGNORE_INDEX": "types", "DataError": "types",
-    "PackedSFTDataset": "cs336", "iterate_batches": "cs336",
+    "pack_examples": "packing",
+    "packed_collate": "packing",
+    "pad_collate": "collate",
+    "MicroBatchStream": "collate",
+    "TokenizedExample": "types",
+    "IGNORE_INDEX": "types",
+    "DataError": "types",
+    "PackedSFTDataset": "cs336",
+    "iterate_batches": "cs336",
 }
 __all__ = list(_WHERE)
 

@@ -63,7 +63,9 @@ def _digest(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_chunk_files(directory: Path, stem: str, arrays: dict[str, np.ndarray]) -> dict[str, tuple[str, int, str]]:
+def write_chunk_files(
+    directory: Path, stem: str, arrays: dict[str, np.ndarray]
+) -> dict[str, tuple[str, int, str]]:
     """Write each array to `<directory>/<stem>.<name>.bin`; return name -> (path, bytes, sha256)."""
     out = {}
     for name, arr in arrays.items():
@@ -116,8 +118,14 @@ class ArrayWriter:
             self.chunks[name].append((nbytes, sha))
         os.unlink(path)
 
-    def add_examples(self, lengths: np.ndarray, lines: np.ndarray, files: np.ndarray,
-                     fix_pos: np.ndarray, fix_val: np.ndarray) -> None:
+    def add_examples(
+        self,
+        lengths: np.ndarray,
+        lines: np.ndarray,
+        files: np.ndarray,
+        fix_pos: np.ndarray,
+        fix_val: np.ndarray,
+    ) -> None:
         """The per-example metadata of a chunk whose tokens were just appended (fix positions chunk-local)."""
         self.append("offsets", self.tokens + np.cumsum(lengths, dtype=np.int64))
         self.append("lines", lines)
@@ -138,8 +146,14 @@ class ArrayWriter:
         """Flush and write `arrays.json`; returns its content. No fsync: the entry is derived data whose
         every chunk is checksummed, so one torn by a crash is detected when opened and rebuilt."""
         self.abort()
-        meta = {"format": ARRAYS_FORMAT, "tokens": self.tokens, "examples": self.examples,
-                "arrays": {name: {"dtype": self.dtypes[name], "chunks": self.chunks[name]} for name in self.dtypes}}
+        meta = {
+            "format": ARRAYS_FORMAT,
+            "tokens": self.tokens,
+            "examples": self.examples,
+            "arrays": {
+                name: {"dtype": self.dtypes[name], "chunks": self.chunks[name]} for name in self.dtypes
+            },
+        }
         if self.images is not None:
             meta["images"] = {"chunks": self.image_chunks}
         (self.directory / "arrays.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -180,10 +194,12 @@ class ImageRefs:
             _verify(path, chunks)
         self.base = str(directory.resolve())
         size = sum(n for n, _ in chunks)
-        self.data = np.memmap(path, dtype=np.uint8, mode="r", shape=(size,)) if size else np.zeros(0, np.uint8)
+        self.data = (
+            np.memmap(path, dtype=np.uint8, mode="r", shape=(size,)) if size else np.zeros(0, np.uint8)
+        )
         ends = [np.zeros(1, dtype=np.int64)]
         for start in range(0, size, HASH_BLOCK):  # newline positions, a block at a time
-            block = np.asarray(self.data[start:start + HASH_BLOCK])
+            block = np.asarray(self.data[start : start + HASH_BLOCK])
             ends.append(np.flatnonzero(block == 0x0A).astype(np.int64) + start + 1)
         self.starts = np.concatenate(ends)  # line i is data[starts[i]:starts[i + 1]]
 
@@ -194,7 +210,7 @@ class ImageRefs:
         if not -len(self) <= i < len(self):
             raise IndexError(f"example {i} of {len(self)}")
         i %= len(self)
-        line = bytes(self.data[self.starts[i]:self.starts[i + 1]])
+        line = bytes(self.data[self.starts[i] : self.starts[i + 1]])
         return tuple(r if os.path.isabs(r) else os.path.join(self.base, r) for r in json.loads(line))
 
     def __iter__(self):
@@ -229,11 +245,18 @@ class TokenArrays:
         self.ids, self.targets, self.offsets = arrays["ids"], arrays["targets"], arrays["offsets"]
         self.lines, self.files = arrays["lines"], arrays["files"]
         self.fix_pos, self.fix_val = np.asarray(arrays["fix_pos"]), np.asarray(arrays["fix_val"])
-        self.images = ImageRefs(self.directory, meta["images"]["chunks"], verify) if "images" in meta else None
+        self.images = (
+            ImageRefs(self.directory, meta["images"]["chunks"], verify) if "images" in meta else None
+        )
         if self.images is not None and len(self.images) != meta["examples"]:
-            raise CorruptEntry(f"{IMAGES_FILE}: {len(self.images)} examples, arrays.json says {meta['examples']}")
-        if (len(self.offsets) != meta["examples"] + 1 or meta["tokens"] != len(self.ids)
-                or meta["tokens"] != len(self.targets)):
+            raise CorruptEntry(
+                f"{IMAGES_FILE}: {len(self.images)} examples, arrays.json says {meta['examples']}"
+            )
+        if (
+            len(self.offsets) != meta["examples"] + 1
+            or meta["tokens"] != len(self.ids)
+            or meta["tokens"] != len(self.targets)
+        ):
             raise CorruptEntry("array lengths disagree with arrays.json")
 
     def __len__(self) -> int:
@@ -268,10 +291,12 @@ class TokenArrays:
             return 0
         if len(self.fix_pos):
             return int(np.count_nonzero(self.tokens(start + 1, stop)[1] != IGNORE_INDEX))
-        return int(np.count_nonzero(self.targets[start + 1:stop]))
+        return int(np.count_nonzero(self.targets[start + 1 : stop]))
 
 
-def example_arrays(ids: Sequence[int], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def example_arrays(
+    ids: Sequence[int], labels: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(ids, targets, fix positions, fix values) of one example in the compact form."""
     ids_a = np.asarray(ids, dtype=np.int64)
     labels_a = np.asarray(labels, dtype=np.int64)

@@ -45,10 +45,27 @@ CACHE_FORMAT = 2
 MAX_BAD_EXAMPLES = 5
 IMAGE_FILES = "image_files.jsonl"  # [path, bytes, mtime_ns] per line: the image files an entry names
 # The modules whose code decides what a row tokenizes to: editing them invalidates the cache.
-_CODE_FILES = ("types.py", "formats.py", "fields.py", "masking.py", "rendering.py", "spans.py", "templates.py",
-               "sources.py", "tokenize.py", "arrays.py", "fast_chatml.py", "cache.py", "toolcalls.py",
-               "tool_support.py", "markers.py", "images.py", "vision.py", "chat_rows.py",
-               "../config/fields.py")  # the row formats' declarations (ROW_FORMATS)
+_CODE_FILES = (
+    "types.py",
+    "formats.py",
+    "fields.py",
+    "masking.py",
+    "rendering.py",
+    "spans.py",
+    "templates.py",
+    "sources.py",
+    "tokenize.py",
+    "arrays.py",
+    "fast_chatml.py",
+    "cache.py",
+    "toolcalls.py",
+    "tool_support.py",
+    "markers.py",
+    "images.py",
+    "vision.py",
+    "chat_rows.py",
+    "../config/fields.py",
+)  # the row formats' declarations (ROW_FORMATS)
 
 
 @dataclass
@@ -65,10 +82,16 @@ class SourceData:
     notes: list[str] = field(default_factory=list)  # e.g. which tokenization path was used
     conversations: int = 0  # chat rows read (the rest: text or pretokenized)
     formats: Counter = field(default_factory=Counter)  # format -> rows read as it
-    unknown: Counter = field(default_factory=Counter)  # field no reader of its format reads -> rows holding it
+    unknown: Counter = field(
+        default_factory=Counter
+    )  # field no reader of its format reads -> rows holding it
     tools_dropped: int = 0  # rows whose tools the template does not render, dropped (data.tools: drop)
-    mapped: Counter = field(default_factory=Counter)  # `columns.<name>` / `roles.<name>` entry -> rows using it
-    image_files: int = 0  # image files outside the entry, their [path, bytes, mtime_ns] in its image_files.jsonl
+    mapped: Counter = field(
+        default_factory=Counter
+    )  # `columns.<name>` / `roles.<name>` entry -> rows using it
+    image_files: int = (
+        0  # image files outside the entry, their [path, bytes, mtime_ns] in its image_files.jsonl
+    )
 
     def __len__(self) -> int:
         return len(self.arrays) if self.arrays is not None else 0
@@ -85,16 +108,30 @@ class SourceData:
         return self.where(int(np.searchsorted(self.arrays.offsets, start, side="right")) - 1)
 
     def meta(self, key_parts: dict[str, Any] | None) -> dict[str, Any]:
-        return {"format": CACHE_FORMAT, "key": key_parts, "rows": self.rows, "bad": self.bad,
-                "bad_reasons": dict(self.bad_reasons), "bad_examples": self.bad_examples,
-                "files": [list(f) for f in self.files], "notes": self.notes, "formats": dict(self.formats),
-                "unknown": dict(self.unknown), "tools_dropped": self.tools_dropped, "mapped": dict(self.mapped),
-                **({"image_files": self.image_files} if self.image_files else {})}
+        return {
+            "format": CACHE_FORMAT,
+            "key": key_parts,
+            "rows": self.rows,
+            "bad": self.bad,
+            "bad_reasons": dict(self.bad_reasons),
+            "bad_examples": self.bad_examples,
+            "files": [list(f) for f in self.files],
+            "notes": self.notes,
+            "formats": dict(self.formats),
+            "unknown": dict(self.unknown),
+            "tools_dropped": self.tools_dropped,
+            "mapped": dict(self.mapped),
+            **({"image_files": self.image_files} if self.image_files else {}),
+        }
 
 
 def default_cache_dir() -> Path:
     """$SFTLAB_DATA_CACHE, else $SFTLAB_CACHE/data (default ~/.cache/sftlab/data)."""
-    return Path(os.environ["SFTLAB_DATA_CACHE"]) if os.environ.get("SFTLAB_DATA_CACHE") else cache_root() / "data"
+    return (
+        Path(os.environ["SFTLAB_DATA_CACHE"])
+        if os.environ.get("SFTLAB_DATA_CACHE")
+        else cache_root() / "data"
+    )
 
 
 def cache_dir(cfg_cache_dir: str | None) -> Path:
@@ -110,7 +147,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
         h.update(backend.to_str().encode())  # vocab, merges, added tokens, normalizer, post-processor
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True).encode())
+    h.update(
+        json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True).encode()
+    )
     h.update(json.dumps(sorted((int(i), str(t)) for i, t in tokenizer.added_tokens_decoder.items())).encode())
     h.update(str(len(tokenizer)).encode())
     return h.hexdigest()
@@ -136,8 +175,13 @@ def write_image_identities(arrays: TokenArrays | None, path: Path) -> int:
     def outside():
         return (r for refs in arrays.images for r in refs if not r.startswith(inside))
 
-    digests = np.fromiter((int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8).digest(), "little", signed=True)
-                           for r in outside()), dtype=np.int64)
+    digests = np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8).digest(), "little", signed=True)
+            for r in outside()
+        ),
+        dtype=np.int64,
+    )
     first = np.zeros(len(digests), dtype=bool)
     first[np.unique(digests, return_index=True)[1]] = True
     with open(path, "w", encoding="utf-8") as f:
@@ -189,11 +233,21 @@ def load(root: Path, key: str) -> SourceData | None:
         log.warning("data cache entry %s is %s: removing it and rebuilding it", entry, why)
         shutil.rmtree(entry, ignore_errors=True)
         return None
-    return SourceData(arrays, files=[(name, unit) for name, unit in meta["files"]], rows=meta["rows"],
-                      bad=meta["bad"], bad_reasons=Counter(meta["bad_reasons"]), bad_examples=meta["bad_examples"],
-                      cached=True, notes=meta.get("notes", []), formats=Counter(meta.get("formats", {})),
-                      unknown=Counter(meta.get("unknown", {})), tools_dropped=meta.get("tools_dropped", 0),
-                      mapped=Counter(meta.get("mapped", {})), image_files=meta.get("image_files", 0))
+    return SourceData(
+        arrays,
+        files=[(name, unit) for name, unit in meta["files"]],
+        rows=meta["rows"],
+        bad=meta["bad"],
+        bad_reasons=Counter(meta["bad_reasons"]),
+        bad_examples=meta["bad_examples"],
+        cached=True,
+        notes=meta.get("notes", []),
+        formats=Counter(meta.get("formats", {})),
+        unknown=Counter(meta.get("unknown", {})),
+        tools_dropped=meta.get("tools_dropped", 0),
+        mapped=Counter(meta.get("mapped", {})),
+        image_files=meta.get("image_files", 0),
+    )
 
 
 def new_entry_dir(root: Path, key: str) -> Path:

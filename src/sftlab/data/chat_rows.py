@@ -43,16 +43,24 @@ def check_messages(r: Row, messages: Any, field_name: str) -> list[dict[str, Any
         if role is None:
             raise r.bad(f"{where}.role", "missing")
         if role not in ROLES:
-            raise r.bad(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)}; "
-                                         f"map other names in the source's `roles`, e.g. roles: {{{role}: assistant}})")
+            raise r.bad(
+                f"{where}.role",
+                f"unknown role {role!r} (expected one of {', '.join(ROLES)}; "
+                f"map other names in the source's `roles`, e.g. roles: {{{role}: assistant}})",
+            )
         content = m.get("content")
         if content is None and not m.get("tool_calls"):
             raise r.bad(f"{where}.content", "missing")
-        if isinstance(content, list):  # OpenAI/HF content parts: text parts joined as the templates render them
+        if isinstance(
+            content, list
+        ):  # OpenAI/HF content parts: text parts joined as the templates render them
             m = {**m, "content": _joined_text_parts(r, content, f"{where}.content")}
             content = m["content"]
         if content is not None and not isinstance(content, str):
-            raise r.bad(f"{where}.content", f"must be a string or a list of content parts, got {type(content).__name__}")
+            raise r.bad(
+                f"{where}.content",
+                f"must be a string or a list of content parts, got {type(content).__name__}",
+            )
         if role in ("user", "assistant") and not (content or "").strip() and not m.get("tool_calls"):
             raise r.bad(f"{where}.content", f"empty {role} message")
         out.append({k: without_nulls(v) if k == "tool_calls" else v for k, v in m.items() if v is not None})
@@ -74,11 +82,17 @@ def _joined_text_parts(r: Row, parts: list, where: str) -> str:
         if isinstance(text, str):
             texts.append(text)
         elif kind in IMAGE_PARTS:
-            raise r.bad(f"{where}[{j}]", f"an {kind} part: images need a vision-language model, and this run "
-                                         "trains a text-only model (drop the image parts, or the rows)", ImageRow)
+            raise r.bad(
+                f"{where}[{j}]",
+                f"an {kind} part: images need a vision-language model, and this run "
+                "trains a text-only model (drop the image parts, or the rows)",
+                ImageRow,
+            )
         else:
-            raise r.bad(f"{where}[{j}]", "must be a content part {\"type\": \"text\", \"text\": \"...\"}, got "
-                                         f"{str(part)[:60]}")
+            raise r.bad(
+                f"{where}[{j}]",
+                f'must be a content part {{"type": "text", "text": "..."}}, got {str(part)[:60]}',
+            )
     return "".join(texts)
 
 
@@ -97,8 +111,11 @@ def sharegpt_messages(r: Row) -> list[dict[str, Any]]:
             raise r.bad(f"{where}.from", "missing")
         role = SHAREGPT_ROLES.get(sender)
         if role is None:
-            raise r.bad(f"{where}.from", f"unknown role {sender!r} (expected one of {', '.join(SHAREGPT_ROLES)}; "
-                                         f"map other names in the source's `roles`, e.g. roles: {{{sender}: assistant}})")
+            raise r.bad(
+                f"{where}.from",
+                f"unknown role {sender!r} (expected one of {', '.join(SHAREGPT_ROLES)}; "
+                f"map other names in the source's `roles`, e.g. roles: {{{sender}: assistant}})",
+            )
         value = t.get("value") if t.get("value") is not None else t.get("content")
         if value is None:
             raise r.bad(f"{where}.value", "missing")
@@ -112,7 +129,11 @@ def sharegpt_messages(r: Row) -> list[dict[str, Any]]:
         except ValueError as e:
             raise r.bad(f"{where}.value", str(e)) from None
         # the calls join the assistant turn right before (its text, or calls made in parallel), else open one
-        if i and messages[-1]["role"] == "assistant" and SHAREGPT_ROLES.get(_sender(turns[i - 1])) == "assistant":
+        if (
+            i
+            and messages[-1]["role"] == "assistant"
+            and SHAREGPT_ROLES.get(_sender(turns[i - 1])) == "assistant"
+        ):
             messages[-1]["tool_calls"] = messages[-1].get("tool_calls", []) + calls
         else:
             messages.append({"role": "assistant", "tool_calls": calls})
@@ -131,8 +152,9 @@ def dolly_messages(r: Row) -> list[dict[str, Any]]:
     return _instruction_messages(r, "context", "response")
 
 
-def _instruction_messages(r: Row, extra_field: str, answer_field: str, system_field: str | None = None
-                          ) -> list[dict[str, Any]]:
+def _instruction_messages(
+    r: Row, extra_field: str, answer_field: str, system_field: str | None = None
+) -> list[dict[str, Any]]:
     """user: `instruction` (+ "\\n\\n" + the extra field when non-empty), assistant: the answer field."""
     instruction = r.get("instruction", str)
     extra = r.get(extra_field, str, required=False) or ""

@@ -35,8 +35,9 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int
     return torch.randperm(n, generator=g).tolist()
 
 
-def token_budget_batches(order: Sequence[int], lengths: Sequence[int], max_tokens: int,
-                         window: int = 512) -> list[list[int]]:
+def token_budget_batches(
+    order: Sequence[int], lengths: Sequence[int], max_tokens: int, window: int = 512
+) -> list[list[int]]:
     """Cut `order` into micro-batches whose padded size (rows x longest row) stays within `max_tokens`.
 
     Length grouping: each window of `window` consecutive units of the (shuffled) order is sorted by
@@ -46,7 +47,9 @@ def token_budget_batches(order: Sequence[int], lengths: Sequence[int], max_token
     """
     batches: list[list[int]] = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])  # stable: ties keep their order
+        chunk = sorted(
+            order[start : start + window], key=lambda i: -lengths[i]
+        )  # stable: ties keep their order
         batch: list[int] = []
         for i in chunk:
             if batch and (len(batch) + 1) * lengths[batch[0]] > max_tokens:
@@ -68,12 +71,25 @@ class MicroBatchStream:
     (epoch, micro-batches taken in it) identifies the next micro-batch exactly, for resume.
     """
 
-    def __init__(self, num_examples: int, global_units: int, seed: int, shuffle: bool = True,
-                 epoch: int = 0, index: int = 0, lengths: Sequence[int] | None = None,
-                 global_tokens: int | None = None):
+    def __init__(
+        self,
+        num_examples: int,
+        global_units: int,
+        seed: int,
+        shuffle: bool = True,
+        epoch: int = 0,
+        index: int = 0,
+        lengths: Sequence[int] | None = None,
+        global_tokens: int | None = None,
+    ):
         if global_tokens is not None and (lengths is None or len(lengths) != num_examples):
             raise ValueError("token-budget micro-batches need the length of every unit")
-        self.num_examples, self.global_units, self.seed, self.shuffle = num_examples, global_units, seed, shuffle
+        self.num_examples, self.global_units, self.seed, self.shuffle = (
+            num_examples,
+            global_units,
+            seed,
+            shuffle,
+        )
         self.lengths, self.global_tokens = lengths, global_tokens
         self.epoch, self.index = epoch, index  # index = micro-batches already taken in this epoch
         self._cached: tuple[int, list[list[int]]] | None = None
@@ -83,7 +99,7 @@ class MicroBatchStream:
         if self._cached is None or self._cached[0] != epoch:
             order = epoch_order(self.num_examples, self.seed, epoch, self.shuffle)
             if self.global_tokens is None:
-                batches = [order[i:i + self.global_units] for i in range(0, len(order), self.global_units)]
+                batches = [order[i : i + self.global_units] for i in range(0, len(order), self.global_units)]
             else:
                 batches = token_budget_batches(order, self.lengths, self.global_tokens)
                 if self.shuffle:  # the sorted windows must not put long batches first every epoch

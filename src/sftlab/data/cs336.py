@@ -32,8 +32,9 @@ class PackedSFTDataset(Dataset):
     concatenation with `random.Random(seed)` (`seed=None`: the global `random` state).
     """
 
-    def __init__(self, tokenizer, dataset_path: str | PathLike, seq_length: int, shuffle: bool,
-                 seed: int | None = None):
+    def __init__(
+        self, tokenizer, dataset_path: str | PathLike, seq_length: int, shuffle: bool, seed: int | None = None
+    ):
         if seq_length < 1:
             raise ValueError(f"seq_length must be positive, got {seq_length}")
         if tokenizer.eos_token_id is None:
@@ -55,7 +56,9 @@ class PackedSFTDataset(Dataset):
             (random.Random(seed) if seed is not None else random).shuffle(texts)
         docs = tokenizer(texts)["input_ids"] if texts else []  # default special tokens, like encode()
         eos = np.asarray([tokenizer.eos_token_id], dtype=np.int64)
-        stream = np.concatenate([part for doc in docs for part in (np.asarray(doc, dtype=np.int64), eos)] or [eos[:0]])
+        stream = np.concatenate(
+            [part for doc in docs for part in (np.asarray(doc, dtype=np.int64), eos)] or [eos[:0]]
+        )
         self.tokens = torch.from_numpy(stream)  # one flat int64 array, no per-token Python objects
         self.seq_length = seq_length
 
@@ -66,8 +69,10 @@ class PackedSFTDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"chunk {i} out of range for {len(self)} chunks")
         start = (i % len(self)) * self.seq_length
-        return {"input_ids": self.tokens[start:start + self.seq_length],
-                "labels": self.tokens[start + 1:start + self.seq_length + 1]}
+        return {
+            "input_ids": self.tokens[start : start + self.seq_length],
+            "labels": self.tokens[start + 1 : start + self.seq_length + 1],
+        }
 
 
 def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:

@@ -34,14 +34,25 @@ from sftlab.data.templates import load_template
 from sftlab.data.types import IGNORE_INDEX, DataError
 from sftlab.data.vision import image_token_ids
 
-__all__ = ["DataError", "DataReport", "DatasetSource", "SourceStats", "build_datasets", "check_sendable",
-           "count_targets", "length_stats", "load_template"]
+__all__ = [
+    "DataError",
+    "DataReport",
+    "DatasetSource",
+    "SourceStats",
+    "build_datasets",
+    "check_sendable",
+    "count_targets",
+    "length_stats",
+    "load_template",
+]
 
 log = logging.getLogger(__name__)
 FROM_CONFIG = object()  # build_datasets resolves the template from the config
 
 
-def apply_length_policy(data: cache.SourceData, cfg: DataConfig, report: DataReport, stats: SourceStats) -> Examples:
+def apply_length_policy(
+    data: cache.SourceData, cfg: DataConfig, report: DataReport, stats: SourceStats
+) -> Examples:
     """The source's usable examples: those longer than max_seq_length kept, dropped, truncated or
     refused; what was done is counted in the source's `stats` (the report sums them)."""
     examples = Examples.whole(data.arrays) if data.arrays is not None else Examples.empty()
@@ -51,8 +62,10 @@ def apply_length_policy(data: cache.SourceData, cfg: DataConfig, report: DataRep
         return examples
     if cfg.on_overlength == "error":
         i = int(over[0])
-        raise DataError(f"{data.where(i)}: {int(examples.length[i])} tokens exceed data.max_seq_length={m} "
-                        "(set data.on_overlength to drop or truncate)")
+        raise DataError(
+            f"{data.where(i)}: {int(examples.length[i])} tokens exceed data.max_seq_length={m} "
+            "(set data.on_overlength to drop or truncate)"
+        )
     keep = np.ones(len(examples), dtype=bool)
     keep[over] = False
     if cfg.on_overlength == "drop":
@@ -67,7 +80,9 @@ def apply_length_policy(data: cache.SourceData, cfg: DataConfig, report: DataRep
         keep[i] = True
         stats.truncated += 1
         if np.all(store.tokens(start + m - 1, start + m + 1)[1] != IGNORE_INDEX):
-            report.truncated_inside_turn += 1  # the labelled run (a turn and its end-of-turn token) continues past the cut
+            report.truncated_inside_turn += (
+                1  # the labelled run (a turn and its end-of-turn token) continues past the cut
+            )
     examples.length[over] = m
     return examples.select(np.flatnonzero(keep))
 
@@ -101,8 +116,10 @@ def count_images(data: cache.SourceData, examples: Examples, stats: SourceStats,
         return
     stats.images = sum(len(examples.images(i)) for i in range(len(examples)))
     special = np.fromiter(image_token_ids(processor), dtype=np.int64)
-    stats.image_tokens = sum(int(np.isin(store.ids[int(a):int(a) + int(n)], special).sum())
-                             for a, n in zip(examples.start, examples.length))
+    stats.image_tokens = sum(
+        int(np.isin(store.ids[int(a) : int(a) + int(n)], special).sum())
+        for a, n in zip(examples.start, examples.length)
+    )
 
 
 def _source_label(split: str, source_name: str, name: str | None) -> str:
@@ -116,13 +133,16 @@ def _source_label(split: str, source_name: str, name: str | None) -> str:
 def _check_bad_rows(label: str, data: cache.SourceData, cfg: DataConfig) -> None:
     """data.max_bad_fraction holds for each source: a bad source is not hidden by good ones."""
     if data.rows and data.bad / data.rows > cfg.max_bad_fraction:
-        raise DataError(f"{label}: {data.bad} of {data.rows} rows are bad (> data.max_bad_fraction="
-                        f"{cfg.max_bad_fraction}, which applies to each source); first problems:\n  "
-                        + "\n  ".join(data.bad_examples[:5]))
+        raise DataError(
+            f"{label}: {data.bad} of {data.rows} rows are bad (> data.max_bad_fraction="
+            f"{cfg.max_bad_fraction}, which applies to each source); first problems:\n  "
+            + "\n  ".join(data.bad_examples[:5])
+        )
 
 
-def _check_not_empty(label: str, data: cache.SourceData, examples: Examples, stats: SourceStats,
-                     cfg: DataConfig) -> None:
+def _check_not_empty(
+    label: str, data: cache.SourceData, examples: Examples, stats: SourceStats, cfg: DataConfig
+) -> None:
     """A source left with no example (its eval loss would be nan, its weight nothing) stops the run."""
     if len(examples):
         return
@@ -131,15 +151,24 @@ def _check_not_empty(label: str, data: cache.SourceData, examples: Examples, sta
     elif not len(data):
         why = f"all {data.rows} rows are bad; first problems:\n  " + "\n  ".join(data.bad_examples[:5])
     else:
-        why = (f"its {len(data)} examples are longer than data.max_seq_length={cfg.max_seq_length} "
-               f"(data.on_overlength={cfg.on_overlength}"
-               + (f"; {stats.no_target} left without target tokens when truncated)" if stats.no_target else ")"))
+        why = (
+            f"its {len(data)} examples are longer than data.max_seq_length={cfg.max_seq_length} "
+            f"(data.on_overlength={cfg.on_overlength}"
+            + (f"; {stats.no_target} left without target tokens when truncated)" if stats.no_target else ")")
+        )
     raise DataError(f"{label}: no examples left: {why}")
 
 
-def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                   template: str | None, report: DataReport, formatting_func: Any = None,
-                   processor: Any = None) -> list[Examples]:
+def _prepare_split(
+    specs: Sequence[SourceSpec],
+    split: str,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig,
+    template: str | None,
+    report: DataReport,
+    formatting_func: Any = None,
+    processor: Any = None,
+) -> list[Examples]:
     """Usable examples per source (after the length policy); stats land in `report.sources`."""
     for spec in specs:
         check_weight(*_weight_of(spec))
@@ -150,10 +179,19 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
         data = prepare_source(source, tokenizer, cfg, template, processor)
         label = _source_label(split, source.name, _name_of(spec))
         _check_bad_rows(label, data, cfg)
-        stats = SourceStats(f"{split}[{i}] {source.name}", split, source.weight, rows=data.rows, bad=data.bad,
-                            examples=len(data), cached=data.cached, fast_render=FAST_RENDER_NOTE in data.notes,
-                            formats=dict(data.formats), unknown_fields=dict(data.unknown),
-                            unused_mapping=[] if formatting_func else source.columns.unused(data.mapped))
+        stats = SourceStats(
+            f"{split}[{i}] {source.name}",
+            split,
+            source.weight,
+            rows=data.rows,
+            bad=data.bad,
+            examples=len(data),
+            cached=data.cached,
+            fast_render=FAST_RENDER_NOTE in data.notes,
+            formats=dict(data.formats),
+            unknown_fields=dict(data.unknown),
+            unused_mapping=[] if formatting_func else source.columns.unused(data.mapped),
+        )
         if source.markers is not None and data.rows and not data.formats.get("text"):
             stats.markers_unused = source.markers.response
         report.sources.append(stats)
@@ -171,11 +209,46 @@ def _prepare_split(specs: Sequence[SourceSpec], split: str, tokenizer: PreTraine
     return out
 
 
-def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
-                   train_sources: Sequence[SourceSpec] | None = None,
-                   eval_sources: Sequence[SourceSpec] | None = None,
-                   template: str | None | object = FROM_CONFIG, formatting_func: Any = None,
-                   processor: Any = None) -> tuple[Examples, Examples, DataReport]:
+def _mix_and_hold_out(
+    cfg: DataConfig,
+    seed: int,
+    train_parts: list[Examples],
+    eval_parts: list[Examples],
+    eval_specs: Sequence[SourceSpec],
+    report: DataReport,
+) -> tuple[Examples, Examples]:
+    """The sources mixed by weight into the train and eval sets (eval: the eval sources, else a seeded
+    eval_fraction held out of the training mix); each source's used/held-out counts and the named eval
+    sets' positions go into `report`."""
+    train_stats, eval_stats = report.sources[: len(train_parts)], report.sources[len(train_parts) :]
+    train_sel = mix([len(p) for p in train_parts], [s.weight for s in train_stats], seed)
+    eval_sel = mix([len(p) for p in eval_parts], [s.weight for s in eval_stats], seed)
+    held = [np.zeros(0, dtype=np.int64) for _ in train_parts]
+    if not eval_parts and cfg.eval_fraction > 0:
+        train_sel, held = hold_out(train_sel, cfg.eval_fraction, seed)
+    train = Examples.concat([part.select(picks) for part, picks in zip(train_parts, train_sel)])
+    evals = Examples.concat(
+        [part.select(picks) for part, picks in zip(eval_parts, eval_sel)]
+        + [part.select(picks) for part, picks in zip(train_parts, held)]
+    )
+    for stats, picks, h in zip(train_stats, train_sel, held):
+        stats.used, stats.held_out = len(picks), len(h)
+    for stats, picks in zip(eval_stats, eval_sel):
+        stats.used = len(picks)
+    report.eval_sets = named_positions([_name_of(spec) for spec in eval_specs], [len(p) for p in eval_sel])
+    return train, evals
+
+
+def build_datasets(
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    train_sources: Sequence[SourceSpec] | None = None,
+    eval_sources: Sequence[SourceSpec] | None = None,
+    template: str | None | object = FROM_CONFIG,
+    formatting_func: Any = None,
+    processor: Any = None,
+) -> tuple[Examples, Examples, DataReport]:
     """Return (train, eval, report); train and eval are `Examples` over memory-mapped token arrays.
 
     `train_sources` / `eval_sources` add sources after the configured `cfg.train` / `cfg.eval`:
@@ -192,29 +265,26 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
         template = load_template(cfg, tokenizer)
     train_specs = [*cfg.train, *(train_sources or [])]
     eval_specs = [*cfg.eval, *(eval_sources or [])]
-    train_parts = _prepare_split(train_specs, "train", tokenizer, cfg, template, report, formatting_func, processor)
-    eval_parts = _prepare_split(eval_specs, "eval", tokenizer, cfg, template, report, formatting_func, processor)
+    train_parts = _prepare_split(
+        train_specs, "train", tokenizer, cfg, template, report, formatting_func, processor
+    )
+    eval_parts = _prepare_split(
+        eval_specs, "eval", tokenizer, cfg, template, report, formatting_func, processor
+    )
     if report.tools_dropped:
-        log.warning("%d rows carry tools, tool calls or tool results that the chat template does not render: "
-                    "trained without them (data.tools: drop; a tool template such as data.chat_template: "
-                    "chatml_tools keeps them)", report.tools_dropped)
-    train_stats, eval_stats = report.sources[: len(train_parts)], report.sources[len(train_parts):]
-    train_sel = mix([len(p) for p in train_parts], [s.weight for s in train_stats], seed)
-    eval_sel = mix([len(p) for p in eval_parts], [s.weight for s in eval_stats], seed)
-    held = [np.zeros(0, dtype=np.int64) for _ in train_parts]
-    if not eval_parts and cfg.eval_fraction > 0:
-        train_sel, held = hold_out(train_sel, cfg.eval_fraction, seed)
-    train = Examples.concat([part.select(picks) for part, picks in zip(train_parts, train_sel)])
-    evals = Examples.concat([part.select(picks) for part, picks in zip(eval_parts, eval_sel)]
-                            + [part.select(picks) for part, picks in zip(train_parts, held)])
-    for stats, picks, h in zip(train_stats, train_sel, held):
-        stats.used, stats.held_out = len(picks), len(h)
-    for stats, picks in zip(eval_stats, eval_sel):
-        stats.used = len(picks)
-    report.eval_sets = named_positions([_name_of(spec) for spec in eval_specs], [len(p) for p in eval_sel])
+        log.warning(
+            "%d rows carry tools, tool calls or tool results that the chat template does not render: "
+            "trained without them (data.tools: drop; a tool template such as data.chat_template: "
+            "chatml_tools keeps them)",
+            report.tools_dropped,
+        )
+    train, evals = _mix_and_hold_out(cfg, seed, train_parts, eval_parts, eval_specs, report)
     report.kept = sum(len(p) for p in train_parts + eval_parts)
     report.train_examples, report.eval_examples = len(train), len(evals)
     if not train:
-        raise DataError("no usable training examples: " + report.summary()
-                        + ("\n  " + "\n  ".join(report.bad_examples) if report.bad_examples else ""))
+        raise DataError(
+            "no usable training examples: "
+            + report.summary()
+            + ("\n  " + "\n  ".join(report.bad_examples) if report.bad_examples else "")
+        )
     return train, evals, report

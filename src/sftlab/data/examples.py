@@ -23,7 +23,9 @@ from sftlab.data.types import TokenizedExample, VisionExample
 
 
 class Examples(Sequence[TokenizedExample]):
-    def __init__(self, stores: Sequence[TokenArrays], store: np.ndarray, start: np.ndarray, length: np.ndarray):
+    def __init__(
+        self, stores: Sequence[TokenArrays], store: np.ndarray, start: np.ndarray, length: np.ndarray
+    ):
         self.stores = list(stores)
         self.store = np.asarray(store, dtype=np.int32)
         self.start = np.asarray(start, dtype=np.int64)
@@ -57,8 +59,12 @@ class Examples(Sequence[TokenizedExample]):
             store_cols.append(remap[part.store] if len(part.store) else part.store)
         if not parts:
             return cls.empty()
-        return cls(stores, np.concatenate(store_cols), np.concatenate([p.start for p in parts]),
-                   np.concatenate([p.length for p in parts]))
+        return cls(
+            stores,
+            np.concatenate(store_cols),
+            np.concatenate([p.start for p in parts]),
+            np.concatenate([p.length for p in parts]),
+        )
 
     def select(self, indices: np.ndarray | Sequence[int]) -> Examples:
         """The examples at `indices` (repeats allowed), in that order."""

@@ -44,7 +44,11 @@ class FastPathMismatch(SftlabError, RuntimeError):
 
 def _plain(messages: list[dict[str, Any]]) -> bool:
     for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in _PLAIN_ROLES or not isinstance(m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in _PLAIN_ROLES
+            or not isinstance(m.get("content"), str)
+        ):
             return False
         if any(k not in ("role", "content") and v is not None for k, v in m.items()):
             return False
@@ -89,19 +93,35 @@ class ChatMLRenderer:
 
 def probes() -> list[list[dict[str, str]]]:
     """Conversations built to expose a template that renders plain messages other than ChatML does."""
+
     def msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in pairs]
 
-    tricky = ["  leading spaces", "trailing spaces  ", "\nleading newline", "trailing newline\n", "\n\n", "",
-              " both \n", "tab\there", "a<|im_end|>b", "{{ not jinja }}", "x" * 300]
-    probes = [msgs(("user", "Hi"), ("assistant", "Hello!")),
-              msgs(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!")),
-              msgs(("system", ""), ("user", "q"), ("assistant", "a"), ("user", "q2"), ("assistant", "a2")),
-              msgs(("user", "a"), ("user", "b"), ("assistant", "c"), ("assistant", "d")),
-              msgs(("user", "q"), ("assistant", "a"), ("user", "only a question")),
-              msgs(("system", "s"), ("system", "t"), ("assistant", "first"), ("user", "u"), ("assistant", "v"))]
+    tricky = [
+        "  leading spaces",
+        "trailing spaces  ",
+        "\nleading newline",
+        "trailing newline\n",
+        "\n\n",
+        "",
+        " both \n",
+        "tab\there",
+        "a<|im_end|>b",
+        "{{ not jinja }}",
+        "x" * 300,
+    ]
+    probes = [
+        msgs(("user", "Hi"), ("assistant", "Hello!")),
+        msgs(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!")),
+        msgs(("system", ""), ("user", "q"), ("assistant", "a"), ("user", "q2"), ("assistant", "a2")),
+        msgs(("user", "a"), ("user", "b"), ("assistant", "c"), ("assistant", "d")),
+        msgs(("user", "q"), ("assistant", "a"), ("user", "only a question")),
+        msgs(("system", "s"), ("system", "t"), ("assistant", "first"), ("user", "u"), ("assistant", "v")),
+    ]
     for k, t in enumerate(tricky):
         other = tricky[(k + 3) % len(tricky)]
-        probes.append(msgs(("system", t), ("user", other), ("assistant", t), ("user", t), ("assistant", other)))
+        probes.append(
+            msgs(("system", t), ("user", other), ("assistant", t), ("user", t), ("assistant", other))
+        )
         probes.append(msgs(("user", t), ("assistant", t)))
     return probes

@@ -23,13 +23,22 @@ from sftlab.config.fields import MESSAGE_KEYS, REQUIRED_FIELDS, ROLES, ROW_FIELD
 from sftlab.data.types import BadRecord
 
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "function_call": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
     "system": "system",
-    "tool": "tool", "observation": "tool", "function_response": "tool",
+    "tool": "tool",
+    "observation": "tool",
+    "function_response": "tool",
 }
-LIST_FIELDS = {"messages": MESSAGE_KEYS, "prompt": MESSAGE_KEYS, "completion": MESSAGE_KEYS,
-               "conversations": TURN_KEYS}  # fields holding turns -> the keys of a turn
+LIST_FIELDS = {
+    "messages": MESSAGE_KEYS,
+    "prompt": MESSAGE_KEYS,
+    "completion": MESSAGE_KEYS,
+    "conversations": TURN_KEYS,
+}  # fields holding turns -> the keys of a turn
 
 
 def _rename(d: dict[str, Any], ours_to_theirs: dict[str, str]) -> dict[str, Any]:
@@ -80,17 +89,25 @@ class ColumnMap:
             for t in turns if isinstance(turns, list) else ():
                 if isinstance(t, dict):
                     out.update(f"columns.{inner[k]}" for k in t if k in inner)
-                    out.update(f"roles.{t[k]}" for k in senders if isinstance(t.get(k), str) and t[k] in self.roles)
+                    out.update(
+                        f"roles.{t[k]}" for k in senders if isinstance(t.get(k), str) and t[k] in self.roles
+                    )
         return out
 
     def unused(self, used: Iterable[str]) -> list[str]:
         """The entries no row used (given those `used` by some row, as `used()` names them), each as the
         config has it and why: `columns: {output: response} (no row has `response`)`."""
         seen = set(used)
-        out = [f"columns: {{{o}: {t}}} (no {'turn' if o in LIST_KEYS else 'row'} has `{t}`)"
-               for o, t in self.columns.items() if f"columns.{o}" not in seen]
-        return out + [f"roles: {{{name}: {role}}} (no turn has the role `{name}`)"
-                      for name, role in self.roles.items() if f"roles.{name}" not in seen]
+        out = [
+            f"columns: {{{o}: {t}}} (no {'turn' if o in LIST_KEYS else 'row'} has `{t}`)"
+            for o, t in self.columns.items()
+            if f"columns.{o}" not in seen
+        ]
+        return out + [
+            f"roles: {{{name}: {role}}} (no turn has the role `{name}`)"
+            for name, role in self.roles.items()
+            if f"roles.{name}" not in seen
+        ]
 
     def _turns(self, turns: list[Any], keys: tuple[str, str]) -> list[Any]:
         mapping = {k: self.columns[k] for k in keys if k in self.columns}
@@ -119,7 +136,9 @@ class Row:
         self.row, self.source, self.line, self.unit, self.cmap = row, source, line, unit, cmap
 
     def bad(self, field_name: str | None, reason: str, kind: type[BadRecord] = BadRecord) -> BadRecord:
-        if field_name and self.cmap.columns:  # `messages[0].role` as the source names it: `conversations[0].from`
+        if (
+            field_name and self.cmap.columns
+        ):  # `messages[0].role` as the source names it: `conversations[0].from`
             head, bracket, rest = field_name.partition("[")
             parts = (self.cmap.theirs(head) + bracket + rest).split(".")
             inner = TURN_KEYS if head == "conversations" else MESSAGE_KEYS
@@ -142,7 +161,9 @@ def _has(row: dict[str, Any], key: str) -> bool:
     return row.get(key) is not None  # columnar sources fill absent fields with None
 
 
-def no_format_message(row: dict[str, Any], cmap: ColumnMap = NO_COLUMNS, own: dict[str, Any] | None = None) -> str:
+def no_format_message(
+    row: dict[str, Any], cmap: ColumnMap = NO_COLUMNS, own: dict[str, Any] | None = None
+) -> str:
     """Why a row (under the format's names) fits no format: the row's own keys (`own`: the row as the
     file has it), the closest format (most of its fields present) and what that one lacks, and how to
     map the source's own field names (a source with `columns` gets `mapping_hint` instead)."""
@@ -152,15 +173,24 @@ def no_format_message(row: dict[str, Any], cmap: ColumnMap = NO_COLUMNS, own: di
     score = {fmt: len(present & set(fields)) for fmt, fields in ROW_FIELDS.items()}
     best = max(score, key=lambda f: score[f])  # ties: the first in ROW_FIELDS order
     if not score[best]:
-        return (f"cannot detect the row format from its keys {keys}; {expected}" + ("" if cmap.columns else
-                "; to train on other field names, map them in the source's `columns`, e.g. columns: "
-                "{prompt: question, completion: answer} (docs/data.md)"))
+        return f"cannot detect the row format from its keys {keys}; {expected}" + (
+            ""
+            if cmap.columns
+            else "; to train on other field names, map them in the source's `columns`, e.g. columns: "
+            "{prompt: question, completion: answer} (docs/data.md)"
+        )
     missing = [f for f in ROW_FIELDS[best][: REQUIRED_FIELDS[best]] if f not in present]
     lacks = ", ".join(f"'{cmap.theirs(f)}'" for f in missing)
     example = ", ".join(f"{f}: <your field>" for f in missing)
-    return (f"cannot detect the row format from its keys {keys}; closest format: {best}, which also needs {lacks}"
-            + ("" if cmap.columns else f" (or map your own field names in the source's `columns`, e.g. "
-               f"columns: {{{example}}}; docs/data.md)"))
+    return (
+        f"cannot detect the row format from its keys {keys}; closest format: {best}, which also needs {lacks}"
+        + (
+            ""
+            if cmap.columns
+            else f" (or map your own field names in the source's `columns`, e.g. "
+            f"columns: {{{example}}}; docs/data.md)"
+        )
+    )
 
 
 def _flow(d: dict[str, str]) -> str:
@@ -173,28 +203,47 @@ def _turn_notes(row: dict[str, Any], cmap: ColumnMap) -> list[str]:
     notes = []
     for ours, keys in LIST_FIELDS.items():
         turns, theirs = row.get(cmap.theirs(ours)), cmap.theirs(ours)
-        dicts = [t for t in turns if isinstance(t, dict)] if ours in cmap.columns and isinstance(turns, list) else []
+        dicts = (
+            [t for t in turns if isinstance(t, dict)]
+            if ours in cmap.columns and isinstance(turns, list)
+            else []
+        )
         have = sorted({k for t in dicts for k in t})
-        if not dicts or all(cmap.theirs(k) in have for k in keys) or (ours == "conversations" and
-                                                                      set(MESSAGE_KEYS) <= set(have)):
+        if (
+            not dicts
+            or all(cmap.theirs(k) in have for k in keys)
+            or (ours == "conversations" and set(MESSAGE_KEYS) <= set(have))
+        ):
             continue
         if keys == MESSAGE_KEYS and set(TURN_KEYS) <= set(have):  # ShareGPT turns under a messages field
             columns = {**cmap.columns, "role": "from", "content": "value"}
             senders = dict.fromkeys(t["from"] for t in dicts if isinstance(t.get("from"), str))
-            roles = {**cmap.roles, **{s: SHAREGPT_ROLES[s] for s in senders if s in SHAREGPT_ROLES and s not in ROLES}}
+            roles = {
+                **cmap.roles,
+                **{s: SHAREGPT_ROLES[s] for s in senders if s in SHAREGPT_ROLES and s not in ROLES},
+            }
             fix = f"columns: {_flow(columns)}" + (f" and roles: {_flow(roles)}" if roles else "")
-            other = f" (or read them as ShareGPT turns: columns: {{conversations: {theirs}}})" if theirs != "conversations" else ""
-            notes.append(f"the turns of `{theirs}` have ShareGPT keys {have}, not {cmap.theirs('role')}/"
-                         f"{cmap.theirs('content')}: map them too, {fix}{other}")
+            other = (
+                f" (or read them as ShareGPT turns: columns: {{conversations: {theirs}}})"
+                if theirs != "conversations"
+                else ""
+            )
+            notes.append(
+                f"the turns of `{theirs}` have ShareGPT keys {have}, not {cmap.theirs('role')}/"
+                f"{cmap.theirs('content')}: map them too, {fix}{other}"
+            )
         else:
             example = _flow({**cmap.columns, keys[0]: "<key of the role>", keys[1]: "<key of the text>"})
-            notes.append(f"the turns of `{theirs}` have keys {have}, not {cmap.theirs(keys[0])}/"
-                         f"{cmap.theirs(keys[1])}: map them, columns: {example}")
+            notes.append(
+                f"the turns of `{theirs}` have keys {have}, not {cmap.theirs(keys[0])}/"
+                f"{cmap.theirs(keys[1])}: map them, columns: {example}"
+            )
     return notes
 
 
-def mapping_hint(row: dict[str, Any], cmap: ColumnMap, as_is: str | None, fmt: str = "auto",
-                 with_keys: bool = True) -> str:
+def mapping_hint(
+    row: dict[str, Any], cmap: ColumnMap, as_is: str | None, fmt: str = "auto", with_keys: bool = True
+) -> str:
     """Why the source's `columns` do not fit `row` (as the file has it), and the fix, or '' where there is
     nothing to say: the row's own keys; an entry `{ours: theirs}` names a field the row lacks (where the
     row has `ours` itself, the entry is not needed: remove it); turns whose keys are left unmapped (ShareGPT
@@ -209,19 +258,25 @@ def mapping_hint(row: dict[str, Any], cmap: ColumnMap, as_is: str | None, fmt: s
         if ours in LIST_KEYS or _has(row, theirs):
             continue
         if _has(row, ours):
-            notes.append(f"the row has `{ours}` itself (the format's own name) and no `{theirs}`: the entry "
-                         f"`{ours}: {theirs}` reads {ours} from {theirs}; remove it from `columns`")
+            notes.append(
+                f"the row has `{ours}` itself (the format's own name) and no `{theirs}`: the entry "
+                f"`{ours}: {theirs}` reads {ours} from {theirs}; remove it from `columns`"
+            )
         else:
             close = difflib.get_close_matches(theirs, own, n=1, cutoff=0.6)
-            notes.append(f"the row has no `{theirs}`" + (f"; did you mean columns: {{{ours}: {close[0]}}}?"
-                                                         if close else ""))
+            notes.append(
+                f"the row has no `{theirs}`"
+                + (f"; did you mean columns: {{{ours}: {close[0]}}}?" if close else "")
+            )
     notes += _turn_notes(row, cmap)
     as_is = as_is if notes else None
     if as_is and fmt in ("auto", as_is):
         how = "auto-detection reads the row" if fmt == "auto" else "the row is read"
         notes.append(f"without the `columns` mapping, {how} as {as_is}, its fields as they are")
     elif as_is:
-        notes.append(f"without the `columns` mapping and with format: auto (or {as_is}), the row is read as {as_is}")
+        notes.append(
+            f"without the `columns` mapping and with format: auto (or {as_is}), the row is read as {as_is}"
+        )
     keys = f"the row's own keys: {sorted(own)[:8]}; " if with_keys else ""
     return keys + "; ".join(notes) if notes else ""
 
@@ -234,6 +289,8 @@ def unknown_fields(row: dict[str, Any], fmt: str, cmap: ColumnMap = NO_COLUMNS) 
     turns = row.get(cmap.theirs("conversations")) if fmt == "sharegpt" else None
     if isinstance(turns, list):
         seen = {cmap.theirs(k) for k in TURN_KEYS} | {"role", "content"}
-        extra = {k for t in turns if isinstance(t, dict) for k, v in t.items() if v is not None and k not in seen}
+        extra = {
+            k for t in turns if isinstance(t, dict) for k, v in t.items() if v is not None and k not in seen
+        }
         out += [f"{cmap.theirs('conversations')}[].{k}" for k in sorted(extra)]
     return tuple(out)

@@ -57,9 +57,22 @@ from sftlab.data.markers import TextMarkers, no_loss_spans
 from sftlab.data.types import IGNORE_INDEX, BadRecord, ImageRow
 
 __all__ = [
-    "NO_COLUMNS", "SHAREGPT_ROLES", "BadRecord", "ColumnMap", "Conversation", "Record", "TextRecord", "TokenRecord",
-    "READERS", "detect_format", "formatted_row", "no_format_message", "to_record", "unknown_fields",
+    "NO_COLUMNS",
+    "SHAREGPT_ROLES",
+    "BadRecord",
+    "ColumnMap",
+    "Conversation",
+    "Record",
+    "TextRecord",
+    "TokenRecord",
+    "READERS",
+    "detect_format",
+    "formatted_row",
+    "no_format_message",
+    "to_record",
+    "unknown_fields",
 ]
+
 
 @dataclass
 class Conversation:
@@ -102,7 +115,11 @@ class TokenRecord:
 Record = Union[Conversation, TextRecord, TokenRecord]
 
 
-MEDIA_FIELDS = ("images", "videos", "audios")  # LLaMA-Factory's multimodal columns (`<image>` markers in the text)
+MEDIA_FIELDS = (
+    "images",
+    "videos",
+    "audios",
+)  # LLaMA-Factory's multimodal columns (`<image>` markers in the text)
 
 
 def _is_int(x: Any) -> bool:
@@ -121,8 +138,11 @@ def _text_record(r: Row, markers: TextMarkers | None = None) -> TextRecord:
             raise r.bad(where, f"must be a pair of integers [start, end], got {span!r}")
         start, end = span
         if not 0 <= start <= end < len(text):
-            raise r.bad(where, f"span [{start}, {end}] is out of range for a text of {len(text)} characters "
-                               "(inclusive spans need 0 <= start <= end < length)")
+            raise r.bad(
+                where,
+                f"span [{start}, {end}] is out of range for a text of {len(text)} characters "
+                "(inclusive spans need 0 <= start <= end < length)",
+            )
         spans.append((start, end))
     if markers is not None:
         try:
@@ -161,19 +181,39 @@ def formatted_row(func: Any, row: Any, source: str, line: int, unit: str = "line
     if isinstance(out, str):
         return {"text": out}
     if isinstance(out, list) and out and all(isinstance(m, str) for m in out):
-        raise BadRecord(source, line, "formatting_func", "returned a list of strings: it is called on one row "
-                        "at a time and returns one text, a list of messages or a dict", unit)
+        raise BadRecord(
+            source,
+            line,
+            "formatting_func",
+            "returned a list of strings: it is called on one row "
+            "at a time and returns one text, a list of messages or a dict",
+            unit,
+        )
     if isinstance(out, list):
         return {"messages": out}
     if isinstance(out, dict):
         return out
-    raise BadRecord(source, line, "formatting_func", f"returned {type(out).__name__}; expected a text (str), a list "
-                    "of messages or a dict such as {prompt, completion}", unit)
+    raise BadRecord(
+        source,
+        line,
+        "formatting_func",
+        f"returned {type(out).__name__}; expected a text (str), a list "
+        "of messages or a dict such as {prompt, completion}",
+        unit,
+    )
 
 
-def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
-              vocab_size: int | None = None, columns: ColumnMap | None = None,
-              markers: TextMarkers | None = None) -> Record:
+def to_record(
+    row: Any,
+    fmt: str,
+    source: str,
+    line: int,
+    *,
+    unit: str = "line",
+    vocab_size: int | None = None,
+    columns: ColumnMap | None = None,
+    markers: TextMarkers | None = None,
+) -> Record:
     """Normalise one parsed row into a Conversation, TextRecord or TokenRecord, or raise BadRecord.
 
     `unit` is "line" (JSONL line number) or "row" (row number in an array, table or dataset), both 1-based;
@@ -184,8 +224,12 @@ def to_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line",
         raise BadRecord(source, line, None, f"row must be a JSON object, got {type(row).__name__}", unit)
     cmap = columns or NO_COLUMNS
     r = Row(cmap.apply(row), source, line, unit, cmap)
-    if (media := next((k for k in MEDIA_FIELDS if r.row.get(k)), None)) is not None:  # LLaMA-Factory's columns
-        raise r.bad(media, f"{media} need a multimodal model, and this run trains a text-only model", ImageRow)
+    if (
+        media := next((k for k in MEDIA_FIELDS if r.row.get(k)), None)
+    ) is not None:  # LLaMA-Factory's columns
+        raise r.bad(
+            media, f"{media} need a multimodal model, and this run trains a text-only model", ImageRow
+        )
     try:
         try:
             read_as = detect_format(r.row) if fmt == "auto" else fmt
@@ -228,26 +272,34 @@ def has_required(fmt: str) -> Callable[[dict[str, Any]], bool]:
     return lambda row: all(row.get(name) is not None for name in required)
 
 
-def _chat(messages: Callable[[Row], list[dict[str, Any]]], turns_field: str = "messages",
-          tools: bool = True) -> Convert:
+def _chat(
+    messages: Callable[[Row], list[dict[str, Any]]], turns_field: str = "messages", tools: bool = True
+) -> Convert:
     """A chat format's converter: its messages (chat_rows.py), at least one of them the assistant's."""
+
     def convert(r: Row, vocab_size: int | None, markers: TextMarkers | None) -> Conversation:
         out = messages(r)
         if not any(m["role"] == "assistant" for m in out):
             raise r.bad(turns_field, "no assistant turn to learn from")
-        return Conversation(messages=out, source=r.source, line=r.line, tools=row_tools(r) if tools else None,
-                            unit=r.unit)
+        return Conversation(
+            messages=out, source=r.source, line=r.line, tools=row_tools(r) if tools else None, unit=r.unit
+        )
+
     return convert
 
 
 # One entry per format of config.fields.ROW_FORMATS (tests/data/test_formats.py checks they match).
 READERS: dict[str, Reader] = {
-    "messages": Reader(has_required("messages"), _chat(lambda r: check_messages(r, r.get("messages"), "messages"))),
+    "messages": Reader(
+        has_required("messages"), _chat(lambda r: check_messages(r, r.get("messages"), "messages"))
+    ),
     "sharegpt": Reader(has_required("sharegpt"), _chat(sharegpt_messages, "conversations")),
     "prompt_completion": Reader(has_required("prompt_completion"), _chat(prompt_completion_messages)),
     "alpaca": Reader(has_required("alpaca"), _chat(alpaca_messages)),
     "dolly": Reader(has_required("dolly"), _chat(dolly_messages, tools=False)),
-    "pretokenized": Reader(has_required("pretokenized"), lambda r, vocab_size, markers: _token_record(r, vocab_size)),
+    "pretokenized": Reader(
+        has_required("pretokenized"), lambda r, vocab_size, markers: _token_record(r, vocab_size)
+    ),
     "text": Reader(has_required("text"), lambda r, vocab_size, markers: _text_record(r, markers)),
 }
 

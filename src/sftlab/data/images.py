@@ -33,7 +33,16 @@ REF_KEYS = ("image", "path", "url", "image_url")
 MARKER = "<image>"
 STANDIN = "\ue000"  # one image inside text while formats.py reads the row (Unicode private use area)
 # the row's fields that may hold text with images, in the order a conversation renders them
-_TEXT_FIELDS = ("system", "instruction", "input", "messages", "conversations", "prompt", "completion", "output")
+_TEXT_FIELDS = (
+    "system",
+    "instruction",
+    "input",
+    "messages",
+    "conversations",
+    "prompt",
+    "completion",
+    "output",
+)
 
 ImageRef = Any  # an absolute path (str) or a PIL image
 
@@ -45,7 +54,9 @@ class _Images:
         self.source, self.line, self.unit, self.base, self.key = source, line, unit, base, key
         column = row.get(key)
         self.has_column = column is not None
-        self.column = list(column) if isinstance(column, (list, tuple)) else [] if column is None else [column]
+        self.column = (
+            list(column) if isinstance(column, (list, tuple)) else [] if column is None else [column]
+        )
         self.refs: list[tuple[Any, str]] = []  # (raw reference, the field it came from)
         self.taken = 0  # entries of the images column used so far
         self.text_keys: tuple[str, ...] = ("content", "value")
@@ -65,7 +76,9 @@ class _Images:
         if not (markers and self.has_column and MARKER in value):
             return value
         pieces = value.split(MARKER)
-        return "".join(p + (self.from_column(where) if k < len(pieces) - 1 else "") for k, p in enumerate(pieces))
+        return "".join(
+            p + (self.from_column(where) if k < len(pieces) - 1 else "") for k, p in enumerate(pieces)
+        )
 
     def parts(self, parts: list[Any], where: str) -> list[Any]:
         out = []
@@ -93,22 +106,31 @@ class _Images:
         if isinstance(value, list) and value and all(isinstance(p, dict) and "type" in p for p in value):
             return self.parts(value, where)
         if isinstance(value, list):  # messages or turns: only their text (content / value) holds images
-            return [{k: self.value(v, f"{where}[{i}].{k}") if k in self.text_keys else v for k, v in m.items()}
-                    if isinstance(m, dict) else m for i, m in enumerate(value)]
+            return [
+                {k: self.value(v, f"{where}[{i}].{k}") if k in self.text_keys else v for k, v in m.items()}
+                if isinstance(m, dict)
+                else m
+                for i, m in enumerate(value)
+            ]
         return value
 
     def check_count(self) -> None:
         if self.taken != len(self.column):
             used = f"{self.taken} <image> marker(s) or image part(s) without a reference"
-            raise self.bad(self.key, f"has {len(self.column)} image(s) but the conversation holds {used}; "
-                                     "each marker or bare image part takes one entry, in order")
+            raise self.bad(
+                self.key,
+                f"has {len(self.column)} image(s) but the conversation holds {used}; "
+                "each marker or bare image part takes one entry, in order",
+            )
 
 
 def _resolve(images: _Images, ref: Any, where: str) -> ImageRef:
     """A checked reference: an absolute path of a readable image file, or an in-memory image."""
     if isinstance(ref, Image.Image):
         return ref
-    if isinstance(ref, dict) and (ref.get("bytes") is not None or ref.get("path") is not None):  # datasets.Image
+    if isinstance(ref, dict) and (
+        ref.get("bytes") is not None or ref.get("path") is not None
+    ):  # datasets.Image
         if ref.get("bytes") is not None:
             try:
                 image = Image.open(io.BytesIO(ref["bytes"]))
@@ -120,8 +142,11 @@ def _resolve(images: _Images, ref: Any, where: str) -> ImageRef:
     if not isinstance(ref, str) or not ref.strip():
         raise images.bad(where, f"must be an image path, URL or image, got {type(ref).__name__}")
     if ref.startswith(("http://", "https://", "data:")):
-        raise images.bad(where, f"{ref[:60]!r}: images are read from local files only (nothing is downloaded); "
-                                "download it and give its path")
+        raise images.bad(
+            where,
+            f"{ref[:60]!r}: images are read from local files only (nothing is downloaded); "
+            "download it and give its path",
+        )
     path = Path(ref.removeprefix("file://")).expanduser()
     if not path.is_absolute():
         path = (images.base or Path.cwd()) / path
@@ -148,8 +173,17 @@ def as_parts(content: Any) -> Any:
     return parts
 
 
-def image_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "line", vocab_size: int | None = None,
-                 columns: ColumnMap | None = None, base_dir: str | Path | None = None) -> Record:
+def image_record(
+    row: Any,
+    fmt: str,
+    source: str,
+    line: int,
+    *,
+    unit: str = "line",
+    vocab_size: int | None = None,
+    columns: ColumnMap | None = None,
+    base_dir: str | Path | None = None,
+) -> Record:
     """`to_record` for a vision-language model: a chat row becomes a Conversation of content parts
     with its `images` (checked references, in order); `base_dir`: where relative image paths start
     (the data file's directory). Any unusable image or a count mismatch is a BadRecord."""
@@ -169,10 +203,15 @@ def image_record(row: Any, fmt: str, source: str, line: int, *, unit: str = "lin
         if images.refs:
             raise images.bad(key if images.has_column else None, f"a {record.format} row cannot hold images")
         return record
-    found = sum((m.get("content") or "").count(STANDIN) for m in record.messages if isinstance(m.get("content"), str))
+    found = sum(
+        (m.get("content") or "").count(STANDIN) for m in record.messages if isinstance(m.get("content"), str)
+    )
     if found != len(images.refs):  # e.g. an image in a field the format does not read
-        raise images.bad(key if images.has_column else None, f"{len(images.refs)} image(s) given but "
-                         f"{found} reach the conversation (images only count in message text)")
+        raise images.bad(
+            key if images.has_column else None,
+            f"{len(images.refs)} image(s) given but "
+            f"{found} reach the conversation (images only count in message text)",
+        )
     record.images = tuple(_resolve(images, ref, where) for ref, where in images.refs)
     record.messages = [{**m, "content": as_parts(m.get("content"))} for m in record.messages]
     return record

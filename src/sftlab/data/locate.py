@@ -25,7 +25,11 @@ _EXTENSION = re.compile(r"\.[A-Za-z]{1,10}$")
 def looks_local(path_str: str) -> bool:
     """A path that is never tried as a hub dataset name (hub names are `name` or `owner/name`)."""
     head = path_str.split("/", 1)[0]
-    return is_local_path(path_str) or bool(_EXTENSION.search(path_str)) or ("/" in path_str and Path(head).is_dir())
+    return (
+        is_local_path(path_str)
+        or bool(_EXTENSION.search(path_str))
+        or ("/" in path_str and Path(head).is_dir())
+    )
 
 
 def not_found(path: Path) -> DataError:

@@ -38,7 +38,9 @@ class TextMarkers:
         if not self.response:
             raise ValueError("response_template must be a non-empty string")
         if self.instruction is not None and (not self.instruction or self.instruction == self.response):
-            raise ValueError("instruction_template must be a non-empty string different from response_template")
+            raise ValueError(
+                "instruction_template must be a non-empty string different from response_template"
+            )
 
     def key(self) -> list[str | None]:
         """The markers' part of the data cache key."""
@@ -58,8 +60,11 @@ def markers_for(spec: Any, data_cfg: Any) -> TextMarkers | None:
 
 def _next_marker(text: str, start: int, markers: TextMarkers) -> tuple[int, str] | None:
     """(position, marker) of the first marker at or after `start`; the longer one where both start there."""
-    found = [(at, -len(m), m) for m in (markers.response, markers.instruction)
-             if m is not None and (at := text.find(m, start)) >= 0]
+    found = [
+        (at, -len(m), m)
+        for m in (markers.response, markers.instruction)
+        if m is not None and (at := text.find(m, start)) >= 0
+    ]
     if not found:
         return None
     at, _, marker = min(found)
@@ -89,6 +94,8 @@ def no_loss_spans(text: str, markers: TextMarkers) -> list[Span]:
     if not spans:
         raise ValueError(missing)
     if open_at is not None:
-        raise ValueError(f"the instruction template {instruction!r} at character {open_at} has no response "
-                         f"template {response!r} after it (a turn without an answer)")
+        raise ValueError(
+            f"the instruction template {instruction!r} at character {open_at} has no response "
+            f"template {response!r} after it (a turn without an answer)"
+        )
     return spans

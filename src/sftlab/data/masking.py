@@ -48,15 +48,29 @@ from sftlab.data.templates import resolve_template
 from sftlab.data.types import IGNORE_INDEX, TemplateError, TokenizedExample
 
 __all__ = [
-    "IGNORE_INDEX", "LOSS_ON", "Atoms", "Span", "TemplateError", "TokenizedExample", "Tools",
-    "appends_generation_prompt", "assistant_spans", "detect_chatml", "encode_texts", "has_generation_tags",
-    "labels_from_spans", "render", "tokenize_conversation", "tokenize_conversations",
+    "IGNORE_INDEX",
+    "LOSS_ON",
+    "Atoms",
+    "Span",
+    "TemplateError",
+    "TokenizedExample",
+    "Tools",
+    "appends_generation_prompt",
+    "assistant_spans",
+    "detect_chatml",
+    "encode_texts",
+    "has_generation_tags",
+    "labels_from_spans",
+    "render",
+    "tokenize_conversation",
+    "tokenize_conversations",
 ]
 
 LOSS_ON = ("assistant", "last_assistant", "completion", "all")
 
 
 # --- from character spans to token labels ------------------------------------------------------
+
 
 def _token_ranges(offsets: list[tuple[int, int]], spans: list[Span]) -> list[tuple[int, int]]:
     """[first, last+1) token indices overlapping each span; a zero-width token counts as one character wide.
@@ -89,12 +103,20 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]) -
     return labels
 
 
-def _text_and_spans(messages: list[dict[str, Any]], loss_on: str, template: str, tools: Tools,
-                    kwargs: dict[str, Any], atoms: Atoms = ()) -> tuple[str, list[Span]]:
+def _text_and_spans(
+    messages: list[dict[str, Any]],
+    loss_on: str,
+    template: str,
+    tools: Tools,
+    kwargs: dict[str, Any],
+    atoms: Atoms = (),
+) -> tuple[str, list[Span]]:
     if loss_on == "all":
         return _Renderer(template, messages, tools, kwargs)(len(messages)), []
     if loss_on == "completion" and (not messages or messages[-1].get("role") != "assistant"):
-        raise TemplateError("loss_on=completion needs a conversation that ends with the assistant's completion")
+        raise TemplateError(
+            "loss_on=completion needs a conversation that ends with the assistant's completion"
+        )
     return assistant_spans(template, messages, tools, kwargs, last_only=loss_on != "assistant", atoms=atoms)
 
 
@@ -109,28 +131,46 @@ def _weighted(messages: list[dict[str, Any]], loss_on: str, spans: list[Span]) -
     if loss_on == "all" or all(w == 1 for w in weights):
         return spans
     if any(w not in (0, 1) for w in weights):
-        raise TemplateError(f"a message's loss weight must be 0 or 1 (got {[w for w in weights if w not in (0, 1)][0]!r}): "
-                            "a mask trains a turn or not")
+        raise TemplateError(
+            f"a message's loss weight must be 0 or 1 (got {[w for w in weights if w not in (0, 1)][0]!r}): "
+            "a mask trains a turn or not"
+        )
     if loss_on != "assistant":
         return spans if weights[-1] else []
     if len(spans) != len(turns):
-        raise TemplateError(f"the template marks {len(spans)} spans for {len(turns)} assistant turns: the turns with "
-                            "loss weight 0 cannot be told apart")
+        raise TemplateError(
+            f"the template marks {len(spans)} spans for {len(turns)} assistant turns: the turns with "
+            "loss weight 0 cannot be told apart"
+        )
     return [s for s, w in zip(spans, weights) if w]
 
 
-def _fast_or_template(messages: list[dict[str, Any]], loss_on: str, template: str, tools: Tools,
-                      kwargs: dict[str, Any], fast: ChatMLRenderer | None, verify: bool,
-                      atoms: Atoms = ()) -> tuple[str, list[Span]]:
+def _fast_or_template(
+    messages: list[dict[str, Any]],
+    loss_on: str,
+    template: str,
+    tools: Tools,
+    kwargs: dict[str, Any],
+    fast: ChatMLRenderer | None,
+    verify: bool,
+    atoms: Atoms = (),
+) -> tuple[str, list[Span]]:
     """Text and spans from the direct renderer where it applies (checked against the template when
     `verify`), else from the template; assistant turns with loss weight 0 lose their span (`_weighted`)."""
     text, spans = _direct_or_template(messages, loss_on, template, tools, kwargs, fast, verify, atoms)
     return text, _weighted(messages, loss_on, spans)
 
 
-def _direct_or_template(messages: list[dict[str, Any]], loss_on: str, template: str, tools: Tools,
-                        kwargs: dict[str, Any], fast: ChatMLRenderer | None, verify: bool,
-                        atoms: Atoms = ()) -> tuple[str, list[Span]]:
+def _direct_or_template(
+    messages: list[dict[str, Any]],
+    loss_on: str,
+    template: str,
+    tools: Tools,
+    kwargs: dict[str, Any],
+    fast: ChatMLRenderer | None,
+    verify: bool,
+    atoms: Atoms = (),
+) -> tuple[str, list[Span]]:
     got = fast.text_and_spans(messages, loss_on) if fast is not None and tools is None else None
     if got is None:
         return _text_and_spans(messages, loss_on, template, tools, kwargs, atoms)
@@ -140,11 +180,15 @@ def _direct_or_template(messages: list[dict[str, Any]], loss_on: str, template: 
         except TemplateError as e:
             want = e
         if want != got:
-            raise FastPathMismatch("the direct ChatML renderer and the chat template disagree on a conversation")
+            raise FastPathMismatch(
+                "the direct ChatML renderer and the chat template disagree on a conversation"
+            )
     return got
 
 
-def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str]
+) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """(ids, character offsets) of each text without added special tokens, in one batched call.
 
     Calls the Rust tokenizer's `encode_batch` directly, which is what the transformers wrapper does
@@ -152,8 +196,13 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[t
     (else through the wrapper), so the ids are the same.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    direct = (backend is not None and backend.truncation is None and backend.padding is None
-              and getattr(backend, "encode_special_tokens", False) == getattr(tokenizer, "split_special_tokens", False))
+    direct = (
+        backend is not None
+        and backend.truncation is None
+        and backend.padding is None
+        and getattr(backend, "encode_special_tokens", False)
+        == getattr(tokenizer, "split_special_tokens", False)
+    )
     if direct:
         return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
     enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
@@ -171,26 +220,38 @@ def detect_chatml(template: str | None, kwargs: dict[str, Any]) -> ChatMLRendere
         if not alone.endswith(own):
             return None
         default = alone[: -len(own)]
-        if default and not (default.startswith(f"{START}system\n") and default.endswith(f"{END}\n")
-                            and default.count(START) == 1 and default.count(END) == 1):
+        if default and not (
+            default.startswith(f"{START}system\n")
+            and default.endswith(f"{END}\n")
+            and default.count(START) == 1
+            and default.count(END) == 1
+        ):
             return None
         fast = ChatMLRenderer(default)
         for probe in probes():
             text, spans = fast.render(probe)
-            if (render(template, probe, **kwargs) != text
-                    or render(template, probe, add_generation_prompt=True, **kwargs) != text + GENERATION_PROMPT
-                    or assistant_spans(template, probe, None, kwargs) != (text, spans)):
+            if (
+                render(template, probe, **kwargs) != text
+                or render(template, probe, add_generation_prompt=True, **kwargs) != text + GENERATION_PROMPT
+                or assistant_spans(template, probe, None, kwargs) != (text, spans)
+            ):
                 return None
     except TemplateError:
         return None
     return fast
 
 
-def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, Any]]],
-                           loss_on: str = "assistant", template: str | None = None,
-                           tools: list[Tools] | None = None, template_kwargs: dict[str, Any] | None = None,
-                           on_error: Literal["raise", "return"] = "raise", fast: ChatMLRenderer | None = None,
-                           verify: list[bool] | None = None) -> list[Any]:
+def tokenize_conversations(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, Any]]],
+    loss_on: str = "assistant",
+    template: str | None = None,
+    tools: list[Tools] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+    on_error: Literal["raise", "return"] = "raise",
+    fast: ChatMLRenderer | None = None,
+    verify: list[bool] | None = None,
+) -> list[Any]:
     """Render, tokenize (one fast-tokenizer call for the batch) and label many conversations.
 
     `tools` holds one tool list (or None) per conversation. With `on_error="return"`, a conversation
@@ -211,7 +272,9 @@ def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, conversations: li
     results: list[Any] = []
     for messages, conv_tools, check in zip(conversations, tools, verify, strict=True):
         try:
-            results.append(_fast_or_template(messages, loss_on, template, conv_tools, kwargs, fast, check, atoms))
+            results.append(
+                _fast_or_template(messages, loss_on, template, conv_tools, kwargs, fast, check, atoms)
+            )
         except TemplateError as e:
             if on_error == "raise":
                 raise
@@ -225,8 +288,13 @@ def tokenize_conversations(tokenizer: PreTrainedTokenizerBase, conversations: li
     return results
 
 
-def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
-                          loss_on: str = "assistant", template: str | None = None, tools: Tools = None,
-                          template_kwargs: dict[str, Any] | None = None) -> TokenizedExample:
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    loss_on: str = "assistant",
+    template: str | None = None,
+    tools: Tools = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> TokenizedExample:
     """Render, tokenize and label one conversation (`template` None: the tokenizer's own)."""
     return tokenize_conversations(tokenizer, [messages], loss_on, template, [tools], template_kwargs)[0]

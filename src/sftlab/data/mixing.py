@@ -30,8 +30,9 @@ def check_weight(weight: float | int | None, name: str) -> None:
     if weight <= 0:
         raise DataError(f"data source {name}: weight must be > 0, got {weight}")
     if weight > 1 and float(weight) != int(weight):
-        raise DataError(f"data source {name}: weight {weight} is neither a fraction <= 1.0 nor a whole "
-                        "number of examples")
+        raise DataError(
+            f"data source {name}: weight {weight} is neither a fraction <= 1.0 nor a whole number of examples"
+        )
 
 
 def select(n: int, weight: float | int | None, rng: random.Random) -> np.ndarray:
@@ -42,8 +43,12 @@ def select(n: int, weight: float | int | None, rng: random.Random) -> np.ndarray
         return np.sort(np.asarray(rng.sample(range(n), max(1, round(n * weight))), dtype=np.int64))
     count = int(weight)
     full, rest = divmod(count, n)
-    return np.concatenate([np.tile(np.arange(n, dtype=np.int64), full),
-                           np.sort(np.asarray(rng.sample(range(n), rest), dtype=np.int64))])
+    return np.concatenate(
+        [
+            np.tile(np.arange(n, dtype=np.int64), full),
+            np.sort(np.asarray(rng.sample(range(n), rest), dtype=np.int64)),
+        ]
+    )
 
 
 def mix(sizes: list[int], weights: list[float | int | None], seed: int) -> Selection:
@@ -68,7 +73,7 @@ def hold_out(selection: Selection, fraction: float, seed: int) -> tuple[Selectio
     train, evals, base = [], [], 0
     for picks, d in zip(selection, distinct):
         is_held = np.zeros(int(d[-1]) + 1 if len(d) else 0, dtype=bool)
-        is_held[d] = held_pos[base:base + len(d)]
+        is_held[d] = held_pos[base : base + len(d)]
         base += len(d)
         train.append(picks[~is_held[picks]] if len(picks) else picks)
         evals.append(d[is_held[d]] if len(d) else d)

@@ -71,7 +71,9 @@ class PackedRow:
         lengths: list[int] = []
         for doc_ids, doc_labels in docs:
             if not doc_ids or len(doc_ids) != len(doc_labels):
-                raise ValueError("a packed document needs as many labels as input_ids, and at least one token")
+                raise ValueError(
+                    "a packed document needs as many labels as input_ids, and at least one token"
+                )
             ids.extend(doc_ids)
             labels.append(IGNORE_INDEX)
             labels.extend(doc_labels[1:])
@@ -97,8 +99,10 @@ def bfd_bins(lengths: np.ndarray | Sequence[int], capacity: int) -> np.ndarray:
     if len(wrong):
         i, n = int(wrong[0]), int(lengths[wrong[0]])
         if n > capacity:
-            raise ValueError(f"document {i} has {n} tokens, more than the packing capacity {capacity}; "
-                             "the length policy (data.on_overlength) should have dropped or truncated it")
+            raise ValueError(
+                f"document {i} has {n} tokens, more than the packing capacity {capacity}; "
+                "the length policy (data.on_overlength) should have dropped or truncated it"
+            )
         raise ValueError(f"document {i} is empty")
     order = np.argsort(-lengths, kind="stable")  # ties keep index order
     bin_of = np.zeros(len(lengths), dtype=np.int64)
@@ -106,7 +110,7 @@ def bfd_bins(lengths: np.ndarray | Sequence[int], capacity: int) -> np.ndarray:
     rooms: list[int] = []  # sorted distinct remaining room (> 0) of open bins
     bins_by_room: dict[int, list[int]] = {}  # room -> heap of bin numbers with exactly that room
     for block in range(0, len(order), BFD_BLOCK):
-        idx = order[block:block + BFD_BLOCK]
+        idx = order[block : block + BFD_BLOCK]
         placed = []
         for n in lengths[idx].tolist():
             k = bisect.bisect_left(rooms, n)
@@ -155,8 +159,14 @@ class PackedRows(Sequence[PackedRow]):
     arrays, a million documents cost a few index arrays here.
     """
 
-    def __init__(self, examples: Sequence[TokenizedExample], piece_example: np.ndarray, piece_start: np.ndarray,
-                 piece_stop: np.ndarray, row_offsets: np.ndarray):
+    def __init__(
+        self,
+        examples: Sequence[TokenizedExample],
+        piece_example: np.ndarray,
+        piece_start: np.ndarray,
+        piece_stop: np.ndarray,
+        row_offsets: np.ndarray,
+    ):
         self.examples = examples
         self.piece_example = np.asarray(piece_example, dtype=np.int64)
         self.piece_start = np.asarray(piece_start, dtype=np.int64)
@@ -186,7 +196,9 @@ class PackedRows(Sequence[PackedRow]):
 
     def fingerprint(self) -> str:
         """Identifies exactly these rows: the examples' fingerprint and the piece arrays."""
-        h = hashlib.sha256(self.examples.fingerprint().encode() if hasattr(self.examples, "fingerprint") else b"")
+        h = hashlib.sha256(
+            self.examples.fingerprint().encode() if hasattr(self.examples, "fingerprint") else b""
+        )
         for arr in (self.piece_example, self.piece_start, self.piece_stop, self.row_offsets):
             h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()[:32]
@@ -194,7 +206,9 @@ class PackedRows(Sequence[PackedRow]):
 
 def _lengths(examples: Sequence[TokenizedExample]) -> np.ndarray:
     lengths = getattr(examples, "lengths", None)
-    return np.asarray(lengths if lengths is not None else [len(ex.input_ids) for ex in examples], dtype=np.int64)
+    return np.asarray(
+        lengths if lengths is not None else [len(ex.input_ids) for ex in examples], dtype=np.int64
+    )
 
 
 def pack_wrapped(examples: Sequence[TokenizedExample], seq_length: int) -> PackedRows:
@@ -236,8 +250,9 @@ def pack_examples(examples: Sequence[TokenizedExample], packing: str, seq_length
     raise ValueError(f"unknown packing {packing!r}; expected wrapped or bfd")
 
 
-def packed_collate(rows: Sequence[PackedRow], pad_id: int | None = None, width: int | None = None,
-                   min_rows: int = 0) -> dict[str, torch.Tensor]:
+def packed_collate(
+    rows: Sequence[PackedRow], pad_id: int | None = None, width: int | None = None, min_rows: int = 0
+) -> dict[str, torch.Tensor]:
     """Model inputs for packed rows: `input_ids`, `labels`, `position_ids`; deliberately no `attention_mask`.
 
     With `pad_id=None` (default) the rows are concatenated into a single padding-free sequence of
@@ -250,17 +265,29 @@ def packed_collate(rows: Sequence[PackedRow], pad_id: int | None = None, width: 
     if not rows:
         raise ValueError("packed_collate needs at least one row")
     if pad_id is None:
-        seqs = [(list(chain.from_iterable(r.input_ids for r in rows)),
-                 list(chain.from_iterable(r.labels for r in rows)),
-                 list(chain.from_iterable(r.position_ids for r in rows)))]
+        seqs = [
+            (
+                list(chain.from_iterable(r.input_ids for r in rows)),
+                list(chain.from_iterable(r.labels for r in rows)),
+                list(chain.from_iterable(r.position_ids for r in rows)),
+            )
+        ]
     else:
         longest = max(len(r) for r in rows)
         if width is not None and longest > width:
             raise ValueError(f"a packed row of {longest} tokens does not fit the fixed width {width}")
         width = width or longest
-        seqs = [(r.input_ids + [pad_id] * (width - len(r)), r.labels + [IGNORE_INDEX] * (width - len(r)),
-                 r.position_ids + list(range(width - len(r)))) for r in rows]
-        seqs += [([pad_id] * width, [IGNORE_INDEX] * width, list(range(width)))] * max(0, min_rows - len(rows))
+        seqs = [
+            (
+                r.input_ids + [pad_id] * (width - len(r)),
+                r.labels + [IGNORE_INDEX] * (width - len(r)),
+                r.position_ids + list(range(width - len(r))),
+            )
+            for r in rows
+        ]
+        seqs += [([pad_id] * width, [IGNORE_INDEX] * width, list(range(width)))] * max(
+            0, min_rows - len(rows)
+        )
     ids, labels, pos = (torch.tensor(list(col), dtype=torch.long) for col in zip(*seqs))
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 

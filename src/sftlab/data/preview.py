@@ -25,8 +25,10 @@ from sftlab.data.types import IGNORE_INDEX
 OPEN, CLOSE = "[[", "]]"
 _SPECIAL = "[]\\"
 TARGET_STYLE, CONTEXT_STYLE = "bold green", "dim"
-PLAIN_LEGEND = ("[[...]] marks target tokens (trained on); the rest carries no loss. A literal [, ] or \\ next to "
-                "another of them or to a mark is escaped with \\.")
+PLAIN_LEGEND = (
+    "[[...]] marks target tokens (trained on); the rest carries no loss. A literal [, ] or \\ next to "
+    "another of them or to a mark is escaped with \\."
+)
 RICH_LEGEND = "target tokens (trained on) in bold green; the dimmed rest carries no loss."
 
 Run = tuple[str, bool]  # (text, is target)
@@ -44,11 +46,18 @@ def target_runs(ids: Sequence[int], labels: Sequence[int]) -> list[tuple[list[in
     return runs
 
 
-def decoded_runs(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], labels: Sequence[int],
-                 image_ids: Collection[int] = (), images: Sequence[Any] = ()) -> list[Run]:
+def decoded_runs(
+    tokenizer: PreTrainedTokenizerBase,
+    ids: Sequence[int],
+    labels: Sequence[int],
+    image_ids: Collection[int] = (),
+    images: Sequence[Any] = (),
+) -> list[Run]:
     """Each run of `target_runs` decoded to text, special tokens included; with `image_ids` (a vision
     model's image tokens) each stretch of them is one `<image WxH>` of `images` in turn."""
-    decode = lambda toks: tokenizer.decode(toks, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    decode = lambda toks: tokenizer.decode(
+        toks, skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
     if not image_ids:
         return [(decode(run), target) for run, target in target_runs(ids, labels)]
     sizes = iter(image_size(r) for r in images)
@@ -107,7 +116,7 @@ def parse_marked(marked: str) -> list[Run]:
             buf.clear()
 
     while i < len(marked):
-        pair = marked[i:i + 2]
+        pair = marked[i : i + 2]
         if marked[i] == "\\" and i + 1 < len(marked) and marked[i + 1] in _SPECIAL:
             buf.append(marked[i + 1])
         elif pair in (OPEN, CLOSE):
@@ -145,5 +154,7 @@ def histogram(lengths: np.ndarray, bins: int = 8, width: int = 40) -> list[str]:
     counts, _ = np.histogram(lengths, bins=edges)
     top = max(int(counts.max()), 1)
     label = len(str(hi))
-    return [f"{a:>{label}}-{b - 1:<{label}} {'#' * max(1 if c else 0, round(width * c / top)):<{width}} {c}"
-            for a, b, c in zip(edges[:-1], edges[1:], counts)]
+    return [
+        f"{a:>{label}}-{b - 1:<{label}} {'#' * max(1 if c else 0, round(width * c / top)):<{width}} {c}"
+        for a, b, c in zip(edges[:-1], edges[1:], counts)
+    ]

@@ -77,8 +77,9 @@ def _raw_chunks(source: Source, data: cache.SourceData, rows_per_chunk: int) -> 
         yield chunk
 
 
-def _encoded_chunks(chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.SourceData, num_proc: int,
-                    directory: Path) -> Iterator[ChunkResult]:
+def _encoded_chunks(
+    chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.SourceData, num_proc: int, directory: Path
+) -> Iterator[ChunkResult]:
     """Encoded chunks in order: here, or in `num_proc` worker processes with at most 2 chunks each in flight."""
     names = lambda: [name for name, _ in data.files]
     if num_proc <= 1:
@@ -90,7 +91,9 @@ def _encoded_chunks(chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.S
     # only render templates and run the tokenizer (tokenizers turns its own threads off after a fork)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     check_sendable(ctx, num_proc, method)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers, not tokenizer threads, share the cores
+    os.environ.setdefault(
+        "TOKENIZERS_PARALLELISM", "false"
+    )  # workers, not tokenizer threads, share the cores
     # the objects alive now (the imported libraries, the tokenizer) go to the collector's permanent
     # generation: its passes in the forked workers (and here) no longer write to their pages, which
     # would otherwise turn every page they share into a private copy per process
@@ -98,8 +101,12 @@ def _encoded_chunks(chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.S
     if freeze:
         gc.freeze()
     try:
-        with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(method),
-                                 initializer=init_worker, initargs=(ctx, str(directory))) as pool:
+        with ProcessPoolExecutor(
+            num_proc,
+            mp_context=multiprocessing.get_context(method),
+            initializer=init_worker,
+            initargs=(ctx, str(directory)),
+        ) as pool:
             pending: deque = deque()
             for number, chunk in enumerate(chunks):
                 pending.append(pool.submit(worker_chunk, number, chunk, names()))
@@ -120,9 +127,11 @@ def check_sendable(ctx: ChunkContext, num_proc: int, method: str) -> None:
     try:
         pickle.dumps(ctx.formatting_func)
     except Exception as e:  # noqa: BLE001 - pickling errors vary by object
-        raise DataError(f"data source {ctx.source}: formatting_func cannot be sent to the data.num_proc={num_proc} "
-                        f"worker processes ({type(e).__name__}: {e}); define it at module level, or set "
-                        "data.num_proc=1") from None
+        raise DataError(
+            f"data source {ctx.source}: formatting_func cannot be sent to the data.num_proc={num_proc} "
+            f"worker processes ({type(e).__name__}: {e}); define it at module level, or set "
+            "data.num_proc=1"
+        ) from None
 
 
 def formatting_fingerprint(func: Any) -> str | None:
@@ -149,28 +158,40 @@ def _places(errs: list[BadRecord]) -> str:
     groups: dict[tuple[str, str], list[str]] = {}
     for e in errs:
         groups.setdefault((e.source, e.unit), []).append(str(e.line))
-    return "; ".join(f"{src} {unit}{'s' if len(n) > 1 else ''} {', '.join(n)}" for (src, unit), n in groups.items())
+    return "; ".join(
+        f"{src} {unit}{'s' if len(n) > 1 else ''} {', '.join(n)}" for (src, unit), n in groups.items()
+    )
 
 
 def image_rows_error(source: str, first: list[BadRecord], count: int, rows: int) -> DataError:
     """One error for a source's rows with images (content parts, or an images/videos/audios column), naming
     the first few and the count."""
     more = f" and {count - len(first)} more" if count > len(first) else ""
-    return DataError(f"data source {source}: {count} of {rows} rows have images ({_places(first)}{more}; "
-                     f"the first: field '{first[0].field_name}'). Images need a vision-language model, and this run "
-                     "trains a text-only model (no vision_config): train a vision-language model (docs/vision.md), "
-                     "or drop the image parts, or those rows")
+    return DataError(
+        f"data source {source}: {count} of {rows} rows have images ({_places(first)}{more}; "
+        f"the first: field '{first[0].field_name}'). Images need a vision-language model, and this run "
+        "trains a text-only model (no vision_config): train a vision-language model (docs/vision.md), "
+        "or drop the image parts, or those rows"
+    )
 
 
-def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, template: str | None,
-                directory: Path, processor: Any = None) -> cache.SourceData:
+def read_source(
+    source: Source,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig,
+    template: str | None,
+    directory: Path,
+    processor: Any = None,
+) -> cache.SourceData:
     """Read, normalise, tokenize and label one source into flat arrays in `directory`, chunk by chunk.
 
     Memory stays bounded: a few chunks are in flight at a time. Raises on the first bad row when strict.
     For a ChatML-family template the direct renderer is used where it is checked identical; if a
     sampled conversation disagrees, the source is read again from the start through the template.
     """
-    ctx = ChunkContext(tokenizer, source.name, [], source.format, cfg.loss_on, template, id_dtype(len(tokenizer)))
+    ctx = ChunkContext(
+        tokenizer, source.name, [], source.format, cfg.loss_on, template, id_dtype(len(tokenizer))
+    )
     ctx.columns, ctx.formatting_func, ctx.markers = source.columns, source.formatting_func, source.markers
     ctx.tools = cfg.tools
     ctx.add_bos = cfg.add_bos
@@ -197,7 +218,9 @@ def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: 
     images: list[BadRecord] = []  # the first rows with image parts
     n_images = 0
     try:
-        for res in _encoded_chunks(_raw_chunks(source, data, ROWS_PER_CHUNK), ctx, data, cfg.num_proc, directory):
+        for res in _encoded_chunks(
+            _raw_chunks(source, data, ROWS_PER_CHUNK), ctx, data, cfg.num_proc, directory
+        ):
             data.rows += res.rows
             data.conversations += res.conversations
             data.formats.update(res.formats)
@@ -226,8 +249,13 @@ def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: 
     return data
 
 
-def _read_uncached(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                   template: str | None, processor: Any = None) -> cache.SourceData:
+def _read_uncached(
+    source: Source,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig,
+    template: str | None,
+    processor: Any = None,
+) -> cache.SourceData:
     """Build the arrays in a temporary directory that is removed at once: the open memory maps keep
     the files readable until the run ends (POSIX), and nothing is left behind. Images a Dataset held
     in memory are read from there in every batch: then the directory goes when the process ends."""
@@ -244,22 +272,41 @@ def _read_uncached(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: Data
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare_source(source: Source, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                   template: str | None, processor: Any = None) -> cache.SourceData:
+def prepare_source(
+    source: Source,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig,
+    template: str | None,
+    processor: Any = None,
+) -> cache.SourceData:
     """The source's examples, from the cache when its key matches (and its checksums hold, and for a
     vision-language model its image files are unchanged), else built (and then cached). `processor`:
     a vision-language model's (its settings and max_seq_length join the key)."""
     if not cfg.cache:
         return _read_uncached(source, tokenizer, cfg, template, processor)
-    parts = {"source": source.fingerprint(), "tokenizer": cache.tokenizer_fingerprint(tokenizer),
-             "template": template or tokenizer.chat_template, "format": source.format, "loss_on": cfg.loss_on,
-             "tools": cfg.tools,
-             "columns": source.columns.columns, "roles": source.columns.roles, "code": cache.code_fingerprint(),
-             **({"formatting_func": formatting_fingerprint(source.formatting_func)} if source.formatting_func else {}),
-             **({"text_markers": source.markers.key()} if source.markers else {}),
-             **({"add_bos": True} if cfg.add_bos else {}),
-             **({"processor": processor_fingerprint(processor), "max_seq_length": cfg.max_seq_length}
-                if processor is not None else {})}
+    parts = {
+        "source": source.fingerprint(),
+        "tokenizer": cache.tokenizer_fingerprint(tokenizer),
+        "template": template or tokenizer.chat_template,
+        "format": source.format,
+        "loss_on": cfg.loss_on,
+        "tools": cfg.tools,
+        "columns": source.columns.columns,
+        "roles": source.columns.roles,
+        "code": cache.code_fingerprint(),
+        **(
+            {"formatting_func": formatting_fingerprint(source.formatting_func)}
+            if source.formatting_func
+            else {}
+        ),
+        **({"text_markers": source.markers.key()} if source.markers else {}),
+        **({"add_bos": True} if cfg.add_bos else {}),
+        **(
+            {"processor": processor_fingerprint(processor), "max_seq_length": cfg.max_seq_length}
+            if processor is not None
+            else {}
+        ),
+    }
     key = cache.cache_key(parts)
     root = cache.cache_dir(cfg.cache_dir)
     data = cache.load(root, key)

@@ -92,8 +92,14 @@ class _Renderer:
     the tokenizer's added tokens, where a boundary between renderings must fall between tokens.
     """
 
-    def __init__(self, template: str, messages: list[dict[str, Any]], tools: Tools, kwargs: dict[str, Any],
-                 atoms: Atoms = ()):
+    def __init__(
+        self,
+        template: str,
+        messages: list[dict[str, Any]],
+        tools: Tools,
+        kwargs: dict[str, Any],
+        atoms: Atoms = (),
+    ):
         self.compiled, template_globals = compiled_template(template)
         self.messages, self.tools, self.kwargs, self.atoms = _prepare(messages), tools, kwargs, atoms
         self.variables = {**template_globals, **kwargs, "tools": tools, "documents": None}
@@ -104,7 +110,11 @@ class _Renderer:
         """The first `n` messages, rendered."""
         key = (n, generation_prompt)
         if key not in self.rendered:
-            variables = {**self.variables, "messages": self.messages[:n], "add_generation_prompt": generation_prompt}
+            variables = {
+                **self.variables,
+                "messages": self.messages[:n],
+                "add_generation_prompt": generation_prompt,
+            }
             try:
                 self.rendered[key] = jinja_compat.render_shared(self.compiled, variables)
             except (jinja2.TemplateError, TypeError) as e:
@@ -114,14 +124,20 @@ class _Renderer:
     def with_generation_marks(self) -> tuple[str, list[Span]]:
         """The whole conversation and the spans its `{% generation %}` blocks cover."""
         try:
-            text, marks = transformers_compat.render_with_generation_marks(self.compiled, self.messages, self.tools,
-                                                                          None, False, **self.kwargs)
+            text, marks = transformers_compat.render_with_generation_marks(
+                self.compiled, self.messages, self.tools, None, False, **self.kwargs
+            )
         except (jinja2.TemplateError, TypeError) as e:
             raise TemplateError(f"the chat template cannot render this conversation: {e}") from None
         return text, [(s, e) for s, e in marks if e > s]
 
 
-def render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-           tools: Tools = None, **kwargs: Any) -> str:
+def render(
+    template: str,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = False,
+    tools: Tools = None,
+    **kwargs: Any,
+) -> str:
     """Render a conversation as `apply_chat_template(..., tokenize=False)` does (pass special tokens in kwargs)."""
     return _Renderer(template, messages, tools, kwargs)(len(messages), add_generation_prompt)

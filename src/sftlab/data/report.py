@@ -41,18 +41,29 @@ class SourceStats:
     fast_render: bool = False  # rendered by the direct ChatML renderer (checked against the template)
     formats: dict[str, int] = field(default_factory=dict)  # format -> rows read as it
     unknown_fields: dict[str, int] = field(default_factory=dict)  # field no reader used -> rows holding it
-    unused_mapping: list[str] = field(default_factory=list)  # `columns` / `roles` entries no row used, and why
+    unused_mapping: list[str] = field(
+        default_factory=list
+    )  # `columns` / `roles` entries no row used, and why
     tokens: int = 0  # of its usable examples (after the length policy, before mixing)
     targets: int = 0  # of those tokens, the ones with a label (not -100)
-    lengths: dict[str, int] = field(default_factory=dict)  # min, median, p95, max tokens of its usable examples
+    lengths: dict[str, int] = field(
+        default_factory=dict
+    )  # min, median, p95, max tokens of its usable examples
     markers_unused: str | None = None  # the response template set for a source without text rows
     images: int = 0  # images of its usable examples (vision-language sources)
     image_tokens: int = 0  # tokens the processor expanded them into (never targets)
 
     def line(self) -> str:
         parts = [f"{self.rows} rows", f"{self.bad} bad", f"{self.examples} examples"]
-        parts += [f"{n} {what}" for n, what in ((self.dropped, "over length dropped"), (self.truncated, "truncated"),
-                                                  (self.no_target, "no target after truncation")) if n]
+        parts += [
+            f"{n} {what}"
+            for n, what in (
+                (self.dropped, "over length dropped"),
+                (self.truncated, "truncated"),
+                (self.no_target, "no target after truncation"),
+            )
+            if n
+        ]
         used = f"{self.used} {self.split}" + (f" (weight {self.weight})" if self.weight is not None else "")
         held = f", {self.held_out} eval" if self.held_out else ""
         how = " (cached)" if self.cached else ""
@@ -62,7 +73,9 @@ class SourceStats:
     def details(self) -> list[str]:
         """Format(s) read, target share and lengths; warning lines for fields that no reader used, for
         `columns` / `roles` entries that no row used and for a response template no row uses."""
-        formats = ", ".join(f"{fmt} ({n} rows)" for fmt, n in sorted(self.formats.items(), key=lambda x: -x[1]))
+        formats = ", ".join(
+            f"{fmt} ({n} rows)" for fmt, n in sorted(self.formats.items(), key=lambda x: -x[1])
+        )
         parts = [f"format: {formats or '-'}"]
         if self.tokens:
             parts.append(f"targets: {self.targets / self.tokens:.1%} of {self.tokens:,} tokens")
@@ -70,19 +83,29 @@ class SourceStats:
             parts.append("lengths: " + ", ".join(f"{k} {v}" for k, v in self.lengths.items()) + " tokens")
         if self.images:
             per = self.images / self.examples if self.examples else 0
-            parts.append(f"images: {self.images:,} ({per:.2f} per example), {self.image_tokens:,} image tokens")
+            parts.append(
+                f"images: {self.images:,} ({per:.2f} per example), {self.image_tokens:,} image tokens"
+            )
         lines = ["; ".join(parts)]
         if self.unknown_fields:
-            fields = ", ".join(f"{k} ({n} rows{_field_hint(k, self.formats)})"
-                               for k, n in sorted(self.unknown_fields.items(), key=lambda x: -x[1]))
-            lines.append(f"warning: fields no reader of the format uses, ignored: {fields} "
-                         "(map them with the source's `columns` if they hold data; docs/data.md)")
+            fields = ", ".join(
+                f"{k} ({n} rows{_field_hint(k, self.formats)})"
+                for k, n in sorted(self.unknown_fields.items(), key=lambda x: -x[1])
+            )
+            lines.append(
+                f"warning: fields no reader of the format uses, ignored: {fields} "
+                "(map them with the source's `columns` if they hold data; docs/data.md)"
+            )
         if self.unused_mapping:
-            lines.append(f"warning: mapping entries no row of {self.name} uses: {'; '.join(self.unused_mapping)} "
-                         "(check the names against the file's own; docs/data.md)")
+            lines.append(
+                f"warning: mapping entries no row of {self.name} uses: {'; '.join(self.unused_mapping)} "
+                "(check the names against the file's own; docs/data.md)"
+            )
         if self.markers_unused:
-            lines.append(f"warning: response_template {self.markers_unused!r} is set, but no row of this source is a "
-                         "text row: the markers apply to text rows only (chat rows use data.loss_on; docs/data.md)")
+            lines.append(
+                f"warning: response_template {self.markers_unused!r} is set, but no row of this source is a "
+                "text row: the markers apply to text rows only (chat rows use data.loss_on; docs/data.md)"
+            )
         return lines
 
 
@@ -102,15 +125,21 @@ class DataReport:
     kept: int = 0  # usable examples (after bad rows and length policy), before mixing
     bad_reasons: Counter = field(default_factory=Counter)
     bad_examples: list[str] = field(default_factory=list)
-    truncated_inside_turn: int = 0  # of the truncated: the cut fell inside a labelled turn (its end-of-turn token lost)
-    tools_dropped: int = 0  # rows trained without the tools / tool calls the template does not render (data.tools: drop)
+    truncated_inside_turn: int = (
+        0  # of the truncated: the cut fell inside a labelled turn (its end-of-turn token lost)
+    )
+    tools_dropped: int = (
+        0  # rows trained without the tools / tool calls the template does not render (data.tools: drop)
+    )
     sources: list[SourceStats] = field(default_factory=list)
     train_examples: int = 0
     eval_examples: int = 0
     # per source, in `sources` order: what it read and its usable examples (for `sftlab prepare --show`)
     source_data: list[cache.SourceData] = field(default_factory=list, repr=False, compare=False)
     source_examples: list[Examples] = field(default_factory=list, repr=False, compare=False)
-    eval_sets: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)  # name -> eval positions
+    eval_sets: dict[str, np.ndarray] = field(
+        default_factory=dict, repr=False, compare=False
+    )  # name -> eval positions
 
     @property
     def rows(self) -> int:
@@ -147,20 +176,30 @@ class DataReport:
 
     def summary(self) -> str:
         """Totals on the first line, then one line per source."""
-        parts = [f"{self.kept} examples kept of {self.rows} rows (train {self.train_examples}, "
-                 f"eval {self.eval_examples} after mixing)"]
+        parts = [
+            f"{self.kept} examples kept of {self.rows} rows (train {self.train_examples}, "
+            f"eval {self.eval_examples} after mixing)"
+        ]
         if self.bad:
             parts.append(f"{self.bad} bad rows skipped ({dict(self.bad_reasons.most_common(5))})")
         if self.overlength_dropped:
             parts.append(f"{self.overlength_dropped} over max_seq_length dropped")
         if self.overlength_truncated:
-            parts.append(f"{self.overlength_truncated} truncated to max_seq_length"
-                         + (f" ({self.truncated_inside_turn} cut inside a trained turn: that turn keeps its start "
-                            "but loses its end-of-turn token)" if self.truncated_inside_turn else ""))
+            parts.append(
+                f"{self.overlength_truncated} truncated to max_seq_length"
+                + (
+                    f" ({self.truncated_inside_turn} cut inside a trained turn: that turn keeps its start "
+                    "but loses its end-of-turn token)"
+                    if self.truncated_inside_turn
+                    else ""
+                )
+            )
         if self.no_target_after_truncation:
             parts.append(f"{self.no_target_after_truncation} dropped: no target token left after truncation")
         if self.tools_dropped:
-            parts.append(f"{self.tools_dropped} rows without the tools the chat template does not render (data.tools: drop)")
+            parts.append(
+                f"{self.tools_dropped} rows without the tools the chat template does not render (data.tools: drop)"
+            )
         lines = ["; ".join(parts)]
         for s in self.sources:
             lines.append("  " + s.line())
@@ -191,7 +230,7 @@ def targets_per_example(store: TokenArrays) -> np.ndarray:
         a = int(offsets[i])
         j = min(n, max(i + 1, int(np.searchsorted(offsets, a + SUM_BLOCK, side="right")) - 1))
         starts = np.asarray(offsets[i:j], dtype=np.int64) - a
-        per[i:j] = np.add.reduceat(store.targets[a:int(offsets[j])], starts, dtype=np.int64)
+        per[i:j] = np.add.reduceat(store.targets[a : int(offsets[j])], starts, dtype=np.int64)
         i = j
     return per
 
@@ -207,5 +246,11 @@ def count_targets(data: cache.SourceData, examples: Examples) -> int:
     whole = examples.length == store.lengths[idx]
     cut = np.flatnonzero(~whole)
     return int(per[idx[whole]].sum()) + sum(
-        int(np.count_nonzero(store.tokens(int(examples.start[k]), int(examples.start[k] + examples.length[k]))[1]
-                             != IGNORE_INDEX)) for k in cut)
+        int(
+            np.count_nonzero(
+                store.tokens(int(examples.start[k]), int(examples.start[k] + examples.length[k]))[1]
+                != IGNORE_INDEX
+            )
+        )
+        for k in cut
+    )

@@ -151,7 +151,9 @@ def _table_rows(path: Path) -> Iterator[RawRow]:
             return
         except (pa.ArrowException, OSError) as e:
             where = f" (after row {index - 1})" if index > 1 else ""
-            raise DataError(f"data source {path}: cannot read it as {path.suffix[1:].upper()}{where}: {e}") from None
+            raise DataError(
+                f"data source {path}: cannot read it as {path.suffix[1:].upper()}{where}: {e}"
+            ) from None
         for row in batch.to_pylist():
             yield RawRow(name, index, "row", row)
             index += 1
@@ -168,8 +170,9 @@ def _file_rows(path: Path) -> Iterator[RawRow]:
         except UnicodeDecodeError as e:
             raise DataError(f"data source {path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"data source {path}: invalid JSON array: {e.msg} "
-                            f"(line {e.lineno}, column {e.colno})") from None
+            raise DataError(
+                f"data source {path}: invalid JSON array: {e.msg} (line {e.lineno}, column {e.colno})"
+            ) from None
         for i, row in enumerate(rows, start=1):
             yield RawRow(name, i, "row", row)
         return
@@ -187,7 +190,10 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
             try:
                 text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
             except UnicodeDecodeError as e:
-                yield lineno, BadRecord(str(path), lineno, None, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                yield (
+                    lineno,
+                    BadRecord(str(path), lineno, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"),
+                )
                 continue
             if not text.strip():
                 continue
@@ -213,8 +219,10 @@ def _refuse_one_object(path: Path) -> None:
         return  # neither: the per-line errors say where
     if isinstance(whole, dict):
         keys = ", ".join(list(map(str, whole))[:5]) + (", ..." if len(whole) > 5 else "")
-        raise DataError(f"data source {path}: a JSON object (keys: {keys}), not an array of rows or JSON lines; "
-                        "a data file holds a JSON array of row objects or one row object per line")
+        raise DataError(
+            f"data source {path}: a JSON object (keys: {keys}), not an array of rows or JSON lines; "
+            "a data file holds a JSON array of row objects or one row object per line"
+        )
 
 
 def _starts_with(path: Path, prefix: bytes) -> bool:
@@ -227,7 +235,9 @@ def _load_from_disk(path: Path, split: str) -> datasets.Dataset:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise DataError(f"data source {path}: cannot load the saved dataset: {type(e).__name__}: {e}") from None
+        raise DataError(
+            f"data source {path}: cannot load the saved dataset: {type(e).__name__}: {e}"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"data source {path}: no split {split!r} (has {', '.join(ds)}); set its `split`")
@@ -254,16 +264,25 @@ def _load_hub(spec: SourceConfig) -> datasets.Dataset:
         with _quiet_hub_retries():
             ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split)
     except Exception as e:
-        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-        hint = (" Offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): only datasets already in the "
-                "local `datasets` cache can be loaded." if offline else "")
-        raise DataError(f"data source {spec.path!r}: not a local file or directory, and loading it as a hub "
-                        f"dataset (subset={spec.subset!r}, split={spec.split!r}) failed: "
-                        f"{type(e).__name__}: {e}.{hint}") from None
+        offline = any(
+            os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+            for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+        )
+        hint = (
+            " Offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): only datasets already in the "
+            "local `datasets` cache can be loaded."
+            if offline
+            else ""
+        )
+        raise DataError(
+            f"data source {spec.path!r}: not a local file or directory, and loading it as a hub "
+            f"dataset (subset={spec.subset!r}, split={spec.split!r}) failed: "
+            f"{type(e).__name__}: {e}.{hint}"
+        ) from None
     if not isinstance(ds, datasets.Dataset):
-        raise DataError(f"data source {spec.path!r}: split {spec.split!r} is not a single dataset "
-                        f"({type(ds).__name__})")
+        raise DataError(
+            f"data source {spec.path!r}: split {spec.split!r} is not a single dataset ({type(ds).__name__})"
+        )
     return ds
 
 
@@ -279,23 +298,34 @@ def open_source(spec: SourceSpec, index: int = 0) -> Source:
 def _open_spec(spec: SourceConfig | DatasetSource, index: int) -> Source:
     if isinstance(spec, DatasetSource):
         if not isinstance(spec.dataset, datasets.Dataset):
-            raise DataError(f"DatasetSource {spec.name or index}: expected a datasets.Dataset, "
-                            f"got {type(spec.dataset).__name__}")
+            raise DataError(
+                f"DatasetSource {spec.name or index}: expected a datasets.Dataset, "
+                f"got {type(spec.dataset).__name__}"
+            )
         name = spec.name or f"<Dataset {index} {datasets_compat.fingerprint(spec.dataset)}>"
         return Source(name, "dataset", spec.format, spec.weight, dataset=spec.dataset)
     path = Path(spec.path).expanduser()
     if path.is_file():
         if path.suffix not in SUPPORTED_SUFFIXES:
-            raise DataError(f"data source {path}: unsupported file type (expected {', '.join(SUPPORTED_SUFFIXES)})")
+            raise DataError(
+                f"data source {path}: unsupported file type (expected {', '.join(SUPPORTED_SUFFIXES)})"
+            )
         return Source(str(path), "files", spec.format, spec.weight, files=[path])
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            return Source(str(path), "disk", spec.format, spec.weight, dataset=_load_from_disk(path, spec.split))
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SUPPORTED_SUFFIXES
-                       and not p.name.startswith("."))
+            return Source(
+                str(path), "disk", spec.format, spec.weight, dataset=_load_from_disk(path, spec.split)
+            )
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and p.suffix in SUPPORTED_SUFFIXES and not p.name.startswith(".")
+        )
         if not files:
-            raise DataError(f"data source {path}: directory has no {', '.join(SUPPORTED_SUFFIXES)} files "
-                            "and is not a `save_to_disk` dataset")
+            raise DataError(
+                f"data source {path}: directory has no {', '.join(SUPPORTED_SUFFIXES)} files "
+                "and is not a `save_to_disk` dataset"
+            )
         return Source(str(path), "files", spec.format, spec.weight, files=files)
     if looks_local(spec.path):
         raise not_found(path)

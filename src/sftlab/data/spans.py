@@ -89,7 +89,9 @@ def _divergence(a: str, b: str, atoms: Atoms) -> int | None:
         return n
     while (back := min(_atom_start(a, n, atoms), _atom_start(b, n, atoms))) < n:
         n = back
-    if not a[n:].strip() or not b[n:].strip():  # what only one of them writes is blank: it is not part of a turn
+    if (
+        not a[n:].strip() or not b[n:].strip()
+    ):  # what only one of them writes is blank: it is not part of a turn
         return n
     if a[n:] in atoms:  # `a` ends with one added token of its own (eos after the final message)
         return n
@@ -115,12 +117,14 @@ def _as_history(r: _Renderer, i: int) -> str | None:
     except TemplateError:  # e.g. a template that cannot render an empty conversation
         return None
     if end is None:
-        raise TemplateError(f"assistant message {i}: the template writes text after the final message only, "
-                            "and where it begins cannot be told exactly (it begins like the generation prompt, "
-                            "is more than one of the tokenizer's added tokens, and it and the prompt do not both "
-                            "begin with one)")
+        raise TemplateError(
+            f"assistant message {i}: the template writes text after the final message only, "
+            "and where it begins cannot be told exactly (it begins like the generation prompt, "
+            "is more than one of the tokenizer's added tokens, and it and the prompt do not both "
+            "begin with one)"
+        )
     prompt, continued = r(i, True)[end:], r(i + 1, True)
-    return continued[:len(continued) - len(prompt)] if continued.endswith(prompt) else None
+    return continued[: len(continued) - len(prompt)] if continued.endswith(prompt) else None
 
 
 def _rendered_turn(r: _Renderer, full: str, i: int) -> str:
@@ -136,8 +140,10 @@ def _rendered_turn(r: _Renderer, full: str, i: int) -> str:
         return full  # nothing is written after the final message only
     history = _as_history(r, i)
     if history is None:
-        raise TemplateError(f"assistant message {i}: the template renders the final message differently with "
-                            "a generation prompt after it, and gives no history form to compare with")
+        raise TemplateError(
+            f"assistant message {i}: the template renders the final message differently with "
+            "a generation prompt after it, and gives no history form to compare with"
+        )
     # the full text is the history form plus a suffix written after the final message only (an eos);
     # or else the final turn is closed differently (`<|return|>` for `<|end|>`), and runs to the end
     return history if full.startswith(history) else full
@@ -153,14 +159,18 @@ def _turn_start(r: _Renderer, i: int, prompt: str, turn: str) -> int:
     # part of it that the turn shares (what the model is given when it generates this turn).
     before = r(i)
     if not (prompt.startswith(before) and turn.startswith(before)):
-        raise TemplateError(f"assistant message {i}: the generation prompt does not match the rendered history")
-    opener = prompt[len(before):]
+        raise TemplateError(
+            f"assistant message {i}: the generation prompt does not match the rendered history"
+        )
+    opener = prompt[len(before) :]
     at = turn.find(opener, len(before)) if opener else -1
     if at >= 0:
         return at + len(opener)
-    shared = _common_prefix(opener, turn[len(before):])
+    shared = _common_prefix(opener, turn[len(before) :])
     if not shared:
-        raise TemplateError(f"assistant message {i}: the rendered turn does not start with the generation prompt")
+        raise TemplateError(
+            f"assistant message {i}: the rendered turn does not start with the generation prompt"
+        )
     return len(before) + shared
 
 
@@ -180,14 +190,16 @@ def _kept_length(full: str, start: int, piece: str, msg: dict[str, Any], i: int)
         return len(piece)
     # History renders the turn without a leading part (e.g. its <think> block): the longest suffix
     # of the turn found at `start` is what the model sees there.
-    j = piece.find(full[start:start + 1], 1) if start < len(full) else -1
+    j = piece.find(full[start : start + 1], 1) if start < len(full) else -1
     while j > 0 and not full.startswith(piece[j:], start):
         j = piece.find(full[start], j + 1)
     kept = piece[j:] if j > 0 else ""
     if not kept or any(p not in kept for p in _visible_parts(msg)):
-        raise TemplateError(f"assistant message {i}: the template renders it differently once later messages "
-                            "follow, in a way that cannot be masked exactly (only a dropped leading part, such "
-                            "as earlier reasoning, is supported)")
+        raise TemplateError(
+            f"assistant message {i}: the template renders it differently once later messages "
+            "follow, in a way that cannot be masked exactly (only a dropped leading part, such "
+            "as earlier reasoning, is supported)"
+        )
     return len(kept)
 
 
@@ -197,13 +209,15 @@ def _start_in_full(full: str, before: str, cursor: int, previous: str | None, pi
         # anchor on the end of the previous assistant turn: what follows it up to this turn is the same
         at = before.rfind(previous)
         if at >= 0:
-            gap = before[at + len(previous):]
+            gap = before[at + len(previous) :]
             if full.startswith(gap, cursor):
                 return cursor + len(gap)
     if full.count(piece, cursor) == 1:  # the turn's exact text, found once after the previous turn
         return full.index(piece, cursor)
-    raise TemplateError(f"assistant message {i}: cannot locate it in the rendered conversation (the template "
-                        "renders earlier messages differently once later ones follow)")
+    raise TemplateError(
+        f"assistant message {i}: cannot locate it in the rendered conversation (the template "
+        "renders earlier messages differently once later ones follow)"
+    )
 
 
 def _span_in(r: _Renderer, full: str, i: int, turn: str, cursor: int, previous: str | None) -> Span:
@@ -216,7 +230,11 @@ def _span_in(r: _Renderer, full: str, i: int, turn: str, cursor: int, previous: 
     if full.startswith(turn):
         start, end = head, head + len(piece)
     else:
-        start = head if full.startswith(turn[:head]) else _start_in_full(full, turn[:head], cursor, previous, piece, i)
+        start = (
+            head
+            if full.startswith(turn[:head])
+            else _start_in_full(full, turn[:head], cursor, previous, piece, i)
+        )
         end = start + _kept_length(full, start, piece, r.messages[i], i)
     if start < cursor:
         raise TemplateError(f"assistant message {i}: its rendered text overlaps the previous assistant turn")
@@ -236,9 +254,14 @@ def _last_marks(r: _Renderer, full: str, spans: list[Span], last: int) -> list[S
     return [s for s in spans if s[0] >= end]
 
 
-def assistant_spans(template: str, messages: list[dict[str, Any]], tools: Tools = None,
-                    template_kwargs: dict[str, Any] | None = None,
-                    last_only: bool = False, atoms: Atoms = ()) -> tuple[str, list[Span]]:
+def assistant_spans(
+    template: str,
+    messages: list[dict[str, Any]],
+    tools: Tools = None,
+    template_kwargs: dict[str, Any] | None = None,
+    last_only: bool = False,
+    atoms: Atoms = (),
+) -> tuple[str, list[Span]]:
     """Render the conversation; return the text and the [start, end) character span of each assistant turn
     (only the last one with `last_only`). `template_kwargs` should hold the tokenizer's special tokens,
     `atoms` its added tokens (needed where a template writes text after the final message only)."""

@@ -47,8 +47,10 @@ from sftlab.data.types import DataError, TemplateError
 
 log = logging.getLogger(__name__)
 
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
 
 BUILTIN_TEMPLATES: dict[str, str] = {
     "chatml": (
@@ -97,12 +99,17 @@ BUILTIN_TEMPLATES: dict[str, str] = {
 # Qwen2.5's tool layout (Hermes style) on the `chatml` built-in: without tools, tool calls and tool results
 # it renders exactly as `chatml` (no default system prompt; examples/templates/chatml_tools.jinja is the
 # same layout with SmolLM2's default system prompt). Tool-call `arguments` may be an object or a JSON string.
-_TOOLS_PREAMBLE = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-                   "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
-_TOOLS_FORMAT = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
-                 "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
-                 "\"arguments\": <args-json-object>}\n</tool_call>")
-BUILTIN_TEMPLATES["chatml_tools"] = r"""
+_TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_TOOLS_FORMAT = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    'within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, '
+    '"arguments": <args-json-object>}\n</tool_call>'
+)
+BUILTIN_TEMPLATES["chatml_tools"] = (
+    r"""
 {%- set has_system = messages and messages[0].role == 'system' %}
 {%- if tools %}
     {{- '<|im_start|>system\n' + (messages[0].content + '\n\n' if has_system else '') + PREAMBLE }}
@@ -129,7 +136,10 @@ BUILTIN_TEMPLATES["chatml_tools"] = r"""
     {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
-""".strip().replace("PREAMBLE", repr(_TOOLS_PREAMBLE)).replace("FORMAT", repr(_TOOLS_FORMAT))
+""".strip()
+    .replace("PREAMBLE", repr(_TOOLS_PREAMBLE))
+    .replace("FORMAT", repr(_TOOLS_FORMAT))
+)
 
 # Llama-3.1's official tool layout on the `llama3` built-in: with tools, the system turn says `Environment:
 # ipython` and the dates (`date_string`, default 26 Jul 2024), and the tool schemas (JSON, indent 4) open
@@ -138,8 +148,10 @@ BUILTIN_TEMPLATES["chatml_tools"] = r"""
 # `arguments` an object, or a JSON string written as it is);
 # tool results are `ipython` turns, their content JSON-encoded as the official template does. Without tools,
 # tool calls and tool results it renders exactly as `llama3`.
-_LLAMA_FORMAT = ('Respond in the format {"name": function name, "parameters": dictionary of argument name and '
-                 'its value}.Do not use variables.\n\n')
+_LLAMA_FORMAT = (
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and '
+    "its value}.Do not use variables.\n\n"
+)
 BUILTIN_TEMPLATES["llama3_tools"] = r"""
 {{- bos_token }}
 {%- if tools %}
@@ -212,9 +224,11 @@ def resolve_template(spec: str | None, tokenizer: PreTrainedTokenizerBase | None
     names = ", ".join(BUILTIN_TEMPLATES)
     if spec is None:
         if not getattr(tokenizer, "chat_template", None):
-            raise TemplateError("the tokenizer has no chat template; set data.chat_template to a built-in "
-                                f"(e.g. data.chat_template: chatml, with data.add_chatml_tokens: true; "
-                                f"built-ins: {names}) or to a .jinja file")
+            raise TemplateError(
+                "the tokenizer has no chat template; set data.chat_template to a built-in "
+                f"(e.g. data.chat_template: chatml, with data.add_chatml_tokens: true; "
+                f"built-ins: {names}) or to a .jinja file"
+            )
         try:
             text = tokenizer.get_chat_template()  # a named-template dict resolves to its default
         except ValueError as e:
@@ -227,8 +241,9 @@ def resolve_template(spec: str | None, tokenizer: PreTrainedTokenizerBase | None
         if not path.is_file():
             if path.suffix == ".jinja" or "/" in spec:
                 raise TemplateError(f"chat template file not found: {path}")
-            raise TemplateError(f"unknown chat template {spec!r}: expected a built-in ({names}) "
-                                "or a path to a .jinja file")
+            raise TemplateError(
+                f"unknown chat template {spec!r}: expected a built-in ({names}) or a path to a .jinja file"
+            )
         text, where = path.read_text(encoding="utf-8"), str(path)
     try:
         check_template(text)
@@ -257,11 +272,17 @@ def add_chatml_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     missing = [t for t in CHATML_TOKENS if t not in tokenizer.get_added_vocab()]
     before = len(tokenizer)
     if missing:
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+        tokenizer.add_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True
+        )
     tokenizer.eos_token = CHATML_TOKENS[1]
     added = len(tokenizer) - before
     if added:
-        log.warning("added %d ChatML tokens (%s) to the vocabulary; the model's embeddings grow to match, and "
-                    "with LoRA the embeddings and LM head must be trainable too (peft modules_to_save="
-                    "['embed_tokens', 'lm_head'])", added, ", ".join(missing))
+        log.warning(
+            "added %d ChatML tokens (%s) to the vocabulary; the model's embeddings grow to match, and "
+            "with LoRA the embeddings and LM head must be trainable too (peft modules_to_save="
+            "['embed_tokens', 'lm_head'])",
+            added,
+            ", ".join(missing),
+        )
     return added

@@ -87,10 +87,16 @@ class ChunkResult:
     fix_val: np.ndarray
     bad: list[BadRecord] = field(default_factory=list)
     conversations: int = 0  # chat rows among them (rendered by a template or the direct renderer)
-    formats: Counter = field(default_factory=Counter)  # format -> rows read as it (bad rows after reading included)
+    formats: Counter = field(
+        default_factory=Counter
+    )  # format -> rows read as it (bad rows after reading included)
     unknown: Counter = field(default_factory=Counter)  # unknown field -> rows holding it
-    tools_dropped: int = 0  # rows whose tools / tool calls the template does not render, dropped (data.tools: drop)
-    mapped: Counter = field(default_factory=Counter)  # `columns.<name>` / `roles.<name>` entry -> rows using it
+    tools_dropped: int = (
+        0  # rows whose tools / tool calls the template does not render, dropped (data.tools: drop)
+    )
+    mapped: Counter = field(
+        default_factory=Counter
+    )  # `columns.<name>` / `roles.<name>` entry -> rows using it
     images: list[list[str]] | None = None  # per example its image references (vision-language sources)
 
 
@@ -108,14 +114,20 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def _tokenize_texts(tokenizer: PreTrainedTokenizerBase, recs: list[TextRecord]) -> list[TokenizedExample]:
     """Text rows: every token a target except those overlapping a loss-masking span; EOS appended."""
     if not tokenizer.is_fast and any(r.spans for r in recs):
-        raise DataError("text rows with loss_masking_spans or a response_template need a fast tokenizer "
-                        "(character offsets)")
+        raise DataError(
+            "text rows with loss_masking_spans or a response_template need a fast tokenizer "
+            "(character offsets)"
+        )
     enc = tokenizer([r.text for r in recs], add_special_tokens=True, return_offsets_mapping=tokenizer.is_fast)
     eos = tokenizer.eos_token_id
     out = []
     for k, r in enumerate(recs):
         ids = list(enc["input_ids"][k])
-        masked = masking.labels_from_spans(enc["offset_mapping"][k], _merge(r.spans)) if r.spans else [False] * len(ids)
+        masked = (
+            masking.labels_from_spans(enc["offset_mapping"][k], _merge(r.spans))
+            if r.spans
+            else [False] * len(ids)
+        )
         labels = [IGNORE_INDEX if m else t for t, m in zip(ids, masked)]
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
@@ -124,14 +136,29 @@ def _tokenize_texts(tokenizer: PreTrainedTokenizerBase, recs: list[TextRecord]) 
     return out
 
 
-def _tokenize_conversations(tokenizer: PreTrainedTokenizerBase, convs: list[Conversation], loss_on: str,
-                            template: str | None, fast: ChatMLRenderer | None = None,
-                            verify: list[bool] | None = None) -> list[TokenizedExample | BadRecord]:
+def _tokenize_conversations(
+    tokenizer: PreTrainedTokenizerBase,
+    convs: list[Conversation],
+    loss_on: str,
+    template: str | None,
+    fast: ChatMLRenderer | None = None,
+    verify: list[bool] | None = None,
+) -> list[TokenizedExample | BadRecord]:
     """One batched masking call; a conversation the template cannot mask becomes a BadRecord."""
-    results = masking.tokenize_conversations(tokenizer, [c.messages for c in convs], loss_on, template,
-                                             [c.tools for c in convs], on_error="return", fast=fast, verify=verify)
-    return [BadRecord(c.source, c.line, "messages", str(res), c.unit) if isinstance(res, TemplateError) else res
-            for c, res in zip(convs, results)]
+    results = masking.tokenize_conversations(
+        tokenizer,
+        [c.messages for c in convs],
+        loss_on,
+        template,
+        [c.tools for c in convs],
+        on_error="return",
+        fast=fast,
+        verify=verify,
+    )
+    return [
+        BadRecord(c.source, c.line, "messages", str(res), c.unit) if isinstance(res, TemplateError) else res
+        for c, res in zip(convs, results)
+    ]
 
 
 def with_bos(example: TokenizedExample, bos: int | None) -> TokenizedExample:
@@ -141,9 +168,17 @@ def with_bos(example: TokenizedExample, bos: int | None) -> TokenizedExample:
     return TokenizedExample([bos, *example.input_ids], [IGNORE_INDEX, *example.labels])
 
 
-def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, loss_on: str,
-                   template: str | None, source: str = "", fast: ChatMLRenderer | None = None,
-                   verify_all: bool = False, add_bos: bool = False, first: int = 0) -> list[TokenizedExample | BadRecord]:
+def tokenize_chunk(
+    records: list[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    loss_on: str,
+    template: str | None,
+    source: str = "",
+    fast: ChatMLRenderer | None = None,
+    verify_all: bool = False,
+    add_bos: bool = False,
+    first: int = 0,
+) -> list[TokenizedExample | BadRecord]:
     """Tokenize and label records of any kind, in order; unusable ones come back as BadRecord.
 
     With a direct renderer `fast`, conversations at positions divisible by VERIFY_EVERY (all of them
@@ -154,8 +189,10 @@ def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, lo
     for i, r in enumerate(records):
         by_kind.setdefault(type(r), []).append(i)
     if Conversation in by_kind and not (template or tokenizer.chat_template):
-        raise DataError(f"data source {source}: chat rows need a chat template, and the tokenizer has none; "
-                        "set data.chat_template")
+        raise DataError(
+            f"data source {source}: chat rows need a chat template, and the tokenizer has none; "
+            "set data.chat_template"
+        )
     for kind, idx in by_kind.items():
         group = [records[i] for i in idx]
         if kind is Conversation:
@@ -164,8 +201,10 @@ def tokenize_chunk(records: list[Record], tokenizer: PreTrainedTokenizerBase, lo
             if add_bos:
                 if tokenizer.bos_token_id is None:
                     raise DataError("data.add_bos: the tokenizer has no BOS token")
-                results = [with_bos(r, tokenizer.bos_token_id) if isinstance(r, TokenizedExample) else r
-                           for r in results]
+                results = [
+                    with_bos(r, tokenizer.bos_token_id) if isinstance(r, TokenizedExample) else r
+                    for r in results
+                ]
         elif kind is TextRecord:
             results = _tokenize_texts(tokenizer, group)
         else:
@@ -212,19 +251,41 @@ def _text_rows(rows: RawChunk, ctx: ChunkContext, number: int) -> tuple[list, li
             columns = ctx.columns
             if ctx.formatting_func is not None:  # the function reads the row's own fields: no renaming after
                 row, columns = formatted_row(ctx.formatting_func, row, ctx.files[f], line, unit), None
-            records.append(to_record(row, ctx.format, ctx.files[f], line, unit=unit, vocab_size=vocab,
-                                     columns=columns, markers=ctx.markers))
+            records.append(
+                to_record(
+                    row,
+                    ctx.format,
+                    ctx.files[f],
+                    line,
+                    unit=unit,
+                    vocab_size=vocab,
+                    columns=columns,
+                    markers=ctx.markers,
+                )
+            )
             places.append((k, f))
         except BadRecord as e:
             bad.append((k, e))
     template = ctx.template or ctx.tokenizer.chat_template
     convs = [r for r in records if isinstance(r, Conversation)]
-    dropped = handle_tools(convs, template, ctx.tokenizer.special_tokens_map, ctx.tools) \
-        if convs and isinstance(template, str) else 0
+    dropped = (
+        handle_tools(convs, template, ctx.tokenizer.special_tokens_map, ctx.tools)
+        if convs and isinstance(template, str)
+        else 0
+    )
     done = []
     for a, b in _batches(records, TOKENIZE_CHARS):  # long rows: the chunk in parts, each compacted at once
-        results = tokenize_chunk(records[a:b], ctx.tokenizer, ctx.loss_on, ctx.template, ctx.source, ctx.fast,
-                                 number == 0, ctx.add_bos, first=a)
+        results = tokenize_chunk(
+            records[a:b],
+            ctx.tokenizer,
+            ctx.loss_on,
+            ctx.template,
+            ctx.source,
+            ctx.fast,
+            number == 0,
+            ctx.add_bos,
+            first=a,
+        )
         for (k, f), rec, res in zip(places[a:b], records[a:b], results):
             if isinstance(res, BadRecord):
                 bad.append((k, res))
@@ -268,12 +329,25 @@ def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkRes
         lines.append(line)
         files.append(f)
         base += len(i)
-    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype))
-    return ChunkResult(len(rows), {"ids": cat(ids, ctx.ids_dtype), "targets": cat(targets, np.uint8)},
-                       np.asarray(lengths, np.int64), np.asarray(lines, np.int64), np.asarray(files, np.int32),
-                       cat(fix_pos, np.int64), cat(fix_val, np.int32), [e for _, e in sorted(bad, key=lambda x: x[0])],
-                       sum(isinstance(r, Conversation) for r in records), Counter(r.format for r in records),
-                       Counter(k for r in records for k in r.unknown), dropped, mapped, images)
+    cat = lambda parts, dtype: (
+        np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+    )
+    return ChunkResult(
+        len(rows),
+        {"ids": cat(ids, ctx.ids_dtype), "targets": cat(targets, np.uint8)},
+        np.asarray(lengths, np.int64),
+        np.asarray(lines, np.int64),
+        np.asarray(files, np.int32),
+        cat(fix_pos, np.int64),
+        cat(fix_val, np.int32),
+        [e for _, e in sorted(bad, key=lambda x: x[0])],
+        sum(isinstance(r, Conversation) for r in records),
+        Counter(r.format for r in records),
+        Counter(k for r in records for k in r.unknown),
+        dropped,
+        mapped,
+        images,
+    )
 
 
 _WORKER: dict[str, Any] = {}

@@ -32,13 +32,20 @@ from sftlab.data.types import DataError, TemplateError
 PROBE_NAME = "sftlab_probe_tool"
 PROBE_VALUE = "sftlab-probe-value"
 PROBE_RESULT = "sftlab-probe-result"
-_PROBE_TOOL = {"type": "function", "function": {
-    "name": PROBE_NAME, "description": "probe", "parameters": {
-        "type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": PROBE_NAME,
+        "description": "probe",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+    },
+}
 _PROBE_CALL = {"type": "function", "function": {"name": PROBE_NAME, "arguments": {"q": PROBE_VALUE}}}
 TOOL_TEMPLATES = ("chatml_tools", "llama3_tools")
-FIX = (f"set data.chat_template to a template that renders tools: a built-in ({', '.join(TOOL_TEMPLATES)}, e.g. "
-       "data.chat_template: chatml_tools) or a .jinja file; or set data.tools: drop to train without them")
+FIX = (
+    f"set data.chat_template to a template that renders tools: a built-in ({', '.join(TOOL_TEMPLATES)}, e.g. "
+    "data.chat_template: chatml_tools) or a .jinja file; or set data.tools: drop to train without them"
+)
 
 
 @dataclass(frozen=True)
@@ -50,8 +57,13 @@ class ToolSupport:
     tool_results: bool | None
 
 
-def _shows(template: str, messages: list[dict[str, Any]], needles: tuple[str, ...], kwargs: dict[str, Any],
-           tools: list[dict[str, Any]] | None = None) -> bool | None:
+def _shows(
+    template: str,
+    messages: list[dict[str, Any]],
+    needles: tuple[str, ...],
+    kwargs: dict[str, Any],
+    tools: list[dict[str, Any]] | None = None,
+) -> bool | None:
     try:
         text = render(template, messages, tools=tools, **kwargs)
     except TemplateError:
@@ -65,11 +77,23 @@ def _support(template: str, kwargs_items: tuple[tuple[str, str], ...]) -> ToolSu
     user = {"role": "user", "content": "Hello!"}
     return ToolSupport(
         tools=_shows(template, [user], (PROBE_NAME,), kwargs, [_PROBE_TOOL]),
-        tool_calls=_shows(template, [user, {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}],
-                          (PROBE_NAME, PROBE_VALUE), kwargs),
-        tool_results=_shows(template, [user, {"role": "assistant", "content": "Let me look."},
-                                       {"role": "tool", "content": PROBE_RESULT},
-                                       {"role": "assistant", "content": "Done."}], (PROBE_RESULT,), kwargs),
+        tool_calls=_shows(
+            template,
+            [user, {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}],
+            (PROBE_NAME, PROBE_VALUE),
+            kwargs,
+        ),
+        tool_results=_shows(
+            template,
+            [
+                user,
+                {"role": "assistant", "content": "Let me look."},
+                {"role": "tool", "content": PROBE_RESULT},
+                {"role": "assistant", "content": "Done."},
+            ],
+            (PROBE_RESULT,),
+            kwargs,
+        ),
     )
 
 
@@ -85,7 +109,9 @@ def dropped_parts(conv: Conversation, support: ToolSupport) -> list[str]:
     results = [f"messages[{i}]" for i, m in enumerate(conv.messages) if m.get("role") == "tool"]
     parts = ["tool schemas (`tools`)"] if conv.tools and support.tools is False else []
     if calls and support.tool_calls is False:
-        parts.append(f"tool calls (`tool_calls` of {', '.join(calls[:3])}{', ...' if len(calls) > 3 else ''})")
+        parts.append(
+            f"tool calls (`tool_calls` of {', '.join(calls[:3])}{', ...' if len(calls) > 3 else ''})"
+        )
     if results and support.tool_results is False:
         parts.append(f"tool results ({', '.join(results[:3])}{', ...' if len(results) > 3 else ''})")
     return parts
@@ -106,8 +132,9 @@ def _without_dropped(conv: Conversation, support: ToolSupport) -> None:
     conv.messages = kept
 
 
-def handle_tools(conversations: list[Conversation], template: str, special_tokens: dict[str, Any],
-                 policy: str) -> int:
+def handle_tools(
+    conversations: list[Conversation], template: str, special_tokens: dict[str, Any], policy: str
+) -> int:
     """Apply `data.tools` (`error` | `drop`) to conversations whose tools the template drops; returns the
     number of rows changed (`drop`), or raises DataError at the first such row (`error`)."""
     support = template_support(template, special_tokens)
@@ -120,8 +147,10 @@ def handle_tools(conversations: list[Conversation], template: str, special_token
             continue
         if policy != "drop":
             where = f"{conv.source}:{conv.line}" if conv.unit == "line" else f"{conv.source} row {conv.line}"
-            raise DataError(f"{where}: the row has {' and '.join(parts)}, which the chat template does not render "
-                            f"(the model would never see them). {FIX[0].upper() + FIX[1:]}")
+            raise DataError(
+                f"{where}: the row has {' and '.join(parts)}, which the chat template does not render "
+                f"(the model would never see them). {FIX[0].upper() + FIX[1:]}"
+            )
         _without_dropped(conv, support)
         changed += 1
     return changed

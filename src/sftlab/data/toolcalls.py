@@ -40,8 +40,9 @@ def _arguments(call: dict[str, Any], k: int) -> dict[str, Any]:
         except json.JSONDecodeError as e:
             raise ValueError(f"call {k}: `arguments` is a string that is not JSON ({e.msg})") from None
     if not isinstance(args, dict):
-        raise ValueError(f"call {k}: `arguments` must be an object (or a JSON string of one), got "
-                         f"{type(args).__name__}")
+        raise ValueError(
+            f"call {k}: `arguments` must be an object (or a JSON string of one), got {type(args).__name__}"
+        )
     return args
 
 
@@ -50,8 +51,10 @@ def function_calls(value: str) -> list[dict[str, Any]]:
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as e:
-        raise ValueError(f'a function_call turn holds JSON {{"name": ..., "arguments": {{...}}}} (or a list of '
-                         f"them); this is not JSON: {e.msg} (column {e.colno})") from None
+        raise ValueError(
+            f'a function_call turn holds JSON {{"name": ..., "arguments": {{...}}}} (or a list of '
+            f"them); this is not JSON: {e.msg} (column {e.colno})"
+        ) from None
     calls = parsed if isinstance(parsed, list) else [parsed]
     if not calls:
         raise ValueError("a function_call turn holds an empty list of calls")
@@ -61,8 +64,10 @@ def function_calls(value: str) -> list[dict[str, Any]]:
             call = call["function"]
         name = call.get("name") if isinstance(call, dict) else None
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f'call {k}: expected an object {{"name": ..., "arguments": {{...}}}} with a non-empty '
-                             f"name, got {json.dumps(call)[:80]}")
+            raise ValueError(
+                f'call {k}: expected an object {{"name": ..., "arguments": {{...}}}} with a non-empty '
+                f"name, got {json.dumps(call)[:80]}"
+            )
         out.append({"type": "function", "function": {"name": name, "arguments": _arguments(call, k)}})
     return out
 
@@ -78,8 +83,10 @@ def without_nulls(value: Any) -> Any:
 
 def wrapped_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Bare function schemas wrapped as `{"type": "function", "function": schema}`; others kept."""
-    return [{"type": "function", "function": t} if "name" in t and "type" not in t and "function" not in t else t
-            for t in tools]
+    return [
+        {"type": "function", "function": t} if "name" in t and "type" not in t and "function" not in t else t
+        for t in tools
+    ]
 
 
 def read_tools_file(path: str | Path) -> list[dict[str, Any]]:
@@ -91,13 +98,22 @@ def read_tools_file(path: str | Path) -> list[dict[str, Any]]:
     except UnicodeDecodeError as e:
         raise DataError(f"--tools {path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"--tools {path}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno}); expected a "
-                        'list of tool schemas, e.g. [{"name": "get_weather", "parameters": {...}}]') from None
+        raise DataError(
+            f"--tools {path}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno}); expected a "
+            'list of tool schemas, e.g. [{"name": "get_weather", "parameters": {...}}]'
+        ) from None
     if not isinstance(tools, list) or not tools:
-        what = ("one JSON object (put it in [ ])" if isinstance(tools, dict)
-                else "an empty list" if tools == [] else f"a JSON {type(tools).__name__}")
+        what = (
+            "one JSON object (put it in [ ])"
+            if isinstance(tools, dict)
+            else "an empty list"
+            if tools == []
+            else f"a JSON {type(tools).__name__}"
+        )
         raise DataError(f"--tools {path}: expected a non-empty JSON list of tool schemas, got {what}")
     for i, t in enumerate(tools):
         if not isinstance(t, dict):
-            raise DataError(f"--tools {path}: item {i} is a {type(t).__name__}, not a tool schema (a JSON object)")
+            raise DataError(
+                f"--tools {path}: item {i} is a {type(t).__name__}, not a tool schema (a JSON object)"
+            )
     return wrapped_tools(without_nulls(tools))

@@ -50,7 +50,13 @@ class BadRecord(SftlabError, ValueError):
     """One unusable row: where it is (`file:line`, or `source row N`; both 1-based), which field, and why."""
 
     def __init__(self, source: str, line: int, field_name: str | None, reason: str, unit: str = "line"):
-        self.source, self.line, self.field_name, self.reason, self.unit = source, line, field_name, reason, unit
+        self.source, self.line, self.field_name, self.reason, self.unit = (
+            source,
+            line,
+            field_name,
+            reason,
+            unit,
+        )
         super().__init__(f"{self.where}" + (f" field '{field_name}'" if field_name else "") + f": {reason}")
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable across tokenization worker processes

@@ -41,15 +41,26 @@ from sftlab.data.images import image_record
 from sftlab.data.sources import iter_jsonl
 from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError, TemplateError, VisionExample
 
-_TOKEN_ATTRS = ("image_token", "fake_image_token", "global_image_tag", "boi_token", "eoi_token",
-                "image_start_token", "image_end_token", "vision_start_token", "vision_end_token")
+_TOKEN_ATTRS = (
+    "image_token",
+    "fake_image_token",
+    "global_image_tag",
+    "boi_token",
+    "eoi_token",
+    "image_start_token",
+    "image_end_token",
+    "vision_start_token",
+    "vision_end_token",
+)
 
 
 def image_token_ids(processor: Any) -> set[int]:
     """The ids of the processor's image tokens: placeholders and the wrappers its expansion writes."""
     tok = processor.tokenizer
     ids = {getattr(processor, a) for a in dir(processor) if a.endswith("image_token_id")}
-    names = [getattr(processor, a, None) for a in _TOKEN_ATTRS] + [getattr(tok, a, None) for a in _TOKEN_ATTRS]
+    names = [getattr(processor, a, None) for a in _TOKEN_ATTRS] + [
+        getattr(tok, a, None) for a in _TOKEN_ATTRS
+    ]
     ids |= {tok.convert_tokens_to_ids(n) for n in names if isinstance(n, str)}
     return {i for i in ids if isinstance(i, int) and i != tok.unk_token_id}
 
@@ -62,7 +73,9 @@ def load_image(ref: Any) -> Image.Image:
         return image.convert("RGB")
 
 
-def carry_labels(short: Sequence[int], labels: Sequence[int], long: Sequence[int], inserted: set[int]) -> list[int]:
+def carry_labels(
+    short: Sequence[int], labels: Sequence[int], long: Sequence[int], inserted: set[int]
+) -> list[int]:
     """`labels` of the token sequence `short` carried over to `long`: `short` with runs of the ids in
     `inserted` added (and placeholders in `inserted` replaced). Inserted tokens get IGNORE_INDEX; a
     target token must find itself in `long`, else TemplateError."""
@@ -77,8 +90,10 @@ def carry_labels(short: Sequence[int], labels: Sequence[int], long: Sequence[int
         elif short[i] in inserted and labels[i] == IGNORE_INDEX:
             i += 1  # a placeholder the expansion replaced
         else:
-            raise TemplateError(f"the processor's expansion of the image tokens changed the text around them "
-                                f"(token {i} of the rendered conversation); the row cannot be masked exactly")
+            raise TemplateError(
+                f"the processor's expansion of the image tokens changed the text around them "
+                f"(token {i} of the rendered conversation); the row cannot be masked exactly"
+            )
     if any(t not in inserted for t in long[j:]):
         raise TemplateError("the processor's expansion added text tokens after the conversation")
     return out
@@ -90,8 +105,14 @@ def _processor_call(processor: Any, text: str, images: list[Image.Image]) -> lis
     return ids.tolist() if hasattr(ids, "tolist") else list(ids)
 
 
-def tokenize_vision(processor: Any, messages: list[dict[str, Any]], images: Sequence[Any] = (),
-                    loss_on: str = "assistant", template: str | None = None, tools: Any = None) -> VisionExample:
+def tokenize_vision(
+    processor: Any,
+    messages: list[dict[str, Any]],
+    images: Sequence[Any] = (),
+    loss_on: str = "assistant",
+    template: str | None = None,
+    tools: Any = None,
+) -> VisionExample:
     """Render one conversation of content parts with the processor's template, label it as the text path
     does, expand its images with the processor and carry the labels over (TemplateError where that
     cannot be done exactly). `template`: default the processor's own chat template."""
@@ -99,8 +120,9 @@ def tokenize_vision(processor: Any, messages: list[dict[str, Any]], images: Sequ
     template = template or getattr(processor, "chat_template", None) or tok.chat_template
     if not template:
         raise TemplateError("the processor has no chat template (set data.chat_template)")
-    placeholders = sum(p.get("type") == "image" for m in messages if isinstance(m.get("content"), list)
-                       for p in m["content"])
+    placeholders = sum(
+        p.get("type") == "image" for m in messages if isinstance(m.get("content"), list) for p in m["content"]
+    )
     if placeholders != len(images):
         raise TemplateError(f"{placeholders} image part(s) but {len(images)} image(s)")
     text_path = masking.tokenize_conversation(tok, messages, loss_on, template, tools)
@@ -126,19 +148,48 @@ def vision_collate(examples: Sequence[VisionExample], processor: Any, pad_id: in
     return batch
 
 
-def _vision_example(processor: Any, row: Any, source: str, line: int, unit: str, base_dir: Any, fmt: str,
-                    loss_on: str, template: str | None, max_length: int | None, columns: Any = None) -> VisionExample:
+def _vision_example(
+    processor: Any,
+    row: Any,
+    source: str,
+    line: int,
+    unit: str,
+    base_dir: Any,
+    fmt: str,
+    loss_on: str,
+    template: str | None,
+    max_length: int | None,
+    columns: Any = None,
+) -> VisionExample:
     if isinstance(row, BadRecord):
         raise row
-    conv = image_record(row, fmt, source, line, unit=unit, base_dir=base_dir, columns=columns,
-                        vocab_size=len(processor.tokenizer))
+    conv = image_record(
+        row,
+        fmt,
+        source,
+        line,
+        unit=unit,
+        base_dir=base_dir,
+        columns=columns,
+        vocab_size=len(processor.tokenizer),
+    )
     return _conversation_example(processor, conv, source, line, unit, loss_on, template, max_length)
 
 
-def _conversation_example(processor: Any, conv: Record, source: str, line: int, unit: str, loss_on: str,
-                          template: str | None, max_length: int | None) -> VisionExample:
+def _conversation_example(
+    processor: Any,
+    conv: Record,
+    source: str,
+    line: int,
+    unit: str,
+    loss_on: str,
+    template: str | None,
+    max_length: int | None,
+) -> VisionExample:
     if not isinstance(conv, Conversation):
-        raise BadRecord(source, line, None, f"a {conv.format} row: a vision-language run reads chat rows", unit)
+        raise BadRecord(
+            source, line, None, f"a {conv.format} row: a vision-language run reads chat rows", unit
+        )
     try:
         ex = tokenize_vision(processor, conv.messages, conv.images, loss_on, template, conv.tools)
     except TemplateError as e:
@@ -146,32 +197,53 @@ def _conversation_example(processor: Any, conv: Record, source: str, line: int, 
     if ex.num_targets == 0:
         raise BadRecord(source, line, None, "no target tokens: every label is masked", unit)
     if max_length is not None and len(ex.input_ids) > max_length:  # cutting it could cut an image's tokens
-        raise BadRecord(source, line, None, f"{len(ex.input_ids)} tokens with its images expanded, above "
-                        f"max_seq_length {max_length} (image rows are not truncated)", unit)
+        raise BadRecord(
+            source,
+            line,
+            None,
+            f"{len(ex.input_ids)} tokens with its images expanded, above "
+            f"max_seq_length {max_length} (image rows are not truncated)",
+            unit,
+        )
     return ex
 
 
-def vision_examples(rows: Any, processor: Any, source: str, *, unit: str = "row", base_dir: Any = None,
-                    fmt: str = "auto", loss_on: str = "assistant", template: str | None = None,
-                    max_length: int | None = None) -> tuple[list[VisionExample], list[BadRecord]]:
+def vision_examples(
+    rows: Any,
+    processor: Any,
+    source: str,
+    *,
+    unit: str = "row",
+    base_dir: Any = None,
+    fmt: str = "auto",
+    loss_on: str = "assistant",
+    template: str | None = None,
+    max_length: int | None = None,
+) -> tuple[list[VisionExample], list[BadRecord]]:
     """The examples of in-memory rows (dicts, a Dataset, or (line, row) pairs with `unit="line"`), and
     the bad rows in order: each names its place, field and reason; the good rows are all kept."""
     examples, bad = [], []
     pairs = rows if unit == "line" else enumerate(rows)
     for line, row in pairs:
         try:
-            examples.append(_vision_example(processor, row, source, line, unit, base_dir, fmt, loss_on, template,
-                                            max_length))
+            examples.append(
+                _vision_example(
+                    processor, row, source, line, unit, base_dir, fmt, loss_on, template, max_length
+                )
+            )
         except BadRecord as e:
             bad.append(e)
     return examples, bad
 
 
-def vision_examples_from_jsonl(path: Any, processor: Any, **kwargs: Any) -> tuple[list[VisionExample],
-                                                                                   list[BadRecord]]:
+def vision_examples_from_jsonl(
+    path: Any, processor: Any, **kwargs: Any
+) -> tuple[list[VisionExample], list[BadRecord]]:
     """`vision_examples` of a JSONL file; image paths are relative to its directory."""
     path = Path(path)
-    return vision_examples(iter_jsonl(path), processor, str(path), unit="line", base_dir=path.parent, **kwargs)
+    return vision_examples(
+        iter_jsonl(path), processor, str(path), unit="line", base_dir=path.parent, **kwargs
+    )
 
 
 def stored_ref(ref: Any, image_dir: str | None) -> str:
@@ -209,11 +281,20 @@ def encode_vision_rows(rows: Sequence[tuple[int, int, str, Any]], ctx: Any) -> t
             columns = ctx.columns or NO_COLUMNS
             if ctx.formatting_func is not None:
                 row, columns = formatted_row(ctx.formatting_func, row, name, line, unit), None
-            conv = image_record(row, ctx.format, name, line, unit=unit, vocab_size=len(ctx.processor.tokenizer),
-                                columns=columns, base_dir=_base_dir(name))
+            conv = image_record(
+                row,
+                ctx.format,
+                name,
+                line,
+                unit=unit,
+                vocab_size=len(ctx.processor.tokenizer),
+                columns=columns,
+                base_dir=_base_dir(name),
+            )
             records.append(conv)
-            ex = _conversation_example(ctx.processor, conv, name, line, unit, ctx.loss_on, ctx.template,
-                                       ctx.max_length)
+            ex = _conversation_example(
+                ctx.processor, conv, name, line, unit, ctx.loss_on, ctx.template, ctx.max_length
+            )
             ex.images = tuple(stored_ref(r, ctx.image_dir) for r in ex.images)
             done.append((k, f, line, ex))
         except BadRecord as e:
@@ -229,6 +310,8 @@ def processor_fingerprint(processor: Any) -> str:
     return h.hexdigest()
 
 
-PACKING_REFUSAL = ("data.packing is not supported for vision-language models: a packed row would hold the "
-                   "images of several examples, and the image features and position ids (M-RoPE) of each "
-                   "example are laid out per row; set data.packing: none")
+PACKING_REFUSAL = (
+    "data.packing is not supported for vision-language models: a packed row would hold the "
+    "images of several examples, and the image features and position ids (M-RoPE) of each "
+    "example are laid out per row; set data.packing: none"
+)

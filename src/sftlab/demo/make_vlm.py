@@ -33,8 +33,14 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 215, 30),
-           "purple": (140, 40, 170), "orange": (245, 140, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 215, 30),
+    "purple": (140, 40, 170),
+    "orange": (245, 140, 20),
+}
 QUESTION = "What colour is the shape?"
 TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
@@ -77,8 +83,15 @@ def write_task(out: Path) -> None:
             colour = list(COLOURS)[k % len(COLOURS)] if split == "eval" else rng.choice(list(COLOURS))
             name = f"img/{split}-{k:04d}.png"
             picture(rng, colour).save(out / name)
-            rows.append({"messages": [{"role": "user", "content": f"<image>{QUESTION}"},
-                                      {"role": "assistant", "content": colour}], "images": [name]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"<image>{QUESTION}"},
+                        {"role": "assistant", "content": colour},
+                    ],
+                    "images": [name],
+                }
+            )
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -88,12 +101,21 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>",
-                                   extra_special_tokens={"image_token": "<image>"})
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
     fast.chat_template = TEMPLATE
     return fast
 
@@ -101,15 +123,41 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 def write_model(out: Path) -> None:
     tok = build_tokenizer()
     images = CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
-    processor = LlavaProcessor(images, tok, patch_size=PATCH, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=TEMPLATE)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = CLIPVisionConfig(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=SIZE, patch_size=PATCH)
-    cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-1, vision_feature_select_strategy="default")
+    processor = LlavaProcessor(
+        images,
+        tok,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=TEMPLATE,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=SIZE,
+        patch_size=PATCH,
+    )
+    cfg = LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(SEED)
     model = LlavaForConditionalGeneration(cfg).float()
     model.generation_config.eos_token_id = tok.eos_token_id

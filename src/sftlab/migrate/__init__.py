@@ -18,18 +18,31 @@ from sftlab.migrate.datasets import axolotl_datasets, lf_datasets, trl_datasets
 TOOLS = ("trl", "axolotl", "llamafactory")
 # keys that need no counterpart, with the reason
 NOT_NEEDED = {
-    "do_train": "sftlab always trains", "do_eval": "validation runs when there is eval data",
-    "stage": "sftlab does SFT", "logging_strategy": "train.log_every is in steps", "log_level": "sftlab logs its own lines",
-    "remove_unused_columns": "unread fields are reported, never trained", "gradient_checkpointing_kwargs": "non-reentrant always",
-    "ddp_timeout": "no collective timeout to set", "dataloader_num_workers": "batches come from memory-mapped arrays",
-    "per_device_eval_batch_size": "eval uses train.micro_batch_size", "eval_batch_size": "eval uses train.micro_batch_size",
-    "tf32": "TF32 matmuls are torch's setting", "plot_loss": "loss.png is always written",
-    "overwrite_cache": "the data cache is keyed by content, tokenizer and template", "strict": "unknown keys are errors",
-    "dataset_kwargs": "chat rows use the template's own special tokens", "pad_to_sequence_len": "rows are padded per batch",
-    "model_type": "loaded with AutoModelForCausalLM", "tokenizer_type": "loaded with AutoTokenizer",
-    "padding_free": "packed rows never carry padding", "fused_optimizer": "AdamW is fused where torch can",
-    "lora_fan_in_fan_out": "peft reads it from the model", "quantization_method": "quantization is bitsandbytes",
-    "lora_task_type": "always CAUSAL_LM", "xformers_attention": "model.attn_implementation chooses the kernel",
+    "do_train": "sftlab always trains",
+    "do_eval": "validation runs when there is eval data",
+    "stage": "sftlab does SFT",
+    "logging_strategy": "train.log_every is in steps",
+    "log_level": "sftlab logs its own lines",
+    "remove_unused_columns": "unread fields are reported, never trained",
+    "gradient_checkpointing_kwargs": "non-reentrant always",
+    "ddp_timeout": "no collective timeout to set",
+    "dataloader_num_workers": "batches come from memory-mapped arrays",
+    "per_device_eval_batch_size": "eval uses train.micro_batch_size",
+    "eval_batch_size": "eval uses train.micro_batch_size",
+    "tf32": "TF32 matmuls are torch's setting",
+    "plot_loss": "loss.png is always written",
+    "overwrite_cache": "the data cache is keyed by content, tokenizer and template",
+    "strict": "unknown keys are errors",
+    "dataset_kwargs": "chat rows use the template's own special tokens",
+    "pad_to_sequence_len": "rows are padded per batch",
+    "model_type": "loaded with AutoModelForCausalLM",
+    "tokenizer_type": "loaded with AutoTokenizer",
+    "padding_free": "packed rows never carry padding",
+    "fused_optimizer": "AdamW is fused where torch can",
+    "lora_fan_in_fan_out": "peft reads it from the model",
+    "quantization_method": "quantization is bitsandbytes",
+    "lora_task_type": "always CAUSAL_LM",
+    "xformers_attention": "model.attn_implementation chooses the kernel",
 }
 
 NOT_SUPPORTED = {  # keys with no counterpart, with what to do instead
@@ -42,66 +55,141 @@ NOT_SUPPORTED = {  # keys with no counterpart, with what to do instead
     "fsdp": "launch with accelerate: --config_file configs/accelerate/fsdp.yaml",
     "fsdp_config": "launch with accelerate: --config_file configs/accelerate/fsdp.yaml",
     "early_stopping_patience": "a callback in the Python API (docs/python.md)",
-    "rope_scaling": "set it in the model's config.json", "save_only_model": "checkpoints always hold the optimizer",
+    "rope_scaling": "set it in the model's config.json",
+    "save_only_model": "checkpoints always hold the optimizer",
     "hub_strategy": "the final model is pushed once, at the end (train.push_to_hub)",
     "loss_watchdog_threshold": "train.on_nan stops on non-finite losses only",
     "loss_watchdog_patience": "train.on_nan stops on non-finite losses only",
     "group_by_length": "train.micro_batch_tokens batches length-grouped by a token budget",
-    "run_name": "the run is named by train.output_dir", "dataset_prepared_path": "data.cache_dir holds the tokenized data",
+    "run_name": "the run is named by train.output_dir",
+    "dataset_prepared_path": "data.cache_dir holds the tokenized data",
 }
 
 HF = {  # TRL (SFTConfig, TrainingArguments, ModelConfig) and LLaMA-Factory share transformers' names
-    "lr_scheduler_type": v.scheduler, "optim": v.optimizer, "adam_beta1": v.betas, "adam_beta2": v.betas,
-    "bf16": v.precision, "fp16": v.precision, "torch_dtype": v.dtype, "dtype": v.dtype, "attn_implementation": v.attention,
-    "use_flash_attention_2": v.attention, "warmup_steps": v.positive("optim.warmup_steps"),
-    "max_steps": v.positive("train.max_steps"), "logging_steps": v.positive("train.log_every"),
-    "eval_strategy": v.eval_strategy, "evaluation_strategy": v.eval_strategy, "save_strategy": v.save_strategy,
-    "save_steps": v.save_steps, "report_to": v.report_to, "resume_from_checkpoint": v.resume, "use_peft": v.peft_on,
-    "use_dora": v.peft_on, "load_in_4bit": v.quantize, "load_in_8bit": v.quantize, "completion_only_loss": v.loss,
-    "assistant_only_loss": v.loss, "packing": v.packing, "chat_template": v.chat_template,
-    "chat_template_path": v.chat_template, "lora_r": v.peft_value, "lora_alpha": v.peft_value,
-    "lora_dropout": v.peft_value, "lora_target_modules": v.peft_value, "lora_modules_to_save": v.peft_value,
+    "lr_scheduler_type": v.scheduler,
+    "optim": v.optimizer,
+    "adam_beta1": v.betas,
+    "adam_beta2": v.betas,
+    "bf16": v.precision,
+    "fp16": v.precision,
+    "torch_dtype": v.dtype,
+    "dtype": v.dtype,
+    "attn_implementation": v.attention,
+    "use_flash_attention_2": v.attention,
+    "warmup_steps": v.positive("optim.warmup_steps"),
+    "max_steps": v.positive("train.max_steps"),
+    "logging_steps": v.positive("train.log_every"),
+    "eval_strategy": v.eval_strategy,
+    "evaluation_strategy": v.eval_strategy,
+    "save_strategy": v.save_strategy,
+    "save_steps": v.save_steps,
+    "report_to": v.report_to,
+    "resume_from_checkpoint": v.resume,
+    "use_peft": v.peft_on,
+    "use_dora": v.peft_on,
+    "load_in_4bit": v.quantize,
+    "load_in_8bit": v.quantize,
+    "completion_only_loss": v.loss,
+    "assistant_only_loss": v.loss,
+    "packing": v.packing,
+    "chat_template": v.chat_template,
+    "chat_template_path": v.chat_template,
+    "lora_r": v.peft_value,
+    "lora_alpha": v.peft_value,
+    "lora_dropout": v.peft_value,
+    "lora_target_modules": v.peft_value,
+    "lora_modules_to_save": v.peft_value,
     "use_rslora": v.peft_value,
 }
 LLAMAFACTORY = {
-    **HF, "finetuning_type": v.peft_on, "lora_rank": v.peft_value, "lora_target": v.peft_value,
-    "additional_target": v.peft_value, "quantization_bit": v.quantize, "template": v.chat_template,
-    "flash_attn": v.attention, "attn": v.attention, "train_on_prompt": v.loss, "mask_history": v.loss,
+    **HF,
+    "finetuning_type": v.peft_on,
+    "lora_rank": v.peft_value,
+    "lora_target": v.peft_value,
+    "additional_target": v.peft_value,
+    "quantization_bit": v.quantize,
+    "template": v.chat_template,
+    "flash_attn": v.attention,
+    "attn": v.attention,
+    "train_on_prompt": v.loss,
+    "mask_history": v.loss,
     "neat_packing": v.packing,
 }
 AXOLOTL = {
-    "adapter": v.peft_on, "peft_use_dora": v.peft_on, "load_in_4bit": v.quantize, "load_in_8bit": v.quantize,
-    "lora_target_linear": v.peft_value, "optimizer": v.optimizer, "lr_scheduler": v.scheduler, "adam_beta1": v.betas,
-    "adam_beta2": v.betas, "bf16": v.precision, "fp16": v.precision, "flash_attention": v.attention,
-    "sdp_attention": v.attention, "attention": v.attention, "attn_implementation": v.attention,
-    "warmup_steps": v.positive("optim.warmup_steps"), "max_steps": v.positive("train.max_steps"),
-    "logging_steps": v.positive("train.log_every"), "eval_steps": v.positive("train.eval_every"),
-    "save_steps": v.positive("checkpoint.every_steps"), "saves_per_epoch": v.saves_per_epoch,
-    "resume_from_checkpoint": v.resume, "auto_resume_from_checkpoints": v.resume, "train_on_inputs": v.loss,
-    "sample_packing": v.packing, "chat_template": v.chat_template, "chat_template_jinja": v.chat_template,
-    "wandb_project": v.wandb, "excess_length_strategy": v.overlength,
+    "adapter": v.peft_on,
+    "peft_use_dora": v.peft_on,
+    "load_in_4bit": v.quantize,
+    "load_in_8bit": v.quantize,
+    "lora_target_linear": v.peft_value,
+    "optimizer": v.optimizer,
+    "lr_scheduler": v.scheduler,
+    "adam_beta1": v.betas,
+    "adam_beta2": v.betas,
+    "bf16": v.precision,
+    "fp16": v.precision,
+    "flash_attention": v.attention,
+    "sdp_attention": v.attention,
+    "attention": v.attention,
+    "attn_implementation": v.attention,
+    "warmup_steps": v.positive("optim.warmup_steps"),
+    "max_steps": v.positive("train.max_steps"),
+    "logging_steps": v.positive("train.log_every"),
+    "eval_steps": v.positive("train.eval_every"),
+    "save_steps": v.positive("checkpoint.every_steps"),
+    "saves_per_epoch": v.saves_per_epoch,
+    "resume_from_checkpoint": v.resume,
+    "auto_resume_from_checkpoints": v.resume,
+    "train_on_inputs": v.loss,
+    "sample_packing": v.packing,
+    "chat_template": v.chat_template,
+    "chat_template_jinja": v.chat_template,
+    "wandb_project": v.wandb,
+    "excess_length_strategy": v.overlength,
     **{k: v.peft_value for k in v.PEFT_SAME},
 }
 HANDLERS = {"trl": HF, "llamafactory": LLAMAFACTORY, "axolotl": AXOLOTL}
 DATASETS = {"trl": trl_datasets, "axolotl": axolotl_datasets, "llamafactory": lf_datasets}
 # read by the dataset and value converters, so no comment of their own
 CONSUMED = {
-    "trl": {"dataset_name", "dataset_config", "dataset_configs", "dataset_train_split", "dataset_test_split",
-            "dataset_mixer", "dataset_splits", "dataset_mixture", "dataset_text_field", "packing_strategy",
-            "lr_scheduler_kwargs", "eval_steps"},
+    "trl": {
+        "dataset_name",
+        "dataset_config",
+        "dataset_configs",
+        "dataset_train_split",
+        "dataset_test_split",
+        "dataset_mixer",
+        "dataset_splits",
+        "dataset_mixture",
+        "dataset_text_field",
+        "packing_strategy",
+        "lr_scheduler_kwargs",
+        "eval_steps",
+    },
     "axolotl": {"datasets", "test_datasets"},
     "llamafactory": {"dataset", "eval_dataset", "dataset_dir", "eval_steps", "lr_scheduler_kwargs"},
 }
 # the tool's own defaults where they differ from sftlab's and change results, written out when the file omits them
 DEFAULTS = {
-    "trl": {"train.num_epochs": 3.0, "optim.warmup_ratio": 0.0, "data.max_seq_length": 1024, "data.on_overlength": "truncate"},
-    "llamafactory": {"train.num_epochs": 3.0, "optim.lr": 5e-5, "optim.warmup_ratio": 0.0, "data.max_seq_length": 2048,
-                     "data.on_overlength": "truncate"},
+    "trl": {
+        "train.num_epochs": 3.0,
+        "optim.warmup_ratio": 0.0,
+        "data.max_seq_length": 1024,
+        "data.on_overlength": "truncate",
+    },
+    "llamafactory": {
+        "train.num_epochs": 3.0,
+        "optim.lr": 5e-5,
+        "optim.warmup_ratio": 0.0,
+        "data.max_seq_length": 2048,
+        "data.on_overlength": "truncate",
+    },
     "axolotl": {"optim.warmup_ratio": 0.0, "train.micro_batch_size": 1},
 }
-TRL_LOSS_NOTE = ("# note: TRL trains conversational rows on every token unless assistant_only_loss: true (prompt-completion "
-                 "rows on the completion); sftlab's default data.loss_on: assistant trains assistant turns only "
-                 "(data.loss_on: all reproduces TRL on messages rows)")
+TRL_LOSS_NOTE = (
+    "# note: TRL trains conversational rows on every token unless assistant_only_loss: true (prompt-completion "
+    "rows on the completion); sftlab's default data.loss_on: assistant trains assistant turns only "
+    "(data.loss_on: all reproduces TRL on messages rows)"
+)
 
 
 def read_foreign(path: str | Path) -> dict[str, Any]:
@@ -149,9 +237,13 @@ def _finish(c: v.Conversion) -> None:
     if not c.sources:
         c.sources.append({"path": "data/train.jsonl"})
         c.notes.append("# note: the file names no training data: data.train.0.path is a placeholder")
-    c.tree.setdefault("data", {})["train"] = [{k: x for k, x in s.items() if x not in (None, {}, [])} for s in c.sources]
+    c.tree.setdefault("data", {})["train"] = [
+        {k: x for k, x in s.items() if x not in (None, {}, [])} for s in c.sources
+    ]
     if c.eval_sources:
-        c.tree["data"]["eval"] = [{k: x for k, x in s.items() if x not in (None, {}, [])} for s in c.eval_sources]
+        c.tree["data"]["eval"] = [
+            {k: x for k, x in s.items() if x not in (None, {}, [])} for s in c.eval_sources
+        ]
 
 
 def convert_config(path: str | Path, tool: str) -> str:

@@ -9,10 +9,17 @@ from typing import Any
 
 from sftlab.migrate.values import Conversion
 
-HUB_NOTE = ("# note: data sources that are not local files are hub dataset ids, loaded with "
-            "datasets.load_dataset(path, subset, split); replace them with local files to train offline")
-AXOLOTL_TYPES = {"alpaca": "alpaca", "sharegpt": "sharegpt", "chat_template": "messages", "completion": "text",
-                 "input_output": None}
+HUB_NOTE = (
+    "# note: data sources that are not local files are hub dataset ids, loaded with "
+    "datasets.load_dataset(path, subset, split); replace them with local files to train offline"
+)
+AXOLOTL_TYPES = {
+    "alpaca": "alpaca",
+    "sharegpt": "sharegpt",
+    "chat_template": "messages",
+    "completion": "text",
+    "input_output": None,
+}
 
 
 def trl_datasets(c: Conversion, raw: dict) -> None:
@@ -20,7 +27,11 @@ def trl_datasets(c: Conversion, raw: dict) -> None:
     dataset_mixture: hub ids become source paths."""
     if raw.get("dataset_name"):
         subset = raw.get("dataset_config") or (raw.get("dataset_configs") or [None])[0]
-        src = {"path": raw["dataset_name"], "split": raw.get("dataset_train_split", "train"), "subset": subset}
+        src = {
+            "path": raw["dataset_name"],
+            "split": raw.get("dataset_train_split", "train"),
+            "subset": subset,
+        }
         c.sources.append(src)
         if raw.get("dataset_test_split") and raw.get("eval_strategy", "no") != "no":
             c.eval_sources.append({**src, "split": raw["dataset_test_split"]})
@@ -32,8 +43,14 @@ def trl_datasets(c: Conversion, raw: dict) -> None:
     mixture = raw.get("dataset_mixture") or {}
     for d in mixture.get("datasets") or []:
         weight = float(d.get("weight", 1.0))
-        c.sources.append({"path": d["id"], "subset": d.get("config"), "split": d.get("split", "train"),
-                          "weight": None if weight == 1.0 else weight})
+        c.sources.append(
+            {
+                "path": d["id"],
+                "subset": d.get("config"),
+                "split": d.get("split", "train"),
+                "weight": None if weight == 1.0 else weight,
+            }
+        )
     if mixture.get("test_split_size"):
         c.set("data.eval_fraction", float(mixture["test_split_size"]))
     field = raw.get("dataset_text_field")
@@ -56,13 +73,21 @@ def _axolotl_source(c: Conversion, d: dict, i: int) -> dict | None:
         src["subset"] = d["name"]
     if d.get("split"):
         src["split"] = d["split"]
-    columns = {"messages": d.get("field_messages"), "role": d.get("message_field_role"),
-               "content": d.get("message_field_content"), **(d.get("message_property_mappings") or {})}
+    columns = {
+        "messages": d.get("field_messages"),
+        "role": d.get("message_field_role"),
+        "content": d.get("message_field_content"),
+        **(d.get("message_property_mappings") or {}),
+    }
     if fmt == "text" and d.get("field"):
         columns["text"] = d["field"]
     src["columns"] = {k: v for k, v in columns.items() if v and v != k}
-    roles = {alias: role for role, aliases in (d.get("roles") or {}).items() for alias in aliases or []
-             if alias != role and role in ("system", "user", "assistant", "tool")}
+    roles = {
+        alias: role
+        for role, aliases in (d.get("roles") or {}).items()
+        for alias in aliases or []
+        if alias != role and role in ("system", "user", "assistant", "tool")
+    }
     if roles:
         src["roles"] = roles
     if fmt == "messages" and d.get("roles_to_train") not in (None, ["assistant"]):
@@ -80,8 +105,13 @@ def axolotl_datasets(c: Conversion, raw: dict) -> None:
 
 LF_ALPACA = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
 LF_SHAREGPT = {"messages": "conversations", "system": "system", "tools": "tools"}
-LF_TAGS = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "system", "observation_tag": "tool",
-           "function_tag": "assistant"}
+LF_TAGS = {
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+    "observation_tag": "tool",
+    "function_tag": "assistant",
+}
 
 
 def _lf_info(c: Conversion, raw: dict) -> tuple[dict, str]:
@@ -90,8 +120,10 @@ def _lf_info(c: Conversion, raw: dict) -> tuple[dict, str]:
         info = base / folder / "dataset_info.json"
         if info.is_file():
             return json.loads(info.read_text(encoding="utf-8")), folder
-    c.notes.append(f"# note: {folder}/dataset_info.json not found (next to the config or here): datasets are kept "
-                   "as named; give each source its path, format and columns")
+    c.notes.append(
+        f"# note: {folder}/dataset_info.json not found (next to the config or here): datasets are kept "
+        "as named; give each source its path, format and columns"
+    )
     return {}, folder
 
 
@@ -101,10 +133,18 @@ def _lf_source(c: Conversion, name: str, entry: dict, folder: str) -> dict:
         return {"path": name}
     path = entry.get("file_name") and f"{folder}/{entry['file_name']}" or entry.get("hf_hub_url")
     if path is None:
-        c.skip(f"dataset {name}", entry.get("ms_hub_url") or entry.get("script_url"), "only files and HF hub datasets")
+        c.skip(
+            f"dataset {name}",
+            entry.get("ms_hub_url") or entry.get("script_url"),
+            "only files and HF hub datasets",
+        )
         path = name
     fmt = entry.get("formatting", "alpaca")
-    src: dict[str, Any] = {"path": path, "name": name, "format": fmt if fmt in ("alpaca", "sharegpt") else "auto"}
+    src: dict[str, Any] = {
+        "path": path,
+        "name": name,
+        "format": fmt if fmt in ("alpaca", "sharegpt") else "auto",
+    }
     for key in ("split", "subset"):
         if entry.get(key):
             src[key] = entry[key]

@@ -9,8 +9,16 @@ from typing import Any, Callable
 
 from sftlab.config.overrides import set_dotted
 
-PEFT_SAME = {"lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "use_rslora",
-             "peft_use_rslora": "use_rslora", "lora_target_modules": "target_modules", "lora_modules_to_save": "modules_to_save"}
+PEFT_SAME = {
+    "lora_r": "r",
+    "lora_rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "use_rslora": "use_rslora",
+    "peft_use_rslora": "use_rslora",
+    "lora_target_modules": "target_modules",
+    "lora_modules_to_save": "modules_to_save",
+}
 
 
 class Conversion:
@@ -50,14 +58,36 @@ def number(value: Any) -> Any:
     return value
 
 
-SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant",
-              "cosine_with_min_lr": "cosine", "warmup_stable_decay": None}
-OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw": "adamw",
-              "adamw_8bit": "adamw_8bit", "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
-              "adafactor": "adafactor", "sgd": "sgd"}
+SCHEDULERS = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant": "constant",
+    "constant_with_warmup": "constant",
+    "cosine_with_min_lr": "cosine",
+    "warmup_stable_decay": None,
+}
+OPTIMIZERS = {
+    "adamw_torch": "adamw",
+    "adamw_torch_fused": "adamw",
+    "adamw_hf": "adamw",
+    "adamw": "adamw",
+    "adamw_8bit": "adamw_8bit",
+    "adamw_bnb_8bit": "adamw_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "adafactor": "adafactor",
+    "sgd": "sgd",
+}
 TRACKERS = ("tensorboard", "wandb", "trackio")
-ATTENTION = {"flash_attention_2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager", "fa2": "flash_attention_2",
-             "flash": "flash_attention_2", "sdp": "sdpa", "auto": None, "disabled": "eager"}
+ATTENTION = {
+    "flash_attention_2": "flash_attention_2",
+    "sdpa": "sdpa",
+    "eager": "eager",
+    "fa2": "flash_attention_2",
+    "flash": "flash_attention_2",
+    "sdp": "sdpa",
+    "auto": None,
+    "disabled": "eager",
+}
 
 
 def scheduler(c: Conversion, key: str, value: Any, raw: dict) -> None:
@@ -116,6 +146,7 @@ def positive(target: str) -> Callable:
             if isinstance(value, float) and not value.is_integer():
                 return c.skip(key, value, f"a fraction of the run; {target} is a step count")
             c.set(target, int(value))
+
     return apply
 
 
@@ -160,8 +191,14 @@ def peft_value(c: Conversion, key: str, value: Any, raw: dict) -> None:
             c.peft["target_modules"] = "all-linear"
         return None
     if key == "lora_target_modules" and raw.get("lora_target_linear") is True:
-        return c.skip(key, value, "lora_target_linear: true takes every linear layer (all-linear)", kind="not needed")
-    c.peft[{"lora_target": "target_modules", "additional_target": "modules_to_save"}.get(key, PEFT_SAME.get(key, key))] = value
+        return c.skip(
+            key, value, "lora_target_linear: true takes every linear layer (all-linear)", kind="not needed"
+        )
+    c.peft[
+        {"lora_target": "target_modules", "additional_target": "modules_to_save"}.get(
+            key, PEFT_SAME.get(key, key)
+        )
+    ] = value
 
 
 def peft_on(c: Conversion, key: str, value: Any, raw: dict) -> None:
@@ -209,14 +246,28 @@ def packing(c: Conversion, key: str, value: Any, raw: dict) -> None:
 
 def chat_template(c: Conversion, key: str, value: Any, raw: dict) -> None:
     value = str(value)
-    if value.endswith(".jinja") or value in ("chatml", "llama3", "tulu", "zephyr", "alpaca", "chatml_tools", "llama3_tools"):
+    if value.endswith(".jinja") or value in (
+        "chatml",
+        "llama3",
+        "tulu",
+        "zephyr",
+        "alpaca",
+        "chatml_tools",
+        "llama3_tools",
+    ):
         c.set("data.chat_template", value)
     elif "{%" in value or "{{" in value:
         c.skip(key, "<inline Jinja>", "save it as a .jinja file and set data.chat_template: FILE")
-    elif value in ("default", "tokenizer_default", "empty") or value.startswith(("qwen", "llama3_", "mistral", "gemma")):
+    elif value in ("default", "tokenizer_default", "empty") or value.startswith(
+        ("qwen", "llama3_", "mistral", "gemma")
+    ):
         c.skip(key, value, "data.chat_template: null uses the tokenizer's own template", kind="not needed")
     else:
-        c.skip(key, value, "built-ins: chatml, llama3, tulu, zephyr, alpaca, chatml_tools, llama3_tools, or a .jinja file")
+        c.skip(
+            key,
+            value,
+            "built-ins: chatml, llama3, tulu, zephyr, alpaca, chatml_tools, llama3_tools, or a .jinja file",
+        )
 
 
 def saves_per_epoch(c: Conversion, key: str, value: Any, raw: dict) -> None:
@@ -236,4 +287,3 @@ def overlength(c: Conversion, key: str, value: Any, raw: dict) -> None:
         c.set("data.on_overlength", value)
     else:
         c.skip(key, value, "data.on_overlength: drop, truncate, error")
-

@@ -51,8 +51,11 @@ def is_adapter_dir(path: str | Path) -> bool:
 def linear_module_names(model: nn.Module) -> list[str]:
     """Leaf names of the linear layers LoRA can target (the output head excluded, as peft's all-linear does)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and m is not head}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m is not head
+    }
     return sorted(names)
 
 
@@ -67,31 +70,49 @@ def _check_targets(model: nn.Module, targets: list[str] | str) -> None:
     if targets == "all-linear":
         return
     if isinstance(targets, str):  # a regular expression, matched by peft against the full module names
-        matched = [n for n, m in model.named_modules() if re.fullmatch(targets, n) and isinstance(m, nn.Linear)]
+        matched = [
+            n for n, m in model.named_modules() if re.fullmatch(targets, n) and isinstance(m, nn.Linear)
+        ]
         if not matched:
-            raise AdapterError(f"peft.target_modules: the pattern {targets!r} matches no linear layer of this model "
-                               "(peft matches it against full names such as "
-                               f"{next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), '?')!r}); "
-                               f"its linear layers are: {', '.join(linear_module_names(model))}")
+            raise AdapterError(
+                f"peft.target_modules: the pattern {targets!r} matches no linear layer of this model "
+                "(peft matches it against full names such as "
+                f"{next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), '?')!r}); "
+                f"its linear layers are: {', '.join(linear_module_names(model))}"
+            )
         return
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} | {
+        n for n, _ in model.named_modules()
+    }
     missing = [t for t in targets if t not in names]
     if missing:
-        raise AdapterError(f"peft.target_modules: no module named {', '.join(map(repr, missing))} in this model; "
-                           f"its linear layers are: {', '.join(linear_module_names(model))} (or use all-linear)")
+        raise AdapterError(
+            f"peft.target_modules: no module named {', '.join(map(repr, missing))} in this model; "
+            f"its linear layers are: {', '.join(linear_module_names(model))} (or use all-linear)"
+        )
 
 
-def modules_to_save(model: nn.Module, settings: PeftSettings, vocab_grew: bool) -> tuple[list[str] | None, str]:
+def modules_to_save(
+    model: nn.Module, settings: PeftSettings, vocab_grew: bool
+) -> tuple[list[str] | None, str]:
     """The configured modules_to_save, plus the embeddings and head when the vocabulary grew."""
     names = list(settings.modules_to_save or [])
     note = ""
     if vocab_grew:
-        added = [n for n in (_module_name(model, model.get_input_embeddings()),
-                             _module_name(model, model.get_output_embeddings())) if n and n not in names]
+        added = [
+            n
+            for n in (
+                _module_name(model, model.get_input_embeddings()),
+                _module_name(model, model.get_output_embeddings()),
+            )
+            if n and n not in names
+        ]
         names += added
         if added:
-            note = (f"; {', '.join(added)} added to modules_to_save (data.add_chatml_tokens grew the vocabulary: "
-                    "the new rows must train)")
+            note = (
+                f"; {', '.join(added)} added to modules_to_save (data.add_chatml_tokens grew the vocabulary: "
+                "the new rows must train)"
+            )
     return names or None, note
 
 
@@ -100,25 +121,40 @@ def wrap(model: PreTrainedModel, settings: PeftSettings, vocab_grew: bool = Fals
     try:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     except ImportError as e:
-        raise AdapterError(f"the peft section needs the peft package: pip install 'sftlab[lora]' ({e})") from None
+        raise AdapterError(
+            f"the peft section needs the peft package: pip install 'sftlab[lora]' ({e})"
+        ) from None
 
     targets = settings.target_modules
-    if targets == "all-linear" and is_vision_model(model):  # the language model; the vision tower stays as it is
+    if targets == "all-linear" and is_vision_model(
+        model
+    ):  # the language model; the vision tower stays as it is
         targets = language_targets(model)
     _check_targets(model, targets)
     save, note = modules_to_save(model, settings, vocab_grew)
     if settings.quantize is not None:
         # casts norms/embeddings to fp32; activation checkpointing is the run's own choice
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(task_type="CAUSAL_LM", r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=targets, modules_to_save=save,
-                        use_dora=settings.method == "dora", use_rslora=settings.use_rslora, bias=settings.bias)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        modules_to_save=save,
+        use_dora=settings.method == "dora",
+        use_rslora=settings.use_rslora,
+        bias=settings.bias,
+    )
     wrapped = get_peft_model(model, config)
     trainable, total = wrapped.get_nb_trainable_parameters()
-    line = (f"{settings.method} r={settings.r} alpha={settings.alpha:g}{' (rsLoRA)' if settings.use_rslora else ''} "
-            f"on {settings.target_modules}{' (the language model)' if targets != settings.target_modules else ''}" + (f", biases {settings.bias}" if settings.bias != "none" else "")
-            + (f", base quantized {settings.quantize}" if settings.quantize else "")
-            + f": {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%}){note}")
+    line = (
+        f"{settings.method} r={settings.r} alpha={settings.alpha:g}{' (rsLoRA)' if settings.use_rslora else ''} "
+        f"on {settings.target_modules}{' (the language model)' if targets != settings.target_modules else ''}"
+        + (f", biases {settings.bias}" if settings.bias != "none" else "")
+        + (f", base quantized {settings.quantize}" if settings.quantize else "")
+        + f": {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%}){note}"
+    )
     return wrapped, line
 
 
@@ -128,13 +164,20 @@ def quantization_config(settings: PeftSettings, skip: list[str] | None = None) -
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
-        raise AdapterError(f"peft.quantize={settings.quantize} needs bitsandbytes: pip install 'sftlab[qlora]' "
-                           f"(or set peft.quantize: null for LoRA on unquantized weights) ({e})") from None
+        raise AdapterError(
+            f"peft.quantize={settings.quantize} needs bitsandbytes: pip install 'sftlab[qlora]' "
+            f"(or set peft.quantize: null for LoRA on unquantized weights) ({e})"
+        ) from None
     from transformers import BitsAndBytesConfig
 
     if settings.quantize == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=skip,
+        )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
@@ -156,18 +199,24 @@ def base_config(adapter_dir: str | Path) -> ModelConfig:
     return ModelConfig(name_or_path=recorded)
 
 
-def continue_adapter(base: PreTrainedModel, adapter_dir: str | Path, trainable: bool = True) -> tuple[nn.Module, str]:
+def continue_adapter(
+    base: PreTrainedModel, adapter_dir: str | Path, trainable: bool = True
+) -> tuple[nn.Module, str]:
     """The saved adapter on `base`, its parameters trainable again (peft's `is_trainable`): the same
     trainable names as the run that saved it. Returns the PeftModel and a line saying what trains."""
     try:
         from peft import PeftModel
     except ImportError as e:
-        raise AdapterError(f"continuing the adapter in {adapter_dir} needs the peft package: "
-                           f"pip install 'sftlab[lora]' ({e})") from None
+        raise AdapterError(
+            f"continuing the adapter in {adapter_dir} needs the peft package: "
+            f"pip install 'sftlab[lora]' ({e})"
+        ) from None
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
     trained, total = model.get_nb_trainable_parameters()
-    return model, (f"continuing the adapter in {adapter_dir} (base {base_config(adapter_dir).name_or_path}): "
-                   f"{trained:,} trainable parameters of {total:,} ({trained / total:.2%})")
+    return model, (
+        f"continuing the adapter in {adapter_dir} (base {base_config(adapter_dir).name_or_path}): "
+        f"{trained:,} trainable parameters of {total:,} ({trained / total:.2%})"
+    )
 
 
 def settings_of(conf: Any) -> PeftSettings:
@@ -177,15 +226,25 @@ def settings_of(conf: Any) -> PeftSettings:
     targets = get("target_modules")
     if isinstance(targets, (set, list, tuple)):
         targets = sorted(targets)
-    return PeftSettings(method="dora" if get("use_dora", False) else "lora", r=get("r"),
-                        alpha=float(get("lora_alpha")), dropout=get("lora_dropout", 0.0),
-                        target_modules="all-linear" if targets in ("all-linear", None)
-                        else targets if isinstance(targets, str) else list(targets),
-                        modules_to_save=sorted(get("modules_to_save")) if get("modules_to_save") else None,
-                        use_rslora=bool(get("use_rslora", False)), bias=get("bias", "none") or "none")
+    return PeftSettings(
+        method="dora" if get("use_dora", False) else "lora",
+        r=get("r"),
+        alpha=float(get("lora_alpha")),
+        dropout=get("lora_dropout", 0.0),
+        target_modules="all-linear"
+        if targets in ("all-linear", None)
+        else targets
+        if isinstance(targets, str)
+        else list(targets),
+        modules_to_save=sorted(get("modules_to_save")) if get("modules_to_save") else None,
+        use_rslora=bool(get("use_rslora", False)),
+        bias=get("bias", "none") or "none",
+    )
 
 
-def continued_settings(model_cfg: ModelConfig, peft: PeftSettings | None, model: Any = None) -> PeftSettings | None:
+def continued_settings(
+    model_cfg: ModelConfig, peft: PeftSettings | None, model: Any = None
+) -> PeftSettings | None:
     """The peft section of a run: a PeftModel object's own adapter (the object is what trains, whatever
     the config says); else the configured one; else, when `model.name_or_path` is an adapter directory,
     that adapter's."""

@@ -62,38 +62,62 @@ _CUTS: dict[str, Any] = {"tensor": None, "version": None, "shape": None, "cuts":
 
 def _cached_cuts(position_ids: torch.Tensor, rows: int, length: int) -> list[list[int]]:
     version = torch_compat.version_counter(position_ids)
-    if not (_CUTS["tensor"] is position_ids and _CUTS["version"] == version and _CUTS["shape"] == (rows, length)):
-        _CUTS.update(tensor=position_ids, version=version, shape=(rows, length),
-                     cuts=document_cuts(position_ids, rows, length))
+    if not (
+        _CUTS["tensor"] is position_ids and _CUTS["version"] == version and _CUTS["shape"] == (rows, length)
+    ):
+        _CUTS.update(
+            tensor=position_ids,
+            version=version,
+            shape=(rows, length),
+            cuts=document_cuts(position_ids, rows, length),
+        )
     return _CUTS["cuts"]
 
 
-def document_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                       **kwargs: Any) -> tuple[torch.Tensor, None]:
+def document_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface: query/key/value (batch, heads, T, head_dim) -> output
     (batch, T, heads, head_dim). Causal per document where there is no mask; plain SDPA otherwise."""
     position_ids = kwargs.pop("position_ids", None)
     if attention_mask is not None or query.shape[2] != key.shape[2] or query.shape[2] == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if position_ids is None:
-        raise RuntimeError(f"{type(module).__name__} does not hand position_ids to its attention function, so "
-                           "packed documents cannot be told apart: set train.packed_attention: mask")
+        raise RuntimeError(
+            f"{type(module).__name__} does not hand position_ids to its attention function, so "
+            "packed documents cannot be told apart: set train.packed_attention: mask"
+        )
     rows, length = query.shape[0], query.shape[2]
     cuts = _cached_cuts(position_ids, rows, length)
     if all(len(c) == 2 for c in cuts):  # one document per row: a single causal call
-        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
-                                      is_causal=True, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs
+        )
     # split(), not slicing: its backward is one concatenation, where each slice's backward would fill a
     # zero tensor of the whole row (measured: 9% of a packed step)
     out = []
     for b, (q, k, v) in enumerate(zip(query.split(1), key.split(1), value.split(1))):
         sizes = [e - s for s, e in zip(cuts[b][:-1], cuts[b][1:])]
-        out.append(torch.cat([
-            sdpa_attention_forward(module, qd, kd, vd, None, dropout=dropout, scaling=scaling, is_causal=True,
-                                   **kwargs)[0]
-            for qd, kd, vd in zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2))], dim=1))
+        out.append(
+            torch.cat(
+                [
+                    sdpa_attention_forward(
+                        module, qd, kd, vd, None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs
+                    )[0]
+                    for qd, kd, vd in zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2))
+                ],
+                dim=1,
+            )
+        )
     return (out[0] if len(out) == 1 else torch.cat(out, dim=0)), None
 
 
@@ -129,8 +153,13 @@ def _measure(device: str, heads: int, kv_heads: int, head_dim: int, dtype: torch
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def per_document():
-        return torch.cat([torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True) for qd, kd, vd
-                          in zip(q.split(docs, dim=2), k.split(docs, dim=2), v.split(docs, dim=2))], 2)
+        return torch.cat(
+            [
+                torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+                for qd, kd, vd in zip(q.split(docs, dim=2), k.split(docs, dim=2), v.split(docs, dim=2))
+            ],
+            2,
+        )
 
     times = {}
     for name, fn in (("mask", dense), ("documents", per_document)):
@@ -144,25 +173,33 @@ def _measure(device: str, heads: int, kv_heads: int, head_dim: int, dtype: torch
     return times
 
 
-def choose(setting: str, model: Any, device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+def choose(
+    setting: str, model: Any, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> tuple[str, str]:
     """(`documents` or `mask`, why) for `train.packed_attention` on this model and device."""
     implementation = transformers_compat.attn_implementation(model.config)
     if implementation not in ("sdpa", NAME):
         return "mask", f"model.attn_implementation is {implementation}"
     if has_sliding_window(model):
         if setting == "documents":
-            raise ValueError("train.packed_attention: documents ignores sliding-window attention, which this model "
-                             "uses; use mask or auto")
+            raise ValueError(
+                "train.packed_attention: documents ignores sliding-window attention, which this model "
+                "uses; use mask or auto"
+            )
         return "mask", "the model has sliding-window layers"
     if setting != "auto":
         return setting, "as configured"
     config = _text_config(model)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    times = _measure(str(torch.device(device)), heads, getattr(config, "num_key_value_heads", heads), head_dim, dtype)
+    times = _measure(
+        str(torch.device(device)), heads, getattr(config, "num_key_value_heads", heads), head_dim, dtype
+    )
     best = min(times, key=times.get)
-    return best, (f"auto: per-document SDPA {times['documents'] * 1e3:.1f} ms vs dense mask "
-                  f"{times['mask'] * 1e3:.1f} ms per 1024-token row of 4 documents on this device")
+    return best, (
+        f"auto: per-document SDPA {times['documents'] * 1e3:.1f} ms vs dense mask "
+        f"{times['mask'] * 1e3:.1f} ms per 1024-token row of 4 documents on this device"
+    )
 
 
 def use(model: Any, mode: str) -> None:

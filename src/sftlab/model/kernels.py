@@ -27,18 +27,23 @@ class KernelError(SftlabError, RuntimeError):
 
 def apply_liger(model: torch.nn.Module, device_type: str, softcap: float | None = None) -> Callable:
     if device_type != "cuda":
-        raise KernelError(f"train.liger: Liger kernels are Triton GPU kernels and need a CUDA device; this run is "
-                          f"on {device_type}. Set train.liger=false")
+        raise KernelError(
+            f"train.liger: Liger kernels are Triton GPU kernels and need a CUDA device; this run is "
+            f"on {device_type}. Set train.liger=false"
+        )
     if importlib.util.find_spec("liger_kernel") is None:
-        raise KernelError("train.liger: the liger-kernel package is not installed: pip install 'sftlab[liger]' "
-                          "(or pip install liger-kernel)")
+        raise KernelError(
+            "train.liger: the liger-kernel package is not installed: pip install 'sftlab[liger]' "
+            "(or pip install liger-kernel)"
+        )
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     liger_compat.apply_kernels_to_instance(model)
     flce = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=softcap)
 
-    def fused_ce(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
+    def fused_ce(
+        weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         dtype = hidden.dtype
         return flce(weight.to(dtype), hidden, targets, None if bias is None else bias.to(dtype)).float()
 

@@ -125,11 +125,17 @@ def resolve_model_path(cfg: ModelConfig) -> str:
                 return str(convert_gguf(ggufs[0]))
             raise ModelLoadError(
                 f"model directory {path} has no config.json"
-                + (f" and several GGUF files; set model.gguf_file to one of {[g.name for g in ggufs]}" if ggufs else "")
+                + (
+                    f" and several GGUF files; set model.gguf_file to one of {[g.name for g in ggufs]}"
+                    if ggufs
+                    else ""
+                )
             )
         return str(path)
     if path.is_file():
-        raise ModelLoadError(f"model path {name} is a file: a model is a directory (config.json) or a .gguf file")
+        raise ModelLoadError(
+            f"model path {name} is a file: a model is a directory (config.json) or a .gguf file"
+        )
     check_model_spec(name)
     return name  # a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'
 
@@ -138,7 +144,9 @@ def position_limit(cfg: ModelConfig, path: str) -> tuple[int | None, str | None]
     """(max_position_embeddings, the rope scaling type when one is configured) of the model at `path`;
     None for what its config does not say (or when it cannot be read: loading reports that)."""
     try:
-        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except Exception:  # noqa: BLE001 - the model load that follows names the problem
         return None, None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -153,11 +161,15 @@ def stored_dtype(cfg: ModelConfig, path: str) -> str:
     """`model.dtype: auto` resolved: the dtype name the checkpoint at `path` was saved in (its config's
     dtype), float32 when it names none or one sftlab does not train in."""
     try:
-        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except Exception:  # noqa: BLE001 - the model load that follows names the problem
         return "float32"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    dtype = getattr(text, "dtype", None) or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = (
+        getattr(text, "dtype", None) or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    )
     name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
     return name if name in DTYPES else "float32"
 
@@ -197,9 +209,12 @@ def with_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 def load_model(cfg: ModelConfig, path: str | None = None, quantization: Any = None) -> PreTrainedModel:
     """The causal LM in `cfg.dtype` (`quantization`: a transformers quantization config, e.g. QLoRA's)."""
     if cfg.attn_implementation == "flash_attention_2" and (
-            importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available()):
-        raise ModelLoadError("model.attn_implementation=flash_attention_2 needs a CUDA device and the flash-attn "
-                             "package (pip install flash-attn); use sdpa (the default) otherwise")
+        importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available()
+    ):
+        raise ModelLoadError(
+            "model.attn_implementation=flash_attention_2 needs a CUDA device and the flash-attn "
+            "package (pip install flash-attn); use sdpa (the default) otherwise"
+        )
     if path:
         check_model_spec(path)
     path = path or resolve_model_path(cfg)
@@ -223,10 +238,16 @@ def _model_class(cfg: ModelConfig, path: str) -> type:
     """AutoModelForImageTextToText for a vision-language model (its config has a vision_config), else
     AutoModelForCausalLM."""
     try:
-        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except Exception:  # noqa: BLE001 - from_pretrained names the problem
         return AutoModelForCausalLM
-    return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    return (
+        AutoModelForImageTextToText
+        if getattr(config, "vision_config", None) is not None
+        else AutoModelForCausalLM
+    )
 
 
 def _hub_hint(path: str, err: Exception) -> str:
@@ -236,4 +257,3 @@ def _hub_hint(path: str, err: Exception) -> str:
         f"cannot load '{path}' from the Hugging Face Hub ({type(err).__name__}: {str(err).splitlines()[0]}). "
         "If this machine is offline, download the model elsewhere and point model.name_or_path at the local directory."
     )
-

@@ -82,7 +82,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
             gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
             gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
             for s in range(0, h.size(0), chunk):
-                hc, yc = h[s:s + chunk].to(compute_dtype), targets[s:s + chunk]
+                hc, yc = h[s : s + chunk].to(compute_dtype), targets[s : s + chunk]
                 z = F.linear(hc, w, b).float()
                 if scale != 1.0:
                     z = z * scale
@@ -103,7 +103,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     gb += g.sum(0)
                 g = g.to(compute_dtype)
                 if gh is not None:
-                    gh[s:s + chunk] = g @ w
+                    gh[s : s + chunk] = g @ w
                 if gw is not None:
                     gw += g.t() @ hc
         ctx.save_for_backward(gh, gw, gb)
@@ -114,10 +114,17 @@ class _ChunkedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         gh, gw, gb = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
-        return (None if gh is None else gh * grad_out.to(gh.dtype),
-                None if gw is None else (gw * grad_out).to(w_dtype),
-                None if gb is None else (gb * grad_out).to(b_dtype),
-                None, None, None, None, None, None)
+        return (
+            None if gh is None else gh * grad_out.to(gh.dtype),
+            None if gw is None else (gw * grad_out).to(w_dtype),
+            None if gb is None else (gb * grad_out).to(b_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +143,9 @@ class TargetLossHead:
     (`full_nll`, with `reason` saying why).
     """
 
-    def __init__(self, unwrapped: nn.Module, chunk_tokens: int = 4096, mode: str = "target", reason: str = ""):
+    def __init__(
+        self, unwrapped: nn.Module, chunk_tokens: int = 4096, mode: str = "target", reason: str = ""
+    ):
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         self.chunk_tokens = chunk_tokens
@@ -156,7 +165,9 @@ class TargetLossHead:
             if _number(getattr(unwrapped, "logit_scale", None)):  # Cohere: logits * self.logit_scale
                 self.scale *= float(unwrapped.logit_scale)
                 self._neutral.append((unwrapped, "logit_scale", 1.0))
-            if _number(getattr(cfg, "logits_scaling", None)) and cfg.logits_scaling != 1:  # Granite: logits / it; MiniCPM3: hidden / it (no bias: same)
+            if (
+                _number(getattr(cfg, "logits_scaling", None)) and cfg.logits_scaling != 1
+            ):  # Granite: logits / it; MiniCPM3: hidden / it (no bias: same)
                 self.scale /= float(cfg.logits_scaling)
                 self._neutral.append((cfg, "logits_scaling", 1.0))
 
@@ -170,8 +181,12 @@ class TargetLossHead:
             head = cls(model, chunk_tokens)
             reason = head._self_check(model)
             if not reason:
-                log.info("loss head: target-only (chunks of %d rows, scale %g, softcap %s)",
-                         chunk_tokens, head.scale, head.softcap)
+                log.info(
+                    "loss head: target-only (chunks of %d rows, scale %g, softcap %s)",
+                    chunk_tokens,
+                    head.scale,
+                    head.softcap,
+                )
                 return head
         log.warning("loss head: full logits (%s)", reason)
         return cls(model, chunk_tokens, mode="full", reason=reason)
@@ -180,7 +195,9 @@ class TargetLossHead:
     def _hidden_states_as_logits(self):
         """Within: `model(...).logits` is the final hidden state (output projection = identity)."""
         saved = [(obj, name, getattr(obj, name)) for obj, name, _ in self._neutral]
-        with torch_compat.replaced_forward(self._out, _identity):  # an accelerate hook's forward is put back after
+        with torch_compat.replaced_forward(
+            self._out, _identity
+        ):  # an accelerate hook's forward is put back after
             try:
                 for obj, name, value in self._neutral:
                     setattr(obj, name, value)
@@ -236,5 +253,14 @@ class TargetLossHead:
         out = self._out
         if self.fused_ce is not None and self.scale == 1.0:
             return self.fused_ce(out.weight, h, y, out.bias)
-        return _ChunkedLinearCE.apply(h, out.weight, out.bias, y, self._compute_dtype(hidden),
-                                      self.scale, self.softcap, self.chunk_tokens, torch.is_grad_enabled())
+        return _ChunkedLinearCE.apply(
+            h,
+            out.weight,
+            out.bias,
+            y,
+            self._compute_dtype(hidden),
+            self.scale,
+            self.softcap,
+            self.chunk_tokens,
+            torch.is_grad_enabled(),
+        )

@@ -26,8 +26,12 @@ from sftlab.compat import transformers as transformers_compat
 
 log = logging.getLogger(__name__)
 
-_CLASS_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
-                "tokenizer_config.json")
+_CLASS_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "tokenizer_config.json",
+)
 REQUIRED = ("tokenizer", "image_processor")
 
 
@@ -80,9 +84,11 @@ def _saved_settings(part: str, path: str, processor_dict: dict, hub: dict) -> An
     from transformers.image_processing_base import ImageProcessingMixin
     from transformers.video_processing_utils import BaseVideoProcessor
 
-    readers = {"video_processor": BaseVideoProcessor.get_video_processor_dict,
-               "image_processor": ImageProcessingMixin.get_image_processor_dict,
-               "feature_extractor": FeatureExtractionMixin.get_feature_extractor_dict}
+    readers = {
+        "video_processor": BaseVideoProcessor.get_video_processor_dict,
+        "image_processor": ImageProcessingMixin.get_image_processor_dict,
+        "feature_extractor": FeatureExtractionMixin.get_feature_extractor_dict,
+    }
     reader = next((r for k, r in readers.items() if k in part), None)
     try:
         return reader(path, **hub)[0] if reader else None
@@ -110,12 +116,25 @@ def without_optional_parts(path: str, error: ImportError, **kwargs: Any) -> Any:
             loaded.append(None)
     if not left_out:
         raise error
-    partial = type(cls.__name__, (cls, _Partial), {
-        "__module__": cls.__module__, "__doc__": cls.__doc__, "_all_parts": tuple(parts),
-        "_left_out": {k: v[0] for k, v in left_out.items()},
-        "get_attributes": classmethod(lambda c: [p for p in parts if p not in left_out])})
+    partial = type(
+        cls.__name__,
+        (cls, _Partial),
+        {
+            "__module__": cls.__module__,
+            "__doc__": cls.__doc__,
+            "_all_parts": tuple(parts),
+            "_left_out": {k: v[0] for k, v in left_out.items()},
+            "get_attributes": classmethod(lambda c: [p for p in parts if p not in left_out]),
+        },
+    )
     processor = partial.from_args_and_dict(loaded, processor_dict, **init_kwargs)
     why = "; ".join(f"{k}: " + str(v[1]).strip().split(". ")[0].rstrip(".") for k, v in left_out.items())
-    log.warning("%s: loaded %s without its %s (%s); %s not supported in this environment", path, cls.__name__,
-                ", ".join(left_out), why, "videos are" if any("video" in k for k in left_out) else "they are")
+    log.warning(
+        "%s: loaded %s without its %s (%s); %s not supported in this environment",
+        path,
+        cls.__name__,
+        ", ".join(left_out),
+        why,
+        "videos are" if any("video" in k for k in left_out) else "they are",
+    )
     return processor

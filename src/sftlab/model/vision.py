@@ -27,7 +27,14 @@ from sftlab.model.loading import ModelLoadError
 from sftlab.model.processors import without_optional_parts
 
 PARTS = ("vision", "projector", "language")
-_PROJECTOR = {"multi_modal_projector", "connector", "merger", "mm_projector", "projector", "multimodal_projector"}
+_PROJECTOR = {
+    "multi_modal_projector",
+    "connector",
+    "merger",
+    "mm_projector",
+    "projector",
+    "multimodal_projector",
+}
 _VISION = {"vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder", "vision"}
 
 
@@ -43,7 +50,9 @@ def _vision_config(cfg: ModelConfig, path: str) -> Any:
     """The config at `path` when it is a vision-language model's; None otherwise (or unreadable: loading the
     model names that problem)."""
     try:
-        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except Exception:  # noqa: BLE001 - loading the model names the problem
         return None
     return config if is_vision_config(config) else None
@@ -61,11 +70,15 @@ def load_processor(cfg: ModelConfig, path: str) -> Any:
         except ImportError as e:  # a sub-processor needs a missing backend (a video processor: torchvision)
             processor = without_optional_parts(path, e, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the model named
-        raise ModelLoadError(f"{path} is a vision-language model ({config.model_type}) but its processor cannot be "
-                             f"loaded: {type(e).__name__}: {e}") from e
+        raise ModelLoadError(
+            f"{path} is a vision-language model ({config.model_type}) but its processor cannot be "
+            f"loaded: {type(e).__name__}: {e}"
+        ) from e
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
-        raise ModelLoadError(f"{path} is a vision-language model ({config.model_type}) but its processor has no "
-                             "image processor and tokenizer (processor_config.json / preprocessor_config.json)")
+        raise ModelLoadError(
+            f"{path} is a vision-language model ({config.model_type}) but its processor has no "
+            "image processor and tokenizer (processor_config.json / preprocessor_config.json)"
+        )
     return processor
 
 
@@ -92,8 +105,13 @@ def language_targets(model: Any) -> str:
     against full module names) for the language model's linear layers, the output head excluded; the
     vision tower and projector keep their weights."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                     if isinstance(m, nn.Linear) and m is not head and part_of(n) == "language"})
+    leaves = sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m is not head and part_of(n) == "language"
+        }
+    )
     if not leaves:
         raise ValueError("peft: the model has no linear layers in its language model to put adapters on")
     other = "|".join(sorted(_VISION | _PROJECTOR))
@@ -113,10 +131,14 @@ def freeze(model: Any, parts: list[str] | tuple[str, ...]) -> str:
             param.requires_grad_(False)
     missing = [p for p in parts if counts[p] == 0]
     if missing:
-        raise ValueError(f"model.freeze: the model ({type(model).__name__}) has no {' or '.join(missing)} parameters "
-                         "to freeze (parts are told apart by module names)")
+        raise ValueError(
+            f"model.freeze: the model ({type(model).__name__}) has no {' or '.join(missing)} parameters "
+            "to freeze (parts are told apart by module names)"
+        )
     trained = [p for p in PARTS if p not in parts and counts[p]]
     if not trained:
         raise ValueError("model.freeze: every part is frozen, nothing would train")
-    return (f"model: frozen {', '.join(parts) or 'nothing'}; trained {', '.join(trained)} "
-            f"({sum(counts[p] for p in trained):,} of {sum(counts.values()):,} parameters)")
+    return (
+        f"model: frozen {', '.join(parts) or 'nothing'}; trained {', '.join(trained)} "
+        f"({sum(counts[p] for p in trained):,} of {sum(counts.values()):,} parameters)"
+    )

@@ -32,7 +32,9 @@ def with_images(messages: list[dict[str, Any]], images: list[Any]) -> list[dict[
     for m in messages:
         content = m.get("content")
         if isinstance(content, list):
-            content = [{"type": "image", "image": next(refs)} if p.get("type") == "image" else p for p in content]
+            content = [
+                {"type": "image", "image": next(refs)} if p.get("type") == "image" else p for p in content
+            ]
         out.append({**m, "content": content})
     rest = list(refs)
     if rest:
@@ -45,10 +47,20 @@ def with_images(messages: list[dict[str, Any]], images: list[Any]) -> list[dict[
 
 def image_prompt(messages: list[dict[str, Any]], images: list[Any]) -> list[dict[str, Any]]:
     """A text conversation with `images` shown first in its first user message (content as parts)."""
-    out = [{**m, "content": m["content"] if isinstance(m.get("content"), list)
-            else [{"type": "text", "text": m.get("content") or ""}]} for m in messages]
+    out = [
+        {
+            **m,
+            "content": m["content"]
+            if isinstance(m.get("content"), list)
+            else [{"type": "text", "text": m.get("content") or ""}],
+        }
+        for m in messages
+    ]
     first = next(i for i, m in enumerate(out) if m["role"] == "user")
-    out[first] = {**out[first], "content": [{"type": "image", "image": r} for r in images] + out[first]["content"]}
+    out[first] = {
+        **out[first],
+        "content": [{"type": "image", "image": r} for r in images] + out[first]["content"],
+    }
     return out
 
 
@@ -66,14 +78,24 @@ def _split(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[A
 
 
 @torch.no_grad()
-def generate_vision_replies(model: Any, processor: Any, conversations: list[list[dict[str, Any]]],
-                            max_new_tokens: int = 128, batch_size: int = 16, template: str | None = None,
-                            temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+def generate_vision_replies(
+    model: Any,
+    processor: Any,
+    conversations: list[list[dict[str, Any]]],
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    template: str | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> list[str]:
     """The assistant's next reply for each conversation (image parts carrying their references)."""
     tok = processor.tokenizer
     template = template or getattr(processor, "chat_template", None) or tok.chat_template
-    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0
-                else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        if temperature > 0
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
     was_training, side = model.training, tok.padding_side
     model.eval()
     tok.padding_side = "left"
@@ -81,17 +103,31 @@ def generate_vision_replies(model: Any, processor: Any, conversations: list[list
     try:
         for i in range(0, len(conversations), batch_size):
             prompts, images = [], []
-            for conv in conversations[i:i + batch_size]:
+            for conv in conversations[i : i + batch_size]:
                 messages, refs = _split(conv)
-                prompts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                             chat_template=template))
+                prompts.append(
+                    processor.apply_chat_template(
+                        messages, tokenize=False, add_generation_prompt=True, chat_template=template
+                    )
+                )
                 images.append([load_image(r) for r in refs])
-            enc = processor(text=prompts, images=images if any(images) else None, padding=True,
-                            return_tensors="pt", add_special_tokens=False)
+            enc = processor(
+                text=prompts,
+                images=images if any(images) else None,
+                padding=True,
+                return_tensors="pt",
+                add_special_tokens=False,
+            )
             enc = {k: v.to(model.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, **sampling,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            replies.extend(tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                use_cache=True,
+                **sampling,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+            replies.extend(tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     finally:
         tok.padding_side = side
         model.train(was_training)

@@ -8,8 +8,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 
-def resize_for_new_tokens(model: Any, tokenizer: PreTrainedTokenizerBase, vocab_before: int,
-                          multiple_of: int | None = None) -> None:
+def resize_for_new_tokens(
+    model: Any, tokenizer: PreTrainedTokenizerBase, vocab_before: int, multiple_of: int | None = None
+) -> None:
     """Size the model to a tokenizer that grew from `vocab_before` tokens, and use its eos.
 
     Embedding rows are added when the model has fewer than `len(tokenizer)` (rounded up to a multiple

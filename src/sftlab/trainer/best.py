@@ -27,8 +27,10 @@ def check_metric(run: Any) -> None:
         raise RunError("train.load_best_model_at_end needs eval data (data.eval or data.eval_fraction)")
     known = ["eval_loss", *(f"eval/{name}_loss" for name in run.data.eval_sets)]
     if cfg.metric_for_best not in known:
-        raise RunError(f"train.metric_for_best: {cfg.metric_for_best!r} is not logged by this run; "
-                       f"it logs {', '.join(known)}")
+        raise RunError(
+            f"train.metric_for_best: {cfg.metric_for_best!r} is not logged by this run; "
+            f"it logs {', '.join(known)}"
+        )
 
 
 def best_step(history: list[dict[str, Any]], metric: str) -> tuple[int, float] | None:
@@ -63,8 +65,13 @@ def restore_best(run: Any) -> None:
     ckpt = checkpoint_root(run.out) / f"step-{best[0]:08d}"
     # the weights (and fp32 masters): nothing after this step reads the optimizer, scheduler or RNG (sharded
     # engines' weights are engine shards: read as a resume does)
-    run.engine.load_weights(ckpt, run.scheduler, run.optimizer, trainable_only=trainable_only_checkpoints(run))
+    run.engine.load_weights(
+        ckpt, run.scheduler, run.optimizer, trainable_only=trainable_only_checkpoints(run)
+    )
     run.result.best_step = best[0]
     if run.main:
-        run.console.print(f"[bold]best model[/bold]: step {best[0]} ({cfg.metric_for_best} {best[1]:.4f}), restored "
-                          f"from {ckpt} (train.load_best_model_at_end)", highlight=False)
+        run.console.print(
+            f"[bold]best model[/bold]: step {best[0]} ({cfg.metric_for_best} {best[1]:.4f}), restored "
+            f"from {ckpt} (train.load_best_model_at_end)",
+            highlight=False,
+        )

@@ -71,9 +71,13 @@ class CallbackList:
                 wants_stop = fn(arg)
             except Exception as e:
                 at = f" at step {self.step}" if self.step is not None else ""
-                raise CallbackError(f"callback {callback_name(cb)}.{hook} raised{at}: {type(e).__name__}: {e}") from e
+                raise CallbackError(
+                    f"callback {callback_name(cb)}.{hook} raised{at}: {type(e).__name__}: {e}"
+                ) from e
             if wants_stop is True and self.stop_reason is None:
-                self.stop_reason = f"{callback_name(cb)}.{hook}" + (f" at step {self.step}" if self.step else "")
+                self.stop_reason = f"{callback_name(cb)}.{hook}" + (
+                    f" at step {self.step}" if self.step else ""
+                )
             asked = asked or wants_stop is True
         return asked
 
@@ -106,8 +110,9 @@ class ReportCallback:
         self.path: Path | None = None
 
     def on_train_end(self, result: Any) -> None:
-        self.path = write_report(self.out, "finished" if not getattr(result, "stopped", None)
-                                 else f"stopped: {result.stopped}")
+        self.path = write_report(
+            self.out, "finished" if not getattr(result, "stopped", None) else f"stopped: {result.stopped}"
+        )
 
     def interrupted(self, status: str) -> None:
         self.path = write_report(self.out, status)

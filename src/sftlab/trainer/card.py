@@ -43,7 +43,9 @@ def _hub_id(name: str | None) -> str | None:
 
 def _base_name(run_dir: Path, tree: dict) -> str:
     adapter = _json(run_dir / "adapter_config.json") or {}
-    return adapter.get("base_model_name_or_path") or (tree.get("model") or {}).get("name_or_path") or "unknown"
+    return (
+        adapter.get("base_model_name_or_path") or (tree.get("model") or {}).get("name_or_path") or "unknown"
+    )
 
 
 def base_license(base: str) -> str | None:
@@ -71,25 +73,44 @@ def card_metadata(run_dir: Path, tree: dict, adapter: bool):
     base = _base_name(run_dir, tree)
     sources = ((tree.get("data") or {}).get("train") or []) + ((tree.get("data") or {}).get("eval") or [])
     datasets = list(dict.fromkeys(h for s in sources if (h := _hub_id(s.get("path")))))
-    return ModelCardData(base_model=_hub_id(base), datasets=datasets or None, license=base_license(base),
-                         library_name="peft" if adapter else "transformers", pipeline_tag="text-generation",
-                         tags=["sftlab", "sft", "lora" if adapter else "full-fine-tune"])
+    return ModelCardData(
+        base_model=_hub_id(base),
+        datasets=datasets or None,
+        license=base_license(base),
+        library_name="peft" if adapter else "transformers",
+        pipeline_tag="text-generation",
+        tags=["sftlab", "sft", "lora" if adapter else "full-fine-tune"],
+    )
 
 
 def _usage(model_id: str, adapter: bool, subfolder: str | None) -> list[str]:
     sub = f', subfolder="{subfolder}"' if subfolder else ""
-    note = ["", "The adapter loads onto its base model through transformers' peft integration "
-            "(`pip install peft`)."] if adapter else []
-    return ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-            f'model_id = "{model_id}"',
-            f"tokenizer = AutoTokenizer.from_pretrained(model_id{sub})",
-            f"model = AutoModelForCausalLM.from_pretrained(model_id{sub})",
-            'messages = [{"role": "user", "content": "Hello!"}]',
-            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
-            "return_dict=True)",
-            "out = model.generate(**inputs, max_new_tokens=128)",
-            'print(tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```",
-            *note]
+    note = (
+        [
+            "",
+            "The adapter loads onto its base model through transformers' peft integration "
+            "(`pip install peft`).",
+        ]
+        if adapter
+        else []
+    )
+    return [
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model_id = "{model_id}"',
+        f"tokenizer = AutoTokenizer.from_pretrained(model_id{sub})",
+        f"model = AutoModelForCausalLM.from_pretrained(model_id{sub})",
+        'messages = [{"role": "user", "content": "Hello!"}]',
+        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
+        "return_dict=True)",
+        "out = model.generate(**inputs, max_new_tokens=128)",
+        'print(tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        *note,
+    ]
 
 
 def _hyperparameters(tree: dict, info: dict) -> list[tuple[str, str]]:
@@ -100,25 +121,44 @@ def _hyperparameters(tree: dict, info: dict) -> list[tuple[str, str]]:
     else:
         batch = f"{train.get('micro_batch_size')} rows per micro-batch"
     accum = train.get("grad_accum_steps", 1)
-    warmup = f"{optim['warmup_steps']} steps" if optim.get("warmup_steps") is not None \
+    warmup = (
+        f"{optim['warmup_steps']} steps"
+        if optim.get("warmup_steps") is not None
         else f"{optim.get('warmup_ratio')} of the steps"
-    rows = [("optimizer steps", str(info.get("total_steps", train.get("max_steps", "-")))),
-            ("learning rate", f"{optim.get('lr')} ({optim.get('scheduler')} schedule, warmup {warmup})"),
-            ("optimizer", f"{optim.get('name', 'adamw')}, weight decay {optim.get('weight_decay')}, "
-                          f"gradient clipping {optim.get('max_grad_norm')}"),
-            ("batch", f"{batch} x {accum} accumulation steps x {procs} processes"),
-            ("sequence length", f"{data.get('max_seq_length')} tokens, packing {data.get('packing')}, "
-                                f"loss on {data.get('loss_on')}"),
-            ("precision", f"mixed precision {info.get('mixed_precision', train.get('mixed_precision'))}, weights "
-                          f"{info.get('weights_dtype', (tree.get('model') or {}).get('dtype'))}"),
-            ("seed", str(train.get("seed")))]
+    )
+    rows = [
+        ("optimizer steps", str(info.get("total_steps", train.get("max_steps", "-")))),
+        ("learning rate", f"{optim.get('lr')} ({optim.get('scheduler')} schedule, warmup {warmup})"),
+        (
+            "optimizer",
+            f"{optim.get('name', 'adamw')}, weight decay {optim.get('weight_decay')}, "
+            f"gradient clipping {optim.get('max_grad_norm')}",
+        ),
+        ("batch", f"{batch} x {accum} accumulation steps x {procs} processes"),
+        (
+            "sequence length",
+            f"{data.get('max_seq_length')} tokens, packing {data.get('packing')}, "
+            f"loss on {data.get('loss_on')}",
+        ),
+        (
+            "precision",
+            f"mixed precision {info.get('mixed_precision', train.get('mixed_precision'))}, weights "
+            f"{info.get('weights_dtype', (tree.get('model') or {}).get('dtype'))}",
+        ),
+        ("seed", str(train.get("seed"))),
+    ]
     peft = tree.get("peft")
     if peft:
         targets = peft.get("target_modules")
-        rows.append(("adapter", f"{peft.get('method')} r={peft.get('r')} alpha={peft.get('alpha')} "
-                                f"dropout={peft.get('dropout')} targets={targets}"
-                                + (f", base quantized {peft['quantize']}" if peft.get("quantize") else "")
-                                + (", rsLoRA" if peft.get("use_rslora") else "")))
+        rows.append(
+            (
+                "adapter",
+                f"{peft.get('method')} r={peft.get('r')} alpha={peft.get('alpha')} "
+                f"dropout={peft.get('dropout')} targets={targets}"
+                + (f", base quantized {peft['quantize']}" if peft.get("quantize") else "")
+                + (", rsLoRA" if peft.get("use_rslora") else ""),
+            )
+        )
     return rows
 
 
@@ -128,7 +168,9 @@ def _results(run_dir: Path) -> list[str]:
     final = done.get("final_loss", records[-1].get("loss") if records else None)
     evals = {k: v for r in records for k, v in r.items() if k.startswith("eval") and k.endswith("loss")}
     rows = [("final training loss", f"{final:.4f}" if isinstance(final, float) else "-")]
-    rows += [(("final validation loss" if k == "eval_loss" else k), f"{v:.4f}") for k, v in sorted(evals.items())]
+    rows += [
+        (("final validation loss" if k == "eval_loss" else k), f"{v:.4f}") for k, v in sorted(evals.items())
+    ]
     match = _json(run_dir / "match_eval.json") or {}
     if match.get("after"):
         rows.append(("exact match after training", f"{match['after']['correct']}/{match['after']['total']}"))
@@ -142,8 +184,11 @@ def _data_lines(tree: dict, run_dir: Path) -> list[str]:
         for s in data.get(kind) or []:
             path = s.get("path", "")
             shown = path if _hub_id(path) else Path(path).name
-            out.append(f"- {kind}: `{s.get('name') or shown}`" + (f" ({shown})" if s.get("name") else "")
-                       + (f", weight {s['weight']}" if s.get("weight") is not None else ""))
+            out.append(
+                f"- {kind}: `{s.get('name') or shown}`"
+                + (f" ({shown})" if s.get("name") else "")
+                + (f", weight {s['weight']}" if s.get("weight") is not None else "")
+            )
     report = _json(run_dir / "data_report.json") or {}
     if report.get("summary"):
         out += ["", "```", report["summary"], "```"]
@@ -155,26 +200,56 @@ def card_text(run_dir: str | Path, repo_id: str | None = None, merged: bool = Fa
     from huggingface_hub import ModelCard
 
     run_dir = Path(run_dir)
-    tree = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    tree = (
+        yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    )
     tree = tree or {}
     info = _json(run_dir / "run.json") or {}
     adapter = (run_dir / "adapter_config.json").is_file() and not merged
     base = _base_name(run_dir, tree)
     repo_id = repo_id or (tree.get("train") or {}).get("hub_model_id")
     title = repo_id.split("/")[-1] if repo_id else run_dir.name
-    shown_base = f"[{_hub_id(base)}](https://huggingface.co/{_hub_id(base)})" if _hub_id(base) else f"`{base}`"
-    what = ("A LoRA adapter for" if adapter else "The LoRA adapter of this run merged into" if merged
-            else "A full fine-tune of")
-    body = [f"# {title}", "", f"{what} {shown_base}, trained with sftlab (supervised fine-tuning: the loss is on "
-            "the assistant replies of chat data, as set by `data.loss_on`).", "",
-            *_usage(repo_id or str(run_dir / "merged" if merged else run_dir), adapter,
-                    "merged" if merged and repo_id else None), "",
-            "## Training", "", "| | |", "|---|---|",
-            *[f"| {k} | {v} |" for k, v in [("base model", f"`{base}`"), *_hyperparameters(tree, info)]], "",
-            "The full resolved configuration is `config.yaml`" + (" (one folder up)" if merged else "")
-            + "; `report.md` and `loss.png` hold the training curves.", "",
-            "## Data", "", *_data_lines(tree, run_dir), "",
-            "## Results", "", *_results(run_dir), ""]
+    shown_base = (
+        f"[{_hub_id(base)}](https://huggingface.co/{_hub_id(base)})" if _hub_id(base) else f"`{base}`"
+    )
+    what = (
+        "A LoRA adapter for"
+        if adapter
+        else "The LoRA adapter of this run merged into"
+        if merged
+        else "A full fine-tune of"
+    )
+    body = [
+        f"# {title}",
+        "",
+        f"{what} {shown_base}, trained with sftlab (supervised fine-tuning: the loss is on "
+        "the assistant replies of chat data, as set by `data.loss_on`).",
+        "",
+        *_usage(
+            repo_id or str(run_dir / "merged" if merged else run_dir),
+            adapter,
+            "merged" if merged and repo_id else None,
+        ),
+        "",
+        "## Training",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in [("base model", f"`{base}`"), *_hyperparameters(tree, info)]],
+        "",
+        "The full resolved configuration is `config.yaml`"
+        + (" (one folder up)" if merged else "")
+        + "; `report.md` and `loss.png` hold the training curves.",
+        "",
+        "## Data",
+        "",
+        *_data_lines(tree, run_dir),
+        "",
+        "## Results",
+        "",
+        *_results(run_dir),
+        "",
+    ]
     meta = card_metadata(run_dir, tree, adapter).to_yaml()
     return str(ModelCard(f"---\n{meta}\n---\n\n" + "\n".join(body)))
 

@@ -92,11 +92,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 # ---------------------------------------------------------------------------- RNG states
 
+
 def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     py = random.getstate()
     npy = np.random.get_state()
-    meta = {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])]}
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])],
+    }
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -136,6 +139,7 @@ def restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
 
 # ---------------------------------------------------------------------------- save
 
+
 def _keep_trainable(models, weights, output_dir) -> None:
     """Accelerate save hook: keep only the trainable tensors of each model's state dict (adapters)."""
     for model, state_dict in zip(models, weights):
@@ -154,8 +158,10 @@ def _check_trainable_file(accelerator, ckpt: Path) -> None:
             saved = set(f.keys())
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         if saved != trainable:
-            raise CheckpointError(f"{path} does not hold this run's trainable parameters ({len(saved)} saved, "
-                                  f"{len(trainable)} trainable, {len(saved ^ trainable)} differ)")
+            raise CheckpointError(
+                f"{path} does not hold this run's trainable parameters ({len(saved)} saved, "
+                f"{len(trainable)} trainable, {len(saved ^ trainable)} differ)"
+            )
 
 
 class _NoTiedWeightNote(logging.Filter):
@@ -176,9 +182,17 @@ def _quiet_tied_weights():
         logger.removeFilter(quiet)
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, Any], scheduler,
-                    keep_last: int | None, trainable_only: bool = False, extra: Any = None,
-                    protect: str | None = None) -> Path:
+def save_checkpoint(
+    accelerator,
+    output_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    scheduler,
+    keep_last: int | None,
+    trainable_only: bool = False,
+    extra: Any = None,
+    protect: str | None = None,
+) -> Path:
     """Write a complete checkpoint for `step` atomically, then rotate. Returns its directory.
 
     `trainable_only` (adapters): the model file holds only the trainable parameters; the frozen base
@@ -195,14 +209,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, A
             if tmp.exists():
                 shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        hook = accelerator.register_save_state_pre_hook(_keep_trainable) if trainable_only else None
-        try:
-            with _quiet_tied_weights():
-                accelerator.save_state(str(tmp), safe_serialization=True)  # model (safetensors), optimizer, RNG
-        finally:
-            if hook is not None:
-                hook.remove()
-        save_rank_rng(tmp, accelerator.process_index)
+        _save_rank_state(accelerator, tmp, trainable_only)
         accelerator.wait_for_everyone()  # every rank's files are in tmp before it is completed and renamed
         if main:
             testing.pause_in_save(step)
@@ -228,6 +235,19 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict[str, A
             + (f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists")
         ) from e
     return final
+
+
+def _save_rank_state(accelerator, tmp: Path, trainable_only: bool) -> None:
+    """Every rank's part of a checkpoint: Accelerate's state (model in safetensors, optimizer, RNG; only
+    the trainable tensors with `trainable_only`) and this rank's own RNG."""
+    hook = accelerator.register_save_state_pre_hook(_keep_trainable) if trainable_only else None
+    try:
+        with _quiet_tied_weights():
+            accelerator.save_state(str(tmp), safe_serialization=True)
+    finally:
+        if hook is not None:
+            hook.remove()
+    save_rank_rng(tmp, accelerator.process_index)
 
 
 def _jsonable(x: Any) -> Any:
@@ -256,11 +276,16 @@ def delete_checkpoints(output_dir: Path) -> int:
 
 # ---------------------------------------------------------------------------- find / load
 
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and (p / COMPLETE).is_file() and (p / STATE_FILE).is_file()]
+    found = [
+        p
+        for p in root.glob("step-*")
+        if p.is_dir() and (p / COMPLETE).is_file() and (p / STATE_FILE).is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -292,11 +317,14 @@ def load_checkpoint(accelerator, ckpt: Path, scheduler, trainable_only: bool = F
         _check_trainable_file(accelerator, ckpt)
     try:
         # Accelerate loads the optimizer with torch.load(weights_only=True): a pickle payload is refused.
-        accelerator.load_state(str(ckpt), load_kwargs={"weights_only": True},
-                               **({"strict": False} if trainable_only else {}))
+        accelerator.load_state(
+            str(ckpt), load_kwargs={"weights_only": True}, **({"strict": False} if trainable_only else {})
+        )
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing to load {ckpt}: a file holds a pickle that is not plain tensors/containers "
-                              f"({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"refusing to load {ckpt}: a file holds a pickle that is not plain tensors/containers "
+            f"({str(e).splitlines()[0]})"
+        ) from None
     sched = json.loads((ckpt / "scheduler.json").read_text())
     sched.pop("lr_lambdas", None)
     scheduler.load_state_dict({**scheduler.state_dict(), **sched})
@@ -312,17 +340,24 @@ def load_weights(accelerator, ckpt: Path, optimizer, trainable_only: bool = Fals
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
     if trainable_only:
         _check_trainable_file(accelerator, ckpt)
-    for i, model in enumerate(accelerate_compat.prepared_models(accelerator)):  # as Accelerate's load_state reads them
-        load_model(model, str(ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")),
-                   strict=not trainable_only)
+    for i, model in enumerate(
+        accelerate_compat.prepared_models(accelerator)
+    ):  # as Accelerate's load_state reads them
+        load_model(
+            model,
+            str(ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")),
+            strict=not trainable_only,
+        )
     master = master_weight_optimizer(optimizer)
     if master is None:
         return
     try:
         saved = torch.load(ckpt / "optimizer.bin", map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing to load {ckpt}: a file holds a pickle that is not plain tensors/containers "
-                              f"({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"refusing to load {ckpt}: a file holds a pickle that is not plain tensors/containers "
+            f"({str(e).splitlines()[0]})"
+        ) from None
     master.load_masters(saved.get(MASTER_KEY))
 
 
@@ -357,18 +392,26 @@ class TrainerState:
         """Any version this code wrote, newer fields filled in for older checkpoints."""
         version = raw.get("version", 1)
         if version > STATE_VERSION:
-            raise CheckpointError(f"{where}: trainer state version {version} was written by a newer sftlab "
-                                  f"(this one reads up to {STATE_VERSION})")
+            raise CheckpointError(
+                f"{where}: trainer state version {version} was written by a newer sftlab "
+                f"(this one reads up to {STATE_VERSION})"
+            )
         metrics = raw.get("metrics", [])
         world = raw.get("num_processes", 1)
         try:
-            return cls(step=raw["step"], consumed_micro_batches=raw["consumed_micro_batches"], data=raw["data"],
-                       num_processes=world, engine=raw.get("engine", "ddp" if world > 1 else "single"),
-                       data_fingerprint=raw["data_fingerprint"],
-                       metrics=[{k: v for k, v in r.items() if k != "logged"} for r in metrics],
-                       # version 1 checkpoints without `logged_steps` carried a per-record "logged" flag
-                       logged_steps=raw.get("logged_steps", [r["step"] for r in metrics if r.get("logged")]),
-                       config=raw.get("config", {}), match_before=raw.get("match_before"),
-                       compiled=raw.get("compiled"))
+            return cls(
+                step=raw["step"],
+                consumed_micro_batches=raw["consumed_micro_batches"],
+                data=raw["data"],
+                num_processes=world,
+                engine=raw.get("engine", "ddp" if world > 1 else "single"),
+                data_fingerprint=raw["data_fingerprint"],
+                metrics=[{k: v for k, v in r.items() if k != "logged"} for r in metrics],
+                # version 1 checkpoints without `logged_steps` carried a per-record "logged" flag
+                logged_steps=raw.get("logged_steps", [r["step"] for r in metrics if r.get("logged")]),
+                config=raw.get("config", {}),
+                match_before=raw.get("match_before"),
+                compiled=raw.get("compiled"),
+            )
         except KeyError as e:
             raise CheckpointError(f"{where}: {STATE_FILE} lacks {e}") from None

@@ -58,7 +58,9 @@ class RunShape:
     fixed_batches: bool  # micro_batch_size, not micro_batch_tokens
     vision: bool
     sharded: bool
-    resumed_compiled: bool | None  # what the checkpoint this run resumes from did (None: not resuming / unknown)
+    resumed_compiled: (
+        bool | None
+    )  # what the checkpoint this run resumes from did (None: not resuming / unknown)
     remaining_tokens: int  # padded tokens of the steps still to run, all ranks
     flops_per_token: float
     peak_flops: float | None
@@ -83,12 +85,24 @@ def machine_key(model: Any, device: torch.device, dtype: torch.dtype, backend: s
     else:
         name = cpuinfo_field("model name") or platform.processor() or platform.machine()
     config = model.config.to_dict() if hasattr(model, "config") else {}
-    shape = {k: config.get(k) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                        "num_attention_heads", "num_key_value_heads", "vocab_size")}
+    shape = {
+        k: config.get(k)
+        for k in (
+            "model_type",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        )
+    }
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    text = json.dumps([name, torch.__version__, backend, str(dtype), shape, round(trainable / max(total, 1), 3),
-                       recompute], sort_keys=True)
+    text = json.dumps(
+        [name, torch.__version__, backend, str(dtype), shape, round(trainable / max(total, 1), 3), recompute],
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -96,15 +110,20 @@ def decide(shape: RunShape, record: dict[str, float] | None = None) -> tuple[boo
     """(compile?, why) for this run (module docstring)."""
     if shape.setting is True or shape.setting is False:
         if shape.setting and shape.resumed_compiled is False:
-            return True, "as configured (the checkpoint was written without compiling: losses may differ in the last bits)"
+            return (
+                True,
+                "as configured (the checkpoint was written without compiling: losses may differ in the last bits)",
+            )
         return bool(shape.setting), "as configured"
     if shape.resumed_compiled is not None:
         return shape.resumed_compiled, "auto: as the run this one resumes did"
-    for cond, why in ((not shape.packed, "rows are not packed, so micro-batch shapes vary"),
-                      (shape.documents_attention, "train.packed_attention: documents cuts rows in Python"),
-                      (not shape.fixed_batches, "train.micro_batch_tokens gives micro-batches of varying rows"),
-                      (shape.vision, "image inputs vary in shape"),
-                      (shape.sharded, "FSDP/DeepSpeed runs are not compiled in sftlab")):
+    for cond, why in (
+        (not shape.packed, "rows are not packed, so micro-batch shapes vary"),
+        (shape.documents_attention, "train.packed_attention: documents cuts rows in Python"),
+        (not shape.fixed_batches, "train.micro_batch_tokens gives micro-batches of varying rows"),
+        (shape.vision, "image inputs vary in shape"),
+        (shape.sharded, "FSDP/DeepSpeed runs are not compiled in sftlab"),
+    ):
         if cond:
             return False, f"auto: {why}"
     record = record or {}
@@ -123,13 +142,17 @@ def decide(shape: RunShape, record: dict[str, float] | None = None) -> tuple[boo
     else:
         cost, cost_src = DEFAULT_COMPILE_S.get(shape.device_type, DEFAULT_COMPILE_S["cpu"]), "assumed"
     if gain <= 1:
-        return False, (f"auto: no gain {'measured' if gain_src == 'measured' else 'known'} for this device "
-                       f"({gain:.2f}x{'' if gain_src == 'measured' else '; run once with train.compile: true to measure it'})")
+        return False, (
+            f"auto: no gain {'measured' if gain_src == 'measured' else 'known'} for this device "
+            f"({gain:.2f}x{'' if gain_src == 'measured' else '; run once with train.compile: true to measure it'})"
+        )
     saved = shape.remaining_tokens * eager * (1 - 1 / gain)
     on = saved >= MARGIN * cost
-    return on, (f"auto: would save ~{saved:.0f} s ({shape.remaining_tokens} tokens x "
-                f"{eager * 1e3:.3f} ms/token eager ({eager_src}) x (1 - 1/{gain:.2f} gain, {gain_src})), "
-                f"compiling costs ~{cost:.0f} s ({cost_src}); on when the saving is >= {MARGIN}x the cost")
+    return on, (
+        f"auto: would save ~{saved:.0f} s ({shape.remaining_tokens} tokens x "
+        f"{eager * 1e3:.3f} ms/token eager ({eager_src}) x (1 - 1/{gain:.2f} gain, {gain_src})), "
+        f"compiling costs ~{cost:.0f} s ({cost_src}); on when the saving is >= {MARGIN}x the cost"
+    )
 
 
 def fixed_shape_collate(pad_id: int, width: int, rows: int):
@@ -137,7 +160,9 @@ def fixed_shape_collate(pad_id: int, width: int, rows: int):
     return functools.partial(packed_collate, pad_id=pad_id, width=width, min_rows=rows)
 
 
-def update_record(key: str, compiled: bool, step_times: list[float], tokens_per_step: int) -> dict[str, float] | None:
+def update_record(
+    key: str, compiled: bool, step_times: list[float], tokens_per_step: int
+) -> dict[str, float] | None:
     """Fold a finished run's steady step time (median of its steps after the first two) and, compiled, its
     compile time (first step - steady) into the record of `key`; returns the record (None: too few steps)."""
     if len(step_times) < MIN_STEPS_TO_RECORD or tokens_per_step <= 0:

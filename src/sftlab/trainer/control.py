@@ -31,8 +31,10 @@ class StopRequest:
         self.signum = signum
         if self.announce:
             again = "; press Ctrl-C again to exit without saving" if signum == signal.SIGINT else ""
-            sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this optimizer step and saving a "
-                             f"checkpoint{again}\n")
+            sys.stderr.write(
+                f"\n{signal.Signals(signum).name}: stopping after this optimizer step and saving a "
+                f"checkpoint{again}\n"
+            )
             sys.stderr.flush()
 
     def __exit__(self, *exc) -> None:

@@ -69,23 +69,33 @@ class RunData(RunTokens):
         return self.tokenizer.pad_token_id
 
 
-def load_run_tokens(cfg: SFTConfig, inputs: RunInputs | None = None, model_path: str | None = None) -> RunTokens:
+def load_run_tokens(
+    cfg: SFTConfig, inputs: RunInputs | None = None, model_path: str | None = None
+) -> RunTokens:
     """Where the base weights are and the run's tokenizer (its size before ChatML tokens were added).
 
     The tokenizer is the one given, else the model's: a saved adapter's own (it may hold added tokens),
     the model object's `name_or_path`, or `model.name_or_path`. `model_path`: the base model's path when
     the run has resolved it already (trainer/setup.py, for model.dtype: auto)."""
     inputs = inputs or RunInputs()
-    adapter_dir = cfg.model.name_or_path if inputs.model is None and is_adapter_dir(cfg.model.name_or_path) else None
+    adapter_dir = (
+        cfg.model.name_or_path if inputs.model is None and is_adapter_dir(cfg.model.name_or_path) else None
+    )
     if inputs.model is not None:
         model_path = getattr(inputs.model, "name_or_path", "") or ""
     elif model_path is None:
         model_path = resolve_model_path(base_config(adapter_dir) if adapter_dir else cfg.model)
     tokenizer = inputs.tokenizer
     if tokenizer is None:
-        source = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file() else model_path
+        source = (
+            adapter_dir
+            if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file()
+            else model_path
+        )
         if not source:
-            raise ConfigError("the model object has no name_or_path to load its tokenizer from: pass tokenizer=")
+            raise ConfigError(
+                "the model object has no name_or_path to load its tokenizer from: pass tokenizer="
+            )
         tokenizer = load_tokenizer(cfg.model, source)
     else:
         with_pad_token(tokenizer)
@@ -103,11 +113,16 @@ def check_sequence_length(cfg: SFTConfig, model_path: str, console: Console | No
     if limit is None or length <= limit:
         return
     if scaling is None:
-        raise ConfigError(f"data.max_seq_length ({length}) is above the model's max_position_embeddings ({limit}, "
-                          f"{model_path}): set data.max_seq_length to {limit} or less")
+        raise ConfigError(
+            f"data.max_seq_length ({length}) is above the model's max_position_embeddings ({limit}, "
+            f"{model_path}): set data.max_seq_length to {limit} or less"
+        )
     if console is not None:
-        console.print(f"[bold yellow]warning[/bold yellow]: data.max_seq_length ({length}) is above the model's "
-                      f"max_position_embeddings ({limit}); its rope scaling ({scaling}) must cover it", highlight=False)
+        console.print(
+            f"[bold yellow]warning[/bold yellow]: data.max_seq_length ({length}) is above the model's "
+            f"max_position_embeddings ({limit}); its rope scaling ({scaling}) must cover it",
+            highlight=False,
+        )
 
 
 def run_processor(cfg: SFTConfig, model_path: str, inputs: RunInputs) -> Any:
@@ -130,8 +145,12 @@ def _vision_tokens(tokens: RunTokens, processor: Any, cfg: SFTConfig, inputs: Ru
     return RunTokens(tokens.model_path, tokenizer, len(tokenizer), tokens.adapter_dir)
 
 
-def prepare_run_data(cfg: SFTConfig, console: Console | None = None, inputs: RunInputs | None = None,
-                     model_path: str | None = None) -> RunData:
+def prepare_run_data(
+    cfg: SFTConfig,
+    console: Console | None = None,
+    inputs: RunInputs | None = None,
+    model_path: str | None = None,
+) -> RunData:
     """Tokenizer, template, datasets and micro-batch units of a run; prints the data report when
     `console` is given (the main process). `inputs`: what the Python API passes (datasets, a formatting
     function, a model object or tokenizer); `model_path`: the base model's path if already resolved."""
@@ -145,10 +164,43 @@ def prepare_run_data(cfg: SFTConfig, console: Console | None = None, inputs: Run
     tokenizer = tokens.tokenizer
     check_sequence_length(cfg, tokens.model_path, console)
     template = load_template(cfg.data, tokenizer)
-    train, evals, report = build_datasets(cfg.data, tokenizer, cfg.train.seed, inputs.train_sources,
-                                          inputs.eval_sources, template=template,
-                                          formatting_func=inputs.formatting_func, processor=processor)
+    train, evals, report = build_datasets(
+        cfg.data,
+        tokenizer,
+        cfg.train.seed,
+        inputs.train_sources,
+        inputs.eval_sources,
+        template=template,
+        formatting_func=inputs.formatting_func,
+        processor=processor,
+    )
     pad_id = tokenizer.pad_token_id
+    units, collate, note = micro_batch_units(cfg, train, pad_id, processor)
+    data = RunData(
+        tokens.model_path,
+        tokenizer,
+        tokens.vocab_before,
+        tokens.adapter_dir,
+        template,
+        train,
+        evals,
+        report,
+        units,
+        collate,
+        note,
+        {name: evals.select(pos) for name, pos in report.eval_sets.items()},
+        processor,
+    )
+    if console is not None:
+        print_data_report(data, console)
+    return data
+
+
+def micro_batch_units(
+    cfg: SFTConfig, train: Any, pad_id: int, processor: Any
+) -> tuple[Sequence[Any], Any, str]:
+    """What a micro-batch is made of (examples, or packed rows of max_seq_length tokens), the collate
+    function laying it out as tensors, and a note for the data report."""
     if processor is not None:  # images are loaded and processed per micro-batch
         units, note = train, ""
         collate = functools.partial(vision_collate, processor=processor, pad_id=pad_id)
@@ -159,14 +211,11 @@ def prepare_run_data(cfg: SFTConfig, console: Console | None = None, inputs: Run
     else:  # micro_batch_size then counts packed rows of max_seq_length tokens
         units = pack_examples(train, cfg.data.packing, cfg.data.max_seq_length)
         collate = functools.partial(packed_collate, pad_id=pad_id)
-        note = (f"; packed ({cfg.data.packing}) into {len(units)} rows of <= {cfg.data.max_seq_length} tokens, "
-                f"efficiency {packing_efficiency(units, cfg.data.max_seq_length):.1%}")
-    data = RunData(tokens.model_path, tokenizer, tokens.vocab_before, tokens.adapter_dir, template, train, evals,
-                   report, units, collate, note, {name: evals.select(pos) for name, pos in report.eval_sets.items()},
-                   processor)
-    if console is not None:
-        print_data_report(data, console)
-    return data
+        note = (
+            f"; packed ({cfg.data.packing}) into {len(units)} rows of <= {cfg.data.max_seq_length} tokens, "
+            f"efficiency {packing_efficiency(units, cfg.data.max_seq_length):.1%}"
+        )
+    return units, collate, note
 
 
 def print_data_report(data: RunData, console: Console) -> None:
@@ -182,16 +231,27 @@ def print_data_report(data: RunData, console: Console) -> None:
 def data_report_json(data: RunData) -> dict:
     """What the data phase found, for the run report (trainer/report.py)."""
     r = data.report
-    return {"summary": r.summary() + data.packing_note, "rows": r.rows, "kept": r.kept, "bad": r.bad,
-            "bad_reasons": dict(r.bad_reasons.most_common()), "bad_examples": r.bad_examples,
-            "train_examples": r.train_examples, "eval_examples": r.eval_examples,
-            "unknown_fields": r.unknown_fields, "unused_mapping": r.unused_mapping, "sources": r.sources_json()}
+    return {
+        "summary": r.summary() + data.packing_note,
+        "rows": r.rows,
+        "kept": r.kept,
+        "bad": r.bad,
+        "bad_reasons": dict(r.bad_reasons.most_common()),
+        "bad_examples": r.bad_examples,
+        "train_examples": r.train_examples,
+        "eval_examples": r.eval_examples,
+        "unknown_fields": r.unknown_fields,
+        "unused_mapping": r.unused_mapping,
+        "sources": r.sources_json(),
+    }
 
 
 def packing_summary(data: RunData, cfg: SFTConfig) -> str:
     if cfg.data.packing == "none":
-        return ("packing: none: each example is one row, padded to the longest row of its micro-batch "
-                "(data.packing: bfd packs whole examples into rows of max_seq_length)")
+        return (
+            "packing: none: each example is one row, padded to the longest row of its micro-batch "
+            "(data.packing: bfd packs whole examples into rows of max_seq_length)"
+        )
     return f"packing: {data.packing_note.lstrip('; ')}"
 
 
@@ -212,8 +272,12 @@ def print_preview(data: RunData, cfg: SFTConfig, console: Console, n: int, plain
             ids, labels = examples.arrays(int(i))
             targets = int(np.count_nonzero(labels != IGNORE_INDEX))
             where = source.where_token(int(examples.start[i]))
-            console.print(Text(f"-- example {j + 1}/{len(picks)}: {where} ({len(ids)} tokens, {targets} targets)",
-                               style="cyan"))
+            console.print(
+                Text(
+                    f"-- example {j + 1}/{len(picks)}: {where} ({len(ids)} tokens, {targets} targets)",
+                    style="cyan",
+                )
+            )
             images = examples.images(int(i))
             runs = preview.decoded_runs(data.tokenizer, ids.tolist(), labels.tolist(), image_ids, images)
             if plain:  # written as is: rich would expand tabs and drop control characters
@@ -222,8 +286,13 @@ def print_preview(data: RunData, cfg: SFTConfig, console: Console, n: int, plain
                 console.print(preview.styled(runs))
     lengths = data.train.lengths
     stats = ", ".join(f"{k} {v}" for k, v in length_stats(lengths).items())
-    console.print(Text(f"\n== train: {len(data.train)} examples, {data.train.num_tokens:,} tokens; "
-                       f"lengths: {stats} tokens", style="bold"))
+    console.print(
+        Text(
+            f"\n== train: {len(data.train)} examples, {data.train.num_tokens:,} tokens; "
+            f"lengths: {stats} tokens",
+            style="bold",
+        )
+    )
     console.print(Text(packing_summary(data, cfg)))
     console.print(Text("length histogram (tokens per example -> examples):"))
     for line in preview.histogram(lengths):

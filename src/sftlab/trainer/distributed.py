@@ -25,6 +25,7 @@ specific here:
 - Sharded engines run forwards collectively: evaluation runs the same number of batches on every
   rank, and the final model is gathered on every rank (`gathered_state_dict`) and saved by the main one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,7 +60,10 @@ def build_accelerator(mixed_precision: str, cpu: bool, **kwargs: Any) -> Acceler
     """The run's Accelerator, for whatever `accelerate launch` (or torchrun + env) asked for."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _quiet_deepspeed_on_cpu()
-    fsdp, deepspeed = parse_flag_from_env("ACCELERATE_USE_FSDP"), parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    fsdp, deepspeed = (
+        parse_flag_from_env("ACCELERATE_USE_FSDP"),
+        parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"),
+    )
     if cpu and world > 1 and not deepspeed:
         # gloo processes: without this Accelerate finds no GPU and runs each rank as a lone process
         os.environ["ACCELERATE_USE_CPU"] = "true"
@@ -101,7 +105,9 @@ class Engine:
 
     name = SINGLE
     sharded = False  # FSDP/DeepSpeed: they shard the weights (kept fp32, cast by the engine), forwards are collective
-    lockstep_forwards = False  # evaluation runs the same number of batches on every rank (collective forwards)
+    lockstep_forwards = (
+        False  # evaluation runs the same number of batches on every rank (collective forwards)
+    )
 
     def __init__(self, accelerator: Accelerator) -> None:
         self.accelerator = accelerator
@@ -203,8 +209,9 @@ class ShardedEngine(Engine):
         if cfg.train.compile is True:
             raise EngineError(f"train.compile is not supported with {self.name} in sftlab; turn it off")
         if cfg.peft is not None and cfg.peft.quantize:
-            raise EngineError(f"QLoRA (peft.quantize) is not supported with {self.name} in sftlab; "
-                              "use LoRA or one process")
+            raise EngineError(
+                f"QLoRA (peft.quantize) is not supported with {self.name} in sftlab; use LoRA or one process"
+            )
 
     def precision(self, mixed: str) -> tuple[str, str]:
         """The engine casts; the weights it shards stay fp32."""
@@ -216,7 +223,9 @@ class ShardedEngine(Engine):
         state = self.accelerator.get_state_dict(model)
         if state is None:  # ZeRO-3 gathers onto the main process only
             return {}
-        names: dict[int, list[str]] = {}  # tied parameters (embeddings = output head) are saved once, as transformers does
+        names: dict[
+            int, list[str]
+        ] = {}  # tied parameters (embeddings = output head) are saved once, as transformers does
         for name, param in self.accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
             names.setdefault(id(param), []).append(name)
         tied = {n for group in names.values() for n in group[1:]}
@@ -263,8 +272,10 @@ class DeepSpeedEngine(ShardedEngine):
 
     def check_run_settings(self, cfg) -> None:
         if cfg.train.on_nan == "skip_step":
-            raise EngineError("train.on_nan=skip_step: DeepSpeed updates inside its engine and cannot skip a step; "
-                              "use on_nan: stop (the loss is checked before the step, the gradient norm after it)")
+            raise EngineError(
+                "train.on_nan=skip_step: DeepSpeed updates inside its engine and cannot skip a step; "
+                "use on_nan: stop (the loss is checked before the step, the gradient norm after it)"
+            )
         super().check_run_settings(cfg)
 
     @contextmanager
@@ -327,7 +338,9 @@ def sharded_checkpoint_weights(ckpt: Path, model: torch.nn.Module) -> dict[str, 
         import torch.distributed.checkpoint as dcp
 
         state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=str(fsdp_dir))  # no process group: the shards, read into the model's tensors
+        dcp.load(
+            state, checkpoint_id=str(fsdp_dir)
+        )  # no process group: the shards, read into the model's tensors
         return state["model"]
     if zero_dir.is_dir():
         _quiet_deepspeed_on_cpu()
@@ -336,6 +349,8 @@ def sharded_checkpoint_weights(ckpt: Path, model: torch.nn.Module) -> dict[str, 
                 get_fp32_state_dict_from_zero_checkpoint,
             )
         except ImportError:
-            raise EngineError(f"{ckpt} is a DeepSpeed checkpoint: reading it needs `pip install deepspeed`") from None
+            raise EngineError(
+                f"{ckpt} is a DeepSpeed checkpoint: reading it needs `pip install deepspeed`"
+            ) from None
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=zero_dir.name))
     return None

@@ -39,18 +39,25 @@ def _data_config(model_dir: Path, data: str, mapping: dict[str, dict[str, str]])
     try:
         source = [SourceConfig(path=data, **mapping)]
     except ValidationError as e:
-        raise ConfigError("columns/roles: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
-                                                       for x in e.errors())) from None
+        raise ConfigError(
+            "columns/roles: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        ) from None
     cfg = run_config(model_dir)
     if cfg is not None:
         run = cfg.data
-        return DataConfig(train=source, loss_on=run.loss_on, max_seq_length=run.max_seq_length,
-                          on_overlength=run.on_overlength, cache=False)
+        return DataConfig(
+            train=source,
+            loss_on=run.loss_on,
+            max_seq_length=run.max_seq_length,
+            on_overlength=run.on_overlength,
+            cache=False,
+        )
     return DataConfig(train=source, cache=False)
 
 
-def column_mapping(model_dir: Path, columns: dict[str, str] | None,
-                   roles: dict[str, str] | None) -> tuple[dict[str, dict[str, str]], str]:
+def column_mapping(
+    model_dir: Path, columns: dict[str, str] | None, roles: dict[str, str] | None
+) -> tuple[dict[str, dict[str, str]], str]:
     """The `columns`/`roles` to read the eval file with, and where they come from: as given, else the
     run's own when all its training sources share one mapping (an eval file usually has the training
     file's schema), else none."""
@@ -66,9 +73,19 @@ def column_mapping(model_dir: Path, columns: dict[str, str] | None,
 
 
 @torch.no_grad()
-def target_loss(model, examples, pad_id: int, batch_size: int, objective: Any = None, device: Any = None,
-                rank: int = 0, world: int = 1, lockstep: bool = False, collate: Any = None,
-                max_batches: int | None = None) -> tuple[float, int]:
+def target_loss(
+    model,
+    examples,
+    pad_id: int,
+    batch_size: int,
+    objective: Any = None,
+    device: Any = None,
+    rank: int = 0,
+    world: int = 1,
+    lockstep: bool = False,
+    collate: Any = None,
+    max_batches: int | None = None,
+) -> tuple[float, int]:
     """(loss sum, normaliser) of the objective (trainer/objective.py; default SFT: summed NLL, target
     tokens) over this rank's share of `examples` in padded batches (eval mode, the model's mode
     restored after). Batch k of `batch_size` goes to rank k % world. `lockstep` (sharded models, whose
@@ -83,7 +100,7 @@ def target_loss(model, examples, pad_id: int, batch_size: int, objective: Any = 
     count = len(examples) if max_batches is None else min(len(examples), max_batches * batch_size)
     end = math.ceil(count / (batch_size * world)) * batch_size * world if lockstep else count
     for start in range(rank * batch_size, end, batch_size * world):
-        batch = collate(examples[start:min(start + batch_size, count)] if start < count else examples[:1])
+        batch = collate(examples[start : min(start + batch_size, count)] if start < count else examples[:1])
         if start >= len(examples):
             batch = objective.filler(batch)
         batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
@@ -93,14 +110,23 @@ def target_loss(model, examples, pad_id: int, batch_size: int, objective: Any = 
     return total.item(), norm
 
 
-def evaluate(model_dir: str | Path, data: str, match: bool = False, batch_size: int = 8,
-             max_new_tokens: int = 64, max_examples: int | None = None, columns: dict[str, str] | None = None,
-             roles: dict[str, str] | None = None) -> dict[str, Any]:
+def evaluate(
+    model_dir: str | Path,
+    data: str,
+    match: bool = False,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    max_examples: int | None = None,
+    columns: dict[str, str] | None = None,
+    roles: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Loss, perplexity (and exact match) of the model in `model_dir` on the file `data`, its fields
     renamed by `columns`/`roles` (default: the run's own mapping, see `column_mapping`)."""
     spec, model_dir = model_dir, Path(model_dir)  # the spec as given: `./run` stays a local path
     mapping, mapping_from = column_mapping(model_dir, columns, roles)
-    data_cfg = _data_config(model_dir, data, mapping)  # a bad mapping or a missing file: before the model loads
+    data_cfg = _data_config(
+        model_dir, data, mapping
+    )  # a bad mapping or a missing file: before the model loads
     check_local_paths(data_cfg.train)
     model, tokenizer = load_model_dir(spec)
     processor = model_processor(model, model_dir)  # a vision-language model reads its rows with their images
@@ -108,20 +134,45 @@ def evaluate(model_dir: str | Path, data: str, match: bool = False, batch_size: 
     examples, _, report = build_datasets(data_cfg, tokenizer, seed=0, template=None, processor=processor)
     if max_examples is not None:
         examples = examples.select(range(min(max_examples, len(examples))))
-    collate = functools.partial(vision_collate, processor=processor, pad_id=tokenizer.pad_token_id) \
-        if processor is not None else None
+    collate = (
+        functools.partial(vision_collate, processor=processor, pad_id=tokenizer.pad_token_id)
+        if processor is not None
+        else None
+    )
     nll, count = target_loss(model, examples, tokenizer.pad_token_id, batch_size, collate=collate)
     loss = nll / count if count else float("nan")
     result: dict[str, Any] = {
-        "model": str(model_dir), "data": data, "examples": len(examples), "target_tokens": count,
-        "loss": loss, "perplexity": math.exp(loss) if count else float("nan"),
-        "rows": report.rows, "bad_rows": report.bad, "over_length_dropped": report.overlength_dropped,
-        "loss_on": data_cfg.loss_on, "mapping": {**mapping, "from": mapping_from}}
+        "model": str(model_dir),
+        "data": data,
+        "examples": len(examples),
+        "target_tokens": count,
+        "loss": loss,
+        "perplexity": math.exp(loss) if count else float("nan"),
+        "rows": report.rows,
+        "bad_rows": report.bad,
+        "over_length_dropped": report.overlength_dropped,
+        "loss_on": data_cfg.loss_on,
+        "mapping": {**mapping, "from": mapping_from},
+    }
     if match:
-        cfg = MatchEvalConfig(path=data, max_examples=max_examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                              **mapping)
-        pairs = load_match_examples(cfg, images=processor is not None)
-        res = exact_match(model, tokenizer, pairs, cfg, None, processor)
-        result["exact_match"] = {"correct": res.correct, "total": res.total, "accuracy": res.accuracy,
-                                 "samples": [list(s) for s in res.samples[:5]]}
+        cfg = MatchEvalConfig(
+            path=data,
+            max_examples=max_examples,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            **mapping,
+        )
+        result["exact_match"] = _exact_match_record(model, tokenizer, cfg, processor)
     return result
+
+
+def _exact_match_record(model: Any, tokenizer: Any, cfg: MatchEvalConfig, processor: Any) -> dict[str, Any]:
+    """`sftlab eval --match`: greedy replies to the file's prompts scored against its references."""
+    pairs = load_match_examples(cfg, images=processor is not None)
+    res = exact_match(model, tokenizer, pairs, cfg, None, processor)
+    return {
+        "correct": res.correct,
+        "total": res.total,
+        "accuracy": res.accuracy,
+        "samples": [list(s) for s in res.samples[:5]],
+    }

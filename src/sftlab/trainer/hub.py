@@ -43,30 +43,39 @@ def _api():
 
 
 def _offline() -> bool:
-    return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE",
-                                                                                   "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def check_access(repo_id: str, what: str = "train.push_to_hub") -> str:
     """The user name the token belongs to; a HubError when the Hub cannot take the upload."""
     from huggingface_hub import get_token
 
-    later = "; or set train.push_to_hub=false and upload the finished run later with `sftlab push RUN_DIR`" \
-        if what == "train.push_to_hub" else ""
+    later = (
+        "; or set train.push_to_hub=false and upload the finished run later with `sftlab push RUN_DIR`"
+        if what == "train.push_to_hub"
+        else ""
+    )
     if _offline():
         raise HubError(f"{what}: HF_HUB_OFFLINE is set, so {repo_id} cannot be uploaded; unset it{later}")
     token = get_token()
     if not token:
-        raise HubError(f"{what}: no Hugging Face token to upload {repo_id} with: set HF_TOKEN or run "
-                       f"`hf auth login` (a token with write access){later}")
+        raise HubError(
+            f"{what}: no Hugging Face token to upload {repo_id} with: set HF_TOKEN or run "
+            f"`hf auth login` (a token with write access){later}"
+        )
     try:
         who = _api().whoami(token=token)
     except Exception as e:
         raise HubError(f"{what}: {_why(e)}{later}") from None
     role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
-        raise HubError(f"{what}: the token of {who.get('name')} is read-only; {repo_id} needs a token with write "
-                       f"access (HF_TOKEN or `hf auth login`){later}")
+        raise HubError(
+            f"{what}: the token of {who.get('name')} is read-only; {repo_id} needs a token with write "
+            f"access (HF_TOKEN or `hf auth login`){later}"
+        )
     return str(who.get("name", "?"))
 
 
@@ -96,12 +105,20 @@ def upload_paths(run_dir: Path, checkpoints: bool = False) -> list[str]:
 
 
 def retry_command(run_dir: Path, repo_id: str, private: bool = False, revision: str | None = None) -> str:
-    return shlex.join(["sftlab", "push", str(run_dir), "--repo-id", repo_id] + (["--private"] if private else [])
-                      + (["--revision", revision] if revision else []))
+    return shlex.join(
+        ["sftlab", "push", str(run_dir), "--repo-id", repo_id]
+        + (["--private"] if private else [])
+        + (["--revision", revision] if revision else [])
+    )
 
 
-def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
-             checkpoints: bool = False) -> str:
+def push_run(
+    run_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    checkpoints: bool = False,
+) -> str:
     """Create `repo_id` (exists: kept as it is) and upload the run in one commit; returns the commit's URL."""
     from huggingface_hub import CommitOperationAdd, get_token
 
@@ -120,8 +137,13 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision:
             content = str(run_dir / rel)
         ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=content))
     steps = (_finished(run_dir) or {}).get("steps", "?")
-    info = api.create_commit(repo_id, ops, commit_message=f"sftlab run {run_dir.name}: {steps} optimizer steps",
-                             revision=revision, token=token)
+    info = api.create_commit(
+        repo_id,
+        ops,
+        commit_message=f"sftlab run {run_dir.name}: {steps} optimizer steps",
+        revision=revision,
+        token=token,
+    )
     return str(info.commit_url)
 
 
@@ -135,15 +157,19 @@ def push_after_training(run) -> None:
     """train.push_to_hub at the end of a run (main process, after the model, card, report and marker are
     written). A failure is reported with the retry command and kept in run.result.push_error."""
     train = run.cfg.train
-    run.console.print(f"[bold]push[/bold]: uploading {run.out} to {train.hub_model_id} on {endpoint()}",
-                      highlight=False)
+    run.console.print(
+        f"[bold]push[/bold]: uploading {run.out} to {train.hub_model_id} on {endpoint()}", highlight=False
+    )
     try:
         url = push_run(run.out, train.hub_model_id, train.hub_private, train.hub_revision)
     except Exception as e:
         retry = retry_command(run.out, train.hub_model_id, train.hub_private, train.hub_revision)
         run.result.push_error = f"{train.hub_model_id}: {_why(e)}"
-        run.console.print(f"[bold red]push failed[/bold red]: {run.result.push_error}. The run in {run.out} is "
-                          f"complete; retry the upload with: {retry}", highlight=False)
+        run.console.print(
+            f"[bold red]push failed[/bold red]: {run.result.push_error}. The run in {run.out} is "
+            f"complete; retry the upload with: {retry}",
+            highlight=False,
+        )
         return
     run.result.hub_url = url
     run.console.print(f"[bold green]pushed[/bold green] to {url}", highlight=False)
@@ -158,20 +184,26 @@ def cmd_push(ns) -> int:
     from sftlab.trainer.rundir import saved_config
 
     if _finished(run_dir) is None:
-        raise HubError(f"{run_dir} holds no finished run (no FINISHED marker: its model was not saved); push a "
-                       "run directory once its training has finished")
+        raise HubError(
+            f"{run_dir} holds no finished run (no FINISHED marker: its model was not saved); push a "
+            "run directory once its training has finished"
+        )
     hub = (saved_config(run_dir) or {}).get("train") or {}
     repo_id = ns.repo_id or hub.get("hub_model_id")
     if not repo_id:
-        raise HubError(f"sftlab push: which repository? Pass --repo-id <user-or-org>/<name> ({run_dir}'s "
-                       "config.yaml sets no train.hub_model_id)")
+        raise HubError(
+            f"sftlab push: which repository? Pass --repo-id <user-or-org>/<name> ({run_dir}'s "
+            "config.yaml sets no train.hub_model_id)"
+        )
     private = ns.private or bool(hub.get("hub_private"))
     check_access(repo_id, "sftlab push")
     if not (run_dir / CARD).is_file():  # a run from before cards were written
         write_model_cards(run_dir, repo_id)
     print(f"pushing {run_dir} to {repo_id} on {endpoint()}" + (" (private)" if private else ""))
     try:
-        url = push_run(run_dir, repo_id, private, ns.revision or hub.get("hub_revision"), ns.include_checkpoints)
+        url = push_run(
+            run_dir, repo_id, private, ns.revision or hub.get("hub_revision"), ns.include_checkpoints
+        )
     except Exception as e:
         raise HubError(f"sftlab push {repo_id}: {_why(e)}") from None
     print(f"pushed to {url}")
@@ -179,7 +211,9 @@ def cmd_push(ns) -> int:
 
 
 def add_push_parser(sub) -> None:
-    p = sub.add_parser("push", help="upload a finished run (model or adapter, tokenizer, card, report) to the Hub")
+    p = sub.add_parser(
+        "push", help="upload a finished run (model or adapter, tokenizer, card, report) to the Hub"
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--repo-id", help="namespace/name (default: the run's train.hub_model_id)")
     p.add_argument("--private", action="store_true", help="create the repository private")

@@ -32,7 +32,13 @@ from sftlab.data.templates import load_template
 from sftlab.data.toolcalls import read_tools_file
 from sftlab.model import adapters
 from sftlab.model.generate import generate_replies
-from sftlab.model.loading import check_model_spec, load_model, load_tokenizer, resolve_model_path, with_pad_token
+from sftlab.model.loading import (
+    check_model_spec,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+    with_pad_token,
+)
 from sftlab.model.sampling import check_sampling
 from sftlab.trainer import distributed
 from sftlab.trainer.checkpoint import (
@@ -43,8 +49,8 @@ from sftlab.trainer.checkpoint import (
     read_state,
 )
 from sftlab.trainer.data import load_run_tokens
-from sftlab.trainer.optim import decay_groups
 from sftlab.trainer.master_weights import MASTER_KEY
+from sftlab.trainer.optim import decay_groups
 from sftlab.trainer.run_model import build_run_model
 
 log = logging.getLogger(__name__)
@@ -70,9 +76,15 @@ def load_model_dir(spec: str | Path) -> tuple[Any, Any]:
     if path.is_dir() and not (path / "config.json").is_file() and not list(path.glob("*.gguf")):
         ckpt = latest_checkpoint(path)
         if ckpt is None:
-            raise ConfigError(f"{path} holds no model: no config.json (a saved model), adapter_config.json (a LoRA "
-                              f"run), {STATE_FILE} (a checkpoint) nor a complete checkpoint under checkpoints/")
-        log.info("%s has no saved model (the run did not finish): loading its latest checkpoint %s", path, ckpt.name)
+            raise ConfigError(
+                f"{path} holds no model: no config.json (a saved model), adapter_config.json (a LoRA "
+                f"run), {STATE_FILE} (a checkpoint) nor a complete checkpoint under checkpoints/"
+            )
+        log.info(
+            "%s has no saved model (the run did not finish): loading its latest checkpoint %s",
+            path,
+            ckpt.name,
+        )
         return load_checkpoint_model(ckpt)
     return _load_plain(ModelConfig(name_or_path=str(spec)))
 
@@ -139,8 +151,10 @@ def load_checkpoint_weights(model: torch.nn.Module, ckpt: Path) -> None:
         result = model.load_state_dict(sharded, strict=False)
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         if result.unexpected_keys or trainable & set(result.missing_keys):  # frozen weights: the base's own
-            raise CheckpointError(f"{ckpt} does not match the model rebuilt from its config: unexpected "
-                                  f"{result.unexpected_keys[:3]}, missing {sorted(trainable & set(result.missing_keys))[:3]}")
+            raise CheckpointError(
+                f"{ckpt} does not match the model rebuilt from its config: unexpected "
+                f"{result.unexpected_keys[:3]}, missing {sorted(trainable & set(result.missing_keys))[:3]}"
+            )
         return
     weights = torch_compat.without_compile_prefix(load_file(str(ckpt / "model.safetensors")))
     if any(t.dtype != torch.float32 for t in weights.values()):
@@ -153,9 +167,11 @@ def load_checkpoint_weights(model: torch.nn.Module, ckpt: Path) -> None:
     covered = set().union(*(aliases[state[n].data_ptr()] for n in weights if n in state))
     unknown, missing = sorted(set(weights) - (trainable | covered)), sorted(trainable - covered)
     if unknown or missing:
-        raise CheckpointError(f"{ckpt / 'model.safetensors'} does not match the model rebuilt from its config: "
-                              f"{len(unknown)} unexpected tensors ({', '.join(unknown[:3])}), {len(missing)} "
-                              f"missing ({', '.join(missing[:3])})")
+        raise CheckpointError(
+            f"{ckpt / 'model.safetensors'} does not match the model rebuilt from its config: "
+            f"{len(unknown)} unexpected tensors ({', '.join(unknown[:3])}), {len(missing)} "
+            f"missing ({', '.join(missing[:3])})"
+        )
     model.load_state_dict(weights, strict=False)
 
 
@@ -170,12 +186,22 @@ def _master_weights(model: torch.nn.Module, ckpt: Path) -> dict[str, torch.Tenso
     names = [n for group in decay_groups(model) for n in group]
     indices = [i for g in state.get("param_groups", []) for i in g["params"]]
     if masters and len(indices) != len(names):
-        raise CheckpointError(f"{path}: {len(indices)} optimized parameters, the rebuilt model has {len(names)}")
+        raise CheckpointError(
+            f"{path}: {len(indices)} optimized parameters, the rebuilt model has {len(names)}"
+        )
     return {names[int(i)]: t.float() for i, t in masters.items()}
 
 
-def reply_function(spec: str | Path, *, tools_file: str | None = None, images: list[str] | None = None,
-                   seed: int | None = None, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0):
+def reply_function(
+    spec: str | Path,
+    *,
+    tools_file: str | None = None,
+    images: list[str] | None = None,
+    seed: int | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+):
     """`sftlab generate/chat`: the model of `spec` (`load_model_dir`) and a function (messages -> reply) with
     these sampling settings; `tools_file`: tool schemas (JSON) for the chat template; `images`: shown to a
     vision-language model (`image_reply`); `seed`: torch's, for repeatable sampling. Bad settings or a bad
@@ -200,15 +226,17 @@ def image_reply(model: Any, spec: str | Path, images: list[str], **settings: Any
     from sftlab.model.vision_generate import generate_vision_replies, image_prompt
 
     if not is_vision_model(model):
-        raise ConfigError(f"--image: {spec} is a text-only model (no vision_config); images need a "
-                          "vision-language model")
+        raise ConfigError(
+            f"--image: {spec} is a text-only model (no vision_config); images need a vision-language model"
+        )
     processor = model_processor(model, spec)
     for path in images:
         if not Path(path).is_file():
             raise ConfigError(f"--image: no such file: {path}")
     paths = [str(Path(p).resolve()) for p in images]
-    return lambda messages: generate_vision_replies(model, processor, [image_prompt(messages, paths)],
-                                                    **settings)[0].strip()
+    return lambda messages: generate_vision_replies(
+        model, processor, [image_prompt(messages, paths)], **settings
+    )[0].strip()
 
 
 def model_processor(model: Any, spec: str | Path) -> Any:

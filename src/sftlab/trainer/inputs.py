@@ -19,7 +19,9 @@ from sftlab.compat import datasets as datasets_compat
 class RunInputs:
     model: Any = None  # a PreTrainedModel (the base) or a PeftModel (its adapter continues)
     tokenizer: Any = None  # default: the model's own (model.name_or_path)
-    train_sources: list[Any] = field(default_factory=list)  # Dataset / DatasetSource / SourceConfig, after data.train
+    train_sources: list[Any] = field(
+        default_factory=list
+    )  # Dataset / DatasetSource / SourceConfig, after data.train
     eval_sources: list[Any] = field(default_factory=list)  # after data.eval; named ones get eval/<name>_loss
     formatting_func: Callable[[dict], Any] | None = None  # row -> messages | {prompt, completion} | text
     callbacks: list[Any] = field(default_factory=list)  # trainer/callbacks.py
@@ -27,16 +29,23 @@ class RunInputs:
 
     def describe(self) -> dict[str, Any]:
         """What the run records of these (run.json): names and sizes, never the objects."""
-        return {"model_object": type(self.model).__name__ if self.model is not None else None,
-                "train_datasets": [_describe(s) for s in self.train_sources],
-                "eval_datasets": [_describe(s) for s in self.eval_sources],
-                "formatting_func": getattr(self.formatting_func, "__qualname__", None) if self.formatting_func else None,
-                "callbacks": [type(c).__name__ for c in self.callbacks],
-                "objective": type(self.objective).__name__ if self.objective is not None else "SFTObjective"}
+        return {
+            "model_object": type(self.model).__name__ if self.model is not None else None,
+            "train_datasets": [_describe(s) for s in self.train_sources],
+            "eval_datasets": [_describe(s) for s in self.eval_sources],
+            "formatting_func": getattr(self.formatting_func, "__qualname__", None)
+            if self.formatting_func
+            else None,
+            "callbacks": [type(c).__name__ for c in self.callbacks],
+            "objective": type(self.objective).__name__ if self.objective is not None else "SFTObjective",
+        }
 
 
 def _describe(spec: Any) -> dict[str, Any]:
     ds = getattr(spec, "dataset", spec)
-    return {"name": getattr(spec, "name", None), "type": type(ds).__name__,
-            "rows": len(ds) if hasattr(ds, "__len__") else None,
-            "fingerprint": datasets_compat.fingerprint(ds)}
+    return {
+        "name": getattr(spec, "name", None),
+        "type": type(ds).__name__,
+        "rows": len(ds) if hasattr(ds, "__len__") else None,
+        "fingerprint": datasets_compat.fingerprint(ds),
+    }

@@ -33,7 +33,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from sftlab.config.schema import SFTConfig
 from sftlab.data.packing import pack_examples, packed_collate
@@ -42,6 +49,7 @@ from sftlab.trainer.checkpoint import TrainerState, latest_checkpoint, save_chec
 from sftlab.trainer.control import Interrupted, StopRequest
 from sftlab.trainer.evaluate import target_loss
 from sftlab.trainer.inputs import RunInputs
+from sftlab.trainer.master_weights import master_weight_optimizer
 from sftlab.trainer.objective import Objective, SFTObjective
 from sftlab.trainer.outputs import (
     finish,
@@ -52,17 +60,33 @@ from sftlab.trainer.outputs import (
     run_match_eval,
     save_model,
 )
-from sftlab.trainer.master_weights import master_weight_optimizer
-from sftlab.trainer.resume import check_resume_state, data_fingerprint, restore_checkpoint, trainable_only_checkpoints
+from sftlab.trainer.resume import (
+    check_resume_state,
+    data_fingerprint,
+    restore_checkpoint,
+    trainable_only_checkpoints,
+)
 from sftlab.trainer.run import Run, TrainResult
 from sftlab.trainer.rundir import RunError
 from sftlab.trainer.setup import setup_data, setup_model_and_optimizer, setup_run
 
-__all__ = ["Interrupted", "RunError", "TrainResult", "evaluate_loss", "run_training", "save_model", "train_step"]
+__all__ = [
+    "Interrupted",
+    "RunError",
+    "TrainResult",
+    "evaluate_loss",
+    "run_training",
+    "save_model",
+    "train_step",
+]
 
 
-def run_training(cfg: SFTConfig, console: Console | None = None, resume_command: str | None = None,
-                 inputs: RunInputs | None = None) -> TrainResult:
+def run_training(
+    cfg: SFTConfig,
+    console: Console | None = None,
+    resume_command: str | None = None,
+    inputs: RunInputs | None = None,
+) -> TrainResult:
     """The recipe: set up -> data -> model and optimizer -> resume or start -> log -> fit -> finish.
 
     `resume_command`: the command line that resumes this run, printed when a signal stops it (the CLI
@@ -75,7 +99,9 @@ def run_training(cfg: SFTConfig, console: Console | None = None, resume_command:
     check_resume_state(run)  # processes, engine and data of a checkpoint: before any weights load
     setup_model_and_optimizer(run)
     resume_or_start(run)
-    with StopRequest(announce=run.main) as run.stop:  # from here: SIGINT/SIGTERM = finish the step, checkpoint, stop
+    with StopRequest(
+        announce=run.main
+    ) as run.stop:  # from here: SIGINT/SIGTERM = finish the step, checkpoint, stop
         open_run_log(run)
         fit(run)
     if run.result.stopped is None:
@@ -100,21 +126,30 @@ def resume_or_start(run: Run) -> None:
         restore_checkpoint(run)
     elif cfg.match_eval is not None and run.engine.sharded:
         if run.main:  # generation on one rank would need the other ranks' shards
-            run.console.print("[yellow]match_eval[/yellow]: not run before training under a sharded engine "
-                              "(FSDP/DeepSpeed); it runs on the saved model after training")
+            run.console.print(
+                "[yellow]match_eval[/yellow]: not run before training under a sharded engine "
+                "(FSDP/DeepSpeed); it runs on the saved model after training"
+            )
     elif cfg.match_eval is not None and run.main:
         run.result.match_before = run_match_eval(run.engine.unwrap(run.model), run, "before")
 
 
 # --- the optimizer steps -----------------------------------------------------------------------
 
+
 def fit(run: Run) -> None:
     """Optimizer steps from the resume point to the end; on SIGINT/SIGTERM or a callback's request:
     checkpoint, then stop."""
     batches_iter = iter(run.stream)
-    progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=run.console,
-                        disable=not run.main or not run.console.is_terminal)
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=run.console,
+        disable=not run.main or not run.console.is_terminal,
+    )
     stop = run.stop
     with progress:
         task = progress.add_task("training", total=run.total_steps, completed=run.start_step)
@@ -135,8 +170,11 @@ def fit(run: Run) -> None:
             if asked:
                 run.result.stopped = run.callbacks.stop_reason or f"a callback on another rank at step {step}"
                 if run.main:
-                    run.console.print(f"[bold yellow]stopped[/bold yellow] by {run.result.stopped}; saved {path}; "
-                                      f"resume with: {run.resume_command}", highlight=False)
+                    run.console.print(
+                        f"[bold yellow]stopped[/bold yellow] by {run.result.stopped}; saved {path}; "
+                        f"resume with: {run.resume_command}",
+                        highlight=False,
+                    )
                 return
 
 
@@ -154,8 +192,11 @@ def interrupted(run: Run, step: int, path) -> Interrupted:
         for cb in run.callbacks.callbacks:
             if hasattr(cb, "interrupted"):  # the report says how the run ended
                 cb.interrupted(f"interrupted by {name} after step {step} of {run.total_steps}")
-    return Interrupted(f"{name}: stopped after step {step}/{run.total_steps} and saved {path}; "
-                       f"resume with: {run.resume_command}", 128 + run.stop.signum)
+    return Interrupted(
+        f"{name}: stopped after step {step}/{run.total_steps} and saved {path}; "
+        f"resume with: {run.resume_command}",
+        128 + run.stop.signum,
+    )
 
 
 def next_micro_batches(run: Run, batches_iter) -> tuple[list[dict[str, torch.Tensor]], dict[str, int]]:
@@ -171,7 +212,9 @@ def next_micro_batches(run: Run, batches_iter) -> tuple[list[dict[str, torch.Ten
             batch = data.collate(units)
             sizes["tokens"] += sum(len(u.input_ids) for u in units)
             sizes["padded"] += batch["input_ids"].numel()
-            sizes["sum_sq_docs"] += sum(n * n for u in units for n in getattr(u, "doc_lengths", [len(u.input_ids)]))
+            sizes["sum_sq_docs"] += sum(
+                n * n for u in units for n in getattr(u, "doc_lengths", [len(u.input_ids)])
+            )
         else:  # a short last batch left this rank nothing: run one unit that contributes nothing, so DDP stays in step
             batch = run.objective.filler(data.collate([data.units[0]]))
         batches.append({k: v.to(run.accelerator.device) for k, v in batch.items()})
@@ -179,8 +222,13 @@ def next_micro_batches(run: Run, batches_iter) -> tuple[list[dict[str, torch.Ten
     return batches, sizes
 
 
-def train_step(model, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator,
-               objective: Objective | Any = None, engine: distributed.Engine | None = None) -> tuple[float, int]:
+def train_step(
+    model,
+    batches: list[dict[str, torch.Tensor]],
+    accelerator: Accelerator,
+    objective: Objective | Any = None,
+    engine: distributed.Engine | None = None,
+) -> tuple[float, int]:
     """Forward/backward over the micro-batches of one optimizer step.
 
     `objective` (trainer/objective.py; default: SFT with full logits; a bare loss function
@@ -217,7 +265,9 @@ def optimizer_step(run: Run, step: int, batches_iter) -> dict[str, Any]:
     loss_sum, norm = train_step(run.model, batches, run.accelerator, run.objective, run.engine)
     lr = run.scheduler.get_last_lr()[0]
     grad_norm = 0.0  # nothing was back-propagated: no clipping, no update
-    if norm:  # clipped here, or (DeepSpeed) clipped and stepped inside the engine once the loss is known finite
+    if (
+        norm
+    ):  # clipped here, or (DeepSpeed) clipped and stepped inside the engine once the loss is known finite
         grad_norm = run.engine.step_gradients(run.model, math.isfinite(loss_sum), lambda: clip_gradients(run))
     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
     if not finite and run.cfg.train.on_nan == "stop":
@@ -228,9 +278,16 @@ def optimizer_step(run: Run, step: int, batches_iter) -> dict[str, Any]:
     run.optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - t0
     losses = run.objective.record(loss_sum, norm)
-    record = {"step": step, "epoch": round(run.stream.epoch_progress, 4), "loss": losses.pop("loss"), "lr": lr,
-              "grad_norm": grad_norm, **throughput(run, sizes, norm, elapsed), **losses,
-              "step_time_s": round(elapsed, 4)}
+    record = {
+        "step": step,
+        "epoch": round(run.stream.epoch_progress, 4),
+        "loss": losses.pop("loss"),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        **throughput(run, sizes, norm, elapsed),
+        **losses,
+        "step_time_s": round(elapsed, 4),
+    }
     if not finite:
         record["skipped"] = "non-finite loss or gradient"
     return record
@@ -238,11 +295,13 @@ def optimizer_step(run: Run, step: int, batches_iter) -> dict[str, Any]:
 
 def non_finite(run: Run, step: int, position: dict[str, int], n_batches: int, loss_finite: bool) -> RunError:
     last = latest_checkpoint(run.out)
-    return RunError(f"non-finite {'gradient norm' if loss_finite else 'loss'} at step {step} "
-                    f"(epoch {position['epoch']}, micro-batches {position['index']}..{position['index'] + n_batches - 1} "
-                    f"of that epoch's order, seed {position['seed']}); stopped without updating the weights. "
-                    + (f"Last good checkpoint: {last}" if last else "No checkpoint was saved yet")
-                    + " (train.on_nan=skip_step skips such steps)")
+    return RunError(
+        f"non-finite {'gradient norm' if loss_finite else 'loss'} at step {step} "
+        f"(epoch {position['epoch']}, micro-batches {position['index']}..{position['index'] + n_batches - 1} "
+        f"of that epoch's order, seed {position['seed']}); stopped without updating the weights. "
+        + (f"Last good checkpoint: {last}" if last else "No checkpoint was saved yet")
+        + " (train.on_nan=skip_step skips such steps)"
+    )
 
 
 def clip_gradients(run: Run) -> float:
@@ -259,30 +318,56 @@ def throughput(run: Run, sizes: dict[str, int], targets: int, elapsed: float) ->
     """tokens/s (input tokens, padding excluded), target tokens/s, padding share and MFU, all ranks."""
     tokens, padded = sizes["tokens"] * run.world, sizes["padded"] * run.world
     flops = run.flops.step_flops(sizes["tokens"], sizes["sum_sq_docs"]) * run.world
-    return {"tokens_per_s": tokens / elapsed, "target_tokens_per_s": targets / elapsed,
-            "padding": round(1 - tokens / padded, 4) if padded else 0.0,
-            "mfu": round(flops / elapsed / (run.peak_flops * run.world), 4)}
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "target_tokens_per_s": targets / elapsed,
+        "padding": round(1 - tokens / padded, 4) if padded else 0.0,
+        "mfu": round(flops / elapsed / (run.peak_flops * run.world), 4),
+    }
 
 
 # --- evaluation, the step record, checkpoints ----------------------------------------------------
 
+
 @torch.no_grad()
-def evaluate_loss(model, examples, batch_size: int, pad_id: int, accelerator: Accelerator,
-                  objective: Objective | None = None, prefix: str = "eval_", collate: Any = None,
-                  max_batches: int | None = None, engine: distributed.Engine | None = None) -> dict[str, float]:
+def evaluate_loss(
+    model,
+    examples,
+    batch_size: int,
+    pad_id: int,
+    accelerator: Accelerator,
+    objective: Objective | None = None,
+    prefix: str = "eval_",
+    collate: Any = None,
+    max_batches: int | None = None,
+    engine: distributed.Engine | None = None,
+) -> dict[str, float]:
     """The objective's eval record over `examples` (padded micro-batches, shared over ranks):
     {"eval_loss": mean NLL over their target tokens} for SFT. `engine`: the run's (default: `Engine.of`)."""
     objective = objective or SFTObjective()
     engine = engine or distributed.Engine.of(accelerator)
     lockstep = engine.lockstep_forwards  # collective forwards: the same batch count on every rank
-    if not lockstep:  # plain forward: ranks may run different numbers of batches; eager (trainer/compiling.py)
+    if (
+        not lockstep
+    ):  # plain forward: ranks may run different numbers of batches; eager (trainer/compiling.py)
         model = engine.bare_model(model)  # DDP(compiled) too: the compiled module is inside DDP
     with accelerator.autocast():  # the module unwrapped from torch.compile lost Accelerate's autocast forward
-        total, norm = target_loss(model, examples, pad_id, batch_size, objective, accelerator.device,
-                                  accelerator.process_index, accelerator.num_processes, lockstep=lockstep,
-                                  collate=collate, max_batches=max_batches)
-    totals = accelerator.reduce(torch.tensor([total, float(norm)], dtype=torch.float64, device=accelerator.device),
-                                "sum")
+        total, norm = target_loss(
+            model,
+            examples,
+            pad_id,
+            batch_size,
+            objective,
+            accelerator.device,
+            accelerator.process_index,
+            accelerator.num_processes,
+            lockstep=lockstep,
+            collate=collate,
+            max_batches=max_batches,
+        )
+    totals = accelerator.reduce(
+        torch.tensor([total, float(norm)], dtype=torch.float64, device=accelerator.device), "sum"
+    )
     return objective.record(totals[0].item(), int(totals[1].item()), prefix)
 
 
@@ -291,15 +376,37 @@ def run_evaluation(run: Run) -> dict[str, float]:
     data, cfg = run.data, run.cfg
     batch, cap = cfg.train.micro_batch_size, cfg.train.eval_max_batches
     collate, rows = getattr(data, "eval_collate", None), lambda examples: examples
-    if cfg.data.eval_packing and collate is None:  # best-fit rows, never wrapped: a cut document would change its loss
+    if (
+        cfg.data.eval_packing and collate is None
+    ):  # best-fit rows, never wrapped: a cut document would change its loss
         collate = functools.partial(packed_collate, pad_id=data.pad_id)
         rows = lambda examples: pack_examples(examples, "bfd", cfg.data.max_seq_length)  # noqa: E731
-    metrics = evaluate_loss(run.model, rows(data.eval), batch, data.pad_id, run.accelerator, run.objective,
-                            collate=collate, max_batches=cap, engine=run.engine)
+    metrics = evaluate_loss(
+        run.model,
+        rows(data.eval),
+        batch,
+        data.pad_id,
+        run.accelerator,
+        run.objective,
+        collate=collate,
+        max_batches=cap,
+        engine=run.engine,
+    )
     for name, examples in data.eval_sets.items():
-        metrics.update(evaluate_loss(run.model, rows(examples), batch, data.pad_id, run.accelerator, run.objective,
-                                     prefix=f"eval/{name}_", collate=collate, max_batches=cap,
-                                     engine=run.engine))
+        metrics.update(
+            evaluate_loss(
+                run.model,
+                rows(examples),
+                batch,
+                data.pad_id,
+                run.accelerator,
+                run.objective,
+                prefix=f"eval/{name}_",
+                collate=collate,
+                max_batches=cap,
+                engine=run.engine,
+            )
+        )
     return metrics
 
 
@@ -325,20 +432,39 @@ def add_eval_and_log(run: Run, record: dict[str, Any]) -> None:
 
 def checkpoint_due(run: Run, step: int, epoch_before: int, stop: StopRequest) -> bool:
     every = run.cfg.checkpoint.every_steps
-    return bool(every and step % every == 0) or (run.cfg.checkpoint.every_epoch and run.stream.epoch > epoch_before) \
+    return (
+        bool(every and step % every == 0)
+        or (run.cfg.checkpoint.every_epoch and run.stream.epoch > epoch_before)
         or stop.signum is not None
+    )
 
 
 def save_run_checkpoint(run: Run, step: int):
-    state = TrainerState(step=step, consumed_micro_batches=run.consumed, data=run.stream.state(),
-                         num_processes=run.world, engine=run.engine.name,
-                         data_fingerprint=run.fingerprint or _fingerprint(run), metrics=run.result.history,
-                         logged_steps=run.logged_steps, config=run.cfg.model_dump(mode="json"),
-                         match_before=match_json(run.result.match_before), compiled=run.compiled)
+    state = TrainerState(
+        step=step,
+        consumed_micro_batches=run.consumed,
+        data=run.stream.state(),
+        num_processes=run.world,
+        engine=run.engine.name,
+        data_fingerprint=run.fingerprint or _fingerprint(run),
+        metrics=run.result.history,
+        logged_steps=run.logged_steps,
+        config=run.cfg.model_dump(mode="json"),
+        match_before=match_json(run.result.match_before),
+        compiled=run.compiled,
+    )
     extra = hf_model_writer(run) if run.cfg.checkpoint.save_hf_model else None
-    path = save_checkpoint(run.accelerator, run.out, step, state.to_json(), run.scheduler,
-                           run.cfg.checkpoint.keep_last, trainable_only=trainable_only_checkpoints(run), extra=extra,
-                           protect=best.protected(run))
+    path = save_checkpoint(
+        run.accelerator,
+        run.out,
+        step,
+        state.to_json(),
+        run.scheduler,
+        run.cfg.checkpoint.keep_last,
+        trainable_only=trainable_only_checkpoints(run),
+        extra=extra,
+        protect=best.protected(run),
+    )
     if run.main:
         run.console.print(f"[dim]checkpoint {path}[/dim]")
     run.callbacks.call("on_save", path)

@@ -54,6 +54,7 @@ MASTER_KEY = "master_weights"
 
 # ---------------------------------------------------------------------------- fp32 master weights
 
+
 def needs_master_weights(model: torch.nn.Module) -> bool:
     """True when some trainable parameter is bf16/fp16: plain AdamW would lose small updates there."""
     return any(p.requires_grad and p.dtype in LOW_PRECISION for p in model.parameters())
@@ -83,8 +84,15 @@ class MasterWeightAdamW(torch.optim.AdamW):
         opt.zero_grad(set_to_none=True)      # clears model and master grads
     """
 
-    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, **adamw_kwargs) -> None:
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        **adamw_kwargs,
+    ) -> None:
         # Set before AdamW.__init__, which calls our add_param_group for each group.
         self._model_param: dict[torch.Tensor, torch.Tensor] = {}  # master -> low-precision model param
         self._master_of: dict[int, torch.Tensor] = {}  # id(model param) -> its master (itself if fp32)
@@ -124,7 +132,12 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(model param, master) for the low-precision parameters, in param_groups order."""
-        return [(self._model_param[m], m) for g in self.param_groups for m in g["params"] if m in self._model_param]
+        return [
+            (self._model_param[m], m)
+            for g in self.param_groups
+            for m in g["params"]
+            if m in self._model_param
+        ]
 
     def _follow_devices(self) -> None:
         """Move masters (and their state) to their model parameter's device if the model moved."""
@@ -165,16 +178,22 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     # --- the optimizer API
 
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                        foreach: bool | None = None) -> torch.Tensor:
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> torch.Tensor:
         """Move the gradients to the fp32 masters and clip them there; returns the total norm (fp32).
 
         Same contract as `torch.nn.utils.clip_grad_norm_` over every parameter of this optimizer.
         """
         self._grads_to_masters()
         grads_of = [m for g in self.param_groups for m in g["params"] if m.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(grads_of, max_norm, norm_type=norm_type,
-                                              error_if_nonfinite=error_if_nonfinite, foreach=foreach)
+        return torch.nn.utils.clip_grad_norm_(
+            grads_of, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -220,8 +239,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
         for i, m in self._low_precision(saved):
             p = self._model_param[m]
             if saved is not None and saved[i].shape != m.shape:
-                raise ValueError(f"optimizer state dict: master weight {i} has shape {tuple(saved[i].shape)}, "
-                                 f"the parameter has {tuple(m.shape)}")
+                raise ValueError(
+                    f"optimizer state dict: master weight {i} has shape {tuple(saved[i].shape)}, "
+                    f"the parameter has {tuple(m.shape)}"
+                )
             m.copy_(p if saved is None else saved[i])
             p.copy_(m)  # unchanged when the master was taken from it
 
@@ -230,9 +251,11 @@ class MasterWeightAdamW(torch.optim.AdamW):
         flat = [m for g in self.param_groups for m in g["params"]]
         found = [(i, m) for i, m in enumerate(flat) if m in self._model_param]
         if saved is not None and set(saved) != {i for i, _ in found}:
-            raise ValueError("optimizer state dict: its master weights do not match this optimizer's low-precision "
-                             f"parameters (saved for indices {sorted(saved)[:8]}..., expected "
-                             f"{[i for i, _ in found][:8]}...); was it saved for a model of another dtype?")
+            raise ValueError(
+                "optimizer state dict: its master weights do not match this optimizer's low-precision "
+                f"parameters (saved for indices {sorted(saved)[:8]}..., expected "
+                f"{[i for i, _ in found][:8]}...); was it saved for a model of another dtype?"
+            )
         return found
 
 

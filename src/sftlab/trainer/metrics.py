@@ -36,9 +36,21 @@ class MetricsLog:
             return
         parts = [f"step {record['step']:>5}/{total_steps}", f"epoch {record['epoch']:.2f}"]
         named = [(k, ".4f") for k in record if k.startswith("eval/")]  # named eval sets: eval/<name>_loss
-        for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), *named, ("lr", ".2e"), ("grad_norm", ".3f"),
-                         ("tokens_per_s", ".0f"), ("mfu", ".1%"), ("target_tokens", "d")):
-            if key in record and record[key] is not None and not (isinstance(record[key], float) and math.isnan(record[key])):
+        for key, fmt in (
+            ("loss", ".4f"),
+            ("eval_loss", ".4f"),
+            *named,
+            ("lr", ".2e"),
+            ("grad_norm", ".3f"),
+            ("tokens_per_s", ".0f"),
+            ("mfu", ".1%"),
+            ("target_tokens", "d"),
+        ):
+            if (
+                key in record
+                and record[key] is not None
+                and not (isinstance(record[key], float) and math.isnan(record[key]))
+            ):
                 parts.append(f"{key} {record[key]:{fmt}}")
         self.console.print("  ".join(parts), highlight=False)
 

@@ -52,13 +52,21 @@ class OptimizerError(SftlabError, ValueError):
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = dict(model.named_parameters())
     decay, no_decay = ([params[n] for n in names] for names in decay_groups(model))
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # DeepSpeed drops empty groups
+    groups = [
+        g
+        for g in (
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        )
+        if g["params"]
+    ]  # DeepSpeed drops empty groups
     if cfg.name != "adamw":
         if needs_master_weights(model):
-            raise OptimizerError(f"optim.name: {cfg.name} has no fp32 master weights for bf16/fp16 parameters "
-                                 "(only adamw does); use model.dtype: float32 (with train.mixed_precision: bf16 for "
-                                 "bf16 compute) or optim.name: adamw")
+            raise OptimizerError(
+                f"optim.name: {cfg.name} has no fp32 master weights for bf16/fp16 parameters "
+                "(only adamw does); use model.dtype: float32 (with train.mixed_precision: bf16 for "
+                "bf16 compute) or optim.name: adamw"
+            )
         return _named_optimizer(groups, cfg)
     kwargs = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
     if all(p.device.type in ("cpu", "cuda") for p in decay + no_decay):
@@ -73,11 +81,14 @@ def _named_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimi
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.name == "adafactor":
         from transformers.optimization import Adafactor
+
         return Adafactor(groups, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False)
     try:
         import bitsandbytes as bnb
     except ImportError as e:
-        raise OptimizerError(f"optim.name: {cfg.name} needs bitsandbytes: pip install 'sftlab[qlora]' ({e})") from None
+        raise OptimizerError(
+            f"optim.name: {cfg.name} needs bitsandbytes: pip install 'sftlab[qlora]' ({e})"
+        ) from None
     cls = bnb.optim.PagedAdamW8bit if cfg.name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
@@ -104,6 +115,11 @@ def lr_factor(done: int, warmup: int, total: int, kind: str, floor: float = 0.0)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
-    factor = functools.partial(lr_factor, warmup=warmup_steps(cfg, total_steps), total=total_steps,
-                               kind=cfg.scheduler, floor=cfg.min_lr_ratio)
+    factor = functools.partial(
+        lr_factor,
+        warmup=warmup_steps(cfg, total_steps),
+        total=total_steps,
+        kind=cfg.scheduler,
+        floor=cfg.min_lr_ratio,
+    )
     return LambdaLR(optimizer, factor)

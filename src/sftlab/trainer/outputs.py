@@ -24,8 +24,8 @@ from sftlab.trainer.card import write_model_cards
 from sftlab.trainer.checkpoint import delete_checkpoints
 from sftlab.trainer.data import data_report_json
 from sftlab.trainer.inference import load_adapter_dir, load_model_dir, model_processor
-from sftlab.trainer.metrics import MetricsLog, read_metrics
 from sftlab.trainer.master_weights import load_master_weights, master_weight_optimizer
+from sftlab.trainer.metrics import MetricsLog, read_metrics
 from sftlab.trainer.report import DATA_REPORT
 from sftlab.trainer.run import Run, TrainResult
 from sftlab.trainer.setup import compute_dtype
@@ -36,8 +36,14 @@ def finished_result(out: Path) -> TrainResult:
     info = rundir.read_finished(out) or {}
     history = read_metrics(out / "metrics.jsonl")
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
-    return TrainResult(output_dir=out, steps=info.get("steps", len(history)), final_loss=info.get("final_loss"),
-                       eval_loss=evals[-1] if evals else None, history=history, completed_before=True)
+    return TrainResult(
+        output_dir=out,
+        steps=info.get("steps", len(history)),
+        final_loss=info.get("final_loss"),
+        eval_loss=evals[-1] if evals else None,
+        history=history,
+        completed_before=True,
+    )
 
 
 def open_run_log(run: Run) -> None:
@@ -50,28 +56,41 @@ def open_run_log(run: Run) -> None:
         (run.out / "config.yaml").write_text(dump_config(cfg))
         (run.out / "run.json").write_text(json.dumps(run_info(run), indent=1) + "\n")
         (run.out / DATA_REPORT).write_text(json.dumps(data_report_json(run.data), indent=1) + "\n")
-        run.console.print(f"[bold]train[/bold]: {run.total_steps} optimizer steps x {cfg.train.grad_accum_steps} "
-                          f"micro-batches of {cfg.train.micro_batch_size} (x{run.world} processes, "
-                          f"{run.engine.name}); "
-                          f"{run.stream.batches_per_epoch} micro-batches/epoch")
+        run.console.print(
+            f"[bold]train[/bold]: {run.total_steps} optimizer steps x {cfg.train.grad_accum_steps} "
+            f"micro-batches of {cfg.train.micro_batch_size} (x{run.world} processes, "
+            f"{run.engine.name}); "
+            f"{run.stream.batches_per_epoch} micro-batches/epoch"
+        )
         if run.total_steps < 2:
-            run.console.print(f"[bold yellow]warning[/bold yellow]: this run ends after {run.total_steps} optimizer "
-                              "step: the saved model has taken a single update (set train.max_steps or "
-                              "train.num_epochs for more)", highlight=False)
+            run.console.print(
+                f"[bold yellow]warning[/bold yellow]: this run ends after {run.total_steps} optimizer "
+                "step: the saved model has taken a single update (set train.max_steps or "
+                "train.num_epochs for more)",
+                highlight=False,
+            )
     run.callbacks.call("on_train_begin", run_info(run))
 
 
 def run_info(run: Run) -> dict[str, Any]:
     """What `auto` settings resolved to on this machine (also printed at start)."""
     head = run.objective.loss_fn if hasattr(run.objective, "loss_fn") else None
-    return {"mixed_precision": run.mixed_precision, "weights_dtype": run.cfg.model.dtype,
-            "compute_dtype": compute_dtype(run.cfg.model.dtype, run.mixed_precision),
-            "master_weights_fp32": master_weight_optimizer(run.optimizer) is not None,
-            "gradient_checkpointing": run.recompute, "compile": run.compiled,
-            "loss_head": getattr(head, "mode", "full"), "loss_head_reason": getattr(head, "reason", ""),
-            "device": str(run.accelerator.device), "num_processes": run.world,
-            "engine": run.engine.name, "peak_flops": run.peak_flops,
-            "total_steps": run.total_steps, "inputs": run.inputs.describe()}
+    return {
+        "mixed_precision": run.mixed_precision,
+        "weights_dtype": run.cfg.model.dtype,
+        "compute_dtype": compute_dtype(run.cfg.model.dtype, run.mixed_precision),
+        "master_weights_fp32": master_weight_optimizer(run.optimizer) is not None,
+        "gradient_checkpointing": run.recompute,
+        "compile": run.compiled,
+        "loss_head": getattr(head, "mode", "full"),
+        "loss_head_reason": getattr(head, "reason", ""),
+        "device": str(run.accelerator.device),
+        "num_processes": run.world,
+        "engine": run.engine.name,
+        "peak_flops": run.peak_flops,
+        "total_steps": run.total_steps,
+        "inputs": run.inputs.describe(),
+    }
 
 
 def finish(run: Run) -> None:
@@ -89,30 +108,47 @@ def finish(run: Run) -> None:
         unwrapped = save_adapter_run(run, unwrapped, gathered)
     elif gathered is not None:
         dtype = DTYPES[run.cfg.model.dtype]
-        save_model(unwrapped, saved_tokenizer(run), run.out, run.data.template,
-                   state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in gathered.items()})
-        run.console.print(f"[bold green]saved[/bold green] model (gathered from the shards) + tokenizer to {run.out}")
+        save_model(
+            unwrapped,
+            saved_tokenizer(run),
+            run.out,
+            run.data.template,
+            state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in gathered.items()},
+        )
+        run.console.print(
+            f"[bold green]saved[/bold green] model (gathered from the shards) + tokenizer to {run.out}"
+        )
         unwrapped = load_model_dir(run.out)[0] if run.cfg.match_eval is not None else None
     else:
-        load_master_weights(unwrapped, run.optimizer)  # bf16 compute copies -> fp32 weights, the exact masters
+        load_master_weights(
+            unwrapped, run.optimizer
+        )  # bf16 compute copies -> fp32 weights, the exact masters
         unwrapped.to(DTYPES[run.cfg.model.dtype])  # saved in the dtype asked for (model.dtype)
         save_model(unwrapped, saved_tokenizer(run), run.out, run.data.template)
         run.console.print(f"[bold green]saved[/bold green] model + tokenizer to {run.out}")
     if run.cfg.match_eval is not None:
         run.result.match_after = run_match_eval(unwrapped, run, "after")
-        summary = {"before": match_json(run.result.match_before), "after": match_json(run.result.match_after),
-                   "samples_after": [list(s) for s in run.result.match_after.samples[:5]]}
+        summary = {
+            "before": match_json(run.result.match_before),
+            "after": match_json(run.result.match_after),
+            "samples_after": [list(s) for s in run.result.match_after.samples[:5]],
+        }
         (run.out / "match_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     end_callbacks(run)
-    cards = write_model_cards(run.out)  # README.md, from the run's files (metrics.jsonl ends with the last step)
+    cards = write_model_cards(
+        run.out
+    )  # README.md, from the run's files (metrics.jsonl ends with the last step)
     run.console.print(f"[bold]model card[/bold]: {', '.join(str(p) for p in cards)}", highlight=False)
-    rundir.mark_finished(run.out, {"steps": run.total_steps, "final_loss": run.result.final_loss,
-                                   "eval_loss": run.result.eval_loss})
+    rundir.mark_finished(
+        run.out,
+        {"steps": run.total_steps, "final_loss": run.result.final_loss, "eval_loss": run.result.eval_loss},
+    )
     if run.cfg.checkpoint.delete_at_end:
         removed = delete_checkpoints(run.out)
         if removed:
-            run.console.print(f"[dim]deleted {removed} checkpoint(s): the run is finished "
-                              "(checkpoint.delete_at_end)[/dim]")
+            run.console.print(
+                f"[dim]deleted {removed} checkpoint(s): the run is finished (checkpoint.delete_at_end)[/dim]"
+            )
 
 
 def hf_model_writer(run: Run):
@@ -130,8 +166,14 @@ def hf_model_writer(run: Run):
             saved_tokenizer(run).save_pretrained(ckpt / "hf")
             return
         dtype = DTYPES[run.cfg.model.dtype]
-        save_model(unwrapped, saved_tokenizer(run), ckpt / "hf", run.data.template,
-                   state_dict={k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+        save_model(
+            unwrapped,
+            saved_tokenizer(run),
+            ckpt / "hf",
+            run.data.template,
+            state_dict={k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+        )
+
     return write
 
 
@@ -177,7 +219,12 @@ def save_adapter_run(run: Run, model, gathered: dict | None = None):
         return None
     merged, _ = load_adapter_dir(run.out)
     if run.cfg.peft.merge_on_save:
-        save_model(merged.to(DTYPES[run.cfg.model.dtype]), saved_tokenizer(run), run.out / "merged", run.data.template)
+        save_model(
+            merged.to(DTYPES[run.cfg.model.dtype]),
+            saved_tokenizer(run),
+            run.out / "merged",
+            run.data.template,
+        )
         run.console.print(f"[bold green]saved[/bold green] merged model to {run.out / 'merged'}")
     return merged.float()
 
@@ -189,12 +236,22 @@ def match_json(r: MatchResult | None) -> dict | None:
 def run_match_eval(model, run: Run, when: str) -> MatchResult:
     t0 = time.perf_counter()
     with run.accelerator.autocast():  # in the precision the run trains in (bf16 weights need it)
-        res = exact_match(model, run.data.tokenizer, run.match_examples, run.cfg.match_eval, run.data.template,
-                          getattr(run.data, "processor", None))
-    run.console.print(f"[bold]exact match {when} training[/bold]: {res.correct}/{res.total} = {res.accuracy:.1%} "
-                      f"({time.perf_counter() - t0:.0f}s)")
+        res = exact_match(
+            model,
+            run.data.tokenizer,
+            run.match_examples,
+            run.cfg.match_eval,
+            run.data.template,
+            getattr(run.data, "processor", None),
+        )
+    run.console.print(
+        f"[bold]exact match {when} training[/bold]: {res.correct}/{res.total} = {res.accuracy:.1%} "
+        f"({time.perf_counter() - t0:.0f}s)"
+    )
     for prompt, ref, pred in res.samples[:3]:
-        run.console.print(f"  {prompt[:60]!r} -> {pred.strip()[:60]!r} (reference {ref[:60]!r})", highlight=False)
+        run.console.print(
+            f"  {prompt[:60]!r} -> {pred.strip()[:60]!r} (reference {ref[:60]!r})", highlight=False
+        )
     return res
 
 

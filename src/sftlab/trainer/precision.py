@@ -27,6 +27,7 @@ AUTO_ENV = "SFTLAB_AUTO_MIXED_PRECISION"  # forces what train.mixed_precision: a
 
 # ---------------------------------------------------------------------------- hardware and autocast mode
 
+
 def cpuinfo_field(name: str, path: str = "/proc/cpuinfo") -> str:
     """The first CPU's `name` field of /proc/cpuinfo ("" where there is none)."""
     try:
@@ -70,8 +71,9 @@ def forced_auto() -> str | None:
     return forced
 
 
-def resolve_mixed_precision(setting: str, device: torch.device | str,
-                            weights_dtype: str = "float32") -> tuple[str, str]:
+def resolve_mixed_precision(
+    setting: str, device: torch.device | str, weights_dtype: str = "float32"
+) -> tuple[str, str]:
     """(mode for `Accelerator(mixed_precision=...)`: "no" | "bf16" | "fp16", one-line reason for the log).
 
     auto: bf16 on a CUDA device that supports it and on a CPU with AMX-BF16/AVX512-BF16, else no;
@@ -81,9 +83,15 @@ def resolve_mixed_precision(setting: str, device: torch.device | str,
     raise ValueError; bf16 on a CPU without fast bf16 runs (correctly, but likely slower than fp32).
     """
     if setting not in MIXED_PRECISION_SETTINGS:
-        raise ValueError(f"mixed precision {setting!r}: expected one of {', '.join(MIXED_PRECISION_SETTINGS)}")
+        raise ValueError(
+            f"mixed precision {setting!r}: expected one of {', '.join(MIXED_PRECISION_SETTINGS)}"
+        )
     dev = torch.device(device)
-    if setting == "auto" and weights_dtype == "bfloat16" and not (dev.type == "cuda" and not _cuda_bf16_supported()):
+    if (
+        setting == "auto"
+        and weights_dtype == "bfloat16"
+        and not (dev.type == "cuda" and not _cuda_bf16_supported())
+    ):
         return "bf16", "auto: the weights are bfloat16 (model.dtype), so the compute is bf16"
     forced = forced_auto()
     if setting == "auto" and forced is not None:
@@ -93,29 +101,50 @@ def resolve_mixed_precision(setting: str, device: torch.device | str,
     if setting == "no":
         return "no", "mixed precision off as configured (no autocast: compute in the model's dtype)"
     if dev.type == "cpu":
-        fast = cpu_has_fast_bf16()
-        if setting == "fp16":
-            raise ValueError("mixed precision fp16 is not supported on CPU (it needs gradient scaling and CPUs "
-                             "have no fast fp16 kernels); use bf16 or no")
-        if setting == "auto":
-            return ("bf16", "auto: CPU has AMX-BF16/AVX512-BF16, bf16 autocast is fast") if fast else \
-                ("no", "auto: CPU has no AMX-BF16/AVX512-BF16, bf16 would be slower than fp32")
-        return "bf16", ("bf16 as configured; CPU has AMX-BF16/AVX512-BF16" if fast else
-                        "bf16 as configured; this CPU has no AMX-BF16/AVX512-BF16, so bf16 math is emulated "
-                        "and will likely be slower than fp32")
+        return _on_cpu(setting)
     if dev.type == "cuda":
-        bf16 = _cuda_bf16_supported()
-        if setting == "auto":
-            return ("bf16", "auto: CUDA device supports bf16") if bf16 else \
-                ("no", "auto: CUDA device has no bf16; fp16 (with loss scaling) only if set explicitly")
-        if setting == "bf16":
-            if not bf16:
-                raise ValueError("mixed precision bf16: this CUDA device does not support bf16; use fp16 or no")
-            return "bf16", "bf16 as configured; CUDA device supports bf16"
-        return "fp16", "fp16 as configured (Accelerate scales the loss to avoid gradient underflow)"
+        return _on_cuda(setting)
     if setting == "auto":
         return "no", f"auto: no fast bf16 known for device type {dev.type!r}"
     return setting, f"{setting} as configured on device type {dev.type!r}"
+
+
+def _on_cpu(setting: str) -> tuple[str, str]:
+    """`resolve_mixed_precision` on a CPU: bf16 where it is fast (or as configured), never fp16."""
+    fast = cpu_has_fast_bf16()
+    if setting == "fp16":
+        raise ValueError(
+            "mixed precision fp16 is not supported on CPU (it needs gradient scaling and CPUs "
+            "have no fast fp16 kernels); use bf16 or no"
+        )
+    if setting == "auto":
+        return (
+            ("bf16", "auto: CPU has AMX-BF16/AVX512-BF16, bf16 autocast is fast")
+            if fast
+            else ("no", "auto: CPU has no AMX-BF16/AVX512-BF16, bf16 would be slower than fp32")
+        )
+    return "bf16", (
+        "bf16 as configured; CPU has AMX-BF16/AVX512-BF16"
+        if fast
+        else "bf16 as configured; this CPU has no AMX-BF16/AVX512-BF16, so bf16 math is emulated "
+        "and will likely be slower than fp32"
+    )
+
+
+def _on_cuda(setting: str) -> tuple[str, str]:
+    """`resolve_mixed_precision` on a CUDA device: bf16 where it has it, fp16 only as configured."""
+    bf16 = _cuda_bf16_supported()
+    if setting == "auto":
+        return (
+            ("bf16", "auto: CUDA device supports bf16")
+            if bf16
+            else ("no", "auto: CUDA device has no bf16; fp16 (with loss scaling) only if set explicitly")
+        )
+    if setting == "bf16":
+        if not bf16:
+            raise ValueError("mixed precision bf16: this CUDA device does not support bf16; use fp16 or no")
+        return "bf16", "bf16 as configured; CUDA device supports bf16"
+    return "fp16", "fp16 as configured (Accelerate scales the loss to avoid gradient underflow)"
 
 
 # ---------------------------------------------------------------------------- which weights hold bf16 copies
@@ -123,7 +152,9 @@ def resolve_mixed_precision(setting: str, device: torch.device | str,
 OPTIMIZERS_WITH_MASTERS = ("adamw",)  # MasterWeightAdamW; the others update the parameters they are given
 
 
-def bf16_weight_form(mixed: str, weights_dtype: str, optim_name: str, engine_casts: bool = False) -> tuple[str, str]:
+def bf16_weight_form(
+    mixed: str, weights_dtype: str, optim_name: str, engine_casts: bool = False
+) -> tuple[str, str]:
     """Which parameters train as bf16 copies of fp32 masters: "none" | "matmul" | "all", and why (the log).
 
     bf16 compute (`mixed` bf16, or bfloat16 weights) keeps the matmul weights as bf16 copies whose fp32
@@ -139,8 +170,13 @@ def bf16_weight_form(mixed: str, weights_dtype: str, optim_name: str, engine_cas
     if optim_name in OPTIMIZERS_WITH_MASTERS:
         return form, "bf16 copies of fp32 masters held by the optimizer"
     if form == "all":
-        raise ValueError(f"optim.name: {optim_name} keeps no fp32 master weights, so bfloat16 weights without "
-                         "autocast (model.dtype: bfloat16, train.mixed_precision: no) would lose every update "
-                         "smaller than a bf16 ulp; use train.mixed_precision: bf16 (fp32 weights under bf16 "
-                         "autocast, still saved as bfloat16) or optim.name: adamw")
-    return "none", f"optim.name: {optim_name} keeps no fp32 master weights, so the weights it updates stay fp32"
+        raise ValueError(
+            f"optim.name: {optim_name} keeps no fp32 master weights, so bfloat16 weights without "
+            "autocast (model.dtype: bfloat16, train.mixed_precision: no) would lose every update "
+            "smaller than a bf16 ulp; use train.mixed_precision: bf16 (fp32 weights under bf16 "
+            "autocast, still saved as bfloat16) or optim.name: adamw"
+        )
+    return (
+        "none",
+        f"optim.name: {optim_name} keeps no fp32 master weights, so the weights it updates stay fp32",
+    )

@@ -56,8 +56,9 @@ def planned_tokens(cfg: Any, units: Any) -> int:
     return cfg.train.micro_batch_size * min(longest, cfg.data.max_seq_length)
 
 
-def decide(setting: bool | str, model: Any, tokens: int, compute_dtype: torch.dtype,
-           device: torch.device | str) -> tuple[bool, str]:
+def decide(
+    setting: bool | str, model: Any, tokens: int, compute_dtype: torch.dtype, device: torch.device | str
+) -> tuple[bool, str]:
     """(recompute or not, why) for `train.gradient_checkpointing`."""
     if setting is not True and setting is not False and setting != "auto":
         raise ValueError(f"train.gradient_checkpointing: expected true, false or auto, got {setting!r}")
@@ -67,7 +68,11 @@ def decide(setting: bool | str, model: Any, tokens: int, compute_dtype: torch.dt
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
     elsewhere = sum(p.numel() * p.element_size() for p in params if p.device != torch.device(device))
-    room = free_bytes(device) - elsewhere - 3 * 4 * trainable  # weights still to move there, grads, AdamW moments
+    room = (
+        free_bytes(device) - elsewhere - 3 * 4 * trainable
+    )  # weights still to move there, grads, AdamW moments
     on = need > HEADROOM * room
-    return on, (f"auto: a micro-batch of {tokens:,} tokens keeps ~{need / 2**30:.2f} GiB of activations, "
-                f"{max(room, 0) / 2**30:.1f} GiB free for them")
+    return on, (
+        f"auto: a micro-batch of {tokens:,} tokens keeps ~{need / 2**30:.2f} GiB of activations, "
+        f"{max(room, 0) / 2**30:.1f} GiB free for them"
+    )

@@ -51,14 +51,22 @@ def plot(metrics: list[dict[str, Any]], out: Path) -> None:
     steps = [m["step"] for m in metrics]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), constrained_layout=True)
     ax = axes[0][0]
-    ax.plot(steps, [m.get("loss") for m in metrics], label="training loss", marker="." if len(steps) < 40 else None)
+    ax.plot(
+        steps,
+        [m.get("loss") for m in metrics],
+        label="training loss",
+        marker="." if len(steps) < 40 else None,
+    )
     for key in eval_keys(metrics):  # eval_loss, then each named eval set's eval/<name>_loss
         evals = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
         ax.plot(*zip(*evals), label="validation loss" if key == "eval_loss" else key, marker="o")
     ax.set_yscale("log" if all((m.get("loss") or 0) > 0 for m in metrics) else "linear")
     ax.legend()
-    for ax, key, title in ((axes[0][1], "lr", "learning rate"), (axes[1][0], "tokens_per_s", "tokens/s"),
-                           (axes[1][1], "target_tokens", "target tokens per step")):
+    for ax, key, title in (
+        (axes[0][1], "lr", "learning rate"),
+        (axes[1][0], "tokens_per_s", "tokens/s"),
+        (axes[1][1], "target_tokens", "target tokens per step"),
+    ):
         ax.plot(steps, [m.get(key) for m in metrics], marker="." if len(steps) < 40 else None)
         ax.set_title(title)
     axes[0][0].set_title("loss")
@@ -78,21 +86,34 @@ def eval_keys(metrics: list[dict[str, Any]]) -> list[str]:
 def _summary(metrics: list[dict[str, Any]], info: dict[str, Any] | None, total: int | None) -> list[str]:
     last = metrics[-1] if metrics else {}
     evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
-    rows = [("optimizer steps", f"{last.get('step', 0)}" + (f" of {total}" if total else "")),
-            ("epochs", f"{last.get('epoch', 0):.2f}"),
-            ("first / last training loss", f"{metrics[0]['loss']:.4f} / {last['loss']:.4f}" if metrics else "-"),
-            ("last / best validation loss", f"{evals[-1]:.4f} / {min(evals):.4f}" if evals else "-"),
-            *[(f"last / best {key}", _last_best(metrics, key)) for key in eval_keys(metrics) if key != "eval_loss"],
-            ("target tokens trained", f"{sum(m.get('target_tokens', 0) for m in metrics):,}")]
-    for key, name in (("tokens_per_s", "tokens/s (median step)"), ("target_tokens_per_s", "target tokens/s"),
-                      ("mfu", "MFU"), ("padding", "padding share")):
+    rows = [
+        ("optimizer steps", f"{last.get('step', 0)}" + (f" of {total}" if total else "")),
+        ("epochs", f"{last.get('epoch', 0):.2f}"),
+        ("first / last training loss", f"{metrics[0]['loss']:.4f} / {last['loss']:.4f}" if metrics else "-"),
+        ("last / best validation loss", f"{evals[-1]:.4f} / {min(evals):.4f}" if evals else "-"),
+        *[
+            (f"last / best {key}", _last_best(metrics, key))
+            for key in eval_keys(metrics)
+            if key != "eval_loss"
+        ],
+        ("target tokens trained", f"{sum(m.get('target_tokens', 0) for m in metrics):,}"),
+    ]
+    for key, name in (
+        ("tokens_per_s", "tokens/s (median step)"),
+        ("target_tokens_per_s", "target tokens/s"),
+        ("mfu", "MFU"),
+        ("padding", "padding share"),
+    ):
         values = [m[key] for m in metrics if m.get(key) is not None]
         if values:
             v = statistics.median(values)
             rows.append((name, f"{v:.1%}" if key in ("mfu", "padding") else f"{v:,.0f}"))
     if info:
-        rows += [("precision", f"{info.get('mixed_precision')} (weights {info.get('weights_dtype')})"),
-                 ("loss head", str(info.get("loss_head"))), ("device", f"{info.get('device')} x{info.get('num_processes')}")]
+        rows += [
+            ("precision", f"{info.get('mixed_precision')} (weights {info.get('weights_dtype')})"),
+            ("loss head", str(info.get("loss_head"))),
+            ("device", f"{info.get('device')} x{info.get('num_processes')}"),
+        ]
     return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
 
 
@@ -110,14 +131,22 @@ def _data_section(data: dict[str, Any] | None) -> list[str]:
     if data.get("bad_examples"):
         out += ["", "First skipped rows:", ""] + [f"- `{e}`" for e in data["bad_examples"]]
     if data.get("unknown_fields"):
-        note = ("Fields no reader of the row format uses (ignored; map them with the source's `columns` if they "
-                "hold data, docs/data.md):")
+        note = (
+            "Fields no reader of the row format uses (ignored; map them with the source's `columns` if they "
+            "hold data, docs/data.md):"
+        )
         out += ["", note, ""]
-        out += [f"- {source}: " + ", ".join(f"`{k}` ({n} rows)" for k, n in fields.items())
-                for source, fields in data["unknown_fields"].items()]
+        out += [
+            f"- {source}: " + ", ".join(f"`{k}` ({n} rows)" for k, n in fields.items())
+            for source, fields in data["unknown_fields"].items()
+        ]
     if data.get("unused_mapping"):
-        out += ["", "Entries of a source's `columns` / `roles` that no row uses (check the names against the "
-                "file's own):", ""]
+        out += [
+            "",
+            "Entries of a source's `columns` / `roles` that no row uses (check the names against the "
+            "file's own):",
+            "",
+        ]
         out += [f"- {source}: " + "; ".join(entries) for source, entries in data["unused_mapping"].items()]
     return out
 
@@ -125,10 +154,14 @@ def _data_section(data: dict[str, Any] | None) -> list[str]:
 def _match_section(match: dict[str, Any] | None) -> list[str]:
     if not match:
         return ["(no match evaluation configured: `match_eval.path`)"]
+
     def acc(r):  # noqa: E306
         return "-" if not r else f"{r['correct']}/{r['total']} = {r['accuracy']:.1%}"
-    out = [f"Exact match of greedy replies: before training {acc(match.get('before'))}, "
-           f"after {acc(match.get('after'))}."]
+
+    out = [
+        f"Exact match of greedy replies: before training {acc(match.get('before'))}, "
+        f"after {acc(match.get('after'))}."
+    ]
     samples = match.get("samples_after") or []
     if samples:
         out += ["", "| prompt | reference | reply |", "|---|---|---|"]
@@ -145,21 +178,44 @@ def write_report(run_dir: str | Path, status: str | None = None) -> Path:
     run_dir = Path(run_dir)
     metrics = _metrics(run_dir)
     info = _read_json(run_dir / "run.json")
-    config = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else ""
+    config = (
+        (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else ""
+    )
     total = (info or {}).get("total_steps")
     if status is None:
         done = (run_dir / "model.safetensors").is_file() or (run_dir / "adapter_model.safetensors").is_file()
         status = "finished" if done else "not finished (interrupted or running)"
     latest = run_dir / "checkpoints" / "latest"
-    lines = [f"# sftlab run report: {run_dir.name}", "", f"Status: {status}."
-             + (f" Latest checkpoint: `checkpoints/{latest.read_text().strip()}`." if latest.is_file() else ""), ""]
+    lines = [
+        f"# sftlab run report: {run_dir.name}",
+        "",
+        f"Status: {status}."
+        + (f" Latest checkpoint: `checkpoints/{latest.read_text().strip()}`." if latest.is_file() else ""),
+        "",
+    ]
     if metrics:
         plot(metrics, run_dir / PLOT)
         lines += [f"![loss, learning rate, throughput]({PLOT})", ""]
-    lines += ["## Summary", "", *_summary(metrics, info, total), "",
-              "## Data", "", *_data_section(_read_json(run_dir / DATA_REPORT)), "",
-              "## Exact-match evaluation", "", *_match_section(_read_json(run_dir / "match_eval.json")), "",
-              "## Configuration (resolved)", "", "```yaml", config.rstrip(), "```", ""]
+    lines += [
+        "## Summary",
+        "",
+        *_summary(metrics, info, total),
+        "",
+        "## Data",
+        "",
+        *_data_section(_read_json(run_dir / DATA_REPORT)),
+        "",
+        "## Exact-match evaluation",
+        "",
+        *_match_section(_read_json(run_dir / "match_eval.json")),
+        "",
+        "## Configuration (resolved)",
+        "",
+        "```yaml",
+        config.rstrip(),
+        "```",
+        "",
+    ]
     path = run_dir / REPORT
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

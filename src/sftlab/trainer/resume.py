@@ -35,21 +35,36 @@ def data_fingerprint(examples) -> str:
 
 
 # Config keys that may change between a checkpoint and its resumption; everything else must match.
-RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.resume", "train.output_dir", "train.overwrite",
-                    "checkpoint.",
-                    "match_eval", "data.num_proc", "data.cache", "data.cache_dir", "data.on_bad_record",
-                    "data.max_bad_fraction", "train.on_nan", "peft.merge_on_save")
+RESUME_SAFE_KEYS = (
+    "train.log_every",
+    "train.eval_every",
+    "train.resume",
+    "train.output_dir",
+    "train.overwrite",
+    "checkpoint.",
+    "match_eval",
+    "data.num_proc",
+    "data.cache",
+    "data.cache_dir",
+    "data.on_bad_record",
+    "data.max_bad_fraction",
+    "train.on_nan",
+    "peft.merge_on_save",
+)
 
 
 def check_resume_compatible(saved: dict, cfg: SFTConfig, ckpt: Path) -> None:
     """`saved`: the config tree of a checkpoint (or of a finished run's config.yaml)."""
     old, new = flat_config(_with_defaults(saved)), flat_config(cfg.model_dump(mode="json"))
-    changed = sorted(k for k in old.keys() | new.keys()
-                     if old.get(k) != new.get(k) and not k.startswith(RESUME_SAFE_KEYS))
+    changed = sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUME_SAFE_KEYS)
+    )
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-        raise RunError(f"cannot resume from {ckpt}: the config changed in ways that break the run ({details}). "
-                       "Only logging, evaluation and checkpoint settings may change; start a new output_dir instead.")
+        raise RunError(
+            f"cannot resume from {ckpt}: the config changed in ways that break the run ({details}). "
+            "Only logging, evaluation and checkpoint settings may change; start a new output_dir instead."
+        )
 
 
 def _with_defaults(saved: dict) -> dict:
@@ -81,16 +96,22 @@ def check_resume_state(run) -> None:
         return
     ckpt, saved = run.resume_from, run.resume_state  # read once by setup_run
     if saved.num_processes != run.world:
-        raise RunError(f"cannot resume from {ckpt}: it was written by {saved.num_processes} "
-                       f"process(es), this run has {run.world}; the data order, the batch geometry (and the "
-                       f"shards of a sharded checkpoint) would change. Launch it with "
-                       f"{saved.num_processes} processes, or start a new output_dir")
+        raise RunError(
+            f"cannot resume from {ckpt}: it was written by {saved.num_processes} "
+            f"process(es), this run has {run.world}; the data order, the batch geometry (and the "
+            f"shards of a sharded checkpoint) would change. Launch it with "
+            f"{saved.num_processes} processes, or start a new output_dir"
+        )
     if saved.engine != run.engine.name:
-        raise RunError(f"cannot resume from {ckpt}: it was written under {saved.engine}, this run uses "
-                       f"{run.engine.name}; launch it with the same accelerate config")
+        raise RunError(
+            f"cannot resume from {ckpt}: it was written under {saved.engine}, this run uses "
+            f"{run.engine.name}; launch it with the same accelerate config"
+        )
     if saved.data_fingerprint != run.fingerprint:
-        raise RunError(f"cannot resume from {ckpt}: the training data changed since it was written "
-                       "(different tokenized examples); start a new output_dir instead")
+        raise RunError(
+            f"cannot resume from {ckpt}: the training data changed since it was written "
+            "(different tokenized examples); start a new output_dir instead"
+        )
 
 
 def trainable_only_checkpoints(run) -> bool:
@@ -100,8 +121,9 @@ def trainable_only_checkpoints(run) -> bool:
 
 def restore_checkpoint(run) -> None:
     """Weights, optimizer, scheduler, this rank's RNG, the stream position and the history so far."""
-    state = load_checkpoint(run.accelerator, run.resume_from, run.scheduler,
-                            trainable_only=trainable_only_checkpoints(run))
+    state = load_checkpoint(
+        run.accelerator, run.resume_from, run.scheduler, trainable_only=trainable_only_checkpoints(run)
+    )
     run.start_step, run.consumed = state.step, state.consumed_micro_batches
     run.stream.load_state(state.data)
     run.logged_steps = list(state.logged_steps)

@@ -57,31 +57,44 @@ def is_peft_model(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def build_run_model(cfg: SFTConfig, tokens: RunTokens, purpose: str = "train", given: Any = None,
-                    mixed_precision: str = "no", sharded: bool = False) -> RunModel:
+def build_run_model(
+    cfg: SFTConfig,
+    tokens: RunTokens,
+    purpose: str = "train",
+    given: Any = None,
+    mixed_precision: str = "no",
+    sharded: bool = False,
+) -> RunModel:
     """The run's model (module docstring). `purpose`: train | load (inference, eval, export: no
     quantization, no recomputation, no noise, fp32). `given`: a model object from the Python API."""
     training = purpose == "train"
     built = RunModel(given if given is not None else _load_base(cfg, tokens, training))
-    if given is not None and any(p.dtype != torch.float32 for p in given.parameters() if p.is_floating_point()):
+    if given is not None and any(
+        p.dtype != torch.float32 for p in given.parameters() if p.is_floating_point()
+    ):
         built.model = given.float()  # the fp32 masters start from the given weights
         built.lines.append("model: the given model object cast to float32 (fp32 master weights)")
     _grow_vocabulary(built.model, cfg, tokens)
     if training and cfg.peft is None and not tokens.adapter_dir and vision.is_vision_model(built.model):
-        built.lines.append(vision.freeze(built.model, cfg.model.freeze))  # model.freeze: default the vision tower
+        built.lines.append(
+            vision.freeze(built.model, cfg.model.freeze)
+        )  # model.freeze: default the vision tower
     _add_adapter(built, cfg, tokens, training)
     if not training:
         return built
     dtype = torch.bfloat16 if mixed_precision == "bf16" or cfg.model.dtype == "bfloat16" else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.data.packing != "none" or cfg.data.eval_packing:  # packed rows: documents apart without a dense mask
+    if (
+        cfg.data.packing != "none" or cfg.data.eval_packing
+    ):  # packed rows: documents apart without a dense mask
         mode, why = attention.choose(cfg.train.packed_attention, built.model, device, dtype)
         attention.use(built.model, mode)
         how = "one causal SDPA call per document" if mode == "documents" else "the dense document mask"
         built.lines.append(f"packed attention: {how} ({why})")
     tokens_per_micro_batch = recompute.planned_tokens(cfg, getattr(tokens, "units", None))
-    built.recompute, why = recompute.decide(cfg.train.gradient_checkpointing, built.model, tokens_per_micro_batch,
-                                            dtype, device)
+    built.recompute, why = recompute.decide(
+        cfg.train.gradient_checkpointing, built.model, tokens_per_micro_batch, dtype, device
+    )
     if built.recompute:
         enable_activation_checkpointing(built.model)
     built.lines.append(f"gradient checkpointing: {'on' if built.recompute else 'off'} ({why})")
@@ -102,8 +115,11 @@ def _load_base(cfg: SFTConfig, tokens: RunTokens, training: bool):
     """fp32 whatever model.dtype says (the fp32 master weights start from the stored values)."""
     quantize = training and cfg.peft is not None and cfg.peft.quantize
     base_cfg = adapters.base_config(tokens.adapter_dir) if tokens.adapter_dir else cfg.model
-    quantization = adapters.quantization_config(cfg.peft, vision.full_precision_modules(base_cfg, tokens.model_path)) \
-        if quantize else None
+    quantization = (
+        adapters.quantization_config(cfg.peft, vision.full_precision_modules(base_cfg, tokens.model_path))
+        if quantize
+        else None
+    )
     settings = {"dtype": "float32", "attn_implementation": cfg.model.attn_implementation}
     return load_model(base_cfg.model_copy(update=settings), tokens.model_path, quantization)
 
@@ -112,14 +128,18 @@ def _grow_vocabulary(model, cfg: SFTConfig, tokens: RunTokens) -> None:
     if cfg.data.add_chatml_tokens:  # new rows (if any) and the model's eos follow the tokenizer
         resize_for_new_tokens(model, tokens.tokenizer, tokens.vocab_before, cfg.data.pad_vocab_to_multiple_of)
     elif tokens.adapter_dir and len(tokens.tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokens.tokenizer), mean_resizing=False)  # the adapter holds the rows
+        model.resize_token_embeddings(
+            len(tokens.tokenizer), mean_resizing=False
+        )  # the adapter holds the rows
 
 
 def _add_adapter(built: RunModel, cfg: SFTConfig, tokens: RunTokens, training: bool) -> None:
     if is_peft_model(built.model):
         built.model.train(training)
         trainable, total = built.model.get_nb_trainable_parameters()
-        built.lines.append(f"peft: the given PeftModel's adapter continues: {trainable:,} trainable of {total:,}")
+        built.lines.append(
+            f"peft: the given PeftModel's adapter continues: {trainable:,} trainable of {total:,}"
+        )
         return
     if tokens.adapter_dir:
         built.model, line = adapters.continue_adapter(built.model, tokens.adapter_dir, trainable=training)
@@ -127,7 +147,9 @@ def _add_adapter(built: RunModel, cfg: SFTConfig, tokens: RunTokens, training: b
         return
     if cfg.peft is not None:
         settings = cfg.peft if training else cfg.peft.model_copy(update={"quantize": None})
-        built.model, line = adapters.wrap(built.model, settings, vocab_grew=len(tokens.tokenizer) > tokens.vocab_before)
+        built.model, line = adapters.wrap(
+            built.model, settings, vocab_grew=len(tokens.tokenizer) > tokens.vocab_before
+        )
         built.lines.append(f"peft: {line}")
 
 

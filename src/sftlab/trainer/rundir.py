@@ -30,9 +30,21 @@ from sftlab.trainer.checkpoint import latest_checkpoint
 FINISHED = "FINISHED"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "run.json", "checkpoints", "tensorboard", "wandb", "trackio")
 # a previous run's outputs that a new run does not necessarily rewrite (full vs LoRA, fewer steps, no merge)
-STALE = (FINISHED, "checkpoints", "merged", "model.safetensors", "model.safetensors.index.json", "config.json",
-         "generation_config.json", "adapter_model.safetensors", "adapter_config.json", "sftlab_base.json",
-         "match_eval.json", "metrics.jsonl", "README.md")
+STALE = (
+    FINISHED,
+    "checkpoints",
+    "merged",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "sftlab_base.json",
+    "match_eval.json",
+    "metrics.jsonl",
+    "README.md",
+)
 
 
 class RunError(SftlabError, RuntimeError):
@@ -88,8 +100,10 @@ def saved_config(out: Path) -> dict[str, Any] | None:
 
 def describe_finished(out: Path) -> str:
     info = read_finished(out) or {}
-    parts = [f"{info['steps']} optimizer steps" if "steps" in info else "",
-             f"finished {info['finished_at']}" if "finished_at" in info else ""]
+    parts = [
+        f"{info['steps']} optimizer steps" if "steps" in info else "",
+        f"finished {info['finished_at']}" if "finished_at" in info else "",
+    ]
     return f"a finished run ({', '.join(p for p in parts if p)})" if any(parts) else "a finished run"
 
 
@@ -97,18 +111,25 @@ def refusal(out: Path, kind: str) -> str:
     """Why a new run may not start in `out`, and the ways forward."""
     other = "or choose another train.output_dir"
     if kind == "finished":
-        return (f"train.output_dir {out} holds {describe_finished(out)}; not overwriting it. Set train.overwrite=true "
-                f"to replace it (its model, checkpoints and marker are removed first), {other}")
+        return (
+            f"train.output_dir {out} holds {describe_finished(out)}; not overwriting it. Set train.overwrite=true "
+            f"to replace it (its model, checkpoints and marker are removed first), {other}"
+        )
     if kind == "unfinished":
         ckpt = latest_checkpoint(out)
-        return (f"train.output_dir {out} holds an unfinished run ("
-                + (f"latest checkpoint {ckpt.name}" if ckpt else "no checkpoint") + "). "
-                + ("Continue it with train.resume=auto, replace" if ckpt else "Replace")
-                + f" it with train.overwrite=true, {other}")
+        return (
+            f"train.output_dir {out} holds an unfinished run ("
+            + (f"latest checkpoint {ckpt.name}" if ckpt else "no checkpoint")
+            + "). "
+            + ("Continue it with train.resume=auto, replace" if ckpt else "Replace")
+            + f" it with train.overwrite=true, {other}"
+        )
     names = _entries(out)
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    return (f"train.output_dir {out} is not empty ({len(names)} entries: {shown}) and holds no sftlab run. Set "
-            f"train.overwrite=true to write into it anyway (nothing there is deleted), {other}")
+    return (
+        f"train.output_dir {out} is not empty ({len(names)} entries: {shown}) and holds no sftlab run. Set "
+        f"train.overwrite=true to write into it anyway (nothing there is deleted), {other}"
+    )
 
 
 def clear_run(out: Path) -> list[str]:

@@ -34,9 +34,9 @@ from sftlab.trainer.callbacks import CallbackList, ReportCallback, TrackerCallba
 from sftlab.trainer.checkpoint import read_state
 from sftlab.trainer.data import prepare_run_data
 from sftlab.trainer.inputs import RunInputs
+from sftlab.trainer.master_weights import seed_master_weights
 from sftlab.trainer.objective import LossFn, SFTObjective
 from sftlab.trainer.optim import build_optimizer, build_scheduler
-from sftlab.trainer.master_weights import seed_master_weights
 from sftlab.trainer.precision import bf16_weight_form, resolve_mixed_precision
 from sftlab.trainer.resume import check_resume_compatible, data_fingerprint, find_resume_checkpoint
 from sftlab.trainer.run import Run, TrainResult
@@ -52,6 +52,7 @@ def run_device_type() -> str:
 
 
 # --- the run, its output directory and its resume point ---------------------------------------
+
 
 def claim_output_dir(cfg: SFTConfig, console: Console, accelerator: Accelerator) -> str:
     """May this run write into train.output_dir? Decided on the main process before any data is read and
@@ -77,46 +78,60 @@ def _claim_on_main(cfg: SFTConfig, console: Console) -> str:
         saved = rundir.saved_config(out)
         if saved is not None:
             check_resume_compatible(saved, cfg, out)
-        console.print(f"[bold green]complete[/bold green]: {out} holds {rundir.describe_finished(out)}; nothing to "
-                      "resume (to train it again: train.overwrite=true without train.resume)", highlight=False)
+        console.print(
+            f"[bold green]complete[/bold green]: {out} holds {rundir.describe_finished(out)}; nothing to "
+            "resume (to train it again: train.overwrite=true without train.resume)",
+            highlight=False,
+        )
         return "complete"
     resuming = train.resume is not None and (kind != "foreign" or find_resume_checkpoint(cfg) is not None)
     if kind != "empty" and not resuming:
         if not train.overwrite:
             raise RunError(rundir.refusal(out, kind))
         if kind == "foreign":
-            console.print(f"[yellow]output_dir[/yellow] {out} is not empty: writing into it (train.overwrite)",
-                          highlight=False)
+            console.print(
+                f"[yellow]output_dir[/yellow] {out} is not empty: writing into it (train.overwrite)",
+                highlight=False,
+            )
         else:
             removed = rundir.clear_run(out)
-            console.print(f"[yellow]overwriting[/yellow] the previous run in {out} (train.overwrite): removed "
-                          f"{', '.join(removed) or 'nothing'}", highlight=False)
+            console.print(
+                f"[yellow]overwriting[/yellow] the previous run in {out} (train.overwrite): removed "
+                f"{', '.join(removed) or 'nothing'}",
+                highlight=False,
+            )
     rundir.check_writable(out)
     rundir.unmark(out)  # a resumed run is finished again only when it writes the marker
     return "start"
 
 
-def print_precision(cfg: SFTConfig, console: Console, engine: distributed.Engine, mixed: str, why: str) -> None:
+def print_precision(
+    cfg: SFTConfig, console: Console, engine: distributed.Engine, mixed: str, why: str
+) -> None:
     quantized = cfg.peft is not None and cfg.peft.quantize is not None
     form, form_why = bf16_weight_form(mixed, cfg.model.dtype, cfg.optim.name, quantized)
-    compute = {"matmul": "bf16 autocast, matmul weights as bf16 copies of fp32 masters",
-               "all": "bf16 weights (copies of fp32 masters), no autocast"}.get(form)
+    compute = {
+        "matmul": "bf16 autocast, matmul weights as bf16 copies of fp32 masters",
+        "all": "bf16 weights (copies of fp32 masters), no autocast",
+    }.get(form)
     if compute is None:
-        compute = {"bf16": "bf16 autocast" + (" on a quantized base" if quantized else f" on fp32 weights ({form_why})"),
-                   "fp16": "fp16 autocast with loss scaling"}.get(mixed, compute_dtype(cfg.model.dtype, mixed))
+        compute = {
+            "bf16": "bf16 autocast"
+            + (" on a quantized base" if quantized else f" on fp32 weights ({form_why})"),
+            "fp16": "fp16 autocast with loss scaling",
+        }.get(mixed, compute_dtype(cfg.model.dtype, mixed))
     masters = "; fp32 master weights in the optimizer" if form != "none" else ""
     engine_casts = engine.precision(mixed)  # an engine that casts the weights itself (they stay fp32)
     if engine_casts is not None:
         compute, masters = engine_casts
-    console.print(f"[bold]precision[/bold]: {compute} ({why}){masters}; saved as {cfg.model.dtype}", highlight=False)
+    console.print(
+        f"[bold]precision[/bold]: {compute} ({why}){masters}; saved as {cfg.model.dtype}", highlight=False
+    )
 
 
-def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = None,
-              inputs: RunInputs | None = None) -> Run | None:
-    """Accelerate, mixed precision, the output directory and the resume point; None when
-    train.resume=auto finds the run already finished."""
-    inputs = inputs or RunInputs()
-    cfg, model_path = with_resolved_dtype(with_continued_adapter(cfg, inputs), inputs, console)
+def run_precision(cfg: SFTConfig) -> tuple[str, str]:
+    """The mixed-precision mode and its reason; refusals (a mode this device cannot run, pure bf16 with an
+    optimizer that keeps no fp32 masters) as RunError."""
     try:
         mixed, why = resolve_mixed_precision(cfg.train.mixed_precision, run_device_type(), cfg.model.dtype)
     except ValueError as e:
@@ -125,21 +140,40 @@ def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = Non
         bf16_weight_form(mixed, cfg.model.dtype, cfg.optim.name)  # pure bf16 needs an optimizer with masters
     except ValueError as e:
         raise RunError(str(e)) from None
-    # Accelerate keeps one process-wide state: a later run in the same process (tests, notebooks) may
-    # choose another mixed precision, so it starts from a clean one (the process group is kept).
-    accelerate_compat.reset_state(reset_partial_state=False)
-    out, trackers = Path(cfg.train.output_dir), cfg.train.report_to
+    return mixed, why
+
+
+def check_before_start(cfg: SFTConfig) -> None:
+    """What fails fast, before anything is touched: trackers, local data paths, Hub access for push_to_hub."""
     try:
-        tracking.check_trackers(trackers)
+        tracking.check_trackers(cfg.train.report_to)
     except tracking.TrackerError as e:
         raise RunError(str(e)) from None
     check_local_paths(cfg.data.train + cfg.data.eval)  # a mistyped data path fails before anything is touched
     if cfg.train.push_to_hub:  # no token or no Hub: one error now, not after training
         hub.check_access(cfg.train.hub_model_id)
+
+
+def setup_run(
+    cfg: SFTConfig, console: Console, resume_command: str | None = None, inputs: RunInputs | None = None
+) -> Run | None:
+    """Accelerate, mixed precision, the output directory and the resume point; None when
+    train.resume=auto finds the run already finished."""
+    inputs = inputs or RunInputs()
+    cfg, model_path = with_resolved_dtype(with_continued_adapter(cfg, inputs), inputs, console)
+    mixed, why = run_precision(cfg)
+    # Accelerate keeps one process-wide state: a later run in the same process (tests, notebooks) may
+    # choose another mixed precision, so it starts from a clean one (the process group is kept).
+    accelerate_compat.reset_state(reset_partial_state=False)
+    out, trackers = Path(cfg.train.output_dir), cfg.train.report_to
+    check_before_start(cfg)
     # the processes and their engine (nothing is written yet): the output_dir verdict is shared over them
     accelerator = distributed.build_accelerator(
-        mixed, cpu=run_device_type() == "cpu", log_with=trackers or None,
-        project_dir=str(out / "tensorboard") if "tensorboard" in trackers else None)
+        mixed,
+        cpu=run_device_type() == "cpu",
+        log_with=trackers or None,
+        project_dir=str(out / "tensorboard") if "tensorboard" in trackers else None,
+    )
     engine = distributed.Engine.of(accelerator)
     try:
         engine.check_run_settings(cfg)
@@ -157,11 +191,22 @@ def setup_run(cfg: SFTConfig, console: Console, resume_command: str | None = Non
     set_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    return Run(cfg, console, accelerator, out, resume_from, TrainResult(output_dir=out, steps=0, final_loss=None),
-               inputs=inputs, objective=inputs.objective or SFTObjective(),
-               callbacks=run_callbacks(cfg, inputs, accelerator, out), mixed_precision=mixed, model_path=model_path,
-               resume_state=resume_state, engine=engine,
-               resume_command=resume_command or f"sftlab train <config> train.resume=auto train.output_dir={out}")
+    return Run(
+        cfg,
+        console,
+        accelerator,
+        out,
+        resume_from,
+        TrainResult(output_dir=out, steps=0, final_loss=None),
+        inputs=inputs,
+        objective=inputs.objective or SFTObjective(),
+        callbacks=run_callbacks(cfg, inputs, accelerator, out),
+        mixed_precision=mixed,
+        model_path=model_path,
+        resume_state=resume_state,
+        engine=engine,
+        resume_command=resume_command or f"sftlab train <config> train.resume=auto train.output_dir={out}",
+    )
 
 
 def with_continued_adapter(cfg: SFTConfig, inputs: RunInputs) -> SFTConfig:
@@ -175,7 +220,13 @@ def compute_dtype(weights: str, mixed: str) -> str:
     """The dtype the forward runs in: bf16 under bf16 mixed precision or with bfloat16 weights, else fp32
     (float16 weights train from fp32 masters in fp32 and are saved as float16; fp16 compute is
     train.mixed_precision: fp16)."""
-    return "bfloat16" if mixed == "bf16" or weights == "bfloat16" else "float16" if mixed == "fp16" else "float32"
+    return (
+        "bfloat16"
+        if mixed == "bf16" or weights == "bfloat16"
+        else "float16"
+        if mixed == "fp16"
+        else "float32"
+    )
 
 
 def with_resolved_dtype(cfg: SFTConfig, inputs: RunInputs, console: Console) -> tuple[SFTConfig, str | None]:
@@ -191,19 +242,25 @@ def with_resolved_dtype(cfg: SFTConfig, inputs: RunInputs, console: Console) -> 
         base = adapters.base_of(cfg.model)
         path = resolve_model_path(base)
         dtype = stored_dtype(base, path)
-    console.print(f"[bold]model.dtype[/bold]: auto -> {dtype} (the dtype the weights were saved in)", highlight=False)
+    console.print(
+        f"[bold]model.dtype[/bold]: auto -> {dtype} (the dtype the weights were saved in)", highlight=False
+    )
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})}), path
 
 
 def run_callbacks(cfg: SFTConfig, inputs: RunInputs, accelerator: Accelerator, out: Path) -> CallbackList:
     """The user's callbacks, then the trackers and the report (main process only), then test hooks
     (every rank; trainer/testing.py)."""
-    own = [*inputs.callbacks, TrackerCallback(accelerator, cfg.train.report_to, out.name or "sftlab",
-                                              cfg.model_dump(mode="json")), ReportCallback(out)]
+    own = [
+        *inputs.callbacks,
+        TrackerCallback(accelerator, cfg.train.report_to, out.name or "sftlab", cfg.model_dump(mode="json")),
+        ReportCallback(out),
+    ]
     return CallbackList((own if accelerator.is_main_process else []) + env_callbacks())
 
 
 # --- data (fails fast on bad rows, before any weights are loaded) -----------------------------
+
 
 def setup_data(run: Run) -> None:
     """Tokenizer, template, datasets, packing (trainer/data.py). The main process converts and caches
@@ -219,28 +276,37 @@ def setup_data(run: Run) -> None:
 
 # --- model, optimizer, schedule ----------------------------------------------------------------
 
+
 def check_disk_space(out: Path, model, cfg: SFTConfig) -> None:
     if cfg.checkpoint.every_steps is None and not cfg.checkpoint.every_epoch:
         return
     # weights + 2 fp32 Adam moments (+ an fp32 master copy of each bf16 weight)
-    need = sum(p.numel() * (p.element_size() + 8 + (4 if p.element_size() < 4 else 0)) for p in model.parameters())
+    need = sum(
+        p.numel() * (p.element_size() + 8 + (4 if p.element_size() < 4 else 0)) for p in model.parameters()
+    )
     free = shutil.disk_usage(out).free
     if free < need:
-        raise RunError(f"output_dir {out}: {free / 2**20:.0f} MiB free, one checkpoint needs about "
-                       f"{need / 2**20:.0f} MiB; free space or set checkpoint.every_steps/every_epoch off")
+        raise RunError(
+            f"output_dir {out}: {free / 2**20:.0f} MiB free, one checkpoint needs about "
+            f"{need / 2**20:.0f} MiB; free space or set checkpoint.every_steps/every_epoch off"
+        )
 
 
 def setup_model_and_optimizer(run: Run) -> None:
     cfg = run.cfg
     with run.engine.unpartitioned_loading():  # sharded engines keep fp32 masters and cast themselves
-        built = build_run_model(cfg, run.data, "train", run.inputs.model, run.mixed_precision, run.engine.sharded)
+        built = build_run_model(
+            cfg, run.data, "train", run.inputs.model, run.mixed_precision, run.engine.sharded
+        )
     model = built.model
     if run.main:
         for line in built.lines:
             run.console.print(line, highlight=False)
     model.train()
     run.flops, run.recompute = FlopCounter(model), built.recompute
-    if not (cfg.peft is not None and cfg.peft.quantize is not None):  # bitsandbytes places quantized weights itself
+    if not (
+        cfg.peft is not None and cfg.peft.quantize is not None
+    ):  # bitsandbytes places quantized weights itself
         model.to(run.accelerator.device)
     attach_loss_head(run, model)
     run.stream = build_stream(cfg, run.data.units, run.world)
@@ -253,7 +319,9 @@ def setup_model_and_optimizer(run: Run) -> None:
     del built
     run.scheduler = build_scheduler(optimizer, cfg.optim, run.total_steps)
     run.peak_flops = cfg.train.peak_flops or measure_peak_flops(
-        run.accelerator.device, torch.bfloat16 if run.mixed_precision == "bf16" else next(model.parameters()).dtype)
+        run.accelerator.device,
+        torch.bfloat16 if run.mixed_precision == "bf16" else next(model.parameters()).dtype,
+    )
     model = compile_if_it_pays(run, model)
     run.model, run.optimizer = run.engine.prepare(model, optimizer, cfg)
 
@@ -267,12 +335,22 @@ def compile_if_it_pays(run: Run, model):
     run.compile_key = compiling.machine_key(model, device, dtype, cfg.train.compile_backend, run.recompute)
     resumed = run.resume_state
     done = resumed.step if resumed is not None else 0
-    run.tokens_per_step = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * run.world * cfg.data.max_seq_length
+    run.tokens_per_step = (
+        cfg.train.grad_accum_steps * cfg.train.micro_batch_size * run.world * cfg.data.max_seq_length
+    )
     shape = compiling.RunShape(
-        cfg.train.compile, packed, cfg.train.packed_attention == "documents", fixed,
-        getattr(run.data, "processor", None) is not None, run.engine.sharded,
-        resumed.compiled if resumed is not None else None, (run.total_steps - done) * run.tokens_per_step,
-        float(run.flops.dense), run.peak_flops, device.type)
+        cfg.train.compile,
+        packed,
+        cfg.train.packed_attention == "documents",
+        fixed,
+        getattr(run.data, "processor", None) is not None,
+        run.engine.sharded,
+        resumed.compiled if resumed is not None else None,
+        (run.total_steps - done) * run.tokens_per_step,
+        float(run.flops.dense),
+        run.peak_flops,
+        device.type,
+    )
     run.compiled, why = compiling.decide(shape, compiling.read_records().get(run.compile_key))
     if not (packed and fixed) or shape.vision or shape.sharded:
         run.compile_key = ""  # auto never compiles such a run: its step times are not recorded
@@ -281,20 +359,26 @@ def compile_if_it_pays(run: Run, model):
     if not run.compiled:
         return model
     if packed and cfg.train.packed_attention == "documents":
-        raise RunError("train.compile needs train.packed_attention: mask or auto (per-document attention cuts "
-                       "rows in Python: one recompile per document layout)")
+        raise RunError(
+            "train.compile needs train.packed_attention: mask or auto (per-document attention cuts "
+            "rows in Python: one recompile per document layout)"
+        )
     if packed and fixed:
         attention.use(model, "mask")
-        run.data.collate = compiling.fixed_shape_collate(run.data.pad_id, cfg.data.max_seq_length,
-                                                         cfg.train.micro_batch_size)
-    return torch.compile(model, backend=cfg.train.compile_backend, dynamic=False if packed and fixed else None)
+        run.data.collate = compiling.fixed_shape_collate(
+            run.data.pad_id, cfg.data.max_seq_length, cfg.train.micro_batch_size
+        )
+    return torch.compile(
+        model, backend=cfg.train.compile_backend, dynamic=False if packed and fixed else None
+    )
 
 
 def attach_loss_head(run: Run, model) -> None:
     """The objective's per-batch NLL: the target-only head where it applies (Liger's fused CE on CUDA)."""
     with run.accelerator.autocast():  # the head checks itself on the device and in the precision it trains in
-        loss_fn = build_loss_fn(run.cfg, model, run.console if run.main else None,
-                                run.engine.target_loss_head_supported())
+        loss_fn = build_loss_fn(
+            run.cfg, model, run.console if run.main else None, run.engine.target_loss_head_supported()
+        )
     if run.cfg.train.liger:
         try:
             fused = apply_liger(model, run.accelerator.device.type, getattr(loss_fn, "softcap", None))
@@ -319,8 +403,9 @@ def build_stream(cfg: SFTConfig, units, world: int) -> MicroBatchStream:
     if cfg.train.micro_batch_tokens is None:
         return MicroBatchStream(len(units), cfg.train.micro_batch_size * world, cfg.train.seed)
     lengths = units.lengths.tolist() if hasattr(units, "lengths") else [len(u.input_ids) for u in units]
-    return MicroBatchStream(len(units), 0, cfg.train.seed, lengths=lengths,
-                            global_tokens=cfg.train.micro_batch_tokens * world)
+    return MicroBatchStream(
+        len(units), 0, cfg.train.seed, lengths=lengths, global_tokens=cfg.train.micro_batch_tokens * world
+    )
 
 
 def match_examples(cfg: SFTConfig, data: object) -> list:
@@ -332,8 +417,9 @@ def match_examples(cfg: SFTConfig, data: object) -> list:
     return load_match_examples(cfg.match_eval)
 
 
-def build_loss_fn(cfg: SFTConfig, model, console: Console | None,
-                  engine_allows: tuple[bool, str] = (True, "")) -> LossFn:
+def build_loss_fn(
+    cfg: SFTConfig, model, console: Console | None, engine_allows: tuple[bool, str] = (True, "")
+) -> LossFn:
     """The micro-batch loss: the target-only chunked head, or the model's full logits."""
     if cfg.train.loss_head == "full":
         return full_nll

@@ -84,7 +84,7 @@ def _probe(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     estimate = _rate(256, 1, device, dtype, gen, sync, seconds=0.0)
     n = limit
-    while n > 256 and 2.0 * n ** 3 / estimate > 4 * seconds:
+    while n > 256 and 2.0 * n**3 / estimate > 4 * seconds:
         n //= 2
     return _rate(n, 4 if device.type == "cuda" else 1, device, dtype, gen, sync, seconds)
 
@@ -109,4 +109,4 @@ def _rate(n: int, every: int, device, dtype, gen, sync, seconds: float) -> float
             fastest, group = min(fastest, now - group), now
             if now - start >= seconds:
                 break
-    return 2.0 * n ** 3 * every / fastest
+    return 2.0 * n**3 * every / fastest

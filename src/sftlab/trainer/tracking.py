@@ -30,8 +30,10 @@ class TrackerError(SftlabError, RuntimeError):
 def check_trackers(names: list[str]) -> None:
     for name in names:
         if importlib.util.find_spec(PACKAGES[name]) is None:
-            raise TrackerError(f"train.report_to: {name} needs the {PACKAGES[name]} package: "
-                               f"pip install 'sftlab[{name}]' (or remove it from train.report_to)")
+            raise TrackerError(
+                f"train.report_to: {name} needs the {PACKAGES[name]} package: "
+                f"pip install 'sftlab[{name}]' (or remove it from train.report_to)"
+            )
 
 
 def prepare_offline(names: list[str], out: Path) -> None:
@@ -58,8 +60,9 @@ def flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def start(accelerator, names: list[str], run_name: str, config: dict[str, Any]) -> None:
     if names:  # hyperparameters: scalars as they are, anything else as a string
-        hyperparameters = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
-                           for k, v in flat_config(config).items()}
+        hyperparameters = {
+            k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat_config(config).items()
+        }
         accelerator.init_trackers(run_name, config=hyperparameters)
 
 
@@ -72,7 +75,9 @@ def log(accelerator, names: list[str], record: dict[str, Any]) -> None:
 def finish(accelerator, names: list[str]) -> None:
     if names:
         accelerator.end_training()
-    if "trackio" in names:  # Accelerate finishes the run but leaves it current: trackio would finish it again at exit
+    if (
+        "trackio" in names
+    ):  # Accelerate finishes the run but leaves it current: trackio would finish it again at exit
         from trackio import context_vars
 
         context_vars.current_run.set(None)
