@@ -1,5 +1,5 @@
-"""What a row's field names say: a source's renaming onto the format's names (`ColumnMap`), the
-format its keys fit (`detect_format`), why a row fits none (`no_format_message`), why a mapping
+"""What a row's field names say: a source's renaming onto the format's names (`ColumnMap`), why a
+row fits no format (`no_format_message`; which one it fits is data/formats.py's `detect_format`), why a mapping
 does not fit a row and its fix (`mapping_hint`), the mapping entries a row uses (`ColumnMap.used`),
 the fields no reader of its format uses (`unknown_fields`), and a row under the format's names that
 names its fields as the source does in a BadRecord (`Row`). Which format a row is read as is the
