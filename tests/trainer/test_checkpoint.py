@@ -66,19 +66,27 @@ def metrics(out: Path) -> list[dict]:
 EXACT = ("step", "loss", "grad_norm", "lr", "target_tokens", "epoch")
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tiny_model_dir, chat_file, tmp_path):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_sigkill_then_resume_is_bitwise_identical(tiny_model_dir, chat_file, tmp_path, precision):
+    """fp32, and bf16 mixed precision (bf16 compute copies whose fp32 masters live in the optimizer state)."""
     ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
-    rc, log = run_cli(cfg_tree(tiny_model_dir, chat_file, ref_out), tmp_path)
+    rc, log = run_cli(cfg_tree(tiny_model_dir, chat_file, ref_out, mixed_precision=precision), tmp_path)
     assert rc == 0, log
+    info = json.loads((ref_out / "run.json").read_text())
+    assert info["mixed_precision"] == precision and info["master_weights_fp32"] is (precision == "bf16")
 
     rc, log = run_cli(
-        cfg_tree(tiny_model_dir, chat_file, cut_out), tmp_path, {"SFTLAB_TEST_KILL_AFTER_STEP": "5"}
+        cfg_tree(tiny_model_dir, chat_file, cut_out, mixed_precision=precision),
+        tmp_path,
+        {"SFTLAB_TEST_KILL_AFTER_STEP": "5"},
     )
     assert rc == -signal.SIGKILL, log
     assert latest_checkpoint(cut_out).name == "step-00000004"  # step 5 ran but was never saved
     assert not (cut_out / "model.safetensors").exists()
 
-    rc, log = run_cli(cfg_tree(tiny_model_dir, chat_file, cut_out, resume="auto"), tmp_path)
+    rc, log = run_cli(
+        cfg_tree(tiny_model_dir, chat_file, cut_out, resume="auto", mixed_precision=precision), tmp_path
+    )
     assert rc == 0, log
     assert "resumed" in log and "step-00000004" in log
     ref, got = metrics(ref_out), metrics(cut_out)
