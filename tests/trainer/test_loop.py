@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftlab.config import SFTConfig
@@ -354,3 +355,46 @@ def test_float16_and_auto_weights_train_in_fp32_and_save_their_dtype(tokenizer, 
         info = json.loads((out / "run.json").read_text())
         assert (info["weights_dtype"], info["compute_dtype"]) == ("float16", "float32")
         assert {w.dtype for w in _saved_weights(out).values()} == {torch.float16}
+
+
+def test_run_json_carries_each_decision_with_its_reason(tiny_model_dir, chat_file, tmp_path):
+    """run.json is written from the run's `Resolved` record: every decision with the reason the console
+    printed for it, and the step geometry."""
+    out = tmp_path / "run"
+    cfg = make_cfg(
+        tiny_model_dir, chat_file, out, max_steps=2, mixed_precision="no", gradient_checkpointing="auto"
+    )
+    cfg.data.packing = "bfd"
+    console = Console(record=True, width=400)
+    run_training(cfg, console)
+    info, printed = json.loads((out / "run.json").read_text()), console.export_text()
+    reasons = info["reasons"]
+    assert set(reasons) == {
+        "mixed_precision",
+        "weight_form",
+        "gradient_checkpointing",
+        "compile",
+        "packed_attention",
+    }
+    assert all(reasons.values()), reasons
+    assert f"precision: float32 ({reasons['mixed_precision']})" in printed
+    on_off = {True: "on", False: "off"}
+    assert reasons["gradient_checkpointing"].startswith("auto: a micro-batch of")
+    line = f"gradient checkpointing: {on_off[info['gradient_checkpointing']]} ({reasons['gradient_checkpointing']})"
+    assert line in printed
+    assert f"compile: {on_off[info['compile']]} ({reasons['compile']})" in printed
+    assert info["packed_attention"] in ("documents", "mask") and f"({reasons['packed_attention']})" in printed
+    assert (info["weight_form"], reasons["weight_form"]) == ("none", "no bf16 weight copies")
+    assert (info["micro_batch_size"], info["grad_accum_steps"], info["num_processes"]) == (4, 2, 1)
+    assert (info["global_batch"], info["global_batch_unit"]) == (8, "rows")
+    assert (info["total_steps"], info["total_micro_batches"], info["engine"]) == (2, 4, "single")
+
+
+def test_unpacked_run_json_has_no_packed_attention_reason(tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "run"
+    run_training(
+        make_cfg(tiny_model_dir, chat_file, out, max_steps=1, mixed_precision="no", micro_batch_tokens=512)
+    )
+    info = json.loads((out / "run.json").read_text())
+    assert info["packed_attention"] is None and "packed_attention" not in info["reasons"]
+    assert (info["global_batch"], info["global_batch_unit"]) == (512 * 2, "tokens")

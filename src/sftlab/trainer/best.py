@@ -45,7 +45,11 @@ def best_step(history: list[dict[str, Any]], metric: str) -> tuple[int, float] |
 def due(run: Any, record: dict[str, Any]) -> bool:
     """A checkpoint is due at every evaluation before the last step (the last step's model is saved anyway)."""
     cfg = run.cfg.train
-    return cfg.load_best_model_at_end and cfg.metric_for_best in record and record["step"] < run.total_steps
+    return (
+        cfg.load_best_model_at_end
+        and cfg.metric_for_best in record
+        and record["step"] < run.resolved.total_steps
+    )
 
 
 def protected(run: Any) -> str | None:
@@ -60,7 +64,7 @@ def restore_best(run: Any) -> None:
     """At the end of a finished run: the best step's weights back in the model (from its checkpoint)."""
     cfg = run.cfg.train
     best = best_step(run.result.history, cfg.metric_for_best) if cfg.load_best_model_at_end else None
-    if best is None or best[0] == run.total_steps:
+    if best is None or best[0] == run.resolved.total_steps:
         return
     ckpt = checkpoint_root(run.out) / f"step-{best[0]:08d}"
     # the weights (and fp32 masters): nothing after this step reads the optimizer, scheduler or RNG (sharded

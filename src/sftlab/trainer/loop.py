@@ -152,8 +152,8 @@ def fit(run: Run) -> None:
     )
     stop = run.stop
     with progress:
-        task = progress.add_task("training", total=run.total_steps, completed=run.start_step)
-        for step in range(run.start_step + 1, run.total_steps + 1):
+        task = progress.add_task("training", total=run.resolved.total_steps, completed=run.start_step)
+        for step in range(run.start_step + 1, run.resolved.total_steps + 1):
             epoch_before = run.stream.epoch
             run.callbacks.step = step
             record = optimizer_step(run, step, batches_iter)
@@ -191,9 +191,9 @@ def interrupted(run: Run, step: int, path) -> Interrupted:
     if run.main:
         for cb in run.callbacks.callbacks:
             if hasattr(cb, "interrupted"):  # the report says how the run ended
-                cb.interrupted(f"interrupted by {name} after step {step} of {run.total_steps}")
+                cb.interrupted(f"interrupted by {name} after step {step} of {run.resolved.total_steps}")
     return Interrupted(
-        f"{name}: stopped after step {step}/{run.total_steps} and saved {path}; "
+        f"{name}: stopped after step {step}/{run.resolved.total_steps} and saved {path}; "
         f"resume with: {run.resume_command}",
         128 + run.stop.signum,
     )
@@ -203,7 +203,7 @@ def next_micro_batches(run: Run, batches_iter) -> tuple[list[dict[str, torch.Ten
     """This rank's micro-batches of one optimizer step, on the device, and what they hold: input
     tokens, padded positions, and the sum of squared document lengths (for attention FLOPs)."""
     data, world, rank = run.data, run.world, run.accelerator.process_index
-    n_micro = min(run.cfg.train.grad_accum_steps, run.total_micro - run.consumed)
+    n_micro = min(run.cfg.train.grad_accum_steps, run.resolved.total_micro - run.consumed)
     batches, sizes = [], {"tokens": 0, "padded": 0, "sum_sq_docs": 0}
     for _ in range(n_micro):
         idx = next(batches_iter)[rank::world]
@@ -309,7 +309,7 @@ def clip_gradients(run: Run) -> float:
     With fp32 master weights the norm is taken (and clipped) on the fp32 master gradients."""
     max_norm = run.cfg.optim.max_grad_norm if run.cfg.optim.max_grad_norm is not None else float("inf")
     master = master_weight_optimizer(run.optimizer)
-    if master is not None and run.mixed_precision != "fp16":
+    if master is not None and run.resolved.mixed_precision != "fp16":
         return float(master.clip_grad_norm_(max_norm))
     return float(run.accelerator.clip_grad_norm_(run.model.parameters(), max_norm))
 
@@ -322,7 +322,7 @@ def throughput(run: Run, sizes: dict[str, int], targets: int, elapsed: float) ->
         "tokens_per_s": tokens / elapsed,
         "target_tokens_per_s": targets / elapsed,
         "padding": round(1 - tokens / padded, 4) if padded else 0.0,
-        "mfu": round(flops / elapsed / (run.peak_flops * run.world), 4),
+        "mfu": round(flops / elapsed / (run.resolved.peak_flops * run.world), 4),
     }
 
 
@@ -413,7 +413,7 @@ def run_evaluation(run: Run) -> dict[str, float]:
 def add_eval_and_log(run: Run, record: dict[str, Any]) -> None:
     """Validation when due (every eval_every steps, and at the last step), then the record is kept in the
     history and, when due, written to metrics.jsonl, the console and the callbacks' on_log."""
-    cfg, step, last = run.cfg, record["step"], record["step"] == run.total_steps
+    cfg, step, last = run.cfg, record["step"], record["step"] == run.resolved.total_steps
     eval_due = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
     if len(run.data.eval) and (eval_due or last):
         metrics = run_evaluation(run)
@@ -426,7 +426,7 @@ def add_eval_and_log(run: Run, record: dict[str, Any]) -> None:
     if step % cfg.train.log_every == 0 or last or "eval_loss" in record or "skipped" in record:
         run.logged_steps.append(step)
         run.metrics.write(record)
-        run.metrics.show(record, run.total_steps)
+        run.metrics.show(record, run.resolved.total_steps)
         run.callbacks.call("on_log", record)
 
 
@@ -451,7 +451,7 @@ def save_run_checkpoint(run: Run, step: int):
         logged_steps=run.logged_steps,
         config=run.cfg.model_dump(mode="json"),
         match_before=match_json(run.result.match_before),
-        compiled=run.compiled,
+        compiled=run.resolved.compiled,
     )
     extra = hf_model_writer(run) if run.cfg.checkpoint.save_hf_model else None
     path = save_checkpoint(

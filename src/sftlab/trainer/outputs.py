@@ -56,15 +56,16 @@ def open_run_log(run: Run) -> None:
         (run.out / "config.yaml").write_text(dump_config(cfg))
         (run.out / "run.json").write_text(json.dumps(run_info(run), indent=1) + "\n")
         (run.out / DATA_REPORT).write_text(json.dumps(data_report_json(run.data), indent=1) + "\n")
+        resolved = run.resolved
         run.console.print(
-            f"[bold]train[/bold]: {run.total_steps} optimizer steps x {cfg.train.grad_accum_steps} "
-            f"micro-batches of {cfg.train.micro_batch_size} (x{run.world} processes, "
-            f"{run.engine.name}); "
+            f"[bold]train[/bold]: {resolved.total_steps} optimizer steps x {resolved.grad_accum_steps} "
+            f"micro-batches of {resolved.micro_batch_size} (x{resolved.world_size} processes, "
+            f"{resolved.engine}); "
             f"{run.stream.batches_per_epoch} micro-batches/epoch"
         )
-        if run.total_steps < 2:
+        if resolved.total_steps < 2:
             run.console.print(
-                f"[bold yellow]warning[/bold yellow]: this run ends after {run.total_steps} optimizer "
+                f"[bold yellow]warning[/bold yellow]: this run ends after {resolved.total_steps} optimizer "
                 "step: the saved model has taken a single update (set train.max_steps or "
                 "train.num_epochs for more)",
                 highlight=False,
@@ -73,23 +74,34 @@ def open_run_log(run: Run) -> None:
 
 
 def run_info(run: Run) -> dict[str, Any]:
-    """What `auto` settings resolved to on this machine (also printed at start)."""
+    """What `auto` settings resolved to on this machine (also printed at start): written from
+    `run.resolved`, each decision's reason under "reasons"."""
     head = run.objective.loss_fn if hasattr(run.objective, "loss_fn") else None
+    resolved = run.resolved
     return {
-        "mixed_precision": run.mixed_precision,
+        "mixed_precision": resolved.mixed_precision,
         "weights_dtype": run.cfg.model.dtype,
-        "compute_dtype": compute_dtype(run.cfg.model.dtype, run.mixed_precision),
+        "compute_dtype": compute_dtype(run.cfg.model.dtype, resolved.mixed_precision),
         "master_weights_fp32": master_weight_optimizer(run.optimizer) is not None,
-        "gradient_checkpointing": run.recompute,
-        "compile": run.compiled,
+        "gradient_checkpointing": resolved.recompute,
+        "compile": resolved.compiled,
         "loss_head": getattr(head, "mode", "full"),
         "loss_head_reason": getattr(head, "reason", ""),
         "device": str(run.accelerator.device),
-        "num_processes": run.world,
-        "engine": run.engine.name,
-        "peak_flops": run.peak_flops,
-        "total_steps": run.total_steps,
+        "num_processes": resolved.world_size,
+        "engine": resolved.engine,
+        "peak_flops": resolved.peak_flops,
+        "total_steps": resolved.total_steps,
         "inputs": run.inputs.describe(),
+        "weight_form": resolved.weight_form,
+        "packed_attention": resolved.packed_attention,
+        "micro_batch_size": resolved.micro_batch_size,
+        "micro_batch_tokens": resolved.micro_batch_tokens,
+        "grad_accum_steps": resolved.grad_accum_steps,
+        "global_batch": resolved.global_batch,
+        "global_batch_unit": resolved.global_batch_unit,
+        "total_micro_batches": resolved.total_micro,
+        "reasons": resolved.reasons(),
     }
 
 
@@ -100,8 +112,9 @@ def finish(run: Run) -> None:
     gathered = run.engine.gathered_state_dict(run.model)
     if not run.main:
         return
-    if run.compile_key:  # this machine's step times, for the next run's train.compile: auto
-        compiling.update_record(run.compile_key, run.compiled, run.step_times, run.tokens_per_step)
+    r = run.resolved
+    if r.compile_key:  # this machine's step times, for the next run's train.compile: auto
+        compiling.update_record(r.compile_key, r.compiled, run.step_times, r.tokens_per_step)
     unwrapped = run.engine.bare_model(run.model)
     if run.cfg.peft is not None:
         # the adapter; the model users get is the fp32 base with it merged (loaded back from the saved files)
@@ -141,7 +154,7 @@ def finish(run: Run) -> None:
     run.console.print(f"[bold]model card[/bold]: {', '.join(str(p) for p in cards)}", highlight=False)
     rundir.mark_finished(
         run.out,
-        {"steps": run.total_steps, "final_loss": run.result.final_loss, "eval_loss": run.result.eval_loss},
+        {"steps": r.total_steps, "final_loss": run.result.final_loss, "eval_loss": run.result.eval_loss},
     )
     if run.cfg.checkpoint.delete_at_end:
         removed = delete_checkpoints(run.out)

@@ -1,8 +1,8 @@
 """What one run holds while it trains (`Run`), and what it returns (`TrainResult`).
 
 Each phase of the recipe (trainer/loop.py) fills in its part of `Run`: setup (trainer/setup.py) the
-accelerator, data, model, optimizer and stream; resume (trainer/resume.py) the position; the loop the
-history. `TrainResult` is what `run_training` and `sftlab.train` return.
+accelerator, data, model, optimizer and stream, and what it resolved (`Run.resolved`, a frozen
+trainer/resolved.py: Resolved); resume (trainer/resume.py) the position; the loop the history. `TrainResult` is what `run_training` and `sftlab.train` return.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from sftlab.trainer.distributed import Engine
 from sftlab.trainer.inputs import RunInputs
 from sftlab.trainer.metrics import MetricsLog
 from sftlab.trainer.objective import Objective, SFTObjective
+from sftlab.trainer.resolved import Resolved
 from sftlab.trainer.throughput import FlopCounter
 
 
@@ -67,30 +68,26 @@ class Run:
     optimizer: Any = None
     scheduler: Any = None
     stream: MicroBatchStream | None = None
-    total_steps: int = 0
-    total_micro: int = 0
     start_step: int = 0
     consumed: int = 0  # micro-batches taken from the stream so far
     fingerprint: str | None = None
     logged_steps: list[int] = field(default_factory=list)  # steps written to metrics.jsonl
     metrics: MetricsLog | None = None
     stop: StopRequest | None = None
-    mixed_precision: str = "no"  # what Accelerate runs: no | bf16 | fp16
     model_path: str | None = None  # the base model's path when setup resolved it (model.dtype: auto)
     resume_state: Any = None  # the TrainerState of resume_from, read once at setup
-    recompute: bool = False  # activations recomputed in the backward (train.gradient_checkpointing, resolved)
     flops: FlopCounter | None = None
-    peak_flops: float | None = None
-    compiled: bool = False  # train.compile, resolved (trainer/compiling.py)
-    compile_key: str = ""  # this machine and model shape, for the compile-time records
-    tokens_per_step: int = 0  # padded tokens of one optimizer step (all ranks)
     step_times: list[float] = field(default_factory=list)  # seconds of each step this process ran
     resume_command: str = ""  # printed when a signal stops the run
     engine: Engine | None = None  # the engine the run is spread over: Engine.of(accelerator) unless given
+    resolved: Resolved | None = None  # every decision made before training (trainer/resolved.py)
 
     def __post_init__(self) -> None:
         if self.engine is None:
             self.engine = Engine.of(self.accelerator)
+        if self.resolved is None:
+            mixed = str(self.accelerator.mixed_precision)
+            self.resolved = Resolved(mixed, "as Accelerate runs", self.engine.name, self.world)
 
     @property
     def main(self) -> bool:

@@ -51,6 +51,11 @@ class RunModel:
     lines: list[str] = field(default_factory=list)  # what was done, for the console
     originals: Any = None  # fp32 weights replaced by bf16 compute copies (they seed the masters)
     recompute: bool = False  # activations recomputed in the backward (train.gradient_checkpointing)
+    recompute_why: str = ""
+    weight_form: str = "none"  # bf16 copies of fp32 masters: none | matmul | all (precision.bf16_weight_form)
+    weight_form_why: str = ""
+    packed_attention: str | None = None  # documents | mask where rows are packed (model/attention.choose)
+    packed_attention_why: str | None = None
 
 
 def is_peft_model(model: Any) -> bool:
@@ -80,8 +85,16 @@ def build_run_model(
             vision.freeze(built.model, cfg.model.freeze)
         )  # model.freeze: default the vision tower
     _add_adapter(built, cfg, tokens, training)
-    if not training:
-        return built
+    if training:
+        _prepare_for_training(built, cfg, tokens, mixed_precision, sharded)
+    return built
+
+
+def _prepare_for_training(
+    built: RunModel, cfg: SFTConfig, tokens: RunTokens, mixed_precision: str, sharded: bool
+) -> None:
+    """Packed attention, activation checkpointing, NEFTune and the bf16 weight copies, each decision with
+    its reason kept on `built`."""
     dtype = torch.bfloat16 if mixed_precision == "bf16" or cfg.model.dtype == "bfloat16" else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if (
@@ -89,26 +102,31 @@ def build_run_model(
     ):  # packed rows: documents apart without a dense mask
         mode, why = attention.choose(cfg.train.packed_attention, built.model, device, dtype)
         attention.use(built.model, mode)
+        built.packed_attention, built.packed_attention_why = mode, why
         how = "one causal SDPA call per document" if mode == "documents" else "the dense document mask"
         built.lines.append(f"packed attention: {how} ({why})")
     tokens_per_micro_batch = recompute.planned_tokens(cfg, getattr(tokens, "units", None))
-    built.recompute, why = recompute.decide(
+    built.recompute, built.recompute_why = recompute.decide(
         cfg.train.gradient_checkpointing, built.model, tokens_per_micro_batch, dtype, device
     )
     if built.recompute:
         enable_activation_checkpointing(built.model)
-    built.lines.append(f"gradient checkpointing: {'on' if built.recompute else 'off'} ({why})")
+    built.lines.append(
+        f"gradient checkpointing: {'on' if built.recompute else 'off'} ({built.recompute_why})"
+    )
     if cfg.train.neftune_alpha is not None:  # transformers' hook: noise in training forwards only
         from transformers.integrations.neftune import activate_neftune
 
         activate_neftune(built.model, cfg.train.neftune_alpha)
     quantized = cfg.peft is not None and cfg.peft.quantize is not None
-    form, _ = bf16_weight_form(mixed_precision, cfg.model.dtype, cfg.optim.name, quantized or sharded)
+    form, built.weight_form_why = bf16_weight_form(
+        mixed_precision, cfg.model.dtype, cfg.optim.name, quantized or sharded
+    )
+    built.weight_form = form
     if form != "none":
         # bf16 copies of the matmul weights (of every weight: pure bf16 without autocast) do the compute,
         # refreshed from the optimizer's fp32 master weights once per optimizer step (MasterWeightAdamW).
         built.originals = use_bf16_weights(built.model, matmul_only=form == "matmul")
-    return built
 
 
 def _load_base(cfg: SFTConfig, tokens: RunTokens, training: bool):

@@ -11,6 +11,7 @@ the engine's wrapping.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -38,6 +39,7 @@ from sftlab.trainer.master_weights import seed_master_weights
 from sftlab.trainer.objective import LossFn, SFTObjective
 from sftlab.trainer.optim import build_optimizer, build_scheduler
 from sftlab.trainer.precision import bf16_weight_form, resolve_mixed_precision
+from sftlab.trainer.resolved import Resolved
 from sftlab.trainer.resume import check_resume_compatible, data_fingerprint, find_resume_checkpoint
 from sftlab.trainer.run import Run, TrainResult
 from sftlab.trainer.run_model import build_run_model
@@ -201,10 +203,10 @@ def setup_run(
         inputs=inputs,
         objective=inputs.objective or SFTObjective(),
         callbacks=run_callbacks(cfg, inputs, accelerator, out),
-        mixed_precision=mixed,
         model_path=model_path,
         resume_state=resume_state,
         engine=engine,
+        resolved=Resolved(mixed, why, engine.name, accelerator.num_processes),
         resume_command=resume_command or f"sftlab train <config> train.resume=auto train.output_dir={out}",
     )
 
@@ -293,51 +295,86 @@ def check_disk_space(out: Path, model, cfg: SFTConfig) -> None:
 
 
 def setup_model_and_optimizer(run: Run) -> None:
-    cfg = run.cfg
+    """The model on its device, the loss head, the micro-batch plan, the optimizer (fp32 masters), the
+    schedule, compilation and the engine's wrapping; `run.resolved` completed with what they decided."""
+    cfg, mixed = run.cfg, run.resolved.mixed_precision
     with run.engine.unpartitioned_loading():  # sharded engines keep fp32 masters and cast themselves
-        built = build_run_model(
-            cfg, run.data, "train", run.inputs.model, run.mixed_precision, run.engine.sharded
-        )
+        built = build_run_model(cfg, run.data, "train", run.inputs.model, mixed, run.engine.sharded)
     model = built.model
     if run.main:
         for line in built.lines:
             run.console.print(line, highlight=False)
     model.train()
-    run.flops, run.recompute = FlopCounter(model), built.recompute
+    run.flops = FlopCounter(model)
     if not (
         cfg.peft is not None and cfg.peft.quantize is not None
     ):  # bitsandbytes places quantized weights itself
         model.to(run.accelerator.device)
     attach_loss_head(run, model)
     run.stream = build_stream(cfg, run.data.units, run.world)
-    run.total_steps, run.total_micro = plan_micro_batches(cfg, run.stream.batches_per_epoch)
-    run.result.steps = run.total_steps
+    total_steps, total_micro = plan_micro_batches(cfg, run.stream.batches_per_epoch)
+    run.result.steps = total_steps
     if run.main:
         check_disk_space(run.out, model, cfg)
     optimizer = build_optimizer(model, cfg.optim)  # fp32 master weights for any low-precision parameter
     seed_master_weights(optimizer, built.originals)
+    decisions = model_decisions(built)
     del built
-    run.scheduler = build_scheduler(optimizer, cfg.optim, run.total_steps)
-    run.peak_flops = cfg.train.peak_flops or measure_peak_flops(
+    run.scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    peak_flops = cfg.train.peak_flops or measure_peak_flops(
         run.accelerator.device,
-        torch.bfloat16 if run.mixed_precision == "bf16" else next(model.parameters()).dtype,
+        torch.bfloat16 if mixed == "bf16" else next(model.parameters()).dtype,
     )
-    model = compile_if_it_pays(run, model)
+    resolved = dataclasses.replace(
+        run.resolved,
+        **decisions,
+        **batch_geometry(cfg, run.world),
+        total_steps=total_steps,
+        total_micro=total_micro,
+        peak_flops=peak_flops,
+    )
+    model, run.resolved = compile_if_it_pays(run, model, resolved)
     run.model, run.optimizer = run.engine.prepare(model, optimizer, cfg)
 
 
-def compile_if_it_pays(run: Run, model):
-    """`train.compile` resolved for this run (trainer/compiling.py); a compiled packed run gets fixed shapes
-    and the dense document mask (per-document attention cuts rows in Python, a recompile per layout)."""
+def model_decisions(built) -> dict:
+    """What building the model decided (trainer/run_model.py), each with its reason, for `Resolved`."""
+    return {
+        "recompute": built.recompute,
+        "recompute_why": built.recompute_why,
+        "weight_form": built.weight_form,
+        "weight_form_why": built.weight_form_why,
+        "packed_attention": built.packed_attention,
+        "packed_attention_why": built.packed_attention_why,
+    }
+
+
+def batch_geometry(cfg: SFTConfig, world: int) -> dict:
+    """One optimizer step's size for `Resolved`: per process, over all processes (rows, or tokens with a
+    token budget), and its padded tokens with fixed-size rows."""
+    train = cfg.train
+    budget = train.micro_batch_tokens
+    per_micro = budget if budget is not None else train.micro_batch_size
+    return {
+        "micro_batch_size": train.micro_batch_size,
+        "micro_batch_tokens": budget,
+        "grad_accum_steps": train.grad_accum_steps,
+        "global_batch": per_micro * train.grad_accum_steps * world,
+        "global_batch_unit": "tokens" if budget is not None else "rows",
+        "tokens_per_step": train.grad_accum_steps * train.micro_batch_size * world * cfg.data.max_seq_length,
+    }
+
+
+def compile_if_it_pays(run: Run, model, resolved: Resolved) -> tuple[object, Resolved]:
+    """`train.compile` resolved for this run (trainer/compiling.py), returned with `resolved` completed by
+    it; a compiled packed run gets fixed shapes and the dense document mask (per-document attention cuts
+    rows in Python, a recompile per layout)."""
     cfg, device = run.cfg, run.accelerator.device
     packed, fixed = cfg.data.packing != "none", cfg.train.micro_batch_tokens is None
-    dtype = torch.bfloat16 if run.mixed_precision == "bf16" else next(model.parameters()).dtype
-    run.compile_key = compiling.machine_key(model, device, dtype, cfg.train.compile_backend, run.recompute)
+    dtype = torch.bfloat16 if resolved.mixed_precision == "bf16" else next(model.parameters()).dtype
+    key = compiling.machine_key(model, device, dtype, cfg.train.compile_backend, resolved.recompute)
     resumed = run.resume_state
     done = resumed.step if resumed is not None else 0
-    run.tokens_per_step = (
-        cfg.train.grad_accum_steps * cfg.train.micro_batch_size * run.world * cfg.data.max_seq_length
-    )
     shape = compiling.RunShape(
         cfg.train.compile,
         packed,
@@ -346,18 +383,19 @@ def compile_if_it_pays(run: Run, model):
         getattr(run.data, "processor", None) is not None,
         run.engine.sharded,
         resumed.compiled if resumed is not None else None,
-        (run.total_steps - done) * run.tokens_per_step,
+        (resolved.total_steps - done) * resolved.tokens_per_step,
         float(run.flops.dense),
-        run.peak_flops,
+        resolved.peak_flops,
         device.type,
     )
-    run.compiled, why = compiling.decide(shape, compiling.read_records().get(run.compile_key))
+    compiled, why = compiling.decide(shape, compiling.read_records().get(key))
     if not (packed and fixed) or shape.vision or shape.sharded:
-        run.compile_key = ""  # auto never compiles such a run: its step times are not recorded
+        key = ""  # auto never compiles such a run: its step times are not recorded
+    resolved = dataclasses.replace(resolved, compiled=compiled, compile_why=why, compile_key=key)
     if run.main:
-        run.console.print(f"[bold]compile[/bold]: {'on' if run.compiled else 'off'} ({why})", highlight=False)
-    if not run.compiled:
-        return model
+        run.console.print(f"[bold]compile[/bold]: {'on' if compiled else 'off'} ({why})", highlight=False)
+    if not compiled:
+        return model, resolved
     if packed and cfg.train.packed_attention == "documents":
         raise RunError(
             "train.compile needs train.packed_attention: mask or auto (per-document attention cuts "
@@ -365,12 +403,16 @@ def compile_if_it_pays(run: Run, model):
         )
     if packed and fixed:
         attention.use(model, "mask")
+        if resolved.packed_attention != "mask":
+            why = "the dense document mask: a compiled run keeps fixed shapes"
+            resolved = dataclasses.replace(resolved, packed_attention="mask", packed_attention_why=why)
         run.data.collate = compiling.fixed_shape_collate(
             run.data.pad_id, cfg.data.max_seq_length, cfg.train.micro_batch_size
         )
-    return torch.compile(
+    model = torch.compile(
         model, backend=cfg.train.compile_backend, dynamic=False if packed and fixed else None
     )
+    return model, resolved
 
 
 def attach_loss_head(run: Run, model) -> None:
