@@ -322,7 +322,8 @@ def throughput(run: Run, sizes: dict[str, int], targets: int, elapsed: float) ->
         "tokens_per_s": tokens / elapsed,
         "target_tokens_per_s": targets / elapsed,
         "padding": round(1 - tokens / padded, 4) if padded else 0.0,
-        "mfu": round(flops / elapsed / (run.resolved.peak_flops * run.world), 4),
+        # 4 significant digits, not 4 decimals: a small model on a fast-bf16 peak is below 5e-5, not 0
+        "mfu": float(f"{flops / elapsed / (run.resolved.peak_flops * run.world):.4g}"),
     }
 
 
