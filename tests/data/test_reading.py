@@ -118,7 +118,7 @@ def test_the_heap_is_frozen_while_the_workers_run_and_thawed_after(tmp_path, tok
     here) do not write to those pages, which would give every process a private copy of them."""
     import gc
 
-    from sftlab.data.arrays import ArrayWriter
+    from sftlab.data.store import ArrayWriter
 
     seen = []
     real = ArrayWriter.add_examples

@@ -23,13 +23,12 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.config.schema import DataConfig, SourceConfig
-from sftlab.data import cache
-from sftlab.data.examples import Examples
 from sftlab.data.markers import markers_for
 from sftlab.data.mixing import check_weight, hold_out, mix
 from sftlab.data.reading import FAST_RENDER_NOTE, check_sendable, prepare_source
 from sftlab.data.report import DataReport, SourceStats, count_targets, length_stats
 from sftlab.data.sources import DatasetSource, SourceSpec, open_source
+from sftlab.data.store import Examples, SourceData
 from sftlab.data.templates import load_template
 from sftlab.data.types import IGNORE_INDEX, DataError
 from sftlab.data.vision import image_token_ids
@@ -51,19 +50,20 @@ FROM_CONFIG = object()  # build_datasets resolves the template from the config
 
 
 def apply_length_policy(
-    data: cache.SourceData, cfg: DataConfig, report: DataReport, stats: SourceStats
+    data: SourceData, cfg: DataConfig, report: DataReport, stats: SourceStats
 ) -> Examples:
     """The source's usable examples: those longer than max_seq_length kept, dropped, truncated or
-    refused; what was done is counted in the source's `stats` (the report sums them)."""
+    refused; what was done is counted in the source's `stats` (the report sums them). A group is over
+    when one of its sequences is; it is kept or dropped whole, each sequence truncated on its own."""
     examples = Examples.whole(data.arrays) if data.arrays is not None else Examples.empty()
     m = cfg.max_seq_length
-    over = np.flatnonzero(examples.length > m)
+    over = np.flatnonzero(examples.longest > m)
     if not len(over):
         return examples
     if cfg.on_overlength == "error":
         i = int(over[0])
         raise DataError(
-            f"{data.where(i)}: {int(examples.length[i])} tokens exceed data.max_seq_length={m} "
+            f"{data.where(i)}: {int(examples.longest[i])} tokens exceed data.max_seq_length={m} "
             "(set data.on_overlength to drop or truncate)"
         )
     keep = np.ones(len(examples), dtype=bool)
@@ -73,17 +73,17 @@ def apply_length_policy(
         return examples.select(np.flatnonzero(keep))
     store = data.arrays
     for i in over:
-        start = int(examples.start[i])
-        if store.count_targets(start, start + m) == 0:
+        cut = examples.starts_over(int(i), m)
+        if any(store.count_targets(start, start + m) == 0 for start in cut):
             stats.no_target += 1
             continue
         keep[i] = True
         stats.truncated += 1
-        if np.all(store.tokens(start + m - 1, start + m + 1)[1] != IGNORE_INDEX):
+        if any(np.all(store.tokens(start + m - 1, start + m + 1)[1] != IGNORE_INDEX) for start in cut):
             report.truncated_inside_turn += (
                 1  # the labelled run (a turn and its end-of-turn token) continues past the cut
             )
-    examples.length[over] = m
+    examples.truncate(m)
     return examples.select(np.flatnonzero(keep))
 
 
@@ -109,7 +109,7 @@ def _weight_of(spec: SourceSpec) -> tuple[float | int | None, str]:
     return None, "<Dataset>"
 
 
-def count_images(data: cache.SourceData, examples: Examples, stats: SourceStats, processor: Any) -> None:
+def count_images(data: SourceData, examples: Examples, stats: SourceStats, processor: Any) -> None:
     """A vision-language source's images and image tokens (of its usable examples)."""
     store = data.arrays
     if processor is None or store is None or store.images is None:
@@ -130,7 +130,7 @@ def _source_label(split: str, source_name: str, name: str | None) -> str:
     return f"{kind} {name!r}" if name == source_name else f"{kind} {name!r} ({source_name})"
 
 
-def _check_bad_rows(label: str, data: cache.SourceData, cfg: DataConfig) -> None:
+def _check_bad_rows(label: str, data: SourceData, cfg: DataConfig) -> None:
     """data.max_bad_fraction holds for each source: a bad source is not hidden by good ones."""
     if data.rows and data.bad / data.rows > cfg.max_bad_fraction:
         raise DataError(
@@ -141,7 +141,7 @@ def _check_bad_rows(label: str, data: cache.SourceData, cfg: DataConfig) -> None
 
 
 def _check_not_empty(
-    label: str, data: cache.SourceData, examples: Examples, stats: SourceStats, cfg: DataConfig
+    label: str, data: SourceData, examples: Examples, stats: SourceStats, cfg: DataConfig
 ) -> None:
     """A source left with no example (its eval loss would be nan, its weight nothing) stops the run."""
     if len(examples):

@@ -1,10 +1,10 @@
 """Read one source into flat token arrays: in chunks, in worker processes, through the cache.
 
 `prepare_source(source, tokenizer, cfg, template)` returns the source's examples: from the cache
-entry (cache.py) when its key matches, else built by `read_source` and then cached (or built in
+entry (store.py) when its key matches, else built by `read_source` and then cached (or built in
 a temporary directory when the cache is off). The rows are streamed in chunks of
 `ROWS_PER_CHUNK`; each chunk is normalised, rendered, tokenized and labelled (tokenize.py), here
-or in `num_proc` worker processes, and appended to flat token arrays on disk (arrays.py). Peak
+or in `num_proc` worker processes, and appended to flat token arrays on disk (store.py). Peak
 memory does not grow with the data set: only a few chunks are in flight. For a ChatML-family
 template the direct renderer (fast_chatml.py) is used where it is checked identical; a sampled
 conversation that disagrees makes the source read again from the start through the template.
@@ -39,11 +39,11 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.config.schema import DataConfig
-from sftlab.data import cache
-from sftlab.data.arrays import TOKEN_ARRAYS, ArrayWriter, TokenArrays, id_dtype
+from sftlab.data import store
 from sftlab.data.fast_chatml import FastPathMismatch
 from sftlab.data.masking import detect_chatml
 from sftlab.data.sources import Source
+from sftlab.data.store import TOKEN_ARRAYS, ArrayWriter, TokenArrays, id_dtype
 from sftlab.data.tokenize import (
     ChunkContext,
     ChunkResult,
@@ -61,7 +61,7 @@ ROWS_PER_CHUNK = 512  # rows per unit of work (fixed: the arrays' chunk checksum
 FAST_RENDER_NOTE = "rendered by the direct ChatML renderer (checked against the template on a sample)"
 
 
-def _raw_chunks(source: Source, data: cache.SourceData, rows_per_chunk: int) -> Iterator[RawChunk]:
+def _raw_chunks(source: Source, data: store.SourceData, rows_per_chunk: int) -> Iterator[RawChunk]:
     """The source's rows in chunks, each row tagged with its file's index in `data.files`."""
     file_index: dict[str, int] = {}
     chunk: RawChunk = []
@@ -78,7 +78,7 @@ def _raw_chunks(source: Source, data: cache.SourceData, rows_per_chunk: int) -> 
 
 
 def _encoded_chunks(
-    chunks: Iterator[RawChunk], ctx: ChunkContext, data: cache.SourceData, num_proc: int, directory: Path
+    chunks: Iterator[RawChunk], ctx: ChunkContext, data: store.SourceData, num_proc: int, directory: Path
 ) -> Iterator[ChunkResult]:
     """Encoded chunks in order: here, or in `num_proc` worker processes with at most 2 chunks each in flight."""
     names = lambda: [name for name, _ in data.files]
@@ -144,12 +144,12 @@ def formatting_fingerprint(func: Any) -> str | None:
     return Hasher.hash(func)
 
 
-def _note_bad(data: cache.SourceData, err: BadRecord, strict: bool) -> None:
+def _note_bad(data: store.SourceData, err: BadRecord, strict: bool) -> None:
     if strict:
         raise DataError(str(err))
     data.bad += 1
     data.bad_reasons[err.reason] += 1
-    if len(data.bad_examples) < cache.MAX_BAD_EXAMPLES:
+    if len(data.bad_examples) < store.MAX_BAD_EXAMPLES:
         data.bad_examples.append(str(err))
 
 
@@ -182,7 +182,7 @@ def read_source(
     template: str | None,
     directory: Path,
     processor: Any = None,
-) -> cache.SourceData:
+) -> store.SourceData:
     """Read, normalise, tokenize and label one source into flat arrays in `directory`, chunk by chunk.
 
     Memory stays bounded: a few chunks are in flight at a time. Raises on the first bad row when strict.
@@ -211,9 +211,9 @@ def read_source(
     return _read_chunks(source, ctx, cfg, directory)
 
 
-def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: Path) -> cache.SourceData:
+def _read_chunks(source: Source, ctx: ChunkContext, cfg: DataConfig, directory: Path) -> store.SourceData:
     strict = cfg.on_bad_record == "error"
-    data = cache.SourceData()
+    data = store.SourceData()
     writer = ArrayWriter(directory, ctx.ids_dtype, images=ctx.processor is not None)
     images: list[BadRecord] = []  # the first rows with image parts
     n_images = 0
@@ -255,7 +255,7 @@ def _read_uncached(
     cfg: DataConfig,
     template: str | None,
     processor: Any = None,
-) -> cache.SourceData:
+) -> store.SourceData:
     """Build the arrays in a temporary directory that is removed at once: the open memory maps keep
     the files readable until the run ends (POSIX), and nothing is left behind. Images a Dataset held
     in memory are read from there in every batch: then the directory goes when the process ends."""
@@ -278,7 +278,7 @@ def prepare_source(
     cfg: DataConfig,
     template: str | None,
     processor: Any = None,
-) -> cache.SourceData:
+) -> store.SourceData:
     """The source's examples, from the cache when its key matches (and its checksums hold, and for a
     vision-language model its image files are unchanged), else built (and then cached). `processor`:
     a vision-language model's (its settings and max_seq_length join the key)."""
@@ -286,14 +286,14 @@ def prepare_source(
         return _read_uncached(source, tokenizer, cfg, template, processor)
     parts = {
         "source": source.fingerprint(),
-        "tokenizer": cache.tokenizer_fingerprint(tokenizer),
+        "tokenizer": store.tokenizer_fingerprint(tokenizer),
         "template": template or tokenizer.chat_template,
         "format": source.format,
         "loss_on": cfg.loss_on,
         "tools": cfg.tools,
         "columns": source.columns.columns,
         "roles": source.columns.roles,
-        "code": cache.code_fingerprint(),
+        "code": store.code_fingerprint(),
         **(
             {"formatting_func": formatting_fingerprint(source.formatting_func)}
             if source.formatting_func
@@ -307,19 +307,19 @@ def prepare_source(
             else {}
         ),
     }
-    key = cache.cache_key(parts)
-    root = cache.cache_dir(cfg.cache_dir)
-    data = cache.load(root, key)
+    key = store.cache_key(parts)
+    root = store.cache_dir(cfg.cache_dir)
+    data = store.load(root, key)
     if data is not None:
         if cfg.on_bad_record == "error" and data.bad:
             raise DataError(data.bad_examples[0])
         return data
     tmp = None
     try:
-        tmp = cache.new_entry_dir(root, key)
+        tmp = store.new_entry_dir(root, key)
         data = read_source(source, tokenizer, cfg, template, tmp, processor)
-        readable = {**parts, "name": source.name, "template": cache.cache_key({"t": parts["template"]})}
-        data.arrays = TokenArrays(cache.commit(tmp, root, key, data, readable), verify=False)
+        readable = {**parts, "name": source.name, "template": store.cache_key({"t": parts["template"]})}
+        data.arrays = TokenArrays(store.commit(tmp, root, key, data, readable), verify=False)
         return data
     except OSError as e:  # an unwritable cache costs the next run time, never this run
         log.warning("could not write the data cache entry for %s in %s: %s", source.name, root, e)

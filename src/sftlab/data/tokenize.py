@@ -33,10 +33,10 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data import masking
-from sftlab.data.arrays import example_arrays, write_chunk_files
 from sftlab.data.fast_chatml import VERIFY_EVERY, ChatMLRenderer
 from sftlab.data.formats import ColumnMap, Conversation, Record, TextRecord, formatted_row, to_record
 from sftlab.data.markers import TextMarkers
+from sftlab.data.store import example_arrays, write_chunk_files
 from sftlab.data.tool_support import handle_tools
 from sftlab.data.types import (
     IGNORE_INDEX,

@@ -157,7 +157,7 @@ def decide(shape: RunShape, record: dict[str, float] | None = None) -> tuple[boo
 
 def fixed_shape_collate(pad_id: int, width: int, rows: int):
     """Packed micro-batches of one shape: (rows, width); rows past the data are all padding, no targets."""
-    return functools.partial(packed_collate, pad_id=pad_id, width=width, min_rows=rows)
+    return functools.partial(packed_collate, pad_id=pad_id, max_seq_length=width, min_rows=rows)
 
 
 def update_record(

@@ -11,11 +11,10 @@ from conftest import CONVERSATIONS, write_jsonl
 
 from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data import reading, report, tokenize
-from sftlab.data.arrays import ArrayWriter, CorruptEntry, TokenArrays, example_arrays
 from sftlab.data.dataset import build_datasets
-from sftlab.data.examples import Examples
 from sftlab.data.formats import to_record
 from sftlab.data.packing import pack_examples
+from sftlab.data.store import ArrayWriter, CorruptEntry, Examples, TokenArrays, example_arrays
 from sftlab.data.tokenize import tokenize_chunk
 from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 
