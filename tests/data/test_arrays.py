@@ -14,8 +14,8 @@ from sftlab.data import reading, report, tokenize
 from sftlab.data.arrays import ArrayWriter, CorruptEntry, TokenArrays, example_arrays
 from sftlab.data.dataset import build_datasets
 from sftlab.data.examples import Examples
-from sftlab.data.formats import to_record
 from sftlab.data.packing import pack_examples
+from sftlab.data.records import to_record
 from sftlab.data.tokenize import tokenize_chunk
 from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 

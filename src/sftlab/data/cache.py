@@ -47,8 +47,7 @@ IMAGE_FILES = "image_files.jsonl"  # [path, bytes, mtime_ns] per line: the image
 # The modules whose code decides what a row tokenizes to: editing them invalidates the cache.
 _CODE_FILES = (
     "types.py",
-    "formats.py",
-    "fields.py",
+    "records.py",
     "masking.py",
     "rendering.py",
     "spans.py",
@@ -63,7 +62,6 @@ _CODE_FILES = (
     "markers.py",
     "images.py",
     "vision.py",
-    "chat_rows.py",
     "../config/fields.py",
 )  # the row formats' declarations (ROW_FORMATS)
 

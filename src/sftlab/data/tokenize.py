@@ -14,7 +14,7 @@ has them dropped and is counted (`tools_dropped`).
 Text rows (`format: text`) are tokenized without a chat template, with the tokenizer's own special
 tokens (e.g. a BOS). A token that overlaps a character of a `loss_masking_spans` span carries no
 loss; every other token is a target. The source's response/instruction templates (markers.py) only
-add spans to those, when the row is read (formats.py), so they are marked the same way. The EOS token is appended, as a target, unless the text
+add spans to those, when the row is read (records.py), so they are marked the same way. The EOS token is appended, as a target, unless the text
 already ends with it, so the model learns where a document stops. Pretokenized rows are used as
 they are. Any example left without a target token is a bad record.
 
@@ -35,8 +35,8 @@ from transformers import PreTrainedTokenizerBase
 from sftlab.data import masking
 from sftlab.data.arrays import example_arrays, write_chunk_files
 from sftlab.data.fast_chatml import VERIFY_EVERY, ChatMLRenderer
-from sftlab.data.formats import ColumnMap, Conversation, Record, TextRecord, formatted_row, to_record
 from sftlab.data.markers import TextMarkers
+from sftlab.data.records import ColumnMap, Conversation, Record, TextRecord, formatted_row, to_record
 from sftlab.data.tool_support import handle_tools
 from sftlab.data.types import (
     IGNORE_INDEX,

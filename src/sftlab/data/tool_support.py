@@ -25,7 +25,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from sftlab.data.formats import Conversation
+from sftlab.data.records import Conversation
 from sftlab.data.rendering import render
 from sftlab.data.types import DataError, TemplateError
 

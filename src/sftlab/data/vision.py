@@ -36,8 +36,8 @@ from PIL import Image
 
 from sftlab.data import masking
 from sftlab.data.collate import pad_collate
-from sftlab.data.formats import NO_COLUMNS, Conversation, Record, formatted_row
 from sftlab.data.images import image_record
+from sftlab.data.records import NO_COLUMNS, Conversation, Record, formatted_row
 from sftlab.data.sources import iter_jsonl
 from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError, TemplateError, VisionExample
 

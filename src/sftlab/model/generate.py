@@ -13,8 +13,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sftlab.config.schema import MatchEvalConfig
-from sftlab.data.formats import ColumnMap, Conversation, to_record
 from sftlab.data.images import image_record
+from sftlab.data.records import ColumnMap, Conversation, to_record
 from sftlab.data.sources import iter_jsonl
 from sftlab.data.tool_support import TOOL_TEMPLATES, template_support
 from sftlab.data.types import BadRecord, DataError
