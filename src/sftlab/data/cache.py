@@ -50,7 +50,6 @@ _CODE_FILES = (
     "records.py",
     "masking.py",
     "rendering.py",
-    "spans.py",
     "templates.py",
     "sources.py",
     "tokenize.py",

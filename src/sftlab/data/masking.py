@@ -40,10 +40,10 @@ from sftlab.data.rendering import (
     Tools,
     _Renderer,
     appends_generation_prompt,
+    assistant_spans,
     has_generation_tags,
     render,
 )
-from sftlab.data.spans import assistant_spans
 from sftlab.data.templates import resolve_template
 from sftlab.data.types import IGNORE_INDEX, TemplateError, TokenizedExample
 

@@ -1,9 +1,10 @@
-"""Locating assistant turns when the template writes text after the final message only (spans.py).
+"""The chat template rendered exactly, and each assistant turn located in it (rendering.py).
 
-TRL's Phi-3 template (tests/data/templates/phi3.jinja, the same text as trl/chat_templates/phi3.jinja) writes
-`eos_token` where the generation prompt `<|assistant|>\\n` would go. Paired with the conftest tokenizer, whose
-eos `<|im_end|>` is an added token and which knows no `<|assistant|>` token, that final-only text and the prompt
-both begin with `<|`: the text is one added token, so where it begins is exact.
+A template that writes text after the final message only: TRL's Phi-3 template
+(tests/data/templates/phi3.jinja, the same text as trl/chat_templates/phi3.jinja) writes `eos_token` where
+the generation prompt `<|assistant|>\\n` would go. Paired with the conftest tokenizer, whose eos `<|im_end|>`
+is an added token and which knows no `<|assistant|>` token, that final-only text and the prompt both begin
+with `<|`: the text is one added token, so where it begins is exact.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from conftest import CONVERSATIONS, build_tokenizer, write_jsonl
 
 from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.dataset import build_datasets
-from sftlab.data.masking import IGNORE_INDEX, TemplateError, assistant_spans, tokenize_conversation
+from sftlab.data.masking import IGNORE_INDEX, TemplateError, tokenize_conversation
+from sftlab.data.rendering import assistant_spans
 
 TEMPLATES = Path(__file__).parent / "templates"
 PHI3 = (TEMPLATES / "phi3.jinja").read_text(encoding="utf-8")
