@@ -57,7 +57,6 @@ _CODE_FILES = (
     "fast_chatml.py",
     "cache.py",
     "toolcalls.py",
-    "tool_support.py",
     "markers.py",
     "images.py",
     "vision.py",

@@ -9,7 +9,7 @@ the fields no reader used, the `columns` / `roles` entries no row used, the targ
 the lengths), and all validation happens here, before training starts: `data.max_bad_fraction` holds
 for each source on its own, a source (train source or eval set) left with no example is an error
 naming it, and rows whose tools the chat template does not render stop the run, or with `data.tools:
-drop` are trained without them under one warning counting them (tool_support.py). For a vision-language model (`processor`) the rows are read
+drop` are trained without them under one warning counting them (rendering.py). For a vision-language model (`processor`) the rows are read
 with their images, and the report counts each source's images and image tokens.
 """
 

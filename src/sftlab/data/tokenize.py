@@ -7,7 +7,7 @@ locations, its bad rows in order, and per chunk the rows read as each format, th
 each unknown field and the rows using each entry of the source's `columns` / `roles` (summed over
 chunks by the caller); nothing of a chunk outlives its appending to the entry.
 
-Before chat rows are rendered, `data.tools` is applied (tool_support.py): a row whose tools, tool
+Before chat rows are rendered, `data.tools` is applied (rendering.py): a row whose tools, tool
 calls or tool results the template would not render stops the run (DataError naming the row), or
 has them dropped and is counted (`tools_dropped`).
 
@@ -37,7 +37,7 @@ from sftlab.data.arrays import example_arrays, write_chunk_files
 from sftlab.data.fast_chatml import VERIFY_EVERY, ChatMLRenderer
 from sftlab.data.markers import TextMarkers
 from sftlab.data.records import ColumnMap, Conversation, Record, TextRecord, formatted_row, to_record
-from sftlab.data.tool_support import handle_tools
+from sftlab.data.rendering import handle_tools
 from sftlab.data.types import (
     IGNORE_INDEX,
     BadRecord,
