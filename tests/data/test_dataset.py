@@ -7,7 +7,7 @@ from conftest import build_tokenizer, write_jsonl
 
 from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.dataset import DataError, build_datasets
-from sftlab.data.masking import IGNORE_INDEX
+from sftlab.data.types import IGNORE_INDEX
 
 GOOD = {
     "messages": [
@@ -308,7 +308,7 @@ def test_truncation_inside_an_assistant_turn_is_reported(tmp_path, tokenizer):
 @pytest.mark.parametrize("name", ["phi3", "phi3_5", "gpt_oss"])
 def test_multi_turn_rows_of_phi3_and_gpt_oss_are_kept_and_masked_as_the_tagged_twin(tmp_path, name):
     """Phi-3 writes eos after the final message only; gpt-oss closes the final turn differently: once refused."""
-    from test_masking import GPT_OSS_CHATS, PHI3_CHATS, family, twin_reference
+    from test_tokenize import GPT_OSS_CHATS, PHI3_CHATS, family, twin_reference
 
     tok, text = family(name)
     chats = [

@@ -321,7 +321,7 @@ def test_mapped_fields_are_renamed_and_named_as_the_source_names_them():
 
 
 def test_text_content_parts_read_as_the_string_form_in_every_role(tokenizer):
-    from sftlab.data.masking import tokenize_conversations
+    from sftlab.data.tokenize import tokenize_conversations
 
     def parts(text):
         return [{"type": "text", "text": text[:3]}, {"type": "text", "text": text[3:]}]

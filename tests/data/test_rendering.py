@@ -22,9 +22,10 @@ from conftest import CHATML_TEMPLATE, CONVERSATIONS, build_tokenizer, write_json
 
 from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.dataset import DataError, build_datasets
-from sftlab.data.masking import IGNORE_INDEX, TemplateError, tokenize_conversation
 from sftlab.data.rendering import ToolSupport, assistant_spans, render, template_support
 from sftlab.data.templates import BUILTIN_TEMPLATES
+from sftlab.data.tokenize import tokenize_conversation
+from sftlab.data.types import IGNORE_INDEX, TemplateError
 
 
 @pytest.fixture(autouse=True)

@@ -48,7 +48,6 @@ IMAGE_FILES = "image_files.jsonl"  # [path, bytes, mtime_ns] per line: the image
 _CODE_FILES = (
     "types.py",
     "records.py",
-    "masking.py",
     "rendering.py",
     "templates.py",
     "sources.py",

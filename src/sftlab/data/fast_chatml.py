@@ -8,7 +8,7 @@ prompt `<|im_start|>assistant\\n`. For such a template the text and the assistan
 directly from the messages.
 
 Where it is used, and how it is checked:
-- `masking.detect_chatml(template, kwargs)` returns a renderer only for templates without
+- `tokenize.detect_chatml(template, kwargs)` returns a renderer only for templates without
   `{% generation %}` marks, and only when the template's own output
   equals the direct rendering -- text, generation prompt, and the assistant spans rendering.py
   derives -- on the `probes()` conversations, built to expose differences (leading and trailing whitespace

@@ -30,35 +30,119 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.config.schema import DataConfig
 from sftlab.data import cache
-from sftlab.data.arrays import TOKEN_ARRAYS, ArrayWriter, TokenArrays, id_dtype
+from sftlab.data.arrays import TOKEN_ARRAYS, ArrayWriter, TokenArrays, id_dtype, write_chunk_files
 from sftlab.data.fast_chatml import FastPathMismatch
-from sftlab.data.masking import detect_chatml
+from sftlab.data.records import Conversation
 from sftlab.data.sources import Source
-from sftlab.data.tokenize import (
-    ChunkContext,
-    ChunkResult,
-    RawChunk,
-    encode_chunk,
-    init_worker,
-    worker_chunk,
-)
+from sftlab.data.tokenize import ChunkContext, RawChunk, compact_example, detect_chatml, encode_text_rows
 from sftlab.data.types import BadRecord, DataError, ImageRow
-from sftlab.data.vision import processor_fingerprint
+from sftlab.data.vision import encode_vision_rows, processor_fingerprint
 
 log = logging.getLogger(__name__)
 MAX_CITED = 5  # rows named in a source-level error
 ROWS_PER_CHUNK = 512  # rows per unit of work (fixed: the arrays' chunk checksums do not depend on num_proc)
 FAST_RENDER_NOTE = "rendered by the direct ChatML renderer (checked against the template on a sample)"
+
+
+@dataclass
+class ChunkResult:
+    rows: int
+    tokens: dict[str, Any]  # "ids", "targets": arrays, or (path, bytes, sha256) written by a worker
+    lengths: np.ndarray
+    lines: np.ndarray
+    files: np.ndarray
+    fix_pos: np.ndarray  # chunk-local token positions of labels that are neither -100 nor the id
+    fix_val: np.ndarray
+    bad: list[BadRecord] = field(default_factory=list)
+    conversations: int = 0  # chat rows among them (rendered by a template or the direct renderer)
+    formats: Counter = field(
+        default_factory=Counter
+    )  # format -> rows read as it (bad rows after reading included)
+    unknown: Counter = field(default_factory=Counter)  # unknown field -> rows holding it
+    tools_dropped: int = (
+        0  # rows whose tools / tool calls the template does not render, dropped (data.tools: drop)
+    )
+    mapped: Counter = field(
+        default_factory=Counter
+    )  # `columns.<name>` / `roles.<name>` entry -> rows using it
+    images: list[list[str]] | None = None  # per example its image references (vision-language sources)
+
+
+def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkResult:
+    """Normalise, tokenize and label chunk `number` of a source into flat arrays; bad rows listed in
+    order. The direct renderer (if any) is checked on every conversation of chunk 0 and on a sample after.
+    With a processor (a vision-language model) the rows are read with their images (vision.py)."""
+    mapped: Counter = Counter()
+    if ctx.columns and ctx.formatting_func is None:
+        for _, _, _, row in rows:
+            if isinstance(row, dict):
+                mapped.update(ctx.columns.used(row))
+    images = None
+    if ctx.processor is not None:
+        vision_done, bad, records = encode_vision_rows(rows, ctx)
+        done = [(k, f, line, compact_example(res, ctx.ids_dtype)) for k, f, line, res in vision_done]
+        images, dropped = [list(res.images) for *_, res in vision_done], 0
+        del vision_done
+    else:
+        done, bad, records, dropped = encode_text_rows(rows, ctx, number)
+    ids, targets, lengths, lines, files, fix_pos, fix_val = [], [], [], [], [], [], []
+    base = 0
+    for _, f, line, (i, t, fp, fv) in done:
+        ids.append(i)
+        targets.append(t)
+        fix_pos.append(fp + base)
+        fix_val.append(fv)
+        lengths.append(len(i))
+        lines.append(line)
+        files.append(f)
+        base += len(i)
+    cat = lambda parts, dtype: (
+        np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+    )
+    return ChunkResult(
+        len(rows),
+        {"ids": cat(ids, ctx.ids_dtype), "targets": cat(targets, np.uint8)},
+        np.asarray(lengths, np.int64),
+        np.asarray(lines, np.int64),
+        np.asarray(files, np.int32),
+        cat(fix_pos, np.int64),
+        cat(fix_val, np.int32),
+        [e for _, e in sorted(bad, key=lambda x: x[0])],
+        sum(isinstance(r, Conversation) for r in records),
+        Counter(r.format for r in records),
+        Counter(k for r in records for k in r.unknown),
+        dropped,
+        mapped,
+        images,
+    )
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def init_worker(ctx: ChunkContext, directory: str) -> None:
+    _WORKER.update(ctx=ctx, directory=Path(directory))
+
+
+def worker_chunk(number: int, rows: RawChunk, files: list[str]) -> ChunkResult:
+    """`encode_chunk` in a worker process; the token arrays go to files, not back through the pipe."""
+    ctx: ChunkContext = _WORKER["ctx"]
+    ctx.files = files
+    result = encode_chunk(rows, ctx, number)
+    result.tokens = write_chunk_files(_WORKER["directory"], f".chunk-{number:08d}", result.tokens)
+    return result
 
 
 def _raw_chunks(source: Source, data: cache.SourceData, rows_per_chunk: int) -> Iterator[RawChunk]:
@@ -196,7 +280,7 @@ def read_source(
     ctx.tools = cfg.tools
     ctx.add_bos = cfg.add_bos
     if processor is not None:  # rows with images: tokenized by data/vision.py, never by the direct renderer
-        ctx.processor, ctx.max_length, ctx.image_dir = processor, cfg.max_seq_length, str(directory)
+        ctx.processor, ctx.max_seq_length, ctx.image_dir = processor, cfg.max_seq_length, str(directory)
         return _read_chunks(source, ctx, cfg, directory)
     ctx.fast = detect_chatml(template or tokenizer.chat_template, dict(tokenizer.special_tokens_map))
     if ctx.fast is not None:
