@@ -10,7 +10,7 @@ import pytest
 from conftest import CONVERSATIONS, write_jsonl
 
 from sftlab.config.schema import DataConfig, SourceConfig
-from sftlab.data import reading, report, tokenize
+from sftlab.data import dataset, report, tokenize
 from sftlab.data.arrays import ArrayWriter, CorruptEntry, TokenArrays, example_arrays
 from sftlab.data.dataset import build_datasets
 from sftlab.data.examples import Examples
@@ -96,7 +96,7 @@ def test_chunking_and_workers_give_byte_identical_arrays(procs, tmp_path, tokeni
     path = write_jsonl(tmp_path / "mixed.jsonl", many_rows())
 
     def build(rows_per_chunk, num_proc, where):
-        monkeypatch.setattr(reading, "ROWS_PER_CHUNK", rows_per_chunk)
+        monkeypatch.setattr(dataset, "ROWS_PER_CHUNK", rows_per_chunk)
         cfg = DataConfig(
             train=[SourceConfig(path=str(path))],
             cache_dir=str(where),

@@ -10,7 +10,7 @@ from conftest import CHATML_TEMPLATE, build_tokenizer, write_jsonl
 from test_tokenize import family
 
 from sftlab.config.schema import DataConfig, SourceConfig
-from sftlab.data import fast_chatml, reading, tokenize
+from sftlab.data import dataset, fast_chatml, tokenize
 from sftlab.data.dataset import build_datasets
 from sftlab.data.fast_chatml import ChatMLRenderer
 from sftlab.data.templates import BUILTIN_TEMPLATES
@@ -144,14 +144,14 @@ def test_a_difference_on_the_data_rebuilds_the_source_through_the_template(
     ]
     rows[position]["messages"][1]["content"] = "MAGIC"
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    monkeypatch.setattr(reading, "ROWS_PER_CHUNK", 4)
+    monkeypatch.setattr(dataset, "ROWS_PER_CHUNK", 4)
     monkeypatch.setattr(fast_chatml, "VERIFY_EVERY", 4)
     monkeypatch.setattr("sftlab.data.tokenize.VERIFY_EVERY", 4)
     cfg = DataConfig(train=[SourceConfig(path=str(path))], cache=False, eval_fraction=0.0)
     with caplog.at_level("WARNING"):
         train, _, _ = build_datasets(cfg, tok, seed=0)
     assert any("disagree" in r.message for r in caplog.records)
-    monkeypatch.setattr(reading, "detect_chatml", lambda *a: None)
+    monkeypatch.setattr(dataset, "detect_chatml", lambda *a: None)
     reference, _, _ = build_datasets(cfg, tok, seed=0)
     assert [(e.input_ids, e.labels) for e in train] == [(e.input_ids, e.labels) for e in reference]
     assert "magic!" in tok.decode(train[position].input_ids)

@@ -18,7 +18,7 @@ Where it is used, and how it is checked:
   message keys, no tools, no `<think>` tags. Everything else goes through the template.
 - During preparation, every conversation of a source's first chunk and one in `VERIFY_EVERY` after
   it are rendered both ways; a difference raises `FastPathMismatch` and the source is prepared
-  again from the start through the template, with a warning (tokenize.py, reading.py).
+  again from the start through the template, with a warning (tokenize.py, dataset.py).
 
 The spans follow rendering.py's definition: an assistant turn is its content plus the `<|im_end|>`
 that closes it.

@@ -13,7 +13,7 @@ TemplateError), never guessed.
 data/images.py; each unusable row a BadRecord, the rest kept); an example longer than
 max_seq_length is a bad row, never truncated (that could cut an image's tokens).
 
-`encode_vision_rows` is the vision-language branch of a data chunk (reading.encode_chunk): each row
+`encode_vision_rows` is the vision-language branch of a data chunk (dataset.encode_chunk): each row
 read with its images (relative paths against its data file's directory), tokenized as above, and its
 image references made storable: paths stay absolute paths, images held in memory (a Dataset's) are
 written as PNG files into the cache entry (`images/<sha256>.png`, stored relative to the entry).
