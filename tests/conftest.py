@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sftlab.data import reading
+from sftlab.data import dataset
 
 # SmolLM2-135M-Instruct's template: ChatML without {% generation %} tags, default system prompt.
 CHATML_TEMPLATE = (
@@ -96,13 +96,13 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def calls(monkeypatch) -> dict[str, int]:
     """Count how often a source is read and tokenized (`calls["n"]`; a cache hit reads nothing)."""
     count = {"n": 0}
-    real = reading.read_source
+    real = dataset.read_source
 
     def counting(*args, **kwargs):
         count["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(reading, "read_source", counting)
+    monkeypatch.setattr(dataset, "read_source", counting)
     return count
 
 

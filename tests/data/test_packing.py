@@ -14,7 +14,6 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from sftlab.data import packing
-from sftlab.data.masking import IGNORE_INDEX, TokenizedExample
 from sftlab.data.packing import (
     PackedRow,
     pack_bfd,
@@ -24,6 +23,7 @@ from sftlab.data.packing import (
     packing_efficiency,
 )
 from sftlab.data.store import Examples
+from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 from sftlab.model.loss import count_targets, summed_nll
 
 VOCAB = 400

@@ -13,10 +13,10 @@ import pytest
 from conftest import CONVERSATIONS, write_group_store, write_jsonl
 
 from sftlab.config.schema import DataConfig, SourceConfig
-from sftlab.data import reading, report, store, tokenize
+from sftlab.data import dataset, report, store, tokenize
 from sftlab.data.dataset import DataError, apply_length_policy, build_datasets
-from sftlab.data.formats import to_record
 from sftlab.data.packing import pack_examples
+from sftlab.data.records import to_record
 from sftlab.data.report import DataReport, SourceStats
 from sftlab.data.store import ArrayWriter, CorruptEntry, Examples, SourceData, TokenArrays, example_arrays
 from sftlab.data.tokenize import tokenize_chunk
@@ -99,7 +99,7 @@ def test_chunking_and_workers_give_byte_identical_arrays(procs, tmp_path, tokeni
     path = write_jsonl(tmp_path / "mixed.jsonl", many_rows())
 
     def build(rows_per_chunk, num_proc, where):
-        monkeypatch.setattr(reading, "ROWS_PER_CHUNK", rows_per_chunk)
+        monkeypatch.setattr(dataset, "ROWS_PER_CHUNK", rows_per_chunk)
         cfg = DataConfig(
             train=[SourceConfig(path=str(path))],
             cache_dir=str(where),

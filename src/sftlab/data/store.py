@@ -450,22 +450,18 @@ IMAGE_FILES = "image_files.jsonl"  # [path, bytes, mtime_ns] per line: the image
 # The modules whose code decides what a row tokenizes to: editing them invalidates the cache.
 _CODE_FILES = (
     "types.py",
-    "formats.py",
-    "fields.py",
-    "masking.py",
+    "records.py",
     "rendering.py",
-    "spans.py",
     "templates.py",
     "sources.py",
     "tokenize.py",
+    "dataset.py",
     "store.py",
     "fast_chatml.py",
     "toolcalls.py",
-    "tool_support.py",
     "markers.py",
     "images.py",
     "vision.py",
-    "chat_rows.py",
     "../config/fields.py",
 )  # the row formats' declarations (ROW_FORMATS)
 
