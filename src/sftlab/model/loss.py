@@ -20,6 +20,10 @@ Two ways to get that sum from a model and a batch:
   switched off for the call and applied here. `for_model` checks the path numerically against the
   model's own logits once and falls back to `full_nll` (with the reason logged) when it is not
   supported or does not match.
+
+Both take an optional per-token weight (`batch["target_weights"]`, float, aligned with the labels: the
+weight of the target at position t) and then return the weighted sum; trainer/objective.py uses it
+for `train.loss_normalization: sequence_mean` (each target weighs 1 / its sequence's target count).
 """
 
 from __future__ import annotations
@@ -42,14 +46,20 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token negative log-likelihoods over target positions (float32 math)."""
+def summed_nll(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sum of next-token negative log-likelihoods over target positions (float32 math); with `weights`
+    (aligned with `labels`), each target's NLL times its weight."""
     shift_logits = logits[..., :-1, :].reshape(-1, logits.size(-1)).float()
     shift_labels = labels[..., 1:].reshape(-1)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if weights is None:
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    nll = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return (nll * weights[..., 1:].reshape(-1).float()).sum()
 
 
-NOT_MODEL_INPUTS = frozenset({"labels"})
+NOT_MODEL_INPUTS = frozenset({"labels", "target_weights"})
 
 
 def model_forward(model, batch: dict[str, torch.Tensor]):
@@ -60,19 +70,24 @@ def model_forward(model, batch: dict[str, torch.Tensor]):
 
 
 def full_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Reference path: full logits for every position, then `summed_nll`."""
-    return summed_nll(model_forward(model, batch).logits, batch["labels"])
+    """Reference path: full logits for every position, then `summed_nll` (weighted when the batch has
+    `target_weights`)."""
+    return summed_nll(model_forward(model, batch).logits, batch["labels"], batch.get("target_weights"))
+
+
+full_nll.weighs_targets = True  # honours batch["target_weights"] (trainer/objective.py checks)
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
-    """sum_i CE(post(h_i @ W.T + b), y_i), chunk by chunk; the gradients are computed in the forward.
+    """sum_i r_i CE(post(h_i @ W.T + b), y_i), chunk by chunk (r: per-row weights, or all 1); the
+    gradients are computed in the forward.
 
     post(z) = softcap * tanh(z * scale / softcap) (or z * scale without softcap). Matmuls run in
     `compute_dtype`, the CE math in float32; grads come back in the dtypes of h, weight and bias.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, compute_dtype, scale, softcap, chunk, want_grad):
+    def forward(ctx, h, weight, bias, targets, compute_dtype, scale, softcap, chunk, want_grad, rows=None):
         need_h, need_w, need_b = (want_grad and n for n in ctx.needs_input_grad[:3])
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(compute_dtype)
@@ -90,11 +105,15 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     t = torch.tanh(z / softcap)
                     z = t * softcap
                 lse = torch.logsumexp(z, dim=-1)
-                total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
+                nll = lse - z.gather(1, yc[:, None]).squeeze(1)
+                rc = None if rows is None else rows[s : s + chunk].float()
+                total += nll.sum() if rc is None else (nll * rc).sum()
                 if not (need_h or need_w or need_b):
                     continue
                 g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 g[torch.arange(len(yc), device=g.device), yc] -= 1.0  # d CE / d post(z)
+                if rc is not None:
+                    g.mul_(rc[:, None])
                 if softcap is not None:
                     g.mul_(1.0 - t * t)
                 if scale != 1.0:
@@ -124,6 +143,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -142,6 +162,8 @@ class TargetLossHead:
     wrapper of the model given to `for_model`). `mode` is "target" (the chunked path) or "full"
     (`full_nll`, with `reason` saying why).
     """
+
+    weighs_targets = True  # honours batch["target_weights"] (trainer/objective.py checks)
 
     def __init__(
         self, unwrapped: nn.Module, chunk_tokens: int = 4096, mode: str = "target", reason: str = ""
@@ -247,11 +269,12 @@ class TargetLossHead:
             return full_nll(model, batch)
         with self._hidden_states_as_logits():
             hidden = model_forward(model, batch).logits  # [B, T, H]
-        labels = batch["labels"]
+        labels, weights = batch["labels"], batch.get("target_weights")
         mask = labels[:, 1:] != IGNORE_INDEX
         h, y = hidden[:, :-1][mask], labels[:, 1:][mask]  # [N, H], [N]
+        rows = None if weights is None else weights[:, 1:][mask]
         out = self._out
-        if self.fused_ce is not None and self.scale == 1.0:
+        if self.fused_ce is not None and self.scale == 1.0 and rows is None:
             return self.fused_ce(out.weight, h, y, out.bias)
         return _ChunkedLinearCE.apply(
             h,
@@ -263,4 +286,5 @@ class TargetLossHead:
             self.softcap,
             self.chunk_tokens,
             torch.is_grad_enabled(),
+            rows,
         )
