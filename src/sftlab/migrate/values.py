@@ -287,3 +287,18 @@ def overlength(c: Conversion, key: str, value: Any, raw: dict) -> None:
         c.set("data.on_overlength", value)
     else:
         c.skip(key, value, "data.on_overlength: drop, truncate, error")
+
+
+def best_metric(c: Conversion, key: str, value: Any, raw: dict) -> None:
+    """transformers' metric_for_best_model (`loss`, `eval_loss`, `eval_<name>_loss`) -> train.metric_for_best."""
+    name = str(value).removeprefix("eval_")
+    if name == "loss":
+        c.set("train.metric_for_best", "eval_loss")
+    elif name.endswith("_loss"):
+        c.set("train.metric_for_best", f"eval/{name}")
+    else:
+        return c.skip(
+            key, value, "train.metric_for_best picks the lowest eval loss (eval_loss or eval/<name>_loss)"
+        )
+    if raw.get("greater_is_better") is True:
+        c.skip("greater_is_better", True, "the best step is the one with the lowest loss")
