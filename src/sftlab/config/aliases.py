@@ -50,6 +50,7 @@ RENAMES = {
     "push_to_hub": "train.push_to_hub",
     "hub_model_id": "train.hub_model_id",
     "hub_private_repo": "train.hub_private",
+    "run_name": "train.run_name",
     # axolotl
     "base_model": "model.name_or_path",
     "revision_of_model": "model.revision",
@@ -185,7 +186,11 @@ ALIASES = {
     "lora_target_linear": "peft.target_modules",
     "peft_use_dora": "peft.method",
     "peft_use_rslora": "peft.use_rslora",
-    "wandb_project": "train.report_to",
+    "wandb_project": "train.project",
+    "wandb_entity": "train.entity",
+    "wandb_name": "train.run_name",
+    "wandb_project_name": "train.project",
+    "exp_name": "train.run_name",
     "lora_bias": "peft.bias",
     # LLaMA-Factory arguments and dataset_info.json
     "quantization_bit": "peft.quantize",

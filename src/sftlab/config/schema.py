@@ -502,6 +502,19 @@ class TrainConfig(_Strict):
             "an API key, trackio local)"
         ),
     )
+    run_name: str | None = Field(
+        None, description="the run's name in the trackers (wandb, trackio); null: the output directory's name"
+    )
+    project: str | None = Field(
+        None,
+        description=(
+            "the trackers' project (tensorboard: the subdirectory of output_dir/tensorboard/); null: WANDB_PROJECT "
+            "for wandb when set, else the output directory's name"
+        ),
+    )
+    entity: str | None = Field(
+        None, description="the wandb entity (team or user); null: WANDB_ENTITY, else yours"
+    )
     push_to_hub: bool = Field(
         False,
         description=(

@@ -67,7 +67,6 @@ NOT_SUPPORTED = {  # keys with no counterpart, with what to do instead
     "loss_watchdog_threshold": "train.on_nan stops on non-finite losses only",
     "loss_watchdog_patience": "train.on_nan stops on non-finite losses only",
     "group_by_length": "train.micro_batch_tokens batches length-grouped by a token budget",
-    "run_name": "the run is named by train.output_dir",
     "dataset_prepared_path": "data.cache_dir holds the tokenized data",
 }
 
@@ -152,6 +151,8 @@ AXOLOTL = {
     "chat_template": v.chat_template,
     "chat_template_jinja": v.chat_template,
     "wandb_project": v.wandb,
+    "wandb_entity": v.wandb,
+    "wandb_name": v.wandb,
     "excess_length_strategy": v.overlength,
     **{k: v.peft_value for k in v.PEFT_SAME},
 }

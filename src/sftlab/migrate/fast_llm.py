@@ -30,7 +30,6 @@ NOT_NEEDED = {
     "saving_workers": "data.num_proc tokenizes in parallel",
     "dataset.trust_remote_code": "datasets are loaded without remote code",
     "splits.training": "the rest of data.eval_fraction",
-    "run.experiment_name": "the run is named by train.output_dir",
 }
 DEFAULTS: dict[str, Any] = {}
 
@@ -164,7 +163,7 @@ def value_to(target: str, convert=v.number):
 
 def wandb(c: v.Conversion, key: str, value: Any, raw: dict) -> None:
     c.set("train.report_to", ["wandb"])
-    c.notes.append(f"# note: wandb {key.rsplit('.', 1)[-1]} {value!r}: set WANDB_PROJECT / WANDB_ENTITY")
+    c.set("train.project" if key.endswith("project_name") else "train.entity", str(value))
 
 
 HANDLERS = {
@@ -208,6 +207,7 @@ HANDLERS = {
     "model.distributed.compute_dtype": dtype,
     "model.distributed.seed": value_to("train.seed", int),
     "run.experiment_dir": value_to("train.output_dir", str),
+    "run.experiment_name": value_to("train.run_name", str),
 }
 CONSUMED = {
     "training.evaluators.*.evaluator.dataset_name",

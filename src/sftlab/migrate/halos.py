@@ -31,7 +31,6 @@ DATASETS = {
     },
 }
 NOT_NEEDED = {
-    "exp_name": "the run is named by train.output_dir",
     "mode": "sftlab train trains; `sftlab eval` and `sftlab generate` evaluate and sample",
     "debug": "trackers and checkpoints follow train.report_to and checkpoint.*",
     "cache_dir": "models and datasets are cached by Hugging Face (HF_HOME)",
@@ -200,10 +199,8 @@ def prefix(c: v.Conversion, key: str, value: Any, raw: dict) -> None:
 def wandb(c: v.Conversion, key: str, value: Any, raw: dict) -> None:
     if key == "wandb.enabled":
         return c.set("train.report_to", ["wandb"] if value is True else [])
-    if value and raw.get("wandb.enabled") is not False:
-        c.notes.append(
-            f"# note: {key}={value}: set WANDB_{key.split('.')[-1].upper()}={value} in the environment"
-        )
+    if value:
+        c.set("train.project" if key == "wandb.project" else "train.entity", str(value))
 
 
 def peft_on(c: v.Conversion, key: str, value: Any, raw: dict) -> None:
@@ -218,6 +215,7 @@ def to(target: str, convert=v.number):
 
 HANDLERS = {
     "seed": to("train.seed", int),
+    "exp_name": to("train.run_name", str),
     "lr": to("optim.lr"),
     "n_epochs": to("train.num_epochs", float),
     "n_examples": examples_to_steps("train.max_steps"),

@@ -12,8 +12,6 @@ from sftlab.migrate.datasets import HUB_NOTE
 from sftlab.migrate.readers import argparse_flags, command_tokens, hydra_override, read_mapping
 
 NOT_NEEDED = {
-    "exp_name": "the run is named by train.output_dir",
-    "run_name": "the run is named by train.output_dir",
     "do_not_randomize_output_dir": "train.output_dir is used as given",
     "add_seed_and_date_to_exp_name": "train.output_dir is used as given",
     "use_slow_tokenizer": "the tokenizer's fast version is used; masks come from its offsets",
@@ -38,8 +36,6 @@ NOT_NEEDED = {
     "hf_repo_url": "set by the Hub",
     "sync_each_batch": "gradients are synchronised once per optimizer step",
     "with_tracking": "train.report_to chooses the trackers",
-    "wandb_project_name": "WANDB_PROJECT in the environment",
-    "wandb_entity": "WANDB_ENTITY in the environment",
 }
 NOT_SUPPORTED = {
     "config_name": "the model's own config.json is used",
@@ -207,6 +203,10 @@ HANDLERS = {
     "packing": v.packing,
     "padding_free": v.packing,
     "reduce_loss": reduce_loss,
+    "exp_name": lambda c, k, x, raw: c.set("train.run_name", str(x)),
+    "run_name": lambda c, k, x, raw: c.set("train.run_name", str(x)),
+    "wandb_project_name": lambda c, k, x, raw: c.set("train.project", str(x)),
+    "wandb_entity": lambda c, k, x, raw: c.set("train.entity", str(x)),
     "__launcher__": launcher,
 }
 CONSUMED = {

@@ -278,8 +278,11 @@ def saves_per_epoch(c: Conversion, key: str, value: Any, raw: dict) -> None:
 
 
 def wandb(c: Conversion, key: str, value: Any, raw: dict) -> None:
-    c.set("train.report_to", ["wandb"])
-    c.notes.append(f"# note: wandb project {value!r}: set WANDB_PROJECT={value} in the environment")
+    """axolotl's wandb_project / wandb_entity / wandb_name (a project turns wandb on)."""
+    target = {"wandb_project": "train.project", "wandb_entity": "train.entity"}.get(key, "train.run_name")
+    c.set(target, str(value))
+    if key == "wandb_project":
+        c.set("train.report_to", ["wandb"])
 
 
 def overlength(c: Conversion, key: str, value: Any, raw: dict) -> None:
