@@ -1,6 +1,8 @@
 """`sftlab convert-config`: turn a TRL (SFTConfig/TrainingArguments/ModelConfig, as `trl sft --config`
 reads), axolotl or LLaMA-Factory training config into an sftlab config, printed as YAML that
-`sftlab config show` accepts, with a comment on every key that has no counterpart (docs/migrating.md)."""
+`sftlab config show` accepts, with a comment on every key that has no counterpart (docs/migrating.md).
+`convert_tree` is the conversion of a mapping; the Python API converts a TRL `SFTConfig` or transformers
+`TrainingArguments` object (`sftlab.train(args=...)`, trl_forms.py) through it."""
 
 from __future__ import annotations
 
@@ -212,6 +214,7 @@ def _convert_keys(c: v.Conversion, raw: dict[str, Any]) -> None:
     for key, value in raw.items():
         if value is None or key in consumed:
             continue
+        c.current = key
         if key in handlers:
             handlers[key](c, key, value, raw)
         elif key in RENAMES:
@@ -222,19 +225,21 @@ def _convert_keys(c: v.Conversion, raw: dict[str, Any]) -> None:
             c.skip(key, value, NOT_SUPPORTED[key])
         else:
             c.skip(key, value, "no sftlab counterpart; docs/migrating.md")
+    c.current = None
 
 
-def _finish(c: v.Conversion) -> None:
+def _finish(c: v.Conversion, placeholder: bool = True) -> None:
     if c.peft_on:
         c.tree["peft"] = c.peft
     else:
         for key, value in c.peft.items():
             c.skip(f"peft {key}", value, "LoRA is off in this file")
+        c.mapped = {k: [t for t in keys if not t.startswith("peft.")] for k, keys in c.mapped.items()}
     for key, value in DEFAULTS[c.tool].items():
         if key not in c.seen:
             c.set(key, value)
             c.notes.append(f"# note: {key}: {value} is {c.tool}'s default (sftlab's differs)")
-    if not c.sources:
+    if not c.sources and placeholder:
         c.sources.append({"path": "data/train.jsonl"})
         c.notes.append("# note: the file names no training data: data.train.0.path is a placeholder")
     c.tree.setdefault("data", {})["train"] = [
@@ -246,18 +251,27 @@ def _finish(c: v.Conversion) -> None:
         ]
 
 
+def convert_tree(raw: dict[str, Any], tool: str, base: Path, placeholder: bool = True) -> v.Conversion:
+    """Another tool's options (a mapping) converted: `c.tree` the sftlab config tree, `c.mapped` which sftlab
+    keys each option set, `c.notes` and `c.skipped` the comments. `base`: where relative paths are looked
+    up; `placeholder`: name a placeholder training file when the options name no data (a config file; the
+    Python API passes its datasets)."""
+    c = v.Conversion(tool, base)
+    DATASETS[tool](c, raw)
+    _convert_keys(c, raw)
+    if tool == "trl" and not {"assistant_only_loss", "completion_only_loss"} & set(raw):
+        c.notes.append(TRL_LOSS_NOTE)
+    _finish(c, placeholder)
+    return c
+
+
 def convert_config(path: str | Path, tool: str) -> str:
     """The sftlab YAML for another tool's config file: comments first (notes, keys not converted), then
     the keys that carry over, validated as sftlab loads them."""
     if tool not in TOOLS:
         raise ConfigError(f"--from {tool}: expected one of {', '.join(TOOLS)}")
     raw = read_foreign(path)
-    c = v.Conversion(tool, Path(path).resolve().parent)
-    DATASETS[tool](c, raw)
-    _convert_keys(c, raw)
-    if tool == "trl" and not {"assistant_only_loss", "completion_only_loss"} & set(raw):
-        c.notes.append(TRL_LOSS_NOTE)
-    _finish(c)
+    c = convert_tree(raw, tool, Path(path).resolve().parent)
     cfg = resolve_config(c.tree)
     body = yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)
     head = [f"# sftlab config converted from {Path(path).name} (--from {tool}) by `sftlab convert-config`"]
