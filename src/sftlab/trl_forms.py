@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.config.keys import suggest_key
-from sftlab.config.schema import ConfigError, PeftSettings, SFTConfig
+from sftlab.config.schema import ConfigError, SFTConfig
 from sftlab.migrate import NOT_NEEDED, convert_tree
 from sftlab.migrate.values import short
 
@@ -334,8 +334,13 @@ def convert_args(args: Any) -> tuple[dict[str, Any], str | None, list[str]]:
     for key, value in raw.items():
         if c.mapped.get(key):
             lines.append(f"  {key}={short(value)} -> {', '.join(c.mapped[key])}")
-    lines += [f"  {line}" for line in c.notes + c.skipped]
     field_name = raw.get("dataset_text_field")
+    if field_name not in (None, "text"):
+        lines.append(
+            f"  dataset_text_field={field_name!r} -> sftlab.DatasetSource(ds, columns={{'text': {field_name!r}}}) "
+            "for each dataset (without a formatting_func)"
+        )
+    lines += [f"  {line}" for line in c.notes + c.skipped]
     return c.tree, field_name if field_name not in (None, "text") else None, lines
 
 
@@ -389,10 +394,11 @@ def peft_section(peft_config: Any, model_type: str | None) -> tuple[dict[str, An
         if peft_config.modules_to_save
         else None,
     }
-    PeftSettings.model_validate(section)
     mapped = ", ".join(
         f"{k}={short(_plain(getattr(peft_config, k)))} -> peft.{v}" for k, v in PEFT_FIELDS.items()
     )
+    if peft_config.target_modules is None:
+        mapped += f" (peft's default for {model_type}: {section['target_modules']})"
     return section, [f"peft_config={type(peft_config).__name__}: {mapped}"]
 
 
