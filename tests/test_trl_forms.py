@@ -140,6 +140,7 @@ def test_a_trl_script_trains_as_the_native_script_does(tiny_model_dir, tmp_path,
     assert len(trl.history) == 3 and trl.stopped.startswith("StopAtStep.on_step_end at step 3")
     assert stop.seen == [(1, 5), (2, 5), (3, 5)] and stop.logged[0][0] == 1
     assert latest_checkpoint(tmp_path / "trl").name == "step-00000003"
+    assert json.loads((tmp_path / "trl" / "run.json").read_text())["inputs"]["callbacks"] == ["StopAtStep"]
     saved = yaml.safe_load((tmp_path / "trl" / "config.yaml").read_text())
     assert saved["peft"]["r"] == 4 and saved["peft"]["target_modules"] == ["q_proj", "v_proj"]
     assert saved["optim"]["lr"] == 3e-3 and saved["data"]["max_seq_length"] == 256
@@ -199,6 +200,11 @@ def test_args_and_the_first_positional_argument_as_trl_takes_them(tiny_model_dir
     assert translate(str(config), None, None, {}).config == str(config)
     with pytest.raises(ConfigError, match="is a model and model= is given too"):
         translate(str(tiny_model_dir), "x", None, {})
+    assert translate(None, None, None, {}, args={"learning_rate": 1e-3}).config["optim"]["lr"] == 1e-3
+    with pytest.raises(
+        ConfigError, match="args=int: expected a TRL SFTConfig or transformers TrainingArguments"
+    ):
+        translate(None, None, None, {}, args=3)
     # dataset_text_field reads the text from that column, the model from the first argument
     rows = [{"body": f"text number {i}"} for i in range(4)]
     data = sftlab.prepare(str(tiny_model_dir), args=args, train_dataset=rows)

@@ -95,7 +95,12 @@ def translate(
         tokenizer = tokenizer or processing_class
     if peft_config is not None:
         problems += peft_problems(peft_config, model)
-    if args is not None and config is not None:
+    if args is not None and not (isinstance(args, dict) or is_training_args(args)):
+        problems.append(
+            f"args={type(args).__name__}: expected a TRL SFTConfig or transformers TrainingArguments "
+            "(or a dict of their fields)"
+        )
+    elif args is not None and config is not None:
         problems.append(
             f"config={_name(config)} and args={type(args).__name__} are both given: pass one "
             "(args is converted to an sftlab config)"
@@ -326,9 +331,10 @@ def set_fields(args: Any) -> dict[str, Any]:
 
 
 def convert_args(args: Any) -> tuple[dict[str, Any], str | None, list[str]]:
-    """(the sftlab config tree, dataset_text_field when not "text", the lines printed): `args` converted
-    as `sftlab convert-config --from trl` converts a file holding the fields the script set."""
-    raw = set_fields(args)
+    """(the sftlab config tree, dataset_text_field when not "text", the lines printed): `args` (an object,
+    or a dict of its fields) converted as `sftlab convert-config --from trl` converts a file holding the
+    fields the script set."""
+    raw = {str(k): _plain(v) for k, v in args.items()} if isinstance(args, dict) else set_fields(args)
     c = convert_tree(raw, "trl", Path.cwd(), placeholder=False)
     lines = [f"args={type(args).__name__}: converted as `sftlab convert-config --from trl` converts a file"]
     for key, value in raw.items():
