@@ -76,7 +76,8 @@ def train(
     cfg, inputs, trl_args = _run_inputs(
         config, overrides, model, tokenizer, train_dataset, eval_dataset, formatting_func, console, trl
     )
-    adapted, notes = adapt_callbacks(callbacks, trl_args if trl_args is not None else run_args(cfg))
+    given = trl_args is not None and not isinstance(trl_args, dict)  # a dict of TRL fields: the run's own
+    adapted, notes = adapt_callbacks(callbacks, trl_args if given else run_args(cfg))
     _show(console, notes)
     inputs.callbacks, inputs.objective = check_callbacks(adapted), objective
     with _fixes_in_python_form(cfg, inputs):
