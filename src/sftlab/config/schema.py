@@ -275,9 +275,17 @@ class DataConfig(_Strict):
         "none",
         description=(
             "none: one example per row; bfd: whole documents packed best-fit-decreasing into rows of max_seq_length; "
-            "wrapped: concatenated and cut (documents may split). Packed documents never attend to each other"
+            "wrapped: concatenated and cut (documents may split). Packed documents never attend to each other; "
+            "true (TRL's packing=True) is bfd, false is none"
         ),
     )
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _bool_packing(cls, packing: Any) -> Any:
+        """TRL's `packing: true` (and a Python True) packs whole documents: bfd; false is none."""
+        return {True: "bfd", False: "none"}.get(packing, packing) if isinstance(packing, bool) else packing
+
     eval_packing: bool = Field(
         False,
         description=(

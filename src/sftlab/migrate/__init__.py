@@ -3,7 +3,9 @@
 
 Each tool is one `Tool` entry in `TOOLS`: how its file is read (migrate/readers.py), its datasets, its value
 converters (migrate/values.py), its defaults. TRL (SFTConfig/TrainingArguments/ModelConfig, as `trl sft
---config` reads), axolotl and LLaMA-Factory are here; open-instruct, Fast-LLM and HALOs have a module each."""
+--config` reads), axolotl and LLaMA-Factory are here; open-instruct, Fast-LLM and HALOs have a module each.
+`convert_tree` is the conversion of a mapping; the Python API converts a TRL `SFTConfig` or transformers
+`TrainingArguments` object (`sftlab.train(args=...)`, trl_forms.py) through it."""
 
 from __future__ import annotations
 
@@ -286,26 +288,29 @@ def _convert_keys(tool: Tool, c: v.Conversion, raw: dict[str, Any]) -> None:
     for key, value in raw.items():
         if value is None or key in tool.consumed:
             continue
+        c.current = key
         if key in tool.handlers:
             tool.handlers[key](c, key, value, raw)
         elif tool.renames and key in RENAMES:
             c.set(RENAMES[key], v.number(value))
         else:
             _no_counterpart(tool, c, key, value)
+    c.current = None
 
 
-def _finish(tool: Tool, c: v.Conversion) -> None:
+def _finish(tool: Tool, c: v.Conversion, placeholder: bool = True) -> None:
     if c.peft_on:
         c.tree["peft"] = c.peft
     else:
         for key, value in c.peft.items():
             c.skip(f"peft {key}", value, "LoRA is off in this file")
+        c.mapped = {k: [t for t in keys if not t.startswith("peft.")] for k, keys in c.mapped.items()}
     for key, value in tool.defaults.items():
         if key not in c.seen:
             c.set(key, value)
             shown = "null" if value is None else value
             c.notes.append(f"# note: {key}: {shown} is {c.tool}'s default (sftlab's differs)")
-    if not c.sources:
+    if not c.sources and placeholder:
         c.sources.append({"path": "data/train.jsonl"})
         c.notes.append("# note: the file names no training data: data.train.0.path is a placeholder")
     c.tree.setdefault("data", {})["train"] = [
@@ -317,19 +322,28 @@ def _finish(tool: Tool, c: v.Conversion) -> None:
         ]
 
 
+def convert_tree(raw: dict[str, Any], tool: str, base: Path, placeholder: bool = True) -> v.Conversion:
+    """Another tool's options (a mapping) converted: `c.tree` the sftlab config tree, `c.mapped` which sftlab
+    keys each option set, `c.notes` and `c.skipped` the comments. `base`: where relative paths are looked
+    up; `placeholder`: name a placeholder training file when the options name no data (a config file; the
+    Python API passes its datasets)."""
+    spec = TOOLS[tool]
+    c = v.Conversion(tool, base)
+    spec.datasets(c, raw)
+    _convert_keys(spec, c, raw)
+    if spec.finish is not None:
+        spec.finish(c, raw)
+    _finish(spec, c, placeholder)
+    return c
+
+
 def convert_config(path: str | Path, tool: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
     """The sftlab YAML for another tool's config file (with the tool's command-line overrides): comments
     first (notes, keys not converted), then the keys that carry over, validated as sftlab loads them."""
     if tool not in TOOLS:
         raise ConfigError(f"--from {tool}: expected one of {', '.join(TOOLS)}")
-    spec = TOOLS[tool]
-    raw = spec.read(Path(path), list(overrides))
-    c = v.Conversion(tool, Path(path).resolve().parent)
-    spec.datasets(c, raw)
-    _convert_keys(spec, c, raw)
-    if spec.finish is not None:
-        spec.finish(c, raw)
-    _finish(spec, c)
+    raw = TOOLS[tool].read(Path(path), list(overrides))
+    c = convert_tree(raw, tool, Path(path).resolve().parent)
     cfg = resolve_config(c.tree)
     body = yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)
     head = [f"# sftlab config converted from {Path(path).name} (--from {tool}) by `sftlab convert-config`"]

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sftlab.migrate import values as v
+import sftlab.migrate.values as v
 from sftlab.migrate.readers import flatten, hydra_override, read_mapping
 
 NAMED = re.compile(r"^(training\.evaluators|data\.datasets)\.[^.]+\.")

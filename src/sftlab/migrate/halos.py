@@ -10,8 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import sftlab.migrate.values as v
 from sftlab.config.schema import ConfigError
-from sftlab.migrate import values as v
 from sftlab.migrate.readers import (
     command_tokens,
     flatten,
@@ -244,10 +244,10 @@ HANDLERS = {
         x and c.set("model.attn_implementation", "flash_attention_2")
     ),
     "model.use_peft": peft_on,
-    "model.peft.lora_r": lambda c, k, x, raw: c.peft.__setitem__("r", int(x)),
-    "model.peft.lora_alpha": lambda c, k, x, raw: c.peft.__setitem__("alpha", float(x)),
-    "model.peft.lora_dropout": lambda c, k, x, raw: c.peft.__setitem__("dropout", float(x)),
-    "model.peft.target_modules": lambda c, k, x, raw: c.peft.__setitem__("target_modules", x),
+    "model.peft.lora_r": lambda c, k, x, raw: c.set_peft("r", int(x)),
+    "model.peft.lora_alpha": lambda c, k, x, raw: c.set_peft("alpha", float(x)),
+    "model.peft.lora_dropout": lambda c, k, x, raw: c.set_peft("dropout", float(x)),
+    "model.peft.target_modules": lambda c, k, x, raw: c.set_peft("target_modules", x),
     **{name: prefix for name in TURN_MARKERS},
 }
 CONSUMED = {"datasets", "train_datasets", "test_datasets", "defaults"}

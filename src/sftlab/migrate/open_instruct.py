@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sftlab.migrate import values as v
+import sftlab.migrate.values as v
 from sftlab.migrate.datasets import HUB_NOTE
 from sftlab.migrate.readers import argparse_flags, command_tokens, hydra_override, read_mapping
 
@@ -120,7 +120,7 @@ def lora(c: v.Conversion, key: str, value: Any, raw: dict) -> None:
         c.peft_on = True
         c.peft.setdefault("method", "lora")
         if key == "use_qlora":
-            c.peft["quantize"] = "nf4"
+            c.set_peft("quantize", "nf4")
 
 
 def eight_bit(c: v.Conversion, key: str, value: Any, raw: dict) -> None:

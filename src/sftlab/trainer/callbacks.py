@@ -12,6 +12,7 @@ A callback is any object with some of these methods (all optional, no base class
 
 A hook that returns True asks the run to stop: the step ends, a checkpoint is saved, and the run
 returns a result with `stopped` set (no FINISHED marker: `train.resume=auto` continues it exactly).
+A hook that returns "save" asks for a checkpoint at the end of this step; the run goes on.
 A hook that raises ends the run with a `CallbackError` naming the callback and the hook; since
 `on_save` runs only after a checkpoint is complete and no hook runs while one is written, the last
 complete checkpoint is never half-written by a callback.
@@ -59,6 +60,12 @@ class CallbackList:
         self.callbacks = list(callbacks)
         self.stop_reason: str | None = None
         self.step: int | None = None
+        self.save_asked = False  # a hook returned "save" since the last take_save_request
+
+    def take_save_request(self) -> bool:
+        """Whether a hook asked for a checkpoint (returned "save") since the last call."""
+        asked, self.save_asked = self.save_asked, False
+        return asked
 
     def call(self, hook: str, arg: Any) -> bool:
         """Run `hook(arg)` on each callback; True when any asked to stop."""
@@ -79,6 +86,7 @@ class CallbackList:
                     f" at step {self.step}" if self.step else ""
                 )
             asked = asked or wants_stop is True
+            self.save_asked = self.save_asked or (isinstance(wants_stop, str) and wants_stop == "save")
         return asked
 
 

@@ -162,8 +162,10 @@ def fit(run: Run) -> None:
             progress.advance(task)
             due = checkpoint_due(run, step, epoch_before, stop) or best.due(run, record)
             path = save_run_checkpoint(run, step) if due else None
-            asked = callbacks_ask_stop(run, record)
-            if (asked or stop.signum is not None) and path is None:  # a signal during the callbacks too
+            asked, save_asked = callbacks_ask_stop(run, record)
+            if (
+                asked or save_asked or stop.signum is not None
+            ) and path is None:  # a signal during the callbacks too
                 path = save_run_checkpoint(run, step)
             if stop.signum is not None:
                 raise interrupted(run, step, path)
@@ -178,12 +180,14 @@ def fit(run: Run) -> None:
                 return
 
 
-def callbacks_ask_stop(run: Run, record: dict[str, Any]) -> bool:
-    """on_step_end on this rank's callbacks; the main process's answer holds for every rank."""
+def callbacks_ask_stop(run: Run, record: dict[str, Any]) -> tuple[bool, bool]:
+    """on_step_end on this rank's callbacks: (stop, save) -- whether a hook asked to stop, and whether one of
+    this step asked for a checkpoint ("save"); the main process's answers hold for every rank."""
     asked = run.callbacks.call("on_step_end", record)
+    save = run.callbacks.take_save_request()
     if run.world > 1:
-        asked = broadcast_object_list([asked])[0]
-    return bool(asked)
+        asked, save = broadcast_object_list([asked, save])
+    return bool(asked), bool(save)
 
 
 def interrupted(run: Run, step: int, path) -> Interrupted:
