@@ -379,7 +379,8 @@ class Progress:
 @dataclass
 class TrainerState:
     """Everything a checkpoint holds besides weights, optimizer, scheduler and RNG (trainer_state.json):
-    where the run is, what it was run on, and what it logged so far."""
+    where the run is (its `Progress`: step, consumed micro-batches, logged steps), what it was run on, and
+    what it logged so far."""
 
     step: int
     consumed_micro_batches: int  # micro-batches taken from the stream so far

@@ -76,7 +76,7 @@ def load_run_tokens(
 
     The tokenizer is the one given, else the model's: a saved adapter's own (it may hold added tokens),
     the model object's `name_or_path`, or `model.name_or_path`. `model_path`: the base model's path when
-    the run has resolved it already (trainer/setup.py, for model.dtype: auto)."""
+    the run has resolved it already (trainer/run_model.py: resolve_model_settings, for model.dtype: auto)."""
     inputs = inputs or RunInputs()
     adapter_dir = (
         cfg.model.name_or_path if inputs.model is None and is_adapter_dir(cfg.model.name_or_path) else None
