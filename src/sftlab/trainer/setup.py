@@ -71,18 +71,18 @@ def build_components(
     callbacks = run_callbacks(cfg, resolved.inputs.callbacks, accelerator, resolved.output_dir)
     result = TrainResult(output_dir=resolved.output_dir, steps=resolved.total_steps, final_loss=None)
     parts = Components(
-        engine,
-        console,
-        data,
-        match_examples,
-        objective,
-        callbacks,
-        model,
-        optimizer,
-        scheduler,
-        stream,
-        flops,
-        result,
+        engine=engine,
+        console=console,
+        data=data,
+        match_examples=match_examples,
+        objective=objective,
+        callbacks=callbacks,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        stream=stream,
+        flops=flops,
+        result=result,
     )
     return parts, resolved
 
