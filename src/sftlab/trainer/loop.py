@@ -123,9 +123,7 @@ class Recipe:
 
     resolved: Resolved  # fixed before training: config, output dir, resume point, world, decisions (frozen)
     parts: Components  # what trains: engine, model, optimizer, scheduler, stream, objective, data, callbacks
-    progress: (
-        Progress  # where the run is: step, micro-batches consumed, logged steps (its checkpoints' counters)
-    )
+    progress: Progress  # where the run is: step, consumed micro-batches, logged steps (as checkpointed)
 
     @classmethod
     def setup(
@@ -157,9 +155,8 @@ class Recipe:
         """Resume or start -> log -> fit -> finish; the result (`stopped` set when a callback stopped it)."""
         r, p = self.resolved, self.parts
         self.resume_or_start()
-        with StopRequest(
-            announce=r.main
-        ) as stop:  # from here: SIGINT/SIGTERM = finish the step, checkpoint, stop
+        # from here on, SIGINT/SIGTERM = finish the step, checkpoint, stop
+        with StopRequest(announce=r.main) as stop:
             p.metrics = open_run_log(r, p, self.progress.logged_steps)
             self.fit(stop)
         if p.result.stopped is None:
@@ -231,19 +228,8 @@ class Recipe:
         normaliser = step_normaliser(p.objective, batches, p.accelerator)
         loss_sum = train_step(p.model, p.objective, p.engine, batches, normaliser) if normaliser else 0.0
         lr = p.scheduler.get_last_lr()[0]
-        grad_norm = 0.0  # nothing was back-propagated: no clipping, no update
-        if (
-            normaliser
-        ):  # clipped here, or (DeepSpeed) clipped and stepped inside the engine once the loss is finite
-            clip = functools.partial(
-                clip_gradients,
-                p.model,
-                p.optimizer,
-                p.accelerator,
-                r.cfg.optim.max_grad_norm,
-                r.mixed_precision,
-            )
-            grad_norm = p.engine.step_gradients(p.model, math.isfinite(loss_sum), clip)
+        # nothing back-propagated (no targets anywhere): no clipping, no update
+        grad_norm = self.gradient_norm(math.isfinite(loss_sum)) if normaliser else 0.0
         finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
         if not finite and r.cfg.train.on_nan == "stop":
             raise non_finite(r.output_dir, step, position, len(batches), math.isfinite(loss_sum))
@@ -266,6 +252,17 @@ class Recipe:
         if not finite:
             record["skipped"] = "non-finite loss or gradient"
         return record
+
+    def gradient_norm(self, loss_finite: bool) -> float:
+        """The gradient norm before clipping: clipped here, or (DeepSpeed) clipped and stepped inside the
+        engine once the loss is known finite."""
+        r, p = self.resolved, self.parts
+        max_norm = r.cfg.optim.max_grad_norm
+
+        def clip() -> float:
+            return clip_gradients(p.model, p.optimizer, p.accelerator, max_norm, r.mixed_precision)
+
+        return p.engine.step_gradients(p.model, loss_finite, clip)
 
     # --- the step record, checkpoints ------------------------------------------------------------
 
