@@ -62,10 +62,10 @@ import torch  # noqa: E402
 from make_conversations import make_conversations  # noqa: E402
 
 from sftlab.config.schema import DataConfig, ModelConfig  # noqa: E402
-from sftlab.data import masking  # noqa: E402
+from sftlab.data import rendering, tokenize  # noqa: E402
 from sftlab.data.dataset import DatasetSource, build_datasets  # noqa: E402
-from sftlab.data.masking import IGNORE_INDEX  # noqa: E402
 from sftlab.data.packing import pack_bfd, pack_examples, packing_efficiency  # noqa: E402
+from sftlab.data.types import IGNORE_INDEX, TokenizedExample  # noqa: E402
 from sftlab.model.loading import load_tokenizer  # noqa: E402
 
 CAPACITY = 1024
@@ -232,7 +232,7 @@ def check_same_tokens(tok, ds: datasets.Dataset, k: int = 64) -> None:
 def bench_packing(doc_lengths: list[int], n: int, repeat: int, trl_ok: bool) -> list[tuple[str, float]]:
     rng = random.Random(1)
     lengths = doc_lengths[:n] if len(doc_lengths) >= n else [rng.choice(doc_lengths) for _ in range(n)]
-    examples = [masking.TokenizedExample([1] * m, [1] * m) for m in lengths]
+    examples = [TokenizedExample([1] * m, [1] * m) for m in lengths]
     out = []
     best = min(_timed(lambda: pack_bfd(lengths, CAPACITY)) for _ in range(repeat))
     out.append(("sftlab pack_bfd (lengths -> bins)", best))
@@ -264,7 +264,7 @@ def _timed(fn) -> float:
 def profile_sftlab(tok, ds: datasets.Dataset, n: int) -> list[tuple[str, float]]:
     """Per-stage seconds of sftlab's per-conversation work on the first n rows, plus TRL's floor.
 
-    Stages use masking.py's public pieces (render, assistant_spans, labels_from_spans) and the
+    Stages use the public pieces of rendering.py (render, assistant_spans) and tokenize.py (labels_from_spans) and the
     tokenizer the way `tokenize_conversations` calls it; the last lines time the real entry points.
     """
     sample = ds.select(range(min(n, len(ds))))
@@ -279,12 +279,12 @@ def profile_sftlab(tok, ds: datasets.Dataset, n: int) -> list[tuple[str, float]]
         return out
 
     stage(
-        "render the full conversation once (masking.render)",
-        lambda: [masking.render(template, m) for m in convs],
+        "render the full conversation once (rendering.render)",
+        lambda: [rendering.render(template, m) for m in convs],
     )
     rendered = stage(
         "assistant_spans (render + locate every assistant turn)",
-        lambda: [masking.assistant_spans(template, m) for m in convs],
+        lambda: [rendering.assistant_spans(template, m) for m in convs],
     )
     texts = [t for t, _ in rendered]
     stage(
@@ -304,22 +304,22 @@ def profile_sftlab(tok, ds: datasets.Dataset, n: int) -> list[tuple[str, float]]
         out = []
         for j, (_, spans) in enumerate(rendered):
             ids = enc["input_ids"][j]
-            m = masking.labels_from_spans(enc.encodings[j].offsets, spans)
-            out.append(masking.TokenizedExample(ids, [i if k else IGNORE_INDEX for i, k in zip(ids, m)]))
+            m = tokenize.labels_from_spans(enc.encodings[j].offsets, spans)
+            out.append(TokenizedExample(ids, [i if k else IGNORE_INDEX for i, k in zip(ids, m)]))
         return out
 
     examples = stage("masks: labels_from_spans + label lists", mask)
     stage("pack_examples bfd", lambda: pack_examples(examples, "bfd", CAPACITY))
-    batched = getattr(masking, "tokenize_conversations", None)
+    batched = getattr(tokenize, "tokenize_conversations", None)
     if batched is not None:
         stage(
-            "= masking.tokenize_conversations (render+spans+tokenize+mask)",
+            "= tokenize.tokenize_conversations (render+spans+tokenize+mask)",
             lambda: batched(tok, convs, "assistant"),
         )
     else:
         stage(
-            "= masking.tokenize_conversation loop",
-            lambda: [masking.tokenize_conversation(tok, m) for m in convs],
+            "= tokenize.tokenize_conversation loop",
+            lambda: [tokenize.tokenize_conversation(tok, m) for m in convs],
         )
     stage("= whole sftlab path (build_datasets + pack_examples)", lambda: sftlab_prepare(sample, tok, 1))
     stage(
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"# {platform.platform()}, python {platform.python_version()}, torch {torch.__version__}, "
         f"{os.cpu_count()} CPUs, "
-        f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}, batched tokenize_conversations: {hasattr(masking, 'tokenize_conversations')}"
+        f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}, batched tokenize_conversations: {hasattr(tokenize, 'tokenize_conversations')}"
     )
     t0 = time.perf_counter()
     tok = load_tokenizer(ModelConfig())

@@ -6,7 +6,7 @@
 Every data set is built from its own `random.Random(SEED + offset)`, so changing one generator
 never changes another file. The files are committed, so the configs run as they are.
 
-One file per row format (src/sftlab/data/formats.py):
+One file per row format (src/sftlab/data/records.py):
 
 - tools.jsonl           `messages` with a system prompt, assistant `tool_calls`, `tool` results and a
                         `tools` column (weather, currency and clock tools; answers use the results)

@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sftlab.data import reading
+from sftlab.data import dataset
 
 # SmolLM2-135M-Instruct's template: ChatML without {% generation %} tags, default system prompt.
 CHATML_TEMPLATE = (
@@ -96,13 +96,13 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def calls(monkeypatch) -> dict[str, int]:
     """Count how often a source is read and tokenized (`calls["n"]`; a cache hit reads nothing)."""
     count = {"n": 0}
-    real = reading.read_source
+    real = dataset.read_source
 
     def counting(*args, **kwargs):
         count["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(reading, "read_source", counting)
+    monkeypatch.setattr(dataset, "read_source", counting)
     return count
 
 
@@ -191,3 +191,31 @@ def no_hub(monkeypatch) -> list[str]:
         monkeypatch.setattr(huggingface_hub.HfApi, name, refused(f"HfApi.{name}"))
     monkeypatch.setattr(socket, "getaddrinfo", refused("socket.getaddrinfo"))
     return asked
+
+
+def write_group_store(directory: Path, groups: list, side: dict | None = None, lines: list | None = None):
+    """A store with a group layout (data/store.py) holding `groups`: each a list of (ids, labels) sequences;
+    `side`: name -> one value per group (float32). Written in two chunks; returns it opened (verified)."""
+    import numpy as np
+
+    from sftlab.data.store import ArrayWriter, TokenArrays, example_arrays
+
+    side = side or {}
+    writer = ArrayWriter(directory, "uint32", groups=True, side={name: "float32" for name in side})
+    half = (len(groups) + 1) // 2
+    for a, b in ((0, half), (half, len(groups))):
+        seqs = [example_arrays(ids, labels) for group in groups[a:b] for ids, labels in group]
+        writer.append("ids", np.concatenate([s[0] for s in seqs]) if seqs else np.zeros(0))
+        writer.append("targets", np.concatenate([s[1] for s in seqs]) if seqs else np.zeros(0))
+        starts = np.cumsum([0] + [len(s[0]) for s in seqs])
+        writer.add_examples(
+            np.asarray([len(s[0]) for s in seqs], dtype=np.int64),
+            np.asarray(lines[a:b] if lines else range(a + 1, b + 1), dtype=np.int64),
+            np.zeros(b - a, dtype=np.int32),
+            np.concatenate([s[2] + k for s, k in zip(seqs, starts)] + [np.zeros(0, np.int64)]),
+            np.concatenate([s[3] for s in seqs] + [np.zeros(0, np.int64)]),
+            group_sizes=np.asarray([len(g) for g in groups[a:b]], dtype=np.int64),
+            side={name: np.asarray(values[a:b], dtype=np.float32) for name, values in side.items()},
+        )
+    writer.close()
+    return TokenArrays(directory)

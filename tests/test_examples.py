@@ -165,7 +165,7 @@ def test_tools_template_renders_plain_conversations_as_smollm2_does():
     """Without tools the shipped template is SmolLM2's own (conftest.CHATML_TEMPLATE), generation prompt included."""
     from conftest import CHATML_TEMPLATE, CONVERSATIONS
 
-    from sftlab.data.masking import render
+    from sftlab.data.rendering import render
 
     template = (EXAMPLES / "templates" / "chatml_tools.jinja").read_text(encoding="utf-8")
     for messages in CONVERSATIONS:

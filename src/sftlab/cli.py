@@ -108,7 +108,7 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
 
     cfg = _load_checked(ns)  # before the imports below (torch, transformers: seconds)
     from sftlab.api import prepare
-    from sftlab.data.cache import cache_dir
+    from sftlab.data.store import cache_dir
     from sftlab.trainer.data import print_preview
 
     start = time.perf_counter()

@@ -9,8 +9,8 @@ import pytest
 from conftest import CONVERSATIONS, build_tokenizer, write_jsonl
 
 from sftlab.config.schema import DataConfig, SourceConfig
-from sftlab.data.arrays import ArrayWriter
 from sftlab.data.dataset import DataError, build_datasets
+from sftlab.data.store import ArrayWriter
 
 ROWS = [{"messages": c} for c in CONVERSATIONS] * 3 + [
     {"text": "the quick brown fox", "loss_masking_spans": [[4, 8]]},

@@ -1,13 +1,17 @@
-"""Micro-batch order: fixed sizes or token budgets, seeded per epoch, resumable from a position."""
+"""Micro-batch order: fixed sizes or token budgets, seeded per epoch, resumable from a position; the
+padded layout of examples and of groups of sequences."""
 
 from __future__ import annotations
 
 import itertools
 import random
 
+import numpy as np
 import pytest
+import torch
 
-from sftlab.data.collate import MicroBatchStream, token_budget_batches
+from sftlab.data.collate import MicroBatchStream, model_inputs, pad_collate, token_budget_batches
+from sftlab.data.types import IGNORE_INDEX, TokenGroup, TokenizedExample
 
 
 def lengths_of(n: int, seed: int = 0) -> list[int]:
@@ -55,3 +59,26 @@ def test_token_budget_stream_is_seeded_and_resumable():
 def test_token_budget_needs_lengths():
     with pytest.raises(ValueError, match="length of every unit"):
         MicroBatchStream(10, 0, seed=0, global_tokens=100)
+
+
+def test_groups_are_laid_out_as_their_members_rows_with_the_group_layout():
+    a, b, c = (
+        TokenizedExample([5, 6, 7], [IGNORE_INDEX, 6, 7]),
+        TokenizedExample([5, 8], [IGNORE_INDEX, 8]),
+        TokenizedExample([9], [9]),
+    )
+    groups = [
+        TokenGroup((a, b), {"weight": np.float32(0.5)}),
+        TokenGroup((c, a, b), {"weight": np.float32(2)}),
+    ]
+    batch = pad_collate(groups, pad_id=0)
+    rows = pad_collate([a, b, c, a, b], pad_id=0)  # the members, group after group, padded as examples are
+    assert all(torch.equal(batch[k], rows[k]) for k in rows)
+    assert batch["group_index"].tolist() == [0, 0, 1, 1, 1]
+    assert batch["group_member"].tolist() == [0, 1, 0, 1, 2]
+    assert batch["group_weight"].dtype == torch.float32 and batch["group_weight"].tolist() == [0.5, 2.0]
+    assert list(model_inputs(batch)) == ["input_ids", "attention_mask", "labels"]
+    # examples of one sequence: today's batch, no group key
+    assert list(pad_collate([a, b], pad_id=0)) == ["input_ids", "attention_mask", "labels"]
+    with pytest.raises(ValueError, match="same side arrays"):
+        pad_collate([groups[0], TokenGroup((a,))], pad_id=0)

@@ -1,13 +1,23 @@
-"""Reading sources: formats, bad rows (named by file:line and field), length policy, eval split."""
+"""Sources become the train and eval sets (dataset.py): formats, bad rows (named by file:line and field), the
+length policy, the eval split; rows with image content parts make a source one clear error, before
+training, naming the file, the first rows and their count (a text-only model cannot train on images);
+mixing by weight (fraction / count / once), seeded, eval held out of the mix or from eval sources.
+"""
 
 from __future__ import annotations
 
+import json
+import random
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import build_tokenizer, write_jsonl
 
 from sftlab.config.schema import DataConfig, SourceConfig
-from sftlab.data.dataset import DataError, build_datasets
-from sftlab.data.masking import IGNORE_INDEX
+from sftlab.data.dataset import DataError, build_datasets, check_weight, hold_out, mix, select
+from sftlab.data.types import IGNORE_INDEX
 
 GOOD = {
     "messages": [
@@ -308,7 +318,7 @@ def test_truncation_inside_an_assistant_turn_is_reported(tmp_path, tokenizer):
 @pytest.mark.parametrize("name", ["phi3", "phi3_5", "gpt_oss"])
 def test_multi_turn_rows_of_phi3_and_gpt_oss_are_kept_and_masked_as_the_tagged_twin(tmp_path, name):
     """Phi-3 writes eos after the final message only; gpt-oss closes the final turn differently: once refused."""
-    from test_masking import GPT_OSS_CHATS, PHI3_CHATS, family, twin_reference
+    from test_tokenize import GPT_OSS_CHATS, PHI3_CHATS, family, twin_reference
 
     tok, text = family(name)
     chats = [
@@ -343,3 +353,225 @@ def test_add_bos_starts_chat_examples_with_an_untrained_bos(tmp_path):
     assert len(examples[True]) == len(examples[False]) == 2
     for (ids, labels), (bos_ids, bos_labels) in zip(examples[False], examples[True]):
         assert ids[0] != bos and bos_ids == [bos, *ids] and bos_labels == [-100, *labels]
+
+
+# --- rows with images on a text-only model ----------------------------------------------------------------
+
+TEXT = {
+    "messages": [
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hi. How can I help?"},
+    ]
+}
+IMAGE = {
+    "messages": [  # an OpenAI/HF vision row, as in LLaMA-Factory's mllm demos after conversion
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "cat.png"}},
+                {"type": "text", "text": "What is this?"},
+            ],
+        },
+        {"role": "assistant", "content": "A cat."},
+    ]
+}
+
+
+def build(tokenizer, path, **kw):
+    return build_datasets(DataConfig(train=[SourceConfig(path=str(path))], **kw), tokenizer, seed=0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"max_bad_fraction": 1.0}, {"on_bad_record": "error"}],
+    ids=["default", "any-bad-fraction", "strict"],
+)
+def test_image_rows_are_one_error_naming_the_file_rows_and_count(tmp_path, tokenizer, kw):
+    path = write_jsonl(tmp_path / "vl.jsonl", [TEXT, IMAGE, TEXT] + [IMAGE] * 8)
+    with pytest.raises(DataError) as e:
+        build(tokenizer, path, **kw)
+    msg = str(e.value)
+    assert msg.count("\n") == 0 and msg.startswith(f"data source {path}: 9 of 11 rows have images")
+    assert f"({path} lines 2, 4, 5, 6, 7 and 4 more; the first: field 'messages[0].content[0]')" in msg
+    assert "need a vision-language model" in msg and "text-only model" in msg and "docs/vision.md" in msg
+    with pytest.raises(DataError, match="9 of 11 rows have images"):  # nothing was cached as skipped
+        build(tokenizer, path, **kw)
+
+
+def test_image_rows_across_chunks_and_worker_processes_are_all_counted(tmp_path, tokenizer):
+    rows = [IMAGE if i % 100 == 7 else TEXT for i in range(1100)]  # 3 chunks of 512 rows
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        build(tokenizer, path, num_proc=2)
+    assert "11 of 1100 rows have images" in str(e.value)
+    assert f"{path} lines 8, 108, 208, 308, 408 and 6 more" in str(e.value)
+
+
+def test_image_rows_of_a_parquet_file_are_cited_by_1_based_row(tmp_path, tokenizer):
+    answer = {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "A cat."}],
+    }  # a column holds one type: parts
+    text = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hello!"}]}, answer]}
+    image = {"messages": [IMAGE["messages"][0], answer]}
+    pq.write_table(pa.Table.from_pylist([image, text, image]), tmp_path / "vl.parquet")
+    with pytest.raises(DataError, match=r"2 of 3 rows have images \(\S*vl.parquet rows 1, 3;"):
+        build(tokenizer, tmp_path / "vl.parquet")
+
+
+def test_text_rows_and_other_bad_rows_are_unchanged(tmp_path, tokenizer):
+    audio = {"messages": [{"role": "user", "content": [{"type": "audio"}]}, TEXT["messages"][1]]}
+    path = write_jsonl(tmp_path / "d.jsonl", [TEXT] * 4 + [audio])
+    train, _, report = build(tokenizer, path)
+    assert len(train) == 4 and report.bad == 1
+    assert report.bad_examples == [
+        f"{path}:5 field 'messages[0].content[0]': must be a content part "
+        '{"type": "text", "text": "..."}, got {\'type\': \'audio\'}'
+    ]
+
+
+def test_llamafactory_images_column_with_markers_is_the_same_one_error(tmp_path, tokenizer):
+    """LLaMA-Factory's mllm_demo.json: `<image>` markers in the text and an `images` column. A text-only run
+    would train on the literal `<image>` text without the picture: the source is refused, naming the rows."""
+    mllm = {
+        "messages": [
+            {"role": "user", "content": "<image>Who are they?"},
+            {"role": "assistant", "content": "Two football players."},
+        ],
+        "images": ["mllm_demo_data/1.jpg"],
+    }
+    path = tmp_path / "mllm_demo.json"
+    path.write_text(json.dumps([mllm, TEXT, {**mllm, "images": []}, mllm]))
+    with pytest.raises(DataError) as e:
+        build(tokenizer, path)
+    msg = str(e.value)
+    assert msg.startswith(
+        f"data source {path}: 2 of 4 rows have images ({path} rows 1, 4; the first: field 'images')"
+    )
+    assert "text-only model" in msg
+
+
+def test_the_heap_is_frozen_while_the_workers_run_and_thawed_after(tmp_path, tokenizer, monkeypatch):
+    """Forked workers share the main process's heap; frozen, the collector's passes (in the workers and
+    here) do not write to those pages, which would give every process a private copy of them."""
+    import gc
+
+    from sftlab.data.store import ArrayWriter
+
+    seen = []
+    real = ArrayWriter.add_examples
+    monkeypatch.setattr(
+        ArrayWriter, "add_examples", lambda self, *a: seen.append(gc.get_freeze_count()) or real(self, *a)
+    )
+    path = write_jsonl(tmp_path / "rows.jsonl", [TEXT] * 600)
+    assert len(build(tokenizer, path, num_proc=2)[0]) == 600
+    assert len(seen) == 2 and min(seen) > 0 and gc.get_freeze_count() == 0
+    seen.clear()
+    assert len(build(tokenizer, path, num_proc=1, cache=False)[0]) == 600
+    assert seen == [0, 0]  # one process: nothing to share, nothing frozen
+
+
+# --- mixing by weight, and the eval split ----------------------------------------------------------------
+
+
+def L(selection):  # noqa: N802 - selections as plain lists, for comparisons
+    return [a.tolist() for a in selection]
+
+
+def test_select_rules():
+    rng = random.Random(0)
+    assert (
+        select(10, None, rng).tolist()
+        == list(range(10))
+        == select(10, 1, rng).tolist()
+        == select(10, 1.0, rng).tolist()
+    )
+    frac = select(10, 0.3, rng)
+    assert len(frac) == 3 and len(set(frac)) == 3
+    assert len(select(10, 0.01, rng)) == 1  # a fraction never empties a source
+    many = Counter(select(4, 10, rng).tolist())
+    assert sum(many.values()) == 10 and set(many) == {0, 1, 2, 3} and sorted(many.values()) == [2, 2, 3, 3]
+    small = select(10, 3, rng)
+    assert len(small) == 3 and len(set(small)) == 3
+    assert select(0, 5, rng).tolist() == []
+
+
+def test_mix_is_seeded_and_sources_are_independent():
+    assert L(mix([10, 20], [0.5, 7], seed=1)) == L(mix([10, 20], [0.5, 7], seed=1))
+    assert L(mix([10, 20], [0.5, 7], seed=1)) != L(mix([10, 20], [0.5, 7], seed=2))
+    assert L(mix([10, 20, 5], [0.5, 7, None], seed=1))[:2] == L(mix([10, 20], [0.5, 7], seed=1))
+
+
+def test_weight_validation():
+    check_weight(0.5, "a")
+    check_weight(3, "a")
+    check_weight(3.0, "a")
+    with pytest.raises(DataError, match="weight 2.5 is neither a fraction"):
+        check_weight(2.5, "a")
+
+
+def test_hold_out_is_disjoint_even_with_repeats():
+    sel = mix([5, 3], [12, None], seed=0)
+    train, evals = hold_out(sel, 0.25, seed=0)
+    assert sum(map(len, evals)) == 2  # 25% of 8 distinct examples
+    for s in range(2):
+        assert not set(train[s].tolist()) & set(evals[s].tolist())
+        assert set(train[s].tolist()) | set(evals[s].tolist()) == set(sel[s].tolist())
+    again = hold_out(sel, 0.25, seed=0)
+    assert (L(again[0]), L(again[1])) == (L(train), L(evals))
+
+
+def rows(prefix: str, n: int) -> list[dict]:
+    return [{"prompt": f"{prefix} {i}", "completion": f"{i}"} for i in range(n)]
+
+
+def test_build_mixes_and_reports_per_source(tmp_path, tokenizer):
+    a = write_jsonl(tmp_path / "a.jsonl", rows("Numbers:", 10))
+    b = write_jsonl(tmp_path / "b.jsonl", rows("Hello!", 4))
+    c = write_jsonl(tmp_path / "c.jsonl", rows("Thanks", 6))
+    cfg = DataConfig(
+        train=[
+            SourceConfig(path=str(a), weight=0.5),
+            SourceConfig(path=str(b), weight=10),
+            SourceConfig(path=str(c)),
+        ]
+    )
+    train, evals, report = build_datasets(cfg, tokenizer, seed=3)
+    assert len(train) == 5 + 10 + 6 and len(evals) == 0
+    assert [s.used for s in report.sources] == [5, 10, 6]
+    summary = report.summary()
+    assert f"train[0] {a}: 10 rows, 0 bad, 10 examples -> 5 train (weight 0.5)" in summary
+    assert f"train[1] {b}: 4 rows, 0 bad, 4 examples -> 10 train (weight 10)" in summary
+    again, _, _ = build_datasets(cfg, tokenizer, seed=3)
+    assert [e.input_ids for e in again] == [e.input_ids for e in train]
+    other, _, _ = build_datasets(cfg, tokenizer, seed=4)
+    assert [e.input_ids for e in other] != [e.input_ids for e in train]
+
+
+def test_eval_fraction_of_the_mix(tmp_path, tokenizer):
+    a = write_jsonl(tmp_path / "a.jsonl", rows("Numbers:", 10))
+    b = write_jsonl(tmp_path / "b.jsonl", rows("Hello!", 10))
+    cfg = DataConfig(
+        train=[SourceConfig(path=str(a)), SourceConfig(path=str(b), weight=0.5)], eval_fraction=0.2
+    )
+    train, evals, report = build_datasets(cfg, tokenizer, seed=0)
+    assert len(evals) == 3 and len(train) == 12  # 20% of the 15 mixed examples
+    assert not {tuple(e.input_ids) for e in evals} & {tuple(e.input_ids) for e in train}
+    assert sum(s.held_out for s in report.sources) == 3 and "eval 3" in report.summary()
+
+
+def test_separate_eval_sources_take_weights(tmp_path, tokenizer):
+    a = write_jsonl(tmp_path / "a.jsonl", rows("Numbers:", 10))
+    e = write_jsonl(tmp_path / "e.jsonl", rows("Hello!", 10))
+    cfg = DataConfig(
+        train=[SourceConfig(path=str(a))], eval=[SourceConfig(path=str(e), weight=4)], eval_fraction=0.5
+    )
+    train, evals, report = build_datasets(cfg, tokenizer, seed=0)
+    assert len(train) == 10 and len(evals) == 4  # eval sources win over eval_fraction
+    assert f"eval[0] {e}: 10 rows, 0 bad, 10 examples -> 4 eval (weight 4)" in report.summary()
+
+
+def test_invalid_weight_fails_before_reading(tmp_path, tokenizer):
+    cfg = DataConfig(train=[SourceConfig(path=str(tmp_path / "never-read.jsonl"), weight=2.5)])
+    with pytest.raises(DataError, match="weight 2.5"):
+        build_datasets(cfg, tokenizer, seed=0)

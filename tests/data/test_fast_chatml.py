@@ -7,10 +7,10 @@ import random
 
 import pytest
 from conftest import CHATML_TEMPLATE, build_tokenizer, write_jsonl
-from test_masking import family
+from test_tokenize import family
 
 from sftlab.config.schema import DataConfig, SourceConfig
-from sftlab.data import fast_chatml, masking, reading
+from sftlab.data import dataset, fast_chatml, tokenize
 from sftlab.data.dataset import build_datasets
 from sftlab.data.fast_chatml import ChatMLRenderer
 from sftlab.data.templates import BUILTIN_TEMPLATES
@@ -67,7 +67,7 @@ REFUSED = (
 @pytest.mark.parametrize("name", ["chatml", "qwen3", *REFUSED])
 def test_where_detected_it_equals_the_template_path(name):
     tok, text = family(name)
-    fast = masking.detect_chatml(text, kwargs_of(tok))
+    fast = tokenize.detect_chatml(text, kwargs_of(tok))
     if name == "chatml":
         assert fast is not None and fast.default_system.startswith("<|im_start|>system\nYou are a helpful")
     if name in REFUSED:
@@ -78,20 +78,20 @@ def test_where_detected_it_equals_the_template_path(name):
     checked = 0
     for _ in range(400):
         conv = random_conversation(rng)
-        for loss_on in masking.LOSS_ON:
+        for loss_on in tokenize.LOSS_ON:
             got = fast.text_and_spans(conv, loss_on)
             if got is None:
                 continue
-            assert masking._text_and_spans(conv, loss_on, text, None, kwargs_of(tok)) == got, (conv, loss_on)
+            assert tokenize._text_and_spans(conv, loss_on, text, None, kwargs_of(tok)) == got, (conv, loss_on)
             checked += 1
     assert checked > 500
 
 
 def test_builtin_chatml_is_detected_and_other_builtins_are_not():
     tok = build_tokenizer(CHATML_TEMPLATE)
-    assert masking.detect_chatml(BUILTIN_TEMPLATES["chatml"], kwargs_of(tok)).default_system == ""
+    assert tokenize.detect_chatml(BUILTIN_TEMPLATES["chatml"], kwargs_of(tok)).default_system == ""
     for name in ("llama3", "tulu", "zephyr", "alpaca"):
-        assert masking.detect_chatml(BUILTIN_TEMPLATES[name], kwargs_of(tok)) is None, name
+        assert tokenize.detect_chatml(BUILTIN_TEMPLATES[name], kwargs_of(tok)) is None, name
 
 
 @pytest.mark.parametrize(
@@ -104,7 +104,7 @@ def test_builtin_chatml_is_detected_and_other_builtins_are_not():
 )
 def test_templates_that_alter_content_are_refused(change):
     template = CHATML_TEMPLATE.replace("message['content']", change)
-    assert masking.detect_chatml(template, kwargs_of(build_tokenizer())) is None
+    assert tokenize.detect_chatml(template, kwargs_of(build_tokenizer())) is None
 
 
 def test_plain_conversations_only():
@@ -137,21 +137,21 @@ def test_a_difference_on_the_data_rebuilds_the_source_through_the_template(
     position, tmp_path, monkeypatch, caplog
 ):
     tok = build_tokenizer(SNEAKY)
-    assert masking.detect_chatml(SNEAKY, kwargs_of(tok)) is not None
+    assert tokenize.detect_chatml(SNEAKY, kwargs_of(tok)) is not None
     rows = [
         {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
         for i in range(12)
     ]
     rows[position]["messages"][1]["content"] = "MAGIC"
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    monkeypatch.setattr(reading, "ROWS_PER_CHUNK", 4)
+    monkeypatch.setattr(dataset, "ROWS_PER_CHUNK", 4)
     monkeypatch.setattr(fast_chatml, "VERIFY_EVERY", 4)
     monkeypatch.setattr("sftlab.data.tokenize.VERIFY_EVERY", 4)
     cfg = DataConfig(train=[SourceConfig(path=str(path))], cache=False, eval_fraction=0.0)
     with caplog.at_level("WARNING"):
         train, _, _ = build_datasets(cfg, tok, seed=0)
     assert any("disagree" in r.message for r in caplog.records)
-    monkeypatch.setattr(reading, "detect_chatml", lambda *a: None)
+    monkeypatch.setattr(dataset, "detect_chatml", lambda *a: None)
     reference, _, _ = build_datasets(cfg, tok, seed=0)
     assert [(e.input_ids, e.labels) for e in train] == [(e.input_ids, e.labels) for e in reference]
     assert "magic!" in tok.decode(train[position].input_ids)
@@ -161,9 +161,9 @@ def test_direct_encoding_equals_the_wrapper_and_respects_truncation():
     tok = build_tokenizer()
     texts = ["<|im_start|>user\nHello there<|im_end|>\n", "", "plain text, no specials\n\n  x"]
     want = [(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    assert [ids for ids, _ in masking.encode_texts(tok, texts)] == want
+    assert [ids for ids, _ in tokenize.encode_texts(tok, texts)] == want
     tok.backend_tokenizer.enable_truncation(3)  # a backend state the direct call must not bypass
-    assert [len(ids) for ids, _ in masking.encode_texts(tok, texts)] == [len(w) for w in want]
+    assert [len(ids) for ids, _ in tokenize.encode_texts(tok, texts)] == [len(w) for w in want]
 
 
 def test_template_errors_still_come_from_the_template():
@@ -175,4 +175,4 @@ def test_template_errors_still_come_from_the_template():
     ]
     assert fast.text_and_spans(conv, "completion") is None  # judged by the template path, which refuses it
     with pytest.raises(TemplateError):
-        masking._text_and_spans(conv, "completion", CHATML_TEMPLATE, None, {})
+        tokenize._text_and_spans(conv, "completion", CHATML_TEMPLATE, None, {})

@@ -7,9 +7,8 @@ import io
 import pytest
 from vlm_families import make_image
 
-from sftlab.data.fields import ColumnMap
-from sftlab.data.formats import BadRecord, to_record
 from sftlab.data.images import image_record
+from sftlab.data.records import BadRecord, ColumnMap, to_record
 
 
 @pytest.fixture()

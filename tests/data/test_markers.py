@@ -10,8 +10,8 @@ from conftest import write_jsonl
 
 from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data.dataset import DataError, build_datasets
-from sftlab.data.formats import BadRecord, to_record
 from sftlab.data.markers import TextMarkers, no_loss_spans
+from sftlab.data.records import BadRecord, to_record
 from sftlab.data.sources import DatasetSource
 from sftlab.data.types import IGNORE_INDEX
 

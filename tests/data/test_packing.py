@@ -9,12 +9,11 @@ from itertools import accumulate
 import numpy as np
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, write_group_store
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from sftlab.data import packing
-from sftlab.data.masking import IGNORE_INDEX, TokenizedExample
 from sftlab.data.packing import (
     PackedRow,
     pack_bfd,
@@ -23,6 +22,8 @@ from sftlab.data.packing import (
     packed_collate,
     packing_efficiency,
 )
+from sftlab.data.store import Examples
+from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 from sftlab.model.loss import count_targets, summed_nll
 
 VOCAB = 400
@@ -309,3 +310,10 @@ def test_transformers_derives_block_diagonal_mask_from_position_ids(attn):
         position_ids=pos,
     )
     assert cached is None or bool((cached if cached.dtype == torch.bool else cached == 0)[0, 0, 3, 2])
+
+
+def test_groups_are_not_packed(tmp_path):
+    groups = Examples.whole(write_group_store(tmp_path, [[([1, 2], [-100, 2]), ([1, 3], [-100, 3])]]))
+    for how in ("bfd", "wrapped"):
+        with pytest.raises(ValueError, match=r"groups\) are not packed"):
+            pack_examples(groups, how, 8)

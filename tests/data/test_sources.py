@@ -19,8 +19,8 @@ from conftest import write_jsonl
 from sftlab.config.schema import DataConfig, SourceConfig
 from sftlab.data import sources
 from sftlab.data.dataset import DataError, DatasetSource, build_datasets
-from sftlab.data.masking import IGNORE_INDEX
 from sftlab.data.sources import open_source
+from sftlab.data.types import IGNORE_INDEX
 
 PC = [{"prompt": f"Numbers: {i}", "completion": f"{i + 1}"} for i in range(4)]
 

@@ -7,8 +7,10 @@ from conftest import CORPUS, build_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from sftlab.data.masking import IGNORE_INDEX, TemplateError, render, tokenize_conversation
+from sftlab.data.rendering import render
 from sftlab.data.templates import ALPACA_PREAMBLE, BUILTIN_TEMPLATES, add_chatml_tokens, resolve_template
+from sftlab.data.tokenize import tokenize_conversation
+from sftlab.data.types import IGNORE_INDEX, TemplateError
 
 EOS, BOS = "</s>", "<s>"
 CHAT = [

@@ -10,8 +10,10 @@ import json
 import pytest
 from conftest import build_tokenizer
 
-from sftlab.data.masking import IGNORE_INDEX, TemplateError, render, tokenize_conversation
+from sftlab.data.rendering import render
 from sftlab.data.templates import BUILTIN_TEMPLATES
+from sftlab.data.tokenize import tokenize_conversation
+from sftlab.data.types import IGNORE_INDEX, TemplateError
 
 BOS = "<|begin_of_text|>"
 TOOLS = [

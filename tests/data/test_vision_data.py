@@ -7,7 +7,7 @@ import pytest
 import torch
 from vlm_families import FAMILIES, build_family, make_image
 
-from sftlab.data.masking import tokenize_conversation
+from sftlab.data.tokenize import tokenize_conversation
 from sftlab.data.types import IGNORE_INDEX, TemplateError
 from sftlab.data.vision import (
     PACKING_REFUSAL,

@@ -8,8 +8,9 @@ import torch
 from conftest import build_model
 from data.test_templates import CHAT, plain_tokenizer
 
-from sftlab.data.masking import IGNORE_INDEX, tokenize_conversation
 from sftlab.data.templates import add_chatml_tokens, resolve_template
+from sftlab.data.tokenize import tokenize_conversation
+from sftlab.data.types import IGNORE_INDEX
 from sftlab.model.vocab import resize_for_new_tokens
 
 

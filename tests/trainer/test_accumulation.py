@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from conftest import build_model
 
 from sftlab.data.collate import pad_collate
-from sftlab.data.masking import IGNORE_INDEX, TokenizedExample
+from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 from sftlab.model.loss import summed_nll
 from sftlab.trainer.distributed import Engine
 from sftlab.trainer.loop import step_normaliser, train_step

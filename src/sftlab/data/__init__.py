@@ -4,7 +4,7 @@ Entry points (imported on first use):
 - `build_datasets(data_cfg, tokenizer, seed)` -> (train, eval, DataReport): read every source,
   normalise the rows, render/tokenize/mask, cache, apply the length policy, mix, split off eval.
 - `load_template(data_cfg, tokenizer)`: the chat template text for a run.
-- `pack_examples(examples, "bfd" | "wrapped", seq_length)`, `packed_collate`, `pad_collate`,
+- `pack_examples(examples, "bfd" | "wrapped", max_seq_length)`, `packed_collate`, `pad_collate`,
   `MicroBatchStream`: from examples to model-ready tensors in a seeded, resumable order.
 - `TokenizedExample`, `IGNORE_INDEX`, `DataError`: the shared types (`sftlab.data.types`).
 - The CS336 interface: `PackedSFTDataset`, `iterate_batches` (labels there are already shifted).

@@ -4,18 +4,44 @@
 micro-batches forever, one seeded permutation per epoch (fixed row counts, or token budgets with
 length grouping), and knows its position (epoch, batch index within the epoch) so a run can be
 resumed exactly.
+
+A micro-batch of examples of one sequence (`TokenizedExample`, SFT) is `input_ids`, `attention_mask`
+and `labels`, one row per example. A micro-batch of groups (`TokenGroup`: k >= 1 sequences per example
+and its side values, data/store.py) is laid out as one padded batch whose rows are the MEMBERS, group
+after group, in their order within the group (e.g. chosen, rejected), plus the group layout:
+
+    input_ids, attention_mask, labels  [rows, longest row]   exactly as for single sequences
+    group_index   int64 [rows]     which example of the micro-batch (0, 1, ...) each row belongs to
+    group_member  int64 [rows]     the row's place in its example (0 = its first sequence)
+    group_<name>  [examples]       each side array, one value per example (e.g. `group_weight`)
+
+so one forward pass serves every member. The keys starting with `group_` (`GROUP_PREFIX`) are not
+model inputs: an objective for groups reads them and hands the model `model_inputs(batch)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
-from sftlab.data.types import IGNORE_INDEX, TokenizedExample
+from sftlab.data.types import IGNORE_INDEX, TokenGroup, TokenizedExample
+
+GROUP_PREFIX = "group_"  # the batch keys of the group layout (group_index, group_member, side arrays)
 
 
-def pad_collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without its group layout keys: what the model (and the labels' loss) reads."""
+    return {k: v for k, v in batch.items() if not k.startswith(GROUP_PREFIX)}
+
+
+def pad_collate(
+    examples: Sequence[TokenizedExample] | Sequence[TokenGroup], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded rows with an attention mask; groups as their members' rows plus the group layout."""
+    if examples and isinstance(examples[0], TokenGroup):
+        return group_collate(examples, pad_id)
     width = max(len(ex.input_ids) for ex in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -26,6 +52,21 @@ def pad_collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, 
         labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def group_collate(groups: Sequence[TokenGroup], pad_id: int) -> dict[str, torch.Tensor]:
+    """The members of every group as padded rows, group after group, with `group_index`,
+    `group_member` and one `group_<name>` tensor per side array (see the module docstring)."""
+    names = sorted(groups[0].side)
+    if any(sorted(g.side) != names for g in groups):
+        raise ValueError(f"groups of one micro-batch must carry the same side arrays, the first has {names}")
+    batch = pad_collate([m for g in groups for m in g.members], pad_id)
+    sizes = torch.tensor([len(g.members) for g in groups], dtype=torch.long)
+    batch[GROUP_PREFIX + "index"] = torch.repeat_interleave(torch.arange(len(groups)), sizes)
+    batch[GROUP_PREFIX + "member"] = torch.cat([torch.arange(int(n)) for n in sizes])
+    for name in names:
+        batch[GROUP_PREFIX + name] = torch.as_tensor(np.asarray([g.side[name] for g in groups]))
+    return batch
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:

@@ -1,16 +1,16 @@
 """A direct renderer for ChatML-family chat templates, used only where it is checked identical.
 
 Rendering a conversation through Jinja, and rendering its prefixes to locate every assistant turn
-(rendering.py, spans.py), is a large share of data preparation. Templates of the ChatML family render plain
+(rendering.py), is a large share of data preparation. Templates of the ChatML family render plain
 messages as `<|im_start|>{role}\\n{content}<|im_end|>\\n`, optionally preceded by a default system
 block when the first message is not a system message (SmolLM2, Qwen2.5), with the generation
 prompt `<|im_start|>assistant\\n`. For such a template the text and the assistant spans follow
 directly from the messages.
 
 Where it is used, and how it is checked:
-- `masking.detect_chatml(template, kwargs)` returns a renderer only for templates without
+- `tokenize.detect_chatml(template, kwargs)` returns a renderer only for templates without
   `{% generation %}` marks, and only when the template's own output
-  equals the direct rendering -- text, generation prompt, and the assistant spans spans.py
+  equals the direct rendering -- text, generation prompt, and the assistant spans rendering.py
   derives -- on the `probes()` conversations, built to expose differences (leading and trailing whitespace
   and newlines, empty contents, several turns, consecutive roles, with and without a system
   message). Any difference: None, and the template path is used.
@@ -18,9 +18,9 @@ Where it is used, and how it is checked:
   message keys, no tools, no `<think>` tags. Everything else goes through the template.
 - During preparation, every conversation of a source's first chunk and one in `VERIFY_EVERY` after
   it are rendered both ways; a difference raises `FastPathMismatch` and the source is prepared
-  again from the start through the template, with a warning (tokenize.py, reading.py).
+  again from the start through the template, with a warning (tokenize.py, dataset.py).
 
-The spans follow spans.py's definition: an assistant turn is its content plus the `<|im_end|>`
+The spans follow rendering.py's definition: an assistant turn is its content plus the `<|im_end|>`
 that closes it.
 """
 
@@ -79,7 +79,7 @@ class ChatMLRenderer:
         return "".join(parts), spans
 
     def text_and_spans(self, messages: list[dict[str, Any]], loss_on: str) -> tuple[str, list[Span]] | None:
-        """(text, spans) for `loss_on` as spans.py defines them, or None: not a plain conversation
+        """(text, spans) for `loss_on` as rendering.py defines them, or None: not a plain conversation
         (or a case the template path must judge, such as a completion that does not end the conversation)."""
         if not _plain(messages):
             return None

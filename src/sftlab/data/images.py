@@ -12,7 +12,7 @@ A row names its images in any of three ways, in the order they appear in the con
 The number of markers and bare parts must equal the number of entries in `images`; a path is
 relative to the data file's directory; an http(s) URL is refused (nothing is fetched); a missing or
 unreadable file is a bad row. An entry may also be a PIL image or a `datasets.Image` value
-(`{"bytes", "path"}`). The row is read by formats.py as it reads any row (each image stands in its
+(`{"bytes", "path"}`). The row is read by records.py as it reads any row (each image stands in its
 text as one private-use character), then every message's content becomes parts: `{"type": "text",
 "text"}` and `{"type": "image"}`, which is what vision-language chat templates render.
 """
@@ -25,13 +25,13 @@ from typing import Any
 
 from PIL import Image
 
-from sftlab.data.formats import NO_COLUMNS, ColumnMap, Conversation, Record, to_record
+from sftlab.data.records import NO_COLUMNS, ColumnMap, Conversation, Record, to_record
 from sftlab.data.types import BadRecord
 
 IMAGE_PARTS = ("image", "image_url", "input_image")
 REF_KEYS = ("image", "path", "url", "image_url")
 MARKER = "<image>"
-STANDIN = "\ue000"  # one image inside text while formats.py reads the row (Unicode private use area)
+STANDIN = "\ue000"  # one image inside text while records.py reads the row (Unicode private use area)
 # the row's fields that may hold text with images, in the order a conversation renders them
 _TEXT_FIELDS = (
     "system",
@@ -96,7 +96,7 @@ class _Images:
             elif kind == "text" and isinstance(part.get("text"), str):
                 out.append({**part, "text": self.text(part["text"], f"{where}[{j}].text", markers=False)})
             else:
-                out.append(part)  # formats.py names what is wrong with it
+                out.append(part)  # records.py names what is wrong with it
         return out
 
     def value(self, value: Any, where: str) -> Any:

@@ -3,7 +3,7 @@ completion-only `response_template` / `instruction_template`, on characters inst
 
 `TextMarkers(response, instruction)` is a source's setting (`data.response_template` /
 `data.instruction_template`, or the source's own pair). `no_loss_spans(text, markers)` returns the
-inclusive character spans `[start, end]` of a text row that get no loss; formats.py adds them to the
+inclusive character spans `[start, end]` of a text row that get no loss; records.py adds them to the
 row's `loss_masking_spans` (a union), so the tokens are marked exactly as explicit spans mark them:
 a token overlapping a no-loss character gets no loss. Markers are found by plain string search on
 the text, before tokenization, so a marker that tokenizes differently inside the text than alone
@@ -18,7 +18,7 @@ the text, before tokenization, so a marker that tokenizes differently inside the
 
 The markers themselves are never targets. A text without the response marker, or whose last
 instruction marker has no response marker after it (a turn without an answer), raises `ValueError`
-with the reason (formats.py makes it a bad row naming the field `text`).
+with the reason (records.py makes it a bad row naming the field `text`).
 """
 
 from __future__ import annotations

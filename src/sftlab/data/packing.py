@@ -6,10 +6,10 @@ holds index arrays); a row's tokens are laid out when it is indexed, i.e. when i
 built. Strategies (`data.packing`):
 
 - `none`: no packing; the trainer pads examples into micro-batches (pack_examples is not called).
-- `bfd`: best-fit-decreasing bins of whole documents; a row never exceeds the capacity and a
-  document is never split (documents longer than the capacity must be handled upstream by the
-  length policy; here they are an error).
-- `wrapped`: the examples are concatenated in order and cut into rows of exactly `seq_length`
+- `bfd`: best-fit-decreasing bins of whole documents; a row never exceeds `max_seq_length` tokens
+  (the packing capacity) and a document is never split (documents longer than that must be handled
+  upstream by the length policy; here they are an error).
+- `wrapped`: the examples are concatenated in order and cut into rows of exactly `max_seq_length`
   tokens (the last row may be shorter). A document may be split: its continuation in the next row
   is treated as a *new document* there (positions restart at 0, it cannot attend to its own head
   in the previous row, and its first token is not a target). Each split therefore costs one
@@ -81,26 +81,26 @@ class PackedRow:
         return cls(ids, labels, lengths)
 
 
-def bfd_bins(lengths: np.ndarray | Sequence[int], capacity: int) -> np.ndarray:
+def bfd_bins(lengths: np.ndarray | Sequence[int], max_seq_length: int) -> np.ndarray:
     """Best-fit-decreasing: the bin (int64, numbered in opening order) of each document; each bin's total
-    length is <= capacity.
+    length is <= max_seq_length (the packing capacity).
 
     Documents are placed longest first (equal lengths in index order), each into the open bin with
     the least room that still fits it (among equals, the earliest-opened bin), else into a new bin.
     The open bins are indexed by remaining room: a sorted list of the distinct room values (at most
-    `capacity` of them) searched with bisect, and per room value a heap of bin numbers, so a
+    `max_seq_length` of them) searched with bisect, and per room value a heap of bin numbers, so a
     placement costs O(log n) plus a short list shift. Memory: a few numpy arrays of the documents'
     count, and Python objects only per open bin (the documents are walked in blocks).
     """
-    if capacity < 1:
-        raise ValueError(f"capacity must be positive, got {capacity}")
+    if max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
     lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
-    wrong = np.flatnonzero((lengths > capacity) | (lengths < 1))
+    wrong = np.flatnonzero((lengths > max_seq_length) | (lengths < 1))
     if len(wrong):
         i, n = int(wrong[0]), int(lengths[wrong[0]])
-        if n > capacity:
+        if n > max_seq_length:
             raise ValueError(
-                f"document {i} has {n} tokens, more than the packing capacity {capacity}; "
+                f"document {i} has {n} tokens, more than the packing capacity {max_seq_length}; "
                 "the length policy (data.on_overlength) should have dropped or truncated it"
             )
         raise ValueError(f"document {i} is empty")
@@ -115,7 +115,7 @@ def bfd_bins(lengths: np.ndarray | Sequence[int], capacity: int) -> np.ndarray:
         for n in lengths[idx].tolist():
             k = bisect.bisect_left(rooms, n)
             if k == len(rooms):  # no open bin fits: open one
-                b, room = opened, capacity
+                b, room = opened, max_seq_length
                 opened += 1
             else:
                 room = rooms[k]
@@ -135,18 +135,18 @@ def bfd_bins(lengths: np.ndarray | Sequence[int], capacity: int) -> np.ndarray:
     return bin_of
 
 
-def bfd_rows(lengths: np.ndarray | Sequence[int], capacity: int) -> tuple[np.ndarray, np.ndarray]:
+def bfd_rows(lengths: np.ndarray | Sequence[int], max_seq_length: int) -> tuple[np.ndarray, np.ndarray]:
     """(document order, row offsets) of the `bfd_bins` rows: bins in opening order, each listing its
     documents in ascending index order; row r is documents order[offsets[r]:offsets[r + 1]]."""
-    bin_of = bfd_bins(lengths, capacity)
+    bin_of = bfd_bins(lengths, max_seq_length)
     order = np.argsort(bin_of, kind="stable")
     counts = np.bincount(bin_of) if len(bin_of) else np.zeros(0, dtype=np.int64)
     return order, np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
 
 
-def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+def pack_bfd(lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
     """The `bfd_bins` bins as lists of document indices: in opening order, each in ascending order."""
-    order, offsets = bfd_rows(lengths, capacity)
+    order, offsets = bfd_rows(lengths, max_seq_length)
     flat = order.tolist()
     return [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
@@ -211,25 +211,25 @@ def _lengths(examples: Sequence[TokenizedExample]) -> np.ndarray:
     )
 
 
-def pack_wrapped(examples: Sequence[TokenizedExample], seq_length: int) -> PackedRows:
-    """Concatenate the examples in order and cut every `seq_length` tokens (the last row may be shorter).
+def pack_wrapped(examples: Sequence[TokenizedExample], max_seq_length: int) -> PackedRows:
+    """Concatenate the examples in order and cut every `max_seq_length` tokens (the last row may be shorter).
 
     A document cut at a row end continues in the next row as a new document: position_ids restart
     there, it does not attend to its earlier part, and its first token there is not a target.
     """
-    if seq_length < 1:
-        raise ValueError(f"seq_length must be positive, got {seq_length}")
+    if max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
     pieces: list[tuple[int, int, int]] = []
     row_offsets = [0]
     used = 0
     for i, n in enumerate(_lengths(examples).tolist()):
         start = 0
         while start < n:
-            take = min(seq_length - used, n - start)
+            take = min(max_seq_length - used, n - start)
             pieces.append((i, start, start + take))
             start += take
             used += take
-            if used == seq_length:
+            if used == max_seq_length:
                 row_offsets.append(len(pieces))
                 used = 0
     if used:
@@ -238,27 +238,36 @@ def pack_wrapped(examples: Sequence[TokenizedExample], seq_length: int) -> Packe
     return PackedRows(examples, cols[:, 0], cols[:, 1], cols[:, 2], np.asarray(row_offsets))
 
 
-def pack_examples(examples: Sequence[TokenizedExample], packing: str, seq_length: int) -> PackedRows:
+def pack_examples(examples: Sequence[TokenizedExample], packing: str, max_seq_length: int) -> PackedRows:
     """Rows for `data.packing` `bfd` or `wrapped` (`none` packs nothing: the trainer pads examples);
     planned on the examples' lengths alone, assembled when indexed."""
+    if getattr(examples, "grouped", False):
+        raise ValueError(
+            "examples of several sequences (groups) are not packed: each is one micro-batch unit "
+            "(data.packing: none)"
+        )
     if packing == "bfd":
         lengths = _lengths(examples)
-        order, row_offsets = bfd_rows(lengths, seq_length)
+        order, row_offsets = bfd_rows(lengths, max_seq_length)
         return PackedRows(examples, order, np.zeros_like(order), lengths[order], row_offsets)
     if packing == "wrapped":
-        return pack_wrapped(examples, seq_length)
+        return pack_wrapped(examples, max_seq_length)
     raise ValueError(f"unknown packing {packing!r}; expected wrapped or bfd")
 
 
 def packed_collate(
-    rows: Sequence[PackedRow], pad_id: int | None = None, width: int | None = None, min_rows: int = 0
+    rows: Sequence[PackedRow],
+    pad_id: int | None = None,
+    max_seq_length: int | None = None,
+    min_rows: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for packed rows: `input_ids`, `labels`, `position_ids`; deliberately no `attention_mask`.
 
     With `pad_id=None` (default) the rows are concatenated into a single padding-free sequence of
     shape (1, total tokens). With a `pad_id`, each row becomes one batch row of shape
-    (len(rows), longest row, or `width`); a shorter row is filled with one padding block whose positions
-    also restart at 0 (so it is a separate sequence nobody attends to) and whose labels are IGNORE_INDEX.
+    (len(rows), longest row, or `max_seq_length`: a fixed shape); a shorter row is filled with one
+    padding block whose positions also restart at 0 (so it is a separate sequence nobody attends to)
+    and whose labels are IGNORE_INDEX.
     `min_rows` adds rows that are all padding (fixed shapes for a compiled model). Call the model with
     `use_cache=False` and no attention mask.
     """
@@ -274,9 +283,11 @@ def packed_collate(
         ]
     else:
         longest = max(len(r) for r in rows)
-        if width is not None and longest > width:
-            raise ValueError(f"a packed row of {longest} tokens does not fit the fixed width {width}")
-        width = width or longest
+        if max_seq_length is not None and longest > max_seq_length:
+            raise ValueError(
+                f"a packed row of {longest} tokens does not fit the fixed width {max_seq_length}"
+            )
+        width = max_seq_length or longest
         seqs = [
             (
                 r.input_ids + [pad_id] * (width - len(r)),
@@ -292,10 +303,10 @@ def packed_collate(
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
-def packing_efficiency(rows: Sequence[PackedRow], capacity: int) -> float:
-    """Real tokens / (rows * capacity): the fraction of a fixed-size batch that is not padding."""
+def packing_efficiency(rows: Sequence[PackedRow], max_seq_length: int) -> float:
+    """Real tokens / (rows * max_seq_length): the fraction of a fixed-size batch that is not padding."""
     if not len(rows):
         return 0.0
     lengths = getattr(rows, "lengths", None)
     total = int(np.sum(lengths)) if lengths is not None else sum(len(r) for r in rows)
-    return total / (len(rows) * capacity)
+    return total / (len(rows) * max_seq_length)

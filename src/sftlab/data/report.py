@@ -16,9 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from sftlab.config.fields import ROW_FIELDS
-from sftlab.data import cache
-from sftlab.data.arrays import TokenArrays
-from sftlab.data.examples import Examples
+from sftlab.data.store import Examples, SourceData, TokenArrays
 from sftlab.data.types import IGNORE_INDEX
 
 
@@ -135,7 +133,7 @@ class DataReport:
     train_examples: int = 0
     eval_examples: int = 0
     # per source, in `sources` order: what it read and its usable examples (for `sftlab prepare --show`)
-    source_data: list[cache.SourceData] = field(default_factory=list, repr=False, compare=False)
+    source_data: list[SourceData] = field(default_factory=list, repr=False, compare=False)
     source_examples: list[Examples] = field(default_factory=list, repr=False, compare=False)
     eval_sets: dict[str, np.ndarray] = field(
         default_factory=dict, repr=False, compare=False
@@ -235,7 +233,7 @@ def targets_per_example(store: TokenArrays) -> np.ndarray:
     return per
 
 
-def count_targets(data: cache.SourceData, examples: Examples) -> int:
+def count_targets(data: SourceData, examples: Examples) -> int:
     """Tokens with a label (not -100) in `examples` (all from `data.arrays`, truncation included)."""
     store = data.arrays
     if store is None or not len(examples):

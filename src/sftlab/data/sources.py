@@ -41,9 +41,9 @@ import pyarrow.parquet as pq
 
 from sftlab.compat import datasets as datasets_compat
 from sftlab.config.schema import SourceConfig
-from sftlab.data.formats import ColumnMap
 from sftlab.data.locate import looks_local, not_found
 from sftlab.data.markers import TextMarkers
+from sftlab.data.records import ColumnMap
 from sftlab.data.types import BadRecord, DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")

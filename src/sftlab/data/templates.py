@@ -27,7 +27,7 @@ without them each renders exactly as its plain variant:
   (JSON, indent 4) in the first user message, a call as `{"name": ..., "parameters": ...}<|eot_id|>`,
   results as `ipython` turns
 
-A template that does not render a row's tools is caught before training (tool_support.py).
+A template that does not render a row's tools is caught before training (rendering.py).
 """
 
 from __future__ import annotations

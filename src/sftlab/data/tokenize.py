@@ -1,51 +1,307 @@
-"""One chunk of raw rows -> compact token arrays: normalise, render, tokenize, label.
+"""A record becomes token ids and labels.
 
-`encode_chunk(rows, ctx)` is the unit of work of data preparation, run in the main process or in
-`num_proc` worker processes (`worker_chunk`, which writes the chunk's token arrays to files of its
-own). It returns the chunk's tokens as flat arrays (ids, target flags), per-example lengths and
-locations, its bad rows in order, and per chunk the rows read as each format, the rows holding
-each unknown field and the rows using each entry of the source's `columns` / `roles` (summed over
-chunks by the caller); nothing of a chunk outlives its appending to the entry.
+`encode_text_rows(rows, ctx, number)` is a text model's part of one chunk of a source (dataset.py:
+`encode_chunk`, here or in a `num_proc` worker process). Each raw row becomes a record (records.py:
+`to_record`, after the Python API's `formatting_func` where one is given); `data.tools` is applied to the
+conversations (rendering.py: `handle_tools`: a row whose tools, tool calls or tool results the template
+would not render stops the run, a DataError naming the row, or has them dropped and is counted); the
+records are tokenized and labelled (`tokenize_chunk`) in parts of about `TOKENIZE_CHARS` characters, each
+example turned into compact arrays at once (`compact_example`). Any example left without a target token
+is a bad record.
 
-Before chat rows are rendered, `data.tools` is applied (tool_support.py): a row whose tools, tool
-calls or tool results the template would not render stops the run (DataError naming the row), or
-has them dropped and is counted (`tools_dropped`).
+Chat rows (`tokenize_conversations`): each conversation is rendered with the chat template and the
+character span of every assistant turn (its text plus the end-of-turn marker that closes it) is located
+in the rendering (rendering.py). The fast tokenizer is called once for the batch (`encode_texts`), and
+character spans become token labels through its offsets: a token is a target when it overlaps a span.
+Masks are by position, never by token id (pad == eos on many models). Templates with `{% generation %}`
+tags mark assistant text themselves; their marks are used as they are, so masks equal transformers'
+`return_assistant_tokens_mask`. An assistant turn whose per-message loss weight (`loss_weight` /
+`weight`) is 0 is not trained.
+
+`loss_on`: `assistant` (every assistant turn), `last_assistant` (the last one), `completion`
+(prompt/completion rows `[user..., assistant]`: the final assistant message, which must end the
+conversation; the same span as `last_assistant`), `all` (every token). `data.add_bos`: a conversation
+whose template writes no BOS starts with the tokenizer's (never a target).
+
+For ChatML-family templates a direct renderer (fast_chatml.py) replaces the template where it is checked
+to give the same text and spans (`detect_chatml`); every conversation of a source's first chunk and one
+in `VERIFY_EVERY` after it are rendered both ways.
 
 Text rows (`format: text`) are tokenized without a chat template, with the tokenizer's own special
-tokens (e.g. a BOS). A token that overlaps a character of a `loss_masking_spans` span carries no
-loss; every other token is a target. The source's response/instruction templates (markers.py) only
-add spans to those, when the row is read (formats.py), so they are marked the same way. The EOS token is appended, as a target, unless the text
-already ends with it, so the model learns where a document stops. Pretokenized rows are used as
-they are. Any example left without a target token is a bad record.
-
-For a vision-language model (the context carries its processor) chat rows are read with their images
-and tokenized by data/vision.py; the chunk then also returns each example's image references.
+tokens (e.g. a BOS). A token that overlaps a character of a `loss_masking_spans` span carries no loss;
+every other token is a target. The source's response/instruction templates (markers.py) only add spans
+to those, when the row is read (records.py), so they are marked the same way. The EOS token is appended,
+as a target, unless the text already ends with it, so the model learns where a document stops.
+Pretokenized rows are used as they are.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from bisect import bisect_left
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from sftlab.data import masking
-from sftlab.data.arrays import example_arrays, write_chunk_files
-from sftlab.data.fast_chatml import VERIFY_EVERY, ChatMLRenderer
-from sftlab.data.formats import ColumnMap, Conversation, Record, TextRecord, formatted_row, to_record
-from sftlab.data.markers import TextMarkers
-from sftlab.data.tool_support import handle_tools
-from sftlab.data.types import (
-    IGNORE_INDEX,
-    BadRecord,
-    DataError,
-    TemplateError,
-    TokenizedExample,
+from sftlab.data.fast_chatml import (
+    END,
+    GENERATION_PROMPT,
+    START,
+    VERIFY_EVERY,
+    ChatMLRenderer,
+    FastPathMismatch,
+    probes,
 )
-from sftlab.data.vision import encode_vision_rows
+from sftlab.data.markers import TextMarkers
+from sftlab.data.records import ColumnMap, Conversation, Record, TextRecord, formatted_row, to_record
+from sftlab.data.rendering import (
+    Atoms,
+    Span,
+    Tools,
+    _Renderer,
+    assistant_spans,
+    handle_tools,
+    has_generation_tags,
+    render,
+)
+from sftlab.data.store import example_arrays
+from sftlab.data.templates import resolve_template
+from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError, TemplateError, TokenizedExample
+
+# --- a conversation -> ids and labels: loss masks from character spans -----------------------------
+
+LOSS_ON = ("assistant", "last_assistant", "completion", "all")
+
+
+def _token_ranges(offsets: list[tuple[int, int]], spans: list[Span]) -> list[tuple[int, int]]:
+    """[first, last+1) token indices overlapping each span; a zero-width token counts as one character wide.
+
+    Offsets of one sequence are sorted, so each span is two binary searches.
+    """
+    out = []
+    for s, e in spans:
+        first = bisect_left(offsets, (s, -1))  # the first token starting at or after s ...
+        while first and offsets[first - 1][1] > s:  # ... or straddling s
+            first -= 1
+        stop = bisect_left(offsets, (e, -1), first)  # the first token starting at or after e
+        if first < stop:
+            out.append((first, stop))
+    return out
+
+
+def labels_from_spans(offsets: list[tuple[int, int]], spans: list[Span]) -> list[bool]:
+    """Mark every token whose character range overlaps one of the spans (spans sorted, disjoint)."""
+    mask = [False] * len(offsets)
+    for a, b in _token_ranges(offsets, spans):
+        mask[a:b] = [True] * (b - a)
+    return mask
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]) -> list[int]:
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in _token_ranges(offsets, spans):
+        labels[a:b] = ids[a:b]
+    return labels
+
+
+def _text_and_spans(
+    messages: list[dict[str, Any]],
+    loss_on: str,
+    template: str,
+    tools: Tools,
+    kwargs: dict[str, Any],
+    atoms: Atoms = (),
+) -> tuple[str, list[Span]]:
+    if loss_on == "all":
+        return _Renderer(template, messages, tools, kwargs)(len(messages)), []
+    if loss_on == "completion" and (not messages or messages[-1].get("role") != "assistant"):
+        raise TemplateError(
+            "loss_on=completion needs a conversation that ends with the assistant's completion"
+        )
+    return assistant_spans(template, messages, tools, kwargs, last_only=loss_on != "assistant", atoms=atoms)
+
+
+WEIGHT_KEYS = ("loss_weight", "weight")  # LLaMA-Factory v1's and axolotl's per-message loss weights
+
+
+def _weighted(messages: list[dict[str, Any]], loss_on: str, spans: list[Span]) -> list[Span]:
+    """The spans without those of assistant turns whose per-message weight (`loss_weight` / `weight`) is 0;
+    a weight other than 0 or 1 cannot be a mask and is refused."""
+    turns = [m for m in messages if m.get("role") == "assistant"]
+    weights = [next((m[k] for k in WEIGHT_KEYS if m.get(k) is not None), 1) for m in turns]
+    if loss_on == "all" or all(w == 1 for w in weights):
+        return spans
+    if any(w not in (0, 1) for w in weights):
+        raise TemplateError(
+            f"a message's loss weight must be 0 or 1 (got {[w for w in weights if w not in (0, 1)][0]!r}): "
+            "a mask trains a turn or not"
+        )
+    if loss_on != "assistant":
+        return spans if weights[-1] else []
+    if len(spans) != len(turns):
+        raise TemplateError(
+            f"the template marks {len(spans)} spans for {len(turns)} assistant turns: the turns with "
+            "loss weight 0 cannot be told apart"
+        )
+    return [s for s, w in zip(spans, weights) if w]
+
+
+def _fast_or_template(
+    messages: list[dict[str, Any]],
+    loss_on: str,
+    template: str,
+    tools: Tools,
+    kwargs: dict[str, Any],
+    fast: ChatMLRenderer | None,
+    verify: bool,
+    atoms: Atoms = (),
+) -> tuple[str, list[Span]]:
+    """Text and spans from the direct renderer where it applies (checked against the template when
+    `verify`), else from the template; assistant turns with loss weight 0 lose their span (`_weighted`)."""
+    text, spans = _direct_or_template(messages, loss_on, template, tools, kwargs, fast, verify, atoms)
+    return text, _weighted(messages, loss_on, spans)
+
+
+def _direct_or_template(
+    messages: list[dict[str, Any]],
+    loss_on: str,
+    template: str,
+    tools: Tools,
+    kwargs: dict[str, Any],
+    fast: ChatMLRenderer | None,
+    verify: bool,
+    atoms: Atoms = (),
+) -> tuple[str, list[Span]]:
+    got = fast.text_and_spans(messages, loss_on) if fast is not None and tools is None else None
+    if got is None:
+        return _text_and_spans(messages, loss_on, template, tools, kwargs, atoms)
+    if verify:
+        try:
+            want: Any = _text_and_spans(messages, loss_on, template, tools, kwargs, atoms)
+        except TemplateError as e:
+            want = e
+        if want != got:
+            raise FastPathMismatch(
+                "the direct ChatML renderer and the chat template disagree on a conversation"
+            )
+    return got
+
+
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str]
+) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text without added special tokens, in one batched call.
+
+    Calls the Rust tokenizer's `encode_batch` directly, which is what the transformers wrapper does
+    after setting no truncation and no padding; used only when the backend is in exactly that state
+    (else through the wrapper), so the ids are the same.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    direct = (
+        backend is not None
+        and backend.truncation is None
+        and backend.padding is None
+        and getattr(backend, "encode_special_tokens", False)
+        == getattr(tokenizer, "split_special_tokens", False)
+    )
+    if direct:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
+    return [(enc["input_ids"][j], enc.encodings[j].offsets) for j in range(len(texts))]
+
+
+def detect_chatml(template: str | None, kwargs: dict[str, Any]) -> ChatMLRenderer | None:
+    """The direct renderer (fast_chatml.py) when `template` renders every probe exactly as it does:
+    text, generation prompt and assistant spans; None otherwise (and for `{% generation %}` templates)."""
+    if not template or START not in template or END not in template or has_generation_tags(template):
+        return None
+    try:
+        alone = render(template, [{"role": "user", "content": "x"}], **kwargs)
+        own = f"{START}user\nx{END}\n"
+        if not alone.endswith(own):
+            return None
+        default = alone[: -len(own)]
+        if default and not (
+            default.startswith(f"{START}system\n")
+            and default.endswith(f"{END}\n")
+            and default.count(START) == 1
+            and default.count(END) == 1
+        ):
+            return None
+        fast = ChatMLRenderer(default)
+        for probe in probes():
+            text, spans = fast.render(probe)
+            if (
+                render(template, probe, **kwargs) != text
+                or render(template, probe, add_generation_prompt=True, **kwargs) != text + GENERATION_PROMPT
+                or assistant_spans(template, probe, None, kwargs) != (text, spans)
+            ):
+                return None
+    except TemplateError:
+        return None
+    return fast
+
+
+def tokenize_conversations(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, Any]]],
+    loss_on: str = "assistant",
+    template: str | None = None,
+    tools: list[Tools] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+    on_error: Literal["raise", "return"] = "raise",
+    fast: ChatMLRenderer | None = None,
+    verify: list[bool] | None = None,
+) -> list[Any]:
+    """Render, tokenize (one fast-tokenizer call for the batch) and label many conversations.
+
+    `tools` holds one tool list (or None) per conversation. With `on_error="return"`, a conversation
+    that cannot be masked comes back as its TemplateError instead of a TokenizedExample. `fast`: a
+    direct renderer (fast_chatml.py) for plain conversations; those with `verify[k]` are rendered
+    through the template too and must agree (else FastPathMismatch).
+    """
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+    if loss_on != "all" and not tokenizer.is_fast:
+        raise ValueError("loss masks need a fast tokenizer (character offsets)")
+    if template is None:
+        template = resolve_template(None, tokenizer)
+    kwargs = {**tokenizer.special_tokens_map, **(template_kwargs or {})}
+    atoms = tuple(getattr(tokenizer, "added_tokens_encoder", ()))
+    tools = tools if tools is not None else [None] * len(conversations)
+    verify = verify if verify is not None else [False] * len(conversations)
+    results: list[Any] = []
+    for messages, conv_tools, check in zip(conversations, tools, verify, strict=True):
+        try:
+            results.append(
+                _fast_or_template(messages, loss_on, template, conv_tools, kwargs, fast, check, atoms)
+            )
+        except TemplateError as e:
+            if on_error == "raise":
+                raise
+            results.append(e)
+    ok = [k for k, res in enumerate(results) if not isinstance(res, TemplateError)]
+    if not ok:
+        return results
+    for (ids, offsets), k in zip(encode_texts(tokenizer, [results[k][0] for k in ok]), ok):
+        labels = list(ids) if loss_on == "all" else _labels(ids, offsets, results[k][1])
+        results[k] = TokenizedExample(ids, labels)
+    return results
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    loss_on: str = "assistant",
+    template: str | None = None,
+    tools: Tools = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> TokenizedExample:
+    """Render, tokenize and label one conversation (`template` None: the tokenizer's own)."""
+    return tokenize_conversations(tokenizer, [messages], loss_on, template, [tools], template_kwargs)[0]
+
+
+# --- a chunk's rows -> records -> ids and labels ----------------------------------------------------
 
 RawChunk = list[tuple[int, int, str, Any]]  # (file index, line or row, unit, parsed row or BadRecord)
 # characters tokenized in one batch: a chunk of long rows (512 x 4096 tokens) is tokenized in parts,
@@ -72,32 +328,8 @@ class ChunkContext:
     tools: str = "error"  # data.tools: tools the template does not render stop the run, or are dropped
     add_bos: bool = False  # data.add_bos: chat rows start with the tokenizer's BOS (never a target)
     processor: Any = None  # a vision-language model's processor: rows are read with their images
-    max_length: int | None = None  # vision rows longer than this (images expanded) are bad rows
+    max_seq_length: int | None = None  # vision rows longer than this (images expanded) are bad rows
     image_dir: str | None = None  # where images held in memory are written (the cache entry)
-
-
-@dataclass
-class ChunkResult:
-    rows: int
-    tokens: dict[str, Any]  # "ids", "targets": arrays, or (path, bytes, sha256) written by a worker
-    lengths: np.ndarray
-    lines: np.ndarray
-    files: np.ndarray
-    fix_pos: np.ndarray  # chunk-local token positions of labels that are neither -100 nor the id
-    fix_val: np.ndarray
-    bad: list[BadRecord] = field(default_factory=list)
-    conversations: int = 0  # chat rows among them (rendered by a template or the direct renderer)
-    formats: Counter = field(
-        default_factory=Counter
-    )  # format -> rows read as it (bad rows after reading included)
-    unknown: Counter = field(default_factory=Counter)  # unknown field -> rows holding it
-    tools_dropped: int = (
-        0  # rows whose tools / tool calls the template does not render, dropped (data.tools: drop)
-    )
-    mapped: Counter = field(
-        default_factory=Counter
-    )  # `columns.<name>` / `roles.<name>` entry -> rows using it
-    images: list[list[str]] | None = None  # per example its image references (vision-language sources)
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -124,9 +356,7 @@ def _tokenize_texts(tokenizer: PreTrainedTokenizerBase, recs: list[TextRecord]) 
     for k, r in enumerate(recs):
         ids = list(enc["input_ids"][k])
         masked = (
-            masking.labels_from_spans(enc["offset_mapping"][k], _merge(r.spans))
-            if r.spans
-            else [False] * len(ids)
+            labels_from_spans(enc["offset_mapping"][k], _merge(r.spans)) if r.spans else [False] * len(ids)
         )
         labels = [IGNORE_INDEX if m else t for t, m in zip(ids, masked)]
         if eos is not None and (not ids or ids[-1] != eos):
@@ -145,7 +375,7 @@ def _tokenize_conversations(
     verify: list[bool] | None = None,
 ) -> list[TokenizedExample | BadRecord]:
     """One batched masking call; a conversation the template cannot mask becomes a BadRecord."""
-    results = masking.tokenize_conversations(
+    results = tokenize_conversations(
         tokenizer,
         [c.messages for c in convs],
         loss_on,
@@ -238,8 +468,9 @@ def _batches(records: list[Record], chars: int) -> list[tuple[int, int]]:
     return out + [(a, len(records))] if records else out
 
 
-def _text_rows(rows: RawChunk, ctx: ChunkContext, number: int) -> tuple[list, list, list, int]:
-    """([(k, file index, line, compact arrays)], [(k, BadRecord)], records, tools dropped) of a chunk."""
+def encode_text_rows(rows: RawChunk, ctx: ChunkContext, number: int) -> tuple[list, list, list, int]:
+    """Chunk `number`'s rows for a text model -> ([(k, file index, line, compact arrays)], [(k, BadRecord)],
+    the rows' records, the rows whose tools were dropped), k the row's place in the chunk."""
     records: list[Record] = []
     places: list[tuple[int, int]] = []
     bad: list[tuple[int, BadRecord]] = []
@@ -290,77 +521,12 @@ def _text_rows(rows: RawChunk, ctx: ChunkContext, number: int) -> tuple[list, li
             if isinstance(res, BadRecord):
                 bad.append((k, res))
             else:
-                done.append((k, f, rec.line, _compact(res, ctx.ids_dtype)))
+                done.append((k, f, rec.line, compact_example(res, ctx.ids_dtype)))
         del results
     return done, bad, records, dropped
 
 
-def _compact(res: TokenizedExample, ids_dtype: str) -> tuple:
+def compact_example(res: TokenizedExample, ids_dtype: str) -> tuple:
     """An example's arrays (example_arrays), its ids already in the entry's compact dtype."""
     i, t, fp, fv = example_arrays(res.input_ids, res.labels)
     return i.astype(ids_dtype), t, fp, fv
-
-
-def encode_chunk(rows: RawChunk, ctx: ChunkContext, number: int = 0) -> ChunkResult:
-    """Normalise, tokenize and label chunk `number` of a source into flat arrays; bad rows listed in
-    order. The direct renderer (if any) is checked on every conversation of chunk 0 and on a sample after.
-    With a processor (a vision-language model) the rows are read with their images (vision.py)."""
-    mapped: Counter = Counter()
-    if ctx.columns and ctx.formatting_func is None:
-        for _, _, _, row in rows:
-            if isinstance(row, dict):
-                mapped.update(ctx.columns.used(row))
-    images = None
-    if ctx.processor is not None:
-        vision_done, bad, records = encode_vision_rows(rows, ctx)
-        done = [(k, f, line, _compact(res, ctx.ids_dtype)) for k, f, line, res in vision_done]
-        images, dropped = [list(res.images) for *_, res in vision_done], 0
-        del vision_done
-    else:
-        done, bad, records, dropped = _text_rows(rows, ctx, number)
-    ids, targets, lengths, lines, files, fix_pos, fix_val = [], [], [], [], [], [], []
-    base = 0
-    for _, f, line, (i, t, fp, fv) in done:
-        ids.append(i)
-        targets.append(t)
-        fix_pos.append(fp + base)
-        fix_val.append(fv)
-        lengths.append(len(i))
-        lines.append(line)
-        files.append(f)
-        base += len(i)
-    cat = lambda parts, dtype: (
-        np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
-    )
-    return ChunkResult(
-        len(rows),
-        {"ids": cat(ids, ctx.ids_dtype), "targets": cat(targets, np.uint8)},
-        np.asarray(lengths, np.int64),
-        np.asarray(lines, np.int64),
-        np.asarray(files, np.int32),
-        cat(fix_pos, np.int64),
-        cat(fix_val, np.int32),
-        [e for _, e in sorted(bad, key=lambda x: x[0])],
-        sum(isinstance(r, Conversation) for r in records),
-        Counter(r.format for r in records),
-        Counter(k for r in records for k in r.unknown),
-        dropped,
-        mapped,
-        images,
-    )
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def init_worker(ctx: ChunkContext, directory: str) -> None:
-    _WORKER.update(ctx=ctx, directory=Path(directory))
-
-
-def worker_chunk(number: int, rows: RawChunk, files: list[str]) -> ChunkResult:
-    """`encode_chunk` in a worker process; the token arrays go to files, not back through the pipe."""
-    ctx: ChunkContext = _WORKER["ctx"]
-    ctx.files = files
-    result = encode_chunk(rows, ctx, number)
-    result.tokens = write_chunk_files(_WORKER["directory"], f".chunk-{number:08d}", result.tokens)
-    return result

@@ -6,7 +6,7 @@
   object or a JSON string of one (`parameters` is read as its alias, `{"type": "function",
   "function": {...}}` as it is); it always becomes an object, which is what the Qwen2.5 and
   Llama-3.1 templates render with `tojson`. A value that is not such JSON raises `ValueError`
-  with the reason (formats.py turns it into a bad row naming `conversations[i].value`).
+  with the reason (records.py turns it into a bad row naming `conversations[i].value`).
 - `wrapped_tools(tools)`: a bare function schema `{"name", "description", "parameters"}` (how
   glaive/LLaMA-Factory rows store them) becomes `{"type": "function", "function": schema}`, the
   form transformers' `get_json_schema` and the OpenAI API give and the official tool templates were

@@ -2,8 +2,12 @@
 
 - `IGNORE_INDEX`: the label of a position that carries no loss (PyTorch's cross-entropy default).
 - `TokenizedExample`: token ids and labels ALIGNED with them (label i is the target of position i;
-  `model/loss.py` does the next-token shift); `VisionExample` adds its image references. The CS336 interface (`data/cs336.py`) is the one place
-  that hands out labels already shifted, as that assignment specifies.
+  `model/loss.py` does the next-token shift); `VisionExample` adds its image references. The CS336
+  interface (`data/cs336.py`) is the one place that hands out labels already shifted, as that assignment
+  specifies.
+- `TokenGroup`: one example of several sequences (e.g. a chosen and a rejected answer, in that order) and
+  its side values (e.g. a weight): what a store with a group layout gives (data/store.py); SFT's
+  examples are groups of one, given as the bare `TokenizedExample`.
 - The errors: `DataError` (the data cannot be used), `BadRecord` (one unusable row, with its place;
   `ImageRow`: one with an image part, gathered per source into one DataError), `TemplateError` (a
   chat template cannot render/mask a conversation exactly).
@@ -11,7 +15,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from sftlab.errors import SftlabError
@@ -36,6 +41,28 @@ class VisionExample(TokenizedExample):
     (absolute paths, or images in memory)."""
 
     images: tuple[Any, ...] = ()
+
+
+@dataclass
+class TokenGroup:
+    """One example made of k >= 1 sequences, in order, and its side values (name -> one number)."""
+
+    members: tuple[TokenizedExample, ...]
+    side: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_ids(self) -> list[int]:
+        """Every member's ids end to end: the example's tokens, as the loop counts them."""
+        return list(chain.from_iterable(m.input_ids for m in self.members))
+
+    @property
+    def doc_lengths(self) -> list[int]:
+        """The members' lengths: each member attends to itself only (the loop's attention FLOPs)."""
+        return [len(m.input_ids) for m in self.members]
+
+    @property
+    def num_targets(self) -> int:
+        return sum(m.num_targets for m in self.members)
 
 
 class DataError(SftlabError, ValueError):

@@ -2,7 +2,7 @@
 
 A conversation of content parts (data/images.py) is rendered with the processor's chat template,
 where each image is the template's placeholder (`<image>`, `<|vision_start|><|image_pad|>...`). Its
-labels come from the text path exactly (masking.py: assistant content plus end-of-turn are targets).
+labels come from the text path exactly (tokenize.py: assistant content plus end-of-turn are targets).
 The processor then expands the placeholders (into as many image tokens as the image needs, with
 the family's wrappers), and the labels are carried over token by token: the two token sequences
 are the same but for the runs the expansion inserted, which are never targets; an image token id
@@ -13,7 +13,7 @@ TemplateError), never guessed.
 data/images.py; each unusable row a BadRecord, the rest kept); an example longer than
 max_seq_length is a bad row, never truncated (that could cut an image's tokens).
 
-`encode_vision_rows` is the vision-language branch of a data chunk (tokenize.encode_chunk): each row
+`encode_vision_rows` is the vision-language branch of a data chunk (dataset.encode_chunk): each row
 read with its images (relative paths against its data file's directory), tokenized as above, and its
 image references made storable: paths stay absolute paths, images held in memory (a Dataset's) are
 written as PNG files into the cache entry (`images/<sha256>.png`, stored relative to the entry).
@@ -34,11 +34,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sftlab.data import masking
 from sftlab.data.collate import pad_collate
-from sftlab.data.formats import NO_COLUMNS, Conversation, Record, formatted_row
 from sftlab.data.images import image_record
+from sftlab.data.records import NO_COLUMNS, Conversation, Record, formatted_row
+from sftlab.data.rendering import render
 from sftlab.data.sources import iter_jsonl
+from sftlab.data.tokenize import tokenize_conversation
 from sftlab.data.types import IGNORE_INDEX, BadRecord, DataError, TemplateError, VisionExample
 
 _TOKEN_ATTRS = (
@@ -125,8 +126,8 @@ def tokenize_vision(
     )
     if placeholders != len(images):
         raise TemplateError(f"{placeholders} image part(s) but {len(images)} image(s)")
-    text_path = masking.tokenize_conversation(tok, messages, loss_on, template, tools)
-    text = masking.render(template, messages, tools=tools, **tok.special_tokens_map)
+    text_path = tokenize_conversation(tok, messages, loss_on, template, tools)
+    text = render(template, messages, tools=tools, **tok.special_tokens_map)
     expanded = _processor_call(processor, text, [load_image(r) for r in images])
     special = image_token_ids(processor)
     labels = carry_labels(text_path.input_ids, text_path.labels, expanded, special)
@@ -293,7 +294,7 @@ def encode_vision_rows(rows: Sequence[tuple[int, int, str, Any]], ctx: Any) -> t
             )
             records.append(conv)
             ex = _conversation_example(
-                ctx.processor, conv, name, line, unit, ctx.loss_on, ctx.template, ctx.max_length
+                ctx.processor, conv, name, line, unit, ctx.loss_on, ctx.template, ctx.max_seq_length
             )
             ex.images = tuple(stored_ref(r, ctx.image_dir) for r in ex.images)
             done.append((k, f, line, ex))

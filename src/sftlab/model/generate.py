@@ -1,6 +1,6 @@
 """Chat generation (greedy, or sampled with a temperature and top-p), and exact-match accuracy against
 reference assistant answers (greedy). Tool schemas given for generation must be rendered by the chat
-template (checked as for training rows, data/tool_support.py), or it is a DataError. A vision-language
+template (checked as for training rows, data/rendering.py), or it is a DataError. A vision-language
 model's prompts carry images and are generated through its processor (vision_generate.py)."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sftlab.config.schema import MatchEvalConfig
-from sftlab.data.formats import ColumnMap, Conversation, to_record
 from sftlab.data.images import image_record
+from sftlab.data.records import ColumnMap, Conversation, to_record
+from sftlab.data.rendering import TOOL_TEMPLATES, template_support
 from sftlab.data.sources import iter_jsonl
-from sftlab.data.tool_support import TOOL_TEMPLATES, template_support
 from sftlab.data.types import BadRecord, DataError
 from sftlab.model.vision_generate import generate_vision_replies, part_text, with_images
 

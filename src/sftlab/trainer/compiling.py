@@ -166,7 +166,9 @@ def decide(shape: RunShape, record: dict[str, float] | None = None) -> tuple[boo
 def fixed_shape_collate(pad_id: int, max_seq_length: int, micro_batch_size: int):
     """Packed micro-batches of one shape: (micro_batch_size, max_seq_length); rows past the data are all
     padding, no targets."""
-    return functools.partial(packed_collate, pad_id=pad_id, width=max_seq_length, min_rows=micro_batch_size)
+    return functools.partial(
+        packed_collate, pad_id=pad_id, max_seq_length=max_seq_length, min_rows=micro_batch_size
+    )
 
 
 def update_record(

@@ -35,8 +35,8 @@ from sftlab.config.schema import ConfigError, SFTConfig
 from sftlab.data import preview
 from sftlab.data.collate import MicroBatchStream, pad_collate
 from sftlab.data.dataset import DataReport, build_datasets, length_stats
-from sftlab.data.examples import Examples
 from sftlab.data.packing import pack_examples, packed_collate, packing_efficiency
+from sftlab.data.store import Examples
 from sftlab.data.templates import add_chatml_tokens, load_template
 from sftlab.data.types import IGNORE_INDEX
 from sftlab.data.vision import PACKING_REFUSAL, image_token_ids, vision_collate

@@ -18,6 +18,13 @@ target-only head (model/loss.py, `TargetLossHead`) or the full logits (`full_nll
 
 A new objective is a class with these methods, handed to `sftlab.train(..., objective=...)`;
 docs/architecture.md has a worked example (checked by tests/trainer/test_objective.py).
+
+Examples of several sequences (data/store.py: a group, e.g. a chosen and a rejected answer) reach the
+objective as one padded batch of their members plus the group layout (data/collate.py: `group_index`,
+`group_member`, one `group_<name>` per side array). Those keys are not model inputs: an objective hands
+the model `model_inputs(batch)`. SFT does, so over groups it trains on every member (a group of one is
+an SFT example: its batch has no group keys). tests/trainer/test_pairwise_objective.py trains a
+preference loss on pairs through this seam, the loop unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
+from sftlab.data.collate import model_inputs
 from sftlab.data.types import IGNORE_INDEX
 from sftlab.model.loss import count_targets, full_nll
 
@@ -55,7 +63,7 @@ class SFTObjective:
         self.loss_fn = loss_fn
 
     def loss_sum(self, model, batch: Batch) -> torch.Tensor:
-        return self.loss_fn(model, batch)
+        return self.loss_fn(model, model_inputs(batch))
 
     def normaliser(self, batch: Batch) -> int:
         return count_targets(batch["labels"])

@@ -1,4 +1,7 @@
-"""Loss masks: decode the labelled tokens and compare with the assistant texts, exactly.
+"""A record becomes token ids and labels (tokenize.py): decode the labelled tokens and compare with the
+assistant texts, exactly; per-message loss weights (LLaMA-Factory v1's `loss_weight`, axolotl's `weight`):
+an assistant turn with weight 0 is not trained, on the direct ChatML renderer and on the template path
+alike, and other weights are refused.
 
 Real chat-template layouts live in tests/data/templates/*.jinja (written for these tests, after each
 family's published template); each test tokenizer knows its family's special tokens.
@@ -13,17 +16,14 @@ import pytest
 from conftest import CHATML_TEMPLATE, CONVERSATIONS, build_tokenizer
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
 
-from sftlab.data.masking import (
-    IGNORE_INDEX,
-    TemplateError,
-    TokenizedExample,
-    appends_generation_prompt,
-    assistant_spans,
+from sftlab.data.rendering import appends_generation_prompt, assistant_spans, render
+from sftlab.data.tokenize import (
+    detect_chatml,
     labels_from_spans,
-    render,
     tokenize_conversation,
     tokenize_conversations,
 )
+from sftlab.data.types import IGNORE_INDEX, TemplateError, TokenizedExample
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -829,3 +829,40 @@ def test_templates_that_only_append_the_generation_prompt_are_told_from_their_sy
 )
 def test_appends_generation_prompt_is_conservative(tmpl, appended):
     assert appends_generation_prompt(tmpl) == appended
+
+
+# --- per-message loss weights ----------------------------------------------------------------------------
+
+CHAT = [
+    {"role": "user", "content": "Hello!"},
+    {"role": "assistant", "content": "Hi there."},
+    {"role": "user", "content": "Tell me a joke."},
+    {"role": "assistant", "content": "Why did the chicken cross?"},
+]
+
+
+def _targets(tok, messages, fast, loss_on="assistant"):
+    kwargs = dict(tok.special_tokens_map)
+    renderer = detect_chatml(CHATML_TEMPLATE, kwargs) if fast else None
+    ex = tokenize_conversations(
+        tok, [messages], loss_on, CHATML_TEMPLATE, [None], fast=renderer, verify=[True]
+    )[0]
+    return tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["template", "direct"])
+@pytest.mark.parametrize("key", ["loss_weight", "weight"])
+def test_an_assistant_turn_with_weight_zero_is_not_trained(fast, key):
+    tok = build_tokenizer()
+    weighted = [CHAT[0], {**CHAT[1], key: 0.0}, CHAT[2], {**CHAT[3], key: 1}]
+    assert _targets(tok, CHAT, fast) == "Hi there.<|im_end|>Why did the chicken cross?<|im_end|>"
+    assert _targets(tok, weighted, fast) == "Why did the chicken cross?<|im_end|>"
+    assert _targets(tok, [CHAT[0], CHAT[1], CHAT[2], {**CHAT[3], key: 0}], fast, "last_assistant") == ""
+
+
+def test_a_fractional_weight_is_refused():
+    tok = build_tokenizer()
+    with pytest.raises(TemplateError, match="loss weight must be 0 or 1"):
+        tokenize_conversations(
+            tok, [[CHAT[0], {**CHAT[1], "loss_weight": 0.5}]], "assistant", CHATML_TEMPLATE, [None]
+        )
