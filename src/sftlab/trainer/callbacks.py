@@ -27,9 +27,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from sftlab.config.schema import SFTConfig
 from sftlab.errors import SftlabError
 from sftlab.trainer import tracking
 from sftlab.trainer.report import write_report
+from sftlab.trainer.testing import env_callbacks
 
 HOOKS = ("on_train_begin", "on_step_end", "on_log", "on_evaluate", "on_save", "on_train_end")
 
@@ -124,3 +126,14 @@ class ReportCallback:
 
     def interrupted(self, status: str) -> None:
         self.path = write_report(self.out, status)
+
+
+def run_callbacks(cfg: SFTConfig, user: Iterable[Any], accelerator, out: Path) -> CallbackList:
+    """A run's callbacks: the user's, then the trackers and the report (main process only), then test
+    hooks (every rank; trainer/testing.py)."""
+    own = [
+        *user,
+        TrackerCallback(accelerator, cfg.train.report_to, out.name or "sftlab", cfg.model_dump(mode="json")),
+        ReportCallback(out),
+    ]
+    return CallbackList((own if accelerator.is_main_process else []) + env_callbacks())
