@@ -1,5 +1,6 @@
 """docs/python.md runs as written: every Python block in order, in one namespace, on the tiny model of
-conftest.py (its first block, which names the model and the run length, replaced)."""
+conftest.py (its first block, which names the model and the run length, replaced; that block as
+written runs offline: tests/e2e/test_default_model_api.py)."""
 
 from __future__ import annotations
 
@@ -25,17 +26,19 @@ def tiny_model_dir(tmp_path, tokenizer) -> Path:
 def test_python_md_examples_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the examples write runs/ where they run
     first, *rest = blocks()
-    assert 'MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"' in first and "QUICK = " in first
+    assert "MODEL = sftlab.default_model()" in first and "QUICK = " in first
     namespace: dict = {}
-    setup = first.replace('"HuggingFaceTB/SmolLM2-135M-Instruct"', repr(str(tiny_model_dir)))
+    setup = first.replace("sftlab.default_model()", repr(str(tiny_model_dir)))
     setup = setup.replace('"train.max_steps": 20', '"train.max_steps": 2, "train.mixed_precision": "no"')
     exec(compile(setup, f"{DOC}[0]", "exec"), namespace)
     for k, block in enumerate(rest, 1):
         exec(compile(block, f"{DOC}[{k}]", "exec"), namespace)
-    assert len(rest) == 6
+    assert len(rest) == 7
     printed = capsys.readouterr().out
     assert namespace["result"].stopped.startswith("StopWhenLow.on_step_end at step 1")
     assert namespace["resumed"].steps == 2 and namespace["resumed"].stopped is None
     assert (tmp_path / "runs" / "py" / "FINISHED").is_file()
     assert (tmp_path / "runs" / "py-continued" / "adapter_model.safetensors").is_file()
     assert "'eval/gsm_loss':" in printed and len(namespace["data"].train) == 16
+    assert namespace["trl_run"].stopped.startswith("StopAfter.on_step_end at step 1")
+    assert "learning_rate=0.0001 -> optim.lr" in printed

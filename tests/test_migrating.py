@@ -13,7 +13,8 @@ import yaml
 from sftlab.cli import main
 from sftlab.config import ConfigError, SFTConfig, load_config
 from sftlab.config.keys import config_keys, suggest_key
-from sftlab.migrate import convert_config
+from sftlab.migrate import TOOLS, convert_config
+from sftlab.migrate.readers import argparse_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "migrating.md"
@@ -22,7 +23,18 @@ SECTIONS = tuple(SFTConfig.model_fields)
 KEY = re.compile(r"`((?:%s)(?:\.[A-Za-z0-9_]+)*)`" % "|".join(SECTIONS))
 COMING: tuple[str, ...] = ()  # keys named in the guide before they exist (none now)
 # Fast-LLM's nested leaves that are too generic to mean one sftlab key on their own (`base`, `interval`, ...)
-GENERIC = {"base", "interval", "keep", "minimum", "iterations", "field", "validation", "training", "format"}
+GENERIC = {
+    "base",
+    "interval",
+    "keep",
+    "minimum",
+    "iterations",
+    "field",
+    "validation",
+    "training",
+    "format",
+    "enabled",
+}
 
 
 def rows() -> list[tuple[str, str, str]]:
@@ -133,12 +145,22 @@ def test_config_show_suggests_the_key(override, hint):
     assert hint in str(e.value)
 
 
-FILES = sorted((p.parent.name, p) for p in FIXTURES.glob("*/*.y*ml"))
+FILES = sorted(
+    (p.parent.name, p)
+    for p in FIXTURES.glob("*/*.y*ml")
+    if p.parent.name in ("trl", "axolotl", "llamafactory")
+)
+# the seeds' own example configs and launch scripts (tests/fixtures/configs/README.md)
+SEEDS = sorted(
+    [(p.parent.name, p) for tool in ("open-instruct", "fast-llm") for p in (FIXTURES / tool).iterdir()]
+    + [("halos", FIXTURES / "halos" / "sft_llama3.sh")]
+)
 
 
 def test_fixtures_are_a_sample_of_each_tool():
     assert {tool for tool, _ in FILES} == {"trl", "axolotl", "llamafactory"}
     assert all(sum(t == tool for t, _ in FILES) == 5 for tool in ("trl", "axolotl", "llamafactory"))
+    assert {tool for tool, _ in SEEDS} == {"open-instruct", "fast-llm", "halos"} and len(SEEDS) == 8
 
 
 @pytest.mark.parametrize("tool, path", FILES, ids=[p.name for _, p in FILES])
@@ -258,3 +280,147 @@ def test_bad_input_is_one_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         convert_config(tmp_path / "missing.yaml", "axolotl")
     assert main(["convert-config", str(tmp_path / "missing.yaml"), "--from", "trl"]) == 2
+
+
+@pytest.mark.parametrize("tool, path", SEEDS, ids=[p.name for _, p in SEEDS])
+def test_seed_configs_convert_with_every_key_accounted_for(tool, path, tmp_path, capsys):
+    """Each seed's own config: converted, loadable, and no key left as "no counterpart" (each one either
+    converts, or says why it is not needed or what to do instead)."""
+    assert main(["convert-config", str(path), "--from", tool]) == 0
+    text = capsys.readouterr().out
+    assert "no sftlab counterpart" not in text, text
+    raw = TOOLS[tool].read(path, [])
+    for line in (x for x in text.splitlines() if x.startswith(("# not converted", "# not needed"))):
+        key = line.split(": ", 1)[1].split("=", 1)[0]
+        assert key in raw or key.startswith(("datasets ", "peft ", "human_prefix", "data.datasets.")), line
+    cfg = load_config(_saved(tmp_path, text))
+    assert cfg.data.train and cfg.model.name_or_path or cfg.model.tokenizer
+
+
+def test_open_instruct_script_and_yaml():
+    """The Tulu 3 8B SFT command (docs/tulu3.md): shell variables substituted, accelerate's flags read."""
+    text = convert_config(FIXTURES / "open-instruct" / "tulu3_8b_sft.sh", "open-instruct")
+    cfg = yaml.safe_load(text)
+    assert cfg["data"]["train"] == [{"path": "allenai/tulu-3-sft-mixture", "split": "train"}]
+    assert cfg["optim"]["lr"] == 5e-6 and cfg["optim"]["max_grad_norm"] is None
+    assert cfg["train"]["micro_batch_size"] == 1 and cfg["train"]["grad_accum_steps"] == 2
+    assert cfg["train"]["seed"] == 123 and cfg["train"]["mixed_precision"] == "bf16"
+    assert cfg["checkpoint"] == {"every_epoch": True, "keep_last": 3}
+    assert (
+        cfg["model"]["attn_implementation"] == "flash_attention_2"
+        and cfg["data"]["on_overlength"] == "truncate"
+    )
+    assert "configs/accelerate/deepspeed_zero3.yaml" in text and "= 128 examples per optimizer step" in text
+    assert "reduce_loss=sum" in text
+    mix = yaml.safe_load(convert_config(FIXTURES / "open-instruct" / "default.yaml", "open-instruct"))
+    assert [(s["path"], s["weight"]) for s in mix["data"]["train"]] == [
+        ("allenai/tulu-v2-sft-mixture", 0.5),
+        ("HuggingFaceH4/no_robots", 0.8),
+    ]
+    one = convert_config(
+        FIXTURES / "open-instruct" / "olmo2_1124_7b_sft.yaml", "open-instruct", ["max_train_samples=500"]
+    )
+    assert yaml.safe_load(one)["data"]["train"][0]["weight"] == 500
+
+
+def test_open_instruct_flags_are_read_as_argparse_reads_them(tmp_path):
+    script = tmp_path / "run.sh"
+    script.write_text(
+        "LR=3e-5\npython open_instruct/finetune.py --model_name_or_path m --learning_rate $LR "
+        "--dataset_mixer_list a.jsonl 100 b.jsonl 1.0 --use_lora --lora_rank=8 --no_push_to_hub "
+        "--clip_grad_norm 1.0 --keep_last_n_checkpoints -1 2>&1 | tee log.txt\n"
+    )
+    cfg = yaml.safe_load(convert_config(script, "open-instruct"))
+    assert cfg["optim"]["lr"] == 3e-5 and cfg["optim"]["max_grad_norm"] == 1.0
+    assert cfg["data"]["train"] == [
+        {"path": "a.jsonl", "weight": 100, "split": "train"},
+        {"path": "b.jsonl", "split": "train"},
+    ]
+    assert cfg["peft"] == {"method": "lora", "r": 8} and cfg["train"]["push_to_hub"] is False
+    assert cfg["checkpoint"]["keep_last"] is None
+    assert argparse_flags(["--a", "1", "--b", "x", "y", "--flag", "--no_c", "--d=2"]) == {
+        "a": 1,
+        "b": ["x", "y"],
+        "flag": True,
+        "c": False,
+        "d": 2,
+    }
+
+
+def test_fast_llm_training_and_prepare_configs():
+    guide = yaml.safe_load(convert_config(FIXTURES / "fast-llm" / "sft_guide.yaml", "fast-llm"))
+    assert guide["train"]["max_steps"] == 100_000 and guide["train"]["micro_batch_size"] == 2
+    assert guide["optim"]["min_lr_ratio"] == 0.1 and guide["optim"]["betas"] == [0.9, 0.95]
+    assert guide["data"]["packing"] == "bfd" and guide["data"]["max_seq_length"] == 4096
+    assert guide["train"]["eval_every"] == 1000 and guide["train"]["eval_max_batches"] == 25
+    new = yaml.safe_load(convert_config(FIXTURES / "fast-llm" / "instruction_finetuning.yaml", "fast-llm"))
+    assert new["train"]["micro_batch_tokens"] == 4096 and new["train"]["eval_every"] == 100
+    assert new["model"]["attn_implementation"] == "flash_attention_2"
+    prep = yaml.safe_load(convert_config(FIXTURES / "fast-llm" / "prepare.yaml", "fast-llm"))
+    assert prep["data"]["train"] == [
+        {
+            "path": "./sft-tutorial/hf_dataset",
+            "format": "text",
+            "split": "train",
+            "columns": {"loss_masking_spans": "spans"},
+        }
+    ]
+    assert prep["data"]["eval_fraction"] == 0.002
+
+
+def test_halos_hydra_config_with_overrides(tmp_path):
+    config = FIXTURES / "halos" / "config" / "config.yaml"
+    text = convert_config(
+        config,
+        "halos",
+        [
+            "loss=sft",
+            "model=llama",
+            "datasets=[ultrachat]",
+            "exp_name=run1",
+            "++model.name_or_path=/models/base",
+            "++lr=1e-5",
+            "++model.batch_size=64",
+            "++model.gradient_accumulation_steps=4",
+            "++model.use_peft=true",
+        ],
+    )
+    cfg = yaml.safe_load(text)
+    assert cfg["model"] == {"name_or_path": "/models/base", "attn_implementation": "flash_attention_2"}
+    assert cfg["train"]["output_dir"] == ".cache//run1" and cfg["optim"]["lr"] == 1e-5
+    assert cfg["train"]["micro_batch_size"] == 16 and cfg["train"]["grad_accum_steps"] == 4
+    assert cfg["train"]["eval_every"] == 16  # eval_every: 1024 examples in steps of 64
+    assert cfg["optim"]["scheduler"] == "constant" and cfg["optim"]["max_grad_norm"] == 5.0
+    assert cfg["peft"] == {
+        "method": "lora",
+        "r": 64,
+        "alpha": 256.0,
+        "dropout": 0.05,
+        "target_modules": "all-linear",
+    }
+    assert "mean over each micro-batch's target tokens" in text
+    (tmp_path / "loss").mkdir()
+    (tmp_path / "loss" / "dpo.yaml").write_text(
+        "trainer: DPOTrainer\ndataloader: PairedPreferenceDataLoader\n"
+    )
+    (tmp_path / "model").mkdir()
+    for f in (FIXTURES / "halos" / "config" / "model").iterdir():
+        (tmp_path / "model" / f.name).write_text(f.read_text())
+    (tmp_path / "config.yaml").write_text(config.read_text())
+    with pytest.raises(ConfigError, match="sftlab trains SFT only"):
+        convert_config(
+            tmp_path / "config.yaml", "halos", ["loss=dpo", "model=llama", "datasets=[x]", "exp_name=y"]
+        )
+    with pytest.raises(ConfigError, match="HALOs needs loss=NAME"):
+        convert_config(config, "halos", ["model=llama", "datasets=[x]", "exp_name=y"])
+
+
+def test_trl_metric_for_best_model_is_kept(tmp_path):
+    path = tmp_path / "trl.yaml"
+    path.write_text("metric_for_best_model: eval_gsm_loss\nload_best_model_at_end: true\n")
+    cfg = yaml.safe_load(convert_config(path, "trl"))
+    assert (
+        cfg["train"]["metric_for_best"] == "eval/gsm_loss" and cfg["train"]["load_best_model_at_end"] is True
+    )
+    path.write_text("metric_for_best_model: accuracy\n")
+    assert "# not converted: metric_for_best_model=accuracy" in convert_config(path, "trl")

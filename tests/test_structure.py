@@ -19,6 +19,8 @@ LAYERS = {
     "model": 2,
     "trainer": 3,
     "api": 4,
+    "trl_forms": 4,
+    "trl_callbacks": 4,
     "cli": 5,
     "cli_checks": 5,
     "__init__": 5,

@@ -1,7 +1,7 @@
 """sftlab: supervised fine-tuning of causal language models.
 
 Python API (sftlab/api.py, docs/python.md): `sftlab.train`, `sftlab.prepare`, `sftlab.evaluate`,
-`sftlab.generate`, with `SFTConfig` (sftlab/config/) and `DatasetSource`; the command line is
+`sftlab.generate`, `sftlab.default_model`, with `SFTConfig` (sftlab/config/) and `DatasetSource`; the command line is
 `sftlab` (sftlab/cli.py), a thin layer over the same functions. Names are imported on first use, so
 `import sftlab` stays light.
 """
@@ -18,6 +18,7 @@ _LAZY = {
     "prepare": "sftlab.api",
     "evaluate": "sftlab.api",
     "generate": "sftlab.api",
+    "default_model": "sftlab.api",
     "SFTConfig": "sftlab.config.schema",
     "load_config": "sftlab.config.loading",
     "ConfigError": "sftlab.config.schema",

@@ -8,7 +8,7 @@
     sftlab export RUN_DIR --merge --out DIR           merge a LoRA adapter into a plain model
     sftlab push RUN_DIR --repo-id ID [--private]      upload a finished run to the Hub (trainer/hub.py)
     sftlab config show|reference [CONFIG.yaml] [overrides ...]   resolved config / every key documented
-    sftlab convert-config FILE --from trl|axolotl|llamafactory   another tool's config as sftlab YAML
+    sftlab convert-config FILE --from TOOL [KEY=VALUE ...]      another tool's config as sftlab YAML
     sftlab generate MODEL --prompt "..." [--tools F]  one reply (greedy; --temperature/--top-p sample; --image P)
     sftlab chat MODEL [--tools FILE]                  interactive chat (piped stdin: one reply per line)
 
@@ -293,10 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     _eval_parser(sub)
     cc = sub.add_parser(
-        "convert-config", help="a TRL, axolotl or LLaMA-Factory config as sftlab YAML (docs/migrating.md)"
+        "convert-config",
+        help="a TRL, axolotl, LLaMA-Factory, open-instruct, Fast-LLM or HALOs config as sftlab YAML "
+        "(docs/migrating.md)",
     )
-    cc.add_argument("file")
-    cc.add_argument("--from", dest="tool", required=True, choices=TOOLS)
+    cc.add_argument("file", help="the tool's YAML/JSON config, or (open-instruct, HALOs) its launch script")
+    cc.add_argument("--from", dest="tool", required=True, choices=list(TOOLS))
+    cc.add_argument(
+        "args",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="the tool's key=value overrides (Hydra's ++key=value, model=llama, ...)",
+    )
     cc.set_defaults(func=print_converted)
 
     r = sub.add_parser("report", help="regenerate a run's report.md + loss.png")

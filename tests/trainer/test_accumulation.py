@@ -10,7 +10,16 @@ from conftest import build_model
 from sftlab.data.collate import pad_collate
 from sftlab.data.types import IGNORE_INDEX, TokenizedExample
 from sftlab.model.loss import summed_nll
-from sftlab.trainer.loop import train_step
+from sftlab.trainer.distributed import Engine
+from sftlab.trainer.loop import step_normaliser, train_step
+from sftlab.trainer.objective import SFTObjective
+
+
+def one_step(model, batches, accelerator, loss_fn=None) -> tuple[float, int]:
+    """The loop's step: (loss sum over all ranks, the step's normaliser), the gradients left on the model."""
+    objective = SFTObjective(loss_fn)
+    targets = step_normaliser(objective, batches, accelerator)
+    return train_step(model, objective, Engine.of(accelerator), batches, targets), targets
 
 
 def make_examples(vocab: int, n: int = 8) -> list[TokenizedExample]:
@@ -29,7 +38,7 @@ def grads_after_step(examples, micro: int) -> tuple[dict[str, torch.Tensor], flo
     model = build_model(vocab_size=64, seed=3)
     acc = Accelerator(cpu=True)
     batches = [pad_collate(examples[i : i + micro], pad_id=2) for i in range(0, len(examples), micro)]
-    nll, targets = train_step(model, batches, acc)
+    nll, targets = one_step(model, batches, acc)
     return {n: p.grad.clone() for n, p in model.named_parameters()}, nll / targets
 
 
@@ -94,7 +103,7 @@ def test_token_budget_micro_batches_give_the_same_gradient(budget):
     assert all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= budget for g in groups)
     model = build_model(vocab_size=64, seed=3)
     batches = [pad_collate([examples[i] for i in g], pad_id=2) for g in groups]
-    nll, targets = train_step(model, batches, Accelerator(cpu=True), TargetLossHead.for_model(model, 5))
+    nll, targets = one_step(model, batches, Accelerator(cpu=True), TargetLossHead.for_model(model, 5))
     assert nll / targets == pytest.approx(ref_loss, rel=1e-6)
     for name, p in model.named_parameters():
         rel = (p.grad - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)

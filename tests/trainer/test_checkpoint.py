@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from sftlab.config import SFTConfig
-from sftlab.trainer import setup as setup_mod
+from sftlab.trainer import run_model as run_model_mod
 from sftlab.trainer.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 from sftlab.trainer.inference import load_model_dir
 from sftlab.trainer.loop import RunError, run_training
@@ -152,7 +152,7 @@ def test_sigterm_checkpoints_and_exits_143(tiny_model_dir, chat_file, tmp_path):
 
 def _nan_on_call(n: int, monkeypatch):
     """The run's micro-batch loss turns NaN on its n-th call."""
-    real_build = setup_mod.build_loss_fn
+    real_build = run_model_mod.build_loss_fn
     calls = {"n": 0}
 
     def build(*args, **kwargs):
@@ -165,7 +165,7 @@ def _nan_on_call(n: int, monkeypatch):
 
         return fake
 
-    monkeypatch.setattr(setup_mod, "build_loss_fn", build)
+    monkeypatch.setattr(run_model_mod, "build_loss_fn", build)
 
 
 def test_nan_stop_keeps_last_good_checkpoint(tiny_model_dir, chat_file, tmp_path, monkeypatch):
@@ -395,8 +395,8 @@ def test_load_best_model_at_end_saves_the_best_evaluated_step(
     real, scripted = loop.run_evaluation, [4.0, 2.0, 1.0, 3.0, 5.0]
     reported = itertools.cycle(scripted)  # one evaluation per step, the same script in each run
 
-    def v_shaped(run):
-        return {**real(run), "eval_loss": next(reported)}
+    def v_shaped(*args):
+        return {**real(*args), "eval_loss": next(reported)}
 
     monkeypatch.setattr(loop, "run_evaluation", v_shaped)
 

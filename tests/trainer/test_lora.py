@@ -96,9 +96,9 @@ def test_base_weights_are_bitwise_untouched_in_training(
     seen = {}
     real = outputs.save_adapter_run
 
-    def spy(run, model, gathered=None):
+    def spy(model, *args, **kwargs):
         seen["model"] = model
-        return real(run, model, gathered)
+        return real(model, *args, **kwargs)
 
     monkeypatch.setattr(outputs, "save_adapter_run", spy)
     run_training(

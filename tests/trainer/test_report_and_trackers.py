@@ -12,6 +12,7 @@ from test_loop import make_cfg
 from sftlab.cli import main as cli_main
 from sftlab.trainer.loop import RunError, run_training
 from sftlab.trainer.report import write_report
+from sftlab.trainer.tracking import names_of
 
 
 def test_report_md_and_plot_after_a_run_and_regenerated(tiny_model_dir, chat_file, tmp_path):
@@ -93,6 +94,36 @@ def test_trackers_write_offline_and_read_back(tiny_model_dir, chat_file, tmp_pat
     )  # offline: no key configured
     raw = open(run_file, "rb").read()
     assert b"eval_loss" in raw and b"tokens_per_s" in raw and b"optim.lr" in raw
+
+
+def test_tracker_project_run_name_and_entity(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    """train.project / run_name / entity reach the trackers; WANDB_PROJECT is honoured when project is unset."""
+    from accelerate import Accelerator
+
+    calls, original = [], Accelerator.init_trackers
+    monkeypatch.setattr(
+        Accelerator, "init_trackers", lambda self, *a, **k: calls.append((a, k)) or original(self, *a, **k)
+    )
+    out = tmp_path / "run"
+    cfg = make_cfg(
+        tiny_model_dir, chat_file, out, report_to=["tensorboard"], project="sweep", run_name="lr3e-3"
+    )
+    run_training(cfg)
+    assert list((out / "tensorboard" / "sweep").glob("events.out.tfevents.*"))
+    ((args, kwargs),) = calls
+    assert (
+        args == ("sweep",) and kwargs["init_kwargs"] == {} and kwargs["config"]["train.run_name"] == "lr3e-3"
+    )
+    # wandb and trackio keep their settings per process (tests/trainer/test_report_and_trackers.py runs them
+    # once, above): what they are handed is checked here
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    assert names_of(["wandb"], "run", {}) == ("from-env", {"wandb": {"name": "run"}})
+    assert names_of(["wandb", "trackio"], "run", {"project": "p", "run_name": "a", "entity": "team"}) == (
+        "p",
+        {"wandb": {"name": "a", "entity": "team"}, "trackio": {"name": "a"}},
+    )
+    assert names_of(["tensorboard"], "run", {})[0] == "run"  # WANDB_PROJECT is wandb's, not tensorboard's
 
 
 def test_a_missing_tracker_package_is_a_clear_error(tiny_model_dir, chat_file, tmp_path, monkeypatch):

@@ -12,8 +12,8 @@ import yaml
 
 from sftlab.cli import main
 from sftlab.config import SFTConfig
+from sftlab.trainer import callbacks as callbacks_mod
 from sftlab.trainer import loop as loop_mod
-from sftlab.trainer import setup as setup_mod
 from sftlab.trainer.checkpoint import complete_checkpoints
 from sftlab.trainer.loop import RunError, run_training
 from sftlab.trainer.rundir import FINISHED, kind_of
@@ -36,10 +36,10 @@ def train(t: dict):
 def no_data_phase(monkeypatch):
     """Fail the test if the run gets as far as reading data."""
 
-    def boom(run):
+    def boom(*args, **kwargs):
         raise AssertionError("the data phase ran")
 
-    monkeypatch.setattr(loop_mod, "setup_data", boom)
+    monkeypatch.setattr(loop_mod, "prepare_run_data", boom)
 
 
 def test_finished_run_is_marked_refused_and_replaced_with_overwrite(
@@ -146,7 +146,7 @@ def test_interrupt_is_acknowledged_at_once_checkpoints_and_prints_the_resume_com
                     capsys.readouterr().err
                 )  # the handler has run: what it printed, before anything else
 
-    monkeypatch.setattr(setup_mod, "env_callbacks", lambda: [InterruptAtStep1()])
+    monkeypatch.setattr(callbacks_mod, "env_callbacks", lambda: [InterruptAtStep1()])
     assert main(["train", str(cfg), "optim.lr=1e-3", "train.resume=null"]) == 130
     assert (
         "SIGINT: stopping after this optimizer step and saving a checkpoint; press Ctrl-C again to exit "

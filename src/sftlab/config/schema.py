@@ -275,9 +275,17 @@ class DataConfig(_Strict):
         "none",
         description=(
             "none: one example per row; bfd: whole documents packed best-fit-decreasing into rows of max_seq_length; "
-            "wrapped: concatenated and cut (documents may split). Packed documents never attend to each other"
+            "wrapped: concatenated and cut (documents may split). Packed documents never attend to each other; "
+            "true (TRL's packing=True) is bfd, false is none"
         ),
     )
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _bool_packing(cls, packing: Any) -> Any:
+        """TRL's `packing: true` (and a Python True) packs whole documents: bfd; false is none."""
+        return {True: "bfd", False: "none"}.get(packing, packing) if isinstance(packing, bool) else packing
+
     eval_packing: bool = Field(
         False,
         description=(
@@ -501,6 +509,19 @@ class TrainConfig(_Strict):
             "experiment trackers besides metrics.jsonl (offline: tensorboard event files, wandb offline mode without "
             "an API key, trackio local)"
         ),
+    )
+    run_name: str | None = Field(
+        None, description="the run's name in the trackers (wandb, trackio); null: the output directory's name"
+    )
+    project: str | None = Field(
+        None,
+        description=(
+            "the trackers' project (tensorboard: the subdirectory of output_dir/tensorboard/); null: WANDB_PROJECT "
+            "for wandb when set, else the output directory's name"
+        ),
+    )
+    entity: str | None = Field(
+        None, description="the wandb entity (team or user); null: WANDB_ENTITY, else yours"
     )
     push_to_hub: bool = Field(
         False,

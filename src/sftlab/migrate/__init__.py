@@ -1,9 +1,16 @@
-"""`sftlab convert-config`: turn a TRL (SFTConfig/TrainingArguments/ModelConfig, as `trl sft --config`
-reads), axolotl or LLaMA-Factory training config into an sftlab config, printed as YAML that
-`sftlab config show` accepts, with a comment on every key that has no counterpart (docs/migrating.md)."""
+"""`sftlab convert-config`: turn another tool's training config into an sftlab config, printed as YAML that
+`sftlab config show` accepts, with a comment on every key that has no counterpart (docs/migrating.md).
+
+Each tool is one `Tool` entry in `TOOLS`: how its file is read (migrate/readers.py), its datasets, its value
+converters (migrate/values.py), its defaults. TRL (SFTConfig/TrainingArguments/ModelConfig, as `trl sft
+--config` reads), axolotl and LLaMA-Factory are here; open-instruct, Fast-LLM and HALOs have a module each.
+`convert_tree` is the conversion of a mapping; the Python API converts a TRL `SFTConfig` or transformers
+`TrainingArguments` object (`sftlab.train(args=...)`, trl_forms.py) through it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +19,11 @@ import yaml
 from sftlab.config.aliases import RENAMES
 from sftlab.config.loading import resolve_config
 from sftlab.config.schema import ConfigError
+from sftlab.migrate import fast_llm, halos, open_instruct
 from sftlab.migrate import values as v
 from sftlab.migrate.datasets import axolotl_datasets, lf_datasets, trl_datasets
+from sftlab.migrate.readers import hydra_override, read_mapping
 
-TOOLS = ("trl", "axolotl", "llamafactory")
 # keys that need no counterpart, with the reason
 NOT_NEEDED = {
     "do_train": "sftlab always trains",
@@ -61,7 +69,6 @@ NOT_SUPPORTED = {  # keys with no counterpart, with what to do instead
     "loss_watchdog_threshold": "train.on_nan stops on non-finite losses only",
     "loss_watchdog_patience": "train.on_nan stops on non-finite losses only",
     "group_by_length": "train.micro_batch_tokens batches length-grouped by a token budget",
-    "run_name": "the run is named by train.output_dir",
     "dataset_prepared_path": "data.cache_dir holds the tokenized data",
 }
 
@@ -92,6 +99,8 @@ HF = {  # TRL (SFTConfig, TrainingArguments, ModelConfig) and LLaMA-Factory shar
     "completion_only_loss": v.loss,
     "assistant_only_loss": v.loss,
     "packing": v.packing,
+    "metric_for_best_model": v.best_metric,
+    "greater_is_better": lambda c, key, value, raw: None,  # read by best_metric
     "chat_template": v.chat_template,
     "chat_template_path": v.chat_template,
     "lora_r": v.peft_value,
@@ -144,97 +153,164 @@ AXOLOTL = {
     "chat_template": v.chat_template,
     "chat_template_jinja": v.chat_template,
     "wandb_project": v.wandb,
+    "wandb_entity": v.wandb,
+    "wandb_name": v.wandb,
     "excess_length_strategy": v.overlength,
     **{k: v.peft_value for k in v.PEFT_SAME},
 }
-HANDLERS = {"trl": HF, "llamafactory": LLAMAFACTORY, "axolotl": AXOLOTL}
-DATASETS = {"trl": trl_datasets, "axolotl": axolotl_datasets, "llamafactory": lf_datasets}
 # read by the dataset and value converters, so no comment of their own
-CONSUMED = {
-    "trl": {
-        "dataset_name",
-        "dataset_config",
-        "dataset_configs",
-        "dataset_train_split",
-        "dataset_test_split",
-        "dataset_mixer",
-        "dataset_splits",
-        "dataset_mixture",
-        "dataset_text_field",
-        "packing_strategy",
-        "lr_scheduler_kwargs",
-        "eval_steps",
-    },
-    "axolotl": {"datasets", "test_datasets"},
-    "llamafactory": {"dataset", "eval_dataset", "dataset_dir", "eval_steps", "lr_scheduler_kwargs"},
+CONSUMED_TRL = {
+    "dataset_name",
+    "dataset_config",
+    "dataset_configs",
+    "dataset_train_split",
+    "dataset_test_split",
+    "dataset_mixer",
+    "dataset_splits",
+    "dataset_mixture",
+    "dataset_text_field",
+    "packing_strategy",
+    "lr_scheduler_kwargs",
+    "eval_steps",
 }
+CONSUMED_LLAMAFACTORY = {"dataset", "eval_dataset", "dataset_dir", "eval_steps", "lr_scheduler_kwargs"}
 # the tool's own defaults where they differ from sftlab's and change results, written out when the file omits them
-DEFAULTS = {
-    "trl": {
-        "train.num_epochs": 3.0,
-        "optim.warmup_ratio": 0.0,
-        "data.max_seq_length": 1024,
-        "data.on_overlength": "truncate",
-    },
-    "llamafactory": {
-        "train.num_epochs": 3.0,
-        "optim.lr": 5e-5,
-        "optim.warmup_ratio": 0.0,
-        "data.max_seq_length": 2048,
-        "data.on_overlength": "truncate",
-    },
-    "axolotl": {"optim.warmup_ratio": 0.0, "train.micro_batch_size": 1},
+TRL_DEFAULTS = {
+    "train.num_epochs": 3.0,
+    "optim.warmup_ratio": 0.0,
+    "data.max_seq_length": 1024,
+    "data.on_overlength": "truncate",
+}
+LLAMAFACTORY_DEFAULTS = {
+    "train.num_epochs": 3.0,
+    "optim.lr": 5e-5,
+    "optim.warmup_ratio": 0.0,
+    "data.max_seq_length": 2048,
+    "data.on_overlength": "truncate",
 }
 TRL_LOSS_NOTE = (
     "# note: TRL trains conversational rows on every token unless assistant_only_loss: true (prompt-completion "
     "rows on the completion); sftlab's default data.loss_on: assistant trains assistant turns only "
     "(data.loss_on: all reproduces TRL on messages rows)"
 )
+Handler = Callable[[v.Conversion, str, Any, dict], Any]
 
 
-def read_foreign(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON config file as a mapping."""
-    try:
-        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is neither YAML nor JSON: {e}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of option names at the top level")
-    return tree
+def _trl_notes(c: v.Conversion, raw: dict[str, Any]) -> None:
+    if not {"assistant_only_loss", "completion_only_loss"} & set(raw):
+        c.notes.append(TRL_LOSS_NOTE)
 
 
-def _convert_keys(c: v.Conversion, raw: dict[str, Any]) -> None:
-    """Each key: a value conversion of the tool's (HANDLERS), else a plain rename (config/aliases.py: RENAMES),
+def _yaml(path: Path, overrides: list[str]) -> dict[str, Any]:
+    """A YAML/JSON config; `key=value` overrides (Hydra's `++key=value` too) applied to it."""
+    raw = read_mapping(path)
+    for override in overrides:
+        hydra_override(raw, override)
+    return raw
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One tool `convert-config --from` reads: how its file is read (as a mapping of option names), its
+    datasets, its value converters, the names it reads elsewhere, its defaults and its own no-counterparts."""
+
+    read: Callable[[Path, list[str]], dict[str, Any]]
+    datasets: Callable[[v.Conversion, dict[str, Any]], None]
+    handlers: dict[str, Handler]
+    consumed: set[str] = field(default_factory=set)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    not_needed: dict[str, str] = field(default_factory=dict)
+    not_supported: dict[str, str] = field(default_factory=dict)
+    not_needed_prefixes: dict[str, str] = field(default_factory=dict)
+    finish: Callable[[v.Conversion, dict[str, Any]], None] | None = None
+    renames: bool = True  # transformers' names (config/aliases.py: RENAMES) carry over
+
+
+TOOLS: dict[str, Tool] = {
+    "trl": Tool(_yaml, trl_datasets, HF, CONSUMED_TRL, TRL_DEFAULTS, finish=_trl_notes),
+    "axolotl": Tool(
+        _yaml,
+        axolotl_datasets,
+        AXOLOTL,
+        {"datasets", "test_datasets"},
+        {"optim.warmup_ratio": 0.0, "train.micro_batch_size": 1},
+    ),
+    "llamafactory": Tool(_yaml, lf_datasets, LLAMAFACTORY, CONSUMED_LLAMAFACTORY, LLAMAFACTORY_DEFAULTS),
+    "open-instruct": Tool(
+        open_instruct.read,
+        open_instruct.datasets,
+        open_instruct.HANDLERS,
+        open_instruct.CONSUMED,
+        open_instruct.DEFAULTS,
+        open_instruct.NOT_NEEDED,
+        open_instruct.NOT_SUPPORTED,
+        finish=open_instruct.finish,
+    ),
+    "fast-llm": Tool(
+        fast_llm.read,
+        fast_llm.datasets,
+        fast_llm.HANDLERS,
+        fast_llm.CONSUMED,
+        fast_llm.DEFAULTS,
+        fast_llm.NOT_NEEDED,
+        renames=False,
+    ),
+    "halos": Tool(
+        halos.read,
+        halos.datasets,
+        halos.HANDLERS,
+        halos.CONSUMED,
+        halos.DEFAULTS,
+        halos.NOT_NEEDED,
+        halos.NOT_SUPPORTED,
+        halos.PREFIXES_NOT_NEEDED,
+        finish=halos.finish,
+        renames=False,
+    ),
+}
+
+
+def _no_counterpart(tool: Tool, c: v.Conversion, key: str, value: Any) -> None:
+    """The comment for a key that converts to nothing: not needed (why), not supported (what instead)."""
+    prefix = next((p for p in tool.not_needed_prefixes if key.startswith(p)), None)
+    if key in tool.not_needed or key in NOT_NEEDED or prefix:
+        why = tool.not_needed.get(key) or NOT_NEEDED.get(key) or tool.not_needed_prefixes[prefix]
+        c.skip(key, value, why, kind="not needed")
+    elif key in tool.not_supported or key in NOT_SUPPORTED:
+        c.skip(key, value, tool.not_supported.get(key) or NOT_SUPPORTED[key])
+    else:
+        c.skip(key, value, "no sftlab counterpart; docs/migrating.md")
+
+
+def _convert_keys(tool: Tool, c: v.Conversion, raw: dict[str, Any]) -> None:
+    """Each key: a value conversion of the tool's (handlers), else a plain rename (config/aliases.py: RENAMES),
     else a comment saying why it has no counterpart."""
-    handlers, consumed = HANDLERS[c.tool], CONSUMED[c.tool]
     for key, value in raw.items():
-        if value is None or key in consumed:
+        if value is None or key in tool.consumed:
             continue
-        if key in handlers:
-            handlers[key](c, key, value, raw)
-        elif key in RENAMES:
+        c.current = key
+        if key in tool.handlers:
+            tool.handlers[key](c, key, value, raw)
+        elif tool.renames and key in RENAMES:
             c.set(RENAMES[key], v.number(value))
-        elif key in NOT_NEEDED:
-            c.skip(key, value, NOT_NEEDED[key], kind="not needed")
-        elif key in NOT_SUPPORTED:
-            c.skip(key, value, NOT_SUPPORTED[key])
         else:
-            c.skip(key, value, "no sftlab counterpart; docs/migrating.md")
+            _no_counterpart(tool, c, key, value)
+    c.current = None
 
 
-def _finish(c: v.Conversion) -> None:
+def _finish(tool: Tool, c: v.Conversion, placeholder: bool = True) -> None:
     if c.peft_on:
         c.tree["peft"] = c.peft
     else:
         for key, value in c.peft.items():
             c.skip(f"peft {key}", value, "LoRA is off in this file")
-    for key, value in DEFAULTS[c.tool].items():
+        c.mapped = {k: [t for t in keys if not t.startswith("peft.")] for k, keys in c.mapped.items()}
+    for key, value in tool.defaults.items():
         if key not in c.seen:
             c.set(key, value)
-            c.notes.append(f"# note: {key}: {value} is {c.tool}'s default (sftlab's differs)")
-    if not c.sources:
+            shown = "null" if value is None else value
+            c.notes.append(f"# note: {key}: {shown} is {c.tool}'s default (sftlab's differs)")
+    if not c.sources and placeholder:
         c.sources.append({"path": "data/train.jsonl"})
         c.notes.append("# note: the file names no training data: data.train.0.path is a placeholder")
     c.tree.setdefault("data", {})["train"] = [
@@ -246,18 +322,28 @@ def _finish(c: v.Conversion) -> None:
         ]
 
 
-def convert_config(path: str | Path, tool: str) -> str:
-    """The sftlab YAML for another tool's config file: comments first (notes, keys not converted), then
-    the keys that carry over, validated as sftlab loads them."""
+def convert_tree(raw: dict[str, Any], tool: str, base: Path, placeholder: bool = True) -> v.Conversion:
+    """Another tool's options (a mapping) converted: `c.tree` the sftlab config tree, `c.mapped` which sftlab
+    keys each option set, `c.notes` and `c.skipped` the comments. `base`: where relative paths are looked
+    up; `placeholder`: name a placeholder training file when the options name no data (a config file; the
+    Python API passes its datasets)."""
+    spec = TOOLS[tool]
+    c = v.Conversion(tool, base)
+    spec.datasets(c, raw)
+    _convert_keys(spec, c, raw)
+    if spec.finish is not None:
+        spec.finish(c, raw)
+    _finish(spec, c, placeholder)
+    return c
+
+
+def convert_config(path: str | Path, tool: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The sftlab YAML for another tool's config file (with the tool's command-line overrides): comments
+    first (notes, keys not converted), then the keys that carry over, validated as sftlab loads them."""
     if tool not in TOOLS:
         raise ConfigError(f"--from {tool}: expected one of {', '.join(TOOLS)}")
-    raw = read_foreign(path)
-    c = v.Conversion(tool, Path(path).resolve().parent)
-    DATASETS[tool](c, raw)
-    _convert_keys(c, raw)
-    if tool == "trl" and not {"assistant_only_loss", "completion_only_loss"} & set(raw):
-        c.notes.append(TRL_LOSS_NOTE)
-    _finish(c)
+    raw = TOOLS[tool].read(Path(path), list(overrides))
+    c = convert_tree(raw, tool, Path(path).resolve().parent)
     cfg = resolve_config(c.tree)
     body = yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)
     head = [f"# sftlab config converted from {Path(path).name} (--from {tool}) by `sftlab convert-config`"]
@@ -265,6 +351,6 @@ def convert_config(path: str | Path, tool: str) -> str:
 
 
 def print_converted(ns: Any) -> int:
-    """`sftlab convert-config FILE --from TOOL`: print the converted config."""
-    print(convert_config(ns.file, ns.tool), end="")
+    """`sftlab convert-config FILE --from TOOL [OVERRIDE ...]`: print the converted config."""
+    print(convert_config(ns.file, ns.tool, getattr(ns, "args", None) or ()), end="")
     return 0

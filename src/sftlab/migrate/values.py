@@ -34,10 +34,21 @@ class Conversion:
         self.notes: list[str] = []
         self.skipped: list[str] = []
         self.seen: set[str] = set()
+        self.current: str | None = None  # the foreign key being converted
+        self.mapped: dict[str, list[str]] = {}  # foreign key -> the sftlab keys it set
 
     def set(self, key: str, value: Any) -> None:
         set_dotted(self.tree, key, value)
         self.seen.add(key)
+        self._record(key)
+
+    def set_peft(self, name: str, value: Any) -> None:
+        self.peft[name] = value
+        self._record(f"peft.{name}")
+
+    def _record(self, key: str) -> None:
+        if self.current is not None and key not in self.mapped.setdefault(self.current, []):
+            self.mapped[self.current].append(key)
 
     def skip(self, key: str, value: Any, why: str, kind: str = "not converted") -> None:
         self.skipped.append(f"# {kind}: {key}={short(value)} ({why})")
@@ -188,25 +199,26 @@ def peft_value(c: Conversion, key: str, value: Any, raw: dict) -> None:
         value = "all-linear" if value == "all" else [m.strip() for m in value.split(",")]
     if key == "lora_target_linear":
         if value is True:
-            c.peft["target_modules"] = "all-linear"
+            c.set_peft("target_modules", "all-linear")
         return None
     if key == "lora_target_modules" and raw.get("lora_target_linear") is True:
         return c.skip(
             key, value, "lora_target_linear: true takes every linear layer (all-linear)", kind="not needed"
         )
-    c.peft[
+    c.set_peft(
         {"lora_target": "target_modules", "additional_target": "modules_to_save"}.get(
             key, PEFT_SAME.get(key, key)
-        )
-    ] = value
+        ),
+        value,
+    )
 
 
 def peft_on(c: Conversion, key: str, value: Any, raw: dict) -> None:
     if value in (True, "lora", "qlora") or (key == "use_dora" and value):
         c.peft_on = True
-        c.peft.setdefault("method", "lora")
+        c.set_peft("method", c.peft.get("method", "lora"))
     if value is True and key in ("use_dora", "peft_use_dora"):
-        c.peft["method"] = "dora"
+        c.set_peft("method", "dora")
     if value in ("full", "freeze", "oft"):
         if value != "full":
             c.skip(key, value, "sftlab trains all weights or LoRA/DoRA adapters")
@@ -219,7 +231,7 @@ def quantize(c: Conversion, key: str, value: Any, raw: dict) -> None:
     if key in ("load_in_4bit", "load_in_8bit") and value is not True:
         return None
     if bits in (4, 8):
-        c.peft["quantize"] = "nf4" if bits == 4 else "int8"
+        c.set_peft("quantize", "nf4" if bits == 4 else "int8")
     else:
         c.skip(key, value, "peft.quantize: nf4 (4 bits) or int8")
 
@@ -278,8 +290,11 @@ def saves_per_epoch(c: Conversion, key: str, value: Any, raw: dict) -> None:
 
 
 def wandb(c: Conversion, key: str, value: Any, raw: dict) -> None:
-    c.set("train.report_to", ["wandb"])
-    c.notes.append(f"# note: wandb project {value!r}: set WANDB_PROJECT={value} in the environment")
+    """axolotl's wandb_project / wandb_entity / wandb_name (a project turns wandb on)."""
+    target = {"wandb_project": "train.project", "wandb_entity": "train.entity"}.get(key, "train.run_name")
+    c.set(target, str(value))
+    if key == "wandb_project":
+        c.set("train.report_to", ["wandb"])
 
 
 def overlength(c: Conversion, key: str, value: Any, raw: dict) -> None:
@@ -287,3 +302,18 @@ def overlength(c: Conversion, key: str, value: Any, raw: dict) -> None:
         c.set("data.on_overlength", value)
     else:
         c.skip(key, value, "data.on_overlength: drop, truncate, error")
+
+
+def best_metric(c: Conversion, key: str, value: Any, raw: dict) -> None:
+    """transformers' metric_for_best_model (`loss`, `eval_loss`, `eval_<name>_loss`) -> train.metric_for_best."""
+    name = str(value).removeprefix("eval_")
+    if name == "loss":
+        c.set("train.metric_for_best", "eval_loss")
+    elif name.endswith("_loss"):
+        c.set("train.metric_for_best", f"eval/{name}")
+    else:
+        return c.skip(
+            key, value, "train.metric_for_best picks the lowest eval loss (eval_loss or eval/<name>_loss)"
+        )
+    if raw.get("greater_is_better") is True:
+        c.skip("greater_is_better", True, "the best step is the one with the lowest loss")

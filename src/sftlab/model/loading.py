@@ -106,11 +106,29 @@ def convert_gguf(gguf_path: Path) -> Path:
     return target
 
 
+def default_model_dir() -> str:
+    """The directory of the default model (`model.name_or_path: default`, `sftlab.default_model()`): the
+    embedded GGUF converted once into the cache."""
+    return str(convert_gguf(default_gguf_path()))
+
+
+def is_default_model_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is the default model's converted directory (its `.complete` names the embedded GGUF),
+    so that a run from it records `default`, which resolves on any machine."""
+    marker = Path(path).expanduser() / ".complete"
+    if not marker.is_file():
+        return False
+    try:
+        return Path(marker.read_text(encoding="utf-8").strip()) == default_gguf_path().resolve()
+    except (ModelLoadError, OSError):
+        return False
+
+
 def resolve_model_path(cfg: ModelConfig) -> str:
     """Map the configured model to something `from_pretrained` can load without gguf_file."""
     name = cfg.name_or_path
     if name == "default":
-        return str(convert_gguf(default_gguf_path()))
+        return default_model_dir()
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

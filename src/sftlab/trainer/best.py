@@ -13,22 +13,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from sftlab.config.schema import TrainConfig
 from sftlab.trainer.checkpoint import checkpoint_root
+from sftlab.trainer.components import Components
+from sftlab.trainer.data import RunData
+from sftlab.trainer.resolved import Resolved
 from sftlab.trainer.resume import trainable_only_checkpoints
 from sftlab.trainer.rundir import RunError
 
 
-def check_metric(run: Any) -> None:
+def check_metric(train: TrainConfig, data: RunData) -> None:
     """Before training: the setting needs eval data, and the metric must be one the run will log."""
-    cfg = run.cfg.train
-    if not cfg.load_best_model_at_end:
+    if not train.load_best_model_at_end:
         return
-    if not len(run.data.eval):
+    if not len(data.eval):
         raise RunError("train.load_best_model_at_end needs eval data (data.eval or data.eval_fraction)")
-    known = ["eval_loss", *(f"eval/{name}_loss" for name in run.data.eval_sets)]
-    if cfg.metric_for_best not in known:
+    known = ["eval_loss", *(f"eval/{name}_loss" for name in data.eval_sets)]
+    if train.metric_for_best not in known:
         raise RunError(
-            f"train.metric_for_best: {cfg.metric_for_best!r} is not logged by this run; "
+            f"train.metric_for_best: {train.metric_for_best!r} is not logged by this run; "
             f"it logs {', '.join(known)}"
         )
 
@@ -42,40 +45,34 @@ def best_step(history: list[dict[str, Any]], metric: str) -> tuple[int, float] |
     return step, value
 
 
-def due(run: Any, record: dict[str, Any]) -> bool:
+def due(train: TrainConfig, record: dict[str, Any], total_steps: int) -> bool:
     """A checkpoint is due at every evaluation before the last step (the last step's model is saved anyway)."""
-    cfg = run.cfg.train
-    return (
-        cfg.load_best_model_at_end
-        and cfg.metric_for_best in record
-        and record["step"] < run.resolved.total_steps
-    )
+    return train.load_best_model_at_end and train.metric_for_best in record and record["step"] < total_steps
 
 
-def protected(run: Any) -> str | None:
+def protected(train: TrainConfig, history: list[dict[str, Any]]) -> str | None:
     """The checkpoint directory name rotation must keep: the best step's."""
-    if not run.cfg.train.load_best_model_at_end:
+    if not train.load_best_model_at_end:
         return None
-    best = best_step(run.result.history, run.cfg.train.metric_for_best)
+    best = best_step(history, train.metric_for_best)
     return f"step-{best[0]:08d}" if best else None
 
 
-def restore_best(run: Any) -> None:
+def restore_best(resolved: Resolved, parts: Components) -> None:
     """At the end of a finished run: the best step's weights back in the model (from its checkpoint)."""
-    cfg = run.cfg.train
-    best = best_step(run.result.history, cfg.metric_for_best) if cfg.load_best_model_at_end else None
-    if best is None or best[0] == run.resolved.total_steps:
+    train = resolved.cfg.train
+    best = best_step(parts.result.history, train.metric_for_best) if train.load_best_model_at_end else None
+    if best is None or best[0] == resolved.total_steps:
         return
-    ckpt = checkpoint_root(run.out) / f"step-{best[0]:08d}"
+    ckpt = checkpoint_root(resolved.output_dir) / f"step-{best[0]:08d}"
     # the weights (and fp32 masters): nothing after this step reads the optimizer, scheduler or RNG (sharded
     # engines' weights are engine shards: read as a resume does)
-    run.engine.load_weights(
-        ckpt, run.scheduler, run.optimizer, trainable_only=trainable_only_checkpoints(run)
-    )
-    run.result.best_step = best[0]
-    if run.main:
-        run.console.print(
-            f"[bold]best model[/bold]: step {best[0]} ({cfg.metric_for_best} {best[1]:.4f}), restored "
+    trainable_only = trainable_only_checkpoints(parts.engine, resolved.cfg)
+    parts.engine.load_weights(ckpt, parts.scheduler, parts.optimizer, trainable_only=trainable_only)
+    parts.result.best_step = best[0]
+    if resolved.main:
+        parts.console.print(
+            f"[bold]best model[/bold]: step {best[0]} ({train.metric_for_best} {best[1]:.4f}), restored "
             f"from {ckpt} (train.load_best_model_at_end)",
             highlight=False,
         )

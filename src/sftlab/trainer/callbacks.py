@@ -12,6 +12,7 @@ A callback is any object with some of these methods (all optional, no base class
 
 A hook that returns True asks the run to stop: the step ends, a checkpoint is saved, and the run
 returns a result with `stopped` set (no FINISHED marker: `train.resume=auto` continues it exactly).
+A hook that returns "save" asks for a checkpoint at the end of this step; the run goes on.
 A hook that raises ends the run with a `CallbackError` naming the callback and the hook; since
 `on_save` runs only after a checkpoint is complete and no hook runs while one is written, the last
 complete checkpoint is never half-written by a callback.
@@ -26,9 +27,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from sftlab.config.schema import SFTConfig
 from sftlab.errors import SftlabError
 from sftlab.trainer import tracking
 from sftlab.trainer.report import write_report
+from sftlab.trainer.testing import env_callbacks
 
 HOOKS = ("on_train_begin", "on_step_end", "on_log", "on_evaluate", "on_save", "on_train_end")
 
@@ -59,6 +62,12 @@ class CallbackList:
         self.callbacks = list(callbacks)
         self.stop_reason: str | None = None
         self.step: int | None = None
+        self.save_asked = False  # a hook returned "save" since the last take_save_request
+
+    def take_save_request(self) -> bool:
+        """Whether a hook asked for a checkpoint (returned "save") since the last call."""
+        asked, self.save_asked = self.save_asked, False
+        return asked
 
     def call(self, hook: str, arg: Any) -> bool:
         """Run `hook(arg)` on each callback; True when any asked to stop."""
@@ -79,6 +88,7 @@ class CallbackList:
                     f" at step {self.step}" if self.step else ""
                 )
             asked = asked or wants_stop is True
+            self.save_asked = self.save_asked or (isinstance(wants_stop, str) and wants_stop == "save")
         return asked
 
 
@@ -116,3 +126,14 @@ class ReportCallback:
 
     def interrupted(self, status: str) -> None:
         self.path = write_report(self.out, status)
+
+
+def run_callbacks(cfg: SFTConfig, user: Iterable[Any], accelerator, out: Path) -> CallbackList:
+    """A run's callbacks: the user's, then the trackers and the report (main process only), then test
+    hooks (every rank; trainer/testing.py)."""
+    own = [
+        *user,
+        TrackerCallback(accelerator, cfg.train.report_to, out.name or "sftlab", cfg.model_dump(mode="json")),
+        ReportCallback(out),
+    ]
+    return CallbackList((own if accelerator.is_main_process else []) + env_callbacks())

@@ -38,7 +38,7 @@ import pickle
 import random
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -367,9 +367,20 @@ STATE_VERSION = 2  # 1: before the version field (no logged_steps/engine in the 
 
 
 @dataclass
+class Progress:
+    """Where a run is: the counters its checkpoints record (`TrainerState`), and nothing else. The recipe
+    (trainer/loop.py) advances them step by step; a resumed run starts from its checkpoint's."""
+
+    step: int = 0  # optimizer steps done
+    consumed_micro_batches: int = 0  # micro-batches taken from the stream so far
+    logged_steps: list[int] = field(default_factory=list)  # the steps written to metrics.jsonl
+
+
+@dataclass
 class TrainerState:
     """Everything a checkpoint holds besides weights, optimizer, scheduler and RNG (trainer_state.json):
-    where the run is, what it was run on, and what it logged so far."""
+    where the run is (its `Progress`: step, consumed micro-batches, logged steps), what it was run on, and
+    what it logged so far."""
 
     step: int
     consumed_micro_batches: int  # micro-batches taken from the stream so far
@@ -386,6 +397,10 @@ class TrainerState:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def progress(self) -> Progress:
+        """The counters a run continues from."""
+        return Progress(self.step, self.consumed_micro_batches, list(self.logged_steps))
 
     @classmethod
     def from_json(cls, raw: dict[str, Any], where: Path | str = "") -> TrainerState:

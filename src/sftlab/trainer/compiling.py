@@ -20,12 +20,15 @@ it; it pays back only when the run is long enough. `decide` settles `auto` per r
   (benchmarks/bench_compile.py), so a CPU compiles under `auto` only once a run with `compile: true`
   has measured a gain there.
 
+`compile_if_it_pays` applies the decision to a run's model when it is set up (trainer/setup.py).
+
 Evaluation forwards run the uncompiled module (trainer/loop.py): they are few, without gradients, and
 of other shapes, each of which would be another compile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -37,10 +40,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from sftlab.data.packing import packed_collate
+from sftlab.model import attention
 from sftlab.paths import cache_root
+from sftlab.trainer.data import RunData
 from sftlab.trainer.precision import cpuinfo_field
+from sftlab.trainer.resolved import Resolved
+from sftlab.trainer.rundir import RunError
 
 DEFAULT_GAIN = {"cpu": 1.0, "cuda": 1.2}
 DEFAULT_COMPILE_S = {"cpu": 120.0, "cuda": 60.0}
@@ -155,9 +163,12 @@ def decide(shape: RunShape, record: dict[str, float] | None = None) -> tuple[boo
     )
 
 
-def fixed_shape_collate(pad_id: int, width: int, rows: int):
-    """Packed micro-batches of one shape: (rows, width); rows past the data are all padding, no targets."""
-    return functools.partial(packed_collate, pad_id=pad_id, max_seq_length=width, min_rows=rows)
+def fixed_shape_collate(pad_id: int, max_seq_length: int, micro_batch_size: int):
+    """Packed micro-batches of one shape: (micro_batch_size, max_seq_length); rows past the data are all
+    padding, no targets."""
+    return functools.partial(
+        packed_collate, pad_id=pad_id, max_seq_length=max_seq_length, min_rows=micro_batch_size
+    )
 
 
 def update_record(
@@ -185,3 +196,58 @@ def update_record(
     except OSError:
         return None  # a read-only cache only loses the measurement
     return record
+
+
+def compile_if_it_pays(
+    model,
+    resolved: Resolved,
+    data: RunData,
+    device: torch.device,
+    sharded: bool,
+    dense_flops: float,
+    console: Console | None,
+) -> tuple[object, Resolved]:
+    """`train.compile` resolved for this run, returned with `resolved` completed by it; a compiled packed
+    run gets fixed shapes (`data.collate` replaced) and the dense document mask (per-document attention
+    cuts rows in Python, a recompile per layout). `console`: the main process's (None elsewhere)."""
+    cfg = resolved.cfg
+    packed, fixed = cfg.data.packing != "none", cfg.train.micro_batch_tokens is None
+    dtype = torch.bfloat16 if resolved.mixed_precision == "bf16" else next(model.parameters()).dtype
+    key = machine_key(model, device, dtype, cfg.train.compile_backend, resolved.recompute)
+    resumed = resolved.resume_state
+    shape = RunShape(
+        cfg.train.compile,
+        packed,
+        cfg.train.packed_attention == "documents",
+        fixed,
+        data.processor is not None,
+        sharded,
+        resumed.compiled if resumed is not None else None,
+        (resolved.total_steps - resolved.start_step) * resolved.tokens_per_step,
+        float(dense_flops),
+        resolved.peak_flops,
+        device.type,
+    )
+    compiled, why = decide(shape, read_records().get(key))
+    if not (packed and fixed) or shape.vision or shape.sharded:
+        key = ""  # auto never compiles such a run: its step times are not recorded
+    resolved = dataclasses.replace(resolved, compiled=compiled, compile_why=why, compile_key=key)
+    if console is not None:
+        console.print(f"[bold]compile[/bold]: {'on' if compiled else 'off'} ({why})", highlight=False)
+    if not compiled:
+        return model, resolved
+    if packed and cfg.train.packed_attention == "documents":
+        raise RunError(
+            "train.compile needs train.packed_attention: mask or auto (per-document attention cuts "
+            "rows in Python: one recompile per document layout)"
+        )
+    if packed and fixed:
+        attention.use(model, "mask")
+        if resolved.packed_attention != "mask":
+            why = "the dense document mask: a compiled run keeps fixed shapes"
+            resolved = dataclasses.replace(resolved, packed_attention="mask", packed_attention_why=why)
+        data.collate = fixed_shape_collate(data.pad_id, cfg.data.max_seq_length, cfg.train.micro_batch_size)
+    model = torch.compile(
+        model, backend=cfg.train.compile_backend, dynamic=False if packed and fixed else None
+    )
+    return model, resolved

@@ -9,7 +9,7 @@ vision-language model (one with a processor) reads its rows with their images, t
 processor's tokenizer and template, and collates each micro-batch with its images
 (data/vision.py `vision_collate`); packing is refused for it, with the reason. What training needs next (the model path, the
 tokenizer's size before new tokens, the units a micro-batch is made of and how to collate them)
-travels in `RunData`.
+travels in `RunData`; `micro_batch_stream` orders the units into the run's micro-batches.
 
 `print_preview(data, cfg, console, n)` (`sftlab prepare --show N`) shows what will be trained:
 per source its format(s), target-token share and lengths, N seeded sample examples with their
@@ -33,7 +33,7 @@ from rich.text import Text
 from sftlab.config.loading import NO_TRAINING_DATA
 from sftlab.config.schema import ConfigError, SFTConfig
 from sftlab.data import preview
-from sftlab.data.collate import pad_collate
+from sftlab.data.collate import MicroBatchStream, pad_collate
 from sftlab.data.dataset import DataReport, build_datasets, length_stats
 from sftlab.data.packing import pack_examples, packed_collate, packing_efficiency
 from sftlab.data.store import Examples
@@ -76,7 +76,7 @@ def load_run_tokens(
 
     The tokenizer is the one given, else the model's: a saved adapter's own (it may hold added tokens),
     the model object's `name_or_path`, or `model.name_or_path`. `model_path`: the base model's path when
-    the run has resolved it already (trainer/setup.py, for model.dtype: auto)."""
+    the run has resolved it already (trainer/run_model.py: resolve_model_settings, for model.dtype: auto)."""
     inputs = inputs or RunInputs()
     adapter_dir = (
         cfg.model.name_or_path if inputs.model is None and is_adapter_dir(cfg.model.name_or_path) else None
@@ -109,17 +109,17 @@ def check_sequence_length(cfg: SFTConfig, model_path: str, console: Console | No
     """max_seq_length must fit the model's positions (beyond them it was never trained), unless rope
     scaling is configured, which extends them: then a warning."""
     limit, scaling = position_limit(cfg.model, model_path)
-    length = cfg.data.max_seq_length
-    if limit is None or length <= limit:
+    max_seq_length = cfg.data.max_seq_length
+    if limit is None or max_seq_length <= limit:
         return
     if scaling is None:
         raise ConfigError(
-            f"data.max_seq_length ({length}) is above the model's max_position_embeddings ({limit}, "
+            f"data.max_seq_length ({max_seq_length}) is above the model's max_position_embeddings ({limit}, "
             f"{model_path}): set data.max_seq_length to {limit} or less"
         )
     if console is not None:
         console.print(
-            f"[bold yellow]warning[/bold yellow]: data.max_seq_length ({length}) is above the model's "
+            f"[bold yellow]warning[/bold yellow]: data.max_seq_length ({max_seq_length}) is above the model's "
             f"max_position_embeddings ({limit}); its rope scaling ({scaling}) must cover it",
             highlight=False,
         )
@@ -216,6 +216,20 @@ def micro_batch_units(
             f"efficiency {packing_efficiency(units, cfg.data.max_seq_length):.1%}"
         )
     return units, collate, note
+
+
+def micro_batch_stream(cfg: SFTConfig, units: Sequence[Any], world_size: int) -> MicroBatchStream:
+    """The run's micro-batches over its units, epoch after epoch: fixed-size ones (micro_batch_size units
+    per process) or token budgets (micro_batch_tokens per process). The stream is global: each of its
+    micro-batches holds every process's share, split among them by the loop."""
+    if cfg.train.micro_batch_tokens is None:
+        global_micro_batch_size = cfg.train.micro_batch_size * world_size
+        return MicroBatchStream(len(units), global_micro_batch_size, cfg.train.seed)
+    lengths = units.lengths.tolist() if hasattr(units, "lengths") else [len(u.input_ids) for u in units]
+    global_micro_batch_tokens = cfg.train.micro_batch_tokens * world_size
+    return MicroBatchStream(
+        len(units), 0, cfg.train.seed, lengths=lengths, global_tokens=global_micro_batch_tokens
+    )
 
 
 def print_data_report(data: RunData, console: Console) -> None:

@@ -1,6 +1,6 @@
 """The engine a run is spread over, chosen by `accelerate launch` (one process, DDP, FSDP2 or
 DeepSpeed ZeRO): how the Accelerator is built for it, and `Engine`, the one object that knows which
-engine runs. `Engine.of(accelerator)` is made once per run (`Run.engine`); every other module asks it
+engine runs. `Engine.of(accelerator)` is made once per run (`Components.engine`); every other module asks it
 (wrap, unwrap, gather, backward and step, checkpoint weights, refusals) and never tests the engine type
 (tests/trainer/test_engine_seam.py fails on such a test outside this module and compat/).
 
@@ -58,6 +58,9 @@ class EngineError(SftlabError, RuntimeError):
 
 def build_accelerator(mixed_precision: str, cpu: bool, **kwargs: Any) -> Accelerator:
     """The run's Accelerator, for whatever `accelerate launch` (or torchrun + env) asked for."""
+    # Accelerate keeps one process-wide state: a later run in the same process (tests, notebooks) may
+    # choose another mixed precision, so it starts from a clean one (the process group is kept).
+    accelerate_compat.reset_state(reset_partial_state=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _quiet_deepspeed_on_cpu()
     fsdp, deepspeed = (
@@ -99,7 +102,7 @@ def _enable_cpu_fsdp(accelerator: Accelerator, mixed_precision: str) -> None:
 
 
 class Engine:
-    """The engine a run is spread over, made once from its Accelerator (`Engine.of`; kept as `Run.engine`).
+    """The engine a run is spread over, made once from its Accelerator (`Engine.of`; kept as `Components.engine`).
     Everything that differs between engines is a method or attribute here; callers never ask which one it
     is. This base class is one process; `DDPEngine`, `FSDPEngine` and `DeepSpeedEngine` override it."""
 

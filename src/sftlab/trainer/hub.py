@@ -18,6 +18,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
+from sftlab.config.schema import TrainConfig
 from sftlab.errors import SftlabError
 from sftlab.paths import not_found_message
 
@@ -153,26 +156,26 @@ def _finished(run_dir: Path) -> dict | None:
     return read_finished(run_dir)
 
 
-def push_after_training(run) -> None:
+def push_after_training(train: TrainConfig, out: Path, result: Any, console: Console) -> None:
     """train.push_to_hub at the end of a run (main process, after the model, card, report and marker are
-    written). A failure is reported with the retry command and kept in run.result.push_error."""
-    train = run.cfg.train
-    run.console.print(
-        f"[bold]push[/bold]: uploading {run.out} to {train.hub_model_id} on {endpoint()}", highlight=False
+    written). A failure is reported with the retry command and kept in `result.push_error` (`result`: the
+    run's TrainResult, untyped here: trainer/run.py loads torch, and `sftlab push` needs none of it)."""
+    console.print(
+        f"[bold]push[/bold]: uploading {out} to {train.hub_model_id} on {endpoint()}", highlight=False
     )
     try:
-        url = push_run(run.out, train.hub_model_id, train.hub_private, train.hub_revision)
+        url = push_run(out, train.hub_model_id, train.hub_private, train.hub_revision)
     except Exception as e:
-        retry = retry_command(run.out, train.hub_model_id, train.hub_private, train.hub_revision)
-        run.result.push_error = f"{train.hub_model_id}: {_why(e)}"
-        run.console.print(
-            f"[bold red]push failed[/bold red]: {run.result.push_error}. The run in {run.out} is "
+        retry = retry_command(out, train.hub_model_id, train.hub_private, train.hub_revision)
+        result.push_error = f"{train.hub_model_id}: {_why(e)}"
+        console.print(
+            f"[bold red]push failed[/bold red]: {result.push_error}. The run in {out} is "
             f"complete; retry the upload with: {retry}",
             highlight=False,
         )
         return
-    run.result.hub_url = url
-    run.console.print(f"[bold green]pushed[/bold green] to {url}", highlight=False)
+    result.hub_url = url
+    console.print(f"[bold green]pushed[/bold green] to {url}", highlight=False)
 
 
 def cmd_push(ns) -> int:

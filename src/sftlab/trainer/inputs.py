@@ -36,7 +36,7 @@ class RunInputs:
             "formatting_func": getattr(self.formatting_func, "__qualname__", None)
             if self.formatting_func
             else None,
-            "callbacks": [type(c).__name__ for c in self.callbacks],
+            "callbacks": [getattr(c, "name", None) or type(c).__name__ for c in self.callbacks],
             "objective": type(self.objective).__name__ if self.objective is not None else "SFTObjective",
         }
 

@@ -31,7 +31,12 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from sftlab.config.schema import OptimConfig
 from sftlab.errors import SftlabError
-from sftlab.trainer.master_weights import MasterWeightAdamW, needs_master_weights
+from sftlab.trainer.master_weights import (
+    MasterWeightAdamW,
+    Originals,
+    needs_master_weights,
+    seed_master_weights,
+)
 
 
 def decay_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
@@ -49,7 +54,18 @@ class OptimizerError(SftlabError, ValueError):
     """The configured optimizer cannot run here; the message names optim.name and what to do."""
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, originals: Originals | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer of `optim.name` over the model's trainable parameters. `originals`: the fp32 weights
+    that bf16 compute copies replaced (trainer/run_model.py); they seed the fp32 masters exactly."""
+    optimizer = _optimizer(model, cfg)
+    if originals is not None:
+        seed_master_weights(optimizer, originals)
+    return optimizer
+
+
+def _optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = dict(model.named_parameters())
     decay, no_decay = ([params[n] for n in names] for names in decay_groups(model))
     groups = [

@@ -10,6 +10,10 @@ suite runs both ways on any CPU).
 `bf16_weight_form(mixed, weights_dtype, optimizer)` then says how bf16 compute is held: bf16 copies of
 fp32 masters (trainer/master_weights.py) where the optimizer keeps masters (AdamW), else fp32 weights
 under autocast.
+
+For a run: `run_precision(cfg)` is the mode and its reason on the device Accelerate will pick
+(`run_device_type`), with the refusals as RunError; `print_precision` says what computes in which dtype;
+`compute_dtype` is the forward's dtype (run.json).
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate.utils import parse_flag_from_env
+from rich.console import Console
 
 from sftlab.compat import torch as torch_compat
+from sftlab.config.schema import SFTConfig
+from sftlab.trainer.rundir import RunError
 
 MIXED_PRECISION_SETTINGS = ("auto", "no", "bf16", "fp16")
 AUTO_ENV = "SFTLAB_AUTO_MIXED_PRECISION"  # forces what train.mixed_precision: auto resolves to (bf16 | no)
@@ -179,4 +187,64 @@ def bf16_weight_form(
     return (
         "none",
         f"optim.name: {optim_name} keeps no fp32 master weights, so the weights it updates stay fp32",
+    )
+
+
+# ---------------------------------------------------------------------------- a run's precision
+
+
+def run_device_type() -> str:
+    """The device Accelerate will pick (asked before it is built: mixed precision is fixed then)."""
+    return "cuda" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu"
+
+
+def run_precision(cfg: SFTConfig) -> tuple[str, str]:
+    """The mixed-precision mode and its reason; refusals (a mode this device cannot run, pure bf16 with an
+    optimizer that keeps no fp32 masters) as RunError."""
+    try:
+        mixed, why = resolve_mixed_precision(cfg.train.mixed_precision, run_device_type(), cfg.model.dtype)
+    except ValueError as e:
+        raise RunError(f"train.mixed_precision: {e}") from None
+    try:
+        bf16_weight_form(mixed, cfg.model.dtype, cfg.optim.name)  # pure bf16 needs an optimizer with masters
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    return mixed, why
+
+
+def print_precision(
+    cfg: SFTConfig, console: Console, mixed: str, why: str, engine_casts: tuple[str, str] | None
+) -> None:
+    """One line: what computes in which dtype, and why. `engine_casts`: the engine's own (compute,
+    masters) description when it casts the weights itself (they stay fp32), else None."""
+    quantized = cfg.peft is not None and cfg.peft.quantize is not None
+    form, form_why = bf16_weight_form(mixed, cfg.model.dtype, cfg.optim.name, quantized)
+    compute = {
+        "matmul": "bf16 autocast, matmul weights as bf16 copies of fp32 masters",
+        "all": "bf16 weights (copies of fp32 masters), no autocast",
+    }.get(form)
+    if compute is None:
+        compute = {
+            "bf16": "bf16 autocast"
+            + (" on a quantized base" if quantized else f" on fp32 weights ({form_why})"),
+            "fp16": "fp16 autocast with loss scaling",
+        }.get(mixed, compute_dtype(cfg.model.dtype, mixed))
+    masters = "; fp32 master weights in the optimizer" if form != "none" else ""
+    if engine_casts is not None:
+        compute, masters = engine_casts
+    console.print(
+        f"[bold]precision[/bold]: {compute} ({why}){masters}; saved as {cfg.model.dtype}", highlight=False
+    )
+
+
+def compute_dtype(weights: str, mixed: str) -> str:
+    """The dtype the forward runs in: bf16 under bf16 mixed precision or with bfloat16 weights, else fp32
+    (float16 weights train from fp32 masters in fp32 and are saved as float16; fp16 compute is
+    train.mixed_precision: fp16)."""
+    return (
+        "bfloat16"
+        if mixed == "bf16" or weights == "bfloat16"
+        else "float16"
+        if mixed == "fp16"
+        else "float32"
     )

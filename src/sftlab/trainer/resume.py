@@ -1,11 +1,15 @@
-"""Continuing a run: which checkpoint, whether it may be continued, and restoring its exact state.
+"""Continuing a run: whether it may write into its output directory, which checkpoint, whether it may be
+continued, and restoring its exact state.
 
-`find_resume_checkpoint` reads train.resume (auto, a checkpoint, or an output_dir holding one).
-Before any weights are loaded, `check_resume_compatible` compares the checkpoint's config with this
-run's (only logging, evaluation and checkpoint settings may change) and `check_resume_state` its
-trainer state (trainer/checkpoint.py `TrainerState`): the number of processes, the engine and the data
-fingerprint (the exact training units). `restore_checkpoint` then loads weights, optimizer,
-scheduler and this rank's RNG, and puts the micro-batch stream where the checkpoint left it.
+`claim_output_dir` decides, before any data is read, whether this run starts, resumes or finds its run
+already complete in `train.output_dir` (a non-empty one is refused unless resuming or overwriting).
+`resume_point` reads train.resume (auto, a checkpoint, or an output_dir holding one): the checkpoint
+and its trainer state, whose config is compared with this run's first (`check_resume_compatible`: only
+logging, evaluation and checkpoint settings may change). Before any weights are loaded,
+`check_resume_state` compares the rest of the trainer state (trainer/checkpoint.py `TrainerState`) with
+the run: the number of processes, the engine and the data fingerprint (the exact training units).
+`restore_checkpoint` then loads weights, optimizer, scheduler and this rank's RNG, puts the micro-batch
+stream where the checkpoint left it and returns the run's `Progress`.
 """
 
 from __future__ import annotations
@@ -14,9 +18,23 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from rich.console import Console
 
 from sftlab.config.schema import SFTConfig
-from sftlab.trainer.checkpoint import COMPLETE, latest_checkpoint, load_checkpoint
+from sftlab.trainer import rundir
+from sftlab.trainer.checkpoint import (
+    COMPLETE,
+    Progress,
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+)
+from sftlab.trainer.components import Components
+from sftlab.trainer.distributed import Engine
+from sftlab.trainer.resolved import Resolved
 from sftlab.trainer.rundir import RunError
 from sftlab.trainer.tracking import flat_config
 
@@ -90,48 +108,122 @@ def find_resume_checkpoint(cfg: SFTConfig) -> Path | None:
     return found
 
 
-def check_resume_state(run) -> None:
+def resume_point(cfg: SFTConfig) -> tuple[Path | None, TrainerState | None]:
+    """The checkpoint train.resume names and its trainer state, read once (None, None: a new run); a
+    config change that breaks the run fails here."""
+    resume_from = find_resume_checkpoint(cfg)
+    if resume_from is None:
+        return None, None
+    state = read_state(resume_from)
+    check_resume_compatible(state.config, cfg, resume_from)
+    return resume_from, state
+
+
+def planned_fingerprint(cfg: SFTConfig, resuming: bool, units) -> str | None:
+    """The training units' fingerprint when a checkpoint is planned or read; else None (a callback's stop
+    or a signal computes it when it saves one)."""
+    best = cfg.train.load_best_model_at_end  # every evaluation saves a checkpoint
+    checkpointing = cfg.checkpoint.every_steps is not None or cfg.checkpoint.every_epoch or best
+    return data_fingerprint(units) if checkpointing or resuming else None
+
+
+def check_resume_state(resolved: Resolved) -> None:
     """The checkpoint's processes, engine and training data must be this run's: checked before weights load."""
-    if run.resume_from is None:
+    if resolved.resume_from is None:
         return
-    ckpt, saved = run.resume_from, run.resume_state  # read once by setup_run
-    if saved.num_processes != run.world:
+    ckpt, saved, world = resolved.resume_from, resolved.resume_state, resolved.world_size
+    if saved.num_processes != world:
         raise RunError(
             f"cannot resume from {ckpt}: it was written by {saved.num_processes} "
-            f"process(es), this run has {run.world}; the data order, the batch geometry (and the "
+            f"process(es), this run has {world}; the data order, the batch geometry (and the "
             f"shards of a sharded checkpoint) would change. Launch it with "
             f"{saved.num_processes} processes, or start a new output_dir"
         )
-    if saved.engine != run.engine.name:
+    if saved.engine != resolved.engine:
         raise RunError(
             f"cannot resume from {ckpt}: it was written under {saved.engine}, this run uses "
-            f"{run.engine.name}; launch it with the same accelerate config"
+            f"{resolved.engine}; launch it with the same accelerate config"
         )
-    if saved.data_fingerprint != run.fingerprint:
+    if saved.data_fingerprint != resolved.data_fingerprint:
         raise RunError(
             f"cannot resume from {ckpt}: the training data changed since it was written "
             "(different tokenized examples); start a new output_dir instead"
         )
 
 
-def trainable_only_checkpoints(run) -> bool:
+def trainable_only_checkpoints(engine: Engine, cfg: SFTConfig) -> bool:
     """Adapters keep only their trainable tensors in a checkpoint; sharded engines save whole shards."""
-    return run.engine.trainable_only_checkpoints(run.cfg.peft is not None)
+    return engine.trainable_only_checkpoints(cfg.peft is not None)
 
 
-def restore_checkpoint(run) -> None:
-    """Weights, optimizer, scheduler, this rank's RNG, the stream position and the history so far."""
-    state = load_checkpoint(
-        run.accelerator, run.resume_from, run.scheduler, trainable_only=trainable_only_checkpoints(run)
-    )
-    run.start_step, run.consumed = state.step, state.consumed_micro_batches
-    run.stream.load_state(state.data)
-    run.logged_steps = list(state.logged_steps)
-    run.result.history = list(state.metrics)
+def restore_checkpoint(resolved: Resolved, parts: Components) -> Progress:
+    """Weights, optimizer, scheduler, this rank's RNG, the stream position and the history so far (into
+    `parts`); returns the run's progress at the checkpoint."""
+    ckpt = resolved.resume_from
+    trainable_only = trainable_only_checkpoints(parts.engine, resolved.cfg)
+    state = load_checkpoint(parts.accelerator, ckpt, parts.scheduler, trainable_only=trainable_only)
+    progress = state.progress()
+    parts.stream.load_state(state.data)
+    parts.result.history = list(state.metrics)
     saved = state.match_before
     if saved is not None:
         from sftlab.model.generate import MatchResult
 
-        run.result.match_before = MatchResult(saved["correct"], saved["total"], [])
-    if run.main:
-        run.console.print(f"[bold]resumed[/bold] from {run.resume_from} at step {run.start_step}")
+        parts.result.match_before = MatchResult(saved["correct"], saved["total"], [])
+    if resolved.main:
+        parts.console.print(f"[bold]resumed[/bold] from {ckpt} at step {progress.step}")
+    return progress
+
+
+# --- whether this run may write into its output directory --------------------------------------
+
+
+def claim_output_dir(cfg: SFTConfig, console: Console, accelerator: Accelerator) -> str:
+    """May this run write into train.output_dir? Decided on the main process before any data is read and
+    shared with the other ranks: "start", "complete" (train.resume=auto on a finished run), or a RunError."""
+    state = accelerator.state
+    verdict: tuple[str, str] | None = None
+    if state.is_main_process:
+        try:
+            verdict = ("ok", _claim_on_main(cfg, console))
+        except RunError as e:
+            verdict = ("error", str(e))
+    if state.num_processes > 1:
+        verdict = broadcast_object_list([verdict])[0]
+    if verdict[0] == "error":
+        raise RunError(verdict[1])
+    return verdict[1]
+
+
+def _claim_on_main(cfg: SFTConfig, console: Console) -> str:
+    out, train = Path(cfg.train.output_dir), cfg.train
+    kind = rundir.kind_of(out)
+    if kind == "finished" and train.resume == "auto":
+        saved = rundir.saved_config(out)
+        if saved is not None:
+            check_resume_compatible(saved, cfg, out)
+        console.print(
+            f"[bold green]complete[/bold green]: {out} holds {rundir.describe_finished(out)}; nothing to "
+            "resume (to train it again: train.overwrite=true without train.resume)",
+            highlight=False,
+        )
+        return "complete"
+    resuming = train.resume is not None and (kind != "foreign" or find_resume_checkpoint(cfg) is not None)
+    if kind != "empty" and not resuming:
+        if not train.overwrite:
+            raise RunError(rundir.refusal(out, kind))
+        if kind == "foreign":
+            console.print(
+                f"[yellow]output_dir[/yellow] {out} is not empty: writing into it (train.overwrite)",
+                highlight=False,
+            )
+        else:
+            removed = rundir.clear_run(out)
+            console.print(
+                f"[yellow]overwriting[/yellow] the previous run in {out} (train.overwrite): removed "
+                f"{', '.join(removed) or 'nothing'}",
+                highlight=False,
+            )
+    rundir.check_writable(out)
+    rundir.unmark(out)  # a resumed run is finished again only when it writes the marker
+    return "start"

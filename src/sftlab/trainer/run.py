@@ -1,31 +1,15 @@
-"""What one run holds while it trains (`Run`), and what it returns (`TrainResult`).
+"""What a run returns: `TrainResult`, what `run_training` (trainer/loop.py) and `sftlab.train` give back.
 
-Each phase of the recipe (trainer/loop.py) fills in its part of `Run`: setup (trainer/setup.py) the
-accelerator, data, model, optimizer and stream, and what it resolved (`Run.resolved`, a frozen
-trainer/resolved.py: Resolved); resume (trainer/resume.py) the position; the loop the history. `TrainResult` is what `run_training` and `sftlab.train` return.
+The recipe keeps it among its components (trainer/components.py) while it trains: the history of step
+records, the evaluations, the match results and how the run ended are written into it as they happen.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from accelerate import Accelerator
-from rich.console import Console
-
-from sftlab.config.schema import SFTConfig
-from sftlab.data.collate import MicroBatchStream
 from sftlab.model.generate import MatchResult
-from sftlab.trainer.callbacks import CallbackList
-from sftlab.trainer.control import StopRequest
-from sftlab.trainer.data import RunData
-from sftlab.trainer.distributed import Engine
-from sftlab.trainer.inputs import RunInputs
-from sftlab.trainer.metrics import MetricsLog
-from sftlab.trainer.objective import Objective, SFTObjective
-from sftlab.trainer.resolved import Resolved
-from sftlab.trainer.throughput import FlopCounter
 
 
 @dataclass
@@ -47,52 +31,3 @@ class TrainResult:
     best_step: int | None = None  # train.load_best_model_at_end restored this step's weights before saving
     hub_url: str | None = None  # train.push_to_hub: the commit the run was uploaded in
     push_error: str | None = None  # train.push_to_hub failed after training (the local run is complete)
-
-
-@dataclass
-class Run:
-    """What one run holds; each phase fills in its part."""
-
-    cfg: SFTConfig
-    console: Console
-    accelerator: Accelerator
-    out: Path
-    resume_from: Path | None
-    result: TrainResult
-    inputs: RunInputs = field(default_factory=RunInputs)
-    objective: Objective = field(default_factory=SFTObjective)
-    callbacks: CallbackList = field(default_factory=CallbackList)
-    data: RunData | None = None
-    match_examples: list = field(default_factory=list)
-    model: Any = None
-    optimizer: Any = None
-    scheduler: Any = None
-    stream: MicroBatchStream | None = None
-    start_step: int = 0
-    consumed: int = 0  # micro-batches taken from the stream so far
-    fingerprint: str | None = None
-    logged_steps: list[int] = field(default_factory=list)  # steps written to metrics.jsonl
-    metrics: MetricsLog | None = None
-    stop: StopRequest | None = None
-    model_path: str | None = None  # the base model's path when setup resolved it (model.dtype: auto)
-    resume_state: Any = None  # the TrainerState of resume_from, read once at setup
-    flops: FlopCounter | None = None
-    step_times: list[float] = field(default_factory=list)  # seconds of each step this process ran
-    resume_command: str = ""  # printed when a signal stops the run
-    engine: Engine | None = None  # the engine the run is spread over: Engine.of(accelerator) unless given
-    resolved: Resolved | None = None  # every decision made before training (trainer/resolved.py)
-
-    def __post_init__(self) -> None:
-        if self.engine is None:
-            self.engine = Engine.of(self.accelerator)
-        if self.resolved is None:
-            mixed = str(self.accelerator.mixed_precision)
-            self.resolved = Resolved(mixed, "as Accelerate runs", self.engine.name, self.world)
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def world(self) -> int:
-        return self.accelerator.num_processes

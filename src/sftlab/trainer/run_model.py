@@ -17,6 +17,11 @@ a model object) to the model as that run has it:
 
 Training and `sftlab generate`/`eval`/`export` of a checkpoint build the same module tree this
 way, so the checkpoint's tensor names always match.
+
+Around it, for a training run: `resolve_model_settings` settles the model's config before the run
+starts (`model.dtype: auto` becomes the stored dtype; a continued adapter's settings become the peft
+section), and `loss_function` picks the micro-batch loss the objective computes with for the built
+model (the target-only chunked head, or full logits; Liger's kernels with train.liger).
 """
 
 from __future__ import annotations
@@ -25,14 +30,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from rich.console import Console
 
 from sftlab.config.schema import SFTConfig
 from sftlab.model import adapters, attention, vision
-from sftlab.model.loading import load_model
+from sftlab.model.kernels import KernelError, apply_liger
+from sftlab.model.loading import DTYPES, load_model, resolve_model_path, stored_dtype
+from sftlab.model.loss import TargetLossHead, full_nll
 from sftlab.model.vocab import resize_for_new_tokens
 from sftlab.trainer import recompute
+from sftlab.trainer.inputs import RunInputs
 from sftlab.trainer.master_weights import use_bf16_weights
+from sftlab.trainer.objective import LossFn
 from sftlab.trainer.precision import bf16_weight_form
+from sftlab.trainer.rundir import RunError
 
 
 @dataclass
@@ -56,6 +68,17 @@ class RunModel:
     weight_form_why: str = ""
     packed_attention: str | None = None  # documents | mask where rows are packed (model/attention.choose)
     packed_attention_why: str | None = None
+
+    def decisions(self) -> dict[str, Any]:
+        """What building the model decided, each with its reason (the run's `Resolved`)."""
+        return {
+            "recompute": self.recompute,
+            "recompute_why": self.recompute_why,
+            "weight_form": self.weight_form,
+            "weight_form_why": self.weight_form_why,
+            "packed_attention": self.packed_attention,
+            "packed_attention_why": self.packed_attention_why,
+        }
 
 
 def is_peft_model(model: Any) -> bool:
@@ -177,3 +200,77 @@ def enable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ---------------------------------------------------------------------------- a training run's model settings
+
+
+def resolve_model_settings(
+    cfg: SFTConfig, inputs: RunInputs, console: Console
+) -> tuple[SFTConfig, str | None]:
+    """The config with the model settings the run trains with: a continued adapter's peft section, and
+    `model.dtype: auto` resolved; with the base model's path when that needed resolving, else None."""
+    return with_resolved_dtype(with_continued_adapter(cfg, inputs), inputs, console)
+
+
+def with_continued_adapter(cfg: SFTConfig, inputs: RunInputs) -> SFTConfig:
+    """A run that continues an adapter (a PeftModel object, or model.name_or_path an adapter directory)
+    records that adapter's settings as its peft section when none is configured."""
+    peft = adapters.continued_settings(cfg.model, cfg.peft, inputs.model)
+    return cfg if peft is cfg.peft else cfg.model_copy(update={"peft": peft})
+
+
+def with_resolved_dtype(cfg: SFTConfig, inputs: RunInputs, console: Console) -> tuple[SFTConfig, str | None]:
+    """`model.dtype: auto` becomes the dtype the weights were saved in (a given model object's own); with
+    the base model's path when that needed resolving (the data phase reuses it), else None."""
+    if cfg.model.dtype != "auto":
+        return cfg, None
+    path = None
+    if inputs.model is not None:
+        found = str(next(inputs.model.parameters()).dtype).removeprefix("torch.")
+        dtype = found if found in DTYPES else "float32"
+    else:
+        base = adapters.base_of(cfg.model)
+        path = resolve_model_path(base)
+        dtype = stored_dtype(base, path)
+    console.print(
+        f"[bold]model.dtype[/bold]: auto -> {dtype} (the dtype the weights were saved in)", highlight=False
+    )
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})}), path
+
+
+def loss_function(
+    cfg: SFTConfig,
+    model,
+    accelerator: Accelerator,
+    console: Console | None,
+    engine_allows: tuple[bool, str] = (True, ""),
+) -> LossFn:
+    """The objective's per-batch NLL for `model` on the run's device: the target-only head where it
+    applies (Liger's fused CE on CUDA)."""
+    with accelerator.autocast():  # the head checks itself on the device and in the precision it trains in
+        loss_fn = build_loss_fn(cfg, model, console, engine_allows)
+    if cfg.train.liger:
+        try:
+            fused = apply_liger(model, accelerator.device.type, getattr(loss_fn, "softcap", None))
+        except KernelError as e:
+            raise RunError(str(e)) from None
+        if isinstance(loss_fn, TargetLossHead):
+            loss_fn.fused_ce = fused
+    return loss_fn
+
+
+def build_loss_fn(
+    cfg: SFTConfig, model, console: Console | None, engine_allows: tuple[bool, str] = (True, "")
+) -> LossFn:
+    """The micro-batch loss: the target-only chunked head, or the model's full logits."""
+    if cfg.train.loss_head == "full":
+        return full_nll
+    if not engine_allows[0]:
+        if console is not None:
+            console.print(f"[yellow]loss head[/yellow]: full logits ({engine_allows[1]})", highlight=False)
+        return full_nll
+    head = TargetLossHead.for_model(model, cfg.train.loss_chunk_tokens)
+    if head.mode != "target" and console is not None:
+        console.print(f"[yellow]loss head[/yellow]: full logits ({head.reason})", highlight=False)
+    return head if head.mode == "target" else full_nll

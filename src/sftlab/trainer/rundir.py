@@ -11,6 +11,7 @@
 A new run into a non-empty directory is refused (`refusal` says why and how to proceed) unless it
 resumes or `train.overwrite` is set; `clear_run` then removes what a previous run leaves that a new
 one would not rewrite (checkpoints, weights, adapter files, the marker), never other files.
+`check_writable` and `check_disk_space` fail a run before it writes or trains.
 """
 
 from __future__ import annotations
@@ -155,3 +156,19 @@ def check_writable(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise RunError(f"output_dir {path} is not writable: {e.strerror or e}") from None
+
+
+def check_disk_space(out: Path, model, checkpointing: bool) -> None:
+    """With checkpoints planned: the free space in `out` must hold one (the weights, 2 fp32 Adam moments and
+    an fp32 master copy of each bf16 weight)."""
+    if not checkpointing:
+        return
+    need = sum(
+        p.numel() * (p.element_size() + 8 + (4 if p.element_size() < 4 else 0)) for p in model.parameters()
+    )
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise RunError(
+            f"output_dir {out}: {free / 2**20:.0f} MiB free, one checkpoint needs about "
+            f"{need / 2**20:.0f} MiB; free space or set checkpoint.every_steps/every_epoch off"
+        )

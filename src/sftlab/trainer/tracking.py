@@ -3,12 +3,15 @@
 metrics.jsonl is always written (trainer/metrics.py); trackers are optional extras, checked before the
 run starts (a missing package is a clear error naming the pip extra). Everything works offline:
 
-- tensorboard: event files under `output_dir/tensorboard/<run name>/`;
+- tensorboard: event files under `output_dir/tensorboard/<project>/`;
 - wandb: offline mode unless an API key is configured (`WANDB_API_KEY`, or `WANDB_MODE` set by you);
   runs land in `output_dir/wandb/` (sync later with `wandb sync`);
-- trackio: its local store, under `output_dir/trackio/` unless `TRACKIO_DIR` is set.
+- trackio: its local store, under `output_dir/trackio/` unless `TRACKIO_DIR` is set (trackio reads it once per
+  process: a second run in the same Python process logs to the first run's store).
 
-The resolved config is stored as the run's hyperparameters (flattened, non-scalars as strings).
+The resolved config is stored as the run's hyperparameters (flattened, non-scalars as strings). The project
+is `train.project` (else `WANDB_PROJECT` for wandb, else the output directory's name), the run's name
+`train.run_name` (else the directory's name), the wandb entity `train.entity` (else `WANDB_ENTITY`).
 """
 
 from __future__ import annotations
@@ -58,12 +61,28 @@ def flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def names_of(names: list[str], dir_name: str, train: dict[str, Any]) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(project, per-tracker init kwargs): `train.project` (else `WANDB_PROJECT` when wandb logs, else the
+    output directory's name), `train.run_name` (else the directory's name), `train.entity` (else wandb's own:
+    `WANDB_ENTITY` or the account's default)."""
+    project = train.get("project") or ("wandb" in names and os.environ.get("WANDB_PROJECT")) or dir_name
+    run_name = train.get("run_name") or dir_name
+    kwargs: dict[str, dict[str, Any]] = {}
+    if "wandb" in names:
+        kwargs["wandb"] = {"name": run_name, **({"entity": train["entity"]} if train.get("entity") else {})}
+    if "trackio" in names:
+        kwargs["trackio"] = {"name": run_name}
+    return project, kwargs
+
+
 def start(accelerator, names: list[str], run_name: str, config: dict[str, Any]) -> None:
+    """Start the trackers: `run_name` is the output directory's name, the default of project and run name."""
     if names:  # hyperparameters: scalars as they are, anything else as a string
         hyperparameters = {
             k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat_config(config).items()
         }
-        accelerator.init_trackers(run_name, config=hyperparameters)
+        project, kwargs = names_of(names, run_name, config.get("train") or {})
+        accelerator.init_trackers(project, config=hyperparameters, init_kwargs=kwargs)
 
 
 def log(accelerator, names: list[str], record: dict[str, Any]) -> None:

@@ -1,0 +1,92 @@
+"""Starting a run, before any data is read: what is fixed first, as the first part of its `Resolved`.
+
+`start_run` settles the model settings (trainer/run_model.py: `model.dtype: auto`, a continued adapter),
+the mixed precision (trainer/precision.py), fails fast on what needs nothing loaded (`check_before_start`:
+trackers, local data paths, Hub access for push_to_hub), builds Accelerate and its `Engine`
+(trainer/distributed.py), claims `train.output_dir` and finds the resume point (trainer/resume.py), and
+seeds the run. It returns the run's `Resolved` (trainer/resolved.py) with its engine, or None when
+train.resume=auto finds the run already finished.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from rich.console import Console
+
+from sftlab.config.schema import SFTConfig
+from sftlab.data.locate import check_local_paths
+from sftlab.trainer import distributed, hub, precision, resume, run_model, tracking
+from sftlab.trainer.inputs import RunInputs
+from sftlab.trainer.resolved import Resolved
+from sftlab.trainer.rundir import RunError
+
+
+def start_run(
+    cfg: SFTConfig, console: Console, resume_command: str | None = None, inputs: RunInputs | None = None
+) -> tuple[Resolved, distributed.Engine] | None:
+    """Accelerate and its engine, mixed precision, the output directory and the resume point; None when
+    train.resume=auto finds the run already finished."""
+    inputs = inputs or RunInputs()
+    cfg, model_path = run_model.resolve_model_settings(cfg, inputs, console)
+    mixed, why = precision.run_precision(cfg)
+    out = Path(cfg.train.output_dir)
+    check_before_start(cfg)
+    # the processes and their engine (nothing is written yet): the output_dir verdict is shared over them
+    engine = start_engine(cfg, mixed, out)
+    if resume.claim_output_dir(cfg, console, engine.accelerator) == "complete":
+        return None
+    tracking.prepare_offline(cfg.train.report_to, out)
+    main = engine.accelerator.is_main_process
+    if main:
+        precision.print_precision(cfg, console, mixed, why, engine.precision(mixed))
+    resume_from, resume_state = resume.resume_point(cfg)
+    set_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    resolved = Resolved(
+        cfg=cfg,
+        output_dir=out,
+        inputs=inputs,
+        mixed_precision=mixed,
+        mixed_precision_why=why,
+        engine=engine.name,
+        world_size=engine.accelerator.num_processes,
+        main=main,
+        resume_from=resume_from,
+        resume_state=resume_state,
+        resume_command=resume_command or f"sftlab train <config> train.resume=auto train.output_dir={out}",
+        model_path=model_path,
+    )
+    return resolved, engine
+
+
+def check_before_start(cfg: SFTConfig) -> None:
+    """What fails fast, before anything is touched: trackers, local data paths, Hub access for push_to_hub."""
+    try:
+        tracking.check_trackers(cfg.train.report_to)
+    except tracking.TrackerError as e:
+        raise RunError(str(e)) from None
+    check_local_paths(cfg.data.train + cfg.data.eval)  # a mistyped data path fails before anything is touched
+    if cfg.train.push_to_hub:  # no token or no Hub: one error now, not after training
+        hub.check_access(cfg.train.hub_model_id)
+
+
+def start_engine(cfg: SFTConfig, mixed: str, out: Path) -> distributed.Engine:
+    """The run's Accelerator (with its trackers' settings) and the engine it runs; settings the engine
+    cannot honour fail here, before any weights load."""
+    trackers = cfg.train.report_to
+    accelerator = distributed.build_accelerator(
+        mixed,
+        cpu=precision.run_device_type() == "cpu",
+        log_with=trackers or None,
+        project_dir=str(out / "tensorboard") if "tensorboard" in trackers else None,
+    )
+    engine = distributed.Engine.of(accelerator)
+    try:
+        engine.check_run_settings(cfg)
+    except distributed.EngineError as e:
+        raise RunError(str(e)) from None
+    return engine
