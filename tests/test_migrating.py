@@ -303,7 +303,9 @@ def test_open_instruct_script_and_yaml():
     cfg = yaml.safe_load(text)
     assert cfg["data"]["train"] == [{"path": "allenai/tulu-3-sft-mixture", "split": "train"}]
     assert cfg["optim"]["lr"] == 5e-6 and cfg["optim"]["max_grad_norm"] is None
-    assert cfg["train"]["micro_batch_size"] == 1 and cfg["train"]["grad_accum_steps"] == 2
+    # 64 processes x 1 x 2: the global batch, whatever the processes of a launch; no accumulation of its own
+    assert cfg["train"]["micro_batch_size"] == 1 and cfg["train"]["global_batch_size"] == 128
+    assert "grad_accum_steps" not in cfg["train"]
     assert cfg["train"]["seed"] == 123 and cfg["train"]["mixed_precision"] == "bf16"
     assert cfg["checkpoint"] == {"every_epoch": True, "keep_last": 3}
     assert (
@@ -311,8 +313,11 @@ def test_open_instruct_script_and_yaml():
         and cfg["data"]["on_overlength"] == "truncate"
     )
     assert "configs/accelerate/deepspeed_zero3.yaml" in text and "= 128 examples per optimizer step" in text
-    assert "reduce_loss=sum" in text
+    assert (
+        "reduce_loss=sum" in text and "loss_normalization" not in cfg["train"]
+    )  # sum: the token mean, noted
     mix = yaml.safe_load(convert_config(FIXTURES / "open-instruct" / "default.yaml", "open-instruct"))
+    assert mix["train"]["loss_normalization"] == "micro_batch_mean"  # reduce_loss's default, mean
     assert [(s["path"], s["weight"]) for s in mix["data"]["train"]] == [
         ("allenai/tulu-v2-sft-mixture", 0.5),
         ("HuggingFaceH4/no_robots", 0.8),
@@ -388,7 +393,8 @@ def test_halos_hydra_config_with_overrides(tmp_path):
     cfg = yaml.safe_load(text)
     assert cfg["model"] == {"name_or_path": "/models/base", "attn_implementation": "flash_attention_2"}
     assert cfg["train"]["output_dir"] == ".cache//run1" and cfg["optim"]["lr"] == 1e-5
-    assert cfg["train"]["micro_batch_size"] == 16 and cfg["train"]["grad_accum_steps"] == 4
+    assert cfg["train"]["micro_batch_size"] == 16 and cfg["train"]["global_batch_size"] == 64
+    assert cfg["train"]["loss_normalization"] == "micro_batch_mean"  # HALOs' mean of micro-batch means
     assert cfg["train"]["eval_every"] == 16  # eval_every: 1024 examples in steps of 64
     assert cfg["optim"]["scheduler"] == "constant" and cfg["optim"]["max_grad_norm"] == 5.0
     assert cfg["peft"] == {
@@ -398,7 +404,6 @@ def test_halos_hydra_config_with_overrides(tmp_path):
         "dropout": 0.05,
         "target_modules": "all-linear",
     }
-    assert "mean over each micro-batch's target tokens" in text
     (tmp_path / "loss").mkdir()
     (tmp_path / "loss" / "dpo.yaml").write_text(
         "trainer: DPOTrainer\ndataloader: PairedPreferenceDataLoader\n"

@@ -398,3 +398,64 @@ def test_unpacked_run_json_has_no_packed_attention_reason(tiny_model_dir, chat_f
     info = json.loads((out / "run.json").read_text())
     assert info["packed_attention"] is None and "packed_attention" not in info["reasons"]
     assert (info["global_batch"], info["global_batch_unit"]) == (512 * 2, "tokens")
+
+
+def _steps(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_normalization_trains_its_mean_and_evaluates_the_token_mean(tiny_model_dir, chat_file, tmp_path):
+    """With lr 0 the weights never move: each mode's step-1 loss is its own mean of the same micro-batches,
+    and the eval loss (always the token mean) is the same number in every mode."""
+    runs = {}
+    for mode in ("tokens", "micro_batch_mean", "sequence_mean"):
+        cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / mode, loss_normalization=mode, max_steps=2)
+        run_training(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 0.0})}))
+        runs[mode] = _steps(tmp_path / mode)
+    tokens, micro, seqs = runs["tokens"], runs["micro_batch_mean"], runs["sequence_mean"]
+    assert micro[0]["micro_batches"] == 2 * 1 and seqs[0]["sequences"] == 8  # 2 micro-batches of 4 rows
+    assert micro[0]["target_tokens"] == seqs[0]["target_tokens"] == tokens[0]["target_tokens"]
+    assert len({round(r[0]["loss"], 6) for r in runs.values()}) == 3  # three different means ...
+    assert micro[1]["eval_loss"] == pytest.approx(tokens[1]["eval_loss"], rel=1e-6)  # ... one eval loss
+    assert seqs[1]["eval_loss"] == pytest.approx(tokens[1]["eval_loss"], rel=1e-6)
+
+
+def test_global_batch_size_sets_the_accumulation(tiny_model_dir, chat_file, tmp_path, capsys):
+    from sftlab.config import ConfigError
+    from sftlab.trainer.resolved import with_global_batch
+
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_model_dir, chat_file, out, global_batch_size=8, micro_batch_size=2, max_steps=1)
+    run_training(cfg, console=Console(file=None, force_terminal=False, width=200))
+    run = json.loads((out / "run.json").read_text())
+    assert run["grad_accum_steps"] == 4 and run["global_batch"] == 8
+    assert "train.global_batch_size: 8 = micro_batch_size 2 x grad_accum_steps 4 x 1 process(es)" in (
+        capsys.readouterr().out
+    )
+    two = make_cfg(tiny_model_dir, chat_file, out, global_batch_size=12, micro_batch_size=4)
+    assert with_global_batch(two, 3)[0].train.grad_accum_steps == 1
+    with pytest.raises(
+        ConfigError,
+        match=r"not a multiple of train.micro_batch_size \(4\) x 2 process\(es\) = 8: use 8 or 16",
+    ):
+        with_global_batch(two, 2)
+    with pytest.raises(ValueError, match="with train.micro_batch_tokens"):
+        make_cfg(tiny_model_dir, chat_file, out, global_batch_size=8, micro_batch_tokens=512)
+
+
+def test_max_seq_length_null_is_the_models_positions(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    from sftlab.config import ConfigError
+    from sftlab.trainer import data as run_data
+
+    cfg = make_cfg(tiny_model_dir, chat_file, tmp_path / "run", max_steps=1)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_seq_length": None})})
+    run_training(cfg)
+    limit = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    assert f"max_seq_length: {limit}" in (tmp_path / "run" / "config.yaml").read_text()
+    monkeypatch.setattr(run_data, "position_limit", lambda *a: (None, None))
+    with pytest.raises(
+        ConfigError, match="data.max_seq_length: null takes the model's max_position_embeddings"
+    ):
+        run_data.with_resolved_length(cfg, None, str(tiny_model_dir), None)

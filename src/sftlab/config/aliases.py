@@ -213,6 +213,8 @@ ALIASES = {
     "formatting": SRC + "format",
     "num_samples": SRC + "weight",
     "tags": SRC + "columns",
+    # open-instruct
+    "reduce_loss": "train.loss_normalization",
     # HALOs (Hydra: config.yaml, model/*.yaml) and CS336
     "load_from": "model.name_or_path",
     "from_checkpoint": "train.resume",

@@ -195,7 +195,14 @@ class DataConfig(_Strict):
             "fraction of training examples held out for validation (0 with no eval sources: no validation loss)"
         ),
     )
-    max_seq_length: int = Field(2048, gt=0, description="longest example (and packed row) in tokens")
+    max_seq_length: int | None = Field(
+        2048,
+        gt=0,
+        description=(
+            "longest example (and packed row) in tokens; null: the model's max_position_embeddings (no limit "
+            "of sftlab's own; refused when the model's config names none)"
+        ),
+    )
     on_overlength: Literal["drop", "truncate", "error"] = Field(
         "drop",
         description=(
@@ -405,6 +412,24 @@ class TrainConfig(_Strict):
         gt=0,
         description=(
             "micro-batches per optimizer step; the loss is normalised over all target tokens of the step"
+        ),
+    )
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "examples (rows when packed) per optimizer step over all processes; grad_accum_steps is derived "
+            "from it (global_batch_size / (micro_batch_size x processes), printed; refused when it does not "
+            "divide); null: micro_batch_size x grad_accum_steps x processes"
+        ),
+    )
+    loss_normalization: Literal["tokens", "micro_batch_mean", "sequence_mean"] = Field(
+        "tokens",
+        description=(
+            "what the step's summed loss is divided by. tokens: the step's target tokens over all micro-batches "
+            "and processes (each target token weighs the same); micro_batch_mean: each micro-batch's mean, "
+            "averaged (HALOs, TRL before 0.13, CS336's handout); sequence_mean: each sequence's mean, averaged "
+            "(a packed row's documents count one each). Evaluation always reports the token mean"
         ),
     )
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides num_epochs when set")
@@ -687,7 +712,17 @@ class SFTConfig(_Strict):
     @model_validator(mode="after")
     def _check_across_sections(self) -> "SFTConfig":
         micro_batch_tokens = self.train.micro_batch_tokens
-        if micro_batch_tokens is not None and micro_batch_tokens < self.data.max_seq_length:
+        if self.train.global_batch_size is not None and micro_batch_tokens is not None:
+            raise ValueError(
+                "train.global_batch_size counts rows; with train.micro_batch_tokens (a token budget) the rows of "
+                "a micro-batch vary: set train.grad_accum_steps instead"
+            )
+        max_seq_length = self.data.max_seq_length
+        if (
+            micro_batch_tokens is not None
+            and max_seq_length is not None
+            and micro_batch_tokens < max_seq_length
+        ):
             raise ValueError(
                 f"train.micro_batch_tokens ({micro_batch_tokens}) must be at least data.max_seq_length "
                 f"({self.data.max_seq_length}): a micro-batch must hold the longest row"

@@ -144,11 +144,8 @@ def schedule(c: v.Conversion, key: str, value: Any, raw: dict) -> None:
 
 
 def global_batch(c: v.Conversion, key: str, value: Any, raw: dict) -> None:
-    micro = int(raw.get("batch.micro_batch_size") or 1)
-    c.notes.append(
-        f"# note: batch.batch_size={value} sequences per optimizer step over all processes: set "
-        f"train.grad_accum_steps so that processes x {micro} x it = {value}"
-    )
+    """Sequences (packed rows) per optimizer step over all processes."""
+    c.set("train.global_batch_size", int(value))
 
 
 def split(c: v.Conversion, key: str, value: Any, raw: dict) -> None:

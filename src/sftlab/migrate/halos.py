@@ -58,11 +58,12 @@ NOT_NEEDED = {
     "top_p": "`sftlab generate` takes its sampling settings",
 }
 TURN_MARKERS = ("human_prefix", "assistant_prefix", "human_suffix", "assistant_suffix")
-DEFAULTS = {"optim.scheduler": "constant", "optim.weight_decay": 0.0, "optim.warmup_ratio": 0.0}
-NORMALISATION_NOTE = (
-    "# note: HALOs' SFT loss is the mean over each micro-batch's target tokens, averaged over the "
-    "micro-batches; sftlab divides the step's summed loss by the step's target-token count (docs/migrating.md)"
-)
+DEFAULTS = {
+    "optim.scheduler": "constant",
+    "optim.weight_decay": 0.0,
+    "optim.warmup_ratio": 0.0,
+    "train.loss_normalization": "micro_batch_mean",  # HALOs' SFT loss: each micro-batch's mean, averaged
+}
 
 
 def read(path: Path, overrides: list[str]) -> dict[str, Any]:
@@ -141,14 +142,13 @@ def _batch(raw: dict[str, Any]) -> tuple[int, int]:
 
 
 def batch_size(c: v.Conversion, key: str, value: Any, raw: dict) -> None:
+    """HALOs' batch_size is per optimizer step over all processes: train.global_batch_size; the micro-batch
+    is batch_size / accumulation on one process (HALOs divides by the processes too: on N processes set
+    train.micro_batch_size to batch_size / (accumulation x N))."""
     per_step, accum = _batch(raw)
     micro = raw.get("model.microbatch_size") or max(1, per_step // accum)
+    c.set("train.global_batch_size", per_step)
     c.set("train.micro_batch_size", int(micro))
-    c.set("train.grad_accum_steps", accum)
-    c.notes.append(
-        f"# note: model.batch_size={per_step} examples per optimizer step over all processes; on N processes "
-        f"set train.micro_batch_size x train.grad_accum_steps x N = {per_step}"
-    )
 
 
 def examples_to_steps(target: str):
@@ -265,6 +265,5 @@ NOT_SUPPORTED = {
 
 
 def finish(c: v.Conversion, raw: dict[str, Any]) -> None:
-    c.notes.append(NORMALISATION_NOTE)
     if "model.batch_size" not in raw:
         batch_size(c, "model.batch_size", 32, raw)

@@ -54,7 +54,8 @@ DEFAULTS = {
 }
 REDUCE_LOSS_NOTE = (
     "# note: reduce_loss={value}: open-instruct {how}; sftlab divides the step's summed loss by the "
-    "step's target-token count over all micro-batches and processes (docs/migrating.md, loss normalisation)"
+    "step's target-token count over all micro-batches and processes (train.loss_normalization: tokens; "
+    "docs/migrating.md, loss normalisation)"
 )
 
 
@@ -143,10 +144,11 @@ def keep_last(c: v.Conversion, key: str, value: Any, raw: dict) -> None:
 
 
 def reduce_loss(c: v.Conversion, key: str, value: Any, raw: dict) -> None:
-    how = {
-        "mean": "averages each micro-batch's loss over its own tokens, then over the accumulation steps",
-        "sum": "sums the loss over tokens, undivided (the gradient grows with the tokens of the step)",
-    }.get(str(value), "reduces the loss its own way")
+    """mean (open-instruct's default): each micro-batch's mean, averaged: train.loss_normalization:
+    micro_batch_mean. sum: undivided, which no normalisation reproduces: sftlab's token mean, with a note."""
+    if str(value) == "mean":
+        return c.set("train.loss_normalization", "micro_batch_mean")
+    how = "sums the loss over tokens, undivided (the gradient grows with the tokens of the step)"
     c.notes.append(REDUCE_LOSS_NOTE.format(value=value, how=how))
 
 
@@ -165,9 +167,11 @@ def launcher(c: v.Conversion, key: str, value: Any, raw: dict) -> None:
     if isinstance(processes, int) and isinstance(raw.get("per_device_train_batch_size", 8), int):
         per_step = processes * int(raw.get("per_device_train_batch_size", 8))
         per_step *= int(raw.get("gradient_accumulation_steps", 1))
+        c.set("train.global_batch_size", per_step)  # the accumulation follows the processes of each launch
+        c.tree.get("train", {}).pop("grad_accum_steps", None)
         c.notes.append(
             f"# note: {processes} processes x micro-batch x accumulation = {per_step} examples per optimizer "
-            f"step; on N processes set train.grad_accum_steps so that N x micro_batch_size x it = {per_step}"
+            "step: train.global_batch_size, whatever the number of processes"
         )
 
 
@@ -220,5 +224,8 @@ CONSUMED = {
 
 
 def finish(c: v.Conversion, raw: dict[str, Any]) -> None:
-    if "reduce_loss" not in raw:
-        reduce_loss(c, "reduce_loss", "mean", raw)
+    if "reduce_loss" not in raw:  # its default, mean
+        c.set("train.loss_normalization", "micro_batch_mean")
+        c.notes.append(
+            "# note: train.loss_normalization: micro_batch_mean is open-instruct's default (reduce_loss: mean)"
+        )

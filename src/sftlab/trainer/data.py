@@ -105,6 +105,36 @@ def load_run_tokens(
     return RunTokens(model_path, tokenizer, vocab_before, adapter_dir)
 
 
+def with_resolved_length(
+    cfg: SFTConfig, inputs: RunInputs | None, model_path: str | None, console: Console | None
+) -> SFTConfig:
+    """`data.max_seq_length: null` becomes the model's max_position_embeddings (printed); refused when the
+    model's config names none. Any other value is returned as it is."""
+    if cfg.data.max_seq_length is not None:
+        return cfg
+    model = inputs.model if inputs is not None else None
+    if model is not None:
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limit = getattr(text, "max_position_embeddings", None)
+        where = "the model object's config"
+    else:
+        adapter_dir = cfg.model.name_or_path if is_adapter_dir(cfg.model.name_or_path) else None
+        path = model_path or resolve_model_path(base_config(adapter_dir) if adapter_dir else cfg.model)
+        limit, where = position_limit(cfg.model, path)[0], path
+    if not isinstance(limit, int):
+        raise ConfigError(
+            f"data.max_seq_length: null takes the model's max_position_embeddings, and {where} names none: "
+            "set data.max_seq_length to a number of tokens"
+        )
+    if console is not None:
+        console.print(
+            f"[bold]data.max_seq_length[/bold]: null -> {limit} (the model's max_position_embeddings)",
+            highlight=False,
+        )
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_seq_length": limit})})
+
+
 def check_sequence_length(cfg: SFTConfig, model_path: str, console: Console | None) -> None:
     """max_seq_length must fit the model's positions (beyond them it was never trained), unless rope
     scaling is configured, which extends them: then a warning."""
@@ -157,6 +187,7 @@ def prepare_run_data(
     inputs = inputs or RunInputs()
     if not cfg.data.train and not inputs.train_sources:
         raise ConfigError(NO_TRAINING_DATA + " (in the Python API: train_dataset=)")
+    cfg = with_resolved_length(cfg, inputs, model_path, console)
     tokens = load_run_tokens(cfg, inputs, model_path)
     processor = run_processor(cfg, tokens.model_path, inputs)
     if processor is not None:

@@ -55,6 +55,7 @@ from rich.progress import (
 
 from sftlab.config.schema import CheckpointConfig, SFTConfig
 from sftlab.data.packing import pack_examples, packed_collate
+from sftlab.data.types import IGNORE_INDEX
 from sftlab.trainer import best, distributed, hub
 from sftlab.trainer.callbacks import CallbackList
 from sftlab.trainer.checkpoint import Progress, TrainerState, latest_checkpoint, save_checkpoint
@@ -239,13 +240,16 @@ class Recipe:
         p.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
         losses = p.objective.record(loss_sum, normaliser)
+        if isinstance(p.objective, SFTObjective) and "target_tokens" not in losses:  # another normalisation
+            losses["target_tokens"] = int(p.accelerator.reduce(torch.tensor(sizes["targets"]), "sum"))
+        targets = losses.get("target_tokens", normaliser)
         record = {
             "step": step,
             "epoch": round(p.stream.epoch_progress, 4),
             "loss": losses.pop("loss"),
             "lr": lr,
             "grad_norm": grad_norm,
-            **throughput(p.flops, sizes, normaliser, elapsed, r.world_size, r.peak_flops),
+            **throughput(p.flops, sizes, targets, elapsed, r.world_size, r.peak_flops),
             **losses,
             "step_time_s": round(elapsed, 4),
         }
@@ -273,7 +277,7 @@ class Recipe:
         train, step, last = r.cfg.train, record["step"], record["step"] == r.total_steps
         eval_due = bool(train.eval_every) and step % train.eval_every == 0
         if len(p.data.eval) and (eval_due or last):
-            metrics = run_evaluation(p.model, p.data, p.objective, p.engine, r.cfg)
+            metrics = run_evaluation(p.model, p.data, evaluation_objective(p.objective), p.engine, r.cfg)
             record.update(metrics)
             p.result.eval_loss = metrics.get("eval_loss")
             p.result.eval_losses = {k: v for k, v in metrics.items() if k.startswith("eval/")}
@@ -353,7 +357,7 @@ def next_micro_batches(
     """This rank's share of the stream's next `n_micro` micro-batches, on the device, and what they hold:
     input tokens, padded positions, and the sum of squared document lengths (for attention FLOPs)."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    batches, sizes = [], {"tokens": 0, "padded": 0, "sum_sq_docs": 0}
+    batches, sizes = [], {"tokens": 0, "padded": 0, "sum_sq_docs": 0, "targets": 0}
     for _ in range(n_micro):
         idx = next(batches_iter)[rank::world]
         if idx:
@@ -361,6 +365,9 @@ def next_micro_batches(
             batch = data.collate(units)
             sizes["tokens"] += sum(len(u.input_ids) for u in units)
             sizes["padded"] += batch["input_ids"].numel()
+            sizes["targets"] += (
+                int((batch["labels"][..., 1:] != IGNORE_INDEX).sum()) if "labels" in batch else 0
+            )
             sizes["sum_sq_docs"] += sum(
                 n * n for u in units for n in getattr(u, "doc_lengths", [len(u.input_ids)])
             )
@@ -499,6 +506,13 @@ def evaluate_loss(
         torch.tensor([total, float(norm)], dtype=torch.float64, device=accelerator.device), "sum"
     )
     return objective.record(totals[0].item(), int(totals[1].item()), prefix)
+
+
+def evaluation_objective(objective: Objective) -> Objective:
+    """What evaluation computes: the objective's own evaluation form where it has one (SFT: the token mean,
+    whatever the training normalisation), else the objective itself."""
+    evaluation = getattr(objective, "evaluation", None)
+    return evaluation() if callable(evaluation) else objective
 
 
 def run_evaluation(

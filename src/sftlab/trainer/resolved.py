@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftlab.config.schema import SFTConfig
+from sftlab.config.schema import ConfigError, SFTConfig
 from sftlab.trainer.checkpoint import TrainerState
 from sftlab.trainer.inputs import RunInputs
 
@@ -73,6 +73,36 @@ class Resolved:
         if self.packed_attention is not None:
             why["packed_attention"] = self.packed_attention_why or ""
         return why
+
+
+def with_global_batch(cfg: SFTConfig, world_size: int) -> tuple[SFTConfig, str | None]:
+    """`train.global_batch_size` (examples, or packed rows, per optimizer step over all processes) turned
+    into `train.grad_accum_steps` for this world size, with the line that says so; refused when
+    micro_batch_size x processes does not divide it, naming the sizes that would."""
+    train = cfg.train
+    wanted = train.global_batch_size
+    if wanted is None:
+        return cfg, None
+    per_micro = train.micro_batch_size * world_size
+    if wanted % per_micro:
+        near = sorted(
+            {max(per_micro, wanted // per_micro * per_micro), (wanted // per_micro + 1) * per_micro}
+        )
+        divisors = [m for m in range(1, train.micro_batch_size + 1) if wanted % (m * world_size) == 0]
+        raise ConfigError(
+            f"train.global_batch_size ({wanted}) is not a multiple of train.micro_batch_size "
+            f"({train.micro_batch_size}) x {world_size} process(es) = {per_micro}: use "
+            f"{' or '.join(map(str, near))}"
+            + (f", or train.micro_batch_size {divisors[-1]}" if divisors else "")
+        )
+    accum = wanted // per_micro
+    line = (
+        f"[bold]train.global_batch_size[/bold]: {wanted} = micro_batch_size {train.micro_batch_size} x "
+        f"grad_accum_steps {accum} x {world_size} process(es)"
+    )
+    if "grad_accum_steps" in train.model_fields_set and train.grad_accum_steps != accum:
+        line += f" (train.grad_accum_steps {train.grad_accum_steps} is replaced: global_batch_size wins)"
+    return cfg.model_copy(update={"train": train.model_copy(update={"grad_accum_steps": accum})}), line
 
 
 def batch_geometry(cfg: SFTConfig, world_size: int) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def build_components(
     if not (cfg.peft is not None and cfg.peft.quantize is not None):  # bitsandbytes places quantized weights
         model.to(accelerator.device)
     # 2. the objective and the loss function it computes with, checked on the device for this model
-    objective = resolved.inputs.objective or SFTObjective()
+    objective = resolved.inputs.objective or SFTObjective(normalization=cfg.train.loss_normalization)
     engine_allows = engine.target_loss_head_supported()
     objective.attach(
         run_model.loss_function(cfg, model, accelerator, console if main else None, engine_allows)

@@ -16,37 +16,42 @@ import torch
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from sftlab.config.schema import SFTConfig
+from sftlab.config.schema import ConfigError, SFTConfig
 from sftlab.data.locate import check_local_paths
+from sftlab.trainer import data as run_data
 from sftlab.trainer import distributed, hub, precision, resume, run_model, tracking
+from sftlab.trainer import resolved as resolved_module
 from sftlab.trainer.inputs import RunInputs
-from sftlab.trainer.resolved import Resolved
 from sftlab.trainer.rundir import RunError
 
 
 def start_run(
     cfg: SFTConfig, console: Console, resume_command: str | None = None, inputs: RunInputs | None = None
-) -> tuple[Resolved, distributed.Engine] | None:
+) -> tuple[resolved_module.Resolved, distributed.Engine] | None:
     """Accelerate and its engine, mixed precision, the output directory and the resume point; None when
     train.resume=auto finds the run already finished."""
     inputs = inputs or RunInputs()
     cfg, model_path = run_model.resolve_model_settings(cfg, inputs, console)
     mixed, why = precision.run_precision(cfg)
     out = Path(cfg.train.output_dir)
-    check_before_start(cfg)
+    check_before_start(cfg, inputs)
     # the processes and their engine (nothing is written yet): the output_dir verdict is shared over them
     engine = start_engine(cfg, mixed, out)
     if resume.claim_output_dir(cfg, console, engine.accelerator) == "complete":
         return None
     tracking.prepare_offline(cfg.train.report_to, out)
     main = engine.accelerator.is_main_process
+    cfg, batch_line = resolved_module.with_global_batch(cfg, engine.accelerator.num_processes)
+    cfg = run_data.with_resolved_length(cfg, inputs, model_path, console if main else None)
     if main:
         precision.print_precision(cfg, console, mixed, why, engine.precision(mixed))
+        if batch_line:
+            console.print(batch_line, highlight=False)
     resume_from, resume_state = resume.resume_point(cfg)
     set_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    resolved = Resolved(
+    resolved = resolved_module.Resolved(
         cfg=cfg,
         output_dir=out,
         inputs=inputs,
@@ -63,8 +68,14 @@ def start_run(
     return resolved, engine
 
 
-def check_before_start(cfg: SFTConfig) -> None:
-    """What fails fast, before anything is touched: trackers, local data paths, Hub access for push_to_hub."""
+def check_before_start(cfg: SFTConfig, inputs: RunInputs) -> None:
+    """What fails fast, before anything is touched: trackers, local data paths, Hub access for push_to_hub,
+    a loss normalisation asked of an objective that has its own."""
+    if inputs.objective is not None and cfg.train.loss_normalization != "tokens":
+        raise ConfigError(
+            f"train.loss_normalization: {cfg.train.loss_normalization} is the SFT objective's; the objective "
+            "given (objective=) normalises its own loss: leave train.loss_normalization at tokens"
+        )
     try:
         tracking.check_trackers(cfg.train.report_to)
     except tracking.TrackerError as e:
