@@ -77,7 +77,7 @@ def run_args(cfg: SFTConfig) -> SimpleNamespace:
         max_steps=cfg.train.max_steps or -1,
         num_train_epochs=cfg.train.num_epochs,
         logging_steps=cfg.train.log_every,
-        eval_steps=cfg.train.eval_every,
+        eval_steps=cfg.train.eval_every if isinstance(cfg.train.eval_every, int) else None,
         save_steps=cfg.checkpoint.every_steps,
         seed=cfg.train.seed,
         report_to=list(cfg.train.report_to),

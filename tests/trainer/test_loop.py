@@ -459,3 +459,40 @@ def test_max_seq_length_null_is_the_models_positions(tiny_model_dir, chat_file, 
         ConfigError, match="data.max_seq_length: null takes the model's max_position_embeddings"
     ):
         run_data.with_resolved_length(cfg, None, str(tiny_model_dir), None)
+
+
+def test_eval_on_start_per_epoch_first_step_and_samples(tiny_model_dir, chat_file, tmp_path):
+    """train.eval_on_start: a step-0 record (eval loss, no training loss); eval_every: epoch: a validation
+    at each epoch's end; the first step is logged whatever log_every; sample_every: eval: replies to the
+    first eval prompts beside each validation, in metrics.jsonl and report.md."""
+    out = tmp_path / "run"
+    cfg = make_cfg(
+        tiny_model_dir,
+        chat_file,
+        out,
+        max_steps=None,
+        num_epochs=2,
+        eval_every="epoch",
+        eval_on_start=True,
+        log_every=1000,
+        sample_every="eval",
+        sample_prompts=2,
+        sample_max_new_tokens=4,
+    )
+    res = run_training(cfg)
+    steps = _steps(out)
+    assert steps[0]["step"] == 0 and "eval_loss" in steps[0] and "loss" not in steps[0]
+    assert steps[1]["step"] == 1 and "eval_loss" not in steps[1]  # logged although log_every is 1000
+    evaluated = [r["step"] for r in steps if "eval_loss" in r]
+    epoch_end = next(r["step"] for r in res.history if r["step"] and r["epoch"] >= 1.0)
+    assert (
+        evaluated == [0, epoch_end, res.steps] and 0 < epoch_end < res.steps
+    )  # before, and each epoch's end
+    for r in steps:
+        assert ("samples" in r) == ("eval_loss" in r)
+    sample = steps[-1]["samples"][0]
+    assert len(steps[-1]["samples"]) == 2 and sample["prompt"] and sample["reference"]
+    assert isinstance(sample["reply"], str)
+    report = (out / "report.md").read_text()
+    assert "## Samples" in report and "| prompt | reference | reply |" in report
+    assert f"first / last training loss | {steps[1]['loss']:.4f}" in report

@@ -71,7 +71,17 @@ def test_trackers_write_offline_and_read_back(tiny_model_dir, chat_file, tmp_pat
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "TRACKIO_DIR"):
         monkeypatch.delenv(var, raising=False)
     out = tmp_path / "run"
-    run_training(make_cfg(tiny_model_dir, chat_file, out, report_to=["tensorboard", "wandb", "trackio"]))
+    run_training(
+        make_cfg(
+            tiny_model_dir,
+            chat_file,
+            out,
+            report_to=["tensorboard", "wandb", "trackio"],
+            sample_every="eval",
+            sample_prompts=1,
+            sample_max_new_tokens=3,
+        )
+    )
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -82,6 +92,10 @@ def test_trackers_write_offline_and_read_back(tiny_model_dir, chat_file, tmp_pat
         (r["step"], r["loss"]) for r in logged
     ]
     assert [e.step for e in ea.Scalars("eval_loss")] == [r["step"] for r in logged if "eval_loss" in r]
+    # the samples beside each evaluation, as text
+    assert [e.step for e in ea.Tensors("samples/text_summary")] == [
+        r["step"] for r in logged if "samples" in r
+    ]
 
     db = sqlite3.connect(out / "trackio" / "run.db")
     rows = db.execute("select step, metrics from metrics order by step").fetchall()

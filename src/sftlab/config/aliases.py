@@ -50,6 +50,7 @@ RENAMES = {
     "push_to_hub": "train.push_to_hub",
     "hub_model_id": "train.hub_model_id",
     "hub_private_repo": "train.hub_private",
+    "eval_on_start": "train.eval_on_start",
     "run_name": "train.run_name",
     # axolotl
     "base_model": "model.name_or_path",
@@ -215,6 +216,7 @@ ALIASES = {
     "tags": SRC + "columns",
     # open-instruct
     "reduce_loss": "train.loss_normalization",
+    "do_first_eval": "train.eval_on_start",
     # HALOs (Hydra: config.yaml, model/*.yaml) and CS336
     "load_from": "model.name_or_path",
     "from_checkpoint": "train.resume",

@@ -8,7 +8,7 @@ templates are in fields.py; reading a YAML file and the Python API's keyword arg
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -436,9 +436,22 @@ class TrainConfig(_Strict):
     num_epochs: float = Field(1.0, gt=0, description="passes over the training data")
     seed: int = Field(42, description="seed of data order, mixing, eval split and initialisation")
     log_every: int = Field(1, gt=0, description="log a metrics line every N optimizer steps")
-    eval_every: int | None = Field(
-        None, gt=0, description="validation loss every N steps; null: only at the end"
+    eval_every: Annotated[int, Field(gt=0)] | Literal["epoch"] | None = Field(
+        None,
+        description="validation loss every N steps, or at the end of each epoch (epoch); null: only at the end",
     )
+    eval_on_start: bool = Field(
+        False, description="validation before the first step too (step 0 in metrics.jsonl; not when resuming)"
+    )
+    sample_every: Annotated[int, Field(gt=0)] | Literal["eval"] | None = Field(
+        None,
+        description=(
+            "generate replies to a few fixed eval prompts every N steps, or at each evaluation (eval); shown in "
+            "metrics.jsonl (`samples`), the console, tensorboard/wandb text and report.md; null: never"
+        ),
+    )
+    sample_prompts: int = Field(3, gt=0, description="how many eval prompts sample_every generates for")
+    sample_max_new_tokens: int = Field(64, gt=0, description="the longest reply sample_every generates")
     load_best_model_at_end: bool = Field(
         False,
         description=(

@@ -216,6 +216,7 @@ def to(target: str, convert=v.number):
 HANDLERS = {
     "seed": to("train.seed", int),
     "exp_name": to("train.run_name", str),
+    "do_first_eval": to("train.eval_on_start", bool),
     "lr": to("optim.lr"),
     "n_epochs": to("train.num_epochs", float),
     "n_examples": examples_to_steps("train.max_steps"),
@@ -256,7 +257,6 @@ PREFIXES_NOT_NEEDED = {
     "loss.": "SFT's loss has no parameters",
 }
 NOT_SUPPORTED = {
-    "do_first_eval": "validation runs every train.eval_every steps and at the end",
     "humanline": "a HALOs alignment option, not SFT",
     "humanline_alpha": "a HALOs alignment option, not SFT",
     "model.max_prompt_length": "sftlab keeps whole prompts; data.on_overlength decides for long rows",

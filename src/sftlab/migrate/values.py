@@ -165,7 +165,7 @@ def eval_strategy(c: Conversion, key: str, value: Any, raw: dict) -> None:
     if value == "steps":
         c.set("train.eval_every", int(raw.get("eval_steps") or raw.get("logging_steps") or 500))
     elif value == "epoch":
-        c.skip(key, value, "sftlab validates every train.eval_every steps and at the end")
+        c.set("train.eval_every", "epoch")
 
 
 def save_strategy(c: Conversion, key: str, value: Any, raw: dict) -> None:

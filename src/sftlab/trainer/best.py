@@ -38,7 +38,7 @@ def check_metric(train: TrainConfig, data: RunData) -> None:
 
 def best_step(history: list[dict[str, Any]], metric: str) -> tuple[int, float] | None:
     """(step, value) of the lowest `metric` in the history (the earliest on ties), None before any eval."""
-    scored = [(r[metric], r["step"]) for r in history if r.get(metric) is not None]
+    scored = [(r[metric], r["step"]) for r in history if r.get(metric) is not None and r["step"] > 0]
     if not scored:
         return None
     value, step = min(scored)

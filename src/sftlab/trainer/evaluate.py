@@ -176,3 +176,42 @@ def _exact_match_record(model: Any, tokenizer: Any, cfg: MatchEvalConfig, proces
         "accuracy": res.accuracy,
         "samples": [list(s) for s in res.samples[:5]],
     }
+
+
+@torch.no_grad()
+def sample_replies(model, examples, tokenizer, count: int, max_new_tokens: int) -> list[dict[str, str]]:
+    """Greedy replies to the first `count` eval examples' prompts (their tokens before the first target:
+    the chat template's generation prompt included), with the reference the example trains on. Whatever
+    the row format: the prompt is cut from the tokenized example, so it is exactly what training sees."""
+    samples = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(min(count, len(examples))):
+            ex = examples[i]
+            first = next((t for t, label in enumerate(ex.labels) if label != -100), len(ex.labels))
+            if first == 0 or getattr(ex, "images", ()):  # nothing to prompt with, or an image row
+                continue
+            ids = torch.tensor([ex.input_ids[:first]], device=model.device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            target = [t for t, label in zip(ex.input_ids, ex.labels) if label != -100]
+            samples.append(
+                {
+                    "prompt": tokenizer.decode(ex.input_ids[:first], skip_special_tokens=True)[-300:],
+                    "reply": tokenizer.decode(out[0, first:], skip_special_tokens=True),
+                    "reference": tokenizer.decode(target, skip_special_tokens=True),
+                }
+            )
+    finally:
+        model.train(was_training)
+    return samples

@@ -62,7 +62,7 @@ from sftlab.trainer.checkpoint import Progress, TrainerState, latest_checkpoint,
 from sftlab.trainer.components import Components
 from sftlab.trainer.control import Interrupted, StopRequest
 from sftlab.trainer.data import RunData, prepare_run_data
-from sftlab.trainer.evaluate import target_loss
+from sftlab.trainer.evaluate import sample_replies, target_loss
 from sftlab.trainer.inputs import RunInputs
 from sftlab.trainer.master_weights import master_weight_optimizer
 from sftlab.trainer.objective import Objective, SFTObjective
@@ -159,6 +159,8 @@ class Recipe:
         # from here on, SIGINT/SIGTERM = finish the step, checkpoint, stop
         with StopRequest(announce=r.main) as stop:
             p.metrics = open_run_log(r, p, self.progress.logged_steps)
+            if r.cfg.train.eval_on_start and self.progress.step == 0 and len(p.data.eval):
+                self.log_step({"step": 0, "epoch": 0.0}, evaluate=True)
             self.fit(stop)
         if p.result.stopped is None:
             best.restore_best(r, p)
@@ -199,7 +201,7 @@ class Recipe:
                 p.callbacks.step = step
                 record = self.optimizer_step(step, batches_iter)
                 self.progress.step = step
-                self.log_step(record)
+                self.log_step(record, evaluate=self.eval_due(step, p.stream.epoch > epoch_before))
                 bar.advance(task)
                 due = checkpoint_due(r.cfg.checkpoint, step, p.stream.epoch > epoch_before, stop)
                 path = self.checkpoint() if due or best.due(r.cfg.train, record, total) else None
@@ -270,25 +272,60 @@ class Recipe:
 
     # --- the step record, checkpoints ------------------------------------------------------------
 
-    def log_step(self, record: dict[str, Any]) -> None:
-        """Validation when due (every eval_every steps, and at the last step), then the record is kept in the
-        history and, when due, written to metrics.jsonl, the console and the callbacks' on_log."""
+    def eval_due(self, step: int, epoch_ended: bool) -> bool:
+        """Validation after this step: every eval_every steps (or at each epoch's end), and at the last."""
+        every = self.resolved.cfg.train.eval_every
+        due = epoch_ended if every == "epoch" else bool(every) and step % every == 0
+        return due or step == self.resolved.total_steps
+
+    def log_step(self, record: dict[str, Any], evaluate: bool = False) -> None:
+        """Validation when `evaluate` (and eval data exist), samples when due, then the record is kept in the
+        history and, when due (the first step, every log_every, the last, an evaluation), written to
+        metrics.jsonl, the console and the callbacks' on_log. Step 0 (train.eval_on_start) has no loss."""
         r, p = self.resolved, self.parts
         train, step, last = r.cfg.train, record["step"], record["step"] == r.total_steps
-        eval_due = bool(train.eval_every) and step % train.eval_every == 0
-        if len(p.data.eval) and (eval_due or last):
+        if evaluate and len(p.data.eval):
             metrics = run_evaluation(p.model, p.data, evaluation_objective(p.objective), p.engine, r.cfg)
             record.update(metrics)
             p.result.eval_loss = metrics.get("eval_loss")
             p.result.eval_losses = {k: v for k, v in metrics.items() if k.startswith("eval/")}
             p.callbacks.call("on_evaluate", {"step": step, **metrics})
+        every = train.sample_every
+        if (every == "eval" and "eval_loss" in record) or (
+            isinstance(every, int) and step and step % every == 0
+        ):
+            record["samples"] = self.samples()
         p.result.history.append(record)
-        p.result.final_loss = record["loss"]
-        if step % train.log_every == 0 or last or "eval_loss" in record or "skipped" in record:
+        p.result.final_loss = record.get("loss", p.result.final_loss)
+        first = step == r.start_step + 1
+        if step % train.log_every == 0 or first or last or "eval_loss" in record or "skipped" in record:
             self.progress.logged_steps.append(step)
             p.metrics.write(record)
             p.metrics.show(record, r.total_steps)
             p.callbacks.call("on_log", record)
+
+    def samples(self) -> list[dict[str, str]]:
+        """Replies to the first eval prompts (train.sample_every), generated on the main process (every rank
+        waits: the model is one it can run alone, else none under a sharded engine)."""
+        r, p = self.resolved, self.parts
+        train, samples = r.cfg.train, []
+        if p.engine.sharded:
+            return [
+                {"note": "no samples under a sharded engine (FSDP/DeepSpeed): generate from the saved model"}
+            ]
+        if r.main and len(p.data.eval):
+            with p.accelerator.autocast():
+                samples = sample_replies(
+                    p.engine.unwrap(p.model),
+                    p.data.eval,
+                    p.data.tokenizer,
+                    train.sample_prompts,
+                    train.sample_max_new_tokens,
+                )
+            for s in samples:
+                p.console.print(f"  sample: {s['prompt'][-60:]!r} -> {s['reply'][:80]!r}", highlight=False)
+        p.accelerator.wait_for_everyone()
+        return samples
 
     def checkpoint(self) -> Path:
         """A checkpoint of this step: weights, optimizer, scheduler, RNG and the `TrainerState`; `on_save`."""

@@ -48,26 +48,27 @@ def plot(metrics: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [m["step"] for m in metrics]
+    trained = [m for m in metrics if m.get("loss") is not None]  # step 0 (eval_on_start) has no loss
+    steps = [m["step"] for m in trained]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), constrained_layout=True)
     ax = axes[0][0]
     ax.plot(
         steps,
-        [m.get("loss") for m in metrics],
+        [m["loss"] for m in trained],
         label="training loss",
         marker="." if len(steps) < 40 else None,
     )
     for key in eval_keys(metrics):  # eval_loss, then each named eval set's eval/<name>_loss
         evals = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
         ax.plot(*zip(*evals), label="validation loss" if key == "eval_loss" else key, marker="o")
-    ax.set_yscale("log" if all((m.get("loss") or 0) > 0 for m in metrics) else "linear")
+    ax.set_yscale("log" if all(m["loss"] > 0 for m in trained) else "linear")
     ax.legend()
     for ax, key, title in (
         (axes[0][1], "lr", "learning rate"),
         (axes[1][0], "tokens_per_s", "tokens/s"),
         (axes[1][1], "target_tokens", "target tokens per step"),
     ):
-        ax.plot(steps, [m.get(key) for m in metrics], marker="." if len(steps) < 40 else None)
+        ax.plot(steps, [m.get(key) for m in trained], marker="." if len(steps) < 40 else None)
         ax.set_title(title)
     axes[0][0].set_title("loss")
     for ax in axes.flat:
@@ -85,11 +86,15 @@ def eval_keys(metrics: list[dict[str, Any]]) -> list[str]:
 
 def _summary(metrics: list[dict[str, Any]], info: dict[str, Any] | None, total: int | None) -> list[str]:
     last = metrics[-1] if metrics else {}
+    trained = [m for m in metrics if m.get("loss") is not None]
     evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
     rows = [
         ("optimizer steps", f"{last.get('step', 0)}" + (f" of {total}" if total else "")),
         ("epochs", f"{last.get('epoch', 0):.2f}"),
-        ("first / last training loss", f"{metrics[0]['loss']:.4f} / {last['loss']:.4f}" if metrics else "-"),
+        (
+            "first / last training loss",
+            f"{trained[0]['loss']:.4f} / {trained[-1]['loss']:.4f}" if trained else "-",
+        ),
         ("last / best validation loss", f"{evals[-1]:.4f} / {min(evals):.4f}" if evals else "-"),
         *[
             (f"last / best {key}", _last_best(metrics, key))
@@ -169,6 +174,23 @@ def _match_section(match: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _samples_section(metrics: list[dict[str, Any]]) -> list[str]:
+    """The replies train.sample_every generated, at the first and the last step that has them."""
+    sampled = [m for m in metrics if m.get("samples")]
+    if not sampled:
+        return ["(no samples: `train.sample_every`)"]
+    out: list[str] = []
+    for record in [sampled[0]] if len(sampled) == 1 else [sampled[0], sampled[-1]]:
+        out += [f"Step {record['step']}:", "", "| prompt | reference | reply |", "|---|---|---|"]
+        out += [
+            f"| {_cell(s.get('prompt', ''))} | {_cell(s.get('reference', ''))} "
+            f"| {_cell(s.get('reply', s.get('note', '')))} |"
+            for s in record["samples"]
+        ]
+        out.append("")
+    return out[:-1]
+
+
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")[:120]
 
@@ -208,6 +230,10 @@ def write_report(run_dir: str | Path, status: str | None = None) -> Path:
         "## Exact-match evaluation",
         "",
         *_match_section(_read_json(run_dir / "match_eval.json")),
+        "",
+        "## Samples",
+        "",
+        *_samples_section(metrics),
         "",
         "## Configuration (resolved)",
         "",

@@ -86,9 +86,18 @@ def start(accelerator, names: list[str], run_name: str, config: dict[str, Any]) 
 
 
 def log(accelerator, names: list[str], record: dict[str, Any]) -> None:
+    """The record's numbers to every tracker; its samples (train.sample_every) as text to those that show
+    text (tensorboard, wandb)."""
     if names:
         values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         accelerator.log(values, step=record["step"])
+        text = "\n\n".join(
+            f"{s.get('prompt', '')!r} -> {s.get('reply', s.get('note', ''))!r}"
+            for s in record.get("samples") or []
+        )
+        for name in ("tensorboard", "wandb"):
+            if text and name in names:
+                accelerator.get_tracker(name, unwrap=False).log({"samples": text}, step=record["step"])
 
 
 def finish(accelerator, names: list[str]) -> None:
