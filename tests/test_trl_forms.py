@@ -236,7 +236,6 @@ def test_every_argument_that_cannot_run_is_reported_at_once_before_any_work(tmp_
         sftlab.train(
             train_dataset=ROWS,
             data_collator=object(),
-            compute_metrics=lambda p: {},
             optimizers=(opt, None),
             model_init=lambda: None,
             learning_rate=1e-4,
@@ -244,10 +243,9 @@ def test_every_argument_that_cannot_run_is_reported_at_once_before_any_work(tmp_
             **{"train.output_dir": str(out)},
         )
     message = str(e.value)
-    assert message.startswith("6 arguments cannot be used as given:")
+    assert message.startswith("5 arguments cannot be used as given:")
     for fix in (
         "data_collator=object: not supported",
-        "compute_metrics: not supported: sftlab keeps no logits",
         "optim={'name': 'adamw', 'lr': 0.001, 'weight_decay': 0.1, 'eps': 1e-08, 'betas': [0.9, 0.999]}",
         "model=model_init()",
         "learning_rate: unknown key; did you mean optim.lr? (**{'optim.lr': 0.0001})",
@@ -420,3 +418,47 @@ def test_default_model_is_the_converted_directory_and_runs_from_it_record_defaul
         sftlab.train(given, train_dataset=chat_rows(), **quick, **{"train.output_dir": str(out)})
         assert json.loads((out / "sftlab_base.json").read_text())["name_or_path"] == "default"
         assert yaml.safe_load((out / "config.yaml").read_text())["model"]["name_or_path"] == "default"
+
+
+def test_compute_metrics_runs_on_the_eval_rows_as_transformers_hands_them(tiny_model_dir, tmp_path):
+    """compute_metrics(EvalPrediction) at each validation: label_ids are the eval examples' labels (unshifted,
+    -100 where no loss, padded to the longest), predictions what preprocess_logits_for_metrics makes of the
+    logits; its numbers join the record as eval_<name>."""
+    seen = []
+
+    def accuracy(pred):
+        seen.append((pred.predictions, pred.label_ids))
+        keep = pred.label_ids[:, 1:] != -100
+        return {
+            "token_accuracy": float((pred.predictions[:, :-1] == pred.label_ids[:, 1:])[keep].mean()),
+            "note": "x",
+        }
+
+    config = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"eval_fraction": 0.25, "max_seq_length": 256},
+        "optim": {"lr": 1e-3},
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 2,
+            "eval_every": 1,
+            "micro_batch_size": 2,
+        },
+    }
+    rows = datasets.Dataset.from_list([{"messages": c} for c in CONVERSATIONS] * 2)
+    res = sftlab.train(
+        config,
+        train_dataset=rows,
+        compute_metrics=accuracy,
+        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
+    )
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_token_accuracy" in r] == [1, 2] and len(seen) == 2
+    assert all(0.0 <= r["eval_token_accuracy"] <= 1.0 for r in records if "eval_token_accuracy" in r)
+    assert "eval_note" not in records[-1]  # only numbers join the record
+    evals = sftlab.prepare(config, train_dataset=rows).eval
+    predictions, label_ids = seen[-1]
+    assert predictions.shape == label_ids.shape and label_ids.shape[0] == len(evals)
+    for row, ex in zip(label_ids, evals):
+        assert row[: len(ex.labels)].tolist() == ex.labels and (row[len(ex.labels) :] == -100).all()
+    assert res.history[-1]["eval_token_accuracy"] == records[-1]["eval_token_accuracy"]

@@ -61,12 +61,17 @@ def train(
     args: Any = None,
     peft_config: Any = None,
     processing_class: Any = None,
+    compute_metrics: Any = None,
+    preprocess_logits_for_metrics: Any = None,
     console: Console | None = None,
     resume_command: str | None = None,
     **overrides: Any,
 ):
     """Fine-tune; returns a `TrainResult` (output_dir, steps, final_loss, eval_loss, eval_losses, history,
-    stopped). The model, tokenizer, report and metrics are written to `train.output_dir`."""
+    stopped). The model, tokenizer, report and metrics are written to `train.output_dir`.
+    `compute_metrics(eval_pred)` (transformers' form: `eval_pred.predictions`, the eval rows' logits or what
+    `preprocess_logits_for_metrics(logits, labels)` makes of them; `eval_pred.label_ids`, the labels, -100
+    where no loss, unshifted) runs at every validation; its numbers join the record as `eval_<name>`."""
     from sftlab.trainer.callbacks import check_callbacks
     from sftlab.trainer.loop import run_training
     from sftlab.trl_callbacks import adapt_callbacks, run_args
@@ -80,6 +85,7 @@ def train(
     adapted, notes = adapt_callbacks(callbacks, trl_args if given else run_args(cfg))
     _show(console, notes)
     inputs.callbacks, inputs.objective = check_callbacks(adapted), objective
+    inputs.compute_metrics, inputs.preprocess_logits = compute_metrics, preprocess_logits_for_metrics
     with _fixes_in_python_form(cfg, inputs):
         return run_training(cfg, console, resume_command, inputs)
 

@@ -9,7 +9,7 @@ never imported: its objects are recognised by their class names and fields.
   class's defaults go through `sftlab convert-config --from trl`'s converter (`migrate.convert_tree`);
 - `peft_config`: a peft `LoraConfig` becomes the `peft` section (`peft_section`);
 - `processing_class`: the tokenizer (a processor: its tokenizer);
-- keyword arguments that are not config keys (TRL's `data_collator`, `compute_metrics`, `optimizers`,
+- keyword arguments that are not config keys (TRL's `data_collator`, `optimizers`,
   ..., or a mistyped key) are reported together, each with its fix (`triage_keywords`);
 - `formatting_func`: TRL's batched form (a dict of lists -> a list of texts) is detected on the first
   row it formats (`TRLFormatting`);
@@ -263,15 +263,7 @@ def _optimizer_cls(value: Any) -> str:
 
 
 _OPTIMIZERS = {"AdamW": "adamw", "Adam": "adamw", "SGD": "sgd", "Adafactor": "adafactor"}
-_METRICS = (
-    "not supported: sftlab keeps no logits of the eval sets; validation reports eval_loss, and "
-    "eval/<name>_loss per set of eval_dataset={'name': ds, ...}; exact-match accuracy of generated answers "
-    "is match_eval={'path': 'eval.jsonl'}; for any other metric, generate after training: "
-    "sftlab.generate(result.output_dir, prompts) (or read on_evaluate(metrics) in a callback)"
-)
 REFUSED = {  # SFTTrainer arguments sftlab does not take -> the message naming the sftlab way
-    "compute_metrics": lambda v: f"compute_metrics: {_METRICS}",
-    "preprocess_logits_for_metrics": lambda v: f"preprocess_logits_for_metrics: {_METRICS}",
     "optimizers": _optimizers,
     "optimizer_cls_and_kwargs": _optimizer_cls,
     "model_init": lambda v: (

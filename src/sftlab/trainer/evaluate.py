@@ -215,3 +215,65 @@ def sample_replies(model, examples, tokenizer, count: int, max_new_tokens: int) 
     finally:
         model.train(was_training)
     return samples
+
+
+@torch.no_grad()
+def eval_predictions(
+    model, examples, pad_id: int, batch_size: int, accelerator, preprocess=None, collate=None
+) -> tuple[Any, Any] | None:
+    """(predictions, label_ids) over `examples` as transformers' evaluation loop hands them to
+    `compute_metrics`: the logits of every row (or `preprocess(logits, labels)`'s result), rows padded to
+    the longest (-100 labels), in the examples' order; on the main process (None elsewhere). Every rank runs
+    the same number of forwards (its share, padded with repeats that are dropped), so sharded engines stay
+    in step."""
+    import numpy as np
+    from accelerate.utils import gather_object
+
+    collate = collate or (lambda rows: pad_collate(rows, pad_id))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_rank = -(-len(examples) // world)
+    mine = [min(i, len(examples) - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    was_training, rows = model.training, []
+    model.eval()
+    try:
+        for start in range(0, len(mine), batch_size):
+            index = mine[start : start + batch_size]
+            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in index]).items()}
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            with accelerator.autocast():
+                logits = model(**inputs, use_cache=False).logits
+            preds = preprocess(logits, batch["labels"]) if preprocess is not None else logits.float()
+            for j, i in enumerate(index):
+                n = len(examples[i].input_ids)
+                rows.append((i, preds[j, :n].detach().cpu().numpy(), batch["labels"][j, :n].cpu().numpy()))
+    finally:
+        model.train(was_training)
+    rows = gather_object(rows) if world > 1 else rows
+    if not accelerator.is_main_process:
+        return None
+    unique = sorted({i: (p, y) for i, p, y in rows}.items())
+    longest = max(len(y) for _, (_, y) in unique)
+
+    def padded(a, fill):
+        return np.concatenate([a, np.full((longest - len(a), *a.shape[1:]), fill, dtype=a.dtype)])
+
+    predictions = np.stack([padded(p, -100 if p.ndim == 1 else 0) for _, (p, _) in unique])
+    return predictions, np.stack([padded(y, -100) for _, (_, y) in unique])
+
+
+def metrics_of(compute_metrics, predictions, label_ids, prefix: str) -> dict[str, float]:
+    """`compute_metrics(EvalPrediction(predictions, label_ids))`'s numbers as `<prefix><name>` (transformers
+    prefixes eval_ too); a non-number is left out, a non-mapping result is an error naming the function."""
+    from transformers import EvalPrediction
+
+    result = compute_metrics(EvalPrediction(predictions=predictions, label_ids=label_ids))
+    if not isinstance(result, dict):
+        raise ConfigError(
+            f"compute_metrics returned {type(result).__name__}; it must return a dict of metric names to numbers"
+        )
+    named = {k.removeprefix("eval_"): v for k, v in result.items()}
+    return {
+        f"{prefix}{k}": float(v)
+        for k, v in named.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }

@@ -26,6 +26,10 @@ class RunInputs:
     formatting_func: Callable[[dict], Any] | None = None  # row -> messages | {prompt, completion} | text
     callbacks: list[Any] = field(default_factory=list)  # trainer/callbacks.py
     objective: Any = None  # trainer/objective.py; None: SFTObjective
+    compute_metrics: Callable[[Any], dict] | None = None  # transformers' compute_metrics(EvalPrediction)
+    preprocess_logits: Callable[[Any, Any], Any] | None = (
+        None  # preprocess_logits_for_metrics(logits, labels)
+    )
 
     def describe(self) -> dict[str, Any]:
         """What the run records of these (run.json): names and sizes, never the objects."""
@@ -38,6 +42,9 @@ class RunInputs:
             else None,
             "callbacks": [getattr(c, "name", None) or type(c).__name__ for c in self.callbacks],
             "objective": type(self.objective).__name__ if self.objective is not None else "SFTObjective",
+            "compute_metrics": getattr(self.compute_metrics, "__qualname__", None)
+            if self.compute_metrics
+            else None,
         }
 
 

@@ -62,7 +62,7 @@ from sftlab.trainer.checkpoint import Progress, TrainerState, latest_checkpoint,
 from sftlab.trainer.components import Components
 from sftlab.trainer.control import Interrupted, StopRequest
 from sftlab.trainer.data import RunData, prepare_run_data
-from sftlab.trainer.evaluate import sample_replies, target_loss
+from sftlab.trainer.evaluate import eval_predictions, metrics_of, sample_replies, target_loss
 from sftlab.trainer.inputs import RunInputs
 from sftlab.trainer.master_weights import master_weight_optimizer
 from sftlab.trainer.objective import Objective, SFTObjective
@@ -286,6 +286,8 @@ class Recipe:
         train, step, last = r.cfg.train, record["step"], record["step"] == r.total_steps
         if evaluate and len(p.data.eval):
             metrics = run_evaluation(p.model, p.data, evaluation_objective(p.objective), p.engine, r.cfg)
+            if r.inputs.compute_metrics is not None:
+                metrics.update(custom_metrics(p.model, p.data, p.engine, r.cfg, r.inputs))
             record.update(metrics)
             p.result.eval_loss = metrics.get("eval_loss")
             p.result.eval_losses = {k: v for k, v in metrics.items() if k.startswith("eval/")}
@@ -580,6 +582,28 @@ def run_evaluation(
                 engine=engine,
             )
         )
+    return metrics
+
+
+def custom_metrics(
+    model, data: RunData, engine: distributed.Engine, cfg: SFTConfig, inputs: RunInputs
+) -> dict:
+    """The Python API's `compute_metrics` over all eval examples (`eval_<name>`) and each named eval set
+    (`eval/<set>_<name>`), on the main process; the other ranks take part in the forwards."""
+    sets = {"eval_": data.eval, **{f"eval/{name}_": examples for name, examples in data.eval_sets.items()}}
+    metrics: dict[str, float] = {}
+    for prefix, examples in sets.items():
+        found = eval_predictions(
+            model,
+            examples,
+            data.pad_id,
+            cfg.train.micro_batch_size,
+            engine.accelerator,
+            inputs.preprocess_logits,
+            data.eval_collate,
+        )
+        if found is not None:
+            metrics.update(metrics_of(inputs.compute_metrics, *found, prefix))
     return metrics
 
 
