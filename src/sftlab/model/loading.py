@@ -12,6 +12,7 @@ checks then refuse them. The cached directory is a plain float checkpoint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -113,15 +114,25 @@ def default_model_dir() -> str:
 
 
 def is_default_model_dir(path: str | os.PathLike) -> bool:
-    """Whether `path` is the default model's converted directory (its `.complete` names the embedded GGUF),
-    so that a run from it records `default`, which resolves on any machine."""
-    marker = Path(path).expanduser() / ".complete"
-    if not marker.is_file():
+    """Whether `path` is the default model's converted directory: a complete conversion named by the
+    embedded GGUF's content (`convert_gguf`), whichever environment converted it (the cache is shared by
+    every virtual environment of the machine), so that a run from it records `default`, which resolves on
+    any machine."""
+    path = Path(path).expanduser()
+    if not (path / ".complete").is_file():
         return False
     try:
-        return Path(marker.read_text(encoding="utf-8").strip()) == default_gguf_path().resolve()
+        gguf = default_gguf_path().resolve()
+        stat = gguf.stat()
+        return path.name == _content_id(str(gguf), stat.st_size, stat.st_mtime_ns)
     except (ModelLoadError, OSError):
         return False
+
+
+@functools.lru_cache(maxsize=8)
+def _content_id(path: str, size: int, mtime_ns: int) -> str:
+    """The cache directory name of a GGUF file's conversion (hashed once per file version and process)."""
+    return _sha256(Path(path))[:24]
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
