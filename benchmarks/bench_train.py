@@ -54,8 +54,10 @@ process's own `ru_maxrss`: the TRL worker reports `RUSAGE_SELF`, the sftlab work
 after its one child (`sftlab train`) exits; each measurement is a fresh process. On CUDA the table
 adds each side's peak `torch.cuda.max_memory_allocated()` (the sftlab child writes it at exit).
 
-MFU: sftlab's own (metrics.jsonl `mfu`: model FLOPs, attention included, over the peak its matmul
-probe measured at start in its compute dtype; the time-weighted mean of steps 2..N). The line "6N
+MFU: sftlab's own (metrics.jsonl `mfu`: model FLOPs -- attention included, the head at the target tokens
+with the target-only head -- over the peak its matmul probe measured at start in its compute dtype on the
+model's matmul shape; run.json `reasons.peak_flops` names it; the time-weighted mean of steps 2..N), and
+beside it the achieved model GFLOP/s (`model_gflops_per_s`). The line "6N
 ceiling at the run's probe" divides that peak (run.json `peak_flops`) by 6 x the model's matmul
 parameters: the tokens/s no run can pass there (attention comes on top), and the table gives every
 row as a share of it -- TRL's rows included, on the same scale.
@@ -188,6 +190,14 @@ def throughput(steps: list[dict]) -> float:
 
 class WorkerFailed(RuntimeError):
     pass
+
+
+def run_gflops(steps: list[dict]) -> float | None:
+    """sftlab's achieved model GFLOP/s over steps 2..N (metrics.jsonl `model_gflops_per_s`), time-weighted."""
+    timed = [s for s in steps[1:] if s.get("gflops") is not None]
+    if not timed:
+        return None
+    return sum(s["gflops"] * s["time_s"] for s in timed) / sum(s["time_s"] for s in timed)
 
 
 def run_mfu(steps: list[dict]) -> float | None:
@@ -366,6 +376,7 @@ def worker_sftlab(spec: dict) -> dict:
                 "tokens": round(r["tokens_per_s"] * r["step_time_s"]),
                 "targets": r["target_tokens"],
                 "mfu": r.get("mfu"),
+                "gflops": r.get("model_gflops_per_s"),
             }
         )
     info = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
@@ -615,7 +626,9 @@ def plan_data(args, work: Path, model_path: str, model_arg: str | None) -> tuple
 def summarize(runs: list[dict]) -> dict:
     mfus = [r["mfu"] for r in runs if r.get("mfu") is not None]
     gpus = [r["peak_gpu_mb"] for r in runs if r.get("peak_gpu_mb") is not None]
+    gflops = [g for r in runs if (g := run_gflops(r.get("steps") or [])) is not None]
     return {
+        "gflops": statistics.median(gflops) if gflops else None,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
         "peak_gpu_mb": statistics.median(gpus) if gpus else None,
@@ -631,7 +644,7 @@ def print_table(results: dict, names: dict, ceiling: float | None, cuda: bool) -
     print(
         f"{'side':{w}s} {'case':>11s} {'tokens/s':>9s} {'peak RSS MB':>12s}"
         + (f" {'peak GPU MB':>12s}" if cuda else "")
-        + f" {'first-step loss':>16s} {'tokens/step':>12s} {'MFU':>6s} {'of 6N ceiling':>14s}"
+        + f" {'first-step loss':>16s} {'tokens/step':>12s} {'MFU':>6s} {'GFLOP/s':>8s} {'of 6N ceiling':>14s}"
     )
     summary: dict[tuple[str, int], dict] = {}
     for (side, mbs), runs in results.items():
@@ -642,6 +655,7 @@ def print_table(results: dict, names: dict, ceiling: float | None, cuda: bool) -
             else (f" {'-':>12s}" if cuda else "")
         )
         mfu = f"{s['mfu']:6.1%}" if s["mfu"] is not None else f"{'-':>6s}"
+        mfu += f" {s['gflops']:8.1f}" if s.get("gflops") is not None else f" {'-':>8s}"
         of = f"{s['tokens_per_s'] / ceiling:14.1%}" if ceiling else f"{'-':>14s}"
         print(
             f"{names[side]:{w}s} {f'mb {mbs}x{CAPACITY}':>11s} {s['tokens_per_s']:9.1f} {s['peak_rss_mb']:12.0f}{gpu} "

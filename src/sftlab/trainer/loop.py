@@ -479,13 +479,14 @@ def throughput(
 ) -> dict[str, float]:
     """tokens/s (input tokens, padding excluded), target tokens/s, padding share and MFU, all ranks."""
     tokens, padded = sizes["tokens"] * world, sizes["padded"] * world
-    step_flops = flops.step_flops(sizes["tokens"], sizes["sum_sq_docs"]) * world
+    step_flops = flops.step_flops(sizes["tokens"], sizes["sum_sq_docs"], sizes.get("targets")) * world
     return {
         "tokens_per_s": tokens / elapsed,
         "target_tokens_per_s": targets / elapsed,
         "padding": round(1 - tokens / padded, 4) if padded else 0.0,
         # 4 significant digits, not 4 decimals: a small model on a fast-bf16 peak is below 5e-5, not 0
         "mfu": float(f"{step_flops / elapsed / (peak_flops * world):.4g}"),
+        "model_gflops_per_s": float(f"{step_flops / elapsed / 1e9:.4g}"),  # all processes
     }
 
 

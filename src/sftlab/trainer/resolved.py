@@ -56,6 +56,7 @@ class Resolved:
     total_steps: int = 0  # optimizer steps of the run
     total_micro_batches: int = 0  # micro-batches of the run (each over all processes)
     peak_flops: float | None = None  # per process: train.peak_flops or the matmul probe
+    peak_flops_why: str = ""  # where the peak comes from (the probe's dtype and shape, or the key)
 
     @property
     def start_step(self) -> int:
@@ -72,6 +73,8 @@ class Resolved:
         }
         if self.packed_attention is not None:
             why["packed_attention"] = self.packed_attention_why or ""
+        if self.peak_flops_why:
+            why["peak_flops"] = self.peak_flops_why
         return why
 
 

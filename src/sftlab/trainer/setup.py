@@ -36,7 +36,6 @@ def build_components(
     # 1. the model, built whole (sharded engines keep fp32 masters and cast themselves), then on its device
     built = build_model(resolved, engine, console, data)
     model = built.model
-    flops = throughput.FlopCounter(model)  # before any wrapping: the model's own matmuls
     if not (cfg.peft is not None and cfg.peft.quantize is not None):  # bitsandbytes places quantized weights
         model.to(accelerator.device)
     # 2. the objective and the loss function it computes with, checked on the device for this model
@@ -45,6 +44,9 @@ def build_components(
     objective.attach(
         run_model.loss_function(cfg, model, accelerator, console if main else None, engine_allows)
     )
+    # the model's own matmuls (before any wrapping); the head's only at targets with the target-only head
+    target_head = getattr(getattr(objective, "loss_fn", None), "mode", None) == "target"
+    flops = throughput.FlopCounter(model, target_head=target_head)
     # 3. the micro-batch stream over the data's units, and the run's length in steps
     stream = micro_batch_stream(cfg, data.units, resolved.world_size)
     steps = plan_steps(cfg, stream.batches_per_epoch)
@@ -57,11 +59,19 @@ def build_components(
     del built  # the fp32 originals live on in the masters only
     scheduler = optim.build_scheduler(optimizer, cfg.optim, steps["total_steps"])
     # 5. what was decided, then compilation when it pays (it needs the run's length and peak FLOP/s)
-    peak_flops = cfg.train.peak_flops or throughput.measure_peak_flops(
-        accelerator.device, matmul_dtype(resolved.mixed_precision, model)
-    )
+    peak_flops, peak_why = peak_of(cfg, model, accelerator.device, resolved.mixed_precision)
+    if main:
+        console.print(
+            f"[bold]MFU[/bold] against a peak of {peak_flops / 1e9:,.0f} GFLOP/s ({peak_why})",
+            highlight=False,
+        )
     resolved = dataclasses.replace(
-        resolved, **decisions, **batch_geometry(cfg, resolved.world_size), **steps, peak_flops=peak_flops
+        resolved,
+        **decisions,
+        **batch_geometry(cfg, resolved.world_size),
+        **steps,
+        peak_flops=peak_flops,
+        peak_flops_why=peak_why,
     )
     model, resolved = compiling.compile_if_it_pays(
         model, resolved, data, accelerator.device, engine.sharded, flops.dense, console if main else None
@@ -98,6 +108,19 @@ def build_model(resolved: Resolved, engine: Engine, console: Console, data: RunD
             console.print(line, highlight=False)
     built.model.train()
     return built
+
+
+def peak_of(cfg, model, device: torch.device, mixed_precision: str) -> tuple[float, str]:
+    """The peak FLOP/s MFU is measured against, and where it comes from: `train.peak_flops`, else the
+    run's compute dtype measured on the model's matmul shape (trainer/throughput.py: model_shape)."""
+    if cfg.train.peak_flops:
+        return cfg.train.peak_flops, "train.peak_flops"
+    dtype = matmul_dtype(mixed_precision, model)
+    budget = cfg.train.micro_batch_tokens or cfg.train.micro_batch_size * cfg.data.max_seq_length
+    shape = throughput.model_shape(model, budget)
+    peak = throughput.measure_peak_flops(device, dtype, shape=shape)
+    name = str(dtype).removeprefix("torch.")
+    return peak, f"measured: {name} matmuls {shape[0]}x{shape[1]}x{shape[2]}, forward and backward"
 
 
 def matmul_dtype(mixed_precision: str, model) -> torch.dtype:
