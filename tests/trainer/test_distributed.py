@@ -107,3 +107,55 @@ def test_two_processes_match_one(peft, tiny_model_dir, chat_file, tmp_path):
         assert (
             tmp_path / "vlm-two" / "processor_config.json"
         ).is_file()  # the processor saved with the model
+
+
+def test_killing_the_launcher_stops_its_workers(tiny_model_dir, chat_file, tmp_path):
+    """kill -9 of the launcher (torchrun's agent) takes its workers with it at once (parent-death signal),
+    so none trains on and writes checkpoints after it; the last complete checkpoint stays the last."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    config = tmp_path / "long.yaml"
+    tree = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train": [{"path": str(chat_file)}], "max_seq_length": 256},
+        "train": {
+            "output_dir": str(out),
+            "micro_batch_size": 1,
+            "max_steps": 100000,
+            "mixed_precision": "no",
+        },
+        "checkpoint": {"every_steps": 1, "keep_last": 2},
+    }
+    config.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), LAUNCH_RUNS, "0", str(config)]
+    launcher = subprocess.Popen(launch, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "latest").is_file():  # training: a checkpoint per step
+            assert launcher.poll() is None and time.time() < deadline, "the launch ended or never trained"
+            time.sleep(0.5)
+        children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True)
+        workers = [int(p) for p in children.stdout.split()]
+        assert len(workers) == 2
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        killed = time.time()
+        while any(os.path.exists(f"/proc/{p}") and "Z" not in _state(p) for p in workers):
+            assert time.time() - killed < 20, "workers outlived their launcher"
+            time.sleep(0.2)
+        after = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+        time.sleep(2)
+        assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == after  # nothing written after
+    finally:
+        launcher.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -29,7 +29,10 @@ specific here:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,11 +59,31 @@ class EngineError(SftlabError, RuntimeError):
     """The run's settings do not work with the engine `accelerate launch` chose."""
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def follow_launcher() -> None:
+    """A worker of `accelerate launch` / `torchrun` (LOCAL_RANK set, its parent the launcher's agent) dies
+    with its launcher: Linux's parent-death signal, SIGKILL, so a launcher killed outright (kill -9, the OOM
+    killer, a lost SSH session) never leaves workers training and writing checkpoints (the last complete
+    checkpoint stays the last; a SIGTERM to the launcher still reaches the workers through it, and they
+    checkpoint and stop). Elsewhere (one process, other systems) nothing is done."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not permitted here: the launcher's own signal handling remains
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def build_accelerator(mixed_precision: str, cpu: bool, **kwargs: Any) -> Accelerator:
     """The run's Accelerator, for whatever `accelerate launch` (or torchrun + env) asked for."""
     # Accelerate keeps one process-wide state: a later run in the same process (tests, notebooks) may
     # choose another mixed precision, so it starts from a clean one (the process group is kept).
     accelerate_compat.reset_state(reset_partial_state=False)
+    follow_launcher()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _quiet_deepspeed_on_cpu()
     fsdp, deepspeed = (
