@@ -13,6 +13,7 @@ that owns it and after what it needs:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -33,17 +34,17 @@ def build_components(
 ) -> tuple[Components, Resolved]:
     """The run's components and its `Resolved` completed (once: `dataclasses.replace`, the record is frozen)."""
     cfg, accelerator, main = resolved.cfg, engine.accelerator, resolved.main
-    # 1. the model, built whole (sharded engines keep fp32 masters and cast themselves), then on its device
+    shown = (
+        console if main else None
+    )  # what the main process prints    # 1. the model, built whole (sharded engines keep fp32 masters and cast themselves), then on its device
     built = build_model(resolved, engine, console, data)
     model = built.model
     if not (cfg.peft is not None and cfg.peft.quantize is not None):  # bitsandbytes places quantized weights
         model.to(accelerator.device)
     # 2. the objective and the loss function it computes with, checked on the device for this model
     objective = resolved.inputs.objective or SFTObjective(normalization=cfg.train.loss_normalization)
-    engine_allows = engine.target_loss_head_supported()
-    objective.attach(
-        run_model.loss_function(cfg, model, accelerator, console if main else None, engine_allows)
-    )
+    allows = engine.target_loss_head_supported()
+    objective.attach(run_model.loss_function(cfg, model, accelerator, shown, allows))
     # the model's own matmuls (before any wrapping); the head's only at targets with the target-only head
     target_head = getattr(getattr(objective, "loss_fn", None), "mode", None) == "target"
     flops = throughput.FlopCounter(model, target_head=target_head)
@@ -59,22 +60,12 @@ def build_components(
     del built  # the fp32 originals live on in the masters only
     scheduler = optim.build_scheduler(optimizer, cfg.optim, steps["total_steps"])
     # 5. what was decided, then compilation when it pays (it needs the run's length and peak FLOP/s)
-    peak_flops, peak_why = peak_of(cfg, model, accelerator.device, resolved.mixed_precision)
-    if main:
-        console.print(
-            f"[bold]MFU[/bold] against a peak of {peak_flops / 1e9:,.0f} GFLOP/s ({peak_why})",
-            highlight=False,
-        )
+    peak = peak_of(cfg, model, accelerator.device, resolved.mixed_precision, shown)
     resolved = dataclasses.replace(
-        resolved,
-        **decisions,
-        **batch_geometry(cfg, resolved.world_size),
-        **steps,
-        peak_flops=peak_flops,
-        peak_flops_why=peak_why,
+        resolved, **decisions, **batch_geometry(cfg, resolved.world_size), **steps, **peak
     )
     model, resolved = compiling.compile_if_it_pays(
-        model, resolved, data, accelerator.device, engine.sharded, flops.dense, console if main else None
+        model, resolved, data, accelerator.device, engine.sharded, flops.dense, shown
     )
     # 6. the engine's wrapping (DDP, FSDP2, DeepSpeed ZeRO), then the callbacks
     model, optimizer = engine.prepare(model, optimizer, cfg)
@@ -110,17 +101,27 @@ def build_model(resolved: Resolved, engine: Engine, console: Console, data: RunD
     return built
 
 
-def peak_of(cfg, model, device: torch.device, mixed_precision: str) -> tuple[float, str]:
-    """The peak FLOP/s MFU is measured against, and where it comes from: `train.peak_flops`, else the
-    run's compute dtype measured on the model's matmul shape (trainer/throughput.py: model_shape)."""
+def peak_of(
+    cfg, model, device: torch.device, mixed_precision: str, console: Console | None
+) -> dict[str, Any]:
+    """The peak FLOP/s MFU is measured against, and where it comes from (printed on `console`), as the
+    `Resolved` fields `peak_flops` and `peak_flops_why`:
+    `train.peak_flops`, else the run's compute dtype measured on the model's matmul shape
+    (trainer/throughput.py: model_shape)."""
     if cfg.train.peak_flops:
-        return cfg.train.peak_flops, "train.peak_flops"
-    dtype = matmul_dtype(mixed_precision, model)
-    budget = cfg.train.micro_batch_tokens or cfg.train.micro_batch_size * cfg.data.max_seq_length
-    shape = throughput.model_shape(model, budget)
-    peak = throughput.measure_peak_flops(device, dtype, shape=shape)
-    name = str(dtype).removeprefix("torch.")
-    return peak, f"measured: {name} matmuls {shape[0]}x{shape[1]}x{shape[2]}, forward and backward"
+        peak, why = cfg.train.peak_flops, "train.peak_flops"
+    else:
+        dtype = matmul_dtype(mixed_precision, model)
+        budget = cfg.train.micro_batch_tokens or cfg.train.micro_batch_size * cfg.data.max_seq_length
+        shape = throughput.model_shape(model, budget)
+        peak = throughput.measure_peak_flops(device, dtype, shape=shape)
+        name = str(dtype).removeprefix("torch.")
+        why = f"measured: {name} matmuls {shape[0]}x{shape[1]}x{shape[2]}, forward and backward"
+    if console is not None:
+        console.print(
+            f"[bold]MFU[/bold] against a peak of {peak / 1e9:,.0f} GFLOP/s ({why})", highlight=False
+        )
+    return {"peak_flops": peak, "peak_flops_why": why}
 
 
 def matmul_dtype(mixed_precision: str, model) -> torch.dtype:
