@@ -159,3 +159,112 @@ def _state(pid: int) -> str:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+SCRIPT = """
+import os, sys, time
+import sftlab
+config, mode = sys.argv[1], sys.argv[2]
+rank = int(os.environ["RANK"])
+
+def slow(row):  # a first preparation far longer than train.dist_timeout (the cache serves the second)
+    time.sleep(0.25)
+    return row
+
+if mode == "slow":
+    sftlab.train(config, formatting_func=slow)
+else:  # each rank with another learning rate: the run must refuse at once, naming the rank
+    sftlab.train(config, **{"optim.lr": 1e-3 * (1 + rank)})
+print("done", rank, flush=True)
+"""
+
+
+def _launch(tmp_path, mode: str, dist_timeout: int, max_steps: int = 1):
+    rows = [{"prompt": f"Q{i}: what is {i} + {i}?", "completion": f" {2 * i}"} for i in range(48)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / f"{mode}.yaml"
+    tree = {
+        "model": {"name_or_path": str(tmp_path / "model")},
+        "data": {"train": [{"path": str(data)}], "max_seq_length": 256, "cache_dir": str(tmp_path / "cache")},
+        "train": {"output_dir": str(tmp_path / mode), "max_steps": max_steps, "dist_timeout": dist_timeout},
+    }
+    config.write_text(yaml.safe_dump(tree))
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+        "SFTLAB_CACHE": str(tmp_path / "c"),
+    }
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+    ]
+    launch += ["--master_port", str(free_port()), str(script), str(config), mode]
+    return subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_first_preparation_longer_than_the_timeout_waits_outside_collectives(tiny_model_dir, tmp_path):
+    """Rank 0 prepares for ~12 s under train.dist_timeout: 5; rank 1 waits for its cache outside any
+    collective (a barrier would abort after 5 s), then both train."""
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    r = _launch(tmp_path, "slow", dist_timeout=5)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "done 0" in r.stdout and "done 1" in r.stdout
+    assert (tmp_path / "slow" / "model.safetensors").is_file()
+
+
+def test_ranks_that_disagree_on_the_config_stop_at_once_naming_the_rank(tiny_model_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    r = _launch(tmp_path, "mismatch", dist_timeout=60)
+    assert r.returncode != 0
+    assert "rank 1 runs with config = " in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not (tmp_path / "mismatch" / "checkpoints").exists()
+
+
+def test_a_killed_rank_stops_the_others_naming_it(tiny_model_dir, chat_file, tmp_path):
+    """kill -9 of one worker mid-run: the launcher stops the other within train.dist_timeout (here 30 s;
+    it does not wait in a collective) and says which rank died."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    config = tmp_path / "long.yaml"
+    tree = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train": [{"path": str(chat_file)}], "max_seq_length": 256},
+        "train": {"output_dir": str(out), "micro_batch_size": 1, "max_steps": 100000, "dist_timeout": 30},
+        "checkpoint": {"every_steps": 1, "keep_last": 2},
+    }
+    config.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), LAUNCH_RUNS, "0", str(config)]
+    launcher = subprocess.Popen(launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "latest").is_file():
+            assert launcher.poll() is None and time.time() < deadline, "the launch ended or never trained"
+            time.sleep(0.5)
+        children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True)
+        workers = sorted(int(p) for p in children.stdout.split())
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        killed = time.time()
+        output, _ = launcher.communicate(timeout=60)
+        assert time.time() - killed < 30 and launcher.returncode != 0
+        assert "exitcode: -9" in output and f"pid: {workers[1]}" in output
+        assert not any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in workers)
+    finally:
+        launcher.kill()

@@ -440,6 +440,14 @@ class TrainConfig(_Strict):
         None,
         description="validation loss every N steps, or at the end of each epoch (epoch); null: only at the end",
     )
+    dist_timeout: int = Field(
+        1800,
+        gt=0,
+        description=(
+            "seconds a rank waits in a collective (several processes) before the run stops with an error "
+            "instead of hanging; the first data preparation waits outside any collective, so it may take longer"
+        ),
+    )
     eval_on_start: bool = Field(
         False, description="validation before the first step too (step 0 in metrics.jsonl; not when resuming)"
     )

@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import os
 import signal
 import sys
+import time
+import uuid
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,7 @@ from accelerate.utils import (
 from sftlab.compat import accelerate as accelerate_compat
 from sftlab.compat import transformers as transformers_compat
 from sftlab.errors import SftlabError
+from sftlab.paths import cache_root
 from sftlab.trainer import checkpoint
 
 SINGLE, DDP, FSDP, DEEPSPEED = "single", "ddp", "fsdp", "deepspeed"
@@ -60,6 +65,63 @@ class EngineError(SftlabError, RuntimeError):
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class RankMismatch(SftlabError, RuntimeError):
+    """The processes of one run do not agree on what they run (config, data, versions, layout)."""
+
+
+def check_ranks_agree(accelerator: Accelerator, facts: dict[str, Any]) -> None:
+    """Every rank's `facts` (config hash, versions, world layout, data fingerprint) equal rank 0's, else one
+    error naming the first rank and the value that differ: a mismatch is an error at once, not a hang in a
+    later collective. One process: nothing to compare."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    everyone = gather_object([facts])
+    for rank, theirs in enumerate(everyone):
+        for key, value in facts.items() if rank else ():
+            if theirs.get(key) != everyone[0].get(key):
+                raise RankMismatch(
+                    f"rank {rank} runs with {key} = {theirs.get(key)!r}, rank 0 with {everyone[0].get(key)!r}: "
+                    "every process of a run needs the same config, data, versions and layout"
+                )
+
+
+def first_on_each_node(accelerator: Accelerator, work: Callable[[], Any], poll_s: float = 0.5) -> Any:
+    """`work()` on each node's first process, then on the node's other processes (reading what it cached).
+    The others wait for a marker file in the node's cache root (paths.py), never in a collective: a first
+    preparation of any length cannot meet the collective timeout. A failure of the first process is the
+    others' error too (its message in the marker); one process just works. Only the token naming the
+    marker is agreed in a collective, at once, as every rank arrives."""
+    if accelerator.num_processes == 1:
+        return work()
+    from accelerate.utils import broadcast_object_list
+
+    token = broadcast_object_list([uuid.uuid4().hex if accelerator.is_main_process else None])[0]
+    marker = cache_root() / "ready" / f"{token}-node{os.environ.get('GROUP_RANK', '0')}"
+    if accelerator.is_local_main_process:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        for old in marker.parent.iterdir():  # markers of runs a day old and more
+            with contextlib.suppress(OSError):
+                if old.stat().st_mtime < time.time() - 86400:
+                    old.unlink()
+        try:
+            result = work()
+        except BaseException as e:
+            marker.write_text(f"failed: {type(e).__name__}: {e}")
+            raise
+        marker.write_text("ok")
+        return result
+    while not marker.is_file():
+        time.sleep(poll_s)
+    state = marker.read_text()
+    if state != "ok":
+        raise EngineError(
+            f"the node's first process could not prepare the data ({state.removeprefix('failed: ')})"
+        )
+    return work()
 
 
 def follow_launcher() -> None:
@@ -78,8 +140,11 @@ def follow_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def build_accelerator(mixed_precision: str, cpu: bool, **kwargs: Any) -> Accelerator:
-    """The run's Accelerator, for whatever `accelerate launch` (or torchrun + env) asked for."""
+def build_accelerator(
+    mixed_precision: str, cpu: bool, dist_timeout: int | None = None, **kwargs: Any
+) -> Accelerator:
+    """The run's Accelerator, for whatever `accelerate launch` (or torchrun + env) asked for; with several
+    processes, collectives wait at most `dist_timeout` seconds (train.dist_timeout)."""
     # Accelerate keeps one process-wide state: a later run in the same process (tests, notebooks) may
     # choose another mixed precision, so it starts from a clean one (the process group is kept).
     accelerate_compat.reset_state(reset_partial_state=False)
@@ -90,12 +155,16 @@ def build_accelerator(mixed_precision: str, cpu: bool, **kwargs: Any) -> Acceler
         parse_flag_from_env("ACCELERATE_USE_FSDP"),
         parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"),
     )
+    timeout = {"timeout": datetime.timedelta(seconds=dist_timeout)} if dist_timeout else {}
     if cpu and world > 1 and not deepspeed:
         # gloo processes: without this Accelerate finds no GPU and runs each rank as a lone process
         os.environ["ACCELERATE_USE_CPU"] = "true"
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**timeout)]
     elif deepspeed and cpu and world > 1:
         # DeepSpeed's CPU accelerator; without a backend Accelerate would count one process
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo", **timeout)]
+    elif world > 1:
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**timeout)]
     if fsdp:
         # torch warns for every FSDP unit whose forward returns a view (embedding, norm, the loss head's
         # identity projection): the loop does no in-place op on them; tests compare gradients with one process

@@ -146,6 +146,12 @@ class Recipe:
         data, match_examples = load_data(resolved, engine.accelerator, console)
         best.check_metric(resolved.cfg.train, data)
         fingerprint = planned_fingerprint(resolved.cfg, resolved.resume_from is not None, data.units)
+        if resolved.world_size > 1:  # every rank trains on the same units, or the run stops here
+            agreed = {"data fingerprint": fingerprint or data_fingerprint(data.units)}
+            try:
+                distributed.check_ranks_agree(engine.accelerator, agreed)
+            except distributed.RankMismatch as e:
+                raise RunError(str(e)) from None
         resolved = dataclasses.replace(resolved, data_fingerprint=fingerprint)
         check_resume_state(resolved)  # the checkpoint's processes, engine and data, before any weights load
         # 3. the model and what trains it, each built by its own module (trainer/setup.py)
@@ -379,12 +385,17 @@ class Recipe:
 
 
 def load_data(resolved: Resolved, accelerator: Accelerator, console: Console) -> tuple[RunData, list]:
-    """Tokenizer, template, datasets, packing (trainer/data.py) and the match evaluation's examples. The
-    main process converts and caches first; the other ranks then read its caches."""
+    """Tokenizer, template, datasets, packing (trainer/data.py) and the match evaluation's examples. Each
+    node's first process converts and caches first; the node's other ranks wait for it outside any
+    collective (trainer/distributed.py: `first_on_each_node`), so a first preparation longer than
+    train.dist_timeout never aborts the run; then they read its caches."""
     cfg = resolved.cfg
-    with accelerator.main_process_first():
+
+    def prepare() -> tuple[RunData, list]:
         data = prepare_run_data(cfg, console if resolved.main else None, resolved.inputs, resolved.model_path)
         return data, load_match_eval(cfg, data)
+
+    return distributed.first_on_each_node(accelerator, prepare)
 
 
 # --- one optimizer step ------------------------------------------------------------------------

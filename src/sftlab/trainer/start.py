@@ -92,12 +92,35 @@ def start_engine(cfg: SFTConfig, mixed: str, out: Path) -> distributed.Engine:
     accelerator = distributed.build_accelerator(
         mixed,
         cpu=precision.run_device_type() == "cpu",
+        dist_timeout=cfg.train.dist_timeout,
         log_with=trackers or None,
         project_dir=str(out / "tensorboard") if "tensorboard" in trackers else None,
     )
     engine = distributed.Engine.of(accelerator)
     try:
         engine.check_run_settings(cfg)
-    except distributed.EngineError as e:
+        distributed.check_ranks_agree(accelerator, run_facts(cfg))
+    except (distributed.EngineError, distributed.RankMismatch) as e:
         raise RunError(str(e)) from None
     return engine
+
+
+def run_facts(cfg: SFTConfig) -> dict[str, str]:
+    """What every process of a run must share: the config (its hash), the versions that compute, the layout."""
+    import hashlib
+    import importlib.metadata as metadata
+    import json
+    import os
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "-"
+
+    config = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
+    return {
+        "config": hashlib.sha256(config.encode()).hexdigest()[:16],
+        **{f"{name} version": version(name) for name in ("sftlab", "torch", "transformers", "accelerate")},
+        "world layout": f"{os.environ.get('WORLD_SIZE', '1')} processes, {os.environ.get('LOCAL_WORLD_SIZE', '?')} per node",
+    }
