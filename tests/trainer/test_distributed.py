@@ -268,3 +268,60 @@ def test_a_killed_rank_stops_the_others_naming_it(tiny_model_dir, chat_file, tmp
         assert not any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in workers)
     finally:
         launcher.kill()
+
+
+def test_two_nodes_match_one_process(tiny_model_dir, chat_file, tmp_path):
+    """Two "nodes" on this machine (two torchrun launches, --nnodes 2, one process each, gloo on
+    127.0.0.1) train like one process with the same global batch: per-step loss and gradient norm."""
+
+    def cfg(out, micro):
+        tree = {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"train": [{"path": str(chat_file)}], "max_seq_length": 256},
+            "optim": {"lr": 3e-3, "warmup_steps": 0},
+            "train": {
+                "output_dir": str(out),
+                "micro_batch_size": micro,
+                "max_steps": 3,
+                "mixed_precision": "no",
+            },
+        }
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        return str(path)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    one = subprocess.run(
+        [sys.executable, LAUNCH_RUNS, "0", cfg(tmp_path / "one", 4)], env=env, capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stdout + one.stderr
+    port, two = str(free_port()), cfg(tmp_path / "two", 2)
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank)]
+            + [
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                LAUNCH_RUNS,
+                "0",
+                two,
+            ],
+            env={**env, "SFTLAB_CACHE": str(tmp_path / f"node{rank}-cache")},  # each node's own data cache
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), "\n".join(o[-3000:] for o in outputs)
+    m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(m1) == len(m2) == 3
+    for a, b in zip(m1, m2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
