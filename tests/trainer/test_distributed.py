@@ -31,25 +31,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_config(out: Path, micro: int, model, data, peft=None) -> str:
+    """A 3-step run's config beside `out` (exact fp32 math: 1e-5 agreement), micro-batches of `micro`."""
+    tree = {
+        "model": {"name_or_path": str(model)},
+        "data": {"train": [{"path": str(data)}], "max_seq_length": 256},
+        "optim": {"lr": 3e-3, "warmup_steps": 0},
+        "train": {
+            "output_dir": str(out),
+            "micro_batch_size": micro,
+            "grad_accum_steps": 2,
+            "max_steps": 3,
+            "mixed_precision": "no",
+        },
+        "peft": peft,
+    }
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
 @pytest.mark.parametrize("peft", [None, {"r": 4, "alpha": 8, "dropout": 0.0}], ids=["full", "lora"])
 def test_two_processes_match_one(peft, tiny_model_dir, chat_file, tmp_path):
     def cfg(out, micro, model=tiny_model_dir, data=chat_file):
-        tree = {
-            "model": {"name_or_path": str(model)},
-            "data": {"train": [{"path": str(data)}], "max_seq_length": 256},
-            "optim": {"lr": 3e-3, "warmup_steps": 0},
-            "train": {
-                "output_dir": str(out),
-                "micro_batch_size": micro,
-                "grad_accum_steps": 2,
-                "max_steps": 3,
-                "mixed_precision": "no",
-            },  # exact fp32 math: 1e-5 agreement
-            "peft": peft,
-        }
-        path = tmp_path / f"{out.name}.yaml"
-        path.write_text(yaml.safe_dump(tree))
-        return str(path)
+        return write_config(out, micro, model, data, peft)
 
     pairs = [(tmp_path / "one", tmp_path / "two", {})]
     if peft is None:  # the vision-language case rides along in the same launches
@@ -275,20 +280,7 @@ def test_two_nodes_match_one_process(tiny_model_dir, chat_file, tmp_path):
     127.0.0.1) train like one process with the same global batch: per-step loss and gradient norm."""
 
     def cfg(out, micro):
-        tree = {
-            "model": {"name_or_path": str(tiny_model_dir)},
-            "data": {"train": [{"path": str(chat_file)}], "max_seq_length": 256},
-            "optim": {"lr": 3e-3, "warmup_steps": 0},
-            "train": {
-                "output_dir": str(out),
-                "micro_batch_size": micro,
-                "max_steps": 3,
-                "mixed_precision": "no",
-            },
-        }
-        path = tmp_path / f"{out.name}.yaml"
-        path.write_text(yaml.safe_dump(tree))
-        return str(path)
+        return write_config(out, micro, tiny_model_dir, chat_file)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     one = subprocess.run(
