@@ -161,7 +161,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-TIMING = ("tokens_per_s", "target_tokens_per_s", "mfu", "step_time_s")
+TIMING = ("tokens_per_s", "target_tokens_per_s", "mfu", "model_gflops_per_s", "step_time_s")
 
 
 def stable(records: list[dict]) -> list[dict]:
