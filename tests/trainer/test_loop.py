@@ -378,7 +378,9 @@ def test_run_json_carries_each_decision_with_its_reason(tiny_model_dir, chat_fil
         "peak_flops",
     }
     assert all(reasons.values()), reasons
-    assert f"MFU against a peak of {info['peak_flops'] / 1e9:,.0f} GFLOP/s ({reasons['peak_flops']})" in printed
+    assert (
+        f"MFU against a peak of {info['peak_flops'] / 1e9:,.0f} GFLOP/s ({reasons['peak_flops']})" in printed
+    )
     assert f"precision: float32 ({reasons['mixed_precision']})" in printed
     on_off = {True: "on", False: "off"}
     assert reasons["gradient_checkpointing"].startswith("auto: a micro-batch of")
