@@ -157,25 +157,12 @@ def _fast_or_template(
     atoms: Atoms = (),
 ) -> tuple[str, list[Span]]:
     """Text and spans from the direct renderer where it applies (checked against the template when
-    `verify`), else from the template; assistant turns with loss weight 0 lose their span (`_weighted`)."""
-    text, spans = _direct_or_template(messages, loss_on, template, tools, kwargs, fast, verify, atoms)
-    return text, _weighted(messages, loss_on, spans)
-
-
-def _direct_or_template(
-    messages: list[dict[str, Any]],
-    loss_on: str,
-    template: str,
-    tools: Tools,
-    kwargs: dict[str, Any],
-    fast: ChatMLRenderer | None,
-    verify: bool,
-    atoms: Atoms = (),
-) -> tuple[str, list[Span]]:
+    `verify`: a disagreement is a FastPathMismatch), else from the template; assistant turns with loss
+    weight 0 lose their span (`_weighted`)."""
     got = fast.text_and_spans(messages, loss_on) if fast is not None and tools is None else None
     if got is None:
-        return _text_and_spans(messages, loss_on, template, tools, kwargs, atoms)
-    if verify:
+        got = _text_and_spans(messages, loss_on, template, tools, kwargs, atoms)
+    elif verify:
         try:
             want: Any = _text_and_spans(messages, loss_on, template, tools, kwargs, atoms)
         except TemplateError as e:
@@ -184,7 +171,8 @@ def _direct_or_template(
             raise FastPathMismatch(
                 "the direct ChatML renderer and the chat template disagree on a conversation"
             )
-    return got
+    text, spans = got
+    return text, _weighted(messages, loss_on, spans)
 
 
 def encode_texts(
