@@ -285,6 +285,12 @@ class Engine:
         alive was seen to abort in DeepSpeed/gloo's threads ("terminate called without an active exception")."""
         if self.accelerator.num_processes > 1:
             self.accelerator.wait_for_everyone()
+            # gloo's worker threads drop the last collectives' tensors after the callers have returned, and
+            # their Python objects need the GIL. The group's destructor (when the DDP reducer or the
+            # group is freed, holding the GIL) joins those threads: if one still waits for the GIL, both
+            # wait forever (seen at the end of 2-process runs, in gdb: ~ProcessGroupGloo joining a
+            # runloop blocked in a tensor's decref). Sleeping lets them finish first (the GIL is free).
+            time.sleep(0.5)
             self.accelerator.state.destroy_process_group()
 
 
