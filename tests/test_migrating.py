@@ -429,3 +429,13 @@ def test_trl_metric_for_best_model_is_kept(tmp_path):
     )
     path.write_text("metric_for_best_model: accuracy\n")
     assert "# not converted: metric_for_best_model=accuracy" in convert_config(path, "trl")
+
+
+def test_a_hydra_override_into_a_null_section_is_kept():
+    """`++model.peft.lora_r=8` where the file says `peft: null` makes the section (not a lost override)."""
+    from sftlab.migrate.readers import hydra_override
+
+    tree = {"model": {"peft": None, "name": "x"}}
+    hydra_override(tree, "++model.peft.lora_r=8")
+    hydra_override(tree, "+lr=5e-06")
+    assert tree == {"model": {"peft": {"lora_r": 8}, "name": "x"}, "lr": 5e-06}

@@ -41,11 +41,8 @@ def scalar(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str):
-        try:
-            return float(value) if re.fullmatch(r"[-+]?\d*\.?\d+[eE][-+]?\d+", value) else value
-        except ValueError:
-            return value
+    if isinstance(value, str):  # YAML 1.1 reads 5e-06 (no dot) as a string; argparse and Hydra as a float
+        return float(value) if re.fullmatch(r"[-+]?\d*\.?\d+[eE][-+]?\d+", value) else value
     return text if value is None and text not in ("null", "None", "~") else value
 
 
@@ -127,10 +124,9 @@ def _parent(tree: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
     parts = key.split(".")
     node = tree
     for part in parts[:-1]:
-        child = node.get(part)
-        node = node.setdefault(part, {}) if not isinstance(child, dict) else child
-        if not isinstance(node, dict):
-            node = {}
+        if not isinstance(node.get(part), dict):  # missing, null or a value: the override makes it a section
+            node[part] = {}
+        node = node[part]
     return node, parts[-1]
 
 
