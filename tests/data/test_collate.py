@@ -82,3 +82,17 @@ def test_groups_are_laid_out_as_their_members_rows_with_the_group_layout():
     assert list(pad_collate([a, b], pad_id=0)) == ["input_ids", "attention_mask", "labels"]
     with pytest.raises(ValueError, match="same side arrays"):
         pad_collate([groups[0], TokenGroup((a,))], pad_id=0)
+
+
+def test_a_position_moves_to_another_micro_batch_size():
+    """Resume on another world size: 4 micro-batches of 3 units taken = 12 units = 6 micro-batches of 2;
+    the next micro-batches continue the same epoch order."""
+    a, b = MicroBatchStream(20, 3, seed=5), MicroBatchStream(20, 2, seed=5)
+    it = iter(a)
+    taken = [next(it) for _ in range(4)]
+    b.load_state(a.state(), saved_units=3)
+    assert (b.epoch, b.index, b.left_in_epoch) == (0, 6, 4)
+    rest = [i for batch in b.batches(0)[6:] for i in batch]
+    assert sorted(rest + [i for batch in taken for i in batch]) == list(range(20))
+    with pytest.raises(ValueError, match="not a multiple of this stream's 5 units"):
+        MicroBatchStream(20, 5, seed=5).load_state({"epoch": 0, "index": 1, "seed": 5}, saved_units=3)

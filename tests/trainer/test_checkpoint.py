@@ -97,6 +97,38 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_model_dir, chat_file, tmp
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_with_a_smaller_micro_batch_trains_the_same_steps(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch
+):
+    """Killed after step 4 (micro-batches of 3 x 2 accumulated), resumed with micro_batch_size 1: the
+    accumulation becomes 6, so every step trains on the same 6 examples (16 of them: each epoch ends with
+    a step of 4) and the losses equal the uninterrupted run's (fp32; the summation order differs)."""
+    ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
+    tree = cfg_tree(tiny_model_dir, chat_file, ref_out, mixed_precision="no")
+    monkeypatch.setenv("SFTLAB_TEST_STEP_UNITS", str(tmp_path / "ref-units.jsonl"))
+    run_training(SFTConfig.model_validate(tree))
+    cut = cfg_tree(tiny_model_dir, chat_file, cut_out, mixed_precision="no")
+    units = {"SFTLAB_TEST_STEP_UNITS": str(tmp_path / "cut-units.jsonl")}
+    rc, log = run_cli(cut, tmp_path, {"SFTLAB_TEST_KILL_AFTER_STEP": "4", **units})
+    assert rc == -signal.SIGKILL, log
+    cut["train"].update(resume="auto", global_batch_size=3)  # the checkpoint's steps hold 3 x 2 rows
+    with pytest.raises(RunError, match=r"its global batch is 6 rows per step, train.global_batch_size 3"):
+        run_training(SFTConfig.model_validate(cut))
+    cut["train"].update(global_batch_size=None, micro_batch_size=1)
+    monkeypatch.setenv("SFTLAB_TEST_STEP_UNITS", units["SFTLAB_TEST_STEP_UNITS"])
+    run_training(SFTConfig.model_validate(cut))
+    ref_units = (tmp_path / "ref-units.jsonl").read_text().splitlines()
+    assert (tmp_path / "cut-units.jsonl").read_text().splitlines() == ref_units
+    assert [len(json.loads(u)) for u in ref_units] == [6, 6, 4, 6, 6, 4, 6]
+    ref, got = metrics(ref_out), metrics(cut_out)
+    assert [r["target_tokens"] for r in got] == [r["target_tokens"] for r in ref]
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    info = json.loads((cut_out / "run.json").read_text())
+    assert (info["micro_batch_size"], info["grad_accum_steps"]) == (1, 6)
+
+
 def test_kill_during_checkpoint_write_keeps_previous(tiny_model_dir, chat_file, tmp_path):
     out = tmp_path / "run"
     tree = cfg_tree(tiny_model_dir, chat_file, out)
@@ -213,8 +245,9 @@ def test_resume_refuses_breaking_config_changes(tiny_model_dir, chat_file, tmp_p
     tree = cfg_tree(tiny_model_dir, chat_file, tmp_path / "run", max_steps=2)
     run_training(SFTConfig.model_validate(tree))
     bad = json.loads(json.dumps(tree))
-    bad["train"].update(resume="auto", micro_batch_size=4)
-    with pytest.raises(RunError, match=r"train.micro_batch_size: 3 -> 4"):
+    bad["train"].update(resume="auto")
+    bad["optim"].update(lr=1e-3)
+    with pytest.raises(RunError, match=r"optim.lr: 0.003 -> 0.001"):
         run_training(SFTConfig.model_validate(bad))
     ok = json.loads(json.dumps(tree))
     ok["train"].update(resume="auto", log_every=5, eval_every=3)

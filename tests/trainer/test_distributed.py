@@ -317,3 +317,62 @@ def test_two_nodes_match_one_process(tiny_model_dir, chat_file, tmp_path):
     for a, b in zip(m1, m2):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+def test_resume_on_another_world_size_trains_the_same_steps(tiny_model_dir, chat_file, tmp_path):
+    """train.global_batch_size 6 over the 16 examples (each epoch: steps of 6, 6, 4). 2 processes killed
+    after step 2 resume on 1 (accumulation 3 -> 6), and 1 process killed after step 2 resumes on 2: every
+    step trains on the uninterrupted 2-process run's examples, with its loss and gradient norm (fp32)."""
+
+    def config(name: str) -> Path:
+        tree = {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"train": [{"path": str(chat_file)}], "max_seq_length": 256},
+            "optim": {"lr": 3e-3, "warmup_steps": 0},
+            "train": {
+                "output_dir": str(tmp_path / name),
+                "micro_batch_size": 1,
+                "global_batch_size": 6,
+                "max_steps": 5,
+                "mixed_precision": "no",
+            },
+            "checkpoint": {"every_steps": 2},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        return path
+
+    def train(name: str, procs: int, *overrides: str, kill: bool = False) -> str:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+        env["SFTLAB_TEST_STEP_UNITS"] = str(tmp_path / f"{name}-units.jsonl")
+        if kill:
+            env["SFTLAB_TEST_KILL_AFTER_STEP"] = "2"
+        launch = [sys.executable]
+        if procs > 1:
+            launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
+            launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        launch += ["-m", "sftlab.cli", "train", str(config(name)), *overrides]
+        r = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+        assert (r.returncode != 0) if kill else (r.returncode == 0), r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    def steps(name: str) -> tuple[list[str], list[dict]]:
+        units = (tmp_path / f"{name}-units.jsonl").read_text().splitlines()
+        return units, [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    train("ref", 2)
+    for name, first, then in (("two-to-one", 2, 1), ("one-to-two", 1, 2)):
+        train(name, first, kill=True)
+        out = train(name, then, "train.resume=auto")
+        assert f"resume on {then} process(es) (the checkpoint: {first})" in " ".join(out.split())
+        info = json.loads((tmp_path / name / "run.json").read_text())
+        assert (info["num_processes"], info["grad_accum_steps"]) == (then, 6 // then)
+    ref_units, ref = steps("ref")
+    assert [len(json.loads(u)) for u in ref_units] == [6, 6, 4, 6, 6]
+    for name in ("two-to-one", "one-to-two"):
+        units, got = steps(name)
+        assert units == ref_units, name  # the same examples formed every step
+        assert [r["target_tokens"] for r in got] == [r["target_tokens"] for r in ref]
+        for a, b in zip(ref, got):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), name
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), name

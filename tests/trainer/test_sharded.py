@@ -8,7 +8,8 @@ user would: 2 CPU processes over gloo, a tiny Llama, fp32 math.
 - SIGKILL after step 2 + `train.resume=auto` reproduces the uninterrupted sharded run bit for bit,
   from sharded checkpoints (torch distributed checkpoint files per rank / ZeRO partitions).
 - DDP + LoRA dropout: the same after SIGKILL + resume, each rank getting its own RNG states back.
-- A sharded checkpoint is refused by a run with another number of processes, with the reason.
+- FSDP2 resumes on another world size (2 -> 3 processes) like the uninterrupted run; an FSDP checkpoint
+  is refused by a one-process run (no FSDP there), with the reason.
 - LoRA under FSDP saves the same adapter as one process.
 - FSDP trains a tiny LLaVA, vision tower frozen, like one process (a second run in the text runs' launches,
   tests/trainer/launch_runs.py): the frozen tower comes back unchanged, model and processor load.
@@ -113,6 +114,7 @@ class Lab:
         env: dict | None = None,
         check: bool = True,
         then: Path | None = None,
+        procs: int = 2,
     ) -> subprocess.CompletedProcess:
         """Train `config` (then the config `then` in the same processes: launch_runs.py, no overrides)."""
         program = ["-m", "sftlab.cli", "train", str(config), *overrides]
@@ -129,7 +131,7 @@ class Lab:
                 "--config_file",
                 str(RECIPES / ENGINES[engine]),
                 "--num_processes",
-                "2",
+                str(procs),
                 "--main_process_port",
                 str(free_port()),
                 *program,
@@ -260,13 +262,44 @@ def test_ddp_lora_dropout_resume_restores_each_ranks_rng(lab):
 
 
 @pytest.mark.parametrize("engine", [pytest.param("fsdp", marks=needs("fsdp"))])
-def test_sharded_checkpoint_refuses_another_world_size(engine, lab):
+def test_fsdp_checkpoint_refuses_a_run_without_fsdp(engine, lab):
     full = lab.run(engine, engine)
     config = lab.config("one-process-resume", 2)  # the same config, one process
     r = lab.launch(None, config, f"train.resume={full / 'checkpoints' / 'step-00000002'}", check=False)
     assert r.returncode != 0
     out = " ".join((r.stdout + r.stderr).split())
-    assert "written by 2 process(es), this run has 1" in out and "Launch it with 2 processes" in out
+    assert "written by 2 process(es), this run has 1" in out
+    assert "read by an FSDP run on any number of processes >= 2, not by a run without FSDP" in out
+
+
+def test_fsdp_resumes_on_another_world_size(lab):
+    """FSDP2 on 2 processes killed after step 2 resumes on 3: torch distributed checkpoint reshards the
+    weights and optimizer, train.global_batch_size 6 keeps each step's examples (accumulation 3 -> 2), and
+    the steps equal the uninterrupted 2-process run's."""
+    configs = {}
+    for name in ("fsdp-g6", "fsdp-g6-killed"):
+        tree = yaml.safe_load(lab.config(name, 1).read_text())
+        tree["train"].update(global_batch_size=6)
+        tree["train"].pop("grad_accum_steps")
+        tree["checkpoint"] = {"every_steps": 2}
+        configs[name] = lab.root / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(tree))
+    lab.launch("fsdp", configs["fsdp-g6"])
+    r = lab.launch("fsdp", configs["fsdp-g6-killed"], env={"SFTLAB_TEST_KILL_AFTER_STEP": "2"}, check=False)
+    assert r.returncode != 0
+    r = lab.launch("fsdp", configs["fsdp-g6-killed"], "train.resume=auto", procs=3)
+    out = " ".join(r.stdout.split())
+    assert (
+        "resume on 3 process(es) (the checkpoint: 2)" in out and "grad_accum_steps 2 x 3 process(es)" in out
+    )
+    assert "resumed from" in out and "step-00000002" in out
+    ref, got = metrics(lab.root / "fsdp-g6"), metrics(lab.root / "fsdp-g6-killed")
+    assert_same_steps(ref, got)
+    assert_same_weights(
+        load_file(lab.root / "fsdp-g6" / "model.safetensors"),
+        load_file(lab.root / "fsdp-g6-killed" / "model.safetensors"),
+        rel=1e-4,
+    )
 
 
 def test_lora_under_fsdp_saves_the_one_process_adapter(lab):

@@ -110,6 +110,11 @@ class MicroBatchStream:
     world size), or, with `global_tokens` (micro_batch_tokens x world size) and the units' `lengths`,
     token-budget micro-batches (`token_budget_batches`) in a seeded order. Either way the position
     (epoch, micro-batches taken in it) identifies the next micro-batch exactly, for resume.
+
+    An optimizer step takes `grad_accum_steps` micro-batches, or what is left of the epoch (`left_in_epoch`):
+    a step never spans two epochs, so with fixed-size micro-batches the examples of each step are the
+    step's slice of the epoch's order, whatever the world size and accumulation that cut it
+    (`load_state` moves a position to another micro-batch size: resume on another world size).
     """
 
     def __init__(
@@ -155,14 +160,33 @@ class MicroBatchStream:
             return -(-self.num_examples // self.global_units)
         return len(self.batches(self.epoch))
 
+    @property
+    def left_in_epoch(self) -> int:
+        """Micro-batches left in the current epoch (the current step takes at most these)."""
+        return self.batches_per_epoch - self.index
+
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
 
-    def load_state(self, state: dict[str, int]) -> None:
-        """Continue from a position `state()` gave; the seed must be this stream's (else the order differs)."""
+    def load_state(self, state: dict[str, int], saved_units: int | None = None) -> None:
+        """Continue from a position `state()` gave; the seed must be this stream's (else the order differs).
+        `saved_units`: the fixed micro-batch size (units over all processes) of the stream that saved it,
+        when it differs from this one's (another world size): the position moves to the same unit of the
+        epoch's order, which must start one of this stream's micro-batches."""
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"the stream was saved with seed {state['seed']}, this one has {self.seed}")
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if saved_units is not None and saved_units != self.global_units:
+            if self.global_tokens is not None or self.global_units <= 0:
+                raise ValueError("token-budget micro-batches keep their size: there is no position to move")
+            taken = index * saved_units  # units of the epoch's order already trained on
+            if taken % self.global_units:
+                raise ValueError(
+                    f"the stream stopped after {taken} units of epoch {epoch}, not a multiple of this "
+                    f"stream's {self.global_units} units per micro-batch"
+                )
+            index = taken // self.global_units
+        self.epoch, self.index = epoch, index
 
     @property
     def epoch_progress(self) -> float:

@@ -193,6 +193,30 @@ def _enable_cpu_fsdp(accelerator: Accelerator, mixed_precision: str) -> None:
     accelerate_compat.force_fsdp(accelerator, plugin)
 
 
+def resume_refusal(saved_engine: str, saved_world: int, engine: str, world: int) -> str | None:
+    """Why a checkpoint written under `saved_engine` on `saved_world` processes cannot be continued under
+    `engine` on `world` processes; None when it can. One process and DDP write whole weights and optimizer
+    (any world size reads them); FSDP writes torch distributed checkpoint shards, which FSDP reshards onto
+    any number of processes; DeepSpeed ZeRO partitions are per rank (its universal checkpoint conversion is
+    not wired in)."""
+    moved = f"it was written by {saved_world} process(es), this run has {world}"
+    if saved_engine == DEEPSPEED == engine and saved_world != world:
+        return (
+            f"{moved}. DeepSpeed ZeRO checkpoints are partitioned per rank, and sftlab does not convert them to "
+            "DeepSpeed's universal checkpoint (ds_to_universal) for another world size; launch it with "
+            f"{saved_world} processes, or start a new output_dir"
+        )
+    if saved_engine == FSDP and engine != FSDP and saved_world != world:
+        return (
+            f"{moved}. Its FSDP shards (torch distributed checkpoint) are read by an FSDP run on any number of "
+            "processes >= 2, not by a run without FSDP; launch it with the FSDP accelerate config on >= 2 "
+            f"processes (e.g. {saved_world})"
+        )
+    if saved_engine != engine and not {saved_engine, engine} <= {SINGLE, DDP}:
+        return f"it was written under {saved_engine}, this run uses {engine}; launch it with the same accelerate config"
+    return None
+
+
 class Engine:
     """The engine a run is spread over, made once from its Accelerator (`Engine.of`; kept as `Components.engine`).
     Everything that differs between engines is a method or attribute here; callers never ask which one it

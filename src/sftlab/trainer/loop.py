@@ -56,7 +56,7 @@ from rich.progress import (
 from sftlab.config.schema import CheckpointConfig, SFTConfig
 from sftlab.data.packing import pack_examples, packed_collate
 from sftlab.data.types import IGNORE_INDEX
-from sftlab.trainer import best, distributed, hub
+from sftlab.trainer import best, distributed, hub, testing
 from sftlab.trainer.callbacks import CallbackList
 from sftlab.trainer.checkpoint import Progress, TrainerState, latest_checkpoint, save_checkpoint
 from sftlab.trainer.components import Components
@@ -231,7 +231,7 @@ class Recipe:
         r, p = self.resolved, self.parts
         t0 = time.perf_counter()
         position = p.stream.state()
-        n_micro = min(r.grad_accum_steps, r.total_micro_batches - self.progress.consumed_micro_batches)
+        n_micro = min(r.grad_accum_steps, p.stream.left_in_epoch)  # a step never spans two epochs
         batches, sizes = next_micro_batches(p.data, p.objective, batches_iter, n_micro, p.accelerator)
         self.progress.consumed_micro_batches += n_micro
         normaliser = step_normaliser(p.objective, batches, p.accelerator)
@@ -408,8 +408,10 @@ def next_micro_batches(
     input tokens, padded positions, and the sum of squared document lengths (for attention FLOPs)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     batches, sizes = [], {"tokens": 0, "padded": 0, "sum_sq_docs": 0, "targets": 0}
-    for _ in range(n_micro):
-        idx = next(batches_iter)[rank::world]
+    drawn = [next(batches_iter) for _ in range(n_micro)]  # the step's units over all processes
+    testing.record_step_units(drawn, accelerator.is_main_process)
+    for step_batch in drawn:
+        idx = step_batch[rank::world]
         if idx:
             units = [data.units[i] for i in idx]
             batch = data.collate(units)

@@ -128,9 +128,19 @@ def batch_geometry(cfg: SFTConfig, world_size: int) -> dict[str, Any]:
 
 
 def plan_steps(cfg: SFTConfig, batches_per_epoch: int) -> dict[str, int]:
-    """The run's length, for `Resolved`: optimizer steps and micro-batches (max_steps wins over num_epochs)."""
+    """The run's length, for `Resolved`: optimizer steps and micro-batches (max_steps wins over num_epochs).
+
+    A step takes grad_accum_steps micro-batches or the rest of its epoch (never two epochs' examples:
+    data/collate.py MicroBatchStream), so an epoch is ceil(batches_per_epoch / accum) steps: with
+    fixed-size micro-batches ceil(examples / global batch), the same on any world size."""
     accum = cfg.train.grad_accum_steps
+    per_epoch = math.ceil(batches_per_epoch / accum)
     if cfg.train.max_steps is not None:
-        return {"total_steps": cfg.train.max_steps, "total_micro_batches": cfg.train.max_steps * accum}
-    micro_batches = math.ceil(cfg.train.num_epochs * batches_per_epoch)
-    return {"total_steps": math.ceil(micro_batches / accum), "total_micro_batches": micro_batches}
+        steps = cfg.train.max_steps
+    else:
+        steps = math.ceil(cfg.train.num_epochs * per_epoch)
+    epochs, rest = divmod(steps, per_epoch)
+    return {
+        "total_steps": steps,
+        "total_micro_batches": epochs * batches_per_epoch + min(rest * accum, batches_per_epoch),
+    }

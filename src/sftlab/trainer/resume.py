@@ -5,11 +5,15 @@ continued, and restoring its exact state.
 already complete in `train.output_dir` (a non-empty one is refused unless resuming or overwriting).
 `resume_point` reads train.resume (auto, a checkpoint, or an output_dir holding one): the checkpoint
 and its trainer state, whose config is compared with this run's first (`check_resume_compatible`: only
-logging, evaluation and checkpoint settings may change). Before any weights are loaded,
-`check_resume_state` compares the rest of the trainer state (trainer/checkpoint.py `TrainerState`) with
-the run: the number of processes, the engine and the data fingerprint (the exact training units).
-`restore_checkpoint` then loads weights, optimizer, scheduler and this rank's RNG, puts the micro-batch
-stream where the checkpoint left it and returns the run's `Progress`.
+logging, evaluation and checkpoint settings may change), and keeps the checkpoint's global batch
+(`keep_global_batch`): on another world size, or with another micro-batch size, the accumulation (or
+the per-process token budget) adapts so that every optimizer step trains on the same examples as the
+run that wrote the checkpoint. Before any weights are loaded, `check_resume_state` compares the rest of
+the trainer state (trainer/checkpoint.py `TrainerState`) with the run: the engine (a change of world
+size is allowed where the checkpoint can be read on it: unsharded weights, or FSDP's torch distributed
+checkpoint, which reshards) and the data fingerprint (the exact training units). `restore_checkpoint`
+then loads weights, optimizer, scheduler and this rank's RNG, puts the micro-batch stream where the
+checkpoint left it (moved to this run's micro-batch size) and returns the run's `Progress`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from accelerate.utils import broadcast_object_list
 from rich.console import Console
 
 from sftlab.config.schema import SFTConfig
-from sftlab.trainer import rundir
+from sftlab.trainer import distributed, rundir
 from sftlab.trainer.checkpoint import (
     COMPLETE,
     Progress,
@@ -69,13 +73,23 @@ RESUME_SAFE_KEYS = (
     "train.on_nan",
     "peft.merge_on_save",
 )
+# How a step is cut into micro-batches and processes: may change as long as the global batch stays
+# (`keep_global_batch` checks it and adapts the accumulation).
+GEOMETRY_KEYS = (
+    "train.micro_batch_size",
+    "train.grad_accum_steps",
+    "train.micro_batch_tokens",
+    "train.global_batch_size",
+)
 
 
 def check_resume_compatible(saved: dict, cfg: SFTConfig, ckpt: Path) -> None:
     """`saved`: the config tree of a checkpoint (or of a finished run's config.yaml)."""
     old, new = flat_config(_with_defaults(saved)), flat_config(cfg.model_dump(mode="json"))
     changed = sorted(
-        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUME_SAFE_KEYS)
+        k
+        for k in old.keys() | new.keys()
+        if old.get(k) != new.get(k) and not k.startswith(RESUME_SAFE_KEYS) and k not in GEOMETRY_KEYS
     )
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
@@ -108,15 +122,99 @@ def find_resume_checkpoint(cfg: SFTConfig) -> Path | None:
     return found
 
 
-def resume_point(cfg: SFTConfig) -> tuple[Path | None, TrainerState | None]:
-    """The checkpoint train.resume names and its trainer state, read once (None, None: a new run); a
-    config change that breaks the run fails here."""
+def resume_point(
+    cfg: SFTConfig, world: int
+) -> tuple[SFTConfig, Path | None, TrainerState | None, str | None]:
+    """The checkpoint train.resume names and its trainer state, read once (None, None: a new run), and the
+    config with the checkpoint's global batch kept on `world` processes (with the line that says how, when
+    it changed); a config change that breaks the run fails here."""
     resume_from = find_resume_checkpoint(cfg)
     if resume_from is None:
-        return None, None
+        return cfg, None, None, None
     state = read_state(resume_from)
     check_resume_compatible(state.config, cfg, resume_from)
-    return resume_from, state
+    cfg, line = keep_global_batch(cfg, state, world, resume_from)
+    return cfg, resume_from, state, line
+
+
+def _saved_train(state: TrainerState) -> dict:
+    return _with_defaults(state.config).get("train", {})
+
+
+def saved_stream_units(state: TrainerState) -> int | None:
+    """The fixed micro-batch size (units over all processes) of the stream that wrote `state`; None with
+    token budgets (their micro-batches are kept whole: `keep_global_batch`)."""
+    train = _saved_train(state)
+    if train.get("micro_batch_tokens") is not None or "micro_batch_size" not in train:
+        return None
+    return int(train["micro_batch_size"]) * state.num_processes
+
+
+def keep_global_batch(
+    cfg: SFTConfig, state: TrainerState, world: int, ckpt: Path
+) -> tuple[SFTConfig, str | None]:
+    """This run's micro-batch size and accumulation (or per-process token budget) such that each optimizer
+    step trains on the checkpoint's steps' examples on `world` processes; refused (before any weights load)
+    when the global batch cannot be kept, saying which settings would keep it."""
+    saved, train = _saved_train(state), cfg.train
+    geometry = (train.micro_batch_size, train.grad_accum_steps, train.micro_batch_tokens)
+    if (saved.get("micro_batch_size"), saved.get("grad_accum_steps"), saved.get("micro_batch_tokens")) == (
+        geometry
+    ) and world == state.num_processes:
+        return cfg, None
+    where = f"cannot resume from {ckpt} on {world} process(es)"
+    if cfg.train.loss_normalization == "micro_batch_mean":
+        raise RunError(
+            f"{where}: train.loss_normalization micro_batch_mean averages each micro-batch's mean loss, so "
+            f"another cut into micro-batches changes the loss; resume with {state.num_processes} process(es), "
+            f"micro_batch_size {saved.get('micro_batch_size')} and grad_accum_steps {saved.get('grad_accum_steps')}"
+        )
+    if saved.get("micro_batch_tokens") is not None:
+        update = _token_budget_kept(cfg, saved, state.num_processes, world, where)
+    else:
+        update = _rows_kept(cfg, saved, state.num_processes, world, where)
+    new = train.model_copy(update=update)
+    line = (
+        f"[bold]resume[/bold] on {world} process(es) (the checkpoint: {state.num_processes}): the global batch "
+        f"is kept: micro_batch_size {new.micro_batch_size} x grad_accum_steps {new.grad_accum_steps}"
+        + (f", {new.micro_batch_tokens} tokens per micro-batch" if new.micro_batch_tokens else "")
+        + f" x {world} process(es); each step trains on the same examples"
+    )
+    return cfg.model_copy(update={"train": new}), line
+
+
+def _rows_kept(cfg: SFTConfig, saved: dict, old_world: int, world: int, where: str) -> dict:
+    """Fixed-size micro-batches: this run's micro_batch_size (or the largest smaller one) and the
+    accumulation that make the checkpoint's global batch on `world` processes."""
+    glob = int(saved["micro_batch_size"]) * int(saved["grad_accum_steps"]) * old_world
+    wanted = cfg.train.global_batch_size
+    if wanted is not None and wanted != glob:
+        raise RunError(
+            f"{where}: its global batch is {glob} rows per step, train.global_batch_size {wanted} would change "
+            f"the run; leave it out or set it to {glob}"
+        )
+    for micro in range(cfg.train.micro_batch_size, 0, -1):
+        if glob % (micro * world) == 0:
+            return {"micro_batch_size": micro, "grad_accum_steps": glob // (micro * world)}
+    fits = [w for w in range(1, glob + 1) if glob % w == 0]
+    raise RunError(
+        f"{where}: its global batch of {glob} rows per step cannot be split evenly over {world} processes; "
+        f"world sizes that keep it: {', '.join(map(str, fits[:12]))}"
+    )
+
+
+def _token_budget_kept(cfg: SFTConfig, saved: dict, old_world: int, world: int, where: str) -> dict:
+    """Token budgets: the micro-batches (cut from the global budget) stay as they were; each process's
+    budget is the global one over `world`, the accumulation the checkpoint's."""
+    total = int(saved["micro_batch_tokens"]) * old_world
+    per_process, seq = total // world, cfg.data.max_seq_length or 0
+    if total % world or per_process < seq:
+        raise RunError(
+            f"{where}: its micro-batches hold {total} tokens over all processes (micro_batch_tokens "
+            f"{saved['micro_batch_tokens']} x {old_world}), which {world} processes cannot split evenly into "
+            f"budgets of at least data.max_seq_length ({seq}); resume with {old_world} process(es)"
+        )
+    return {"micro_batch_tokens": per_process, "grad_accum_steps": int(saved["grad_accum_steps"])}
 
 
 def planned_fingerprint(cfg: SFTConfig, resuming: bool, units) -> str | None:
@@ -128,22 +226,15 @@ def planned_fingerprint(cfg: SFTConfig, resuming: bool, units) -> str | None:
 
 
 def check_resume_state(resolved: Resolved) -> None:
-    """The checkpoint's processes, engine and training data must be this run's: checked before weights load."""
+    """The checkpoint's engine and training data must be ones this run can continue: checked before weights
+    load. Another world size is fine where the engine reads the checkpoint on it (`keep_global_batch` has
+    kept the steps' examples): trainer/distributed.py `resume_refusal`."""
     if resolved.resume_from is None:
         return
-    ckpt, saved, world = resolved.resume_from, resolved.resume_state, resolved.world_size
-    if saved.num_processes != world:
-        raise RunError(
-            f"cannot resume from {ckpt}: it was written by {saved.num_processes} "
-            f"process(es), this run has {world}; the data order, the batch geometry (and the "
-            f"shards of a sharded checkpoint) would change. Launch it with "
-            f"{saved.num_processes} processes, or start a new output_dir"
-        )
-    if saved.engine != resolved.engine:
-        raise RunError(
-            f"cannot resume from {ckpt}: it was written under {saved.engine}, this run uses "
-            f"{resolved.engine}; launch it with the same accelerate config"
-        )
+    ckpt, saved = resolved.resume_from, resolved.resume_state
+    why = distributed.resume_refusal(saved.engine, saved.num_processes, resolved.engine, resolved.world_size)
+    if why is not None:
+        raise RunError(f"cannot resume from {ckpt}: {why}")
     if saved.data_fingerprint != resolved.data_fingerprint:
         raise RunError(
             f"cannot resume from {ckpt}: the training data changed since it was written "
@@ -163,7 +254,12 @@ def restore_checkpoint(resolved: Resolved, parts: Components) -> Progress:
     trainable_only = trainable_only_checkpoints(parts.engine, resolved.cfg)
     state = load_checkpoint(parts.accelerator, ckpt, parts.scheduler, trainable_only=trainable_only)
     progress = state.progress()
-    parts.stream.load_state(state.data)
+    units = saved_stream_units(state)
+    parts.stream.load_state(state.data, units)
+    if units is not None and units != parts.stream.global_units:  # another micro-batch size: count in it
+        progress.consumed_micro_batches = (
+            parts.stream.epoch * parts.stream.batches_per_epoch + parts.stream.index
+        )
     parts.result.history = list(state.metrics)
     saved = state.match_before
     if saved is not None:

@@ -43,11 +43,13 @@ def start_run(
     main = engine.accelerator.is_main_process
     cfg, batch_line = resolved_module.with_global_batch(cfg, engine.accelerator.num_processes)
     cfg = run_data.with_resolved_length(cfg, inputs, model_path, console if main else None)
+    world = engine.accelerator.num_processes
+    cfg, resume_from, resume_state, resume_line = resume.resume_point(cfg, world)
     if main:
         precision.print_precision(cfg, console, mixed, why, engine.precision(mixed))
-        if batch_line:
-            console.print(batch_line, highlight=False)
-    resume_from, resume_state = resume.resume_point(cfg)
+        for line in (batch_line, resume_line):
+            if line:
+                console.print(line, highlight=False)
     set_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -58,7 +60,7 @@ def start_run(
         mixed_precision=mixed,
         mixed_precision_why=why,
         engine=engine.name,
-        world_size=engine.accelerator.num_processes,
+        world_size=world,
         main=main,
         resume_from=resume_from,
         resume_state=resume_state,
