@@ -409,6 +409,11 @@ class DeepSpeedEngine(ShardedEngine):
         conf["gradient_accumulation_steps"] = 1  # sftlab marks the boundary itself
         conf["train_batch_size"] = micro * self.accelerator.num_processes
         conf["gradient_clipping"] = float(max_grad_norm) if max_grad_norm is not None else 0.0
+        pc = self.accelerator.parallelism_config
+        if (
+            pc is not None and pc.sp_enabled
+        ):  # Ulysses wraps the attention the model runs (sdpa, sftlab_documents)
+            pc.sp_handler.sp_attn_implementation = transformers_compat.attn_implementation(model.config)
         return super().prepare(model, optimizer, cfg)
 
     def accumulating(self, model, sync: bool):
