@@ -100,7 +100,7 @@ def assert_same_steps(one: list[dict], two: list[dict]) -> None:
 
 @needs_deepspeed
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("packing", ["none", "ffd"])
+@pytest.mark.parametrize("packing", ["none", "bfd"])
 def test_two_way_sequence_parallel_equals_one_process(lab, packing):
     """Both processes train on the same micro-batch (the data-parallel world is 1), so one process with
     the same micro_batch_size trains on exactly the same rows."""
@@ -116,17 +116,19 @@ def test_two_way_sequence_parallel_equals_one_process(lab, packing):
 @needs_deepspeed
 @pytest.mark.multiprocess
 def test_a_sequence_parallel_run_resumes_exactly(lab):
-    """Stopped after step 2 (its checkpoints kept), resumed with train.resume=auto: step 3 as uninterrupted."""
+    """Resumed from the uninterrupted run's step-2 checkpoint (its ZeRO partitions) into a new output_dir:
+    step 3 as uninterrupted."""
     full = lab["root"] / "sp-none"
     if not (full / "metrics.jsonl").is_file():
         launch(config(lab, "sp-none", 2, sequence_parallel=2))
-    cut = config(lab, "sp-cut", 2, sequence_parallel=2)
-    launch(cut, "train.max_steps=2")
-    launch(cut, "train.resume=auto")
-    resumed = steps(lab["root"] / "sp-cut")
-    assert [r["step"] for r in resumed] == [1, 2, 3]
-    for a, b in zip(steps(full), resumed):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    launch(
+        config(lab, "sp-resumed", 2, sequence_parallel=2),
+        f"train.resume={full / 'checkpoints' / 'step-00000002'}",
+    )
+    resumed, uninterrupted = steps(lab["root"] / "sp-resumed"), steps(full)
+    assert resumed[-1]["step"] == 3
+    assert resumed[-1]["loss"] == pytest.approx(uninterrupted[-1]["loss"], rel=1e-6)
+    assert resumed[-1]["grad_norm"] == pytest.approx(uninterrupted[-1]["grad_norm"], rel=1e-6)
 
 
 def refusal(lab, tmp_path, world: int, deepspeed: bool = True, cuda: bool = False, **changes) -> str:
@@ -154,7 +156,7 @@ def refusal(lab, tmp_path, world: int, deepspeed: bool = True, cuda: bool = Fals
             "needs a DeepSpeed launch",
         ),
         ({"world": 2, "train__loss_normalization": "sequence_mean"}, "use tokens"),
-        ({"world": 2, "train__packed_attention": "mask", "data__packing": "ffd"}, "use documents or auto"),
+        ({"world": 2, "train__packed_attention": "mask", "data__packing": "bfd"}, "use documents or auto"),
         ({"world": 2, "model__attn_implementation": "eager"}, "use sdpa or flash_attention_2"),
     ],
 )
@@ -168,3 +170,10 @@ def test_micro_batch_tokens_is_refused(lab, tmp_path):
         lab, tmp_path, 2, train__sequence_parallel=2, train__micro_batch_tokens=512, train__micro_batch_size=1
     )
     assert "set train.micro_batch_size instead" in message
+
+
+def test_one_process_is_refused_before_the_model_loads(lab):
+    r = launch(config(lab, "alone", 2, sequence_parallel=2), processes=1, check=False)
+    assert r.returncode != 0
+    assert "train.sequence_parallel: 2 must divide the number of processes (1)" in r.stdout + r.stderr
+    assert not (lab["root"] / "alone" / "run.json").exists()
