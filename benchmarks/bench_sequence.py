@@ -8,7 +8,10 @@ One pretokenized row of L random token ids (every token a target, packing off, m
 step, no checkpoint) is trained with `sftlab train` in one process, then under `accelerate launch` with
 configs/accelerate/deepspeed_zero2.yaml and train.sequence_parallel: 2. L doubles from --start until a run
 fails or a process's RSS passes --cap-gib (the run is then killed: it is counted as not fitting), so the
-machine is never exhausted. Peak RSS is sampled every 0.2 s over the launcher's process tree (per process).
+machine is never exhausted. Peak RSS is sampled every 0.2 s over the launcher's process tree (per process);
+with --device cuda also the peak memory used per GPU (nvidia-smi, sampled the same way).
+
+    python benchmarks/bench_sequence.py --device cuda --lengths 8192 16384   # benchmarks/gpu_check.sh
 """
 
 from __future__ import annotations
@@ -55,14 +58,21 @@ def write_case(work: Path, length: int, sp: int, model: str) -> Path:
     return path
 
 
-def run(config: Path, sp: int, cap: float, timeout: float) -> dict:
-    """One training step; {"ok", "peak_rss_gib" (per worker), "seconds", "why"}."""
+def gpu_used_gib() -> list[float]:
+    """Memory in use on each GPU (nvidia-smi), GiB."""
+    q = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+    out = subprocess.run(q, capture_output=True, text=True, check=False).stdout
+    return [int(x) / 1024 for x in out.split()]
+
+
+def run(config: Path, sp: int, cap: float, timeout: float, cuda: bool = False) -> dict:
+    """One training step; {"ok", "peak_rss_gib" (per worker), "peak_gpu_gib" (per GPU), "seconds", "why"}."""
     cmd = [sys.executable, "-m", "sftlab.cli", "train", str(config)]
     if sp > 1:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO2)]
         cmd = launch + ["--num_processes", str(sp), "-m", "sftlab.cli", "train", str(config)]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // sp))}
-    t0, peaks, why = time.time(), {}, ""
+    t0, peaks, why, gpu = time.time(), {}, "", [0.0] * len(gpu_used_gib() if cuda else [])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     top = psutil.Process(proc.pid)
     while proc.poll() is None:
@@ -72,6 +82,8 @@ def run(config: Path, sp: int, cap: float, timeout: float) -> dict:
                 peaks[p.pid] = max(peaks.get(p.pid, 0), p.memory_info().rss / 2**30)
         except psutil.Error:
             pass
+        if cuda:
+            gpu = [max(a, b) for a, b in zip(gpu, gpu_used_gib())]
         if peaks and max(peaks.values()) > cap:
             why = f"RSS over the {cap} GiB cap"
         elif time.time() - t0 > timeout:
@@ -102,6 +114,8 @@ def main() -> None:
     ap.add_argument("--cap-gib", type=float, default=5.0, help="per-process RSS cap")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     ap.add_argument("--sp", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--lengths", type=int, nargs="+", help="these lengths, each run whatever the last gave")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: also peak memory per GPU")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     results: list[dict] = []

@@ -175,6 +175,12 @@ def build_accelerator(
     return accelerator
 
 
+def launch_provides_ulysses() -> bool:
+    """Whether `accelerate launch` started DeepSpeed, whose Ulysses attention runs train.sequence_parallel
+    (read before the Accelerator exists: its ParallelismConfig depends on it)."""
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+
+
 def _quiet_deepspeed_on_cpu() -> None:
     """Accelerate imports DeepSpeed, when installed, even in single-process runs (`unwrap_model`); on a
     machine without CUDA its accelerator detection then warns on every run. Naming the CPU accelerator

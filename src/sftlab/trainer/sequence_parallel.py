@@ -40,13 +40,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import parse_flag_from_env
 
 from sftlab.config.schema import SFTConfig
 from sftlab.data.types import IGNORE_INDEX
 from sftlab.errors import SftlabError
+from sftlab.trainer import distributed
 
-DEEPSPEED, TORCH = "deepspeed", "torch"
+ULYSSES, CONTEXT_PARALLEL = "deepspeed", "torch"  # the values of train.sequence_parallel_backend
 
 
 class SequenceParallelError(SftlabError, ValueError):
@@ -54,8 +54,9 @@ class SequenceParallelError(SftlabError, ValueError):
 
 
 def choose_backend(cfg: SFTConfig, world: int, deepspeed: bool, cuda: bool) -> tuple[str, str]:
-    """(backend, why) for `train.sequence_parallel` > 1 under this launch; SequenceParallelError where none
-    can run, with what would."""
+    """(backend, why) for `train.sequence_parallel` > 1 under this launch (`deepspeed`: it runs DeepSpeed,
+    trainer/distributed.py: `launch_provides_ulysses`); SequenceParallelError where none can run, with what
+    would."""
     train, n = cfg.train, cfg.train.sequence_parallel
     asked = train.sequence_parallel_backend
     if world % n:
@@ -63,15 +64,15 @@ def choose_backend(cfg: SFTConfig, world: int, deepspeed: bool, cuda: bool) -> t
             f"train.sequence_parallel: {n} must divide the number of processes ({world}): launch a multiple "
             f"of {n} processes (accelerate launch --num_processes), or set train.sequence_parallel to a divisor"
         )
-    if asked == TORCH or (asked == "auto" and not deepspeed):
+    if asked == CONTEXT_PARALLEL or (asked == "auto" and not deepspeed):
         raise SequenceParallelError(_torch_refusal(asked, cuda))
     if not deepspeed:
         raise SequenceParallelError(
             "train.sequence_parallel_backend: deepspeed needs a DeepSpeed launch: accelerate launch "
             "--config_file configs/accelerate/deepspeed_zero2.yaml (or zero3)"
         )
-    why = "as configured" if asked == DEEPSPEED else "auto: the launch runs DeepSpeed (Ulysses)"
-    return DEEPSPEED, why
+    why = "as configured" if asked == ULYSSES else "auto: the launch runs DeepSpeed (Ulysses)"
+    return ULYSSES, why
 
 
 def _torch_refusal(asked: str, cuda: bool) -> str:
@@ -122,8 +123,7 @@ def plan(cfg: SFTConfig, cuda: bool) -> tuple[dict[str, Any], str | None]:
     if n == 1:
         return {}, None
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
-    backend, why = choose_backend(cfg, world, deepspeed, cuda)
+    backend, why = choose_backend(cfg, world, distributed.launch_provides_ulysses(), cuda)
     check_settings(cfg)
     from accelerate.parallelism_config import ParallelismConfig
 
