@@ -18,6 +18,9 @@
 #                train.liger=true when liger-kernel is there
 #   5. qlora     a short `sftlab train` with peft.quantize=nf4 (bitsandbytes) on the same conversations
 #   6. bench-1b  bench_train.py --model random-1b (a Llama-3.2-1B-shaped random model on SmolLM2's tokenizer)
+#   7. seq-par   with >= 2 GPUs: tests/trainer/test_sequence_parallel.py on CUDA (2-way DeepSpeed Ulysses equals
+#                one process per step within 1e-5), then benchmarks/bench_sequence.py at 2x and 4x a base length
+#                with and without train.sequence_parallel: 2 (peak memory per device); "skipped: needs 2 GPUs"
 # Each prints tokens/s, MFU and peak GPU memory (torch.cuda.max_memory_allocated). The summary goes to stdout
 # and, when $OUT is set, to $OUT/gpu_check.txt (the stages' logs to $OUT/gpu_check_logs/).
 # Without a CUDA device it says so and exits 0 having run nothing (GPU_CHECK_REQUIRE=1: exit 1 instead).
@@ -193,5 +196,17 @@ grep -h "QLORA-RESULT" "$WORK/qlora.log" 2>/dev/null | sed 's/^QLORA-RESULT: /  
 stage bench-1b 150 "$PY" benchmarks/bench_train.py --device cuda --model random-1b --steps 6 --cases 1 \
     --trl-configs "$TRL_SET" "${SFT_OPTS[@]}" --json "$WORK/bench-1b.json"
 report_bench "$WORK/bench-1b.json"
+
+# --- 7. sequence parallelism (DeepSpeed Ulysses, 2 GPUs) ------------------------------------------------------
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$GPUS" -ge 2 ]; then
+    stage seq-par-tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/trainer/test_sequence_parallel.py
+    say "  pytest: $(grep -E '[0-9]+ (passed|failed|skipped|error)' "$WORK/seq-par-tests.log" 2>/dev/null | tail -1)"
+    stage seq-par-memory 150 "$PY" benchmarks/bench_sequence.py --device cuda --lengths 8192 16384 \
+        --cap-gib 1000 --timeout 60 --json "$WORK/seq-par.json"
+    grep -h "^sequence_parallel\|peak" "$WORK/seq-par-memory.log" 2>/dev/null | sed 's/^/  /' | tee -a "$SUMMARY"
+else
+    say "[seq-par] skipped: needs 2 GPUs ($GPUS here)"
+fi
 
 finish "$FAILED"

@@ -448,6 +448,23 @@ class TrainConfig(_Strict):
             "instead of hanging; the first data preparation waits outside any collective, so it may take longer"
         ),
     )
+    sequence_parallel: int = Field(
+        1,
+        ge=1,
+        description=(
+            "processes that split each sequence between them (sequence parallelism, docs/distributed.md): every "
+            "micro-batch is cut along its length into this many shards, one per process of a group, and the "
+            "data-parallel world is processes / this; 1: off. Needs a DeepSpeed launch (Ulysses)"
+        ),
+    )
+    sequence_parallel_backend: Literal["auto", "deepspeed", "torch"] = Field(
+        "auto",
+        description=(
+            "engine of train.sequence_parallel: deepspeed (DeepSpeed Ulysses, ALST: CPU processes and CUDA), torch "
+            "(torch context parallel: needs CUDA and is not wired into sftlab yet, so refused), auto (the one the "
+            "launch's engine provides)"
+        ),
+    )
     eval_on_start: bool = Field(
         False, description="validation before the first step too (step 0 in metrics.jsonl; not when resuming)"
     )

@@ -46,6 +46,14 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
+def batch_targets(batch: dict[str, torch.Tensor]) -> int:
+    """The batch's target count: of its `labels` (shifted here), or of its `shift_labels`, already shifted
+    (a sequence-parallel shard: trainer/sequence_parallel.py, where position t's target is shift_labels[t])."""
+    if "shift_labels" in batch:
+        return int((batch["shift_labels"] != IGNORE_INDEX).sum())
+    return count_targets(batch["labels"])
+
+
 def summed_nll(
     logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -59,7 +67,7 @@ def summed_nll(
     return (nll * weights[..., 1:].reshape(-1).float()).sum()
 
 
-NOT_MODEL_INPUTS = frozenset({"labels", "target_weights"})
+NOT_MODEL_INPUTS = frozenset({"labels", "shift_labels", "target_weights"})
 
 
 def model_forward(model, batch: dict[str, torch.Tensor]):
@@ -71,8 +79,14 @@ def model_forward(model, batch: dict[str, torch.Tensor]):
 
 def full_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Reference path: full logits for every position, then `summed_nll` (weighted when the batch has
-    `target_weights`)."""
-    return summed_nll(model_forward(model, batch).logits, batch["labels"], batch.get("target_weights"))
+    `target_weights`); a sequence-parallel shard's `shift_labels` are its targets as they are."""
+    logits = model_forward(model, batch).logits
+    if "shift_labels" in batch:
+        flat = logits.reshape(-1, logits.size(-1)).float()
+        return F.cross_entropy(
+            flat, batch["shift_labels"].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+    return summed_nll(logits, batch["labels"], batch.get("target_weights"))
 
 
 full_nll.weighs_targets = True  # honours batch["target_weights"] (trainer/objective.py checks)
@@ -269,10 +283,17 @@ class TargetLossHead:
             return full_nll(model, batch)
         with self._hidden_states_as_logits():
             hidden = model_forward(model, batch).logits  # [B, T, H]
-        labels, weights = batch["labels"], batch.get("target_weights")
-        mask = labels[:, 1:] != IGNORE_INDEX
-        h, y = hidden[:, :-1][mask], labels[:, 1:][mask]  # [N, H], [N]
-        rows = None if weights is None else weights[:, 1:][mask]
+        weights, positions = batch.get("target_weights"), hidden
+        if (
+            "shift_labels" in batch
+        ):  # a sequence-parallel shard: already shifted, every position has its target
+            targets = batch["shift_labels"]
+        else:
+            targets, positions = batch["labels"][:, 1:], hidden[:, :-1]
+            weights = None if weights is None else weights[:, 1:]
+        mask = targets != IGNORE_INDEX
+        h, y = positions[mask], targets[mask]  # [N, H], [N]
+        rows = None if weights is None else weights[mask]
         out = self._out
         if self.fused_ce is not None and self.scale == 1.0 and rows is None:
             return self.fused_ce(out.weight, h, y, out.bias)

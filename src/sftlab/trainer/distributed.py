@@ -175,6 +175,12 @@ def build_accelerator(
     return accelerator
 
 
+def launch_provides_ulysses() -> bool:
+    """Whether `accelerate launch` started DeepSpeed, whose Ulysses attention runs train.sequence_parallel
+    (read before the Accelerator exists: its ParallelismConfig depends on it)."""
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+
+
 def _quiet_deepspeed_on_cpu() -> None:
     """Accelerate imports DeepSpeed, when installed, even in single-process runs (`unwrap_model`); on a
     machine without CUDA its accelerator detection then warns on every run. Naming the CPU accelerator
@@ -433,6 +439,11 @@ class DeepSpeedEngine(ShardedEngine):
         conf["gradient_accumulation_steps"] = 1  # sftlab marks the boundary itself
         conf["train_batch_size"] = micro * self.accelerator.num_processes
         conf["gradient_clipping"] = float(max_grad_norm) if max_grad_norm is not None else 0.0
+        pc = self.accelerator.parallelism_config
+        if (
+            pc is not None and pc.sp_enabled
+        ):  # Ulysses wraps the attention the model runs (sdpa, sftlab_documents)
+            pc.sp_handler.sp_attn_implementation = transformers_compat.attn_implementation(model.config)
         return super().prepare(model, optimizer, cfg)
 
     def accumulating(self, model, sync: bool):

@@ -56,7 +56,7 @@ from rich.progress import (
 from sftlab.config.schema import CheckpointConfig, SFTConfig
 from sftlab.data.packing import pack_examples, packed_collate
 from sftlab.data.types import IGNORE_INDEX
-from sftlab.trainer import best, distributed, hub, testing
+from sftlab.trainer import best, distributed, hub, sequence_parallel, testing
 from sftlab.trainer.callbacks import CallbackList
 from sftlab.trainer.checkpoint import Progress, TrainerState, latest_checkpoint, save_checkpoint
 from sftlab.trainer.components import Components
@@ -232,7 +232,9 @@ class Recipe:
         t0 = time.perf_counter()
         position = p.stream.state()
         n_micro = min(r.grad_accum_steps, p.stream.left_in_epoch)  # a step never spans two epochs
-        batches, sizes = next_micro_batches(p.data, p.objective, batches_iter, n_micro, p.accelerator)
+        batches, sizes = next_micro_batches(
+            p.data, p.objective, batches_iter, n_micro, p.accelerator, rows=r.micro_batch_size or 0
+        )
         self.progress.consumed_micro_batches += n_micro
         normaliser = step_normaliser(p.objective, batches, p.accelerator)
         loss_sum = train_step(p.model, p.objective, p.engine, batches, normaliser) if normaliser else 0.0
@@ -402,11 +404,13 @@ def load_data(resolved: Resolved, accelerator: Accelerator, console: Console) ->
 
 
 def next_micro_batches(
-    data: RunData, objective: Objective, batches_iter, n_micro: int, accelerator: Accelerator
+    data: RunData, objective: Objective, batches_iter, n_micro: int, accelerator: Accelerator, rows: int = 0
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, int]]:
     """This rank's share of the stream's next `n_micro` micro-batches, on the device, and what they hold:
-    input tokens, padded positions, and the sum of squared document lengths (for attention FLOPs)."""
-    world, rank = accelerator.num_processes, accelerator.process_index
+    input tokens, padded positions, and the sum of squared document lengths (for attention FLOPs). Under
+    sequence parallelism the share is its data-parallel rank's, and this rank keeps its shard of it
+    (trainer/sequence_parallel.py; `rows`: micro_batch_size, what a shard is padded to), its sizes 1/N."""
+    rank, world = sequence_parallel.data_position(accelerator)
     batches, sizes = [], {"tokens": 0, "padded": 0, "sum_sq_docs": 0, "targets": 0}
     drawn = [next(batches_iter) for _ in range(n_micro)]  # the step's units over all processes
     testing.record_step_units(drawn, accelerator.is_main_process)
@@ -425,7 +429,10 @@ def next_micro_batches(
             )
         else:  # a short last batch left this rank nothing: run one unit that contributes nothing, so DDP stays in step
             batch = objective.filler(data.collate([data.units[0]]))
+        batch = sequence_parallel.shard(batch, accelerator, rows)
         batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
+    if (n := sequence_parallel.size(accelerator)) > 1:
+        sizes = {k: v // n for k, v in sizes.items()}
     return batches, sizes
 
 
@@ -450,10 +457,11 @@ def train_step(
     The loss each micro-batch back-propagates is its loss sum (the objective's: trainer/objective.py) /
     the step's global `normaliser` (`step_normaliser`, not 0), times the world size because every engine
     (DDP, FSDP, DeepSpeed ZeRO) averages gradients over ranks: the step's gradient is then exactly the
-    gradient of (sum of all the step's losses) / (its whole normaliser).
+    gradient of (sum of all the step's losses) / (its whole normaliser). Under sequence parallelism the
+    engine divides by the data-parallel world instead (`sequence_parallel.gradient_world`).
     """
     accelerator = engine.accelerator
-    scale = accelerator.num_processes / normaliser
+    scale = sequence_parallel.gradient_world(accelerator) / normaliser
     step_sum = torch.zeros((), dtype=torch.float64)
     for k, batch in enumerate(batches):
         sync = k == len(batches) - 1

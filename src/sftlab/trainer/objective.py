@@ -41,7 +41,7 @@ import torch
 from sftlab.data.collate import model_inputs
 from sftlab.data.types import IGNORE_INDEX
 from sftlab.errors import SftlabError
-from sftlab.model.loss import count_targets, full_nll
+from sftlab.model.loss import batch_targets, count_targets, full_nll
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Any, Batch], torch.Tensor]  # (model, micro-batch) -> summed NLL
@@ -122,7 +122,7 @@ class SFTObjective:
     def normaliser(self, batch: Batch) -> int:
         """tokens: the target count; micro_batch_mean: 1 (0 without a target); sequence_mean: the
         number of sequences with a target."""
-        n = count_targets(batch["labels"])
+        n = batch_targets(batch)
         if self.normalization == "tokens" or not n:
             return n
         if self.normalization == "micro_batch_mean":

@@ -47,6 +47,9 @@ class Resolved:
     compile_key: str = ""  # this machine and model shape, for the compile-time records ("" = not recorded)
     packed_attention: str | None = None  # documents | mask, for packed rows (model/attention.py); else None
     packed_attention_why: str | None = None
+    sequence_parallel_why: str | None = (
+        None  # the backend of train.sequence_parallel > 1 (sequence_parallel.py)
+    )
     micro_batch_size: int = 0  # rows per micro-batch per process (train.micro_batch_size)
     micro_batch_tokens: int | None = None  # the token budget per micro-batch per process, if one is set
     grad_accum_steps: int = 1
@@ -73,6 +76,8 @@ class Resolved:
         }
         if self.packed_attention is not None:
             why["packed_attention"] = self.packed_attention_why or ""
+        if self.sequence_parallel_why is not None:
+            why["sequence_parallel"] = self.sequence_parallel_why
         if self.peak_flops_why:
             why["peak_flops"] = self.peak_flops_why
         return why

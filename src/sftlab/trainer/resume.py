@@ -141,41 +141,47 @@ def _saved_train(state: TrainerState) -> dict:
     return _with_defaults(state.config).get("train", {})
 
 
+def _saved_data_world(state: TrainerState) -> int:
+    """The data-parallel processes of the run that wrote `state` (its processes / train.sequence_parallel)."""
+    return state.num_processes // max(1, int(_saved_train(state).get("sequence_parallel") or 1))
+
+
 def saved_stream_units(state: TrainerState) -> int | None:
     """The fixed micro-batch size (units over all processes) of the stream that wrote `state`; None with
     token budgets (their micro-batches are kept whole: `keep_global_batch`)."""
     train = _saved_train(state)
     if train.get("micro_batch_tokens") is not None or "micro_batch_size" not in train:
         return None
-    return int(train["micro_batch_size"]) * state.num_processes
+    return int(train["micro_batch_size"]) * _saved_data_world(state)
 
 
 def keep_global_batch(
     cfg: SFTConfig, state: TrainerState, world: int, ckpt: Path
 ) -> tuple[SFTConfig, str | None]:
     """This run's micro-batch size and accumulation (or per-process token budget) such that each optimizer
-    step trains on the checkpoint's steps' examples on `world` processes; refused (before any weights load)
-    when the global batch cannot be kept, saying which settings would keep it."""
-    saved, train = _saved_train(state), cfg.train
+    step trains on the checkpoint's steps' examples on `world` data-parallel processes (all of them, or
+    their sequence-parallel groups); refused (before any weights load) when the global batch cannot be
+    kept, saying which settings would keep it."""
+    saved, train, old_world = _saved_train(state), cfg.train, _saved_data_world(state)
     geometry = (train.micro_batch_size, train.grad_accum_steps, train.micro_batch_tokens)
     if (saved.get("micro_batch_size"), saved.get("grad_accum_steps"), saved.get("micro_batch_tokens")) == (
         geometry
-    ) and world == state.num_processes:
+    ) and world == old_world:
         return cfg, None
     where = f"cannot resume from {ckpt} on {world} process(es)"
     if cfg.train.loss_normalization == "micro_batch_mean":
         raise RunError(
             f"{where}: train.loss_normalization micro_batch_mean averages each micro-batch's mean loss, so "
-            f"another cut into micro-batches changes the loss; resume with {state.num_processes} process(es), "
+            f"another cut into micro-batches changes the loss; resume with {old_world} process(es), "
             f"micro_batch_size {saved.get('micro_batch_size')} and grad_accum_steps {saved.get('grad_accum_steps')}"
         )
     if saved.get("micro_batch_tokens") is not None:
-        update = _token_budget_kept(cfg, saved, state.num_processes, world, where)
+        update = _token_budget_kept(cfg, saved, old_world, world, where)
     else:
-        update = _rows_kept(cfg, saved, state.num_processes, world, where)
+        update = _rows_kept(cfg, saved, old_world, world, where)
     new = train.model_copy(update=update)
     line = (
-        f"[bold]resume[/bold] on {world} process(es) (the checkpoint: {state.num_processes}): the global batch "
+        f"[bold]resume[/bold] on {world} process(es) (the checkpoint: {old_world}): the global batch "
         f"is kept: micro_batch_size {new.micro_batch_size} x grad_accum_steps {new.grad_accum_steps}"
         + (f", {new.micro_batch_tokens} tokens per micro-batch" if new.micro_batch_tokens else "")
         + f" x {world} process(es); each step trains on the same examples"

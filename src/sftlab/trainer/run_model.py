@@ -123,7 +123,14 @@ def _prepare_for_training(
     if (
         cfg.data.packing != "none" or cfg.data.eval_packing
     ):  # packed rows: documents apart without a dense mask
-        mode, why = attention.choose(cfg.train.packed_attention, built.model, device, dtype)
+        setting = cfg.train.packed_attention
+        if (
+            cfg.train.sequence_parallel > 1 and setting == "auto"
+        ):  # Ulysses drops masks: positions cut documents
+            setting = "documents"
+        mode, why = attention.choose(setting, built.model, device, dtype)
+        if setting != cfg.train.packed_attention:
+            why = "train.sequence_parallel: Ulysses attends without a mask, the position ids cut documents"
         attention.use(built.model, mode)
         built.packed_attention, built.packed_attention_why = mode, why
         how = "one causal SDPA call per document" if mode == "documents" else "the dense document mask"

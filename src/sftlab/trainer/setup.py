@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from sftlab.trainer import compiling, optim, run_model, throughput
+from sftlab.trainer import compiling, optim, run_model, sequence_parallel, throughput
 from sftlab.trainer.callbacks import run_callbacks
 from sftlab.trainer.components import Components
 from sftlab.trainer.data import RunData, micro_batch_stream
@@ -49,7 +49,8 @@ def build_components(
     target_head = getattr(getattr(objective, "loss_fn", None), "mode", None) == "target"
     flops = throughput.FlopCounter(model, target_head=target_head)
     # 3. the micro-batch stream over the data's units, and the run's length in steps
-    stream = micro_batch_stream(cfg, data.units, resolved.world_size)
+    data_world = sequence_parallel.data_position(accelerator)[1]  # a sequence's processes share its rows
+    stream = micro_batch_stream(cfg, data.units, data_world)
     steps = plan_steps(cfg, stream.batches_per_epoch)
     checkpointing = cfg.checkpoint.every_steps is not None or cfg.checkpoint.every_epoch
     if main:
@@ -61,9 +62,7 @@ def build_components(
     scheduler = optim.build_scheduler(optimizer, cfg.optim, steps["total_steps"])
     # 5. what was decided, then compilation when it pays (it needs the run's length and peak FLOP/s)
     peak = peak_of(cfg, model, accelerator.device, resolved.mixed_precision, shown)
-    resolved = dataclasses.replace(
-        resolved, **decisions, **batch_geometry(cfg, resolved.world_size), **steps, **peak
-    )
+    resolved = dataclasses.replace(resolved, **decisions, **batch_geometry(cfg, data_world), **steps, **peak)
     model, resolved = compiling.compile_if_it_pays(
         model, resolved, data, accelerator.device, engine.sharded, flops.dense, shown
     )

@@ -19,7 +19,7 @@ from rich.console import Console
 from sftlab.config.schema import ConfigError, SFTConfig
 from sftlab.data.locate import check_local_paths
 from sftlab.trainer import data as run_data
-from sftlab.trainer import distributed, hub, precision, resume, run_model, tracking
+from sftlab.trainer import distributed, hub, precision, resume, run_model, sequence_parallel, tracking
 from sftlab.trainer import resolved as resolved_module
 from sftlab.trainer.inputs import RunInputs
 from sftlab.trainer.rundir import RunError
@@ -35,16 +35,19 @@ def start_run(
     mixed, why = precision.run_precision(cfg)
     out = Path(cfg.train.output_dir)
     check_before_start(cfg, inputs)
+    # sequence parallelism: refused here where it cannot run; else the Accelerator's ParallelismConfig
+    parallelism, sp_why = sequence_parallel.plan(cfg, cuda=torch.cuda.is_available())
     # the processes and their engine (nothing is written yet): the output_dir verdict is shared over them
-    engine = start_engine(cfg, mixed, out)
+    engine = start_engine(cfg, mixed, out, **parallelism)
     if resume.claim_output_dir(cfg, console, engine.accelerator) == "complete":
         return None
     tracking.prepare_offline(cfg.train.report_to, out)
     main = engine.accelerator.is_main_process
-    cfg, batch_line = resolved_module.with_global_batch(cfg, engine.accelerator.num_processes)
+    data_world = sequence_parallel.data_position(engine.accelerator)[1]  # processes / train.sequence_parallel
+    cfg, batch_line = resolved_module.with_global_batch(cfg, data_world)
     cfg = run_data.with_resolved_length(cfg, inputs, model_path, console if main else None)
     world = engine.accelerator.num_processes
-    cfg, resume_from, resume_state, resume_line = resume.resume_point(cfg, world)
+    cfg, resume_from, resume_state, resume_line = resume.resume_point(cfg, data_world)
     if main:
         precision.print_precision(cfg, console, mixed, why, engine.precision(mixed))
         for line in (batch_line, resume_line):
@@ -66,6 +69,7 @@ def start_run(
         resume_state=resume_state,
         resume_command=resume_command or f"sftlab train <config> train.resume=auto train.output_dir={out}",
         model_path=model_path,
+        sequence_parallel_why=sp_why,
     )
     return resolved, engine
 
@@ -87,9 +91,9 @@ def check_before_start(cfg: SFTConfig, inputs: RunInputs) -> None:
         hub.check_access(cfg.train.hub_model_id)
 
 
-def start_engine(cfg: SFTConfig, mixed: str, out: Path) -> distributed.Engine:
-    """The run's Accelerator (with its trackers' settings) and the engine it runs; settings the engine
-    cannot honour fail here, before any weights load."""
+def start_engine(cfg: SFTConfig, mixed: str, out: Path, **parallelism) -> distributed.Engine:
+    """The run's Accelerator (with its trackers' settings and `parallelism`: sequence_parallel.plan) and the
+    engine it runs; settings the engine cannot honour fail here, before any weights load."""
     trackers = cfg.train.report_to
     accelerator = distributed.build_accelerator(
         mixed,
@@ -97,6 +101,7 @@ def start_engine(cfg: SFTConfig, mixed: str, out: Path) -> distributed.Engine:
         dist_timeout=cfg.train.dist_timeout,
         log_with=trackers or None,
         project_dir=str(out / "tensorboard") if "tensorboard" in trackers else None,
+        **parallelism,
     )
     engine = distributed.Engine.of(accelerator)
     try:
