@@ -11,12 +11,22 @@ It is registered with transformers as the attention implementation `sftlab_docum
 a mask function that builds no mask where the batch has no padding mask (packed rows, unpadded
 rows), so the attention function sees the positions instead. Wherever a mask is needed -- a padded
 batch, generation with left padding or a KV cache -- the mask is built and the call is plain SDPA,
-so the same model also evaluates and generates correctly.
+so the same model also evaluates and generates correctly. While `torch.compile` traces the model the
+cutting is one custom operator, `sftlab::document_sdpa` (query, key, value, position_ids): opaque to the
+compiler, so the graph keeps one shape whatever the document layout (no graph break, no recompile)
+while the elementwise work around it fuses; its backward recomputes the per-document forward and
+differentiates it, so compiled gradients are the eager ones.
 
-`choose(setting, model, device)` decides per run (`train.packed_attention`): `documents`, `mask`
-(transformers' dense mask), or `auto`, which times both on the model's own head shape on this device
-once per process and picks the faster; models with sliding-window layers keep the mask (the window
-would be ignored here).
+`sftlab_flex` is transformers' FlexAttention with the block mask its mask functions build from the
+restarting positions (one per forward, no dense mask), SDPA where a padding mask is needed. torch 2.13
+runs FlexAttention's backward on CUDA only ("FlexAttention does not support backward on CPU", eager
+and compiled alike), so `flex` trains on CUDA; on a CPU it evaluates only.
+
+`choose(setting, model, device)` decides per run (`train.packed_attention`): `documents`, `flex`, `mask`
+(transformers' dense mask), or `auto`, which times documents and mask on the model's own head shape on
+this device once per process and picks the faster (trainer/compiling.py then weighs whole steps where
+this machine measured them); models with sliding-window layers keep the mask (the window would be
+ignored here).
 """
 
 from __future__ import annotations
@@ -37,7 +47,6 @@ from sftlab.compat import transformers as transformers_compat
 
 NAME = "sftlab_documents"
 FLEX_NAME = "sftlab_flex"
-MODES = ("documents", "flex", "mask")
 
 
 def _mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
@@ -78,7 +87,9 @@ def _cached_cuts(position_ids: torch.Tensor, rows: int, length: int) -> list[lis
     return _CUTS["cuts"]
 
 
-def _per_document(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cuts: list[list[int]], scale: float):
+def _per_document(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cuts: list[list[int]], scale: float
+) -> torch.Tensor:
     """(batch, heads, T, head_dim) -> the same, each document of each row causal on its own."""
     gqa = query.shape[1] != key.shape[1]
     rows = []
@@ -230,7 +241,9 @@ def flex_document_attention(
     """transformers' FlexAttention where the mask is a block mask (packed or unpadded rows); SDPA otherwise."""
     if isinstance(attention_mask, BlockMask):
         kwargs.pop("position_ids", None)
-        return flex_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+        return flex_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
