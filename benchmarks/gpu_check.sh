@@ -16,6 +16,10 @@
 #   4. bench     benchmarks/bench_train.py --device cuda on the embedded SmolLM2-135M-Instruct against TRL 1.16
 #                (bf16 autocast: TRL's best on a GPU; and bf16 + Liger when liger-kernel is there); sftlab with
 #                train.liger=true when liger-kernel is there
+#   4b. attention benchmarks/bench_compile.py --device cuda --dtype bf16 on SmolLM2-135M, 1x1024 packed: the
+#                whole-step options eager/compiled x documents/mask/flex and eager varlen (flash-attention 2 with
+#                the packed position ids, where flash-attn is installed): tokens/s against eager documents, losses
+#                checked against it (bf16: 1e-2)
 #   5. qlora     a short `sftlab train` with peft.quantize=nf4 (bitsandbytes) on the same conversations
 #   6. bench-1b  bench_train.py --model random-1b (a Llama-3.2-1B-shaped random model on SmolLM2's tokenizer)
 #   7. seq-par   with >= 2 GPUs: tests/trainer/test_sequence_parallel.py on CUDA (2-way DeepSpeed Ulysses equals
@@ -160,6 +164,10 @@ if [ "$LIGER" = 1 ]; then SFT_OPTS=(--sftlab-override train.liger=true); TRL_SET
 stage bench-135m 120 "$PY" benchmarks/bench_train.py --device cuda --steps 8 --cases 4 --trl-configs "$TRL_SET" \
     "${SFT_OPTS[@]}" --json "$WORK/bench-135m.json"
 report_bench "$WORK/bench-135m.json"
+
+# --- 4b. packed attention: documents vs mask vs flex vs flash-attention varlen, eager and compiled -------------
+stage attention 90 "$PY" benchmarks/bench_compile.py --device cuda --dtype bf16 --repeats 2
+sed -n '/^option/,$p' "$WORK/attention.log" 2>/dev/null | sed 's/^/  /' | tee -a "$SUMMARY"
 
 # --- 5. QLoRA nf4 ---------------------------------------------------------------------------------------
 qlora() {

@@ -79,3 +79,14 @@ def test_replaced_forward_puts_back_an_accelerate_hook():
         assert lin(x) is x
     assert lin.__dict__["forward"] is hooked
     torch.testing.assert_close(lin(x), 2 * (x @ lin.weight.T + lin.bias))
+
+
+def test_autograd_inside_custom_op_differentiates_in_an_ops_implementation():
+    @torch.library.custom_op("sftlab_test::square_grad", mutates_args=())
+    def square_grad(x: torch.Tensor) -> torch.Tensor:
+        y = x.detach().requires_grad_()
+        with torch_compat.autograd_inside_custom_op():
+            z = (y * y).sum()
+        return torch.autograd.grad(z, y)[0]
+
+    assert torch.equal(square_grad(torch.tensor([1.0, 3.0])), torch.tensor([2.0, 6.0]))

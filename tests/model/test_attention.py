@@ -105,3 +105,65 @@ def test_choose_measures_keeps_the_mask_for_sliding_windows_and_other_kernels():
 def test_cuts_follow_restarting_positions():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1]])
     assert attention.document_cuts(pos, 1, 8) == [[0, 3, 5, 6, 8]]
+
+
+def _layout(*sizes):
+    return torch.cat([torch.arange(n) for n in sizes])
+
+
+def test_compiled_per_document_attention_is_the_eager_one_in_one_graph():
+    """While compiling, per-document attention is one operator (sftlab::document_sdpa): the compiled forward and
+    gradients equal the eager per-document ones (aot_eager: the captured graph without inductor's code
+    generation), and four document layouts of one shape run through one graph, with no recompile."""
+    from torch._dynamo.utils import counters
+
+    model = build_model(400, seed=3)
+    attention.use(model, "documents")
+    ids = torch.randint(5, 400, (2, 30), generator=torch.Generator().manual_seed(1))
+    layouts = [(10, 12, 8), (5, 20, 5), (30,), (1, 1, 28)]
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+    for i, layout in enumerate(layouts):
+        pos = torch.stack([_layout(*layout), _layout(*layouts[(i + 1) % 4])])
+        results = []
+        for m in (model, compiled):
+            model.zero_grad()
+            logits = m(input_ids=ids, position_ids=pos, use_cache=False).logits
+            logits.square().sum().backward()
+            results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(results[0][1], results[1][1]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+
+
+@pytest.mark.parametrize("mode", ["documents", "compiled documents", "flex"])
+def test_documents_never_attend_across(mode):
+    """Changing document A's tokens leaves document B's logits unchanged, and each equals the document alone.
+    flex runs forward only here: torch 2.13 has no FlexAttention backward on a CPU."""
+    model = build_model(400, seed=3).eval()
+    attention.use(model, mode.split()[-1])
+    forward = (
+        torch.compile(model, backend="aot_eager", dynamic=False) if mode.startswith("compiled") else model
+    )
+    ids, pos = _packed(400)
+    changed = ids.clone()
+    changed[0, 10:22] = torch.randint(5, 400, (12,), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=ids[:, s:e], use_cache=False).logits for s, e in DOCS], 1)
+        got = forward(input_ids=ids, position_ids=pos, use_cache=False).logits
+        other = forward(input_ids=changed, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+    for s, e in (DOCS[0], DOCS[2]):
+        torch.testing.assert_close(other[:, s:e], got[:, s:e], rtol=0, atol=1e-6)
+    assert not torch.allclose(other[:, 10:22], got[:, 10:22])
+
+
+def test_flex_trains_on_cuda_only():
+    model = build_model(400)
+    with pytest.raises(ValueError, match="FlexAttention does not support backward on CPU"):
+        attention.choose("flex", model, "cpu")
+    assert attention.choose("flex", model, "cuda") == ("flex", "as configured")
+    attention.use(model, "flex")
+    assert model.config._attn_implementation == attention.FLEX_NAME

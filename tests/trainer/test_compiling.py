@@ -19,7 +19,6 @@ from tests.trainer.test_loop import make_cfg
 LONG = compiling.RunShape(
     setting="auto",
     packed=True,
-    documents_attention=False,
     fixed_batches=True,
     vision=False,
     sharded=False,
@@ -55,7 +54,6 @@ def test_a_cpu_compiles_only_once_a_gain_was_measured_there():
         ({"fixed_batches": False}, "micro_batch_tokens"),
         ({"vision": True}, "image"),
         ({"sharded": True}, "FSDP"),
-        ({"documents_attention": True}, "documents"),
         ({"peak_flops": None}, "no step-time estimate"),
     ],
 )
@@ -123,15 +121,19 @@ def test_fixed_shape_batches_keep_the_loss_and_gradients():
         compiling.fixed_shape_collate(2, 40, 4)(rows)
 
 
-@pytest.mark.parametrize(("precision", "rel"), [("no", 1e-5), ("bf16", 2e-2)])
+@pytest.mark.parametrize(
+    ("precision", "rel", "packed_attention"),
+    [("no", 1e-5, "mask"), ("bf16", 2e-2, "mask"), ("no", 1e-5, "documents")],
+)
 def test_compiled_packed_run_matches_eager_and_compiles_once(
-    tiny_model_dir, chat_file, tmp_path, precision, rel
+    tiny_model_dir, chat_file, tmp_path, precision, rel, packed_attention
 ):
     """The compiled step (aot_eager: the graph torch.compile captures, without inductor's minutes of code
     generation on a CPU) gives the eager losses, with one training graph for every step (the last
     micro-batch short of rows included), and the run records what it measured. fp32: at 1e-5. bf16 (autocast
     with bf16 matmul weights): at 2e-2, a few bf16 ulps (2**-8 = 3.9e-3 each) of the loss, since the graph may
-    order the bf16 ops differently from eager."""
+    order the bf16 ops differently from eager. Per-document attention (one operator while compiling) too: its
+    compiled losses are the eager per-document ones, one graph whatever the micro-batches' document layouts."""
     from torch._dynamo.utils import counters
 
     histories = {}
@@ -144,7 +146,7 @@ def test_compiled_packed_run_matches_eager_and_compiles_once(
             micro_batch_size=3,
             compile=compile_setting,
             compile_backend="aot_eager",
-            packed_attention="mask",
+            packed_attention=packed_attention,
             mixed_precision=precision,
         )
         cfg.data.packing = "bfd"
@@ -153,6 +155,7 @@ def test_compiled_packed_run_matches_eager_and_compiles_once(
         counters.clear()
         torch._dynamo.reset()
         histories[compile_setting] = run_training(cfg).history
+        assert _resolved(tmp_path / f"compile-{compile_setting}")["packed_attention"] == packed_attention
         run_json = json.loads((tmp_path / f"compile-{compile_setting}" / "run.json").read_text())
         assert run_json["compile"] is compile_setting
         assert (
@@ -166,3 +169,25 @@ def test_compiled_packed_run_matches_eager_and_compiles_once(
         assert b.get("eval_loss", 0.0) == pytest.approx(a.get("eval_loss", 0.0), rel=rel)
     records = json.loads(compiling.records_path().read_text())
     assert any({"eager_s_per_token", "compiled_s_per_token", "compile_s"} <= set(r) for r in records.values())
+
+
+def _resolved(run_dir):
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def test_whole_step_picks_the_fastest_measured_option_with_its_compile_time():
+    shape = dataclasses.replace(LONG, device_type="cpu", remaining_tokens=1_000_000)
+    records = {
+        "documents": {"eager_s_per_token": 1.0e-3, "compiled_s_per_token": 0.7e-3, "compile_s": 100.0},
+        "mask": {"eager_s_per_token": 1.2e-3, "compiled_s_per_token": 0.8e-3, "compile_s": 100.0},
+    }
+    mode, compiled, why = compiling.whole_step(shape, records)
+    assert (mode, compiled) == ("documents", True)
+    assert "compiled documents 0.700 ms/token + 100 s compiling" in why and "eager mask 1.200 ms/token" in why
+    # a short run: 10k tokens save 3 s, compiling costs 150 s (1.5 x 100 s)
+    short = dataclasses.replace(shape, remaining_tokens=10_000)
+    assert compiling.whole_step(short, records)[:2] == ("documents", False)
+    # train.compile: true weighs compiled options only; one measured option decides nothing
+    forced = dataclasses.replace(short, setting=True)
+    assert compiling.whole_step(forced, records)[:2] == ("documents", True)
+    assert compiling.whole_step(shape, {"documents": {"eager_s_per_token": 1e-3}}) is None

@@ -31,6 +31,23 @@ def version_counter(tensor: torch.Tensor) -> int:
     return tensor._version
 
 
+@contextmanager
+def autograd_inside_custom_op() -> Iterator[None]:
+    """Autograd on inside the implementation of a `torch.library.custom_op` (torch runs it below the autograd
+    dispatch keys), so an op's backward can differentiate its own eager recomputation.
+
+    Touches: `torch._C._SetExcludeDispatchKeyGuard`, `DispatchKey.AutogradFunctionality` and
+    `DispatchKey.ADInplaceOrView`. Written against torch 2.13.0. Public alternative: an explicit backward
+    formula (for attention: the fused kernels' private backward ops)."""
+    keys = torch._C.DispatchKey
+    with (
+        torch._C._SetExcludeDispatchKeyGuard(keys.AutogradFunctionality, False),
+        torch._C._SetExcludeDispatchKeyGuard(keys.ADInplaceOrView, False),
+        torch.enable_grad(),
+    ):
+        yield
+
+
 def _cpu_probe(name: str) -> bool | None:
     for mod in (getattr(torch, "cpu", None), getattr(torch._C, "_cpu", None)):
         fn = getattr(mod, name, None)

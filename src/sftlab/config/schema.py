@@ -523,12 +523,14 @@ class TrainConfig(_Strict):
         ),
     )
     loss_chunk_tokens: int = Field(1024, gt=0, description="rows per chunk of the target-only loss head")
-    packed_attention: Literal["auto", "documents", "mask"] = Field(
+    packed_attention: Literal["auto", "documents", "flex", "mask"] = Field(
         "auto",
         description=(
             "how packed rows keep documents apart: documents (one causal SDPA call per document, no mask: attention "
-            "FLOPs grow with each document's length squared, not the row's), mask (transformers' dense block mask), "
-            "auto (times both on the model's head shape on this device, once per process)"
+            "FLOPs grow with each document's length squared, not the row's; one operator under train.compile), flex "
+            "(FlexAttention with a document block mask; trains on CUDA only), mask (transformers' dense block mask), "
+            "auto (times documents and mask on the model's head shape on this device, once per process; with "
+            "train.compile the fastest whole step this machine measured)"
         ),
     )
     compile: bool | Literal["auto"] = Field(
@@ -537,7 +539,7 @@ class TrainConfig(_Strict):
             "torch.compile the model: true, false, or auto (on for a packed run with micro_batch_size when the time "
             "it saves pays the compile time back 1.5x over, by this machine's measurements of earlier runs or "
             "estimates (a CPU needs a measured gain); off for short runs, unpacked rows, vision models, FSDP/DeepSpeed); compiled packed runs pad "
-            "every micro-batch to one shape and use the dense document mask"
+            "every micro-batch to one shape"
         ),
     )
     compile_backend: str = Field(

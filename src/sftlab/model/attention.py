@@ -11,12 +11,22 @@ It is registered with transformers as the attention implementation `sftlab_docum
 a mask function that builds no mask where the batch has no padding mask (packed rows, unpadded
 rows), so the attention function sees the positions instead. Wherever a mask is needed -- a padded
 batch, generation with left padding or a KV cache -- the mask is built and the call is plain SDPA,
-so the same model also evaluates and generates correctly.
+so the same model also evaluates and generates correctly. While `torch.compile` traces the model the
+cutting is one custom operator, `sftlab::document_sdpa` (query, key, value, position_ids): opaque to the
+compiler, so the graph keeps one shape whatever the document layout (no graph break, no recompile)
+while the elementwise work around it fuses; its backward recomputes the per-document forward and
+differentiates it, so compiled gradients are the eager ones.
 
-`choose(setting, model, device)` decides per run (`train.packed_attention`): `documents`, `mask`
-(transformers' dense mask), or `auto`, which times both on the model's own head shape on this device
-once per process and picks the faster; models with sliding-window layers keep the mask (the window
-would be ignored here).
+`sftlab_flex` is transformers' FlexAttention with the block mask its mask functions build from the
+restarting positions (one per forward, no dense mask), SDPA where a padding mask is needed. torch 2.13
+runs FlexAttention's backward on CUDA only ("FlexAttention does not support backward on CPU", eager
+and compiled alike), so `flex` trains on CUDA; on a CPU it evaluates only.
+
+`choose(setting, model, device)` decides per run (`train.packed_attention`): `documents`, `flex`, `mask`
+(transformers' dense mask), or `auto`, which times documents and mask on the model's own head shape on
+this device once per process and picks the faster (trainer/compiling.py then weighs whole steps where
+this machine measured them); models with sliding-window layers keep the mask (the window would be
+ignored here).
 """
 
 from __future__ import annotations
@@ -26,14 +36,17 @@ import time
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
+from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask, sdpa_mask
 
 from sftlab.compat import torch as torch_compat
 from sftlab.compat import transformers as transformers_compat
 
 NAME = "sftlab_documents"
+FLEX_NAME = "sftlab_flex"
 
 
 def _mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
@@ -74,6 +87,83 @@ def _cached_cuts(position_ids: torch.Tensor, rows: int, length: int) -> list[lis
     return _CUTS["cuts"]
 
 
+def _per_document(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cuts: list[list[int]], scale: float
+) -> torch.Tensor:
+    """(batch, heads, T, head_dim) -> the same, each document of each row causal on its own."""
+    gqa = query.shape[1] != key.shape[1]
+    rows = []
+    for b, (q, k, v) in enumerate(zip(query.split(1), key.split(1), value.split(1))):
+        sizes = [e - s for s, e in zip(cuts[b][:-1], cuts[b][1:])]
+        parts = zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2))
+        rows.append(
+            torch.cat(
+                [
+                    torch.nn.functional.scaled_dot_product_attention(
+                        qd, kd, vd, is_causal=True, scale=scale, enable_gqa=gqa
+                    )
+                    for qd, kd, vd in parts
+                ],
+                dim=2,
+            )
+        )
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
+@torch.library.custom_op("sftlab::document_sdpa", mutates_args=())
+def document_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Per-document causal SDPA as one operator the compiler does not look into: a compiled graph keeps one
+    shape whatever the document layout (the cuts are read from `position_ids` when it runs)."""
+    rows, length = query.shape[0], query.shape[2]
+    return _per_document(query, key, value, _cached_cuts(position_ids, rows, length), scale).contiguous()
+
+
+@document_sdpa.register_fake
+def _(query, key, value, position_ids, scale):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sftlab::document_sdpa_backward", mutates_args=())
+def document_sdpa_backward(
+    grad: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    position_ids: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `document_sdpa`: its forward recomputed (one attention forward more) and
+    differentiated, so they are those of the eager per-document calls."""
+    rows, length = query.shape[0], query.shape[2]
+    q, k, v = (t.detach().requires_grad_() for t in (query, key, value))
+    with torch_compat.autograd_inside_custom_op():
+        out = _per_document(q, k, v, _cached_cuts(position_ids, rows, length), scale)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()  # the layout the fake promises
+
+
+@document_sdpa_backward.register_fake
+def _(grad, query, key, value, position_ids, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (query, key, value))
+
+
+def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    query, key, value, position_ids, scale = inputs
+    ctx.save_for_backward(query, key, value, position_ids)
+    ctx.scale = scale
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    query, key, value, position_ids = ctx.saved_tensors
+    dq, dk, dv = document_sdpa_backward(grad.contiguous(), query, key, value, position_ids, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+document_sdpa.register_autograd(_backward, setup_context=_setup)
+
+
 def document_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -97,6 +187,12 @@ def document_attention(
             "packed documents cannot be told apart: set train.packed_attention: mask"
         )
     rows, length = query.shape[0], query.shape[2]
+    if torch.compiler.is_compiling():  # one operator: no graph break, no recompile per document layout
+        if dropout:
+            raise RuntimeError("compiled per-document attention has no attention dropout: set it to 0")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = document_sdpa(query, key, value, position_ids.expand(rows, -1), scale)
+        return out.transpose(1, 2).contiguous(), None
     cuts = _cached_cuts(position_ids, rows, length)
     if all(len(c) == 2 for c in cuts):  # one document per row: a single causal call
         return sdpa_attention_forward(
@@ -121,8 +217,42 @@ def document_attention(
     return (out[0] if len(out) == 1 else torch.cat(out, dim=0)), None
 
 
+def _flex_mask(
+    *args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any
+) -> BlockMask | torch.Tensor | None:
+    """A FlexAttention block mask for batches without a padding mask (transformers' mask function already
+    keeps packed documents apart and causal by their restarting positions), built once per forward;
+    SDPA's own mask otherwise (padded batches, generation)."""
+    if attention_mask is None and kwargs.get("q_offset", 0) == 0 and kwargs.get("kv_offset", 0) == 0:
+        return flex_attention_mask(*args, **kwargs)
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def flex_document_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: BlockMask | torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' FlexAttention where the mask is a block mask (packed or unpadded rows); SDPA otherwise."""
+    if isinstance(attention_mask, BlockMask):
+        kwargs.pop("position_ids", None)
+        return flex_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+
+
 AttentionInterface.register(NAME, document_attention)
 AttentionMaskInterface.register(NAME, _mask)
+AttentionInterface.register(FLEX_NAME, flex_document_attention)
+AttentionMaskInterface.register(FLEX_NAME, _flex_mask)
 
 
 def _text_config(model: Any) -> Any:
@@ -176,17 +306,23 @@ def _measure(device: str, heads: int, kv_heads: int, head_dim: int, dtype: torch
 def choose(
     setting: str, model: Any, device: torch.device | str, dtype: torch.dtype = torch.float32
 ) -> tuple[str, str]:
-    """(`documents` or `mask`, why) for `train.packed_attention` on this model and device."""
+    """(`documents`, `flex` or `mask`, why) for `train.packed_attention` on this model and device; `auto`
+    picks between `documents` and `mask` by the attention alone (trainer/compiling.py weighs whole steps)."""
     implementation = transformers_compat.attn_implementation(model.config)
-    if implementation not in ("sdpa", NAME):
+    if implementation not in ("sdpa", NAME, FLEX_NAME):
         return "mask", f"model.attn_implementation is {implementation}"
     if has_sliding_window(model):
-        if setting == "documents":
+        if setting in ("documents", "flex"):
             raise ValueError(
-                "train.packed_attention: documents ignores sliding-window attention, which this model "
+                f"train.packed_attention: {setting} ignores sliding-window attention, which this model "
                 "uses; use mask or auto"
             )
         return "mask", "the model has sliding-window layers"
+    if setting == "flex" and torch.device(device).type == "cpu":
+        raise ValueError(
+            "train.packed_attention: flex trains on CUDA only: FlexAttention does not support backward on "
+            f"CPU (torch {torch.__version__}); use documents (it compiles too) or auto"
+        )
     if setting != "auto":
         return setting, "as configured"
     config = _text_config(model)
@@ -203,6 +339,6 @@ def choose(
 
 
 def use(model: Any, mode: str) -> None:
-    """Switch the model (and what it wraps) to per-document attention, or back to SDPA."""
+    """Switch the model (and what it wraps) to per-document attention, FlexAttention, or back to SDPA."""
     target = getattr(model, "get_base_model", lambda: model)()
-    target.set_attn_implementation(NAME if mode == "documents" else "sdpa")
+    target.set_attn_implementation({"documents": NAME, "flex": FLEX_NAME}.get(mode, "sdpa"))

@@ -12,13 +12,19 @@ it; it pays back only when the run is long enough. `decide` settles `auto` per r
 - on when saved >= 1.5 x cost, where saved = tokens still to train (padded) x eager seconds per token x
   (1 - 1/gain), and cost = the compile seconds. The three inputs are measured on this machine where a
   previous run left them (`record`: steady eager and compiled seconds per token, and the compile time =
-  first compiled step - a steady one, per device, torch version, backend, dtype and model shape, in
-  `$SFTLAB_CACHE/compile_times.json`); else the eager time is the model FLOPs over the run's matmul
-  probe (an optimistic step time, so it errs towards not compiling), the cost 120 s on a CPU, 60 s on a
-  GPU, and the gain 1.2 on a GPU but none on a CPU: on a 2-core AVX2 EPYC the compiled step (dense
-  mask) ran 1.11x the eager dense-mask step but 0.92x the eager per-document step it replaces
+  first compiled step - a steady one, per device, torch version, backend, dtype, model shape and packed
+  attention, in `$SFTLAB_CACHE/compile_times.json`); else the eager time is the model FLOPs over the run's
+  matmul probe (an optimistic step time, so it errs towards not compiling), the cost 120 s on a CPU, 60 s
+  on a GPU, and the gain 1.2 on a GPU but none on a CPU: on a 2-core AVX2 EPYC the compiled step (dense
+  mask) ran 1.11x the eager dense-mask step but 0.92x the eager per-document step it replaced
   (benchmarks/bench_compile.py), so a CPU compiles under `auto` only once a run with `compile: true`
   has measured a gain there.
+
+Every packed attention compiles (model/attention.py: per-document attention is one opaque operator while
+compiling, FlexAttention and the dense mask are traced), so with `train.packed_attention: auto` too the
+decision is one of the whole step: `whole_step` takes the fastest of the (attention, eager | compiled)
+options this machine has measured for the model, each compiled one charged its compile time 1.5-fold,
+once at least two are measured; before that the attention probe picks the attention and `decide` the rest.
 
 `compile_if_it_pays` applies the decision to a run's model when it is set up (trainer/setup.py).
 
@@ -48,7 +54,6 @@ from sftlab.paths import cache_root
 from sftlab.trainer.data import RunData
 from sftlab.trainer.precision import cpuinfo_field
 from sftlab.trainer.resolved import Resolved
-from sftlab.trainer.rundir import RunError
 
 DEFAULT_GAIN = {"cpu": 1.0, "cuda": 1.2}
 DEFAULT_COMPILE_S = {"cpu": 120.0, "cuda": 60.0}
@@ -62,7 +67,6 @@ class RunShape:
 
     setting: bool | str  # train.compile: True, False or "auto"
     packed: bool
-    documents_attention: bool  # train.packed_attention: documents, set explicitly
     fixed_batches: bool  # micro_batch_size, not micro_batch_tokens
     vision: bool
     sharded: bool
@@ -86,8 +90,16 @@ def read_records() -> dict[str, dict[str, float]]:
         return {}
 
 
-def machine_key(model: Any, device: torch.device, dtype: torch.dtype, backend: str, recompute: bool) -> str:
-    """Device (CPU model / GPU name), torch version, backend, dtype and the model's shape and trainable share."""
+def machine_key(
+    model: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: str,
+    recompute: bool,
+    attention_mode: str | None,
+) -> str:
+    """Device (CPU model / GPU name), torch version, backend, dtype, the model's shape and trainable share, the
+    packed attention (documents | flex | mask)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -108,7 +120,16 @@ def machine_key(model: Any, device: torch.device, dtype: torch.dtype, backend: s
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     text = json.dumps(
-        [name, torch.__version__, backend, str(dtype), shape, round(trainable / max(total, 1), 3), recompute],
+        [
+            name,
+            torch.__version__,
+            backend,
+            str(dtype),
+            shape,
+            round(trainable / max(total, 1), 3),
+            recompute,
+            attention_mode,
+        ],
         sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -127,7 +148,6 @@ def decide(shape: RunShape, record: dict[str, float] | None = None) -> tuple[boo
         return shape.resumed_compiled, "auto: as the run this one resumes did"
     for cond, why in (
         (not shape.packed, "rows are not packed, so micro-batch shapes vary"),
-        (shape.documents_attention, "train.packed_attention: documents cuts rows in Python"),
         (not shape.fixed_batches, "train.micro_batch_tokens gives micro-batches of varying rows"),
         (shape.vision, "image inputs vary in shape"),
         (shape.sharded, "FSDP/DeepSpeed runs are not compiled in sftlab"),
@@ -160,6 +180,43 @@ def decide(shape: RunShape, record: dict[str, float] | None = None) -> tuple[boo
         f"auto: would save ~{saved:.0f} s ({shape.remaining_tokens} tokens x "
         f"{eager * 1e3:.3f} ms/token eager ({eager_src}) x (1 - 1/{gain:.2f} gain, {gain_src})), "
         f"compiling costs ~{cost:.0f} s ({cost_src}); on when the saving is >= {MARGIN}x the cost"
+    )
+
+
+def whole_step(shape: RunShape, records: dict[str, dict[str, float]]) -> tuple[str, bool, str] | None:
+    """(packed attention, compile?, why) from the measured whole-step times of each (attention, compiled)
+    option `records` (attention mode -> its compile-time record) holds, counting each compiled option's
+    compile time MARGIN-fold over the run's remaining tokens; None where fewer than two options are measured
+    (the attention probe and `decide` settle it then). `train.compile: true` weighs only compiled options."""
+    options = {}
+    for mode, record in records.items():
+        if "eager_s_per_token" in record and shape.setting is not True:
+            options[(mode, False)] = record["eager_s_per_token"] * shape.remaining_tokens
+        if "compiled_s_per_token" in record and "compile_s" in record:
+            options[(mode, True)] = (
+                record["compiled_s_per_token"] * shape.remaining_tokens + MARGIN * record["compile_s"]
+            )
+    if len(options) < 2:
+        return None
+    mode, compiled = min(options, key=options.get)
+
+    def told(option: tuple[str, bool]) -> str:
+        record = records[option[0]]
+        if option[1]:
+            return (
+                f"compiled {option[0]} {record['compiled_s_per_token'] * 1e3:.3f} ms/token "
+                f"+ {record['compile_s']:.0f} s compiling"
+            )
+        return f"eager {option[0]} {record['eager_s_per_token'] * 1e3:.3f} ms/token"
+
+    shown = ", ".join(told(o) for o in sorted(options, key=options.get))
+    return (
+        mode,
+        compiled,
+        (
+            f"auto: the fastest measured whole step for the {shape.remaining_tokens} tokens left: {shown} "
+            f"(compile time counted {MARGIN}x)"
+        ),
     )
 
 
@@ -198,6 +255,16 @@ def update_record(
     return record
 
 
+def _free_modes(resolved: Resolved, device: torch.device) -> list[str]:
+    """The packed attentions `auto` may still pick between for the whole step: those the attention probe
+    chose among (model/attention.choose), FlexAttention too on CUDA; only the chosen one otherwise."""
+    if resolved.cfg.train.packed_attention != "auto" or not (resolved.packed_attention_why or "").startswith(
+        "auto:"
+    ):
+        return [resolved.packed_attention] if resolved.packed_attention else []
+    return ["documents", "mask", "flex"] if device.type == "cuda" else ["documents", "mask"]
+
+
 def compile_if_it_pays(
     model,
     resolved: Resolved,
@@ -207,18 +274,21 @@ def compile_if_it_pays(
     dense_flops: float,
     console: Console | None,
 ) -> tuple[object, Resolved]:
-    """`train.compile` resolved for this run, returned with `resolved` completed by it; a compiled packed
-    run gets fixed shapes (`data.collate` replaced) and the dense document mask (per-document attention
-    cuts rows in Python, a recompile per layout). `console`: the main process's (None elsewhere)."""
+    """`train.compile` resolved for this run, returned with `resolved` completed by it: with `auto` for both
+    it and `train.packed_attention`, the fastest measured whole step (`whole_step`) where two options were
+    measured here, else `decide` with the probe's attention; a compiled packed run gets fixed shapes
+    (`data.collate` replaced). `console`: the main process's (None elsewhere)."""
     cfg = resolved.cfg
     packed, fixed = cfg.data.packing != "none", cfg.train.micro_batch_tokens is None
     dtype = torch.bfloat16 if resolved.mixed_precision == "bf16" else next(model.parameters()).dtype
-    key = machine_key(model, device, dtype, cfg.train.compile_backend, resolved.recompute)
+
+    def key_of(mode: str | None) -> str:
+        return machine_key(model, device, dtype, cfg.train.compile_backend, resolved.recompute, mode)
+
     resumed = resolved.resume_state
     shape = RunShape(
         cfg.train.compile,
         packed,
-        cfg.train.packed_attention == "documents",
         fixed,
         data.processor is not None,
         sharded,
@@ -228,24 +298,24 @@ def compile_if_it_pays(
         resolved.peak_flops,
         device.type,
     )
-    compiled, why = decide(shape, read_records().get(key))
-    if not (packed and fixed) or shape.vision or shape.sharded:
-        key = ""  # auto never compiles such a run: its step times are not recorded
+    records, choice = read_records(), None
+    recordable = packed and fixed and not shape.vision and not shape.sharded
+    if recordable and shape.setting is not False and resumed is None:
+        measured = {m: records[key_of(m)] for m in _free_modes(resolved, device) if key_of(m) in records}
+        choice = whole_step(shape, measured)
+    if choice is not None:
+        mode, compiled, why = choice
+        attention.use(model, mode)
+        resolved = dataclasses.replace(resolved, packed_attention=mode, packed_attention_why=why)
+    else:
+        compiled, why = decide(shape, records.get(key_of(resolved.packed_attention)))
+    key = key_of(resolved.packed_attention) if recordable else ""  # else auto never compiles: not recorded
     resolved = dataclasses.replace(resolved, compiled=compiled, compile_why=why, compile_key=key)
     if console is not None:
         console.print(f"[bold]compile[/bold]: {'on' if compiled else 'off'} ({why})", highlight=False)
     if not compiled:
         return model, resolved
-    if packed and cfg.train.packed_attention == "documents":
-        raise RunError(
-            "train.compile needs train.packed_attention: mask or auto (per-document attention cuts "
-            "rows in Python: one recompile per document layout)"
-        )
     if packed and fixed:
-        attention.use(model, "mask")
-        if resolved.packed_attention != "mask":
-            why = "the dense document mask: a compiled run keeps fixed shapes"
-            resolved = dataclasses.replace(resolved, packed_attention="mask", packed_attention_why=why)
         data.collate = fixed_shape_collate(data.pad_id, cfg.data.max_seq_length, cfg.train.micro_batch_size)
     model = torch.compile(
         model, backend=cfg.train.compile_backend, dynamic=False if packed and fixed else None

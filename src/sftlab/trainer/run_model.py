@@ -66,7 +66,9 @@ class RunModel:
     recompute_why: str = ""
     weight_form: str = "none"  # bf16 copies of fp32 masters: none | matmul | all (precision.bf16_weight_form)
     weight_form_why: str = ""
-    packed_attention: str | None = None  # documents | mask where rows are packed (model/attention.choose)
+    packed_attention: str | None = (
+        None  # documents | flex | mask where rows are packed (model/attention.choose)
+    )
     packed_attention_why: str | None = None
 
     def decisions(self) -> dict[str, Any]:
@@ -133,7 +135,10 @@ def _prepare_for_training(
             why = "train.sequence_parallel: Ulysses attends without a mask, the position ids cut documents"
         attention.use(built.model, mode)
         built.packed_attention, built.packed_attention_why = mode, why
-        how = "one causal SDPA call per document" if mode == "documents" else "the dense document mask"
+        how = {
+            "documents": "one causal SDPA call per document",
+            "flex": "FlexAttention with a document block mask",
+        }.get(mode, "the dense document mask")
         built.lines.append(f"packed attention: {how} ({why})")
     tokens_per_micro_batch = recompute.planned_tokens(cfg, getattr(tokens, "units", None))
     built.recompute, built.recompute_why = recompute.decide(
