@@ -104,10 +104,11 @@ def check_settings(cfg: SFTConfig) -> None:
             "train.sequence_parallel set train.micro_batch_size instead"
         )
     packed = cfg.data.packing != "none"
-    if packed and train.packed_attention == "mask":
+    if packed and train.packed_attention in ("mask", "flex"):
         raise SequenceParallelError(
-            "train.packed_attention: mask: a dense document mask is built per shard and Ulysses drops it; "
-            "with train.sequence_parallel use documents or auto (documents apart by position ids)"
+            f"train.packed_attention: {train.packed_attention}: its document mask is built per shard and "
+            "Ulysses drops it; with train.sequence_parallel use documents or auto (documents apart by "
+            "position ids)"
         )
     if cfg.model.attn_implementation == "eager":
         raise SequenceParallelError(
