@@ -391,7 +391,8 @@ def test_run_json_carries_each_decision_with_its_reason(tiny_model_dir, chat_fil
     assert (info["weight_form"], reasons["weight_form"]) == ("none", "no bf16 weight copies")
     assert (info["micro_batch_size"], info["grad_accum_steps"], info["num_processes"]) == (4, 2, 1)
     assert (info["global_batch"], info["global_batch_unit"]) == (8, "rows")
-    assert (info["total_steps"], info["total_micro_batches"], info["engine"]) == (2, 4, "single")
+    # the packed rows make one micro-batch per epoch, and a step never spans two epochs: 2 steps of 1
+    assert (info["total_steps"], info["total_micro_batches"], info["engine"]) == (2, 2, "single")
 
 
 def test_unpacked_run_json_has_no_packed_attention_reason(tiny_model_dir, chat_file, tmp_path):
