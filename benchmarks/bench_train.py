@@ -623,6 +623,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "both sides (TRL's peft_config, sftlab's peft section); qlora: the same on an nf4 base (bitsandbytes; "
         "skipped, saying why, where it does not run)",
     )
+    ap.add_argument(
+        "--bf16-exact-weights",
+        action="store_true",
+        help="both sides train a copy of the model whose weights are rounded to bf16 (stored float32): sftlab "
+        "then holds a frozen LoRA base in bf16 (it does so only where bf16 holds the weight exactly), the lever "
+        "'frozen base in the compute dtype, no fp32 copy'",
+    )
     ap.add_argument("--no-trl", action="store_true", help="run sftlab only")
     ap.add_argument(
         "--model",
@@ -673,6 +680,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not args.sftlab_configs:
         ap.error(f"--sftlab-configs: unknown {unknown}; choose from {','.join(SFTLAB_CONFIGS)}")
     return args
+
+
+def bf16_exact_copy(path: str, out: Path) -> str:
+    """A copy of the model at `path` with every floating tensor rounded to bf16, saved as float32 (so both
+    sides load it as they load the original), with its tokenizer and chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return str(out)
 
 
 def qlora_unavailable(device: str) -> str | None:
@@ -969,6 +991,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_path, model_desc = resolve_model(args.model, work, resolve_model_path(ModelConfig()))
         model_arg = model_path if args.model else None
+        if args.bf16_exact_weights:
+            model_path = model_arg = bf16_exact_copy(model_path, work / "model-bf16-exact")
+            model_desc += ", weights rounded to bf16 (stored float32)"
         print(
             f"# sftlab training benchmark: {model_desc}, bfd-packed rows of {CAPACITY}, micro-batch {cases} rows, "
             f"{steps} steps, lr {LR}, loss on {args.loss_on}, {args.repeats} repeat(s), on {device}"

@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from test_checkpoint import EXACT, cfg_tree, metrics, run_cli
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftlab.cli import main as cli_main
 from sftlab.config import SFTConfig
@@ -118,6 +118,49 @@ def test_base_weights_are_bitwise_untouched_in_training(
     merged = load_file(tmp_path / "run" / "merged" / "model.safetensors")
     untouched = [k for k in merged if "proj" not in k]
     assert untouched and [k for k in untouched if not torch.equal(merged[k], base[k])] == []
+
+
+def test_a_bf16_exact_frozen_base_trains_in_bf16_without_weight_gradients(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch
+):
+    """LoRA under bf16 on a base bf16 holds exactly (stored in bf16): the frozen base's linear weights are
+    bf16 while training (no fp32 copy, no master), frozen weights get no gradient, and the saved adapter
+    starts from the same loss as on the fp32 run within bf16's tolerance."""
+    from sftlab.trainer import outputs
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    exact_dir = tmp_path / "exact"
+    base.save_pretrained(exact_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(exact_dir)
+    seen: list[dict] = []
+    real = outputs.save_adapter_run
+
+    def spy(model, *args, **kwargs):  # the model as training left it, before the adapter is saved
+        named = list(model.named_parameters())
+        seen.append(
+            {
+                "frozen_linear": {p.dtype for n, p in named if "base_layer.weight" in n},
+                "frozen_grads": [n for n, p in named if not p.requires_grad and p.grad is not None],
+                "trainable": [n for n, p in named if p.requires_grad],
+            }
+        )
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "save_adapter_run", spy)
+    runs = {
+        mp: run_training(lora_cfg(exact_dir, chat_file, tmp_path / mp, mixed_precision=mp, max_steps=2))
+        for mp in ("bf16", "no")
+    }
+    bf16, fp32 = seen
+    assert bf16["frozen_linear"] == {torch.bfloat16} and fp32["frozen_linear"] == {torch.float32}
+    for run in seen:
+        assert run["frozen_grads"] == [] and run["trainable"] and all("lora_" in n for n in run["trainable"])
+    torch.testing.assert_close(
+        runs["bf16"].history[0]["loss"], runs["no"].history[0]["loss"], rtol=2e-2, atol=0.0
+    )
 
 
 def test_bad_target_module_fails_before_training_with_the_names(tiny_model_dir, chat_file, tmp_path, capsys):

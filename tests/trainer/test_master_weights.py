@@ -408,6 +408,7 @@ def test_frozen_weights_are_never_rounded_to_bf16():
         p.requires_grad_(name not in frozen)
     originals = use_bf16_weights(model, matmul_only=True)
     assert exact.dtype == torch.bfloat16 and layer.self_attn.k_proj.weight.dtype == torch.float32
+    assert id(exact) not in {id(p) for p, _ in originals}  # frozen: no master to seed, no fp32 copy kept
     assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16  # trainable
     assert {id(p) for p, _ in originals} >= {
         id(p)

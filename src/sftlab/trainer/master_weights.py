@@ -267,7 +267,8 @@ Originals = list[tuple[torch.nn.Parameter, torch.Tensor]]
 @torch.no_grad()
 def use_bf16_weights(model: torch.nn.Module, matmul_only: bool = True) -> Originals:
     """Store weights in bf16 for compute; returns (parameter, its fp32 value before the cast) for
-    every parameter cast, to seed the fp32 master weights with (`seed_master_weights`).
+    every trainable parameter cast, to seed the fp32 master weights with (`seed_master_weights`; a frozen
+    one has no master, and bf16 held it exactly, so no fp32 copy of it is kept).
 
     `matmul_only=True` (bf16 mixed precision): only the matmul weights (every `nn.Linear` but a head
     tied to the input embedding) become bf16; embeddings and norms stay fp32. A frozen weight (a vision
@@ -296,7 +297,8 @@ def use_bf16_weights(model: torch.nn.Module, matmul_only: bool = True) -> Origin
                 continue
             if matmul_only and not p.requires_grad and not _exact_in_bf16(p):
                 continue  # frozen: autocast computes with its bf16 rounding, the weight itself stays as loaded
-            originals.append((p, p.detach().clone()))
+            if p.requires_grad:
+                originals.append((p, p.detach().clone()))
             p.data = p.data.to(torch.bfloat16)
     return originals
 
