@@ -9,8 +9,20 @@ with best-fit decreasing into rows of <= 1024 tokens, loss on the assistant turn
 - case 4: micro-batch of 4 packed rows (<= 4 x 1024 tokens per step, for memory);
 
 gradient accumulation 1, lr 2e-5, N optimizer steps (default 8). Each side runs in its own fresh
-process (`bench_train.py --worker trl|sftlab`): per case, every TRL configuration (below) then sftlab,
-for `--repeats`; the table reports the median over repeats.
+process (`bench_train.py --worker trl|sftlab`): per case, every TRL configuration (below) then every
+sftlab configuration, for `--repeats`; the table reports the median over repeats.
+
+**What trains.** Full fine-tuning by default. `--adapter lora`: both sides train the same LoRA adapter,
+r=16, alpha 32, dropout 0, on every linear layer but the head -- TRL through `peft_config=LoraConfig(r=16,
+lora_alpha=32, target_modules="all-linear", lora_dropout=0)`, sftlab through its `peft` section with the
+same values; the trainable parameter counts are printed and must be equal (else the bench exits 1), and a
+TRL worker reports frozen parameters left with a gradient (none expected). `--adapter qlora`: the same on
+an nf4 base (sftlab's own `BitsAndBytesConfig` for `peft.quantize: nf4`, given to TRL's model too); where
+bitsandbytes' nf4 does not train on the device (a 4-bit layer's forward and backward are tried first) the
+bench prints `qlora: skipped, <reason>` and exits 0. `--bf16-exact-weights`: both sides train a copy of
+the model with every weight rounded to bf16 (stored float32); sftlab holds a frozen weight (a LoRA base) in
+bf16 only where bf16 holds it exactly, so this measures the lever "frozen base in the compute dtype, no
+fp32 copy" against the same run on the original weights (where its frozen base stays fp32 under autocast).
 
 **The baseline is TRL's best on the machine it runs on.** TRL runs in several configurations, each
 timed and checked on its own, and the fastest (tokens/s, per case) is the baseline of the ratio:
@@ -22,7 +34,15 @@ timed and checked on its own, and the fastest (tokens/s, per case) is the baseli
   trades time for memory: the table shows both, so a slower but smaller TRL is visible too;
 - `bf16-liger` (not in the default set; CUDA + liger-kernel): bf16 with `use_liger_kernel=True`.
 
-`--trl-configs bf16,fp32,bf16-gc,fp32-gc` is the default; `--quick` runs `bf16,fp32` only. Which
+**Equal recompute.** sftlab runs in its own configurations, `--sftlab-configs off,on` by default: `off`
+and `on` set `train.gradient_checkpointing` false and true, `auto` leaves sftlab's default (its log line,
+shown, says what it chose, the activations it expects with and without recomputing, the memory free and
+what its choice leaves). Per case the bench prints sftlab's fastest against TRL's fastest ("TRL's best"),
+then at equal recompute: the fastest sftlab side that recomputes against TRL's fastest -gc configuration
+and against its smallest (peak memory), and the same for the sides that do not recompute.
+
+`--trl-configs bf16,fp32,bf16-gc,fp32-gc` is the default; `--quick` runs `bf16,fp32` only (and sftlab
+`off`). Which
 is fastest depends on the machine: bf16 autocast only pays on a CPU with bf16 matmul instructions
 (AVX512-BF16 or AMX) or on a GPU; without them it is far slower than fp32 (2-core AVX2-only EPYC
 under load, SmolLM2-135M, 1024-token steps: TRL bf16 2.7 tokens/s, ~400 s a step, fp32 20.1), so on
@@ -31,8 +51,8 @@ naming them runs them). The header says which
 the CPU has (from /proc/cpuinfo flags `avx512_bf16`, `amx_bf16`, `amx_tile`), with the torch,
 transformers and TRL versions; on CUDA, the GPU.
 
-- sftlab: `sftlab train cfg.yaml [--sftlab-override ...]` as a subprocess of the worker,
-  at its defaults except what the comparison needs (the data source, `data.packing: bfd`,
+- sftlab: `sftlab train cfg.yaml [train.gradient_checkpointing=...] [--sftlab-override ...]` as a
+  subprocess of the worker, at its defaults except what the comparison needs (the data source, `data.packing: bfd`,
   `data.max_seq_length: 1024`, `data.loss_on`, `train.micro_batch_size`, `train.max_steps`,
   `optim.lr`, a temporary `train.output_dir`; checkpoints and match_eval are off by default;
   `data.cache: false` so every run masks the rows afresh). Tokens/s from its metrics.jsonl
@@ -82,7 +102,8 @@ row as a share of it -- TRL's rows included, on the same scale.
   read sequentially (`train_sampling_strategy="sequential"`). Checked after the runs: both sides
   saw the same tokens and the same target tokens at every step, and the first-step losses
   (before any update) agree within 2 % (precision and kernels are what may differ);
-  the bench exits 1 when they do not. All of this is checked for every TRL configuration.
+  the bench exits 1 when they do not. All of this is checked for every TRL configuration, against the
+  sftlab configuration with the same recompute setting (else the first).
 - Schedule. Both sides: linear decay from the peak lr with no warmup (`optim.warmup_steps: 0`; sftlab's
   warmup runs no step at lr 0, transformers' runs its first warmup step at lr 0, so with warmup the two
   schedules differ by one step), AdamW, weight decay 0, max grad norm 1.0, seed 42.
@@ -108,6 +129,10 @@ row as a share of it -- TRL's rows included, on the same scale.
     python benchmarks/bench_train.py --device cuda --model random-1b --trl-configs bf16 --sftlab-override train.liger=true
     python benchmarks/bench_train.py --cases 4 --steps 4 --repeats 2 --json /tmp/train.json
     python benchmarks/bench_train.py --sftlab-override train.mixed_precision=bf16
+    python benchmarks/bench_train.py --adapter lora --steps 6                 # LoRA, both recompute settings
+    python benchmarks/bench_train.py --adapter lora --steps 3 --cases 1 --trl-configs bf16,bf16-gc
+    python benchmarks/bench_train.py --adapter lora --bf16-exact-weights --no-trl --sftlab-configs off
+    python benchmarks/bench_train.py --adapter qlora --trl-configs bf16,bf16-gc   # where bitsandbytes runs
 """
 
 from __future__ import annotations
