@@ -277,6 +277,50 @@ def test_qlora_trains(quantize, tokenizer, chat_file, tmp_path):
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (sftlab[qlora])"
+)
+def test_an_eval_forward_leaves_the_nf4_base_trainable(tokenizer, tmp_path):
+    """A no-grad forward in eval mode (the loss head's self-check, an evaluation) before training must not
+    switch bitsandbytes' CPU 4-bit layers to their inference kernel, which has no backward: the adapter's
+    gradients are the same with and without it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftlab.config.schema import PeftSettings
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(tmp_path / "m")
+    settings = PeftSettings(r=4, alpha=8, dropout=0.0, quantize="nf4")
+    ids = torch.arange(24).view(2, 12) % len(tokenizer)
+
+    def grads(eval_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)
+        base = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "m", dtype=torch.float32, quantization_config=adapters.quantization_config(settings)
+        )
+        model, _ = adapters.wrap(base, settings)
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids[:, :8])
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, after_eval = grads(False), grads(True)
+    assert plain and all(torch.equal(plain[n], after_eval[n]) for n in plain)
+
+
 def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_model_dir, chat_file, tmp_path, monkeypatch):
     import builtins
 
