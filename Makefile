@@ -56,7 +56,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py $(TRAIN_BENCH_ARGS)
 
 # Everything that needs a CUDA device (benchmarks/gpu_check.sh: device info, the CUDA tests, optional kernels,
-# bench_train on the GPU vs TRL, QLoRA nf4, a 1B-shaped model), under 8 minutes; not part of `make test`.
+# bench_train on the GPU vs TRL: full, LoRA and QLoRA nf4, a 1B-shaped model), under 10 minutes; not part of `make test`.
 # Without a CUDA device it says so and exits 0. Summary on stdout and in $$OUT/gpu_check.txt when OUT is set.
 gpu-check: $(STAMP)
 	$(PY) -m pip install --quiet --timeout 10 --retries 1 trl==1.16.0 || echo "trl==1.16.0 not installable: sftlab only"

@@ -9,8 +9,20 @@ with best-fit decreasing into rows of <= 1024 tokens, loss on the assistant turn
 - case 4: micro-batch of 4 packed rows (<= 4 x 1024 tokens per step, for memory);
 
 gradient accumulation 1, lr 2e-5, N optimizer steps (default 8). Each side runs in its own fresh
-process (`bench_train.py --worker trl|sftlab`): per case, every TRL configuration (below) then sftlab,
-for `--repeats`; the table reports the median over repeats.
+process (`bench_train.py --worker trl|sftlab`): per case, every TRL configuration (below) then every
+sftlab configuration, for `--repeats`; the table reports the median over repeats.
+
+**What trains.** Full fine-tuning by default. `--adapter lora`: both sides train the same LoRA adapter,
+r=16, alpha 32, dropout 0, on every linear layer but the head -- TRL through `peft_config=LoraConfig(r=16,
+lora_alpha=32, target_modules="all-linear", lora_dropout=0)`, sftlab through its `peft` section with the
+same values; the trainable parameter counts are printed and must be equal (else the bench exits 1), and a
+TRL worker reports frozen parameters left with a gradient (none expected). `--adapter qlora`: the same on
+an nf4 base (sftlab's own `BitsAndBytesConfig` for `peft.quantize: nf4`, given to TRL's model too); where
+bitsandbytes' nf4 does not train on the device (a 4-bit layer's forward and backward are tried first) the
+bench prints `qlora: skipped, <reason>` and exits 0. `--bf16-exact-weights`: both sides train a copy of
+the model with every weight rounded to bf16 (stored float32); sftlab holds a frozen weight (a LoRA base) in
+bf16 only where bf16 holds it exactly, so this measures the lever "frozen base in the compute dtype, no
+fp32 copy" against the same run on the original weights (where its frozen base stays fp32 under autocast).
 
 **The baseline is TRL's best on the machine it runs on.** TRL runs in several configurations, each
 timed and checked on its own, and the fastest (tokens/s, per case) is the baseline of the ratio:
@@ -22,7 +34,15 @@ timed and checked on its own, and the fastest (tokens/s, per case) is the baseli
   trades time for memory: the table shows both, so a slower but smaller TRL is visible too;
 - `bf16-liger` (not in the default set; CUDA + liger-kernel): bf16 with `use_liger_kernel=True`.
 
-`--trl-configs bf16,fp32,bf16-gc,fp32-gc` is the default; `--quick` runs `bf16,fp32` only. Which
+**Equal recompute.** sftlab runs in its own configurations, `--sftlab-configs off,on` by default: `off`
+and `on` set `train.gradient_checkpointing` false and true, `auto` leaves sftlab's default (its log line,
+shown, says what it chose, the activations it expects with and without recomputing, the memory free and
+what its choice leaves). Per case the bench prints sftlab's fastest against TRL's fastest ("TRL's best"),
+then at equal recompute: the fastest sftlab side that recomputes against TRL's fastest -gc configuration
+and against its smallest (peak memory), and the same for the sides that do not recompute.
+
+`--trl-configs bf16,fp32,bf16-gc,fp32-gc` is the default; `--quick` runs `bf16,fp32` only (and sftlab
+`off`). Which
 is fastest depends on the machine: bf16 autocast only pays on a CPU with bf16 matmul instructions
 (AVX512-BF16 or AMX) or on a GPU; without them it is far slower than fp32 (2-core AVX2-only EPYC
 under load, SmolLM2-135M, 1024-token steps: TRL bf16 2.7 tokens/s, ~400 s a step, fp32 20.1), so on
@@ -31,8 +51,8 @@ naming them runs them). The header says which
 the CPU has (from /proc/cpuinfo flags `avx512_bf16`, `amx_bf16`, `amx_tile`), with the torch,
 transformers and TRL versions; on CUDA, the GPU.
 
-- sftlab: `sftlab train cfg.yaml [--sftlab-override ...]` as a subprocess of the worker,
-  at its defaults except what the comparison needs (the data source, `data.packing: bfd`,
+- sftlab: `sftlab train cfg.yaml [train.gradient_checkpointing=...] [--sftlab-override ...]` as a
+  subprocess of the worker, at its defaults except what the comparison needs (the data source, `data.packing: bfd`,
   `data.max_seq_length: 1024`, `data.loss_on`, `train.micro_batch_size`, `train.max_steps`,
   `optim.lr`, a temporary `train.output_dir`; checkpoints and match_eval are off by default;
   `data.cache: false` so every run masks the rows afresh). Tokens/s from its metrics.jsonl
@@ -82,7 +102,8 @@ row as a share of it -- TRL's rows included, on the same scale.
   read sequentially (`train_sampling_strategy="sequential"`). Checked after the runs: both sides
   saw the same tokens and the same target tokens at every step, and the first-step losses
   (before any update) agree within 2 % (precision and kernels are what may differ);
-  the bench exits 1 when they do not. All of this is checked for every TRL configuration.
+  the bench exits 1 when they do not. All of this is checked for every TRL configuration, against the
+  sftlab configuration with the same recompute setting (else the first).
 - Schedule. Both sides: linear decay from the peak lr with no warmup (`optim.warmup_steps: 0`; sftlab's
   warmup runs no step at lr 0, transformers' runs its first warmup step at lr 0, so with warmup the two
   schedules differ by one step), AdamW, weight decay 0, max grad norm 1.0, seed 42.
@@ -108,6 +129,10 @@ row as a share of it -- TRL's rows included, on the same scale.
     python benchmarks/bench_train.py --device cuda --model random-1b --trl-configs bf16 --sftlab-override train.liger=true
     python benchmarks/bench_train.py --cases 4 --steps 4 --repeats 2 --json /tmp/train.json
     python benchmarks/bench_train.py --sftlab-override train.mixed_precision=bf16
+    python benchmarks/bench_train.py --adapter lora --steps 6                 # LoRA, both recompute settings
+    python benchmarks/bench_train.py --adapter lora --steps 3 --cases 1 --trl-configs bf16,bf16-gc
+    python benchmarks/bench_train.py --adapter lora --bf16-exact-weights --no-trl --sftlab-configs off
+    python benchmarks/bench_train.py --adapter qlora --trl-configs bf16,bf16-gc   # where bitsandbytes runs
 """
 
 from __future__ import annotations
@@ -118,6 +143,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -145,6 +171,12 @@ TRL_CONFIGS = {
 }
 TRL_DEFAULT = "bf16,fp32,bf16-gc,fp32-gc"
 TRL_QUICK = "bf16,fp32"
+# sftlab's configurations: name -> its train.gradient_checkpointing (None: sftlab's own default, `auto`)
+SFTLAB_CONFIGS = {"off": False, "on": True, "auto": None}
+SFTLAB_DEFAULT = "off,on"
+SFTLAB_QUICK = "off"
+# --adapter lora|qlora, both sides: LoRA r=16, alpha 32, every linear layer but the head, no dropout
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 # SmolLM2's ChatML message line, and the same text with the assistant's content + end-of-turn token
 # inside {% generation %} tags (the trailing newline stays outside, as sftlab's masks leave it out).
@@ -190,6 +222,11 @@ def throughput(steps: list[dict]) -> float:
 
 class WorkerFailed(RuntimeError):
     pass
+
+
+def frozen_with_grad(model) -> int:
+    """Frozen parameters holding a gradient after training (weight gradients nobody needs): 0 expected."""
+    return sum(1 for p in model.parameters() if not p.requires_grad and p.grad is not None)
 
 
 def run_gflops(steps: list[dict]) -> float | None:
@@ -241,7 +278,31 @@ def worker_trl(spec: dict) -> dict:
                 raise SystemExit("the tagged template renders differently from SmolLM2's own")
         tok.chat_template = tagged
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    adapter = spec.get("adapter", "none")
+    quantization = None
+    if adapter == "qlora":  # sftlab's own BitsAndBytesConfig for peft.quantize: nf4 (model/adapters.py)
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa", quantization_config=quantization
+    )
+    peft_config = None
+    if adapter != "none":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            target_modules=LORA["target_modules"],
+            lora_dropout=LORA["dropout"],
+            task_type="CAUSAL_LM",
+        )
     order = spec.get("order")  # packed-row keys, in the order sftlab consumes them
     args = SFTConfig(
         output_dir=spec["output_dir"],
@@ -305,8 +366,14 @@ def worker_trl(spec: dict) -> dict:
             return batches, n_items
 
     trainer = TimedSFTTrainer(
-        model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[StepTimer()]
+        model=model,
+        args=args,
+        train_dataset=rows,
+        processing_class=tok,
+        callbacks=[StepTimer()],
+        peft_config=peft_config,
     )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     packed = trainer.train_dataset
     ordered = False
     if order:
@@ -340,6 +407,8 @@ def worker_trl(spec: dict) -> dict:
         "same_order_as_sftlab": ordered,
         "bf16": spec["trl_bf16"],
         "activation_checkpointing": checkpointing,
+        "trainable_params": trainable,
+        "frozen_with_grad": frozen_with_grad(trainer.model),
         "device": str(trainer.args.device),
         "peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
@@ -381,9 +450,13 @@ def worker_sftlab(spec: dict) -> dict:
         )
     info = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
     # what sftlab says about its precision, if it says anything (e.g. "precision: weights float32, compute bf16")
-    notes = [
-        ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.startswith("precision")
-    ]
+    log_lines = log_path.read_text(errors="replace").splitlines()
+    notes = [ln.strip() for ln in log_lines if ln.startswith("precision")]
+    # its recompute decision with the reason (`auto`: the memory it expects and leaves), its adapter line
+    recompute = next((ln.strip() for ln in log_lines if ln.startswith("gradient checkpointing:")), None)
+    peft = next(
+        (m for ln in log_lines if (m := re.search(r"([\d,]+) trainable parameters of ([\d,]+)", ln))), None
+    )
     gpu = json.loads(peak_file.read_text())["max_allocated"] / 2**20 if peak_file.is_file() else None
     return {
         "side": "sftlab",
@@ -393,6 +466,8 @@ def worker_sftlab(spec: dict) -> dict:
         "peak_rss_mb": rss,
         "peak_gpu_mb": gpu,
         "precision": notes[0] if notes else None,
+        "recompute": recompute,
+        "trainable_params": int(peft.group(1).replace(",", "")) if peft else None,
         "peak_flops": info.get("peak_flops"),
         "mixed_precision": info.get("mixed_precision"),
         "compute_dtype": info.get("compute_dtype"),
@@ -410,7 +485,14 @@ def worker_main(side: str, spec_path: str, out_path: str) -> None:
 
 
 def write_sftlab_config(
-    path: Path, data: Path, out: Path, mbs: int, steps: int, loss_on: str, model: str | None = None
+    path: Path,
+    data: Path,
+    out: Path,
+    mbs: int,
+    steps: int,
+    loss_on: str,
+    model: str | None = None,
+    adapter: str = "none",
 ) -> None:
     import yaml
 
@@ -427,6 +509,8 @@ def write_sftlab_config(
     }
     if model is not None:  # --model; else sftlab's default (the embedded SmolLM2-135M-Instruct)
         cfg = {"model": {"name_or_path": model}, **cfg}
+    if adapter != "none":  # the adapter TRL gets as its peft_config (LORA)
+        cfg["peft"] = {"method": "lora", **LORA, "quantize": "nf4" if adapter == "qlora" else None}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
@@ -548,6 +632,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--trl-fp32", action="store_true", help="the same as --trl-configs fp32 (kept for old commands)"
     )
+    ap.add_argument(
+        "--sftlab-configs",
+        default=None,
+        metavar="LIST",
+        help="sftlab's train.gradient_checkpointing, comma-separated, of off,on,auto (auto: sftlab's default, "
+        f"which prints its choice; default: {SFTLAB_DEFAULT}, next to TRL's configurations without and with "
+        f"activation checkpointing; --quick: {SFTLAB_QUICK})",
+    )
+    ap.add_argument(
+        "--adapter",
+        choices=["none", "lora", "qlora"],
+        default="none",
+        help="none: full fine-tuning; lora: LoRA r=16, alpha 32, dropout 0 on every linear layer but the head, "
+        "both sides (TRL's peft_config, sftlab's peft section); qlora: the same on an nf4 base (bitsandbytes; "
+        "skipped, saying why, where it does not run)",
+    )
+    ap.add_argument(
+        "--bf16-exact-weights",
+        action="store_true",
+        help="both sides train a copy of the model whose weights are rounded to bf16 (stored float32): sftlab "
+        "then holds a frozen LoRA base in bf16 (it does so only where bf16 holds the weight exactly), the lever "
+        "'frozen base in the compute dtype, no fp32 copy'",
+    )
     ap.add_argument("--no-trl", action="store_true", help="run sftlab only")
     ap.add_argument(
         "--model",
@@ -592,7 +699,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [c for c in args.trl_configs if c not in TRL_CONFIGS]
     if unknown or not args.trl_configs:
         ap.error(f"--trl-configs: unknown {unknown}; choose from {','.join(TRL_CONFIGS)}")
+    names = args.sftlab_configs or (SFTLAB_QUICK if args.quick else SFTLAB_DEFAULT)
+    args.sftlab_configs = [c.strip() for c in names.split(",") if c.strip()]
+    unknown = [c for c in args.sftlab_configs if c not in SFTLAB_CONFIGS]
+    if unknown or not args.sftlab_configs:
+        ap.error(f"--sftlab-configs: unknown {unknown}; choose from {','.join(SFTLAB_CONFIGS)}")
     return args
+
+
+def bf16_exact_copy(path: str, out: Path) -> str:
+    """A copy of the model at `path` with every floating tensor rounded to bf16, saved as float32 (so both
+    sides load it as they load the original), with its tokenizer and chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return str(out)
+
+
+def qlora_unavailable(device: str) -> str | None:
+    """Why bitsandbytes' nf4 cannot train here (None when it can): a 4-bit linear layer's forward and
+    backward on `device`, as QLoRA runs them."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
+        layer = layer.to(device)
+        x = torch.randn(8, 64, device=device, requires_grad=True)
+        layer(x).float().sum().backward()
+    except Exception as e:  # ImportError, or no nf4 kernels for this device
+        return f"bitsandbytes nf4 does not run on {device} ({type(e).__name__}: {e})"
+    return None
+
+
+def sftlab_overrides(side: str, extra: list[str]) -> list[str]:
+    """`sftlab train` overrides of a sftlab side: its train.gradient_checkpointing (none for `auto`, sftlab's
+    default), then --sftlab-override (which wins where it sets the same key)."""
+    setting = SFTLAB_CONFIGS[side.split(":")[1]]
+    return ([] if setting is None else [f"train.gradient_checkpointing={str(setting).lower()}"]) + extra
+
+
+def sftlab_label(config: str, overrides: list[str]) -> str:
+    what = {"off": "no recompute", "on": "recompute", "auto": "recompute auto"}[config]
+    return f"sftlab ({what}{''.join(' ' + o for o in overrides)})"
 
 
 def trl_label(config: str, version: str | None) -> str:
@@ -614,7 +770,9 @@ def plan_data(args, work: Path, model_path: str, model_arg: str | None) -> tuple
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         for mbs in args.cases:
             cfg = work / f"sftlab-mb{mbs}.yaml"
-            write_sftlab_config(cfg, data, work / "placeholder", mbs, args.steps, args.loss_on, model_arg)
+            write_sftlab_config(
+                cfg, data, work / "placeholder", mbs, args.steps, args.loss_on, model_arg, args.adapter
+            )
             keys, n_rows, warmup, full = sftlab_plan(cfg, args.sftlab_override, args.steps, model_path)
             plans[mbs] = {"keys": keys, "rows": n_rows, "warmup": warmup, "full": full}
         if all(p["full"] for p in plans.values()) or args.conversations:
@@ -684,44 +842,105 @@ def check_pair(tag: str, trl_runs: list[dict], sft_runs: list[dict], t: dict, s:
     return failed
 
 
-def compare(cases: list[int], configs: list[str], results: dict, summary: dict, names: dict) -> list[str]:
-    """Per case: sftlab against the fastest TRL configuration, every configuration's checks, per-step losses."""
+def recomputes(side: str, results: dict, mbs: int) -> bool:
+    """Whether a side recomputes activations: TRL's -gc configurations; sftlab's `on`, or what `auto` chose."""
+    name = side.split(":")[1]
+    if side.startswith("trl:"):
+        return TRL_CONFIGS[name][1]
+    if SFTLAB_CONFIGS[name] is not None:
+        return SFTLAB_CONFIGS[name]
+    return (results[(side, mbs)][0].get("recompute") or "").startswith("gradient checkpointing: on")
+
+
+def memory_key(rows: list[dict]) -> tuple[str, str]:
+    """Peak GPU memory where every side has it (CUDA), else peak RSS."""
+    return ("peak GPU", "peak_gpu_mb") if all(r["peak_gpu_mb"] for r in rows) else ("peak RSS", "peak_rss_mb")
+
+
+def ratio_lines(mbs: int, trl: list[str], sft: list[str], results: dict, summary: dict, names: dict) -> None:
+    """sftlab against TRL's best (fastest) configuration, then at equal recompute: each recompute setting's
+    fastest sftlab against TRL's fastest and TRL's smallest configuration with the same setting."""
+    row = lambda side: summary[(side, mbs)]  # noqa: E731
+    mem, key = memory_key([row(x) for x in trl + sft])
+    fastest = lambda sides: max(sides, key=lambda x: row(x)["tokens_per_s"])  # noqa: E731
+    s, t = fastest(sft), fastest(trl)
+    print(
+        f"micro-batch {mbs}: {names[s]} / TRL's best here ({names[t]}): tokens/s "
+        f"{row(s)['tokens_per_s'] / row(t)['tokens_per_s']:.2f}x, {mem} {row(s)[key] / row(t)[key]:.2f}x"
+    )
+    for on in (True, False):
+        same_s = [x for x in sft if recomputes(x, results, mbs) == on]
+        same_t = [x for x in trl if recomputes(x, results, mbs) == on]
+        if not (same_s and same_t):
+            continue
+        s, t = fastest(same_s), fastest(same_t)
+        small = min(same_t, key=lambda x: row(x)[key])
+        print(
+            f"  equal recompute ({'on' if on else 'off'}): {names[s]} / TRL's best ({t.split(':')[1]}): tokens/s "
+            f"{row(s)['tokens_per_s'] / row(t)['tokens_per_s']:.2f}x, {mem} {row(s)[key] / row(t)[key]:.2f}x; "
+            f"/ TRL's smallest ({small.split(':')[1]}): {mem} {row(s)[key] / row(small)[key]:.2f}x"
+        )
+
+
+def compare(
+    cases: list[int], configs: list[str], sft_configs: list[str], results: dict, summary: dict, names: dict
+) -> list[str]:
+    """Per case: the ratios (`ratio_lines`), then every TRL configuration's checks against the sftlab side
+    with the same recompute setting (else the first sftlab side), and the per-step losses."""
     failed: list[str] = []
     fmt = lambda xs, k: [None if x.get(k) is None else round(x[k], 4) for x in xs]  # noqa: E731
     for mbs in cases:
-        ran = [c for c in configs if (f"trl:{c}", mbs) in summary]
-        if not ran:
+        trl = [f"trl:{c}" for c in configs if (f"trl:{c}", mbs) in summary]
+        sft = [f"sftlab:{c}" for c in sft_configs if (f"sftlab:{c}", mbs) in summary]
+        if not trl:
             continue
-        s = summary[("sftlab", mbs)]
-        best = max(ran, key=lambda c: summary[(f"trl:{c}", mbs)]["tokens_per_s"])
-        t = summary[(f"trl:{best}", mbs)]
-        mem = "peak GPU" if s["peak_gpu_mb"] and t["peak_gpu_mb"] else "peak RSS"
-        key = "peak_gpu_mb" if mem == "peak GPU" else "peak_rss_mb"
-        print(
-            f"micro-batch {mbs}: sftlab / TRL's best here ({names['trl:' + best]}): tokens/s "
-            f"{s['tokens_per_s'] / t['tokens_per_s']:.2f}x, {mem} {s[key] / t[key]:.2f}x"
-        )
-        sl0 = results[("sftlab", mbs)][0]["steps"]
-        for c in ran:
-            tc = summary[(f"trl:{c}", mbs)]
+        ratio_lines(mbs, trl, sft, results, summary, names)
+        for side in trl:
+            partner = next(
+                (x for x in sft if recomputes(x, results, mbs) == recomputes(side, results, mbs)), sft[0]
+            )
+            s, tc = summary[(partner, mbs)], summary[(side, mbs)]
             rel = abs(s["first_loss"] - tc["first_loss"]) / abs(tc["first_loss"])
-            tr0 = results[(f"trl:{c}", mbs)][0]["steps"]
+            tr0, sl0 = results[(side, mbs)][0]["steps"], results[(partner, mbs)][0]["steps"]
             later = max(
                 (abs(b["loss"] - a["loss"]) / abs(a["loss"]) for a, b in zip(tr0[1:], sl0[1:])), default=0.0
             )
             print(
-                f"  vs {c:8s} tokens/s {s['tokens_per_s'] / tc['tokens_per_s']:.2f}x, first-step loss rel. diff "
-                f"{rel:.2%} ({'within' if rel <= LOSS_TOLERANCE else 'OVER'} {LOSS_TOLERANCE:.0%}), steps 2..N max "
+                f"  {partner.split(':')[1]:>4s} vs {side.split(':')[1]:8s} tokens/s "
+                f"{s['tokens_per_s'] / tc['tokens_per_s']:.2f}x, first-step loss rel. diff {rel:.2%} "
+                f"({'within' if rel <= LOSS_TOLERANCE else 'OVER'} {LOSS_TOLERANCE:.0%}), steps 2..N max "
                 f"{later:.2%}; TRL losses {fmt(tr0, 'loss')}, grad norms {fmt(tr0, 'grad_norm')}"
             )
             failed += check_pair(
-                f"micro-batch {mbs} vs TRL {c}", results[(f"trl:{c}", mbs)], results[("sftlab", mbs)], tc, s
+                f"micro-batch {mbs} {partner} vs TRL {side.split(':')[1]}",
+                results[(side, mbs)],
+                results[(partner, mbs)],
+                tc,
+                s,
             )
-        print(
-            f"  sftlab               losses {fmt(sl0, 'loss')}, grad norms {fmt(sl0, 'grad_norm')}  (steps 2..N "
-            "follow the updates: precision and optimizer details show there)"
-        )
+        for side in sft:
+            sl0 = results[(side, mbs)][0]["steps"]
+            print(f"  {side:20s} losses {fmt(sl0, 'loss')}, grad norms {fmt(sl0, 'grad_norm')}")
+        print("  (steps 2..N follow the updates: precision and optimizer details show there)")
     return failed
+
+
+def trainable_check(results: dict) -> list[str]:
+    """With an adapter: every side trains the same number of parameters (printed); else nothing."""
+    counts = {side: rs[0].get("trainable_params") for (side, _), rs in results.items()}
+    if not any(v is not None and side.startswith("sftlab") for side, v in counts.items()):
+        return []
+    print(
+        "trainable parameters: " + ", ".join(f"{side} {v:,}" for side, v in counts.items() if v is not None)
+    )
+    if len({v for v in counts.values()}) != 1:
+        return [f"the sides train different numbers of parameters: {counts}"]
+    grads = {
+        side: rs[0].get("frozen_with_grad")
+        for (side, _), rs in results.items()
+        if rs[0].get("frozen_with_grad")
+    }
+    return [f"frozen parameters with a gradient after training: {grads}"] if grads else []
 
 
 def ceiling_line(sft: dict | None, model_path: str) -> float | None:
@@ -758,6 +977,9 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: torch sees no CUDA device")
         return 2
+    if args.adapter == "qlora" and (reason := qlora_unavailable(device)):
+        print(f"qlora: skipped, {reason}")
+        return 0
     configs = [] if args.no_trl else args.trl_configs
     bf16_note = None
     if (
@@ -794,9 +1016,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_path, model_desc = resolve_model(args.model, work, resolve_model_path(ModelConfig()))
         model_arg = model_path if args.model else None
+        if args.bf16_exact_weights:
+            model_path = model_arg = bf16_exact_copy(model_path, work / "model-bf16-exact")
+            model_desc += ", weights rounded to bf16 (stored float32)"
         print(
             f"# sftlab training benchmark: {model_desc}, bfd-packed rows of {CAPACITY}, micro-batch {cases} rows, "
             f"{steps} steps, lr {LR}, loss on {args.loss_on}, {args.repeats} repeat(s), on {device}"
+            + (
+                f"; {args.adapter}: r={LORA['r']}, alpha {LORA['alpha']}, dropout {LORA['dropout']} on "
+                f"{LORA['target_modules']}{', nf4 base' if args.adapter == 'qlora' else ''}, both sides"
+                if args.adapter != "none"
+                else "; full fine-tuning"
+            )
         )
         print(
             f"# {platform.platform()}, python {platform.python_version()}, torch {torch.__version__} "
@@ -825,13 +1056,17 @@ def main(argv: list[str] | None = None) -> int:
 
         for rep in range(args.repeats):
             for mbs in cases:
-                for side in [f"trl:{c}" for c in configs] + ["sftlab"]:
+                for side in [f"trl:{c}" for c in configs] + [f"sftlab:{c}" for c in args.sftlab_configs]:
                     tag = f"{side.replace(':', '-')}-mb{mbs}-r{rep}"
                     out = work / tag
-                    if side == "sftlab":
+                    if side.startswith("sftlab"):
                         cfg = work / f"{tag}.yaml"
-                        write_sftlab_config(cfg, data, out, mbs, steps, args.loss_on, model_arg)
-                        spec = {"config": str(cfg), "overrides": args.sftlab_override, "output_dir": str(out)}
+                        write_sftlab_config(cfg, data, out, mbs, steps, args.loss_on, model_arg, args.adapter)
+                        spec = {
+                            "config": str(cfg),
+                            "overrides": sftlab_overrides(side, args.sftlab_override),
+                            "output_dir": str(out),
+                        }
                     else:
                         plan = plans[mbs]
                         bf16, gc, liger = TRL_CONFIGS[side.split(":")[1]]
@@ -846,13 +1081,14 @@ def main(argv: list[str] | None = None) -> int:
                             "trl_bf16": bf16,
                             "trl_gc": gc,
                             "trl_liger": liger,
+                            "adapter": args.adapter,
                             "device": device,
                             "order": plan["keys"] if plan["full"] else None,
                         }
                     try:
                         res = run_worker(side.split(":")[0], spec, work, tag, device)
                     except WorkerFailed as e:
-                        if side == "sftlab":
+                        if side.startswith("sftlab"):
                             raise SystemExit(str(e)) from None
                         # one TRL configuration that does not run here (e.g. bf16-liger) leaves the others
                         print(f"  repeat {rep + 1}: {side:11s} micro-batch {mbs}: FAILED ({e}); left out")
@@ -867,17 +1103,18 @@ def main(argv: list[str] | None = None) -> int:
                         f"(worker {res['worker_wall_s']:.0f}s)",
                         flush=True,
                     )
-                    if side == "sftlab" and rep == 0 and mbs == cases[0]:
-                        print(
-                            f"    sftlab command: {res['command']}"
-                            + (f"\n    sftlab {res['precision']}" if res.get("precision") else "")
-                        )
+                    if side.startswith("sftlab") and rep == 0:
+                        shown = [f"    {side} command: {res['command']}"] if mbs == cases[0] else []
+                        if res.get("precision") and mbs == cases[0]:
+                            shown.append(f"    {side} {res['precision']}")
+                        if res.get("recompute"):  # `auto`: its choice, the memory it expects and leaves
+                            shown.append(f"    {side} {res['recompute']}")
+                        print("\n".join(shown))
 
         names = {f"trl:{c}": trl_label(c, trl_version) for c in configs}
-        names["sftlab"] = "sftlab " + (
-            f"({' '.join(args.sftlab_override)})" if args.sftlab_override else "(defaults)"
-        )
-        first_sftlab = results[("sftlab", cases[0])][0]
+        for c in args.sftlab_configs:
+            names[f"sftlab:{c}"] = sftlab_label(c, args.sftlab_override)
+        first_sftlab = results[(f"sftlab:{args.sftlab_configs[0]}", cases[0])][0]
         print()
         ceiling = ceiling_line(first_sftlab, model_path)
         summary = print_table(results, names, ceiling, device == "cuda")
@@ -886,7 +1123,8 @@ def main(argv: list[str] | None = None) -> int:
                 "note: a run passed the 6N ceiling: sftlab's start-up probe measured less than the machine gave "
                 "later (other load during its 0.3 s probe), so its MFU and the ceiling understate the peak here"
             )
-        failed_checks += compare(cases, configs, results, summary, names)
+        failed_checks += trainable_check(results)
+        failed_checks += compare(cases, configs, args.sftlab_configs, results, summary, names)
         if configs:
             print(
                 "checks: "
@@ -909,6 +1147,8 @@ def main(argv: list[str] | None = None) -> int:
                         "device": device,
                         "model": model_desc,
                         "sftlab_overrides": args.sftlab_override,
+                        "sftlab_configs": args.sftlab_configs,
+                        "adapter": args.adapter,
                         "trl_version": trl_version,
                         "trl_configs": configs,
                         "torch": torch.__version__,

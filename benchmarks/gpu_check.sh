@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2317  # info() and qlora() are run indirectly (timeout bash -c), which shellcheck cannot see
-# GPU check: everything in this repository that needs a CUDA device, in one script that fits in 8 minutes.
+# GPU check: everything in this repository that needs a CUDA device, in one script that fits in 10 minutes.
 #
 #   make gpu-check                      # or: bash benchmarks/gpu_check.sh
-#   PYTHON=/path/to/python GPU_CHECK_BUDGET=470 OUT=/some/dir bash benchmarks/gpu_check.sh
+#   PYTHON=/path/to/python GPU_CHECK_BUDGET=570 OUT=/some/dir bash benchmarks/gpu_check.sh
 #
-# Stages (each under its own timeout, all within GPU_CHECK_BUDGET seconds, default 470; a stage that would
+# Stages (each under its own timeout, all within GPU_CHECK_BUDGET seconds, default 570; a stage that would
 # start with under 20 s left is skipped and says so):
 #   1. info      nvidia-smi; torch.cuda (devices, capability, bf16, memory)
 #   2. install   liger-kernel (the pin in pyproject.toml) and flash-attn, prebuilt wheels only, each under a
@@ -15,12 +15,13 @@
 #                tests/model/test_loading.py and tests/trainer/test_precision.py about CUDA, flash-attn, Liger)
 #   4. bench     benchmarks/bench_train.py --device cuda on the embedded SmolLM2-135M-Instruct against TRL 1.16
 #                (bf16 autocast: TRL's best on a GPU; and bf16 + Liger when liger-kernel is there); sftlab with
-#                train.liger=true when liger-kernel is there
+#                train.liger=true when liger-kernel is there; then `--adapter lora` (LoRA r=16 on every linear
+#                layer, both sides), sftlab with recompute off and on beside TRL bf16 and bf16-gc
 #   4b. attention benchmarks/bench_compile.py --device cuda --dtype bf16 on SmolLM2-135M, 1x1024 packed: the
 #                whole-step options eager/compiled x documents/mask/flex and eager varlen (flash-attention 2 with
 #                the packed position ids, where flash-attn is installed): tokens/s against eager documents, losses
 #                checked against it (bf16: 1e-2)
-#   5. qlora     a short `sftlab train` with peft.quantize=nf4 (bitsandbytes) on the same conversations
+#   5. qlora     bench_train.py --adapter qlora: the same LoRA on an nf4 base (bitsandbytes, installed if missing)
 #   6. bench-1b  bench_train.py --model random-1b (a Llama-3.2-1B-shaped random model on SmolLM2's tokenizer)
 #   7. seq-par   with >= 2 GPUs: tests/trainer/test_sequence_parallel.py on CUDA (2-way DeepSpeed Ulysses equals
 #                one process per step within 1e-5), then benchmarks/bench_sequence.py at 2x and 4x a base length
@@ -35,7 +36,7 @@ ROOT=$PWD
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python
 else PY=$(command -v python3 || command -v python); fi
-BUDGET=${GPU_CHECK_BUDGET:-470}
+BUDGET=${GPU_CHECK_BUDGET:-570}
 START=$SECONDS
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sftlab-gpu-check.XXXXXX")
 SUMMARY=$WORK/summary.txt
@@ -153,56 +154,47 @@ for s in d["summary"]:
 for mbs in d["cases"]:
     rows = {s["side"]: s for s in d["summary"] if s["micro_batch_size"] == mbs}
     trl = [v for k, v in rows.items() if k.startswith("trl:")]
-    if trl and "sftlab" in rows:
-        best = max(trl, key=lambda v: v["tokens_per_s"])
-        print(f"  mb {mbs}: sftlab / TRL best {rows['sftlab']['tokens_per_s'] / best['tokens_per_s']:.2f}x tokens/s")
+    if not trl:
+        continue
+    best = max(trl, key=lambda v: v["tokens_per_s"])
+    for side, s in rows.items():
+        if side.startswith("sftlab"):
+            gc = side.endswith(":on")  # sftlab:on recomputes, like TRL's -gc configurations
+            same = [v for k, v in rows.items() if k.startswith("trl:") and k.endswith("-gc") == gc]
+            eq = max(same, key=lambda v: v["tokens_per_s"]) if same and not side.endswith(":auto") else None
+            mem = lambda a, b: f", peak GPU {a['peak_gpu_mb'] / b['peak_gpu_mb']:.2f}x" if a.get("peak_gpu_mb") and b.get("peak_gpu_mb") else ""
+            print(f"  mb {mbs}: {side} / TRL best {s['tokens_per_s'] / best['tokens_per_s']:.2f}x tokens/s{mem(s, best)}"
+                  + (f"; at equal recompute / {eq['side']}: {s['tokens_per_s'] / eq['tokens_per_s']:.2f}x tokens/s{mem(s, eq)}" if eq else ""))
 print("  checks: " + ("; ".join(d["failed_checks"]) or "all passed"))
 EOF
 }
 SFT_OPTS=(); TRL_SET=bf16
 if [ "$LIGER" = 1 ]; then SFT_OPTS=(--sftlab-override train.liger=true); TRL_SET=bf16,bf16-liger; fi
 stage bench-135m 120 "$PY" benchmarks/bench_train.py --device cuda --steps 8 --cases 4 --trl-configs "$TRL_SET" \
-    "${SFT_OPTS[@]}" --json "$WORK/bench-135m.json"
+    --sftlab-configs auto "${SFT_OPTS[@]}" --json "$WORK/bench-135m.json"
 report_bench "$WORK/bench-135m.json"
+stage bench-lora 110 "$PY" benchmarks/bench_train.py --device cuda --steps 6 --cases 4 --adapter lora \
+    --trl-configs bf16,bf16-gc --sftlab-configs off,on --json "$WORK/bench-lora.json"
+report_bench "$WORK/bench-lora.json"
 
 # --- 4b. packed attention: documents vs mask vs flex vs flash-attention varlen, eager and compiled -------------
 stage attention 90 "$PY" benchmarks/bench_compile.py --device cuda --dtype bf16 --repeats 2
 sed -n '/^option/,$p' "$WORK/attention.log" 2>/dev/null | sed 's/^/  /' | tee -a "$SUMMARY"
 
-# --- 5. QLoRA nf4 ---------------------------------------------------------------------------------------
+# --- 5. QLoRA nf4 against TRL ---------------------------------------------------------------------------
 qlora() {
     has bitsandbytes || "$PY" -m pip install --quiet --only-binary=:all: --timeout 10 --retries 1 \
         "$(grep -o 'bitsandbytes==[0-9.]*' pyproject.toml | head -1)" || { echo "bitsandbytes: not installable"; return 3; }
-    "$PY" benchmarks/make_conversations.py 400 --seed 0 --out "$WORK/convs.jsonl" || return 1
-    cat > "$WORK/qlora.yaml" <<EOF
-model: {name_or_path: default}
-data: {train: [{path: $WORK/convs.jsonl, format: messages}], max_seq_length: 1024, packing: bfd}
-optim: {lr: 2.0e-4, warmup_steps: 0}
-train: {output_dir: $WORK/qlora-run, micro_batch_size: 4, grad_accum_steps: 1, max_steps: 10, log_every: 1}
-peft: {method: lora, r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear, quantize: nf4}
-EOF
-    "$PY" - "$WORK/qlora.yaml" "$WORK/qlora-run" <<'EOF'
-import json, sys
-from pathlib import Path
-import torch
-from sftlab.cli import main
-rc = main(["train", sys.argv[1]])
-steps = [json.loads(x) for x in (Path(sys.argv[2]) / "metrics.jsonl").read_text().splitlines()]
-steps = [s for s in steps if "step_time_s" in s][1:]  # step 1 warms up
-tok = sum(s["tokens_per_s"] * s["step_time_s"] for s in steps) / sum(s["step_time_s"] for s in steps)
-mfu = sum(s["mfu"] * s["step_time_s"] for s in steps) / sum(s["step_time_s"] for s in steps)
-print(f"QLORA-RESULT: nf4 LoRA r16 on SmolLM2-135M, mb 4x1024: {tok:,.0f} tokens/s, MFU {mfu:.1%}, peak GPU "
-      f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MB, loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}")
-sys.exit(rc)
-EOF
+    "$PY" benchmarks/bench_train.py --device cuda --steps 6 --cases 4 --adapter qlora --trl-configs bf16 \
+        --sftlab-configs off --json "$WORK/bench-qlora.json"
 }
 export -f qlora has
-stage qlora 75 qlora
-grep -h "QLORA-RESULT" "$WORK/qlora.log" 2>/dev/null | sed 's/^QLORA-RESULT: /  /' | tee -a "$SUMMARY"
+stage qlora 90 qlora
+report_bench "$WORK/bench-qlora.json"
 
 # --- 6. a 1B-shaped model --------------------------------------------------------------------------------
 stage bench-1b 150 "$PY" benchmarks/bench_train.py --device cuda --model random-1b --steps 6 --cases 1 \
-    --trl-configs "$TRL_SET" "${SFT_OPTS[@]}" --json "$WORK/bench-1b.json"
+    --trl-configs "$TRL_SET" --sftlab-configs auto "${SFT_OPTS[@]}" --json "$WORK/bench-1b.json"
 report_bench "$WORK/bench-1b.json"
 
 # --- 7. sequence parallelism (DeepSpeed Ulysses, 2 GPUs) ------------------------------------------------------

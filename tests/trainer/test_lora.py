@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from test_checkpoint import EXACT, cfg_tree, metrics, run_cli
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftlab.cli import main as cli_main
 from sftlab.config import SFTConfig
@@ -118,6 +118,49 @@ def test_base_weights_are_bitwise_untouched_in_training(
     merged = load_file(tmp_path / "run" / "merged" / "model.safetensors")
     untouched = [k for k in merged if "proj" not in k]
     assert untouched and [k for k in untouched if not torch.equal(merged[k], base[k])] == []
+
+
+def test_a_bf16_exact_frozen_base_trains_in_bf16_without_weight_gradients(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch
+):
+    """LoRA under bf16 on a base bf16 holds exactly (stored in bf16): the frozen base's linear weights are
+    bf16 while training (no fp32 copy, no master), frozen weights get no gradient, and the saved adapter
+    starts from the same loss as on the fp32 run within bf16's tolerance."""
+    from sftlab.trainer import outputs
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    exact_dir = tmp_path / "exact"
+    base.save_pretrained(exact_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(exact_dir)
+    seen: list[dict] = []
+    real = outputs.save_adapter_run
+
+    def spy(model, *args, **kwargs):  # the model as training left it, before the adapter is saved
+        named = list(model.named_parameters())
+        seen.append(
+            {
+                "frozen_linear": {p.dtype for n, p in named if "base_layer.weight" in n},
+                "frozen_grads": [n for n, p in named if not p.requires_grad and p.grad is not None],
+                "trainable": [n for n, p in named if p.requires_grad],
+            }
+        )
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "save_adapter_run", spy)
+    runs = {
+        mp: run_training(lora_cfg(exact_dir, chat_file, tmp_path / mp, mixed_precision=mp, max_steps=2))
+        for mp in ("bf16", "no")
+    }
+    bf16, fp32 = seen
+    assert bf16["frozen_linear"] == {torch.bfloat16} and fp32["frozen_linear"] == {torch.float32}
+    for run in seen:
+        assert run["frozen_grads"] == [] and run["trainable"] and all("lora_" in n for n in run["trainable"])
+    torch.testing.assert_close(
+        runs["bf16"].history[0]["loss"], runs["no"].history[0]["loss"], rtol=2e-2, atol=0.0
+    )
 
 
 def test_bad_target_module_fails_before_training_with_the_names(tiny_model_dir, chat_file, tmp_path, capsys):
@@ -232,6 +275,50 @@ def test_qlora_trains(quantize, tokenizer, chat_file, tmp_path):
     res = run_training(lora_cfg(tmp_path / "m", chat_file, tmp_path / "run", peft={"quantize": quantize}))
     assert res.history[-1]["loss"] < res.history[0]["loss"]
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (sftlab[qlora])"
+)
+def test_an_eval_forward_leaves_the_nf4_base_trainable(tokenizer, tmp_path):
+    """A no-grad forward in eval mode (the loss head's self-check, an evaluation) before training must not
+    switch bitsandbytes' CPU 4-bit layers to their inference kernel, which has no backward: the adapter's
+    gradients are the same with and without it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftlab.config.schema import PeftSettings
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(tmp_path / "m")
+    settings = PeftSettings(r=4, alpha=8, dropout=0.0, quantize="nf4")
+    ids = torch.arange(24).view(2, 12) % len(tokenizer)
+
+    def grads(eval_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)
+        base = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "m", dtype=torch.float32, quantization_config=adapters.quantization_config(settings)
+        )
+        model, _ = adapters.wrap(base, settings)
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids[:, :8])
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, after_eval = grads(False), grads(True)
+    assert plain and all(torch.equal(plain[n], after_eval[n]) for n in plain)
 
 
 def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_model_dir, chat_file, tmp_path, monkeypatch):

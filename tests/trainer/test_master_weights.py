@@ -408,6 +408,7 @@ def test_frozen_weights_are_never_rounded_to_bf16():
         p.requires_grad_(name not in frozen)
     originals = use_bf16_weights(model, matmul_only=True)
     assert exact.dtype == torch.bfloat16 and layer.self_attn.k_proj.weight.dtype == torch.float32
+    assert id(exact) not in {id(p) for p, _ in originals}  # frozen: no master to seed, no fp32 copy kept
     assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16  # trainable
     assert {id(p) for p, _ in originals} >= {
         id(p)
@@ -423,3 +424,19 @@ def test_frozen_weights_are_never_rounded_to_bf16():
     load_master_weights(model, opt)
     params = dict(model.named_parameters())
     assert all(params[n].dtype == torch.float32 and torch.equal(params[n], v) for n, v in frozen.items())
+
+
+@pytest.mark.parametrize("frozen_layer", [False, True])
+def test_the_weights_left_fp32_leave_the_checkpoint_file(frozen_layer):
+    """After the casts, the parameters left fp32 (embeddings, norms) hold memory of their own, the same values:
+    none keeps the checkpoint's memory map (and the pages the casts read) alive. While a frozen matmul weight
+    stays fp32 (it keeps the map anyway), nothing is copied."""
+    model = build_model(VOCAB, seed=4)
+    if frozen_layer:
+        model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)  # not exact in bf16: stays fp32
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    use_bf16_weights(model, matmul_only=True)
+    left = {n: p for n, p in model.named_parameters() if p.dtype == torch.float32}
+    assert "model.embed_tokens.weight" in left and "model.norm.weight" in left
+    assert all(torch.equal(p, before[n][1]) for n, p in left.items())
+    assert all((p.data_ptr() == before[n][0]) is frozen_layer for n, p in left.items())

@@ -29,10 +29,19 @@ def test_auto_recomputes_only_when_the_activations_do_not_fit(tiny_model, monkey
     monkeypatch.setattr(recompute, "free_bytes", lambda device: 12 * params + 10 * need)
     on, why = recompute.decide("auto", tiny_model, 4096, torch.float32, "cpu")
     assert not on and "4,096 tokens" in why
+    assert f"{(12 * params + 10 * need - 12 * params - need) / 2**30:.1f} GiB" in why.split("leaves")[1]
     monkeypatch.setattr(recompute, "free_bytes", lambda device: 12 * params + need)
     assert recompute.decide("auto", tiny_model, 4096, torch.float32, "cpu")[0]
     assert recompute.decide(True, tiny_model, 1, torch.float32, "cpu") == (True, "as configured")
     assert recompute.decide(False, tiny_model, 10**9, torch.float32, "cpu") == (False, "as configured")
+
+
+def test_recomputing_keeps_the_layer_inputs_and_one_layer(tiny_model):
+    """The activations kept with recompute: every layer's input plus one layer's own, far below all layers'."""
+    cfg = tiny_model.config
+    full = recompute.activation_bytes(tiny_model, 1000, torch.float32)
+    kept = recompute.recomputed_bytes(tiny_model, 1000, torch.float32)
+    assert kept == 1000 * cfg.num_hidden_layers * cfg.hidden_size * 4 + full // cfg.num_hidden_layers
 
 
 def test_planned_tokens_is_the_longest_micro_batch():

@@ -135,6 +135,7 @@ def wrap(model: PreTrainedModel, settings: PeftSettings, vocab_grew: bool = Fals
     if settings.quantize is not None:
         # casts norms/embeddings to fp32; activation checkpointing is the run's own choice
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_trainable(model)
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=settings.r,
@@ -156,6 +157,16 @@ def wrap(model: PreTrainedModel, settings: PeftSettings, vocab_grew: bool = Fals
         + f": {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%}){note}"
     )
     return wrapped, line
+
+
+def keep_4bit_trainable(model: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights for its CPU inference kernel at the first forward
+    in eval mode without gradients on an AVX512-BF16 CPU (a self-check, an evaluation), for good: every later
+    forward, training ones included, then runs that kernel, which has no backward, so the gradient through
+    the frozen base is silently lost. Training keeps the trainable layout (the flag the repacking checks)."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantization_config(settings: PeftSettings, skip: list[str] | None = None) -> Any:

@@ -267,7 +267,8 @@ Originals = list[tuple[torch.nn.Parameter, torch.Tensor]]
 @torch.no_grad()
 def use_bf16_weights(model: torch.nn.Module, matmul_only: bool = True) -> Originals:
     """Store weights in bf16 for compute; returns (parameter, its fp32 value before the cast) for
-    every parameter cast, to seed the fp32 master weights with (`seed_master_weights`).
+    every trainable parameter cast, to seed the fp32 master weights with (`seed_master_weights`; a frozen
+    one has no master, and bf16 held it exactly, so no fp32 copy of it is kept).
 
     `matmul_only=True` (bf16 mixed precision): only the matmul weights (every `nn.Linear` but a head
     tied to the input embedding) become bf16; embeddings and norms stay fp32. A frozen weight (a vision
@@ -288,6 +289,7 @@ def use_bf16_weights(model: torch.nn.Module, matmul_only: bool = True) -> Origin
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     emb_weight = emb.weight if emb is not None else None
     originals: Originals = []
+    kept_frozen = False
     for module in model.modules():
         if matmul_only and not (isinstance(module, torch.nn.Linear) and module.weight is not emb_weight):
             continue
@@ -295,10 +297,24 @@ def use_bf16_weights(model: torch.nn.Module, matmul_only: bool = True) -> Origin
             if not p.is_floating_point() or p.dtype == torch.bfloat16:
                 continue
             if matmul_only and not p.requires_grad and not _exact_in_bf16(p):
+                kept_frozen = True
                 continue  # frozen: autocast computes with its bf16 rounding, the weight itself stays as loaded
-            originals.append((p, p.detach().clone()))
+            if p.requires_grad:
+                originals.append((p, p.detach().clone()))
             p.data = p.data.to(torch.bfloat16)
+    if not kept_frozen:
+        _off_the_checkpoint_file(model)
     return originals
+
+
+def _off_the_checkpoint_file(model: torch.nn.Module) -> None:
+    """The parameters left in fp32 (embeddings, norms) copied into memory of their own. Weights loaded from
+    an fp32 safetensors file are views of its memory map, which stays mapped while any of them refers to it,
+    with every page the casts above read: a whole fp32 copy of the matmul weights resident for the run. (Not
+    done while a frozen matmul weight stays fp32: it keeps the map anyway.)"""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != torch.bfloat16:
+            p.data = p.data.clone()
 
 
 def _exact_in_bf16(p: torch.Tensor) -> bool:

@@ -11,6 +11,9 @@ vectors), in the compute dtype; times the layers and the longest micro-batch the
 (`planned_tokens`). The memory free for them is the device's free memory now (the weights are
 loaded) less the gradients and AdamW's two moments to come (3 fp32 copies of the trainable
 parameters), split over the processes sharing the device, of which `auto` uses at most 70%.
+Recomputing, a layer keeps only its input (one hidden vector per token) until the backward recomputes it,
+plus one layer's activations at a time (`recomputed_bytes`). The log line of `auto` says its choice, the
+activations it expects with and without recomputing, the memory free for them and what its choice leaves.
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ def activation_bytes(model: Any, tokens: int, compute_dtype: torch.dtype) -> int
     per_token_layer = 9 * hidden + 2 * kv + 4 * ffn
     elem = torch.tensor([], dtype=compute_dtype).element_size()
     return tokens * config.num_hidden_layers * per_token_layer * elem
+
+
+def recomputed_bytes(model: Any, tokens: int, compute_dtype: torch.dtype) -> int:
+    """Bytes of activations the same forward keeps when each decoder layer is recomputed in the backward:
+    every layer's input, plus one layer's activations while it is recomputed."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    elem = torch.tensor([], dtype=compute_dtype).element_size()
+    inputs = tokens * config.num_hidden_layers * config.hidden_size * elem
+    return inputs + activation_bytes(model, tokens, compute_dtype) // config.num_hidden_layers
 
 
 def free_bytes(device: torch.device | str) -> int:
@@ -72,7 +84,10 @@ def decide(
         free_bytes(device) - elsewhere - 3 * 4 * trainable
     )  # weights still to move there, grads, AdamW moments
     on = need > HEADROOM * room
+    kept = recomputed_bytes(model, tokens, compute_dtype) if on else need
     return on, (
-        f"auto: a micro-batch of {tokens:,} tokens keeps ~{need / 2**30:.2f} GiB of activations, "
-        f"{max(room, 0) / 2**30:.1f} GiB free for them"
+        f"auto: a micro-batch of {tokens:,} tokens keeps ~{need / 2**30:.2f} GiB of activations "
+        f"(~{recomputed_bytes(model, tokens, compute_dtype) / 2**30:.2f} GiB recomputing), "
+        f"{max(room, 0) / 2**30:.1f} GiB free for them; {'on' if on else 'off'} leaves "
+        f"~{(room - kept) / 2**30:.1f} GiB"
     )
