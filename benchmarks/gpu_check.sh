@@ -202,7 +202,7 @@ GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 if [ "$GPUS" -ge 2 ]; then
     stage seq-par-tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/trainer/test_sequence_parallel.py
     say "  pytest: $(grep -E '[0-9]+ (passed|failed|skipped|error)' "$WORK/seq-par-tests.log" 2>/dev/null | tail -1)"
-    stage seq-par-memory 150 "$PY" benchmarks/bench_sequence.py --device cuda --lengths 8192 16384 \
+    stage seq-par-memory 150 "$PY" benchmarks/bench_sequence.py --device cuda --model random-1b --sp 1 2 --lengths 8192 16384 \
         --cap-gib 1000 --timeout 60 --json "$WORK/seq-par.json"
     grep -h "^sequence_parallel\|peak" "$WORK/seq-par-memory.log" 2>/dev/null | sed 's/^/  /' | tee -a "$SUMMARY"
 else
