@@ -138,6 +138,23 @@ def test_compiled_per_document_attention_is_the_eager_one_in_one_graph():
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
 
 
+def test_compiled_per_document_attention_runs_under_bf16_autocast():
+    """Under autocast the operator gets query, key and value in the autocast dtype (rotary embeddings leave
+    query and key float32, the value projection gives bf16), as SDPA does eagerly."""
+    model = build_model(400, seed=3)
+    attention.use(model, "documents")
+    ids = torch.randint(5, 400, (1, 30), generator=torch.Generator().manual_seed(1))
+    pos = _layout(10, 12, 8)[None]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+    outs = []
+    for m in (model, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(m(input_ids=ids, position_ids=pos, use_cache=False).logits)
+        outs[-1].float().square().sum().backward()
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("mode", ["documents", "compiled documents", "flex"])
 def test_documents_never_attend_across(mode):
     """Changing document A's tokens leaves document B's logits unchanged, and each equals the document alone.

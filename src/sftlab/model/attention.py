@@ -191,6 +191,10 @@ def document_attention(
         if dropout:
             raise RuntimeError("compiled per-document attention has no attention dropout: set it to 0")
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        # autocast does not reach into a custom operator: its inputs take the dtype SDPA runs in under it
+        device = query.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+        query, key, value = (t.to(dtype) for t in (query, key, value))
         out = document_sdpa(query, key, value, position_ids.expand(rows, -1), scale)
         return out.transpose(1, 2).contiguous(), None
     cuts = _cached_cuts(position_ids, rows, length)
