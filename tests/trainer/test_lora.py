@@ -252,25 +252,23 @@ def test_neftune_run_trains_and_evaluates_clean(tiny_model_dir, chat_file, tmp_p
     assert noisy.history[0]["loss"] != base.history[0]["loss"]  # training forwards see the noise
 
 
+def save_block_model(tokenizer, path, **config) -> None:
+    """A tiny Llama whose layer widths are whole 64-value blocks (bitsandbytes' CPU kernels need them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=2, **shape, **config)
+    ).save_pretrained(path)
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (sftlab[qlora])"
 )
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
 def test_qlora_trains(quantize, tokenizer, chat_file, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)  # bitsandbytes' CPU kernels need layer widths of at least one 64-value block
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-    ).save_pretrained(tmp_path / "m")
+    save_block_model(tokenizer, tmp_path / "m", tie_word_embeddings=True)
     tokenizer.save_pretrained(tmp_path / "m")
     res = run_training(lora_cfg(tmp_path / "m", chat_file, tmp_path / "run", peft={"quantize": quantize}))
     assert res.history[-1]["loss"] < res.history[0]["loss"]
@@ -284,21 +282,9 @@ def test_an_eval_forward_leaves_the_nf4_base_trainable(tokenizer, tmp_path):
     """A no-grad forward in eval mode (the loss head's self-check, an evaluation) before training must not
     switch bitsandbytes' CPU 4-bit layers to their inference kernel, which has no backward: the adapter's
     gradients are the same with and without it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from sftlab.config.schema import PeftSettings
 
-    torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    ).save_pretrained(tmp_path / "m")
+    save_block_model(tokenizer, tmp_path / "m")
     settings = PeftSettings(r=4, alpha=8, dropout=0.0, quantize="nf4")
     ids = torch.arange(24).view(2, 12) % len(tokenizer)
 
