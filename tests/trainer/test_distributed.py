@@ -31,6 +31,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(procs: int = 2) -> list[str]:
+    """`torchrun` for `procs` processes on this machine, on a free port; the program and its arguments follow."""
+    program = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
+    return program + ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+
+
 def write_config(out: Path, micro: int, model, data, peft=None) -> str:
     """A 3-step run's config beside `out` (exact fp32 math: 1e-5 agreement), micro-batches of `micro`."""
     tree = {
@@ -73,19 +79,7 @@ def test_two_processes_match_one(peft, tiny_model_dir, chat_file, tmp_path):
     )
     assert r1.returncode == 0, r1.stdout + r1.stderr
     r2 = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            LAUNCH_RUNS,
-            *double,
-        ],
+        [*torchrun(), LAUNCH_RUNS, *double],
         env=env,
         capture_output=True,
         text=True,
@@ -135,8 +129,7 @@ def test_killing_the_launcher_stops_its_workers(tiny_model_dir, chat_file, tmp_p
     }
     config.write_text(yaml.safe_dump(tree))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), LAUNCH_RUNS, "0", str(config)]
+    launch = [*torchrun(), LAUNCH_RUNS, "0", str(config)]
     launcher = subprocess.Popen(launch, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -203,16 +196,7 @@ def _launch(tmp_path, mode: str, dist_timeout: int, max_steps: int = 1):
         "ACCELERATE_USE_CPU": "true",
         "SFTLAB_CACHE": str(tmp_path / "c"),
     }
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-    ]
-    launch += ["--master_port", str(free_port()), str(script), str(config), mode]
+    launch = [*torchrun(), str(script), str(config), mode]
     return subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -254,8 +238,7 @@ def test_a_killed_rank_stops_the_others_naming_it(tiny_model_dir, chat_file, tmp
     }
     config.write_text(yaml.safe_dump(tree))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), LAUNCH_RUNS, "0", str(config)]
+    launch = [*torchrun(), LAUNCH_RUNS, "0", str(config)]
     launcher = subprocess.Popen(launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
@@ -347,11 +330,8 @@ def test_resume_on_another_world_size_trains_the_same_steps(tiny_model_dir, chat
         env["SFTLAB_TEST_STEP_UNITS"] = str(tmp_path / f"{name}-units.jsonl")
         if kill:
             env["SFTLAB_TEST_KILL_AFTER_STEP"] = "2"
-        launch = [sys.executable]
-        if procs > 1:
-            launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
-            launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-        launch += ["-m", "sftlab.cli", "train", str(config(name)), *overrides]
+        launch = [*torchrun(procs), "-m"] if procs > 1 else [sys.executable, "-m"]
+        launch += ["sftlab.cli", "train", str(config(name)), *overrides]
         r = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
         assert (r.returncode != 0) if kill else (r.returncode == 0), r.stdout[-3000:] + r.stderr[-3000:]
         return r.stdout

@@ -141,9 +141,10 @@ def _saved_train(state: TrainerState) -> dict:
     return _with_defaults(state.config).get("train", {})
 
 
-def _saved_data_world(state: TrainerState) -> int:
-    """The data-parallel processes of the run that wrote `state` (its processes / train.sequence_parallel)."""
-    return state.num_processes // max(1, int(_saved_train(state).get("sequence_parallel") or 1))
+def _data_world(train: dict, processes: int) -> int:
+    """The data-parallel processes of a run with this saved train section on `processes` processes (its
+    processes / train.sequence_parallel)."""
+    return processes // max(1, int(train.get("sequence_parallel") or 1))
 
 
 def saved_stream_units(state: TrainerState) -> int | None:
@@ -152,7 +153,7 @@ def saved_stream_units(state: TrainerState) -> int | None:
     train = _saved_train(state)
     if train.get("micro_batch_tokens") is not None or "micro_batch_size" not in train:
         return None
-    return int(train["micro_batch_size"]) * _saved_data_world(state)
+    return int(train["micro_batch_size"]) * _data_world(train, state.num_processes)
 
 
 def keep_global_batch(
@@ -162,7 +163,8 @@ def keep_global_batch(
     step trains on the checkpoint's steps' examples on `world` data-parallel processes (all of them, or
     their sequence-parallel groups); refused (before any weights load) when the global batch cannot be
     kept, saying which settings would keep it."""
-    saved, train, old_world = _saved_train(state), cfg.train, _saved_data_world(state)
+    saved, train = _saved_train(state), cfg.train
+    old_world = _data_world(saved, state.num_processes)
     geometry = (train.micro_batch_size, train.grad_accum_steps, train.micro_batch_tokens)
     if (saved.get("micro_batch_size"), saved.get("grad_accum_steps"), saved.get("micro_batch_tokens")) == (
         geometry
