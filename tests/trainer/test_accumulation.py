@@ -129,3 +129,21 @@ def test_gradient_checkpointing_gives_the_same_gradient(head):
     for name, g in grads[0].items():
         rel = (grads[1][name] - g).norm() / g.norm().clamp_min(1e-12)
         assert rel <= 1e-5, f"{name}: relative gradient difference {rel:.2e} with gradient checkpointing"
+
+
+def test_a_bf16_step_computes_its_loss_as_evaluation_does():
+    """The target-only head runs after the model's forward: under the run's autocast in the training step as
+    in evaluation, so a step's loss is the eval loss of the same batch (it was fp32 in training only)."""
+    from sftlab.model.loss import TargetLossHead
+    from sftlab.trainer.loop import evaluate_loss
+
+    examples = make_examples(64, n=4)
+    acc = Accelerator(cpu=True, mixed_precision="bf16")
+    model = build_model(vocab_size=64, seed=3)
+    objective = SFTObjective(TargetLossHead.for_model(model))  # as the run: before Accelerate wraps it
+    model = acc.prepare(model)
+    assert objective.loss_fn.mode == "target"
+    targets = step_normaliser(objective, [pad_collate(examples, pad_id=2)], acc)
+    trained = train_step(model, objective, Engine.of(acc), [pad_collate(examples, pad_id=2)], targets)
+    evaluated = evaluate_loss(model, examples, len(examples), 2, acc, objective)["eval_loss"]
+    assert trained / targets == pytest.approx(evaluated, rel=1e-6)

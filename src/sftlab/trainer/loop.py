@@ -466,7 +466,8 @@ def train_step(
     for k, batch in enumerate(batches):
         sync = k == len(batches) - 1
         with engine.accumulating(model, sync):
-            loss_sum = objective.loss_sum(model, batch)
+            with accelerator.autocast():  # the loss head runs outside the model's forward: as in evaluation
+                loss_sum = objective.loss_sum(model, batch)
             engine.backward(model, loss_sum * scale, boundary=sync)
         step_sum += loss_sum.detach().double().cpu()
     return float(accelerator.reduce(step_sum.to(accelerator.device), "sum"))
