@@ -108,7 +108,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
             b = None if bias is None else bias.to(compute_dtype)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             gh = torch.empty_like(h) if need_h else None
-            gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+            gw = None  # float32, from the first chunk's product (no zero fill of a vocabulary-sized matrix)
             gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
             for s in range(0, h.size(0), chunk):
                 hc, yc = h[s : s + chunk].to(compute_dtype), targets[s : s + chunk]
@@ -137,19 +137,25 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 g = g.to(compute_dtype)
                 if gh is not None:
                     gh[s : s + chunk] = g @ w
-                if gw is not None:
-                    gw += g.t() @ hc
+                if need_w:
+                    part = g.t() @ hc
+                    gw = part.float() if gw is None else gw.add_(part)
+            if need_w and gw is None:  # no targets: a zero gradient still reaches every parameter (DDP)
+                gw = torch.zeros_like(weight, dtype=torch.float32)
         ctx.save_for_backward(gh, gw, gb)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
+        if getattr(ctx, "used", False):  # the weight gradient was scaled in place the first time
+            raise RuntimeError("the target-only loss head back-propagates once (no retain_graph)")
+        ctx.used = True
         gh, gw, gb = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         return (
             None if gh is None else gh * grad_out.to(gh.dtype),
-            None if gw is None else (gw * grad_out).to(w_dtype),
+            None if gw is None else gw.mul_(grad_out).to(w_dtype),  # in place: backward runs once
             None if gb is None else (gb * grad_out).to(b_dtype),
             None,
             None,
