@@ -38,6 +38,35 @@ def test_a_packed_row_equals_its_documents_alone_forward_and_backward(impl):
         torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_documents_backward_per_length_equals_float64(dtype):
+    """The CPU path's own backward (fp32 below FP32_BACKWARD_BELOW tokens, the input dtype above), with
+    grouped-query heads, against per-document SDPA in float64: forward and all three gradients."""
+    long = attention.FP32_BACKWARD_BELOW + 20
+    sizes = [7, long, 13]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, sum(sizes), 16).to(dtype) for heads in (4, 2, 2))
+    grad = torch.randn(1, 4, sum(sizes), 16).to(dtype)
+    cuts = [[0, 7, 7 + long, sum(sizes)]]
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True)
+            for a, b, c in zip(*(t.split(sizes, dim=2) for t in ref))
+        ],
+        dim=2,
+    )
+    want.backward(grad.double())
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = attention._per_document(*ours, cuts, 16**-0.5)
+    got.backward(grad)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(got.double(), want, **tol)
+    for mine, theirs in zip(ours, ref):
+        assert mine.grad.dtype == dtype
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, **tol)
+
+
 def test_two_packed_rows_with_different_cuts_in_one_batch():
     model = build_model(400, seed=3)
     model.set_attn_implementation(attention.NAME)

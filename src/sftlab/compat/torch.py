@@ -48,6 +48,37 @@ def autograd_inside_custom_op() -> Iterator[None]:
         yield
 
 
+def cpu_flash_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention on CPU, (output, logsumexp): the kernel `scaled_dot_product_attention` runs there,
+    with the logsumexp its backward needs. key/value may have fewer heads (grouped-query attention).
+
+    Touches: `aten::_scaled_dot_product_flash_attention_for_cpu`. Written against torch 2.13.0. Public
+    alternative: `F.scaled_dot_product_attention` (no logsumexp: its backward cannot be chosen)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, True, scale=scale
+    )
+
+
+def cpu_flash_attention_backward(
+    grad: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    logsumexp: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients (query, key, value) of `cpu_flash_attention`, computed in the inputs' dtype.
+
+    Touches: `aten::_scaled_dot_product_flash_attention_for_cpu_backward`. Written against torch 2.13.0.
+    Public alternative: autograd through `F.scaled_dot_product_attention` (one more forward)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, query, key, value, out, logsumexp, 0.0, True, scale=scale
+    )
+
+
 def _cpu_probe(name: str) -> bool | None:
     for mod in (getattr(torch, "cpu", None), getattr(torch._C, "_cpu", None)):
         fn = getattr(mod, name, None)
