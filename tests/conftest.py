@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from sftlab.compat import accelerate as accelerate_compat
 from sftlab.data import dataset
 
 # SmolLM2-135M-Instruct's template: ChatML without {% generation %} tags, default system prompt.
@@ -85,6 +86,13 @@ def _isolated_data_cache(tmp_path_factory):
     mp.setenv("SFTLAB_COMPILE_TIMES", str(tmp_path_factory.mktemp("compile") / "compile_times.json"))
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _no_accelerator_state_left():
+    """Each test starts without the AcceleratorState an earlier one left (its mixed precision would be
+    reused silently by `Accelerator(cpu=True)`: a bf16 run's autocast in an fp32 test)."""
+    accelerate_compat.reset_state()
 
 
 @pytest.fixture(scope="session")
