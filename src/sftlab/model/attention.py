@@ -87,41 +87,54 @@ def _cached_cuts(position_ids: torch.Tensor, rows: int, length: int) -> list[lis
     return _CUTS["cuts"]
 
 
-# torch's CPU flash-attention backward in bf16 costs >= 0.5 ms per call whatever the length (a 128-token
-# document: 2.0 ms against 0.8 ms upcast to fp32; 384 tokens and more: bf16 is faster; Intel Xeon, AMX):
-# shorter documents take the fp32 backward. A fixed rule, so a resumed run computes the same bits.
-FP32_BACKWARD_BELOW = 256
+# torch's CPU flash-attention backward in bf16 costs >= 0.5 ms per call whatever the length: upcast to fp32
+# it is faster below ~384 tokens (128: 0.8 against 2.0 ms; 256-340: 1.1-1.2x), about as fast up to ~600
+# and slower beyond (1024: 0.7x) (Intel Xeon with AMX, 9 query / 3 key-value heads of 64). Shorter
+# documents take the fp32 backward. A fixed rule, so a resumed run computes the same bits.
+FP32_BACKWARD_BELOW = 384
+
+
+def _cpu_forward(query, key, value, sizes: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row (1, heads, T, head_dim), each document causal on its own, on CPU: (output, logsumexp)."""
+    parts = zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
+    outs, lses = zip(*(torch_compat.cpu_flash_attention(q, k, v, scale) for q, k, v in parts))
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _cpu_backward(grad, query, key, value, out, lse, sizes: list[int], scale: float) -> list[torch.Tensor]:
+    """The gradients of `_cpu_forward` per document: in fp32 below `FP32_BACKWARD_BELOW` tokens, in the
+    input dtype above (more exact, and faster there)."""
+    given = (grad, query, key, value, out)
+    short = [n < FP32_BACKWARD_BELOW for n in sizes]
+    wide = [t.float() for t in given] if any(short) and query.dtype != torch.float32 else given
+    grads = [torch.empty_like(t) for t in (query, key, value)]  # their layouts: no copy after
+    start = 0
+    for n, fp32 in zip(sizes, short):
+        doc = [t[:, :, start : start + n] for t in (wide if fp32 else given)]
+        parts = torch_compat.cpu_flash_attention_backward(*doc, lse[:, :, start : start + n], scale)
+        for whole, part in zip(grads, parts):
+            whole[:, :, start : start + n].copy_(part)
+        start += n
+    return grads
 
 
 class _CPUDocuments(torch.autograd.Function):
-    """One row (1, heads, T, head_dim) -> the same, each document causal on its own, on CPU: the SDPA
-    kernel forward per document (its logsumexp kept), and a backward per document in fp32 below
-    `FP32_BACKWARD_BELOW` tokens, in the input dtype above (more exact and faster there)."""
+    """`_cpu_forward` with `_cpu_backward` as its gradient (eager runs)."""
 
     @staticmethod
     def forward(ctx, query, key, value, sizes: list[int], scale: float):
-        parts = zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
-        outs, lses = zip(*(torch_compat.cpu_flash_attention(q, k, v, scale) for q, k, v in parts))
-        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+        out, lse = _cpu_forward(query, key, value, sizes, scale)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.sizes, ctx.scale = sizes, scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        query, key, value, out, lse = ctx.saved_tensors
-        given = (grad, query, key, value, out)
-        short = [n < FP32_BACKWARD_BELOW for n in ctx.sizes]
-        wide = [t.float() for t in given] if any(short) and query.dtype != torch.float32 else given
-        grads = [torch.empty_like(t) for t in (query, key, value)]  # their layouts: no copy after
-        start = 0
-        for n, fp32 in zip(ctx.sizes, short):
-            doc = [t[:, :, start : start + n] for t in (wide if fp32 else given)]
-            parts = torch_compat.cpu_flash_attention_backward(*doc, lse[:, :, start : start + n], ctx.scale)
-            for whole, part in zip(grads, parts):
-                whole[:, :, start : start + n].copy_(part)
-            start += n
-        return *grads, None, None
+        return *_cpu_backward(grad, *ctx.saved_tensors, ctx.sizes, ctx.scale), None, None
+
+
+def _row_sizes(cuts: list[list[int]]) -> list[list[int]]:
+    return [[e - s for s, e in zip(c[:-1], c[1:])] for c in cuts]
 
 
 def _per_document(
@@ -153,16 +166,32 @@ def _per_document(
 @torch.library.custom_op("sftlab::document_sdpa", mutates_args=())
 def document_sdpa(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor, scale: float
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-document causal SDPA as one operator the compiler does not look into: a compiled graph keeps one
-    shape whatever the document layout (the cuts are read from `position_ids` when it runs)."""
+    shape whatever the document layout (the cuts are read from `position_ids` when it runs). Returns
+    (output, logsumexp); the logsumexp (batch, heads, T) float32 on CPU, where the backward reuses it, and
+    empty elsewhere (the backward recomputes the forward)."""
     rows, length = query.shape[0], query.shape[2]
-    return _per_document(query, key, value, _cached_cuts(position_ids, rows, length), scale).contiguous()
+    cuts = _cached_cuts(position_ids, rows, length)
+    if query.device.type != "cpu":
+        out = _per_document(query, key, value, cuts, scale).contiguous()
+        return out, query.new_empty(0, dtype=torch.float32)
+    outs, lses = zip(
+        *(
+            _cpu_forward(q, k, v, n, scale)
+            for q, k, v, n in zip(query.split(1), key.split(1), value.split(1), _row_sizes(cuts))
+        )
+    )
+    return torch.cat(outs).contiguous(), torch.cat(lses).contiguous()
 
 
 @document_sdpa.register_fake
 def _(query, key, value, position_ids, scale):
-    return torch.empty_like(query, memory_format=torch.contiguous_format)
+    batch, heads, length = query.shape[:3]
+    lse = (batch, heads, length) if query.device.type == "cpu" else (0,)
+    return torch.empty_like(query, memory_format=torch.contiguous_format), query.new_empty(
+        lse, dtype=torch.float32
+    )
 
 
 @torch.library.custom_op("sftlab::document_sdpa_backward", mutates_args=())
@@ -171,33 +200,45 @@ def document_sdpa_backward(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
     position_ids: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of `document_sdpa`: its forward recomputed (one attention forward more) and
-    differentiated, so they are those of the eager per-document calls."""
+    """The gradients of `document_sdpa`: on CPU from its output and logsumexp (`_cpu_backward`, as eager);
+    elsewhere its forward recomputed (one attention forward more) and differentiated, so they are those of
+    the eager per-document calls."""
     rows, length = query.shape[0], query.shape[2]
+    cuts = _cached_cuts(position_ids, rows, length)
+    if query.device.type == "cpu":
+        tensors = (grad, query, key, value, out, lse)
+        per_row = [
+            _cpu_backward(*row, n, scale) for *row, n in zip(*(t.split(1) for t in tensors), _row_sizes(cuts))
+        ]
+        return tuple(torch.cat(parts).contiguous() for parts in zip(*per_row))
     q, k, v = (t.detach().requires_grad_() for t in (query, key, value))
     with torch_compat.autograd_inside_custom_op():
-        out = _per_document(q, k, v, _cached_cuts(position_ids, rows, length), scale)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+        recomputed = _per_document(q, k, v, cuts, scale)
+    dq, dk, dv = torch.autograd.grad(recomputed, (q, k, v), grad)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()  # the layout the fake promises
 
 
 @document_sdpa_backward.register_fake
-def _(grad, query, key, value, position_ids, scale):
+def _(grad, query, key, value, out, lse, position_ids, scale):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (query, key, value))
 
 
-def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     query, key, value, position_ids, scale = inputs
-    ctx.save_for_backward(query, key, value, position_ids)
+    ctx.save_for_backward(query, key, value, *output, position_ids)
     ctx.scale = scale
 
 
-def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
-    query, key, value, position_ids = ctx.saved_tensors
-    dq, dk, dv = document_sdpa_backward(grad.contiguous(), query, key, value, position_ids, ctx.scale)
+def _backward(ctx: Any, grad: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple:
+    query, key, value, out, lse, position_ids = ctx.saved_tensors
+    dq, dk, dv = document_sdpa_backward(
+        grad.contiguous(), query, key, value, out, lse, position_ids, ctx.scale
+    )
     return dq, dk, dv, None, None
 
 
@@ -232,7 +273,7 @@ def document_attention(
             raise RuntimeError("compiled per-document attention has no attention dropout: set it to 0")
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         query, key, value = _autocast_inputs(query, key, value)
-        out = document_sdpa(query, key, value, position_ids.expand(rows, -1), scale)
+        out, _ = document_sdpa(query, key, value, position_ids.expand(rows, -1), scale)
         return out.transpose(1, 2).contiguous(), None
     cuts = _cached_cuts(position_ids, rows, length)
     if query.device.type == "cpu" and not dropout:
