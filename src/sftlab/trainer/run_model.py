@@ -162,6 +162,12 @@ def _prepare_for_training(
         # bf16 copies of the matmul weights (of every weight: pure bf16 without autocast) do the compute,
         # refreshed from the optimizer's fp32 master weights once per optimizer step (MasterWeightAdamW).
         built.originals = use_bf16_weights(built.model, matmul_only=form == "matmul")
+    if cfg.peft is not None and not (quantized or sharded):
+        fused = adapters.fuse_lora_forward(built.model)
+        if fused:
+            built.lines.append(
+                f"LoRA forward: base and adapter products summed by one addmm_ in {fused} layers"
+            )
 
 
 def _load_base(cfg: SFTConfig, tokens: RunTokens, training: bool):
