@@ -170,9 +170,10 @@ def keep_4bit_trainable(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _one_plain_adapter(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
-    """The layer's single active adapter when it is vanilla LoRA on a plain `nn.Linear` (no DoRA, no bias on
-    lora_B, not merged or disabled, no per-row adapter names); None otherwise."""
+def _one_plain_adapter(layer: Any, args: tuple, kwargs: dict) -> str | None:
+    """The layer's single active adapter when it is vanilla LoRA (no DoRA, no bias on lora_A/lora_B, not
+    merged or disabled, no per-row adapter names); None otherwise. (`fuse_lora_forward` gives the fused
+    forward only to layers on a plain `nn.Linear`.)"""
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1:
         return None
@@ -183,7 +184,7 @@ def _one_plain_adapter(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -
         or layer.lora_A[name].bias is not None
     ):
         return None
-    return name if type(layer.base_layer) is nn.Linear else None
+    return name
 
 
 def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -192,7 +193,7 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     separate scale, add and cast passes over the (tokens, out_features) output (in peft: ~20% of a bf16
     LoRA step on a CPU). The input is cast once to the autocast dtype for both products. The sum is rounded
     once (peft rounds the adapter product, its scaled copy and the sum). Other cases run peft's forward."""
-    name = _one_plain_adapter(self, x, args, kwargs)
+    name = _one_plain_adapter(self, args, kwargs)
     if name is None:
         return type(self).__mro__[1].forward(self, x, *args, **kwargs)
     device, rows = x.device.type, x.shape[:-1]
