@@ -426,6 +426,32 @@ def test_frozen_weights_are_never_rounded_to_bf16():
     assert all(params[n].dtype == torch.float32 and torch.equal(params[n], v) for n, v in frozen.items())
 
 
+def test_frozen_weights_rounded_to_bf16_compute_what_autocast_computes():
+    """`round_frozen` (a LoRA run, whose base is never saved from memory): frozen matmul weights become their
+    bf16 rounding (no fp32 copy kept), and the loss and the trainable weights' gradients under bf16 autocast
+    are bitwise those of the fp32 frozen weights (autocast rounds them per op to the same values)."""
+
+    def run(round_frozen: bool):
+        model = build_model(VOCAB, seed=5)
+        for name, p in model.named_parameters():
+            p.requires_grad_("layers.1." in name)
+        use_bf16_weights(model, matmul_only=True, round_frozen=round_frozen)
+        x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        frozen = model.model.layers[0].mlp.down_proj.weight
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return frozen.dtype, loss.detach(), grads
+
+    kept, rounded = run(False), run(True)
+    assert kept[0] == torch.float32 and rounded[0] == torch.bfloat16
+    assert torch.equal(kept[1], rounded[1])
+    assert kept[2].keys() == rounded[2].keys() and all(
+        torch.equal(kept[2][n], rounded[2][n]) for n in kept[2]
+    )
+
+
 @pytest.mark.parametrize("frozen_layer", [False, True])
 def test_the_weights_left_fp32_leave_the_checkpoint_file(frozen_layer):
     """After the casts, the parameters left fp32 (embeddings, norms) hold memory of their own, the same values:

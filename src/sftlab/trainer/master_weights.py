@@ -265,15 +265,19 @@ Originals = list[tuple[torch.nn.Parameter, torch.Tensor]]
 
 
 @torch.no_grad()
-def use_bf16_weights(model: torch.nn.Module, matmul_only: bool = True) -> Originals:
+def use_bf16_weights(
+    model: torch.nn.Module, matmul_only: bool = True, round_frozen: bool = False
+) -> Originals:
     """Store weights in bf16 for compute; returns (parameter, its fp32 value before the cast) for
     every trainable parameter cast, to seed the fp32 master weights with (`seed_master_weights`; a frozen
     one has no master, and bf16 held it exactly, so no fp32 copy of it is kept).
 
     `matmul_only=True` (bf16 mixed precision): only the matmul weights (every `nn.Linear` but a head
     tied to the input embedding) become bf16; embeddings and norms stay fp32. A frozen weight (a vision
-    tower, a LoRA base) becomes bf16 only where that is exact (it was stored in bf16): it has no master to
-    be restored from, so it is never rounded; autocast rounds it per op, the same product. Under bf16 autocast
+    tower, a LoRA base) has no master to be restored from: it becomes bf16 where that is exact (it was
+    stored in bf16), or with `round_frozen` (a LoRA run: only the adapter is saved from memory, the merged
+    model reloads its base from disk), where autocast computes the same product from its bf16 rounding; else
+    it stays as loaded (a full fine-tune saves it from memory) and autocast rounds it per op. Under bf16 autocast
     this computes what autocast computes from fp32 weights (autocast rounds each Linear weight to
     bf16 at every op; here it is rounded once per optimizer step, when `MasterWeightAdamW` writes the
     fp32 master back), without the per-op re-cast in forward and backward. Norm and embedding
@@ -296,7 +300,7 @@ def use_bf16_weights(model: torch.nn.Module, matmul_only: bool = True) -> Origin
         for p in module.parameters(recurse=False):
             if not p.is_floating_point() or p.dtype == torch.bfloat16:
                 continue
-            if matmul_only and not p.requires_grad and not _exact_in_bf16(p):
+            if matmul_only and not (p.requires_grad or round_frozen or _exact_in_bf16(p)):
                 kept_frozen = True
                 continue  # frozen: autocast computes with its bf16 rounding, the weight itself stays as loaded
             if p.requires_grad:

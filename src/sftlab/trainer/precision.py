@@ -220,7 +220,8 @@ def print_precision(
     quantized = cfg.peft is not None and cfg.peft.quantize is not None
     form, form_why = bf16_weight_form(mixed, cfg.model.dtype, cfg.optim.name, quantized)
     compute = {
-        "matmul": "bf16 autocast, matmul weights as bf16 copies of fp32 masters",
+        "matmul": "bf16 autocast, matmul weights as bf16 copies of fp32 masters"
+        + (" (the frozen base's: their bf16 rounding, the product autocast computes)" if cfg.peft else ""),
         "all": "bf16 weights (copies of fp32 masters), no autocast",
     }.get(form)
     if compute is None:

@@ -161,7 +161,9 @@ def _prepare_for_training(
     if form != "none":
         # bf16 copies of the matmul weights (of every weight: pure bf16 without autocast) do the compute,
         # refreshed from the optimizer's fp32 master weights once per optimizer step (MasterWeightAdamW).
-        built.originals = use_bf16_weights(built.model, matmul_only=form == "matmul")
+        built.originals = use_bf16_weights(
+            built.model, matmul_only=form == "matmul", round_frozen=cfg.peft is not None
+        )
     if cfg.peft is not None and not (quantized or sharded):
         fused = adapters.fuse_lora_forward(built.model)
         if fused:
