@@ -315,3 +315,32 @@ def test_no_logits_beyond_one_chunk():
     with _VocabTensorShapes() as rec_full:  # the detector sees the full path's [T, V] logits
         full_nll(model, batch).backward()
     assert rec_full.max_rows >= batch["input_ids"].numel()
+
+
+def test_a_frozen_head_runs_in_smaller_chunks(monkeypatch):
+    """Without a weight gradient to sum per chunk (a frozen head, evaluation), the head runs in chunks of at
+    most FROZEN_HEAD_CHUNK rows (less transient memory); with one, in the configured chunks. Same loss."""
+    import torch.nn.functional as F
+
+    from sftlab.model import loss as loss_mod
+
+    calls = []
+    real = F.linear
+
+    def counting(x, w, b=None):
+        calls.append(x.shape[0])
+        return real(x, w, b)
+
+    monkeypatch.setattr(loss_mod.F, "linear", counting)
+    torch.manual_seed(0)
+    h, w, y = torch.randn(600, 16, requires_grad=True), torch.randn(50, 16), torch.randint(0, 50, (600,))
+    totals = {}
+    for trains in (False, True):
+        calls.clear()
+        weight = w.clone().requires_grad_(trains)
+        totals[trains] = loss_mod._ChunkedLinearCE.apply(
+            h, weight, None, y, torch.float32, 1.0, None, 1024, True, None
+        )
+        expected = [loss_mod.FROZEN_HEAD_CHUNK] * 2 + [600 - 2 * loss_mod.FROZEN_HEAD_CHUNK]
+        assert calls == ([600] if trains else expected)
+    torch.testing.assert_close(totals[False], totals[True])

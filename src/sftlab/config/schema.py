@@ -522,7 +522,11 @@ class TrainConfig(_Strict):
             "logits tensor); full: the model's own logits everywhere"
         ),
     )
-    loss_chunk_tokens: int = Field(1024, gt=0, description="rows per chunk of the target-only loss head")
+    loss_chunk_tokens: int = Field(
+        1024,
+        gt=0,
+        description="rows per chunk of the target-only loss head (at most 256 where its weight is frozen)",
+    )
     packed_attention: Literal["auto", "documents", "flex", "mask"] = Field(
         "auto",
         description=(
