@@ -270,7 +270,7 @@ def use_bf16_weights(
 ) -> Originals:
     """Store weights in bf16 for compute; returns (parameter, its fp32 value before the cast) for
     every trainable parameter cast, to seed the fp32 master weights with (`seed_master_weights`; a frozen
-    one has no master, and bf16 held it exactly, so no fp32 copy of it is kept).
+    one has no master, so no fp32 copy of it is kept).
 
     `matmul_only=True` (bf16 mixed precision): only the matmul weights (every `nn.Linear` but a head
     tied to the input embedding) become bf16; embeddings and norms stay fp32. A frozen weight (a vision
