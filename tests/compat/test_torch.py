@@ -90,3 +90,16 @@ def test_autograd_inside_custom_op_differentiates_in_an_ops_implementation():
         return torch.autograd.grad(z, y)[0]
 
     assert torch.equal(square_grad(torch.tensor([1.0, 3.0])), torch.tensor([2.0, 6.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_softmax_in_place_equals_the_out_of_place_kernel(dtype):
+    """`softmax_` writes over its input on CPU; the result must be bitwise torch.softmax's (a kernel that
+    wrote a row before it finished reading it would not be)."""
+    torch.manual_seed(0)
+    z = (torch.randn(37, 5003) * 5).to(dtype)
+    expected = torch.softmax(z, dim=-1)
+    written = z.clone()
+    out = torch_compat.softmax_(written)
+    assert out.data_ptr() == written.data_ptr()
+    assert torch.equal(out, expected)

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
@@ -344,3 +345,27 @@ def test_a_frozen_head_runs_in_smaller_chunks(monkeypatch):
         expected = [loss_mod.FROZEN_HEAD_CHUNK] * 2 + [600 - 2 * loss_mod.FROZEN_HEAD_CHUNK]
         assert calls == ([600] if trains else expected)
     torch.testing.assert_close(totals[False], totals[True])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_plain_cross_entropy_is_the_float32_one(dtype):
+    """`_plain_ce` (the head's path without scale, softcap or row weights): each row's loss is the float32
+    cross-entropy of the logits, and the gradient softmax - onehot computed in float32 and rounded once to
+    the logits' dtype (within one rounding step: the fused softmax kernel sums in another order)."""
+    from sftlab.model import loss as loss_mod
+
+    torch.manual_seed(0)
+    rows, vocab = 21, 3001  # more rows than one log-sum-exp block, and not a multiple of it
+    z = (torch.randn(rows, vocab) * 4).to(dtype)
+    y = torch.randint(0, vocab, (rows,))
+    expected_nll = F.cross_entropy(z.float(), y, reduction="none")
+    expected_grad = torch.softmax(z.float(), dim=-1) - F.one_hot(y, vocab).float()
+    nll, none = loss_mod._plain_ce(z.clone(), y, want_grad=False)
+    assert none is None
+    torch.testing.assert_close(nll, expected_nll, rtol=1e-6, atol=1e-5)
+    nll, grad = loss_mod._plain_ce(z.clone(), y, want_grad=True)
+    torch.testing.assert_close(nll, expected_nll, rtol=1e-6, atol=1e-5)
+    assert grad.dtype == dtype
+    ulp = expected_grad.abs() * (2**-7 if dtype == torch.bfloat16 else 2**-22) + 1e-30
+    assert ((grad.float() - expected_grad).abs() <= ulp).all()
+    assert torch.equal(grad[torch.arange(rows), y], expected_grad[torch.arange(rows), y].to(dtype))

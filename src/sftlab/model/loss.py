@@ -118,8 +118,22 @@ class _ChunkedLinearCE(torch.autograd.Function):
             gh = torch.empty_like(h) if need_h else None
             gw = None  # float32, from the first chunk's product (no zero fill of a vocabulary-sized matrix)
             gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+            plain = scale == 1.0 and softcap is None and rows is None
             for s in range(0, h.size(0), chunk):
                 hc, yc = h[s : s + chunk].to(compute_dtype), targets[s : s + chunk]
+                if plain:
+                    nll, g = _plain_ce(F.linear(hc, w, b), yc, need_h or need_w or need_b)
+                    total += nll.sum()
+                    if g is None:
+                        continue
+                    if gb is not None:
+                        gb += g.sum(0, dtype=torch.float32)
+                    if gh is not None:
+                        gh[s : s + chunk] = g @ w
+                    if need_w:
+                        part = g.t() @ hc
+                        gw = part.float() if gw is None else gw.add_(part)
+                    continue
                 z = F.linear(hc, w, b).float()
                 if scale != 1.0:
                     z = z * scale
@@ -173,6 +187,33 @@ class _ChunkedLinearCE(torch.autograd.Function):
             None,
             None,
         )
+
+
+# Rows of logits upcast to float32 at a time for the log-sum-exp: a block stays in the cache (a 49k-vocabulary
+# float32 row is 192 KiB) and no logits-sized float32 tensor is allocated.
+LSE_BLOCK_ROWS = 8
+
+
+def _plain_ce(
+    z: torch.Tensor, targets: torch.Tensor, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row cross-entropy of logits `z` (rows, vocab) in float32, and its gradient softmax(z) - onehot in
+    z's dtype (None without `want_grad`; else written over `z`), with two passes over `z`: the float32
+    log-sum-exp over small row blocks, and one fused softmax kernel (it computes in float32 and rounds once,
+    the rounding of the float32 softmax). Each target's entry is set from float32 (exp(-nll) - 1, rounded once). For bf16 logits from a
+    bf16 matmul the float32 log-sum-exp sees exactly the values an upcast would."""
+    lse = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    block = torch.empty(min(LSE_BLOCK_ROWS, z.shape[0]), z.shape[1], dtype=torch.float32, device=z.device)
+    for r in range(0, z.shape[0], LSE_BLOCK_ROWS):
+        part = block[: min(LSE_BLOCK_ROWS, z.shape[0] - r)]
+        torch.logsumexp(part.copy_(z[r : r + LSE_BLOCK_ROWS]), dim=-1, out=lse[r : r + LSE_BLOCK_ROWS])
+    rows = torch.arange(len(targets), device=z.device)
+    nll = lse - z[rows, targets].float()
+    if not want_grad:
+        return nll, None
+    g = torch_compat.softmax_(z)  # over the logits: nothing reads them after
+    g[rows, targets] = torch.exp(-nll).sub_(1.0).to(g.dtype)  # d CE / d z at the target
+    return nll, g
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
