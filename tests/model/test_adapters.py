@@ -118,3 +118,25 @@ def test_the_fused_lora_forward_falls_back_to_peft_where_it_does_not_apply():
     plain.eval(), fused.eval()
     plain.merge_adapter(), fused.merge_adapter()
     torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_lora_product_differentiates_as_autograd_does(with_bias):
+    """`_LoraProduct` (the fused forward without dropout): output and the gradients of the input and the
+    adapter equal autograd's through x W^T + b + (x A^T) B^T, within float32 summation order; the frozen
+    base gets none; the input gradient is skipped when the input needs none."""
+    torch.manual_seed(0)
+    x = torch.randn(13, 10, requires_grad=True)
+    weight, bias = torch.randn(7, 10), (torch.randn(7) if with_bias else None)
+    down, up = torch.randn(3, 10, requires_grad=True), torch.randn(7, 3, requires_grad=True)
+    grad = torch.randn(13, 7)
+    want = torch.nn.functional.linear(x, weight, bias) + (x @ down.t()) @ up.t()
+    expected = torch.autograd.grad(want, (x, down, up), grad)
+    got = adapters._LoraProduct.apply(x, weight, bias, down, up)
+    torch.testing.assert_close(got, want)
+    for g, e in zip(torch.autograd.grad(got, (x, down, up), grad), expected):
+        torch.testing.assert_close(g, e)
+    frozen_input = x.detach()
+    out = adapters._LoraProduct.apply(frozen_input, weight, bias, down, up)
+    (g_down,) = torch.autograd.grad(out, (down,), grad)
+    torch.testing.assert_close(g_down, expected[1])
