@@ -369,27 +369,3 @@ def test_plain_cross_entropy_is_the_float32_one(dtype):
     ulp = expected_grad.abs() * (2**-7 if dtype == torch.bfloat16 else 2**-22) + 1e-30
     assert ((grad.float() - expected_grad).abs() <= ulp).all()
     assert torch.equal(grad[torch.arange(rows), y], expected_grad[torch.arange(rows), y].to(dtype))
-
-
-def test_a_frozen_head_weight_is_cast_once_while_it_is_unchanged():
-    """Under bf16 autocast a frozen output weight (a LoRA base) is cast to bf16 once, not per step; the cast
-    follows an in-place change of the weight (the loss is a fresh head's again)."""
-    model = make_model("llama-untied")
-    model.get_output_embeddings().weight.requires_grad_(False)
-    batch = packed_batch()
-    head = TargetLossHead.for_model(model)
-
-    def loss_of(h):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return h(model, batch)
-
-    first = loss_of(head)
-    cast = head._frozen_cast[1]
-    assert cast.dtype == torch.bfloat16
-    assert torch.equal(loss_of(head), first) and head._frozen_cast[1] is cast
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(2.0)
-    changed = loss_of(head)
-    assert head._frozen_cast[1] is not cast
-    assert torch.equal(changed, loss_of(TargetLossHead.for_model(model)))
-    assert not torch.equal(changed, first)

@@ -248,7 +248,6 @@ class TargetLossHead:
         # optional fused kernel (weight, hidden [N, H], targets [N], bias) -> summed NLL, e.g. Liger's
         # fused linear cross-entropy (model/kernels.py); used when it can apply the same head (scale 1)
         self.fused_ce: Any = None
-        self._frozen_cast: tuple | None = None  # (key, the cast); `_frozen_weight_in`
         cfg = getattr(unwrapped, "config", None)
         if mode == "target":
             if getattr(cfg, "final_logit_softcapping", None) is not None:  # Gemma-2/3
@@ -334,17 +333,6 @@ class TargetLossHead:
             return f"self-check mismatch: max |diff| {err:.3g} vs the model's own logits"
         return ""
 
-    def _frozen_weight_in(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A frozen output weight cast to the compute dtype once and kept while it is unchanged (a LoRA base's
-        tied 49k x 576 head: 19 ms per step on a CPU); a trained one as it is (the head casts it per step)."""
-        if weight.requires_grad or weight.dtype == dtype:
-            return weight
-        key = (weight, torch_compat.version_counter(weight), weight.data_ptr(), dtype)
-        cached = self._frozen_cast
-        if cached is None or cached[0][0] is not weight or cached[0][1:] != key[1:]:
-            self._frozen_cast = cached = (key, weight.detach().to(dtype))
-        return cached[1]
-
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.mode != "target":
             return full_nll(model, batch)
@@ -364,13 +352,12 @@ class TargetLossHead:
         out = self._out
         if self.fused_ce is not None and self.scale == 1.0 and rows is None:
             return self.fused_ce(out.weight, h, y, out.bias)
-        dtype = self._compute_dtype(hidden)
         return _ChunkedLinearCE.apply(
             h,
-            self._frozen_weight_in(out.weight, dtype),
+            out.weight,
             out.bias,
             y,
-            dtype,
+            self._compute_dtype(hidden),
             self.scale,
             self.softcap,
             self.chunk_tokens,
