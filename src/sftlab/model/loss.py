@@ -119,43 +119,20 @@ class _ChunkedLinearCE(torch.autograd.Function):
             gw = None  # float32, from the first chunk's product (no zero fill of a vocabulary-sized matrix)
             gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
             plain = scale == 1.0 and softcap is None and rows is None
+            want = need_h or need_w or need_b
             for s in range(0, h.size(0), chunk):
                 hc, yc = h[s : s + chunk].to(compute_dtype), targets[s : s + chunk]
+                z = F.linear(hc, w, b)
                 if plain:
-                    nll, g = _plain_ce(F.linear(hc, w, b), yc, need_h or need_w or need_b)
-                    total += nll.sum()
-                    if g is None:
-                        continue
-                    if gb is not None:
-                        gb += g.sum(0, dtype=torch.float32)
-                    if gh is not None:
-                        gh[s : s + chunk] = g @ w
-                    if need_w:
-                        part = g.t() @ hc
-                        gw = part.float() if gw is None else gw.add_(part)
+                    nll, g = _plain_ce(z, yc, want)
+                else:
+                    rc = None if rows is None else rows[s : s + chunk].float()
+                    nll, g = _post_ce(z.float(), yc, scale, softcap, rc, want)
+                total += nll.sum()
+                if g is None:
                     continue
-                z = F.linear(hc, w, b).float()
-                if scale != 1.0:
-                    z = z * scale
-                if softcap is not None:
-                    t = torch.tanh(z / softcap)
-                    z = t * softcap
-                lse = torch.logsumexp(z, dim=-1)
-                nll = lse - z.gather(1, yc[:, None]).squeeze(1)
-                rc = None if rows is None else rows[s : s + chunk].float()
-                total += nll.sum() if rc is None else (nll * rc).sum()
-                if not (need_h or need_w or need_b):
-                    continue
-                g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g[torch.arange(len(yc), device=g.device), yc] -= 1.0  # d CE / d post(z)
-                if rc is not None:
-                    g.mul_(rc[:, None])
-                if softcap is not None:
-                    g.mul_(1.0 - t * t)
-                if scale != 1.0:
-                    g.mul_(scale)
                 if gb is not None:
-                    gb += g.sum(0)
+                    gb += g.sum(0, dtype=torch.float32)
                 g = g.to(compute_dtype)
                 if gh is not None:
                     gh[s : s + chunk] = g @ w
@@ -189,6 +166,38 @@ class _ChunkedLinearCE(torch.autograd.Function):
         )
 
 
+def _post_ce(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float,
+    softcap: float | None,
+    rows: torch.Tensor | None,
+    want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row cross-entropy of post(z) for float32 logits `z`, weighted by `rows` (or not), and its float32
+    gradient with respect to z (None without `want_grad`; written over `z`)."""
+    if scale != 1.0:
+        z = z * scale
+    if softcap is not None:
+        t = torch.tanh(z / softcap)
+        z = t * softcap
+    lse = torch.logsumexp(z, dim=-1)
+    nll = lse - z.gather(1, targets[:, None]).squeeze(1)
+    if rows is not None:
+        nll = nll * rows
+    if not want_grad:
+        return nll, None
+    g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    g[torch.arange(len(targets), device=g.device), targets] -= 1.0  # d CE / d post(z)
+    if rows is not None:
+        g.mul_(rows[:, None])
+    if softcap is not None:
+        g.mul_(1.0 - t * t)
+    if scale != 1.0:
+        g.mul_(scale)
+    return nll, g
+
+
 # Rows of logits upcast to float32 at a time for the log-sum-exp: a block stays in the cache (a 49k-vocabulary
 # float32 row is 192 KiB) and no logits-sized float32 tensor is allocated.
 LSE_BLOCK_ROWS = 8
@@ -200,8 +209,9 @@ def _plain_ce(
     """Per-row cross-entropy of logits `z` (rows, vocab) in float32, and its gradient softmax(z) - onehot in
     z's dtype (None without `want_grad`; else written over `z`), with two passes over `z`: the float32
     log-sum-exp over small row blocks, and one fused softmax kernel (it computes in float32 and rounds once,
-    the rounding of the float32 softmax). Each target's entry is set from float32 (exp(-nll) - 1, rounded once). For bf16 logits from a
-    bf16 matmul the float32 log-sum-exp sees exactly the values an upcast would."""
+    the rounding of the float32 softmax). Each target's entry is set from float32 (exp(-nll) - 1, rounded
+    once). For bf16 logits from a bf16 matmul the float32 log-sum-exp sees exactly the values an upcast
+    would. (`_post_ce` is the path with scale, softcap or row weights.)"""
     lse = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
     block = torch.empty(min(LSE_BLOCK_ROWS, z.shape[0]), z.shape[1], dtype=torch.float32, device=z.device)
     for r in range(0, z.shape[0], LSE_BLOCK_ROWS):
