@@ -223,18 +223,16 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if torch.is_autocast_enabled(device):
         x = x.to(torch.get_autocast_dtype(device))
     x = x.reshape(-1, x.shape[-1])  # 2-d: the in-place sum is on the product itself, not on a view of it
-    base = self.base_layer
+    base, up = self.base_layer, self.lora_B[name].weight * self.scaling[name]
     if isinstance(self.lora_dropout[name], nn.Identity) and not any(
         p.requires_grad for p in base.parameters(recurse=False)
     ):
-        up = self.lora_B[name].weight * self.scaling[name]
         frozen = [None if t is None else t.to(x.dtype) for t in (base.weight, base.bias)]
         result = _LoraProduct.apply(x, *frozen, self.lora_A[name].weight.to(x.dtype), up.to(x.dtype))
         return result.view(*rows, result.shape[-1])
     result = base(x)
     low = torch.nn.functional.linear(self.lora_dropout[name](x), self.lora_A[name].weight).to(result.dtype)
-    scaled_b = (self.lora_B[name].weight * self.scaling[name]).to(result.dtype)
-    return result.addmm_(low, scaled_b.t()).view(*rows, result.shape[-1])
+    return result.addmm_(low, up.to(result.dtype).t()).view(*rows, result.shape[-1])
 
 
 @functools.cache

@@ -92,9 +92,10 @@ def full_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 full_nll.weighs_targets = True  # honours batch["target_weights"] (trainer/objective.py checks)
 
 
-# Rows per chunk when the output weight takes no gradient (a LoRA base, evaluation): the fp32 logits of a
-# chunk are the head's largest transient (256 x 49k vocabulary: 50 MB), and without the weight gradient's
-# pass over the vocabulary matrix per chunk, 256-row chunks run as fast as 1024 (measured on CPU).
+# Rows per chunk when the output weight takes no gradient (a LoRA base, evaluation): a chunk's logits are the
+# head's largest transient (256 x 49k vocabulary: 25 MB in bf16; the scale/softcap path adds a float32 copy),
+# and without the weight gradient's pass over the vocabulary matrix per chunk, 256-row chunks run as fast as
+# 1024 (measured on CPU).
 FROZEN_HEAD_CHUNK = 256
 
 
@@ -217,12 +218,12 @@ def _plain_ce(
     for r in range(0, z.shape[0], LSE_BLOCK_ROWS):
         part = block[: min(LSE_BLOCK_ROWS, z.shape[0] - r)]
         torch.logsumexp(part.copy_(z[r : r + LSE_BLOCK_ROWS]), dim=-1, out=lse[r : r + LSE_BLOCK_ROWS])
-    rows = torch.arange(len(targets), device=z.device)
-    nll = lse - z[rows, targets].float()
+    index = torch.arange(len(targets), device=z.device)
+    nll = lse - z[index, targets].float()
     if not want_grad:
         return nll, None
     g = torch_compat.softmax_(z)  # over the logits: nothing reads them after
-    g[rows, targets] = torch.exp(-nll).sub_(1.0).to(g.dtype)  # d CE / d z at the target
+    g[index, targets] = torch.exp(-nll).sub_(1.0).to(g.dtype)  # d CE / d z at the target
     return nll, g
 
 
