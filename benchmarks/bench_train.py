@@ -451,7 +451,7 @@ def worker_sftlab(spec: dict) -> dict:
     info = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
     # what sftlab says about its precision, if it says anything (e.g. "precision: weights float32, compute bf16")
     log_lines = log_path.read_text(errors="replace").splitlines()
-    notes = [ln.strip() for ln in log_lines if ln.startswith("precision")]
+    notes = [ln.strip() for ln in log_lines if ln.startswith(("precision", "allocator"))]
     # its recompute decision with the reason (`auto`: the memory it expects and leaves), its adapter line
     recompute = next((ln.strip() for ln in log_lines if ln.startswith("gradient checkpointing:")), None)
     peft = next(
@@ -465,7 +465,7 @@ def worker_sftlab(spec: dict) -> dict:
         "command": shown,
         "peak_rss_mb": rss,
         "peak_gpu_mb": gpu,
-        "precision": notes[0] if notes else None,
+        "precision": notes,  # its precision and allocator lines
         "recompute": recompute,
         "trainable_params": int(peft.group(1).replace(",", "")) if peft else None,
         "peak_flops": info.get("peak_flops"),
@@ -1106,7 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
                     if side.startswith("sftlab") and rep == 0:
                         shown = [f"    {side} command: {res['command']}"] if mbs == cases[0] else []
                         if res.get("precision") and mbs == cases[0]:
-                            shown.append(f"    {side} {res['precision']}")
+                            shown += [f"    {side} {note}" for note in res["precision"]]
                         if res.get("recompute"):  # `auto`: its choice, the memory it expects and leaves
                             shown.append(f"    {side} {res['recompute']}")
                         print("\n".join(shown))

@@ -34,6 +34,7 @@ from sftlab.config.reference import config_reference
 from sftlab.config.schema import ConfigError
 from sftlab.errors import SftlabError
 from sftlab.migrate import TOOLS, print_converted
+from sftlab.trainer import allocator  # light: no torch
 from sftlab.trainer.control import Interrupted  # light: signal handling only
 
 console = Console(soft_wrap=True)
@@ -78,6 +79,8 @@ def _load_checked(ns: argparse.Namespace):
 
 def cmd_train(ns: argparse.Namespace) -> int:
     cfg = _load_checked(ns)
+    if ns.own_process:  # a process started as `sftlab train` may re-execute itself with tcmalloc preloaded
+        allocator.reexec_with(cfg.train.allocator)
     path, overrides = _split_config_args(ns.args)
     overrides = _quick_overrides(ns) + overrides
     if path is None and gives_training_data(overrides):
@@ -443,6 +446,7 @@ def _quiet_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    own_process = argv is None  # the command line's own process (not a caller's: never re-executed)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
@@ -451,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # key=value overrides after an option (`--data x.jsonl optim.lr=1e-4`)
         ns.args += extra
     ns.argv = argv
+    ns.own_process = own_process
     logging.basicConfig(
         level=logging.DEBUG if ns.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

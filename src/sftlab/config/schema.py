@@ -510,6 +510,16 @@ class TrainConfig(_Strict):
         ),
     )
 
+    allocator: Literal["auto", "tcmalloc", "jemalloc", "system"] = Field(
+        "auto",
+        description=(
+            "host memory allocator (Linux): auto preloads tcmalloc (else jemalloc) for a CPU run where it is "
+            "installed (`make setup` fetches tcmalloc; glibc's malloc fragments across a step's layers: more "
+            "memory, slower steps), system on a GPU host; `sftlab train` re-executes itself once with it in "
+            "LD_PRELOAD (trainer/allocator.py)"
+        ),
+    )
+
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no_is_false(cls, mixed_precision: Any) -> Any:

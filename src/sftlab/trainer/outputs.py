@@ -22,7 +22,7 @@ from sftlab.config.schema import MatchEvalConfig, SFTConfig
 from sftlab.model import adapters
 from sftlab.model.generate import MatchResult, exact_match, load_match_examples
 from sftlab.model.loading import DTYPES
-from sftlab.trainer import compiling, rundir
+from sftlab.trainer import allocator, compiling, rundir
 from sftlab.trainer.callbacks import CallbackList
 from sftlab.trainer.card import write_model_cards
 from sftlab.trainer.checkpoint import delete_checkpoints
@@ -85,6 +85,7 @@ def run_info(resolved: Resolved, parts: Components) -> dict[str, Any]:
     `resolved`, each decision's reason under "reasons"."""
     head = parts.objective.loss_fn if hasattr(parts.objective, "loss_fn") else None
     weights = resolved.cfg.model.dtype
+    host_allocator, host_allocator_why = allocator.describe()
     return {
         "mixed_precision": resolved.mixed_precision,
         "weights_dtype": weights,
@@ -108,7 +109,8 @@ def run_info(resolved: Resolved, parts: Components) -> dict[str, Any]:
         "global_batch": resolved.global_batch_size,
         "global_batch_unit": resolved.global_batch_unit,
         "total_micro_batches": resolved.total_micro_batches,
-        "reasons": resolved.reasons(),
+        "allocator": host_allocator,
+        "reasons": {**resolved.reasons(), "allocator": host_allocator_why},
     }
 
 

@@ -18,8 +18,17 @@ from rich.console import Console
 
 from sftlab.config.schema import ConfigError, SFTConfig
 from sftlab.data.locate import check_local_paths
+from sftlab.trainer import (
+    allocator,
+    distributed,
+    hub,
+    precision,
+    resume,
+    run_model,
+    sequence_parallel,
+    tracking,
+)
 from sftlab.trainer import data as run_data
-from sftlab.trainer import distributed, hub, precision, resume, run_model, sequence_parallel, tracking
 from sftlab.trainer import resolved as resolved_module
 from sftlab.trainer.inputs import RunInputs
 from sftlab.trainer.rundir import RunError
@@ -50,6 +59,7 @@ def start_run(
     cfg, resume_from, resume_state, resume_line = resume.resume_point(cfg, data_world)
     if main:
         precision.print_precision(cfg, console, mixed, why, engine.precision(mixed))
+        console.print("[bold]allocator[/bold]: {} ({})".format(*allocator.describe()), highlight=False)
         for line in (batch_line, resume_line):
             if line:
                 console.print(line, highlight=False)
