@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from conftest import build_model
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import get_scheduler
 
 from sftlab.trainer.master_weights import (
@@ -16,6 +19,7 @@ from sftlab.trainer.master_weights import (
     load_master_weights,
     master_weight_optimizer,
     needs_master_weights,
+    release_file_pages,
     seed_master_weights,
     use_bf16_weights,
 )
@@ -466,3 +470,56 @@ def test_the_weights_left_fp32_leave_the_checkpoint_file(frozen_layer):
     assert "model.embed_tokens.weight" in left and "model.norm.weight" in left
     assert all(torch.equal(p, before[n][1]) for n, p in left.items())
     assert all((p.data_ptr() == before[n][0]) is frozen_layer for n, p in left.items())
+
+
+def test_a_lora_runs_adapter_gets_its_masters_and_its_frozen_base_stays_bf16():
+    """`frozen_too=False` (saving a LoRA adapter): the optimized parameters hold their exact fp32 masters, the
+    frozen base keeps its bf16 weights (no fp32 copy of the base at the end of the run)."""
+    model = build_model(VOCAB, seed=6)
+    for name, p in model.named_parameters():
+        p.requires_grad_("layers.1.mlp" in name)
+    originals = use_bf16_weights(model, matmul_only=True, round_frozen=True)
+    opt = MasterWeightAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    seed_master_weights(opt, originals)
+    x = torch.randint(0, VOCAB, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    base = model.model.layers[0].self_attn.q_proj.weight
+    base_before = base.detach().clone()
+    load_master_weights(model, opt, frozen_too=False)
+    trained = model.model.layers[1].mlp.up_proj.weight
+    assert trained.dtype == torch.float32 and torch.equal(trained, opt.master_of(trained))
+    assert base.dtype == torch.bfloat16 and torch.equal(base, base_before)
+
+
+def _mapping_rss_kb(address: int) -> int:
+    """Resident kB of the mapping holding `address` (/proc/self/smaps)."""
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if lo <= address < hi:
+                return next(int(x.split()[1]) for x in lines[i + 1 :] if x.startswith("Rss:"))
+    raise AssertionError("no mapping")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise pages out on Linux only")
+def test_a_weight_read_from_a_mapped_file_hands_its_pages_back_and_keeps_its_values(tmp_path):
+    """The casts read every page of an fp32 checkpoint that transformers maps rather than copies; once a weight
+    is cast, its pages leave the process's resident memory, and the weight reads the same values after."""
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.randn(1024, 1024)}, path)
+    with safe_open(path, framework="pt") as f:
+        mapped = f.get_tensor("w")
+    expect = mapped.clone()
+    anon = torch.randn(512, 512)
+    anon_expect = anon.clone()
+    assert float(mapped.sum()) == float(expect.sum())  # every page read: resident
+    before = _mapping_rss_kb(mapped.data_ptr())
+    release_file_pages(mapped)
+    release_file_pages(anon)  # not a file's map: left alone
+    after = _mapping_rss_kb(mapped.data_ptr())
+    assert before >= 4000 and after <= before - 3900, (before, after)  # 4 MiB of fp32 weights
+    assert torch.equal(mapped, expect) and torch.equal(anon, anon_expect)

@@ -233,7 +233,7 @@ def save_adapter_run(model, cfg: SFTConfig, out: Path, parts: Components, gather
     output_dir/merged (a fresh fp32 base and the saved adapter). Returns that merged model when the
     match evaluation needs it, else None."""
     if gathered is None:
-        load_master_weights(model, parts.optimizer)  # the adapter is saved from its exact fp32 masters
+        load_master_weights(model, parts.optimizer, frozen_too=False)  # the adapter: its exact fp32 masters
     adapters.save_adapter(model, out, adapters.base_of(cfg.model), state_dict=gathered)
     saved_tokenizer(parts.data).save_pretrained(out)
     parts.console.print(f"[bold green]saved[/bold green] adapter + tokenizer to {out}")
