@@ -191,3 +191,38 @@ def test_whole_step_picks_the_fastest_measured_option_with_its_compile_time():
     forced = dataclasses.replace(short, setting=True)
     assert compiling.whole_step(forced, records)[:2] == ("documents", True)
     assert compiling.whole_step(shape, {"documents": {"eager_s_per_token": 1e-3}}) is None
+
+
+def test_the_decoder_layers_compile_in_place_as_one_graph_and_evaluate_eagerly():
+    """Regional compilation: every decoder layer compiled in place (no wrapper: the state dict keeps its keys),
+    one graph for all of them (no recompile from one layer to the next), the loss and gradients those of
+    the eager model; generation with a KV cache under `eager()` compiles nothing more."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, reference = build_model(400, layers=4), build_model(400, layers=4)
+    keys = list(model.state_dict())
+    compiled, what = compiling.compile_model(model, "aot_eager", dynamic=False)
+    assert compiled is model and list(model.state_dict()) == keys
+    assert what.startswith("4 x LlamaDecoderLayer") and all(
+        layer._compiled_call_impl is not None for layer in model.model.layers
+    )
+    x = torch.randint(3, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    for m in (model, reference):
+        m(input_ids=x, labels=x, use_cache=False).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    frames = counters["frames"]["total"]
+    with compiling.eager(), torch.no_grad():
+        model.generate(x[:1, :5], max_new_tokens=3, do_sample=False)
+    assert counters["frames"]["total"] == frames
+
+
+def test_a_model_without_repeated_blocks_compiles_whole():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    compiled, what = compiling.compile_model(model, "aot_eager", dynamic=False)
+    assert compiled is not model and "whole model" in what
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(compiled(x), model(x))

@@ -550,7 +550,8 @@ class TrainConfig(_Strict):
     compile: bool | Literal["auto"] = Field(
         "auto",
         description=(
-            "torch.compile the model: true, false, or auto (on for a packed run with micro_batch_size when the time "
+            "torch.compile the model's repeated blocks (its decoder layers, one graph for all; the embedding and the "
+            "loss head stay eager): true, false, or auto (on for a packed run with micro_batch_size when the time "
             "it saves pays the compile time back 1.5x over, by this machine's measurements of earlier runs or "
             "estimates (a CPU needs a measured gain); off for short runs, unpacked rows, vision models, FSDP/DeepSpeed); compiled packed runs pad "
             "every micro-batch to one shape"

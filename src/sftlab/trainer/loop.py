@@ -56,7 +56,7 @@ from rich.progress import (
 from sftlab.config.schema import CheckpointConfig, SFTConfig
 from sftlab.data.packing import pack_examples, packed_collate
 from sftlab.data.types import IGNORE_INDEX
-from sftlab.trainer import best, distributed, hub, sequence_parallel, testing
+from sftlab.trainer import best, compiling, distributed, hub, sequence_parallel, testing
 from sftlab.trainer.callbacks import CallbackList
 from sftlab.trainer.checkpoint import Progress, TrainerState, latest_checkpoint, save_checkpoint
 from sftlab.trainer.components import Components
@@ -293,9 +293,10 @@ class Recipe:
         r, p = self.resolved, self.parts
         train, step, last = r.cfg.train, record["step"], record["step"] == r.total_steps
         if evaluate and len(p.data.eval):
-            metrics = run_evaluation(p.model, p.data, evaluation_objective(p.objective), p.engine, r.cfg)
-            if r.inputs.compute_metrics is not None:
-                metrics.update(custom_metrics(p.model, p.data, p.engine, r.cfg, r.inputs))
+            with compiling.eager():  # other shapes than training's: a compiled block runs its eager code
+                metrics = run_evaluation(p.model, p.data, evaluation_objective(p.objective), p.engine, r.cfg)
+                if r.inputs.compute_metrics is not None:
+                    metrics.update(custom_metrics(p.model, p.data, p.engine, r.cfg, r.inputs))
             record.update(metrics)
             p.result.eval_loss = metrics.get("eval_loss")
             p.result.eval_losses = {k: v for k, v in metrics.items() if k.startswith("eval/")}
@@ -324,7 +325,7 @@ class Recipe:
                 {"note": "no samples under a sharded engine (FSDP/DeepSpeed): generate from the saved model"}
             ]
         if r.main and len(p.data.eval):
-            with p.accelerator.autocast():
+            with p.accelerator.autocast(), compiling.eager():
                 samples = sample_replies(
                     p.engine.unwrap(p.model),
                     p.data.eval,

@@ -267,7 +267,7 @@ def load_match_eval(cfg: SFTConfig, data: RunData) -> list:
 def run_match_eval(model, parts: Components, match_cfg: MatchEvalConfig, when: str) -> MatchResult:
     """Exact match of `model`'s replies over the run's match examples, printed with a few samples."""
     t0, data, console = time.perf_counter(), parts.data, parts.console
-    with parts.accelerator.autocast():  # in the precision the run trains in (bf16 weights need it)
+    with parts.accelerator.autocast(), compiling.eager():  # the run's precision; compiled blocks run eagerly
         res = exact_match(
             model, data.tokenizer, parts.match_examples, match_cfg, data.template, data.processor
         )
