@@ -376,8 +376,10 @@ def test_run_json_carries_each_decision_with_its_reason(tiny_model_dir, chat_fil
         "compile",
         "packed_attention",
         "peak_flops",
+        "allocator",
     }
     assert all(reasons.values()), reasons
+    assert f"allocator: {info['allocator']} ({reasons['allocator']})" in printed
     assert (
         f"MFU against a peak of {info['peak_flops'] / 1e9:,.0f} GFLOP/s ({reasons['peak_flops']})" in printed
     )
