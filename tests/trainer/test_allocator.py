@@ -121,3 +121,10 @@ def test_a_run_under_tcmalloc_trains_bitwise_as_the_system_allocators(tiny_model
     assert "allocator: tcmalloc (tcmalloc: tcmalloc preloaded from" in " ".join(log.split())
     keys = ("step", "loss", "grad_norm", "target_tokens")
     assert [{k: r[k] for k in keys} for r in tc_rows] == [{k: r[k] for k in keys} for r in system_rows]
+
+
+def test_a_preload_that_did_not_load_is_said(monkeypatch):
+    monkeypatch.setenv(allocator.CHOSEN, "auto: tcmalloc preloaded from /x/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(allocator, "loaded", lambda maps=None: "system")
+    kind, why = allocator.describe()
+    assert kind == "system" and "did not load" in why

@@ -131,6 +131,8 @@ def describe() -> tuple[str, str]:
     """(the allocator this process runs under, why): for run.json and the start line."""
     kind = loaded()
     why = os.environ.get(CHOSEN) or (_decided[0] if _decided else None)
+    if why is not None and " preloaded from " in why and kind == "system":
+        why += ", but it did not load (the dynamic loader ignored it: another architecture or a broken file?)"
     if why is None:  # the Python API (no re-execution possible) or a preload made outside sftlab
         why = (
             "preloaded by the environment"
