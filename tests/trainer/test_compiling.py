@@ -220,6 +220,14 @@ def test_the_decoder_layers_compile_in_place_as_one_graph_and_evaluate_eagerly()
     assert counters["frames"]["total"] == frames
 
 
+def test_a_whole_model_compiled_checkpoint_loads_into_the_regionally_compiled_model():
+    saved = torch.compile(build_model(400, seed=1), backend="aot_eager").state_dict()
+    assert all(k.startswith("_orig_mod.") for k in saved)
+    model, _ = compiling.compile_model(build_model(400, seed=2), "aot_eager", dynamic=False)
+    model.load_state_dict(saved)
+    assert all(torch.equal(v, saved["_orig_mod." + k]) for k, v in model.state_dict().items())
+
+
 def test_a_model_without_repeated_blocks_compiles_whole():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     compiled, what = compiling.compile_model(model, "aot_eager", dynamic=False)

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from sftlab.compat import torch as torch_compat
 from sftlab.compat import transformers as transformers_compat
 from sftlab.data.packing import packed_collate
 from sftlab.model import attention
@@ -342,7 +343,16 @@ def compile_model(model, backend: str, dynamic: bool | None) -> tuple[object, st
         return torch.compile(model, backend=backend, dynamic=dynamic), "the whole model (no repeated blocks)"
     for block in blocks:
         block.compile(backend=backend, dynamic=dynamic)
+    model.register_load_state_dict_pre_hook(_whole_model_keys)
     return model, f"{len(blocks)} x {type(blocks[0]).__name__} (regional: one graph for the blocks)"
+
+
+def _whole_model_keys(module, state_dict, prefix, *args) -> None:
+    """A checkpoint of a run that compiled the whole model (sftlab before regional compilation) holds the
+    keys of torch.compile's wrapper (`_orig_mod.` after the prefix): read as the model's own."""
+    wrapped = prefix + torch_compat.COMPILED_PREFIX
+    for key in [k for k in state_dict if k.startswith(wrapped)]:
+        state_dict[prefix + key[len(wrapped) :]] = state_dict.pop(key)
 
 
 def _holds(outer: torch.nn.Module, inner: torch.nn.Module) -> bool:
