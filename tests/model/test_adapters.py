@@ -140,3 +140,32 @@ def test_the_lora_product_differentiates_as_autograd_does(with_bias):
     out = adapters._LoraProduct.apply(frozen_input, weight, bias, down, up)
     (g_down,) = torch.autograd.grad(out, (down,), grad)
     torch.testing.assert_close(g_down, expected[1])
+
+
+def test_layers_reading_one_input_share_its_cast_and_train_bitwise_as_with_their_own(monkeypatch):
+    """Under bf16 autocast q, k and v (gate and up) read one fp32 normed hidden state: its bf16 copy is made
+    and saved for backward once, not once per layer, and the loss and every gradient are bitwise those of a
+    copy per layer (the input gradients still meet at the fp32 input, summed there as before)."""
+    _, fused = _lora_pair()
+    ids = torch.randint(3, 80, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        fused.zero_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = fused(input_ids=ids).logits.float().square().mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in fused.named_parameters() if p.grad is not None}
+        storages = {
+            t.untyped_storage().data_ptr() for t in saved if t.dtype == torch.bfloat16 and t.ndim == 2
+        }
+        return loss.detach(), grads, len(storages)
+
+    shared = run()
+    monkeypatch.setattr(adapters, "_shared_cast", lambda x, dtype: x.to(dtype))
+    own = run()
+    assert torch.equal(shared[0], own[0]) and shared[1].keys() == own[1].keys()
+    assert all(torch.equal(shared[1][n], own[1][n]) for n in own[1])
+    layers = fused.base_model.model.model.layers
+    assert own[2] - shared[2] >= 3 * len(layers)  # q/k/v: 2 copies fewer, gate/up: 1 fewer, per layer

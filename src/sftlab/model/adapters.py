@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from sftlab.compat import torch as torch_compat
 from sftlab.config.schema import ModelConfig, PeftSettings
 from sftlab.errors import SftlabError
 from sftlab.model.vision import is_vision_model, language_targets
@@ -196,6 +197,7 @@ class _LoraProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up):
+        x = _shared_cast(x, weight.dtype)
         low = x @ down.t()
         ctx.save_for_backward(x, weight, down, up, low)
         return torch.nn.functional.linear(x, weight, bias).addmm_(low, up.t())
@@ -206,6 +208,25 @@ class _LoraProduct(torch.autograd.Function):
         grad_low = grad @ up
         grad_x = (grad @ weight).addmm_(grad_low, down) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, grad_low.t() @ x, grad.t() @ low
+
+
+# The compute-dtype copy of the last input cast: q, k and v (gate and up) read one normed hidden state, which
+# each would cast and save for its backward apart (three copies of (tokens, hidden) per attention). Each
+# layer gets its own 2-d view of it: the key is the memory viewed (address, shape, strides) and the version
+# counter its views share; holding the view keeps that memory from being freed and reused meanwhile.
+_CAST: dict[str, Any] = {"source": None, "key": None, "cast": None}
+
+
+def _shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` in `dtype`, one copy for consecutive calls on the same unchanged tensor (inside the autograd
+    function: its input gradient still reaches `x` from each caller and is summed there in x's dtype, as the
+    separate casts' gradients were)."""
+    if x.dtype == dtype or torch.compiler.is_compiling():  # compiled: the graph computes the cast once
+        return x.to(dtype)
+    key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, torch_compat.version_counter(x), dtype)
+    if _CAST["key"] != key:
+        _CAST.update(source=x, key=key, cast=x.to(dtype))
+    return _CAST["cast"]
 
 
 def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -220,16 +241,16 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if name is None:
         return type(self).__mro__[1].forward(self, x, *args, **kwargs)
     device, rows = x.device.type, x.shape[:-1]
-    if torch.is_autocast_enabled(device):
-        x = x.to(torch.get_autocast_dtype(device))
-    x = x.reshape(-1, x.shape[-1])  # 2-d: the in-place sum is on the product itself, not on a view of it
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     base, up = self.base_layer, self.lora_B[name].weight * self.scaling[name]
     if isinstance(self.lora_dropout[name], nn.Identity) and not any(
         p.requires_grad for p in base.parameters(recurse=False)
-    ):
-        frozen = [None if t is None else t.to(x.dtype) for t in (base.weight, base.bias)]
-        result = _LoraProduct.apply(x, *frozen, self.lora_A[name].weight.to(x.dtype), up.to(x.dtype))
+    ):  # the input is cast inside, once for the layers that read it (`_shared_cast`)
+        frozen = [None if t is None else t.to(dtype) for t in (base.weight, base.bias)]
+        x = x.reshape(-1, x.shape[-1])
+        result = _LoraProduct.apply(x, *frozen, self.lora_A[name].weight.to(dtype), up.to(dtype))
         return result.view(*rows, result.shape[-1])
+    x = x.to(dtype).reshape(-1, x.shape[-1])  # 2-d: the in-place sum is on the product itself, not a view
     result = base(x)
     low = torch.nn.functional.linear(self.lora_dropout[name](x), self.lora_A[name].weight).to(result.dtype)
     return result.addmm_(low, up.to(result.dtype).t()).view(*rows, result.shape[-1])
