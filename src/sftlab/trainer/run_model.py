@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from sftlab.config.schema import SFTConfig
-from sftlab.model import adapters, attention, vision
+from sftlab.model import adapters, attention, mlp, vision
 from sftlab.model.kernels import KernelError, apply_liger
 from sftlab.model.loading import DTYPES, load_model, resolve_model_path, stored_dtype
 from sftlab.model.loss import TargetLossHead, full_nll
@@ -164,7 +164,18 @@ def _prepare_for_training(
         built.originals = use_bf16_weights(
             built.model, matmul_only=form == "matmul", round_frozen=cfg.peft is not None
         )
-    if cfg.peft is not None and not (quantized or sharded):
+    _fused_forwards(built, cfg, quantized or sharded)
+
+
+def _fused_forwards(built: RunModel, cfg: SFTConfig, quantized_or_sharded: bool) -> None:
+    """The SwiGLU MLPs recomputing silu in the backward (not with Liger: it brings its own), the LoRA layers'
+    fused forward (not on a quantized base or under FSDP/DeepSpeed); each said on `built`."""
+    swiglus = 0 if cfg.train.liger else mlp.recompute_swiglu(built.model)
+    if swiglus:
+        built.lines.append(
+            f"SwiGLU: silu recomputed in the backward in {swiglus} MLPs (saves gate and up only)"
+        )
+    if cfg.peft is not None and not quantized_or_sharded:
         fused = adapters.fuse_lora_forward(built.model)
         if fused:
             built.lines.append(
