@@ -399,6 +399,17 @@ def test_accelerate_prepare_clip_save_and_load_state(tmp_path):
     )
 
 
+def _one_master_step(model, originals) -> MasterWeightAdamW:
+    """One bf16-autocast step of `model`'s trainable parameters through fp32 masters seeded from `originals`."""
+    opt = MasterWeightAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    seed_master_weights(opt, originals)
+    x = torch.randint(0, VOCAB, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    return opt
+
+
 def test_frozen_weights_are_never_rounded_to_bf16():
     """bf16 compute copies: trainable matmul weights become bf16 (their fp32 values seed the masters); a
     frozen weight becomes bf16 only where bf16 holds it exactly, so the saved model gives it back bitwise."""
@@ -419,12 +430,7 @@ def test_frozen_weights_are_never_rounded_to_bf16():
         for p in model.parameters()
         if p.requires_grad and p.ndim == 2 and p is not model.get_input_embeddings().weight
     }
-    opt = MasterWeightAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    seed_master_weights(opt, originals)
-    x = torch.randint(0, VOCAB, (2, 12))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(input_ids=x, labels=x).loss.backward()
-    opt.step()
+    opt = _one_master_step(model, originals)
     load_master_weights(model, opt)
     params = dict(model.named_parameters())
     assert all(params[n].dtype == torch.float32 and torch.equal(params[n], v) for n, v in frozen.items())
@@ -479,12 +485,7 @@ def test_a_lora_runs_adapter_gets_its_masters_and_its_frozen_base_stays_bf16():
     for name, p in model.named_parameters():
         p.requires_grad_("layers.1.mlp" in name)
     originals = use_bf16_weights(model, matmul_only=True, round_frozen=True)
-    opt = MasterWeightAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    seed_master_weights(opt, originals)
-    x = torch.randint(0, VOCAB, (2, 12))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(input_ids=x, labels=x).loss.backward()
-    opt.step()
+    opt = _one_master_step(model, originals)
     base = model.model.layers[0].self_attn.q_proj.weight
     base_before = base.detach().clone()
     load_master_weights(model, opt, frozen_too=False)
