@@ -298,7 +298,7 @@ def use_bf16_weights(
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     emb_weight = emb.weight if emb is not None else None
     originals: Originals = []
-    kept_frozen = False
+    kept_frozen, files = False, file_mappings()
     for module in model.modules():
         if matmul_only and not (isinstance(module, torch.nn.Linear) and module.weight is not emb_weight):
             continue
@@ -311,44 +311,47 @@ def use_bf16_weights(
             if p.requires_grad:
                 originals.append((p, p.detach().clone()))
             loaded, p.data = p.data, p.data.to(torch.bfloat16)
-            release_file_pages(loaded)
+            release_file_pages(loaded, files)
     if not kept_frozen:
-        _off_the_checkpoint_file(model)
+        _off_the_checkpoint_file(model, files)
     return originals
 
 
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (clean file pages are dropped, others written out)
 
 
-def release_file_pages(tensor: torch.Tensor) -> None:
+def release_file_pages(tensor: torch.Tensor, files: list[tuple[int, int]] | None = None) -> None:
     """Hand the pages of `tensor` back to the kernel where it is a view of a file's memory map (a weight read
     from a safetensors checkpoint, which transformers maps rather than copies): once its cast is made its pages
     are not needed, yet they count in the process's resident memory until the whole map is unmapped, after the
     last weight is cast (the fp32 file of SmolLM2 adds 540 MB to the peak of a LoRA run's setup). The hint
     keeps the contents (a page is read from the file again if touched, a written one is paged out, not
-    lost); CPU tensors on Linux only, a no-op elsewhere and on kernels without it."""
+    lost); CPU tensors on Linux only, a no-op elsewhere and on kernels without it. `files`: `file_mappings()`,
+    read once by a caller releasing many tensors (else read here)."""
     if tensor.device.type != "cpu" or not sys.platform.startswith("linux"):
         return
     page = mmap.PAGESIZE
     start = -(-tensor.untyped_storage().data_ptr() // page) * page  # whole pages inside the storage only
     end = (tensor.untyped_storage().data_ptr() + tensor.untyped_storage().nbytes()) // page * page
-    if end > start and _in_file_map(start):
+    files = file_mappings() if files is None else files
+    if end > start and any(lo <= start < hi for lo, hi in files):
         _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
 
 
-def _in_file_map(address: int) -> bool:
-    """True when `address` lies in a mapping of a file (/proc/self/maps names a path), not in anonymous
-    memory (the heap, a tensor's own allocation)."""
+def file_mappings() -> list[tuple[int, int]]:
+    """The address ranges of this process's mappings of files (/proc/self/maps names a path), not anonymous
+    memory (the heap, a tensor's own allocation); [] where that cannot be read."""
     try:
         lines = open("/proc/self/maps").read().splitlines()
     except OSError:
-        return False
+        return []
+    ranges = []
     for line in lines:
         fields = line.split(maxsplit=5)
-        lo, hi = (int(x, 16) for x in fields[0].split("-"))
-        if lo <= address < hi:
-            return len(fields) == 6 and fields[5].startswith("/")
-    return False
+        if len(fields) == 6 and fields[5].startswith("/"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
 
 
 @functools.cache
@@ -358,7 +361,7 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
-def _off_the_checkpoint_file(model: torch.nn.Module) -> None:
+def _off_the_checkpoint_file(model: torch.nn.Module, files: list[tuple[int, int]]) -> None:
     """The parameters left in fp32 (embeddings, norms) copied into memory of their own. Weights loaded from
     an fp32 safetensors file are views of its memory map, which stays mapped while any of them refers to it,
     with every page the casts above read: a whole fp32 copy of the matmul weights resident for the run. (Not
@@ -366,7 +369,7 @@ def _off_the_checkpoint_file(model: torch.nn.Module) -> None:
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != torch.bfloat16:
             loaded, p.data = p.data, p.data.clone()
-            release_file_pages(loaded)
+            release_file_pages(loaded, files)
 
 
 def _exact_in_bf16(p: torch.Tensor) -> bool:
