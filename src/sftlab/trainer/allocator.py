@@ -22,7 +22,6 @@ from pathlib import Path
 
 from sftlab.errors import SftlabError
 
-SETTINGS = ("auto", "tcmalloc", "jemalloc", "system")
 LIBRARIES = {  # the file names each allocator ships under, the most specific first
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
