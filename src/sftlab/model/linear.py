@@ -43,10 +43,10 @@ PLANNED_MACS = 1 << 26  # ~67M multiply-adds: below, a plan saves too little to 
 PLANNED_ROWS = 128
 SPEEDUP_NEEDED = 0.9  # a cut's median time must be under 0.9x the plain call's
 
-# Per shape class (rows to the next power of two): the candidate chosen. Per exact shape: the class's candidate
-# where it computes the plain call's bits there, else "plain".
-_PLANS: dict[tuple, str] = {}
-_EXACT: dict[tuple, str] = {}
+_PLANS: dict[tuple, str] = {}  # per shape class (rows to the next power of two): the candidate chosen
+_EXACT: dict[
+    tuple, str
+] = {}  # per exact shape: the class's candidate where bitwise the plain call, else plain
 
 
 def _columns(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
