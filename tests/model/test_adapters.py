@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sftlab.config.schema import PeftSettings
-from sftlab.model import adapters
+from sftlab.model import adapters, linear
 
 
 def _lora_layers(wrapped):
@@ -163,7 +163,7 @@ def test_layers_reading_one_input_share_its_cast_and_train_bitwise_as_with_their
         return loss.detach(), grads, len(storages)
 
     shared = run()
-    monkeypatch.setattr(adapters, "_shared_cast", lambda x, dtype: x.to(dtype))
+    monkeypatch.setattr(linear, "shared_cast", lambda x, dtype: x.to(dtype))
     own = run()
     assert torch.equal(shared[0], own[0]) and shared[1].keys() == own[1].keys()
     assert all(torch.equal(shared[1][n], own[1][n]) for n in own[1])

@@ -320,7 +320,8 @@ def test_no_logits_beyond_one_chunk():
 
 def test_a_frozen_head_runs_in_smaller_chunks(monkeypatch):
     """Without a weight gradient to sum per chunk (a frozen head, evaluation), the head runs in chunks of at
-    most FROZEN_HEAD_CHUNK rows (less transient memory); with one, in the configured chunks. Same loss."""
+    most FROZEN_HEAD_CHUNK rows (less transient memory), as few as cover the rows and of equal size; with one,
+    in the configured chunks. Same loss."""
     import torch.nn.functional as F
 
     from sftlab.model import loss as loss_mod
@@ -342,8 +343,7 @@ def test_a_frozen_head_runs_in_smaller_chunks(monkeypatch):
         totals[trains] = loss_mod._ChunkedLinearCE.apply(
             h, weight, None, y, torch.float32, 1.0, None, 1024, True, None
         )
-        expected = [loss_mod.FROZEN_HEAD_CHUNK] * 2 + [600 - 2 * loss_mod.FROZEN_HEAD_CHUNK]
-        assert calls == ([600] if trains else expected)
+        assert calls == ([600] if trains else [300, 300])  # FROZEN_HEAD_CHUNK 320: two chunks, not 320 + 280
     torch.testing.assert_close(totals[False], totals[True])
 
 
@@ -369,3 +369,32 @@ def test_plain_cross_entropy_is_the_float32_one(dtype):
     ulp = expected_grad.abs() * (2**-7 if dtype == torch.bfloat16 else 2**-22) + 1e-30
     assert ((grad.float() - expected_grad).abs() <= ulp).all()
     assert torch.equal(grad[torch.arange(rows), y], expected_grad[torch.arange(rows), y].to(dtype))
+
+
+@pytest.mark.parametrize(
+    "rows, chunk, sizes",
+    [(517, 256, [173, 173, 171]), (517, 320, [259, 258]), (1023, 320, [256, 256, 256, 255]), (5, 320, [5])],
+)
+def test_chunks_are_as_few_as_cover_the_rows_and_of_equal_size(rows, chunk, sizes):
+    from sftlab.model import loss as loss_mod
+
+    pieces = loss_mod._chunks(rows, chunk)
+    assert [e - s for s, e in pieces] == sizes
+    assert (
+        pieces[0][0] == 0 and pieces[-1][1] == rows and all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    )
+
+
+def test_a_frozen_weight_is_cast_once_and_again_only_when_it_changes():
+    from sftlab.model import loss as loss_mod
+
+    frozen, trained = torch.randn(50, 16), torch.randn(50, 16, requires_grad=True)
+    first = loss_mod._cast_weight(frozen, torch.bfloat16)
+    assert loss_mod._cast_weight(frozen, torch.bfloat16) is first and torch.equal(first, frozen.bfloat16())
+    frozen.mul_(2)  # an in-place change (a new version) is seen
+    again = loss_mod._cast_weight(frozen, torch.bfloat16)
+    assert again is not first and torch.equal(again, frozen.bfloat16())
+    assert loss_mod._cast_weight(trained, torch.bfloat16) is not loss_mod._cast_weight(
+        trained, torch.bfloat16
+    )
+    assert loss_mod._cast_weight(frozen, torch.float32) is frozen  # no copy in its own dtype

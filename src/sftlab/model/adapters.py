@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from sftlab.compat import torch as torch_compat
 from sftlab.config.schema import ModelConfig, PeftSettings
 from sftlab.errors import SftlabError
+from sftlab.model import linear
 from sftlab.model.vision import is_vision_model, language_targets
 
 BASE_FILE = "sftlab_base.json"
@@ -197,36 +197,18 @@ class _LoraProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up):
-        x = _shared_cast(x, weight.dtype)
+        x = linear.shared_cast(x, weight.dtype)
         low = x @ down.t()
         ctx.save_for_backward(x, weight, down, up, low)
-        return torch.nn.functional.linear(x, weight, bias).addmm_(low, up.t())
+        base = torch.nn.functional.linear(x, weight, bias) if bias is not None else linear.mm(x, weight.t())
+        return base.addmm_(low, up.t())
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, down, up, low = ctx.saved_tensors
         grad_low = grad @ up
-        grad_x = (grad @ weight).addmm_(grad_low, down) if ctx.needs_input_grad[0] else None
+        grad_x = linear.mm(grad, weight).addmm_(grad_low, down) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, grad_low.t() @ x, grad.t() @ low
-
-
-# The compute-dtype copy of the last input cast: q, k and v (gate and up) read one normed hidden state, which
-# each would cast and save for its backward apart (three copies of (tokens, hidden) per attention). Each
-# layer gets its own 2-d view of it: the key is the memory viewed (address, shape, strides) and the version
-# counter its views share; holding the view keeps that memory from being freed and reused meanwhile.
-_CAST: dict[str, Any] = {"source": None, "key": None, "cast": None}
-
-
-def _shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`x` in `dtype`, one copy for consecutive calls on the same unchanged tensor (inside the autograd
-    function: its input gradient still reaches `x` from each caller and is summed there in x's dtype, as the
-    separate casts' gradients were)."""
-    if x.dtype == dtype or torch.compiler.is_compiling():  # compiled: the graph computes the cast once
-        return x.to(dtype)
-    key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, torch_compat.version_counter(x), dtype)
-    if _CAST["key"] != key:
-        _CAST.update(source=x, key=key, cast=x.to(dtype))
-    return _CAST["cast"]
 
 
 def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -245,7 +227,7 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     base, up = self.base_layer, self.lora_B[name].weight * self.scaling[name]
     if isinstance(self.lora_dropout[name], nn.Identity) and not any(
         p.requires_grad for p in base.parameters(recurse=False)
-    ):  # the input is cast inside, once for the layers that read it (`_shared_cast`)
+    ):  # the input is cast inside, once for the layers that read it (`linear.shared_cast`)
         frozen = [None if t is None else t.to(dtype) for t in (base.weight, base.bias)]
         x = x.reshape(-1, x.shape[-1])
         result = _LoraProduct.apply(x, *frozen, self.lora_A[name].weight.to(dtype), up.to(dtype))
