@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from sftlab.config.schema import SFTConfig
-from sftlab.model import adapters, attention, blocks, vision
+from sftlab.model import adapters, attention, mlp, vision
 from sftlab.model.kernels import KernelError, apply_liger
 from sftlab.model.loading import DTYPES, load_model, resolve_model_path, stored_dtype
 from sftlab.model.loss import TargetLossHead, full_nll
@@ -168,17 +168,13 @@ def _prepare_for_training(
 
 
 def _fused_forwards(built: RunModel, cfg: SFTConfig, quantized_or_sharded: bool) -> None:
-    """The SwiGLU MLPs recomputing silu in the backward and the RMSNorms' closed-form backward (not with
-    Liger: it brings its own; norms not under FSDP/DeepSpeed either), the LoRA layers' fused forward (not on a
-    quantized base or under FSDP/DeepSpeed); each said on `built`."""
-    swiglus = 0 if cfg.train.liger else blocks.recompute_swiglu(built.model)
+    """The SwiGLU MLPs recomputing silu in the backward (not with Liger: it brings its own), the LoRA layers'
+    fused forward (not on a quantized base or under FSDP/DeepSpeed); each said on `built`."""
+    swiglus = 0 if cfg.train.liger else mlp.recompute_swiglu(built.model)
     if swiglus:
         built.lines.append(
             f"SwiGLU: silu recomputed in the backward in {swiglus} MLPs (saves gate and up only)"
         )
-    norms = 0 if cfg.train.liger or quantized_or_sharded else blocks.fuse_rmsnorm(built.model)
-    if norms:
-        built.lines.append(f"RMSNorm: closed-form backward in {norms} norms (saves the input and rstd only)")
     if cfg.peft is not None and not quantized_or_sharded:
         fused = adapters.fuse_lora_forward(built.model)
         if fused:
