@@ -121,25 +121,47 @@ def test_the_fused_lora_forward_falls_back_to_peft_where_it_does_not_apply():
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_the_lora_product_differentiates_as_autograd_does(with_bias):
+@pytest.mark.parametrize("scaling", [2.0, 0.7])
+def test_the_lora_product_differentiates_as_autograd_does(with_bias, scaling):
     """`_LoraProduct` (the fused forward without dropout): output and the gradients of the input and the
-    adapter equal autograd's through x W^T + b + (x A^T) B^T, within float32 summation order; the frozen
+    adapter equal autograd's through x W^T + b + s (x A^T) B^T, within float32 summation order; the frozen
     base gets none; the input gradient is skipped when the input needs none."""
     torch.manual_seed(0)
     x = torch.randn(13, 10, requires_grad=True)
     weight, bias = torch.randn(7, 10), (torch.randn(7) if with_bias else None)
     down, up = torch.randn(3, 10, requires_grad=True), torch.randn(7, 3, requires_grad=True)
     grad = torch.randn(13, 7)
-    want = torch.nn.functional.linear(x, weight, bias) + (x @ down.t()) @ up.t()
+    want = torch.nn.functional.linear(x, weight, bias) + scaling * (x @ down.t()) @ up.t()
     expected = torch.autograd.grad(want, (x, down, up), grad)
-    got = adapters._LoraProduct.apply(x, weight, bias, down, up)
+    got = adapters._LoraProduct.apply(x, weight, bias, down, up, scaling)
     torch.testing.assert_close(got, want)
     for g, e in zip(torch.autograd.grad(got, (x, down, up), grad), expected):
         torch.testing.assert_close(g, e)
     frozen_input = x.detach()
-    out = adapters._LoraProduct.apply(frozen_input, weight, bias, down, up)
+    out = adapters._LoraProduct.apply(frozen_input, weight, bias, down, up, scaling)
     (g_down,) = torch.autograd.grad(out, (down,), grad)
     torch.testing.assert_close(g_down, expected[1])
+
+
+def test_a_power_of_two_scaling_gives_the_bits_of_a_prescaled_lora_b():
+    """alpha / r = 2 applied inside the sums computes, in bf16, what the product with lora_B scaled first
+    (peft's order) computes: the output and every gradient bitwise."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(40, 16, generator=g)
+    weight = torch.randn(24, 16, generator=g).bfloat16()
+    down0, up0 = (torch.randn(*s, generator=g).bfloat16() for s in ((4, 16), (24, 4)))
+    grad = torch.randn(40, 24, generator=g).bfloat16()
+
+    def run(prescaled):
+        x, down, up = (t.clone().requires_grad_() for t in (x0, down0, up0))
+        if prescaled:
+            out = adapters._LoraProduct.apply(x, weight, None, down, up * 2.0, 1.0)
+        else:
+            out = adapters._LoraProduct.apply(x, weight, None, down, up, 2.0)
+        out.backward(grad)
+        return out, x.grad, down.grad, up.grad
+
+    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
 
 
 def test_layers_reading_one_input_share_its_cast_and_train_bitwise_as_with_their_own(monkeypatch):

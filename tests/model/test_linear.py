@@ -79,7 +79,7 @@ def test_a_lora_product_planned_with_cuts_trains_bitwise_as_with_plain_products(
 
     def run():
         x, a, b = source.clone().requires_grad_(), down.clone().requires_grad_(), up.clone().requires_grad_()
-        out = _LoraProduct.apply(x * 1.0, weight, None, a, b)
+        out = _LoraProduct.apply(x * 1.0, weight, None, a, b, 2.0)
         out.float().square().sum().backward()
         return out, x.grad, a.grad, b.grad
 

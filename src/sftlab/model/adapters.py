@@ -189,26 +189,28 @@ def _one_plain_adapter(layer: Any, args: tuple, kwargs: dict) -> str | None:
 
 
 class _LoraProduct(torch.autograd.Function):
-    """x W^T + b + (x A^T) B^T for a frozen base (W, b) and an adapter (A, B: lora_B pre-scaled), all in x's
-    dtype. Backward gives the input gradient g W + (g B) A as one matmul with the adapter's part added into
-    it by `addmm_` (autograd would compute the two input-sized products apart and add them: a pass over
-    (tokens, in_features) per layer, 4% of a LoRA step on a CPU), and the adapter's gradients (g B)^T x and
-    g^T (x A^T)."""
+    """x W^T + b + s (x A^T) B^T for a frozen base (W, b) and an adapter (A, B) scaled by s, all in x's
+    dtype; s is applied as the `alpha` of the sums, so B needs no scaled copy (for a power-of-two s, as
+    alpha / r usually is, the bits of peft's pre-scaled B). Backward gives the input gradient g W + s (g B) A as
+    one matmul with the adapter's part added into it by `addmm_` (autograd would compute the two input-sized
+    products apart and add them: a pass over (tokens, in_features) per layer, 4% of a LoRA step on a CPU),
+    and the adapter's gradients s (g B)^T x and s g^T (x A^T)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up):
+    def forward(ctx, x, weight, bias, down, up, scaling: float):
         x = linear.shared_cast(x, weight.dtype)
         low = x @ down.t()
         ctx.save_for_backward(x, weight, down, up, low)
+        ctx.scaling = scaling
         base = torch.nn.functional.linear(x, weight, bias) if bias is not None else linear.mm(x, weight.t())
-        return base.addmm_(low, up.t())
+        return base.addmm_(low, up.t(), alpha=scaling)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, down, up, low = ctx.saved_tensors
-        grad_low = grad @ up
+        grad_low = (grad @ up).mul_(ctx.scaling)
         grad_x = linear.mm(grad, weight).addmm_(grad_low, down) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, grad_low.t() @ x, grad.t() @ low
+        return grad_x, None, None, grad_low.t() @ x, (grad.t() @ low).mul_(ctx.scaling), None
 
 
 def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -224,14 +226,15 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         return type(self).__mro__[1].forward(self, x, *args, **kwargs)
     device, rows = x.device.type, x.shape[:-1]
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    base, up = self.base_layer, self.lora_B[name].weight * self.scaling[name]
+    base, scaling = self.base_layer, self.scaling[name]
     if isinstance(self.lora_dropout[name], nn.Identity) and not any(
         p.requires_grad for p in base.parameters(recurse=False)
     ):  # the input is cast inside, once for the layers that read it (`linear.shared_cast`)
         frozen = [None if t is None else t.to(dtype) for t in (base.weight, base.bias)]
-        x = x.reshape(-1, x.shape[-1])
-        result = _LoraProduct.apply(x, *frozen, self.lora_A[name].weight.to(dtype), up.to(dtype))
+        down, up = (m[name].weight.to(dtype) for m in (self.lora_A, self.lora_B))
+        result = _LoraProduct.apply(x.reshape(-1, x.shape[-1]), *frozen, down, up, float(scaling))
         return result.view(*rows, result.shape[-1])
+    up = self.lora_B[name].weight * scaling
     x = x.to(dtype).reshape(-1, x.shape[-1])  # 2-d: the in-place sum is on the product itself, not a view
     result = base(x)
     low = torch.nn.functional.linear(self.lora_dropout[name](x), self.lora_A[name].weight).to(result.dtype)
