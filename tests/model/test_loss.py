@@ -322,18 +322,16 @@ def test_a_frozen_head_runs_in_smaller_chunks(monkeypatch):
     """Without a weight gradient to sum per chunk (a frozen head, evaluation), the head runs in chunks of at
     most FROZEN_HEAD_CHUNK rows (less transient memory), as few as cover the rows and of equal size; with one,
     in the configured chunks. Same loss."""
-    import torch.nn.functional as F
-
     from sftlab.model import loss as loss_mod
 
     calls = []
-    real = F.linear
+    real = loss_mod._logits
 
-    def counting(x, w, b=None):
-        calls.append(x.shape[0])
-        return real(x, w, b)
+    def counting(hc, w, b, buffer):
+        calls.append(hc.shape[0])
+        return real(hc, w, b, buffer)
 
-    monkeypatch.setattr(loss_mod.F, "linear", counting)
+    monkeypatch.setattr(loss_mod, "_logits", counting)
     torch.manual_seed(0)
     h, w, y = torch.randn(600, 16, requires_grad=True), torch.randn(50, 16), torch.randint(0, 50, (600,))
     totals = {}
@@ -389,12 +387,44 @@ def test_a_frozen_weight_is_cast_once_and_again_only_when_it_changes():
     from sftlab.model import loss as loss_mod
 
     frozen, trained = torch.randn(50, 16), torch.randn(50, 16, requires_grad=True)
-    first = loss_mod._cast_weight(frozen, torch.bfloat16)
-    assert loss_mod._cast_weight(frozen, torch.bfloat16) is first and torch.equal(first, frozen.bfloat16())
-    frozen.mul_(2)  # an in-place change (a new version) is seen
-    again = loss_mod._cast_weight(frozen, torch.bfloat16)
-    assert again is not first and torch.equal(again, frozen.bfloat16())
-    assert loss_mod._cast_weight(trained, torch.bfloat16) is not loss_mod._cast_weight(
-        trained, torch.bfloat16
+    first = loss_mod._frozen_head(frozen, torch.bfloat16)["cast"]
+    assert loss_mod._frozen_head(frozen, torch.bfloat16)["cast"] is first and torch.equal(
+        first, frozen.bfloat16()
     )
-    assert loss_mod._cast_weight(frozen, torch.float32) is frozen  # no copy in its own dtype
+    frozen.mul_(2)  # an in-place change (a new version) is seen
+    again = loss_mod._frozen_head(frozen, torch.bfloat16)["cast"]
+    assert again is not first and torch.equal(again, frozen.bfloat16())
+    assert loss_mod._frozen_head(trained, torch.bfloat16) is None
+    assert loss_mod._frozen_head(frozen, torch.float32)["cast"] is None  # no copy in its own dtype
+    del frozen, first, again  # the copy goes with its weight
+    assert loss_mod._FROZEN["cast"] is None
+
+
+def test_a_frozen_heads_logits_reuse_one_buffer_and_give_the_same_loss_and_gradient():
+    """Chunks of a frozen head write their logits into one buffer of `chunk` rows, kept from call to call (one
+    allocation size, whatever the number of targets): the same loss and input gradient as fresh logits."""
+    from sftlab.model import loss as loss_mod
+
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(300, 16, generator=g)
+    results, buffers = [], []
+    for rows in (23, 9, 23):
+        h, y = (
+            torch.randn(rows, 16, generator=g, requires_grad=True),
+            torch.randint(0, 300, (rows,), generator=g),
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total = loss_mod._ChunkedLinearCE.apply(
+                h, weight, None, y, torch.bfloat16, 1.0, None, 8, True, None
+            )
+        total.backward()
+        buffers.append(loss_mod._FROZEN["logits"])
+        reference = h.detach().clone().requires_grad_()
+        logits = (reference.bfloat16() @ weight.bfloat16().t()).float()
+        want = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        want.backward()
+        results.append((total, h.grad, want, reference.grad))
+    assert buffers[0] is buffers[1] is buffers[2] and buffers[0].shape == (8, 300)
+    for total, grad, want, ref_grad in results:
+        torch.testing.assert_close(total, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grad, ref_grad, rtol=2e-2, atol=2e-3)

@@ -128,3 +128,25 @@ def test_a_preload_that_did_not_load_is_said(monkeypatch):
     monkeypatch.setattr(allocator, "loaded", lambda maps=None: "system")
     kind, why = allocator.describe()
     assert kind == "system" and "did not load" in why
+
+
+def test_release_free_memory_runs_under_any_allocator(monkeypatch):
+    """Where the allocator has no release call (or the symbol is missing) it does nothing; under glibc it
+    calls malloc_trim(0), under tcmalloc its release function."""
+    calls = []
+
+    class Lib:
+        def malloc_trim(self, pad):
+            calls.append(("malloc_trim", pad))
+
+        def MallocExtension_ReleaseFreeMemory(self):
+            calls.append(("tcmalloc",))
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: Lib())
+    for kind in ("system", "tcmalloc", "jemalloc"):
+        monkeypatch.setattr(allocator, "loaded", lambda kind=kind: kind)
+        allocator.release_free_memory()
+    assert calls == [("malloc_trim", 0), ("tcmalloc",)]
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: object())  # no such symbol
+    monkeypatch.setattr(allocator, "loaded", lambda: "system")
+    allocator.release_free_memory()

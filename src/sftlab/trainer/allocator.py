@@ -16,6 +16,7 @@ means the system allocator.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from pathlib import Path
@@ -142,3 +143,22 @@ def describe() -> tuple[str, str]:
             )
         )
     return kind, why
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's free pages back to the kernel (tcmalloc: `MallocExtension_ReleaseFreeMemory`; glibc:
+    `malloc_trim`; a no-op elsewhere). Called when training ends: the pages the steps freed but the allocator
+    kept would otherwise stay resident while saving and the report (the loss plot's library, the state dict)
+    allocate more on top of them (SmolLM2 LoRA 1x1024, 6 steps: +30 MB of peak RSS after the last step)."""
+    kind = loaded()
+    symbol = {"tcmalloc": "MallocExtension_ReleaseFreeMemory", "system": "malloc_trim"}.get(kind)
+    if symbol is None:
+        return
+    try:
+        release = getattr(ctypes.CDLL(None), symbol)
+    except (OSError, AttributeError):  # not glibc / an allocator build without it
+        return
+    if kind == "system":
+        release(0)
+    else:
+        release()

@@ -56,7 +56,7 @@ from rich.progress import (
 from sftlab.config.schema import CheckpointConfig, SFTConfig
 from sftlab.data.packing import pack_examples, packed_collate
 from sftlab.data.types import IGNORE_INDEX
-from sftlab.trainer import best, compiling, distributed, hub, sequence_parallel, testing
+from sftlab.trainer import allocator, best, compiling, distributed, hub, sequence_parallel, testing
 from sftlab.trainer.callbacks import CallbackList
 from sftlab.trainer.checkpoint import Progress, TrainerState, latest_checkpoint, save_checkpoint
 from sftlab.trainer.components import Components
@@ -168,6 +168,7 @@ class Recipe:
             if r.cfg.train.eval_on_start and self.progress.step == 0 and len(p.data.eval):
                 self.log_step({"step": 0, "epoch": 0.0}, evaluate=True)
             self.fit(stop)
+        allocator.release_free_memory()  # the steps' freed pages, before saving allocates more
         if p.result.stopped is None:
             best.restore_best(r, p)
             finish(r, p)
