@@ -112,9 +112,9 @@ def _chunks(rows: int, chunk: int) -> list[tuple[int, int]]:
 # A frozen output weight (a LoRA run's head, tied to the input embedding) cannot change, so its compute-dtype
 # copy is made once, not per step (SmolLM2's 49152 x 576: a 9.5 ms copy and 57 MB made each step), and its
 # chunks' logits go into one buffer of `chunk` rows kept with it: a logits tensor of the chunk's own rows, a
-# size that changes every step, made the process's resident memory grow by 20-50 MB a step (freed blocks of
-# the allocator that the next, larger request cannot reuse; SmolLM2 LoRA 1x1024 with recompute, 6 steps:
-# 1137 -> 1322 MB at the head). Both are held with the weight, weakly: they go with it.
+# size that changes every step, added 13-34 MB of resident memory at the head in each later step (a larger
+# request than the freed blocks the allocator keeps; SmolLM2 LoRA 1x1024 with recompute), one buffer 2-5 MB.
+# Both are held with the weight, weakly: they go with it.
 _FROZEN: dict[str, Any] = {"key": None, "cast": None, "logits": None}
 
 
