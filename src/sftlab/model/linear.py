@@ -24,8 +24,8 @@ gradients still meet at the uncast input, summed in its dtype as the separate ca
 
 The LoRA layers' product on a frozen base (model/adapters.py `_LoraProduct`) uses both: its base product
 and its input gradient are planned (SmolLM2 LoRA 1x1024 eager on that Xeon: the forward and backward of a
-step 2.8% faster, the median of 8 steps each timed A, B, B, A on the same batch, 1.0-5.2% per step; losses
-bitwise equal). A full fine-tune's layers do not: the same plans there, with the weight gradients', measured
+step 1.8% and 2.8% faster in two runs, each the median of 8-10 steps timed A, B, B, A on the same batch;
+losses bitwise equal). A full fine-tune's layers do not: the same plans there, with the weight gradients', measured
 no gain in whole runs (533 against 545 tokens/s, peak RSS 3753 against 3707 MB).
 """
 
