@@ -32,12 +32,20 @@ timed and checked on its own, and the fastest (tokens/s, per case) is the baseli
 - `bf16-gc`, `fp32-gc`: the same with activation checkpointing (`activation_checkpointing=True`, as
   `gradient_checkpointing` is called in transformers 5; TRL's SFTConfig turns it on by default). It
   trades time for memory: the table shows both, so a slower but smaller TRL is visible too;
-- `bf16-liger` (not in the default set; CUDA + liger-kernel): bf16 with `use_liger_kernel=True`.
+- `bf16-liger` (not in the default set; CUDA + liger-kernel): bf16 with `use_liger_kernel=True`;
+- `bf16-compile`, `bf16-gc-compile` (not in the default set): bf16 (with activation checkpointing) and
+  `torch_compile=True`, transformers' Trainer compiling the whole model. Its packed rows change length every
+  step, so it recompiles on the next steps (dynamic shapes) and tokens/s over steps 2..N counts that; the
+  per-step times printed show when it settles. Measured (LoRA, 1x1024, AMD EPYC with AVX512-BF16, 2 cores):
+  steps of 187, 38, 263 s, then 7.1-7.7 s, its eager bf16 step (6.9-7.6 s): no steady gain on a CPU.
 
 **Equal recompute.** sftlab runs in its own configurations, `--sftlab-configs off,on` by default: `off`
 and `on` set `train.gradient_checkpointing` false and true, `auto` leaves sftlab's default (its log line,
 shown, says what it chose, the activations it expects with and without recomputing, the memory free and
-what its choice leaves). Per case the bench prints sftlab's fastest against TRL's fastest ("TRL's best"),
+what its choice leaves); `off-compile` and `on-compile` also set `train.compile: true` (the others leave
+`compile: auto`, which keeps a short run eager: the compile time would not pay back in a few steps; a long
+run compiles where this machine measured a gain, so these two show what such a run trains at after its first
+step; TRL's counterpart is `bf16-compile`). Per case the bench prints sftlab's fastest against TRL's fastest ("TRL's best"),
 then at equal recompute: the fastest sftlab side that recomputes against TRL's fastest -gc configuration
 and against its smallest (peak memory), and the same for the sides that do not recompute.
 
@@ -131,6 +139,7 @@ row as a share of it -- TRL's rows included, on the same scale.
     python benchmarks/bench_train.py --sftlab-override train.mixed_precision=bf16
     python benchmarks/bench_train.py --adapter lora --steps 6                 # LoRA, both recompute settings
     python benchmarks/bench_train.py --adapter lora --steps 3 --cases 1 --trl-configs bf16,bf16-gc
+    python benchmarks/bench_train.py --adapter lora --cases 1 --trl-configs bf16,bf16-compile --sftlab-configs off,off-compile
     python benchmarks/bench_train.py --adapter lora --bf16-exact-weights --no-trl --sftlab-configs off
     python benchmarks/bench_train.py --adapter qlora --trl-configs bf16,bf16-gc   # where bitsandbytes runs
 """
@@ -161,18 +170,28 @@ TRL_VERSION = "1.16.0"
 LR = 2e-5
 SEED = 42  # sftlab's default train.seed; TRL gets the same
 LOSS_TOLERANCE = 0.02
-# TRL's configurations: name -> (bf16 autocast, activation checkpointing, Liger kernels); the first four by default
+# TRL's configurations: name -> (bf16 autocast, activation checkpointing, Liger kernels, torch.compile); the first
+# four by default
 TRL_CONFIGS = {
-    "bf16": (True, False, False),
-    "fp32": (False, False, False),
-    "bf16-gc": (True, True, False),
-    "fp32-gc": (False, True, False),
-    "bf16-liger": (True, False, True),
+    "bf16": (True, False, False, False),
+    "fp32": (False, False, False, False),
+    "bf16-gc": (True, True, False, False),
+    "fp32-gc": (False, True, False, False),
+    "bf16-liger": (True, False, True, False),
+    "bf16-compile": (True, False, False, True),
+    "bf16-gc-compile": (True, True, False, True),
 }
 TRL_DEFAULT = "bf16,fp32,bf16-gc,fp32-gc"
 TRL_QUICK = "bf16,fp32"
-# sftlab's configurations: name -> its train.gradient_checkpointing (None: sftlab's own default, `auto`)
-SFTLAB_CONFIGS = {"off": False, "on": True, "auto": None}
+# sftlab's configurations: name -> (its train.gradient_checkpointing, its train.compile); None: sftlab's own
+# default (`auto`)
+SFTLAB_CONFIGS = {
+    "off": (False, None),
+    "on": (True, None),
+    "auto": (None, None),
+    "off-compile": (False, True),
+    "on-compile": (True, True),
+}
 SFTLAB_DEFAULT = "off,on"
 SFTLAB_QUICK = "off"
 # --adapter lora|qlora, both sides: LoRA r=16, alpha 32, every linear layer but the head, no dropout
@@ -318,6 +337,7 @@ def worker_trl(spec: dict) -> dict:
         use_liger_kernel=spec.get(
             "trl_liger", False
         ),  # CUDA + liger-kernel; TRL applies its layer kernels only
+        torch_compile=spec.get("trl_compile", False),  # transformers' Trainer compiles the whole model
         per_device_train_batch_size=mbs,
         gradient_accumulation_steps=1,
         max_steps=steps,
@@ -636,9 +656,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sftlab-configs",
         default=None,
         metavar="LIST",
-        help="sftlab's train.gradient_checkpointing, comma-separated, of off,on,auto (auto: sftlab's default, "
-        f"which prints its choice; default: {SFTLAB_DEFAULT}, next to TRL's configurations without and with "
-        f"activation checkpointing; --quick: {SFTLAB_QUICK})",
+        help=f"sftlab configurations, comma-separated, of {','.join(SFTLAB_CONFIGS)}: its "
+        "train.gradient_checkpointing off, on or auto (sftlab's default, which prints its choice), -compile "
+        f"with train.compile: true (else compile: auto); default: {SFTLAB_DEFAULT}, next to TRL's configurations "
+        f"without and with activation checkpointing; --quick: {SFTLAB_QUICK}",
     )
     ap.add_argument(
         "--adapter",
@@ -740,20 +761,25 @@ def qlora_unavailable(device: str) -> str | None:
 
 
 def sftlab_overrides(side: str, extra: list[str]) -> list[str]:
-    """`sftlab train` overrides of a sftlab side: its train.gradient_checkpointing (none for `auto`, sftlab's
-    default), then --sftlab-override (which wins where it sets the same key)."""
-    setting = SFTLAB_CONFIGS[side.split(":")[1]]
-    return ([] if setting is None else [f"train.gradient_checkpointing={str(setting).lower()}"]) + extra
+    """`sftlab train` overrides of a sftlab side: its train.gradient_checkpointing and train.compile (none where
+    the side keeps sftlab's default, `auto`), then --sftlab-override (which wins where it sets the same key)."""
+    checkpointing, compiled = SFTLAB_CONFIGS[side.split(":")[1]]
+    keys = (("train.gradient_checkpointing", checkpointing), ("train.compile", compiled))
+    return [f"{k}={str(v).lower()}" for k, v in keys if v is not None] + extra
 
 
 def sftlab_label(config: str, overrides: list[str]) -> str:
-    what = {"off": "no recompute", "on": "recompute", "auto": "recompute auto"}[config]
-    return f"sftlab ({what}{''.join(' ' + o for o in overrides)})"
+    checkpointing, compiled = SFTLAB_CONFIGS[config]
+    what = {False: "no recompute", True: "recompute", None: "recompute auto"}[checkpointing]
+    return f"sftlab ({what}{', compiled' if compiled else ''}{''.join(' ' + o for o in overrides)})"
 
 
 def trl_label(config: str, version: str | None) -> str:
-    bf16, gc, liger = TRL_CONFIGS[config]
-    return f"TRL {version} {'bf16 autocast' if bf16 else 'fp32'}{', act. ckpt' if gc else ''}{', Liger' if liger else ''}"
+    bf16, gc, liger, compiled = TRL_CONFIGS[config]
+    return (
+        f"TRL {version} {'bf16 autocast' if bf16 else 'fp32'}{', act. ckpt' if gc else ''}"
+        f"{', Liger' if liger else ''}{', torch.compile' if compiled else ''}"
+    )
 
 
 def plan_data(args, work: Path, model_path: str, model_arg: str | None) -> tuple[Path, int, dict[int, dict]]:
@@ -847,8 +873,8 @@ def recomputes(side: str, results: dict, mbs: int) -> bool:
     name = side.split(":")[1]
     if side.startswith("trl:"):
         return TRL_CONFIGS[name][1]
-    if SFTLAB_CONFIGS[name] is not None:
-        return SFTLAB_CONFIGS[name]
+    if SFTLAB_CONFIGS[name][0] is not None:
+        return SFTLAB_CONFIGS[name][0]
     return (results[(side, mbs)][0].get("recompute") or "").startswith("gradient checkpointing: on")
 
 
@@ -1069,7 +1095,7 @@ def main(argv: list[str] | None = None) -> int:
                         }
                     else:
                         plan = plans[mbs]
-                        bf16, gc, liger = TRL_CONFIGS[side.split(":")[1]]
+                        bf16, gc, liger, compiled = TRL_CONFIGS[side.split(":")[1]]
                         spec = {
                             "model_path": model_path,
                             "data": str(data),
@@ -1081,6 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
                             "trl_bf16": bf16,
                             "trl_gc": gc,
                             "trl_liger": liger,
+                            "trl_compile": compiled,
                             "adapter": args.adapter,
                             "device": device,
                             "order": plan["keys"] if plan["full"] else None,
