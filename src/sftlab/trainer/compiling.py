@@ -28,10 +28,11 @@ once at least two are measured; before that the attention probe picks the attent
 
 `compile_if_it_pays` applies the decision to a run's model when it is set up (trainer/setup.py):
 `compile_model` compiles its repeated blocks (the decoder layers) in place, one graph for all of them. A packed
-run with fixed-size micro-batches gets the fixed shapes on a CPU even when it stays eager: oneDNN builds and
-keeps kernels per product shape, and packed rows of a new length each step meant new shapes every step (12 bf16
-products of SmolLM2's shapes: 76-88 ms at a new row count against 42-45 ms again, +7.6 MiB kept per row count;
-LoRA 1x1024 eager, 8 steps: peak RSS 1935-1942 -> 1798-1802 MB, no longer growing with the step count).
+run with fixed-size micro-batches (not a vision-language or sharded one) gets the fixed shapes on a CPU even
+when it stays eager: oneDNN builds and keeps kernels per product shape, and packed rows of a new length each
+step meant new shapes every step (12 bf16 products of SmolLM2's shapes: 76-88 ms at a new row count against
+42-45 ms again, +7.6 MiB kept per row count; LoRA 1x1024 eager, 8 steps: peak RSS 1935-1942 -> 1798-1802 MB,
+no longer growing with the step count).
 
 Evaluation forwards, samples and the match evaluation run the blocks' eager code (`eager()`, around them in
 trainer/loop.py and outputs.py): they are few, without gradients, and of other shapes (generation with a KV
