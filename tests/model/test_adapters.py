@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -191,3 +192,97 @@ def test_layers_reading_one_input_share_its_cast_and_train_bitwise_as_with_their
     assert all(torch.equal(shared[1][n], own[1][n]) for n in own[1])
     layers = fused.base_model.model.model.layers
     assert own[2] - shared[2] >= 3 * len(layers)  # q/k/v: 2 copies fewer, gate/up: 1 fewer, per layer
+
+
+needs_bitsandbytes = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (sftlab[qlora])"
+)
+
+
+def _qlora_pair(path, dropout: float = 0.0):
+    """Two loads of one nf4 LoRA model (64 wide: bitsandbytes' CPU blocks) with nonzero lora_B: peft's, fused."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    LlamaForCausalLM(LlamaConfig(vocab_size=96, num_key_value_heads=2, **shape)).save_pretrained(path)
+    settings = PeftSettings(r=4, alpha=8.0, dropout=dropout, quantize="nf4")
+    pair = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        base = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, quantization_config=adapters.quantization_config(settings)
+        )
+        model, _ = adapters.wrap(base, settings)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        pair.append(model)
+    assert adapters.fuse_lora_forward(pair[1]) == len(_lora_layers(pair[1])) == 14
+    return pair
+
+
+@needs_bitsandbytes
+def test_the_fused_4bit_lora_forward_equals_peft_under_bf16_autocast(tmp_path):
+    """QLoRA (nf4 base) under bf16 autocast: logits and every adapter gradient equal peft + bitsandbytes'
+    within bf16 rounding (bitsandbytes returns each base product to fp32; the fused layer keeps bf16, as
+    autocast does a linear layer's), so the gradient reaches the first layer's adapters through the base."""
+    plain, fused = _qlora_pair(tmp_path / "m")
+    ids = torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for model in (plain, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids).logits.float()
+        out.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        grads[-1]["logits"] = out.detach()
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 2 * 14 + 1
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=3e-2, atol=3e-2, msg=name)
+
+
+@needs_bitsandbytes
+def test_a_fused_4bit_layer_is_the_product_on_its_dequantized_weight_and_keeps_no_copy(tmp_path):
+    """One fused nf4 layer computes `_LoraProduct` on the weight bitsandbytes dequantizes (its base product
+    is bitsandbytes' own, bit for bit), with the same input and adapter gradients, and saves no weight-sized
+    tensor for the backward (the weight is dequantized again there: QLoRA's memory)."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    _, fused = _qlora_pair(tmp_path / "m")
+    layer = fused.base_model.model.model.layers[0].mlp.up_proj
+    weight = dequantize_4bit(layer.base_layer.weight, layer.base_layer.weight.quant_state).bfloat16()
+    x0 = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(3))
+    xb = x0.reshape(-1, 64).bfloat16()
+    assert torch.equal(layer.base_layer(xb), torch.nn.functional.linear(xb, weight))
+    down, up = (m["default"].weight for m in (layer.lora_A, layer.lora_B))
+
+    x = x0.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(x)
+    got.float().sum().backward()
+    assert got.dtype == torch.bfloat16 and weight.shape not in saved
+    x_ref = x0.clone().requires_grad_()
+    down_ref, up_ref = (t.detach().bfloat16().requires_grad_() for t in (down, up))
+    want = adapters._LoraProduct.apply(x_ref.reshape(-1, 64), weight, None, down_ref, up_ref, 2.0)
+    want.float().sum().backward()
+    assert torch.equal(got.reshape(-1, got.shape[-1]), want)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(down.grad, down_ref.grad.float()) and torch.equal(up.grad, up_ref.grad.float())
+
+
+@needs_bitsandbytes
+@pytest.mark.parametrize("case", ["fp32", "dropout"])
+def test_a_4bit_layer_runs_peft_without_autocast_or_with_dropout(case, tmp_path):
+    """Without autocast (bitsandbytes computes in its compute dtype, not the input's) and with dropout the
+    4-bit layers run peft + bitsandbytes' forward: the same logits as an unfused model, to the bit."""
+    plain, fused = _qlora_pair(tmp_path / "m", dropout=0.3 if case == "dropout" else 0.0)
+    ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(4))
+    logits = []
+    for model in (plain, fused):
+        model.train()
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "dropout"):
+            logits.append(model(input_ids=ids).logits)
+    assert torch.equal(logits[0], logits[1])

@@ -164,18 +164,18 @@ def _prepare_for_training(
         built.originals = use_bf16_weights(
             built.model, matmul_only=form == "matmul", round_frozen=cfg.peft is not None
         )
-    _fused_forwards(built, cfg, quantized or sharded)
+    _fused_forwards(built, cfg, sharded)
 
 
-def _fused_forwards(built: RunModel, cfg: SFTConfig, quantized_or_sharded: bool) -> None:
+def _fused_forwards(built: RunModel, cfg: SFTConfig, sharded: bool) -> None:
     """The SwiGLU MLPs recomputing silu in the backward (not with Liger: it brings its own), the LoRA layers'
-    fused forward (not on a quantized base or under FSDP/DeepSpeed); each said on `built`."""
+    fused forward (on plain and 4-bit bases, not under FSDP/DeepSpeed); each said on `built`."""
     swiglus = 0 if cfg.train.liger else mlp.recompute_swiglu(built.model)
     if swiglus:
         built.lines.append(
             f"SwiGLU: silu recomputed in the backward in {swiglus} MLPs (saves gate and up only)"
         )
-    if cfg.peft is not None and not quantized_or_sharded:
+    if cfg.peft is not None and not sharded:
         fused = adapters.fuse_lora_forward(built.model)
         if fused:
             built.lines.append(
