@@ -247,8 +247,9 @@ def _frozen_base(base: nn.Module, dtype: torch.dtype) -> list | None:
         return None
     if type(base).__name__ != "Linear4bit":
         return [None if t is None else t.to(dtype) for t in (base.weight, base.bias)]
-    if getattr(base.weight, "quant_state", None) is None or base.compute_dtype != dtype:
-        return None
+    state = getattr(base.weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False) or base.compute_dtype != dtype:
+        return None  # (repacked for bitsandbytes' CPU inference kernel: its own forward reads that layout)
     if torch.compiler.is_compiling():  # bitsandbytes' own forward, as before this fusion
         return None
     return [_Dequantized(base.weight, dtype), None if base.bias is None else base.bias.to(dtype)]
