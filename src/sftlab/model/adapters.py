@@ -238,6 +238,21 @@ class _Dequantized:
         return dequantize_4bit(self.weight, state)
 
 
+@functools.cache
+def _linear_4bit() -> type | None:
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # bitsandbytes is optional (sftlab[qlora])
+        return None
+    return Linear4bit
+
+
+def _is_4bit(layer: Any) -> bool:
+    """A bitsandbytes 4-bit linear layer (`Linear4bit`, `LinearNF4`, `LinearFP4`)."""
+    four_bit = _linear_4bit()
+    return four_bit is not None and isinstance(layer, four_bit)
+
+
 def _frozen_base(base: nn.Module, dtype: torch.dtype) -> list | None:
     """The frozen base layer's (weight, bias) for `_LoraProduct` in `dtype`: an `nn.Linear`'s cast, a
     bitsandbytes 4-bit layer's `_Dequantized` weight where `dtype` is the layer's compute dtype (the product
@@ -245,7 +260,7 @@ def _frozen_base(base: nn.Module, dtype: torch.dtype) -> list | None:
     where it does not apply (trainable base weights, another compute dtype, inside a compiled graph)."""
     if any(p.requires_grad for p in base.parameters(recurse=False)):
         return None
-    if type(base).__name__ != "Linear4bit":
+    if not _is_4bit(base):
         return [None if t is None else t.to(dtype) for t in (base.weight, base.bias)]
     state = getattr(base.weight, "quant_state", None)
     if state is None or getattr(state, "packing_format_for_cpu", False) or base.compute_dtype != dtype:
@@ -264,7 +279,7 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     autograd function (`_LoraProduct`) also sums the input gradient inside a matmul; on a 4-bit base
     (QLoRA) only that way, under autocast to the layer's compute dtype. Other cases run peft's forward."""
     name = _one_plain_adapter(self, args, kwargs)
-    quantized = type(self.base_layer).__name__ == "Linear4bit"
+    quantized = _is_4bit(self.base_layer)
     device, rows = x.device.type, x.shape[:-1]
     autocast = torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
@@ -273,9 +288,8 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if name is None or (quantized and frozen is None):
         return type(self).__mro__[1].forward(self, x, *args, **kwargs)
     scaling = self.scaling[name]
-    if (
-        frozen is not None
-    ):  # the input is cast inside, once for the layers that read it (`linear.shared_cast`)
+    # the input is cast inside `_LoraProduct`, once for the layers that read it (`linear.shared_cast`)
+    if frozen is not None:
         down, up = (m[name].weight.to(dtype) for m in (self.lora_A, self.lora_B))
         result = _LoraProduct.apply(x.reshape(-1, x.shape[-1]), *frozen, down, up, float(scaling))
         return result.view(*rows, result.shape[-1])
@@ -316,8 +330,8 @@ def fuse_lora_forward(model: nn.Module) -> int:
     fused = _fused_lora_classes()
     count = 0
     for module in model.modules():
-        base = type(getattr(module, "base_layer", None))
-        if type(module) in fused and (base is nn.Linear or base.__name__ == "Linear4bit"):
+        base = getattr(module, "base_layer", None)
+        if type(module) in fused and (type(base) is nn.Linear or _is_4bit(base)):
             module.__class__ = fused[type(module)]
             count += 1
     return count
