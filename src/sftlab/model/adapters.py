@@ -263,10 +263,9 @@ def _frozen_base(base: nn.Module, dtype: torch.dtype) -> list | None:
     if not _is_4bit(base):
         return [None if t is None else t.to(dtype) for t in (base.weight, base.bias)]
     state = getattr(base.weight, "quant_state", None)
-    if state is None or getattr(state, "packing_format_for_cpu", False) or base.compute_dtype != dtype:
-        return None  # (repacked for bitsandbytes' CPU inference kernel: its own forward reads that layout)
-    if torch.compiler.is_compiling():  # bitsandbytes' own forward, as before this fusion
-        return None
+    repacked = getattr(state, "packing_format_for_cpu", False)  # for bitsandbytes' CPU inference kernel
+    if state is None or repacked or base.compute_dtype != dtype or torch.compiler.is_compiling():
+        return None  # bitsandbytes' own forward (inside a compiled graph: as before this fusion)
     return [_Dequantized(base.weight, dtype), None if base.bias is None else base.bias.to(dtype)]
 
 
