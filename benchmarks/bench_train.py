@@ -66,7 +66,9 @@ transformers and TRL versions; on CUDA, the GPU.
   `data.cache: false` so every run masks the rows afresh). Tokens/s from its metrics.jsonl
   (`tokens_per_s * step_time_s` = the step's tokens).
   `sftlab train` runs as `python -m sftlab.cli train ...` with PYTHONPATH leading to the sftlab the
-  bench imports (a worktree's `src` wins over the installed one).
+  bench imports: the first on sys.path, so an editable install of another checkout wins over a git
+  worktree's `src` unless PYTHONPATH names it (`PYTHONPATH=<worktree>/src python <worktree>/benchmarks/...`
+  to measure the worktree's code).
 - TRL 1.16: `SFTConfig(bf16=<config>, activation_checkpointing=<config>, use_cpu=<not CUDA>,
   packing=True, packing_strategy="bfd", padding_free=True, max_length=1024, assistant_only_loss=True,
   dataloader_num_workers=0, logging_steps=1, no eval, no saving, report_to="none")`; the model is
